@@ -1,0 +1,441 @@
+"""Run configuration: the dataclasses, preset loading, `--set` overrides and validation.
+
+A setting travels one path: preset YAML -> `load_preset` (typed, validated, every problem reported
+at once) -> the run's resolved `config.yaml` -> the engine child. Nothing downstream re-parses or
+re-defaults a value; code reads it from `RunConfig`.
+
+Pure Python (yaml + dataclasses): the console and the memory model import it without torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from engine.errors import ConfigError, UserError
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "builtin:tiny-llama"
+    """Hub id, local model directory, or `builtin:tiny-llama` (built offline on first use)."""
+    arch: str | None = None
+    """Entry of presets/models/ for the memory model; None derives it from the model's config."""
+    revision: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+
+@dataclass
+class QuantConfig:
+    load_in_4bit: bool = True
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
+    modules_to_save: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    source: str = ""
+    """A .jsonl/.json/.csv/.parquet file, a folder of them, or a hub dataset id."""
+    split: str = "train"
+    subset: str | None = None
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "text", "tokens"] = "auto"
+    columns: dict[str, str] = field(default_factory=dict)
+    """Rename columns to the format's names, e.g. {instruction: question, output: answer}."""
+    template: str = "auto"
+    """auto (the tokenizer's own, else by model family), llama3, gemma3, chatml, mistral."""
+    system_prompt: str | None = None
+    responses_only: bool = True
+    packing: bool = False
+    too_long: Literal["truncate", "drop"] = "truncate"
+    val_fraction: float = 0.0
+    val_source: str | None = None
+    max_examples: int | None = None
+    shuffle_seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 2048
+    micro_batch: int = 1
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int | None = None
+    """Stop after this many optimizer steps; None trains for `epochs`."""
+    lr: float = 2e-4
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optimizer: Literal["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch"] = "paged_adamw_8bit"
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    logging_steps: int = 1
+    save_steps: int = 100
+    save_total_limit: int = 3
+    eval_steps: int = 0
+    """Evaluate every N steps when there is a validation split; 0 evaluates once per epoch."""
+
+
+@dataclass
+class HardwareConfig:
+    backend: Literal["auto", "hf", "unsloth"] = "auto"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    gpu: str = "auto"
+    """What the memory budget is checked against: a catalog name (rtx4090), a size (24GB), or auto."""
+
+
+@dataclass
+class RunConfig:
+    name: str = ""
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+
+    @property
+    def effective_batch(self) -> int:
+        return self.train.micro_batch * self.train.grad_accum
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed conversion from plain data, collecting problems instead of stopping at the first
+# ---------------------------------------------------------------------------------------------
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+_NO = object()
+
+
+def _convert(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    """Return `value` as type `tp`, or _NO after recording why it is not one."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        problems.append(f"{where}: {value!r} is not one of {', '.join(repr(c) for c in choices)}")
+        return _NO
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            sub: list[str] = []
+            out = _convert(value, arg, where, sub)
+            if out is not _NO:
+                return out
+        problems.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return _NO
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+            return _NO
+        (item_tp,) = typing.get_args(tp)
+        items = [_convert(v, item_tp, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+        return _NO if _NO in items else items
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            problems.append(f"{where}: expected a mapping of names to names, got {value!r}")
+            return _NO
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a section of keys, got {value!r}")
+            return _NO
+        return _build(tp, value, where, problems)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        # YAML 1.1 reads `2e-4` (no dot) as a string; accept any spelling Python reads as a number.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # `name: 7b` style values YAML reads as numbers
+    problems.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return _NO
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) -> Any:
+    hints = _hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        where = f"{prefix}.{key}" if prefix else str(key)
+        if key not in hints:
+            problems.append(f"{where}: unknown key{_suggest(str(key), list(hints))}")
+            continue
+        out = _convert(value, hints[key], where, problems)
+        if out is not _NO:
+            kwargs[key] = out
+    return cls(**kwargs)
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(options)})"
+
+
+def config_from_dict(data: dict[str, Any], source: str = "") -> RunConfig:
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        raise ConfigError(["expected a mapping of sections (model, lora, data, train, ...)"], source)
+    cfg = _build(RunConfig, data, "", problems)
+    if not problems:
+        problems += validate(cfg)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> list[str]:
+    """Checks across fields and ranges that types alone do not catch."""
+    p: list[str] = []
+    t, lo, d = cfg.train, cfg.lora, cfg.data
+    for name in ("seq_len", "micro_batch", "grad_accum", "logging_steps", "save_steps"):
+        if getattr(t, name) < 1:
+            p.append(f"train.{name}: must be at least 1, got {getattr(t, name)}")
+    if t.epochs <= 0:
+        p.append(f"train.epochs: must be positive, got {t.epochs}")
+    if t.max_steps is not None and t.max_steps < 1:
+        p.append(f"train.max_steps: must be at least 1 or null, got {t.max_steps}")
+    if not 0 < t.lr < 1:
+        p.append(f"train.lr: must be between 0 and 1, got {t.lr}")
+    if not 0 <= t.warmup_ratio < 1:
+        p.append(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+    if t.max_grad_norm < 0:
+        p.append(f"train.max_grad_norm: must be 0 (off) or positive, got {t.max_grad_norm}")
+    if t.eval_steps < 0 or t.save_total_limit < 1:
+        p.append("train.eval_steps must be >= 0 and train.save_total_limit >= 1")
+    if lo.r < 1:
+        p.append(f"lora.r: must be at least 1, got {lo.r}")
+    if lo.alpha < 1:
+        p.append(f"lora.alpha: must be at least 1, got {lo.alpha}")
+    if not 0 <= lo.dropout < 1:
+        p.append(f"lora.dropout: must be in [0, 1), got {lo.dropout}")
+    if not lo.target_modules:
+        p.append("lora.target_modules: name at least one module (q_proj, v_proj, ...)")
+    if not d.source:
+        p.append("data.source: required (a .jsonl/.json/.csv/.parquet file, a folder, or a hub dataset id)")
+    if not 0 <= d.val_fraction < 1:
+        p.append(f"data.val_fraction: must be in [0, 1), got {d.val_fraction}")
+    if d.max_examples is not None and d.max_examples < 1:
+        p.append(f"data.max_examples: must be at least 1 or null, got {d.max_examples}")
+    if cfg.hardware.backend == "unsloth" and cfg.hardware.device == "cpu":
+        p.append("hardware.backend: unsloth needs a CUDA GPU; use hf or auto with device cpu")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides: --set key=value
+# ---------------------------------------------------------------------------------------------
+
+
+def _leaf_paths() -> dict[str, list[str]]:
+    """Map each short key (`lr`) to its full dotted paths (`train.lr`)."""
+    out: dict[str, list[str]] = {}
+    for section, cls in _hints(RunConfig).items():
+        if dataclasses.is_dataclass(cls):
+            for key in _hints(cls):
+                out.setdefault(key, []).append(f"{section}.{key}")
+        else:
+            out.setdefault(section, []).append(section)
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=1e-4` -> ("train.lr", "1e-4" read as YAML). A unique short key (`lr`) is accepted."""
+    if "=" not in text:
+        raise ConfigError([f"--set {text!r}: expected key=value, e.g. --set train.lr=1e-4"])
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    leaves = _leaf_paths()
+    if "." not in key:
+        paths = leaves.get(key, [])
+        if len(paths) == 1:
+            key = paths[0]
+        elif len(paths) > 1:
+            raise ConfigError([f"--set {key}: ambiguous, say one of {', '.join(paths)}"])
+    section, _, leaf = key.partition(".")
+    sections = _hints(RunConfig)
+    if section not in sections:
+        all_keys = [p for ps in leaves.values() for p in ps]
+        raise ConfigError([f"--set {key}: unknown key{_suggest(key, all_keys)}"])
+    if leaf and (not dataclasses.is_dataclass(sections[section]) or leaf not in _hints(sections[section])):
+        options = [f"{section}.{k}" for k in _hints(sections[section])] if dataclasses.is_dataclass(sections[section]) else []
+        raise ConfigError([f"--set {key}: unknown key{_suggest(key, options)}"])
+    return key, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for text in overrides:
+        key, value = parse_override(text)
+        section, _, leaf = key.partition(".")
+        if leaf:
+            target = out.setdefault(section, {})
+            if not isinstance(target, dict):
+                raise ConfigError([f"--set {key}: section {section!r} is not a mapping in the preset"])
+            target[leaf] = value
+        else:
+            out[section] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------------------------
+
+
+def preset_dirs() -> list[Path]:
+    """Where presets are looked up, first match wins: $QLC_PRESETS_DIR, the user's config folder,
+    the repository's presets/, the copy installed with the package."""
+    dirs: list[Path] = []
+    for entry in os.environ.get("QLC_PRESETS_DIR", "").split(os.pathsep):
+        if entry:
+            dirs.append(Path(entry))
+    try:
+        import platformdirs
+
+        dirs.append(Path(platformdirs.user_config_dir("qlora-console")) / "presets")
+    except ImportError:  # pragma: no cover - platformdirs is a dependency
+        pass
+    here = Path(__file__).resolve().parent
+    dirs += [here.parent / "presets", here / "_presets"]
+    return [d for d in dirs if d.is_dir()]
+
+
+def list_presets() -> list[Path]:
+    seen: dict[str, Path] = {}
+    for d in preset_dirs():
+        for p in sorted(d.glob("*.yaml")):
+            seen.setdefault(p.stem, p)
+    return sorted(seen.values(), key=lambda p: p.stem)
+
+
+def find_preset(name: str) -> Path:
+    path = Path(name).expanduser()
+    if path.suffix in (".yaml", ".yml") or os.sep in name:
+        if path.is_file():
+            return path.resolve()
+        raise UserError(f"preset file {name}: not found", "check the path, or name a preset from `qlc presets`")
+    for d in preset_dirs():
+        candidate = d / f"{name}.yaml"
+        if candidate.is_file():
+            return candidate.resolve()
+    names = [p.stem for p in list_presets()]
+    raise UserError(f"unknown preset {name!r}{_suggest(name, names)}", "`qlc presets` lists them")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path}:{where}: invalid YAML: {problem}", "fix the syntax") from None
+    if data is None:
+        raise UserError(f"{path}: the file is empty", "a preset needs at least model, data and train sections")
+    if not isinstance(data, dict):
+        raise ConfigError(["expected a mapping of sections (model, lora, data, train, ...)"], str(path))
+    return data
+
+
+def _resolve_local_paths(cfg: RunConfig, base: Path) -> None:
+    """Paths in a preset are relative to the preset's folder; hub ids stay as they are."""
+
+    def resolve(value: str | None) -> str | None:
+        if not value or value.startswith("builtin:"):
+            return value
+        p = Path(value).expanduser()
+        if not p.is_absolute() and (base / p).exists():
+            return str((base / p).resolve())
+        if p.exists():
+            return str(p.resolve())
+        return value
+
+    cfg.data.source = resolve(cfg.data.source) or ""
+    cfg.data.val_source = resolve(cfg.data.val_source)
+    cfg.model.name_or_path = resolve(cfg.model.name_or_path) or cfg.model.name_or_path
+
+
+def load_preset(name: str, overrides: list[str] | None = None) -> RunConfig:
+    """A preset by name or path, with overrides applied, typed and validated."""
+    path = find_preset(name)
+    data = apply_overrides(read_yaml(path), overrides or [])
+    data.setdefault("name", path.stem)
+    cfg = config_from_dict(data, str(path))
+    _resolve_local_paths(cfg, path.parent)
+    return cfg
+
+
+def load_resolved(path: Path) -> RunConfig:
+    """A run's saved config.yaml (already resolved: paths absolute, defaults filled)."""
+    return config_from_dict(read_yaml(path), str(path))

@@ -1,0 +1,1 @@
+"""Datasets -> the exact tokens a model learns from (sources, formats, templates, masking, packing)."""

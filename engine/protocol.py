@@ -1,0 +1,287 @@
+"""The one vocabulary the console and the engine share: events (engine -> console) and commands
+(console -> engine), one JSON object per line.
+
+Every message is a frozen, tagged msgspec Struct whose `type` field names it. New fields always get
+defaults, and decoders ignore fields they do not know, so an older console can read a newer
+engine's stream within the same major version. The engine's first line is a `hello` carrying
+PROTOCOL_VERSION; a reader refuses a different major version (`check_hello`).
+
+Strict JSON has no NaN or infinity, and a diverging loss is exactly when a user needs to see one:
+non-finite floats travel as the strings "NaN", "Infinity" and "-Infinity" and decode back to floats.
+
+This module imports only msgspec and the standard library: the console imports it without torch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Union
+
+import msgspec
+
+PROTOCOL_VERSION = "1.0"
+
+
+class ProtocolError(ValueError):
+    """A line that is not a message of this protocol (bad JSON, unknown type, wrong field types)."""
+
+
+class Message(msgspec.Struct, frozen=True, tag_field="type", kw_only=True, omit_defaults=False):
+    """Base of every event and command. `time` is seconds since the epoch, set by the sender."""
+
+    time: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Events: engine -> console
+# ---------------------------------------------------------------------------------------------
+
+Stage = Literal[
+    "starting", "loading_model", "quantizing", "preparing_data", "training", "saving", "sampling", "finishing"
+]
+
+
+class Hello(Message, frozen=True, tag="hello"):
+    """First line of every engine process: who is talking, and about which run."""
+
+    protocol: str = PROTOCOL_VERSION
+    engine_version: str = ""
+    run_id: str = ""
+    pid: int = 0
+    mode: Literal["train", "resume", "sample", "export"] = "train"
+    resumed_from: str | None = None  # checkpoint directory name when mode == "resume"
+    backend: str = ""  # the backend the run will use ("hf", "unsloth")
+    backend_reason: str = ""  # why that one (for "auto")
+    device: str = ""  # "cuda:0 (NVIDIA H100 80GB HBM3)" or "cpu"
+
+
+class StageEvent(Message, frozen=True, tag="stage"):
+    """A long phase began or progressed; `total` 0 means the length is unknown."""
+
+    stage: Stage
+    message: str = ""
+    current: int = 0
+    total: int = 0
+
+
+class ModelReady(Message, frozen=True, tag="model_ready"):
+    total_params: int = 0
+    trainable_params: int = 0
+    quantized: bool = True
+    memory_allocated_gb: float | None = None  # torch allocator, after load (CUDA only)
+    memory_reserved_gb: float | None = None
+    host_rss_gb: float | None = None  # resident memory of the engine process
+    load_seconds: float = 0.0
+
+
+class MemoryTerm(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    gb: float
+    parts: dict[str, float] = {}
+
+
+class EstimateEvent(Message, frozen=True, tag="estimate"):
+    """The memory-budget model's answer for this run's config, sent once at start."""
+
+    terms: list[MemoryTerm] = []
+    torch_peak_gb: float = 0.0  # what max_memory_reserved should show
+    device_total_gb: float = 0.0  # what nvidia-smi should show
+    budget_gb: float | None = None
+    verdict: str = ""  # fits / tight / does_not_fit
+    gpu: str = ""
+
+
+class DataReady(Message, frozen=True, tag="data_ready"):
+    train_examples: int = 0
+    eval_examples: int = 0
+    train_tokens: int = 0  # tokens per epoch after templating and truncation
+    trained_tokens: int = 0  # of which carry a loss (responses only)
+    truncated: int = 0
+    dropped: int = 0
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+
+
+class Step(Message, frozen=True, tag="step"):
+    """One logged optimizer step. Values come from the device only at logging steps."""
+
+    step: int
+    total_steps: int = 0
+    epoch: float = 0.0
+    loss: float = math.nan
+    lr: float = 0.0
+    grad_norm: float | None = None
+    tokens_seen: int = 0
+    tokens_per_s: float = 0.0
+    step_seconds: float = 0.0
+    elapsed_seconds: float = 0.0
+    eta_seconds: float | None = None
+    memory_allocated_gb: float | None = None
+    memory_reserved_gb: float | None = None
+    memory_peak_allocated_gb: float | None = None
+    memory_peak_reserved_gb: float | None = None
+    host_rss_gb: float | None = None
+
+
+class Eval(Message, frozen=True, tag="eval"):
+    step: int
+    loss: float = math.nan
+    perplexity: float | None = None
+
+
+class CheckpointSaved(Message, frozen=True, tag="checkpoint_saved"):
+    step: int
+    path: str
+    seconds: float = 0.0
+    size_mb: float = 0.0
+
+
+class SampleStarted(Message, frozen=True, tag="sample_started"):
+    request_id: str = ""
+    prompt: str = ""
+    source: str = "live"  # "live" or the checkpoint name
+    step: int | None = None
+
+
+class SampleToken(Message, frozen=True, tag="sample_token"):
+    """A piece of streamed text (one or more tokens, decoded)."""
+
+    request_id: str = ""
+    text: str = ""
+
+
+class Sample(Message, frozen=True, tag="sample"):
+    """The finished sample."""
+
+    request_id: str = ""
+    prompt: str = ""
+    text: str = ""
+    source: str = "live"
+    step: int | None = None
+    new_tokens: int = 0
+    seconds: float = 0.0
+    stopped_by: str = ""  # "eos" or "max_new_tokens"
+
+
+class Log(Message, frozen=True, tag="log"):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    message: str = ""
+    source: str = "engine"
+
+
+class WarningEvent(Message, frozen=True, tag="warning"):
+    message: str = ""
+    hint: str = ""
+
+
+class ErrorEvent(Message, frozen=True, tag="error"):
+    """A failure the user can act on. `kind` is stable for programs; `hint` says what to do."""
+
+    kind: str = "internal"  # config, data, model, out_of_memory, nan_loss, disk_full, internal, ...
+    message: str = ""
+    hint: str = ""
+    step: int | None = None
+    advice: list[str] = []  # the memory calculator's ranked suggestions, for out_of_memory
+
+
+class Finished(Message, frozen=True, tag="finished"):
+    status: Literal["completed", "stopped", "failed"]
+    step: int = 0
+    last_checkpoint: str | None = None
+    adapter_path: str | None = None
+    final_loss: float | None = None
+    elapsed_seconds: float = 0.0
+
+
+Event = Union[  # noqa: UP007 - msgspec wants a real Union of tagged types
+    Hello,
+    StageEvent,
+    ModelReady,
+    EstimateEvent,
+    DataReady,
+    Step,
+    Eval,
+    CheckpointSaved,
+    SampleStarted,
+    SampleToken,
+    Sample,
+    Log,
+    WarningEvent,
+    ErrorEvent,
+    Finished,
+]
+
+# ---------------------------------------------------------------------------------------------
+# Commands: console -> engine (stdin or the run's control FIFO)
+# ---------------------------------------------------------------------------------------------
+
+
+class Stop(Message, frozen=True, tag="stop"):
+    """Finish the current optimizer step, save a checkpoint, exit cleanly."""
+
+    save: bool = True
+
+
+class Save(Message, frozen=True, tag="save"):
+    """Save a checkpoint at the next step boundary and keep training."""
+
+
+class SampleRequest(Message, frozen=True, tag="sample"):
+    """Generate from the live model at the next step boundary, then keep training."""
+
+    prompt: str
+    request_id: str = ""
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 0.9
+    system: str | None = None
+
+
+Command = Union[Stop, Save, SampleRequest]  # noqa: UP007
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+# ---------------------------------------------------------------------------------------------
+
+_encoder = msgspec.json.Encoder()
+# strict=False turns the strings "NaN"/"Infinity"/"-Infinity" back into floats.
+_event_decoder = msgspec.json.Decoder(Event, strict=False)
+_command_decoder = msgspec.json.Decoder(Command, strict=False)
+
+
+def _nonfinite_to_str(msg: Message) -> Message:
+    changes = {}
+    for name in msg.__struct_fields__:
+        value = getattr(msg, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            changes[name] = "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return msgspec.structs.replace(msg, **changes) if changes else msg
+
+
+def encode(msg: Message) -> bytes:
+    """One message as one line of JSON, newline included."""
+    return _encoder.encode(_nonfinite_to_str(msg)) + b"\n"
+
+
+def decode_event(line: bytes | str) -> Event:
+    try:
+        return _event_decoder.decode(line)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"not an engine event: {exc}") from None
+
+
+def decode_command(line: bytes | str) -> Command:
+    try:
+        return _command_decoder.decode(line)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"not a command: {exc}") from None
+
+
+def check_hello(hello: Hello) -> None:
+    """Refuse a peer whose protocol major version differs from ours."""
+    ours, theirs = PROTOCOL_VERSION.split(".")[0], hello.protocol.split(".")[0]
+    if ours != theirs:
+        raise ProtocolError(
+            f"engine speaks protocol {hello.protocol}, this console speaks {PROTOCOL_VERSION}: "
+            "install matching versions of qlora-console"
+        )
