@@ -87,7 +87,9 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    optimizer: Literal["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch"] = "paged_adamw_8bit"
+    optimizer: Literal["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch"] = (
+        "paged_adamw_8bit"
+    )
     gradient_checkpointing: bool = True
     seed: int = 42
     logging_steps: int = 1
@@ -182,7 +184,9 @@ def _convert(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         items = [_convert(v, item_tp, f"{where}[{i}]", problems) for i, v in enumerate(value)]
         return _NO if _NO in items else items
     if origin is dict:
-        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
             problems.append(f"{where}: expected a mapping of names to names, got {value!r}")
             return _NO
         return dict(value)
@@ -324,24 +328,35 @@ def parse_override(text: str) -> tuple[str, Any]:
         all_keys = [p for ps in leaves.values() for p in ps]
         raise ConfigError([f"--set {key}: unknown key{_suggest(key, all_keys)}"])
     if leaf and (not dataclasses.is_dataclass(sections[section]) or leaf not in _hints(sections[section])):
-        options = [f"{section}.{k}" for k in _hints(sections[section])] if dataclasses.is_dataclass(sections[section]) else []
+        options = (
+            [f"{section}.{k}" for k in _hints(sections[section])]
+            if dataclasses.is_dataclass(sections[section])
+            else []
+        )
         raise ConfigError([f"--set {key}: unknown key{_suggest(key, options)}"])
     return key, value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """The preset's data with overrides applied, and the problems of the overrides that could not be."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    problems: list[str] = []
     for text in overrides:
-        key, value = parse_override(text)
+        try:
+            key, value = parse_override(text)
+        except ConfigError as exc:
+            problems += exc.problems
+            continue
         section, _, leaf = key.partition(".")
         if leaf:
             target = out.setdefault(section, {})
             if not isinstance(target, dict):
-                raise ConfigError([f"--set {key}: section {section!r} is not a mapping in the preset"])
+                problems.append(f"--set {key}: section {section!r} is not a mapping in the preset")
+                continue
             target[leaf] = value
         else:
             out[section] = value
-    return out
+    return out, problems
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,7 +395,9 @@ def find_preset(name: str) -> Path:
     if path.suffix in (".yaml", ".yml") or os.sep in name:
         if path.is_file():
             return path.resolve()
-        raise UserError(f"preset file {name}: not found", "check the path, or name a preset from `qlc presets`")
+        raise UserError(
+            f"preset file {name}: not found", "check the path, or name a preset from `qlc presets`"
+        )
     for d in preset_dirs():
         candidate = d / f"{name}.yaml"
         if candidate.is_file():
@@ -402,7 +419,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise UserError(f"{path}:{where}: invalid YAML: {problem}", "fix the syntax") from None
     if data is None:
-        raise UserError(f"{path}: the file is empty", "a preset needs at least model, data and train sections")
+        raise UserError(
+            f"{path}: the file is empty", "a preset needs at least model, data and train sections"
+        )
     if not isinstance(data, dict):
         raise ConfigError(["expected a mapping of sections (model, lora, data, train, ...)"], str(path))
     return data
@@ -429,9 +448,14 @@ def _resolve_local_paths(cfg: RunConfig, base: Path) -> None:
 def load_preset(name: str, overrides: list[str] | None = None) -> RunConfig:
     """A preset by name or path, with overrides applied, typed and validated."""
     path = find_preset(name)
-    data = apply_overrides(read_yaml(path), overrides or [])
+    data, problems = apply_overrides(read_yaml(path), overrides or [])
     data.setdefault("name", path.stem)
-    cfg = config_from_dict(data, str(path))
+    try:
+        cfg = config_from_dict(data, str(path))
+    except ConfigError as exc:
+        raise ConfigError(problems + exc.problems, str(path)) from None
+    if problems:
+        raise ConfigError(problems, str(path))
     _resolve_local_paths(cfg, path.parent)
     return cfg
 

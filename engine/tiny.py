@@ -21,7 +21,11 @@ BUILTIN_PREFIX = "builtin:"
 DATASET = Path(__file__).resolve().parent.parent / "presets" / "data" / "tiny-instruct.jsonl"
 
 SPECIAL_TOKENS = [
-    "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
     "<|finetune_right_pad_id|>",
 ]
 
@@ -82,7 +86,9 @@ def builtin_config(name_or_path: str) -> dict:
     if name not in BUILTINS:
         from engine.errors import UserError
 
-        raise UserError(f"model.name_or_path: unknown built-in model {name_or_path!r}", "use builtin:tiny-llama")
+        raise UserError(
+            f"model.name_or_path: unknown built-in model {name_or_path!r}", "use builtin:tiny-llama"
+        )
     return dict(BUILTINS[name])
 
 

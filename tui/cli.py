@@ -23,7 +23,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qlc", description="A terminal console for QLoRA fine-tuning.")
     parser.add_argument("--version", action="version", version=f"qlora-console {__version__}")
-    parser.add_argument("--runs-dir", help="where runs live (default: the user data folder, or $QLC_RUNS_DIR)")
+    parser.add_argument(
+        "--runs-dir", help="where runs live (default: the user data folder, or $QLC_RUNS_DIR)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for info in sorted(pkgutil.iter_modules(tui.commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"tui.commands.{info.name}")

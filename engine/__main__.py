@@ -1,0 +1,100 @@
+"""The engine child process.
+
+    python -m engine train  RUN_DIR     train the run described by RUN_DIR/config.yaml
+    python -m engine resume RUN_DIR     continue it from its newest complete checkpoint
+    python -m engine sample RUN_DIR --request JSON [--checkpoint NAME]
+    python -m engine data   CONFIG.yaml the data report, as one JSON line
+
+Events go to stdout, one JSON line each (and, for train/resume, to RUN_DIR/events.jsonl);
+commands come in on stdin and through RUN_DIR/control.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+from engine import protocol, runs
+from engine.errors import UserError
+
+
+def _claim_stdout() -> os.PathLike | int:
+    """Keep the real stdout for events only. Libraries print (progress bars, notices): point fd 1
+    at stderr, which the launcher sends to RUN_DIR/engine.log, so nothing corrupts the stream."""
+    events_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
+    return events_fd
+
+
+def _train(run_dir: Path, resume: bool) -> int:
+    from engine.control import CommandQueue
+    from engine.events import Emitter, FileSink, PipeSink
+    from engine.recipe import run
+
+    events_fd = _claim_stdout()
+    lock_fd = runs.acquire_lock(run_dir)  # noqa: F841 - held until the process exits
+    emitter = Emitter([PipeSink(os.fdopen(events_fd, "wb")), FileSink(run_dir / runs.EVENTS)])
+    commands = CommandQueue(emitter)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        emitter.log(f"received {signal.Signals(signum).name}: stopping at the next step and saving")
+        commands.put(protocol.Stop())
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a lost terminal is no reason to stop
+    if not sys.stdin.isatty():
+        commands.read_stream(sys.stdin.buffer)
+    commands.read_fifo(run_dir / runs.CONTROL)
+    try:
+        return run(run_dir, emitter, commands, resume=resume)
+    finally:
+        emitter.close()
+
+
+def _sample(run_dir: Path, request_json: str, checkpoint: str | None) -> int:
+    from engine.events import Emitter, PipeSink
+    from engine.sample_checkpoint import sample_checkpoint
+
+    events_fd = _claim_stdout()
+    emitter = Emitter([PipeSink(os.fdopen(events_fd, "wb"))])
+    try:
+        request = protocol.decode_command(request_json)
+        if not isinstance(request, protocol.SampleRequest):
+            raise UserError("--request: expected a sample command")
+        return sample_checkpoint(run_dir, checkpoint, request, emitter)
+    except (UserError, protocol.ProtocolError) as exc:
+        hint = exc.hint if isinstance(exc, UserError) else ""
+        emitter.emit(protocol.ErrorEvent(kind="input", message=getattr(exc, "message", str(exc)), hint=hint))
+        return 2
+    finally:
+        emitter.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine")
+    sub = parser.add_subparsers(dest="mode", required=True)
+    for mode in ("train", "resume"):
+        sub.add_parser(mode).add_argument("run_dir", type=Path)
+    sample = sub.add_parser("sample")
+    sample.add_argument("run_dir", type=Path)
+    sample.add_argument("--request", required=True)
+    sample.add_argument("--checkpoint")
+    data = sub.add_parser("data")
+    data.add_argument("config", type=Path)
+    args = parser.parse_args(argv)
+    if args.mode in ("train", "resume"):
+        return _train(args.run_dir, resume=args.mode == "resume")
+    if args.mode == "sample":
+        return _sample(args.run_dir, args.request, args.checkpoint)
+    from engine.data.report import main as data_main
+
+    return data_main([str(args.config)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

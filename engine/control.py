@@ -1,0 +1,85 @@
+"""Commands into a running engine: from the launching console's stdin and from the run's control
+FIFO (any console, attached later). Both feed one queue that the trainer drains at step boundaries.
+
+End of stdin means the console went away, never "stop": the run goes on.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import queue
+import threading
+from pathlib import Path
+from typing import BinaryIO
+
+from engine import protocol
+from engine.events import Emitter
+
+
+class CommandQueue:
+    def __init__(self, emitter: Emitter) -> None:
+        self._queue: queue.Queue[protocol.Command] = queue.Queue()
+        self._emitter = emitter
+
+    def put(self, command: protocol.Command) -> None:
+        self._queue.put(command)
+
+    def drain(self) -> list[protocol.Command]:
+        out = []
+        while True:
+            try:
+                out.append(self._queue.get_nowait())
+            except queue.Empty:
+                return out
+
+    def _handle_line(self, line: bytes, source: str) -> None:
+        if not line.strip():
+            return
+        try:
+            command = protocol.decode_command(line)
+        except protocol.ProtocolError as exc:
+            self._emitter.log(f"ignored a malformed command from {source}: {exc}", level="warning")
+            return
+        self._emitter.log(f"received {command.__class__.__name__.lower()} from {source}", level="debug")
+        self.put(command)
+
+    def read_stream(self, stream: BinaryIO, source: str = "console") -> threading.Thread:
+        def loop() -> None:
+            try:
+                for line in stream:
+                    self._handle_line(line, source)
+            except (OSError, ValueError):
+                pass
+            self._emitter.log("the console's pipe closed; training continues", level="debug")
+
+        thread = threading.Thread(target=loop, name=f"commands-{source}", daemon=True)
+        thread.start()
+        return thread
+
+    def read_fifo(self, path: Path) -> threading.Thread:
+        # Open the read end without blocking, then hold a write end ourselves: with a writer always
+        # present, a console closing its end never gives us EOF, and reads simply block for more.
+        rfd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        wfd = os.open(path, os.O_WRONLY)
+        flags = fcntl.fcntl(rfd, fcntl.F_GETFL)
+        fcntl.fcntl(rfd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+
+        def loop() -> None:
+            buffer = b""
+            while True:
+                try:
+                    chunk = os.read(rfd, 65536)
+                except OSError:
+                    return
+                if not chunk:
+                    return
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    self._handle_line(line, "control FIFO")
+
+        thread = threading.Thread(target=loop, name="commands-fifo", daemon=True)
+        thread.start()
+        thread.keepalive_fd = wfd  # type: ignore[attr-defined]
+        return thread

@@ -1,0 +1,74 @@
+"""Start engine processes that outlive whoever started them.
+
+The child runs in its own session (setsid): no controlling terminal, so an SSH drop's SIGHUP and
+a Ctrl-C in the console never reach it. Its stdout is a pipe the launching console may read; when
+that console goes away the engine keeps writing events to RUN_DIR/events.jsonl. Its stderr goes
+to RUN_DIR/engine.log.
+
+Pure Python: the console imports this module.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from engine.runs import ENGINE_LOG
+
+
+def engine_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "engine", *args]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    # The child must find this engine even when the console was started from another folder.
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    env.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    return env
+
+
+def launch(run_dir: Path, *args: str, pipe: bool = True) -> subprocess.Popen[bytes]:
+    """Start `python -m engine <args>` for a run, detached into its own session.
+
+    With pipe=True the caller gets stdin/stdout pipes (commands in, events out); without, both go to
+    /dev/null and the run is reached only through its events file and control FIFO.
+    """
+    log = open(run_dir / ENGINE_LOG, "ab")  # noqa: SIM115 - handed to the child
+    try:
+        return subprocess.Popen(
+            engine_command(*args),
+            stdin=subprocess.PIPE if pipe else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if pipe else subprocess.DEVNULL,
+            stderr=log,
+            start_new_session=True,
+            env=_env(),
+            close_fds=True,
+        )
+    finally:
+        log.close()
+
+
+def launch_train(run_dir: Path, resume: bool = False, pipe: bool = True) -> subprocess.Popen[bytes]:
+    return launch(run_dir, "resume" if resume else "train", str(run_dir), pipe=pipe)
+
+
+def launch_sample(run_dir: Path, checkpoint: str | None, request_json: str) -> subprocess.Popen[bytes]:
+    """Sample from a saved checkpoint (or the final adapter): a short-lived engine process."""
+    args = ["sample", str(run_dir), "--request", request_json]
+    if checkpoint:
+        args += ["--checkpoint", checkpoint]
+    return subprocess.Popen(
+        engine_command(*args),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=open(run_dir / ENGINE_LOG, "ab"),
+        start_new_session=True,
+        env=_env(),
+    )

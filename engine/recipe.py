@@ -1,0 +1,368 @@
+"""One training run, backend-agnostic: setup (model, adapters, data, trainer), train, save, cleanup.
+
+The trainer talks to the outside through `EngineCallback`: it turns the trainer's logs into step
+events, applies commands at optimizer-step boundaries (stop, save, sample), and refuses to save a
+checkpoint once the loss is no longer finite.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine import __version__, protocol, runs
+from engine.config import RunConfig, load_resolved
+from engine.control import CommandQueue
+from engine.errors import UserError
+from engine.events import Emitter
+
+GIB = 1024**3
+
+
+def host_rss_gb() -> float | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / GIB
+    except (OSError, ValueError):
+        return None
+
+
+def cuda_memory() -> dict[str, float | None]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {
+        "memory_allocated_gb": torch.cuda.memory_allocated() / GIB,
+        "memory_reserved_gb": torch.cuda.memory_reserved() / GIB,
+        "memory_peak_allocated_gb": torch.cuda.max_memory_allocated() / GIB,
+        "memory_peak_reserved_gb": torch.cuda.max_memory_reserved() / GIB,
+    }
+
+
+@dataclass
+class RunState:
+    """What the callback learns during training, read back by the recipe when training ends."""
+
+    stop_requested: bool = False
+    failure: protocol.ErrorEvent | None = None
+    last_loss: float | None = None
+    last_checkpoint: str | None = None
+    total_steps: int = 0
+    first_step: int = 0
+    started: float = field(default_factory=time.time)
+
+
+def _make_callback(emitter: Emitter, commands: CommandQueue, state: RunState, tokenizer: Any) -> Any:
+    from transformers import TrainerCallback
+
+    from engine.sampling import generate
+
+    class EngineCallback(TrainerCallback):
+        def __init__(self) -> None:
+            self._last_time = 0.0
+            self._last_step = 0
+            self._last_tokens = 0
+            self._step_seconds: float | None = None
+
+        def on_train_begin(self, args: Any, st: Any, control: Any, **kw: Any) -> None:
+            state.total_steps = st.max_steps
+            state.first_step = st.global_step
+            self._last_step = st.global_step
+            self._last_time = time.perf_counter()
+            emitter.emit(
+                protocol.StageEvent(
+                    stage="training",
+                    message=f"training {st.max_steps} steps",
+                    current=st.global_step,
+                    total=st.max_steps,
+                )
+            )
+
+        def on_step_end(self, args: Any, st: Any, control: Any, model: Any = None, **kw: Any) -> None:
+            for command in commands.drain():
+                if isinstance(command, protocol.Stop):
+                    state.stop_requested = True
+                    control.should_training_stop = True
+                    control.should_save = command.save
+                    emitter.log(
+                        f"stopping after step {st.global_step}"
+                        + (", saving a checkpoint" if command.save else "")
+                    )
+                elif isinstance(command, protocol.Save):
+                    control.should_save = True
+                elif isinstance(command, protocol.SampleRequest):
+                    t0 = time.perf_counter()
+                    generate(model, tokenizer, command, emitter, source="live", step=st.global_step)
+                    self._last_time += time.perf_counter() - t0  # sampling is not training time
+
+        def on_log(
+            self, args: Any, st: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any
+        ) -> None:
+            logs = logs or {}
+            if "eval_loss" in logs:
+                loss = logs["eval_loss"]
+                emitter.emit(
+                    protocol.Eval(
+                        step=st.global_step, loss=loss, perplexity=math.exp(loss) if loss < 50 else None
+                    )
+                )
+            if "loss" not in logs:
+                return
+            loss = float(logs["loss"])
+            now = time.perf_counter()
+            steps = max(st.global_step - self._last_step, 1)
+            seconds = (now - self._last_time) / steps
+            tokens = int(logs.get("num_tokens", 0))
+            tok_s = (
+                (tokens - self._last_tokens) / max(now - self._last_time, 1e-9) if self._last_tokens else 0.0
+            )
+            # An exponential average: one slow step (a save, a sample) must not swing the ETA.
+            self._step_seconds = (
+                seconds if self._step_seconds is None else 0.8 * self._step_seconds + 0.2 * seconds
+            )
+            remaining = max(st.max_steps - st.global_step, 0)
+            emitter.emit(
+                protocol.Step(
+                    step=st.global_step,
+                    total_steps=st.max_steps,
+                    epoch=float(st.epoch or 0.0),
+                    loss=loss,
+                    lr=float(logs.get("learning_rate", 0.0)),
+                    grad_norm=logs.get("grad_norm"),
+                    tokens_seen=tokens,
+                    tokens_per_s=tok_s,
+                    step_seconds=seconds,
+                    elapsed_seconds=time.time() - state.started,
+                    eta_seconds=remaining * self._step_seconds,
+                    host_rss_gb=host_rss_gb(),
+                    **cuda_memory(),
+                )
+            )
+            self._last_time, self._last_step, self._last_tokens = now, st.global_step, tokens
+            if math.isfinite(loss):
+                state.last_loss = loss
+            else:
+                # Keep the last good checkpoint: never save weights trained on a non-finite loss.
+                state.failure = protocol.ErrorEvent(
+                    kind="nan_loss",
+                    step=st.global_step,
+                    message=f"the loss became {loss} at step {st.global_step}",
+                    hint="lower train.lr, check the data for broken rows, or resume from the last checkpoint",
+                )
+                control.should_training_stop = True
+                control.should_save = False
+
+        def on_save(self, args: Any, st: Any, control: Any, **kw: Any) -> None:
+            path = Path(args.output_dir) / f"{runs.CHECKPOINT_PREFIX}{st.global_step}"
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+            state.last_checkpoint = path.name
+            emitter.emit(protocol.CheckpointSaved(step=st.global_step, path=str(path), size_mb=size / 2**20))
+
+    return EngineCallback()
+
+
+class Recipe:
+    """setup -> train -> save -> cleanup, for one run directory."""
+
+    def __init__(self, run_dir: Path, emitter: Emitter, commands: CommandQueue, resume: bool = False) -> None:
+        self.run_dir = run_dir
+        self.emitter = emitter
+        self.commands = commands
+        self.resume = resume
+        self.cfg: RunConfig = load_resolved(run_dir / runs.CONFIG)
+        self.state = RunState()
+        self.trainer: Any = None
+        self.tokenizer: Any = None
+        self.resume_from: Path | None = None
+
+    def hello(self) -> None:
+        from engine.backends import choose_backend, choose_device
+
+        self.device = choose_device(self.cfg)
+        self.backend, reason = choose_backend(self.cfg, self.device)
+        if self.resume:
+            self.resume_from = runs.find_checkpoint(self.run_dir)
+        device = self.device
+        if device == "cuda":
+            import torch
+
+            device = f"cuda:0 ({torch.cuda.get_device_name(0)})"
+        self.emitter.emit(
+            protocol.Hello(
+                engine_version=__version__,
+                run_id=self.run_dir.name,
+                pid=os.getpid(),
+                mode="resume" if self.resume else "train",
+                resumed_from=self.resume_from.name if self.resume_from else None,
+                backend=self.backend,
+                backend_reason=reason,
+                device=device,
+            )
+        )
+
+    def setup(self) -> None:
+        from engine import data
+        from engine.backends import hf
+
+        cfg, emit = self.cfg, self.emitter.emit
+        emit(protocol.StageEvent(stage="loading_model", message=f"loading {cfg.model.name_or_path}"))
+        t0 = time.perf_counter()
+        path = hf.resolve_model_path(cfg)
+        self.tokenizer = hf.load_tokenizer(cfg, path)
+        emit(
+            protocol.StageEvent(
+                stage="quantizing",
+                message="loading weights as 4-bit NF4" if cfg.quant.load_in_4bit else "loading weights",
+            )
+        )
+        model = hf.load_model(cfg, self.device, path)
+        model = hf.apply_lora(model, cfg)
+        total, trainable = hf.count_params(model)
+        mem = cuda_memory()
+        emit(
+            protocol.ModelReady(
+                total_params=total,
+                trainable_params=trainable,
+                quantized=cfg.quant.load_in_4bit,
+                memory_allocated_gb=mem.get("memory_allocated_gb"),
+                memory_reserved_gb=mem.get("memory_reserved_gb"),
+                host_rss_gb=host_rss_gb(),
+                load_seconds=time.perf_counter() - t0,
+            )
+        )
+        self._emit_estimate()
+
+        emit(protocol.StageEvent(stage="preparing_data", message=f"preparing {cfg.data.source}"))
+
+        def progress(message: str, current: int, total: int) -> None:
+            emit(protocol.StageEvent(stage="preparing_data", message=message, current=current, total=total))
+
+        prepared = data.prepare(cfg, self.tokenizer, progress)
+        r = prepared.report
+        emit(
+            protocol.DataReady(
+                train_examples=r.examples,
+                eval_examples=r.eval_examples,
+                train_tokens=r.tokens_per_epoch,
+                trained_tokens=r.trained_tokens_per_epoch,
+                truncated=r.truncated,
+                dropped=r.dropped,
+                steps_per_epoch=r.steps_per_epoch,
+                total_steps=r.total_steps,
+            )
+        )
+        callback = _make_callback(self.emitter, self.commands, self.state, self.tokenizer)
+        self.trainer = hf.build_trainer(
+            model, self.tokenizer, cfg, prepared, self.run_dir / runs.CHECKPOINTS, self.device, [callback]
+        )
+
+    def _emit_estimate(self) -> None:
+        """The memory model's estimate, for the dashboard's estimate-versus-actual. Never fatal."""
+        try:
+            from engine import memory
+
+            est = memory.estimate(self.cfg, backend=self.backend)
+            gpu = (
+                memory.resolve_gpu(self.cfg.hardware.gpu)
+                if self.device == "cuda" or self.cfg.hardware.gpu != "auto"
+                else None
+            )
+            self.emitter.emit(est.to_event(gpu) if gpu is not None else est.to_event(None))
+        except Exception as exc:  # an estimate must never stop a run
+            self.emitter.log(f"no memory estimate: {exc}", level="debug")
+
+    def train(self) -> None:
+        self.trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from else None)
+
+    def save_adapter(self) -> Path:
+        """The final adapter, written to a temporary folder and renamed: never half-written."""
+        self.emitter.emit(protocol.StageEvent(stage="saving", message="saving the final adapter"))
+        target = self.run_dir / runs.ADAPTER
+        tmp = self.run_dir / f".{runs.ADAPTER}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.trainer.model.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+        return target
+
+
+def _oom_error(exc: BaseException, cfg: RunConfig, step: int | None) -> protocol.ErrorEvent:
+    advice: list[str] = []
+    try:
+        from engine import memory
+
+        gpu = memory.resolve_gpu(cfg.hardware.gpu)
+        advice = [str(a) for a in memory.advise(cfg, gpu)[:5]]
+    except Exception:
+        pass
+    return protocol.ErrorEvent(
+        kind="out_of_memory",
+        step=step,
+        message=f"out of memory: {str(exc).splitlines()[0][:200]}",
+        hint="lower train.micro_batch or train.seq_len, or turn train.gradient_checkpointing on",
+        advice=advice,
+    )
+
+
+def is_oom(exc: BaseException) -> bool:
+    name = exc.__class__.__name__
+    return name == "OutOfMemoryError" or isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
+
+
+def run(run_dir: Path, emitter: Emitter, commands: CommandQueue, resume: bool = False) -> int:
+    """Train (or resume) one run; returns the process exit code (0 ok or stopped, 1 failed)."""
+    started = time.time()
+    recipe: Recipe | None = None
+    status, failure = "failed", None
+    adapter: str | None = None
+    try:
+        recipe = Recipe(run_dir, emitter, commands, resume=resume)
+        recipe.hello()
+        recipe.setup()
+        recipe.train()
+        failure = recipe.state.failure
+        if failure is None:
+            status = "stopped" if recipe.state.stop_requested else "completed"
+            if status == "completed":
+                adapter = str(recipe.save_adapter())
+    except UserError as exc:
+        failure = protocol.ErrorEvent(kind="input", message=exc.message, hint=exc.hint)
+    except BaseException as exc:
+        step = recipe.trainer.state.global_step if recipe and recipe.trainer else None
+        if is_oom(exc) and recipe is not None:
+            failure = _oom_error(exc, recipe.cfg, step)
+        elif isinstance(exc, KeyboardInterrupt):
+            failure = protocol.ErrorEvent(kind="interrupted", message="the engine was interrupted", step=step)
+        else:
+            traceback.print_exc()  # to engine.log: a bug, keep its traceback
+            failure = protocol.ErrorEvent(
+                kind="internal",
+                step=step,
+                message=f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300],
+                hint=f"details in {run_dir / runs.ENGINE_LOG}",
+            )
+    if failure is not None:
+        emitter.emit(failure)
+        status = "failed"
+    state = recipe.state if recipe else RunState()
+    last = runs.checkpoints(run_dir)
+    emitter.emit(
+        protocol.Finished(
+            status=status,  # type: ignore[arg-type]
+            step=recipe.trainer.state.global_step if recipe and recipe.trainer else 0,
+            last_checkpoint=str(last[-1]) if last else None,
+            adapter_path=adapter,
+            final_loss=state.last_loss,
+            elapsed_seconds=time.time() - started,
+        )
+    )
+    return 1 if status == "failed" else 0

@@ -1,0 +1,302 @@
+"""Run directories: create, list, find, read and follow events, send commands, tell status.
+
+A run directory (mode 0700) holds everything about one run, so that any console, now or after an
+SSH drop, can find it again:
+
+    config.yaml        the resolved RunConfig the engine child reads
+    events.jsonl       every event the run has emitted, one JSON line each (the full history)
+    control            FIFO (0600): commands from any console, one JSON line each
+    lock               held (flock) by the live engine process: held = running
+    engine.log         the child's stderr (library warnings, tracebacks of bugs)
+    checkpoints/       checkpoint-<step>/ directories written by the trainer
+    adapter/           the final LoRA adapter
+
+Pure Python: the console imports this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import re
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine import protocol
+from engine.config import RunConfig, load_resolved
+from engine.errors import RunNotFound, UserError
+
+CONFIG = "config.yaml"
+EVENTS = "events.jsonl"
+CONTROL = "control"
+LOCK = "lock"
+ENGINE_LOG = "engine.log"
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def runs_root(override: str | os.PathLike[str] | None = None) -> Path:
+    """--runs-dir, else $QLC_RUNS_DIR, else the user data folder."""
+    if override:
+        return Path(override).expanduser()
+    env = os.environ.get("QLC_RUNS_DIR")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("qlora-console")) / "runs"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9._-]+", "-", text).strip("-")[:40] or "run"
+
+
+def create_run(root: Path, cfg: RunConfig) -> Path:
+    """A new run directory with its resolved config and control FIFO. Called only after the config
+    (and data) passed validation, so bad input never leaves a directory behind."""
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = f"{stamp}-{_slug(cfg.name)}"
+    for n in range(1000):
+        run_dir = root / (base if n == 0 else f"{base}-{n}")
+        try:
+            run_dir.mkdir(mode=0o700)
+            break
+        except FileExistsError:
+            continue
+    else:  # pragma: no cover
+        raise UserError(f"{root}: could not create a run directory")
+    os.chmod(run_dir, 0o700)  # mkdir's mode is masked by the umask
+    tmp = run_dir / f".{CONFIG}.tmp"
+    tmp.write_text(cfg.to_yaml(), encoding="utf-8")
+    tmp.rename(run_dir / CONFIG)
+    os.mkfifo(run_dir / CONTROL, 0o600)
+    os.chmod(run_dir / CONTROL, 0o600)
+    (run_dir / CHECKPOINTS).mkdir(mode=0o700)
+    return run_dir
+
+
+def run_id(run_dir: Path) -> str:
+    return run_dir.name
+
+
+def find_run(root: Path, ref: str) -> Path:
+    """A run by id, unique id prefix, path, or `last` (the newest)."""
+    path = Path(ref).expanduser()
+    if (path / CONFIG).is_file():
+        return path.resolve()
+    candidates = sorted(p for p in root.glob("*") if (p / CONFIG).is_file()) if root.is_dir() else []
+    if ref in ("last", "latest") and candidates:
+        return candidates[-1]
+    exact = [p for p in candidates if p.name == ref]
+    if exact:
+        return exact[0]
+    matches = [p for p in candidates if p.name.startswith(ref) or ref in p.name]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        names = ", ".join(p.name for p in matches[:5])
+        raise RunNotFound(f"run {ref!r} is ambiguous: {names}", "give more of the id")
+    raise RunNotFound(f"no run {ref!r} under {root}", "`qlc runs` lists them")
+
+
+def list_run_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if (p / CONFIG).is_file())
+
+
+# ---------------------------------------------------------------------------------------------
+# Liveness: the engine holds an exclusive flock on RUN_DIR/lock for as long as it lives. The
+# kernel drops it when the process dies, however it dies, so a held lock means a live engine.
+# ---------------------------------------------------------------------------------------------
+
+
+def acquire_lock(run_dir: Path) -> int:
+    """Called by the engine child. Returns the fd to keep open; raises if another engine holds it."""
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"run {run_dir.name} is already running", "`qlc attach` follows it") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def is_running(run_dir: Path) -> bool:
+    try:
+        fd = os.open(run_dir / LOCK, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def engine_pid(run_dir: Path) -> int | None:
+    try:
+        return int((run_dir / LOCK).read_text().strip() or 0) or None
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Events
+# ---------------------------------------------------------------------------------------------
+
+
+def read_events(run_dir: Path, offset: int = 0) -> tuple[list[protocol.Event], int]:
+    """Every complete event from byte `offset` on, and the offset after the last complete line.
+    A torn last line (the engine is mid-write, or was killed mid-write) is left for the next read."""
+    path = run_dir / EVENTS
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    events: list[protocol.Event] = []
+    for line in data[:end].splitlines():
+        if line.strip():
+            with contextlib.suppress(protocol.ProtocolError):  # a newer engine's unknown event type
+                events.append(protocol.decode_event(line))
+    return events, offset + end
+
+
+def follow_events(run_dir: Path, poll: float = 0.2, stop_when_done: bool = True) -> Iterator[protocol.Event]:
+    """The run's whole history, then new events as they arrive, until a `finished` event is read
+    while the engine is no longer running (a resumed run appends after an earlier `finished`)."""
+    offset = 0
+    while True:
+        events, offset = read_events(run_dir, offset)
+        yield from events
+        if stop_when_done and not is_running(run_dir):
+            tail, offset = read_events(run_dir, offset)
+            yield from tail
+            return
+        time.sleep(poll)
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands through the control FIFO
+# ---------------------------------------------------------------------------------------------
+
+
+def send_command(run_dir: Path, command: protocol.Message) -> None:
+    """Write one command line to the run's FIFO. Lines under PIPE_BUF are written atomically, so
+    commands from several consoles never interleave; each is read, and applied, once."""
+    path = run_dir / CONTROL
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UserError(f"run {run_dir.name} has no control FIFO", "was it created by qlc?") from None
+    if not stat.S_ISFIFO(mode):
+        raise UserError(f"{path}: not a FIFO", "the run directory is damaged")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # no reader: no engine is running
+            raise UserError(f"run {run_dir.name} is not running", "`qlc resume` continues it") from None
+        raise
+    try:
+        os.write(fd, protocol.encode(command))
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Summaries
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunSummary:
+    id: str
+    path: Path
+    status: str  # running, completed, stopped, failed, crashed, created
+    preset: str
+    model: str
+    step: int
+    total_steps: int
+    last_loss: float | None
+    started: float
+    last_checkpoint: str | None
+    error: str | None
+
+    def to_dict(self) -> dict:
+        d = self.__dict__.copy()
+        d["path"] = str(self.path)
+        return d
+
+
+def summarize(run_dir: Path) -> RunSummary:
+    events, _ = read_events(run_dir)
+    try:
+        cfg = load_resolved(run_dir / CONFIG)
+        preset, model = cfg.name, cfg.model.name_or_path
+    except UserError:
+        preset = model = "?"
+    step, total, loss, ckpt, error = 0, 0, None, None, None
+    started = (run_dir / CONFIG).stat().st_mtime
+    # The status is decided by the last engine session (a resume appends a new hello): "created"
+    # before any hello, that session's `finished` status, or "crashed" if it died without one.
+    status = "created"
+    for ev in events:
+        if isinstance(ev, protocol.Hello):
+            if status == "created":
+                started = ev.time or started
+            status = "crashed"
+        elif isinstance(ev, protocol.Step):
+            step, total, loss = ev.step, ev.total_steps, ev.loss
+        elif isinstance(ev, protocol.CheckpointSaved):
+            ckpt = ev.path
+        elif isinstance(ev, protocol.ErrorEvent):
+            error = ev.message
+        elif isinstance(ev, protocol.Finished):
+            status = ev.status
+            ckpt = ev.last_checkpoint or ckpt
+    if is_running(run_dir):
+        status = "running"
+    return RunSummary(run_dir.name, run_dir, status, preset, model, step, total, loss, started, ckpt, error)
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. A checkpoint is complete once the trainer wrote its
+    trainer_state.json, the last file it writes."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [
+        p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / "trainer_state.json").is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX) or 0))
+
+
+def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:
+    found = checkpoints(run_dir)
+    if not found:
+        raise UserError(
+            f"run {run_dir.name} has no checkpoint yet", "let it train to its first save, or `qlc stop` it"
+        )
+    if step is None:
+        return found[-1]
+    for p in found:
+        if p.name == f"{CHECKPOINT_PREFIX}{step}":
+            return p
+    steps = ", ".join(p.name.removeprefix(CHECKPOINT_PREFIX) for p in found)
+    raise UserError(f"run {run_dir.name} has no checkpoint at step {step}", f"saved steps: {steps}")

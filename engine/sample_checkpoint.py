@@ -1,0 +1,61 @@
+"""Sample from a saved checkpoint or the final adapter: base model (quantized as in training) +
+the adapter's safetensors, through the run's chat template."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine import protocol, runs
+from engine.config import load_resolved
+from engine.errors import UserError
+from engine.events import Emitter
+
+
+def resolve_adapter(run_dir: Path, checkpoint: str | None) -> Path:
+    """`None`: the final adapter if the run completed, else the newest checkpoint; `adapter`;
+    a step number; or a checkpoint directory name."""
+    if checkpoint in (None, "", "latest"):
+        final = run_dir / runs.ADAPTER
+        return final if (final / "adapter_config.json").is_file() else runs.find_checkpoint(run_dir)
+    if checkpoint in ("adapter", "final"):
+        final = run_dir / runs.ADAPTER
+        if not (final / "adapter_config.json").is_file():
+            raise UserError(
+                f"run {run_dir.name} has no final adapter", "it did not complete; name a checkpoint step"
+            )
+        return final
+    step = checkpoint.removeprefix(runs.CHECKPOINT_PREFIX)
+    if not step.isdigit():
+        raise UserError(f"--checkpoint {checkpoint!r}: expected a step number, 'adapter' or 'latest'")
+    return runs.find_checkpoint(run_dir, int(step))
+
+
+def sample_checkpoint(
+    run_dir: Path, checkpoint: str | None, request: protocol.SampleRequest, emitter: Emitter
+) -> int:
+    from peft import PeftModel
+
+    from engine.backends import choose_device, hf
+    from engine.sampling import generate
+
+    cfg = load_resolved(run_dir / runs.CONFIG)
+    adapter = resolve_adapter(run_dir, checkpoint)
+    emitter.emit(
+        protocol.StageEvent(
+            stage="loading_model", message=f"loading {cfg.model.name_or_path} + {adapter.name}"
+        )
+    )
+    device = choose_device(cfg)
+    path = hf.resolve_model_path(cfg)
+    tokenizer = hf.load_tokenizer(cfg, path)
+    model = hf.load_model(cfg, device, path)
+    # Adapters are read from safetensors only; PeftModel never unpickles anything here.
+    model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    step = (
+        int(adapter.name.removeprefix(runs.CHECKPOINT_PREFIX))
+        if adapter.name.startswith(runs.CHECKPOINT_PREFIX)
+        else None
+    )
+    emitter.emit(protocol.StageEvent(stage="sampling", message="generating"))
+    generate(model, tokenizer, request, emitter, source=adapter.name, step=step)
+    return 0

@@ -1,0 +1,95 @@
+"""`qlc runs`, `qlc attach RUN`, `qlc stop RUN`: find runs, follow one, stop one."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from rich.table import Table
+
+from engine import protocol, runs
+from tui.follow import EventPrinter, follow_file
+from tui.output import err, out, print_json
+
+STATUS_STYLE = {
+    "running": "bold cyan",
+    "completed": "green",
+    "stopped": "yellow",
+    "failed": "red",
+    "crashed": "red",
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("runs", help="list runs with their status")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    p.set_defaults(func=run_list)
+
+    a = sub.add_parser("attach", help="follow a run's events (its whole history, then live) until it ends")
+    a.add_argument("run", help="run id (or a unique part of it, or `last`)")
+    a.add_argument("--tail", type=int, default=20, help="step lines of history to show (default 20)")
+    a.add_argument("--all", action="store_true", help="show the whole history")
+    a.add_argument("--json", action="store_true", help="print events as JSON lines")
+    a.set_defaults(func=run_attach)
+
+    s = sub.add_parser("stop", help="stop a run: it finishes the current step, saves a checkpoint and exits")
+    s.add_argument("run", help="run id (or a unique part of it, or `last`)")
+    s.add_argument("--no-save", action="store_true", help="exit without saving a checkpoint")
+    s.add_argument("--no-wait", action="store_true", help="return once the command is sent")
+    s.add_argument("--timeout", type=float, default=600, help="seconds to wait for the run to stop")
+    s.set_defaults(func=run_stop)
+
+
+def run_list(args: argparse.Namespace) -> int:
+    summaries = [runs.summarize(d) for d in runs.list_run_dirs(runs.runs_root(args.runs_dir))]
+    if args.json:
+        print_json([s.to_dict() for s in summaries])
+        return 0
+    if not summaries:
+        out.print("no runs yet: start one with `qlc train tiny-demo`")
+        return 0
+    table = Table(box=None, header_style="bold")
+    for col in ("run", "status", "preset", "model", "step", "loss", "started"):
+        table.add_column(col, justify="right" if col in ("step", "loss") else "left")
+    for s in summaries:
+        step = f"{s.step}/{s.total_steps}" if s.total_steps else str(s.step)
+        loss = f"{s.last_loss:.4f}" if s.last_loss is not None else "-"
+        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(s.started))
+        table.add_row(
+            s.id, f"[{STATUS_STYLE.get(s.status, '')}]{s.status}[/]", s.preset, s.model, step, loss, started
+        )
+    out.print(table)
+    return 0
+
+
+def run_attach(args: argparse.Namespace) -> int:
+    run_dir = runs.find_run(runs.runs_root(args.runs_dir), args.run)
+    return follow_file(run_dir, EventPrinter(args.json), tail=None if args.all or args.json else args.tail)
+
+
+def run_stop(args: argparse.Namespace) -> int:
+    run_dir = runs.find_run(runs.runs_root(args.runs_dir), args.run)
+    _, offset = runs.read_events(run_dir)
+    runs.send_command(run_dir, protocol.Stop(save=not args.no_save))
+    if args.no_wait:
+        out.print(f"stop sent to {run_dir.name}")
+        return 0
+    out.print(
+        f"stopping {run_dir.name}: finishing the current step"
+        + ("" if args.no_save else " and saving a checkpoint")
+    )
+    deadline = time.monotonic() + args.timeout
+    printer = EventPrinter()
+    while time.monotonic() < deadline:
+        events, offset = runs.read_events(run_dir, offset)
+        for ev in events:
+            if isinstance(ev, (protocol.CheckpointSaved, protocol.Finished, protocol.ErrorEvent)):
+                printer(ev)
+        if printer.status is not None and not runs.is_running(run_dir):
+            return 0 if printer.status in ("stopped", "completed") else 1
+        if not runs.is_running(run_dir) and printer.status is None:
+            err.print("the engine exited without a finished event")
+            return 1
+        time.sleep(0.2)
+    err.print(f"the run has not stopped after {args.timeout:.0f} s; it may be in a long step or a save")
+    return 1

@@ -1,0 +1,70 @@
+"""`qlc sample RUN "prompt"`: generate from a checkpoint (default) or the live model (--live)."""
+
+from __future__ import annotations
+
+import argparse
+import uuid
+
+from engine import launcher, protocol, runs
+from engine.errors import UserError
+from tui.follow import EventPrinter, iter_file_from, pipe_events
+from tui.output import err
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="generate from a run's checkpoint, final adapter, or live model")
+    p.add_argument("run", help="run id (or a unique part of it, or `last`)")
+    p.add_argument("prompt", help="the user message")
+    p.add_argument("--checkpoint", help="a checkpoint step, `adapter` (the final one) or `latest` (default)")
+    p.add_argument(
+        "--live", action="store_true", help="sample from the running model at its next step, without saving"
+    )
+    p.add_argument("--system", help="a system message")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--timeout", type=float, default=600, help="seconds to wait for a live sample")
+    p.add_argument("--json", action="store_true", help="print events as JSON lines")
+    p.set_defaults(func=run_sample)
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
+    run_dir = runs.find_run(runs.runs_root(args.runs_dir), args.run)
+    request = protocol.SampleRequest(
+        prompt=args.prompt,
+        request_id=uuid.uuid4().hex[:8],
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        system=args.system,
+    )
+    printer = EventPrinter(args.json)
+    if args.live:
+        if args.checkpoint:
+            raise UserError("--live and --checkpoint exclude each other")
+        _, offset = runs.read_events(run_dir)
+        runs.send_command(run_dir, request)
+        for ev in iter_file_from(run_dir, offset, args.timeout):
+            if getattr(ev, "request_id", None) == request.request_id:
+                printer(ev)
+                if isinstance(ev, protocol.Sample):
+                    return 0
+        err.print("no sample came back: the run ended or the wait timed out")
+        return 1
+    proc = launcher.launch_sample(run_dir, args.checkpoint, protocol.encode(request).decode().strip())
+    code = 1
+    for ev in pipe_events(proc):
+        if isinstance(ev, protocol.ErrorEvent):
+            err.print(f"qlc: error: {ev.message}" + (f" ({ev.hint})" if ev.hint else ""))
+            code = 2 if ev.kind == "input" else 1
+            continue
+        if not isinstance(ev, protocol.StageEvent) or args.json:
+            printer(ev)
+        if isinstance(ev, protocol.Sample):
+            code = 0
+    proc.wait()
+    return code

@@ -1,0 +1,240 @@
+"""Following a run from the command line: events rendered as text lines, from the engine's pipe (a
+run this command started) or from the run's events file (`qlc attach`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from rich.markup import escape
+
+from engine import protocol, runs
+from tui.output import err, fmt_duration, out
+
+
+def _num(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def _loss(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.4f}" if math.isfinite(x) else f"[bold red]{x}[/]"
+
+
+class EventPrinter:
+    """One line per event (sample tokens stream inline). `json_lines` prints the raw protocol."""
+
+    def __init__(self, json_lines: bool = False) -> None:
+        self.json_lines = json_lines
+        self.status: str | None = None
+        self._in_sample = False
+
+    def __call__(self, ev: protocol.Event) -> None:
+        if self.json_lines:
+            sys.stdout.buffer.write(protocol.encode(ev))
+            sys.stdout.flush()
+            if isinstance(ev, protocol.Finished):
+                self.status = ev.status
+            return
+        if self._in_sample and not isinstance(ev, protocol.SampleToken):
+            out.print()
+            self._in_sample = False
+        match ev:
+            case protocol.Hello():
+                resumed = f" · resumed from {ev.resumed_from}" if ev.resumed_from else ""
+                out.print(
+                    f"[bold]run {ev.run_id}[/] · {ev.mode}{resumed} · backend [cyan]{ev.backend}[/] "
+                    f"({escape(ev.backend_reason)}) · {escape(ev.device)}"
+                )
+            case protocol.StageEvent():
+                progress = f" {ev.current}/{ev.total}" if ev.total else ""
+                out.print(f"[dim]{ev.stage.replace('_', ' ')}{progress}: {escape(ev.message)}[/]")
+            case protocol.ModelReady():
+                pct = 100 * ev.trainable_params / max(ev.total_params, 1)
+                mem = (
+                    f" · {ev.memory_reserved_gb:.2f} GiB reserved"
+                    if ev.memory_reserved_gb is not None
+                    else ""
+                )
+                out.print(
+                    f"model ready: {_num(ev.total_params)} params, {_num(ev.trainable_params)} trainable "
+                    f"({pct:.2f}%) · loaded in {ev.load_seconds:.1f} s{mem}"
+                )
+            case protocol.EstimateEvent():
+                budget = f" of {ev.budget_gb:.1f} GB ({ev.gpu})" if ev.budget_gb else ""
+                out.print(
+                    f"memory estimate: {ev.torch_peak_gb:.2f} GB peak{budget} · {ev.verdict.replace('_', ' ')}"
+                )
+            case protocol.DataReady():
+                out.print(
+                    f"data: {ev.train_examples} train / {ev.eval_examples} eval examples · "
+                    f"{_num(ev.train_tokens)} tokens/epoch ({_num(ev.trained_tokens)} trained) · "
+                    f"{ev.steps_per_epoch} steps/epoch · {ev.truncated} truncated, {ev.dropped} dropped"
+                )
+            case protocol.Step():
+                total = f"/{ev.total_steps}" if ev.total_steps else ""
+                gn = f"{ev.grad_norm:.3f}" if ev.grad_norm is not None else "-"
+                mem = (
+                    f" · {ev.memory_peak_reserved_gb:.2f} GiB peak"
+                    if ev.memory_peak_reserved_gb is not None
+                    else ""
+                )
+                out.print(
+                    f"step {ev.step:>5}{total}  loss {_loss(ev.loss)}  lr {ev.lr:.2e}  grad {gn}  "
+                    f"{ev.tokens_per_s:,.0f} tok/s  {ev.step_seconds:.2f} s/step  ETA {fmt_duration(ev.eta_seconds)}{mem}"
+                )
+            case protocol.Eval():
+                out.print(f"[magenta]eval  step {ev.step}: loss {_loss(ev.loss)}[/]")
+            case protocol.CheckpointSaved():
+                out.print(f"[green]checkpoint[/] step {ev.step} → {escape(ev.path)} ({ev.size_mb:.1f} MB)")
+            case protocol.SampleStarted():
+                out.print(
+                    f"[bold]sample[/] ({ev.source}{f', step {ev.step}' if ev.step is not None else ''}) "
+                    f"[dim]{escape(ev.prompt)}[/]"
+                )
+                out.print("  → ", end="")
+                self._in_sample = True
+            case protocol.SampleToken():
+                out.print(escape(ev.text), end="")
+                self._in_sample = True
+            case protocol.Sample():
+                out.print(
+                    f"[dim]  ({ev.new_tokens} tokens in {ev.seconds:.1f} s, stopped by {ev.stopped_by})[/]"
+                )
+            case protocol.Log():
+                if ev.level in ("warning", "error"):
+                    err.print(f"[yellow]{ev.level}:[/] {escape(ev.message)}")
+                elif ev.level == "info":
+                    out.print(f"[dim]{escape(ev.message)}[/]")
+            case protocol.WarningEvent():
+                err.print(
+                    f"[yellow]warning:[/] {escape(ev.message)}" + (f" ({escape(ev.hint)})" if ev.hint else "")
+                )
+            case protocol.ErrorEvent():
+                err.print(
+                    f"[bold red]error ({ev.kind}):[/] {escape(ev.message)}"
+                    + (f"\n  hint: {escape(ev.hint)}" if ev.hint else "")
+                )
+                for line in ev.advice:
+                    err.print(f"  • {escape(line)}")
+            case protocol.Finished():
+                self.status = ev.status
+                colour = {"completed": "green", "stopped": "yellow"}.get(ev.status, "red")
+                where = (
+                    f" · adapter {escape(ev.adapter_path)}"
+                    if ev.adapter_path
+                    else (f" · last checkpoint {escape(ev.last_checkpoint)}" if ev.last_checkpoint else "")
+                )
+                out.print(
+                    f"[bold {colour}]{ev.status}[/] at step {ev.step} · final loss {_loss(ev.final_loss)} · "
+                    f"{fmt_duration(ev.elapsed_seconds)}{where}"
+                )
+
+
+def exit_code(status: str | None) -> int:
+    return 0 if status in ("completed", "stopped") else 1
+
+
+def pipe_events(proc: subprocess.Popen[bytes]) -> Iterator[protocol.Event]:
+    assert proc.stdout is not None
+    first = True
+    for line in proc.stdout:
+        try:
+            ev = protocol.decode_event(line)
+        except protocol.ProtocolError:
+            continue
+        if first and isinstance(ev, protocol.Hello):
+            protocol.check_hello(ev)
+        first = False
+        yield ev
+
+
+def follow_child(proc: subprocess.Popen[bytes], run_dir: Path, printer: EventPrinter) -> int:
+    """Print a launched run's events. Ctrl-C once: stop (the engine saves a checkpoint and exits);
+    twice: detach, leaving the run to train on."""
+    interrupts = 0
+
+    def on_interrupt(_signum: int, _frame: object) -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts == 1:
+            err.print(
+                "[yellow]stopping: finishing the current step and saving a checkpoint "
+                "(Ctrl-C again to detach and leave the run training)[/]"
+            )
+            try:
+                assert proc.stdin is not None
+                proc.stdin.write(protocol.encode(protocol.Stop()))
+                proc.stdin.flush()
+            except (BrokenPipeError, OSError):
+                pass
+        else:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        for ev in pipe_events(proc):
+            printer(ev)
+    except KeyboardInterrupt:
+        err.print(f"detached; the run goes on. Follow it with: qlc attach {run_dir.name}")
+        return 0
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    proc.wait()
+    if printer.status is None:
+        err.print(
+            f"[red]the engine exited ({proc.returncode}) without finishing; see {run_dir / runs.ENGINE_LOG}[/]"
+        )
+        return 1
+    return exit_code(printer.status)
+
+
+def follow_file(run_dir: Path, printer: EventPrinter, tail: int | None = 20) -> int:
+    """`qlc attach`: the history (all but the oldest step lines beyond `tail`), then live events
+    until the run finishes. Ctrl-C detaches and never stops the run."""
+    history, offset = runs.read_events(run_dir)
+    steps = [i for i, ev in enumerate(history) if isinstance(ev, protocol.Step)]
+    hidden = set(steps[:-tail]) if tail is not None and len(steps) > tail else set()
+    if hidden:
+        out.print(f"[dim]… {len(hidden)} earlier step events (--tail to see more)[/]")
+    for i, ev in enumerate(history):
+        if i not in hidden:
+            printer(ev)
+    try:
+        while runs.is_running(run_dir):
+            events, offset = runs.read_events(run_dir, offset)
+            for ev in events:
+                printer(ev)
+            time.sleep(0.2)
+        events, offset = runs.read_events(run_dir, offset)
+        for ev in events:
+            printer(ev)
+    except KeyboardInterrupt:
+        err.print("detached; the run goes on.")
+        return 0
+    return exit_code(printer.status)
+
+
+def iter_file_from(run_dir: Path, offset: int, timeout: float) -> Iterable[protocol.Event]:
+    """New events after `offset` while the run is alive, for up to `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        events, offset = runs.read_events(run_dir, offset)
+        yield from events
+        if not runs.is_running(run_dir):
+            return
+        time.sleep(0.1)
+
+
+def dumps(obj: object) -> str:
+    return json.dumps(obj, default=str)
