@@ -1,0 +1,40 @@
+# Two commands do everything on a fresh machine:
+#   make demo   train the offline tiny preset (CPU, about a minute)
+#   make test   lint + the whole test suite
+# A user's GPU box keeps its own CUDA torch: `install` adds torch only when none is importable.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+QLC    := $(VENV)/bin/qlc
+# The CPU build the tests use. On a machine with no torch, pip's default index would pull a CUDA
+# build with several GB of dependencies; a GPU box should install its own torch first.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test lint format bench-console clean
+
+$(VENV)/.installed: pyproject.toml constraints/test.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]" -c constraints/test.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(QLC) train tiny-demo
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,31 @@
+"""Shared fixtures. Runs go to a per-test folder; the tiny model is built once per cache folder
+(QLC_CACHE_DIR, set by .ci/run to stay inside the clone)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+QLC = [sys.executable, "-m", "tui.cli"]
+
+
+@pytest.fixture
+def runs_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    d = tmp_path / "runs"
+    monkeypatch.setenv("QLC_RUNS_DIR", str(d))
+    return d
+
+
+def qlc(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300, **kw
+) -> subprocess.CompletedProcess[str]:
+    """Run the real `qlc` in a subprocess, as a user would."""
+    full_env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", **(env or {})}
+    return subprocess.run(
+        [*QLC, *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO, **kw
+    )

@@ -1,0 +1,67 @@
+from pathlib import Path
+
+import pytest
+
+from engine.config import RunConfig, apply_overrides, config_from_dict, load_preset, parse_override
+from engine.errors import ConfigError, UserError
+
+
+def test_overrides_take_full_and_unique_short_keys() -> None:
+    cfg = load_preset("tiny-demo", ["train.lr=1e-4", "micro_batch=2", "lora.target_modules=[q_proj, v_proj]"])
+    assert cfg.train.lr == 1e-4 and cfg.train.micro_batch == 2
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_yaml_1_1_exponents_read_as_floats() -> None:
+    assert config_from_dict({"data": {"source": "x"}, "train": {"lr": "2e-4"}}).train.lr == 2e-4
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_preset("tiny-demo", ["train.micro_batch=two", "lora.rr=8", "train.lr=-1"])
+    problems = info.value.problems
+    assert any("lora.rr: unknown key" in p and "'lora.r'" in p for p in problems)
+    assert any("train.micro_batch: expected int, got 'two'" in p for p in problems)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "data,needle",
+    [
+        ({"train": {"micro_batch": 0}, "data": {"source": "x"}}, "train.micro_batch: must be at least 1"),
+        ({"train": {"optimizer": "sgd"}, "data": {"source": "x"}}, "train.optimizer: 'sgd' is not one of"),
+        ({"lora": {"dropout": 1.5}, "data": {"source": "x"}}, "lora.dropout"),
+        ({"lora": "r=8", "data": {"source": "x"}}, "lora: expected a section"),
+        ({"train": {"seq_len": True}, "data": {"source": "x"}}, "train.seq_len: expected int, got True"),
+        ({}, "data.source: required"),
+        ({"modle": {}}, "modle: unknown key (did you mean 'model'?)"),
+    ],
+)
+def test_validation_names_the_field(data: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match=None) as info:
+        config_from_dict(data)
+    assert needle in str(info.value)
+
+
+def test_malformed_and_unknown_override_keys() -> None:
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_override("train.lr")
+    with pytest.raises(ConfigError, match="unknown key"):
+        parse_override("nothing=1")
+
+
+def test_overrides_apply_to_a_copy() -> None:
+    data = {"train": {"lr": 1.0}}
+    out, problems = apply_overrides(data, ["train.lr=2"])
+    assert data == {"train": {"lr": 1.0}} and out["train"]["lr"] == 2 and not problems
+
+
+def test_yaml_syntax_errors_name_the_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  name_or_path: x\n train: [\n")
+    with pytest.raises(UserError, match=r"bad.yaml: line \d+, column \d+: invalid YAML"):
+        load_preset(str(bad))
+
+
+def test_defaults_are_a_valid_config() -> None:
+    assert isinstance(config_from_dict({"data": {"source": "x.jsonl"}}), RunConfig)
