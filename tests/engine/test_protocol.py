@@ -74,7 +74,7 @@ def test_bad_lines_raise_protocol_error_only(line: bytes) -> None:
 
 def test_a_different_major_version_is_refused() -> None:
     protocol.check_hello(protocol.Hello(protocol="1.7"))
-    with pytest.raises(protocol.ProtocolError, match="protocol 2.0"):
+    with pytest.raises(protocol.ProtocolError, match=r"protocol 2\.0"):
         protocol.check_hello(protocol.Hello(protocol="2.0"))
 
 
