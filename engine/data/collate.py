@@ -1,0 +1,55 @@
+"""Rows -> a padded batch of tensors for the Trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from engine.data.masking import IGNORE
+
+
+@dataclass
+class PadCollator:
+    """Right-pads a list of rows (input_ids, labels[, position_ids]) to the longest one.
+
+    Padding takes `pad_token_id` and label -100. Packed rows carry position_ids that restart at 0
+    for each example and NO attention_mask: transformers builds a block-diagonal causal mask from
+    position_ids only when attention_mask is None (masking_utils.find_packed_sequence_indices;
+    flash-attention's varlen path does the same), so attention stays within each example. The
+    padding of a packed row gets its own positions 0..k, making it one more separate sequence.
+    """
+
+    pad_token_id: int
+    packed: bool = False
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(row["input_ids"]) for row in rows)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        n = len(rows)
+        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE, dtype=torch.long)
+        attention_mask = torch.zeros((n, width), dtype=torch.long)
+        position_ids = torch.zeros((n, width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            length = len(row["input_ids"])
+            input_ids[i, :length] = torch.as_tensor(row["input_ids"], dtype=torch.long)
+            labels[i, :length] = torch.as_tensor(row["labels"], dtype=torch.long)
+            attention_mask[i, :length] = 1
+            if self.packed:
+                position_ids[i, :length] = torch.as_tensor(row["position_ids"], dtype=torch.long)
+                position_ids[i, length:] = torch.arange(width - length)
+        if self.packed:
+            return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The tokenizer's pad token, else its end of sequence (padding is masked out either way)."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if isinstance(token_id, int):
+            return token_id
+    return 0  # pragma: no cover

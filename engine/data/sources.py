@@ -1,0 +1,187 @@
+"""Where rows come from: local files (.jsonl, .json, .csv, .parquet) and folders of them.
+
+Pure Python (pyarrow is imported only for a parquet file): the console reads and validates a
+dataset with this module before it creates a run directory. Hub datasets are read in the engine
+process (see `hub.py`), since only `datasets` can fetch them.
+
+Every record carries `where`, "FILE: line N" (row N for csv/parquet, record N for a JSON array),
+so any later problem names the exact place to fix.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.data.errors import DataError, at
+
+SUPPORTED = (".jsonl", ".json", ".csv", ".parquet")
+UTF8_HINT = "re-save the file as UTF-8"
+
+
+@dataclass(frozen=True)
+class Record:
+    where: str
+    row: dict[str, Any]
+
+
+def is_local(source: str) -> bool:
+    """A path that exists, or one that is clearly meant as a path (and is then reported missing).
+
+    A hub id is `name` or `owner/name`: no file suffix, no leading `.`, `/` or `~`, at most one `/`.
+    """
+    if Path(source).expanduser().exists():
+        return True
+    return (
+        source.startswith((".", "/", "~"))
+        or source.endswith(SUPPORTED)
+        or source.count("/") > 1
+        or "\\" in source
+    )
+
+
+def local_files(source: str) -> list[Path]:
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(
+            f"{source}: not found", "check data.source (paths in a preset are relative to the preset)"
+        )
+    if path.is_file():
+        if path.suffix.lower() not in SUPPORTED:
+            raise DataError(
+                f"{path}: unsupported file type {path.suffix or '(none)'!r}",
+                "use .jsonl, .json, .csv or .parquet",
+            )
+        return [path]
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in SUPPORTED
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    if not files:
+        raise DataError(f"{path}: the folder holds no .jsonl, .json, .csv or .parquet files")
+    return files
+
+
+def read_local(source: str) -> Iterator[Record]:
+    for path in local_files(source):
+        yield from read_file(path)
+
+
+def read_file(path: Path) -> Iterator[Record]:
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+    count = 0
+    for record in readers[path.suffix.lower()](path):
+        count += 1
+        yield record
+    if count == 0:
+        raise DataError(
+            f"{path}: the file is empty" if path.stat().st_size == 0 else f"{path}: the file holds no records"
+        )
+
+
+def _decode(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise at(
+            f"{path}: line {line}", f"not UTF-8 (byte 0x{data[exc.start]:02x} at column {column})", UTF8_HINT
+        ) from None
+
+
+def _object(where: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise at(where, f"expected an object with named fields, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _read_jsonl(path: Path) -> Iterator[Record]:
+    # Line by line, in bytes: a bad byte or bad JSON is reported at its own line, and a huge
+    # file is never held in memory whole.
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise at(
+                    f"{path}: line {number}",
+                    f"not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})",
+                    UTF8_HINT,
+                ) from None
+            if not text.strip():
+                continue
+            where = f"{path}: line {number}"
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise at(
+                    where,
+                    f"malformed JSON ({exc.msg} at column {exc.colno})",
+                    "each line must be one JSON object",
+                ) from None
+            yield Record(where, _object(where, value))
+
+
+def _read_json(path: Path) -> Iterator[Record]:
+    text = _decode(path, path.read_bytes())
+    if not text.strip():
+        return
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # JSON Lines saved as .json: common, and unambiguous
+            yield from _read_jsonl(path)
+            return
+        raise at(f"{path}: line {exc.lineno}", f"malformed JSON ({exc.msg} at column {exc.colno})") from None
+    if isinstance(value, dict):
+        lists = [v for v in value.values() if isinstance(v, list)]
+        if len(value) == 1 and len(lists) == 1:  # {"data": [...]} / {"train": [...]}
+            value = lists[0]
+        else:
+            yield Record(f"{path}: record 1", value)
+            return
+    if not isinstance(value, list):
+        raise DataError(f"{path}: expected a JSON array of records, got {type(value).__name__}")
+    for number, item in enumerate(value, 1):
+        where = f"{path}: record {number}"
+        yield Record(where, _object(where, item))
+
+
+def _read_csv(path: Path) -> Iterator[Record]:
+    text = _decode(path, path.read_bytes())
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        for number, row in enumerate(reader, 1):
+            where = f"{path}: row {number}"
+            if None in row:
+                raise at(where, f"has more fields than the header ({len(reader.fieldnames or [])})")
+            if any(v is None for v in row.values()):
+                raise at(where, f"has fewer fields than the header ({len(reader.fieldnames or [])})")
+            yield Record(where, dict(row))
+    except csv.Error as exc:
+        raise at(f"{path}: line {reader.line_num}", f"malformed CSV ({exc})") from None
+
+
+def _read_parquet(path: Path) -> Iterator[Record]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:  # pragma: no cover - pyarrow comes with datasets
+        raise DataError(f"{path}: reading parquet needs pyarrow", "pip install pyarrow") from None
+    try:
+        reader = pq.ParquetFile(path)
+        number = 0
+        for batch in reader.iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                number += 1
+                yield Record(f"{path}: row {number}", row)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowIOError / ArrowInvalid
+        raise DataError(f"{path}: not a readable parquet file ({exc.__class__.__name__}: {exc})") from None
