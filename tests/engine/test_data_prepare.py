@@ -1,0 +1,210 @@
+"""prepare(): seq_len handling (truncate / drop, always counted), packing (every token exactly once,
+positions restarting per example, attention kept within each example), validation split, the
+collator, and the report with its engine entry point."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from engine.config import DataConfig, RunConfig, TrainConfig
+from engine.data import DataError, DataReport, prepare
+from engine.data.masking import IGNORE, Encoded
+from engine.data.packing import pack
+from engine.data.report import histogram, percentile, steps
+from engine.data.report import main as report_main
+from engine.tiny import DATASET, ensure_builtin
+
+REPO = Path(__file__).resolve().parent.parent.parent
+FORMATS = REPO / "tests" / "data" / "formats"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(ensure_builtin("builtin:tiny-llama"))
+
+
+def run_cfg(
+    source: Path = DATASET, seq_len: int = 128, micro_batch: int = 4, grad_accum: int = 2, **data
+) -> RunConfig:
+    return RunConfig(
+        data=DataConfig(source=str(source), **data),
+        train=TrainConfig(seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum, epochs=2),
+    )
+
+
+def test_the_demo_prepares_with_padding_and_a_report(tok) -> None:
+    p = prepare(run_cfg(val_fraction=0.05), tok)
+    r = p.report
+    assert (r.examples, r.eval_examples, r.rows) == (570, 30, 570)
+    assert p.train.column_names == ["input_ids", "labels"] and len(p.train) == 570 and len(p.eval) == 30
+    assert r.format == "messages" and r.template == "tokenizer" and r.end_of_turn == "<|eot_id|>"
+    assert r.tokens_per_epoch == sum(len(ids) for ids in p.train["input_ids"])
+    assert r.trained_tokens_per_epoch == sum(
+        label != IGNORE for labels in p.train["labels"] for label in labels
+    )
+    assert (r.steps_per_epoch, r.total_steps) == (72, 144)  # ceil(570 / 4) = 143 batches -> 72 steps
+    assert r.example[-1] == ("2 plus 18 is 20.<|eot_id|>", True)
+    assert "".join(text for text, _ in r.example).startswith("<|begin_of_text|><|start_header_id|>user")
+    assert p.end_of_turn_ids == [tok.convert_tokens_to_ids("<|eot_id|>")]
+    assert DataReport.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+
+
+def test_collator_right_pads_with_pad_id_and_ignored_labels(tok) -> None:
+    p = prepare(run_cfg(max_examples=8), tok)
+    rows = [p.train[i] for i in range(4)]
+    batch = p.collator(rows)
+    assert set(batch) == {"input_ids", "labels", "attention_mask"}
+    width = max(len(r["input_ids"]) for r in rows)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        assert batch["input_ids"][i, :n].tolist() == row["input_ids"]
+        assert batch["labels"][i, :n].tolist() == row["labels"]
+        assert batch["input_ids"][i, n:].tolist() == [tok.pad_token_id] * (width - n)
+        assert batch["labels"][i, n:].tolist() == [IGNORE] * (width - n)
+        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (width - n)
+
+
+def test_truncation_is_counted(tok) -> None:
+    full = prepare(run_cfg(), tok).report
+    r = prepare(run_cfg(seq_len=40), tok).report
+    over = [n for n in _lengths(tok) if n > 40]
+    assert r.truncated == len(over) > 0
+    assert r.truncated_tokens == sum(n - 40 for n in over)
+    assert r.examples + r.dropped == 600
+    assert r.length_max == full.length_max  # the distribution is measured before truncation
+    assert any("truncated" in w for w in r.warnings)
+
+
+def test_drop_mode_is_counted(tok) -> None:
+    r = prepare(run_cfg(seq_len=40, too_long="drop"), tok).report
+    over = [n for n in _lengths(tok) if n > 40]
+    assert r.dropped_reasons == {"too_long": len(over)} and r.truncated == 0
+    assert r.examples == 600 - len(over)
+
+
+def test_examples_that_lose_every_answer_token_are_dropped_and_counted(tok) -> None:
+    r = prepare(run_cfg(seq_len=26), tok).report
+    assert r.dropped_reasons.get("no_trained_tokens", 0) > 0
+    with pytest.raises(DataError, match=re.escape("no training example left after fitting to seq_len 12")):
+        prepare(run_cfg(seq_len=12), tok)
+
+
+def test_packing_keeps_every_token_once_and_restarts_positions(tok) -> None:
+    padded = prepare(run_cfg(max_examples=200), tok)
+    packed = prepare(run_cfg(max_examples=200, packing=True), tok)
+    rows = [packed.train[i] for i in range(len(packed.train))]
+    assert packed.train.column_names == ["input_ids", "labels", "position_ids"]
+    assert all(len(r["input_ids"]) <= 128 for r in rows)
+    # Cut each row where position_ids restart: the pieces are exactly the unpacked examples.
+    pieces = []
+    for r in rows:
+        starts = [i for i, pos in enumerate(r["position_ids"]) if pos == 0] + [len(r["position_ids"])]
+        for a, b in itertools.pairwise(starts):
+            assert r["position_ids"][a:b] == list(range(b - a))
+            pieces.append((tuple(r["input_ids"][a:b]), tuple(r["labels"][a:b])))
+    originals = [(tuple(r["input_ids"]), tuple(r["labels"])) for r in padded.train]
+    assert Counter(pieces) == Counter(originals)
+    assert packed.report.tokens_per_epoch == padded.report.tokens_per_epoch
+    assert packed.report.rows == len(rows) < padded.report.rows
+    assert packed.report.pack_fill == round(packed.report.tokens_per_epoch / (len(rows) * 128), 4)
+
+
+def test_pack_fills_best_fit_and_never_exceeds_seq_len() -> None:
+    examples = [Encoded(str(n), list(range(n)), list(range(n))) for n in (6, 5, 4, 3, 2, 1, 7)]
+    rows = pack(examples, seq_len=7)
+    assert sorted(len(r["input_ids"]) for r in rows) == [7, 7, 7, 7]
+    with pytest.raises(ValueError):
+        pack([Encoded("x", [1] * 9, [1] * 9)], seq_len=8)
+
+
+def test_packed_attention_stays_within_each_example(tok) -> None:
+    """The collated packed batch (position_ids, no attention_mask) gives each example the same
+    logits as running it alone: no attention crosses an example boundary."""
+    p = prepare(run_cfg(max_examples=12, packing=True), tok)
+    model = AutoModelForCausalLM.from_pretrained(ensure_builtin("builtin:tiny-llama"), dtype=torch.float32)
+    model.eval()
+    batch = p.collator([p.train[0]])
+    assert "attention_mask" not in batch
+    with torch.no_grad():
+        packed_logits = model(**batch, use_cache=False).logits[0]
+        positions = batch["position_ids"][0].tolist()
+        starts = [i for i, pos in enumerate(positions) if pos == 0] + [len(positions)]
+        assert len(starts) > 2
+        for a, b in itertools.pairwise(starts):
+            alone = model(input_ids=batch["input_ids"][:, a:b]).logits[0]
+            torch.testing.assert_close(packed_logits[a:b], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_validation_split_is_seeded_and_disjoint(tok) -> None:
+    def split(seed: int) -> tuple[list, list]:
+        p = prepare(run_cfg(max_examples=100, val_fraction=0.2, shuffle_seed=seed), tok)
+        return list(map(tuple, p.train["input_ids"])), list(map(tuple, p.eval["input_ids"]))
+
+    train, held = split(1)
+    assert (len(train), len(held)) == (80, 20)
+    assert split(1) == (train, held)
+    assert split(2)[1] != held
+    assert Counter(train) + Counter(held) == Counter(
+        map(tuple, prepare(run_cfg(max_examples=100), tok).train["input_ids"])
+    )
+
+
+def test_val_source_is_the_eval_set(tok) -> None:
+    p = prepare(run_cfg(source=FORMATS / "messages.jsonl", val_source=str(FORMATS / "alpaca.jsonl")), tok)
+    assert (p.report.examples, p.report.eval_examples) == (3, 3)
+
+
+@pytest.mark.parametrize(
+    ("source", "fmt", "examples"),
+    [
+        ("alpaca.csv", "alpaca", 3),
+        ("sharegpt.json", "sharegpt", 2),
+        ("text.jsonl", "text", 3),
+        ("tokens.jsonl", "tokens", 2),
+        ("folder", "messages", 3),
+        ("messages.parquet", "messages", 3),
+    ],
+)
+def test_every_format_prepares(tok, source: str, fmt: str, examples: int) -> None:
+    r = prepare(run_cfg(source=FORMATS / source), tok).report
+    assert (r.format, r.examples) == (fmt, examples)
+    assert r.template == ("tokenizer" if fmt not in ("text", "tokens") else None)
+
+
+def test_report_numbers() -> None:
+    assert [percentile(list(range(1, 101)), q) for q in (50, 95, 100)] == [50, 95, 100]
+    bins = histogram([3, 5, 5, 9, 30])
+    assert sum(b.count for b in bins) == 5 and bins[0].lo == 3 and bins[-1].hi == 30
+    assert steps(rows=570, micro_batch=4, grad_accum=2, epochs=2, max_steps=None) == (72, 144)
+    assert steps(rows=570, micro_batch=4, grad_accum=2, epochs=0.5, max_steps=None) == (72, 36)
+    assert steps(rows=3, micro_batch=8, grad_accum=4, epochs=1, max_steps=50) == (1, 50)
+
+
+def test_report_main_prints_one_json_line_or_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(run_cfg(max_examples=20).to_yaml())
+    assert report_main([str(good)]) == 0
+    captured = capsys.readouterr()
+    (line,) = captured.out.splitlines()
+    assert json.loads(line)["examples"] == 20
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(run_cfg(source=REPO / "tests" / "data" / "bad" / "not_alternating.jsonl").to_yaml())
+    assert report_main([str(bad)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and "not_alternating.jsonl: line 2:" in captured.err
+    assert report_main([]) == 2
+
+
+def _lengths(tok) -> list[int]:
+    return [len(ids) for ids in prepare(run_cfg(seq_len=4096), tok).train["input_ids"]]
