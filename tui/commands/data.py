@@ -146,11 +146,7 @@ def print_report(cfg: RunConfig, summary: SourceSummary, r: DataReport) -> None:
     for warning in r.warnings:
         out.print(Text(f"warning: {warning}", style="yellow"))
     if r.example:
-        legend = (
-            f"trained text is inside {TRAINED_OPEN} {TRAINED_CLOSE}"
-            if _plain()
-            else "trained tokens highlighted"
-        )
+        legend = f"trained in {TRAINED_OPEN} {TRAINED_CLOSE}" if _plain() else "trained highlighted"
         out.print(_row("example", short_path(r.example_where), (f"  ({legend})", "dim")))
         out.print(example_text(r.example, plain=_plain()))
 
