@@ -1,0 +1,25 @@
+"""The memory-budget model: will this run fit on that GPU, term by term. Pure Python (no torch)."""
+
+from engine.memory.advice import Advice, advise
+from engine.memory.architectures import Architecture, find_architecture, resolve_architecture
+from engine.memory.estimate import Estimate, Term, Verdict, estimate, resolve_backend
+from engine.memory.fit import FitResult, fit
+from engine.memory.gpus import Gpu, gpu_catalog, resolve_gpu
+
+__all__ = [
+    "Advice",
+    "Architecture",
+    "Estimate",
+    "FitResult",
+    "Gpu",
+    "Term",
+    "Verdict",
+    "advise",
+    "estimate",
+    "find_architecture",
+    "fit",
+    "gpu_catalog",
+    "resolve_architecture",
+    "resolve_backend",
+    "resolve_gpu",
+]

@@ -1,0 +1,361 @@
+"""Architectures: the shapes the memory model needs, from the catalog (presets/models/*.yaml), a
+built-in model, a local config.json, or a hub id (config only, never weights).
+
+Only decoder-only transformers with a gated MLP are modelled (Llama, Mistral, Qwen2/3, Gemma 1-3,
+Phi-3/4). Multimodal Gemma 3 configs contribute their text stack: the vision tower is not trained
+and is small next to the language model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine.config import RunConfig
+from engine.errors import UserError
+
+# Layer layout per transformers model_type. Keys the hub config does not state take these.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {"qkv_bias": True},  # Qwen2Attention: bias=True on q, k, v (modeling_qwen2.py)
+    "qwen3": {"qk_norm": True},
+    "gemma": {},
+    # Gemma 2/3 norm the attention and MLP outputs too: four RMSNorms per layer.
+    "gemma2": {"norms_per_layer": 4},
+    "gemma3_text": {"norms_per_layer": 4, "qk_norm": True},
+    # Phi-3/Phi-4 fuse q, k, v into qkv_proj and gate, up into gate_up_proj.
+    "phi3": {"fused_qkv": True, "fused_gate_up": True},
+}
+
+# transformers' own defaults for keys a config.json may leave out (configuration_*.py, 5.17).
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma3_text": {
+        "vocab_size": 262_208,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "max_position_embeddings": 131_072,
+        "tie_word_embeddings": True,
+    },
+    "gemma2": {"tie_word_embeddings": True, "head_dim": 256},
+    "gemma": {"tie_word_embeddings": True, "head_dim": 256},
+    "qwen2": {"max_position_embeddings": 32768, "tie_word_embeddings": False},
+    "phi3": {"max_position_embeddings": 4096, "tie_word_embeddings": False},
+    "mistral": {"max_position_embeddings": 4096 * 32, "tie_word_embeddings": False},
+    "llama": {"max_position_embeddings": 2048, "tie_word_embeddings": False},
+}
+
+CATALOG_KEYS = {
+    "name",
+    "family",
+    "layers",
+    "hidden",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "ffn",
+    "vocab",
+    "tied_embeddings",
+    "max_positions",
+    "norms_per_layer",
+    "qk_norm",
+    "qkv_bias",
+    "fused_qkv",
+    "fused_gate_up",
+    "hub_ids",
+}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    family: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    tied_embeddings: bool
+    max_positions: int
+    norms_per_layer: int = 2
+    qk_norm: bool = False
+    qkv_bias: bool = False
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
+    hub_ids: tuple[str, ...] = ()
+    source: str = ""
+    notes: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linear_modules(self) -> dict[str, tuple[int, int]]:
+        """Each linear layer of one decoder layer: name -> (in_features, out_features)."""
+        h, q, kv, ffn = self.hidden, self.q_dim, self.kv_dim, self.ffn
+        mods: dict[str, tuple[int, int]] = {}
+        if self.fused_qkv:
+            mods["qkv_proj"] = (h, q + 2 * kv)
+        else:
+            mods.update(q_proj=(h, q), k_proj=(h, kv), v_proj=(h, kv))
+        mods["o_proj"] = (q, h)
+        if self.fused_gate_up:
+            mods["gate_up_proj"] = (h, 2 * ffn)
+        else:
+            mods.update(gate_proj=(h, ffn), up_proj=(h, ffn))
+        mods["down_proj"] = (ffn, h)
+        return mods
+
+    def param_counts(self) -> dict[str, int]:
+        linear = self.layers * sum(i * o for i, o in self.linear_modules().values())
+        bias = self.layers * (self.q_dim + 2 * self.kv_dim) if self.qkv_bias else 0
+        norms = self.layers * (
+            self.norms_per_layer * self.hidden + (2 * self.head_dim if self.qk_norm else 0)
+        )
+        norms += self.hidden  # the final norm
+        embed = self.vocab * self.hidden
+        lm_head = 0 if self.tied_embeddings else embed
+        return {
+            "linear": linear,
+            "bias": bias,
+            "norms": norms,
+            "embed_tokens": embed,
+            "lm_head": lm_head,
+            "total": linear + bias + norms + embed + lm_head,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# The catalog
+# ---------------------------------------------------------------------------------------------
+
+
+def catalog_dirs() -> list[Path]:
+    """presets/models in the repository, or the copy installed with the package."""
+    here = Path(__file__).resolve().parent.parent
+    return [d for d in (here.parent / "presets" / "models", here / "_presets" / "models") if d.is_dir()]
+
+
+def _from_catalog_entry(data: dict[str, Any], path: Path) -> Architecture:
+    problems = [f"unknown key {k!r}" for k in data if k not in CATALOG_KEYS]
+    missing = [
+        k
+        for k in ("name", "family", "layers", "hidden", "heads", "kv_heads", "ffn", "vocab")
+        if k not in data
+    ]
+    problems += [f"missing key {k!r}" for k in missing]
+    if problems:
+        raise UserError(f"{path}: " + "; ".join(problems))
+    family = str(data["family"])
+    layout = dict(FAMILIES.get(family, {}))
+    for key in ("norms_per_layer", "qk_norm", "qkv_bias", "fused_qkv", "fused_gate_up"):
+        if key in data:
+            layout[key] = data[key]
+    return Architecture(
+        name=str(data["name"]),
+        family=family,
+        layers=int(data["layers"]),
+        hidden=int(data["hidden"]),
+        heads=int(data["heads"]),
+        kv_heads=int(data["kv_heads"]),
+        head_dim=int(data.get("head_dim") or data["hidden"] // data["heads"]),
+        ffn=int(data["ffn"]),
+        vocab=int(data["vocab"]),
+        tied_embeddings=bool(data.get("tied_embeddings", False)),
+        max_positions=int(data.get("max_positions", 4096)),
+        hub_ids=tuple(str(h) for h in data.get("hub_ids", []) or []),
+        source=str(path),
+        **layout,
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def catalog() -> dict[str, Architecture]:
+    """Every catalog entry by name. Read once per process: an estimate must take milliseconds."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    out: dict[str, Architecture] = {}
+    for d in catalog_dirs():
+        for path in sorted(d.glob("*.yaml")):
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)
+            if not isinstance(data, dict):
+                raise UserError(f"{path}: expected a mapping of architecture keys")
+            arch = _from_catalog_entry(data, path)
+            out.setdefault(arch.name, arch)
+    return out
+
+
+def _by_hub_id(name: str) -> Architecture | None:
+    """A catalog entry listing this hub id (case-insensitive), with or without the owner part."""
+    wanted = name.lower().strip("/")
+    short = wanted.rsplit("/", 1)[-1]
+    for arch in catalog().values():
+        ids = [h.lower() for h in arch.hub_ids]
+        if wanted in ids or short in (i.rsplit("/", 1)[-1] for i in ids):
+            return arch
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# From a transformers config.json
+# ---------------------------------------------------------------------------------------------
+
+
+def from_hf_config(config: dict[str, Any], name: str, source: str = "") -> Architecture:
+    """An Architecture from a config.json's contents (a multimodal config's text_config for Gemma 3)."""
+    cfg = dict(config)
+    if isinstance(cfg.get("text_config"), dict):
+        text = dict(cfg["text_config"])
+        text.setdefault("model_type", f"{cfg.get('model_type', '')}_text")
+        if "tie_word_embeddings" in cfg:
+            text.setdefault("tie_word_embeddings", cfg["tie_word_embeddings"])
+        cfg = text
+    family = str(cfg.get("model_type") or "llama")
+    notes: list[str] = []
+    if family not in FAMILIES:
+        notes.append(f"model_type {family!r} is not modelled: estimated as a Llama-style decoder")
+    if any(k in cfg for k in ("num_local_experts", "num_experts", "n_routed_experts")):
+        raise UserError(
+            f"{name}: mixture-of-experts models are not modelled by the memory estimate yet",
+            "the estimate covers dense decoder models (Llama, Mistral, Qwen, Gemma, Phi)",
+        )
+    cfg = {**HF_DEFAULTS.get(family, HF_DEFAULTS["llama"]), **{k: v for k, v in cfg.items() if v is not None}}
+    try:
+        hidden = int(cfg["hidden_size"])
+        heads = int(cfg["num_attention_heads"])
+        arch = Architecture(
+            name=name,
+            family=family,
+            layers=int(cfg["num_hidden_layers"]),
+            hidden=hidden,
+            heads=heads,
+            kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            ffn=int(cfg["intermediate_size"]),
+            vocab=int(cfg["vocab_size"]),
+            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_positions=int(cfg.get("max_position_embeddings") or 4096),
+            source=source,
+            notes=tuple(notes),
+            **FAMILIES.get(family, {}),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(
+            f"{source or name}: not a decoder config the memory model reads ({exc!r} missing or bad)"
+        ) from None
+    if cfg.get("attention_bias") and not arch.qkv_bias:
+        arch = _replace(arch, qkv_bias=True)
+    return arch
+
+
+def _replace(arch: Architecture, **changes: Any) -> Architecture:
+    from dataclasses import replace
+
+    return replace(arch, **changes)
+
+
+def _read_config_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read a model config ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a model config (expected a JSON object)")
+    return data
+
+
+@functools.lru_cache(maxsize=32)
+def _hub_config(repo_id: str, revision: str | None) -> dict[str, Any]:
+    """config.json from the hub: one small file, never weights. Cached per process."""
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            GatedRepoError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+        )
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        raise UserError(f"model {repo_id!r}: huggingface_hub is not installed to read its config") from None
+    try:
+        path = hf_hub_download(repo_id, "config.json", revision=revision)
+    except GatedRepoError:
+        raise UserError(
+            f"model {repo_id!r}: a gated repository; its config needs an accepted licence and a token",
+            "run `hf auth login`, or set model.arch to a catalog entry (qlc estimate --help)",
+        ) from None
+    except RepositoryNotFoundError:
+        raise UserError(
+            f"unknown model {repo_id!r}: not on the hub (or private)", _catalog_hint(repo_id)
+        ) from None
+    except (LocalEntryNotFoundError, EntryNotFoundError, OSError) as exc:
+        raise UserError(
+            f"model {repo_id!r}: cannot fetch its config.json (offline?: {str(exc).splitlines()[0][:120]})",
+            "connect to the network, pass a local model folder, or set model.arch to a catalog entry",
+        ) from None
+    return _read_config_json(Path(path))
+
+
+def _catalog_hint(name: str) -> str:
+    names = sorted(catalog())
+    close = difflib.get_close_matches(name.rsplit("/", 1)[-1].lower(), names, n=1, cutoff=0.5)
+    known = f"did you mean {close[0]!r}? " if close else ""
+    return f"{known}catalog: {', '.join(names)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution
+# ---------------------------------------------------------------------------------------------
+
+
+def find_architecture(name_or_path: str, revision: str | None = None) -> Architecture:
+    """A catalog name, a builtin model, a local folder or config.json, a catalog hub id, a hub id."""
+    from engine import tiny
+
+    if tiny.is_builtin(name_or_path):
+        name = name_or_path.removeprefix(tiny.BUILTIN_PREFIX)
+        return from_hf_config(tiny.builtin_config(name_or_path), name, source=name_or_path)
+    if name_or_path in catalog():
+        return catalog()[name_or_path]
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(
+                f"{path}: no config.json in this folder", "point at a model folder or its config.json"
+            )
+        return from_hf_config(
+            _read_config_json(path / "config.json"), path.name, source=str(path / "config.json")
+        )
+    if path.is_file():
+        return from_hf_config(_read_config_json(path), path.parent.name or path.stem, source=str(path))
+    arch = _by_hub_id(name_or_path)
+    if arch is not None:
+        return arch
+    if "/" not in name_or_path or name_or_path.startswith((".", "/", "~")):
+        raise UserError(f"unknown model {name_or_path!r}", _catalog_hint(name_or_path))
+    data = _hub_config(name_or_path, revision)
+    return from_hf_config(data, name_or_path.rsplit("/", 1)[-1], source=f"hub:{name_or_path}")
+
+
+def resolve_architecture(cfg: RunConfig) -> Architecture:
+    """The architecture a run config trains: model.arch when set, else from model.name_or_path."""
+    if cfg.model.arch:
+        arch = catalog().get(cfg.model.arch)
+        if arch is None:
+            raise UserError(
+                f"model.arch: unknown architecture {cfg.model.arch!r}", _catalog_hint(cfg.model.arch)
+            )
+        return arch
+    return find_architecture(cfg.model.name_or_path, cfg.model.revision)

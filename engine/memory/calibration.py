@@ -1,0 +1,224 @@
+"""Measured peaks, as bench/ records them, and their replay through the estimator.
+
+A records file (bench/results/memory-calibration-*.json, bench/results/anchors-*.json):
+
+    {"date": "2026-11-23", "gpu": "NVIDIA H100 80GB HBM3", "versions": {"torch": "2.11.0", ...},
+     "gpu_total_gib": 79.65,                       # optional: when "gpu" is not a catalog card
+     "records": [{"arch": "llama-3.1-8b", "backend": "hf", "seq_len": 4096, "micro_batch": 2,
+                  "gradient_checkpointing": true, "lora_r": 32,
+                  "target_modules": ["q_proj", ...], "modules_to_save": [],
+                  "optimizer": "paged_adamw_8bit",
+                  "peak_allocated_gib": 10.19, "peak_reserved_gib": 10.78,
+                  "device_peak_gib": null, "oom": false}]}
+
+`backend` is hf, unsloth, or hf-upcast (the usual recipe with prepare_model_for_kbit_training).
+Optional record keys: lora_dropout, attn_implementation, after_load_allocated_gib, note; others
+(timings) are ignored. A measured peak may be null when the run did not measure it (a CPU run).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.config import config_from_dict
+from engine.errors import UserError
+from engine.memory.estimate import FITS, Estimate, estimate
+from engine.memory.gpus import Gpu, resolve_gpu
+
+REQUIRED = (
+    "arch",
+    "backend",
+    "seq_len",
+    "micro_batch",
+    "gradient_checkpointing",
+    "lora_r",
+    "target_modules",
+    "modules_to_save",
+    "optimizer",
+    "oom",
+)
+TOLERANCE = 0.05  # the replay's bound on |estimate / measured - 1|
+
+
+@dataclass(frozen=True)
+class CalibrationRecord:
+    arch: str
+    backend: str
+    seq_len: int
+    micro_batch: int
+    gradient_checkpointing: bool
+    lora_r: int
+    target_modules: tuple[str, ...]
+    modules_to_save: tuple[str, ...]
+    optimizer: str
+    oom: bool
+    peak_allocated_gib: float | None = None
+    peak_reserved_gib: float | None = None
+    device_peak_gib: float | None = None
+    lora_dropout: float = 0.0
+    attn_implementation: str = "sdpa"
+    after_load_allocated_gib: float | None = None
+    note: str = ""
+
+    def describe(self) -> str:
+        mts = f" mts={'+'.join(self.modules_to_save)}" if self.modules_to_save else ""
+        gc = "gc" if self.gradient_checkpointing else "no-gc"
+        return (
+            f"{self.arch} {self.backend} seq {self.seq_len} mb {self.micro_batch} r {self.lora_r} {gc}{mts}"
+        )
+
+
+@dataclass(frozen=True)
+class CalibrationFile:
+    path: Path
+    date: str
+    gpu: str
+    versions: dict[str, str]
+    records: tuple[CalibrationRecord, ...]
+    gpu_total_gib: float | None = None
+
+    def resolve_gpu(self) -> Gpu:
+        """The GPU the records were measured on: its catalog entry, or gpu_total_gib."""
+        if self.gpu_total_gib is not None:
+            return Gpu(self.gpu, self.gpu, self.gpu_total_gib, self.gpu_total_gib, "size")
+        return resolve_gpu(self.gpu)
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    record: CalibrationRecord
+    estimate: Estimate
+    measured_gib: float | None  # peak reserved, else peak allocated; None for an OOM or no measurement
+    estimated_gib: float | None  # the matching estimate (torch_peak_gb or torch_allocated_gb)
+    compared: str  # "reserved", "allocated", "oom" or "none"
+    estimated_fits: bool  # the verdict on the measuring GPU is "fits"
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def error(self) -> float | None:
+        if self.measured_gib is None or self.estimated_gib is None:
+            return None
+        return self.estimated_gib / self.measured_gib - 1
+
+
+def _record(data: Any, where: str) -> CalibrationRecord:
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: a record must be a JSON object")
+    missing = [k for k in REQUIRED if k not in data]
+    if missing:
+        raise UserError(f"{where}: missing {', '.join(missing)}")
+
+    def num(key: str) -> float | None:
+        value = data.get(key)
+        return None if value is None else float(value)
+
+    try:
+        return CalibrationRecord(
+            arch=str(data["arch"]),
+            backend=str(data["backend"]),
+            seq_len=int(data["seq_len"]),
+            micro_batch=int(data["micro_batch"]),
+            gradient_checkpointing=bool(data["gradient_checkpointing"]),
+            lora_r=int(data["lora_r"]),
+            target_modules=tuple(str(m) for m in data["target_modules"]),
+            modules_to_save=tuple(str(m) for m in data["modules_to_save"] or []),
+            optimizer=str(data["optimizer"]),
+            oom=bool(data["oom"]),
+            peak_allocated_gib=num("peak_allocated_gib"),
+            peak_reserved_gib=num("peak_reserved_gib"),
+            device_peak_gib=num("device_peak_gib"),
+            lora_dropout=float(data.get("lora_dropout", 0.0) or 0.0),
+            attn_implementation=str(data.get("attn_implementation", "sdpa")),
+            after_load_allocated_gib=num("after_load_allocated_gib"),
+            note=str(data.get("note", "")),
+        )
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{where}: bad value ({exc})") from None
+
+
+def load_calibration(path: Path | str) -> CalibrationFile:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read calibration records ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("records"), list):
+        raise UserError(f"{path}: expected an object with a list of records")
+    records = tuple(_record(r, f"{path.name} record {i}") for i, r in enumerate(data["records"]))
+    total = data.get("gpu_total_gib")
+    return CalibrationFile(
+        path=path,
+        date=str(data.get("date", "")),
+        gpu=str(data.get("gpu", "")),
+        versions={str(k): str(v) for k, v in (data.get("versions") or {}).items()},
+        records=records,
+        gpu_total_gib=float(total) if total is not None else None,
+    )
+
+
+def record_config(rec: CalibrationRecord) -> Any:
+    """The RunConfig a record measured (what the harness leaves at defaults stays at defaults)."""
+    return config_from_dict(
+        {
+            "model": {
+                "name_or_path": rec.arch,
+                "arch": rec.arch,
+                "attn_implementation": rec.attn_implementation,
+            },
+            "lora": {
+                "r": rec.lora_r,
+                "alpha": 2 * rec.lora_r,
+                "dropout": rec.lora_dropout,
+                "target_modules": list(rec.target_modules),
+                "modules_to_save": list(rec.modules_to_save),
+            },
+            "data": {"source": "calibration-record"},
+            "train": {
+                "seq_len": rec.seq_len,
+                "micro_batch": rec.micro_batch,
+                "gradient_checkpointing": rec.gradient_checkpointing,
+                "optimizer": rec.optimizer,
+            },
+            "hardware": {"backend": "unsloth" if rec.backend == "unsloth" else "hf"},
+        },
+        source=rec.describe(),
+    )
+
+
+def replay(calibration: CalibrationFile) -> list[ReplayResult]:
+    """Estimate every record; a result's problems say where the model misses the measurement."""
+    gpu = calibration.resolve_gpu()
+    results = []
+    for rec in calibration.records:
+        est = estimate(record_config(rec), backend=rec.backend, budget_gb=gpu.budget_gb)
+        fits = est.verdict(gpu).status == FITS
+        problems: list[str] = []
+        if rec.oom:
+            measured = estimated = None
+            compared = "oom"
+            if fits:
+                problems.append(
+                    f"{rec.describe()}: ran out of memory, estimated to fit ({est.device_total_gb:.2f} GiB)"
+                )
+        elif rec.peak_reserved_gib is not None:
+            measured, estimated, compared = rec.peak_reserved_gib, est.torch_peak_gb, "reserved"
+        elif rec.peak_allocated_gib is not None:
+            measured, estimated, compared = rec.peak_allocated_gib, est.torch_allocated_gb, "allocated"
+        else:
+            measured = estimated = None
+            compared = "none"
+        if measured is not None and estimated is not None and abs(estimated / measured - 1) > TOLERANCE:
+            problems.append(
+                f"{rec.describe()}: estimated {estimated:.2f} GiB {compared}, measured {measured:.2f} "
+                f"({estimated / measured - 1:+.1%})"
+            )
+        results.append(ReplayResult(rec, est, measured, estimated, compared, fits, problems))
+    return results
+
+
+def records_files(results_dir: Path) -> list[Path]:
+    """Every records file in bench/results: the GPU matrix and the anchors."""
+    return sorted(results_dir.glob("memory-calibration-*.json")) + sorted(results_dir.glob("anchors-*.json"))

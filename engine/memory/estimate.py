@@ -1,0 +1,319 @@
+"""`estimate(cfg)`: the five terms, the torch-level and device-level peaks, and the verdict for a GPU.
+
+Reported numbers are GiB (2**30 bytes), named `gb` as nvidia-smi and the protocol name them.
+- torch_peak_gb: what torch.cuda.max_memory_reserved() shows at the step's peak;
+- device_total_gb: what nvidia-smi shows: torch_peak + the CUDA context + paged optimizer state
+  (managed memory, resident while there is room). The verdict uses device_total_gb: it is what
+  has to fit in the card, and counting the evictable paged state keeps the verdict on the safe side.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.config import ALL_LINEAR, RunConfig
+from engine.errors import UserError
+from engine.memory import constants as C
+from engine.memory import terms
+from engine.memory.architectures import Architecture, resolve_architecture
+from engine.memory.gpus import Gpu
+from engine.protocol import EstimateEvent, MemoryTerm
+
+BACKENDS = ("hf", "hf-upcast", "unsloth")
+BACKEND_ALIASES = {"usual": "hf-upcast", "upcast": "hf-upcast"}
+TERM_NAMES = ("weights", "gradients", "optimizer", "activations", "workspace")
+FITS, TIGHT, DOES_NOT_FIT = "fits", "tight", "does_not_fit"
+MODULES_TO_SAVE = (terms.EMBED, terms.LM_HEAD)
+
+
+@dataclass(frozen=True)
+class Term:
+    name: str
+    gb: float
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: str  # fits, tight or does_not_fit
+    used_gb: float  # the estimate the verdict compares: device_total_gb
+    budget_gb: float
+    headroom_gb: float  # budget - used; negative when it does not fit
+    gpu: str
+    basis: str = "device_total"
+
+    @property
+    def verdict(self) -> str:
+        return self.status
+
+    @property
+    def fits(self) -> bool:
+        return self.status != DOES_NOT_FIT
+
+    def __str__(self) -> str:
+        word = {FITS: "fits", TIGHT: "tight", DOES_NOT_FIT: "does not fit"}[self.status]
+        room = (
+            f"{self.headroom_gb:.2f} GB headroom"
+            if self.headroom_gb >= 0
+            else f"{-self.headroom_gb:.2f} GB over"
+        )
+        return f"{word}: {self.used_gb:.2f} of {self.budget_gb:.2f} GB on {self.gpu} ({room})"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    arch: Architecture
+    backend: str
+    backend_reason: str
+    seq_len: int
+    micro_batch: int
+    terms: tuple[Term, ...]
+    torch_peak_gb: float  # max_memory_reserved at the peak
+    torch_allocated_gb: float  # max_memory_allocated at the peak
+    device_total_gb: float  # nvidia-smi: torch_peak + CUDA context + paged optimizer state
+    peak_phase: str  # the moment of the step the peak is at
+    verdict_basis: str = "device_total"
+    notes: tuple[str, ...] = ()
+
+    def term(self, name: str) -> Term:
+        return next(t for t in self.terms if t.name == name)
+
+    def verdict(self, gpu: Gpu) -> Verdict:
+        used = self.device_total_gb
+        headroom = gpu.budget_gb - used
+        if headroom < 0:
+            status = DOES_NOT_FIT
+        elif headroom < C.TIGHT_FRACTION * gpu.budget_gb:
+            status = TIGHT
+        else:
+            status = FITS
+        return Verdict(status, used, gpu.budget_gb, headroom, gpu.label, self.verdict_basis)
+
+    def to_event(self, gpu: Gpu | None = None) -> EstimateEvent:
+        v = self.verdict(gpu) if gpu is not None else None
+        return EstimateEvent(
+            terms=[
+                MemoryTerm(name=t.name, gb=round(t.gb, 4), parts={k: round(x, 4) for k, x in t.parts.items()})
+                for t in self.terms
+            ],
+            torch_peak_gb=round(self.torch_peak_gb, 4),
+            device_total_gb=round(self.device_total_gb, 4),
+            budget_gb=round(gpu.budget_gb, 4) if gpu is not None else None,
+            verdict=v.status if v else "",
+            gpu=gpu.label if gpu is not None else "",
+        )
+
+    def to_dict(self, gpu: Gpu | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "arch": self.arch.name,
+            "backend": self.backend,
+            "backend_reason": self.backend_reason,
+            "seq_len": self.seq_len,
+            "micro_batch": self.micro_batch,
+            "unit": "GiB (2**30 bytes), printed as GB",
+            "terms": [{"name": t.name, "gb": t.gb, "parts": dict(t.parts)} for t in self.terms],
+            "torch_peak_gb": self.torch_peak_gb,
+            "torch_allocated_gb": self.torch_allocated_gb,
+            "device_total_gb": self.device_total_gb,
+            "verdict_basis": self.verdict_basis,
+            "peak_phase": self.peak_phase,
+            "notes": list(self.notes),
+        }
+        if gpu is not None:
+            v = self.verdict(gpu)
+            out["gpu"] = {
+                "name": gpu.name,
+                "label": gpu.label,
+                "total_gb": gpu.total_gb,
+                "budget_gb": gpu.budget_gb,
+            }
+            out["verdict"] = {
+                "status": v.status,
+                "headroom_gb": v.headroom_gb,
+                "used_gb": v.used_gb,
+                "basis": v.basis,
+            }
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _unsloth_runs_here() -> bool:
+    """What engine.backends.choose_backend decides for "auto", without importing torch."""
+    if importlib.util.find_spec("unsloth") is None:
+        return False
+    if importlib.util.find_spec("engine.backends.unsloth") is None:
+        return False
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return pynvml.nvmlDeviceGetCount() > 0
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return False
+
+
+def resolve_backend(cfg: RunConfig, backend: str | None = None) -> tuple[str, str]:
+    """(backend path to model, why). `backend` overrides hardware.backend."""
+    want = (backend or cfg.hardware.backend or "auto").lower()
+    want = BACKEND_ALIASES.get(want, want)
+    if want in BACKENDS:
+        return want, "requested" if backend else "requested in the config"
+    if want == "auto":
+        if _unsloth_runs_here():
+            return "unsloth", "auto: Unsloth is installed and a CUDA GPU is present"
+        return "hf", "auto: the hf backend (Unsloth needs a CUDA GPU and the unsloth package)"
+    raise UserError(
+        f"backend {backend or cfg.hardware.backend!r}: unknown", f"choose one of auto, {', '.join(BACKENDS)}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan
+# ---------------------------------------------------------------------------------------------
+
+
+def _targets(cfg: RunConfig, arch: Architecture) -> tuple[str, ...]:
+    mods = arch.linear_modules()
+    wanted = list(cfg.lora.target_modules)
+    if wanted in (["all-linear"], ["all_linear"]):
+        return tuple(mods)
+    missing = [m for m in wanted if m not in mods]
+    if missing:
+        hint = f"{arch.name} has {', '.join(mods)}"
+        if arch.fused_qkv and set(missing) <= set(ALL_LINEAR):
+            hint += " (q/k/v and gate/up are fused in this architecture)"
+        raise UserError(f"lora.target_modules: {', '.join(missing)} not found in {arch.name}", hint)
+    return tuple(dict.fromkeys(wanted))
+
+
+def plan_for(cfg: RunConfig, arch: Architecture, backend: str, budget_gb: float | None = None) -> terms.Plan:
+    t, lo, q = cfg.train, cfg.lora, cfg.quant
+    problems = []
+    if t.micro_batch < 1:
+        problems.append(f"train.micro_batch: must be at least 1, got {t.micro_batch}")
+    if t.seq_len < 1:
+        problems.append(f"train.seq_len: must be at least 1, got {t.seq_len}")
+    elif t.seq_len > arch.max_positions:
+        problems.append(
+            f"train.seq_len: {t.seq_len} is above {arch.name}'s maximum of {arch.max_positions} positions"
+        )
+    if lo.r < 1:
+        problems.append(f"lora.r: must be at least 1, got {lo.r}")
+    unknown = [m for m in lo.modules_to_save if m not in MODULES_TO_SAVE]
+    if unknown:
+        problems.append(
+            f"lora.modules_to_save: {', '.join(unknown)} not modelled (known: {', '.join(MODULES_TO_SAVE)})"
+        )
+    if problems:
+        raise UserError("; ".join(problems))
+    return terms.Plan(
+        arch=arch,
+        backend=backend,
+        micro_batch=t.micro_batch,
+        seq_len=t.seq_len,
+        r=lo.r,
+        targets=_targets(cfg, arch),
+        modules_to_save=tuple(dict.fromkeys(lo.modules_to_save)),
+        dropout=lo.dropout > 0,
+        load_in_4bit=q.load_in_4bit,
+        double_quant=q.double_quant,
+        compute_bytes=4 if q.compute_dtype == "fp32" else 2,
+        optimizer=t.optimizer,
+        gradient_checkpointing=t.gradient_checkpointing,
+        attention=cfg.model.attn_implementation,
+        budget_bytes=budget_gb * C.GIB if budget_gb is not None else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Estimate
+# ---------------------------------------------------------------------------------------------
+
+
+def _gib(parts: dict[str, float]) -> dict[str, float]:
+    return {k: v / C.GIB for k, v in parts.items() if v}
+
+
+def estimate(
+    cfg: RunConfig,
+    arch: Architecture | None = None,
+    backend: str | None = None,
+    *,
+    budget_gb: float | None = None,
+) -> Estimate:
+    """The memory a training step of `cfg` needs at its peak.
+
+    `backend` overrides cfg.hardware.backend (auto resolves as the engine would on this machine).
+    `budget_gb` only matters for Unsloth, whose loss chunks shrink with the GPU's free memory;
+    without it they are sized as on a large GPU (4 GiB chunks), which errs on the safe side.
+    """
+    arch = arch or resolve_architecture(cfg)
+    name, reason = resolve_backend(cfg, backend)
+    plan = plan_for(cfg, arch, name, budget_gb)
+
+    weights = terms.weights(plan)
+    grads = terms.gradients(plan)
+    opt_torch, paged = terms.optimizer_states(plan)
+    static = sum(weights.values()) + sum(grads.values()) + sum(opt_torch.values()) + C.CUBLAS_WORKSPACE_BYTES
+
+    scale, slack_fraction = C.ACTIVATION_SCALE[name], C.ALLOCATOR_SLACK_FRACTION[name]
+    best: tuple[float, float, float, terms.Phase, dict[str, float]] | None = None
+    for phase in terms.phases(plan):
+        acts = {k: v * (scale if k in phase.scaled else 1.0) for k, v in phase.activations.items()}
+        act = sum(acts.values())
+        allocated = static + act + sum(phase.workspace.values())
+        slack = slack_fraction * act + C.LARGE_BUFFER_RESERVED_COPIES * phase.large_buffers
+        if best is None or allocated + slack > best[0] + best[2]:
+            best = (allocated, 0.0, slack, phase, acts)
+    assert best is not None
+    allocated, _, slack, phase, acts = best
+    reserved = allocated + slack
+    context = C.CUDA_CONTEXT_GIB * C.GIB
+
+    optimizer_parts = dict(opt_torch)
+    if paged:
+        optimizer_parts["paged states (managed memory, outside torch)"] = paged
+    workspace = {
+        "CUDA context (outside torch)": context,
+        "cuBLAS workspace": float(C.CUBLAS_WORKSPACE_BYTES),
+        **phase.workspace,
+        "allocator slack (reserved - allocated)": slack,
+    }
+    term_parts = {
+        "weights": weights,
+        "gradients": grads,
+        "optimizer": optimizer_parts,
+        "activations": acts,
+        "workspace": workspace,
+    }
+    built = tuple(Term(n, sum(_gib(term_parts[n]).values()), _gib(term_parts[n])) for n in TERM_NAMES)
+
+    notes = list(arch.notes)
+    if name == "unsloth" and budget_gb is None:
+        notes.append("Unsloth's loss chunks sized as on a large GPU (4 GiB); a smaller card chunks finer")
+    if cfg.data.packing is False:
+        notes.append("every row counted at train.seq_len tokens: shorter rows only lower the peak")
+    return Estimate(
+        arch=arch,
+        backend=name,
+        backend_reason=reason,
+        seq_len=plan.seq_len,
+        micro_batch=plan.micro_batch,
+        terms=built,
+        torch_peak_gb=reserved / C.GIB,
+        torch_allocated_gb=allocated / C.GIB,
+        device_total_gb=(reserved + context + paged) / C.GIB,
+        peak_phase=phase.name,
+        notes=tuple(notes),
+    )
