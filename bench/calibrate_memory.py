@@ -108,8 +108,8 @@ def calibrate(
                 peak.reset()
                 t1 = time.perf_counter()
                 try:
-                    with tempfile.TemporaryDirectory() as out:
-                        trainer = hf.build_trainer(model, tok, cfg, prepared, Path(out), device, [])
+                    with tempfile.TemporaryDirectory() as scratch:
+                        trainer = hf.build_trainer(model, tok, cfg, prepared, Path(scratch), device, [])
                         trainer.train()
                 except torch.OutOfMemoryError:
                     record["oom"] = True

@@ -48,7 +48,7 @@ def _train(run_dir: Path, resume: bool) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a lost terminal is no reason to stop
     if not sys.stdin.isatty():
-        commands.read_stream(sys.stdin.buffer)
+        commands.read_stdin()
     commands.read_fifo(run_dir / runs.CONTROL)
     try:
         return run(run_dir, emitter, commands, resume=resume)

@@ -11,7 +11,6 @@ import os
 import queue
 import threading
 from pathlib import Path
-from typing import BinaryIO
 
 from engine import protocol
 from engine.events import Emitter
@@ -44,16 +43,28 @@ class CommandQueue:
         self._emitter.log(f"received {command.__class__.__name__.lower()} from {source}", level="debug")
         self.put(command)
 
-    def read_stream(self, stream: BinaryIO, source: str = "console") -> threading.Thread:
-        def loop() -> None:
+    def _read_lines(self, fd: int, source: str) -> None:
+        """Read command lines from a raw fd until EOF. Raw os.read, not a buffered file object:
+        a daemon thread blocked inside a buffered reader aborts the interpreter at exit."""
+        buffer = b""
+        while True:
             try:
-                for line in stream:
-                    self._handle_line(line, source)
-            except (OSError, ValueError):
-                pass
+                chunk = os.read(fd, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                self._handle_line(line, source)
+
+    def read_stdin(self, fd: int = 0) -> threading.Thread:
+        def loop() -> None:
+            self._read_lines(fd, "console")
             self._emitter.log("the console's pipe closed; training continues", level="debug")
 
-        thread = threading.Thread(target=loop, name=f"commands-{source}", daemon=True)
+        thread = threading.Thread(target=loop, name="commands-stdin", daemon=True)
         thread.start()
         return thread
 
@@ -66,18 +77,7 @@ class CommandQueue:
         fcntl.fcntl(rfd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
 
         def loop() -> None:
-            buffer = b""
-            while True:
-                try:
-                    chunk = os.read(rfd, 65536)
-                except OSError:
-                    return
-                if not chunk:
-                    return
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                for line in lines:
-                    self._handle_line(line, "control FIFO")
+            self._read_lines(rfd, "control FIFO")
 
         thread = threading.Thread(target=loop, name="commands-fifo", daemon=True)
         thread.start()

@@ -63,6 +63,7 @@ class Emitter:
     def __init__(self, sinks: list[Sink]) -> None:
         self._sinks = sinks
         self._lock = threading.Lock()
+        self._closed = False
 
     def emit(self, event: protocol.Message) -> None:
         if not event.time:
@@ -71,6 +72,8 @@ class Emitter:
             event = msgspec.structs.replace(event, time=time.time())
         line = protocol.encode(event)
         with self._lock:
+            if self._closed:  # a reader thread logging after the run ended
+                return
             for sink in self._sinks:
                 sink.write(line)
 
@@ -79,5 +82,6 @@ class Emitter:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             for sink in self._sinks:
                 sink.close()
