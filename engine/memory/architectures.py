@@ -197,7 +197,7 @@ def catalog() -> dict[str, Architecture]:
     return out
 
 
-def _by_hub_id(name: str) -> Architecture | None:
+def by_hub_id(name: str) -> Architecture | None:
     """A catalog entry listing this hub id (case-insensitive), with or without the owner part."""
     wanted = name.lower().strip("/")
     short = wanted.rsplit("/", 1)[-1]
@@ -300,9 +300,9 @@ def _hub_config(repo_id: str, revision: str | None) -> dict[str, Any]:
         raise UserError(
             f"unknown model {repo_id!r}: not on the hub (or private)", _catalog_hint(repo_id)
         ) from None
-    except (LocalEntryNotFoundError, EntryNotFoundError, OSError) as exc:
+    except (LocalEntryNotFoundError, EntryNotFoundError, OSError):
         raise UserError(
-            f"model {repo_id!r}: cannot fetch its config.json (offline?: {str(exc).splitlines()[0][:120]})",
+            f"model {repo_id!r}: cannot fetch its config.json from the hub (offline, or no such file)",
             "connect to the network, pass a local model folder, or set model.arch to a catalog entry",
         ) from None
     return _read_config_json(Path(path))
@@ -340,7 +340,7 @@ def find_architecture(name_or_path: str, revision: str | None = None) -> Archite
         )
     if path.is_file():
         return from_hf_config(_read_config_json(path), path.parent.name or path.stem, source=str(path))
-    arch = _by_hub_id(name_or_path)
+    arch = by_hub_id(name_or_path)
     if arch is not None:
         return arch
     if "/" not in name_or_path or name_or_path.startswith((".", "/", "~")):

@@ -172,7 +172,7 @@ def resolve_backend(cfg: RunConfig, backend: str | None = None) -> tuple[str, st
     if want == "auto":
         if _unsloth_runs_here():
             return "unsloth", "auto: Unsloth is installed and a CUDA GPU is present"
-        return "hf", "auto: the hf backend (Unsloth needs a CUDA GPU and the unsloth package)"
+        return "hf", "auto: Unsloth needs a CUDA GPU and the unsloth package"
     raise UserError(
         f"backend {backend or cfg.hardware.backend!r}: unknown", f"choose one of auto, {', '.join(BACKENDS)}"
     )

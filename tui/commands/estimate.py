@@ -1,0 +1,296 @@
+"""`qlc estimate PRESET|MODEL` and `qlc fit PRESET|MODEL`: the memory budget, without torch.
+
+Exit codes: 0 it fits (or is tight), 1 it does not fit (fit: nothing fits), 2 bad input.
+Sizes are GiB (2**30 bytes) printed as GB, as nvidia-smi prints them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+from engine import memory
+from engine.config import RunConfig, apply_overrides, config_from_dict, find_preset, list_presets, load_preset
+from engine.errors import ConfigError, UserError
+from engine.memory.architectures import by_hub_id, catalog
+from engine.memory.estimate import DOES_NOT_FIT, FITS, TIGHT, Estimate
+from engine.tiny import is_builtin
+from tui.output import out, print_json
+
+BACKENDS = ["auto", "hf", "unsloth", "hf-upcast"]
+STYLE = {FITS: "bold green", TIGHT: "bold yellow", DOES_NOT_FIT: "bold red"}
+WORD = {FITS: "FITS", TIGHT: "TIGHT", DOES_NOT_FIT: "DOES NOT FIT"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    for name, helptext, func in (
+        (
+            "estimate",
+            "will it fit? the memory budget term by term, with the verdict and advice",
+            run_estimate,
+        ),
+        ("fit", "the largest micro-batch and longest sequence that fit a GPU", run_fit),
+    ):
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        p.add_argument(
+            "target", metavar="PRESET|MODEL", help="a preset, or a model: catalog name, hub id, local folder"
+        )
+        p.add_argument(
+            "--gpu", help="catalog name (rtx4090), size (24GB) or auto; default: the preset's hardware.gpu"
+        )
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+        p.add_argument("--backend", choices=BACKENDS, help="default: the preset's hardware.backend")
+        p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+        p.set_defaults(func=func)
+
+
+# ---------------------------------------------------------------------------------------------
+# Target: a preset, or a model with the default training config
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_preset(target: str) -> bool:
+    if Path(target).suffix in (".yaml", ".yml"):
+        return True
+    try:
+        find_preset(target)
+    except UserError:
+        return False
+    return True
+
+
+def _is_model(target: str) -> bool:
+    return (
+        is_builtin(target)
+        or Path(target).expanduser().exists()
+        or target in catalog()
+        or by_hub_id(target) is not None
+        or "/" in target
+    )
+
+
+def load_target(target: str, overrides: list[str]) -> RunConfig:
+    """A preset with its overrides, or a model trained with RunConfig's defaults plus overrides."""
+    if _is_preset(target):
+        return load_preset(target, overrides)
+    if not _is_model(target):
+        import difflib
+
+        names = [p.stem for p in list_presets()] + sorted(catalog())
+        close = difflib.get_close_matches(target, names, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UserError(
+            f"unknown preset or model {target!r}",
+            f"{hint}`qlc presets` lists presets; models: {', '.join(sorted(catalog()))}, a hub id or a folder",
+        )
+    model: dict[str, Any] = {"name_or_path": target}
+    if target in catalog():
+        model["arch"] = target
+    # data.source is required by validation and irrelevant to memory; the rest are RunConfig's defaults.
+    data, problems = apply_overrides({"model": model, "data": {"source": "(estimate only)"}}, overrides)
+    source = f"model {target}"
+    try:
+        cfg = config_from_dict(data, source)
+    except ConfigError as exc:  # every problem at once, the overrides' first (as load_preset does)
+        raise ConfigError(problems + exc.problems, source) from None
+    if problems:
+        raise ConfigError(problems, source)
+    if not any(o.split("=", 1)[0].strip() in ("lora.target_modules", "target_modules") for o in overrides):
+        # "All linears" means the model's own names: Phi fuses q/k/v into qkv_proj.
+        cfg.lora.target_modules = list(memory.resolve_architecture(cfg).linear_modules())
+    return cfg
+
+
+def _gpu(args: argparse.Namespace, cfg: RunConfig) -> memory.Gpu:
+    return memory.resolve_gpu(args.gpu or cfg.hardware.gpu or "auto")
+
+
+# ---------------------------------------------------------------------------------------------
+# estimate
+# ---------------------------------------------------------------------------------------------
+
+
+def run_estimate(args: argparse.Namespace) -> int:
+    cfg = load_target(args.target, args.overrides)
+    gpu = _gpu(args, cfg)
+    est = memory.estimate(cfg, backend=args.backend, budget_gb=gpu.budget_gb)
+    verdict = est.verdict(gpu)
+    advice = memory.advise(cfg, gpu, est.arch, args.backend) if verdict.status != FITS else []
+    if args.json:
+        data = est.to_dict(gpu)
+        data["config"] = _config_summary(cfg)
+        data["advice"] = [_advice_dict(a) for a in advice]
+        print_json(data)
+    else:
+        _print_estimate(cfg, est, gpu, advice)
+    return 1 if verdict.status == DOES_NOT_FIT else 0
+
+
+def _config_summary(cfg: RunConfig) -> dict[str, Any]:
+    t, lo = cfg.train, cfg.lora
+    return {
+        "name": cfg.name,
+        "model": cfg.model.name_or_path,
+        "seq_len": t.seq_len,
+        "micro_batch": t.micro_batch,
+        "grad_accum": t.grad_accum,
+        "gradient_checkpointing": t.gradient_checkpointing,
+        "optimizer": t.optimizer,
+        "lora_r": lo.r,
+        "target_modules": list(lo.target_modules),
+        "modules_to_save": list(lo.modules_to_save),
+    }
+
+
+def _advice_dict(a: memory.Advice) -> dict[str, Any]:
+    return {
+        "text": a.text,
+        "overrides": a.overrides,
+        "kinds": list(a.kinds),
+        "device_total_gb": a.after_gb,
+        "saves_gb": a.saves_gb,
+        "status": a.status,
+        "headroom_gb": a.headroom_gb,
+    }
+
+
+def _headline(cfg: RunConfig, est: Estimate) -> str:
+    t, lo = cfg.train, cfg.lora
+    mts = f", modules_to_save {'+'.join(lo.modules_to_save)}" if lo.modules_to_save else ""
+    gc = "gradient checkpointing" if t.gradient_checkpointing else "no gradient checkpointing"
+    return (
+        f"[bold]{cfg.name or cfg.model.name_or_path}[/]: {est.arch.name}, backend {est.backend} "
+        f"({est.backend_reason})\nseq {t.seq_len} x micro-batch {t.micro_batch}, LoRA r {lo.r} on "
+        f"{len(lo.target_modules)} modules{mts}, {t.optimizer}, {gc}"
+    )
+
+
+def _print_estimate(cfg: RunConfig, est: Estimate, gpu: memory.Gpu, advice: list[memory.Advice]) -> None:
+    out.print(_headline(cfg, est))
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    table.add_column("term")
+    table.add_column("GB", justify="right")
+    for term in est.terms:
+        table.add_row(Text(term.name, style="bold"), Text(f"{term.gb:.2f}", style="bold"))
+        for part, gb in term.parts.items():
+            table.add_row(f"  {part}", f"{gb:.2f}")
+    out.print(table)
+    out.print(
+        f"torch peak (max_memory_reserved)   {est.torch_peak_gb:6.2f} GB   (allocated {est.torch_allocated_gb:.2f})"
+    )
+    out.print(
+        f"device total (nvidia-smi)          {est.device_total_gb:6.2f} GB   <- the verdict compares this"
+    )
+    out.print(f"peak during: {est.peak_phase}")
+    v = est.verdict(gpu)
+    room = f"{v.headroom_gb:.2f} GB headroom" if v.headroom_gb >= 0 else f"{-v.headroom_gb:.2f} GB over"
+    out.print(
+        Text.assemble(
+            (f"{WORD[v.status]}", STYLE[v.status]),
+            f" on {gpu}: {v.used_gb:.2f} of {v.budget_gb:.2f} GB ({room})",
+        )
+    )
+    for note in est.notes:
+        out.print(f"[dim]note: {note}[/]")
+    if advice:
+        _print_advice(advice)
+
+
+def _print_advice(advice: list[memory.Advice]) -> None:
+    out.print()
+    out.print("[bold]What would make it fit[/] (each change re-estimated):")
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    table.add_column("#", justify="right")
+    table.add_column("change")
+    table.add_column("GB", justify="right")
+    table.add_column("saves", justify="right")
+    table.add_column("then")
+    table.add_column("--set")
+    for i, a in enumerate(advice, 1):
+        table.add_row(
+            str(i),
+            a.text,
+            f"{a.after_gb:.2f}",
+            f"{a.saves_gb:.2f}",
+            Text(WORD[a.status].lower(), style=STYLE[a.status]),
+            " ".join(f"--set {o}" for o in a.overrides),
+        )
+    out.print(table)
+
+
+# ---------------------------------------------------------------------------------------------
+# fit
+# ---------------------------------------------------------------------------------------------
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    cfg = load_target(args.target, args.overrides)
+    gpu = _gpu(args, cfg)
+    result = memory.fit(cfg, gpu, backend=args.backend)
+    if args.json:
+        print_json(_fit_dict(cfg, result))
+    else:
+        _print_fit(cfg, result)
+    return 0 if result.fits else 1
+
+
+def _fit_dict(cfg: RunConfig, r: memory.FitResult) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "gpu": {"name": r.gpu.name, "label": r.gpu.label, "budget_gb": r.gpu.budget_gb},
+        "fits": r.fits,
+        "micro_batch": r.micro_batch,
+        "grad_accum": r.grad_accum,
+        "seq_len": r.seq_len,
+        "effective_batch": r.effective_batch,
+        "target_effective_batch": r.target_effective_batch,
+        "max_micro_batch": r.max_micro_batch,
+        "micro_batch_limited_by": r.micro_batch_limited_by,
+        "max_seq_len": r.max_seq_len,
+        "seq_limited_by": r.seq_limited_by,
+        "overrides": r.overrides,
+        "summary": r.summary,
+        "config": _config_summary(cfg),
+    }
+    if r.estimate is not None:
+        data["estimate"] = r.estimate.to_dict(r.gpu)
+    return data
+
+
+def _print_fit(cfg: RunConfig, r: memory.FitResult) -> None:
+    t = cfg.train
+    out.print(f"[bold]{cfg.name or cfg.model.name_or_path}[/] on {r.gpu}")
+    if not r.fits:
+        out.print(Text(r.summary, style=STYLE[DOES_NOT_FIT]))
+        out.print("`qlc estimate` says which changes would make it fit.")
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    table.add_column("")
+    table.add_column("now", justify="right")
+    table.add_column("fits", justify="right")
+    mb_note = "" if r.micro_batch_limited_by == "memory" else " (search cap)"
+    seq_note = " (the model's maximum)" if r.seq_limited_by == "max_positions" else ""
+    table.add_row(
+        f"largest micro-batch at seq {t.seq_len}", str(t.micro_batch), f"{r.max_micro_batch or '-'}{mb_note}"
+    )
+    table.add_row("longest seq_len at micro-batch 1", str(t.seq_len), f"{r.max_seq_len}{seq_note}")
+    out.print(table)
+    out.print(
+        f"recommended: micro-batch {r.micro_batch} x grad-accum {r.grad_accum} at seq {r.seq_len} "
+        f"(effective batch {r.effective_batch}, preset {r.target_effective_batch})"
+    )
+    if r.estimate is not None:
+        v = r.estimate.verdict(r.gpu)
+        out.print(
+            Text.assemble(
+                (WORD[v.status], STYLE[v.status]),
+                f": {v.used_gb:.2f} of {v.budget_gb:.2f} GB ({v.headroom_gb:.2f} GB headroom)",
+            )
+        )
+    if r.overrides:
+        out.print("--set " + " --set ".join(r.overrides))
+    else:
+        out.print("the preset's micro-batch, grad-accum and seq_len already fit")
