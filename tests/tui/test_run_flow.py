@@ -1,0 +1,143 @@
+"""Start, follow, stop, save, sample, detach and quit, driven by the fake engine process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pilot_helpers import screen_text, wait_for
+
+from engine import runs
+from tui.screens.confirm import ConfirmScreen
+from tui.screens.quit import QuitScreen
+from tui.screens.stop import StopScreen
+from tui.widgets.presets_pane import PresetsPane
+
+
+async def _start_tiny(pilot, app) -> None:
+    pane = app.screen.query_one(PresetsPane)
+    pane.select("tiny-demo")
+    await pilot.pause()
+    await pilot.press("s")
+    await wait_for(pilot, lambda: app.client is not None, what="the run to launch")
+
+
+async def test_start_follow_and_complete(app_factory, runs_root: Path) -> None:
+    app = app_factory(steps=40, rate=400)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await _start_tiny(pilot, app)
+        await wait_for(pilot, lambda: app.history.finished is not None, what="the run to finish")
+        assert app.history.status == "completed"
+        assert app.history.step == 40
+        assert len(app.history.loss) == 20  # logging_steps 2
+        await wait_for(pilot, lambda: app.client.ended)
+        text = screen_text(app)
+        assert "completed" in text and "40/40" in text
+        run_dir = runs.list_run_dirs(runs_root)[0]
+        assert (run_dir / runs.EVENTS).is_file()
+
+
+async def test_stop_asks_then_shows_the_save(app_factory) -> None:
+    app = app_factory(steps=400, rate=20)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await _start_tiny(pilot, app)
+        await wait_for(pilot, lambda: app.history.step >= 4, what="steps to arrive")
+        await pilot.press("x")
+        await wait_for(pilot, lambda: isinstance(app.screen, StopScreen))
+        assert "Stop run" in screen_text(app)
+        await pilot.press("y")
+        await wait_for(pilot, lambda: app.history.finished is not None, what="the stop")
+        assert app.history.finished.status == "stopped"
+        await pilot.pause(0.2)
+        text = screen_text(app)
+        assert "saved checkpoint-" in text and "stopped at step" in text
+        await pilot.press("n")
+        assert not isinstance(app.screen, StopScreen)
+
+
+async def test_cancelled_stop_keeps_training(app_factory) -> None:
+    app = app_factory(steps=400, rate=20)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await _start_tiny(pilot, app)
+        await wait_for(pilot, lambda: app.history.step >= 2)
+        await pilot.press("x")
+        await wait_for(pilot, lambda: isinstance(app.screen, StopScreen))
+        await pilot.press("n")
+        step = app.history.step
+        await wait_for(pilot, lambda: app.history.step > step + 4, what="training to go on")
+        assert app.history.finished is None
+        app.client.send(__import__("engine.protocol", fromlist=["Stop"]).Stop())
+        await wait_for(pilot, lambda: app.history.finished is not None)
+
+
+async def test_save_and_live_sample(app_factory) -> None:
+    app = app_factory(steps=400, rate=20)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await _start_tiny(pilot, app)
+        await wait_for(pilot, lambda: app.history.step >= 2)
+        await pilot.press("v")
+        await wait_for(pilot, lambda: app.history.checkpoints, what="a checkpoint")
+        await pilot.press("5")
+        await pilot.pause()
+        await pilot.press(*"hello")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.samples and app.samples[-1].done, what="the sample")
+        assert app.samples[-1].text == "The adapter learned to answer briefly."
+        assert "The adapter learned" in screen_text(app)
+        app.client.send(__import__("engine.protocol", fromlist=["Stop"]).Stop())
+        await wait_for(pilot, lambda: app.history.finished is not None)
+
+
+async def test_quit_while_training_detaches(app_factory, runs_root: Path) -> None:
+    app = app_factory(steps=400, rate=20)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await _start_tiny(pilot, app)
+        await wait_for(pilot, lambda: app.history.step >= 2)
+        await pilot.press("q")
+        await wait_for(pilot, lambda: isinstance(app.screen, QuitScreen))
+        assert "Detach" in screen_text(app)
+        await pilot.press("d")
+        await pilot.pause(0.1)
+    run_dir = runs.list_run_dirs(runs_root)[0]
+    # Detached: the engine keeps training without its console, and a later console reaches it.
+    assert runs.is_running(run_dir)
+    before = runs.read_events(run_dir)[0]
+    import time
+
+    time.sleep(0.5)
+    after = runs.read_events(run_dir)[0]
+    assert len(after) > len(before)
+    from engine import protocol
+
+    runs.send_command(run_dir, protocol.Stop())
+    for _ in range(100):
+        if not runs.is_running(run_dir):
+            break
+        time.sleep(0.05)
+    assert runs.summarize(run_dir).status == "stopped"
+
+
+async def test_quit_while_training_can_stop(app_factory, runs_root: Path) -> None:
+    app = app_factory(steps=400, rate=20)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await _start_tiny(pilot, app)
+        await wait_for(pilot, lambda: app.history.step >= 2)
+        await pilot.press("q")
+        await wait_for(pilot, lambda: isinstance(app.screen, QuitScreen))
+        await pilot.press("s")
+        await wait_for(pilot, lambda: app.return_code is not None or app._exit, what="the app to exit")
+    run_dir = runs.list_run_dirs(runs_root)[0]
+    assert runs.summarize(run_dir).status == "stopped"
+
+
+async def test_does_not_fit_asks_before_launching(app_factory) -> None:
+    app = app_factory()
+    async with app.run_test(size=(80, 24)) as pilot:
+        pane = app.screen.query_one(PresetsPane)
+        pane.select("llama-3.1-8b-rtx4060")
+        await pilot.pause()
+        await pilot.press("s")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        assert "does not fit" in screen_text(app)
+        await pilot.press("n")
+        await pilot.pause()
+        assert app.client is None

@@ -1,0 +1,177 @@
+"""The console's one window onto the memory calculator (engine.memory).
+
+Panes read a `BudgetView` (plain data, ready to draw) and never the calculator's own types, so a
+change in engine.memory is adapted here and nowhere else. When the calculator is missing or fails
+on a config, the view says so in words instead of raising: the console must stay up.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from engine.config import RunConfig
+from engine.errors import UserError
+
+TERM_ORDER = ("weights", "gradients", "optimizer", "activations", "workspace")
+
+
+@dataclass(frozen=True)
+class Term:
+    name: str
+    gb: float
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """One ranked way to make the run fit: what to change, as --set overrides, and the effect."""
+
+    text: str
+    overrides: list[str] = field(default_factory=list)
+    saves_gb: float | None = None
+
+
+@dataclass(frozen=True)
+class BudgetView:
+    available: bool
+    reason: str = ""  # why there is no estimate, in words
+    gpu: str = ""  # what the budget is checked against, as shown
+    budget_gb: float | None = None  # usable memory on that GPU
+    terms: list[Term] = field(default_factory=list)
+    torch_peak_gb: float = 0.0
+    device_total_gb: float = 0.0
+    verdict: str = ""  # fits, tight, does_not_fit, unknown
+    advice: list[Suggestion] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def headroom_gb(self) -> float | None:
+        return None if self.budget_gb is None else self.budget_gb - self.device_total_gb
+
+    @property
+    def fits(self) -> bool:
+        """Only a definite "does not fit" stops a launch for confirmation."""
+        return self.verdict != "does_not_fit"
+
+    def summary(self) -> str:
+        """One short line for the Presets pane."""
+        if not self.available:
+            return self.reason
+        total = f"{self.device_total_gb:.1f} GB"
+        if self.budget_gb is None:
+            return f"? needs {total}; no GPU to check against"
+        mark = {"fits": "✓ fits", "tight": "! tight", "does_not_fit": "✗ DOES NOT FIT"}.get(
+            self.verdict, self.verdict
+        )
+        return f"{mark}: {total} of {self.budget_gb:.1f} GB on {self.gpu}"
+
+
+@dataclass(frozen=True)
+class GpuChoice:
+    label: str
+    spec: str  # what engine.memory.resolve_gpu accepts: "auto", a catalog name, or "24GB"
+
+
+def _memory() -> Any | None:
+    try:
+        return importlib.import_module("engine.memory")
+    except ImportError:
+        return None
+
+
+def _get(obj: Any, *names: str, default: Any = None) -> Any:
+    for name in names:
+        if isinstance(obj, dict) and name in obj:
+            return obj[name]
+        if hasattr(obj, name):
+            return getattr(obj, name)
+    return default
+
+
+def gpu_choices() -> list[GpuChoice]:
+    """The picker's entries: the GPU actually present (auto), then the catalog cards."""
+    choices = [GpuChoice("this machine's GPU (auto)", "auto")]
+    memory = _memory()
+    if memory is None or not hasattr(memory, "gpu_catalog"):
+        return choices
+    try:
+        catalog = memory.gpu_catalog()
+    except Exception:  # a broken catalog file: the sizes still work
+        return choices
+    for name, gpu in catalog.items():
+        choices.append(GpuChoice(f"{gpu.label} ({gpu.total_gb:.0f} GB)", str(name)))
+    return choices
+
+
+def compute(cfg: RunConfig, gpu_spec: str | None = None) -> BudgetView:
+    """The estimate for `cfg` against `gpu_spec` (default: the config's hardware.gpu)."""
+    memory = _memory()
+    if memory is None or not hasattr(memory, "estimate"):
+        return BudgetView(False, reason="memory calculator not available")
+    spec = gpu_spec or cfg.hardware.gpu or "auto"
+    try:
+        est = memory.estimate(cfg)
+    except UserError as exc:
+        return BudgetView(False, reason=f"no estimate: {exc}")
+    except Exception as exc:  # the calculator's bug must not take the console down
+        return BudgetView(False, reason=f"no estimate ({type(exc).__name__}: {exc})")
+    terms = [Term(t.name, float(t.gb), dict(t.parts)) for t in est.terms]
+    order = {name: i for i, name in enumerate(TERM_ORDER)}
+    terms.sort(key=lambda t: order.get(t.name, len(order)))
+    view = BudgetView(
+        True,
+        gpu=spec,
+        terms=terms,
+        torch_peak_gb=float(est.torch_peak_gb),
+        device_total_gb=float(est.device_total_gb),
+        verdict="unknown",
+        notes=list(getattr(est, "notes", ()) or ()),
+    )
+    try:
+        gpu = memory.resolve_gpu(spec)
+    except UserError as exc:
+        return replace(view, reason=str(exc.message))
+    verdict = est.verdict(gpu)
+    return replace(
+        view,
+        gpu=str(gpu.label),
+        budget_gb=float(verdict.budget_gb),
+        verdict=str(verdict.status),
+        advice=_advice(memory, cfg, gpu),
+    )
+
+
+def _advice(memory: Any, cfg: RunConfig, gpu: Any) -> list[Suggestion]:
+    advise = getattr(memory, "advise", None)
+    if not callable(advise):
+        return []
+    try:
+        return [
+            Suggestion(
+                str(_get(a, "text", "message", "description", default=a)),
+                list(_get(a, "overrides", default=[]) or []),
+                _get(a, "saves_gb", "saving_gb", default=None),
+            )
+            for a in advise(cfg, gpu) or []
+        ]
+    except Exception:
+        return []
+
+
+def fit(cfg: RunConfig, gpu_spec: str | None = None) -> tuple[list[str], str]:
+    """Overrides that make `cfg` fit, and a sentence about them; ([], reason) when there are none."""
+    memory = _memory()
+    if memory is None or not hasattr(memory, "fit"):
+        return [], "memory calculator not available yet"
+    try:
+        gpu = memory.resolve_gpu(gpu_spec or cfg.hardware.gpu or "auto")
+        result = memory.fit(cfg, gpu)
+    except Exception as exc:
+        return [], f"auto-fit failed: {exc}"
+    overrides = list(_get(result, "overrides", default=[]) or [])
+    text = str(_get(result, "summary", "explanation", "text", default="") or "")
+    if not overrides:
+        return [], text or "nothing to change: it already fits, or nothing the fitter tries makes it fit"
+    return overrides, text or ", ".join(overrides)

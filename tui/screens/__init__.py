@@ -1,0 +1,1 @@
+"""Screens: the main one (the panes) and the modal dialogs."""

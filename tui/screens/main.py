@@ -1,0 +1,42 @@
+"""The one full screen: the five panes as tabs, and the footer. It only composes; the panes' messages
+bubble to the App, which owns the run being watched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual.app import ComposeResult
+from textual.screen import Screen
+from textual.widgets import Footer, TabbedContent, TabPane
+
+from tui.budget import GpuChoice
+from tui.widgets.dashboard import Dashboard
+from tui.widgets.gpu import Probe
+from tui.widgets.memory_pane import MemoryPane
+from tui.widgets.presets_pane import PresetsPane
+from tui.widgets.runs_pane import RunsPane
+from tui.widgets.sample_pane import SamplePane
+
+PANES = ("presets", "memory", "dashboard", "runs", "sample")
+
+
+class MainScreen(Screen[None]):
+    def __init__(self, runs_root: Path, gpu_choices: list[GpuChoice], gpu_probe: Probe | None) -> None:
+        super().__init__()
+        self._runs_root = runs_root
+        self._gpu_choices = gpu_choices
+        self._gpu_probe = gpu_probe
+
+    def compose(self) -> ComposeResult:
+        with TabbedContent(id="panes"):
+            with TabPane("1 Presets", id="presets"):
+                yield PresetsPane(id="presets-pane")
+            with TabPane("2 Memory", id="memory"):
+                yield MemoryPane(self._gpu_choices, id="memory-pane")
+            with TabPane("3 Dashboard", id="dashboard"):
+                yield Dashboard(self._gpu_probe, id="dashboard-pane")
+            with TabPane("4 Runs", id="runs"):
+                yield RunsPane(self._runs_root, id="runs-pane")
+            with TabPane("5 Sample", id="sample"):
+                yield SamplePane(id="sample-pane")
+        yield Footer()

@@ -1,0 +1,145 @@
+"""The Dashboard pane: the run being watched, alive at a glance.
+
+It draws from a `RunHistory` and is told when the history changed; it never reads events itself,
+so a live run, an attached one and a finished one opened from its file look the same.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical
+from textual.widgets import RichLog, Static
+
+from tui.history import LogLine, RunHistory
+from tui.widgets.gpu import GpuPanel, Probe
+from tui.widgets.line_chart import ChartSeries, LineChart, format_value
+from tui.widgets.progress import RunProgress, format_duration
+from tui.widgets.stats import RunStats
+
+LEVEL_MARK = {"info": " ", "debug": "·", "warning": "!", "error": "✗"}
+LOG_REPLAY = 300  # lines written to the log view when a run is opened
+
+
+def format_log_line(line: LogLine) -> Text:
+    m, s = divmod(int(line.elapsed), 60)
+    h, m = divmod(m, 60)
+    stamp = f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+    style = {"warning": "bold yellow", "error": "bold red", "debug": "dim"}.get(line.level, "")
+    return Text.assemble(
+        (stamp, "dim"), " ", (LEVEL_MARK.get(line.level, " "), style), " ", (line.text, style)
+    )
+
+
+class Dashboard(Vertical):
+    """Progress, loss and learning-rate charts, metrics, GPU, checkpoints and the event log."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("x", "app.stop_run", "Stop"),
+        Binding("v", "app.save_checkpoint", "Save now"),
+        Binding("l", "toggle_log_scale", "Log scale"),
+        Binding("d", "app.detach_run", "Detach"),
+    ]
+
+    def __init__(self, gpu_probe: Probe | None = None, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self._gpu_probe = gpu_probe
+        self._history: RunHistory | None = None
+        self._log_shown = 0
+
+    def compose(self) -> ComposeResult:
+        yield RunProgress(id="progress")
+        with Horizontal(id="dash-top"):
+            yield LineChart("waiting for the first step…", id="loss-chart")
+            with Vertical(id="dash-side"):
+                yield RunStats(id="stats")
+                yield GpuPanel(self._gpu_probe, id="gpu")
+        with Horizontal(id="dash-mid"):
+            yield LineChart("no learning rate yet", id="lr-chart")
+            yield Static(id="checkpoints")
+        yield RichLog(id="event-log", max_lines=1000, wrap=False, markup=False, highlight=False)
+
+    def on_mount(self) -> None:
+        self.query_one("#loss-chart", LineChart).border_title = "loss"
+        self.query_one("#lr-chart", LineChart).border_title = "learning rate"
+        self.query_one("#dash-side").border_title = "metrics"
+        self.query_one("#checkpoints", Static).border_title = "checkpoints"
+        self.query_one("#event-log", RichLog).border_title = "log"
+        self.show(None, "")
+
+    # ---- fed by the app ----------------------------------------------------------------------
+
+    def show(self, history: RunHistory | None, status: str) -> None:
+        """Switch to another run (or none): everything redrawn, the log replayed from its tail."""
+        self._history = history
+        loss = self.query_one("#loss-chart", LineChart)
+        lr = self.query_one("#lr-chart", LineChart)
+        if history is None:
+            loss.set_series([])
+            lr.set_series([])
+        else:
+            loss.set_series(
+                [ChartSeries(history.loss, "train"), ChartSeries(history.eval_loss, "eval", kind="points")]
+            )
+            lr.set_series([ChartSeries(history.lr, "lr")])
+        log = self.query_one("#event-log", RichLog)
+        log.clear()
+        self._log_shown = 0
+        if history is not None:
+            self._log_shown = max(0, history.log_total - LOG_REPLAY)
+        self.changed(status)
+
+    def changed(self, status: str) -> None:
+        """The history grew: redraw what depends on it. Cheap; called at most ~10 times a second."""
+        h = self._history
+        self.query_one(RunProgress).show(h, status)
+        self.query_one(RunStats).show(h)
+        loss = self.query_one("#loss-chart", LineChart)
+        lr = self.query_one("#lr-chart", LineChart)
+        loss.refresh()
+        lr.refresh()
+        scale = " (log)" if loss.log_scale else ""
+        loss.border_title = f"loss{scale}"
+        loss.border_subtitle = loss.legend()
+        lr.border_subtitle = format_value(h.lr.last_y) if h is not None and len(h.lr) else ""
+        self._show_checkpoints(h)
+        if h is not None:
+            self._append_log(h)
+            if h.hello is not None and h.hello.device.startswith("cuda:"):
+                index = h.hello.device.split()[0].removeprefix("cuda:")
+                if index.isdigit():
+                    self.query_one(GpuPanel).select_device(int(index))
+
+    def _show_checkpoints(self, h: RunHistory | None) -> None:
+        box = self.query_one("#checkpoints", Static)
+        if h is None or not h.checkpoints:
+            box.update(Text("none yet", style="dim italic"))
+            return
+        lines = []
+        for c in reversed(h.checkpoints):
+            size = f"{c.size_mb:.0f} MB" if c.size_mb >= 10 else f"{c.size_mb:.1f} MB"
+            line = Text.assemble(
+                Path(c.path).name, (f"  {size}  {format_duration(h.elapsed(c.time))}", "dim")
+            )
+            line.no_wrap, line.overflow = True, "ellipsis"
+            lines.append(line)
+        box.update(Text("\n").join(lines))
+
+    def _append_log(self, h: RunHistory) -> None:
+        fresh = h.log_total - self._log_shown
+        if fresh <= 0:
+            return
+        log = self.query_one("#event-log", RichLog)
+        lines = list(h.log)[-min(fresh, len(h.log)) :]
+        for line in lines:
+            log.write(format_log_line(line))
+        self._log_shown = h.log_total
+
+    def action_toggle_log_scale(self) -> None:
+        chart = self.query_one("#loss-chart", LineChart)
+        chart.log_scale = not chart.log_scale
+        self.changed(self.query_one(RunProgress)._status)

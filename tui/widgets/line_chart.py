@@ -1,0 +1,236 @@
+"""A terminal line chart drawn in braille dots (2x4 per cell), downsampled by column.
+
+Each series is folded to one min/max/last triple per dot column (see `series.Series.columns`),
+so drawing costs the same for 100 points and 100,000. A column draws the vertical span of its
+points joined to the previous column, which keeps spikes visible that averaging would hide.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from rich.style import Style
+from rich.text import Text
+from textual.reactive import reactive
+from textual.widget import Widget
+
+from tui.widgets.series import Column, Series
+
+_BRAILLE = 0x2800
+# Dot bits by (dot column within the cell, dot row within the cell).
+_DOTS = ((0x01, 0x02, 0x04, 0x40), (0x08, 0x10, 0x20, 0x80))
+GUTTER = 7  # y-axis labels
+POINT = "•"
+
+
+@dataclass
+class ChartSeries:
+    series: Series
+    label: str
+    kind: Literal["line", "points"] = "line"
+
+
+def format_value(value: float) -> str:
+    if not math.isfinite(value):
+        return "–"
+    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+        return f"{value:.1e}"
+    return f"{value:.4g}"
+
+
+def format_x(value: float) -> str:
+    if value >= 10_000:
+        return f"{value / 1000:.0f}k"
+    return f"{value:.0f}"
+
+
+class LineChart(Widget):
+    """A braille line chart of one or more series sharing an x axis (steps)."""
+
+    COMPONENT_CLASSES: ClassVar[set[str]] = {
+        "line-chart--axis",
+        "line-chart--empty",
+        *(f"line-chart--series-{i}" for i in range(6)),
+    }
+
+    DEFAULT_CSS = """
+    LineChart { height: 1fr; min-height: 4; }
+    LineChart > .line-chart--axis { color: $text-muted; }
+    LineChart > .line-chart--empty { color: $text-muted; text-style: italic; }
+    LineChart > .line-chart--series-0 { color: $success; }
+    LineChart > .line-chart--series-1 { color: $warning; }
+    LineChart > .line-chart--series-2 { color: $accent; }
+    LineChart > .line-chart--series-3 { color: $error; }
+    LineChart > .line-chart--series-4 { color: $primary; }
+    LineChart > .line-chart--series-5 { color: $secondary; }
+    """
+
+    log_scale: reactive[bool] = reactive(False)
+    """Plot log10(y): a loss falling over orders of magnitude stays readable."""
+
+    def __init__(
+        self,
+        empty_text: str = "no data yet",
+        *,
+        name: str | None = None,
+        id: str | None = None,
+        classes: str | None = None,
+    ) -> None:
+        super().__init__(name=name, id=id, classes=classes)
+        self._series: list[ChartSeries] = []
+        self.empty_text = empty_text
+        self._cache_key: tuple | None = None
+        self._cache: Text | None = None
+
+    def set_series(self, series: Sequence[ChartSeries]) -> None:
+        self._series = list(series)
+        self.refresh()
+
+    @property
+    def series(self) -> list[ChartSeries]:
+        return self._series
+
+    def watch_log_scale(self) -> None:
+        self.refresh()
+
+    def legend(self) -> str:
+        parts = []
+        for item in self._series:
+            if len(item.series):
+                parts.append(f"{item.label} {format_value(item.series.last_y)}")
+        return "  ".join(parts)
+
+    def render(self) -> Text:
+        width, height = self.content_size
+        key = (width, height, self.log_scale, tuple((id(s.series), s.series.version) for s in self._series))
+        if key != self._cache_key or self._cache is None:
+            self._cache = self._draw(width, height)
+            self._cache_key = key
+        return self._cache
+
+    # -----------------------------------------------------------------------------------------
+
+    def _transform(self) -> Callable[[float], float]:
+        if self.log_scale:
+            return lambda v: math.log10(v) if v > 0 and math.isfinite(v) else math.nan
+        return lambda v: v if math.isfinite(v) else math.nan
+
+    def _draw(self, width: int, height: int) -> Text:
+        plot_w, plot_h = width - GUTTER, height - 1  # leave the gutter and the x-axis row
+        drawn = [s for s in self._series if len(s.series)]
+        if plot_w < 4 or plot_h < 1 or not drawn:
+            return Text(self.empty_text, style=self.get_component_rich_style("line-chart--empty"))
+        f = self._transform()
+        dots_w, dots_h = plot_w * 2, plot_h * 4
+
+        # Fold every series to the dot columns first; the y range comes from the folded extremes.
+        folded: list[tuple[int, ChartSeries, list[Column]]] = []
+        x0 = min(s.series.xs[0] for s in drawn)
+        x1 = max(s.series.last_x for s in drawn)
+        span_x = (x1 - x0) or 1.0
+        y_lo, y_hi = math.inf, -math.inf
+        for index, item in enumerate(self._series):
+            if not len(item.series):
+                continue
+            share = max(1, round(dots_w * ((item.series.last_x - x0) / span_x)))
+            cols = [
+                Column(c.x, f(c.lo), f(c.hi), f(c.last))
+                for c in item.series.columns(share if len(item.series) > 1 else 1)
+            ]
+            folded.append((index, item, cols))
+            for c in cols:
+                if math.isfinite(c.lo):
+                    y_lo = min(y_lo, c.lo)
+                if math.isfinite(c.hi):
+                    y_hi = max(y_hi, c.hi)
+        if not math.isfinite(y_lo):
+            return Text(self.empty_text, style=self.get_component_rich_style("line-chart--empty"))
+        if y_hi - y_lo < 1e-12:
+            pad = abs(y_hi) * 0.05 or 1.0
+            y_lo, y_hi = y_lo - pad, y_hi + pad
+        span_y = y_hi - y_lo
+
+        def dot_row(v: float) -> int:
+            return min(dots_h - 1, max(0, round((y_hi - v) / span_y * (dots_h - 1))))
+
+        def dot_col(x: float) -> int:
+            return min(dots_w - 1, max(0, round((x - x0) / span_x * (dots_w - 1))))
+
+        # cells[row][col] = (braille bits, style index of the top-most series there, point glyph?)
+        bits = [[0] * plot_w for _ in range(plot_h)]
+        owner = [[-1] * plot_w for _ in range(plot_h)]
+        points: dict[tuple[int, int], int] = {}
+
+        def plot(dc: int, r0: int, r1: int, index: int) -> None:
+            if r0 > r1:
+                r0, r1 = r1, r0
+            cell_c, sub_c = divmod(dc, 2)
+            for r in range(r0, r1 + 1):
+                cell_r, sub_r = divmod(r, 4)
+                bits[cell_r][cell_c] |= _DOTS[sub_c][sub_r]
+                owner[cell_r][cell_c] = index
+
+        for index, item, cols in folded:
+            if item.kind == "points":
+                for c in cols:
+                    if math.isfinite(c.last):
+                        points[(dot_row(c.last) // 4, dot_col(c.x) // 2)] = index
+                continue
+            prev_col, prev_row = -1, -1
+            for c in cols:
+                if not math.isfinite(c.lo):
+                    prev_col = -1  # a gap (NaN) breaks the line
+                    continue
+                dc = dot_col(c.x)
+                lo_r, hi_r, last_r = dot_row(c.lo), dot_row(c.hi), dot_row(c.last)
+                if prev_col >= 0 and dc > prev_col + 1:
+                    # Sparse points: a straight segment across the empty dot columns between them.
+                    first_r = dot_row(c.lo) if c.lo == c.hi else last_r
+                    for step in range(prev_col + 1, dc):
+                        t = (step - prev_col) / (dc - prev_col)
+                        r = round(prev_row + (first_r - prev_row) * t)
+                        plot(step, r, r, index)
+                top, bottom = min(lo_r, hi_r), max(lo_r, hi_r)
+                if prev_col >= 0 and dc == prev_col + 1:
+                    top, bottom = min(top, prev_row), max(bottom, prev_row)
+                plot(dc, top, bottom, index)
+                prev_col, prev_row = dc, last_r
+
+        styles = [
+            self.get_component_rich_style(f"line-chart--series-{i % 6}") for i in range(len(self._series))
+        ]
+        axis = self.get_component_rich_style("line-chart--axis")
+        inverse = self.log_scale
+        labels = {0: y_hi, plot_h - 1: y_lo}
+        if plot_h >= 5:
+            labels[(plot_h - 1) // 2] = y_lo + span_y * (plot_h - 1 - (plot_h - 1) // 2) / (plot_h - 1)
+        text = Text(no_wrap=True, overflow="crop")
+        for r in range(plot_h):
+            if r in labels:
+                value = 10 ** labels[r] if inverse else labels[r]
+                text.append(f"{format_value(value):>{GUTTER - 1}}┤", axis)
+            else:
+                text.append(" " * (GUTTER - 1) + "│", axis)
+            for c in range(plot_w):
+                if (r, c) in points:
+                    text.append(POINT, styles[points[(r, c)]] + Style(bold=True))
+                elif bits[r][c]:
+                    text.append(chr(_BRAILLE + bits[r][c]), styles[owner[r][c]])
+                else:
+                    text.append(" ")
+            text.append("\n")
+        # The x axis: first and last step, and the middle when there is room.
+        axis_row = [" "] * plot_w
+        left, right = format_x(x0), format_x(x1)
+        axis_row[: len(left)] = left
+        axis_row[plot_w - len(right) :] = right
+        middle = format_x((x0 + x1) / 2)
+        if plot_w > len(left) + len(right) + len(middle) + 6:
+            start = (plot_w - len(middle)) // 2
+            axis_row[start : start + len(middle)] = middle
+        text.append(" " * (GUTTER - 1) + "└", axis)
+        text.append("".join(axis_row)[:plot_w], axis)
+        return text

@@ -1,0 +1,127 @@
+"""The Memory budget pane: the selected preset (with its overrides) against a GPU."""
+
+from __future__ import annotations
+
+import re
+from typing import ClassVar
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.widgets import DataTable, Input, Label, Select, Static
+
+from tui.budget import BudgetView, GpuChoice
+from tui.widgets.stacked_bar import MemoryBar
+
+_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*(gb|g|gib)?\s*$", re.IGNORECASE)
+PRESET_GPU = "__preset__"  # the picker's "what the preset says" entry
+
+VERDICT_STYLE = {"fits": "bold green", "tight": "bold yellow", "does_not_fit": "bold red"}
+VERDICT_WORD = {
+    "fits": "✓ FITS",
+    "tight": "! TIGHT",
+    "does_not_fit": "✗ DOES NOT FIT",
+    "unknown": "? UNKNOWN",
+}
+
+
+class MemoryPane(Vertical):
+    """GPU picker, stacked bar against the budget, verdict, breakdown, auto-fit and advice."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("f", "app.auto_fit", "Auto-fit"),
+        Binding("g", "focus_gpu", "GPU"),
+    ]
+
+    class GpuChanged(Message):
+        """The budget should be checked against another GPU (`None`: the preset's hardware.gpu)."""
+
+        def __init__(self, spec: str | None) -> None:
+            super().__init__()
+            self.spec = spec
+
+    def __init__(self, choices: list[GpuChoice], *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self._choices = choices
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="gpu-row"):
+            yield Label("GPU ", id="gpu-label")
+            options = [("as the preset says (hardware.gpu)", PRESET_GPU)]
+            options += [(c.label, c.spec) for c in self._choices]
+            yield Select(options, value=PRESET_GPU, allow_blank=False, compact=True, id="gpu-select")
+            yield Input(placeholder="or a size: 24GB", compact=True, id="gpu-size")
+        yield Static(id="verdict")
+        yield MemoryBar(id="memory-bar")
+        with Horizontal(id="memory-lower"):
+            yield DataTable(id="breakdown", cursor_type="row", show_cursor=False)
+            yield Static(id="advice")
+
+    def on_mount(self) -> None:
+        table = self.query_one("#breakdown", DataTable)
+        table.add_columns("term", "GB", "made of")
+        table.border_title = "breakdown"
+        self.query_one("#advice", Static).border_title = "what would make it fit"
+
+    @property
+    def gpu_spec(self) -> str | None:
+        size = self.query_one("#gpu-size", Input).value.strip()
+        if size and _SIZE.match(size):
+            return size.upper().replace("GIB", "GB") if size[-1].isalpha() else f"{size}GB"
+        value = self.query_one("#gpu-select", Select).value
+        return None if value in (PRESET_GPU, Select.BLANK) else str(value)
+
+    def show(self, view: BudgetView, preset: str | None) -> None:
+        verdict = self.query_one("#verdict", Static)
+        bar = self.query_one(MemoryBar)
+        table = self.query_one("#breakdown", DataTable)
+        advice = self.query_one("#advice", Static)
+        table.clear()
+        if not view.available:
+            verdict.update(Text(view.reason, style="italic"))
+            bar.update_terms([], None)
+            advice.update("")
+            return
+        title = Text(
+            VERDICT_WORD.get(view.verdict, view.verdict.upper()),
+            style=VERDICT_STYLE.get(view.verdict, "bold"),
+        )
+        if view.budget_gb is not None:
+            headroom = view.headroom_gb or 0.0
+            room = f"{headroom:.1f} GB headroom" if headroom >= 0 else f"{-headroom:.1f} GB over"
+            title.append(f"  {view.device_total_gb:.1f} of {view.budget_gb:.1f} GB · {room} · {view.gpu}")
+        else:
+            title.append(f"  needs {view.device_total_gb:.1f} GB · {view.reason or 'no GPU to compare with'}")
+        title.append(
+            f"\n{preset or ''} · torch peak {view.torch_peak_gb:.2f} GB · whole device {view.device_total_gb:.2f} GB",
+            "dim",
+        )
+        verdict.update(title)
+        bar.update_terms(view.terms, view.budget_gb)
+        for term in view.terms:
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in term.parts.items())
+            table.add_row(term.name, f"{term.gb:.2f}", parts)
+        if view.advice:
+            lines = [Text(f"{i}. {a.text}") for i, a in enumerate(view.advice, 1)]
+            advice.update(Text("\n").join(lines))
+        elif view.verdict == "fits":
+            advice.update(Text("nothing to change: it fits", style="dim"))
+        else:
+            advice.update(Text("no suggestions", style="dim"))
+
+    def on_select_changed(self, event: Select.Changed) -> None:
+        event.stop()
+        self.post_message(self.GpuChanged(self.gpu_spec))
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        event.stop()
+        if not event.value.strip() or _SIZE.match(event.value):
+            event.input.remove_class("-invalid")
+            self.post_message(self.GpuChanged(self.gpu_spec))
+        else:
+            event.input.add_class("-invalid")
+
+    def action_focus_gpu(self) -> None:
+        self.query_one("#gpu-select", Select).focus()

@@ -1,0 +1,194 @@
+"""A preset's settings with the comment its author wrote beside each key.
+
+PyYAML drops comments, so they are read from the text here: a trailing `# ...` on a key's line,
+or the comment lines right above it. Values come from the resolved `RunConfig` instead (so that
+overrides and defaults show), and the YAML text supplies only the order, the sections and the
+comments.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from rich.text import Text
+from textual.message import Message
+from textual.widgets import DataTable
+
+from engine.config import RunConfig
+
+_KEY = re.compile(r"^(?P<indent>\s*)(?P<key>[A-Za-z_][\w.-]*)\s*:(?P<rest>.*)$")
+
+
+@dataclass(frozen=True)
+class Setting:
+    path: str  # dotted: train.lr
+    depth: int
+    comment: str
+    is_section: bool
+
+
+@dataclass(frozen=True)
+class PresetDoc:
+    header: str  # the comment block at the top of the file
+    settings: list[Setting]
+
+    def comment(self, path: str) -> str:
+        return next((s.comment for s in self.settings if s.path == path), "")
+
+
+def _split_comment(rest: str) -> tuple[str, str]:
+    """`value  # comment` -> (value, comment), ignoring # inside quotes."""
+    quote = ""
+    for i, ch in enumerate(rest):
+        if quote:
+            if ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or rest[i - 1].isspace()):
+            return rest[:i].strip(), rest[i + 1 :].strip()
+    return rest.strip(), ""
+
+
+def parse_preset_doc(text: str) -> PresetDoc:
+    header: list[str] = []
+    pending: list[str] = []
+    settings: list[Setting] = []
+    stack: list[tuple[int, str]] = []  # (indent, key) of the open sections
+    seen_key = False
+    for raw in text.splitlines():
+        stripped = raw.strip()
+        if not stripped:
+            if not seen_key:
+                header.extend(pending)
+            pending = []  # a blank line ends the comment block that belongs to the next key
+            continue
+        if stripped.startswith("#"):
+            pending.append(stripped.lstrip("#").strip())
+            continue
+        match = _KEY.match(raw)
+        if not match:
+            pending = []  # a list item or a continuation line
+            continue
+        if not seen_key:  # the comment block above the first key describes the whole preset
+            header.extend(pending)
+            pending = []
+        seen_key = True
+        indent = len(match["indent"])
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        value, comment = _split_comment(match["rest"])
+        path = ".".join([k for _, k in stack] + [match["key"]])
+        settings.append(Setting(path, len(stack), comment or " ".join(pending), is_section=value == ""))
+        pending = []
+        if value == "":
+            stack.append((indent, match["key"]))
+    return PresetDoc(" ".join(header).strip(), settings)
+
+
+def lookup(data: dict[str, Any], path: str) -> Any:
+    node: Any = data
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def format_setting(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(format_setting(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {format_setting(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+class SettingsTable(DataTable):
+    """setting | value | comment. Overridden values are marked `*`; Enter asks to edit one."""
+
+    class EditRequested(Message):
+        def __init__(self, path: str, value: str) -> None:
+            super().__init__()
+            self.path = path
+            self.value = value
+
+    class Highlighted(Message):
+        """The row under the cursor changed: its full comment, for the help line."""
+
+        def __init__(self, path: str, value: str | None, comment: str) -> None:
+            super().__init__()
+            self.path = path
+            self.value = value  # None for a section
+            self.comment = comment
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id, cursor_type="row", zebra_stripes=False)
+        self._doc = PresetDoc("", [])
+        self._values: dict[str, str] = {}
+
+    def on_mount(self) -> None:
+        self._args: tuple[PresetDoc, RunConfig | None, set[str]] | None = None
+
+    def on_resize(self) -> None:
+        if self._args is not None:
+            self.show(*self._args)
+
+    def show(self, doc: PresetDoc, cfg: RunConfig | None, overridden: set[str]) -> None:
+        self._args = (doc, cfg, overridden)
+        data = cfg.to_dict() if cfg is not None else {}
+        row = self.cursor_row
+        self._doc = doc
+        self._values = {}
+        paths = [s.path for s in doc.settings]
+        extra = [p for p in sorted(overridden) if p not in paths]  # overrides of keys the file omits
+        settings = [*doc.settings, *(Setting(p, 1, "(set by an override)", False) for p in extra)]
+        rows: list[tuple[Setting, str, str]] = []
+        for s in settings:
+            if s.path in ("name", "description"):
+                continue
+            label = " " * s.depth + s.path.rsplit(".", 1)[-1]
+            value = "" if s.is_section or cfg is None else format_setting(lookup(data, s.path))
+            if not s.is_section:
+                self._values[s.path] = value
+            rows.append((s, label, value + ("*" if s.path in overridden else "")))
+        # Fixed column widths so the comments get what is left of the pane, whatever its size;
+        # the help line under the table shows the highlighted row's comment in full.
+        room = max(30, self.size.width - 7)  # cell padding and the scrollbar
+        setting_w = min(22, max((len(label) for _, label, _ in rows), default=8))
+        value_w = min(
+            max((len(value) for *_, value in rows), default=5), max(10, room - setting_w - room * 2 // 5)
+        )
+        comment_w = max(8, room - setting_w - value_w)
+        self.clear(columns=True)
+        self.add_column("setting", key="setting", width=setting_w)
+        self.add_column("value", key="value", width=value_w)
+        self.add_column("comment", key="comment", width=comment_w)
+        for s, label, value in rows:
+            self.add_row(
+                Text(label, style="bold" if s.is_section else "", no_wrap=True, overflow="ellipsis"),
+                Text(value, style="bold" if value.endswith("*") else "", no_wrap=True, overflow="ellipsis"),
+                Text(s.comment, style="dim", no_wrap=True, overflow="ellipsis"),
+                key=s.path,
+            )
+        if self.row_count:
+            self.move_cursor(row=min(max(row, 0), self.row_count - 1))
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        event.stop()
+        path = str(event.row_key.value)
+        comment = self._doc.comment(path) or ("(set by an override)" if path in self._values else "")
+        self.post_message(self.Highlighted(path, self._values.get(path), comment))
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        event.stop()
+        path = str(event.row_key.value)
+        if path in self._values:
+            self.post_message(self.EditRequested(path, self._values[path]))

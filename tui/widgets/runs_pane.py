@@ -1,0 +1,210 @@
+"""The Runs pane: every run under the runs directory, and a chart comparing their losses.
+
+Summaries and compared histories are read in worker threads: a run's summary folds its whole
+events file. Summaries are cached by the file's size and mtime, so the periodic refresh re-reads
+only the runs that moved.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import ClassVar
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Vertical
+from textual.message import Message
+from textual.widgets import DataTable, Static
+
+from engine import runs
+from tui.client import load_history
+from tui.history import RunHistory
+from tui.widgets.line_chart import ChartSeries, LineChart
+from tui.widgets.progress import STATUS_MARK
+
+REFRESH_SECONDS = 5.0
+STATUS_STYLE = {
+    "running": "bold green",
+    "completed": "green",
+    "stopped": "yellow",
+    "failed": "bold red",
+    "crashed": "bold red",
+}
+
+
+def short_id(run_id: str) -> str:
+    """20261123-150102-tiny-demo -> 1123-1501 tiny-demo: date to the minute and the preset."""
+    parts = run_id.split("-", 2)
+    if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit():
+        return f"{parts[0][4:]}-{parts[1][:4]} {parts[2]}"
+    return run_id
+
+
+class RunsPane(Vertical):
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("enter", "open", "Open", show=False),
+        Binding("a", "attach", "Attach"),
+        Binding("r", "resume", "Resume"),
+        Binding("space", "mark", "Mark"),
+        Binding("c", "compare", "Compare"),
+        Binding("x", "stop", "Stop"),
+        Binding("R,f5", "reload", "Reload", show=False),
+    ]
+
+    class Open(Message):
+        """Show this run on the Dashboard (following it if it is running)."""
+
+        def __init__(self, run_dir: Path, action: str) -> None:
+            super().__init__()
+            self.run_dir = run_dir
+            self.action = action  # open, attach, resume, stop
+
+    class Loaded(Message):
+        def __init__(self, summaries: list[runs.RunSummary]) -> None:
+            super().__init__()
+            self.summaries = summaries
+
+    class Compared(Message):
+        def __init__(self, histories: list[RunHistory]) -> None:
+            super().__init__()
+            self.histories = histories
+
+    def __init__(self, root: Path, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.root = root
+        self.summaries: list[runs.RunSummary] = []
+        self.marked: set[str] = set()
+        self._cache: dict[str, tuple[tuple[int, float, bool], runs.RunSummary]] = {}
+
+    def compose(self) -> ComposeResult:
+        yield DataTable(id="runs-table", cursor_type="row")
+        yield Static(id="runs-empty")
+        yield LineChart("mark two or more runs (space), then c", id="compare-chart")
+
+    def on_mount(self) -> None:
+        table = self.query_one("#runs-table", DataTable)
+        table.add_column("", key="mark", width=1)
+        table.add_column("status", key="status", width=11)
+        table.add_column("run", key="run")
+        table.add_column("model", key="model")
+        table.add_column("step", key="step")
+        table.add_column("loss", key="loss")
+        table.border_title = f"runs in {self.root}"
+        self.query_one("#compare-chart").border_title = "compare loss"
+        self.reload()
+        self.set_interval(REFRESH_SECONDS, self._tick)
+
+    def _tick(self) -> None:
+        if self.is_on_screen:  # only while the pane is showing: the refresh reads files
+            self.reload()
+
+    def reload(self) -> None:
+        self.run_worker(self._load, thread=True, exclusive=True, group="runs-list", exit_on_error=False)
+
+    def _load(self) -> None:
+        out = []
+        for run_dir in reversed(runs.list_run_dirs(self.root)):
+            try:
+                st = os.stat(run_dir / runs.EVENTS)
+                key = (st.st_size, st.st_mtime, runs.is_running(run_dir))
+            except FileNotFoundError:
+                key = (0, 0.0, runs.is_running(run_dir))
+            cached = self._cache.get(run_dir.name)
+            if cached is None or cached[0] != key:
+                cached = (key, runs.summarize(run_dir))
+                self._cache[run_dir.name] = cached
+            out.append(cached[1])
+        self.post_message(self.Loaded(out))
+
+    def on_runs_pane_loaded(self, message: Loaded) -> None:
+        message.stop()
+        self.summaries = message.summaries
+        table = self.query_one("#runs-table", DataTable)
+        keep = table.cursor_row
+        table.clear()
+        for s in self.summaries:
+            status = Text(
+                f"{STATUS_MARK.get(s.status, '·')} {s.status}", style=STATUS_STYLE.get(s.status, "")
+            )
+            loss = f"{s.last_loss:.4f}" if s.last_loss is not None and math.isfinite(s.last_loss) else "–"
+            steps = f"{s.step}/{s.total_steps}" if s.total_steps else str(s.step)
+            model = s.model.removeprefix("builtin:").rsplit("/", 1)[-1]
+            table.add_row(
+                "✓" if s.id in self.marked else "", status, short_id(s.id), model[:20], steps, loss, key=s.id
+            )
+        if self.summaries:
+            table.move_cursor(row=min(keep, len(self.summaries) - 1))
+        empty = self.query_one("#runs-empty", Static)
+        empty.display = not self.summaries
+        empty.update(Text(f"No runs yet under {self.root}. Start one from Presets (1).", style="italic"))
+
+    def selected(self) -> runs.RunSummary | None:
+        table = self.query_one("#runs-table", DataTable)
+        if not self.summaries or table.cursor_row < 0:
+            return None
+        key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        return next((s for s in self.summaries if s.id == key), None)
+
+    # ---- actions -----------------------------------------------------------------------------
+
+    def _request(self, action: str) -> None:
+        summary = self.selected()
+        if summary is None:
+            self.notify("no run selected", severity="warning", timeout=2)
+            return
+        self.post_message(self.Open(summary.path, action))
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        event.stop()
+        self._request("open")
+
+    def action_open(self) -> None:
+        self._request("open")
+
+    def action_attach(self) -> None:
+        self._request("attach")
+
+    def action_resume(self) -> None:
+        self._request("resume")
+
+    def action_stop(self) -> None:
+        self._request("stop")
+
+    def action_reload(self) -> None:
+        self.reload()
+
+    def action_mark(self) -> None:
+        summary = self.selected()
+        if summary is None:
+            return
+        self.marked ^= {summary.id}
+        table = self.query_one("#runs-table", DataTable)
+        table.update_cell(summary.id, "mark", "✓" if summary.id in self.marked else "")
+
+    def action_compare(self) -> None:
+        chosen = [s for s in self.summaries if s.id in self.marked]
+        current = self.selected()
+        if current is not None and current not in chosen:
+            chosen.append(current)
+        if len(chosen) < 2:
+            self.notify("mark two or more runs with space, then press c", timeout=3)
+            return
+        dirs = [s.path for s in chosen]
+        self.run_worker(
+            lambda: self._compare(dirs), thread=True, exclusive=True, group="compare", exit_on_error=False
+        )
+
+    def _compare(self, dirs: list[Path]) -> None:
+        histories = [load_history(d)[0] for d in dirs]
+        self.post_message(self.Compared(histories))
+
+    def on_runs_pane_compared(self, message: Compared) -> None:
+        message.stop()
+        chart = self.query_one("#compare-chart", LineChart)
+        chart.set_series([ChartSeries(h.loss, short_id(h.run_id)) for h in message.histories])
+        chart.border_subtitle = chart.legend()
+        chart.display = True
+        self.add_class("-comparing")

@@ -1,0 +1,135 @@
+"""The Sample pane: a prompt, the live model or a saved checkpoint, settings, the streamed reply."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Sequence
+from typing import ClassVar
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
+from textual.validation import Number
+from textual.widgets import Input, Label, Select, Static
+
+from engine import protocol
+from tui.history import SampleText
+
+LIVE = "live"
+_ids = itertools.count(1)
+
+
+class SamplePane(Vertical):
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("ctrl+g", "generate", "Generate"),
+        Binding("escape", "focus_prompt", "Prompt", show=False),
+    ]
+
+    class Requested(Message):
+        """Generate a reply: from the live model (`source == "live"`) or a checkpoint's name."""
+
+        def __init__(self, source: str, request: protocol.SampleRequest) -> None:
+            super().__init__()
+            self.source = source
+            self.request = request
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self._samples: list[SampleText] = []
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="sample-source-row"):
+            yield Label("from ")
+            yield Select([], prompt="no run: start or open one", compact=True, id="sample-source")
+        with Horizontal(id="sample-settings"):
+            yield Label("max tokens ")
+            yield Input("128", compact=True, id="max-tokens", type="integer", validators=[Number(1, 4096)])
+            yield Label(" temperature ")
+            yield Input("0.7", compact=True, id="temperature", type="number", validators=[Number(0, 5)])
+            yield Label(" top_p ")
+            yield Input("0.9", compact=True, id="top-p", type="number", validators=[Number(0.01, 1)])
+        yield Input(placeholder="prompt: type, then Enter", compact=True, id="prompt")
+        with VerticalScroll(id="replies"):
+            yield Static(id="reply-view")
+
+    def on_mount(self) -> None:
+        self.query_one("#replies").border_title = "replies"
+        self.show([])
+
+    # ---- fed by the app ----------------------------------------------------------------------
+
+    def set_sources(self, run_id: str | None, live: bool, checkpoints: Sequence[str]) -> None:
+        select = self.query_one("#sample-source", Select)
+        options: list[tuple[str, str]] = []
+        if run_id is not None:
+            if live:
+                options.append((f"live model ({run_id})", LIVE))
+            options += [(f"{name} ({run_id})", name) for name in reversed(checkpoints)]
+        current = select.value
+        select.set_options(options)
+        values = [v for _, v in options]
+        if current in values:
+            select.value = current
+        elif values:
+            select.value = values[0]
+
+    def show(self, samples: Sequence[SampleText]) -> None:
+        self._samples = list(samples)
+        view = self.query_one("#reply-view", Static)
+        if not self._samples:
+            view.update(Text("Replies appear here as the engine streams them.", style="dim italic"))
+            return
+        blocks = []
+        for s in self._samples:
+            where = "live" if s.source == LIVE else s.source
+            if s.step is not None:
+                where += f" @ step {s.step}"
+            block = Text.assemble(("› ", "bold"), (s.prompt, "bold"), (f"   [{where}]", "dim"), "\n")
+            block.append(s.text or ("" if s.done else "waiting for the next step boundary…"))
+            if s.done:
+                block.append(
+                    f"\n  ({s.new_tokens} tokens, {s.seconds:.1f} s, stopped by {s.stopped_by or '?'})", "dim"
+                )
+            else:
+                block.append("▌", "blink")
+            blocks.append(block)
+        view.update(Text("\n\n").join(blocks))
+        self.query_one("#replies", VerticalScroll).scroll_end(animate=False)
+
+    # ---- events ------------------------------------------------------------------------------
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        self.action_generate()
+
+    def action_focus_prompt(self) -> None:
+        self.query_one("#prompt", Input).focus()
+
+    def action_generate(self) -> None:
+        prompt = self.query_one("#prompt", Input).value.strip()
+        if not prompt:
+            self.notify("type a prompt first", timeout=2)
+            self.action_focus_prompt()
+            return
+        source = self.query_one("#sample-source", Select).value
+        if source is Select.BLANK:
+            self.notify(
+                "no model to sample from: start a run, or open one with checkpoints", severity="warning"
+            )
+            return
+        settings = [self.query_one(f"#{name}", Input) for name in ("max-tokens", "temperature", "top-p")]
+        bad = [box for box in settings if not box.is_valid]
+        if bad:
+            self.notify(f"fix {bad[0].id}: {bad[0].value!r}", severity="warning")
+            return
+        request = protocol.SampleRequest(
+            prompt=prompt,
+            request_id=f"console-{os.getpid()}-{next(_ids)}",
+            max_new_tokens=int(settings[0].value),
+            temperature=float(settings[1].value),
+            top_p=float(settings[2].value),
+        )
+        self.post_message(self.Requested(str(source), request))

@@ -1,0 +1,115 @@
+"""The numbers beside the loss chart: learning rate, grad norm and throughput (with a sparkline of
+their history), and the memory the estimate promised against what the run actually reserved."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+from rich.text import Text
+from textual.widget import Widget
+
+from tui.history import RunHistory
+from tui.widgets.line_chart import format_value
+from tui.widgets.series import Series
+
+BLOCKS = "▁▂▃▄▅▆▇█"
+LABEL = 11
+
+
+def sparkline(series: Series, width: int) -> str:
+    """The series' recent shape in `width` cells, downsampled like the charts (cost ~ width)."""
+    if width <= 0 or not len(series):
+        return ""
+    cols = [c.hi for c in series.columns(width)]
+    finite = [v for v in cols if math.isfinite(v)]
+    if not finite:
+        return ""
+    lo, hi = min(finite), max(finite)
+    span = (hi - lo) or 1.0
+    return "".join(BLOCKS[min(7, int((v - lo) / span * 7.999))] if math.isfinite(v) else " " for v in cols)
+
+
+def _count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def _gb(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
+class RunStats(Widget):
+    COMPONENT_CLASSES: ClassVar[set[str]] = {"run-stats--label", "run-stats--spark", "run-stats--warn"}
+
+    DEFAULT_CSS = """
+    RunStats { height: auto; }
+    RunStats > .run-stats--label { color: $text-muted; }
+    RunStats > .run-stats--spark { color: $accent; }
+    RunStats > .run-stats--warn { color: $warning; text-style: bold; }
+    """
+
+    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
+        self._history: RunHistory | None = None
+
+    def show(self, history: RunHistory | None) -> None:
+        self._history = history
+        self.refresh(layout=True)
+
+    def get_content_height(self, container, viewport, width: int) -> int:  # type: ignore[override]
+        h = self._history
+        return 6 if h is not None and h.hello is not None and h.hello.device.startswith("cpu") else 5
+
+    def render(self) -> Text:
+        h = self._history
+        label = self.get_component_rich_style("run-stats--label")
+        spark = self.get_component_rich_style("run-stats--spark")
+        width = self.content_size.width
+        last = h.last_step if h else None
+
+        def row(name: str, value: str, series: Series | None = None) -> Text:
+            line = Text.assemble((f"{name:<{LABEL}}", label), value, no_wrap=True, overflow="crop")
+            room = width - line.cell_len - 1
+            if series is not None and room >= 4:
+                line.append(" ")
+                line.append(sparkline(series, min(room, 16)), spark)
+            return line
+
+        if h is None or last is None:
+            rows = [row("lr", "–"), row("grad norm", "–"), row("tokens/s", "–"), row("step", "–")]
+        else:
+            rows = [
+                row("lr", format_value(last.lr), h.lr),
+                row(
+                    "grad norm",
+                    format_value(last.grad_norm) if last.grad_norm is not None else "–",
+                    h.grad_norm,
+                ),
+                row("tokens/s", _count(last.tokens_per_s), h.tokens_per_s),
+                row("step", f"{last.step_seconds:.2f} s · {_count(last.tokens_seen)} tok seen"),
+            ]
+        estimate = h.estimate if h else None
+        est_gb = estimate.torch_peak_gb if estimate and estimate.torch_peak_gb else None
+        peak = h.peak_reserved_gb if h else None
+        mem = Text.assemble(
+            (f"{'memory':<{LABEL}}", label),
+            f"est {_gb(est_gb)} · peak {_gb(peak)} GB",
+            no_wrap=True,
+            overflow="crop",
+        )
+        if est_gb and peak and peak > est_gb * 1.1:
+            # The estimate was low: say by how much, it is what the calculator is judged on.
+            mem.append(
+                f" +{100 * (peak / est_gb - 1):.0f}%", self.get_component_rich_style("run-stats--warn")
+            )
+        rows.append(mem)
+        on_cpu = h is not None and h.hello is not None and h.hello.device.startswith("cpu")
+        if on_cpu:  # on a GPU run the GPU's memory (below) is what matters; on a CPU run, RAM
+            rss = last.host_rss_gb if last else (h.model.host_rss_gb if h.model else None)
+            rows.append(row("host RSS", f"{_gb(rss)} GB"))
+        out = Text("\n").join(rows)
+        out.no_wrap, out.overflow = True, "crop"  # join() makes a fresh Text that would wrap
+        return out
