@@ -208,3 +208,33 @@ def test_report_main_prints_one_json_line_or_one_error_line(
 
 def _lengths(tok) -> list[int]:
     return [len(ids) for ids in prepare(run_cfg(seq_len=4096), tok).train["input_ids"]]
+
+
+def test_hub_ids_load_through_datasets(tok, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(source, subset, split):
+        calls.append((source, subset, split))
+        if source == "org/missing":
+            raise FileNotFoundError("Couldn't find 'org/missing' on the Hub.\nMore lines.")
+        return datasets.Dataset.from_list(
+            [{"instruction": "Say hi.", "output": "Hi."}, {"instruction": "Say bye.", "output": "Bye."}]
+        )
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    cfg = run_cfg(source="org/alpaca-like")  # type: ignore[arg-type]
+    cfg.data.subset, cfg.data.split = "en", "train[:2]"
+    r = prepare(cfg, tok).report
+    assert calls == [("org/alpaca-like", "en", "train[:2]")]
+    assert (r.format, r.examples, r.example_where) == (
+        "alpaca",
+        2,
+        "hub dataset org/alpaca-like (train[:2]): row 1",
+    )
+    with pytest.raises(
+        DataError,
+        match=r"^hub dataset org/missing: cannot load split 'train' \(FileNotFoundError: Couldn't find 'org/missing' on the Hub. More lines.\)",
+    ):
+        prepare(run_cfg(source="org/missing"), tok)  # type: ignore[arg-type]
