@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from engine.config import RunConfig
 from engine.memory.architectures import Architecture, resolve_architecture
 from engine.memory.estimate import DOES_NOT_FIT, FITS, TIGHT, Estimate, estimate, resolve_backend
-from engine.memory.fit import SEQ_STEP, _largest, closest_grad_accum, with_changes
+from engine.memory.fit import SEQ_STEP, _keeping_effective_batch, _largest, closest_grad_accum, with_changes
 from engine.memory.gpus import Gpu
 
 MIN_RANK = 8
@@ -136,7 +136,7 @@ class _Advisor:
         best = _largest(
             lambda mb: self.fits(self._then(s, "", "", {"train.micro_batch": mb})), 1, t.micro_batch - 1
         )
-        mb = max(best, 1)
+        mb = _keeping_effective_batch(max(best, 1), s.cfg.effective_batch)
         ga = closest_grad_accum(s.cfg.effective_batch, mb)
         text = (
             f"micro-batch {t.micro_batch} -> {mb}, grad-accum {t.grad_accum} -> {ga} (effective batch kept)"

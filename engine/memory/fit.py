@@ -70,6 +70,16 @@ def closest_grad_accum(target_effective: int, micro_batch: int) -> int:
     )
 
 
+def _keeping_effective_batch(largest: int, target: int) -> int:
+    """The micro-batch up to `largest` whose closest grad_accum lands nearest the effective batch
+    (the largest such): 6 fits and the preset wants 8 -> 4 x 2, not 6 x 1."""
+
+    def miss(mb: int) -> int:
+        return abs(mb * closest_grad_accum(target, mb) - target)
+
+    return min(range(largest, 0, -1), key=miss)
+
+
 def _largest(fits: Callable[[int], bool], lo: int, hi: int) -> int:
     """The largest n in [lo, hi] with fits(n), given fits is monotone (True then False); lo - 1 if none."""
     if not fits(lo):
@@ -106,7 +116,7 @@ def fit(cfg: RunConfig, gpu: Gpu, arch: Architecture | None = None, backend: str
     mb_limit = "search cap" if max_mb == MAX_MICRO_BATCH else "memory"
 
     if max_mb >= 1:
-        mb, seq = min(max_mb, max(target, 1)), t.seq_len
+        mb, seq = _keeping_effective_batch(min(max_mb, max(target, 1)), target), t.seq_len
     elif max_seq >= SEQ_STEP:
         mb, seq = 1, max_seq
     else:

@@ -1,0 +1,112 @@
+"""`qlc estimate` and `qlc fit` as a user runs them: exit codes 0 / 1 / 2 and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+QLC = Path(sys.executable).parent / "qlc"  # the installed console script next to this interpreter
+ENV = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
+
+
+def qlc(*args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [str(QLC)] if QLC.exists() else [sys.executable, "-m", "tui.cli"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=60)
+
+
+def test_the_4060_recipe_does_not_fit_and_says_what_would() -> None:
+    r = qlc("estimate", "llama-3.1-8b-rtx4060")
+    assert r.returncode == 1, r.stderr
+    for text in ("weights", "gradients", "optimizer", "activations", "workspace", "DOES NOT FIT"):
+        assert text in r.stdout
+    assert "drop modules_to_save" in r.stdout and "--set lora.modules_to_save=[]" in r.stdout
+    assert "fits" in r.stdout.split("What would make it fit")[1]
+
+
+def test_json_output() -> None:
+    r = qlc("estimate", "llama-3.1-8b-rtx4060", "--json", "--backend", "hf")
+    assert r.returncode == 1
+    data = json.loads(r.stdout)
+    assert data["verdict"]["status"] == "does_not_fit" and data["backend"] == "hf"
+    assert data["verdict_basis"] == "device_total"
+    assert [t["name"] for t in data["terms"]] == [
+        "weights",
+        "gradients",
+        "optimizer",
+        "activations",
+        "workspace",
+    ]
+    assert any(a["status"] == "fits" for a in data["advice"])
+
+
+def test_a_model_with_the_default_config_fits_a_24gb_card() -> None:
+    r = qlc("estimate", "meta-llama/Llama-3.1-8B-Instruct", "--gpu", "24GB", "--set", "lora.r=32")
+    assert r.returncode == 0, r.stderr
+    assert "llama-3.1-8b" in r.stdout and "FITS" in r.stdout
+
+
+def test_fit_exit_codes() -> None:
+    ok = qlc("fit", "llama-3.1-8b-rtx4090", "--json")
+    assert ok.returncode == 0, ok.stderr
+    data = json.loads(ok.stdout)
+    assert data["fits"] and data["max_micro_batch"] >= 1 and data["estimate"]["verdict"]["status"] == "fits"
+    none = qlc("fit", "llama-3.1-8b-rtx4060")
+    assert none.returncode == 1 and "nothing fits" in none.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["estimate", "no-such-model", "--gpu", "24GB"], "unknown preset or model 'no-such-model'"),
+        (
+            ["estimate", "llama-3.1-8b", "--gpu", "24GB", "--set", "train.micro_batch=-1"],
+            "micro_batch: must be at least 1",
+        ),
+        (
+            ["fit", "llama-3.1-8b", "--gpu", "24GB", "--set", "train.seq_len=200000"],
+            "maximum of 131072 positions",
+        ),
+        (["estimate", "llama-3.1-8b", "--gpu", "rtx9999"], "unknown GPU 'rtx9999'"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None:
+    r = qlc(*args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qlc: error:") and message in lines[0], r.stderr
+
+
+def test_no_gpu_here_means_pass_gpu() -> None:
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+        pynvml.nvmlShutdown()
+        pytest.skip("this machine has an NVIDIA GPU")
+    except pynvml.NVMLError:
+        pass
+    r = qlc("estimate", "llama-3.1-8b")
+    assert r.returncode == 2 and "--gpu" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_the_console_side_never_imports_torch() -> None:
+    code = (
+        "import sys\n"
+        "from tui.cli import main\n"
+        "rc = main(['estimate', 'llama-3.1-8b-rtx4090', '--json'])\n"
+        "rc2 = main(['fit', 'gemma-3-4b', '--gpu', 'rtx4060', '--json'])\n"
+        "bad = [m for m in ('torch', 'transformers', 'peft', 'trl', 'bitsandbytes') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+        "assert (rc, rc2) == (0, 0), (rc, rc2)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
