@@ -69,6 +69,8 @@ CATALOG_KEYS = {
     "qkv_bias",
     "fused_qkv",
     "fused_gate_up",
+    "sliding_window",
+    "sliding_pattern",
     "hub_ids",
 }
 
@@ -91,6 +93,8 @@ class Architecture:
     qkv_bias: bool = False
     fused_qkv: bool = False
     fused_gate_up: bool = False
+    sliding_window: int = 0  # local attention window of the sliding layers; 0: every layer is global
+    sliding_pattern: int = 0  # one global layer in every N (Gemma 3: 6); 0: all layers slide
     hub_ids: tuple[str, ...] = ()
     source: str = ""
     notes: tuple[str, ...] = field(default=(), compare=False)
@@ -161,7 +165,15 @@ def _from_catalog_entry(data: dict[str, Any], path: Path) -> Architecture:
         raise UserError(f"{path}: " + "; ".join(problems))
     family = str(data["family"])
     layout = dict(FAMILIES.get(family, {}))
-    for key in ("norms_per_layer", "qk_norm", "qkv_bias", "fused_qkv", "fused_gate_up"):
+    for key in (
+        "norms_per_layer",
+        "qk_norm",
+        "qkv_bias",
+        "fused_qkv",
+        "fused_gate_up",
+        "sliding_window",
+        "sliding_pattern",
+    ):
         if key in data:
             layout[key] = data[key]
     return Architecture(
@@ -257,7 +269,23 @@ def from_hf_config(config: dict[str, Any], name: str, source: str = "") -> Archi
         ) from None
     if cfg.get("attention_bias") and not arch.qkv_bias:
         arch = _replace(arch, qkv_bias=True)
+    window, pattern = _sliding(cfg, family)
+    if window:
+        arch = _replace(arch, sliding_window=window, sliding_pattern=pattern)
     return arch
+
+
+def _sliding(cfg: dict[str, Any], family: str) -> tuple[int, int]:
+    """(window, one global layer every N) of a config with sliding-window layers, else (0, 0)."""
+    window = cfg.get("sliding_window")
+    if not window or cfg.get("use_sliding_window") is False or family in ("qwen2", "qwen3", "llama"):
+        return 0, 0
+    types = cfg.get("layer_types")
+    if isinstance(types, list) and "full_attention" in types:
+        return int(window), types.index("full_attention") + 1
+    if cfg.get("sliding_window_pattern"):
+        return int(window), int(cfg["sliding_window_pattern"])
+    return int(window), {"gemma3_text": 6, "gemma2": 2}.get(family, 0)
 
 
 def _replace(arch: Architecture, **changes: Any) -> Architecture:

@@ -12,7 +12,10 @@ A records file (bench/results/memory-calibration-*.json, bench/results/anchors-*
                   "device_peak_gib": null, "oom": false}]}
 
 `backend` is hf, unsloth, or hf-upcast (the usual recipe with prepare_model_for_kbit_training).
-Optional record keys: lora_dropout, attn_implementation, after_load_allocated_gib, note; others
+Optional record keys: lora_dropout, attn_implementation, after_load_allocated_gib, note;
+reserved_clean (false when the process held another model's allocator cache: compare allocated);
+baseline_allocated_gib (memory already allocated before the model loaded, left by an earlier one
+in the same process; also a file-level key): added to the estimate before comparing. Other keys
 (timings) are ignored. A measured peak may be null when the run did not measure it (a CPU run).
 """
 
@@ -61,6 +64,8 @@ class CalibrationRecord:
     lora_dropout: float = 0.0
     attn_implementation: str = "sdpa"
     after_load_allocated_gib: float | None = None
+    reserved_clean: bool = True
+    baseline_allocated_gib: float = 0.0
     note: str = ""
 
     def describe(self) -> str:
@@ -104,7 +109,7 @@ class ReplayResult:
         return self.estimated_gib / self.measured_gib - 1
 
 
-def _record(data: Any, where: str) -> CalibrationRecord:
+def _record(data: Any, where: str, baseline: float = 0.0) -> CalibrationRecord:
     if not isinstance(data, dict):
         raise UserError(f"{where}: a record must be a JSON object")
     missing = [k for k in REQUIRED if k not in data]
@@ -133,6 +138,8 @@ def _record(data: Any, where: str) -> CalibrationRecord:
             lora_dropout=float(data.get("lora_dropout", 0.0) or 0.0),
             attn_implementation=str(data.get("attn_implementation", "sdpa")),
             after_load_allocated_gib=num("after_load_allocated_gib"),
+            reserved_clean=bool(data.get("reserved_clean", True)),
+            baseline_allocated_gib=float(data.get("baseline_allocated_gib", baseline) or 0.0),
             note=str(data.get("note", "")),
         )
     except (TypeError, ValueError) as exc:
@@ -147,7 +154,8 @@ def load_calibration(path: Path | str) -> CalibrationFile:
         raise UserError(f"{path}: cannot read calibration records ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("records"), list):
         raise UserError(f"{path}: expected an object with a list of records")
-    records = tuple(_record(r, f"{path.name} record {i}") for i, r in enumerate(data["records"]))
+    baseline = float(data.get("baseline_allocated_gib") or 0.0)
+    records = tuple(_record(r, f"{path.name} record {i}", baseline) for i, r in enumerate(data["records"]))
     total = data.get("gpu_total_gib")
     return CalibrationFile(
         path=path,
@@ -193,7 +201,8 @@ def replay(calibration: CalibrationFile) -> list[ReplayResult]:
     gpu = calibration.resolve_gpu()
     results = []
     for rec in calibration.records:
-        est = estimate(record_config(rec), backend=rec.backend, budget_gb=gpu.budget_gb)
+        # The harness's rows are all seq_len tokens long: no padding, so no attention mask.
+        est = estimate(record_config(rec), backend=rec.backend, budget_gb=gpu.budget_gb, padded=False)
         fits = est.verdict(gpu).status == FITS
         problems: list[str] = []
         if rec.oom:
@@ -203,13 +212,15 @@ def replay(calibration: CalibrationFile) -> list[ReplayResult]:
                 problems.append(
                     f"{rec.describe()}: ran out of memory, estimated to fit ({est.device_total_gb:.2f} GiB)"
                 )
-        elif rec.peak_reserved_gib is not None:
+        elif rec.peak_reserved_gib is not None and rec.reserved_clean:
             measured, estimated, compared = rec.peak_reserved_gib, est.torch_peak_gb, "reserved"
         elif rec.peak_allocated_gib is not None:
             measured, estimated, compared = rec.peak_allocated_gib, est.torch_allocated_gb, "allocated"
         else:
             measured = estimated = None
             compared = "none"
+        if estimated is not None:
+            estimated += rec.baseline_allocated_gib
         if measured is not None and estimated is not None and abs(estimated / measured - 1) > TOLERANCE:
             problems.append(
                 f"{rec.describe()}: estimated {estimated:.2f} GiB {compared}, measured {measured:.2f} "

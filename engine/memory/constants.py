@@ -59,29 +59,39 @@ CUBLAS_WORKSPACE_BYTES = 32 * MIB
 # Fitted or assumed constants (refit these from bench/results/memory-calibration-*.json)
 # ---------------------------------------------------------------------------------------------
 
-# CUDA context (driver, kernels of torch, bitsandbytes and triton loaded lazily): outside
-# PyTorch's allocator, in nvidia-smi. Source: shared/memory-model.md "about 0.3-0.7 GB";
-# ASSUMED mid-range until the calibration matrix records device_peak_gib.
-CUDA_CONTEXT_GIB = 0.5
+# CUDA context and everything else outside PyTorch's allocator that NVML counts (the driver's
+# reservation, cuBLAS/triton/bitsandbytes kernels). FITTED: bench/results/memory-calibration-
+# llama-3.1-8b-h100-2026-11-23.json, first config of a fresh process: device_peak 7.825 GiB -
+# peak_reserved 6.357 - paged optimizer state 0.152 = 1.32 GiB. (shared/memory-model.md guessed
+# 0.3-0.7 GB for the context alone.) Later configs of the same process read higher because
+# bitsandbytes' page manager never frees an old trainer's paged state.
+CUDA_CONTEXT_GIB = 1.3
 
 # Unsloth's fused CE chunk costs fewer bytes per logit than its planner assumes (16): the
 # compiled chunk fuses the fp32 upcast. FITTED to anchors.md row 5 (Unsloth, 8B, 2x4096 tokens:
-# 7.74 GiB allocated): with 4 chunks of 2048 x 128256 logits the row needs 8 bytes per logit.
+# 7.74 GiB allocated, a chunk at the planner's 4 GiB target): 8 bytes per logit.
 UNSLOTH_CE_BYTES_PER_LOGIT = 8.0
 
-# Activations as computed from the saved-tensor inventory (docs/memory-model.md) are multiplied
-# by this factor per backend path; it applies to the per-layer parts (one layer recomputed, or all
-# layers without checkpointing, and the backward temporaries), not to the exactly known checkpoints
-# and loss buffers. FITTED: hf to anchors.md row 3 (10.19 GiB allocated; the inventory gives
-# 10.12 at 1.045). hf-upcast needs none: the inventory gives 15.54 for row 1 (15.46), 10.00 for
-# the "RTX 4060" recipe without modules_to_save (9.9) and 16.08 with them (16.0). unsloth's peak
-# is its loss chunk (UNSLOTH_CE_BYTES_PER_LOGIT), not a layer.
-ACTIVATION_SCALE = {"hf": 1.076, "hf-upcast": 1.0, "unsloth": 1.0}
+# The per-layer parts of the activations (one layer's saved tensors, every layer's without
+# checkpointing, and the backward temporaries) are the saved-tensor inventory of terms.py times
+# this factor. FITTED: hf to the 8 Llama-3.1-8B configs of the calibration matrix: without
+# checkpointing the peak grows 5.73 MiB per token against the inventory's 5.89 (0.97);
+# hf-upcast needs none (anchors.md row 1: 15.54 estimated vs 15.46 allocated; the "RTX 4060"
+# rows 16.08 vs 16.0 and 10.00 vs 9.9); unsloth's peak is its loss chunk, not a layer.
+ACTIVATION_SCALE = {"hf": 0.97, "hf-upcast": 1.0, "unsloth": 1.0}
 
-# Caching-allocator slack: peak reserved minus peak allocated, as a fraction of the activation
-# working set at the peak. FITTED so each row's reserved peak comes out right on top of the
-# model's allocated peak: hf row 3 (10.78 reserved), hf-upcast row 1 (15.81), unsloth row 5 (7.88).
-ALLOCATOR_SLACK_FRACTION = {"hf": 0.133, "hf-upcast": 0.035, "unsloth": 0.033}
+# MLP-wide gradients alive at once in one layer's backward (besides two hidden-wide ones).
+# FITTED: hf 1, the checkpointed Llama-3.1-8B configs of the matrix (peak grows 0.477 MiB per token:
+# checkpoints 0.25 + one layer 0.18 + temporaries 0.043); hf-upcast 3, anchors.md row 1 (a bare
+# script, fp32 MLP); unsloth 2 (its fused SwiGLU backward writes into e and g in place).
+BACKWARD_MLP_GRADIENTS = {"hf": 1, "hf-upcast": 3, "unsloth": 2}
+
+# Caching-allocator slack (peak reserved - peak allocated) = base + fraction x the bytes churned at
+# the peak (one layer's saved tensors and temporaries, or the loss tiles). FITTED: hf to the
+# matrix's Llama-3.1-8B configs (0.24, 0.41, 0.61, 1.24 GiB checkpointed at 1K-8K tokens; 0.31-1.08
+# without), hf-upcast to anchors.md row 1 (15.81 reserved), unsloth to row 5 (7.88).
+ALLOCATOR_SLACK_BASE_GIB = {"hf": 0.1, "hf-upcast": 0.0, "unsloth": 0.0}
+ALLOCATOR_SLACK_FRACTION = {"hf": 0.65, "hf-upcast": 0.07, "unsloth": 0.035}
 
 # Vocabulary-sized gradient buffers (the fp32 grad of a trained lm_head and its bf16 copy, built
 # once per micro-step) do not fit in the split blocks the allocator has cached by then, so reserved

@@ -197,7 +197,13 @@ def _targets(cfg: RunConfig, arch: Architecture) -> tuple[str, ...]:
     return tuple(dict.fromkeys(wanted))
 
 
-def plan_for(cfg: RunConfig, arch: Architecture, backend: str, budget_gb: float | None = None) -> terms.Plan:
+def plan_for(
+    cfg: RunConfig,
+    arch: Architecture,
+    backend: str,
+    budget_gb: float | None = None,
+    padded: bool | None = None,
+) -> terms.Plan:
     t, lo, q = cfg.train, cfg.lora, cfg.quant
     problems = []
     if t.micro_batch < 1:
@@ -233,6 +239,10 @@ def plan_for(cfg: RunConfig, arch: Architecture, backend: str, budget_gb: float 
         gradient_checkpointing=t.gradient_checkpointing,
         attention=cfg.model.attn_implementation,
         budget_bytes=budget_gb * C.GIB if budget_gb is not None else None,
+        packing=cfg.data.packing,
+        # Rows of different lengths padded to the longest: a mask on every layer. One row, or
+        # packed rows, need no padding mask.
+        padded=(t.micro_batch > 1 and not cfg.data.packing) if padded is None else padded,
     )
 
 
@@ -251,33 +261,37 @@ def estimate(
     backend: str | None = None,
     *,
     budget_gb: float | None = None,
+    padded: bool | None = None,
 ) -> Estimate:
     """The memory a training step of `cfg` needs at its peak.
 
     `backend` overrides cfg.hardware.backend (auto resolves as the engine would on this machine).
     `budget_gb` only matters for Unsloth, whose loss chunks shrink with the GPU's free memory;
     without it they are sized as on a large GPU (4 GiB chunks), which errs on the safe side.
+    `padded` says whether micro-batches carry padding (an attention mask on every layer); by
+    default they do when micro_batch > 1 without packing. Measurements on rows all seq_len long
+    pass False.
     """
     arch = arch or resolve_architecture(cfg)
     name, reason = resolve_backend(cfg, backend)
-    plan = plan_for(cfg, arch, name, budget_gb)
+    plan = plan_for(cfg, arch, name, budget_gb, padded)
 
     weights = terms.weights(plan)
     grads = terms.gradients(plan)
     opt_torch, paged = terms.optimizer_states(plan)
     static = sum(weights.values()) + sum(grads.values()) + sum(opt_torch.values()) + C.CUBLAS_WORKSPACE_BYTES
 
-    scale, slack_fraction = C.ACTIVATION_SCALE[name], C.ALLOCATOR_SLACK_FRACTION[name]
-    best: tuple[float, float, float, terms.Phase, dict[str, float]] | None = None
+    slack_base, slack_fraction = C.ALLOCATOR_SLACK_BASE_GIB[name] * C.GIB, C.ALLOCATOR_SLACK_FRACTION[name]
+    best: tuple[float, float, terms.Phase] | None = None
     for phase in terms.phases(plan):
-        acts = {k: v * (scale if k in phase.scaled else 1.0) for k, v in phase.activations.items()}
-        act = sum(acts.values())
-        allocated = static + act + sum(phase.workspace.values())
-        slack = slack_fraction * act + C.LARGE_BUFFER_RESERVED_COPIES * phase.large_buffers
-        if best is None or allocated + slack > best[0] + best[2]:
-            best = (allocated, 0.0, slack, phase, acts)
+        allocated = static + sum(phase.activations.values()) + sum(phase.workspace.values())
+        slack = slack_base + slack_fraction * phase.churn
+        slack += C.LARGE_BUFFER_RESERVED_COPIES * phase.large_buffers
+        if best is None or allocated + slack > best[0] + best[1]:
+            best = (allocated, slack, phase)
     assert best is not None
-    allocated, _, slack, phase, acts = best
+    allocated, slack, phase = best
+    acts = phase.activations
     reserved = allocated + slack
     context = C.CUDA_CONTEXT_GIB * C.GIB
 
@@ -302,8 +316,10 @@ def estimate(
     notes = list(arch.notes)
     if name == "unsloth" and budget_gb is None:
         notes.append("Unsloth's loss chunks sized as on a large GPU (4 GiB); a smaller card chunks finer")
-    if cfg.data.packing is False:
+    if not cfg.data.packing:
         notes.append("every row counted at train.seq_len tokens: shorter rows only lower the peak")
+    if plan.padded:
+        notes.append("micro-batches counted as padded: an attention mask on every layer")
     return Estimate(
         arch=arch,
         backend=name,

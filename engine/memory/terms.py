@@ -46,6 +46,8 @@ class Plan:
     gradient_checkpointing: bool
     attention: str  # sdpa, eager, flash_attention_2
     budget_bytes: float | None = None  # the GPU's budget, for Unsloth's free-memory-sized loss chunks
+    packing: bool = False  # several examples per row: a block-diagonal mask from position_ids
+    padded: bool = False  # micro-batches carry padding: an attention mask on every layer
 
     @property
     def tokens(self) -> int:
@@ -69,10 +71,11 @@ class Phase:
     name: str
     activations: dict[str, float] = field(default_factory=dict)
     workspace: dict[str, float] = field(default_factory=dict)  # transient buffers that are not activations
-    large_buffers: float = (
-        0.0  # vocabulary-sized one-off buffers (see constants.LARGE_BUFFER_RESERVED_COPIES)
-    )
-    scaled: tuple[str, ...] = ()  # activation parts the per-backend ACTIVATION_SCALE applies to
+    # Vocabulary-sized one-off buffers (see constants.LARGE_BUFFER_RESERVED_COPIES).
+    large_buffers: float = 0.0
+    # Bytes allocated and freed over and over at this moment (one layer's tensors, the loss tiles):
+    # what the caching allocator's slack grows with (constants.ALLOCATOR_SLACK_FRACTION).
+    churn: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,13 +232,49 @@ def eager_attention_bytes(plan: Plan) -> tuple[float, float]:
     return scores * (4 + plan.compute_bytes), scores * 2 * plan.compute_bytes
 
 
-def backward_temporaries_per_token(plan: Plan) -> float:
-    """Gradients alive at once inside one layer's backward: three MLP-wide, two hidden-wide."""
+def masked_layers(plan: Plan) -> int:
+    """Layers whose SDPA call gets an explicit mask (transformers drops an all-causal one).
+
+    With a mask, transformers repeats K and V to every query head (sdpa_attention.py
+    use_gqa_in_sdpa) and SDPA's memory-efficient kernel keeps the mask as a bf16 bias for backward.
+    Packing (a block-diagonal mask from position_ids) and padding put one on every layer; sliding
+    window layers (Gemma 3) need one once the sequence reaches the window.
+    """
     a = plan.arch
-    if plan.backend == "unsloth":
-        return 2 * plan.compute_bytes * a.ffn + 2 * plan.compute_bytes * a.hidden
-    mlp = 4 if plan.backend == "hf-upcast" else plan.compute_bytes
-    return 3 * mlp * a.ffn + 2 * plan.residual_bytes * a.hidden
+    if plan.backend == "unsloth" or plan.attention != "sdpa":
+        return 0
+    if plan.packing or plan.padded:
+        return a.layers
+    if a.sliding_window and plan.seq_len >= a.sliding_window:
+        return a.layers - (a.layers // a.sliding_pattern if a.sliding_pattern else 0)
+    return 0
+
+
+def mask_saved_per_token(plan: Plan) -> float:
+    """Extra bytes per token a masked layer saves: K and V repeated to q_dim, and the bf16 bias
+    (micro_batch x seq x seq x 2 bytes, that is 2 x seq per token)."""
+    a = plan.arch
+    return 2 * plan.compute_bytes * (a.q_dim - a.kv_dim) + 2 * plan.seq_len
+
+
+def attention_mask_inputs(plan: Plan) -> float:
+    """The bool 4D masks transformers builds once per forward (a causal one and a sliding one)."""
+    if not masked_layers(plan):
+        return 0.0
+    kinds = 2 if plan.arch.sliding_window else 1
+    return float(kinds * plan.micro_batch * plan.seq_len**2)
+
+
+def backward_temporaries_per_token(plan: Plan) -> float:
+    """Gradients alive at once inside one layer's backward: some MLP-wide (constants.
+    BACKWARD_MLP_GRADIENTS, in the MLP's dtype) and two hidden-wide (the residual's dtype)."""
+    a = plan.arch
+    mlp_bytes = 4 if plan.backend == "hf-upcast" else plan.compute_bytes
+    return C.BACKWARD_MLP_GRADIENTS[plan.backend] * mlp_bytes * a.ffn + 2 * plan.residual_bytes * a.hidden
+
+
+def layer_scale(plan: Plan) -> float:
+    return C.ACTIVATION_SCALE[plan.backend]
 
 
 def dequantized_weight(plan: Plan) -> float:
@@ -257,29 +296,29 @@ def _all_layers(plan: Plan) -> float:
     """Without checkpointing every layer keeps its saved tensors (and its input) until backward."""
     a, T = plan.arch, plan.tokens
     saved, _ = eager_attention_bytes(plan)
-    per_layer = layer_saved_per_token(plan) * T + saved
+    per_layer = layer_saved_per_token(plan) * T * layer_scale(plan) + saved
     if plan.backend != "hf":  # hf's first RMSNorm already saves its own fp32 copy of the input
         per_layer += T * a.hidden * plan.residual_bytes
-    return a.layers * per_layer
+    return a.layers * per_layer + masked_layers(plan) * mask_saved_per_token(plan) * T
 
 
 def backward_phase(plan: Plan) -> Phase:
     T = plan.tokens
     saved, transient = eager_attention_bytes(plan)
-    temps = backward_temporaries_per_token(plan) * T + transient
+    temps = backward_temporaries_per_token(plan) * T * layer_scale(plan) + transient
+    one_layer = layer_saved_per_token(plan) * T * layer_scale(plan) + saved
+    if masked_layers(plan):
+        one_layer += mask_saved_per_token(plan) * T
     if plan.gradient_checkpointing:
         name, kept = _kept_layer_inputs(plan)
-        acts = {
-            name: kept,
-            "one layer recomputed": layer_saved_per_token(plan) * T + saved,
-            "backward temporaries": temps,
-        }
-        scaled = ("one layer recomputed", "backward temporaries")
+        acts = {name: kept, "one layer recomputed": one_layer, "backward temporaries": temps}
     else:
         acts = {"saved activations (all layers)": _all_layers(plan), "backward temporaries": temps}
-        scaled = ("saved activations (all layers)", "backward temporaries")
+    if masked_layers(plan):
+        acts["attention masks"] = attention_mask_inputs(plan)
     ws = {"dequantized weight (one matmul)": dequantized_weight(plan)} if plan.load_in_4bit else {}
-    return Phase("backward through the last layer", acts, ws, scaled=scaled)
+    # Either way the allocator churns through one layer's tensors at a time.
+    return Phase("backward through the last layer", acts, ws, churn=one_layer + temps)
 
 
 def _resident_before_loss(plan: Plan) -> tuple[str, float]:
@@ -296,16 +335,18 @@ def loss_phase(plan: Plan) -> Phase:
     lm_head_trains = LM_HEAD in plan.modules_to_save
     name, kept = _resident_before_loss(plan)
     acts: dict[str, float] = {name: kept} if name else {}
-    scaled = ("saved activations (all layers)",) if not plan.gradient_checkpointing else ()
+    if masked_layers(plan):
+        acts["attention masks"] = attention_mask_inputs(plan)
     if plan.backend == "unsloth":
         acts["final hidden states (and normed)"] = 2.0 * T * h * c
         grad_inputs = T * h * c
         fixed = grad_inputs + (2 * V * h * c if lm_head_trains else 0)
         acts["fused CE loss: grad_inputs + one chunk"] = grad_inputs + unsloth_loss_chunk(plan, fixed)
+        churn = acts["final hidden states (and normed)"] + acts["fused CE loss: grad_inputs + one chunk"]
         big = V * h * c if lm_head_trains else 0.0
         if big:
             acts["lm_head gradient"] = big
-        return Phase("loss (LM head)", acts, {}, big, scaled)
+        return Phase("loss (LM head)", acts, {}, big, churn)
     # TRL's ChunkedLogProbFunction (trl/kernels/chunked_logprob.py). N = labelled positions;
     # counted as every token (responses-only masking only lowers it).
     n = T
@@ -326,7 +367,8 @@ def loss_phase(plan: Plan) -> Phase:
         # grad_weight accumulated in fp32 (V x h x 4) and returned as bf16: both alive at the return.
         big = V * h * (4.0 + 2.0)
         acts["lm_head gradient (fp32 + bf16 copy)"] = big
-    return Phase("loss (LM head)", acts, {}, big, scaled)
+    churn = acts["final norm + LM-head input"] + tiles
+    return Phase("loss (LM head)", acts, {}, big, churn)
 
 
 def unsloth_loss_chunk(plan: Plan, fixed: float) -> float:
@@ -361,7 +403,7 @@ def embedding_backward_phase(plan: Plan) -> Phase | None:
         "embed_tokens dense gradient": dense,
         "gradient of the embeddings' output": plan.tokens * a.hidden * plan.residual_bytes,
     }
-    return Phase("embedding backward", acts, {}, dense)
+    return Phase("embedding backward", acts, {}, dense, acts["gradient of the embeddings' output"])
 
 
 def optimizer_phase(plan: Plan) -> Phase | None:

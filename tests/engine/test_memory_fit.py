@@ -184,11 +184,12 @@ def test_rtx4060_recipe_does_not_fit_and_advice_makes_it_fit() -> None:
     advice = advise(cfg, gpu, backend="hf")
     assert advice, "a config that does not fit gets advice"
     drop = next(a for a in advice if a.kinds == ("modules_to_save",))
-    assert drop.saves_gb > 10 and drop.status == DOES_NOT_FIT  # 8.1 GB: still just over 8 GB
+    assert drop.saves_gb > 10 and drop.status == DOES_NOT_FIT  # about 9 GB: still over 8 GB
     fitting = [a for a in advice if a.status == FITS]
     assert fitting, "some combination must fit"
+    # No single change is enough; every combination that fits drops the trainable copies.
     assert all(len(a.kinds) >= 2 and "modules_to_save" in a.kinds for a in fitting)
-    assert any(set(a.kinds) == {"modules_to_save", "rank"} for a in fitting)
+    assert any("rank" in a.kinds for a in fitting)
 
 
 def test_rtx4060_recipe_on_the_usual_recipe_matches_the_anchor() -> None:
