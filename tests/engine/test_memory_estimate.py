@@ -203,19 +203,19 @@ def _total(c: dict, **change: int) -> float:
     return estimate(cfg, arch, c["backend"], budget_gb=c["budget"]).device_total_gb
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(c=configs, more=st.integers(1, 4096))
 def test_longer_sequences_never_estimate_less(c: dict, more: int) -> None:
     assert _total(c, seq=c["seq"] + more) >= _total(c) - 1e-9
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(c=configs, more=st.integers(1, 8))
 def test_bigger_micro_batches_never_estimate_less(c: dict, more: int) -> None:
     assert _total(c, mb=c["mb"] + more) >= _total(c) - 1e-9
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(c=configs, more=st.integers(1, 256))
 def test_higher_ranks_never_estimate_less(c: dict, more: int) -> None:
     assert _total(c, r=c["r"] + more) >= _total(c) - 1e-9

@@ -32,7 +32,7 @@ def status(cfg: RunConfig, gpu_spec: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, database=None)
 @given(
     arch=st.sampled_from(["llama-3.1-8b", "llama-3.2-1b", "gemma-3-4b", "qwen2.5-7b", "mistral-7b"]),
     gpu=st.sampled_from(["rtx3060", "rtx4090", "a100-40gb", "h100"]),
