@@ -22,6 +22,23 @@ from engine.memory.gpus import Gpu
 MIN_RANK = 8
 MAX_COMBINATIONS = 3
 STATUS_ORDER = {FITS: 0, TIGHT: 1, DOES_NOT_FIT: 2}
+# What a change costs the run, gentlest first: more accumulation changes nothing the model learns;
+# checkpointing and the optimizer cost speed; the rest change what is trained or on what data.
+COST = {
+    kind: i
+    for i, kind in enumerate(
+        (
+            "micro_batch",
+            "gradient_checkpointing",
+            "optimizer",
+            "attention",
+            "backend",
+            "modules_to_save",
+            "rank",
+            "seq_len",
+        )
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -177,15 +194,15 @@ class _Advisor:
         )
 
     def changes(self) -> list[tuple[str, Callable[[_State], _State | None]]]:
-        """(kind, change), gentlest first. The searches (micro-batch, rank, length) come last so
-        that, in a combination, they pick the mildest value that fits after the others."""
+        """(kind, change) in the order a combination applies them: the searches (micro-batch,
+        rank, length) last, so that they pick the mildest value that fits after the others."""
         return [
-            ("micro_batch", self.micro_batch),
             ("gradient_checkpointing", self.gradient_checkpointing),
             ("optimizer", self.optimizer),
             ("attention", self.attention),
             ("backend", self.other_backend),
             ("modules_to_save", self.drop_modules_to_save),
+            ("micro_batch", self.micro_batch),
             ("rank", self.rank),
             ("seq_len", self.seq_len),
         ]
@@ -224,7 +241,6 @@ def advise(
         return []
     before = base.device_total_gb
     steps = advisor.changes()
-    cost = {kind: i for i, (kind, _) in enumerate(steps)}
 
     singles: list[Advice] = []
     applicable = []
@@ -234,13 +250,13 @@ def advise(
             applicable.append((kind, step))
             singles.append(_advice(advisor, changed, before))
     # Changes that fit come first, the gentlest first; the others by what they save.
-    singles.sort(key=lambda a: (STATUS_ORDER[a.status], cost[a.kinds[0]] if a.fits else 0, -a.saves_gb))
+    singles.sort(key=lambda a: (STATUS_ORDER[a.status], COST[a.kinds[0]] if a.fits else 0, -a.saves_gb))
     if any(a.status == FITS for a in singles):
         return singles
 
     combos: list[Advice] = []
     for size in range(2, min(len(applicable), 4) + 1):
-        for group in itertools.combinations(applicable, size):  # kept in cost order
+        for group in itertools.combinations(applicable, size):  # kept in the order they apply
             state: _State | None = start
             for _, step in group:
                 state = step(state) if state is not None else None
@@ -255,5 +271,5 @@ def advise(
         for _, step in applicable:
             state = step(state) or state
         combos.append(_advice(advisor, state, before))
-    combos.sort(key=lambda a: (sum(cost[k] for k in a.kinds), -a.headroom_gb))
+    combos.sort(key=lambda a: (sum(COST[k] for k in a.kinds), -a.headroom_gb))
     return singles + combos[:MAX_COMBINATIONS]
