@@ -59,7 +59,9 @@ class RunState:
     started: float = field(default_factory=time.time)
 
 
-def _make_callback(emitter: Emitter, commands: CommandQueue, state: RunState, tokenizer: Any) -> Any:
+def _make_callback(
+    emitter: Emitter, commands: CommandQueue, state: RunState, tokenizer: Any, template: str
+) -> Any:
     from transformers import TrainerCallback
 
     from engine.sampling import generate
@@ -99,7 +101,15 @@ def _make_callback(emitter: Emitter, commands: CommandQueue, state: RunState, to
                     control.should_save = True
                 elif isinstance(command, protocol.SampleRequest):
                     t0 = time.perf_counter()
-                    generate(model, tokenizer, command, emitter, source="live", step=st.global_step)
+                    generate(
+                        model,
+                        tokenizer,
+                        command,
+                        emitter,
+                        source="live",
+                        step=st.global_step,
+                        template=template,
+                    )
                     self._last_time += time.perf_counter() - t0  # sampling is not training time
 
         def on_log(
@@ -223,6 +233,11 @@ class Recipe:
             )
         )
         model = hf.load_model(cfg, self.device, path)
+        # LoRA's A matrices are drawn at random when the adapters are created, before the trainer
+        # seeds anything: seed here, or two runs of one preset start from different adapters.
+        from transformers import set_seed
+
+        set_seed(cfg.train.seed)
         model = hf.apply_lora(model, cfg)
         total, trainable = hf.count_params(model)
         mem = cuda_memory()
@@ -245,6 +260,11 @@ class Recipe:
             emit(protocol.StageEvent(stage="preparing_data", message=message, current=current, total=total))
 
         prepared = data.prepare(cfg, self.tokenizer, progress)
+        template = prepared.template.family if prepared.template else "auto"
+        if prepared.template is not None:
+            # Checkpoints and the final adapter save this tokenizer: they carry the template the
+            # model learned, so sampling and export render prompts exactly as training did.
+            self.tokenizer.chat_template = prepared.template.source
         r = prepared.report
         emit(
             protocol.DataReady(
@@ -258,7 +278,7 @@ class Recipe:
                 total_steps=r.total_steps,
             )
         )
-        callback = _make_callback(self.emitter, self.commands, self.state, self.tokenizer)
+        callback = _make_callback(self.emitter, self.commands, self.state, self.tokenizer, template)
         self.trainer = hf.build_trainer(
             model, self.tokenizer, cfg, prepared, self.run_dir / runs.CHECKPOINTS, self.device, [callback]
         )

@@ -47,7 +47,9 @@ def sample_checkpoint(
     )
     device = choose_device(cfg)
     path = hf.resolve_model_path(cfg)
-    tokenizer = hf.load_tokenizer(cfg, path)
+    # The checkpoint's tokenizer carries the chat template the run trained with.
+    has_tokenizer = (adapter / "tokenizer_config.json").is_file()
+    tokenizer = hf.load_tokenizer(cfg, str(adapter) if has_tokenizer else path)
     model = hf.load_model(cfg, device, path)
     # Adapters are read from safetensors only; PeftModel never unpickles anything here.
     model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
@@ -57,5 +59,5 @@ def sample_checkpoint(
         else None
     )
     emitter.emit(protocol.StageEvent(stage="sampling", message="generating"))
-    generate(model, tokenizer, request, emitter, source=adapter.name, step=step)
+    generate(model, tokenizer, request, emitter, source=adapter.name, step=step, template=cfg.data.template)
     return 0

@@ -15,18 +15,15 @@ from engine import protocol
 from engine.events import Emitter
 
 
-def stop_token_ids(tokenizer: Any, model: Any) -> list[int]:
-    ids: list[int] = []
-    gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None)
+def stop_token_ids(tokenizer: Any, model: Any, template: str = "auto") -> list[int]:
+    """What ends a reply: the template family's end-of-turn token (Llama 3's <|eot_id|>), the
+    tokenizer's end of sequence, and whatever the model's generation config lists."""
+    from engine.data.templates import end_of_turn_ids
+
+    ids = list(end_of_turn_ids(tokenizer, template))
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids += eos if isinstance(eos, list) else ([eos] if eos is not None else [])
-    for token in ("<|eot_id|>", "<end_of_turn>", "<|im_end|>", "<|end_of_text|>"):
-        tid = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
-        if tid is not None:
-            ids.append(tid)
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return sorted(set(ids))
+    return sorted({i for i in ids if i is not None})
 
 
 def prompt_ids(tokenizer: Any, request: protocol.SampleRequest) -> list[int]:
@@ -49,8 +46,10 @@ def generate(
     emitter: Emitter,
     source: str = "live",
     step: int | None = None,
+    template: str = "auto",
 ) -> protocol.Sample:
-    """Generate one reply and stream it; the model is left in the mode it was in."""
+    """Generate one reply and stream it; the model is left in the mode it was in. `tokenizer` must
+    carry the chat template the model was trained with; `template` names its family."""
     import torch
     from transformers import TextStreamer
 
@@ -67,7 +66,7 @@ def generate(
     ids = prompt_ids(tokenizer, request)
     device = next(p.device for p in model.parameters())
     inputs = torch.tensor([ids], device=device)
-    stops = stop_token_ids(tokenizer, model)
+    stops = stop_token_ids(tokenizer, model, template)
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()

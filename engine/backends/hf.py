@@ -182,12 +182,33 @@ def training_args(cfg: RunConfig, output_dir: Path, device: str, has_eval: bool)
     )
 
 
+def _trainer_class() -> type:
+    from trl import SFTTrainer
+
+    class EngineTrainer(SFTTrainer):
+        """SFTTrainer that resumes at the precision it trained in.
+
+        TRL casts a quantized model's LoRA weights to bf16 when the trainer is built; resuming,
+        transformers reloads the adapter with peft's default fp32 upcast, so a resumed run would
+        train at another precision (and size) than the run it continues. Restore each trainable
+        weight's dtype after the reload, before the optimizer is built around it.
+        """
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            target = model if model is not None else self.model
+            dtypes = {n: p.dtype for n, p in target.named_parameters() if p.requires_grad}
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            for name, param in target.named_parameters():
+                if name in dtypes and param.dtype != dtypes[name]:
+                    param.data = param.data.to(dtypes[name])
+
+    return EngineTrainer
+
+
 def build_trainer(
     model: Any, tokenizer: Any, cfg: RunConfig, data: Any, output_dir: Path, device: str, callbacks: list[Any]
 ) -> Any:
-    from trl import SFTTrainer
-
-    return SFTTrainer(
+    return _trainer_class()(
         model=model,
         args=training_args(cfg, output_dir, device, has_eval=data.eval is not None),
         train_dataset=data.train,

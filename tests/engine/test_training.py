@@ -1,0 +1,168 @@
+"""The real engine on the tiny model: NF4 base, LoRA, 8-bit AdamW, through `qlc` and the child
+process. One uninterrupted reference run; one run whose console is killed mid-training, which must
+keep training, answer a live sample and `qlc stop` through its control FIFO, and, once resumed,
+reach the reference's losses at every later step."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from engine import protocol, runs
+from tests.conftest import QLC, REPO, qlc
+
+pytestmark = pytest.mark.slow
+
+STEPS = 24
+OVERRIDES = [
+    f"train.max_steps={STEPS}", "train.logging_steps=1", "train.save_steps=8", "train.eval_steps=0",
+    "data.val_fraction=0", "train.micro_batch=4",
+]
+SETS = [x for o in OVERRIDES for x in ("--set", o)]
+
+
+def _steps(run_dir: Path) -> dict[int, float]:
+    events, _ = runs.read_events(run_dir)
+    return {e.step: e.loss for e in events if isinstance(e, protocol.Step)}
+
+
+def _wait(run_dir: Path, predicate, timeout: float = 180) -> protocol.Event:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for ev in runs.read_events(run_dir)[0]:
+            if predicate(ev):
+                return ev
+        time.sleep(0.1)
+    raise AssertionError(f"timed out; engine.log:\n{(run_dir / runs.ENGINE_LOG).read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def reference(root: Path) -> Path:
+    """An uninterrupted run, followed in the foreground."""
+    result = qlc("--runs-dir", str(root), "train", "tiny-demo", *SETS)
+    assert result.returncode == 0, result.stderr + result.stdout
+    (run_dir,) = runs.list_run_dirs(root)
+    return run_dir
+
+
+def test_a_tiny_run_trains_checkpoints_and_saves_its_adapter(reference: Path) -> None:
+    events, _ = runs.read_events(reference)
+    kinds = [type(e).__name__ for e in events]
+    assert kinds[0] == "Hello" and kinds[-1] == "Finished"
+    hello = events[0]
+    assert hello.backend == "hf" and hello.device == "cpu" and "no CUDA GPU" in hello.backend_reason
+    ready = next(e for e in events if isinstance(e, protocol.ModelReady))
+    assert ready.quantized and 0 < ready.trainable_params < ready.total_params
+    losses = _steps(reference)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (STEPS - 2, STEPS - 1, STEPS)) / 3
+    assert last < first - 1.0, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    assert [e.step for e in events if isinstance(e, protocol.CheckpointSaved)] == [8, 16, 24]
+    assert events[-1].status == "completed"
+    adapter = reference / runs.ADAPTER
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
+    # The base really is 4-bit NF4, and the optimizer really is bitsandbytes' 8-bit AdamW.
+    log = (reference / runs.ENGINE_LOG).read_text()
+    assert "Traceback" not in log
+    checkpoint = runs.find_checkpoint(reference)
+    assert (checkpoint / "optimizer.pt").is_file() and (checkpoint / "trainer_state.json").is_file()
+    assert oct((reference).stat().st_mode & 0o777) == "0o700"
+    assert oct((reference / runs.CONTROL).stat().st_mode & 0o777) == "0o600"
+
+
+def test_the_run_is_listed_with_its_status(reference: Path, root: Path) -> None:
+    result = qlc("--runs-dir", str(root), "runs", "--json")
+    (row,) = json.loads(result.stdout)
+    assert row["status"] == "completed" and row["step"] == STEPS and row["preset"] == "tiny-demo"
+
+
+def test_sampling_a_checkpoint_streams_text(reference: Path, root: Path) -> None:
+    result = qlc("--runs-dir", str(root), "sample", reference.name, "What is 2 plus 3?", "--checkpoint", "16",
+                 "--temperature", "0", "--max-new-tokens", "24", "--json")
+    assert result.returncode == 0, result.stderr
+    events = [protocol.decode_event(line) for line in result.stdout.splitlines()]
+    sample = events[-1]
+    assert isinstance(sample, protocol.Sample) and sample.source == "checkpoint-16" and sample.step == 16
+    streamed = "".join(e.text for e in events if isinstance(e, protocol.SampleToken))
+    assert streamed.strip() == sample.text.strip() and sample.new_tokens > 0
+
+
+def test_sampling_a_missing_checkpoint_is_one_line(reference: Path, root: Path) -> None:
+    result = qlc("--runs-dir", str(root), "sample", reference.name, "hi", "--checkpoint", "7")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "no checkpoint at step 7" in result.stderr
+
+
+def test_a_run_outlives_its_console_stops_through_the_fifo_and_resumes_exactly(reference: Path, root: Path, tmp_path: Path) -> None:
+    other = tmp_path / "runs"
+    env = {**os.environ, "NO_COLOR": "1"}
+    # A console following a run in the foreground, in its own process group, like a terminal.
+    console = subprocess.Popen([*QLC, "--runs-dir", str(other), "train", "tiny-demo", *SETS], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not runs.list_run_dirs(other) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (run_dir,) = runs.list_run_dirs(other)
+    _wait(run_dir, lambda e: isinstance(e, protocol.Step) and e.step >= 3)
+    os.killpg(console.pid, signal.SIGKILL)  # the SSH session dies with its console
+    console.wait()
+    killed_at = max(_steps(run_dir))
+    _wait(run_dir, lambda e: isinstance(e, protocol.Step) and e.step >= killed_at + 2)
+    assert runs.is_running(run_dir)
+
+    live = qlc("--runs-dir", str(other), "sample", run_dir.name, "--live", "What is 4 plus 4?", "--max-new-tokens", "8", "--json")
+    assert live.returncode == 0, live.stderr
+    sample = protocol.decode_event(live.stdout.splitlines()[-1])
+    assert isinstance(sample, protocol.Sample) and sample.source == "live" and sample.new_tokens > 0
+
+    stop = qlc("--runs-dir", str(other), "stop", run_dir.name)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    events, _ = runs.read_events(run_dir)
+    finished = events[-1]
+    assert isinstance(finished, protocol.Finished) and finished.status == "stopped"
+    stopped_at = finished.step
+    assert stopped_at < STEPS, "the run finished before the stop reached it"
+    assert finished.last_checkpoint and finished.last_checkpoint.endswith(f"checkpoint-{stopped_at}")
+    assert not runs.is_running(run_dir)
+    assert qlc("--runs-dir", str(other), "stop", run_dir.name).returncode == 2  # not running: one line, exit 2
+
+    resumed = qlc("--runs-dir", str(other), "resume", run_dir.name)
+    assert resumed.returncode == 0, resumed.stderr + resumed.stdout
+    events, _ = runs.read_events(run_dir)
+    hellos = [e for e in events if isinstance(e, protocol.Hello)]
+    assert [h.mode for h in hellos] == ["train", "resume"] and hellos[1].resumed_from == f"checkpoint-{stopped_at}"
+    assert events[-1].status == "completed"
+    ours, theirs = _steps(run_dir), _steps(reference)
+    later = [s for s in theirs if s > stopped_at]
+    assert later, "nothing to compare after the stop"
+    for step in later:
+        assert abs(ours[step] - theirs[step]) <= 1e-4, f"step {step}: resumed {ours[step]} vs uninterrupted {theirs[step]}"
+
+
+def test_console_quitting_is_not_a_stop(root: Path, tmp_path: Path) -> None:
+    """End of stdin means the console went away: the run keeps training to the end."""
+    other = tmp_path / "runs"
+    proc = subprocess.Popen([sys.executable, "-m", "tui.cli", "--runs-dir", str(other), "train", "tiny-demo",
+                             *SETS, "--set", "train.max_steps=6"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not runs.list_run_dirs(other) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (run_dir,) = runs.list_run_dirs(other)
+    _wait(run_dir, lambda e: isinstance(e, protocol.Hello))
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = _wait(run_dir, lambda e: isinstance(e, protocol.Finished))
+    assert finished.status == "completed" and finished.step == 6
