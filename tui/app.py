@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import Iterable
+import contextlib
+import functools
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -18,6 +20,7 @@ from rich.text import Text
 from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding, BindingType
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import TabbedContent
 from textual.worker import Worker, WorkerState
@@ -68,6 +71,17 @@ def check_data(cfg: RunConfig) -> None:
         check(cfg)
 
 
+def _while_panes_exist(handler: Callable[..., None]) -> Callable[..., None]:
+    """Client messages can still arrive while the app shuts down and its panes are removed."""
+
+    @functools.wraps(handler)
+    def guarded(*args: Any, **kwargs: Any) -> None:
+        with contextlib.suppress(NoMatches):
+            handler(*args, **kwargs)
+
+    return guarded
+
+
 class QlcApp(App[int]):
     CSS_PATH = "app.tcss"
     TITLE = "qlora-console"
@@ -112,19 +126,26 @@ class QlcApp(App[int]):
         self._preset: PresetsPane.ConfigChanged | None = None
 
     def get_default_screen(self) -> Screen:
-        return MainScreen(self.runs_root, budget.gpu_choices(), self._gpu_probe)
+        initial = "dashboard" if self._attach_ref else "presets"
+        return MainScreen(self.runs_root, budget.gpu_choices(), self._gpu_probe, initial)
 
     def on_mount(self) -> None:
         self.sub_title = str(self.runs_root)
+        self.call_after_refresh(self._started)
+
+    def _started(self) -> None:
+        """After the first refresh, when every pane is mounted."""
+        # Keys work at once, without a click: focus the first pane's main widget.
+        self._focus_pane("dashboard" if self._attach_ref else "presets")
         if self._attach_ref:
             try:
                 run_dir = runs.find_run(self.runs_root, self._attach_ref)
             except UserError as exc:
                 self.show_error("No such run", exc.message, exc.hint)
             else:
-                self.open_run(run_dir)
+                self.watch_client(RunClient(run_dir, mode="tail"), None)
         elif self._auto_attach:
-            self.call_after_refresh(self._find_running)
+            self.run_worker(self._newest_running, thread=True, group="startup", exit_on_error=False)
 
     # ---- panes -------------------------------------------------------------------------------
 
@@ -239,9 +260,6 @@ class QlcApp(App[int]):
     def live(self) -> bool:
         return self.client is not None and self.client.role == "run" and not self.client.ended
 
-    def _find_running(self) -> None:
-        self.run_worker(self._newest_running, thread=True, group="startup", exit_on_error=False)
-
     def _newest_running(self) -> None:
         running = [d for d in runs.list_run_dirs(self.runs_root) if runs.is_running(d)]
         if running:
@@ -254,6 +272,7 @@ class QlcApp(App[int]):
 
     # ---- events from clients -----------------------------------------------------------------
 
+    @_while_panes_exist
     def on_run_client_opened(self, message: RunClient.Opened) -> None:
         if message.client is not self.client:
             return
@@ -263,6 +282,7 @@ class QlcApp(App[int]):
         self.pane(SamplePane).show(self.samples)
         self._update_sample_sources()
 
+    @_while_panes_exist
     def on_run_client_events_arrived(self, message: RunClient.EventsArrived) -> None:
         client = message.client
         events = client.drain()
@@ -291,6 +311,7 @@ class QlcApp(App[int]):
             self.pane(SamplePane).show(self.samples)
         self._update_sample_sources()
 
+    @_while_panes_exist
     def on_run_client_ended(self, message: RunClient.Ended) -> None:
         client = message.client
         if client.role == "sample":
@@ -619,8 +640,16 @@ class QlcApp(App[int]):
             self._quit_when_finished = True
             self.action_stop_run()
 
+    def on_unmount(self) -> None:
+        """However the app ends, stop every reader thread (the default executor is joined at exit)
+        without touching the runs themselves: they train on, reachable from any console."""
+        if self.client is not None:
+            self.client.detach()
+        self._end_samplers()
+
     def _end_samplers(self) -> None:
         for client in self._sample_clients:
+            client.detach()
             if client.proc is not None and client.proc.poll() is None:
                 client.proc.terminate()  # a one-off sampler of ours; no state to save
 

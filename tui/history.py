@@ -107,7 +107,7 @@ class RunHistory:
             return  # steps are charted, not logged: 20 a second would drown the log
         if isinstance(ev, protocol.Hello):
             self.hello, self.finished, self.sessions = ev, None, self.sessions + 1
-            self.run_id = ev.run_id or self.run_id
+            self.run_id = self.run_id or ev.run_id  # the run directory's name wins: it is what qlc resolves
             what = f"resumed from {ev.resumed_from}" if ev.resumed_from else ev.mode
             self._log(
                 ev, "info", f"engine {ev.engine_version} {what} · {ev.backend or '?'} on {ev.device or '?'}"

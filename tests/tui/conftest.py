@@ -60,11 +60,13 @@ AppFactory = Callable[..., QlcApp]
 def app_factory(runs_root: Path) -> AppFactory:
     """make_app with the fake engine (fast: 40 steps at 200 steps/s unless told otherwise)."""
 
-    def build(steps: int = 40, rate: float = 200.0, events: Path | None = None, **kw) -> QlcApp:
+    def build(
+        steps: int = 40, rate: float = 200.0, events: Path | None = None, fail_at: int | None = None, **kw
+    ) -> QlcApp:
         kw.setdefault("auto_attach", False)
         return make_app(
             runs_root,
-            launcher=fake_engine.launcher(steps=steps, rate=rate, events=events),
+            launcher=fake_engine.launcher(steps=steps, rate=rate, events=events, fail_at=fail_at),
             sample_launcher=fake_engine.launch_sample,
             gpu_probe=no_gpu,
             **kw,

@@ -175,12 +175,13 @@ def make_run_dir(
 # ---------------------------------------------------------------------------------------------
 
 
-def launcher(steps: int = 40, rate: float = 40.0, events: Path | None = None):
+def launcher(steps: int = 40, rate: float = 40.0, events: Path | None = None, fail_at: int | None = None):
     """A `launch_train` look-alike that starts this fake instead of `python -m engine`."""
 
     def launch_train(run_dir: Path, resume: bool = False, pipe: bool = True) -> subprocess.Popen[bytes]:
         args = [sys.executable, __file__, "resume" if resume else "train", str(run_dir), "--rate", str(rate)]
         args += ["--events", str(events)] if events else ["--steps", str(steps)]
+        args += ["--fail-at", str(fail_at)] if fail_at else []
         return subprocess.Popen(
             args,
             stdin=subprocess.PIPE if pipe else subprocess.DEVNULL,
@@ -301,7 +302,17 @@ def _save(emitter: Emitter, run_dir: Path, step: int) -> str:
     return str(ckpt)
 
 
-def _train(run_dir: Path, resume: bool, source: list[protocol.Event], rate: float) -> int:
+OOM = protocol.ErrorEvent(
+    kind="out_of_memory",
+    message="CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.65 GiB total capacity)",
+    hint="lower train.micro_batch or train.seq_len; the Memory pane shows what fits",
+    advice=["train.micro_batch=1 (saves 2.9 GB)", "train.seq_len=2048 (saves 2.1 GB)"],
+)
+
+
+def _train(
+    run_dir: Path, resume: bool, source: list[protocol.Event], rate: float, fail_at: int | None = None
+) -> int:
     lock_fd = runs.acquire_lock(run_dir)  # noqa: F841 - held for the life of the process
     emitter = Emitter(run_dir / runs.EVENTS)
     commands = Commands(run_dir)
@@ -324,6 +335,11 @@ def _train(run_dir: Path, resume: bool, source: list[protocol.Event], rate: floa
             if ev.step <= start_step:
                 continue
             step = ev.step
+            if fail_at is not None and step >= fail_at:
+                emitter.emit(msgspec.structs.replace(OOM, step=step))
+                emitter.emit(protocol.Finished(status="failed", step=step, last_checkpoint=last_ckpt))
+                emitter.close()
+                return 1
             ev = msgspec.structs.replace(ev, elapsed_seconds=time.time() - t0)
             if rate > 0:
                 time.sleep(1.0 / rate)
@@ -358,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=40.0, help="steps a second; 0: as fast as possible")
     parser.add_argument("--request")
     parser.add_argument("--checkpoint")
+    parser.add_argument("--fail-at", type=int, help="fail with CUDA out of memory at this step")
     args = parser.parse_args(argv)
     if args.mode == "sample":
         emitter = Emitter(None)
@@ -370,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         emitter.close()
         return 0
     source = load_events(args.events) if args.events else list(synthetic_run(args.steps, finish=True))
-    return _train(args.run_dir, args.mode == "resume", source, args.rate)
+    return _train(args.run_dir, args.mode == "resume", source, args.rate, args.fail_at)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ async def wait_for(
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or condition}")
+            raise AssertionError(
+                f"timed out waiting for {what or condition}; the screen:\n{screen_text(pilot.app)}"
+            )
         await pilot.pause(0.05)
 
 

@@ -24,6 +24,7 @@ async def _start_tiny(pilot, app) -> None:
 async def test_start_follow_and_complete(app_factory, runs_root: Path) -> None:
     app = app_factory(steps=40, rate=400)
     async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()  # let the panes mount before typing
         await _start_tiny(pilot, app)
         await wait_for(pilot, lambda: app.history.finished is not None, what="the run to finish")
         assert app.history.status == "completed"
@@ -39,6 +40,7 @@ async def test_start_follow_and_complete(app_factory, runs_root: Path) -> None:
 async def test_stop_asks_then_shows_the_save(app_factory) -> None:
     app = app_factory(steps=400, rate=20)
     async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()  # let the panes mount before typing
         await _start_tiny(pilot, app)
         await wait_for(pilot, lambda: app.history.step >= 4, what="steps to arrive")
         await pilot.press("x")
@@ -57,6 +59,7 @@ async def test_stop_asks_then_shows_the_save(app_factory) -> None:
 async def test_cancelled_stop_keeps_training(app_factory) -> None:
     app = app_factory(steps=400, rate=20)
     async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()  # let the panes mount before typing
         await _start_tiny(pilot, app)
         await wait_for(pilot, lambda: app.history.step >= 2)
         await pilot.press("x")
@@ -72,6 +75,7 @@ async def test_cancelled_stop_keeps_training(app_factory) -> None:
 async def test_save_and_live_sample(app_factory) -> None:
     app = app_factory(steps=400, rate=20)
     async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()  # let the panes mount before typing
         await _start_tiny(pilot, app)
         await wait_for(pilot, lambda: app.history.step >= 2)
         await pilot.press("v")
@@ -90,6 +94,7 @@ async def test_save_and_live_sample(app_factory) -> None:
 async def test_quit_while_training_detaches(app_factory, runs_root: Path) -> None:
     app = app_factory(steps=400, rate=20)
     async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()  # let the panes mount before typing
         await _start_tiny(pilot, app)
         await wait_for(pilot, lambda: app.history.step >= 2)
         await pilot.press("q")
@@ -119,6 +124,7 @@ async def test_quit_while_training_detaches(app_factory, runs_root: Path) -> Non
 async def test_quit_while_training_can_stop(app_factory, runs_root: Path) -> None:
     app = app_factory(steps=400, rate=20)
     async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()  # let the panes mount before typing
         await _start_tiny(pilot, app)
         await wait_for(pilot, lambda: app.history.step >= 2)
         await pilot.press("q")
@@ -132,6 +138,7 @@ async def test_quit_while_training_can_stop(app_factory, runs_root: Path) -> Non
 async def test_does_not_fit_asks_before_launching(app_factory) -> None:
     app = app_factory()
     async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()  # let the panes mount before typing
         pane = app.screen.query_one(PresetsPane)
         pane.select("llama-3.1-8b-rtx4060")
         await pilot.pause()

@@ -21,14 +21,17 @@ PANES = ("presets", "memory", "dashboard", "runs", "sample")
 
 
 class MainScreen(Screen[None]):
-    def __init__(self, runs_root: Path, gpu_choices: list[GpuChoice], gpu_probe: Probe | None) -> None:
+    def __init__(
+        self, runs_root: Path, gpu_choices: list[GpuChoice], gpu_probe: Probe | None, initial: str = "presets"
+    ) -> None:
         super().__init__()
+        self._initial = initial
         self._runs_root = runs_root
         self._gpu_choices = gpu_choices
         self._gpu_probe = gpu_probe
 
     def compose(self) -> ComposeResult:
-        with TabbedContent(id="panes"):
+        with TabbedContent(id="panes", initial=self._initial):
             with TabPane("1 Presets", id="presets"):
                 yield PresetsPane(id="presets-pane")
             with TabPane("2 Memory", id="memory"):

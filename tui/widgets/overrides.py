@@ -93,6 +93,7 @@ class OverridesEditor(Vertical):
             id="override-input",
             validators=[_OverrideValidator(self._check)],
             validate_on=["changed", "submitted"],
+            select_on_focus=False,  # edit() prefills key=value; typing must extend it, not replace it
         )
         yield Static(id="override-status")
         yield Static(id="override-list")

@@ -1,0 +1,300 @@
+"""Each pane and its actions, by keyboard, against run directories and the fake engine."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import fake_engine
+from conftest import CRASHED_RUN, FINISHED_RUN
+from pilot_helpers import screen_text, wait_for
+from textual.widgets import Input, OptionList, TabbedContent
+
+from engine import protocol, runs
+from tui.screens.error import ErrorScreen
+from tui.widgets.line_chart import LineChart
+from tui.widgets.memory_pane import MemoryPane
+from tui.widgets.overrides import OverridesEditor, check_override
+from tui.widgets.preset_settings import parse_preset_doc
+from tui.widgets.presets_pane import PresetsPane
+from tui.widgets.runs_pane import RunsPane
+from tui.widgets.sample_pane import SamplePane
+
+# ---- Presets -----------------------------------------------------------------------------------
+
+
+def test_preset_comments_are_read_from_the_yaml() -> None:
+    doc = parse_preset_doc(
+        "# Header line one\n# and two\n\nname: x   # its name\nlora:\n  # the rank\n  r: 16\n"
+        '  alpha: 32  # "#" in a comment is fine\nsystem: "a # not a comment"\n'
+    )
+    assert doc.header == "Header line one and two"
+    assert doc.comment("name") == "its name"
+    assert doc.comment("lora.r") == "the rank"
+    assert doc.comment("lora.alpha") == '"#" in a comment is fine'
+    assert doc.comment("system") == ""
+    assert [s.path for s in doc.settings if s.is_section] == ["lora"]
+
+
+def test_overrides_validate_with_the_cli_rules() -> None:
+    ok, message = check_override("tiny-demo", [], "lr=1e-4")
+    assert ok and message == "train.lr: 0.003 → 0.0001"
+    ok, message = check_override("tiny-demo", [], "train.lrr=1")
+    assert not ok and "did you mean 'train.lr'" in message
+    ok, message = check_override("tiny-demo", [], "train.micro_batch=zero")
+    assert not ok and "train.micro_batch" in message
+    ok, message = check_override("tiny-demo", [], "lora.dropout=1.5")
+    assert not ok and "lora.dropout" in message
+
+
+async def test_presets_filter_select_and_override(app_factory) -> None:
+    app = app_factory()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()  # let the panes mount before typing
+        pane = app.screen.query_one(PresetsPane)
+        await pilot.press("slash", *"tiny")
+        options = app.screen.query_one("#preset-list", OptionList)
+        assert options.option_count == 1
+        await pilot.press("enter", "enter")  # to the list, then into the settings
+        assert pane.selected == "tiny-demo"
+        text = screen_text(app)
+        assert "Offline demo" in text and "adapter rank" in text  # a comment from the YAML
+        editor = app.screen.query_one(OverridesEditor)
+        editor.edit("train.lr", "")
+        await pilot.press(*"abc")
+        await pilot.pause()
+        assert "✗ train.lr" in screen_text(app)
+        box = app.screen.query_one("#override-input", Input)
+        box.value = ""
+        await pilot.press(*"lr=1e-4")
+        await pilot.pause()
+        assert "✓ train.lr: 0.003 → 0.0001" in screen_text(app)
+        await pilot.press("enter")
+        await pilot.pause()
+        assert pane.overrides == ["lr=1e-4"]
+        assert pane.config is not None and pane.config.train.lr == 1e-4
+        assert "overrides: lr=1e-4" in screen_text(app)
+        await pilot.press("escape", "r")  # back to the list; reset the overrides
+        await pilot.pause()
+        assert pane.overrides == [] and pane.config.train.lr == 3e-3
+
+
+# ---- Memory ------------------------------------------------------------------------------------
+
+
+async def test_memory_budget_follows_overrides_and_the_gpu(app_factory) -> None:
+    app = app_factory()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()  # let the panes mount before typing
+        pane = app.screen.query_one(PresetsPane)
+        pane.select("llama-3.1-8b-rtx4090")
+        await pilot.press("2")
+        await pilot.pause()
+        assert "FITS" in screen_text(app) and "24.0 GB" in screen_text(app)
+        # An override typed on the Presets pane changes the budget live.
+        pane.apply_overrides(["train.micro_batch=16"])
+        await pilot.pause()
+        assert "DOES NOT FIT" in screen_text(app)
+        pane.apply_overrides(["train.micro_batch=2"])
+        await pilot.pause()
+        size = app.screen.query_one("#gpu-size", Input)
+        size.focus()
+        await pilot.press(*"8GB")
+        await pilot.pause()
+        assert app.screen.query_one(MemoryPane).gpu_spec == "8GB"
+        assert "DOES NOT FIT" in screen_text(app) and "8.0 GB" in screen_text(app)
+        assert "weights" in screen_text(app) and "activations" in screen_text(app)
+
+
+# ---- Runs and Dashboard ------------------------------------------------------------------------
+
+
+async def test_runs_list_open_and_compare(app_factory, finished_run: Path, crashed_run: Path) -> None:
+    app = app_factory()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()  # let the panes mount before typing
+        await pilot.press("4")
+        pane = app.screen.query_one(RunsPane)
+        await wait_for(pilot, lambda: len(pane.summaries) == 2, what="the runs list")
+        text = screen_text(app)
+        assert "completed" in text and "crashed" in text
+        # Newest first: the crashed run, then the finished one. Mark both and compare.
+        await pilot.press("space", "down", "space", "c")
+        chart = app.screen.query_one("#compare-chart", LineChart)
+        await wait_for(pilot, lambda: len(chart.series) == 2, what="the comparison")
+        assert chart.display
+        # Open the finished run's dashboard from its events file.
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.history is not None and app.history.finished is not None)
+        assert app.screen.query_one(TabbedContent).active == "dashboard"
+        text = screen_text(app)
+        assert "completed" in text and FINISHED_RUN in text and "checkpoint-120" in text
+        assert any(0x2800 < ord(ch) <= 0x28FF for ch in text)  # the loss chart is drawn
+        await pilot.press("l")
+        await pilot.pause()
+        assert "loss (log)" in screen_text(app)
+
+
+async def test_resume_a_crashed_run(app_factory, crashed_run: Path) -> None:
+    app = app_factory(steps=120, rate=400)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()  # let the panes mount before typing
+        await pilot.press("4")
+        pane = app.screen.query_one(RunsPane)
+        await wait_for(pilot, lambda: pane.summaries)
+        await pilot.press("r")
+        await wait_for(
+            pilot,
+            lambda: app.history is not None and app.history.finished is not None,
+            what="the resumed run",
+        )
+        h = app.history
+        assert h.sessions == 2 and h.status == "completed" and h.step == 120
+        assert h.hello.resumed_from == "checkpoint-80"
+        assert list(h.loss.xs) == [float(s) for s in range(2, 121, 2)]
+
+
+async def test_attach_on_start_and_stop_through_the_fifo(app_factory, runs_root: Path) -> None:
+    run_dir = fake_engine.make_run_dir(runs_root, "20260103-080000-tiny-demo")
+    proc = fake_engine.launcher(steps=2000, rate=20)(run_dir, pipe=False)
+    deadline = time.monotonic() + 10
+    while not runs.is_running(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    app = app_factory(auto_attach=True)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()  # let the panes mount before typing
+        await wait_for(pilot, lambda: app.client is not None and app.history.step >= 2, what="auto-attach")
+        assert app.client.mode == "tail"
+        await pilot.press("x")
+        await pilot.pause()
+        await pilot.press("y")
+        await wait_for(pilot, lambda: app.history.finished is not None, what="the stop via FIFO")
+        assert app.history.finished.status == "stopped"
+    assert proc.wait(5) == 0
+
+
+async def test_engine_error_is_shown_and_the_console_stays_up(app_factory) -> None:
+    app = app_factory(steps=100, rate=400, fail_at=20)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()  # let the panes mount before typing
+        app.screen.query_one(PresetsPane).select("tiny-demo")
+        await pilot.press("s")
+        await wait_for(pilot, lambda: isinstance(app.screen, ErrorScreen), what="the error dialog")
+        text = screen_text(app)
+        assert "out of memory" in text and "CUDA out of memory" in text
+        assert "lower train.micro_batch" in text  # the engine's hint
+        assert "train.micro_batch=1 (saves 2.9 GB)" in text  # the calculator's advice
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.client.ended)
+        assert not isinstance(app.screen, ErrorScreen)
+        assert app.is_running and app.history.status == "failed"
+        assert "failed" in screen_text(app)
+
+
+# ---- Sample ------------------------------------------------------------------------------------
+
+
+async def test_sample_from_a_checkpoint(app_factory, finished_run: Path) -> None:
+    app = app_factory(attach=FINISHED_RUN)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()  # let the panes mount before typing
+        await wait_for(pilot, lambda: app.history is not None and app.history.finished is not None)
+        await pilot.press("5")
+        await pilot.pause()
+        select = app.screen.query_one("#sample-source")
+        assert select.value == "adapter"  # a completed run: its final adapter first
+        select.value = "checkpoint-80"
+        app.screen.query_one("#prompt", Input).focus()
+        await pilot.press(*"Say hi", "enter")
+        await wait_for(pilot, lambda: app.samples and app.samples[-1].done, what="the reply")
+        assert app.samples[-1].source == "checkpoint-80"
+        text = screen_text(app)
+        assert "› Say hi" in text and "The adapter learned to answer briefly." in text
+
+
+async def test_sample_settings_are_validated(app_factory, finished_run: Path) -> None:
+    app = app_factory(attach=FINISHED_RUN)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()  # let the panes mount before typing
+        await wait_for(pilot, lambda: app.history is not None and app.history.finished is not None)
+        await pilot.press("5")
+        app.screen.query_one("#temperature", Input).value = "hot"
+        app.screen.query_one("#prompt", Input).value = "x"
+        app.screen.query_one(SamplePane).action_generate()
+        await pilot.pause()
+        assert not app.samples
+
+
+# ---- Palette, keyboard, colour -----------------------------------------------------------------
+
+
+async def test_command_palette_reaches_every_action(app_factory) -> None:
+    app = app_factory()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()  # let the panes mount before typing
+        names = {c.title for c in app.get_system_commands(app.screen)}
+        for wanted in (
+            "Show Presets", "Show Memory budget", "Show Dashboard", "Show Runs", "Show Sample", "Start run",
+            "Stop run", "Save checkpoint now", "Detach from run", "Toggle log scale", "Auto-fit memory",
+            "Open selected run", "Attach to selected run", "Resume selected run", "Compare marked runs",
+            "Generate sample", "Quit",
+        ):  # fmt: skip
+            assert wanted in names, wanted
+        await pilot.press("ctrl+p")
+        await pilot.pause()
+        await pilot.press(*"show runs")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await pilot.pause(0.2)
+        assert app.screen.query_one(TabbedContent).active == "runs"
+
+
+async def test_number_keys_switch_panes_and_focus_them(app_factory) -> None:
+    app = app_factory()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()  # let the panes mount before typing
+        for key, pane, focus in (
+            ("2", "memory", "gpu-select"),
+            ("3", "dashboard", "event-log"),
+            ("4", "runs", "runs-table"),
+            ("1", "presets", "preset-list"),
+        ):
+            await pilot.press(key)
+            await pilot.pause()
+            assert app.screen.query_one(TabbedContent).active == pane
+            assert app.focused is not None and app.focused.id == focus
+
+
+async def test_no_color_is_honoured(app_factory, monkeypatch) -> None:
+    monkeypatch.setenv("NO_COLOR", "1")
+    app = app_factory()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()  # let the panes mount before typing
+        await pilot.pause()
+        assert app.no_color
+        svg = app.export_screenshot()
+    # Monochrome: every colour in the screenshot is a grey (r == g == b), apart from the SVG
+    # template's own window buttons and default text colour.
+    import re
+
+    template = {"ff5f57", "febc2e", "28c840", "c5c8c6"}
+    colours = set(re.findall(r"#([0-9a-f]{6})", svg)) - template
+    assert colours and not {c for c in colours if not c[0:2] == c[2:4] == c[4:6]}
+
+
+async def test_stop_without_a_run_says_so(app_factory) -> None:
+    app = app_factory()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()  # let the panes mount before typing
+        await pilot.press("3", "x")
+        await pilot.pause()
+        assert not app.screen_stack[1:] if len(app.screen_stack) > 1 else True
+        assert app.client is None
+
+
+def test_sample_request_ids_are_unique_per_console() -> None:
+    a = protocol.SampleRequest(prompt="x", request_id="console-1-1")
+    assert a.request_id != protocol.SampleRequest(prompt="x", request_id="console-2-1").request_id
+
+
+_ = CRASHED_RUN

@@ -1,0 +1,105 @@
+"""The downsampling series and the braille chart: correct extremes, cost independent of length."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+
+import pytest
+
+from tui.widgets.line_chart import ChartSeries, LineChart
+from tui.widgets.series import Series
+
+
+def _series(values: list[float]) -> Series:
+    s = Series()
+    for i, v in enumerate(values, 1):
+        s.append(i, v)
+    return s
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 64, 65, 1000, 4097, 30_001])
+@pytest.mark.parametrize("width", [1, 3, 40, 160])
+def test_columns_keep_every_extreme(n: int, width: int) -> None:
+    rng = random.Random(n * 1000 + width)
+    values = [rng.uniform(-5, 5) for _ in range(n)]
+    cols = _series(values).columns(width)
+    assert 1 <= len(cols) <= min(n, width)
+    assert min(c.lo for c in cols) == min(values)
+    assert max(c.hi for c in cols) == max(values)
+    assert cols[-1].x == n and cols[-1].last == values[-1]
+    assert [c.x for c in cols] == sorted(c.x for c in cols)
+
+
+def test_nan_is_a_gap_not_an_extreme() -> None:
+    s = _series([1.0, math.nan, 3.0, math.inf, 2.0] * 20)
+    cols = s.columns(10)
+    assert min(c.lo for c in cols) == 1.0 and max(c.hi for c in cols) == 3.0
+    assert s.extent() == (1.0, 3.0)
+
+
+def test_truncate_rebuilds_summaries() -> None:
+    values = [float(i % 17) for i in range(5000)]
+    s = _series(values)
+    s.truncate_before(1001)  # a resumed run re-logs from step 1001
+    assert len(s) == 1000
+    for i in range(1001, 1201):
+        s.append(i, 100.0)
+    cols = s.columns(50)
+    assert max(c.hi for c in cols) == 100.0 and cols[-1].x == 1200
+
+
+def test_columns_cost_does_not_grow_with_length() -> None:
+    small, big = _series([math.sin(i) for i in range(100)]), _series([math.sin(i) for i in range(100_000)])
+
+    def cost(s: Series) -> float:
+        start = time.perf_counter()
+        for _ in range(20):
+            s.columns(200)
+        return time.perf_counter() - start
+
+    cost(big)  # warm
+    assert cost(big) < 0.25  # 20 foldings of 100k points into 200 columns
+    assert cost(big) < 40 * max(cost(small), 1e-4)
+
+
+async def test_chart_draws_100k_points_as_fast_as_100() -> None:
+    from textual.app import App
+
+    class ChartApp(App[None]):
+        def compose(self):
+            yield LineChart(id="chart")
+
+    timings = {}
+    for n in (100, 100_000):
+        app = ChartApp()
+        async with app.run_test(size=(120, 30)) as pilot:
+            chart = app.query_one(LineChart)
+            chart.set_series([ChartSeries(_series([2 + math.exp(-i / n * 5) for i in range(n)]), "loss")])
+            await pilot.pause()
+            start = time.perf_counter()
+            for _ in range(10):
+                chart._cache_key = None
+                text = chart.render()
+            timings[n] = (time.perf_counter() - start) / 10
+            assert any(0x2800 < ord(ch) <= 0x28FF for ch in text.plain)
+    assert timings[100_000] < 0.05
+    assert timings[100_000] < 5 * timings[100] + 0.01
+
+
+async def test_log_scale_labels_are_real_values() -> None:
+    from textual.app import App
+
+    class ChartApp(App[None]):
+        def compose(self):
+            yield LineChart(id="chart")
+
+    app = ChartApp()
+    async with app.run_test(size=(60, 12)) as pilot:
+        chart = app.query_one(LineChart)
+        chart.set_series([ChartSeries(_series([10 ** (-i / 50) for i in range(200)]), "loss")])
+        chart.log_scale = True
+        await pilot.pause()
+        text = chart.render().plain
+        assert "1┤" in text and "0.0" in text  # 10**0 at the top, 10**-3.98 at the bottom
