@@ -65,6 +65,9 @@ def calibrate(
             "hardware.backend=hf",
         ],
     )
+    # Whatever is allocated before this model loads would inflate every record: measure it, and run
+    # each architecture in a fresh process (main() does) so it is zero.
+    baseline = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else 0.0
     t0 = time.perf_counter()
     tok = hf.load_tokenizer(base, str(model_dir))
     model = hf.apply_lora(hf.load_model(base, device, str(model_dir)), base)
@@ -91,6 +94,8 @@ def calibrate(
                 record = {
                     "arch": arch,
                     "backend": "hf",
+                    "baseline_allocated_gib": baseline,
+                    "after_load_allocated_gib": after_load,
                     "seq_len": seq,
                     "micro_batch": mb,
                     "gradient_checkpointing": gc_on,
@@ -125,8 +130,6 @@ def calibrate(
                 print(json.dumps(record), flush=True)
                 write(out, arch, records)  # after every config: a time limit loses nothing
     peak.stop()
-    for r in records:
-        r["after_load_allocated_gib"] = after_load
     del model
     gc.collect()
     if device == "cuda":
@@ -156,6 +159,23 @@ def main() -> int:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
+    if len(args.arch) > 1:
+        # One process per architecture: memory a finished model leaves behind must not count.
+        import subprocess
+
+        for arch in args.arch:
+            argv = [a for a in sys.argv[1:]]
+            rest, skip = [], False
+            for a in argv:
+                if skip:
+                    skip = False
+                    continue
+                if a == "--arch":
+                    skip = True
+                    continue
+                rest.append(a)
+            subprocess.run([sys.executable, __file__, *rest, "--arch", arch], check=False)
+        return 0
     for arch in args.arch:
         calibrate(arch, args.work, args.seq or [1024, 4096], args.batch or [1, 2], args.steps, args.out)
     return 0

@@ -382,10 +382,15 @@ def preset_dirs() -> list[Path]:
     return [d for d in dirs if d.is_dir()]
 
 
+NOT_PRESETS = {"gpus"}  # presets/gpus.yaml is the GPU catalog of the memory model
+
+
 def list_presets() -> list[Path]:
     seen: dict[str, Path] = {}
     for d in preset_dirs():
         for p in sorted(d.glob("*.yaml")):
+            if p.stem in NOT_PRESETS:
+                continue
             seen.setdefault(p.stem, p)
     return sorted(seen.values(), key=lambda p: p.stem)
 

@@ -26,6 +26,24 @@ def stop_token_ids(tokenizer: Any, model: Any, template: str = "auto") -> list[i
     return sorted({i for i in ids if i is not None})
 
 
+def _restore_training_layout(model: Any) -> None:
+    """On a CPU, bitsandbytes repacks a 4-bit weight for its inference kernel the first time an
+    eval-mode forward runs without gradients, and training then runs another kernel on it. Undo
+    the repacking so that a live sample never changes the numbers training produces."""
+    try:
+        from bitsandbytes.nn import modules as bnb_modules
+    except ImportError:
+        return
+    inverse = getattr(bnb_modules, "_convert_weight_packed_for_cpu_inverse", None)
+    if inverse is None:
+        return
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if isinstance(module, bnb_modules.Linear4bit) and getattr(state, "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = inverse(weight.data, state)
+
+
 def prompt_ids(tokenizer: Any, request: protocol.SampleRequest) -> list[int]:
     messages = []
     if request.system:
@@ -86,6 +104,7 @@ def generate(
             )
     finally:
         if was_training:
+            _restore_training_layout(model)
             model.train()
     new = out[0, len(ids) :].tolist()
     stopped_by = "eos" if new and new[-1] in stops else "max_new_tokens"
