@@ -116,7 +116,9 @@ class RunHistory:
             self.stage = ev
             if ev.current == 0 or ev.current == ev.total:
                 counter = f" ({ev.current}/{ev.total})" if ev.total else ""
-                self._log(ev, "info", f"{ev.stage.replace('_', ' ')}{counter} {ev.message}".strip())
+                name = ev.stage.replace("_", " ")
+                text = ev.message if ev.message.startswith(name.split()[0]) else f"{name}: {ev.message}"
+                self._log(ev, "info", (text if ev.message else name) + counter)
         elif isinstance(ev, protocol.ModelReady):
             self.model = ev
             share = 100 * ev.trainable_params / ev.total_params if ev.total_params else 0

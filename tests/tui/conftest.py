@@ -22,7 +22,7 @@ CRASHED_RUN = "20260102-090000-tiny-demo"
 
 
 def no_gpu() -> list:
-    raise NoGpu("no NVIDIA driver", "NVML Shared Library Not Found")
+    raise NoGpu("no driver", "NVML Shared Library Not Found")
 
 
 def recorded_events() -> list[protocol.Event]:

@@ -104,7 +104,7 @@ def test_tail_client_follows_a_run_it_did_not_start(tmp_path: Path) -> None:
 def test_a_crash_becomes_a_readable_error(tmp_path: Path) -> None:
     run_dir = fake_engine.make_run_dir(tmp_path, "oom")
     client = RunClient.launch(run_dir, fake_engine.launcher(steps=100, rate=0, fail_at=10))
-    posted, thread = _collect(client)
+    _posted, thread = _collect(client)
     thread.join(10)
     history = RunHistory()
     history.apply_all(client.drain())

@@ -50,11 +50,11 @@ class NvmlProbe:
             try:
                 import pynvml
             except ImportError:
-                raise NoGpu("nvidia-ml-py not installed") from None
+                raise NoGpu("no nvidia-ml-py", "the nvidia-ml-py package is not installed") from None
             try:
                 pynvml.nvmlInit()
             except Exception as exc:  # pynvml.NVMLError and friends: no driver, no device
-                raise NoGpu("no NVIDIA driver", str(exc)) from None
+                raise NoGpu("no driver", str(exc)) from None
             self._nvml = pynvml
         return self._nvml
 
@@ -62,7 +62,7 @@ class NvmlProbe:
         nvml = self._init()
         count = nvml.nvmlDeviceGetCount()
         if count == 0:
-            raise NoGpu("no NVIDIA GPU found")
+            raise NoGpu("none found", "NVML sees no NVIDIA GPU")
         readings = []
         for i in range(count):
             handle = nvml.nvmlDeviceGetHandleByIndex(i)
@@ -103,7 +103,7 @@ class GpuPanel(Widget):
     COMPONENT_CLASSES: ClassVar[set[str]] = {"gpu-panel--label", "gpu-panel--none"}
 
     DEFAULT_CSS = """
-    GpuPanel { height: auto; }
+    GpuPanel { height: auto; text-wrap: nowrap; text-overflow: ellipsis; }
     GpuPanel > .gpu-panel--label { color: $text-muted; }
     GpuPanel > .gpu-panel--none { color: $text-muted; text-style: italic; }
     """
@@ -153,7 +153,7 @@ class GpuPanel(Widget):
         if self._error is not None:
             line = Text.assemble(
                 ("GPU        ", label),
-                (f"none ({self._error})", self.get_component_rich_style("gpu-panel--none")),
+                (f"no GPU ({self._error})", self.get_component_rich_style("gpu-panel--none")),
             )
             line.no_wrap, line.overflow = True, "ellipsis"
             return line

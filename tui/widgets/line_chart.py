@@ -34,11 +34,16 @@ class ChartSeries:
 
 
 def format_value(value: float) -> str:
+    """At most 6 characters, so axis labels fit the gutter: 3.644, 0.003, 5.7e-7, 1.2e+5."""
     if not math.isfinite(value):
         return "–"
-    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
-        return f"{value:.1e}"
-    return f"{value:.4g}"
+    text = f"{value:.4g}"
+    if len(text) > 6 or "e" in text:
+        text = f"{value:.3g}"
+    if len(text) > 6 or "e" in text:
+        mantissa, exponent = f"{value:.1e}".split("e")
+        text = f"{mantissa}e{int(exponent)}"
+    return text
 
 
 def format_x(value: float) -> str:
@@ -57,7 +62,7 @@ class LineChart(Widget):
     }
 
     DEFAULT_CSS = """
-    LineChart { height: 1fr; min-height: 4; }
+    LineChart { height: 1fr; min-height: 4; text-wrap: nowrap; text-overflow: clip; }
     LineChart > .line-chart--axis { color: $text-muted; }
     LineChart > .line-chart--empty { color: $text-muted; text-style: italic; }
     LineChart > .line-chart--series-0 { color: $success; }

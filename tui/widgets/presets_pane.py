@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -12,7 +13,7 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import Input, OptionList, Static
-from textual.widgets.option_list import Option
+from textual.widgets.option_list import Option, OptionDoesNotExist
 
 from engine.config import RunConfig, list_presets, load_preset, read_yaml
 from engine.errors import ConfigError, UserError
@@ -124,6 +125,11 @@ class PresetsPane(Horizontal):
         if info is None:
             return
         self.selected = name
+        options = self.query_one("#preset-list", OptionList)
+        with contextlib.suppress(OptionDoesNotExist):
+            index = options.get_option_index(name)
+            if options.highlighted != index:
+                options.highlighted = index
         try:
             self._doc = parse_preset_doc(info.path.read_text(encoding="utf-8"))
         except OSError:

@@ -41,7 +41,7 @@ class RunProgress(Widget):
     }
 
     DEFAULT_CSS = """
-    RunProgress { height: 2; }
+    RunProgress { height: 2; text-wrap: nowrap; text-overflow: ellipsis; }
     RunProgress > .run-progress--done { color: $success; }
     RunProgress > .run-progress--todo { color: $surface-lighten-2; }
     RunProgress > .run-progress--title { text-style: bold; }

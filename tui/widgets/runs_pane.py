@@ -92,7 +92,7 @@ class RunsPane(Vertical):
         table.add_column("model", key="model")
         table.add_column("step", key="step")
         table.add_column("loss", key="loss")
-        table.border_title = f"runs in {self.root}"
+        table.border_title = "runs"
         self.query_one("#compare-chart").border_title = "compare loss"
         self.reload()
         self.set_interval(REFRESH_SECONDS, self._tick)
@@ -137,6 +137,9 @@ class RunsPane(Vertical):
             )
         if self.summaries:
             table.move_cursor(row=min(keep, len(self.summaries) - 1))
+        table.border_subtitle = (
+            f"{len(self.summaries)} runs · space marks · c compares" if self.summaries else ""
+        )
         empty = self.query_one("#runs-empty", Static)
         empty.display = not self.summaries
         empty.update(Text(f"No runs yet under {self.root}. Start one from Presets (1).", style="italic"))

@@ -25,7 +25,7 @@ _ids = itertools.count(1)
 class SamplePane(Vertical):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+g", "generate", "Generate"),
-        Binding("escape", "focus_prompt", "Prompt", show=False),
+        Binding("escape", "focus_replies", "Leave the prompt", show=False),
     ]
 
     class Requested(Message):
@@ -105,6 +105,10 @@ class SamplePane(Vertical):
         event.stop()
         self.action_generate()
 
+    def action_focus_replies(self) -> None:
+        # Out of the text boxes, so that 1-5, q and the palette keys work again.
+        self.query_one("#replies", VerticalScroll).focus()
+
     def action_focus_prompt(self) -> None:
         self.query_one("#prompt", Input).focus()
 
@@ -133,3 +137,4 @@ class SamplePane(Vertical):
             top_p=float(settings[2].value),
         )
         self.post_message(self.Requested(str(source), request))
+        self.query_one("#prompt", Input).value = ""  # the reply box shows it above the answer

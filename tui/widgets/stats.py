@@ -45,7 +45,7 @@ class RunStats(Widget):
     COMPONENT_CLASSES: ClassVar[set[str]] = {"run-stats--label", "run-stats--spark", "run-stats--warn"}
 
     DEFAULT_CSS = """
-    RunStats { height: auto; }
+    RunStats { height: auto; text-wrap: nowrap; text-overflow: ellipsis; }
     RunStats > .run-stats--label { color: $text-muted; }
     RunStats > .run-stats--spark { color: $accent; }
     RunStats > .run-stats--warn { color: $warning; text-style: bold; }
