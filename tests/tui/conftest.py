@@ -12,24 +12,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fake_engine
+from pilot_helpers import CRASHED_RUN, FINISHED_RUN, no_gpu, recorded_events
 
 from engine import protocol
 from tui.app import QlcApp, make_app
-from tui.widgets.gpu import NoGpu
-
-FINISHED_RUN = "20260101-120000-tiny-demo"
-CRASHED_RUN = "20260102-090000-tiny-demo"
-
-
-def no_gpu() -> list:
-    raise NoGpu("no driver", "NVML Shared Library Not Found")
-
-
-def recorded_events() -> list[protocol.Event]:
-    """The committed recording of a real tiny run, or a synthetic run until one is recorded."""
-    if fake_engine.RECORDED.is_file():
-        return fake_engine.load_events(fake_engine.RECORDED)
-    return list(fake_engine.synthetic_run(120, run_id=FINISHED_RUN))
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Small helpers for Pilot tests."""
+"""Helpers and fixed data for the console's tests (importable from test modules, unlike conftest)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,13 @@ import io
 import time
 from collections.abc import Callable
 
+import fake_engine
 from rich.console import Console
 from textual.app import App
 from textual.pilot import Pilot
+
+from engine import protocol
+from tui.widgets.gpu import NoGpu
 
 
 async def wait_for(
@@ -32,3 +36,18 @@ def screen_text(app: App) -> str:
     )
     console.print(app.screen._compositor.render_update(full=True, screen_stack=app._background_screens))
     return console.export_text()
+
+
+FINISHED_RUN = "20260101-120000-tiny-demo"
+CRASHED_RUN = "20260102-090000-tiny-demo"
+
+
+def no_gpu() -> list:
+    raise NoGpu("no driver", "NVML Shared Library Not Found")
+
+
+def recorded_events() -> list[protocol.Event]:
+    """The committed recording of a real tiny run, or a synthetic run until one is recorded."""
+    if fake_engine.RECORDED.is_file():
+        return fake_engine.load_events(fake_engine.RECORDED)
+    return list(fake_engine.synthetic_run(120, run_id=FINISHED_RUN))

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import fake_engine
-from conftest import recorded_events
+from pilot_helpers import recorded_events
 
 from engine import protocol, runs
 from tui import client as client_mod

@@ -6,8 +6,7 @@ import time
 from pathlib import Path
 
 import fake_engine
-from conftest import CRASHED_RUN, FINISHED_RUN
-from pilot_helpers import screen_text, wait_for
+from pilot_helpers import CRASHED_RUN, FINISHED_RUN, screen_text, wait_for
 from textual.widgets import Input, OptionList, TabbedContent
 
 from engine import protocol, runs

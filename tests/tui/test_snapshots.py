@@ -7,8 +7,7 @@ histories, no GPU, fixed run ids, no clock on screen."""
 from __future__ import annotations
 
 import pytest
-from conftest import FINISHED_RUN
-from pilot_helpers import wait_for
+from pilot_helpers import FINISHED_RUN, wait_for
 
 from tui.widgets.gpu import GpuPanel
 from tui.widgets.presets_pane import PresetsPane
