@@ -127,7 +127,7 @@ class QlcApp(App[int]):
 
     def get_default_screen(self) -> Screen:
         initial = "dashboard" if self._attach_ref else "presets"
-        return MainScreen(self.runs_root, budget.gpu_choices(), self._gpu_probe, initial)
+        return MainScreen(self.runs_root, self._gpu_probe, initial)
 
     def on_mount(self) -> None:
         self.sub_title = str(self.runs_root)

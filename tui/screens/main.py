@@ -9,7 +9,6 @@ from textual.app import ComposeResult
 from textual.screen import Screen
 from textual.widgets import Footer, TabbedContent, TabPane
 
-from tui.budget import GpuChoice
 from tui.widgets.dashboard import Dashboard
 from tui.widgets.gpu import Probe
 from tui.widgets.memory_pane import MemoryPane
@@ -21,13 +20,10 @@ PANES = ("presets", "memory", "dashboard", "runs", "sample")
 
 
 class MainScreen(Screen[None]):
-    def __init__(
-        self, runs_root: Path, gpu_choices: list[GpuChoice], gpu_probe: Probe | None, initial: str = "presets"
-    ) -> None:
+    def __init__(self, runs_root: Path, gpu_probe: Probe | None, initial: str = "presets") -> None:
         super().__init__()
         self._initial = initial
         self._runs_root = runs_root
-        self._gpu_choices = gpu_choices
         self._gpu_probe = gpu_probe
 
     def compose(self) -> ComposeResult:
@@ -35,7 +31,7 @@ class MainScreen(Screen[None]):
             with TabPane("1 Presets", id="presets"):
                 yield PresetsPane(id="presets-pane")
             with TabPane("2 Memory", id="memory"):
-                yield MemoryPane(self._gpu_choices, id="memory-pane")
+                yield MemoryPane(id="memory-pane")
             with TabPane("3 Dashboard", id="dashboard"):
                 yield Dashboard(self._gpu_probe, id="dashboard-pane")
             with TabPane("4 Runs", id="runs"):

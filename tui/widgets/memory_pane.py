@@ -12,7 +12,7 @@ from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import DataTable, Input, Label, Select, Static
 
-from tui.budget import BudgetView, GpuChoice
+from tui.budget import BudgetView, gpu_choices
 from tui.widgets.stacked_bar import MemoryBar
 
 _SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*(gb|g|gib)?\s*$", re.IGNORECASE)
@@ -42,15 +42,13 @@ class MemoryPane(Vertical):
             super().__init__()
             self.spec = spec
 
-    def __init__(self, choices: list[GpuChoice], *, id: str | None = None) -> None:
+    def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
-        self._choices = choices
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="gpu-row"):
             yield Label("GPU ", id="gpu-label")
             options = [("as the preset says (hardware.gpu)", PRESET_GPU)]
-            options += [(c.label, c.spec) for c in self._choices]
             yield Select(options, value=PRESET_GPU, allow_blank=False, compact=True, id="gpu-select")
             yield Input(placeholder="or a size: 24GB", compact=True, id="gpu-size")
         yield Static(id="verdict")
@@ -64,6 +62,17 @@ class MemoryPane(Vertical):
         table.add_columns("term", "GB", "made of")
         table.border_title = "breakdown"
         self.query_one("#advice", Static).border_title = "what would make it fit"
+        self.call_after_refresh(
+            self._fill_gpus
+        )  # the catalog imports the memory model: after the first frame
+
+    def _fill_gpus(self) -> None:
+        select = self.query_one("#gpu-select", Select)
+        options = [("as the preset says (hardware.gpu)", PRESET_GPU)]
+        options += [(c.label, c.spec) for c in gpu_choices()]
+        with select.prevent(Select.Changed):
+            select.set_options(options)
+            select.value = PRESET_GPU
 
     @property
     def gpu_spec(self) -> str | None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import yaml
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -15,10 +16,13 @@ from textual.message import Message
 from textual.widgets import Input, OptionList, Static
 from textual.widgets.option_list import Option, OptionDoesNotExist
 
-from engine.config import RunConfig, list_presets, load_preset, read_yaml
+from engine.config import RunConfig, list_presets, load_preset
 from engine.errors import ConfigError, UserError
 from tui.widgets.overrides import OverridesEditor, override_key
 from tui.widgets.preset_settings import PresetDoc, SettingsTable, parse_preset_doc
+
+# libyaml when present: the list only needs each file's description, and is read at start-up.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass(frozen=True)
@@ -32,9 +36,11 @@ def discover_presets() -> list[PresetInfo]:
     found = []
     for path in list_presets():
         try:
-            data = read_yaml(path)
-        except UserError as exc:
-            found.append(PresetInfo(path.stem, path, f"(unreadable: {exc})"))
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_LOADER) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            found.append(PresetInfo(path.stem, path, f"(unreadable: {type(exc).__name__})"))
+            continue
+        if not isinstance(data, dict):
             continue
         if not any(section in data for section in ("model", "train", "lora")):
             continue  # not a run preset (presets/gpus.yaml, the GPU catalog, lives beside them)
@@ -98,8 +104,13 @@ class PresetsPane(Horizontal):
     def on_mount(self) -> None:
         self.query_one("#preset-side").border_title = "presets"
         self.query_one("#preset-main").border_title = "settings"
+        # After the first frame: reading every preset (and, through the budget, importing the
+        # memory model) would otherwise delay the console's first paint.
+        self.call_after_refresh(self._discover)
+
+    def _discover(self) -> None:
         self._presets = discover_presets()
-        self._fill_list("")
+        self._fill_list(self.query_one("#preset-filter", Input).value)
 
     @property
     def overrides(self) -> list[str]:

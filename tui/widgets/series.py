@@ -2,15 +2,18 @@
 
 A 100,000-step run must draw as fast as a 100-step one, and a run emitting 20 steps a second must
 not rescan its whole history on every frame. So each series keeps, besides its raw points, a
-pyramid of min/max/last summaries over blocks of 8, 64, 512, ... points, updated in O(levels) per
-append. To draw C columns the chart picks the coarsest level whose blocks still fit several to a
-column, and folds at most ~8 blocks into each column: the cost depends on C, not on the length.
+pyramid of min/max/last summaries over complete blocks of 8, 64, 512, ... points. A block is
+summarised once, when it completes (amortised O(1) per point). To draw C columns the chart picks
+the coarsest level whose blocks still fit several to a column and folds about 8 blocks into each
+column, plus the few points after the last complete block: the cost depends on C, not on the
+length.
 """
 
 from __future__ import annotations
 
 import math
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 FACTOR = 8  # each level summarises FACTOR blocks of the level below
@@ -28,6 +31,8 @@ class Column:
 
 
 class _Level:
+    """Summaries of the complete blocks of one size; a partial block at the end is not stored."""
+
     __slots__ = ("block", "hi", "last", "lo")
 
     def __init__(self, block: int) -> None:
@@ -37,21 +42,11 @@ class _Level:
         self.last = array("d")
 
 
-def _fmin(a: float, b: float) -> float:
-    # NaN-tolerant: a NaN loss is shown in the log, not allowed to erase a column's extent.
-    if a != a:
-        return b
-    if b != b:
-        return a
-    return a if a < b else b
-
-
-def _fmax(a: float, b: float) -> float:
-    if a != a:
-        return b
-    if b != b:
-        return a
-    return a if a > b else b
+def _extremes(lo_values: Sequence[float], hi_values: Sequence[float]) -> tuple[float, float]:
+    """(min, max) ignoring NaN: a NaN loss is shown in the log, not allowed to erase a column."""
+    lows = [v for v in lo_values if v == v]  # v == v is False only for NaN
+    highs = [v for v in hi_values if v == v]
+    return (min(lows) if lows else _NAN, max(highs) if highs else _NAN)
 
 
 class Series:
@@ -80,39 +75,27 @@ class Series:
             y = _NAN
         self.xs.append(x)
         self.ys.append(y)
-        index = len(self.ys) - 1
-        block = FACTOR
-        depth = 0
-        while index // block > 0 or (depth < len(self._levels)):
-            if depth == len(self._levels):
-                # A new coarser level, built from the raw points so far (happens log(n) times).
-                self._levels.append(self._build_level(block))
-            else:
-                level = self._levels[depth]
-                slot = index // block
-                if slot == len(level.lo):
-                    level.lo.append(y)
-                    level.hi.append(y)
-                    level.last.append(y)
-                else:
-                    level.lo[slot] = _fmin(level.lo[slot], y)
-                    level.hi[slot] = _fmax(level.hi[slot], y)
-                    level.last[slot] = y
-            depth += 1
-            block *= FACTOR
         self.version += 1
+        if len(self.ys) % FACTOR == 0:
+            self._close_blocks()
 
-    def _build_level(self, block: int) -> _Level:
-        level = _Level(block)
-        ys = self.ys
-        for start in range(0, len(ys), block):
-            lo, hi = _NAN, _NAN
-            for y in ys[start : start + block]:
-                lo, hi = _fmin(lo, y), _fmax(hi, y)
+    def _close_blocks(self) -> None:
+        """A block of FACTOR points just completed: summarise it, and cascade up the levels (level k
+        is touched once every FACTOR**(k+1) points)."""
+        lo_src: Sequence[float] = self.ys
+        hi_src: Sequence[float] = self.ys
+        last_src: Sequence[float] = self.ys
+        depth = 0
+        while lo_src and len(lo_src) % FACTOR == 0:
+            if depth == len(self._levels):
+                self._levels.append(_Level(FACTOR ** (depth + 1)))
+            level = self._levels[depth]
+            lo, hi = _extremes(lo_src[-FACTOR:], hi_src[-FACTOR:])
             level.lo.append(lo)
             level.hi.append(hi)
-            level.last.append(ys[min(start + block, len(ys)) - 1])
-        return level
+            level.last.append(last_src[-1])
+            lo_src, hi_src, last_src = level.lo, level.hi, level.last
+            depth += 1
 
     def truncate_before(self, x: float) -> None:
         """Drop every point at or after `x`: a resumed run re-logs the steps after its checkpoint."""
@@ -121,13 +104,10 @@ class Series:
             keep -= 1
         if keep == len(self.xs):
             return
-        del self.xs[keep:]
-        del self.ys[keep:]
-        self._levels = []
-        block = FACTOR
-        while len(self.ys) > block:
-            self._levels.append(self._build_level(block))
-            block *= FACTOR
+        xs, ys = self.xs[:keep], self.ys[:keep]
+        self.xs, self.ys, self._levels = array("d"), array("d"), []
+        for xv, yv in zip(xs, ys, strict=True):
+            self.append(xv, yv)
         self.version += 1
 
     def columns(self, count: int) -> list[Column]:
@@ -140,7 +120,10 @@ class Series:
             return [Column(self.xs[i], self.ys[i], self.ys[i], self.ys[i]) for i in range(n)]
         per_column = n / count
         # The coarsest summary whose blocks are no larger than a column's share.
-        lo_arr, hi_arr, last_arr, block = self.ys, self.ys, self.ys, 1
+        lo_arr: Sequence[float] = self.ys
+        hi_arr: Sequence[float] = self.ys
+        last_arr: Sequence[float] = self.ys
+        block = 1
         for level in self._levels:
             if level.block > per_column:
                 break
@@ -152,18 +135,25 @@ class Series:
             end = min(blocks, max(start + 1, round((c + 1) * blocks / count)))
             if start >= end:
                 break
-            lo, hi = _NAN, _NAN
-            for i in range(start, end):
-                lo, hi = _fmin(lo, lo_arr[i]), _fmax(hi, hi_arr[i])
-            last_index = min(end * block, n) - 1
-            out.append(Column(self.xs[last_index], lo, hi, last_arr[end - 1]))
+            lo, hi = _extremes(lo_arr[start:end], hi_arr[start:end])
+            out.append(Column(self.xs[end * block - 1], lo, hi, last_arr[end - 1]))
             start = end
+        covered = blocks * block
+        if covered < n:
+            # The points after the last complete block join the final column.
+            lows, highs = list(self.ys[covered:]), list(self.ys[covered:])
+            if out:
+                prev = out.pop()
+                lows.append(prev.lo)
+                highs.append(prev.hi)
+            lo, hi = _extremes(lows, highs)
+            out.append(Column(self.xs[n - 1], lo, hi, self.ys[n - 1]))
         return out
 
     def extent(self) -> tuple[float, float]:
-        """(min, max) of the finite values, from the coarsest summary: O(n / 8^levels)."""
-        lo_arr, hi_arr = (self._levels[-1].lo, self._levels[-1].hi) if self._levels else (self.ys, self.ys)
-        lo, hi = _NAN, _NAN
-        for a, b in zip(lo_arr, hi_arr, strict=True):
-            lo, hi = _fmin(lo, a), _fmax(hi, b)
-        return lo, hi
+        """(min, max) of the finite values: the coarsest summary plus the points after it."""
+        if not self._levels:
+            return _extremes(self.ys, self.ys)
+        top = self._levels[-1]
+        covered = len(top.lo) * top.block
+        return _extremes([*top.lo, *self.ys[covered:]], [*top.hi, *self.ys[covered:]])
