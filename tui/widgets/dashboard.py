@@ -6,6 +6,7 @@ so a live run, an attached one and a finished one opened from its file look the 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -13,6 +14,7 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
+from textual.timer import Timer
 from textual.widgets import RichLog, Static
 
 from tui.history import LogLine, RunHistory
@@ -23,6 +25,7 @@ from tui.widgets.stats import RunStats
 
 LEVEL_MARK = {"info": " ", "debug": "·", "warning": "!", "error": "✗"}
 LOG_REPLAY = 300  # lines written to the log view when a run is opened
+REDRAW_SECONDS = 0.5
 
 
 def format_log_line(line: LogLine) -> Text:
@@ -50,6 +53,11 @@ class Dashboard(Vertical):
         self._gpu_probe = gpu_probe
         self._history: RunHistory | None = None
         self._log_shown = 0
+        self._status = ""
+        self._drawn_status: str | None = None
+        self._last_draw = 0.0
+        self._pending: Timer | None = None
+        self._checkpoints_shown = -1
 
     def compose(self) -> ComposeResult:
         yield RunProgress(id="progress")
@@ -89,12 +97,29 @@ class Dashboard(Vertical):
         log = self.query_one("#event-log", RichLog)
         log.clear()
         self._log_shown = 0
+        self._checkpoints_shown = -1
+        self._drawn_status = None
         if history is not None:
             self._log_shown = max(0, history.log_total - LOG_REPLAY)
         self.changed(status)
 
     def changed(self, status: str) -> None:
-        """The history grew: redraw what depends on it. Cheap; called at most ~10 times a second."""
+        """The history grew. Redraws are coalesced to REDRAW_SECONDS: a person reads a chart at a
+        glance, and repainting it for each of 20 events a second would cost a good share of a
+        core. A change of status (finished, stopping) is drawn at once."""
+        self._status = status
+        since = time.monotonic() - self._last_draw
+        if status != self._drawn_status or since >= REDRAW_SECONDS:
+            self._redraw()
+        elif self._pending is None:
+            self._pending = self.set_timer(REDRAW_SECONDS - since, self._redraw)
+
+    def _redraw(self) -> None:
+        if self._pending is not None:
+            self._pending.stop()
+            self._pending = None
+        self._last_draw = time.monotonic()
+        status = self._drawn_status = self._status
         h = self._history
         self.query_one(RunProgress).show(h, status)
         self.query_one(RunStats).show(h)
@@ -115,6 +140,10 @@ class Dashboard(Vertical):
                     self.query_one(GpuPanel).select_device(int(index))
 
     def _show_checkpoints(self, h: RunHistory | None) -> None:
+        count = len(h.checkpoints) if h is not None else -1
+        if count == self._checkpoints_shown:
+            return  # Static.update lays the screen out again: only when the list changed
+        self._checkpoints_shown = count
         box = self.query_one("#checkpoints", Static)
         if h is None or not h.checkpoints:
             box.update(Text("none yet", style="dim italic"))
@@ -142,4 +171,4 @@ class Dashboard(Vertical):
     def action_toggle_log_scale(self) -> None:
         chart = self.query_one("#loss-chart", LineChart)
         chart.log_scale = not chart.log_scale
-        self.changed(self.query_one(RunProgress)._status)
+        self._redraw()

@@ -123,8 +123,9 @@ class GpuPanel(Widget):
         self.call_later(self._poll)
 
     def select_device(self, index: int) -> None:
-        self._device_index = index
-        self.refresh(layout=True)
+        if index != self._device_index:
+            self._device_index = index
+            self.refresh()
 
     def _poll(self) -> None:
         self.run_worker(self._read, thread=True, exclusive=True, group="gpu", exit_on_error=False)

@@ -15,6 +15,7 @@ from typing import ClassVar, Literal
 from rich.style import Style
 from rich.text import Text
 from textual.reactive import reactive
+from textual.strip import Strip
 from textual.widget import Widget
 
 from tui.widgets.series import Column, Series
@@ -88,10 +89,11 @@ class LineChart(Widget):
         self._series: list[ChartSeries] = []
         self.empty_text = empty_text
         self._cache_key: tuple | None = None
-        self._cache: Text | None = None
+        self._cache: list[Strip] | None = None
 
     def set_series(self, series: Sequence[ChartSeries]) -> None:
         self._series = list(series)
+        self._cache = None
         self.refresh()
 
     @property
@@ -108,13 +110,22 @@ class LineChart(Widget):
                 parts.append(f"{item.label} {format_value(item.series.last_y)}")
         return "  ".join(parts)
 
-    def render(self) -> Text:
+    def render_line(self, y: int) -> Strip:
+        """Line API: the chart is drawn once per change into cached strips, one per row, so a
+        repaint of anything else on screen costs nothing here."""
         width, height = self.content_size
         key = (width, height, self.log_scale, tuple((id(s.series), s.series.version) for s in self._series))
         if key != self._cache_key or self._cache is None:
-            self._cache = self._draw(width, height)
+            base = self.rich_style
+            text = self._draw(width, height)
+            lines = text.split("\n", allow_blank=True)
+            console = self.app.console
+            self._cache = [
+                Strip(list(line.render(console)), line.cell_len).apply_style(base).crop_extend(0, width, base)
+                for line in lines[:height]
+            ]
             self._cache_key = key
-        return self._cache
+        return self._cache[y] if y < len(self._cache) else Strip.blank(width, self.rich_style)
 
     # -----------------------------------------------------------------------------------------
 
@@ -209,6 +220,7 @@ class LineChart(Widget):
         ]
         axis = self.get_component_rich_style("line-chart--axis")
         inverse = self.log_scale
+        bold, blank = Style(bold=True), Style()
         labels = {0: y_hi, plot_h - 1: y_lo}
         if plot_h >= 5:
             labels[(plot_h - 1) // 2] = y_lo + span_y * (plot_h - 1 - (plot_h - 1) // 2) / (plot_h - 1)
@@ -219,13 +231,23 @@ class LineChart(Widget):
                 text.append(f"{format_value(value):>{GUTTER - 1}}┤", axis)
             else:
                 text.append(" " * (GUTTER - 1) + "│", axis)
+            # Runs of cells with one style become one span: far fewer segments to paint.
+            run_style: Style | None = None
+            run: list[str] = []
             for c in range(plot_w):
                 if (r, c) in points:
-                    text.append(POINT, styles[points[(r, c)]] + Style(bold=True))
+                    ch, style = POINT, styles[points[(r, c)]] + bold
                 elif bits[r][c]:
-                    text.append(chr(_BRAILLE + bits[r][c]), styles[owner[r][c]])
+                    ch, style = chr(_BRAILLE + bits[r][c]), styles[owner[r][c]]
                 else:
-                    text.append(" ")
+                    ch, style = " ", blank
+                if style is not run_style and run:
+                    text.append("".join(run), run_style)
+                    run = []
+                run_style = style
+                run.append(ch)
+            if run:
+                text.append("".join(run), run_style)
             text.append("\n")
         # The x axis: first and last step, and the middle when there is room.
         axis_row = [" "] * plot_w

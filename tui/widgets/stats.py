@@ -57,7 +57,10 @@ class RunStats(Widget):
 
     def show(self, history: RunHistory | None) -> None:
         self._history = history
-        self.refresh(layout=True)
+        height = self.get_content_height(None, None, 0)  # type: ignore[arg-type]
+        # A layout pass costs far more than a repaint: only when the number of rows changes.
+        self.refresh(layout=height != getattr(self, "_height", None))
+        self._height = height
 
     def get_content_height(self, container, viewport, width: int) -> int:  # type: ignore[override]
         h = self._history
