@@ -258,7 +258,11 @@ class QlcApp(App[int]):
         return status
 
     def live(self) -> bool:
-        return self.client is not None and self.client.role == "run" and not self.client.ended
+        """A run is training here: its engine is there and has not said `finished` (after that it
+        only cleans up and exits, and there is nothing left to stop, save or sample)."""
+        if self.client is None or self.client.role != "run" or self.client.ended:
+            return False
+        return self.history is None or self.history.finished is None
 
     def _newest_running(self) -> None:
         running = [d for d in runs.list_run_dirs(self.runs_root) if runs.is_running(d)]

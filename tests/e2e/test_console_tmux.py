@@ -1,0 +1,186 @@
+"""The console in a real terminal: tmux runs `qlc`, keys drive it, capture-pane reads the screen.
+
+Case 1: pick the tiny preset, start it, watch steps arrive, sample from the live model, stop it
+(the save shows), quit. Case 2: kill the terminal mid-run; the run keeps training, and a new `qlc`
+attaches to it with its history, then stops it. Both train the real tiny model (NF4 + LoRA +
+8-bit AdamW on the CPU), so they take a minute or two.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from engine import runs
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed"),
+]
+
+
+class Tmux:
+    """One tmux server of our own (its own socket: it starts with this test's environment)."""
+
+    def __init__(self, name: str, width: int = 80, height: int = 24) -> None:
+        self.socket = f"qlc-e2e-{os.getpid()}-{name}"
+        self.session = name
+        self.width, self.height = width, height
+
+    def _tmux(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True, text=True, check=check)
+
+    def start(self, command: list[str], env: dict[str, str]) -> None:
+        line = " ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join(command)
+        self._tmux(
+            "new-session", "-d", "-s", self.session, "-x", str(self.width), "-y", str(self.height),
+            "-c", str(REPO), f"env {line}",
+        )  # fmt: skip
+        self._tmux("set-option", "-t", self.session, "remain-on-exit", "on")
+
+    def keys(self, *keys: str, pause: float = 0.15) -> None:
+        for key in keys:
+            self._tmux("send-keys", "-t", self.session, key)
+            time.sleep(pause)
+
+    def type(self, text: str) -> None:
+        self._tmux("send-keys", "-t", self.session, "-l", text)
+        time.sleep(0.2)
+
+    def screen(self) -> str:
+        return self._tmux("capture-pane", "-p", "-t", self.session, check=False).stdout
+
+    def wait(self, what: str | Callable[[str], bool], timeout: float = 60.0) -> str:
+        test = (lambda s: what in s) if isinstance(what, str) else what
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            screen = self.screen()
+            if test(screen):
+                return screen
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what!r}; the screen:\n{self.screen()}")
+
+    def pane_dead(self) -> bool:
+        out = self._tmux("display", "-p", "-t", self.session, "#{pane_dead}", check=False).stdout.strip()
+        return out == "1"
+
+    def kill(self) -> None:
+        self._tmux("kill-server", check=False)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    keep = ("PATH", "HOME", "LANG", "QLC_CACHE_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")
+    out = {k: os.environ[k] for k in keep if k in os.environ}
+    out["QLC_RUNS_DIR"] = str(tmp_path / "runs")
+    out["TERM"] = "xterm-256color"
+    return out
+
+
+def _qlc() -> list[str]:
+    return [sys.executable, "-m", "tui.cli"]
+
+
+def _step(screen: str) -> int:
+    """The step the dashboard's progress line shows (`━━━── 12/120  ep ...`)."""
+    found = re.findall(r" (\d+)/(\d+)  ep ", screen)
+    return int(found[-1][0]) if found else 0
+
+
+def _start_tiny(tmux: Tmux) -> None:
+    tmux.wait("tiny-demo", timeout=30)
+    tmux.keys("/")
+    tmux.type("tiny")
+    tmux.keys("Enter")  # to the filtered list: tiny-demo is the one left
+    tmux.wait("Offline demo")
+    tmux.keys("s")  # start; the budget says it fits, so there is no question
+    tmux.wait("3 Dashboard", timeout=30)
+
+
+def _wait_exited(run_dir: Path, timeout: float = 60) -> None:
+    """The engine writes `finished`, then cleans up and exits (releasing the run's lock)."""
+    deadline = time.monotonic() + timeout
+    while runs.is_running(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def _events_steps(run_dir: Path) -> int:
+    events, _ = runs.read_events(run_dir)
+    return max((e.step for e in events if type(e).__name__ == "Step"), default=0)
+
+
+def test_start_watch_sample_stop_quit(env: dict[str, str]) -> None:
+    tmux = Tmux("console")
+    try:
+        tmux.start(_qlc(), env)
+        _start_tiny(tmux)
+        screen = tmux.wait(lambda s: _step(s) >= 4, timeout=240)
+        assert "training" in screen and "loss" in screen
+        # Sample from the live model: it answers at the next step boundary, then training goes on.
+        tmux.keys("5")
+        tmux.wait("live model")
+        tmux.type("Say hello")
+        tmux.keys("Enter")
+        screen = tmux.wait(
+            lambda s: re.search(r"\(\d+ tokens, [\d.]+ s, stopped by", s) is not None, timeout=120
+        )
+        assert "› Say hello" in screen and "[live @ step" in screen
+        # Stop: a question first, then the save happening.
+        tmux.keys("Escape", "3", "x")
+        tmux.wait("Stop and save")
+        tmux.keys("y")
+        screen = tmux.wait("stopped at step", timeout=120)
+        assert "saved checkpoint-" in screen
+        tmux.keys("n", "q")
+        tmux.wait(lambda _: tmux.pane_dead(), timeout=15)
+        (run_dir,) = runs.list_run_dirs(Path(env["QLC_RUNS_DIR"]))
+        _wait_exited(run_dir)
+        summary = runs.summarize(run_dir)
+        assert summary.status == "stopped" and summary.last_checkpoint
+        assert runs.checkpoints(run_dir)
+    finally:
+        tmux.kill()
+
+
+def test_run_survives_its_terminal_and_a_new_console_attaches(env: dict[str, str]) -> None:
+    tmux = Tmux("first")
+    try:
+        tmux.start(_qlc(), env)
+        _start_tiny(tmux)
+        tmux.wait(lambda s: _step(s) >= 2, timeout=240)
+    finally:
+        tmux.kill()  # the terminal goes away, as with a dropped SSH connection
+    (run_dir,) = runs.list_run_dirs(Path(env["QLC_RUNS_DIR"]))
+    before = _events_steps(run_dir)
+    deadline = time.monotonic() + 120
+    while _events_steps(run_dir) <= before + 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert runs.is_running(run_dir), "the run died with its terminal"
+    assert _events_steps(run_dir) > before + 2, "the run stopped training without its console"
+
+    again = Tmux("second")
+    try:
+        again.start(_qlc(), env)
+        # A new console finds the running run and attaches, history included.
+        screen = again.wait(lambda s: run_dir.name in s and _step(s) > before, timeout=60)
+        assert "training" in screen
+        again.keys("x")
+        again.wait("Stop and save")
+        again.keys("y")
+        again.wait("stopped at step", timeout=120)
+        again.keys("n", "q")
+        again.wait(lambda _: again.pane_dead(), timeout=15)
+    finally:
+        again.kill()
+    _wait_exited(run_dir)
+    assert runs.summarize(run_dir).status == "stopped"
