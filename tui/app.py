@@ -375,6 +375,10 @@ class QlcApp(App[int]):
         style = {"fits": "green", "tight": "yellow", "does_not_fit": "bold red"}.get(view.verdict, "dim")
         presets.show_summary(Text("memory " + view.summary(), style=style))
 
+    def on_memory_pane_suggestion_chosen(self, message: MemoryPane.SuggestionChosen) -> None:
+        self.pane(PresetsPane).apply_overrides(message.overrides)
+        self.notify(f"applied: {' '.join(message.overrides)}", timeout=5)
+
     def action_auto_fit(self) -> None:
         msg = self._preset
         if msg is None or msg.config is None:
@@ -382,7 +386,12 @@ class QlcApp(App[int]):
             return
         overrides, text = budget.fit(msg.config, self.pane(MemoryPane).gpu_spec)
         if not overrides:
-            self.notify(text, severity="warning", timeout=5)
+            hint = (
+                ""
+                if text.startswith("nothing to change")
+                else "; the ranked list (Enter) changes more than batch and length"
+            )
+            self.notify(text + hint, severity="information" if hint == "" else "warning", timeout=6)
             return
         self.pane(PresetsPane).apply_overrides(overrides)
         self.notify(f"auto-fit: {text}", timeout=6)

@@ -81,15 +81,6 @@ def _memory() -> Any | None:
         return None
 
 
-def _get(obj: Any, *names: str, default: Any = None) -> Any:
-    for name in names:
-        if isinstance(obj, dict) and name in obj:
-            return obj[name]
-        if hasattr(obj, name):
-            return getattr(obj, name)
-    return default
-
-
 def gpu_choices() -> list[GpuChoice]:
     """The picker's entries: the GPU actually present (auto), then the catalog cards."""
     choices = [GpuChoice("this machine's GPU (auto)", "auto")]
@@ -144,34 +135,30 @@ def compute(cfg: RunConfig, gpu_spec: str | None = None) -> BudgetView:
 
 
 def _advice(memory: Any, cfg: RunConfig, gpu: Any) -> list[Suggestion]:
-    advise = getattr(memory, "advise", None)
-    if not callable(advise):
-        return []
+    """The calculator's ranked changes (empty when it fits); none rather than an exception."""
     try:
-        return [
-            Suggestion(
-                str(_get(a, "text", "message", "description", default=a)),
-                list(_get(a, "overrides", default=[]) or []),
-                _get(a, "saves_gb", "saving_gb", default=None),
-            )
-            for a in advise(cfg, gpu) or []
-        ]
+        ranked = memory.advise(cfg, gpu)
     except Exception:
         return []
+    # str(advice) reads "what to change: 7.9 GB (saves 4.1 GB), fits"
+    return [Suggestion(str(a), list(a.overrides), float(a.saves_gb)) for a in ranked]
 
 
 def fit(cfg: RunConfig, gpu_spec: str | None = None) -> tuple[list[str], str]:
-    """Overrides that make `cfg` fit, and a sentence about them; ([], reason) when there are none."""
+    """Overrides that make `cfg` fit (micro-batch, grad-accum, seq_len), and a sentence about
+    them; ([], why) when nothing needs changing or nothing fits."""
     memory = _memory()
     if memory is None or not hasattr(memory, "fit"):
-        return [], "memory calculator not available yet"
+        return [], "memory calculator not available"
     try:
         gpu = memory.resolve_gpu(gpu_spec or cfg.hardware.gpu or "auto")
         result = memory.fit(cfg, gpu)
+    except UserError as exc:
+        return [], str(exc)
     except Exception as exc:
-        return [], f"auto-fit failed: {exc}"
-    overrides = list(_get(result, "overrides", default=[]) or [])
-    text = str(_get(result, "summary", "explanation", "text", default="") or "")
-    if not overrides:
-        return [], text or "nothing to change: it already fits, or nothing the fitter tries makes it fit"
-    return overrides, text or ", ".join(overrides)
+        return [], f"auto-fit failed ({type(exc).__name__}: {exc})"
+    if not result.fits:
+        return [], result.summary
+    if not result.overrides:
+        return [], f"nothing to change: {result.summary}"
+    return list(result.overrides), result.summary

@@ -297,3 +297,31 @@ def test_sample_request_ids_are_unique_per_console() -> None:
 
 
 _ = CRASHED_RUN
+
+
+async def test_auto_fit_and_a_ranked_suggestion(app_factory) -> None:
+    app = app_factory()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        presets = app.screen.query_one(PresetsPane)
+        presets.select("llama-3.1-8b-rtx4090", ["train.micro_batch=16"])
+        await pilot.press("2")
+        await pilot.pause()
+        assert "DOES NOT FIT" in screen_text(app)
+        await pilot.press("f")  # auto-fit: the batch and length that fit, as overrides
+        await pilot.pause()
+        assert presets.config is not None and presets.config.train.micro_batch < 16
+        assert "FITS" in screen_text(app) and "DOES NOT FIT" not in screen_text(app)
+        # The 8 GB card: nothing fits by batch alone; a ranked suggestion applies with Enter.
+        presets.select("llama-3.1-8b-rtx4060")
+        await pilot.pause()
+        advice = app.screen.query_one("#advice", OptionList)
+        assert advice.option_count >= 2
+        prompts = [str(advice.get_option_at_index(i).prompt) for i in range(advice.option_count)]
+        # (Not an unsloth one: on a machine without Unsloth the estimate falls back to hf.)
+        fitting = next(i for i, p in enumerate(prompts) if "), fits" in p and "unsloth" not in p)
+        advice.focus()
+        advice.highlighted = fitting
+        await pilot.press("enter")
+        await pilot.pause()
+        assert presets.overrides and "✓ FITS" in screen_text(app)

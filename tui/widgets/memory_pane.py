@@ -10,9 +10,10 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
-from textual.widgets import DataTable, Input, Label, Select, Static
+from textual.widgets import DataTable, Input, Label, OptionList, Select, Static
+from textual.widgets.option_list import Option
 
-from tui.budget import BudgetView, gpu_choices
+from tui.budget import BudgetView, Suggestion, gpu_choices
 from tui.widgets.stacked_bar import MemoryBar
 
 _SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*(gb|g|gib)?\s*$", re.IGNORECASE)
@@ -42,8 +43,17 @@ class MemoryPane(Vertical):
             super().__init__()
             self.spec = spec
 
+    class SuggestionChosen(Message):
+        """Apply one of the ranked suggestions: its overrides go to the Presets pane."""
+
+        def __init__(self, overrides: list[str], text: str) -> None:
+            super().__init__()
+            self.overrides = overrides
+            self.text = text
+
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
+        self._suggestions: list[Suggestion] = []
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="gpu-row"):
@@ -55,13 +65,13 @@ class MemoryPane(Vertical):
         yield MemoryBar(id="memory-bar")
         with Horizontal(id="memory-lower"):
             yield DataTable(id="breakdown", cursor_type="row", show_cursor=False)
-            yield Static(id="advice")
+            yield OptionList(id="advice")
 
     def on_mount(self) -> None:
         table = self.query_one("#breakdown", DataTable)
         table.add_columns("term", "GB", "made of")
         table.border_title = "breakdown"
-        self.query_one("#advice", Static).border_title = "what would make it fit"
+        self.query_one("#advice", OptionList).border_title = "what would make it fit (Enter applies)"
         self.call_after_refresh(
             self._fill_gpus
         )  # the catalog imports the memory model: after the first frame
@@ -86,12 +96,13 @@ class MemoryPane(Vertical):
         verdict = self.query_one("#verdict", Static)
         bar = self.query_one(MemoryBar)
         table = self.query_one("#breakdown", DataTable)
-        advice = self.query_one("#advice", Static)
+        advice = self.query_one("#advice", OptionList)
+        advice.clear_options()
+        self._suggestions = list(view.advice)
         table.clear()
         if not view.available:
             verdict.update(Text(view.reason, style="italic"))
             bar.update_terms([], None)
-            advice.update("")
             return
         title = Text(
             VERDICT_WORD.get(view.verdict, view.verdict.upper()),
@@ -113,12 +124,23 @@ class MemoryPane(Vertical):
             parts = ", ".join(f"{k} {v:.2f}" for k, v in term.parts.items())
             table.add_row(term.name, f"{term.gb:.2f}", parts)
         if view.advice:
-            lines = [Text(f"{i}. {a.text}") for i, a in enumerate(view.advice, 1)]
-            advice.update(Text("\n").join(lines))
+            # The ones that fit first (the calculator's order otherwise): in a short window
+            # they are the ones worth the room.
+            order = sorted(range(len(view.advice)), key=lambda i: not view.advice[i].text.endswith(", fits"))
+            advice.add_options(
+                Option(Text(f"{n}. {view.advice[i].text}"), id=str(i)) for n, i in enumerate(order, 1)
+            )
         elif view.verdict == "fits":
-            advice.update(Text("nothing to change: it fits", style="dim"))
+            advice.add_option(Option(Text("nothing to change: it fits", style="dim"), disabled=True))
         else:
-            advice.update(Text("no suggestions", style="dim"))
+            advice.add_option(Option(Text("no suggestions", style="dim"), disabled=True))
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        event.stop()
+        if event.option.id is None:
+            return
+        suggestion = self._suggestions[int(event.option.id)]
+        self.post_message(self.SuggestionChosen(suggestion.overrides, suggestion.text))
 
     def on_select_changed(self, event: Select.Changed) -> None:
         event.stop()

@@ -60,10 +60,10 @@ class MemoryBar(Widget):
         for i, term in enumerate(self._terms):
             item = Text.assemble(
                 (
-                    GLYPHS[i % len(GLYPHS)] * 2,
+                    GLYPHS[i % len(GLYPHS)],
                     self.get_component_rich_style(f"memory-bar--term-{i % len(GLYPHS)}"),
                 ),
-                f" {term.name} {term.gb:.2f}",
+                f" {term.name} {term.gb:.1f}",
             )
             if line.cell_len and line.cell_len + 2 + item.cell_len > width:
                 lines.append(line)
