@@ -129,8 +129,7 @@ def run_console(args: argparse.Namespace) -> int:
     ready = Path(args.ready_file) if args.ready_file else None
 
     async def pilot_script(pilot) -> None:
-        # Runs once the app is up: the first frame has been composed and written.
-        await pilot.pause()
+        # Textual starts the autopilot on the app's Ready event: the first frame is on screen.
         if ready:
             ready.write_text(json.dumps({"first_frame": time.time(), "rss_mb": rss_mb()}))
         if args.start:

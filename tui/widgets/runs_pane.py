@@ -94,8 +94,15 @@ class RunsPane(Vertical):
         table.add_column("loss", key="loss")
         table.border_title = "runs"
         self.query_one("#compare-chart").border_title = "compare loss"
-        self.reload()
         self.set_interval(REFRESH_SECONDS, self._tick)
+        self._loaded_once = False
+
+    def on_show(self) -> None:
+        # Summaries fold every run's events file: not at start-up (where they would compete with
+        # opening the run being watched), but when the list is first looked at.
+        if not self._loaded_once:
+            self._loaded_once = True
+            self.reload()
 
     def _tick(self) -> None:
         if self.is_on_screen:  # only while the pane is showing: the refresh reads files
