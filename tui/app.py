@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 from rich.text import Text
 from textual import work
-from textual.app import App, SystemCommand
+from textual.app import App, ScreenStackError, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.css.query import NoMatches
 from textual.screen import Screen
@@ -76,7 +76,7 @@ def _while_panes_exist(handler: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(handler)
     def guarded(*args: Any, **kwargs: Any) -> None:
-        with contextlib.suppress(NoMatches):
+        with contextlib.suppress(NoMatches, ScreenStackError):
             handler(*args, **kwargs)
 
     return guarded

@@ -88,8 +88,9 @@ async def test_chart_draws_100k_points_as_fast_as_100() -> None:
                 text = _chart_text(chart)
             timings[n] = (time.perf_counter() - start) / 10
             assert any(0x2800 < ord(ch) <= 0x28FF for ch in text)
-    assert timings[100_000] < 0.05
-    assert timings[100_000] < 5 * timings[100] + 0.01
+    # Generous bounds (shared CI machines are noisy); the point is "not 1000x".
+    assert timings[100_000] < 0.1
+    assert timings[100_000] < 10 * timings[100] + 0.02
 
 
 async def test_log_scale_labels_are_real_values() -> None:
