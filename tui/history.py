@@ -81,7 +81,9 @@ class RunHistory:
 
     @property
     def step(self) -> int:
-        return self.last_step.step if self.last_step else 0
+        """The newest step: a stop lands between logged steps, and `finished` says where."""
+        logged = self.last_step.step if self.last_step else 0
+        return max(logged, self.finished.step) if self.finished is not None else logged
 
     @property
     def total_steps(self) -> int:

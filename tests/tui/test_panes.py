@@ -57,7 +57,7 @@ async def test_presets_filter_select_and_override(app_factory) -> None:
         await pilot.press("enter", "enter")  # to the list, then into the settings
         assert pane.selected == "tiny-demo"
         text = screen_text(app)
-        assert "Offline demo" in text and "adapter rank" in text  # a comment from the YAML
+        assert "Offline demo" in text and "built locally" in text  # a comment from the YAML
         editor = app.screen.query_one(OverridesEditor)
         editor.edit("train.lr", "")
         await pilot.press(*"abc")

@@ -255,7 +255,10 @@ class LineChart(Widget):
         axis_row[: len(left)] = left
         axis_row[plot_w - len(right) :] = right
         middle = format_x((x0 + x1) / 2)
-        if plot_w > len(left) + len(right) + len(middle) + 6:
+        if x1 == x0:  # one point so far: one label
+            axis_row = [" "] * plot_w
+            axis_row[: len(left)] = left
+        elif plot_w > len(left) + len(right) + len(middle) + 6:
             start = (plot_w - len(middle)) // 2
             axis_row[start : start + len(middle)] = middle
         text.append(" " * (GUTTER - 1) + "└", axis)

@@ -258,12 +258,15 @@ class PresetsPane(Horizontal):
 
     def on_settings_table_highlighted(self, event: SettingsTable.Highlighted) -> None:
         event.stop()
-        help_line = Text(event.path, style="bold")
+        # Two lines: the full value, then the author's comment (the table has room for neither).
+        first = Text(event.path, style="bold")
         if event.value is not None:
-            help_line.append(f" = {event.value}")
-        if event.comment:
-            help_line.append(f"  # {event.comment}", style="italic")
-        self.query_one("#setting-help", Static).update(help_line)
+            first.append(f" = {event.value}")
+            first.append("  (Enter edits)", style="dim")
+        second = Text(f"# {event.comment}" if event.comment else "", style="italic")
+        lines = Text("\n").join([first, second])
+        lines.no_wrap, lines.overflow = True, "ellipsis"
+        self.query_one("#setting-help", Static).update(lines)
 
     def on_settings_table_edit_requested(self, event: SettingsTable.EditRequested) -> None:
         event.stop()
@@ -272,6 +275,10 @@ class PresetsPane(Horizontal):
     def on_overrides_editor_changed(self, event: OverridesEditor.Changed) -> None:
         event.stop()
         self._reload(event.overrides)
+        if self.query_one("#override-input", Input).has_focus:
+            # Typed and applied: back to the settings (s starts, Enter edits another). Not when
+            # the Memory pane applied them: focusing here would switch panes under the user.
+            self.query_one(SettingsTable).focus()
 
     # ---- actions -----------------------------------------------------------------------------
 

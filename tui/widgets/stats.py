@@ -92,14 +92,14 @@ class RunStats(Widget):
                     h.grad_norm,
                 ),
                 row("tokens/s", _count(last.tokens_per_s), h.tokens_per_s),
-                row("step", f"{last.step_seconds:.2f} s · {_count(last.tokens_seen)} tok seen"),
+                row("step", f"{last.step_seconds:.2f} s · {_count(last.tokens_seen)} tok"),
             ]
         estimate = h.estimate if h else None
         est_gb = estimate.torch_peak_gb if estimate and estimate.torch_peak_gb else None
         peak = h.peak_reserved_gb if h else None
         mem = Text.assemble(
-            (f"{'memory':<{LABEL}}", label),
-            f"est {_gb(est_gb)} · peak {_gb(peak)} GB",
+            (f"{'memory GB':<{LABEL}}", label),
+            f"est {_gb(est_gb)} · peak {_gb(peak)}",
             no_wrap=True,
             overflow="crop",
         )
