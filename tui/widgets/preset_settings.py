@@ -108,7 +108,21 @@ def format_setting(value: Any) -> str:
         return "[" + ", ".join(format_setting(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {format_setting(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, str) and value.startswith("/"):
+        return _relative_to_cwd(value)
     return str(value)
+
+
+def _relative_to_cwd(path: str) -> str:
+    """Resolved paths are absolute; under the folder qlc was started in, show them relative to it,
+    which is shorter and the same on every checkout."""
+    import os
+
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return path if rel.startswith("..") else rel
 
 
 class SettingsTable(DataTable):
