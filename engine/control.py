@@ -10,10 +10,28 @@ import fcntl
 import os
 import queue
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from engine import protocol
 from engine.events import Emitter
+
+
+def read_lines(fd: int, on_line: Callable[[bytes], None]) -> None:
+    """Call `on_line` for each line read from a raw fd, until EOF. Raw os.read, not a buffered
+    file object: a daemon thread blocked inside a buffered reader aborts the interpreter at exit."""
+    buffer = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            return
+        if not chunk:
+            return
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            on_line(line)
 
 
 class CommandQueue:
@@ -44,20 +62,7 @@ class CommandQueue:
         self.put(command)
 
     def _read_lines(self, fd: int, source: str) -> None:
-        """Read command lines from a raw fd until EOF. Raw os.read, not a buffered file object:
-        a daemon thread blocked inside a buffered reader aborts the interpreter at exit."""
-        buffer = b""
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:
-                return
-            if not chunk:
-                return
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                self._handle_line(line, source)
+        read_lines(fd, lambda line: self._handle_line(line, source))
 
     def read_stdin(self, fd: int = 0) -> threading.Thread:
         def loop() -> None:

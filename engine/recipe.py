@@ -289,12 +289,10 @@ class Recipe:
             from engine import memory
 
             est = memory.estimate(self.cfg, backend=self.backend)
-            gpu = (
-                memory.resolve_gpu(self.cfg.hardware.gpu)
-                if self.device == "cuda" or self.cfg.hardware.gpu != "auto"
-                else None
-            )
-            self.emitter.emit(est.to_event(gpu) if gpu is not None else est.to_event(None))
+            # "auto" means the GPU present: with none there is no budget to check against.
+            cfg_gpu = self.cfg.hardware.gpu
+            gpu = memory.resolve_gpu(cfg_gpu) if self.device == "cuda" or cfg_gpu != "auto" else None
+            self.emitter.emit(est.to_event(gpu))
         except Exception as exc:  # an estimate must never stop a run
             self.emitter.log(f"no memory estimate: {exc}", level="debug")
 

@@ -147,13 +147,6 @@ def is_running(run_dir: Path) -> bool:
         os.close(fd)
 
 
-def engine_pid(run_dir: Path) -> int | None:
-    try:
-        return int((run_dir / LOCK).read_text().strip() or 0) or None
-    except (FileNotFoundError, ValueError):
-        return None
-
-
 # ---------------------------------------------------------------------------------------------
 # Events
 # ---------------------------------------------------------------------------------------------

@@ -13,15 +13,7 @@ from typing import Any
 
 from engine.config import RunConfig
 from engine.errors import UserError
-
-TERM_ORDER = ("weights", "gradients", "optimizer", "activations", "workspace")
-
-
-@dataclass(frozen=True)
-class Term:
-    name: str
-    gb: float
-    parts: dict[str, float] = field(default_factory=dict)
+from engine.memory.estimate import TERM_NAMES, Term
 
 
 @dataclass(frozen=True)
@@ -108,9 +100,8 @@ def compute(cfg: RunConfig, gpu_spec: str | None = None) -> BudgetView:
         return BudgetView(False, reason=f"no estimate: {exc}")
     except Exception as exc:  # the calculator's bug must not take the console down
         return BudgetView(False, reason=f"no estimate ({type(exc).__name__}: {exc})")
-    terms = [Term(t.name, float(t.gb), dict(t.parts)) for t in est.terms]
-    order = {name: i for i, name in enumerate(TERM_ORDER)}
-    terms.sort(key=lambda t: order.get(t.name, len(order)))
+    order = {name: i for i, name in enumerate(TERM_NAMES)}
+    terms = sorted(est.terms, key=lambda t: order.get(t.name, len(order)))
     view = BudgetView(
         True,
         gpu=spec,

@@ -3,7 +3,6 @@ run this command started) or from the run's events file (`qlc attach`)."""
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import subprocess
@@ -234,7 +233,3 @@ def iter_file_from(run_dir: Path, offset: int, timeout: float) -> Iterable[proto
         if not runs.is_running(run_dir):
             return
         time.sleep(0.1)
-
-
-def dumps(obj: object) -> str:
-    return json.dumps(obj, default=str)

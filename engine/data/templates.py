@@ -25,9 +25,9 @@ LLAMA3 = (
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
 
-# Gemma 3: no system role (the system text opens the first user turn), the assistant is "model".
-GEMMA3 = (
-    "{{- bos_token }}"
+# Families without a system role fold the system text into the first user turn: this prologue sets
+# `first_user_prefix` and the `loop_messages` the turns are rendered from.
+_FOLD_SYSTEM = (
     "{%- if messages[0]['role'] == 'system' %}"
     "{%- set first_user_prefix = messages[0]['content'] | trim + '\\n\\n' %}"
     "{%- set loop_messages = messages[1:] %}"
@@ -35,7 +35,11 @@ GEMMA3 = (
     "{%- set first_user_prefix = '' %}"
     "{%- set loop_messages = messages %}"
     "{%- endif %}"
-    "{%- for message in loop_messages %}"
+)
+
+# Gemma 3: no system role (the system text opens the first user turn), the assistant is "model".
+GEMMA3 = (
+    "{{- bos_token }}" + _FOLD_SYSTEM + "{%- for message in loop_messages %}"
     "{%- if message['role'] == 'assistant' %}"
     "{{- '<start_of_turn>model\\n' }}"
     "{% generation %}{{- message['content'] | trim + '<end_of_turn>' }}{% endgeneration %}"
@@ -64,15 +68,7 @@ CHATML = (
 # Mistral (v0.3 style): <s>[INST] user[/INST] answer</s>; no system role (prepended to the first
 # user turn, as for Gemma), and an answer ends with </s>, the model's end of sequence.
 MISTRAL = (
-    "{{- bos_token }}"
-    "{%- if messages[0]['role'] == 'system' %}"
-    "{%- set first_user_prefix = messages[0]['content'] | trim + '\\n\\n' %}"
-    "{%- set loop_messages = messages[1:] %}"
-    "{%- else %}"
-    "{%- set first_user_prefix = '' %}"
-    "{%- set loop_messages = messages %}"
-    "{%- endif %}"
-    "{%- for message in loop_messages %}"
+    "{{- bos_token }}" + _FOLD_SYSTEM + "{%- for message in loop_messages %}"
     "{%- if message['role'] == 'assistant' %}"
     "{{- ' ' }}{% generation %}{{- message['content'] | trim + '</s>' }}{% endgeneration %}"
     "{%- else %}"

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -45,6 +44,24 @@ def _wait(run_dir: Path, predicate, timeout: float = 180) -> protocol.Event:
                 return ev
         time.sleep(0.1)
     raise AssertionError(f"timed out; engine.log:\n{(run_dir / runs.ENGINE_LOG).read_text()[-3000:]}")
+
+
+def _console(runs_dir: Path, *extra: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """A `qlc train` following its run in the foreground, in its own process group like a
+    terminal; returns it and the run directory it created."""
+    proc = subprocess.Popen(
+        [*QLC, "--runs-dir", str(runs_dir), "train", "tiny-demo", *SETS, *extra],
+        cwd=REPO,
+        env={**os.environ, "NO_COLOR": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while not runs.list_run_dirs(runs_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (run_dir,) = runs.list_run_dirs(runs_dir)
+    return proc, run_dir
 
 
 @pytest.fixture(scope="module")
@@ -128,20 +145,7 @@ def test_a_run_outlives_its_console_stops_through_the_fifo_and_resumes_exactly(
     reference: Path, root: Path, tmp_path: Path
 ) -> None:
     other = tmp_path / "runs"
-    env = {**os.environ, "NO_COLOR": "1"}
-    # A console following a run in the foreground, in its own process group, like a terminal.
-    console = subprocess.Popen(
-        [*QLC, "--runs-dir", str(other), "train", "tiny-demo", *SETS],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 120
-    while not runs.list_run_dirs(other) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    (run_dir,) = runs.list_run_dirs(other)
+    console, run_dir = _console(other)
     _wait(run_dir, lambda e: isinstance(e, protocol.Step) and e.step >= 3)
     os.killpg(console.pid, signal.SIGKILL)  # the SSH session dies with its console
     console.wait()
@@ -184,28 +188,7 @@ def test_console_quitting_is_not_a_stop_and_a_live_sample_streams(root: Path, tm
     live sample from its FIFO between two steps. (On a CPU, bitsandbytes' inference kernel makes
     later losses differ by ~1e-4 after a live sample, so resume equivalence is tested without one.)"""
     other = tmp_path / "runs"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tui.cli",
-            "--runs-dir",
-            str(other),
-            "train",
-            "tiny-demo",
-            *SETS,
-            "--set",
-            "train.max_steps=12",
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 120
-    while not runs.list_run_dirs(other) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    (run_dir,) = runs.list_run_dirs(other)
+    proc, run_dir = _console(other, "--set", "train.max_steps=12")
     _wait(run_dir, lambda e: isinstance(e, protocol.Hello))
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -30,6 +30,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from engine import protocol, runs  # noqa: E402
+from engine.control import read_lines  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 RECORDED = DATA / "tiny-run.events.jsonl"
@@ -250,19 +251,11 @@ class Commands:
             threading.Thread(target=self._read, args=(sys.stdin.fileno(),), daemon=True).start()
 
     def _read(self, fd: int) -> None:
-        buffer = b""
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:
-                return
-            if not chunk:
-                return
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                if line.strip():
-                    self.queue.put(protocol.decode_command(line))
+        read_lines(fd, self._put)
+
+    def _put(self, line: bytes) -> None:
+        if line.strip():
+            self.queue.put(protocol.decode_command(line))
 
     def drain(self) -> list[protocol.Command]:
         out = []

@@ -12,7 +12,7 @@ from typing import ClassVar
 from rich.text import Text
 from textual.widget import Widget
 
-from tui.budget import Term
+from engine.memory.estimate import Term
 
 GLYPHS = ("█", "▓", "▒", "░", "▞", "▚", "■")
 
