@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -203,13 +204,16 @@ def _convert(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             return value
     elif tp is float:
         # YAML 1.1 reads `2e-4` (no dot) as a string; accept any spelling Python reads as a number.
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
+        try:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return float(value)
-            except ValueError:
-                pass
+            if isinstance(value, str):
+                return float(value)
+        except ValueError:
+            pass
+        except OverflowError:  # an integer beyond any float
+            problems.append(f"{where}: {str(value)[:20]}… is too large")
+            return _NO
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -257,15 +261,31 @@ def validate(cfg: RunConfig) -> list[str]:
     for name in ("seq_len", "micro_batch", "grad_accum", "logging_steps", "save_steps"):
         if getattr(t, name) < 1:
             p.append(f"train.{name}: must be at least 1, got {getattr(t, name)}")
-    if t.epochs <= 0:
+    # NaN passes every negated comparison below: report non-finite values once, as such.
+    nonfinite = set()
+    for where, value in (
+        ("train.epochs", t.epochs),
+        ("train.lr", t.lr),
+        ("train.warmup_ratio", t.warmup_ratio),
+        ("train.weight_decay", t.weight_decay),
+        ("train.max_grad_norm", t.max_grad_norm),
+        ("lora.dropout", lo.dropout),
+        ("data.val_fraction", d.val_fraction),
+    ):
+        if not math.isfinite(value):
+            p.append(f"{where}: must be a finite number, got {value}")
+            nonfinite.add(where)
+    if "train.epochs" not in nonfinite and t.epochs <= 0:
         p.append(f"train.epochs: must be positive, got {t.epochs}")
     if t.max_steps is not None and t.max_steps < 1:
         p.append(f"train.max_steps: must be at least 1 or null, got {t.max_steps}")
-    if not 0 < t.lr < 1:
+    if "train.lr" not in nonfinite and not 0 < t.lr < 1:
         p.append(f"train.lr: must be between 0 and 1, got {t.lr}")
-    if not 0 <= t.warmup_ratio < 1:
+    if "train.warmup_ratio" not in nonfinite and not 0 <= t.warmup_ratio < 1:
         p.append(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
-    if t.max_grad_norm < 0:
+    if "train.weight_decay" not in nonfinite and t.weight_decay < 0:
+        p.append(f"train.weight_decay: must be 0 or positive, got {t.weight_decay}")
+    if "train.max_grad_norm" not in nonfinite and t.max_grad_norm < 0:
         p.append(f"train.max_grad_norm: must be 0 (off) or positive, got {t.max_grad_norm}")
     if t.eval_steps < 0 or t.save_total_limit < 1:
         p.append("train.eval_steps must be >= 0 and train.save_total_limit >= 1")
@@ -273,13 +293,13 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"lora.r: must be at least 1, got {lo.r}")
     if lo.alpha < 1:
         p.append(f"lora.alpha: must be at least 1, got {lo.alpha}")
-    if not 0 <= lo.dropout < 1:
+    if "lora.dropout" not in nonfinite and not 0 <= lo.dropout < 1:
         p.append(f"lora.dropout: must be in [0, 1), got {lo.dropout}")
     if not lo.target_modules:
         p.append("lora.target_modules: name at least one module (q_proj, v_proj, ...)")
     if not d.source:
         p.append("data.source: required (a .jsonl/.json/.csv/.parquet file, a folder, or a hub dataset id)")
-    if not 0 <= d.val_fraction < 1:
+    if "data.val_fraction" not in nonfinite and not 0 <= d.val_fraction < 1:
         p.append(f"data.val_fraction: must be in [0, 1), got {d.val_fraction}")
     if d.max_examples is not None and d.max_examples < 1:
         p.append(f"data.max_examples: must be at least 1 or null, got {d.max_examples}")
@@ -313,7 +333,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw
     leaves = _leaf_paths()
     if "." not in key:
@@ -395,17 +415,25 @@ def list_presets() -> list[Path]:
     return sorted(seen.values(), key=lambda p: p.stem)
 
 
+def _is_file(path: Path) -> bool:
+    """is_file() for any text a user typed: a name too long, or an unknown ~user, is not a file."""
+    try:
+        return path.expanduser().is_file()
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
 def find_preset(name: str) -> Path:
-    path = Path(name).expanduser()
+    path = Path(name)
     if path.suffix in (".yaml", ".yml") or os.sep in name:
-        if path.is_file():
-            return path.resolve()
+        if _is_file(path):
+            return path.expanduser().resolve()
         raise UserError(
             f"preset file {name}: not found", "check the path, or name a preset from `qlc presets`"
         )
     for d in preset_dirs():
         candidate = d / f"{name}.yaml"
-        if candidate.is_file():
+        if _is_file(candidate):
             return candidate.resolve()
     names = [p.stem for p in list_presets()]
     raise UserError(f"unknown preset {name!r}{_suggest(name, names)}", "`qlc presets` lists them")
@@ -418,6 +446,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a preset", "fix the syntax") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -438,11 +468,14 @@ def _resolve_local_paths(cfg: RunConfig, base: Path) -> None:
     def resolve(value: str | None) -> str | None:
         if not value or value.startswith("builtin:"):
             return value
-        p = Path(value).expanduser()
-        if not p.is_absolute() and (base / p).exists():
-            return str((base / p).resolve())
-        if p.exists():
-            return str(p.resolve())
+        try:
+            p = Path(value).expanduser()
+            if not p.is_absolute() and (base / p).exists():
+                return str((base / p).resolve())
+            if p.exists():
+                return str(p.resolve())
+        except (OSError, RuntimeError, ValueError):  # not a usable path: later checks say so
+            pass
         return value
 
     cfg.data.source = resolve(cfg.data.source) or ""

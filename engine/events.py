@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -43,17 +44,38 @@ class PipeSink:
 
 
 class FileSink:
-    """Appends to RUN_DIR/events.jsonl, flushed per line so a follower sees each event at once."""
+    """Appends to RUN_DIR/events.jsonl, a line per write so a follower sees each event at once.
+
+    A full disk must not kill the run or tear the history: what could not be written (a whole line,
+    or the rest of a short write) is kept and written first at the next event, once space is back
+    (the engine frees a failed checkpoint's space before it reports the failure)."""
 
     def __init__(self, path: Path) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._file = os.fdopen(fd, "ab", buffering=0)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._pending = bytearray()
+        self._warned = False
 
     def write(self, line: bytes) -> None:
-        self._file.write(line)
+        self._pending += line
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._pending:
+            try:
+                written = os.write(self._fd, self._pending)
+            except OSError as exc:
+                if not self._warned:
+                    self._warned = True
+                    print(
+                        f"events.jsonl: {exc.strerror}; keeping events until it can be written",
+                        file=sys.stderr,
+                    )
+                return
+            del self._pending[:written]
 
     def close(self) -> None:
-        self._file.close()
+        self._flush()
+        os.close(self._fd)
 
 
 class Emitter:

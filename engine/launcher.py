@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import BinaryIO
 
 from engine.runs import ENGINE_LOG
 
@@ -34,13 +35,20 @@ def _env() -> dict[str, str]:
     return env
 
 
+def open_log(run_dir: Path) -> BinaryIO:
+    """RUN_DIR/engine.log for appending, readable by its owner only (tracebacks quote paths and
+    data)."""
+    fd = os.open(run_dir / ENGINE_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    return os.fdopen(fd, "ab")
+
+
 def launch(run_dir: Path, *args: str, pipe: bool = True) -> subprocess.Popen[bytes]:
     """Start `python -m engine <args>` for a run, detached into its own session.
 
     With pipe=True the caller gets stdin/stdout pipes (commands in, events out); without, both go to
     /dev/null and the run is reached only through its events file and control FIFO.
     """
-    log = open(run_dir / ENGINE_LOG, "ab")  # noqa: SIM115 - handed to the child
+    log = open_log(run_dir)
     try:
         return subprocess.Popen(
             engine_command(*args),
@@ -64,11 +72,15 @@ def launch_sample(run_dir: Path, checkpoint: str | None, request_json: str) -> s
     args = ["sample", str(run_dir), "--request", request_json]
     if checkpoint:
         args += ["--checkpoint", checkpoint]
-    return subprocess.Popen(
-        engine_command(*args),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=open(run_dir / ENGINE_LOG, "ab"),
-        start_new_session=True,
-        env=_env(),
-    )
+    log = open_log(run_dir)
+    try:
+        return subprocess.Popen(
+            engine_command(*args),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            start_new_session=True,
+            env=_env(),
+        )
+    finally:
+        log.close()

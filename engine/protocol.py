@@ -53,6 +53,7 @@ class Hello(Message, frozen=True, tag="hello"):
     backend: str = ""  # the backend the run will use ("hf", "unsloth")
     backend_reason: str = ""  # why that one (for "auto")
     device: str = ""  # "cuda:0 (NVIDIA H100 80GB HBM3)" or "cpu"
+    trust_remote_code: bool = False  # the model's own Python code runs (the user confirmed it)
 
 
 class StageEvent(Message, frozen=True, tag="stage"):
@@ -263,17 +264,22 @@ def encode(msg: Message) -> bytes:
     return _encoder.encode(_nonfinite_to_str(msg)) + b"\n"
 
 
+# What else a decoder can raise on hostile input: a str with lone surrogates cannot be encoded
+# to UTF-8 (UnicodeEncodeError), and a str/bytes is all it accepts (TypeError).
+_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeError, TypeError)
+
+
 def decode_event(line: bytes | str) -> Event:
     try:
         return _event_decoder.decode(line)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except _DECODE_ERRORS as exc:
         raise ProtocolError(f"not an engine event: {exc}") from None
 
 
 def decode_command(line: bytes | str) -> Command:
     try:
         return _command_decoder.decode(line)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except _DECODE_ERRORS as exc:
         raise ProtocolError(f"not a command: {exc}") from None
 
 

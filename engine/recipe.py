@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine import __version__, protocol, runs
+from engine import __version__, checkpoints, failures, faults, fingerprint, protocol, runs
 from engine.config import RunConfig, load_resolved
 from engine.control import CommandQueue
 from engine.errors import UserError
@@ -90,6 +90,9 @@ def _make_callback(
         def on_step_end(self, args: Any, st: Any, control: Any, model: Any = None, **kw: Any) -> None:
             for command in commands.drain():
                 if isinstance(command, protocol.Stop):
+                    if state.stop_requested:  # a second console's stop, or a second Ctrl-C
+                        emitter.log("already stopping", level="debug")
+                        continue
                     state.stop_requested = True
                     control.should_training_stop = True
                     control.should_save = command.save
@@ -160,12 +163,8 @@ def _make_callback(
                 state.last_loss = loss
             else:
                 # Keep the last good checkpoint: never save weights trained on a non-finite loss.
-                state.failure = protocol.ErrorEvent(
-                    kind="nan_loss",
-                    step=st.global_step,
-                    message=f"the loss became {loss} at step {st.global_step}",
-                    hint="lower train.lr, check the data for broken rows, or resume from the last checkpoint",
-                )
+                first = int(logs.get("nonfinite_since_step", st.global_step))
+                state.failure = failures.nonfinite_loss(loss, first, st.global_step)
                 control.should_training_stop = True
                 control.should_save = False
 
@@ -197,8 +196,18 @@ class Recipe:
 
         self.device = choose_device(self.cfg)
         self.backend, reason = choose_backend(self.cfg, self.device)
+        plan = faults.plan_from_env()
+        # What an engine killed mid-save left behind; this engine holds the run's lock.
+        removed = checkpoints.clean_stale(self.run_dir / runs.CHECKPOINTS)
+        skipped: list[tuple[Path, str]] = []
         if self.resume:
-            self.resume_from = runs.find_checkpoint(self.run_dir)
+            runs.find_checkpoint(self.run_dir)  # one line if there is none at all
+            self.resume_from, skipped = checkpoints.newest_verified(self.run_dir / runs.CHECKPOINTS)
+            if self.resume_from is None:
+                raise UserError(
+                    f"run {self.run_dir.name}: no checkpoint passes verification ({skipped[0][1]})",
+                    "start a new run with `qlc train`",
+                )
         device = self.device
         if device == "cuda":
             import torch
@@ -214,8 +223,22 @@ class Recipe:
                 backend=self.backend,
                 backend_reason=reason,
                 device=device,
+                trust_remote_code=self.cfg.model.trust_remote_code,
             )
         )
+        if plan.armed:
+            self.emitter.log(f"fault injection armed ({faults.ENV}={plan.describe()})", level="warning")
+        for name in removed:
+            self.emitter.log(f"removed {name}: an incomplete save from an earlier session")
+        for path, reason in skipped:
+            self.emitter.emit(
+                protocol.WarningEvent(
+                    message=f"{path.name} is damaged ({reason}); resuming from {self.resume_from.name}",
+                    hint="the damaged checkpoint is left in place for inspection",
+                )
+            )
+        if self.resume:
+            fingerprint.check(self.run_dir, self.cfg)
 
     def setup(self) -> None:
         from engine import data
@@ -255,6 +278,8 @@ class Recipe:
         self._emit_estimate()
 
         emit(protocol.StageEvent(stage="preparing_data", message=f"preparing {cfg.data.source}"))
+        if not self.resume:
+            fingerprint.record(self.run_dir, cfg)  # what a later resume checks against
 
         def progress(message: str, current: int, total: int) -> None:
             emit(protocol.StageEvent(stage="preparing_data", message=message, current=current, total=total))
@@ -313,27 +338,16 @@ class Recipe:
         return target
 
 
-def _oom_error(exc: BaseException, cfg: RunConfig, step: int | None) -> protocol.ErrorEvent:
-    advice: list[str] = []
-    try:
-        from engine import memory
-
-        gpu = memory.resolve_gpu(cfg.hardware.gpu)
-        advice = [str(a) for a in memory.advise(cfg, gpu)[:5]]
-    except Exception:
-        pass
-    return protocol.ErrorEvent(
-        kind="out_of_memory",
-        step=step,
-        message=f"out of memory: {str(exc).splitlines()[0][:200]}",
-        hint="lower train.micro_batch or train.seq_len, or turn train.gradient_checkpointing on",
-        advice=advice,
-    )
-
-
 def is_oom(exc: BaseException) -> bool:
     name = exc.__class__.__name__
-    return name == "OutOfMemoryError" or isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
+    text = str(exc).lower()
+    # "can't allocate memory": torch's CPU allocator, which raises a plain RuntimeError.
+    return (
+        name == "OutOfMemoryError"
+        or isinstance(exc, MemoryError)
+        or "out of memory" in text
+        or "can't allocate memory" in text
+    )
 
 
 def run(run_dir: Path, emitter: Emitter, commands: CommandQueue, resume: bool = False) -> int:
@@ -353,11 +367,14 @@ def run(run_dir: Path, emitter: Emitter, commands: CommandQueue, resume: bool = 
             if status == "completed":
                 adapter = str(recipe.save_adapter())
     except UserError as exc:
-        failure = protocol.ErrorEvent(kind="input", message=exc.message, hint=exc.hint)
+        failure = protocol.ErrorEvent(kind=getattr(exc, "kind", "input"), message=exc.message, hint=exc.hint)
     except BaseException as exc:
         step = recipe.trainer.state.global_step if recipe and recipe.trainer else None
-        if is_oom(exc) and recipe is not None:
-            failure = _oom_error(exc, recipe.cfg, step)
+        classified = failures.classify(exc, run_dir, step) if isinstance(exc, Exception) else None
+        if classified is not None:
+            failure = classified
+        elif is_oom(exc) and recipe is not None:
+            failure = failures.out_of_memory(exc, recipe.cfg, step, getattr(recipe, "backend", None))
         elif isinstance(exc, KeyboardInterrupt):
             failure = protocol.ErrorEvent(kind="interrupted", message="the engine was interrupted", step=step)
         else:

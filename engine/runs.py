@@ -21,12 +21,14 @@ import errno
 import fcntl
 import os
 import re
+import shutil
 import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine import checkpoints as engine_checkpoints
 from engine import protocol
 from engine.config import RunConfig, load_resolved
 from engine.errors import RunNotFound, UserError
@@ -38,7 +40,7 @@ LOCK = "lock"
 ENGINE_LOG = "engine.log"
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
-CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_PREFIX = engine_checkpoints.PREFIX
 
 
 def runs_root(override: str | os.PathLike[str] | None = None) -> Path:
@@ -60,7 +62,13 @@ def _slug(text: str) -> str:
 def create_run(root: Path, cfg: RunConfig) -> Path:
     """A new run directory with its resolved config and control FIFO. Called only after the config
     (and data) passed validation, so bad input never leaves a directory behind."""
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise UserError(
+            f"runs directory {root}: cannot create it ({exc.strerror or exc})",
+            "pass a writable folder with --runs-dir or $QLC_RUNS_DIR",
+        ) from None
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = f"{stamp}-{_slug(cfg.name)}"
     for n in range(1000):
@@ -70,15 +78,25 @@ def create_run(root: Path, cfg: RunConfig) -> Path:
             break
         except FileExistsError:
             continue
+        except OSError as exc:
+            raise UserError(
+                f"runs directory {root}: cannot create a run in it ({exc.strerror or exc})",
+                "pass a writable folder with --runs-dir or $QLC_RUNS_DIR",
+            ) from None
     else:  # pragma: no cover
         raise UserError(f"{root}: could not create a run directory")
-    os.chmod(run_dir, 0o700)  # mkdir's mode is masked by the umask
-    tmp = run_dir / f".{CONFIG}.tmp"
-    tmp.write_text(cfg.to_yaml(), encoding="utf-8")
-    tmp.rename(run_dir / CONFIG)
-    os.mkfifo(run_dir / CONTROL, 0o600)
-    os.chmod(run_dir / CONTROL, 0o600)
-    (run_dir / CHECKPOINTS).mkdir(mode=0o700)
+    try:
+        os.chmod(run_dir, 0o700)  # mkdir's mode is masked by the umask
+        fd = os.open(run_dir / f".{CONFIG}.tmp", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(cfg.to_yaml())
+        os.rename(run_dir / f".{CONFIG}.tmp", run_dir / CONFIG)
+        os.mkfifo(run_dir / CONTROL, 0o600)
+        os.chmod(run_dir / CONTROL, 0o600)
+        (run_dir / CHECKPOINTS).mkdir(mode=0o700)
+    except OSError as exc:  # a full disk, say: leave nothing half-made behind
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise UserError(f"{run_dir}: cannot create the run ({exc.strerror or exc})") from None
     return run_dir
 
 
@@ -269,15 +287,9 @@ def summarize(run_dir: Path) -> RunSummary:
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. A checkpoint is complete once the trainer wrote its
-    trainer_state.json, the last file it writes."""
-    root = run_dir / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [
-        p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / "trainer_state.json").is_file()
-    ]
-    return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX) or 0))
+    """Complete checkpoints, oldest first: committed with a manifest whose files are all there
+    (engine.checkpoints). A save cut short is never listed."""
+    return engine_checkpoints.complete(run_dir / CHECKPOINTS)
 
 
 def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:
@@ -293,3 +305,13 @@ def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:
             return p
     steps = ", ".join(p.name.removeprefix(CHECKPOINT_PREFIX) for p in found)
     raise UserError(f"run {run_dir.name} has no checkpoint at step {step}", f"saved steps: {steps}")
+
+
+def resume_point(run_dir: Path) -> Path:
+    """The checkpoint a resume would start from, after checking the run can resume at all: it has
+    one, and its dataset is the one it started with. Raises UserError (one line) otherwise."""
+    from engine import fingerprint
+
+    checkpoint = find_checkpoint(run_dir)
+    fingerprint.check(run_dir, load_resolved(run_dir / CONFIG))
+    return checkpoint

@@ -40,6 +40,9 @@ def sample_checkpoint(
 
     cfg = load_resolved(run_dir / runs.CONFIG)
     adapter = resolve_adapter(run_dir, checkpoint)
+    if not (adapter / "adapter_model.safetensors").is_file():
+        # peft would fall back to a pickled adapter_model.bin: load safetensors or nothing.
+        raise UserError(f"{adapter}: no adapter_model.safetensors", "only safetensors adapters are loaded")
     emitter.emit(
         protocol.StageEvent(
             stage="loading_model", message=f"loading {cfg.model.name_or_path} + {adapter.name}"

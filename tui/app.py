@@ -61,7 +61,11 @@ PANE_TITLES = {
 
 
 def check_data(cfg: RunConfig) -> None:
-    """The data pipeline's check, when it is installed: bad data fails before a run directory exists."""
+    """The model's and the data pipeline's checks: a bad model path or bad data fails before a run
+    directory exists."""
+    from engine import model_source
+
+    model_source.check(cfg)
     try:
         from engine import data
     except ImportError:
@@ -552,7 +556,7 @@ class QlcApp(App[int]):
             self.open_run(run_dir)
             return
         try:
-            runs.find_checkpoint(run_dir)
+            runs.resume_point(run_dir)
             client = RunClient.launch(run_dir, self._launcher, resume=True)
         except UserError as exc:
             self.show_error("Cannot resume", exc.message, exc.hint)

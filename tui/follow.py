@@ -54,6 +54,11 @@ class EventPrinter:
                 out.print(
                     f"[bold]run {ev.run_id}[/] · {ev.mode}{resumed} · backend [cyan]{ev.backend}[/] "
                     f"({escape(ev.backend_reason)}) · {escape(ev.device)}"
+                    + (
+                        " · [bold red]⚠ trust_remote_code: the model's own code runs[/]"
+                        if ev.trust_remote_code
+                        else ""
+                    )
                 )
             case protocol.StageEvent():
                 progress = f" {ev.current}/{ev.total}" if ev.total else ""

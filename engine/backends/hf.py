@@ -165,6 +165,9 @@ def training_args(cfg: RunConfig, output_dir: Path, device: str, has_eval: bool)
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=t.logging_steps,
+        # The default replaces a NaN step loss with the running average: a diverged run would log
+        # finite losses and keep saving NaN weights. Log what the step computed.
+        logging_nan_inf_filter=False,
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
@@ -185,8 +188,11 @@ def training_args(cfg: RunConfig, output_dir: Path, device: str, has_eval: bool)
 def _trainer_class() -> type:
     from trl import SFTTrainer
 
-    class EngineTrainer(SFTTrainer):
-        """SFTTrainer that resumes at the precision it trained in.
+    from engine.backends.safe_trainer import SafeTrainerMixin
+
+    class EngineTrainer(SafeTrainerMixin, SFTTrainer):
+        """SFTTrainer with atomic checkpoints, a non-finite loss guard and fault hooks
+        (SafeTrainerMixin), that resumes at the precision it trained in.
 
         TRL casts a quantized model's LoRA weights to bf16 when the trainer is built; resuming,
         transformers reloads the adapter with peft's default fp32 upcast, so a resumed run would

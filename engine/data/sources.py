@@ -35,7 +35,8 @@ def is_local(source: str) -> bool:
 
     A hub id is `name` or `owner/name`: no file suffix, no leading `.`, `/` or `~`, at most one `/`.
     """
-    if Path(source).expanduser().exists():
+    path = _path(source)
+    if path is not None and path.exists():
         return True
     return (
         source.startswith((".", "/", "~"))
@@ -45,11 +46,23 @@ def is_local(source: str) -> bool:
     )
 
 
+def _path(source: str) -> Path | None:
+    """`source` as a path, or None when no file can have that name (an unknown ~user, a NUL byte,
+    a name too long)."""
+    try:
+        path = Path(source).expanduser()
+        path.exists()
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return path
+
+
 def local_files(source: str) -> list[Path]:
-    path = Path(source).expanduser()
-    if not path.exists():
+    path = _path(source)
+    if path is None or not path.exists():
         raise DataError(
-            f"{source}: not found", "check data.source (paths in a preset are relative to the preset)"
+            f"{source}: not found",
+            "check data.source and data.val_source (paths in a preset are relative to the preset)",
         )
     if path.is_file():
         if path.suffix.lower() not in SUPPORTED:

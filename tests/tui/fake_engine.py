@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from engine import protocol, runs  # noqa: E402
+from engine import checkpoints, protocol, runs  # noqa: E402
 from engine.control import read_lines  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -165,9 +165,7 @@ def make_run_dir(
         write_events(run_dir / runs.EVENTS, events)
         for ev in events:
             if isinstance(ev, protocol.CheckpointSaved):
-                ckpt = run_dir / runs.CHECKPOINTS / f"checkpoint-{ev.step}"
-                ckpt.mkdir(exist_ok=True)
-                (ckpt / "trainer_state.json").write_text("{}")
+                write_checkpoint(run_dir, ev.step)
     return run_dir
 
 
@@ -286,11 +284,20 @@ def _stream_sample(emitter: Emitter, request: protocol.SampleRequest, source: st
     )
 
 
+def write_checkpoint(run_dir: Path, step: int) -> Path:
+    """A checkpoint folder committed as the real engine commits one (staged, manifest, rename)."""
+    root = run_dir / runs.CHECKPOINTS
+    staged = checkpoints.staging_root(root, step) / f"checkpoint-{step}"
+    staged.mkdir(parents=True, exist_ok=True)
+    (staged / "trainer_state.json").write_text("{}")
+    final = checkpoints.commit(staged, root)
+    staged.parent.rmdir()
+    return final
+
+
 def _save(emitter: Emitter, run_dir: Path, step: int) -> str:
     emitter.emit(protocol.StageEvent(stage="saving", message=f"checkpoint-{step}"))
-    ckpt = run_dir / runs.CHECKPOINTS / f"checkpoint-{step}"
-    ckpt.mkdir(parents=True, exist_ok=True)
-    (ckpt / "trainer_state.json").write_text("{}")
+    ckpt = write_checkpoint(run_dir, step)
     emitter.emit(protocol.CheckpointSaved(step=step, path=str(ckpt), seconds=0.01, size_mb=2.2))
     return str(ckpt)
 

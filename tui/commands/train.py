@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from engine import data, launcher, runs
+from engine import data, launcher, model_source, runs
 from engine.config import load_preset
 from engine.errors import UserError
 from tui.follow import EventPrinter, follow_child
@@ -65,7 +65,8 @@ def run_train(args: argparse.Namespace) -> int:
             f"preset {cfg.name}: model.trust_remote_code is true",
             "this runs code from the model's repository; confirm with --trust-remote-code",
         )
-    data.check_source(cfg)  # bad data fails here, before any run directory exists
+    model_source.check(cfg)  # a bad model path or bad data fails here, before any run directory exists
+    data.check_source(cfg)
     run_dir = runs.create_run(runs.runs_root(args.runs_dir), cfg)
     return _start(run_dir, resume=False, detach=args.detach, json_lines=args.json)
 
@@ -74,5 +75,5 @@ def run_resume(args: argparse.Namespace) -> int:
     run_dir = runs.find_run(runs.runs_root(args.runs_dir), args.run)
     if runs.is_running(run_dir):
         raise UserError(f"run {run_dir.name} is still running", f"`qlc attach {run_dir.name}` follows it")
-    runs.find_checkpoint(run_dir)  # says so if there is nothing to resume from
+    runs.resume_point(run_dir)  # nothing to resume from, or the dataset changed: one line, exit 2
     return _start(run_dir, resume=True, detach=args.detach, json_lines=args.json)

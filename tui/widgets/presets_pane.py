@@ -145,8 +145,6 @@ class PresetsPane(Horizontal):
             self._doc = parse_preset_doc(info.path.read_text(encoding="utf-8"))
         except OSError:
             self._doc = PresetDoc("", [])
-        about = Text.assemble((name, "bold"), "  ", (info.description, "dim"))
-        self.query_one("#preset-about", Static).update(about)
         self.query_one(OverridesEditor).set_preset(name, overrides)
         self._reload(self.overrides)
 
@@ -159,12 +157,26 @@ class PresetsPane(Horizontal):
         except UserError as exc:
             self.config, self.problems = None, [str(exc)]
         overridden = {k for k in (override_key(o) for o in overrides) if k}
+        self._show_about()
         self.query_one(SettingsTable).show(self._doc, self.config, overridden)
         if self.problems:
             self.show_summary(Text("✗ " + "; ".join(self.problems), style="bold red"))
         elif self.config is not None:
             self._check_data(self.config)
         self.post_message(self.ConfigChanged(self.selected, overrides, self.config, self.problems))
+
+    def _show_about(self) -> None:
+        info = next((p for p in self._presets if p.name == self.selected), None)
+        if info is None:
+            return
+        about = Text.assemble((info.name, "bold"), "  ")
+        if self.config is not None and self.config.model.trust_remote_code:
+            # Before the description, so no narrow terminal ever cuts it off.
+            about.append("⚠ trust_remote_code: runs the model's own code", "bold red")
+            about.append("  ")
+        about.append(info.description, "dim")
+        about.no_wrap, about.overflow = True, "ellipsis"
+        self.query_one("#preset-about", Static).update(about)
 
     def _check_data(self, cfg: RunConfig) -> None:
         d = cfg.data

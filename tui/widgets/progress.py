@@ -84,6 +84,8 @@ class RunProgress(Widget):
         top.append(f"{STATUS_MARK.get(status, '·')} {status}", status_style)
         top.append("  ")
         top.append(h.run_id, self.get_component_rich_style("run-progress--title"))
+        if h.hello and h.hello.trust_remote_code:  # before the device: never cut off
+            top.append("  ⚠ remote code", self.get_component_rich_style("run-progress--status-bad"))
         if h.hello and h.hello.device:
             top.append(f"  {h.hello.backend or ''} {h.hello.device}", muted)
         if stage:
