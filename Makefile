@@ -11,7 +11,7 @@ QLC    := $(VENV)/bin/qlc
 # build with several GB of dependencies; a GPU box should install its own torch first.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test lint format bench-console clean
+.PHONY: install demo test lint format bench-console faults clean
 
 $(VENV)/.installed: pyproject.toml constraints/test.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ lint: install
 format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+# The 20-trial fault campaigns of docs/reliability.md (about half an hour on 2 cores; root also
+# runs the real small-disk trials): writes bench/results/faults-<date>.json.
+faults: install
+	$(PY) -m bench.faults $(FAULTS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -76,11 +76,12 @@ def check_data(cfg: RunConfig) -> None:
 
 
 def _while_panes_exist(handler: Callable[..., None]) -> Callable[..., None]:
-    """Client messages can still arrive while the app shuts down and its panes are removed."""
+    """Client (and late preset) messages can still arrive while the app shuts down and its panes
+    are removed (the screen stack is then empty: IndexError)."""
 
     @functools.wraps(handler)
     def guarded(*args: Any, **kwargs: Any) -> None:
-        with contextlib.suppress(NoMatches, ScreenStackError):
+        with contextlib.suppress(NoMatches, ScreenStackError, IndexError):
             handler(*args, **kwargs)
 
     return guarded
@@ -358,6 +359,7 @@ class QlcApp(App[int]):
 
     # ---- presets and the memory budget -------------------------------------------------------
 
+    @_while_panes_exist
     def on_presets_pane_config_changed(self, message: PresetsPane.ConfigChanged) -> None:
         self._preset = message
         self._refresh_budget()

@@ -9,6 +9,7 @@ from engine import protocol
 def _examples() -> list[protocol.Message]:
     return [
         protocol.Hello(run_id="r1", pid=12, backend="hf", backend_reason="auto: no GPU", device="cpu"),
+        protocol.Hello(run_id="r2", trust_remote_code=True),
         protocol.StageEvent(stage="loading_model", message="loading", current=1, total=3),
         protocol.ModelReady(total_params=10, trainable_params=2, memory_allocated_gb=1.5),
         protocol.EstimateEvent(
@@ -65,11 +66,28 @@ def test_unknown_fields_are_ignored_so_newer_engines_stay_readable() -> None:
 
 
 @pytest.mark.parametrize(
-    "line", [b"", b"not json", b'{"type":"nope"}', b'{"type":"step"}', b'{"type":"step","step":"x"}', b"[1]"]
+    "line",
+    [
+        b"",
+        b"not json",
+        b'{"type":"nope"}',
+        b'{"type":"step"}',
+        b'{"type":"step","step":"x"}',
+        b"[1]",
+        "\ud800",
+    ],
 )
-def test_bad_lines_raise_protocol_error_only(line: bytes) -> None:
+def test_bad_lines_raise_protocol_error_only(line: bytes | str) -> None:
+    """More of these, generated, in tests/reliability/test_fuzz.py."""
     with pytest.raises(protocol.ProtocolError):
         protocol.decode_event(line)
+    with pytest.raises(protocol.ProtocolError):
+        protocol.decode_command(line)
+
+
+def test_an_older_hello_without_the_remote_code_field_reads_as_off() -> None:
+    ev = protocol.decode_event(b'{"type":"hello","protocol":"1.0","run_id":"r"}')
+    assert isinstance(ev, protocol.Hello) and ev.trust_remote_code is False
 
 
 def test_a_different_major_version_is_refused() -> None:

@@ -7,6 +7,7 @@ each sample is answered once, the stop is applied once."""
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,13 +21,14 @@ KILLS = 20
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     runs_dir = tmp_path_factory.mktemp("consoles") / "runs"
     run_dir, trial = trials.launching_console_kill_trial(
-        runs_dir, signal.SIGHUP, "train.max_steps=2000", "train.save_steps=1000", fault="slow_step=0.1"
+        runs_dir, signal.SIGHUP, "train.max_steps=2000", "train.save_steps=1000", fault="slow_step=0.05"
     )
     assert trial["next_step"] > trial["killed_at"]
-    return run_dir
+    yield run_dir
+    trials.kill_engine(run_dir)
 
 
 def test_the_engine_holds_the_token_it_must_never_write(run_dir: Path) -> None:

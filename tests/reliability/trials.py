@@ -20,8 +20,10 @@ import json
 import os
 import random
 import secrets
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -112,6 +114,13 @@ def wait_stopped(run_dir: Path, timeout: float = 120) -> None:
 
 def engine_pid(run_dir: Path) -> int:
     return int((run_dir / runs.LOCK).read_text().strip())
+
+
+def kill_engine(run_dir: Path) -> None:
+    """Leave no engine behind when a test fails half-way (they are detached: nothing else would)."""
+    if runs.is_running(run_dir):
+        with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):
+            os.kill(engine_pid(run_dir), signal.SIGKILL)
 
 
 def checkpoint_state(run_dir: Path) -> dict:
@@ -251,14 +260,26 @@ def check_resumed_from_newest(run_dir: Path, trial: dict) -> None:
     )
 
 
-def finish(run_dir: Path) -> subprocess.CompletedProcess[str]:
+def finish(run_dir: Path, fault: str | None = None) -> subprocess.CompletedProcess[str]:
     """Resume in the foreground to the end; the run must complete."""
-    result = resume_foreground(run_dir)
+    result = resume_foreground(run_dir, fault)
     last = sessions(run_dir)[-1]
     assert result.returncode == 0 and last.finished and last.finished.status == "completed", (
         result.stdout[-2000:] + result.stderr[-2000:]
     )
     return result
+
+
+def audited_loads(run_dir: Path) -> list[str]:
+    """What the last session unpickled, from engine.log under QLC_FAULT=audit_loads: each line
+    names the file and its weights_only flag (anything but True was refused)."""
+    log = (run_dir / runs.ENGINE_LOG).read_text(errors="replace")
+    session = log.rsplit("QLC_FAULT: armed: audit_loads", 1)[-1]
+    return [
+        line.split("QLC_FAULT: torch.load ", 1)[1]
+        for line in session.splitlines()
+        if "QLC_FAULT: torch.load " in line
+    ]
 
 
 def _one_line_error(result: subprocess.CompletedProcess[str], kind: str) -> str:
@@ -327,7 +348,7 @@ def disk_full_trial(run_dir: Path) -> dict:
     return {"error": _one_line_error(result, "disk_full"), "intact": newest.name}
 
 
-def dataset_trial(run_dir: Path, data: Path, how: str) -> dict:
+def dataset_trial(run_dir: Path, data: Path, how: str, engine_check: bool = True) -> dict:
     """Change (`edit`) or remove (`delete`) the run's dataset, ask for a resume: `qlc resume` says
     what changed in one line (exit 2) and starts nothing; the engine itself refuses too. Then put the
     file back."""
@@ -346,6 +367,8 @@ def dataset_trial(run_dir: Path, data: Path, how: str) -> dict:
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0] and str(data) in lines[0], result.stderr
         assert "Traceback" not in result.stderr and _session_count(run_dir) == n
+        if not engine_check:
+            return {"how": how, "error": lines[0]}
         # A console that skipped the check: the engine refuses before loading anything.
         engine = subprocess.run(
             [*QLC[:1], "-m", "engine", "resume", str(run_dir)],
@@ -362,6 +385,21 @@ def dataset_trial(run_dir: Path, data: Path, how: str) -> dict:
     finally:
         data.write_bytes(original)
     return {"how": how, "error": lines[0]}
+
+
+def restored_dataset_resumes(run_dir: Path) -> dict:
+    """With its dataset back as it was, the run resumes from its newest checkpoint (then is stopped)."""
+    expected = runs.find_checkpoint(run_dir).name
+    n = _session_count(run_dir)
+    resume_detached(run_dir)
+    wait_for(
+        run_dir, lambda: _session_count(run_dir) > n and bool(sessions(run_dir)[-1].steps), what="a step"
+    )
+    stop = qlc("--runs-dir", str(run_dir.parent), "stop", run_dir.name)
+    session = sessions(run_dir)[-1]
+    assert stop.returncode == 0 and session.hello.resumed_from == expected, (stop.stderr, session.hello)
+    assert session.finished and session.finished.status == "stopped"
+    return {"resumed_from": expected}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -559,3 +597,58 @@ def live_samples_trial(run_dir: Path, consoles: int = 2) -> dict:
     for request_id in ids:
         assert answered.count(request_id) == 1, (request_id, answered)
     return {"requests": len(ids), "answered_once": True}
+
+
+# ---------------------------------------------------------------------------------------------
+# A real full disk: a small tmpfs (root only)
+# ---------------------------------------------------------------------------------------------
+
+
+def can_mount() -> bool:
+    return os.geteuid() == 0 and shutil.which("mount") is not None
+
+
+def small_disk_trial(base: Path, size_mb: int = 4) -> dict:
+    """The run directory lives on a filesystem of `size_mb` MB: a checkpoint save runs it out of
+    space for real. The run must fail with one disk_full error naming the intact checkpoint, leave
+    nothing partial, and, once the filesystem is grown (space freed), resume to the end."""
+    mount_point = Path(tempfile.mkdtemp(prefix="qlc-small-disk-", dir=base))
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700", "tmpfs", str(mount_point)],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        runs_dir = mount_point / "runs"
+        result = qlc(
+            "--runs-dir",
+            str(runs_dir),
+            "train",
+            "tiny-demo",
+            *sets("train.max_steps=30", "train.save_total_limit=20"),
+            env=env(),
+        )
+        (run_dir,) = runs.list_run_dirs(runs_dir)
+        last = sessions(run_dir)[-1]
+        assert result.returncode == 1, result.stdout[-1500:] + result.stderr[-1500:]
+        (error,) = last.errors
+        assert error.kind == "disk_full", error
+        state = checkpoint_state(run_dir)
+        assert state["partial"] == [] and state["complete"], state
+        newest = runs.find_checkpoint(run_dir)
+        assert f"{newest.name} is intact" in error.message, error.message
+        assert last.finished and last.finished.last_checkpoint == str(newest)
+        line = _one_line_error(result, "disk_full")
+        subprocess.run(["mount", "-o", "remount,size=64m", str(mount_point)], check=True, capture_output=True)
+        finish(run_dir)
+        compared = check_resume_reproduces(run_dir)
+        return {
+            "size_mb": size_mb,
+            "error": line,
+            "intact": newest.name,
+            "resumed_and_completed": True,
+            "steps_compared": compared,
+        }
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False, capture_output=True)
+        shutil.rmtree(mount_point, ignore_errors=True)
