@@ -7,8 +7,9 @@
     QLC_FAULT="nan_at_step=N"             multiply step N's loss by NaN: the NaN gradients reach the
                                           weights, as in a real divergence
     QLC_FAULT="slow_step=0.5"             sleep this many seconds in every optimizer step
-    QLC_FAULT="gpu_memory_limit_gb=2"     cap the CUDA caching allocator when training begins: a
-                                          real CUDA out-of-memory from the allocator
+    QLC_FAULT="gpu_memory_limit_gb=2"     cap the CUDA caching allocator (and empty its cache) at the
+                                          first training step, after a resume has loaded its state:
+                                          a real CUDA out-of-memory, from the allocator itself
     QLC_FAULT="audit_loads"               log every torch.load to engine.log and refuse any call
                                           that is not weights_only=True
 
@@ -117,6 +118,7 @@ class FaultInjector:
         self._saves = 0
         self._oom_done = False
         self._nan_done = False
+        self._gpu_capped = False
 
     @classmethod
     def from_env(cls) -> FaultInjector:
@@ -128,14 +130,20 @@ class FaultInjector:
         _note(f"armed: {self.plan.describe()}")
         if self.plan.audit_loads:
             _audit_torch_load()
-        if self.plan.gpu_memory_limit_gb is not None:
-            import torch
 
-            if torch.cuda.is_available():
-                total = torch.cuda.get_device_properties(0).total_memory
-                fraction = min(1.0, self.plan.gpu_memory_limit_gb * 2**30 / total)
-                torch.cuda.set_per_process_memory_fraction(fraction, 0)
-                _note(f"CUDA allocator capped at {self.plan.gpu_memory_limit_gb} GiB ({fraction:.4f})")
+    def _cap_gpu(self, limit_gb: float) -> None:
+        import torch
+
+        self._gpu_capped = True
+        if not torch.cuda.is_available():
+            _note("gpu_memory_limit_gb: no CUDA device, nothing capped")
+            return
+        total = torch.cuda.get_device_properties(0).total_memory
+        fraction = min(1.0, limit_gb * 2**30 / total)
+        torch.cuda.empty_cache()  # cached blocks would otherwise serve the step under any cap
+        torch.cuda.set_per_process_memory_fraction(fraction, 0)
+        allocated = torch.cuda.memory_allocated(0) / 2**30
+        _note(f"CUDA allocator capped at {limit_gb} GiB ({fraction:.6f}); {allocated:.3f} GiB allocated now")
 
     def before_step(self, step: int) -> None:
         """Called before each micro-batch of optimizer step `step` (1-based)."""
@@ -144,6 +152,8 @@ class FaultInjector:
             return
         if plan.slow_step:
             time.sleep(plan.slow_step)
+        if plan.gpu_memory_limit_gb is not None and not self._gpu_capped:
+            self._cap_gpu(plan.gpu_memory_limit_gb)
         if plan.oom_at_step == step and not self._oom_done:
             self._oom_done = True
             import torch

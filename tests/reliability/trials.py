@@ -54,8 +54,11 @@ def sets(*extra: str) -> list[str]:
 def env(fault: str | None = None, **extra: str) -> dict[str, str]:
     """The environment of every `qlc` a trial runs: an HF token that must never be written
     anywhere, and the fault to inject, if any."""
-    out = {"HF_TOKEN": SECRET, "QLC_FAULT": fault or "", **extra}
-    return out
+    # One math thread per engine: the trials run consoles and `qlc` processes beside it, and on
+    # a busy 2-core machine two OpenMP threads spin against them (a tiny step took 1.5-1.8 s with
+    # two threads and 0.33 s with one, measured under a load average of 4).
+    threads = os.environ.get("OMP_NUM_THREADS", "1")
+    return {"HF_TOKEN": SECRET, "QLC_FAULT": fault or "", "OMP_NUM_THREADS": threads, **extra}
 
 
 # ---------------------------------------------------------------------------------------------
