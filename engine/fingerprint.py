@@ -3,8 +3,10 @@
 A resume restores the data position (which rows come next) from the checkpoint. If the file
 changed, or is gone, that position points into other data: the run would silently train on
 something else, or die deep inside data preparation. So the engine records RUN_DIR/dataset.json
-(every local data file's size and SHA-256) before it first reads the data, and `qlc resume`, the
-console and the engine itself compare against it before resuming, and explain what changed.
+(every local data file's size, modification time and SHA-256) before it first reads the data, and
+`qlc resume`, the console and the engine itself compare against it before resuming, and explain
+what changed. The consoles hash a file only when its size or time changed (a resume must not wait
+on hashing gigabytes); the engine always hashes, before it loads anything.
 
 Hub datasets are recorded by id, split and subset only: the hub versions them itself.
 Runs created before fingerprints existed have no record and are not checked.
@@ -41,12 +43,15 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _describe(source: str, cfg: RunConfig) -> dict[str, Any]:
+def _describe(source: str, cfg: RunConfig, hashed: bool = True) -> dict[str, Any]:
     if not is_local(source):
         return {"kind": "hub", "id": source, "split": cfg.data.split, "subset": cfg.data.subset}
     files = {}
     for path in local_files(source):
-        files[str(path)] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        st = path.stat()
+        files[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        if hashed:
+            files[str(path)]["sha256"] = _sha256(path)
     return {"kind": "local", "path": source, "files": files}
 
 
@@ -69,7 +74,7 @@ def record(run_dir: Path, cfg: RunConfig) -> dict[str, Any]:
 
 
 def _differences(
-    name: str, then: dict[str, Any] | None, now_source: str | None, cfg: RunConfig
+    name: str, then: dict[str, Any] | None, now_source: str | None, cfg: RunConfig, full: bool
 ) -> str | None:
     if then is None or then.get("kind") != "local":
         return None
@@ -79,7 +84,7 @@ def _differences(
         what = missing[0] + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         return f"{name} {what} is gone since the run started"
     try:
-        now = _describe(now_source or then["path"], cfg)
+        now = _describe(now_source or then["path"], cfg, hashed=False)
     except UserError as exc:
         return f"{name} {then['path']} cannot be read any more: {exc.message}"
     now_files: dict[str, dict] = now["files"]
@@ -89,7 +94,9 @@ def _differences(
             continue
         if current["size"] != entry["size"]:
             return f"{name} {path} changed since the run started ({entry['size']} bytes then, {current['size']} now)"
-        if current["sha256"] != entry["sha256"]:
+        if not full and current["mtime_ns"] == entry.get("mtime_ns"):
+            continue  # untouched since: no need to read it
+        if _sha256(Path(path)) != entry["sha256"]:
             return f"{name} {path} changed since the run started (same size, different content)"
     added = sorted(set(now_files) - set(then_files))
     if added:
@@ -97,8 +104,9 @@ def _differences(
     return None
 
 
-def check(run_dir: Path, cfg: RunConfig) -> None:
-    """Raise DataChanged, one line, if the run's data is not what it started with."""
+def check(run_dir: Path, cfg: RunConfig, full: bool = False) -> None:
+    """Raise DataChanged, one line, if the run's data is not what it started with. `full` hashes
+    every file; otherwise only those whose modification time changed."""
     try:
         then = json.loads((run_dir / RECORD).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -109,7 +117,7 @@ def check(run_dir: Path, cfg: RunConfig) -> None:
         ("data.source", "source", cfg.data.source),
         ("data.val_source", "val_source", cfg.data.val_source),
     ):
-        problem = _differences(name, then.get(key), source, cfg)
+        problem = _differences(name, then.get(key), source, cfg, full)
         if problem:
             raise DataChanged(
                 problem,

@@ -238,7 +238,7 @@ class Recipe:
                 )
             )
         if self.resume:
-            fingerprint.check(self.run_dir, self.cfg)
+            fingerprint.check(self.run_dir, self.cfg, full=True)
 
     def setup(self) -> None:
         from engine import data
