@@ -41,7 +41,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from engine import runs  # noqa: E402
+from engine import checkpoints, runs  # noqa: E402
 from tests.reliability import trials  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -169,7 +169,15 @@ def oom(work: Path, n: int, rng: random.Random) -> dict:
 
 def nan(work: Path, n: int, rng: random.Random) -> dict:
     run_dir, _ = _chain(work, "nan", "train.logging_steps=2", "train.save_steps=3")
-    results = [_attempt(lambda: trials.nan_trial(run_dir, steps_ahead=rng.randint(1, 8))) for _ in range(n)]
+
+    def trial(i: int) -> dict:
+        if i % 2 == 1:
+            return trials.nan_trial(run_dir, steps_ahead=rng.randint(1, 8))
+        # Every other trial: the first odd multiple of 3 ahead, a save that no log precedes.
+        start = checkpoints.step_of(runs.find_checkpoint(run_dir)) or 0
+        return trials.nan_trial(run_dir, at=next(s for s in range(start + 1, start + 8) if s % 6 == 3))
+
+    results = [_attempt(lambda i=i: trial(i)) for i in range(n)]
     # A NaN at an odd multiple of 3 reaches a save before any log shows it: the trainer's guard
     # refuses that save. The others are seen by the log of their step or the next.
     by_guard = sum(1 for r in results if r["survived"] and r["at_step"] % 6 == 3)

@@ -68,6 +68,31 @@ def test_a_nan_loss_stops_the_run_at_its_step_and_keeps_the_good_checkpoint(chai
     assert f"step {result['at_step']}" in result["error"]
 
 
+def test_a_nan_loss_no_log_has_seen_yet_is_stopped_by_the_save_that_would_keep_it(tmp_path: Path) -> None:
+    """Logging every 2 steps and saving every 3: a NaN at step 3 reaches the save before any log
+    shows it. The trainer's guard refuses that save; the run has no checkpoint, and says why."""
+    run_dir = trials.start(
+        tmp_path / "runs",
+        "train.max_steps=6",
+        "train.logging_steps=2",
+        "train.save_steps=3",
+        fault="nan_at_step=3",
+    )
+    trials.wait_for(
+        run_dir,
+        lambda: bool(trials.sessions(run_dir)) and trials.sessions(run_dir)[-1].finished is not None,
+        what="the run to finish",
+    )
+    trials.wait_stopped(run_dir)
+    (session,) = trials.sessions(run_dir)
+    (error,) = session.errors
+    assert error.kind == "nan_loss" and error.step == 3 and "at step 3;" in error.message, error
+    assert (
+        session.finished and session.finished.status == "failed" and session.finished.last_checkpoint is None
+    )
+    assert session.saved == [] and trials.checkpoint_state(run_dir) == {"complete": [], "partial": []}
+
+
 def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(chain: Chain) -> None:
     result = trials.disk_full_trial(chain.run_dir)
     assert "disk full while saving checkpoint-" in result["error"]

@@ -311,11 +311,11 @@ def oom_trial(run_dir: Path, steps_ahead: int = 3) -> dict:
     return {"at_step": at, "error": line, "advice": len(error.advice), "last_checkpoint": newest.name}
 
 
-def nan_trial(run_dir: Path, steps_ahead: int = 3) -> dict:
-    """A NaN loss: the run stops with a clear error naming the step, and no checkpoint is written
-    from that step on."""
+def nan_trial(run_dir: Path, steps_ahead: int = 3, at: int | None = None) -> dict:
+    """A NaN loss (at `at`, or `steps_ahead` steps after the checkpoint the run resumes from): the
+    run stops with a clear error naming the step, and no checkpoint is written from that step on."""
     start_step = checkpoints.step_of(runs.find_checkpoint(run_dir)) or 0
-    at = start_step + steps_ahead
+    at = at if at is not None else start_step + steps_ahead
     result = resume_foreground(run_dir, fault=f"nan_at_step={at}")
     last = sessions(run_dir)[-1]
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
