@@ -281,12 +281,10 @@ def estimate(
     opt_torch, paged = terms.optimizer_states(plan)
     static = sum(weights.values()) + sum(grads.values()) + sum(opt_torch.values()) + C.CUBLAS_WORKSPACE_BYTES
 
-    slack_base, slack_fraction = C.ALLOCATOR_SLACK_BASE_GIB[name] * C.GIB, C.ALLOCATOR_SLACK_FRACTION[name]
     best: tuple[float, float, terms.Phase] | None = None
     for phase in terms.phases(plan):
         allocated = static + sum(phase.activations.values()) + sum(phase.workspace.values())
-        slack = slack_base + slack_fraction * phase.churn
-        slack += C.LARGE_BUFFER_RESERVED_COPIES * phase.large_buffers
+        slack = terms.allocator_slack(plan, phase)
         if best is None or allocated + slack > best[0] + best[1]:
             best = (allocated, slack, phase)
     assert best is not None

@@ -413,6 +413,20 @@ def optimizer_phase(plan: Plan) -> Phase | None:
     return Phase("optimizer step", {}, {"optimizer step temporaries": temps})
 
 
+def allocator_slack(plan: Plan, phase: Phase) -> float:
+    """Peak reserved minus peak allocated at `phase` (constants.py says how each was fitted)."""
+    a = plan.arch
+    if plan.backend == "hf":
+        slack = C.HF_SLACK_PER_KEPT_INPUT * a.layers * plan.tokens * a.hidden * plan.residual_bytes
+        if not plan.gradient_checkpointing:
+            ffn_wide = plan.tokens * a.ffn * plan.compute_bytes
+            slack += C.HF_SLACK_PER_MASKED_LAYER_NO_GC * masked_layers(plan) * ffn_wide
+    else:
+        slack = C.ALLOCATOR_SLACK_BASE_GIB[plan.backend] * C.GIB
+        slack += C.ALLOCATOR_SLACK_FRACTION[plan.backend] * phase.churn
+    return slack + C.LARGE_BUFFER_RESERVED_COPIES * phase.large_buffers
+
+
 def phases(plan: Plan) -> list[Phase]:
     found = [backward_phase(plan), loss_phase(plan), embedding_backward_phase(plan), optimizer_phase(plan)]
     return [p for p in found if p is not None]
