@@ -90,7 +90,11 @@ class TrainConfig:
     optimizer: Literal["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch"] = (
         "paged_adamw_8bit"
     )
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | int | Literal["auto"] = True
+    """true: checkpoint every layer; false: none; N: the first N layers (the rest keep their
+    activations); auto: as few as the GPU's memory budget (hardware.gpu) allows."""
+    liger: bool = True
+    """Use Liger's fused RMSNorm/SwiGLU/RoPE kernels when liger-kernel is installed (CUDA, hf backend)."""
     seed: int = 42
     logging_steps: int = 1
     save_steps: int = 100
@@ -283,6 +287,9 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"data.val_fraction: must be in [0, 1), got {d.val_fraction}")
     if d.max_examples is not None and d.max_examples < 1:
         p.append(f"data.max_examples: must be at least 1 or null, got {d.max_examples}")
+    gc = t.gradient_checkpointing
+    if not isinstance(gc, bool) and isinstance(gc, int) and gc < 0:
+        p.append(f"train.gradient_checkpointing: a layer count must be 0 or more, got {gc}")
     if cfg.hardware.backend == "unsloth" and cfg.hardware.device == "cpu":
         p.append("hardware.backend: unsloth needs a CUDA GPU; use hf or auto with device cpu")
     return p

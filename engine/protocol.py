@@ -72,6 +72,10 @@ class ModelReady(Message, frozen=True, tag="model_ready"):
     memory_reserved_gb: float | None = None
     host_rss_gb: float | None = None  # resident memory of the engine process
     load_seconds: float = 0.0
+    layers: int = 0  # decoder layers of the model
+    checkpointed_layers: int = 0  # how many of them recompute their activations in backward
+    checkpoint_reason: str = ""  # why that many (train.gradient_checkpointing, the memory budget)
+    kernels: list[str] = []  # optional fused kernels in use (e.g. "liger: rms_norm, swiglu, rope")
 
 
 class MemoryTerm(msgspec.Struct, frozen=True, kw_only=True):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import __version__, protocol, runs
+from engine.backends.checkpointing import CheckpointPlan, plan_checkpointing
 from engine.config import RunConfig, load_resolved
 from engine.control import CommandQueue
 from engine.errors import UserError
@@ -197,6 +198,10 @@ class Recipe:
 
         self.device = choose_device(self.cfg)
         self.backend, reason = choose_backend(self.cfg, self.device)
+        if self.backend == "unsloth":
+            from engine.backends import unsloth
+
+            unsloth.preload()  # before anything imports transformers, peft or TRL
         if self.resume:
             self.resume_from = runs.find_checkpoint(self.run_dir)
         device = self.device
@@ -217,6 +222,15 @@ class Recipe:
             )
         )
 
+    def _checkpointing(self, path: str) -> CheckpointPlan:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(
+            path, revision=self.cfg.model.revision, trust_remote_code=self.cfg.model.trust_remote_code
+        )
+        layers = int(getattr(config.get_text_config(), "num_hidden_layers", 0) or 0)
+        return plan_checkpointing(self.cfg, self.backend, self.device, layers)
+
     def setup(self) -> None:
         from engine import data
         from engine.backends import hf
@@ -226,19 +240,31 @@ class Recipe:
         t0 = time.perf_counter()
         path = hf.resolve_model_path(cfg)
         self.tokenizer = hf.load_tokenizer(cfg, path)
+        # Decided before the weights load: the GPU's free memory is the budget auto spends.
+        self.checkpointing = gc = self._checkpointing(path)
         emit(
             protocol.StageEvent(
                 stage="quantizing",
                 message="loading weights as 4-bit NF4" if cfg.quant.load_in_4bit else "loading weights",
             )
         )
-        model = hf.load_model(cfg, self.device, path)
         # LoRA's A matrices are drawn at random when the adapters are created, before the trainer
         # seeds anything: seed here, or two runs of one preset start from different adapters.
         from transformers import set_seed
 
-        set_seed(cfg.train.seed)
-        model = hf.apply_lora(model, cfg)
+        kernels: list[str] = []
+        if self.backend == "unsloth":
+            from engine.backends import unsloth
+
+            model = unsloth.load_model(cfg, path, gc)
+            set_seed(cfg.train.seed)
+            model = unsloth.apply_lora(model, cfg, gc)
+            kernels = ["unsloth: fused RMSNorm, RoPE, SwiGLU, LoRA, cross-entropy"]
+        else:
+            model = hf.load_model(cfg, self.device, path)
+            kernels = hf.apply_kernels(model, cfg, self.device)
+            set_seed(cfg.train.seed)
+            model = hf.apply_lora(model, cfg, gc)
         total, trainable = hf.count_params(model)
         mem = cuda_memory()
         emit(
@@ -250,6 +276,10 @@ class Recipe:
                 memory_reserved_gb=mem.get("memory_reserved_gb"),
                 host_rss_gb=host_rss_gb(),
                 load_seconds=time.perf_counter() - t0,
+                layers=gc.layers,
+                checkpointed_layers=gc.checkpointed,
+                checkpoint_reason=gc.reason,
+                kernels=kernels,
             )
         )
         self._emit_estimate()
@@ -280,7 +310,7 @@ class Recipe:
         )
         callback = _make_callback(self.emitter, self.commands, self.state, self.tokenizer, template)
         self.trainer = hf.build_trainer(
-            model, self.tokenizer, cfg, prepared, self.run_dir / runs.CHECKPOINTS, self.device, [callback]
+            model, self.tokenizer, cfg, prepared, self.run_dir / runs.CHECKPOINTS, self.device, [callback], gc
         )
 
     def _emit_estimate(self) -> None:
@@ -288,10 +318,15 @@ class Recipe:
         try:
             from engine import memory
 
-            est = memory.estimate(self.cfg, backend=self.backend)
             # "auto" means the GPU present: with none there is no budget to check against.
             cfg_gpu = self.cfg.hardware.gpu
             gpu = memory.resolve_gpu(cfg_gpu) if self.device == "cuda" or cfg_gpu != "auto" else None
+            est = memory.estimate(
+                self.cfg,
+                backend=self.backend,
+                budget_gb=gpu.budget_gb if gpu else None,
+                checkpointed=self.checkpointing.checkpointed,
+            )
             self.emitter.emit(est.to_event(gpu))
         except Exception as exc:  # an estimate must never stop a run
             self.emitter.log(f"no memory estimate: {exc}", level="debug")

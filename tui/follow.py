@@ -69,6 +69,13 @@ class EventPrinter:
                     f"model ready: {_num(ev.total_params)} params, {_num(ev.trainable_params)} trainable "
                     f"({pct:.2f}%) · loaded in {ev.load_seconds:.1f} s{mem}"
                 )
+                if ev.layers:
+                    out.print(
+                        f"[dim]checkpointing {ev.checkpointed_layers} of {ev.layers} layers: "
+                        f"{escape(ev.checkpoint_reason)}[/]"
+                    )
+                if ev.kernels:
+                    out.print(f"[dim]kernels: {escape(', '.join(ev.kernels))}[/]")
             case protocol.EstimateEvent():
                 budget = f" of {ev.budget_gb:.1f} GB ({ev.gpu})" if ev.budget_gb else ""
                 out.print(

@@ -4,8 +4,12 @@ What differs from the usual QLoRA recipe, and why (figures: shared/anchors.md, H
 - No `prepare_model_for_kbit_training`. It casts embeddings, lm_head and norms to fp32 (+1.96 GiB)
   and makes the residual stream fp32; skipping it saved 5.3 GiB of peak and 24% of step time.
   Gradient checkpointing and input gradients are enabled directly instead.
-- Non-reentrant gradient checkpointing, SDPA attention.
+- Non-reentrant gradient checkpointing, on only as many layers as the memory budget needs
+  (engine.backends.checkpointing), SDPA attention.
 - TRL's SFTTrainer scores the loss with its fused, chunked LM head: full fp32 logits are never built.
+- Liger's fused RMSNorm, SwiGLU and RoPE kernels when liger-kernel is installed and a CUDA GPU
+  trains (they save fewer activations and launch fewer kernels); Liger's own loss is left out, as
+  TRL's chunked loss already avoids the logits.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from engine.backends.checkpointing import CheckpointPlan, keep_last_layers
 from engine.config import RunConfig
 from engine.errors import UserError
 
@@ -101,7 +106,25 @@ def load_model(cfg: RunConfig, device: str, path: str | None = None) -> Any:
     return model
 
 
-def apply_lora(model: Any, cfg: RunConfig) -> Any:
+LIGER_KERNELS = ("rope", "rms_norm", "swiglu")
+
+
+def apply_kernels(model: Any, cfg: RunConfig, device: str) -> list[str]:
+    """Patch the model with Liger's kernels where they run; returns what was applied, for the events."""
+    import importlib.util
+
+    if device != "cuda" or not cfg.train.liger or importlib.util.find_spec("liger_kernel") is None:
+        return []
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    flags = dict.fromkeys(LIGER_KERNELS, True)
+    _apply_liger_kernel_to_instance(
+        model=model, cross_entropy=False, fused_linear_cross_entropy=False, **flags
+    )
+    return [f"liger: {', '.join(LIGER_KERNELS)}"]
+
+
+def apply_lora(model: Any, cfg: RunConfig, checkpointing: CheckpointPlan) -> Any:
     import peft
 
     lo = cfg.lora
@@ -112,11 +135,12 @@ def apply_lora(model: Any, cfg: RunConfig) -> Any:
             f"lora.target_modules: {', '.join(missing)} not found in this model",
             f"its linear layers include {', '.join(sorted(m for m in present if m.endswith('proj'))[:10])}",
         )
-    if cfg.train.gradient_checkpointing:
+    if checkpointing.enabled:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # With a frozen base, the embeddings' output needs requires_grad or checkpointed blocks
         # would have no graph to recompute into.
         model.enable_input_require_grads()
+        keep_last_layers(model, checkpointing)
     lora = peft.LoraConfig(
         r=lo.r,
         lora_alpha=lo.alpha,
@@ -140,7 +164,9 @@ def count_params(model: Any) -> tuple[int, int]:
     return total, trainable
 
 
-def training_args(cfg: RunConfig, output_dir: Path, device: str, has_eval: bool) -> Any:
+def training_args(
+    cfg: RunConfig, output_dir: Path, device: str, has_eval: bool, checkpointing: CheckpointPlan
+) -> Any:
     from trl import SFTConfig
 
     t = cfg.train
@@ -162,7 +188,7 @@ def training_args(cfg: RunConfig, output_dir: Path, device: str, has_eval: bool)
         optim=t.optimizer,
         bf16=cfg.quant.compute_dtype == "bf16",
         fp16=cfg.quant.compute_dtype == "fp16",
-        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing=checkpointing.enabled,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=t.logging_steps,
         save_strategy="steps",
@@ -206,11 +232,18 @@ def _trainer_class() -> type:
 
 
 def build_trainer(
-    model: Any, tokenizer: Any, cfg: RunConfig, data: Any, output_dir: Path, device: str, callbacks: list[Any]
+    model: Any,
+    tokenizer: Any,
+    cfg: RunConfig,
+    data: Any,
+    output_dir: Path,
+    device: str,
+    callbacks: list[Any],
+    checkpointing: CheckpointPlan,
 ) -> Any:
     return _trainer_class()(
         model=model,
-        args=training_args(cfg, output_dir, device, has_eval=data.eval is not None),
+        args=training_args(cfg, output_dir, device, data.eval is not None, checkpointing),
         train_dataset=data.train,
         eval_dataset=data.eval,
         data_collator=data.collator,

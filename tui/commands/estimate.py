@@ -122,7 +122,7 @@ def run_estimate(args: argparse.Namespace) -> int:
     advice = memory.advise(cfg, gpu, est.arch, args.backend) if verdict.status != FITS else []
     if args.json:
         data = est.to_dict(gpu)
-        data["config"] = _config_summary(cfg)
+        data["config"] = _config_summary(cfg, est)
         data["advice"] = [_advice_dict(a) for a in advice]
         print_json(data)
     else:
@@ -130,7 +130,7 @@ def run_estimate(args: argparse.Namespace) -> int:
     return 1 if verdict.status == DOES_NOT_FIT else 0
 
 
-def _config_summary(cfg: RunConfig) -> dict[str, Any]:
+def _config_summary(cfg: RunConfig, est: Estimate) -> dict[str, Any]:
     t, lo = cfg.train, cfg.lora
     return {
         "name": cfg.name,
@@ -139,6 +139,9 @@ def _config_summary(cfg: RunConfig) -> dict[str, Any]:
         "micro_batch": t.micro_batch,
         "grad_accum": t.grad_accum,
         "gradient_checkpointing": t.gradient_checkpointing,
+        "checkpointed_layers": est.checkpointed_layers,
+        "layers": est.arch.layers,
+        "checkpoint_reason": est.checkpoint_reason,
         "optimizer": t.optimizer,
         "lora_r": lo.r,
         "target_modules": list(lo.target_modules),
@@ -161,7 +164,15 @@ def _advice_dict(a: memory.Advice) -> dict[str, Any]:
 def _headline(cfg: RunConfig, est: Estimate) -> str:
     t, lo = cfg.train, cfg.lora
     mts = f", modules_to_save {'+'.join(lo.modules_to_save)}" if lo.modules_to_save else ""
-    gc = "gradient checkpointing" if t.gradient_checkpointing else "no gradient checkpointing"
+    layers = est.arch.layers
+    if est.checkpointed_layers == layers:
+        gc = f"gradient checkpointing on all {layers} layers"
+    elif est.checkpointed_layers == 0:
+        gc = "no gradient checkpointing"
+    else:
+        gc = f"gradient checkpointing on {est.checkpointed_layers} of {layers} layers"
+    if t.gradient_checkpointing == "auto":
+        gc += f" ({est.checkpoint_reason})"
     return (
         f"[bold]{cfg.name or cfg.model.name_or_path}[/]: {est.arch.name}, backend {est.backend} "
         f"({est.backend_reason})\nseq {t.seq_len} x micro-batch {t.micro_batch}, LoRA r {lo.r} on "
@@ -253,9 +264,9 @@ def _fit_dict(cfg: RunConfig, r: memory.FitResult) -> dict[str, Any]:
         "seq_limited_by": r.seq_limited_by,
         "overrides": r.overrides,
         "summary": r.summary,
-        "config": _config_summary(cfg),
     }
     if r.estimate is not None:
+        data["config"] = _config_summary(cfg, r.estimate)
         data["estimate"] = r.estimate.to_dict(r.gpu)
     return data
 
