@@ -310,7 +310,14 @@ class Recipe:
         )
         callback = _make_callback(self.emitter, self.commands, self.state, self.tokenizer, template)
         self.trainer = hf.build_trainer(
-            model, self.tokenizer, cfg, prepared, self.run_dir / runs.CHECKPOINTS, self.device, [callback], gc
+            model,
+            self.tokenizer,
+            cfg,
+            prepared,
+            self.run_dir / runs.CHECKPOINTS,
+            self.device,
+            [callback],
+            trainer_checkpointing=gc.enabled and self.backend == "hf",
         )
 
     def _emit_estimate(self) -> None:

@@ -165,8 +165,10 @@ def count_params(model: Any) -> tuple[int, int]:
 
 
 def training_args(
-    cfg: RunConfig, output_dir: Path, device: str, has_eval: bool, checkpointing: CheckpointPlan
+    cfg: RunConfig, output_dir: Path, device: str, has_eval: bool, gradient_checkpointing: bool
 ) -> Any:
+    """`gradient_checkpointing` tells the Trainer to (re)enable it at train time; the Unsloth
+    backend sets it up itself and passes False, as a bare Unsloth script does."""
     from trl import SFTConfig
 
     t = cfg.train
@@ -188,7 +190,7 @@ def training_args(
         optim=t.optimizer,
         bf16=cfg.quant.compute_dtype == "bf16",
         fp16=cfg.quant.compute_dtype == "fp16",
-        gradient_checkpointing=checkpointing.enabled,
+        gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=t.logging_steps,
         save_strategy="steps",
@@ -239,11 +241,11 @@ def build_trainer(
     output_dir: Path,
     device: str,
     callbacks: list[Any],
-    checkpointing: CheckpointPlan,
+    trainer_checkpointing: bool,
 ) -> Any:
     return _trainer_class()(
         model=model,
-        args=training_args(cfg, output_dir, device, data.eval is not None, checkpointing),
+        args=training_args(cfg, output_dir, device, data.eval is not None, trainer_checkpointing),
         train_dataset=data.train,
         eval_dataset=data.eval,
         data_collator=data.collator,
