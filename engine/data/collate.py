@@ -44,6 +44,10 @@ class PadCollator:
                 position_ids[i, length:] = torch.arange(width - length)
         if self.packed:
             return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        if bool(attention_mask.all()):
+            # No padding in this batch: an all-ones mask says nothing, and some kernels take a
+            # slower masked path for it (Unsloth's compiled blocks; SDPA when it is not dropped).
+            return {"input_ids": input_ids, "labels": labels}
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 

@@ -2,7 +2,7 @@
 
 from engine.memory.advice import Advice, advise
 from engine.memory.architectures import Architecture, find_architecture, resolve_architecture
-from engine.memory.estimate import Estimate, Term, Verdict, estimate, resolve_backend
+from engine.memory.estimate import Estimate, Term, Verdict, choose_checkpointing, estimate, resolve_backend
 from engine.memory.fit import FitResult, fit
 from engine.memory.gpus import Gpu, gpu_catalog, resolve_gpu
 
@@ -15,6 +15,7 @@ __all__ = [
     "Term",
     "Verdict",
     "advise",
+    "choose_checkpointing",
     "estimate",
     "find_architecture",
     "fit",
