@@ -47,6 +47,13 @@ def cuda_memory() -> dict[str, float | None]:
     }
 
 
+def reset_peak_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
 @dataclass
 class RunState:
     """What the callback learns during training, read back by the recipe when training ends."""
@@ -75,6 +82,7 @@ def _make_callback(
             self._step_seconds: float | None = None
 
         def on_train_begin(self, args: Any, st: Any, control: Any, **kw: Any) -> None:
+            reset_peak_memory()  # the peaks a step reports are training's, not the load's
             state.total_steps = st.max_steps
             state.first_step = st.global_step
             self._last_step = st.global_step
