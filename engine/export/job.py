@@ -340,7 +340,7 @@ def _gguf(request: ExportRequest, tmp: Path, out: Outcome, progress: Progress, e
 def export(request: ExportRequest, emitter: Emitter) -> int:
     started = time.time()
     cfg = load_resolved(request.run_dir / runs.CONFIG)
-    steps = (3 if request.adapter_only else 6) + (1 if request.gguf else 0)
+    steps = (3 if request.adapter_only else 5) + (1 if request.gguf else 0)
     progress = Progress(emitter, steps)
     workspace = Workspace(request.out_dir)
     try:
@@ -351,7 +351,7 @@ def export(request: ExportRequest, emitter: Emitter) -> int:
             if request.gguf:
                 _gguf(request, workspace.tmp, out, progress, emitter)
         progress.stage("finishing", "writing the model card and moving the folder into place")
-        out.facts.files = _files(workspace.tmp) + ["README.md"]
+        out.facts.files = [*_files(workspace.tmp), "README.md"]
         record = card.read_record(request.run_dir, request.step)
         (workspace.tmp / "README.md").write_text(
             card.render(request, cfg, record, out.facts), encoding="utf-8"

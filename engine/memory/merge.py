@@ -176,11 +176,11 @@ def place_merge(
     An unknown amount of host memory (no /proc/meminfo, no psutil) is taken as room: the estimate
     cannot be checked there, and refusing would block every export on such a system."""
     host_ok = host_free_gb is None or host_free_gb >= est.gpu_host_gb
-    if want in ("auto", "cuda") and gpu_free_gb is not None:
-        if gpu_free_gb >= est.gpu_gb and host_ok:
-            return MergePlacement(
-                "cuda", est.gpu_gb, gpu_free_gb, f"needs {est.gpu_gb:.2f} GB, {gpu_free_gb:.2f} GB free"
-            )
+    gpu_ok = gpu_free_gb is not None and gpu_free_gb >= est.gpu_gb
+    if want in ("auto", "cuda") and gpu_ok and host_ok:
+        return MergePlacement(
+            "cuda", est.gpu_gb, gpu_free_gb, f"needs {est.gpu_gb:.2f} GB, {gpu_free_gb:.2f} GB free"
+        )
     if want == "cuda":
         have = "no CUDA GPU" if gpu_free_gb is None else f"{gpu_free_gb:.2f} GB free"
         return MergePlacement(
