@@ -56,6 +56,7 @@ async def test_export_a_run_from_the_runs_pane(app_factory, finished_run: Path, 
         await wait_for(pilot, lambda: not app._export_clients, what="the export process to end")
         await pilot.press("escape")
         assert not isinstance(app.screen, ExportScreen)
+        assert "Export selected run" in {c.title for c in app.get_system_commands(app.screen)}
 
 
 async def test_a_bad_choice_is_refused_in_the_dialog(app_factory, finished_run: Path) -> None:
