@@ -235,7 +235,7 @@ def _export_merged(
     prompts, prompt_source = merge.check_prompts(cfg, tokenizer)
     reference = merge.logits(model, prompts)
     with model.disable_adapter():
-        effect = merge.max_abs_diff(reference, merge.logits(model, prompts))
+        effect = merge.max_diff_to(model, prompts, reference)
     model = model.merge_and_unload()
     eos_ids = merge.generation_config(model, tokenizer, cfg.data.template)
     progress.stage(
@@ -247,11 +247,11 @@ def _export_merged(
     merge.release()
     progress.stage("verifying", f"reloading the folder and comparing logits on {len(prompts)} prompts")
     reloaded = merge.reload(tmp, request.dtype, device, trust_remote_code=cfg.model.trust_remote_code)
-    exported = merge.logits(reloaded, prompts)
+    difference = merge.max_diff_to(reloaded, prompts, reference)
     del reloaded
     merge.release()
     check = merge.Check(
-        max_logit_diff=merge.max_abs_diff(reference, exported),
+        max_logit_diff=difference,
         tolerance=merge.tolerance(request.dtype, merge.largest(reference)),
         adapter_effect=effect,
         prompts=len(prompts),

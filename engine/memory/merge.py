@@ -8,8 +8,8 @@ the GPU has room for it, else in host memory. The terms, in GiB:
 - adapter: the LoRA matrices at 4 bytes (peft upcasts bf16/fp16 adapter weights to fp32 when it
   loads them, `autocast_adapter_dtype=True`), and each `modules_to_save` copy at 2 bytes;
 - merge: the largest delta B·A being added (fp32, plus its in-place sum), one module at a time;
-- check: the reference logits kept for the verification (model dtype) and one prompt's fp32
-  logits while comparing;
+- check: the reference logits kept for the verification (model dtype, on the host) and one
+  prompt's logits while it runs (counted at 4 bytes: its forward pass and a few compared rows);
 - save (host memory, GPU merges only): safetensors 0.8 writes CPU tensors straight from their
   memory, but copies GPU tensors to the host first, one shard (`--max-shard-size`) at a time;
 - process: the engine process itself (the Python runtime with torch, transformers and peft), and
