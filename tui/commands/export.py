@@ -92,7 +92,8 @@ def run_export(args: argparse.Namespace) -> int:
                 printer(ev)
             elif isinstance(ev, protocol.Hello):
                 target = "adapter" if request.adapter_only else f"merged {request.dtype}"
-                out.print(f"[bold]export {ev.run_id}[/] · {request.source.name} → {target}")
+                source = "final adapter" if request.step is None else request.source.name
+                out.print(f"[bold]export {ev.run_id}[/] · {source} → {target}")
             elif isinstance(ev, protocol.Exported):
                 print_result(ev)
             elif isinstance(ev, protocol.ErrorEvent):
