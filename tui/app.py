@@ -548,7 +548,10 @@ class QlcApp(App[int]):
         elif message.action == "resume":
             self._resume(run_dir)
         elif message.action == "export":
-            self.push_screen(ExportScreen(run_dir, self._export_launcher, self._export_clients))
+            try:
+                self.push_screen(ExportScreen(run_dir, self._export_launcher, self._export_clients))
+            except UserError as exc:  # a damaged config.yaml
+                self.show_error("Cannot export", exc.message, exc.hint)
         elif message.action == "stop":
             if not running:
                 self.notify(f"{run_dir.name} is not running", severity="warning")

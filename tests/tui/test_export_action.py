@@ -99,3 +99,18 @@ async def test_a_hidden_export_reports_its_end(app_factory, finished_run: Path, 
         assert (
             runs.find_run(app.runs_root, FINISHED_RUN) / "exports" / "checkpoint-120-merged-bf16"
         ).is_dir()
+
+
+async def test_a_damaged_run_config_is_an_error_not_a_crash(app_factory, finished_run: Path) -> None:
+    from tui.screens.error import ErrorScreen
+
+    (finished_run / runs.CONFIG).write_text("train: {lr: lots}\n")
+    app = app_factory(export_launcher=fake_engine.launch_export)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        await pilot.press("4")
+        pane = app.screen.query_one(RunsPane)
+        await wait_for(pilot, lambda: pane.summaries, what="the runs list")
+        await pilot.press("e")
+        await wait_for(pilot, lambda: isinstance(app.screen, ErrorScreen), what="the error dialog")
+        assert "Cannot export" in screen_text(app) and "train.lr" in screen_text(app)
