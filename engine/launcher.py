@@ -72,3 +72,20 @@ def launch_sample(run_dir: Path, checkpoint: str | None, request_json: str) -> s
         start_new_session=True,
         env=_env(),
     )
+
+
+def launch_export(run_dir: Path, args: list[str]) -> subprocess.Popen[bytes]:
+    """An export (engine.export.request.ExportRequest.engine_args): a short-lived engine process,
+    its events on stdout, its log in the run's engine.log."""
+    log = open(run_dir / ENGINE_LOG, "ab")  # noqa: SIM115 - handed to the child
+    try:
+        return subprocess.Popen(
+            engine_command(*args),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            start_new_session=True,
+            env=_env(),
+        )
+    finally:
+        log.close()

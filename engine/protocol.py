@@ -19,7 +19,7 @@ from typing import Literal, Union
 
 import msgspec
 
-PROTOCOL_VERSION = "1.0"
+PROTOCOL_VERSION = "1.1"  # 1.1: the `exported` event and the export stages
 
 
 class ProtocolError(ValueError):
@@ -37,7 +37,17 @@ class Message(msgspec.Struct, frozen=True, tag_field="type", kw_only=True, omit_
 # ---------------------------------------------------------------------------------------------
 
 Stage = Literal[
-    "starting", "loading_model", "quantizing", "preparing_data", "training", "saving", "sampling", "finishing"
+    "starting",
+    "loading_model",
+    "quantizing",
+    "preparing_data",
+    "training",
+    "saving",
+    "sampling",
+    "finishing",
+    "merging",  # export: the adapter folded into the 16-bit base weights
+    "verifying",  # export: the written folder reloaded and its logits compared
+    "converting",  # export: llama.cpp's GGUF conversion
 ]
 
 
@@ -197,6 +207,31 @@ class Finished(Message, frozen=True, tag="finished"):
     elapsed_seconds: float = 0.0
 
 
+class Exported(Message, frozen=True, tag="exported"):
+    """An export finished: the folder written (renamed into place whole, never half-written)."""
+
+    out_dir: str
+    kind: Literal["merged", "adapter"] = "merged"
+    source: str = ""  # the adapter folder exported: "adapter" (the final one) or "checkpoint-N"
+    step: int | None = None
+    files: list[str] = []  # names relative to out_dir
+    size_mb: float = 0.0
+    dtype: str = ""  # bf16 / fp16 for merged weights; the adapter's own for adapter-only
+    device: str = ""  # where the merge ran ("cpu", "cuda:0 (...)")
+    max_logit_diff: float | None = None  # largest |exported - (base + adapter)| over the check prompts
+    tolerance: float | None = None  # the largest difference the check accepts
+    adapter_effect: float | None = None  # largest |(base + adapter) - base|: what the check can detect
+    prompts: int = 0  # prompts (from the run's data) the check compared
+    tokens: int = 0  # tokens over those prompts
+    eos_token_ids: list[int] = []  # generation_config.json's eos_token_id
+    gguf_path: str | None = None
+    gguf_note: str = ""  # why the GGUF file asked for is missing (the converter failed)
+    peak_gpu_gb: float | None = None  # torch's peak reserved during the merge (CUDA only)
+    peak_host_gb: float | None = None  # the engine process's peak resident memory
+    estimate_gb: float | None = None  # what the memory model said the merge needs where it ran
+    seconds: float = 0.0
+
+
 Event = Union[  # noqa: UP007 - msgspec wants a real Union of tagged types
     Hello,
     StageEvent,
@@ -213,6 +248,7 @@ Event = Union[  # noqa: UP007 - msgspec wants a real Union of tagged types
     WarningEvent,
     ErrorEvent,
     Finished,
+    Exported,
 ]
 
 # ---------------------------------------------------------------------------------------------

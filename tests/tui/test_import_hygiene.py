@@ -23,6 +23,10 @@ ENGINE_PURE = (
     "engine.launcher",
     "engine.memory",
     "engine.data",
+    "engine.export.request",
+    "engine.export.card",
+    "engine.export.gguf",
+    "engine.export.job",
 )
 
 
