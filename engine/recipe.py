@@ -273,6 +273,7 @@ class Recipe:
             kernels = hf.apply_kernels(model, cfg, self.device)
             set_seed(cfg.train.seed)
             model = hf.apply_lora(model, cfg, gc)
+        self.kernels = kernels
         total, trainable = hf.count_params(model)
         mem = cuda_memory()
         emit(
@@ -341,6 +342,7 @@ class Recipe:
                 backend=self.backend,
                 budget_gb=gpu.budget_gb if gpu else None,
                 checkpointed=self.checkpointing.checkpointed,
+                liger=any(k.startswith("liger") for k in self.kernels),
             )
             self.emitter.emit(est.to_event(gpu))
         except Exception as exc:  # an estimate must never stop a run

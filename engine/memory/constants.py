@@ -68,9 +68,17 @@ CUBLAS_WORKSPACE_BYTES = 32 * MIB
 CUDA_CONTEXT_GIB = 1.3
 
 # Unsloth's fused CE chunk costs fewer bytes per logit than its planner assumes (16): the
-# compiled chunk fuses the fp32 upcast. FITTED to anchors.md row 5 (Unsloth, 8B, 2x4096 tokens:
-# 7.74 GiB allocated, a chunk at the planner's 4 GiB target): 8 bytes per logit.
-UNSLOTH_CE_BYTES_PER_LOGIT = 8.0
+# compiled chunk fuses the fp32 upcast. FITTED to the engine's unsloth backend on the H100
+# (bench/results/memory-calibration-engine-stacks-h100-2026-11-23.json): Llama-3.2-1B with every
+# layer checkpointed peaks at its loss (2 x 4096 tokens, 4 chunks), 2.38 GiB allocated: 4.8 bytes.
+# (It was 8, fitted to anchors.md row 5 alone, where the peak is not the loss: see below.)
+UNSLOTH_CE_BYTES_PER_LOGIT = 4.8
+
+# Unsloth's backward of a checkpointed layer holds more than the saved-tensor inventory of one
+# layer: the recomputed layer, the next layer's input arriving from the CPU (double buffering)
+# and the fused kernels' temporaries. FITTED to the same file: Llama-3.1-8B, every layer
+# checkpointed, 8.17 GiB allocated with the loss at 1.4 GiB, so the backward sets the peak.
+UNSLOTH_RECOMPUTE_SCALE = 1.5
 
 # The per-layer parts of the activations (one layer's saved tensors, every layer's without
 # checkpointing, and the backward temporaries) are the saved-tensor inventory of terms.py times

@@ -207,6 +207,7 @@ def plan_for(
     budget_gb: float | None = None,
     padded: bool | None = None,
     checkpointed: int | None = None,
+    liger: bool | None = None,
 ) -> terms.Plan:
     """`checkpointed` overrides train.gradient_checkpointing (the auto search sets it)."""
     t, lo, q = cfg.train, cfg.lora, cfg.quant
@@ -248,7 +249,26 @@ def plan_for(
         # Rows of different lengths padded to the longest: a mask on every layer. One row, or
         # packed rows, need no padding mask.
         padded=(t.micro_batch > 1 and not cfg.data.packing) if padded is None else padded,
+        liger=(liger_runs_here() if liger is None else liger) and backend == "hf" and t.liger,
     )
+
+
+@functools.lru_cache(maxsize=1)
+def liger_runs_here() -> bool:
+    """Whether the engine's hf backend would use Liger's kernels on this machine (engine.backends.
+    hf.apply_kernels): liger-kernel installed and an NVIDIA GPU present."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return False
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return pynvml.nvmlDeviceGetCount() > 0
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return False
 
 
 def fixed_checkpointing(cfg: RunConfig, arch: Architecture) -> int:
@@ -262,7 +282,12 @@ def fixed_checkpointing(cfg: RunConfig, arch: Architecture) -> int:
 
 
 def choose_checkpointing(
-    cfg: RunConfig, arch: Architecture, backend: str, budget_gb: float | None, padded: bool | None = None
+    cfg: RunConfig,
+    arch: Architecture,
+    backend: str,
+    budget_gb: float | None,
+    padded: bool | None = None,
+    liger: bool | None = None,
 ) -> tuple[int, str]:
     """(checkpointed layers, why) for train.gradient_checkpointing; auto spends the budget.
 
@@ -280,7 +305,8 @@ def choose_checkpointing(
     limit = budget_gb * (1 - C.TIGHT_FRACTION)
 
     def total(k: int) -> float:
-        return _estimate_plan(cfg, arch, plan_for(cfg, arch, backend, budget_gb, padded, k)).device_total_gb
+        plan = plan_for(cfg, arch, backend, budget_gb, padded, k, liger)
+        return _estimate_plan(cfg, arch, plan).device_total_gb
 
     if total(0) <= limit:
         return 0, f"auto: the whole step fits {budget_gb:.1f} GB without checkpointing"
@@ -313,6 +339,7 @@ def estimate(
     budget_gb: float | None = None,
     padded: bool | None = None,
     checkpointed: int | None = None,
+    liger: bool | None = None,
 ) -> Estimate:
     """The memory a training step of `cfg` needs at its peak.
 
@@ -321,18 +348,19 @@ def estimate(
     without it they are sized as on a large GPU (4 GiB chunks), which errs on the safe side.
     `padded` says whether micro-batches carry padding (an attention mask on every layer); by
     default they do when micro_batch > 1 without packing. Measurements on rows all seq_len long
-    pass False. `checkpointed` fixes how many layers are checkpointed (a running engine's choice).
+    pass False. `checkpointed` fixes how many layers are checkpointed (a running engine's choice);
+    `liger` whether the hf backend uses Liger's kernels (None: as the engine would on this machine).
     """
     arch = arch or resolve_architecture(cfg)
     name, reason = resolve_backend(cfg, backend)
     if checkpointed is None:
-        k, why = choose_checkpointing(cfg, arch, name, budget_gb, padded)
+        k, why = choose_checkpointing(cfg, arch, name, budget_gb, padded, liger)
     else:  # what a running engine decided
         k, why = (
             max(0, min(checkpointed, arch.layers)),
             f"{checkpointed} of {arch.layers} layers, as the run chose",
         )
-    plan = plan_for(cfg, arch, name, budget_gb, padded, k)
+    plan = plan_for(cfg, arch, name, budget_gb, padded, k, liger)
     est = _estimate_plan(cfg, arch, plan)
     return dataclasses.replace(est, backend_reason=reason, checkpoint_reason=why)
 
@@ -382,6 +410,8 @@ def _estimate_plan(cfg: RunConfig, arch: Architecture, plan: terms.Plan) -> Esti
         notes.append("every row counted at train.seq_len tokens: shorter rows only lower the peak")
     if plan.padded:
         notes.append("micro-batches counted as padded: an attention mask on every layer")
+    if plan.liger:
+        notes.append("Liger's RMSNorm and SwiGLU kernels (installed, with a GPU): fewer saved activations")
     return Estimate(
         arch=arch,
         backend=name,

@@ -46,6 +46,7 @@ class Plan:
     checkpointed_layers: int  # layers whose activations are recomputed in backward: 0..layers
     attention: str  # sdpa, eager, flash_attention_2
     budget_bytes: float | None = None  # the GPU's budget, for Unsloth's free-memory-sized loss chunks
+    liger: bool = False  # hf only: Liger's RMSNorm / SwiGLU / RoPE kernels (engine.backends.hf)
     packing: bool = False  # several examples per row: a block-diagonal mask from position_ids
     padded: bool = False  # micro-batches carry padding: an attention mask on every layer
 
@@ -220,9 +221,10 @@ def layer_saved_per_token(plan: Plan) -> float:
         # the product is saved as the down_proj adapter's bf16 cast.
         total += 3 * 4 * ffn + (c * ffn if "down_proj" in t else 0)
     else:
-        # Each RMSNorm saves an fp32 copy of its bf16 input; the normed bf16 output is saved once
-        # per group by the adapters' lora_A (bitsandbytes' MatMul4Bit saves no input).
-        total += a.norms_per_layer * 4 * h
+        # Each RMSNorm saves an fp32 copy of its bf16 input (Liger's keeps the bf16 input and one
+        # fp32 rstd per row); the normed bf16 output is saved once per group by the adapters'
+        # lora_A (bitsandbytes' MatMul4Bit saves no input).
+        total += a.norms_per_layer * ((c * h + 4) if plan.liger else 4 * h)
         total += c * h * (bool(attn_in) + bool(mlp_in))
         total += (4 * q + 4 * kv) if a.qk_norm else 0
         if a.fused_qkv:  # v is a view of the fused output: its whole storage stays alive
@@ -230,7 +232,9 @@ def layer_saved_per_token(plan: Plan) -> float:
         else:
             total += c * (q + 2 * kv)
         total += c * q + (c * q if "o_proj" in t else 0)
-        total += 3 * c * ffn + (c * ffn if "down_proj" in t else 0)
+        # gate, act(gate) and up (Liger's fused SwiGLU keeps only gate and up), and the product
+        # the down_proj adapter keeps.
+        total += (2 if plan.liger else 3) * c * ffn + (c * ffn if "down_proj" in t else 0)
     total += len(t) * c * r  # each adapter's lora_A output, saved by lora_B
     if plan.dropout:  # nn.Dropout on each adapter's input: its output and a bool mask
         total += sum((c + 1) * mods[m][0] for m in t)
@@ -353,6 +357,9 @@ def backward_phases(plan: Plan) -> list[Phase]:
     if plan.kept_layers:
         acts = {**_resident_activations(plan), "backward temporaries": temps, **masks}
         out.append(Phase("backward through the last layer", acts, dict(ws), churn=one_layer + temps))
+    if plan.backend == "unsloth":
+        one_layer *= C.UNSLOTH_RECOMPUTE_SCALE
+        temps *= C.UNSLOTH_RECOMPUTE_SCALE
     if plan.checkpointed_layers:
         if plan.backend == "unsloth":
             # Unsloth spreads its kept layers evenly (checkpoint_skip_layers): some are still
@@ -368,9 +375,12 @@ def backward_phases(plan: Plan) -> list[Phase]:
 
 
 def _resident_before_loss(plan: Plan) -> dict[str, float]:
+    acts = _resident_activations(plan)
     if plan.offloads:
-        return {}  # everything is on the CPU by the time the loss runs
-    return _resident_activations(plan)
+        # The checkpointed layers' inputs are on the CPU by the time the loss runs; layers that
+        # are not checkpointed still hold their tensors.
+        acts = {k: v for k, v in acts.items() if not k.startswith("layer inputs on GPU")}
+    return acts
 
 
 def loss_phase(plan: Plan) -> Phase:
