@@ -299,6 +299,12 @@ def validate(cfg: RunConfig) -> list[str]:
         # accelerate turns its FSDP plugin on only for GPU process groups: on CPUs it would train
         # DDP while the config says fsdp (docs/multi-gpu.md).
         p.append("hardware.strategy: fsdp needs CUDA GPUs (accelerate shards only on GPUs); use ddp on CPUs")
+    if cfg.hardware.strategy == "fsdp" and cfg.hardware.gpus != 1 and t.optimizer != "adamw_torch":
+        # bitsandbytes' optimizer kernels have no rule for FSDP2's sharded (DTensor) parameters.
+        p.append(
+            f"train.optimizer: {t.optimizer} cannot step FSDP's sharded parameters (bitsandbytes "
+            "optimizers); with hardware.strategy=fsdp set train.optimizer=adamw_torch"
+        )
     return p
 
 

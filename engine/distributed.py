@@ -19,6 +19,7 @@ import contextlib
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from engine.config import RunConfig
 from engine.errors import UserError
@@ -70,8 +71,7 @@ class Nodes:
 
     nnodes: int = 1
     node_rank: int = 0
-    rdzv_endpoint: str = ""  # host:port that every node can reach; node 0's address is the usual pick
-    rdzv_id: str = ""  # the same on every node; the run id by default
+    rdzv_endpoint: str = ""  # node 0's host:port, which every node can reach
 
     @property
     def multi_host(self) -> bool:
@@ -85,7 +85,8 @@ class Nodes:
                 f"--node-rank: {self.node_rank} is not a node of {self.nnodes}",
                 f"give 0 to {self.nnodes - 1}; node 0 writes the run's events and checkpoints",
             )
-        if self.multi_host and ":" not in self.rdzv_endpoint:
+        host, _, port = self.rdzv_endpoint.rpartition(":")
+        if self.multi_host and not (host and port.isdigit()):
             raise UserError(
                 f"--rdzv-endpoint: {self.rdzv_endpoint or '(none)'!s} is not host:port",
                 "every node must reach it, e.g. --rdzv-endpoint node0.cluster:29500",
@@ -137,20 +138,20 @@ def processes_per_node(cfg: RunConfig, gpus_here: int | None = None) -> int:
     return want
 
 
-def torchrun_command(
-    nproc: int, engine_args: list[str], nodes: Nodes = Nodes(), run_id: str = ""
-) -> list[str]:
+def torchrun_command(nproc: int, engine_args: list[str], nodes: Nodes = Nodes()) -> list[str]:
     """`python -m torch.distributed.run ... -m engine <engine_args>`: torchrun's documented flags,
     nothing home-made. One host: --standalone (a local rendezvous on a free port). Several hosts:
-    the c10d rendezvous at `nodes.rdzv_endpoint`, which every node's launcher names alike."""
+    torchrun's static rendezvous at `nodes.rdzv_endpoint` with the node ranks as given, so that
+    node 0, whose console started the run, holds global rank 0 (the c10d rendezvous numbers the
+    nodes in the order they arrive)."""
     cmd = [sys.executable, "-m", "torch.distributed.run"]
     if nodes.multi_host:
+        host, _, port = nodes.rdzv_endpoint.rpartition(":")
         cmd += [
             f"--nnodes={nodes.nnodes}",
             f"--node-rank={nodes.node_rank}",
-            "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={nodes.rdzv_endpoint}",
-            f"--rdzv-id={nodes.rdzv_id or run_id or 'qlc'}",
+            f"--master-addr={host}",
+            f"--master-port={port}",
         ]
     else:
         cmd.append("--standalone")
@@ -158,7 +159,7 @@ def torchrun_command(
         f"--nproc-per-node={nproc}",
         # A stop saves a checkpoint before the processes exit: give them time after a SIGTERM
         # before torchrun's SIGKILL (its default is 30 s, short for a large model's save).
-        "--shutdown-timeout=600",
+        "--shutdown-timeout=120",
         # torchrun forwards these to the workers; SIGHUP is not one of them (a lost terminal is no
         # reason to stop, and the run has none: it runs in its own session).
         "--signals-to-handle=SIGTERM,SIGINT",
@@ -175,3 +176,28 @@ def describe(ranks: Ranks, strategy: str, device: str) -> str:
         return device
     backend = "gloo" if device == "cpu" else "NCCL"
     return f"{ranks.world_size} x {device} ({backend}, {strategy})"
+
+
+def change_processes(run_dir: Path, gpus: str) -> RunConfig:
+    """Resume on another number of processes: rewrite the run's hardware.gpus (and nothing else),
+    validated, atomically. DDP and FSDP checkpoints hold full state dicts, so any number works; what
+    changes is the global batch (micro_batch x grad_accum x processes), hence steps per epoch and
+    the order in which the rest of the data is read."""
+    from engine.config import config_from_dict, load_resolved
+    from engine.runs import CONFIG
+
+    path = run_dir / CONFIG
+    data = load_resolved(path).to_dict()
+    value: int | str = gpus.strip().lower()
+    if value != "auto":
+        try:
+            value = int(value)
+        except ValueError:
+            raise UserError(f"--gpus {gpus!r}: expected a number or auto") from None
+    data["hardware"]["gpus"] = value
+    cfg = config_from_dict(data, f"--gpus {gpus}")
+    processes_per_node(cfg)
+    tmp = path.with_name(f".{CONFIG}.tmp")
+    tmp.write_text(cfg.to_yaml(), encoding="utf-8")
+    tmp.rename(path)
+    return cfg

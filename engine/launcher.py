@@ -37,7 +37,7 @@ def train_command(run_dir: Path, resume: bool = False, nodes: distributed.Nodes 
     nproc = distributed.processes_per_node(load_resolved(run_dir / CONFIG))
     if nproc == 1 and not nodes.multi_host:
         return engine_command(*args)
-    return distributed.torchrun_command(nproc, args, nodes, run_id=run_dir.name)
+    return distributed.torchrun_command(nproc, args, nodes)
 
 
 def _env() -> dict[str, str]:
@@ -52,15 +52,25 @@ def _env() -> dict[str, str]:
     return env
 
 
+def node_log(node_rank: int) -> str:
+    """Each host of a multi-host run logs to its own file: appends from several hosts to one file
+    on a network filesystem interleave."""
+    return ENGINE_LOG if node_rank == 0 else f"engine-node{node_rank}.log"
+
+
 def launch(
-    run_dir: Path, *args: str, pipe: bool = True, command: list[str] | None = None
+    run_dir: Path,
+    *args: str,
+    pipe: bool = True,
+    command: list[str] | None = None,
+    log_name: str = ENGINE_LOG,
 ) -> subprocess.Popen[bytes]:
     """Start `python -m engine <args>` (or `command`) for a run, detached into its own session.
 
     With pipe=True the caller gets stdin/stdout pipes (commands in, events out); without, both go to
     /dev/null and the run is reached only through its events file and control FIFO.
     """
-    log = open(run_dir / ENGINE_LOG, "ab")  # noqa: SIM115 - handed to the child
+    log = open(run_dir / log_name, "ab")  # noqa: SIM115 - handed to the child
     try:
         return subprocess.Popen(
             command or engine_command(*args),
@@ -79,6 +89,12 @@ def launch_train(
     run_dir: Path, resume: bool = False, pipe: bool = True, nodes: distributed.Nodes | None = None
 ) -> subprocess.Popen[bytes]:
     return launch(run_dir, pipe=pipe, command=train_command(run_dir, resume, nodes))
+
+
+def launch_join(run_dir: Path, resume: bool, nodes: distributed.Nodes) -> subprocess.Popen[bytes]:
+    """Another host's share of a multi-host run: its ranks write no events, read no commands."""
+    command = train_command(run_dir, resume, nodes)
+    return launch(run_dir, pipe=False, command=command, log_name=node_log(nodes.node_rank))
 
 
 def launch_sample(run_dir: Path, checkpoint: str | None, request_json: str) -> subprocess.Popen[bytes]:

@@ -6,7 +6,8 @@ the trainer is told about DDP or FSDP.
 - fsdp: FSDP-QLoRA as transformers and PEFT document it: bitsandbytes stores the 4-bit weights in
   the compute dtype (`bnb_4bit_quant_storage`), so FSDP can shard them like any bf16 tensor; FSDP2
   (transformers' default) wraps each decoder layer. Ranks load on the CPU and `fully_shard` moves
-  each layer to the GPU as it shards it, so no GPU ever holds the whole model.
+  each layer to the GPU as it shards it, so no GPU ever holds the whole model. The optimizer is
+  torch's AdamW (config.validate): bitsandbytes' optimizers cannot step sharded (DTensor) weights.
 
 Checkpoints are written as full state dicts (LoRA weights and optimizer state gathered on rank 0),
 so a run can resume on another number of processes.

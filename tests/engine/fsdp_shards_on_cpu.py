@@ -4,7 +4,8 @@ accelerate turns FSDP on only for GPU process groups, so the engine cannot train
 CPUs. What CPUs can check is the layout FSDP-QLoRA rests on: the engine's own loader
 (hf.load_model with strategy fsdp) stores the 4-bit weights in the compute dtype, and FSDP2's
 fully_shard, wrapping the decoder layers parallel.layer_classes names, splits them across the
-ranks while a forward/backward gives the unsharded model's loss and LoRA gradients, and a seeded
+ranks while a forward/backward gives the unsharded model's loss and LoRA gradients, a torch AdamW
+step moves both alike (bitsandbytes' optimizers cannot step sharded parameters), and a seeded
 live sample draws the same tokens on every rank. Prints one JSON line (rank 0).
 """
 
@@ -84,6 +85,20 @@ def main() -> None:
 
     with torch.no_grad():  # a second pass reads the same weights: sharding lost nothing
         again = model(input_ids=batch, labels=batch).loss
+
+    # bitsandbytes' optimizers are custom ops with no DTensor sharding rule: they cannot step
+    # FSDP2's sharded parameters (hence config.validate: fsdp trains with adamw_torch).
+    import bitsandbytes as bnb
+
+    try:
+        bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad]).step()
+        bnb_error = ""
+    except NotImplementedError as exc:
+        bnb_error = str(exc).splitlines()[0]
+    for m in (model, reference):
+        torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2).step()
+    with torch.no_grad():
+        stepped, ref_stepped = (m(input_ids=batch, labels=batch).loss for m in (model, reference))
     tok = hf.load_tokenizer(cfg)
     request = protocol.SampleRequest(
         prompt="What is 2 plus 3?", max_new_tokens=12, temperature=1.0, top_p=1.0
@@ -103,6 +118,9 @@ def main() -> None:
                     "loss": loss.item(),
                     "reference_loss": ref_loss.item(),
                     "second_pass_loss": again.item(),
+                    "bnb_optimizer_error": bnb_error,
+                    "loss_after_adamw_step": stepped.item(),
+                    "reference_loss_after_adamw_step": ref_stepped.item(),
                     "lora_b_grad_max_diff": worst,
                     "lora_b_grad_max": largest,
                     "sample_texts": texts,
