@@ -80,6 +80,8 @@ class Nodes:
     def check(self) -> None:
         if self.nnodes < 1:
             raise UserError(f"--nnodes: must be at least 1, got {self.nnodes}")
+        if not self.multi_host and self.node_rank:
+            raise UserError("--node-rank: a run on one host has only node 0", "add --nnodes N")
         if not 0 <= self.node_rank < self.nnodes:
             raise UserError(
                 f"--node-rank: {self.node_rank} is not a node of {self.nnodes}",
@@ -91,8 +93,6 @@ class Nodes:
                 f"--rdzv-endpoint: {self.rdzv_endpoint or '(none)'!s} is not host:port",
                 "every node must reach it, e.g. --rdzv-endpoint node0.cluster:29500",
             )
-        if not self.multi_host and self.node_rank:
-            raise UserError("--node-rank: a run on one host has only node 0", "add --nnodes N")
 
 
 def visible_gpus() -> int:

@@ -212,6 +212,10 @@ def _trainer_class() -> type:
                 if name in dtypes and param.dtype != dtypes[name]:
                     param.data = param.data.to(dtypes[name])
 
+        def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+            if not parallel.load_optimizer_on_cpu_ranks(self, checkpoint):
+                super()._load_optimizer_and_scheduler(checkpoint)
+
     return EngineTrainer
 
 

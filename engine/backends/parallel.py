@@ -92,3 +92,28 @@ def trainer_args(cfg: RunConfig, device: str, ranks: Ranks, model: Any) -> dict[
             "cpu_ram_efficient_loading": False,
         }
     return args
+
+
+def load_optimizer_on_cpu_ranks(trainer: Any, checkpoint: str | None) -> bool:
+    """Resume a multi-process CPU run's optimizer and scheduler; False leaves it to transformers.
+
+    transformers loads a distributed run's optimizer state with map_location=args.device, which
+    on gloo CPU ranks reads "cpu:0", a location torch.load cannot restore to. Every rank holds the
+    same full state (DDP), so it is read onto the CPU as a single process does.
+    """
+    import os
+
+    import torch
+
+    args = trainer.args
+    if checkpoint is None or args.world_size == 1 or args.device.type != "cpu":
+        return False
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        return False
+    optimizer = os.path.join(checkpoint, "optimizer.pt")
+    scheduler = os.path.join(checkpoint, "scheduler.pt")
+    if not (os.path.isfile(optimizer) and os.path.isfile(scheduler)):
+        return False
+    trainer.optimizer.load_state_dict(torch.load(optimizer, map_location="cpu", weights_only=True))
+    trainer.lr_scheduler.load_state_dict(torch.load(scheduler, weights_only=True))
+    return True

@@ -16,6 +16,19 @@ def _examples() -> list[protocol.Message]:
         ),
         protocol.DataReady(train_examples=5, total_steps=9),
         protocol.Step(step=3, loss=1.25, lr=1e-4, grad_norm=0.5, eta_seconds=None),
+        protocol.Hello(run_id="r2", device="2 x cuda (NCCL, fsdp)", world_size=2),
+        protocol.Step(
+            step=4,
+            loss=1.0,
+            devices=[
+                protocol.DeviceStat(
+                    rank=0, device="cuda:0", memory_peak_reserved_gb=10.5, utilization_pct=97.0
+                ),
+                protocol.DeviceStat(
+                    rank=1, device="cuda:1", memory_peak_reserved_gb=10.4, utilization_pct=96.0
+                ),
+            ],
+        ),
         protocol.Eval(step=3, loss=2.0, perplexity=7.39),
         protocol.CheckpointSaved(step=3, path="/x/checkpoint-3", size_mb=1.5),
         protocol.SampleStarted(request_id="a", prompt="hi"),
@@ -80,3 +93,9 @@ def test_a_different_major_version_is_refused() -> None:
 
 def test_hello_is_stamped_with_the_current_version() -> None:
     assert protocol.Hello().protocol == protocol.PROTOCOL_VERSION
+
+
+def test_a_step_from_an_older_engine_has_no_devices() -> None:
+    """Runs on one GPU (and engines before multi-GPU support) send no per-rank list."""
+    ev = protocol.decode_event(b'{"type":"step","step":2,"loss":1.0}')
+    assert ev.devices == [] and protocol.decode_event(b'{"type":"hello"}').world_size == 1
