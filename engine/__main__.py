@@ -46,7 +46,12 @@ def _train(run_dir: Path, resume: bool) -> int:
         emitter = Emitter([])
     commands = CommandQueue(emitter)
 
+    signalled: list[int] = []
+
     def on_signal(signum: int, _frame: object) -> None:
+        if signalled:  # torchrun and the kernel may both deliver one: a single stop is enough
+            return
+        signalled.append(signum)
         emitter.log(f"received {signal.Signals(signum).name}: stopping at the next step and saving")
         commands.put(protocol.Stop())
 

@@ -195,7 +195,8 @@ def _print_needed(needed: per_gpu.GpusNeeded) -> None:
             out.print(f"  {strategy}: {what}, {e.device_total_gb:.2f} GB each")
     best = needed.best
     if best is not None and best[1] > 1:
-        out.print(f"--set hardware.gpus={best[1]} --set hardware.strategy={best[0]}")
+        extra = f" --set train.optimizer={per_gpu.FSDP_OPTIMIZER}" if best[0] == "fsdp" else ""
+        out.print(f"--set hardware.gpus={best[1]} --set hardware.strategy={best[0]}{extra}")
 
 
 def _config_summary(cfg: RunConfig) -> dict[str, Any]:
