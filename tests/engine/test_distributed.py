@@ -316,9 +316,11 @@ def test_two_processes_sample_stop_and_resume(two_hosts: Path, tmp_path: Path) -
     assert hellos[1].resumed_from == f"checkpoint-{stopped_at}" and events[-1].status == "completed"
     ours, theirs = _steps(run_dir), _steps(two_hosts)
     # The same two ranks on the same data: the resumed steps retrace the uninterrupted run. (On a
-    # CPU, bitsandbytes' inference kernel moves later losses by ~1e-4 after a live sample.)
+    # CPU, bitsandbytes' inference kernel moves later losses by ~1e-4 after a live sample, growing
+    # to ~1e-3 by the last step; a resume that lost a rank's data position or state is off by
+    # tenths.)
     for step in range(stopped_at + 1, STEPS + 1):
-        assert abs(ours[step] - theirs[step]) <= 1e-3, f"step {step}: {ours[step]} vs {theirs[step]}"
+        assert abs(ours[step] - theirs[step]) <= 5e-3, f"step {step}: {ours[step]} vs {theirs[step]}"
 
 
 @pytest.mark.slow
