@@ -339,8 +339,10 @@ class Recipe:
         """The memory model's estimate, for the dashboard's estimate-versus-actual. Never fatal."""
         try:
             from engine import memory
+            from engine.memory.distributed import per_gpu
 
-            est = memory.estimate(self.cfg, backend=self.backend)
+            # What one GPU holds: the whole run on one, this rank's share on several.
+            est = per_gpu(self.cfg, self.ranks.world_size, backend=self.backend)
             # "auto" means the GPU present: with none there is no budget to check against.
             cfg_gpu = self.cfg.hardware.gpu
             gpu = memory.resolve_gpu(cfg_gpu) if self.device == "cuda" or cfg_gpu != "auto" else None

@@ -37,6 +37,7 @@ from engine.memory.architectures import Architecture, resolve_architecture
 from engine.memory.estimate import FITS, TERM_NAMES, Estimate, Term, Verdict, estimate, plan_for
 from engine.memory.fit import with_changes
 from engine.memory.gpus import Gpu
+from engine.protocol import EstimateEvent
 
 STRATEGIES = ("ddp", "fsdp")
 MAX_GPUS = 64  # "how many GPUs" searches up to this many
@@ -76,6 +77,17 @@ class PerGpuEstimate:
 
     def verdict(self, gpu: Gpu) -> Verdict:
         return dataclasses.replace(self.base, device_total_gb=self.device_total_gb).verdict(gpu)
+
+    def to_event(self, gpu: Gpu | None = None) -> EstimateEvent:
+        """The estimate event a run on several GPUs sends: one GPU's share."""
+        share = dataclasses.replace(
+            self.base,
+            terms=self.terms,
+            torch_peak_gb=self.torch_peak_gb,
+            torch_allocated_gb=self.torch_allocated_gb,
+            device_total_gb=self.device_total_gb,
+        )
+        return share.to_event(gpu)
 
     def to_dict(self, gpu: Gpu | None = None) -> dict[str, Any]:
         out = self.base.to_dict(gpu)  # same layout as a one-GPU estimate, per GPU
