@@ -33,26 +33,45 @@ def _claim_stdout() -> os.PathLike | int:
 
 def _train(run_dir: Path, resume: bool) -> int:
     from engine.control import CommandQueue
+    from engine.distributed import Ranks
     from engine.events import Emitter, FileSink, PipeSink
-    from engine.recipe import run
 
+    ranks = Ranks.from_env()
     events_fd = _claim_stdout()
-    lock_fd = runs.acquire_lock(run_dir)  # noqa: F841 - held until the process exits
-    emitter = Emitter([PipeSink(os.fdopen(events_fd, "wb")), FileSink(run_dir / runs.EVENTS)])
+    if ranks.is_main:
+        lock_fd = runs.acquire_lock(run_dir)  # noqa: F841 - held until the process exits
+        emitter = Emitter([PipeSink(os.fdopen(events_fd, "wb")), FileSink(run_dir / runs.EVENTS)])
+    else:
+        # Rank 0 speaks for the run; the others write nothing but their stderr (engine.log).
+        os.close(events_fd)
+        emitter = Emitter([])
     commands = CommandQueue(emitter)
 
+    signalled: list[int] = []
+
     def on_signal(signum: int, _frame: object) -> None:
+        if signalled:  # torchrun and the kernel may both deliver one: a single stop is enough
+            return
+        signalled.append(signum)
         emitter.log(f"received {signal.Signals(signum).name}: stopping at the next step and saving")
         commands.put(protocol.Stop())
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a lost terminal is no reason to stop
-    if not sys.stdin.isatty():
-        commands.read_stdin()
-    commands.read_fifo(run_dir / runs.CONTROL)
+    if ranks.distributed:
+        from engine.collectives import die_with_parent
+
+        die_with_parent()
+    if ranks.is_main:
+        # Only rank 0 reads commands (a FIFO has one reader); it hands them to the other ranks.
+        if not sys.stdin.isatty():
+            commands.read_stdin()
+        commands.read_fifo(run_dir / runs.CONTROL)
+    from engine.recipe import run
+
     try:
-        return run(run_dir, emitter, commands, resume=resume)
+        return run(run_dir, emitter, commands, resume=resume, ranks=ranks)
     finally:
         emitter.close()
 

@@ -109,6 +109,12 @@ class HardwareConfig:
     device: Literal["auto", "cuda", "cpu"] = "auto"
     gpu: str = "auto"
     """What the memory budget is checked against: a catalog name (rtx4090), a size (24GB), or auto."""
+    gpus: int | Literal["auto"] = 1
+    """Processes on this host, one per GPU (N, or auto: every visible GPU), started through torchrun.
+    With device cpu, N CPU processes over gloo. Several hosts: `qlc train --nnodes` (docs/multi-gpu.md)."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """With more than one GPU: ddp (each GPU holds the whole 4-bit model) or fsdp (4-bit weights,
+    adapters and optimizer state sharded across the GPUs: FSDP-QLoRA)."""
 
 
 @dataclass
@@ -292,6 +298,20 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"train.gradient_checkpointing: a layer count must be 0 or more, got {gc}")
     if cfg.hardware.backend == "unsloth" and cfg.hardware.device == "cpu":
         p.append("hardware.backend: unsloth needs a CUDA GPU; use hf or auto with device cpu")
+    if isinstance(cfg.hardware.gpus, int) and cfg.hardware.gpus < 1:
+        p.append(f"hardware.gpus: must be at least 1 or auto, got {cfg.hardware.gpus}")
+    elif cfg.hardware.backend == "unsloth" and cfg.hardware.gpus != 1:
+        p.append("hardware.backend: unsloth trains on one GPU; use hf (or auto) with hardware.gpus > 1")
+    if cfg.hardware.strategy == "fsdp" and cfg.hardware.device == "cpu" and cfg.hardware.gpus != 1:
+        # accelerate turns its FSDP plugin on only for GPU process groups: on CPUs it would train
+        # DDP while the config says fsdp (docs/multi-gpu.md).
+        p.append("hardware.strategy: fsdp needs CUDA GPUs (accelerate shards only on GPUs); use ddp on CPUs")
+    if cfg.hardware.strategy == "fsdp" and cfg.hardware.gpus != 1 and t.optimizer != "adamw_torch":
+        # bitsandbytes' optimizer kernels have no rule for FSDP2's sharded (DTensor) parameters.
+        p.append(
+            f"train.optimizer: {t.optimizer} cannot step FSDP's sharded parameters (bitsandbytes "
+            "optimizers); with hardware.strategy=fsdp set train.optimizer=adamw_torch"
+        )
     return p
 
 

@@ -62,7 +62,8 @@ class Hello(Message, frozen=True, tag="hello"):
     resumed_from: str | None = None  # checkpoint directory name when mode == "resume"
     backend: str = ""  # the backend the run will use ("hf", "unsloth")
     backend_reason: str = ""  # why that one (for "auto")
-    device: str = ""  # "cuda:0 (NVIDIA H100 80GB HBM3)" or "cpu"
+    device: str = ""  # "cuda:0 (NVIDIA H100 80GB HBM3)" or "cpu"; "2 x cuda (NCCL, ddp)" for several
+    world_size: int = 1  # engine processes training together (torchrun); rank 0 sends the events
 
 
 class StageEvent(Message, frozen=True, tag="stage"):
@@ -116,6 +117,18 @@ class DataReady(Message, frozen=True, tag="data_ready"):
     total_steps: int = 0
 
 
+class DeviceStat(msgspec.Struct, frozen=True, kw_only=True):
+    """One rank's device at a logged step, when several processes train together."""
+
+    rank: int
+    device: str = ""  # "cuda:1", "cpu"
+    memory_allocated_gb: float | None = None  # torch allocator (CUDA only)
+    memory_peak_reserved_gb: float | None = None
+    memory_used_gb: float | None = None  # NVML: the whole device, CUDA context included
+    utilization_pct: float | None = None  # NVML: share of the last sample period a kernel ran
+    host_rss_gb: float | None = None  # resident memory of the rank's process (a CPU rank's memory)
+
+
 class Step(Message, frozen=True, tag="step"):
     """One logged optimizer step. Values come from the device only at logging steps."""
 
@@ -135,6 +148,7 @@ class Step(Message, frozen=True, tag="step"):
     memory_peak_allocated_gb: float | None = None
     memory_peak_reserved_gb: float | None = None
     host_rss_gb: float | None = None
+    devices: list[DeviceStat] = []  # every rank's device (runs on several GPUs/processes), rank order
 
 
 class Eval(Message, frozen=True, tag="eval"):

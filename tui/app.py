@@ -25,8 +25,8 @@ from textual.screen import Screen
 from textual.widgets import TabbedContent
 from textual.worker import Worker, WorkerState
 
+from engine import distributed, protocol, runs
 from engine import launcher as engine_launcher
-from engine import protocol, runs
 from engine.config import RunConfig, load_resolved
 from engine.errors import UserError
 from tui import budget
@@ -464,6 +464,7 @@ class QlcApp(App[int]):
         self.notify(f"checking data for {preset}…", timeout=2)
         try:
             await asyncio.to_thread(check_data, cfg)
+            distributed.processes_per_node(cfg)  # GPUs asked for but absent: before any run directory
             run_dir = await asyncio.to_thread(runs.create_run, self.runs_root, cfg)
             client = RunClient.launch(run_dir, self._launcher)
         except UserError as exc:

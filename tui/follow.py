@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.markup import escape
 
 from engine import protocol, runs
-from tui.output import err, fmt_duration, out
+from tui.output import err, fmt_duration, fmt_ranks, out
 
 
 def _num(n: int) -> str:
@@ -95,6 +95,8 @@ class EventPrinter:
                     if ev.memory_peak_reserved_gb is not None
                     else ""
                 )
+                if ev.devices:  # several GPUs (or processes): each rank's
+                    mem = f" · {fmt_ranks(ev.devices)}"
                 out.print(
                     f"step {ev.step:>5}{total}  loss {_loss(ev.loss)}  lr {ev.lr:.2e}  grad {gn}  "
                     f"{ev.tokens_per_s:,.0f} tok/s  {ev.step_seconds:.2f} s/step  ETA {fmt_duration(ev.eta_seconds)}{mem}"

@@ -16,6 +16,19 @@ def _examples() -> list[protocol.Message]:
         ),
         protocol.DataReady(train_examples=5, total_steps=9),
         protocol.Step(step=3, loss=1.25, lr=1e-4, grad_norm=0.5, eta_seconds=None),
+        protocol.Hello(run_id="r2", device="2 x cuda (NCCL, fsdp)", world_size=2),
+        protocol.Step(
+            step=4,
+            loss=1.0,
+            devices=[
+                protocol.DeviceStat(
+                    rank=0, device="cuda:0", memory_peak_reserved_gb=10.5, utilization_pct=97.0
+                ),
+                protocol.DeviceStat(
+                    rank=1, device="cuda:1", memory_peak_reserved_gb=10.4, utilization_pct=96.0
+                ),
+            ],
+        ),
         protocol.Eval(step=3, loss=2.0, perplexity=7.39),
         protocol.CheckpointSaved(step=3, path="/x/checkpoint-3", size_mb=1.5),
         protocol.SampleStarted(request_id="a", prompt="hi"),
@@ -103,3 +116,9 @@ def test_an_export_result_decodes_with_defaults_for_what_it_leaves_out() -> None
 def test_the_export_event_bumped_the_minor_version_only() -> None:
     major, minor = protocol.PROTOCOL_VERSION.split(".")
     assert (major, int(minor) >= 1) == ("1", True)
+
+
+def test_a_step_from_an_older_engine_has_no_devices() -> None:
+    """Runs on one GPU (and engines before multi-GPU support) send no per-rank list."""
+    ev = protocol.decode_event(b'{"type":"step","step":2,"loss":1.0}')
+    assert ev.devices == [] and protocol.decode_event(b'{"type":"hello"}').world_size == 1

@@ -21,6 +21,8 @@ ENGINE_PURE = (
     "engine.errors",
     "engine.runs",
     "engine.launcher",
+    "engine.distributed",
+    "engine.memory.distributed",
     "engine.memory",
     "engine.data",
     "engine.export.request",
