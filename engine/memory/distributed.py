@@ -168,7 +168,7 @@ def per_gpu(
             None,
             base.notes,
         )
-    plan = plan_for(cfg, arch, base.backend, budget_gb)
+    plan = plan_for(cfg, arch, base.backend, budget_gb, checkpointed=base.checkpointed_layers)
     build = _ddp if strategy == "ddp" else _fsdp
     return build(base, plan, gpus, tuple(notes) + base.notes + (UNMEASURED,))
 
@@ -228,8 +228,6 @@ def _fsdp(base: Estimate, plan: terms.Plan, gpus: int, notes: tuple[str, ...]) -
     gathered_layers = 2 * layer_bytes(plan)  # the layer computing and the next one, prefetched
     layer_lora_grads = terms.lora_params(plan) / a.layers * 2
     head = (counts["lm_head"] or counts["embed_tokens"]) * plan.frozen_16bit_bytes + a.hidden * 2
-    slack_base = C.ALLOCATOR_SLACK_BASE_GIB[plan.backend] * C.GIB
-    slack_fraction = C.ALLOCATOR_SLACK_FRACTION[plan.backend]
     best: tuple[float, float, terms.Phase, dict[str, float]] | None = None
     for phase in terms.phases(plan):
         gathered = {"gathered layers (the one computing + the next, prefetched)": gathered_layers}
@@ -239,9 +237,7 @@ def _fsdp(base: Estimate, plan: terms.Plan, gpus: int, notes: tuple[str, ...]) -
             gathered["gathered final norm + LM head (kept until the backward starts)"] = head
         allocated = static + sum(phase.activations.values()) + sum(phase.workspace.values())
         allocated += sum(gathered.values())
-        slack = (
-            slack_base + slack_fraction * phase.churn + C.LARGE_BUFFER_RESERVED_COPIES * phase.large_buffers
-        )
+        slack = terms.allocator_slack(plan, phase)  # unmeasured under FSDP: the one-GPU fit
         if best is None or allocated + slack > best[0] + best[1]:
             best = (allocated, slack, phase, gathered)
     assert best is not None

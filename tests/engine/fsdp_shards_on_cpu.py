@@ -20,6 +20,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 
 from engine import protocol
 from engine.backends import hf, parallel
+from engine.backends.checkpointing import CheckpointPlan, decoder_layers
 from engine.config import RunConfig, load_preset
 from engine.distributed import Ranks
 from engine.events import Emitter
@@ -29,7 +30,8 @@ from engine.sampling import generate
 def build(cfg: RunConfig, ranks: Ranks) -> torch.nn.Module:
     model = hf.load_model(cfg, "cpu", ranks=ranks)
     torch.manual_seed(0)
-    model = hf.apply_lora(model, cfg, ranks=ranks)
+    layers = len(decoder_layers(model)[1])
+    model = hf.apply_lora(model, cfg, CheckpointPlan(layers, layers, "test"), ranks=ranks)
     for p in model.parameters():  # as TRL does for a quantized model: adapters in bf16
         if p.requires_grad:
             p.data = p.data.to(torch.bfloat16)

@@ -235,15 +235,16 @@ def _advice_dict(a: memory.Advice) -> dict[str, Any]:
 def _headline(cfg: RunConfig, est: Estimate) -> str:
     t, lo = cfg.train, cfg.lora
     mts = f", modules_to_save {'+'.join(lo.modules_to_save)}" if lo.modules_to_save else ""
-    layers = est.arch.layers
-    if est.checkpointed_layers == layers:
+    base = getattr(est, "base", est)  # a per-GPU share carries the one-GPU estimate it came from
+    layers, checkpointed = base.arch.layers, base.checkpointed_layers
+    if checkpointed == layers:
         gc = f"gradient checkpointing on all {layers} layers"
-    elif est.checkpointed_layers == 0:
+    elif checkpointed == 0:
         gc = "no gradient checkpointing"
     else:
-        gc = f"gradient checkpointing on {est.checkpointed_layers} of {layers} layers"
+        gc = f"gradient checkpointing on {checkpointed} of {layers} layers"
     if t.gradient_checkpointing == "auto":
-        gc += f" ({est.checkpoint_reason})"
+        gc += f" ({base.checkpoint_reason})"
     return (
         f"[bold]{cfg.name or cfg.model.name_or_path}[/]: {est.arch.name}, backend {est.backend} "
         f"({est.backend_reason})\nseq {t.seq_len} x micro-batch {t.micro_batch}, LoRA r {lo.r} on "
