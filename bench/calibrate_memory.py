@@ -31,12 +31,17 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 
 
 def calibrate(
-    arch: str, work: Path, seqs: list[int], batches: list[int], steps: int, out: Path
+    arch: str, work: Path, seqs: list[int], batches: list[int], steps: int, out: Path, backend: str = "hf"
 ) -> list[dict]:
+    if backend == "unsloth":
+        from engine.backends import unsloth as unsloth_backend
+
+        unsloth_backend.preload()  # before transformers, peft and TRL load
     import torch
 
     from engine import data
     from engine.backends import hf
+    from engine.backends.checkpointing import CheckpointPlan
 
     model_dir = work / f"model-{arch}"
     if not (model_dir / "config.json").is_file():
@@ -62,15 +67,21 @@ def calibrate(
             "train.save_steps=100000",
             "train.logging_steps=1",
             "train.eval_steps=0",
-            "hardware.backend=hf",
+            f"hardware.backend={backend}",
         ],
     )
+    layers = ARCHS[arch]["num_hidden_layers"]
+    every = CheckpointPlan(layers, layers, "calibration")
     # Whatever is allocated before this model loads would inflate every record: measure it, and run
     # each architecture in a fresh process (main() does) so it is zero.
     baseline = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else 0.0
     t0 = time.perf_counter()
     tok = hf.load_tokenizer(base, str(model_dir))
-    model = hf.apply_lora(hf.load_model(base, device, str(model_dir)), base)
+    if backend == "unsloth":
+        model = unsloth_backend.load_model(base, str(model_dir), every)
+        model = unsloth_backend.apply_lora(model, base, every)
+    else:
+        model = hf.apply_lora(hf.load_model(base, device, str(model_dir)), base, every)
     print(f"[{arch}] loaded in {time.perf_counter() - t0:.0f} s", flush=True)
     after_load = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else None
     peak = DevicePeak().start()
@@ -84,7 +95,13 @@ def calibrate(
                         base.train, seq_len=seq, micro_batch=mb, gradient_checkpointing=gc_on
                     ),
                 )
-                if gc_on:
+                if backend == "unsloth":
+                    from unsloth import FastLanguageModel
+
+                    FastLanguageModel.for_training(
+                        model, use_gradient_checkpointing="unsloth" if gc_on else False
+                    )
+                elif gc_on:
                     model.gradient_checkpointing_enable(
                         gradient_checkpointing_kwargs={"use_reentrant": False}
                     )
@@ -93,7 +110,7 @@ def calibrate(
                 prepared = data.prepare(cfg, tok)
                 record = {
                     "arch": arch,
-                    "backend": "hf",
+                    "backend": backend,
                     "baseline_allocated_gib": baseline,
                     "after_load_allocated_gib": after_load,
                     "seq_len": seq,
@@ -114,7 +131,9 @@ def calibrate(
                 t1 = time.perf_counter()
                 try:
                     with tempfile.TemporaryDirectory() as scratch:
-                        trainer = hf.build_trainer(model, tok, cfg, prepared, Path(scratch), device, [])
+                        trainer = hf.build_trainer(
+                            model, tok, cfg, prepared, Path(scratch), device, [], gc_on and backend == "hf"
+                        )
                         trainer.train()
                 except torch.OutOfMemoryError:
                     record["oom"] = True
@@ -128,7 +147,7 @@ def calibrate(
                 del trainer
                 records.append(record)
                 print(json.dumps(record), flush=True)
-                write(out, arch, records)  # after every config: a time limit loses nothing
+                write(out, arch, records, backend)  # after every config: a time limit loses nothing
     peak.stop()
     del model
     gc.collect()
@@ -137,7 +156,7 @@ def calibrate(
     return records
 
 
-def write(out: Path, arch: str, records: list[dict]) -> None:
+def write(out: Path, arch: str, records: list[dict], backend: str = "hf") -> None:
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "gpu": gpu_name(),
@@ -145,7 +164,8 @@ def write(out: Path, arch: str, records: list[dict]) -> None:
         "source": "bench/calibrate_memory.py",
         "records": records,
     }
-    (out / f"memory-calibration-{arch}.json").write_text(json.dumps(result, indent=2))
+    suffix = "" if backend == "hf" else f"-{backend}"
+    (out / f"memory-calibration-{arch}{suffix}.json").write_text(json.dumps(result, indent=2))
 
 
 def main() -> int:
@@ -156,6 +176,7 @@ def main() -> int:
     ap.add_argument("--seq", type=int, action="append", help="default 1024 and 4096")
     ap.add_argument("--batch", type=int, action="append", help="default 1 and 2")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--backend", choices=["hf", "unsloth"], default="hf")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -177,7 +198,15 @@ def main() -> int:
             subprocess.run([sys.executable, __file__, *rest, "--arch", arch], check=False)
         return 0
     for arch in args.arch:
-        calibrate(arch, args.work, args.seq or [1024, 4096], args.batch or [1, 2], args.steps, args.out)
+        calibrate(
+            arch,
+            args.work,
+            args.seq or [1024, 4096],
+            args.batch or [1, 2],
+            args.steps,
+            args.out,
+            args.backend,
+        )
     return 0
 
 

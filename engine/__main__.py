@@ -4,6 +4,7 @@
     python -m engine resume RUN_DIR     continue it from its newest complete checkpoint
     python -m engine sample RUN_DIR --request JSON [--checkpoint NAME]
     python -m engine data   CONFIG.yaml the data report, as one JSON line
+    python -m engine export RUN_DIR [--checkpoint S] [--out DIR] [--dtype D] [--adapter-only] [--gguf T]
 
 Events go to stdout, one JSON line each (and, for train/resume, to RUN_DIR/events.jsonl);
 commands come in on stdin and through RUN_DIR/control.
@@ -32,26 +33,45 @@ def _claim_stdout() -> os.PathLike | int:
 
 def _train(run_dir: Path, resume: bool) -> int:
     from engine.control import CommandQueue
+    from engine.distributed import Ranks
     from engine.events import Emitter, FileSink, PipeSink
-    from engine.recipe import run
 
+    ranks = Ranks.from_env()
     events_fd = _claim_stdout()
-    lock_fd = runs.acquire_lock(run_dir)  # noqa: F841 - held until the process exits
-    emitter = Emitter([PipeSink(os.fdopen(events_fd, "wb")), FileSink(run_dir / runs.EVENTS)])
+    if ranks.is_main:
+        lock_fd = runs.acquire_lock(run_dir)  # noqa: F841 - held until the process exits
+        emitter = Emitter([PipeSink(os.fdopen(events_fd, "wb")), FileSink(run_dir / runs.EVENTS)])
+    else:
+        # Rank 0 speaks for the run; the others write nothing but their stderr (engine.log).
+        os.close(events_fd)
+        emitter = Emitter([])
     commands = CommandQueue(emitter)
 
+    signalled: list[int] = []
+
     def on_signal(signum: int, _frame: object) -> None:
+        if signalled:  # torchrun and the kernel may both deliver one: a single stop is enough
+            return
+        signalled.append(signum)
         emitter.log(f"received {signal.Signals(signum).name}: stopping at the next step and saving")
         commands.put(protocol.Stop())
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a lost terminal is no reason to stop
-    if not sys.stdin.isatty():
-        commands.read_stdin()
-    commands.read_fifo(run_dir / runs.CONTROL)
+    if ranks.distributed:
+        from engine.collectives import die_with_parent
+
+        die_with_parent()
+    if ranks.is_main:
+        # Only rank 0 reads commands (a FIFO has one reader); it hands them to the other ranks.
+        if not sys.stdin.isatty():
+            commands.read_stdin()
+        commands.read_fifo(run_dir / runs.CONTROL)
+    from engine.recipe import run
+
     try:
-        return run(run_dir, emitter, commands, resume=resume)
+        return run(run_dir, emitter, commands, resume=resume, ranks=ranks)
     finally:
         emitter.close()
 
@@ -75,6 +95,25 @@ def _sample(run_dir: Path, request_json: str, checkpoint: str | None) -> int:
         emitter.close()
 
 
+def _export(args: argparse.Namespace) -> int:
+    from engine.events import Emitter, PipeSink
+    from engine.export.job import main as export_main
+
+    events_fd = _claim_stdout()
+    emitter = Emitter([PipeSink(os.fdopen(events_fd, "wb"))])
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # unwinds into the export's cleanup: nothing half-written stays
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        return export_main(args, emitter)
+    finally:
+        emitter.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine")
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -86,11 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     sample.add_argument("--checkpoint")
     data = sub.add_parser("data")
     data.add_argument("config", type=Path)
+    from engine.export.job import add_arguments
+
+    add_arguments(sub.add_parser("export"))
     args = parser.parse_args(argv)
     if args.mode in ("train", "resume"):
         return _train(args.run_dir, resume=args.mode == "resume")
     if args.mode == "sample":
         return _sample(args.run_dir, args.request, args.checkpoint)
+    if args.mode == "export":
+        return _export(args)
     from engine.data.report import main as data_main
 
     return data_main([str(args.config)])

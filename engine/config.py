@@ -91,7 +91,11 @@ class TrainConfig:
     optimizer: Literal["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch"] = (
         "paged_adamw_8bit"
     )
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | int | Literal["auto"] = True
+    """true: checkpoint every layer; false: none; N: the first N layers (the rest keep their
+    activations); auto: as few as the GPU's memory budget (hardware.gpu) allows."""
+    liger: bool = True
+    """Use Liger's fused RMSNorm/SwiGLU/RoPE kernels when liger-kernel is installed (CUDA, hf backend)."""
     seed: int = 42
     logging_steps: int = 1
     save_steps: int = 100
@@ -106,6 +110,12 @@ class HardwareConfig:
     device: Literal["auto", "cuda", "cpu"] = "auto"
     gpu: str = "auto"
     """What the memory budget is checked against: a catalog name (rtx4090), a size (24GB), or auto."""
+    gpus: int | Literal["auto"] = 1
+    """Processes on this host, one per GPU (N, or auto: every visible GPU), started through torchrun.
+    With device cpu, N CPU processes over gloo. Several hosts: `qlc train --nnodes` (docs/multi-gpu.md)."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """With more than one GPU: ddp (each GPU holds the whole 4-bit model) or fsdp (4-bit weights,
+    adapters and optimizer state sharded across the GPUs: FSDP-QLoRA)."""
 
 
 @dataclass
@@ -303,8 +313,25 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"data.val_fraction: must be in [0, 1), got {d.val_fraction}")
     if d.max_examples is not None and d.max_examples < 1:
         p.append(f"data.max_examples: must be at least 1 or null, got {d.max_examples}")
+    gc = t.gradient_checkpointing
+    if not isinstance(gc, bool) and isinstance(gc, int) and gc < 0:
+        p.append(f"train.gradient_checkpointing: a layer count must be 0 or more, got {gc}")
     if cfg.hardware.backend == "unsloth" and cfg.hardware.device == "cpu":
         p.append("hardware.backend: unsloth needs a CUDA GPU; use hf or auto with device cpu")
+    if isinstance(cfg.hardware.gpus, int) and cfg.hardware.gpus < 1:
+        p.append(f"hardware.gpus: must be at least 1 or auto, got {cfg.hardware.gpus}")
+    elif cfg.hardware.backend == "unsloth" and cfg.hardware.gpus != 1:
+        p.append("hardware.backend: unsloth trains on one GPU; use hf (or auto) with hardware.gpus > 1")
+    if cfg.hardware.strategy == "fsdp" and cfg.hardware.device == "cpu" and cfg.hardware.gpus != 1:
+        # accelerate turns its FSDP plugin on only for GPU process groups: on CPUs it would train
+        # DDP while the config says fsdp (docs/multi-gpu.md).
+        p.append("hardware.strategy: fsdp needs CUDA GPUs (accelerate shards only on GPUs); use ddp on CPUs")
+    if cfg.hardware.strategy == "fsdp" and cfg.hardware.gpus != 1 and t.optimizer != "adamw_torch":
+        # bitsandbytes' optimizer kernels have no rule for FSDP2's sharded (DTensor) parameters.
+        p.append(
+            f"train.optimizer: {t.optimizer} cannot step FSDP's sharded parameters (bitsandbytes "
+            "optimizers); with hardware.strategy=fsdp set train.optimizer=adamw_torch"
+        )
     return p
 
 

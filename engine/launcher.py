@@ -5,6 +5,10 @@ a Ctrl-C in the console never reach it. Its stdout is a pipe the launching conso
 that console goes away the engine keeps writing events to RUN_DIR/events.jsonl. Its stderr goes
 to RUN_DIR/engine.log.
 
+A run on several GPUs (hardware.gpus > 1) starts torchrun instead, in the same detached session:
+torchrun starts one engine process per GPU, forwards SIGTERM to them and ends them all when one
+fails; rank 0 alone writes events (engine/distributed.py).
+
 Pure Python: the console imports this module.
 """
 
@@ -16,11 +20,25 @@ import sys
 from pathlib import Path
 from typing import BinaryIO
 
-from engine.runs import ENGINE_LOG
+from engine import distributed
+from engine.config import load_resolved
+from engine.runs import CONFIG, ENGINE_LOG
 
 
 def engine_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "engine", *args]
+
+
+def train_command(run_dir: Path, resume: bool = False, nodes: distributed.Nodes | None = None) -> list[str]:
+    """The command line that trains (or resumes) a run: the engine itself for one process, torchrun
+    for several (hardware.gpus, or several hosts). Raises a UserError when the GPUs are not there."""
+    nodes = nodes or distributed.Nodes()
+    nodes.check()
+    args = ["resume" if resume else "train", str(run_dir)]
+    nproc = distributed.processes_per_node(load_resolved(run_dir / CONFIG))
+    if nproc == 1 and not nodes.multi_host:
+        return engine_command(*args)
+    return distributed.torchrun_command(nproc, args, nodes)
 
 
 def _env() -> dict[str, str]:
@@ -35,23 +53,35 @@ def _env() -> dict[str, str]:
     return env
 
 
-def open_log(run_dir: Path) -> BinaryIO:
-    """RUN_DIR/engine.log for appending, readable by its owner only (tracebacks quote paths and
-    data)."""
-    fd = os.open(run_dir / ENGINE_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+def open_log(run_dir: Path, name: str = ENGINE_LOG) -> BinaryIO:
+    """RUN_DIR/engine.log (or a node's log) for appending, readable by its owner only: tracebacks
+    quote paths and data."""
+    fd = os.open(run_dir / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     return os.fdopen(fd, "ab")
 
 
-def launch(run_dir: Path, *args: str, pipe: bool = True) -> subprocess.Popen[bytes]:
-    """Start `python -m engine <args>` for a run, detached into its own session.
+def node_log(node_rank: int) -> str:
+    """Each host of a multi-host run logs to its own file: appends from several hosts to one file
+    on a network filesystem interleave."""
+    return ENGINE_LOG if node_rank == 0 else f"engine-node{node_rank}.log"
+
+
+def launch(
+    run_dir: Path,
+    *args: str,
+    pipe: bool = True,
+    command: list[str] | None = None,
+    log_name: str = ENGINE_LOG,
+) -> subprocess.Popen[bytes]:
+    """Start `python -m engine <args>` (or `command`) for a run, detached into its own session.
 
     With pipe=True the caller gets stdin/stdout pipes (commands in, events out); without, both go to
     /dev/null and the run is reached only through its events file and control FIFO.
     """
-    log = open_log(run_dir)
+    log = open_log(run_dir, log_name)
     try:
         return subprocess.Popen(
-            engine_command(*args),
+            command or engine_command(*args),
             stdin=subprocess.PIPE if pipe else subprocess.DEVNULL,
             stdout=subprocess.PIPE if pipe else subprocess.DEVNULL,
             stderr=log,
@@ -63,8 +93,16 @@ def launch(run_dir: Path, *args: str, pipe: bool = True) -> subprocess.Popen[byt
         log.close()
 
 
-def launch_train(run_dir: Path, resume: bool = False, pipe: bool = True) -> subprocess.Popen[bytes]:
-    return launch(run_dir, "resume" if resume else "train", str(run_dir), pipe=pipe)
+def launch_train(
+    run_dir: Path, resume: bool = False, pipe: bool = True, nodes: distributed.Nodes | None = None
+) -> subprocess.Popen[bytes]:
+    return launch(run_dir, pipe=pipe, command=train_command(run_dir, resume, nodes))
+
+
+def launch_join(run_dir: Path, resume: bool, nodes: distributed.Nodes) -> subprocess.Popen[bytes]:
+    """Another host's share of a multi-host run: its ranks write no events, read no commands."""
+    command = train_command(run_dir, resume, nodes)
+    return launch(run_dir, pipe=False, command=command, log_name=node_log(nodes.node_rank))
 
 
 def launch_sample(run_dir: Path, checkpoint: str | None, request_json: str) -> subprocess.Popen[bytes]:
@@ -72,6 +110,23 @@ def launch_sample(run_dir: Path, checkpoint: str | None, request_json: str) -> s
     args = ["sample", str(run_dir), "--request", request_json]
     if checkpoint:
         args += ["--checkpoint", checkpoint]
+    log = open_log(run_dir)
+    try:
+        return subprocess.Popen(
+            engine_command(*args),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            start_new_session=True,
+            env=_env(),
+        )
+    finally:
+        log.close()
+
+
+def launch_export(run_dir: Path, args: list[str]) -> subprocess.Popen[bytes]:
+    """An export (engine.export.request.ExportRequest.engine_args): a short-lived engine process,
+    its events on stdout, its log in the run's engine.log."""
     log = open_log(run_dir)
     try:
         return subprocess.Popen(

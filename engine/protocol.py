@@ -19,7 +19,7 @@ from typing import Literal, Union
 
 import msgspec
 
-PROTOCOL_VERSION = "1.0"
+PROTOCOL_VERSION = "1.1"  # 1.1: the `exported` event and the export stages
 
 
 class ProtocolError(ValueError):
@@ -37,7 +37,17 @@ class Message(msgspec.Struct, frozen=True, tag_field="type", kw_only=True, omit_
 # ---------------------------------------------------------------------------------------------
 
 Stage = Literal[
-    "starting", "loading_model", "quantizing", "preparing_data", "training", "saving", "sampling", "finishing"
+    "starting",
+    "loading_model",
+    "quantizing",
+    "preparing_data",
+    "training",
+    "saving",
+    "sampling",
+    "finishing",
+    "merging",  # export: the adapter folded into the 16-bit base weights
+    "verifying",  # export: the written folder reloaded and its logits compared
+    "converting",  # export: llama.cpp's GGUF conversion
 ]
 
 
@@ -52,7 +62,8 @@ class Hello(Message, frozen=True, tag="hello"):
     resumed_from: str | None = None  # checkpoint directory name when mode == "resume"
     backend: str = ""  # the backend the run will use ("hf", "unsloth")
     backend_reason: str = ""  # why that one (for "auto")
-    device: str = ""  # "cuda:0 (NVIDIA H100 80GB HBM3)" or "cpu"
+    device: str = ""  # "cuda:0 (NVIDIA H100 80GB HBM3)" or "cpu"; "2 x cuda (NCCL, ddp)" for several
+    world_size: int = 1  # engine processes training together (torchrun); rank 0 sends the events
     trust_remote_code: bool = False  # the model's own Python code runs (the user confirmed it)
 
 
@@ -73,6 +84,10 @@ class ModelReady(Message, frozen=True, tag="model_ready"):
     memory_reserved_gb: float | None = None
     host_rss_gb: float | None = None  # resident memory of the engine process
     load_seconds: float = 0.0
+    layers: int = 0  # decoder layers of the model
+    checkpointed_layers: int = 0  # how many of them recompute their activations in backward
+    checkpoint_reason: str = ""  # why that many (train.gradient_checkpointing, the memory budget)
+    kernels: list[str] = []  # optional fused kernels in use (e.g. "liger: rms_norm, swiglu, rope")
 
 
 class MemoryTerm(msgspec.Struct, frozen=True, kw_only=True):
@@ -103,6 +118,18 @@ class DataReady(Message, frozen=True, tag="data_ready"):
     total_steps: int = 0
 
 
+class DeviceStat(msgspec.Struct, frozen=True, kw_only=True):
+    """One rank's device at a logged step, when several processes train together."""
+
+    rank: int
+    device: str = ""  # "cuda:1", "cpu"
+    memory_allocated_gb: float | None = None  # torch allocator (CUDA only)
+    memory_peak_reserved_gb: float | None = None
+    memory_used_gb: float | None = None  # NVML: the whole device, CUDA context included
+    utilization_pct: float | None = None  # NVML: share of the last sample period a kernel ran
+    host_rss_gb: float | None = None  # resident memory of the rank's process (a CPU rank's memory)
+
+
 class Step(Message, frozen=True, tag="step"):
     """One logged optimizer step. Values come from the device only at logging steps."""
 
@@ -122,6 +149,7 @@ class Step(Message, frozen=True, tag="step"):
     memory_peak_allocated_gb: float | None = None
     memory_peak_reserved_gb: float | None = None
     host_rss_gb: float | None = None
+    devices: list[DeviceStat] = []  # every rank's device (runs on several GPUs/processes), rank order
 
 
 class Eval(Message, frozen=True, tag="eval"):
@@ -194,6 +222,31 @@ class Finished(Message, frozen=True, tag="finished"):
     elapsed_seconds: float = 0.0
 
 
+class Exported(Message, frozen=True, tag="exported"):
+    """An export finished: the folder written (renamed into place whole, never half-written)."""
+
+    out_dir: str
+    kind: Literal["merged", "adapter"] = "merged"
+    source: str = ""  # the adapter folder exported: "adapter" (the final one) or "checkpoint-N"
+    step: int | None = None
+    files: list[str] = []  # names relative to out_dir
+    size_mb: float = 0.0
+    dtype: str = ""  # bf16 / fp16 for merged weights; the adapter's own for adapter-only
+    device: str = ""  # where the merge ran ("cpu", "cuda:0 (...)")
+    max_logit_diff: float | None = None  # largest |exported - (base + adapter)| over the check prompts
+    tolerance: float | None = None  # the largest difference the check accepts
+    adapter_effect: float | None = None  # largest |(base + adapter) - base|: what the check can detect
+    prompts: int = 0  # prompts (from the run's data) the check compared
+    tokens: int = 0  # tokens over those prompts
+    eos_token_ids: list[int] = []  # generation_config.json's eos_token_id
+    gguf_path: str | None = None
+    gguf_note: str = ""  # why the GGUF file asked for is missing (the converter failed)
+    peak_gpu_gb: float | None = None  # torch's peak reserved during the merge (CUDA only)
+    peak_host_gb: float | None = None  # the engine process's peak resident memory
+    estimate_gb: float | None = None  # what the memory model said the merge needs where it ran
+    seconds: float = 0.0
+
+
 Event = Union[  # noqa: UP007 - msgspec wants a real Union of tagged types
     Hello,
     StageEvent,
@@ -210,6 +263,7 @@ Event = Union[  # noqa: UP007 - msgspec wants a real Union of tagged types
     WarningEvent,
     ErrorEvent,
     Finished,
+    Exported,
 ]
 
 # ---------------------------------------------------------------------------------------------

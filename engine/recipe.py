@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from engine import __version__, checkpoints, failures, faults, fingerprint, protocol, runs
+from engine.backends.checkpointing import CheckpointPlan, plan_checkpointing
 from engine.config import RunConfig, load_resolved
 from engine.control import CommandQueue
+from engine.distributed import Ranks
 from engine.errors import UserError
 from engine.events import Emitter
 
@@ -46,6 +48,13 @@ def cuda_memory() -> dict[str, float | None]:
     }
 
 
+def reset_peak_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
 @dataclass
 class RunState:
     """What the callback learns during training, read back by the recipe when training ends."""
@@ -60,10 +69,18 @@ class RunState:
 
 
 def _make_callback(
-    emitter: Emitter, commands: CommandQueue, state: RunState, tokenizer: Any, template: str
+    emitter: Emitter,
+    commands: Any,
+    state: RunState,
+    tokenizer: Any,
+    template: str,
+    ranks: Ranks = Ranks(),
+    device: str = "cpu",
+    sharded: bool = False,
 ) -> Any:
     from transformers import TrainerCallback
 
+    from engine import collectives
     from engine.sampling import generate
 
     class EngineCallback(TrainerCallback):
@@ -74,6 +91,7 @@ def _make_callback(
             self._step_seconds: float | None = None
 
         def on_train_begin(self, args: Any, st: Any, control: Any, **kw: Any) -> None:
+            reset_peak_memory()  # the peaks a step reports are training's, not the load's
             state.total_steps = st.max_steps
             state.first_step = st.global_step
             self._last_step = st.global_step
@@ -102,7 +120,7 @@ def _make_callback(
                     )
                 elif isinstance(command, protocol.Save):
                     control.should_save = True
-                elif isinstance(command, protocol.SampleRequest):
+                elif isinstance(command, protocol.SampleRequest) and collectives.samples_here(ranks, sharded):
                     t0 = time.perf_counter()
                     generate(
                         model,
@@ -112,6 +130,8 @@ def _make_callback(
                         source="live",
                         step=st.global_step,
                         template=template,
+                        # Sharded ranks generate together: the same draws keep them in step.
+                        seed=st.global_step if sharded else None,
                     )
                     self._last_time += time.perf_counter() - t0  # sampling is not training time
 
@@ -141,6 +161,8 @@ def _make_callback(
                 seconds if self._step_seconds is None else 0.8 * self._step_seconds + 0.2 * seconds
             )
             remaining = max(st.max_steps - st.global_step, 0)
+            rss = host_rss_gb()
+            devices = collectives.gather_devices(ranks, device, rss)  # every rank calls: a collective
             emitter.emit(
                 protocol.Step(
                     step=st.global_step,
@@ -154,7 +176,8 @@ def _make_callback(
                     step_seconds=seconds,
                     elapsed_seconds=time.time() - state.started,
                     eta_seconds=remaining * self._step_seconds,
-                    host_rss_gb=host_rss_gb(),
+                    host_rss_gb=rss,
+                    devices=devices,
                     **cuda_memory(),
                 )
             )
@@ -180,10 +203,20 @@ def _make_callback(
 class Recipe:
     """setup -> train -> save -> cleanup, for one run directory."""
 
-    def __init__(self, run_dir: Path, emitter: Emitter, commands: CommandQueue, resume: bool = False) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        emitter: Emitter,
+        commands: CommandQueue,
+        resume: bool = False,
+        ranks: Ranks = Ranks(),
+    ) -> None:
+        from engine.collectives import SharedCommands
+
         self.run_dir = run_dir
         self.emitter = emitter
-        self.commands = commands
+        self.ranks = ranks
+        self.commands = SharedCommands(commands, ranks)  # rank 0's commands, on every rank
         self.resume = resume
         self.cfg: RunConfig = load_resolved(run_dir / runs.CONFIG)
         self.state = RunState()
@@ -193,12 +226,18 @@ class Recipe:
 
     def hello(self) -> None:
         from engine.backends import choose_backend, choose_device
+        from engine.distributed import describe
 
         self.device = choose_device(self.cfg)
-        self.backend, reason = choose_backend(self.cfg, self.device)
+        self.backend, reason = choose_backend(self.cfg, self.device, self.ranks.world_size)
+        if self.backend == "unsloth":
+            from engine.backends import unsloth
+
+            unsloth.preload()  # before anything imports transformers, peft or TRL
         plan = faults.plan_from_env()
-        # What an engine killed mid-save left behind; this engine holds the run's lock.
-        removed = checkpoints.clean_stale(self.run_dir / runs.CHECKPOINTS)
+        # What an engine killed mid-save left behind. Rank 0 holds the run's lock; the others
+        # wait for it at the first collective.
+        removed = checkpoints.clean_stale(self.run_dir / runs.CHECKPOINTS) if self.ranks.is_main else []
         skipped: list[tuple[Path, str]] = []
         if self.resume:
             runs.find_checkpoint(self.run_dir)  # one line if there is none at all
@@ -212,7 +251,9 @@ class Recipe:
         if device == "cuda":
             import torch
 
-            device = f"cuda:0 ({torch.cuda.get_device_name(0)})"
+            torch.cuda.set_device(self.ranks.local_rank)  # this rank's GPU, before anything lands on one
+            device = f"cuda:{self.ranks.local_rank} ({torch.cuda.get_device_name(self.ranks.local_rank)})"
+        device = describe(self.ranks, self.cfg.hardware.strategy, device)
         self.emitter.emit(
             protocol.Hello(
                 engine_version=__version__,
@@ -223,6 +264,7 @@ class Recipe:
                 backend=self.backend,
                 backend_reason=reason,
                 device=device,
+                world_size=self.ranks.world_size,
                 trust_remote_code=self.cfg.model.trust_remote_code,
             )
         )
@@ -240,28 +282,51 @@ class Recipe:
         if self.resume:
             fingerprint.check(self.run_dir, self.cfg, full=True)
 
+    def _checkpointing(self, path: str) -> CheckpointPlan:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(
+            path, revision=self.cfg.model.revision, trust_remote_code=self.cfg.model.trust_remote_code
+        )
+        layers = int(getattr(config.get_text_config(), "num_hidden_layers", 0) or 0)
+        return plan_checkpointing(self.cfg, self.backend, self.device, layers)
+
     def setup(self) -> None:
         from engine import data
-        from engine.backends import hf
+        from engine.backends import hf, parallel
+        from engine.data.report import steps
 
         cfg, emit = self.cfg, self.emitter.emit
         emit(protocol.StageEvent(stage="loading_model", message=f"loading {cfg.model.name_or_path}"))
         t0 = time.perf_counter()
         path = hf.resolve_model_path(cfg)
         self.tokenizer = hf.load_tokenizer(cfg, path)
+        # Decided before the weights load: the GPU's free memory is the budget auto spends.
+        self.checkpointing = gc = self._checkpointing(path)
         emit(
             protocol.StageEvent(
                 stage="quantizing",
                 message="loading weights as 4-bit NF4" if cfg.quant.load_in_4bit else "loading weights",
             )
         )
-        model = hf.load_model(cfg, self.device, path)
         # LoRA's A matrices are drawn at random when the adapters are created, before the trainer
         # seeds anything: seed here, or two runs of one preset start from different adapters.
         from transformers import set_seed
 
-        set_seed(cfg.train.seed)
-        model = hf.apply_lora(model, cfg)
+        kernels: list[str] = []
+        if self.backend == "unsloth":
+            from engine.backends import unsloth
+
+            model = unsloth.load_model(cfg, path, gc)
+            set_seed(cfg.train.seed)
+            model = unsloth.apply_lora(model, cfg, gc)
+            kernels = ["unsloth: fused RMSNorm, RoPE, SwiGLU, LoRA, cross-entropy"]
+        else:
+            model = hf.load_model(cfg, self.device, path, ranks=self.ranks)
+            kernels = hf.apply_kernels(model, cfg, self.device)
+            set_seed(cfg.train.seed)
+            model = hf.apply_lora(model, cfg, gc, ranks=self.ranks)
+        self.kernels = kernels
         total, trainable = hf.count_params(model)
         mem = cuda_memory()
         emit(
@@ -273,12 +338,16 @@ class Recipe:
                 memory_reserved_gb=mem.get("memory_reserved_gb"),
                 host_rss_gb=host_rss_gb(),
                 load_seconds=time.perf_counter() - t0,
+                layers=gc.layers,
+                checkpointed_layers=gc.checkpointed,
+                checkpoint_reason=gc.reason,
+                kernels=kernels,
             )
         )
         self._emit_estimate()
 
         emit(protocol.StageEvent(stage="preparing_data", message=f"preparing {cfg.data.source}"))
-        if not self.resume:
+        if not self.resume and self.ranks.is_main:
             fingerprint.record(self.run_dir, cfg)  # what a later resume checks against
 
         def progress(message: str, current: int, total: int) -> None:
@@ -291,6 +360,13 @@ class Recipe:
             # model learned, so sampling and export render prompts exactly as training did.
             self.tokenizer.chat_template = prepared.template.source
         r = prepared.report
+        per_epoch, total = steps(
+            r.rows,
+            cfg.train.micro_batch * self.ranks.world_size,
+            cfg.train.grad_accum,
+            cfg.train.epochs,
+            cfg.train.max_steps,
+        )
         emit(
             protocol.DataReady(
                 train_examples=r.examples,
@@ -299,24 +375,52 @@ class Recipe:
                 trained_tokens=r.trained_tokens_per_epoch,
                 truncated=r.truncated,
                 dropped=r.dropped,
-                steps_per_epoch=r.steps_per_epoch,
-                total_steps=r.total_steps,
+                steps_per_epoch=per_epoch,  # each step takes micro_batch x grad_accum rows per rank
+                total_steps=total,
             )
         )
-        callback = _make_callback(self.emitter, self.commands, self.state, self.tokenizer, template)
+        callback = _make_callback(
+            self.emitter,
+            self.commands,
+            self.state,
+            self.tokenizer,
+            template,
+            self.ranks,
+            self.device,
+            sharded=parallel.sharded(cfg, self.ranks),
+        )
         self.trainer = hf.build_trainer(
-            model, self.tokenizer, cfg, prepared, self.run_dir / runs.CHECKPOINTS, self.device, [callback]
+            model,
+            self.tokenizer,
+            cfg,
+            prepared,
+            self.run_dir / runs.CHECKPOINTS,
+            self.device,
+            [callback],
+            trainer_checkpointing=gc.enabled and self.backend == "hf",
+            ranks=self.ranks,
         )
 
     def _emit_estimate(self) -> None:
         """The memory model's estimate, for the dashboard's estimate-versus-actual. Never fatal."""
         try:
             from engine import memory
+            from engine.memory.distributed import per_gpu
 
-            est = memory.estimate(self.cfg, backend=self.backend)
             # "auto" means the GPU present: with none there is no budget to check against.
             cfg_gpu = self.cfg.hardware.gpu
             gpu = memory.resolve_gpu(cfg_gpu) if self.device == "cuda" or cfg_gpu != "auto" else None
+            if self.ranks.world_size > 1:
+                # What one GPU holds: this rank's share of the run.
+                est = per_gpu(self.cfg, self.ranks.world_size, backend=self.backend)
+            else:
+                est = memory.estimate(
+                    self.cfg,
+                    backend=self.backend,
+                    budget_gb=gpu.budget_gb if gpu else None,
+                    checkpointed=self.checkpointing.checkpointed,
+                    liger=any(k.startswith("liger") for k in self.kernels),
+                )
             self.emitter.emit(est.to_event(gpu))
         except Exception as exc:  # an estimate must never stop a run
             self.emitter.log(f"no memory estimate: {exc}", level="debug")
@@ -325,12 +429,22 @@ class Recipe:
         self.trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from else None)
 
     def save_adapter(self) -> Path:
-        """The final adapter, written to a temporary folder and renamed: never half-written."""
-        self.emitter.emit(protocol.StageEvent(stage="saving", message="saving the final adapter"))
+        """The final adapter, written to a temporary folder and renamed: never half-written.
+        Rank 0 writes it; with FSDP every rank takes part in gathering the sharded adapter."""
+        from engine.backends import parallel
+
         target = self.run_dir / runs.ADAPTER
         tmp = self.run_dir / f".{runs.ADAPTER}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.trainer.model.save_pretrained(tmp)
+        if parallel.sharded(self.cfg, self.ranks):
+            if self.ranks.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self.trainer.save_model(str(tmp))  # gathers on every rank, writes on rank 0
+        if not self.ranks.is_main:
+            return target
+        self.emitter.emit(protocol.StageEvent(stage="saving", message="saving the final adapter"))
+        if not parallel.sharded(self.cfg, self.ranks):
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.trainer.model.save_pretrained(tmp)
         self.tokenizer.save_pretrained(tmp)
         if target.exists():
             shutil.rmtree(target)
@@ -350,14 +464,17 @@ def is_oom(exc: BaseException) -> bool:
     )
 
 
-def run(run_dir: Path, emitter: Emitter, commands: CommandQueue, resume: bool = False) -> int:
-    """Train (or resume) one run; returns the process exit code (0 ok or stopped, 1 failed)."""
+def run(
+    run_dir: Path, emitter: Emitter, commands: CommandQueue, resume: bool = False, ranks: Ranks = Ranks()
+) -> int:
+    """Train (or resume) one run; returns the process exit code (0 ok or stopped, 1 failed).
+    Every rank of a multi-process run calls this; rank 0's emitter alone writes anywhere."""
     started = time.time()
     recipe: Recipe | None = None
     status, failure = "failed", None
     adapter: str | None = None
     try:
-        recipe = Recipe(run_dir, emitter, commands, resume=resume)
+        recipe = Recipe(run_dir, emitter, commands, resume=resume, ranks=ranks)
         recipe.hello()
         recipe.setup()
         recipe.train()
@@ -400,4 +517,9 @@ def run(run_dir: Path, emitter: Emitter, commands: CommandQueue, resume: bool = 
             elapsed_seconds=time.time() - started,
         )
     )
-    return 1 if status == "failed" else 0
+    if status == "failed":
+        return 1  # torchrun ends the other ranks, wherever they wait
+    from engine.collectives import barrier
+
+    barrier()  # rank 0 lets go of the run's lock only once every rank is done with it
+    return 0

@@ -65,9 +65,14 @@ def generate(
     source: str = "live",
     step: int | None = None,
     template: str = "auto",
+    seed: int | None = None,
 ) -> protocol.Sample:
     """Generate one reply and stream it; the model is left in the mode it was in. `tokenizer` must
-    carry the chat template the model was trained with; `template` names its family."""
+    carry the chat template the model was trained with; `template` names its family. With `seed`,
+    the draws come from that seed and leave the training RNG as it was (FSDP ranks, which must
+    all draw the same tokens)."""
+    import contextlib
+
     import torch
     from transformers import TextStreamer
 
@@ -88,8 +93,13 @@ def generate(
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
+    rng: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if seed is not None:
+        rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
     try:
-        with torch.no_grad():
+        with torch.no_grad(), rng:
+            if seed is not None:
+                torch.manual_seed(seed)
             out = model.generate(
                 input_ids=inputs,
                 attention_mask=torch.ones_like(inputs),

@@ -25,8 +25,8 @@ from textual.screen import Screen
 from textual.widgets import TabbedContent
 from textual.worker import Worker, WorkerState
 
+from engine import distributed, protocol, runs
 from engine import launcher as engine_launcher
-from engine import protocol, runs
 from engine.config import RunConfig, load_resolved
 from engine.errors import UserError
 from tui import budget
@@ -34,6 +34,7 @@ from tui.client import Launcher, RunClient, start_sample
 from tui.history import RunHistory, SampleText
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.error import ErrorScreen
+from tui.screens.export import ExportScreen
 from tui.screens.main import PANES, MainScreen
 from tui.screens.quit import QuitScreen
 from tui.screens.stop import StopScreen
@@ -109,11 +110,14 @@ class QlcApp(App[int]):
         *,
         launcher: Launcher = engine_launcher.launch_train,
         sample_launcher: Launcher = engine_launcher.launch_sample,
+        export_launcher: Launcher = engine_launcher.launch_export,
         gpu_probe: Probe | None = None,
         attach: str | None = None,
         auto_attach: bool = True,
     ) -> None:
         super().__init__()
+        self._export_launcher = export_launcher
+        self._export_clients: list[RunClient] = []
         self.runs_root = runs_root
         self._launcher = launcher
         self._sample_launcher = sample_launcher
@@ -209,6 +213,11 @@ class QlcApp(App[int]):
             "Compare marked runs", "their loss curves on one chart", lambda: self._runs_call("action_compare")
         )
         yield SystemCommand("Reload runs", "re-read the runs directory", lambda: self._runs_call("reload"))
+        yield SystemCommand(
+            "Export selected run",
+            "merge its adapter into the base model, or copy it",
+            lambda: self._runs_action("export"),
+        )
         yield SystemCommand(
             "Generate sample", "from the live model or a checkpoint", self.action_generate_sample
         )
@@ -461,6 +470,7 @@ class QlcApp(App[int]):
         self.notify(f"checking data for {preset}…", timeout=2)
         try:
             await asyncio.to_thread(check_data, cfg)
+            distributed.processes_per_node(cfg)  # GPUs asked for but absent: before any run directory
             run_dir = await asyncio.to_thread(runs.create_run, self.runs_root, cfg)
             client = RunClient.launch(run_dir, self._launcher)
         except UserError as exc:
@@ -544,6 +554,11 @@ class QlcApp(App[int]):
             self.open_run(run_dir)
         elif message.action == "resume":
             self._resume(run_dir)
+        elif message.action == "export":
+            try:
+                self.push_screen(ExportScreen(run_dir, self._export_launcher, self._export_clients))
+            except UserError as exc:  # a damaged config.yaml
+                self.show_error("Cannot export", exc.message, exc.hint)
         elif message.action == "stop":
             if not running:
                 self.notify(f"{run_dir.name} is not running", severity="warning")
@@ -551,6 +566,12 @@ class QlcApp(App[int]):
             if self.client is None or self.client.run_dir != run_dir:
                 self.open_run(run_dir)
             self.action_stop_run()
+
+    def on_export_screen_result(self, message: ExportScreen.Result) -> None:
+        if message.exported is not None:
+            self.notify(f"{message.run_id} exported to {message.exported.out_dir}", timeout=8)
+        else:
+            self.notify(f"export of {message.run_id} failed: {message.error}", severity="error", timeout=8)
 
     def _resume(self, run_dir: Path) -> None:
         if runs.is_running(run_dir):
@@ -671,6 +692,10 @@ class QlcApp(App[int]):
             client.detach()
             if client.proc is not None and client.proc.poll() is None:
                 client.proc.terminate()  # a one-off sampler of ours; no state to save
+        for client in self._export_clients:
+            client.detach()
+            if client.proc is not None and client.proc.poll() is None:
+                client.proc.terminate()  # the export removes its unfinished folder
 
 
 def make_app(
@@ -678,6 +703,7 @@ def make_app(
     *,
     launcher: Launcher | None = None,
     sample_launcher: Launcher | None = None,
+    export_launcher: Launcher | None = None,
     gpu_probe: Probe | None = None,
     attach: str | None = None,
     auto_attach: bool = True,
@@ -687,6 +713,7 @@ def make_app(
         runs.runs_root(runs_dir),
         launcher=launcher or engine_launcher.launch_train,
         sample_launcher=sample_launcher or engine_launcher.launch_sample,
+        export_launcher=export_launcher or engine_launcher.launch_export,
         gpu_probe=gpu_probe,
         attach=attach,
         auto_attach=auto_attach,

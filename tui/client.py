@@ -146,7 +146,7 @@ class RunClient:
         *,
         proc: subprocess.Popen[bytes] | None = None,
         mode: Literal["pipe", "tail"] = "tail",
-        role: Literal["run", "sample"] = "run",
+        role: Literal["run", "sample", "export"] = "run",
         follow: bool = True,
     ) -> None:
         self.run_dir = run_dir

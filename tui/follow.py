@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.markup import escape
 
 from engine import protocol, runs
-from tui.output import err, fmt_duration, out
+from tui.output import err, fmt_duration, fmt_ranks, out
 
 
 def _num(n: int) -> str:
@@ -74,6 +74,13 @@ class EventPrinter:
                     f"model ready: {_num(ev.total_params)} params, {_num(ev.trainable_params)} trainable "
                     f"({pct:.2f}%) · loaded in {ev.load_seconds:.1f} s{mem}"
                 )
+                if ev.layers:
+                    out.print(
+                        f"[dim]checkpointing {ev.checkpointed_layers} of {ev.layers} layers: "
+                        f"{escape(ev.checkpoint_reason)}[/]"
+                    )
+                if ev.kernels:
+                    out.print(f"[dim]kernels: {escape(', '.join(ev.kernels))}[/]")
             case protocol.EstimateEvent():
                 budget = f" of {ev.budget_gb:.1f} GB ({ev.gpu})" if ev.budget_gb else ""
                 out.print(
@@ -93,6 +100,8 @@ class EventPrinter:
                     if ev.memory_peak_reserved_gb is not None
                     else ""
                 )
+                if ev.devices:  # several GPUs (or processes): each rank's
+                    mem = f" · {fmt_ranks(ev.devices)}"
                 out.print(
                     f"step {ev.step:>5}{total}  loss {_loss(ev.loss)}  lr {ev.lr:.2e}  grad {gn}  "
                     f"{ev.tokens_per_s:,.0f} tok/s  {ev.step_seconds:.2f} s/step  ETA {fmt_duration(ev.eta_seconds)}{mem}"

@@ -130,6 +130,11 @@ class RunHistory:
                 f"model ready: {_count(ev.total_params)} params, {_count(ev.trainable_params)} trainable "
                 f"({share:.2f}%) in {ev.load_seconds:.1f}s",
             )
+            if ev.layers:
+                what = f"checkpointing {ev.checkpointed_layers} of {ev.layers} layers"
+                self._log(ev, "info", f"{what}: {ev.checkpoint_reason}" if ev.checkpoint_reason else what)
+            if ev.kernels:
+                self._log(ev, "info", f"kernels: {', '.join(ev.kernels)}")
         elif isinstance(ev, protocol.EstimateEvent):
             self.estimate = ev
         elif isinstance(ev, protocol.DataReady):

@@ -25,3 +25,16 @@ def fmt_duration(seconds: float | None) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def fmt_ranks(devices: list[Any]) -> str:
+    """Each rank's device in a few characters: 'r0 10.4 GB 97% · r1 10.5 GB 96%' (GPU peak reserved
+    and utilisation), or host RSS on CPU ranks: 'r0 0.68 GB · r1 0.69 GB'."""
+    parts = []
+    for d in devices:
+        gb = d.memory_peak_reserved_gb if d.memory_peak_reserved_gb is not None else d.host_rss_gb
+        text = f"r{d.rank} {gb:.2f} GB" if gb is not None else f"r{d.rank} -"
+        if d.utilization_pct is not None:
+            text += f" {d.utilization_pct:.0f}%"
+        parts.append(text)
+    return " · ".join(parts)

@@ -32,9 +32,11 @@ def choose_device(cfg: RunConfig) -> str:
     return "cpu"
 
 
-def choose_backend(cfg: RunConfig, device: str) -> tuple[str, str]:
+def choose_backend(cfg: RunConfig, device: str, processes: int = 1) -> tuple[str, str]:
     """(backend, reason)."""
     want = cfg.hardware.backend
+    if want == "auto" and processes > 1:
+        return "hf", "auto: Unsloth trains on one GPU"
     have_unsloth = importlib.util.find_spec("unsloth") is not None
     have_backend = importlib.util.find_spec("engine.backends.unsloth") is not None
     if want == "hf":

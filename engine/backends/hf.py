@@ -4,8 +4,12 @@ What differs from the usual QLoRA recipe, and why (figures: shared/anchors.md, H
 - No `prepare_model_for_kbit_training`. It casts embeddings, lm_head and norms to fp32 (+1.96 GiB)
   and makes the residual stream fp32; skipping it saved 5.3 GiB of peak and 24% of step time.
   Gradient checkpointing and input gradients are enabled directly instead.
-- Non-reentrant gradient checkpointing, SDPA attention.
+- Non-reentrant gradient checkpointing, on only as many layers as the memory budget needs
+  (engine.backends.checkpointing), SDPA attention.
 - TRL's SFTTrainer scores the loss with its fused, chunked LM head: full fp32 logits are never built.
+- Liger's fused RMSNorm, SwiGLU and RoPE kernels when liger-kernel is installed and a CUDA GPU
+  trains (they save fewer activations and launch fewer kernels); Liger's own loss is left out, as
+  TRL's chunked loss already avoids the logits.
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from engine.backends import parallel
+from engine.backends.checkpointing import CheckpointPlan, keep_last_layers
 from engine.config import RunConfig
+from engine.distributed import Ranks
 from engine.errors import UserError
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -69,8 +76,9 @@ def load_tokenizer(cfg: RunConfig, path: str | None = None) -> Any:
     return tok
 
 
-def load_model(cfg: RunConfig, device: str, path: str | None = None) -> Any:
-    """The base model, 4-bit NF4 (or as the checkpoint is already quantized), on `device`."""
+def load_model(cfg: RunConfig, device: str, path: str | None = None, ranks: Ranks = Ranks()) -> Any:
+    """The base model, 4-bit NF4 (or as the checkpoint is already quantized), on `device` (this
+    rank's GPU; engine/backends/parallel.py says where for each strategy)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     path = path or resolve_model_path(cfg)
@@ -78,17 +86,20 @@ def load_model(cfg: RunConfig, device: str, path: str | None = None) -> Any:
     compute = torch_dtype(q.compute_dtype)
     kwargs: dict[str, Any] = {
         "dtype": compute,
-        "device_map": {"": 0 if device == "cuda" else "cpu"},
+        "device_map": parallel.placement(cfg, device, ranks),
         "attn_implementation": cfg.model.attn_implementation,
         "revision": cfg.model.revision,
         "trust_remote_code": cfg.model.trust_remote_code,
     }
-    if q.load_in_4bit and not _is_prequantized(path, cfg):
+    prequantized = _is_prequantized(path, cfg)
+    parallel.check_prequantized(cfg, ranks, prequantized)
+    if q.load_in_4bit and not prequantized:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=q.quant_type,
             bnb_4bit_use_double_quant=q.double_quant,
             bnb_4bit_compute_dtype=compute,
+            **parallel.quant_storage(cfg, ranks, compute),
         )
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -101,7 +112,25 @@ def load_model(cfg: RunConfig, device: str, path: str | None = None) -> Any:
     return model
 
 
-def apply_lora(model: Any, cfg: RunConfig) -> Any:
+LIGER_KERNELS = ("rope", "rms_norm", "swiglu")
+
+
+def apply_kernels(model: Any, cfg: RunConfig, device: str) -> list[str]:
+    """Patch the model with Liger's kernels where they run; returns what was applied, for the events."""
+    import importlib.util
+
+    if device != "cuda" or not cfg.train.liger or importlib.util.find_spec("liger_kernel") is None:
+        return []
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    flags = dict.fromkeys(LIGER_KERNELS, True)
+    _apply_liger_kernel_to_instance(
+        model=model, cross_entropy=False, fused_linear_cross_entropy=False, **flags
+    )
+    return [f"liger: {', '.join(LIGER_KERNELS)}"]
+
+
+def apply_lora(model: Any, cfg: RunConfig, checkpointing: CheckpointPlan, ranks: Ranks = Ranks()) -> Any:
     import peft
 
     lo = cfg.lora
@@ -112,11 +141,12 @@ def apply_lora(model: Any, cfg: RunConfig) -> Any:
             f"lora.target_modules: {', '.join(missing)} not found in this model",
             f"its linear layers include {', '.join(sorted(m for m in present if m.endswith('proj'))[:10])}",
         )
-    if cfg.train.gradient_checkpointing:
+    if checkpointing.enabled and not parallel.sharded(cfg, ranks):  # FSDP checkpoints its own way
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # With a frozen base, the embeddings' output needs requires_grad or checkpointed blocks
         # would have no graph to recompute into.
         model.enable_input_require_grads()
+        keep_last_layers(model, checkpointing)
     lora = peft.LoraConfig(
         r=lo.r,
         lora_alpha=lo.alpha,
@@ -140,14 +170,23 @@ def count_params(model: Any) -> tuple[int, int]:
     return total, trainable
 
 
-def training_args(cfg: RunConfig, output_dir: Path, device: str, has_eval: bool) -> Any:
+def training_args(
+    cfg: RunConfig,
+    output_dir: Path,
+    device: str,
+    has_eval: bool,
+    gradient_checkpointing: bool,
+    distributed: dict[str, Any] | None = None,
+) -> Any:
+    """`gradient_checkpointing` tells the Trainer to (re)enable it at train time; the Unsloth
+    backend sets it up itself and passes False, as a bare Unsloth script does."""
     from trl import SFTConfig
 
     t = cfg.train
     eval_strategy = "no"
     if has_eval:
         eval_strategy = "steps" if t.eval_steps else "epoch"
-    return SFTConfig(
+    args: dict[str, Any] = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=t.micro_batch,
         per_device_eval_batch_size=t.micro_batch,
@@ -162,7 +201,7 @@ def training_args(cfg: RunConfig, output_dir: Path, device: str, has_eval: bool)
         optim=t.optimizer,
         bf16=cfg.quant.compute_dtype == "bf16",
         fp16=cfg.quant.compute_dtype == "fp16",
-        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=t.logging_steps,
         # The default replaces a NaN step loss with the running average: a diverged run would log
@@ -183,6 +222,8 @@ def training_args(cfg: RunConfig, output_dir: Path, device: str, has_eval: bool)
         max_length=t.seq_len,
         use_cpu=device == "cpu",
     )
+    args.update(distributed or {})  # DDP / FSDP settings win (engine/backends/parallel.py)
+    return SFTConfig(**args)
 
 
 def _trainer_class() -> type:
@@ -208,15 +249,30 @@ def _trainer_class() -> type:
                 if name in dtypes and param.dtype != dtypes[name]:
                     param.data = param.data.to(dtypes[name])
 
+        def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+            if not parallel.load_optimizer_on_cpu_ranks(self, checkpoint):
+                super()._load_optimizer_and_scheduler(checkpoint)
+
     return EngineTrainer
 
 
 def build_trainer(
-    model: Any, tokenizer: Any, cfg: RunConfig, data: Any, output_dir: Path, device: str, callbacks: list[Any]
+    model: Any,
+    tokenizer: Any,
+    cfg: RunConfig,
+    data: Any,
+    output_dir: Path,
+    device: str,
+    callbacks: list[Any],
+    trainer_checkpointing: bool,
+    ranks: Ranks = Ranks(),
 ) -> Any:
+    distributed = parallel.trainer_args(cfg, device, ranks, model)
     return _trainer_class()(
         model=model,
-        args=training_args(cfg, output_dir, device, has_eval=data.eval is not None),
+        args=training_args(
+            cfg, output_dir, device, data.eval is not None, trainer_checkpointing, distributed=distributed
+        ),
         train_dataset=data.train,
         eval_dataset=data.eval,
         data_collator=data.collator,

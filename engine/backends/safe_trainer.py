@@ -9,6 +9,11 @@
   device (no sync per step); it is read at log and save time only.
 - The fault hooks of engine.faults ($QLC_FAULT), inert when it is unset.
 
+On several processes (torchrun), every rank runs these hooks at the same points. The main process
+alone makes, commits and rotates the staging folder; the others write their parts (their RNG
+states, FSDP's gathered state goes through the main one) between barriers. The non-finite step is
+reduced over the ranks, so that all of them stop, or save, together.
+
 Used as `class EngineTrainer(SafeTrainerMixin, SFTTrainer)`.
 """
 
@@ -61,10 +66,20 @@ class SafeTrainerMixin:
         self._first_nonfinite = torch.where((self._first_nonfinite == 0) & bad, step, self._first_nonfinite)
 
     def first_nonfinite_step(self) -> int | None:
-        """The first optimizer step whose loss was NaN or infinite, or None. Syncs the device."""
+        """The first optimizer step whose loss was NaN or infinite on any rank, or None. Syncs the
+        device; with several ranks it is a collective (every rank calls it at a log or a save)."""
+        import torch
+        import torch.distributed as dist
+
+        never = 2**62
         if self._first_nonfinite is None:
-            return None
-        return int(self._first_nonfinite.item()) or None
+            first = torch.full((), never, dtype=torch.long, device=self.args.device)
+        else:
+            first = torch.where(self._first_nonfinite == 0, never, self._first_nonfinite)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        value = int(first.item())
+        return None if value == never else value
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         loss = logs.get("loss")
@@ -90,19 +105,27 @@ class SafeTrainerMixin:
             raise failures.RunFailure(failures.nonfinite_loss(math.nan, bad, step))
         root = Path(self.args.output_dir)
         staging = checkpoints.staging_root(root, step)
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(mode=0o700, parents=True)
+        main = self.args.should_save
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(mode=0o700, parents=True)
         previous = checkpoints.complete(root)
         self._staging_root = str(staging)
         try:
+            self.accelerator.wait_for_everyone()  # the staging folder exists for every rank
             super()._save_checkpoint(model, trial)
-            checkpoints.commit(staging / f"{checkpoints.PREFIX}{step}", root)
+            self.accelerator.wait_for_everyone()  # every rank's files are in it
+            if main:
+                checkpoints.commit(staging / f"{checkpoints.PREFIX}{step}", root)
         except Exception as exc:
             free = checkpoints.free_bytes(root)  # before the partial folder gives its space back
-            shutil.rmtree(staging, ignore_errors=True)
+            if main:
+                shutil.rmtree(staging, ignore_errors=True)
             needed = checkpoints.folder_size(previous[-1]) if previous else None
             raise failures.RunFailure(failures.save_failed(exc, root, step, free, needed)) from exc
         finally:
             self._staging_root = None
-        shutil.rmtree(staging, ignore_errors=True)
-        checkpoints.rotate(root, self.args.save_total_limit or 1_000_000)
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+            checkpoints.rotate(root, self.args.save_total_limit or 1_000_000)
+        self.accelerator.wait_for_everyone()  # the checkpoint is in place before any rank goes on

@@ -44,6 +44,12 @@ class PadCollator:
                 position_ids[i, length:] = torch.arange(width - length)
         if self.packed:
             return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        if bool(attention_mask.all()):
+            # No padding in this batch: an all-ones mask says nothing, and some kernels take a
+            # slower masked path for it (Unsloth's compiled blocks). Plain positions say the same
+            # (TRL's loss wants one of the two; one sequence per row is not a packed row).
+            position_ids[:] = torch.arange(width)
+            return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 

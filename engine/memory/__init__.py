@@ -2,9 +2,10 @@
 
 from engine.memory.advice import Advice, advise
 from engine.memory.architectures import Architecture, find_architecture, resolve_architecture
-from engine.memory.estimate import Estimate, Term, Verdict, estimate, resolve_backend
+from engine.memory.estimate import Estimate, Term, Verdict, choose_checkpointing, estimate, resolve_backend
 from engine.memory.fit import FitResult, fit
 from engine.memory.gpus import Gpu, gpu_catalog, resolve_gpu
+from engine.memory.merge import MergeEstimate, MergePlacement, estimate_merge, place_merge
 
 __all__ = [
     "Advice",
@@ -12,13 +13,18 @@ __all__ = [
     "Estimate",
     "FitResult",
     "Gpu",
+    "MergeEstimate",
+    "MergePlacement",
     "Term",
     "Verdict",
     "advise",
+    "choose_checkpointing",
     "estimate",
+    "estimate_merge",
     "find_architecture",
     "fit",
     "gpu_catalog",
+    "place_merge",
     "resolve_architecture",
     "resolve_backend",
     "resolve_gpu",

@@ -102,12 +102,13 @@ class _Advisor:
     # Each change: None when it does not apply to this config.
 
     def gradient_checkpointing(self, s: _State) -> _State | None:
-        if s.cfg.train.gradient_checkpointing:
+        # auto already checkpoints every layer when nothing less fits.
+        if s.cfg.train.gradient_checkpointing in (True, "auto"):
             return None
         return self._then(
             s,
             "gradient_checkpointing",
-            "turn gradient checkpointing on",
+            "turn gradient checkpointing on (every layer)",
             {"train.gradient_checkpointing": True},
         )
 

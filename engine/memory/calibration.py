@@ -65,15 +65,18 @@ class CalibrationRecord:
     attn_implementation: str = "sdpa"
     after_load_allocated_gib: float | None = None
     reserved_clean: bool = True
+    checkpointed_layers: int | None = None  # partial checkpointing; None: all or none, per the flag
+    liger: bool = False
     baseline_allocated_gib: float = 0.0
     note: str = ""
 
     def describe(self) -> str:
         mts = f" mts={'+'.join(self.modules_to_save)}" if self.modules_to_save else ""
         gc = "gc" if self.gradient_checkpointing else "no-gc"
-        return (
-            f"{self.arch} {self.backend} seq {self.seq_len} mb {self.micro_batch} r {self.lora_r} {gc}{mts}"
-        )
+        if self.checkpointed_layers is not None:
+            gc = f"gc {self.checkpointed_layers} layers"
+        liger = " liger" if self.liger else ""
+        return f"{self.arch} {self.backend}{liger} seq {self.seq_len} mb {self.micro_batch} r {self.lora_r} {gc}{mts}"
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,10 @@ def _record(data: Any, where: str, baseline: float = 0.0) -> CalibrationRecord:
             reserved_clean=bool(data.get("reserved_clean", True)),
             baseline_allocated_gib=float(data.get("baseline_allocated_gib", baseline) or 0.0),
             note=str(data.get("note", "")),
+            checkpointed_layers=None
+            if data.get("checkpointed_layers") is None
+            else int(data["checkpointed_layers"]),
+            liger=bool(data.get("liger", False)),
         )
     except (TypeError, ValueError) as exc:
         raise UserError(f"{where}: bad value ({exc})") from None
@@ -187,7 +194,9 @@ def record_config(rec: CalibrationRecord) -> Any:
             "train": {
                 "seq_len": rec.seq_len,
                 "micro_batch": rec.micro_batch,
-                "gradient_checkpointing": rec.gradient_checkpointing,
+                "gradient_checkpointing": rec.checkpointed_layers
+                if rec.checkpointed_layers is not None
+                else rec.gradient_checkpointing,
                 "optimizer": rec.optimizer,
             },
             "hardware": {"backend": "unsloth" if rec.backend == "unsloth" else "hf"},
@@ -202,7 +211,9 @@ def replay(calibration: CalibrationFile) -> list[ReplayResult]:
     results = []
     for rec in calibration.records:
         # The harness's rows are all seq_len tokens long: no padding, so no attention mask.
-        est = estimate(record_config(rec), backend=rec.backend, budget_gb=gpu.budget_gb, padded=False)
+        est = estimate(
+            record_config(rec), backend=rec.backend, budget_gb=gpu.budget_gb, padded=False, liger=rec.liger
+        )
         fits = est.verdict(gpu).status == FITS
         problems: list[str] = []
         if rec.oom:

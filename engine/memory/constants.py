@@ -68,9 +68,17 @@ CUBLAS_WORKSPACE_BYTES = 32 * MIB
 CUDA_CONTEXT_GIB = 1.3
 
 # Unsloth's fused CE chunk costs fewer bytes per logit than its planner assumes (16): the
-# compiled chunk fuses the fp32 upcast. FITTED to anchors.md row 5 (Unsloth, 8B, 2x4096 tokens:
-# 7.74 GiB allocated, a chunk at the planner's 4 GiB target): 8 bytes per logit.
-UNSLOTH_CE_BYTES_PER_LOGIT = 8.0
+# compiled chunk fuses the fp32 upcast. FITTED to the engine's unsloth backend on the H100
+# (bench/results/memory-calibration-engine-stacks-h100-2026-11-23.json): Llama-3.2-1B with every
+# layer checkpointed peaks at its loss (2 x 4096 tokens, 4 chunks), 2.38 GiB allocated: 4.8 bytes.
+# (It was 8, fitted to anchors.md row 5 alone, where the peak is not the loss: see below.)
+UNSLOTH_CE_BYTES_PER_LOGIT = 4.8
+
+# Unsloth's backward of a checkpointed layer holds more than the saved-tensor inventory of one
+# layer: the recomputed layer, the next layer's input arriving from the CPU (double buffering)
+# and the fused kernels' temporaries. FITTED to the same file: Llama-3.1-8B, every layer
+# checkpointed, 8.17 GiB allocated with the loss at 1.4 GiB, so the backward sets the peak.
+UNSLOTH_RECOMPUTE_SCALE = 1.5
 
 # The per-layer parts of the activations (one layer's saved tensors, every layer's without
 # checkpointing, and the backward temporaries) are the saved-tensor inventory of terms.py times
@@ -86,12 +94,23 @@ ACTIVATION_SCALE = {"hf": 0.97, "hf-upcast": 1.0, "unsloth": 1.0}
 # script, fp32 MLP); unsloth 2 (its fused SwiGLU backward writes into e and g in place).
 BACKWARD_MLP_GRADIENTS = {"hf": 1, "hf-upcast": 3, "unsloth": 2}
 
-# Caching-allocator slack (peak reserved - peak allocated) = base + fraction x the bytes churned at
-# the peak (one layer's saved tensors and temporaries, or the loss tiles). FITTED: hf to the
-# matrix's Llama-3.1-8B configs (0.24, 0.41, 0.61, 1.24 GiB checkpointed at 1K-8K tokens; 0.31-1.08
-# without), hf-upcast to anchors.md row 1 (15.81 reserved), unsloth to row 5 (7.88).
-ALLOCATOR_SLACK_BASE_GIB = {"hf": 0.1, "hf-upcast": 0.0, "unsloth": 0.0}
-ALLOCATOR_SLACK_FRACTION = {"hf": 0.65, "hf-upcast": 0.07, "unsloth": 0.035}
+# Caching-allocator slack (peak reserved - peak allocated).
+# hf: the tensors a step keeps (each layer's input, and with no checkpointing everything a layer
+# saves) are carved out of blocks that held the previous layer's temporaries, so the split
+# remainders pile up with the number of kept layer inputs. Slack = a share of L x T x h x bytes,
+# plus, without checkpointing, a share of one FFN-wide tensor per layer that builds an attention
+# mask (the mask's transients are sized unlike anything else in the layer). FITTED by least
+# squares on the 23 hf configs that ran in bench/results/memory-calibration-{llama-3.2-1b,
+# llama-3.1-8b,gemma-3-12b}-h100-2026-11-23.json (relative residuals weighted): the totals land
+# within 3.1% (worst: Gemma-3-12B seq 4096 mb 1 gc). The earlier "fraction of one layer's churn"
+# fit only the 8B and over-estimated the 1B by 8-13%.
+HF_SLACK_PER_KEPT_INPUT = 0.5
+HF_SLACK_PER_MASKED_LAYER_NO_GC = 0.68
+# hf-upcast and unsloth = base + fraction x the bytes churned at the peak (one layer's saved
+# tensors and temporaries, or the loss tiles). FITTED to anchors.md row 1 (hf-upcast, 15.81
+# reserved) and row 5 (unsloth, 7.88): one row each, so these are the least certain constants.
+ALLOCATOR_SLACK_BASE_GIB = {"hf-upcast": 0.0, "unsloth": 0.0}
+ALLOCATOR_SLACK_FRACTION = {"hf-upcast": 0.07, "unsloth": 0.035}
 
 # Vocabulary-sized gradient buffers (the fp32 grad of a trained lm_head and its bf16 copy, built
 # once per micro-step) do not fit in the split blocks the allocator has cached by then, so reserved

@@ -9,6 +9,7 @@ Reported numbers are GiB (2**30 bytes), named `gb` as nvidia-smi and the protoco
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 from dataclasses import dataclass, field
@@ -76,6 +77,8 @@ class Estimate:
     device_total_gb: float  # nvidia-smi: torch_peak + CUDA context + paged optimizer state
     peak_phase: str  # the moment of the step the peak is at
     verdict_basis: str = "device_total"
+    checkpointed_layers: int = 0  # of arch.layers, after resolving train.gradient_checkpointing
+    checkpoint_reason: str = ""
     notes: tuple[str, ...] = ()
 
     def term(self, name: str) -> Term:
@@ -203,7 +206,10 @@ def plan_for(
     backend: str,
     budget_gb: float | None = None,
     padded: bool | None = None,
+    checkpointed: int | None = None,
+    liger: bool | None = None,
 ) -> terms.Plan:
+    """`checkpointed` overrides train.gradient_checkpointing (the auto search sets it)."""
     t, lo, q = cfg.train, cfg.lora, cfg.quant
     problems = []
     if t.micro_batch < 1:
@@ -236,13 +242,83 @@ def plan_for(
         double_quant=q.double_quant,
         compute_bytes=4 if q.compute_dtype == "fp32" else 2,
         optimizer=t.optimizer,
-        gradient_checkpointing=t.gradient_checkpointing,
+        checkpointed_layers=fixed_checkpointing(cfg, arch) if checkpointed is None else checkpointed,
         attention=cfg.model.attn_implementation,
         budget_bytes=budget_gb * C.GIB if budget_gb is not None else None,
         packing=cfg.data.packing,
         # Rows of different lengths padded to the longest: a mask on every layer. One row, or
         # packed rows, need no padding mask.
         padded=(t.micro_batch > 1 and not cfg.data.packing) if padded is None else padded,
+        liger=(liger_runs_here() if liger is None else liger) and backend == "hf" and t.liger,
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def liger_runs_here() -> bool:
+    """Whether the engine's hf backend would use Liger's kernels on this machine (engine.backends.
+    hf.apply_kernels): liger-kernel installed and an NVIDIA GPU present."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return False
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return pynvml.nvmlDeviceGetCount() > 0
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return False
+
+
+def fixed_checkpointing(cfg: RunConfig, arch: Architecture) -> int:
+    """Checkpointed layers for true / false / N; auto counts as every layer until it is searched."""
+    gc = cfg.train.gradient_checkpointing
+    if isinstance(gc, bool):
+        return arch.layers if gc else 0
+    if isinstance(gc, int):
+        return max(0, min(gc, arch.layers))
+    return arch.layers
+
+
+def choose_checkpointing(
+    cfg: RunConfig,
+    arch: Architecture,
+    backend: str,
+    budget_gb: float | None,
+    padded: bool | None = None,
+    liger: bool | None = None,
+) -> tuple[int, str]:
+    """(checkpointed layers, why) for train.gradient_checkpointing; auto spends the budget.
+
+    Checkpointing a layer recomputes its forward in backward (about a third of its work), so auto
+    checkpoints the fewest layers whose estimate still "fits" the budget (under the tight line,
+    which covers the model's error), and every layer when nothing less fits.
+    """
+    L = arch.layers
+    gc = cfg.train.gradient_checkpointing
+    if gc != "auto":
+        k = fixed_checkpointing(cfg, arch)
+        return k, f"train.gradient_checkpointing is {str(gc).lower()}: {k} of {L} layers"
+    if budget_gb is None:
+        return L, f"auto with no memory budget known: every layer ({L})"
+    limit = budget_gb * (1 - C.TIGHT_FRACTION)
+
+    def total(k: int) -> float:
+        plan = plan_for(cfg, arch, backend, budget_gb, padded, k, liger)
+        return _estimate_plan(cfg, arch, plan).device_total_gb
+
+    if total(0) <= limit:
+        return 0, f"auto: the whole step fits {budget_gb:.1f} GB without checkpointing"
+    if total(L) > limit:
+        return L, f"auto: even with every layer checkpointed it needs more than {limit:.1f} GB"
+    lo, hi = 0, L  # total(lo) > limit >= total(hi): memory falls as k grows
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if total(mid) <= limit else (mid, hi)
+    return (
+        hi,
+        f"auto: {hi} of {L} layers checkpointed to fit {budget_gb:.1f} GB (with {C.TIGHT_FRACTION:.0%} kept free)",
     )
 
 
@@ -262,6 +338,8 @@ def estimate(
     *,
     budget_gb: float | None = None,
     padded: bool | None = None,
+    checkpointed: int | None = None,
+    liger: bool | None = None,
 ) -> Estimate:
     """The memory a training step of `cfg` needs at its peak.
 
@@ -270,23 +348,35 @@ def estimate(
     without it they are sized as on a large GPU (4 GiB chunks), which errs on the safe side.
     `padded` says whether micro-batches carry padding (an attention mask on every layer); by
     default they do when micro_batch > 1 without packing. Measurements on rows all seq_len long
-    pass False.
+    pass False. `checkpointed` fixes how many layers are checkpointed (a running engine's choice);
+    `liger` whether the hf backend uses Liger's kernels (None: as the engine would on this machine).
     """
     arch = arch or resolve_architecture(cfg)
     name, reason = resolve_backend(cfg, backend)
-    plan = plan_for(cfg, arch, name, budget_gb, padded)
+    if checkpointed is None:
+        k, why = choose_checkpointing(cfg, arch, name, budget_gb, padded, liger)
+    else:  # what a running engine decided
+        k, why = (
+            max(0, min(checkpointed, arch.layers)),
+            f"{checkpointed} of {arch.layers} layers, as the run chose",
+        )
+    plan = plan_for(cfg, arch, name, budget_gb, padded, k, liger)
+    est = _estimate_plan(cfg, arch, plan)
+    return dataclasses.replace(est, backend_reason=reason, checkpoint_reason=why)
+
+
+def _estimate_plan(cfg: RunConfig, arch: Architecture, plan: terms.Plan) -> Estimate:
+    name = plan.backend
 
     weights = terms.weights(plan)
     grads = terms.gradients(plan)
     opt_torch, paged = terms.optimizer_states(plan)
     static = sum(weights.values()) + sum(grads.values()) + sum(opt_torch.values()) + C.CUBLAS_WORKSPACE_BYTES
 
-    slack_base, slack_fraction = C.ALLOCATOR_SLACK_BASE_GIB[name] * C.GIB, C.ALLOCATOR_SLACK_FRACTION[name]
     best: tuple[float, float, terms.Phase] | None = None
     for phase in terms.phases(plan):
         allocated = static + sum(phase.activations.values()) + sum(phase.workspace.values())
-        slack = slack_base + slack_fraction * phase.churn
-        slack += C.LARGE_BUFFER_RESERVED_COPIES * phase.large_buffers
+        slack = terms.allocator_slack(plan, phase)
         if best is None or allocated + slack > best[0] + best[1]:
             best = (allocated, slack, phase)
     assert best is not None
@@ -314,16 +404,18 @@ def estimate(
     built = tuple(Term(n, sum(_gib(term_parts[n]).values()), _gib(term_parts[n])) for n in TERM_NAMES)
 
     notes = list(arch.notes)
-    if name == "unsloth" and budget_gb is None:
+    if name == "unsloth" and plan.budget_bytes is None:
         notes.append("Unsloth's loss chunks sized as on a large GPU (4 GiB); a smaller card chunks finer")
     if not cfg.data.packing:
         notes.append("every row counted at train.seq_len tokens: shorter rows only lower the peak")
     if plan.padded:
         notes.append("micro-batches counted as padded: an attention mask on every layer")
+    if plan.liger:
+        notes.append("Liger's RMSNorm and SwiGLU kernels (installed, with a GPU): fewer saved activations")
     return Estimate(
         arch=arch,
         backend=name,
-        backend_reason=reason,
+        backend_reason="",
         seq_len=plan.seq_len,
         micro_batch=plan.micro_batch,
         terms=built,
@@ -332,4 +424,5 @@ def estimate(
         device_total_gb=(reserved + context + paged) / C.GIB,
         peak_phase=phase.name,
         notes=tuple(notes),
+        checkpointed_layers=plan.checkpointed_layers,
     )

@@ -43,11 +43,26 @@ class Plan:
     double_quant: bool
     compute_bytes: int  # 2 for bf16/fp16, 4 for fp32
     optimizer: str
-    gradient_checkpointing: bool
+    checkpointed_layers: int  # layers whose activations are recomputed in backward: 0..layers
     attention: str  # sdpa, eager, flash_attention_2
     budget_bytes: float | None = None  # the GPU's budget, for Unsloth's free-memory-sized loss chunks
+    liger: bool = False  # hf only: Liger's RMSNorm / SwiGLU / RoPE kernels (engine.backends.hf)
     packing: bool = False  # several examples per row: a block-diagonal mask from position_ids
     padded: bool = False  # micro-batches carry padding: an attention mask on every layer
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.checkpointed_layers > 0
+
+    @property
+    def kept_layers(self) -> int:
+        """Layers that keep every activation until backward (not checkpointed)."""
+        return self.arch.layers - self.checkpointed_layers
+
+    @property
+    def offloads(self) -> bool:
+        """Unsloth's offloaded checkpointing moves the checkpointed layers' inputs to the CPU."""
+        return self.backend == "unsloth" and self.checkpointed_layers > 0
 
     @property
     def tokens(self) -> int:
@@ -206,9 +221,10 @@ def layer_saved_per_token(plan: Plan) -> float:
         # the product is saved as the down_proj adapter's bf16 cast.
         total += 3 * 4 * ffn + (c * ffn if "down_proj" in t else 0)
     else:
-        # Each RMSNorm saves an fp32 copy of its bf16 input; the normed bf16 output is saved once
-        # per group by the adapters' lora_A (bitsandbytes' MatMul4Bit saves no input).
-        total += a.norms_per_layer * 4 * h
+        # Each RMSNorm saves an fp32 copy of its bf16 input (Liger's keeps the bf16 input and one
+        # fp32 rstd per row); the normed bf16 output is saved once per group by the adapters'
+        # lora_A (bitsandbytes' MatMul4Bit saves no input).
+        total += a.norms_per_layer * ((c * h + 4) if plan.liger else 4 * h)
         total += c * h * (bool(attn_in) + bool(mlp_in))
         total += (4 * q + 4 * kv) if a.qk_norm else 0
         if a.fused_qkv:  # v is a view of the fused output: its whole storage stays alive
@@ -216,7 +232,9 @@ def layer_saved_per_token(plan: Plan) -> float:
         else:
             total += c * (q + 2 * kv)
         total += c * q + (c * q if "o_proj" in t else 0)
-        total += 3 * c * ffn + (c * ffn if "down_proj" in t else 0)
+        # gate, act(gate) and up (Liger's fused SwiGLU keeps only gate and up), and the product
+        # the down_proj adapter keeps.
+        total += (2 if plan.liger else 3) * c * ffn + (c * ffn if "down_proj" in t else 0)
     total += len(t) * c * r  # each adapter's lora_A output, saved by lora_B
     if plan.dropout:  # nn.Dropout on each adapter's input: its output and a bool mask
         total += sum((c + 1) * mods[m][0] for m in t)
@@ -285,56 +303,91 @@ def dequantized_weight(plan: Plan) -> float:
 
 
 def _kept_layer_inputs(plan: Plan) -> tuple[str, float]:
+    """The checkpointed layers' inputs, kept for the recompute."""
     a, T = plan.arch, plan.tokens
-    if plan.backend == "unsloth":
+    if plan.offloads:
         # Offloaded to CPU; the GPU holds the layer being recomputed and the next one arriving.
         return "layer inputs on GPU (the rest offloaded to CPU)", 2.0 * T * a.hidden * plan.compute_bytes
-    return "checkpoints (each layer's input)", float(a.layers * T * a.hidden * plan.residual_bytes)
+    return "checkpoints (each layer's input)", float(
+        plan.checkpointed_layers * T * a.hidden * plan.residual_bytes
+    )
 
 
-def _all_layers(plan: Plan) -> float:
-    """Without checkpointing every layer keeps its saved tensors (and its input) until backward."""
+def _saved_layers(plan: Plan, n: int) -> float:
+    """`n` layers that are not checkpointed keep their saved tensors (and input) until backward."""
     a, T = plan.arch, plan.tokens
     saved, _ = eager_attention_bytes(plan)
     per_layer = layer_saved_per_token(plan) * T * layer_scale(plan) + saved
     if plan.backend != "hf":  # hf's first RMSNorm already saves its own fp32 copy of the input
         per_layer += T * a.hidden * plan.residual_bytes
-    return a.layers * per_layer + masked_layers(plan) * mask_saved_per_token(plan) * T
+    masked = masked_layers(plan) * n / a.layers if a.layers else 0.0
+    return n * per_layer + masked * mask_saved_per_token(plan) * T
 
 
-def backward_phase(plan: Plan) -> Phase:
+def _resident_activations(plan: Plan) -> dict[str, float]:
+    """What the forward leaves on the GPU for backward: checkpoints and/or whole layers' tensors."""
+    acts: dict[str, float] = {}
+    if plan.checkpointed_layers:
+        name, kept = _kept_layer_inputs(plan)
+        acts[name] = kept
+    if plan.kept_layers:
+        label = (
+            "saved activations (all layers)"
+            if not plan.checkpointed_layers
+            else (f"saved activations ({plan.kept_layers} layers not checkpointed)")
+        )
+        acts[label] = _saved_layers(plan, plan.kept_layers)
+    return acts
+
+
+def backward_phases(plan: Plan) -> list[Phase]:
+    """The backward's candidate peaks. Layers not checkpointed are the last ones: backward starts
+    with all their tensors alive, and frees them one layer at a time before it reaches the first
+    checkpointed layer, whose recompute is the other candidate."""
     T = plan.tokens
     saved, transient = eager_attention_bytes(plan)
     temps = backward_temporaries_per_token(plan) * T * layer_scale(plan) + transient
     one_layer = layer_saved_per_token(plan) * T * layer_scale(plan) + saved
     if masked_layers(plan):
         one_layer += mask_saved_per_token(plan) * T
-    if plan.gradient_checkpointing:
-        name, kept = _kept_layer_inputs(plan)
-        acts = {name: kept, "one layer recomputed": one_layer, "backward temporaries": temps}
-    else:
-        acts = {"saved activations (all layers)": _all_layers(plan), "backward temporaries": temps}
-    if masked_layers(plan):
-        acts["attention masks"] = attention_mask_inputs(plan)
     ws = {"dequantized weight (one matmul)": dequantized_weight(plan)} if plan.load_in_4bit else {}
+    masks = {"attention masks": attention_mask_inputs(plan)} if masked_layers(plan) else {}
+    out = []
     # Either way the allocator churns through one layer's tensors at a time.
-    return Phase("backward through the last layer", acts, ws, churn=one_layer + temps)
-
-
-def _resident_before_loss(plan: Plan) -> tuple[str, float]:
-    if not plan.gradient_checkpointing:
-        return "saved activations (all layers)", _all_layers(plan)
+    if plan.kept_layers:
+        acts = {**_resident_activations(plan), "backward temporaries": temps, **masks}
+        out.append(Phase("backward through the last layer", acts, dict(ws), churn=one_layer + temps))
     if plan.backend == "unsloth":
-        return "", 0.0  # everything is on the CPU by the time the loss runs
-    return _kept_layer_inputs(plan)
+        one_layer *= C.UNSLOTH_RECOMPUTE_SCALE
+        temps *= C.UNSLOTH_RECOMPUTE_SCALE
+    if plan.checkpointed_layers:
+        if plan.backend == "unsloth":
+            # Unsloth spreads its kept layers evenly (checkpoint_skip_layers): some are still
+            # alive when a checkpointed layer is recomputed. Count them all.
+            acts = dict(_resident_activations(plan))
+        else:
+            name, kept = _kept_layer_inputs(plan)
+            acts = {name: kept}
+        acts |= {"one layer recomputed": one_layer, "backward temporaries": temps, **masks}
+        label = "backward through the last layer" if not plan.kept_layers else "backward, recomputing a layer"
+        out.append(Phase(label, acts, dict(ws), churn=one_layer + temps))
+    return out
+
+
+def _resident_before_loss(plan: Plan) -> dict[str, float]:
+    acts = _resident_activations(plan)
+    if plan.offloads:
+        # The checkpointed layers' inputs are on the CPU by the time the loss runs; layers that
+        # are not checkpointed still hold their tensors.
+        acts = {k: v for k, v in acts.items() if not k.startswith("layer inputs on GPU")}
+    return acts
 
 
 def loss_phase(plan: Plan) -> Phase:
     a, T = plan.arch, plan.tokens
     h, V, c = a.hidden, a.vocab, plan.compute_bytes
     lm_head_trains = LM_HEAD in plan.modules_to_save
-    name, kept = _resident_before_loss(plan)
-    acts: dict[str, float] = {name: kept} if name else {}
+    acts = _resident_before_loss(plan)
     if masked_layers(plan):
         acts["attention masks"] = attention_mask_inputs(plan)
     if plan.backend == "unsloth":
@@ -413,6 +466,21 @@ def optimizer_phase(plan: Plan) -> Phase | None:
     return Phase("optimizer step", {}, {"optimizer step temporaries": temps})
 
 
+def allocator_slack(plan: Plan, phase: Phase) -> float:
+    """Peak reserved minus peak allocated at `phase` (constants.py says how each was fitted)."""
+    a = plan.arch
+    if plan.backend == "hf":
+        slack = C.HF_SLACK_PER_KEPT_INPUT * a.layers * plan.tokens * a.hidden * plan.residual_bytes
+        if plan.kept_layers:
+            ffn_wide = plan.tokens * a.ffn * plan.compute_bytes
+            share = plan.kept_layers / a.layers
+            slack += C.HF_SLACK_PER_MASKED_LAYER_NO_GC * masked_layers(plan) * share * ffn_wide
+    else:
+        slack = C.ALLOCATOR_SLACK_BASE_GIB[plan.backend] * C.GIB
+        slack += C.ALLOCATOR_SLACK_FRACTION[plan.backend] * phase.churn
+    return slack + C.LARGE_BUFFER_RESERVED_COPIES * phase.large_buffers
+
+
 def phases(plan: Plan) -> list[Phase]:
-    found = [backward_phase(plan), loss_phase(plan), embedding_backward_phase(plan), optimizer_phase(plan)]
+    found = [*backward_phases(plan), loss_phase(plan), embedding_backward_phase(plan), optimizer_phase(plan)]
     return [p for p in found if p is not None]

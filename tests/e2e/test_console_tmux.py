@@ -104,7 +104,13 @@ def _start_tiny(tmux: Tmux) -> None:
     tmux.keys("Enter")  # to the filtered list: tiny-demo is the one left
     tmux.wait("Offline demo")
     tmux.keys("s")  # start; the budget says it fits, so there is no question
-    tmux.wait("3 Dashboard", timeout=30)
+    # The dashboard shows the new run's status. On a loaded machine a key sent while the list is
+    # still settling can be lost: send it once more rather than wait for a run that never began.
+    try:
+        tmux.wait(lambda s: "starting" in s or "training" in s, timeout=30)
+    except AssertionError:
+        tmux.keys("s")
+        tmux.wait(lambda s: "starting" in s or "training" in s, timeout=60)
 
 
 def _wait_exited(run_dir: Path, timeout: float = 60) -> None:

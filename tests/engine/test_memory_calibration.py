@@ -27,12 +27,7 @@ FILES = records_files(RESULTS)
 # constant above the estimate in every config, whatever the tokens or checkpointing: no term of a
 # training step behaves so. Rerun each architecture in a fresh process (or record
 # baseline_allocated_gib before loading, which the replay adds), then drop the entry.
-CONTAMINATED: dict[str, str] = {
-    # Clean re-measurements (one process per architecture, baseline 0) that the model does not yet
-    # fit: the constants were fitted to the 8B. Refit pending (issue 3).
-    "memory-calibration-llama-3.2-1b-h100-2026-11-23.json": "model over-estimates the 1B by 8-13% (gc configs)",
-    "memory-calibration-gemma-3-12b-h100-2026-11-23.json": "model under-estimates Gemma-3-12B no-gc seq 4096 mb 1 by 6.6%",
-}
+CONTAMINATED: dict[str, str] = {}
 
 
 def _params() -> list[Any]:

@@ -17,6 +17,19 @@ def _examples() -> list[protocol.Message]:
         ),
         protocol.DataReady(train_examples=5, total_steps=9),
         protocol.Step(step=3, loss=1.25, lr=1e-4, grad_norm=0.5, eta_seconds=None),
+        protocol.Hello(run_id="r2", device="2 x cuda (NCCL, fsdp)", world_size=2),
+        protocol.Step(
+            step=4,
+            loss=1.0,
+            devices=[
+                protocol.DeviceStat(
+                    rank=0, device="cuda:0", memory_peak_reserved_gb=10.5, utilization_pct=97.0
+                ),
+                protocol.DeviceStat(
+                    rank=1, device="cuda:1", memory_peak_reserved_gb=10.4, utilization_pct=96.0
+                ),
+            ],
+        ),
         protocol.Eval(step=3, loss=2.0, perplexity=7.39),
         protocol.CheckpointSaved(step=3, path="/x/checkpoint-3", size_mb=1.5),
         protocol.SampleStarted(request_id="a", prompt="hi"),
@@ -26,6 +39,19 @@ def _examples() -> list[protocol.Message]:
         protocol.WarningEvent(message="w", hint="h"),
         protocol.ErrorEvent(kind="out_of_memory", message="oom", advice=["lower micro_batch"]),
         protocol.Finished(status="stopped", step=3, last_checkpoint="/x/checkpoint-3", final_loss=1.0),
+        protocol.Hello(run_id="r1", mode="export", device="cpu"),
+        protocol.StageEvent(stage="merging", message="merging", current=3, total=6),
+        protocol.Exported(
+            out_dir="/x/exports/checkpoint-3-merged-bf16",
+            source="checkpoint-3",
+            step=3,
+            files=["config.json", "model.safetensors"],
+            dtype="bf16",
+            max_logit_diff=0.01,
+            tolerance=0.1,
+            eos_token_ids=[4, 1],
+            gguf_path="/x/exports/checkpoint-3-merged-bf16/model-Q4_K_M.gguf",
+        ),
     ]
 
 
@@ -98,3 +124,19 @@ def test_a_different_major_version_is_refused() -> None:
 
 def test_hello_is_stamped_with_the_current_version() -> None:
     assert protocol.Hello().protocol == protocol.PROTOCOL_VERSION
+
+
+def test_an_export_result_decodes_with_defaults_for_what_it_leaves_out() -> None:
+    ev = protocol.decode_event(b'{"type":"exported","out_dir":"/x"}')
+    assert isinstance(ev, protocol.Exported) and ev.kind == "merged" and ev.gguf_path is None
+
+
+def test_the_export_event_bumped_the_minor_version_only() -> None:
+    major, minor = protocol.PROTOCOL_VERSION.split(".")
+    assert (major, int(minor) >= 1) == ("1", True)
+
+
+def test_a_step_from_an_older_engine_has_no_devices() -> None:
+    """Runs on one GPU (and engines before multi-GPU support) send no per-rank list."""
+    ev = protocol.decode_event(b'{"type":"step","step":2,"loss":1.0}')
+    assert ev.devices == [] and protocol.decode_event(b'{"type":"hello"}').world_size == 1

@@ -86,6 +86,9 @@ def test_a_tiny_run_trains_checkpoints_and_saves_its_adapter(reference: Path) ->
     assert hello.backend == "hf" and hello.device == "cpu" and "no CUDA GPU" in hello.backend_reason
     ready = next(e for e in events if isinstance(e, protocol.ModelReady))
     assert ready.quantized and 0 < ready.trainable_params < ready.total_params
+    # tiny-demo asks for auto checkpointing: with no GPU budget to spend, every layer.
+    assert (ready.layers, ready.checkpointed_layers) == (4, 4)
+    assert "auto on the CPU" in ready.checkpoint_reason
     losses = _steps(reference)
     assert sorted(losses) == list(range(1, STEPS + 1))
     first, last = (

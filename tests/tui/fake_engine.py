@@ -8,6 +8,7 @@ dashboard, stop/sample flows and attach-after-detach are exercised end to end in
 
     python tests/tui/fake_engine.py train|resume RUN_DIR [--events FILE | --steps N] [--rate STEPS_PER_S]
     python tests/tui/fake_engine.py sample RUN_DIR --request JSON [--checkpoint NAME]
+    python tests/tui/fake_engine.py export RUN_DIR --out DIR [--checkpoint S] [--adapter-only] ...
 """
 
 from __future__ import annotations
@@ -205,6 +206,17 @@ def launch_sample(run_dir: Path, checkpoint: str | None, request_json: str) -> s
     )
 
 
+def launch_export(run_dir: Path, args: list[str]) -> subprocess.Popen[bytes]:
+    """engine.launcher.launch_export's signature: `args` are `python -m engine` arguments."""
+    return subprocess.Popen(
+        [sys.executable, __file__, *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # The fake engine process
 # ---------------------------------------------------------------------------------------------
@@ -365,9 +377,40 @@ def _train(
     return 0
 
 
+def _export(run_dir: Path, out: Path, checkpoint: str, adapter_only: bool, delay: float) -> int:
+    """Stages, then a folder with a card, renamed into place, and the `exported` event."""
+    emitter = Emitter(None)
+    emitter.emit(protocol.Hello(run_id=run_dir.name, pid=os.getpid(), mode="export", backend="hf"))
+    stages = (
+        [("saving", "copying")] if adapter_only else [("loading_model", "loading"), ("merging", "merging")]
+    )
+    stages += [("verifying", "comparing"), ("finishing", "model card")]
+    for i, (stage, message) in enumerate(stages, 1):
+        emitter.emit(protocol.StageEvent(stage=stage, message=message, current=i, total=len(stages)))  # type: ignore[arg-type]
+        time.sleep(delay)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.mkdir(parents=True)
+    (tmp / "README.md").write_text("# fake export\n")
+    tmp.rename(out)
+    source = "adapter" if checkpoint == "adapter" else f"checkpoint-{checkpoint}"
+    emitter.emit(
+        protocol.Exported(
+            out_dir=str(out),
+            kind="adapter" if adapter_only else "merged",
+            source=source,
+            files=["README.md"],
+            dtype="bf16",
+            max_logit_diff=None if adapter_only else 0.0117,
+            tolerance=None if adapter_only else 0.0945,
+        )
+    )
+    emitter.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["train", "resume", "sample"])
+    parser.add_argument("mode", choices=["train", "resume", "sample", "export"])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--events", type=Path)
     parser.add_argument("--steps", type=int, default=40)
@@ -375,7 +418,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--request")
     parser.add_argument("--checkpoint")
     parser.add_argument("--fail-at", type=int, help="fail with CUDA out of memory at this step")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--adapter-only", action="store_true")
+    parser.add_argument(
+        "--export-delay", type=float, default=float(os.environ.get("FAKE_EXPORT_DELAY", "0.05"))
+    )
+    args, _ = parser.parse_known_args(argv)
+    if args.mode == "export":
+        return _export(args.run_dir, args.out, args.checkpoint, args.adapter_only, args.export_delay)
     if args.mode == "sample":
         emitter = Emitter(None)
         request = protocol.decode_command(args.request)

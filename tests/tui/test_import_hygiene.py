@@ -21,8 +21,14 @@ ENGINE_PURE = (
     "engine.errors",
     "engine.runs",
     "engine.launcher",
+    "engine.distributed",
+    "engine.memory.distributed",
     "engine.memory",
     "engine.data",
+    "engine.export.request",
+    "engine.export.card",
+    "engine.export.gguf",
+    "engine.export.job",
 )
 
 

@@ -1,5 +1,8 @@
 """`qlc estimate PRESET|MODEL` and `qlc fit PRESET|MODEL`: the memory budget, without torch.
 
+With --gpus N (or hardware.gpus in the preset) `estimate` shows what each GPU holds under the
+strategy (ddp or fsdp); `fit` also says how many GPUs of the kind the run needs.
+
 Exit codes: 0 it fits (or is tight), 1 it does not fit (fit: nothing fits), 2 bad input.
 Sizes are GiB (2**30 bytes) printed as GB, as nvidia-smi prints them.
 """
@@ -13,9 +16,10 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from engine import memory
+from engine import distributed, memory
 from engine.config import RunConfig, apply_overrides, config_from_dict, find_preset, list_presets, load_preset
 from engine.errors import ConfigError, UserError
+from engine.memory import distributed as per_gpu
 from engine.memory.architectures import by_hub_id, catalog
 from engine.memory.estimate import DOES_NOT_FIT, FITS, TIGHT, Estimate
 from engine.tiny import is_builtin
@@ -44,6 +48,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         )
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
         p.add_argument("--backend", choices=BACKENDS, help="default: the preset's hardware.backend")
+        p.add_argument(
+            "--gpus",
+            metavar="N",
+            help="GPUs the run trains on: N or auto (this machine's); default: the preset's hardware.gpus",
+        )
+        p.add_argument(
+            "--strategy", choices=per_gpu.STRATEGIES, help="default: the preset's hardware.strategy"
+        )
         p.add_argument("--json", action="store_true", help="print JSON instead of tables")
         p.set_defaults(func=func)
 
@@ -109,6 +121,20 @@ def _gpu(args: argparse.Namespace, cfg: RunConfig) -> memory.Gpu:
     return memory.resolve_gpu(args.gpu or cfg.hardware.gpu or "auto")
 
 
+def _gpus(args: argparse.Namespace, cfg: RunConfig) -> int:
+    """--gpus, else hardware.gpus; auto counts this machine's GPUs (one when it has none)."""
+    want = str(args.gpus if args.gpus is not None else cfg.hardware.gpus).strip().lower()
+    if want == "auto":
+        return max(distributed.visible_gpus(), 1)
+    try:
+        n = int(want)
+    except ValueError:
+        raise UserError(f"--gpus {want!r}: expected a number or auto") from None
+    if n < 1:
+        raise UserError(f"--gpus: must be at least 1, got {n}")
+    return n
+
+
 # ---------------------------------------------------------------------------------------------
 # estimate
 # ---------------------------------------------------------------------------------------------
@@ -117,12 +143,15 @@ def _gpu(args: argparse.Namespace, cfg: RunConfig) -> memory.Gpu:
 def run_estimate(args: argparse.Namespace) -> int:
     cfg = load_target(args.target, args.overrides)
     gpu = _gpu(args, cfg)
+    gpus = _gpus(args, cfg)
+    if gpus > 1:
+        return _estimate_per_gpu(args, cfg, gpu, gpus)
     est = memory.estimate(cfg, backend=args.backend, budget_gb=gpu.budget_gb)
     verdict = est.verdict(gpu)
     advice = memory.advise(cfg, gpu, est.arch, args.backend) if verdict.status != FITS else []
     if args.json:
         data = est.to_dict(gpu)
-        data["config"] = _config_summary(cfg)
+        data["config"] = _config_summary(cfg, est)
         data["advice"] = [_advice_dict(a) for a in advice]
         print_json(data)
     else:
@@ -130,7 +159,49 @@ def run_estimate(args: argparse.Namespace) -> int:
     return 1 if verdict.status == DOES_NOT_FIT else 0
 
 
-def _config_summary(cfg: RunConfig) -> dict[str, Any]:
+def _estimate_per_gpu(args: argparse.Namespace, cfg: RunConfig, gpu: memory.Gpu, gpus: int) -> int:
+    est = per_gpu.per_gpu(cfg, gpus, args.strategy, backend=args.backend, budget_gb=gpu.budget_gb)
+    verdict = est.verdict(gpu)
+    needed = per_gpu.gpus_needed(cfg, gpu, est.arch, args.backend) if verdict.status != FITS else None
+    if args.json:
+        data = est.to_dict(gpu)
+        data["config"] = _config_summary(cfg, est)
+        if needed is not None:
+            data["gpus_needed"] = needed.needed
+        print_json(data)
+    else:
+        out.print(f"[bold]per GPU[/]: {gpus} x {gpu.label}, strategy {est.strategy}")
+        _print_estimate(cfg, est, gpu, [])  # type: ignore[arg-type] - the same fields, per GPU
+        if needed is not None:
+            _print_needed(needed)
+    return 1 if verdict.status == DOES_NOT_FIT else 0
+
+
+def _print_needed(needed: per_gpu.GpusNeeded) -> None:
+    out.print()
+    out.print(f"[bold]GPUs of this kind needed[/] ({needed.gpu}), at this micro-batch and seq_len:")
+    for strategy, n in needed.needed.items():
+        e = needed.estimates[strategy]
+        if n is None:
+            why = (
+                "each GPU holds the whole model: more GPUs do not help"
+                if strategy == "ddp"
+                else f"not with up to {per_gpu.MAX_GPUS}"
+            )
+            out.print(f"  {strategy}: none ({why})")
+        else:
+            what = "one GPU, no strategy needed" if n == 1 else f"{n} GPUs"
+            assert e is not None
+            out.print(f"  {strategy}: {what}, {e.device_total_gb:.2f} GB each")
+    best = needed.best
+    if best is not None and best[1] > 1:
+        extra = f" --set train.optimizer={per_gpu.FSDP_OPTIMIZER}" if best[0] == "fsdp" else ""
+        out.print(f"--set hardware.gpus={best[1]} --set hardware.strategy={best[0]}{extra}")
+
+
+def _config_summary(cfg: RunConfig, est: Any) -> dict[str, Any]:
+    """The settings an estimate answered for; `est` is an Estimate or a per-GPU share of one."""
+    base = getattr(est, "base", est)
     t, lo = cfg.train, cfg.lora
     return {
         "name": cfg.name,
@@ -139,6 +210,9 @@ def _config_summary(cfg: RunConfig) -> dict[str, Any]:
         "micro_batch": t.micro_batch,
         "grad_accum": t.grad_accum,
         "gradient_checkpointing": t.gradient_checkpointing,
+        "checkpointed_layers": base.checkpointed_layers,
+        "layers": base.arch.layers,
+        "checkpoint_reason": base.checkpoint_reason,
         "optimizer": t.optimizer,
         "lora_r": lo.r,
         "target_modules": list(lo.target_modules),
@@ -161,7 +235,16 @@ def _advice_dict(a: memory.Advice) -> dict[str, Any]:
 def _headline(cfg: RunConfig, est: Estimate) -> str:
     t, lo = cfg.train, cfg.lora
     mts = f", modules_to_save {'+'.join(lo.modules_to_save)}" if lo.modules_to_save else ""
-    gc = "gradient checkpointing" if t.gradient_checkpointing else "no gradient checkpointing"
+    base = getattr(est, "base", est)  # a per-GPU share carries the one-GPU estimate it came from
+    layers, checkpointed = base.arch.layers, base.checkpointed_layers
+    if checkpointed == layers:
+        gc = f"gradient checkpointing on all {layers} layers"
+    elif checkpointed == 0:
+        gc = "no gradient checkpointing"
+    else:
+        gc = f"gradient checkpointing on {checkpointed} of {layers} layers"
+    if t.gradient_checkpointing == "auto":
+        gc += f" ({base.checkpoint_reason})"
     return (
         f"[bold]{cfg.name or cfg.model.name_or_path}[/]: {est.arch.name}, backend {est.backend} "
         f"({est.backend_reason})\nseq {t.seq_len} x micro-batch {t.micro_batch}, LoRA r {lo.r} on "
@@ -231,10 +314,17 @@ def run_fit(args: argparse.Namespace) -> int:
     cfg = load_target(args.target, args.overrides)
     gpu = _gpu(args, cfg)
     result = memory.fit(cfg, gpu, backend=args.backend)
+    needed = per_gpu.gpus_needed(cfg, gpu, backend=args.backend)
     if args.json:
-        print_json(_fit_dict(cfg, result))
+        data = _fit_dict(cfg, result)
+        data["gpus_needed"] = needed.needed
+        data["gpus_needed_gb_each"] = {
+            s: (e.device_total_gb if e is not None else None) for s, e in needed.estimates.items()
+        }
+        print_json(data)
     else:
         _print_fit(cfg, result)
+        _print_needed(needed)
     return 0 if result.fits else 1
 
 
@@ -253,9 +343,9 @@ def _fit_dict(cfg: RunConfig, r: memory.FitResult) -> dict[str, Any]:
         "seq_limited_by": r.seq_limited_by,
         "overrides": r.overrides,
         "summary": r.summary,
-        "config": _config_summary(cfg),
     }
     if r.estimate is not None:
+        data["config"] = _config_summary(cfg, r.estimate)
         data["estimate"] = r.estimate.to_dict(r.gpu)
     return data
 

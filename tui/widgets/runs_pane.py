@@ -51,6 +51,7 @@ class RunsPane(Vertical):
         Binding("space", "mark", "Mark"),
         Binding("c", "compare", "Compare"),
         Binding("x", "stop", "Stop"),
+        Binding("e", "export", "Export"),
         Binding("R,f5", "reload", "Reload", show=False),
     ]
 
@@ -60,7 +61,7 @@ class RunsPane(Vertical):
         def __init__(self, run_dir: Path, action: str) -> None:
             super().__init__()
             self.run_dir = run_dir
-            self.action = action  # open, attach, resume, stop
+            self.action = action  # open, attach, resume, stop, export
 
     class Loaded(Message):
         def __init__(self, summaries: list[runs.RunSummary]) -> None:
@@ -182,6 +183,9 @@ class RunsPane(Vertical):
 
     def action_stop(self) -> None:
         self._request("stop")
+
+    def action_export(self) -> None:
+        self._request("export")
 
     def action_reload(self) -> None:
         self.reload()

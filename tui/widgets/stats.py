@@ -10,6 +10,7 @@ from rich.text import Text
 from textual.widget import Widget
 
 from tui.history import RunHistory
+from tui.output import fmt_ranks
 from tui.widgets.line_chart import format_value
 from tui.widgets.series import Series
 
@@ -109,10 +110,13 @@ class RunStats(Widget):
                 f" +{100 * (peak / est_gb - 1):.0f}%", self.get_component_rich_style("run-stats--warn")
             )
         rows.append(mem)
-        on_cpu = h is not None and h.hello is not None and h.hello.device.startswith("cpu")
+        # "cpu", or "2 x cpu (gloo, ddp)" for several processes
+        on_cpu = h is not None and h.hello is not None and "cpu" in h.hello.device.split(" (")[0]
         if on_cpu:  # on a GPU run the GPU's memory (below) is what matters; on a CPU run, RAM
             rss = last.host_rss_gb if last else (h.model.host_rss_gb if h.model else None)
             rows.append(row("host RSS", f"{_gb(rss)} GB"))
+        if last is not None and last.devices:  # several GPUs (or processes): each rank's
+            rows.append(row("per rank", fmt_ranks(last.devices)))
         out = Text("\n").join(rows)
         out.no_wrap, out.overflow = True, "crop"  # join() makes a fresh Text that would wrap
         return out

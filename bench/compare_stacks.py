@@ -1,0 +1,264 @@
+"""Side by side on one GPU: bare TRL and bare Unsloth scripts against the engine, through the real
+`qlc` and child process, on the same model, data and recipe (issue: speed and memory of the engine).
+
+    python bench/compare_stacks.py --out DIR --arch llama-3.1-8b \\
+        --scenario bare-trl-usual --scenario engine-hf ... [--unsloth-path /tmp/site2]
+
+Scenarios (each in its own process; the whole-device peak is polled through NVML meanwhile):
+  bare-trl-usual   bench/bare_stack.py --stack trl-usual   (the usual tutorial recipe)
+  bare-trl-tuned   bench/bare_stack.py --stack trl-tuned   (what the engine's hf backend does)
+  bare-unsloth     bench/bare_stack.py --stack unsloth
+  engine-hf        qlc train, hardware.backend=hf, gradient_checkpointing=true
+  engine-unsloth   qlc train, hardware.backend=unsloth, gradient_checkpointing=true
+  engine-auto@SIZE qlc train, backend auto, gradient_checkpointing=auto, hardware.gpu=SIZE
+                   (SIZE: 24GB, h100, or `unsloth-peak` = bare-unsloth's measured device peak)
+
+The Unsloth stack needs trl 1.15 and datasets 4 (shared/gpu/README.md): scenarios that import
+unsloth get `--unsloth-path` in front of PYTHONPATH. Writes DIR/stacks-<arch>.json after each
+scenario, so a time limit loses nothing that finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.gpu_common import ARCHS, DevicePeak, build_model, gpu_name, versions, write_tokens  # noqa: E402
+from engine import protocol, runs  # noqa: E402
+
+QLC = [sys.executable, "-m", "tui.cli"]
+UNSLOTH_SCENARIOS = ("bare-unsloth", "engine-unsloth", "engine-auto")
+
+
+def env_for(scenario: str, unsloth_path: str | None) -> dict[str, str]:
+    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", "UNSLOTH_DISABLE_STATISTICS": "1"}
+    if unsloth_path and scenario.startswith(UNSLOTH_SCENARIOS):
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), unsloth_path, env.get("PYTHONPATH", "")])
+    return env
+
+
+def run_bare(scenario: str, args: argparse.Namespace, model: Path, data: Path, env: dict[str, str]) -> dict:
+    out = args.work / f"{scenario}.json"
+    out.unlink(missing_ok=True)
+    stack = scenario.removeprefix("bare-")
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "bare_stack.py"),
+        "--stack",
+        stack,
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--seq",
+        str(args.seq),
+        "--micro-batch",
+        str(args.micro_batch),
+        "--grad-accum",
+        str(args.grad_accum),
+        "--steps",
+        str(args.steps),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    if proc.returncode != 0 or not out.is_file():
+        return {"error": (proc.stderr or proc.stdout)[-3000:]}
+    return json.loads(out.read_text())
+
+
+def _time_of(events: list[Any], kind: type, pred: Any = None) -> float | None:
+    for e in events:
+        if isinstance(e, kind) and (pred is None or pred(e)):
+            return e.time
+    return None
+
+
+def run_engine(
+    scenario: str, args: argparse.Namespace, model: Path, data: Path, env: dict[str, str], budget: str | None
+) -> dict:
+    runs_dir = args.work / "runs"
+    overrides = [
+        f"model.name_or_path={model}",
+        f"model.arch={args.arch}",
+        f"data.source={data}",
+        "data.format=tokens",
+        "data.packing=false",
+        "data.val_fraction=0",
+        f"train.seq_len={args.seq}",
+        f"train.micro_batch={args.micro_batch}",
+        f"train.grad_accum={args.grad_accum}",
+        f"train.max_steps={args.steps}",
+        "train.save_steps=100000",
+        "train.logging_steps=1",
+        "train.eval_steps=0",
+        "train.seed=3407",
+        "lora.r=32",
+        "lora.alpha=64",
+    ]
+    if scenario == "engine-hf":
+        overrides += ["hardware.backend=hf", "train.gradient_checkpointing=true", "hardware.gpu=auto"]
+    elif scenario == "engine-unsloth":
+        overrides += ["hardware.backend=unsloth", "train.gradient_checkpointing=true", "hardware.gpu=auto"]
+    else:
+        overrides += ["hardware.backend=auto", "train.gradient_checkpointing=auto", f"hardware.gpu={budget}"]
+    sets = [x for o in overrides for x in ("--set", o)]
+    t_launch = time.time()
+    started = subprocess.run(
+        [*QLC, "--runs-dir", str(runs_dir), "train", "llama-3.1-8b-rtx4090", *sets, "--detach", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    if started.returncode != 0:
+        return {"error": started.stdout + started.stderr}
+    run_dir = Path(json.loads(started.stdout)["path"])
+    deadline = time.monotonic() + args.timeout
+    events: list[Any] = []
+    while time.monotonic() < deadline:
+        events, _ = runs.read_events(run_dir)
+        if any(isinstance(e, protocol.Finished) for e in events):
+            break
+        time.sleep(0.5)
+    steps = [e for e in events if isinstance(e, protocol.Step)]
+    finished = next((e for e in events if isinstance(e, protocol.Finished)), None)
+    if not steps or finished is None or finished.status != "completed":
+        log = (run_dir / runs.ENGINE_LOG).read_text(errors="replace")[-3000:]
+        return {"error": f"status {finished.status if finished else 'timeout'}", "engine_log": log}
+    hello = next(e for e in events if isinstance(e, protocol.Hello))
+    ready = next(e for e in events if isinstance(e, protocol.ModelReady))
+    estimate = next((e for e in events if isinstance(e, protocol.EstimateEvent)), None)
+    steady = [e.step_seconds for e in steps if e.step > 2]
+    median = statistics.median(steady)
+    first_step = steps[0].time
+    # Where launch-to-first-step goes, from the events' own timestamps.
+    t_hello = hello.time
+    t_ready = ready.time
+    t_data = _time_of(events, protocol.DataReady)
+    t_train = _time_of(events, protocol.StageEvent, lambda e: e.stage == "training")
+    return {
+        "backend": hello.backend,
+        "backend_reason": hello.backend_reason,
+        "layers": ready.layers,
+        "checkpointed_layers": ready.checkpointed_layers,
+        "checkpoint_reason": ready.checkpoint_reason,
+        "kernels": ready.kernels,
+        "launch_to_first_step_seconds": first_step - t_launch,
+        "launch_breakdown_seconds": {
+            "process start and imports (launch -> hello)": t_hello - t_launch,
+            "model load, quantize, LoRA (hello -> model ready)": t_ready - t_hello,
+            "data preparation (model ready -> data ready)": (t_data or t_ready) - t_ready,
+            "trainer build (data ready -> training)": (t_train or first_step) - (t_data or t_ready),
+            "first optimizer step (training -> first step event)": first_step - (t_train or first_step),
+        },
+        "load_seconds": ready.load_seconds,
+        "median_step_seconds": median,
+        "tokens_per_second": args.seq * args.micro_batch * args.grad_accum / median,
+        "peak_allocated_gib": steps[-1].memory_peak_allocated_gb,
+        "peak_reserved_gib": steps[-1].memory_peak_reserved_gb,
+        "estimate": {
+            "torch_peak_gb": estimate.torch_peak_gb,
+            "device_total_gb": estimate.device_total_gb,
+            "budget_gb": estimate.budget_gb,
+        }
+        if estimate
+        else None,
+        "losses": [[e.step, e.loss] for e in steps],
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--arch", default="llama-3.1-8b", choices=sorted(ARCHS))
+    ap.add_argument("--work", type=Path, default=Path("/tmp/qlc-stacks"))
+    ap.add_argument("--scenario", action="append", required=True)
+    ap.add_argument("--unsloth-path", help="site folder with the Unsloth stack, put first on PYTHONPATH")
+    ap.add_argument("--unsloth-peak-gib", type=float, help="bare Unsloth's device peak from an earlier call")
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--micro-batch", type=int, default=2)
+    ap.add_argument("--grad-accum", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--timeout", type=float, default=400)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    model = args.work / f"model-{args.arch}"
+    data = args.work / f"tokens-{args.seq}.jsonl"
+    out_file = args.out / f"stacks-{args.arch}.json"
+    report: dict[str, Any] = json.loads(out_file.read_text()) if out_file.is_file() else {}
+    report.update(
+        {
+            "date": time.strftime("%Y-%m-%d"),
+            "gpu": gpu_name(),
+            "versions": versions(),
+            "arch": args.arch,
+            "recipe": {
+                "lora_r": 32,
+                "lora_alpha": 64,
+                "targets": "all seven",
+                "seq_len": args.seq,
+                "micro_batch": args.micro_batch,
+                "grad_accum": args.grad_accum,
+                "optimizer": "paged_adamw_8bit",
+                "steps": args.steps,
+                "timing": "median of optimizer steps 3..N",
+            },
+        }
+    )
+    report.setdefault("scenarios", {})
+    if not (model / "config.json").is_file():
+        report["build_seconds"] = build_model(args.arch, model)
+    write_tokens(data, (args.steps + 2) * args.micro_batch * args.grad_accum, args.seq)
+    for scenario in args.scenario:
+        env = env_for(scenario, args.unsloth_path)
+        if args.unsloth_path and scenario.startswith(UNSLOTH_SCENARIOS):
+            unsloth_versions = subprocess.run(
+                [sys.executable, "-c", "import json,bench.gpu_common as g; print(json.dumps(g.versions()))"],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=ROOT,
+            )
+            if unsloth_versions.returncode == 0:
+                report["versions_unsloth_stack"] = json.loads(unsloth_versions.stdout)
+        peak = DevicePeak().start()
+        t0 = time.time()
+        if scenario.startswith("bare-"):
+            result = run_bare(scenario, args, model, data, env)
+        else:
+            budget = None
+            if scenario.startswith("engine-auto@"):
+                budget = scenario.split("@", 1)[1]
+                if budget == "unsloth-peak":
+                    measured = report["scenarios"].get("bare-unsloth", {}).get("device_peak_gib")
+                    measured = measured or args.unsloth_peak_gib
+                    budget = f"{measured:.2f}GB"
+            result = run_engine(scenario, args, model, data, env, budget)
+            if budget:
+                result["budget"] = budget
+        peak.stop()
+        result["device_peak_gib"] = peak.peak_gib
+        result["wall_seconds"] = time.time() - t0
+        report["scenarios"][scenario] = result
+        out_file.write_text(json.dumps(report, indent=2))
+        brief = {
+            k: v for k, v in result.items() if k not in ("losses", "engine_log", "launch_breakdown_seconds")
+        }
+        print(scenario, json.dumps(brief), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

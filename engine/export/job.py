@@ -1,0 +1,478 @@
+"""The engine's `export` mode: one export, as progress events, written into a temporary folder
+beside the target and renamed into place at the end. A failure, a failed check or an interrupt
+removes the temporary folder (and any parent folder the export created): an output folder exists
+only once it is whole.
+
+    merged        load the base in 16-bit -> apply the adapter -> reference logits -> merge ->
+                  save (sharded safetensors, tokenizer + chat template, generation config) ->
+                  reload and compare -> model card -> [GGUF] -> rename
+    adapter-only  copy the adapter and tokenizer -> compare bytes -> model card -> rename
+                  (no torch: it takes a second)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine import __version__, protocol, runs
+from engine.config import RunConfig, load_resolved
+from engine.errors import UserError
+from engine.events import Emitter
+from engine.export import card
+from engine.export.request import ExportRequest, build_request
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "tokenizer.model",
+)
+
+
+class CheckFailed(Exception):
+    """The exported folder does not reproduce base + adapter within the tolerance."""
+
+
+@dataclass
+class Progress:
+    emitter: Emitter
+    total: int
+    current: int = 0
+
+    def stage(self, stage: str, message: str) -> None:
+        self.current += 1
+        self.emitter.emit(
+            protocol.StageEvent(stage=stage, message=message, current=self.current, total=self.total)  # type: ignore[arg-type]
+        )
+
+
+@dataclass
+class Outcome:
+    facts: card.CardFacts = field(default_factory=card.CardFacts)
+    dtype: str = ""
+    gguf_path: str | None = None
+    gguf_note: str = ""
+    gguf_error: str = ""
+    peak_gpu_gb: float | None = None
+    estimate_gb: float | None = None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class Workspace:
+    """The temporary folder beside `out_dir`, and the parent folders this export had to create."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.created: list[Path] = []
+        missing = []
+        parent = out_dir.parent
+        while not parent.exists():
+            missing.append(parent)
+            parent = parent.parent
+        for folder in reversed(missing):
+            folder.mkdir()
+            self.created.append(folder)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+
+    def commit(self) -> None:
+        # mkdtemp's 0700 (and the 0600 safetensors writes) are for the work, not the result: the
+        # folder gets the modes any new folder and file would.
+        mask = _umask()
+        for path in self.tmp.rglob("*"):
+            if path.is_file():
+                os.chmod(path, 0o666 & ~mask)
+        os.chmod(self.tmp, 0o777 & ~mask)
+        try:
+            self.tmp.rename(self.out_dir)  # onto nothing, or onto an empty folder
+        except OSError:
+            raise UserError(
+                f"--out {self.out_dir}: something was written there during the export",
+                "choose another folder",
+            ) from None
+        self.created = []
+
+    def abandon(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        for folder in reversed(self.created):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def _size_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _end_of_turn(tokenizer_dir: Path, template: str) -> tuple[str | None, list[int]]:
+    """The family's end-of-turn token and its id, read from tokenizer.json (tokenizers only)."""
+    from engine.data.templates import END_OF_TURN, family_of
+
+    family = template if template in END_OF_TURN else None
+    chat = tokenizer_dir / "chat_template.jinja"
+    if family is None and chat.is_file():
+        family = family_of(chat.read_text(encoding="utf-8"))
+    if family is None or not (tokenizer_dir / "tokenizer.json").is_file():
+        return None, []
+    from tokenizers import Tokenizer
+
+    token = END_OF_TURN[family]
+    token_id = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).token_to_id(token)
+    return token, [token_id] if token_id is not None else []
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapter only
+# ---------------------------------------------------------------------------------------------
+
+
+def _export_adapter(request: ExportRequest, cfg: RunConfig, tmp: Path, progress: Progress) -> Outcome:
+    source = request.source
+    progress.stage("saving", f"copying the adapter and tokenizer of {source.name}")
+    copied = [name for name in ADAPTER_FILES if (source / name).is_file()]
+    if "adapter_model.safetensors" not in copied:
+        raise UserError(
+            f"{source}: no adapter_model.safetensors", "the checkpoint is incomplete; pick another"
+        )
+    copied += [name for name in TOKENIZER_FILES if (source / name).is_file()]
+    for name in copied:
+        shutil.copy2(source / name, tmp / name)
+    if not (source / "tokenizer_config.json").is_file():
+        from engine.export import merge
+
+        merge.load_tokenizer(cfg, source, merge.base_path(cfg, request.base)).save_pretrained(tmp)
+    progress.stage("verifying", "comparing the copies with the run's files")
+    for name in copied:
+        if _sha256(tmp / name) != _sha256(source / name):
+            raise CheckFailed(f"{name}: the copy differs from {source / name}")
+    token, ids = _end_of_turn(tmp, cfg.data.template)
+    out = Outcome(dtype=_adapter_dtype(tmp / "adapter_model.safetensors"))
+    out.facts.end_of_turn, out.facts.eos_token_ids = token, ids
+    return out
+
+
+def _adapter_dtype(path: Path) -> str:
+    """The dtype of the adapter's tensors, from the safetensors header (no framework needed)."""
+    import json
+    import struct
+
+    names = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
+    with path.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    dtypes = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    return "/".join(sorted(names.get(d, d.lower()) for d in dtypes))
+
+
+# ---------------------------------------------------------------------------------------------
+# Merged
+# ---------------------------------------------------------------------------------------------
+
+
+def _placement(request: ExportRequest, cfg: RunConfig, emitter: Emitter) -> tuple[str, float | None]:
+    from engine.export import merge
+    from engine.memory.merge import estimate_merge, host_available_gb, parse_size, place_merge
+
+    try:
+        est = estimate_merge(cfg, request.dtype, parse_size(request.max_shard_size))
+    except UserError as exc:  # an architecture the memory model does not know: no estimate
+        emitter.log(f"no merge estimate ({exc.message}); merging on the CPU", level="warning")
+        return "cpu" if request.device != "cuda" else "cuda", None
+    gpu = merge.gpu_free_gb() if request.device != "cpu" else None
+    place = place_merge(est, gpu, host_available_gb(), request.device)
+    if place.refused:
+        raise MemoryError(place.reason)
+    other = f"; on a GPU it would need {est.gpu_gb:.2f} GB" if place.device == "cpu" else ""
+    emitter.log(f"merge on {place.device}: {place.reason}{other}")
+    return place.device, place.need_gb
+
+
+def _export_merged(
+    request: ExportRequest, cfg: RunConfig, tmp: Path, progress: Progress, emitter: Emitter
+) -> Outcome:
+    from peft import PeftModel
+
+    from engine.export import merge
+
+    device, estimate_gb = _placement(request, cfg, emitter)
+    path = merge.base_path(cfg, request.base)
+    progress.stage(
+        "loading_model", f"loading {request.base or cfg.model.name_or_path} in {request.dtype} on {device}"
+    )
+    tokenizer = merge.load_tokenizer(cfg, request.source, path)
+    model = merge.load_base(cfg, path, request.dtype, device, explicit_base=request.base is not None)
+    progress.stage(
+        "merging", f"applying {request.source.name} and merging it into the {request.dtype} weights"
+    )
+    # Adapters are read from safetensors only; PeftModel never unpickles anything here.
+    model = PeftModel.from_pretrained(model, str(request.source), is_trainable=False)
+    prompts, prompt_source = merge.check_prompts(cfg, tokenizer)
+    reference = merge.logits(model, prompts)
+    with model.disable_adapter():
+        effect = merge.max_diff_to(model, prompts, reference)
+    model = model.merge_and_unload()
+    eos_ids = merge.generation_config(model, tokenizer, cfg.data.template)
+    progress.stage(
+        "saving", f"writing safetensors (shards of at most {request.max_shard_size}) and the tokenizer"
+    )
+    model.save_pretrained(tmp, max_shard_size=request.max_shard_size)
+    tokenizer.save_pretrained(tmp)
+    del model
+    merge.release()
+    progress.stage("verifying", f"reloading the folder and comparing logits on {len(prompts)} prompts")
+    reloaded = merge.reload(tmp, request.dtype, device, trust_remote_code=cfg.model.trust_remote_code)
+    difference = merge.max_diff_to(reloaded, prompts, reference)
+    del reloaded
+    merge.release()
+    check = merge.Check(
+        max_logit_diff=difference,
+        tolerance=merge.tolerance(request.dtype, merge.largest(reference)),
+        adapter_effect=effect,
+        prompts=len(prompts),
+        tokens=sum(len(p) for p in prompts),
+        source=prompt_source,
+    )
+    if prompt_source != "the run's data":
+        emitter.log(f"checked on {prompt_source}", level="warning")
+    if not check.passed:
+        raise CheckFailed(
+            f"the exported model's logits differ from base + adapter by {check.max_logit_diff:.4g} "
+            f"(tolerance {check.tolerance:.4g} for {request.dtype})"
+        )
+    if check.adapter_effect <= check.tolerance:
+        emitter.emit(
+            protocol.WarningEvent(
+                message=f"the adapter moves logits by only {check.adapter_effect:.4g}, within the check's "
+                f"tolerance {check.tolerance:.4g}: the check cannot tell it from no adapter",
+                hint="export a later checkpoint, or check the run learned anything",
+            )
+        )
+    _check_folder(tmp, eos_ids)
+    out = Outcome(dtype=request.dtype, peak_gpu_gb=merge.peak_gpu_gb(), estimate_gb=estimate_gb)
+    f = out.facts
+    f.device = merge.device_label(device)
+    f.eos_token_ids = eos_ids
+    f.end_of_turn, _ = _end_of_turn(tmp, cfg.data.template)
+    f.max_logit_diff, f.tolerance, f.adapter_effect = (
+        check.max_logit_diff,
+        check.tolerance,
+        check.adapter_effect,
+    )
+    f.prompts, f.tokens = check.prompts, check.tokens
+    return out
+
+
+def _check_folder(folder: Path, eos_ids: list[int]) -> None:
+    """What a server reads besides the weights: the chat template and the stop ids, as written."""
+    import json
+
+    gen = json.loads((folder / "generation_config.json").read_text())
+    written = gen.get("eos_token_id")
+    written = written if isinstance(written, list) else [written]
+    if not set(eos_ids) <= set(written):
+        raise CheckFailed(f"generation_config.json: eos_token_id {written} lacks {eos_ids}")
+    has_template = (folder / "chat_template.jinja").is_file() or "chat_template" in json.loads(
+        (folder / "tokenizer_config.json").read_text()
+    )
+    if not has_template:
+        raise CheckFailed("the saved tokenizer has no chat template")
+
+
+def _gguf(request: ExportRequest, tmp: Path, out: Outcome, progress: Progress, emitter: Emitter) -> None:
+    from engine.export import gguf
+
+    assert request.gguf is not None
+    tools = gguf.require(request.gguf)
+    name = f"model-{request.gguf}.gguf"
+    progress.stage("converting", f"{name} with llama.cpp ({tools.converter})")
+    # The converter reads the folder as it will be shipped; it must not see its own output.
+    staging = Path(tempfile.mkdtemp(prefix=".gguf-", dir=tmp.parent))
+    try:
+        made = gguf.convert(
+            tools,
+            tmp,
+            staging / name,
+            request.gguf,
+            request.dtype,
+            lambda line: emitter.log(line, level="debug"),
+        )
+        made.rename(tmp / name)
+        out.gguf_path = str(request.out_dir / name)
+        out.facts.gguf_file, out.facts.gguf_type = name, request.gguf
+    except gguf.ConversionError as exc:
+        out.gguf_error = str(exc)
+        out.gguf_note = f"conversion failed: {exc}"
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The mode
+# ---------------------------------------------------------------------------------------------
+
+
+def export(request: ExportRequest, emitter: Emitter) -> int:
+    started = time.time()
+    cfg = load_resolved(request.run_dir / runs.CONFIG)
+    steps = (3 if request.adapter_only else 5) + (1 if request.gguf else 0)
+    progress = Progress(emitter, steps)
+    workspace = Workspace(request.out_dir)
+    try:
+        if request.adapter_only:
+            out = _export_adapter(request, cfg, workspace.tmp, progress)
+        else:
+            out = _export_merged(request, cfg, workspace.tmp, progress, emitter)
+            if request.gguf:
+                _gguf(request, workspace.tmp, out, progress, emitter)
+        progress.stage("finishing", "writing the model card and moving the folder into place")
+        out.facts.files = [*_files(workspace.tmp), "README.md"]
+        record = card.read_record(request.run_dir, request.step)
+        (workspace.tmp / "README.md").write_text(
+            card.render(request, cfg, record, out.facts), encoding="utf-8"
+        )
+        workspace.commit()
+    except BaseException:
+        workspace.abandon()
+        raise
+    from engine.memory.merge import process_peak_rss_gb
+
+    f = out.facts
+    emitter.emit(
+        protocol.Exported(
+            out_dir=str(request.out_dir),
+            kind="adapter" if request.adapter_only else "merged",
+            source=request.source.name,
+            step=request.step,
+            files=_files(request.out_dir),
+            size_mb=_size_mb(request.out_dir),
+            dtype=out.dtype,
+            device=f.device,
+            max_logit_diff=f.max_logit_diff,
+            tolerance=f.tolerance,
+            adapter_effect=f.adapter_effect,
+            prompts=f.prompts,
+            tokens=f.tokens,
+            eos_token_ids=f.eos_token_ids,
+            gguf_path=out.gguf_path,
+            gguf_note=out.gguf_note,
+            peak_gpu_gb=out.peak_gpu_gb,
+            peak_host_gb=process_peak_rss_gb(),
+            estimate_gb=out.estimate_gb,
+            seconds=time.time() - started,
+        )
+    )
+    if out.gguf_error:
+        emitter.emit(
+            protocol.ErrorEvent(
+                kind="gguf",
+                message=out.gguf_error,
+                hint=f"the merged folder {request.out_dir} is complete; the full converter output is in engine.log",
+            )
+        )
+        return 1
+    return 0
+
+
+def main(args: argparse.Namespace, emitter: Emitter) -> int:
+    """`python -m engine export RUN_DIR ...`: returns the exit code (0, 1 failed, 2 bad input)."""
+    import traceback
+
+    run_dir = Path(args.run_dir)
+    emitter.emit(
+        protocol.Hello(
+            engine_version=__version__, run_id=run_dir.name, pid=os.getpid(), mode="export", backend="hf"
+        )
+    )
+    try:
+        if not (run_dir / runs.CONFIG).is_file():
+            raise UserError(f"{run_dir}: not a run directory (no {runs.CONFIG})", "`qlc runs` lists them")
+        request = build_request(
+            run_dir,
+            checkpoint=args.checkpoint,
+            out=args.out,
+            dtype=args.dtype,
+            adapter_only=args.adapter_only,
+            gguf=args.gguf,
+            base=args.base,
+            device=args.device,
+            max_shard_size=args.max_shard_size,
+        )
+        return export(request, emitter)
+    except UserError as exc:
+        emitter.emit(protocol.ErrorEvent(kind="input", message=exc.message, hint=exc.hint))
+        return 2
+    except CheckFailed as exc:
+        emitter.emit(
+            protocol.ErrorEvent(
+                kind="verification",
+                message=str(exc),
+                hint="nothing was written; the details are in engine.log; please report it",
+            )
+        )
+        return 1
+    except MemoryError as exc:
+        emitter.emit(
+            protocol.ErrorEvent(
+                kind="out_of_memory",
+                message=str(exc) or "out of memory while merging",
+                hint="free memory (stop other runs), or merge on a machine with more RAM or a bigger GPU",
+            )
+        )
+        return 1
+    except KeyboardInterrupt:
+        emitter.emit(protocol.ErrorEvent(kind="interrupted", message="export cancelled; nothing was written"))
+        return 1
+    except Exception as exc:
+        from engine.recipe import is_oom
+
+        traceback.print_exc()  # to engine.log: a bug, keep its traceback
+        kind = "out_of_memory" if is_oom(exc) else "internal"
+        emitter.emit(
+            protocol.ErrorEvent(
+                kind=kind,
+                message=f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300],
+                hint=f"nothing was written; details in {run_dir / runs.ENGINE_LOG}",
+            )
+        )
+        return 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The engine mode's arguments (ExportRequest.engine_args writes them)."""
+    from engine.memory.merge import SHARD_DEFAULT
+
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--out")
+    parser.add_argument("--dtype")
+    parser.add_argument("--adapter-only", action="store_true")
+    parser.add_argument("--gguf")
+    parser.add_argument("--base")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--max-shard-size", default=SHARD_DEFAULT)

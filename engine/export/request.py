@@ -1,0 +1,155 @@
+"""What to export and where, checked before anything loads.
+
+The console and `qlc export` build an `ExportRequest` here (bad input is one line and exit 2,
+with nothing started and nothing written), pass it to the engine as arguments, and the engine
+checks it again the same way: the output folder may have appeared in between.
+
+Pure Python: the console imports this module.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine import runs
+from engine.config import RunConfig, load_resolved
+from engine.errors import UserError
+from engine.memory.merge import SHARD_DEFAULT, parse_size
+
+DTYPES = ("bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+EXPORTS = "exports"  # RUN_DIR/exports/<name>: where an export goes unless --out says otherwise
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    run_dir: Path
+    source: Path  # the adapter folder: RUN_DIR/adapter or RUN_DIR/checkpoints/checkpoint-N
+    out_dir: Path
+    dtype: str  # merged weights: bf16 or fp16; adapter-only: "" (the adapter is copied as trained)
+    adapter_only: bool = False
+    gguf: str | None = None  # a llama.cpp type (Q4_K_M, Q8_0, ...) or None
+    base: str | None = None  # the 16-bit base to merge into; None: the run's model.name_or_path
+    device: str = "auto"
+    max_shard_size: str = SHARD_DEFAULT
+
+    @property
+    def step(self) -> int | None:
+        name = self.source.name
+        return (
+            int(name.removeprefix(runs.CHECKPOINT_PREFIX))
+            if name.startswith(runs.CHECKPOINT_PREFIX)
+            else None
+        )
+
+    def engine_args(self) -> list[str]:
+        """`python -m engine export ...` arguments that reproduce this request."""
+        args = ["export", str(self.run_dir), "--checkpoint", self.checkpoint_ref, "--out", str(self.out_dir)]
+        if self.adapter_only:
+            args.append("--adapter-only")
+        else:
+            args += ["--dtype", self.dtype, "--device", self.device, "--max-shard-size", self.max_shard_size]
+        if self.gguf:
+            args += ["--gguf", self.gguf]
+        if self.base:
+            args += ["--base", self.base]
+        return args
+
+    @property
+    def checkpoint_ref(self) -> str:
+        step = self.step
+        return "adapter" if step is None else str(step)
+
+
+def resolve_source(run_dir: Path, checkpoint: str | None) -> Path:
+    """`None` or `latest`: the final adapter of a completed run, else its newest checkpoint;
+    `adapter` (or `final`); a step number; or a checkpoint folder's name."""
+    from engine.sample_checkpoint import resolve_adapter
+
+    return resolve_adapter(run_dir, checkpoint)
+
+
+def default_dtype(cfg: RunConfig) -> str:
+    """The run's compute dtype when it is 16-bit (a card without bf16 trains in fp16), else bf16."""
+    return cfg.quant.compute_dtype if cfg.quant.compute_dtype in DTYPES else "bf16"
+
+
+def default_out_dir(run_dir: Path, source: Path, dtype: str, adapter_only: bool) -> Path:
+    """RUN_DIR/exports/final-merged-bf16, .../checkpoint-40-merged-bf16, .../final-adapter, ..."""
+    label = "final" if source.name == runs.ADAPTER else source.name
+    return run_dir / EXPORTS / (f"{label}-adapter" if adapter_only else f"{label}-merged-{dtype}")
+
+
+def check_out_dir(out: Path) -> None:
+    """An output folder must not exist, or be an empty folder; its nearest existing parent must be
+    a writable folder. Nothing is created here."""
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise UserError(f"--out {out}: exists and is not a folder", "choose another path")
+        if any(out.iterdir()):
+            raise UserError(
+                f"--out {out}: exists and is not empty", "remove it, or choose another folder with --out"
+            )
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: cannot write in {parent}", "choose a folder you can write to")
+
+
+def build_request(
+    run_dir: Path,
+    *,
+    checkpoint: str | None = None,
+    out: str | os.PathLike[str] | None = None,
+    dtype: str | None = None,
+    adapter_only: bool = False,
+    gguf: str | None = None,
+    base: str | None = None,
+    device: str = "auto",
+    max_shard_size: str = SHARD_DEFAULT,
+    check_tools: bool = True,
+) -> ExportRequest:
+    """Every argument checked; raises UserError (one line, naming the value) on the first problem."""
+    from engine.export import gguf as gguf_tools
+
+    cfg = load_resolved(run_dir / runs.CONFIG)
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if adapter_only and dtype is not None:
+        raise UserError(
+            "--dtype applies to merged weights", "--adapter-only copies the adapter as it was trained"
+        )
+    if device not in DEVICES:
+        raise UserError(f"--device {device!r}: expected one of {', '.join(DEVICES)}")
+    try:
+        if parse_size(max_shard_size) <= 0:
+            raise ValueError(max_shard_size)
+    except ValueError:
+        raise UserError(f"--max-shard-size {max_shard_size!r}: expected a size like 5GB or 500MB") from None
+    if gguf is not None:
+        if adapter_only:
+            raise UserError("--gguf converts merged weights", "drop --adapter-only")
+        gguf = gguf_tools.check_type(gguf)
+        if check_tools:
+            gguf_tools.require(gguf)
+    if base is not None and not base.strip():
+        raise UserError("--base: empty", "a local model folder or a hub id of the 16-bit base model")
+    source = resolve_source(run_dir, checkpoint)
+    dtype = "" if adapter_only else (dtype or default_dtype(cfg))
+    out_dir = Path(out).expanduser() if out else default_out_dir(run_dir, source, dtype, adapter_only)
+    out_dir = out_dir.absolute()
+    check_out_dir(out_dir)
+    return ExportRequest(
+        run_dir=run_dir,
+        source=source,
+        out_dir=out_dir,
+        dtype=dtype,
+        adapter_only=adapter_only,
+        gguf=gguf,
+        base=base,
+        device=device,
+        max_shard_size=max_shard_size,
+    )

@@ -1,0 +1,336 @@
+"""Per-GPU memory of a run on several GPUs, and how many GPUs of a kind a run needs.
+
+Built on the one-GPU model (terms.py, estimate.py): the same plan, the same phases of a step, the
+same constants; a strategy changes only where the bytes live.
+
+- ddp (PyTorch DistributedDataParallel, as accelerate wraps it): every GPU holds the whole 4-bit
+  model, its adapters, gradients and optimizer state, and runs its own micro-batch. DDP adds its
+  gradient buckets: the reducer copies every trainable gradient into flat buckets to all-reduce
+  them (gradient_as_bucket_view is off by default), a second copy of the gradients. More GPUs
+  never lower the memory one GPU needs.
+- fsdp (FSDP2 `fully_shard` per decoder layer, as transformers 5.17 and accelerate 1.15 apply
+  it): every parameter is split across the N GPUs, the packed 4-bit weights included (stored in
+  the compute dtype, so they shard like bf16). bitsandbytes keeps each layer's quantization state
+  (absmax, the nested constants) on the module, outside the parameter: every GPU holds all of it.
+  Gradients and optimizer state are sharded alike; the optimizer is torch's AdamW
+  (config.validate: bitsandbytes' optimizers cannot step sharded weights). While it runs, a GPU
+  also holds the layer it computes, gathered whole, and the next one, prefetched; the final norm
+  and LM head are gathered at the end of the forward and kept until the backward starts
+  (accelerate wraps them with reshard_after_forward=False).
+
+Not modelled: NCCL's own buffers, allocated outside PyTorch's allocator (their size depends on the
+GPUs' links and NCCL's settings); nothing of this module has been checked against a measurement on
+several GPUs yet. bench/multi_gpu.py measures per-GPU peaks to compare (docs/multi-gpu.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.config import RunConfig
+from engine.errors import UserError
+from engine.memory import constants as C
+from engine.memory import terms
+from engine.memory.architectures import Architecture, resolve_architecture
+from engine.memory.estimate import FITS, TERM_NAMES, Estimate, Term, Verdict, estimate, plan_for
+from engine.memory.fit import with_changes
+from engine.memory.gpus import Gpu
+from engine.protocol import EstimateEvent
+
+STRATEGIES = ("ddp", "fsdp")
+MAX_GPUS = 64  # "how many GPUs" searches up to this many
+FSDP_OPTIMIZER = "adamw_torch"
+UNMEASURED = "not yet checked against a measurement on several GPUs (bench/multi_gpu.py)"
+
+
+@dataclass(frozen=True)
+class PerGpuEstimate:
+    """What one GPU of an N-GPU run holds at the step's peak."""
+
+    strategy: str
+    gpus: int
+    base: Estimate  # the one-GPU estimate of the same config (the optimizer fsdp trains with)
+    terms: tuple[Term, ...]
+    torch_peak_gb: float
+    torch_allocated_gb: float
+    device_total_gb: float
+    peak_phase: str
+    host_load_gb: float | None  # host memory one host's ranks hold while loading (fsdp), GiB
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def arch(self) -> Architecture:
+        return self.base.arch
+
+    @property
+    def backend(self) -> str:
+        return self.base.backend
+
+    @property
+    def backend_reason(self) -> str:
+        return self.base.backend_reason
+
+    def term(self, name: str) -> Term:
+        return next(t for t in self.terms if t.name == name)
+
+    def verdict(self, gpu: Gpu) -> Verdict:
+        return dataclasses.replace(self.base, device_total_gb=self.device_total_gb).verdict(gpu)
+
+    def to_event(self, gpu: Gpu | None = None) -> EstimateEvent:
+        """The estimate event a run on several GPUs sends: one GPU's share."""
+        share = dataclasses.replace(
+            self.base,
+            terms=self.terms,
+            torch_peak_gb=self.torch_peak_gb,
+            torch_allocated_gb=self.torch_allocated_gb,
+            device_total_gb=self.device_total_gb,
+        )
+        return share.to_event(gpu)
+
+    def to_dict(self, gpu: Gpu | None = None) -> dict[str, Any]:
+        out = self.base.to_dict(gpu)  # same layout as a one-GPU estimate, per GPU
+        out.update(
+            strategy=self.strategy,
+            gpus=self.gpus,
+            per_gpu=True,
+            terms=[{"name": t.name, "gb": t.gb, "parts": dict(t.parts)} for t in self.terms],
+            torch_peak_gb=self.torch_peak_gb,
+            torch_allocated_gb=self.torch_allocated_gb,
+            device_total_gb=self.device_total_gb,
+            peak_phase=self.peak_phase,
+            host_load_gb=self.host_load_gb,
+            notes=list(self.notes),
+        )
+        if gpu is not None:
+            v = self.verdict(gpu)
+            out["verdict"] = {"status": v.status, "headroom_gb": v.headroom_gb, "used_gb": v.used_gb}
+        return out
+
+
+def resolve_strategy(cfg: RunConfig, strategy: str | None) -> str:
+    chosen = (strategy or cfg.hardware.strategy).lower()
+    if chosen not in STRATEGIES:
+        raise UserError(f"--strategy {chosen!r}: unknown", f"choose {' or '.join(STRATEGIES)}")
+    return chosen
+
+
+def _backend(cfg: RunConfig, gpus: int, backend: str | None) -> str | None:
+    want = (backend or cfg.hardware.backend or "auto").lower()
+    if gpus > 1 and want == "unsloth":
+        raise UserError("--backend unsloth: Unsloth trains on one GPU", "use --backend hf with --gpus > 1")
+    if gpus > 1 and want == "auto":
+        return "hf"  # as engine.backends.choose_backend decides for several processes
+    return backend
+
+
+def _gib(parts: dict[str, float]) -> dict[str, float]:
+    return {k: v / C.GIB for k, v in parts.items() if v}
+
+
+def per_gpu(
+    cfg: RunConfig,
+    gpus: int,
+    strategy: str | None = None,
+    arch: Architecture | None = None,
+    backend: str | None = None,
+    *,
+    budget_gb: float | None = None,
+) -> PerGpuEstimate:
+    """The memory one GPU of a `gpus`-GPU run of `cfg` needs, with `strategy` (default: the
+    config's hardware.strategy). One GPU is the one-GPU estimate itself."""
+    if gpus < 1:
+        raise UserError(f"--gpus: must be at least 1, got {gpus}")
+    strategy = resolve_strategy(cfg, strategy)
+    arch = arch or resolve_architecture(cfg)
+    backend = _backend(cfg, gpus, backend)
+    notes: list[str] = []
+    if gpus > 1 and strategy == "fsdp" and cfg.train.optimizer != FSDP_OPTIMIZER:
+        cfg = with_changes(cfg, **{"train.optimizer": FSDP_OPTIMIZER})
+        notes.append(
+            f"fsdp trains with {FSDP_OPTIMIZER} (bitsandbytes optimizers cannot step sharded weights): "
+            f"--set train.optimizer={FSDP_OPTIMIZER}"
+        )
+    base = estimate(cfg, arch, backend, budget_gb=budget_gb)
+    if backend == "hf" and backend != cfg.hardware.backend and gpus > 1:
+        base = dataclasses.replace(base, backend_reason="auto: Unsloth trains on one GPU")
+    if gpus == 1:
+        return PerGpuEstimate(
+            strategy,
+            1,
+            base,
+            base.terms,
+            base.torch_peak_gb,
+            base.torch_allocated_gb,
+            base.device_total_gb,
+            base.peak_phase,
+            None,
+            base.notes,
+        )
+    plan = plan_for(cfg, arch, base.backend, budget_gb, checkpointed=base.checkpointed_layers)
+    build = _ddp if strategy == "ddp" else _fsdp
+    return build(base, plan, gpus, tuple(notes) + base.notes + (UNMEASURED,))
+
+
+def _ddp(base: Estimate, plan: terms.Plan, gpus: int, notes: tuple[str, ...]) -> PerGpuEstimate:
+    buckets = sum(terms.gradients(plan).values())
+    out = []
+    for t in base.terms:
+        if t.name == "gradients":
+            parts = {**t.parts, "DDP gradient buckets (a second copy, all-reduced)": buckets / C.GIB}
+            t = Term(t.name, sum(parts.values()), parts)
+        out.append(t)
+    extra = buckets / C.GIB
+    return PerGpuEstimate(
+        "ddp",
+        gpus,
+        base,
+        tuple(out),
+        base.torch_peak_gb + extra,
+        base.torch_allocated_gb + extra,
+        base.device_total_gb + extra,
+        base.peak_phase,
+        None,
+        notes,
+    )
+
+
+def layer_bytes(plan: terms.Plan) -> float:
+    """One decoder layer's parameters as FSDP gathers them: the packed 4-bit (or 16-bit) linears,
+    the norms, and the layer's LoRA adapters."""
+    a = plan.arch
+    linear = sum(i * o for i, o in a.linear_modules().values())
+    packed = linear * (0.5 if plan.load_in_4bit else plan.compute_bytes)
+    norms = (a.norms_per_layer * a.hidden + (2 * a.head_dim if a.qk_norm else 0)) * plan.frozen_16bit_bytes
+    lora = terms.lora_params(plan) / a.layers * 2
+    return packed + norms + lora
+
+
+def _fsdp(base: Estimate, plan: terms.Plan, gpus: int, notes: tuple[str, ...]) -> PerGpuEstimate:
+    a, n = plan.arch, gpus
+    counts = a.param_counts()
+    full_weights = terms.weights(plan)
+    weights: dict[str, float] = {}
+    for name, value in full_weights.items():
+        if name == "4-bit linears":
+            packed = counts["linear"] * 0.5
+            weights[f"4-bit linears, packed (1/{n} each)"] = packed / n
+            weights["4-bit quantization state (every GPU)"] = value - packed
+        else:
+            weights[f"{name} (1/{n} each)"] = value / n
+    grads = {f"{k} (1/{n} each)": v / n for k, v in terms.gradients(plan).items()}
+    opt_torch, paged = terms.optimizer_states(plan)
+    optimizer = {f"{k} (1/{n} each)": v / n for k, v in opt_torch.items()}
+    paged /= n
+    static = sum(weights.values()) + sum(grads.values()) + sum(optimizer.values()) + C.CUBLAS_WORKSPACE_BYTES
+
+    gathered_layers = 2 * layer_bytes(plan)  # the layer computing and the next one, prefetched
+    layer_lora_grads = terms.lora_params(plan) / a.layers * 2
+    head = (counts["lm_head"] or counts["embed_tokens"]) * plan.frozen_16bit_bytes + a.hidden * 2
+    best: tuple[float, float, terms.Phase, dict[str, float]] | None = None
+    for phase in terms.phases(plan):
+        gathered = {"gathered layers (the one computing + the next, prefetched)": gathered_layers}
+        if phase.name.startswith("backward"):
+            gathered["the layer's unsharded LoRA gradients (before reduce-scatter)"] = layer_lora_grads
+        if phase.name.startswith("loss"):
+            gathered["gathered final norm + LM head (kept until the backward starts)"] = head
+        allocated = static + sum(phase.activations.values()) + sum(phase.workspace.values())
+        allocated += sum(gathered.values())
+        slack = terms.allocator_slack(plan, phase)  # unmeasured under FSDP: the one-GPU fit
+        if best is None or allocated + slack > best[0] + best[1]:
+            best = (allocated, slack, phase, gathered)
+    assert best is not None
+    allocated, slack, phase, gathered = best
+    context = C.CUDA_CONTEXT_GIB * C.GIB
+    if paged:
+        optimizer["paged states (managed memory, outside torch)"] = paged
+    workspace = {
+        "CUDA context (outside torch)": context,
+        "cuBLAS workspace": float(C.CUBLAS_WORKSPACE_BYTES),
+        **gathered,
+        **phase.workspace,
+        "allocator slack (reserved - allocated)": slack,
+    }
+    parts = {
+        "weights": weights,
+        "gradients": grads,
+        "optimizer": optimizer,
+        "activations": phase.activations,
+        "workspace": workspace,
+    }
+    built = tuple(Term(t, sum(_gib(parts[t]).values()), _gib(parts[t])) for t in TERM_NAMES)
+    # Each rank of a host quantizes the whole model on the CPU before FSDP moves its shard to
+    # the GPU (engine/backends/parallel.py): the host holds one 4-bit model per local GPU.
+    host_load = sum(full_weights.values()) * n / C.GIB
+    reserved = allocated + slack
+    return PerGpuEstimate(
+        "fsdp",
+        gpus,
+        base,
+        built,
+        reserved / C.GIB,
+        allocated / C.GIB,
+        (reserved + context + paged) / C.GIB,
+        phase.name,
+        host_load,
+        (
+            *notes,
+            f"loading: each rank holds a whole 4-bit model in host memory ({host_load:.1f} GB for {n} on one host)",
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class GpusNeeded:
+    """The fewest GPUs of one kind a config needs, per strategy (None: no number does)."""
+
+    gpu: Gpu
+    needed: dict[str, int | None]
+    estimates: dict[str, PerGpuEstimate | None]
+
+    @property
+    def best(self) -> tuple[str, int] | None:
+        found = [(n, s) for s, n in self.needed.items() if n is not None]
+        if not found:
+            return None
+        n, s = min(found)
+        return s, n
+
+
+def gpus_needed(
+    cfg: RunConfig,
+    gpu: Gpu,
+    arch: Architecture | None = None,
+    backend: str | None = None,
+    max_gpus: int = MAX_GPUS,
+) -> GpusNeeded:
+    """How many GPUs of `gpu`'s kind the config needs, with each strategy, at its micro-batch and
+    seq_len: the fewest whose per-GPU estimate fits (not merely tight). DDP needs one or none:
+    its per-GPU memory never falls with more GPUs. Per-GPU memory under FSDP falls with N, so
+    the search doubles, then bisects."""
+    arch = arch or resolve_architecture(cfg)
+    needed: dict[str, int | None] = {}
+    found: dict[str, PerGpuEstimate | None] = {}
+
+    def fits(strategy: str, n: int) -> PerGpuEstimate | None:
+        e = per_gpu(cfg, n, strategy, arch, backend, budget_gb=gpu.budget_gb)
+        return e if e.verdict(gpu).status == FITS else None
+
+    one = fits("ddp", 1)
+    needed["ddp"], found["ddp"] = (1, one) if one else (None, None)
+    good: int | None = None
+    lo, hi = 1, 2
+    while hi <= max_gpus and fits("fsdp", hi) is None:
+        lo, hi = hi, hi * 2
+    if hi <= max_gpus:
+        good = hi
+        while good - lo > 1:
+            mid = (lo + good) // 2
+            if fits("fsdp", mid) is not None:
+                good = mid
+            else:
+                lo = mid
+    needed["fsdp"] = good
+    found["fsdp"] = fits("fsdp", good) if good else None
+    return GpusNeeded(gpu, needed, found)

@@ -1,0 +1,153 @@
+"""The export's pure parts, without an engine: the request's checks and defaults, the model card
+from recorded events, and finding llama.cpp."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine import protocol, runs
+from engine.config import load_preset
+from engine.errors import UserError
+from engine.export import card, gguf
+from engine.export.job import add_arguments
+from engine.export.request import build_request, check_out_dir
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    """A stopped, then resumed and completed run, as its events file tells it: steps 3 and 4 were
+    trained twice (the resume went back to checkpoint 2), and the later values are the real ones."""
+    cfg = load_preset("tiny-demo")
+    d = runs.create_run(tmp_path / "runs", cfg)
+    events = [
+        protocol.Hello(run_id=d.name, mode="train"),
+        protocol.DataReady(
+            train_examples=570, eval_examples=30, train_tokens=22530, trained_tokens=4793, total_steps=6
+        ),
+        *(protocol.Step(step=s, total_steps=6, loss=7.0 - s / 10) for s in (1, 2, 3, 4)),
+        protocol.Eval(step=2, loss=6.5),
+        protocol.CheckpointSaved(step=2, path=str(d / "checkpoints" / "checkpoint-2")),
+        protocol.Finished(status="stopped", step=4),
+        protocol.Hello(run_id=d.name, mode="resume", resumed_from="checkpoint-2"),
+        *(protocol.Step(step=s, total_steps=6, loss=5.0 - s / 10) for s in (3, 4, 5, 6)),
+        protocol.Eval(step=6, loss=4.25),
+        protocol.CheckpointSaved(step=4, path=str(d / "checkpoints" / "checkpoint-4")),
+        protocol.Finished(status="completed", step=6),
+    ]
+    (d / runs.EVENTS).write_bytes(b"".join(protocol.encode(e) for e in events))
+    for step in (2, 4):
+        ckpt = d / runs.CHECKPOINTS / f"checkpoint-{step}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "trainer_state.json").write_text("{}")
+        (ckpt / "adapter_config.json").write_text("{}")
+    return d
+
+
+def test_the_record_takes_the_values_at_the_exported_step(run_dir: Path) -> None:
+    at_4 = card.read_record(run_dir, 4)
+    assert at_4.train_loss == (4, pytest.approx(4.6))  # the resumed session's step 4, not the first's
+    assert at_4.eval_loss == (2, 6.5) and at_4.status == "completed" and at_4.total_steps == 6
+    final = card.read_record(run_dir, None)
+    assert final.train_loss == (6, pytest.approx(4.4)) and final.eval_loss == (6, 4.25)
+    assert final.data is not None and final.data.train_examples == 570
+    assert card.read_record(run_dir, 0).train_loss is None
+
+
+def test_the_card_says_what_the_folder_is(run_dir: Path) -> None:
+    request = build_request(run_dir, checkpoint="4")
+    facts = card.CardFacts(
+        device="cpu", eos_token_ids=[4, 1], end_of_turn="<|eot_id|>", max_logit_diff=0.0117,
+        tolerance=0.0945, adapter_effect=1.81, prompts=3, tokens=160,
+    )  # fmt: skip
+    text = card.render(request, load_preset("tiny-demo"), card.read_record(run_dir, 4), facts)
+    assert text.startswith("---\nlibrary_name: transformers\n")
+    assert "base_model:" not in text  # a built-in model has no hub id to link
+    for needle in (
+        "A QLoRA fine-tune of `builtin:tiny-llama`: the checkpoint at step 4",
+        "saved in bf16",
+        "`<|eot_id|>`: it is among generation_config.json's `eos_token_id` (4, 1)",
+        "status completed",
+        "step 4 of 6",
+        "final train loss: 4.6000 at step 4",
+        "final eval loss: 6.5000 at step 2",
+        "570 train / 30 eval examples, 22,530 tokens per epoch (4,793 with a loss)",
+        f"`qlc export {run_dir.name} --checkpoint 4 --dtype bf16`",
+        "largest logit difference 0.0117 (tolerance 0.0945)",
+        "```yaml\nname: tiny-demo",
+    ):
+        assert needle in text, needle
+
+
+def test_a_hub_base_is_linked_in_the_metadata(run_dir: Path) -> None:
+    request = build_request(run_dir, checkpoint="2", adapter_only=True)
+    cfg = load_preset("llama-3.1-8b-rtx4090")
+    text = card.render(request, cfg, card.read_record(run_dir, 2), card.CardFacts())
+    assert "base_model: meta-llama/Llama-3.1-8B-Instruct" in text and "library_name: peft" in text
+    assert "final eval loss: 6.5000 at step 2" in text
+
+
+def test_requests_default_to_the_runs_exports_folder(run_dir: Path, tmp_path: Path) -> None:
+    newest = build_request(run_dir)
+    assert newest.source.name == "checkpoint-4" and newest.dtype == "bf16"
+    assert newest.out_dir == run_dir / "exports" / "checkpoint-4-merged-bf16"
+    adapter = build_request(run_dir, checkpoint="2", adapter_only=True)
+    assert adapter.out_dir == run_dir / "exports" / "checkpoint-2-adapter" and adapter.dtype == ""
+    # The engine's arguments reproduce the request exactly.
+    request = build_request(run_dir, checkpoint="2", out=tmp_path / "x", dtype="fp16", max_shard_size="2GB")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(request.engine_args()[1:])
+    again = build_request(
+        args.run_dir, checkpoint=args.checkpoint, out=args.out, dtype=args.dtype, adapter_only=args.adapter_only,
+        gguf=args.gguf, base=args.base, device=args.device, max_shard_size=args.max_shard_size,
+    )  # fmt: skip
+    assert again == request
+
+
+def test_an_output_folder_must_be_new_or_empty(tmp_path: Path) -> None:
+    check_out_dir(tmp_path / "new" / "deeper")
+    (tmp_path / "empty").mkdir()
+    check_out_dir(tmp_path / "empty")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="exists and is not a folder"):
+        check_out_dir(tmp_path / "file")
+    with pytest.raises(UserError, match="exists and is not empty"):
+        check_out_dir(tmp_path)
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(UserError, match="cannot write in"):
+            check_out_dir(locked / "out")
+
+
+def test_llama_cpp_is_found_in_a_checkout_or_on_path(tmp_path: Path) -> None:
+    checkout = tmp_path / "llama.cpp"
+    (checkout / "build" / "bin").mkdir(parents=True)
+    (checkout / gguf.CONVERTER).write_text("")
+    assert gguf.find_llama_cpp({"PATH": "", gguf.ENV: str(checkout)}) == gguf.LlamaCpp(
+        checkout / gguf.CONVERTER, None
+    )
+    with pytest.raises(UserError, match="llama-quantize was not found"):
+        gguf.require("Q4_K_M", {"PATH": "", gguf.ENV: str(checkout)})
+    assert gguf.require("Q8_0", {"PATH": "", gguf.ENV: str(checkout)}).quantize is None  # the converter alone
+    quantize = checkout / "build" / "bin" / gguf.QUANTIZE
+    quantize.write_text(f"#!{sys.executable}\n")
+    quantize.chmod(0o755)
+    assert gguf.find_llama_cpp({"PATH": "", gguf.ENV: str(checkout)}).quantize == quantize  # type: ignore[union-attr]
+    # On PATH, as llama.cpp's packages install them.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in (gguf.CONVERTER, gguf.QUANTIZE):
+        (bin_dir / name).write_text(f"#!{sys.executable}\n")
+        (bin_dir / name).chmod(0o755)
+    found = gguf.find_llama_cpp({"PATH": str(bin_dir)})
+    assert found == gguf.LlamaCpp(bin_dir / gguf.CONVERTER, bin_dir / gguf.QUANTIZE)
+    assert gguf.find_llama_cpp({"PATH": str(tmp_path / "nothing")}) is None
+    with pytest.raises(UserError, match=f"set {gguf.ENV}=/path/to/llama.cpp"):
+        gguf.require("Q4_K_M", {"PATH": ""})
+    assert gguf.check_type("q4_k_m") == "Q4_K_M" and gguf.check_type("bf16") == "BF16"

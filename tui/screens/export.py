@@ -1,0 +1,306 @@
+"""Exporting a run from the console: choose what and where (sensible defaults), then follow the
+engine's export process until its result.
+
+The choices are the CLI's (`qlc export`), checked by the same code before anything starts. Once
+started, the dialog shows the stages with a progress bar; hiding it leaves the export running and
+a notification reports its end. The process is the app's to end when the console quits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import ClassVar
+
+from rich.text import Text
+from textual.app import App, ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, Label, ProgressBar, Select, Static
+
+from engine import protocol, runs
+from engine.config import load_resolved
+from engine.errors import UserError
+from engine.export import gguf
+from engine.export.request import DTYPES, build_request, default_dtype, default_out_dir, resolve_source
+from engine.memory.merge import estimate_merge
+from tui.client import Launcher, RunClient
+
+FINAL = "adapter"
+KINDS = [("merged model", "merged"), ("adapter only", "adapter")]
+NO_GGUF = "none"
+
+
+def _relative(path: Path) -> str:
+    """As typed and shown in the dialog: relative to the working folder when inside it."""
+    with contextlib.suppress(ValueError):
+        return str(path.relative_to(Path.cwd()))
+    return str(path)
+
+
+def _short(path: Path, run_dir: Path) -> str:
+    """For the progress lines: relative to the run when inside it."""
+    with contextlib.suppress(ValueError):
+        return str(path.relative_to(run_dir))
+    return _relative(path)
+
+
+class ExportScreen(ModalScreen[None]):
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "close", "Close"),
+        Binding("ctrl+s", "start", "Export", show=False),
+    ]
+
+    class Result(Message):
+        """An export ended (posted to the app whether or not the dialog is still open)."""
+
+        def __init__(self, run_id: str, exported: protocol.Exported | None, error: str) -> None:
+            super().__init__()
+            self.run_id = run_id
+            self.exported = exported
+            self.error = error
+
+    def __init__(self, run_dir: Path, launcher: Launcher, jobs: list[RunClient]) -> None:
+        super().__init__()
+        self.run_dir = run_dir
+        self._launcher = launcher
+        self._jobs = jobs
+        self._cfg = load_resolved(run_dir / runs.CONFIG)
+        self._default_out = ""
+        self.client: RunClient | None = None
+        self.exported: protocol.Exported | None = None
+        self.error = ""
+        self._lines: list[Text] = []
+
+    # ---- the form ----------------------------------------------------------------------------
+
+    def _sources(self) -> list[tuple[str, str]]:
+        options = []
+        if (self.run_dir / runs.ADAPTER / "adapter_config.json").is_file():
+            options.append(("final adapter", FINAL))
+        for ckpt in reversed(runs.checkpoints(self.run_dir)):
+            step = ckpt.name.removeprefix(runs.CHECKPOINT_PREFIX)
+            options.append((f"checkpoint {step}", step))
+        return options
+
+    def compose(self) -> ComposeResult:
+        sources = self._sources()
+        tools = gguf.find_llama_cpp()
+        gguf_types = (
+            [] if tools is None else [t for t in gguf.TYPES if tools.quantize or t in gguf.CONVERTER_TYPES]
+        )
+        with Vertical(classes="dialog export-dialog"):
+            yield Static(Text(f"Export run {self.run_dir.name}", style="bold"), classes="dialog-title")
+            with Horizontal(classes="export-row"):
+                yield Label("from", classes="export-label")
+                yield Select(
+                    sources,
+                    value=sources[0][1] if sources else Select.BLANK,
+                    id="export-source",
+                    allow_blank=not sources,
+                    compact=True,
+                )
+                yield Select(KINDS, value="merged", id="export-kind", allow_blank=False, compact=True)
+            with Horizontal(classes="export-row"):
+                yield Label("as", classes="export-label")
+                yield Select(
+                    [(d, d) for d in DTYPES],
+                    value=default_dtype(self._cfg),
+                    id="export-dtype",
+                    allow_blank=False,
+                    compact=True,
+                )
+                yield Select(
+                    [("no GGUF", NO_GGUF), *((f"GGUF {t}", t) for t in gguf_types)],
+                    value=NO_GGUF,
+                    id="export-gguf",
+                    allow_blank=False,
+                    disabled=not gguf_types,
+                    compact=True,
+                )
+            with Horizontal(classes="export-row"):
+                yield Label("to", classes="export-label")
+                yield Input(id="export-out", compact=True)
+            yield Static(id="export-note", classes="dialog-body")
+            yield ProgressBar(id="export-progress", show_eta=False)
+            yield Static(id="export-log", classes="dialog-body")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Export (ctrl+s)", variant="primary", id="export-start")
+                yield Button("Cancel export", variant="error", id="export-cancel")
+                yield Button("Close (Esc)", id="export-close")
+
+    def on_mount(self) -> None:
+        self.query_one("#export-progress").display = False
+        self.query_one("#export-cancel").display = False
+        if not self._sources():
+            self._line(Text(f"✗ run {self.run_dir.name} has no checkpoint yet", style="bold red"))
+            self.query_one("#export-start", Button).disabled = True
+        self._refresh_form()
+        self.query_one("#export-start" if self._sources() else "#export-close", Button).focus()
+
+    def _value(self, select_id: str) -> str:
+        value = self.query_one(select_id, Select).value
+        return "" if value is Select.BLANK else str(value)
+
+    def _refresh_form(self) -> None:
+        """The default folder and the memory note follow the choices (an edited folder stays)."""
+        adapter_only = self._value("#export-kind") == "adapter"
+        self.query_one("#export-dtype", Select).disabled = adapter_only
+        out = self.query_one("#export-out", Input)
+        checkpoint = self._value("#export-source")
+        note = ""
+        if checkpoint:
+            with contextlib.suppress(UserError):
+                source = resolve_source(self.run_dir, checkpoint)
+                default = _relative(
+                    default_out_dir(self.run_dir, source, self._value("#export-dtype"), adapter_only)
+                )
+                if out.value in ("", self._default_out):
+                    out.value = default
+                self._default_out = default
+        if not adapter_only:
+            try:
+                est = estimate_merge(self._cfg, self._value("#export-dtype"))
+                note = f"merge needs {est.cpu_gb:.1f} GB of RAM, or {est.gpu_gb:.1f} GB on a GPU"
+            except UserError as exc:
+                note = f"no memory estimate: {exc.message}"
+        if self.query_one("#export-gguf", Select).disabled:
+            note += ("\n" if note else "") + "GGUF: llama.cpp not found (set $QLC_LLAMA_CPP)"
+        self.query_one("#export-note", Static).update(Text(note, style="dim"))
+
+    def on_select_changed(self, event: Select.Changed) -> None:
+        event.stop()
+        if self.client is None:
+            self._refresh_form()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        self.action_start()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        event.stop()
+        if event.button.id == "export-start":
+            self.action_start()
+        elif event.button.id == "export-cancel":
+            self.action_cancel_export()
+        else:
+            self.action_close()
+
+    # ---- running -----------------------------------------------------------------------------
+
+    def action_start(self) -> None:
+        if self.client is not None or self.query_one("#export-start", Button).disabled:
+            return
+        adapter_only = self._value("#export-kind") == "adapter"
+        gguf_type = self._value("#export-gguf")
+        try:
+            request = build_request(
+                self.run_dir,
+                checkpoint=self._value("#export-source") or None,
+                out=self.query_one("#export-out", Input).value.strip() or None,
+                dtype=None if adapter_only else self._value("#export-dtype"),
+                adapter_only=adapter_only,
+                gguf=None if adapter_only or gguf_type == NO_GGUF else gguf_type,
+            )
+            proc = self._launcher(self.run_dir, request.engine_args())
+        except UserError as exc:
+            self._line(Text(f"✗ {exc}", style="bold red"))
+            return
+        except OSError as exc:
+            self._line(Text(f"✗ cannot start the engine: {exc}", style="bold red"))
+            return
+        self.client = RunClient(self.run_dir, proc=proc, mode="pipe", role="export")
+        self._jobs.append(self.client)
+        for widget in self.query("Select, Input"):
+            widget.disabled = True
+        self.query_one("#export-start").display = False
+        self.query_one("#export-cancel").display = True
+        self.query_one("#export-close", Button).label = "Hide (Esc)"
+        self.query_one("#export-progress").display = True
+        self._line(Text(f"exporting {request.source.name} → {_short(request.out_dir, self.run_dir)}"))
+        client, app = self.client, self.app
+        app.run_worker(
+            lambda: client.read_loop(lambda message: self._deliver(message, app)),
+            name=f"export {self.run_dir.name}",
+            group="exports",
+            thread=True,
+            exit_on_error=False,
+        )
+
+    def _deliver(self, message: Message, app: App) -> None:
+        """From the reader thread: to this dialog while it is open. Once it is closed (hidden),
+        its result still reaches the app, which notifies."""
+        if self.post_message(message) or not isinstance(message, RunClient.Ended):
+            return
+        client = message.client
+        with contextlib.suppress(ValueError):
+            self._jobs.remove(client)
+        for ev in client.drain():
+            if isinstance(ev, protocol.Exported):
+                self.exported = ev
+            elif isinstance(ev, protocol.ErrorEvent):
+                self.error = ev.message
+        if self.exported is None and not self.error:
+            self.error = f"the engine exited ({message.returncode}) without a result"
+        app.post_message(self.Result(self.run_dir.name, self.exported, self.error))
+
+    def on_run_client_events_arrived(self, message: RunClient.EventsArrived) -> None:
+        message.stop()
+        for ev in message.client.drain():
+            self.note(ev)
+
+    def on_run_client_ended(self, message: RunClient.Ended) -> None:
+        message.stop()
+        with contextlib.suppress(ValueError):
+            self._jobs.remove(message.client)
+        if self.exported is None and not self.error:
+            self.error = f"the engine exited ({message.returncode}) without a result; see {self.run_dir / runs.ENGINE_LOG}"
+            self._line(Text(f"✗ {self.error}", style="bold red"))
+        self.query_one("#export-cancel").display = False
+        self.query_one("#export-close", Button).label = "Close (Esc)"
+        self.app.post_message(self.Result(self.run_dir.name, self.exported, self.error))
+
+    def note(self, ev: protocol.Event) -> None:
+        if isinstance(ev, protocol.StageEvent):
+            bar = self.query_one("#export-progress", ProgressBar)
+            bar.update(total=ev.total or None, progress=max(ev.current - 1, 0))
+            self._line(
+                Text(f"{ev.current}/{ev.total} {ev.stage.replace('_', ' ')}: {ev.message}", style="dim")
+            )
+        elif isinstance(ev, protocol.Log) and ev.level in ("info", "warning"):
+            self._line(Text(ev.message, style="dim" if ev.level == "info" else "yellow"))
+        elif isinstance(ev, protocol.WarningEvent):
+            self._line(Text(f"! {ev.message}", style="yellow"))
+        elif isinstance(ev, protocol.ErrorEvent):
+            self.error = ev.message + (f" ({ev.hint})" if ev.hint else "")
+            self._line(Text(f"✗ {self.error}", style="bold red"))
+        elif isinstance(ev, protocol.Exported):
+            self.exported = ev
+            bar = self.query_one("#export-progress", ProgressBar)
+            bar.update(progress=bar.total or 1, total=bar.total or 1)
+            where = _short(Path(ev.out_dir), self.run_dir)
+            self._line(
+                Text(f"✓ exported {len(ev.files)} files, {ev.size_mb:,.1f} MB → {where}", style="bold green")
+            )
+            if ev.max_logit_diff is not None and ev.tolerance is not None:
+                self._line(
+                    Text(
+                        f"  check: logits within {ev.max_logit_diff:.3g} of base + adapter (tolerance {ev.tolerance:.3g})"
+                    )
+                )
+            if ev.gguf_path:
+                self._line(Text(f"  GGUF: {Path(ev.gguf_path).name}"))
+
+    def _line(self, text: Text) -> None:
+        self._lines.append(text)
+        self.query_one("#export-log", Static).update(Text("\n").join(self._lines[-5:]))
+
+    def action_cancel_export(self) -> None:
+        if self.client is not None and self.client.proc is not None and self.client.proc.poll() is None:
+            self.client.proc.terminate()  # the engine cleans its temporary folder up and says so
+            self._line(Text("cancelling…", style="yellow"))
+
+    def action_close(self) -> None:
+        self.dismiss(None)
