@@ -230,7 +230,11 @@ def _export_merged(
     progress.stage(
         "merging", f"applying {request.source.name} and merging it into the {request.dtype} weights"
     )
-    # Adapters are read from safetensors only; PeftModel never unpickles anything here.
+    # Adapters are read from safetensors only: without one, peft would unpickle adapter_model.bin.
+    if not (request.source / "adapter_model.safetensors").is_file():
+        raise UserError(
+            f"{request.source}: no adapter_model.safetensors", "only safetensors adapters are loaded"
+        )
     model = PeftModel.from_pretrained(model, str(request.source), is_trainable=False)
     prompts, prompt_source = merge.check_prompts(cfg, tokenizer)
     reference = merge.logits(model, prompts)
