@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import protocol, runs
+from engine import checkpoints, protocol, runs
 from engine.config import load_preset
 from engine.errors import UserError
 from engine.export import card, gguf
@@ -40,11 +40,13 @@ def run_dir(tmp_path: Path) -> Path:
         protocol.Finished(status="completed", step=6),
     ]
     (d / runs.EVENTS).write_bytes(b"".join(protocol.encode(e) for e in events))
-    for step in (2, 4):
-        ckpt = d / runs.CHECKPOINTS / f"checkpoint-{step}"
-        ckpt.mkdir(parents=True)
-        (ckpt / "trainer_state.json").write_text("{}")
-        (ckpt / "adapter_config.json").write_text("{}")
+    for step in (2, 4):  # committed as the engine commits a checkpoint (engine.checkpoints)
+        staged = checkpoints.staging_root(d / runs.CHECKPOINTS, step) / f"checkpoint-{step}"
+        staged.mkdir(parents=True)
+        (staged / "trainer_state.json").write_text("{}")
+        (staged / "adapter_config.json").write_text("{}")
+        checkpoints.commit(staged, d / runs.CHECKPOINTS)
+        staged.parent.rmdir()
     return d
 
 
