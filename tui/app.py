@@ -174,7 +174,8 @@ class QlcApp(App[int]):
     def _focus_pane(self, name: str) -> None:
         # Pane key bindings apply while focus is inside the pane: give each pane its natural focus.
         target = PANE_FOCUS.get(name)
-        if target:
+        # A tab activated while the app shuts down (an engine error then quit) finds no screen.
+        if target and self.screen_stack:
             self.screen_stack[0].query_one(target).focus()
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
