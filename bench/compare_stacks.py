@@ -33,7 +33,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.gpu_common import ARCHS, DevicePeak, build_model, gpu_name, versions, write_tokens  # noqa: E402
+from bench.gpu_common import (  # noqa: E402
+    ARCHS,
+    DevicePeak,
+    build_model,
+    report_header,
+    token_run_overrides,
+    write_tokens,
+)
 from engine import protocol, runs  # noqa: E402
 
 QLC = [sys.executable, "-m", "tui.cli"]
@@ -88,24 +95,8 @@ def run_engine(
     scenario: str, args: argparse.Namespace, model: Path, data: Path, env: dict[str, str], budget: str | None
 ) -> dict:
     runs_dir = args.work / "runs"
-    overrides = [
-        f"model.name_or_path={model}",
-        f"model.arch={args.arch}",
-        f"data.source={data}",
-        "data.format=tokens",
-        "data.packing=false",
-        "data.val_fraction=0",
-        f"train.seq_len={args.seq}",
-        f"train.micro_batch={args.micro_batch}",
-        f"train.grad_accum={args.grad_accum}",
-        f"train.max_steps={args.steps}",
-        "train.save_steps=100000",
-        "train.logging_steps=1",
-        "train.eval_steps=0",
-        "train.seed=3407",
-        "lora.r=32",
-        "lora.alpha=64",
-    ]
+    overrides = token_run_overrides(model, data, args.seq, args.micro_batch, args.grad_accum, args.steps)
+    overrides += [f"model.arch={args.arch}", "train.seed=3407"]
     if scenario == "engine-hf":
         overrides += ["hardware.backend=hf", "train.gradient_checkpointing=true", "hardware.gpu=auto"]
     elif scenario == "engine-unsloth":
@@ -199,12 +190,9 @@ def main() -> int:
     out_file = args.out / f"stacks-{args.arch}.json"
     report: dict[str, Any] = json.loads(out_file.read_text()) if out_file.is_file() else {}
     report.update(
-        {
-            "date": time.strftime("%Y-%m-%d"),
-            "gpu": gpu_name(),
-            "versions": versions(),
-            "arch": args.arch,
-            "recipe": {
+        report_header(
+            args.arch,
+            {
                 "lora_r": 32,
                 "lora_alpha": 64,
                 "targets": "all seven",
@@ -215,7 +203,7 @@ def main() -> int:
                 "steps": args.steps,
                 "timing": "median of optimizer steps 3..N",
             },
-        }
+        )
     )
     report.setdefault("scenarios", {})
     if not (model / "config.json").is_file():

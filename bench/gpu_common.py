@@ -190,6 +190,41 @@ def build_model(arch: str, out: Path) -> float:
     return time.perf_counter() - t0
 
 
+def token_run_overrides(
+    model_dir: Path, data_file: Path, seq: int, micro_batch: int, grad_accum: int, steps: int
+) -> list[str]:
+    """`--set` overrides for a run of `qlc train` on rows of exactly `seq` pre-tokenized tokens
+    (write_tokens): the model and data, the step counts, shared/anchors.md's r=32 alpha=64, and
+    no periodic saves or evaluations to disturb the timings."""
+    return [
+        f"model.name_or_path={model_dir}",
+        f"data.source={data_file}",
+        "data.format=tokens",
+        "data.packing=false",
+        "data.val_fraction=0",
+        f"train.seq_len={seq}",
+        f"train.micro_batch={micro_batch}",
+        f"train.grad_accum={grad_accum}",
+        f"train.max_steps={steps}",
+        "train.save_steps=100000",
+        "train.logging_steps=1",
+        "train.eval_steps=0",
+        "lora.r=32",
+        "lora.alpha=64",
+    ]
+
+
+def report_header(arch: str, recipe: dict[str, Any]) -> dict[str, Any]:
+    """What every results file starts with: when, on which GPU, with which libraries, what."""
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "gpu": gpu_name(),
+        "versions": versions(),
+        "arch": arch,
+        "recipe": recipe,
+    }
+
+
 def write_tokens(path: Path, rows: int, seq_len: int, vocab: int = 128000, seed: int = 0) -> None:
     rng = random.Random(seed)
     with path.open("w") as f:

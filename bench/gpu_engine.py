@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.gpu_common import ARCHS, DevicePeak, build_model, gpu_name, versions, write_tokens
+from bench.gpu_common import ARCHS, DevicePeak, build_model, report_header, token_run_overrides, write_tokens
 from engine import protocol, runs
 
 QLC = [sys.executable, "-m", "tui.cli"]
@@ -65,12 +65,9 @@ def main() -> int:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     model_dir, data_file, runs_dir = work / f"model-{args.arch}", work / "tokens.jsonl", work / "runs"
-    report: dict = {
-        "date": time.strftime("%Y-%m-%d"),
-        "gpu": gpu_name(),
-        "versions": versions(),
-        "arch": args.arch,
-        "recipe": {
+    report: dict = report_header(
+        args.arch,
+        {
             "lora_r": 32,
             "lora_alpha": 64,
             "targets": "all seven",
@@ -82,32 +79,17 @@ def main() -> int:
             "attention": "sdpa",
             "quant": "nf4 + double quant, bf16 compute",
         },
-    }
+    )
     if not (model_dir / "config.json").is_file():
         report["build_seconds"] = build_model(args.arch, model_dir)
         print(f"built {args.arch} in {report['build_seconds']:.0f} s", flush=True)
     rows = (args.steps + 4) * args.micro_batch * args.grad_accum
     write_tokens(data_file, rows, args.seq)
 
-    overrides = [
-        f"model.name_or_path={model_dir}",
-        f"data.source={data_file}",
-        "data.format=tokens",
-        "data.packing=false",
-        "data.val_fraction=0",
-        f"train.seq_len={args.seq}",
-        f"train.micro_batch={args.micro_batch}",
-        f"train.grad_accum={args.grad_accum}",
-        f"train.max_steps={args.steps}",
-        "train.save_steps=1000",
-        "train.logging_steps=1",
-        "train.eval_steps=0",
-        "train.epochs=1",
-        "lora.r=32",
-        "lora.alpha=64",
-        "hardware.backend=hf",
-        "hardware.gpu=h100",
-    ]
+    overrides = token_run_overrides(
+        model_dir, data_file, args.seq, args.micro_batch, args.grad_accum, args.steps
+    )
+    overrides += ["train.epochs=1", "hardware.backend=hf", "hardware.gpu=h100"]
     sets = [x for o in overrides for x in ("--set", o)]
     peak = DevicePeak().start()
     t_launch = time.time()

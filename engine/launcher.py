@@ -110,23 +110,17 @@ def launch_sample(run_dir: Path, checkpoint: str | None, request_json: str) -> s
     args = ["sample", str(run_dir), "--request", request_json]
     if checkpoint:
         args += ["--checkpoint", checkpoint]
-    log = open_log(run_dir)
-    try:
-        return subprocess.Popen(
-            engine_command(*args),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            start_new_session=True,
-            env=_env(),
-        )
-    finally:
-        log.close()
+    return _launch_job(run_dir, args)
 
 
 def launch_export(run_dir: Path, args: list[str]) -> subprocess.Popen[bytes]:
-    """An export (engine.export.request.ExportRequest.engine_args): a short-lived engine process,
-    its events on stdout, its log in the run's engine.log."""
+    """An export (engine.export.request.ExportRequest.engine_args): a short-lived engine process."""
+    return _launch_job(run_dir, args)
+
+
+def _launch_job(run_dir: Path, args: list[str]) -> subprocess.Popen[bytes]:
+    """A short-lived engine process: no commands in, its events on stdout, its log in the run's
+    engine.log."""
     log = open_log(run_dir)
     try:
         return subprocess.Popen(

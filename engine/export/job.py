@@ -26,7 +26,7 @@ from engine.config import RunConfig, load_resolved
 from engine.errors import UserError
 from engine.events import Emitter
 from engine.export import card
-from engine.export.request import ExportRequest, build_request
+from engine.export.request import ExportRequest, request_from_args
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TOKENIZER_FILES = (
@@ -416,17 +416,7 @@ def main(args: argparse.Namespace, emitter: Emitter) -> int:
     try:
         if not (run_dir / runs.CONFIG).is_file():
             raise UserError(f"{run_dir}: not a run directory (no {runs.CONFIG})", "`qlc runs` lists them")
-        request = build_request(
-            run_dir,
-            checkpoint=args.checkpoint,
-            out=args.out,
-            dtype=args.dtype,
-            adapter_only=args.adapter_only,
-            gguf=args.gguf,
-            base=args.base,
-            device=args.device,
-            max_shard_size=args.max_shard_size,
-        )
+        request = request_from_args(run_dir, args)
         return export(request, emitter)
     except UserError as exc:
         emitter.emit(protocol.ErrorEvent(kind="input", message=exc.message, hint=exc.hint))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from engine import runs
 from engine.config import RunConfig, load_resolved
@@ -97,6 +98,22 @@ def check_out_dir(out: Path) -> None:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"--out {out}: cannot write in {parent}", "choose a folder you can write to")
+
+
+def request_from_args(run_dir: Path, args: Any) -> ExportRequest:
+    """`build_request` from the options `qlc export` and `python -m engine export` share (the same
+    names on both command lines)."""
+    return build_request(
+        run_dir,
+        checkpoint=args.checkpoint,
+        out=args.out,
+        dtype=args.dtype,
+        adapter_only=args.adapter_only,
+        gguf=args.gguf,
+        base=args.base,
+        device=args.device,
+        max_shard_size=args.max_shard_size,
+    )
 
 
 def build_request(

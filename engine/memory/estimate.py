@@ -148,12 +148,8 @@ class Estimate:
 
 
 @functools.lru_cache(maxsize=1)
-def _unsloth_runs_here() -> bool:
-    """What engine.backends.choose_backend decides for "auto", without importing torch."""
-    if importlib.util.find_spec("unsloth") is None:
-        return False
-    if importlib.util.find_spec("engine.backends.unsloth") is None:
-        return False
+def _nvidia_gpu_present() -> bool:
+    """An NVIDIA GPU on this machine, asked through NVML (no CUDA context, no torch)."""
     try:
         import pynvml
 
@@ -164,6 +160,16 @@ def _unsloth_runs_here() -> bool:
             pynvml.nvmlShutdown()
     except Exception:
         return False
+
+
+@functools.lru_cache(maxsize=1)
+def _unsloth_runs_here() -> bool:
+    """What engine.backends.choose_backend decides for "auto", without importing torch."""
+    if importlib.util.find_spec("unsloth") is None:
+        return False
+    if importlib.util.find_spec("engine.backends.unsloth") is None:
+        return False
+    return _nvidia_gpu_present()
 
 
 def resolve_backend(cfg: RunConfig, backend: str | None = None) -> tuple[str, str]:
@@ -259,16 +265,7 @@ def liger_runs_here() -> bool:
     hf.apply_kernels): liger-kernel installed and an NVIDIA GPU present."""
     if importlib.util.find_spec("liger_kernel") is None:
         return False
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            return pynvml.nvmlDeviceGetCount() > 0
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:
-        return False
+    return _nvidia_gpu_present()
 
 
 def fixed_checkpointing(cfg: RunConfig, arch: Architecture) -> int:

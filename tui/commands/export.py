@@ -13,7 +13,7 @@ from rich.markup import escape
 
 from engine import launcher, protocol, runs
 from engine.export import gguf
-from engine.export.request import DEVICES, DTYPES, build_request
+from engine.export.request import DEVICES, DTYPES, request_from_args
 from engine.memory.merge import SHARD_DEFAULT
 from tui.follow import EventPrinter, pipe_events
 from tui.output import err, out
@@ -72,17 +72,7 @@ def print_result(ev: protocol.Exported) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     run_dir = runs.find_run(runs.runs_root(args.runs_dir), args.run)
-    request = build_request(
-        run_dir,
-        checkpoint=args.checkpoint,
-        out=args.out,
-        dtype=args.dtype,
-        adapter_only=args.adapter_only,
-        gguf=args.gguf,
-        base=args.base,
-        device=args.device,
-        max_shard_size=args.max_shard_size,
-    )
+    request = request_from_args(run_dir, args)
     proc = launcher.launch_export(run_dir, request.engine_args())
     printer = EventPrinter(args.json)
     code = 1
