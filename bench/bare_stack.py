@@ -6,10 +6,12 @@ the engine's overhead is measured against (bench/compare_stacks.py runs it in it
 - trl-usual: the usual QLoRA tutorial: BitsAndBytesConfig NF4, peft's
   prepare_model_for_kbit_training, get_peft_model, TRL SFTTrainer (shared/anchors.md row 1).
 - trl-tuned: the same without prepare_model_for_kbit_training (gradient checkpointing and input
-  gradients enabled directly) and with Liger's RMSNorm/SwiGLU/RoPE kernels when installed: the
-  settings the engine's hf backend uses, so the two differ only by the engine.
+  gradients enabled directly), with Liger's RMSNorm/SwiGLU/RoPE kernels when installed, and with
+  the CUDA allocator's expandable segments: the settings the engine's hf backend uses, so the two
+  differ only by the engine.
 - unsloth: FastLanguageModel.from_pretrained + get_peft_model(use_gradient_checkpointing=
-  "unsloth"), TRL SFTTrainer as Unsloth patches it (anchors.md row 5).
+  "unsloth"), TRL SFTTrainer as Unsloth patches it (anchors.md row 5). Unsloth turns on
+  expandable segments and, on a Hopper GPU, padding-free batches by itself.
 
 Same recipe for all: LoRA r=32 alpha=64 on all seven projections, paged 8-bit AdamW, bf16,
 gradient checkpointing, SDPA, pre-tokenized rows of seq_len tokens. Records the time from process
@@ -44,6 +46,8 @@ def main() -> None:
     ap.add_argument("--r", type=int, default=32)
     args = ap.parse_args()
 
+    if args.stack == "trl-tuned":
+        os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # before torch
     if args.stack == "unsloth":
         os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
         import unsloth  # noqa: F401  (first, as Unsloth requires)

@@ -18,7 +18,7 @@ import signal
 import sys
 from pathlib import Path
 
-from engine import protocol, runs
+from engine import allocator, protocol, runs
 from engine.errors import UserError
 
 
@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_arguments(sub.add_parser("export"))
     args = parser.parse_args(argv)
+    allocator.configure()  # before anything imports torch
     if args.mode in ("train", "resume"):
         return _train(args.run_dir, resume=args.mode == "resume")
     if args.mode == "sample":

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine import __version__, checkpoints, failures, faults, fingerprint, protocol, runs
+from engine import __version__, allocator, checkpoints, failures, faults, fingerprint, protocol, runs
+from engine.backends import padding_free
 from engine.backends.checkpointing import CheckpointPlan, plan_checkpointing
 from engine.config import RunConfig, load_resolved
 from engine.control import CommandQueue
@@ -268,6 +269,8 @@ class Recipe:
                 trust_remote_code=self.cfg.model.trust_remote_code,
             )
         )
+        if self.device == "cuda":
+            self.emitter.log(allocator.describe())
         if plan.armed:
             self.emitter.log(f"fault injection armed ({faults.ENV}={plan.describe()})", level="warning")
         for name in removed:
@@ -354,6 +357,7 @@ class Recipe:
             emit(protocol.StageEvent(stage="preparing_data", message=message, current=current, total=total))
 
         prepared = data.prepare(cfg, self.tokenizer, progress)
+        prepared.collator.padding_free = padding_free(self.backend)
         template = prepared.template.family if prepared.template else "auto"
         if prepared.template is not None:
             # Checkpoints and the final adapter save this tokenizer: they carry the template the

@@ -32,6 +32,16 @@ def choose_device(cfg: RunConfig) -> str:
     return "cpu"
 
 
+def padding_free(backend: str) -> bool:
+    """Whether micro-batches go to the model as one padding-free row (engine.data.collate).
+
+    Unsloth: yes, as a bare Unsloth script does on a Hopper GPU (its auto choice keeps padding-free
+    wherever it has not measured padded batches to be faster), and its varlen attention reads the
+    examples' boundaries from position_ids. hf: no; SDPA would need a block-diagonal mask instead.
+    """
+    return backend == "unsloth"
+
+
 def choose_backend(cfg: RunConfig, device: str, processes: int = 1) -> tuple[str, str]:
     """(backend, reason)."""
     want = cfg.hardware.backend

@@ -1,4 +1,4 @@
-"""Rows -> a padded batch of tensors for the Trainer."""
+"""Rows -> a batch of tensors for the Trainer: padded rows, or one padding-free row."""
 
 from __future__ import annotations
 
@@ -17,15 +17,27 @@ class PadCollator:
     position_ids only when attention_mask is None (masking_utils.find_packed_sequence_indices;
     flash-attention's varlen path does the same), so attention stays within each example. The
     padding of a packed row gets its own positions 0..k, making it one more separate sequence.
+
+    `padding_free` puts the whole micro-batch in ONE row instead, each example after the other
+    with its own positions, and no padding at all: what TRL's padding-free collator builds and
+    what Unsloth's varlen attention reads (it finds the examples' boundaries from position_ids
+    when a batch is one row without a mask, unsloth/models/llama.py). The Unsloth backend uses
+    it, as a bare Unsloth script does on its own.
+
+    Wherever a row holds several examples, the first token of each is no target: the shifted
+    loss would otherwise train the last token of one example to predict the next example.
     """
 
     pad_token_id: int
     packed: bool = False
     pad_to_multiple_of: int | None = None
+    padding_free: bool = False
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
+        if self.padding_free:
+            return self._one_row(rows)
         width = max(len(row["input_ids"]) for row in rows)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -43,6 +55,7 @@ class PadCollator:
                 position_ids[i, :length] = torch.as_tensor(row["position_ids"], dtype=torch.long)
                 position_ids[i, length:] = torch.arange(width - length)
         if self.packed:
+            labels[position_ids == 0] = IGNORE
             return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
         if bool(attention_mask.all()):
             # No padding in this batch: an all-ones mask says nothing, and some kernels take a
@@ -51,6 +64,25 @@ class PadCollator:
             position_ids[:] = torch.arange(width)
             return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+    def _one_row(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for row in rows:
+            ids += row["input_ids"]
+            labels += row["labels"]
+            positions += row["position_ids"] if self.packed else range(len(row["input_ids"]))
+        position_ids = torch.as_tensor([positions], dtype=torch.long)
+        label_ids = torch.as_tensor([labels], dtype=torch.long)
+        label_ids[position_ids == 0] = IGNORE
+        return {
+            "input_ids": torch.as_tensor([ids], dtype=torch.long),
+            "labels": label_ids,
+            "position_ids": position_ids,
+        }
 
 
 def pad_token_id(tokenizer: Any) -> int:

@@ -143,6 +143,37 @@ def test_packed_attention_stays_within_each_example(tok) -> None:
             torch.testing.assert_close(packed_logits[a:b], alone, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_padding_free_batch_is_one_row_with_the_padded_batch_loss(tok, packing: bool) -> None:
+    """The Unsloth backend's one-row batch (engine.backends.padding_free) holds every token of the
+    micro-batch once, masks the first token of each example as a target, and gives the model the
+    same summed loss as the padded batch: attention never crosses an example."""
+    p = prepare(run_cfg(max_examples=24, packing=packing), tok)
+    rows = [p.train[i] for i in range(3)]
+    padded = p.collator(rows)
+    p.collator.padding_free = True
+    one = p.collator(rows)
+    assert set(one) == {"input_ids", "labels", "position_ids"} and one["input_ids"].shape[0] == 1
+    assert one["input_ids"][0].tolist() == list(itertools.chain(*(r["input_ids"] for r in rows)))
+    assert (one["labels"][one["position_ids"] == 0] == IGNORE).all()
+
+    model = AutoModelForCausalLM.from_pretrained(ensure_builtin("builtin:tiny-llama"), dtype=torch.float32)
+    model.eval()
+
+    def summed_loss(batch: dict) -> torch.Tensor:
+        with torch.no_grad():
+            logits = model(**batch, use_cache=False).logits
+        labels = batch["labels"]
+        shift = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
+        )
+        return shift, (labels[:, 1:] != IGNORE).sum()
+
+    (loss_padded, count_padded), (loss_one, count_one) = summed_loss(padded), summed_loss(one)
+    assert count_one == count_padded > 0
+    torch.testing.assert_close(loss_one, loss_padded, atol=1e-3, rtol=1e-4)
+
+
 def test_validation_split_is_seeded_and_disjoint(tok) -> None:
     def split(seed: int) -> tuple[list, list]:
         p = prepare(run_cfg(max_examples=100, val_fraction=0.2, shuffle_seed=seed), tok)
