@@ -7,6 +7,8 @@ through the engine's own loading path (engine.backends.hf), wrapped with LoRA (r
 projections), and trained for 3 optimizer steps per config through the engine's own trainer and
 data pipeline, over seq_len x micro_batch x gradient checkpointing. Each config records PyTorch's
 peak allocated and reserved memory and NVML's whole-device peak; an out-of-memory is a result too.
+The allocator and the batches are the engine's: expandable segments (engine.allocator) and, for
+Unsloth, padding-free rows (engine.backends.padding_free).
 
 Writes DIR/memory-calibration-<arch>.json in the format engine.memory replays in its tests.
 """
@@ -33,6 +35,9 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 def calibrate(
     arch: str, work: Path, seqs: list[int], batches: list[int], steps: int, out: Path, backend: str = "hf"
 ) -> list[dict]:
+    from engine import allocator
+
+    allocator.configure()  # the engine's allocator settings, before torch touches CUDA
     if backend == "unsloth":
         from engine.backends import unsloth as unsloth_backend
 
@@ -40,7 +45,7 @@ def calibrate(
     import torch
 
     from engine import data
-    from engine.backends import hf
+    from engine.backends import hf, padding_free
     from engine.backends.checkpointing import CheckpointPlan
 
     model_dir = work / f"model-{arch}"
@@ -108,6 +113,7 @@ def calibrate(
                 else:
                     model.gradient_checkpointing_disable()
                 prepared = data.prepare(cfg, tok)
+                prepared.collator.padding_free = padding_free(backend)  # as the engine's recipe does
                 record = {
                     "arch": arch,
                     "backend": backend,
@@ -120,6 +126,8 @@ def calibrate(
                     "target_modules": ALL,
                     "modules_to_save": [],
                     "optimizer": cfg.train.optimizer,
+                    "allocator": "expandable" if allocator.expandable_segments() else "default",
+                    "padding_free": padding_free(backend),
                     "oom": False,
                 }
                 trainer = None
