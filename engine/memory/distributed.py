@@ -137,9 +137,11 @@ def per_gpu(
     backend: str | None = None,
     *,
     budget_gb: float | None = None,
+    padded: bool | None = None,
 ) -> PerGpuEstimate:
     """The memory one GPU of a `gpus`-GPU run of `cfg` needs, with `strategy` (default: the
-    config's hardware.strategy). One GPU is the one-GPU estimate itself."""
+    config's hardware.strategy). One GPU is the one-GPU estimate itself. `padded` as in
+    engine.memory.estimate (rows all seq_len long carry no padding)."""
     if gpus < 1:
         raise UserError(f"--gpus: must be at least 1, got {gpus}")
     strategy = resolve_strategy(cfg, strategy)
@@ -152,7 +154,7 @@ def per_gpu(
             f"fsdp trains with {FSDP_OPTIMIZER} (bitsandbytes optimizers cannot step sharded weights): "
             f"--set train.optimizer={FSDP_OPTIMIZER}"
         )
-    base = estimate(cfg, arch, backend, budget_gb=budget_gb)
+    base = estimate(cfg, arch, backend, budget_gb=budget_gb, padded=padded)
     if backend == "hf" and backend != cfg.hardware.backend and gpus > 1:
         base = dataclasses.replace(base, backend_reason="auto: Unsloth trains on one GPU")
     if gpus == 1:
@@ -168,7 +170,7 @@ def per_gpu(
             None,
             base.notes,
         )
-    plan = plan_for(cfg, arch, base.backend, budget_gb, checkpointed=base.checkpointed_layers)
+    plan = plan_for(cfg, arch, base.backend, budget_gb, padded, checkpointed=base.checkpointed_layers)
     build = _ddp if strategy == "ddp" else _fsdp
     return build(base, plan, gpus, tuple(notes) + base.notes + (UNMEASURED,))
 
