@@ -236,7 +236,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--arch", default="llama-3.1-8b", choices=sorted(ARCHS))
     ap.add_argument("--work", type=Path, default=Path("/tmp/qlc-bench-multi"))
-    ap.add_argument("--gpus", default="1,2", help="GPU counts, e.g. 1,2 or 1,2,4")
+    ap.add_argument("--gpus", default="1,2", help="GPU counts, e.g. 1,2 or 1,2,4 (none: only --torchrun-one)")
     ap.add_argument("--strategies", default="ddp,fsdp")
     ap.add_argument(
         "--torchrun-one", action="store_true", help="also run each strategy as a torchrun world of one"
@@ -261,7 +261,7 @@ def main() -> int:
     }
     if not (model_dir / "config.json").is_file():
         report["build_seconds"] = build_model(args.arch, model_dir)
-    counts = [int(n) for n in args.gpus.split(",")]
+    counts = [] if args.gpus == "none" else [int(n) for n in args.gpus.split(",")]
     write_tokens(data_file, (args.steps + 4) * args.micro_batch * args.grad_accum * max(counts), args.seq)
     base = [
         f"model.name_or_path={model_dir}",
