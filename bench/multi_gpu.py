@@ -262,7 +262,9 @@ def main() -> int:
     if not (model_dir / "config.json").is_file():
         report["build_seconds"] = build_model(args.arch, model_dir)
     counts = [] if args.gpus == "none" else [int(n) for n in args.gpus.split(",")]
-    write_tokens(data_file, (args.steps + 4) * args.micro_batch * args.grad_accum * max(counts, default=1), args.seq)
+    write_tokens(
+        data_file, (args.steps + 4) * args.micro_batch * args.grad_accum * max(counts, default=1), args.seq
+    )
     base = [
         f"model.name_or_path={model_dir}",
         "model.arch=null",  # the architecture from the model's config.json
