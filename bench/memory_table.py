@@ -22,9 +22,11 @@ def rows() -> list[str]:
         "|---|---|---|---|---|",
     ]
     for path in records_files(RESULTS):
-        source = "anchors" if path.name.startswith("anchors") else "engine"
         for r in replay(load_calibration(path)):
             rec, est = r.record, r.estimate
+            source = "anchors" if path.name.startswith("anchors") else "engine"
+            if rec.note.startswith("bare"):
+                source = "bare"  # a bare library script measured beside the engine
             if r.compared == "oom":
                 out.append(
                     f"| {rec.describe()} | {source} | out of memory | device {est.device_total_gb:.1f}: "

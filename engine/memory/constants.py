@@ -68,24 +68,28 @@ CUBLAS_WORKSPACE_BYTES = 32 * MIB
 CUDA_CONTEXT_GIB = 1.3
 
 # Unsloth's fused CE chunk costs fewer bytes per logit than its planner assumes (16): the
-# compiled chunk fuses the fp32 upcast. FITTED to the engine's unsloth backend on the H100
-# (bench/results/memory-calibration-engine-stacks-h100-2026-11-23.json): Llama-3.2-1B with every
-# layer checkpointed peaks at its loss (2 x 4096 tokens, 4 chunks), 2.38 GiB allocated: 4.8 bytes.
-# (It was 8, fitted to anchors.md row 5 alone, where the peak is not the loss: see below.)
-UNSLOTH_CE_BYTES_PER_LOGIT = 4.8
+# compiled chunk fuses the fp32 upcast. BOUNDED by the engine's padding-free rows on the H100
+# (bench/results/memory-calibration-engine-stacks-h100-2026-11-23b.json): Llama-3.2-1B, every
+# layer checkpointed, 2 x 4096 tokens in 4 chunks, peaks at 2.075 GiB allocated, and its loss
+# cannot exceed that: at most 3.56 bytes. (4.8 was fitted to padded micro-batches, whose loss
+# set the peak at 2.38 GiB; the engine no longer builds them for Unsloth.)
+UNSLOTH_CE_BYTES_PER_LOGIT = 3.5
 
-# Unsloth's backward of a checkpointed layer holds more than the saved-tensor inventory of one
-# layer: the recomputed layer, the next layer's input arriving from the CPU (double buffering)
-# and the fused kernels' temporaries. FITTED to the same file: Llama-3.1-8B, every layer
-# checkpointed, 8.17 GiB allocated with the loss at 1.4 GiB, so the backward sets the peak.
-UNSLOTH_RECOMPUTE_SCALE = 1.5
+# Unsloth's fused LoRA MLP backward dequantizes the 4-bit weights it multiplies by (gate, up and
+# down, and the recompute's own) and holds several at once, where bitsandbytes' matmul holds one.
+# FITTED, as a whole number of the largest dequantized weight (the MLP's, ffn x hidden in bf16),
+# to the same file's padding-free peaks, both set by the backward of a recomputed layer: Llama-3.1-8B
+# 7.738 GiB allocated (estimate 7.741) and Llama-3.2-1B 2.075 (estimate 2.079), with the layer's
+# saved-tensor inventory unscaled. (The earlier fit scaled the inventory by 1.5 from the 8B alone,
+# and overestimated the 1B by 14%.)
+UNSLOTH_DEQUANTIZED_WEIGHTS = 5
 
 # The per-layer parts of the activations (one layer's saved tensors, every layer's without
 # checkpointing, and the backward temporaries) are the saved-tensor inventory of terms.py times
 # this factor. FITTED: hf to the 8 Llama-3.1-8B configs of the calibration matrix: without
 # checkpointing the peak grows 5.73 MiB per token against the inventory's 5.89 (0.97);
 # hf-upcast needs none (anchors.md row 1: 15.54 estimated vs 15.46 allocated; the "RTX 4060"
-# rows 16.08 vs 16.0 and 10.00 vs 9.9); unsloth's peak is its loss chunk, not a layer.
+# rows 16.08 vs 16.0 and 10.00 vs 9.9); unsloth none (see UNSLOTH_DEQUANTIZED_WEIGHTS).
 ACTIVATION_SCALE = {"hf": 0.97, "hf-upcast": 1.0, "unsloth": 1.0}
 
 # MLP-wide gradients alive at once in one layer's backward (besides two hidden-wide ones).
@@ -106,11 +110,20 @@ BACKWARD_MLP_GRADIENTS = {"hf": 1, "hf-upcast": 3, "unsloth": 2}
 # fit only the 8B and over-estimated the 1B by 8-13%.
 HF_SLACK_PER_KEPT_INPUT = 0.5
 HF_SLACK_PER_MASKED_LAYER_NO_GC = 0.68
+# With expandable segments (the engine's default, engine/allocator.py) the allocator grows one
+# mapping instead of splitting cached blocks, and the slack above shrinks to this share of itself.
+# FITTED: bench/results/memory-calibration-engine-stacks-h100-2026-11-23b.json, Llama-3.1-8B hf
+# with Liger, seq 4096 mb 2, every layer checkpointed: 0.174 GiB reserved - allocated for the
+# engine and 0.161 for the bare TRL script, against 1.0 GiB from the default-allocator model
+# (0.86 measured without expandable segments). One config: the least certain hf constant.
+HF_EXPANDABLE_SLACK_SHARE = 0.17
 # hf-upcast and unsloth = base + fraction x the bytes churned at the peak (one layer's saved
-# tensors and temporaries, or the loss tiles). FITTED to anchors.md row 1 (hf-upcast, 15.81
-# reserved) and row 5 (unsloth, 7.88): one row each, so these are the least certain constants.
+# tensors, temporaries and dequantized weights, or the loss tiles). FITTED: hf-upcast to
+# anchors.md row 1 (15.81 reserved), one row; unsloth (which runs with expandable segments) to
+# the padding-free peaks of memory-calibration-engine-stacks-h100-2026-11-23b.json: 0.141 GiB
+# slack on the 8B (0.117 estimated) and 0.044 on the 1B (0.056).
 ALLOCATOR_SLACK_BASE_GIB = {"hf-upcast": 0.0, "unsloth": 0.0}
-ALLOCATOR_SLACK_FRACTION = {"hf-upcast": 0.07, "unsloth": 0.035}
+ALLOCATOR_SLACK_FRACTION = {"hf-upcast": 0.07, "unsloth": 0.06}
 
 # Vocabulary-sized gradient buffers (the fp32 grad of a trained lm_head and its bf16 copy, built
 # once per micro-step) do not fit in the split blocks the allocator has cached by then, so reserved

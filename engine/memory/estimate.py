@@ -15,6 +15,8 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine import allocator
+from engine.backends import padding_free
 from engine.config import ALL_LINEAR, RunConfig
 from engine.errors import UserError
 from engine.memory import constants as C
@@ -214,8 +216,10 @@ def plan_for(
     padded: bool | None = None,
     checkpointed: int | None = None,
     liger: bool | None = None,
+    expandable: bool | None = None,
 ) -> terms.Plan:
-    """`checkpointed` overrides train.gradient_checkpointing (the auto search sets it)."""
+    """`checkpointed` overrides train.gradient_checkpointing (the auto search sets it);
+    `expandable` the allocator (None: what an engine started from this environment uses)."""
     t, lo, q = cfg.train, cfg.lora, cfg.quant
     problems = []
     if t.micro_batch < 1:
@@ -252,10 +256,13 @@ def plan_for(
         attention=cfg.model.attn_implementation,
         budget_bytes=budget_gb * C.GIB if budget_gb is not None else None,
         packing=cfg.data.packing,
-        # Rows of different lengths padded to the longest: a mask on every layer. One row, or
-        # packed rows, need no padding mask.
-        padded=(t.micro_batch > 1 and not cfg.data.packing) if padded is None else padded,
+        # Rows of different lengths padded to the longest: a mask on every layer. One row, packed
+        # rows, or the padding-free row the Unsloth backend builds, need no padding mask.
+        padded=(t.micro_batch > 1 and not cfg.data.packing and not padding_free(backend))
+        if padded is None
+        else padded,
         liger=(liger_runs_here() if liger is None else liger) and backend == "hf" and t.liger,
+        expandable=allocator.expandable_segments() if expandable is None else expandable,
     )
 
 
@@ -285,6 +292,7 @@ def choose_checkpointing(
     budget_gb: float | None,
     padded: bool | None = None,
     liger: bool | None = None,
+    expandable: bool | None = None,
 ) -> tuple[int, str]:
     """(checkpointed layers, why) for train.gradient_checkpointing; auto spends the budget.
 
@@ -302,7 +310,7 @@ def choose_checkpointing(
     limit = budget_gb * (1 - C.TIGHT_FRACTION)
 
     def total(k: int) -> float:
-        plan = plan_for(cfg, arch, backend, budget_gb, padded, k, liger)
+        plan = plan_for(cfg, arch, backend, budget_gb, padded, k, liger, expandable)
         return _estimate_plan(cfg, arch, plan).device_total_gb
 
     if total(0) <= limit:
@@ -337,6 +345,7 @@ def estimate(
     padded: bool | None = None,
     checkpointed: int | None = None,
     liger: bool | None = None,
+    expandable: bool | None = None,
 ) -> Estimate:
     """The memory a training step of `cfg` needs at its peak.
 
@@ -346,18 +355,20 @@ def estimate(
     `padded` says whether micro-batches carry padding (an attention mask on every layer); by
     default they do when micro_batch > 1 without packing. Measurements on rows all seq_len long
     pass False. `checkpointed` fixes how many layers are checkpointed (a running engine's choice);
-    `liger` whether the hf backend uses Liger's kernels (None: as the engine would on this machine).
+    `liger` whether the hf backend uses Liger's kernels (None: as the engine would on this machine);
+    `expandable` whether the CUDA allocator grows expandable segments (None: as the engine started
+    from this environment will, engine.allocator).
     """
     arch = arch or resolve_architecture(cfg)
     name, reason = resolve_backend(cfg, backend)
     if checkpointed is None:
-        k, why = choose_checkpointing(cfg, arch, name, budget_gb, padded, liger)
+        k, why = choose_checkpointing(cfg, arch, name, budget_gb, padded, liger, expandable)
     else:  # what a running engine decided
         k, why = (
             max(0, min(checkpointed, arch.layers)),
             f"{checkpointed} of {arch.layers} layers, as the run chose",
         )
-    plan = plan_for(cfg, arch, name, budget_gb, padded, k, liger)
+    plan = plan_for(cfg, arch, name, budget_gb, padded, k, liger, expandable)
     est = _estimate_plan(cfg, arch, plan)
     return dataclasses.replace(est, backend_reason=reason, checkpoint_reason=why)
 
@@ -407,6 +418,8 @@ def _estimate_plan(cfg: RunConfig, arch: Architecture, plan: terms.Plan) -> Esti
         notes.append("every row counted at train.seq_len tokens: shorter rows only lower the peak")
     if plan.padded:
         notes.append("micro-batches counted as padded: an attention mask on every layer")
+    if name == "hf" and not plan.expandable:
+        notes.append("CUDA allocator without expandable segments (PYTORCH_ALLOC_CONF): more slack")
     if plan.liger:
         notes.append("Liger's RMSNorm and SwiGLU kernels (installed, with a GPU): fewer saved activations")
     return Estimate(

@@ -49,6 +49,7 @@ class Plan:
     liger: bool = False  # hf only: Liger's RMSNorm / SwiGLU / RoPE kernels (engine.backends.hf)
     packing: bool = False  # several examples per row: a block-diagonal mask from position_ids
     padded: bool = False  # micro-batches carry padding: an attention mask on every layer
+    expandable: bool = False  # the CUDA allocator's expandable segments (engine.allocator)
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -350,16 +351,20 @@ def backward_phases(plan: Plan) -> list[Phase]:
     one_layer = layer_saved_per_token(plan) * T * layer_scale(plan) + saved
     if masked_layers(plan):
         one_layer += mask_saved_per_token(plan) * T
-    ws = {"dequantized weight (one matmul)": dequantized_weight(plan)} if plan.load_in_4bit else {}
+    ws = {}
+    if plan.load_in_4bit and plan.backend == "unsloth":
+        name = f"dequantized weights (Unsloth's fused LoRA backward, {C.UNSLOTH_DEQUANTIZED_WEIGHTS})"
+        ws[name] = C.UNSLOTH_DEQUANTIZED_WEIGHTS * dequantized_weight(plan)
+    elif plan.load_in_4bit:
+        ws["dequantized weight (one matmul)"] = dequantized_weight(plan)
+    # Unsloth's dequantized weights come and go with every layer too.
+    deq = sum(ws.values()) if plan.backend == "unsloth" else 0.0
     masks = {"attention masks": attention_mask_inputs(plan)} if masked_layers(plan) else {}
     out = []
     # Either way the allocator churns through one layer's tensors at a time.
     if plan.kept_layers:
         acts = {**_resident_activations(plan), "backward temporaries": temps, **masks}
-        out.append(Phase("backward through the last layer", acts, dict(ws), churn=one_layer + temps))
-    if plan.backend == "unsloth":
-        one_layer *= C.UNSLOTH_RECOMPUTE_SCALE
-        temps *= C.UNSLOTH_RECOMPUTE_SCALE
+        out.append(Phase("backward through the last layer", acts, dict(ws), churn=one_layer + temps + deq))
     if plan.checkpointed_layers:
         if plan.backend == "unsloth":
             # Unsloth spreads its kept layers evenly (checkpoint_skip_layers): some are still
@@ -370,7 +375,7 @@ def backward_phases(plan: Plan) -> list[Phase]:
             acts = {name: kept}
         acts |= {"one layer recomputed": one_layer, "backward temporaries": temps, **masks}
         label = "backward through the last layer" if not plan.kept_layers else "backward, recomputing a layer"
-        out.append(Phase(label, acts, dict(ws), churn=one_layer + temps))
+        out.append(Phase(label, acts, dict(ws), churn=one_layer + temps + deq))
     return out
 
 
@@ -475,7 +480,9 @@ def allocator_slack(plan: Plan, phase: Phase) -> float:
             ffn_wide = plan.tokens * a.ffn * plan.compute_bytes
             share = plan.kept_layers / a.layers
             slack += C.HF_SLACK_PER_MASKED_LAYER_NO_GC * masked_layers(plan) * share * ffn_wide
-    else:
+        if plan.expandable:
+            slack *= C.HF_EXPANDABLE_SLACK_SHARE
+    else:  # Unsloth turns expandable segments on itself: its constants were fitted with them
         slack = C.ALLOCATOR_SLACK_BASE_GIB[plan.backend] * C.GIB
         slack += C.ALLOCATOR_SLACK_FRACTION[plan.backend] * phase.churn
     return slack + C.LARGE_BUFFER_RESERVED_COPIES * phase.large_buffers

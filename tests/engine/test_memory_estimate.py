@@ -55,7 +55,7 @@ def test_engine_memory_imports_neither_torch_nor_transformers() -> None:
 
 
 def test_each_term_against_a_hand_computation() -> None:
-    est = estimate(cfg_for(), backend="hf")
+    est = estimate(cfg_for(), backend="hf", expandable=True)  # the engine's allocator
     parts = {t.name: t.parts for t in est.terms}
 
     # Weights. 6,979,321,856 linear params in NF4 with double quant: 0.5 B + a uint8 absmax per
@@ -104,9 +104,10 @@ def test_each_term_against_a_hand_computation() -> None:
     assert a["backward temporaries"] == pytest.approx(temps * scale / GIB)
 
     # Workspace: CUDA context, cuBLAS workspace, the largest dequantized weight (down_proj in
-    # bf16), and the allocator's slack: a share of the kept layer inputs (32 x T x h in bf16).
+    # bf16), and the allocator's slack: a share of the kept layer inputs (32 x T x h in bf16), of
+    # which expandable segments leave a share.
     ws = parts["workspace"]
-    slack = C.HF_SLACK_PER_KEPT_INPUT * 32 * T * h * 2
+    slack = C.HF_SLACK_PER_KEPT_INPUT * 32 * T * h * 2 * C.HF_EXPANDABLE_SLACK_SHARE
     assert ws["CUDA context (outside torch)"] == pytest.approx(C.CUDA_CONTEXT_GIB)
     assert ws["cuBLAS workspace"] == pytest.approx(32 * 2**20 / GIB)
     assert ws["dequantized weight (one matmul)"] == pytest.approx(ffn * h * 2 / GIB)
@@ -119,6 +120,41 @@ def test_each_term_against_a_hand_computation() -> None:
     assert est.torch_allocated_gb == pytest.approx(
         est.torch_peak_gb - ws["allocator slack (reserved - allocated)"]
     )
+
+
+def test_the_default_allocator_only_adds_slack() -> None:
+    expandable = estimate(cfg_for(), backend="hf", expandable=True)
+    default = estimate(cfg_for(), backend="hf", expandable=False)
+    slack = "allocator slack (reserved - allocated)"
+    assert default.torch_allocated_gb == pytest.approx(expandable.torch_allocated_gb)
+    assert default.term("workspace").parts[slack] == pytest.approx(
+        expandable.term("workspace").parts[slack] / C.HF_EXPANDABLE_SLACK_SHARE
+    )
+    assert any("expandable segments" in n for n in default.notes)
+    assert not any("expandable segments" in n for n in expandable.notes)
+
+
+def test_the_allocator_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The estimate uses the allocator an engine started from this environment would use."""
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:512")
+    assert estimate(cfg_for(), backend="hf").torch_peak_gb == pytest.approx(
+        estimate(cfg_for(), backend="hf", expandable=False).torch_peak_gb
+    )
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+    assert estimate(cfg_for(), backend="hf").torch_peak_gb == pytest.approx(
+        estimate(cfg_for(), backend="hf", expandable=True).torch_peak_gb
+    )
+
+
+def test_unsloth_rows_are_padding_free() -> None:
+    """The Unsloth backend sends a micro-batch as one padding-free row: no attention mask, so the
+    same estimate as rows that need no padding; hf pads rows of a micro-batch to the longest."""
+    cfg = cfg_for(train__micro_batch=4)
+    assert not any("padded" in n for n in estimate(cfg, backend="unsloth").notes)
+    assert estimate(cfg, backend="unsloth").torch_peak_gb == pytest.approx(
+        estimate(cfg, backend="unsloth", padded=False).torch_peak_gb
+    )
+    assert any("padded" in n for n in estimate(cfg, backend="hf").notes)
 
 
 def test_trl_loss_never_builds_full_logits() -> None:
