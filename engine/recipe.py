@@ -153,7 +153,9 @@ def _make_callback(
             now = time.perf_counter()
             steps = max(st.global_step - self._last_step, 1)
             seconds = (now - self._last_time) / steps
-            tokens = int(logs.get("num_tokens", 0))
+            # The trainer's exact count (engine.backends.safe_trainer), restored on resume; TRL's
+            # own only where a patched training loop skipped it.
+            tokens = int(logs.get("num_input_tokens_seen") or logs.get("num_tokens", 0))
             tok_s = (
                 (tokens - self._last_tokens) / max(now - self._last_time, 1e-9) if self._last_tokens else 0.0
             )

@@ -207,6 +207,8 @@ def training_args(
         # The default replaces a NaN step loss with the running average: a diverged run would log
         # finite losses and keep saving NaN weights. Log what the step computed.
         logging_nan_inf_filter=False,
+        # Count tokens (SafeTrainerMixin._track_num_input_tokens) and log num_input_tokens_seen.
+        include_num_input_tokens_seen="non_padding",
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,

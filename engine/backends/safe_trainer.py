@@ -8,6 +8,8 @@
 - No checkpoint is ever written once a loss went non-finite. The first such step is tracked on the
   device (no sync per step); it is read at log and save time only.
 - The fault hooks of engine.faults ($QLC_FAULT), inert when it is unset.
+- Tokens trained on are counted exactly (see _track_num_input_tokens), kept in the trainer state
+  so that a resumed run goes on counting from its checkpoint.
 
 On several processes (torchrun), every rank runs these hooks at the same points. The main process
 alone makes, commits and rotates the staging folder; the others write their parts (their RNG
@@ -34,6 +36,7 @@ class SafeTrainerMixin:
         self.faults = FaultInjector.from_env()
         self._staging_root: str | None = None
         self._first_nonfinite: Any = None  # a 0-d tensor on the loss's device: 0, or the step
+        self._tokens_pending: Any = None  # tokens since the last log or save, on the device
 
     # ---- training ---------------------------------------------------------------------------
 
@@ -56,6 +59,39 @@ class SafeTrainerMixin:
         if isinstance(out, tuple):
             return (self.faults.poison_loss(out[0], step), *out[1:])
         return self.faults.poison_loss(out, step)
+
+    def _track_num_input_tokens(self, inputs: Any) -> None:
+        """Count the micro-batch's tokens: its attention mask where it has one, else every position
+        (equal-length rows and the padding-free row hold no padding; packed rows only a few
+        positions at a row's end, which are computed too).
+
+        Replaces transformers' count, whose "non_padding" mode takes a row without a mask for
+        padding wherever it holds pad_token_id (often eos, a real token), and TRL's, which counts a
+        batch of position_ids as one row. The sum stays on the device until a log or a save.
+        """
+        import torch
+
+        mask = inputs.get("attention_mask")
+        count = mask.sum() if mask is not None else inputs["input_ids"].numel()
+        if self._tokens_pending is None:
+            self._tokens_pending = torch.zeros((), dtype=torch.long, device=self.args.device)
+        if isinstance(count, torch.Tensor):
+            count = count.to(self._tokens_pending.device, non_blocking=True)
+        self._tokens_pending += count
+
+    def _fold_tokens(self) -> None:
+        """Add the pending count, summed over the ranks, to the trainer state (saved with each
+        checkpoint). A collective with several ranks: every rank calls it at each log and save."""
+        import torch
+        import torch.distributed as dist
+
+        pending = self._tokens_pending
+        if pending is None:
+            pending = torch.zeros((), dtype=torch.long, device=self.args.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(pending, op=dist.ReduceOp.SUM)
+        self.state.num_input_tokens_seen += int(pending.item())
+        self._tokens_pending = None
 
     def _track_nonfinite(self, loss: Any, step: int) -> None:
         import torch
@@ -82,6 +118,7 @@ class SafeTrainerMixin:
         return None if value == never else value
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        self._fold_tokens()  # transformers logs state.num_input_tokens_seen
         loss = logs.get("loss")
         if loss is not None and not math.isfinite(loss):
             # The logged loss averages the steps since the last log: name the step it went bad at.
@@ -100,6 +137,7 @@ class SafeTrainerMixin:
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         step = self.state.global_step
+        self._fold_tokens()  # into the trainer state the checkpoint keeps
         bad = self.first_nonfinite_step()
         if bad is not None:  # never save weights trained on a non-finite loss
             raise failures.RunFailure(failures.nonfinite_loss(math.nan, bad, step))
