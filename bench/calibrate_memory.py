@@ -46,6 +46,7 @@ def calibrate(
 
     from engine import data
     from engine.backends import hf, padding_free
+    from engine.backends import unsloth as unsloth_backend
     from engine.backends.checkpointing import CheckpointPlan
 
     model_dir = work / f"model-{arch}"
@@ -113,7 +114,10 @@ def calibrate(
                 else:
                     model.gradient_checkpointing_disable()
                 prepared = data.prepare(cfg, tok)
-                prepared.collator.padding_free = padding_free(backend)  # as the engine's recipe does
+                # As the engine's recipe does: one padding-free row, with the lengths Unsloth's
+                # attention keeps the examples apart by.
+                free = padding_free(backend) and unsloth_backend.allow_padding_free(model)
+                prepared.collator.padding_free = free
                 record = {
                     "arch": arch,
                     "backend": backend,
@@ -127,7 +131,7 @@ def calibrate(
                     "modules_to_save": [],
                     "optimizer": cfg.train.optimizer,
                     "allocator": "expandable" if allocator.expandable_segments() else "default",
-                    "padding_free": padding_free(backend),
+                    "padding_free": free,
                     "oom": False,
                 }
                 trainer = None

@@ -18,8 +18,19 @@ from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
 ENV = "PYTORCH_ALLOC_CONF"  # read by torch >= 2.10
-LEGACY_ENV = "PYTORCH_CUDA_ALLOC_CONF"
+LEGACY_ENV = "PYTORCH_CUDA_ALLOC_CONF"  # the only one torch < 2.10 reads for CUDA
 EXPANDABLE = "expandable_segments:True"
+
+
+def _torch_reads() -> str:
+    """The variable the installed torch reads, found without importing torch."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        major, minor = (int(part) for part in version("torch").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return ENV
+    return ENV if (major, minor) >= (2, 10) else LEGACY_ENV
 
 
 def _user_setting(env: Mapping[str, str]) -> str | None:
@@ -56,7 +67,7 @@ def configure(env: MutableMapping[str, str] | None = None) -> None:
     touches CUDA (the engine's entry point does, for every mode)."""
     env = os.environ if env is None else env
     if _user_setting(env) is None and _supported():
-        env[ENV] = EXPANDABLE
+        env[_torch_reads()] = EXPANDABLE
 
 
 def describe(env: Mapping[str, str] | None = None) -> str:

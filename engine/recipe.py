@@ -226,6 +226,7 @@ class Recipe:
         self.trainer: Any = None
         self.tokenizer: Any = None
         self.resume_from: Path | None = None
+        self.padding_free = False  # one padding-free row per micro-batch (the Unsloth backend)
 
     def hello(self) -> None:
         from engine.backends import choose_backend, choose_device
@@ -326,6 +327,7 @@ class Recipe:
             set_seed(cfg.train.seed)
             model = unsloth.apply_lora(model, cfg, gc)
             kernels = ["unsloth: fused RMSNorm, RoPE, SwiGLU, LoRA, cross-entropy"]
+            self.padding_free = padding_free(self.backend) and unsloth.allow_padding_free(model)
         else:
             model = hf.load_model(cfg, self.device, path, ranks=self.ranks)
             kernels = hf.apply_kernels(model, cfg, self.device)
@@ -359,7 +361,7 @@ class Recipe:
             emit(protocol.StageEvent(stage="preparing_data", message=message, current=current, total=total))
 
         prepared = data.prepare(cfg, self.tokenizer, progress)
-        prepared.collator.padding_free = padding_free(self.backend)
+        prepared.collator.padding_free = self.padding_free
         template = prepared.template.family if prepared.template else "auto"
         if prepared.template is not None:
             # Checkpoints and the final adapter save this tokenizer: they carry the template the

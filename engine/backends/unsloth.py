@@ -77,3 +77,17 @@ def apply_lora(model: Any, cfg: RunConfig, checkpointing: CheckpointPlan) -> Any
         max_seq_length=cfg.train.seq_len,
         checkpoint_skip_layers=kept,
     )
+
+
+def allow_padding_free(model: Any) -> bool:
+    """Let `model` take the one-row padding-free micro-batches (engine.data.collate), as Unsloth's
+    own trainer does when it enables them: a row of several examples may be longer than
+    max_seq_length. False where this Unsloth lacks its packing support (unsloth.utils.packing):
+    its attention could not keep the examples of a row apart, so the engine pads instead."""
+    try:
+        from unsloth.utils.packing import get_packed_info_from_kwargs, mark_allow_overlength
+    except ImportError:
+        return False
+    del get_packed_info_from_kwargs  # only its presence matters: the attention reads the lengths
+    mark_allow_overlength(model)
+    return True

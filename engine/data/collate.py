@@ -19,10 +19,11 @@ class PadCollator:
     padding of a packed row gets its own positions 0..k, making it one more separate sequence.
 
     `padding_free` puts the whole micro-batch in ONE row instead, each example after the other
-    with its own positions, and no padding at all: what TRL's padding-free collator builds and
-    what Unsloth's varlen attention reads (it finds the examples' boundaries from position_ids
-    when a batch is one row without a mask, unsloth/models/llama.py). The Unsloth backend uses
-    it, as a bare Unsloth script does on its own.
+    with its own positions, and no padding at all, as a bare Unsloth script batches on its own.
+    The row also carries `packed_seq_lengths` (int32, one length per example): Unsloth's
+    attention takes the examples' boundaries from it alone (unsloth/utils/packing.py
+    get_packed_info_from_kwargs), and without it would attend across examples. transformers'
+    own attention finds the same boundaries from position_ids.
 
     Wherever a row holds several examples, the first token of each is no target: the shifted
     loss would otherwise train the last token of one example to predict the next example.
@@ -82,7 +83,16 @@ class PadCollator:
             "input_ids": torch.as_tensor([ids], dtype=torch.long),
             "labels": label_ids,
             "position_ids": position_ids,
+            "packed_seq_lengths": torch.as_tensor(sequence_lengths(positions), dtype=torch.int32),
         }
+
+
+def sequence_lengths(positions: list[int]) -> list[int]:
+    """The lengths of the examples in a row whose positions restart at 0 for each."""
+    starts = [i for i, p in enumerate(positions) if p == 0] or [0]
+    if starts[0] != 0:  # a row that does not start an example still holds one from 0
+        starts.insert(0, 0)
+    return [b - a for a, b in zip(starts, [*starts[1:], len(positions)], strict=True)]
 
 
 def pad_token_id(tokenizer: Any) -> int:

@@ -25,6 +25,16 @@ def test_the_engine_turns_on_expandable_segments() -> None:
     assert allocator.describe(env) == "CUDA allocator: expandable_segments:True"
 
 
+def test_an_older_torch_gets_the_name_it_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.9.1+cu128")
+    env: dict[str, str] = {}
+    allocator.configure(env)
+    assert env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    assert allocator.expandable_segments(env)
+
+
 @pytest.mark.parametrize("name", ["PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"])
 def test_a_users_setting_wins(name: str) -> None:
     env = {name: "max_split_size_mb:256"}

@@ -51,6 +51,29 @@ def test_asking_for_unsloth_without_a_gpu_is_one_clear_error() -> None:
         choose_backend(cfg, "cpu")
 
 
+def test_unsloth_rows_go_padding_free_only_where_its_attention_reads_their_lengths(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One padding-free row per micro-batch needs Unsloth's packing support, which marks the model
+    to take rows longer than max_seq_length and keeps a row's examples apart by their lengths.
+    Without it, the engine pads."""
+    import sys
+    import types
+
+    from engine.backends import unsloth
+
+    monkeypatch.setitem(sys.modules, "unsloth.utils.packing", None)  # an Unsloth without it
+    assert unsloth.allow_padding_free(object()) is False
+
+    marked: list[object] = []
+    packing = types.ModuleType("unsloth.utils.packing")
+    packing.mark_allow_overlength = marked.append  # type: ignore[attr-defined]
+    packing.get_packed_info_from_kwargs = lambda kwargs, device: None  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "unsloth.utils.packing", packing)
+    model = object()
+    assert unsloth.allow_padding_free(model) is True and marked == [model]
+
+
 # ---------------------------------------------------------------------------------------------
 # How many layers to checkpoint
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.config import DataConfig, RunConfig, TrainConfig
 from engine.data import DataError, DataReport, prepare
+from engine.data.collate import sequence_lengths
 from engine.data.masking import IGNORE, Encoded
 from engine.data.packing import pack
 from engine.data.report import histogram, percentile, steps
@@ -153,9 +154,18 @@ def test_padding_free_batch_is_one_row_with_the_padded_batch_loss(tok, packing: 
     padded = p.collator(rows)
     p.collator.padding_free = True
     one = p.collator(rows)
-    assert set(one) == {"input_ids", "labels", "position_ids"} and one["input_ids"].shape[0] == 1
+    assert set(one) == {"input_ids", "labels", "position_ids", "packed_seq_lengths"}
+    assert one["input_ids"].shape[0] == 1
     assert one["input_ids"][0].tolist() == list(itertools.chain(*(r["input_ids"] for r in rows)))
     assert (one["labels"][one["position_ids"] == 0] == IGNORE).all()
+    # The examples' lengths, which Unsloth's attention reads the boundaries from: one per example
+    # (a packed row holds several), positions restarting at each.
+    lengths = one.pop("packed_seq_lengths")
+    assert lengths.dtype == torch.int32 and int(lengths.sum()) == one["input_ids"].shape[1]
+    examples = sum(int((torch.as_tensor(r["position_ids"]) == 0).sum()) for r in rows) if packing else 3
+    assert len(lengths) == examples
+    expected = torch.cat([torch.arange(n) for n in lengths.tolist()])
+    assert one["position_ids"][0].tolist() == expected.tolist()
 
     model = AutoModelForCausalLM.from_pretrained(ensure_builtin("builtin:tiny-llama"), dtype=torch.float32)
     model.eval()
@@ -172,6 +182,14 @@ def test_padding_free_batch_is_one_row_with_the_padded_batch_loss(tok, packing: 
     (loss_padded, count_padded), (loss_one, count_one) = summed_loss(padded), summed_loss(one)
     assert count_one == count_padded > 0
     torch.testing.assert_close(loss_one, loss_padded, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("positions", "lengths"),
+    [([0, 1, 2], [3]), ([0, 1, 0, 1, 2, 0], [2, 3, 1]), ([0], [1]), ([3, 4, 0, 1], [2, 2])],
+)
+def test_sequence_lengths_split_where_positions_restart(positions: list[int], lengths: list[int]) -> None:
+    assert sequence_lengths(positions) == lengths
 
 
 def test_validation_split_is_seeded_and_disjoint(tok) -> None:
