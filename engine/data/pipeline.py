@@ -71,8 +71,9 @@ def fit_length(encoded: list[Encoded], seq_len: int, too_long: str) -> tuple[lis
             stats.truncated += 1
             stats.truncated_tokens += len(enc.input_ids) - seq_len
             enc = Encoded(enc.where, enc.input_ids[:seq_len], enc.labels[:seq_len])
-        if all(label == IGNORE for label in enc.labels):
+        if all(label == IGNORE for label in enc.labels[1:]):
             # Nothing left to learn (the answer was cut off): a batch of these makes the loss 0/0.
+            # The first token is never a target: the loss predicts each token from those before.
             stats.dropped["no_trained_tokens"] = stats.dropped.get("no_trained_tokens", 0) + 1
             continue
         kept.append(enc)

@@ -167,7 +167,8 @@ def build_report(
         dropped=sum(dropped.values()),
         dropped_reasons=dict(dropped),
         tokens_per_epoch=tokens,
-        trained_tokens_per_epoch=sum(label != IGNORE for enc in kept for label in enc.labels),
+        # The first token of an example is never a target (nothing precedes it).
+        trained_tokens_per_epoch=sum(label != IGNORE for enc in kept for label in enc.labels[1:]),
         pack_fill=round(tokens / (rows * t.seq_len), 4) if d.packing and rows else None,
         micro_batch=t.micro_batch,
         grad_accum=t.grad_accum,

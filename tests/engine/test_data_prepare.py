@@ -48,9 +48,9 @@ def test_the_demo_prepares_with_padding_and_a_report(tok) -> None:
     assert p.train.column_names == ["input_ids", "labels"] and len(p.train) == 570 and len(p.eval) == 30
     assert r.format == "messages" and r.template == "tokenizer" and r.end_of_turn == "<|eot_id|>"
     assert r.tokens_per_epoch == sum(len(ids) for ids in p.train["input_ids"])
-    assert r.trained_tokens_per_epoch == sum(
-        label != IGNORE for labels in p.train["labels"] for label in labels
-    )
+    # The first token of an example is never a target.
+    trained = sum(label != IGNORE for labels in p.train["labels"] for label in labels[1:])
+    assert r.trained_tokens_per_epoch == trained
     assert (r.steps_per_epoch, r.total_steps) == (72, 144)  # ceil(570 / 4) = 143 batches -> 72 steps
     assert r.example[-1] == ("2 plus 18 is 20.<|eot_id|>", True)
     assert "".join(text for text, _ in r.example).startswith("<|begin_of_text|><|start_header_id|>user")
