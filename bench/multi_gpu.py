@@ -52,14 +52,30 @@ def qlc(runs_dir: Path, *args: str, timeout: float = 1800) -> subprocess.Complet
     )
 
 
-def wait_for(run_dir: Path, predicate: Any, timeout: float) -> protocol.Event | None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def wait_for(run_dir: Path, predicate: Any, timeout: float, grace: float = 120) -> protocol.Event | None:
+    """The first event that satisfies `predicate`, or None at the timeout, or as soon as the engine
+    is gone without it (a crash before any `finished` event: say so, with its log's tail, instead
+    of waiting out the timeout). `grace` covers the start, before the engine holds its lock."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
         for ev in runs.read_events(run_dir)[0]:
             if predicate(ev):
                 return ev
+        if time.monotonic() - start > grace and not runs.is_running(run_dir):
+            for ev in runs.read_events(run_dir)[0]:  # the last events, written as it exited
+                if predicate(ev):
+                    return ev
+            log = run_dir / runs.ENGINE_LOG
+            tail = log.read_text(errors="replace")[-3000:] if log.is_file() else "(no engine.log)"
+            print(f"[{run_dir.name}] the engine is gone; engine.log ends:\n{tail}", flush=True)
+            return None
         time.sleep(0.2)
     return None
+
+
+def say(label: str, message: str) -> None:
+    """Progress on stdout: a device call that runs out of time still shows how far it got."""
+    print(f"[{time.strftime('%H:%M:%S')} {label}] {message}", flush=True)
 
 
 class DevicePeaks:
@@ -148,10 +164,12 @@ def scenario(args: argparse.Namespace, base: list[str], gpus: int, strategy: str
     result["estimate_per_gpu"] = {"torch_peak_gb": est.torch_peak_gb, "device_total_gb": est.device_total_gb}
 
     t_launch = time.time()
+    say(label, "starting")
     with DevicePeaks() as peaks:
         run_dir = start(runs_dir, overrides, world_of_one)
         first = wait_for(run_dir, lambda e: isinstance(e, (protocol.Step, protocol.Finished)), 1800)
         result["launch_to_first_step_seconds"] = first.time - t_launch if first else None
+        say(label, f"first step after {result['launch_to_first_step_seconds']} s")
         wait_for(
             run_dir,
             lambda e: (
@@ -171,6 +189,7 @@ def scenario(args: argparse.Namespace, base: list[str], gpus: int, strategy: str
             "--json",
         )
         result["live_sample_exit"] = sample.returncode
+        say(label, f"live sample: exit {sample.returncode}")
         wait_for(
             run_dir,
             lambda e: (
@@ -180,11 +199,13 @@ def scenario(args: argparse.Namespace, base: list[str], gpus: int, strategy: str
         )
         stop = qlc(runs_dir, "stop", run_dir.name)
         result["stop_exit"] = stop.returncode
+        say(label, f"stop: exit {stop.returncode}")
         deadline = time.monotonic() + 120
         while runs.is_running(run_dir) and time.monotonic() < deadline:
             time.sleep(0.5)
     result["device_peak_gib_per_gpu"] = {str(k): v for k, v in sorted(peaks.peaks.items())}
     result["resume_exit"] = resume(runs_dir, run_dir, world_of_one)
+    say(label, f"resume: exit {result['resume_exit']}")
 
     events, _ = runs.read_events(run_dir)
     hellos = [i for i, e in enumerate(events) if isinstance(e, protocol.Hello)]
@@ -260,6 +281,7 @@ def main() -> int:
         "env": NO_MULTICAST,
     }
     if not (model_dir / "config.json").is_file():
+        say(args.arch, "building the model (random weights)")
         report["build_seconds"] = build_model(args.arch, model_dir)
     counts = [] if args.gpus == "none" else [int(n) for n in args.gpus.split(",")]
     write_tokens(
