@@ -8,7 +8,7 @@ projections), and trained for 3 optimizer steps per config through the engine's 
 data pipeline, over seq_len x micro_batch x gradient checkpointing. Each config records PyTorch's
 peak allocated and reserved memory and NVML's whole-device peak; an out-of-memory is a result too.
 The allocator and the batches are the engine's: expandable segments (engine.allocator) and, for
-Unsloth, padding-free rows (engine.backends.padding_free).
+Unsloth, padding-free rows (engine.backends.batches_padding_free).
 
 Writes DIR/memory-calibration-<arch>.json in the format engine.memory replays in its tests.
 """
@@ -45,8 +45,7 @@ def calibrate(
     import torch
 
     from engine import data
-    from engine.backends import hf, padding_free
-    from engine.backends import unsloth as unsloth_backend
+    from engine.backends import batches_padding_free, hf
     from engine.backends.checkpointing import CheckpointPlan
 
     model_dir = work / f"model-{arch}"
@@ -114,9 +113,7 @@ def calibrate(
                 else:
                     model.gradient_checkpointing_disable()
                 prepared = data.prepare(cfg, tok)
-                # As the engine's recipe does: one padding-free row, with the lengths Unsloth's
-                # attention keeps the examples apart by.
-                free = padding_free(backend) and unsloth_backend.allow_padding_free(model)
+                free = batches_padding_free(backend, model)  # as the engine's recipe does
                 prepared.collator.padding_free = free
                 record = {
                     "arch": arch,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import __version__, allocator, checkpoints, failures, faults, fingerprint, protocol, runs
-from engine.backends import padding_free
+from engine.backends import batches_padding_free
 from engine.backends.checkpointing import CheckpointPlan, plan_checkpointing
 from engine.config import RunConfig, load_resolved
 from engine.control import CommandQueue
@@ -327,13 +327,13 @@ class Recipe:
             set_seed(cfg.train.seed)
             model = unsloth.apply_lora(model, cfg, gc)
             kernels = ["unsloth: fused RMSNorm, RoPE, SwiGLU, LoRA, cross-entropy"]
-            self.padding_free = padding_free(self.backend) and unsloth.allow_padding_free(model)
         else:
             model = hf.load_model(cfg, self.device, path, ranks=self.ranks)
             kernels = hf.apply_kernels(model, cfg, self.device)
             set_seed(cfg.train.seed)
             model = hf.apply_lora(model, cfg, gc, ranks=self.ranks)
         self.kernels = kernels
+        self.padding_free = batches_padding_free(self.backend, model)
         total, trainable = hf.count_params(model)
         mem = cuda_memory()
         emit(

@@ -7,6 +7,7 @@ hello event and the dashboard can show which stack trains and the reason.
 from __future__ import annotations
 
 import importlib.util
+from typing import Any
 
 from engine.config import RunConfig
 from engine.errors import UserError
@@ -36,10 +37,22 @@ def padding_free(backend: str) -> bool:
     """Whether micro-batches go to the model as one padding-free row (engine.data.collate).
 
     Unsloth: yes, as a bare Unsloth script does on a Hopper GPU (its auto choice keeps padding-free
-    wherever it has not measured padded batches to be faster), and its varlen attention reads the
-    examples' boundaries from position_ids. hf: no; SDPA would need a block-diagonal mask instead.
+    wherever it has not measured padded batches to be faster), and its attention keeps the
+    examples apart by the lengths the row carries. hf: no; SDPA would need a block-diagonal mask.
+    What the memory estimate assumes; a run decides with `batches_padding_free`.
     """
     return backend == "unsloth"
+
+
+def batches_padding_free(backend: str, model: Any) -> bool:
+    """Whether `model` trains on one padding-free row per micro-batch: where the backend does
+    (padding_free) and the installed Unsloth can keep a row's examples apart, which also marks
+    the model to take rows longer than max_seq_length (unsloth.allow_padding_free)."""
+    if not padding_free(backend):
+        return False
+    from engine.backends import unsloth
+
+    return unsloth.allow_padding_free(model)
 
 
 def choose_backend(cfg: RunConfig, device: str, processes: int = 1) -> tuple[str, str]:

@@ -53,44 +53,42 @@ def test_truncate_rebuilds_summaries() -> None:
     assert max(c.hi for c in cols) == 100.0 and cols[-1].x == 1200
 
 
-def test_columns_fold_a_bounded_number_of_values(monkeypatch: pytest.MonkeyPatch) -> None:
+class Folded:
+    """How many values the series has folded into minima and maxima (through _extremes)."""
+
+    count = 0
+
+
+@pytest.fixture
+def folded(monkeypatch: pytest.MonkeyPatch) -> Folded:
+    """Count the work of folding points into columns, instead of timing it: the suite stays
+    deterministic on a busy machine (bench/ times the console)."""
+    from tui.widgets import series as series_module
+
+    counter = Folded()
+    real = series_module._extremes
+
+    def counting(lo_values, hi_values):
+        counter.count += len(lo_values)
+        return real(lo_values, hi_values)
+
+    monkeypatch.setattr(series_module, "_extremes", counting)
+    return counter
+
+
+def test_columns_fold_a_bounded_number_of_values(folded: Folded) -> None:
     """Folding 100k points into 200 columns touches a few values per column (the summary blocks),
-    not the points: counted through _extremes, not timed."""
-    from tui.widgets import series as series_module
-
-    folded = 0
-    real = series_module._extremes
-
-    def counting(lo_values, hi_values):
-        nonlocal folded
-        folded += len(lo_values)
-        return real(lo_values, hi_values)
-
+    not the points."""
     big = _series([math.sin(i) for i in range(100_000)])  # its summaries, built as points arrive
-    monkeypatch.setattr(series_module, "_extremes", counting)
+    folded.count = 0
     columns = big.columns(200)
-    assert len(columns) == 200 and 0 < folded <= 16 * 200
+    assert len(columns) == 200 and 0 < folded.count <= 16 * 200
 
 
-async def test_drawing_100k_points_folds_as_few_values_as_drawing_a_few_hundred(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_drawing_100k_points_folds_as_few_values_as_drawing_a_few_hundred(folded: Folded) -> None:
     """The chart's cost depends on its width, not on the series' length: count the values the
-    series folds into columns (every min/max goes through _extremes) for one draw. A count, not a
-    timing: the suite stays deterministic on a busy machine (bench/ times the console)."""
+    series folds into columns for one draw."""
     from textual.app import App
-
-    from tui.widgets import series as series_module
-
-    folded = 0
-    real = series_module._extremes
-
-    def counting(lo_values, hi_values):
-        nonlocal folded
-        folded += len(lo_values)
-        return real(lo_values, hi_values)
-
-    monkeypatch.setattr(series_module, "_extremes", counting)
 
     class ChartApp(App[None]):
         def compose(self):
@@ -104,9 +102,9 @@ async def test_drawing_100k_points_folds_as_few_values_as_drawing_a_few_hundred(
             chart.set_series([ChartSeries(_series([2 + math.exp(-i / n * 5) for i in range(n)]), "loss")])
             await pilot.pause()
             chart._cache_key = None
-            folded = 0
+            folded.count = 0
             text = _chart_text(chart)
-            counts[n] = folded
+            counts[n] = folded.count
             assert any(0x2800 < ord(ch) <= 0x28FF for ch in text)
     width = 2 * 120  # braille: two dot columns per cell, at most
     assert counts[300] > 0 and 0 < counts[100_000] <= 16 * width, counts
