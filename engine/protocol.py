@@ -19,7 +19,7 @@ from typing import Literal, Union
 
 import msgspec
 
-PROTOCOL_VERSION = "1.1"  # 1.1: the `exported` event and the export stages
+PROTOCOL_VERSION = "1.2"  # 1.1: the `exported` event and the export stages; 1.2: stage progress (unit, rate, ETA), "downloading"
 
 
 class ProtocolError(ValueError):
@@ -38,6 +38,7 @@ class Message(msgspec.Struct, frozen=True, tag_field="type", kw_only=True, omit_
 
 Stage = Literal[
     "starting",
+    "downloading",  # model or dataset files from the hub (bytes)
     "loading_model",
     "quantizing",
     "preparing_data",
@@ -68,12 +69,20 @@ class Hello(Message, frozen=True, tag="hello"):
 
 
 class StageEvent(Message, frozen=True, tag="stage"):
-    """A long phase began or progressed; `total` 0 means the length is unknown."""
+    """A long phase began or progressed; `total` 0 means the length is unknown.
+
+    Long work (downloads, data preparation) reports progress with the same event: `current` of
+    `total` in `unit`, the measured `rate` in units per second and the `eta_s` it implies. Senders
+    throttle these (a few per second at most); readers show the latest.
+    """
 
     stage: Stage
     message: str = ""
     current: int = 0
     total: int = 0
+    unit: str = ""  # what current/total count: "B" (bytes), "examples", "steps", ...; "" = items
+    rate: float | None = None  # units per second, measured over the recent past
+    eta_s: float | None = None  # seconds left at that rate; None when unknown
 
 
 class ModelReady(Message, frozen=True, tag="model_ready"):

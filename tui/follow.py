@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.markup import escape
 
 from engine import protocol, runs
-from tui.output import err, fmt_duration, fmt_ranks, out
+from tui.output import err, fmt_duration, fmt_progress, fmt_ranks, out
 
 
 def _num(n: int) -> str:
@@ -33,10 +33,26 @@ def _loss(x: float | None) -> str:
 class EventPrinter:
     """One line per event (sample tokens stream inline). `json_lines` prints the raw protocol."""
 
+    # Long work reports progress several times a second; a printed line every few seconds is
+    # enough for a terminal and keeps a log file (qlc train > log) readable.
+    PROGRESS_EVERY_S = 5.0
+
     def __init__(self, json_lines: bool = False) -> None:
         self.json_lines = json_lines
         self.status: str | None = None
         self._in_sample = False
+        self._progress_printed: dict[str, float] = {}  # stage -> when its last progress line was printed
+
+    def _progress_due(self, ev: protocol.StageEvent) -> bool:
+        """Whether to print this stage event: always its first and last, else every few seconds."""
+        if ev.unit == "" and ev.rate is None:
+            return True  # a plain stage change, not a progress report
+        now = time.monotonic()
+        last = self._progress_printed.get(ev.stage)
+        if last is None or ev.current >= ev.total > 0 or now - last >= self.PROGRESS_EVERY_S:
+            self._progress_printed[ev.stage] = now
+            return True
+        return False
 
     def __call__(self, ev: protocol.Event) -> None:
         if self.json_lines:
@@ -61,7 +77,10 @@ class EventPrinter:
                     )
                 )
             case protocol.StageEvent():
-                progress = f" {ev.current}/{ev.total}" if ev.total else ""
+                if not self._progress_due(ev):
+                    return
+                progress = fmt_progress(ev.current, ev.total, ev.unit, ev.rate, ev.eta_s)
+                progress = f" {progress}" if progress else ""
                 out.print(f"[dim]{ev.stage.replace('_', ' ')}{progress}: {escape(ev.message)}[/]")
             case protocol.ModelReady():
                 pct = 100 * ev.trainable_params / max(ev.total_params, 1)

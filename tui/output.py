@@ -27,6 +27,38 @@ def fmt_duration(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def fmt_amount(n: float, unit: str) -> str:
+    """A count in its unit: bytes as '1.2 GB' (decimal, as downloads are quoted), others '12.3k rows'."""
+    if unit == "B":
+        for name, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+            if n >= size:
+                return f"{n / size:.1f} {name}"
+        return f"{n:.0f} B"
+    for name, size in (("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{name}" + (f" {unit}" if unit else "")
+    return f"{n:.0f}" + (f" {unit}" if unit else "")
+
+
+def fmt_progress(
+    current: int, total: int, unit: str = "", rate: float | None = None, eta_s: float | None = None
+) -> str:
+    """'3.2 GB of 16.1 GB (20%) · 85.0 MB/s · ETA 2:31' for a StageEvent's progress; '' when it has none."""
+    if not total and not current:
+        return ""
+    if unit:
+        text = fmt_amount(current, unit)
+        if total:
+            text += f" of {fmt_amount(total, unit)} ({100 * current / total:.0f}%)"
+    else:
+        text = f"{current}/{total}" if total else str(current)
+    if rate is not None and rate > 0:
+        text += f" · {fmt_amount(rate, unit)}/s"
+    if eta_s is not None and current != total:
+        text += f" · ETA {fmt_duration(eta_s)}"
+    return text
+
+
 def fmt_ranks(devices: list[Any]) -> str:
     """Each rank's device in a few characters: 'r0 10.4 GB 97% · r1 10.5 GB 96%' (GPU peak reserved
     and utilisation), or host RSS on CPU ranks: 'r0 0.68 GB · r1 0.69 GB'."""

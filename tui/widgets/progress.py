@@ -8,6 +8,7 @@ from rich.text import Text
 from textual.widget import Widget
 
 from tui.history import RunHistory
+from tui.output import fmt_progress
 
 STATUS_MARK = {
     "training": "▶",
@@ -76,8 +77,9 @@ class RunProgress(Widget):
         stage = ""
         if status in ("starting",) and h.stage is not None:
             stage = h.stage.stage.replace("_", " ")
-            if h.stage.total:
-                stage += f" {h.stage.current}/{h.stage.total}"
+            progress = fmt_progress(h.stage.current, h.stage.total, h.stage.unit, h.stage.rate, h.stage.eta_s)
+            if progress:
+                stage += f" {progress}"
             if h.stage.message:
                 stage += f": {h.stage.message}"
         top = Text(no_wrap=True, overflow="ellipsis")
