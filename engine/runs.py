@@ -222,7 +222,7 @@ def send_command(run_dir: Path, command: protocol.Message) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
     except OSError as exc:
         if exc.errno == errno.ENXIO:  # no reader: no engine is running
-            raise UserError(f"run {run_dir.name} is not running", "`qlc resume` continues it") from None
+            raise UserError(f"run {run_dir.name} is not running", _not_running_hint(run_dir)) from None
         raise
     try:
         os.write(fd, protocol.encode(command))
@@ -264,22 +264,18 @@ def summarize(run_dir: Path) -> RunSummary:
         preset = model = "?"
     step, total, loss, ckpt, error = 0, 0, None, None, None
     started = (run_dir / CONFIG).stat().st_mtime
-    # The status is decided by the last engine session (a resume appends a new hello): "created"
-    # before any hello, that session's `finished` status, or "crashed" if it died without one.
-    status = "created"
+    first_hello = next((ev for ev in events if isinstance(ev, protocol.Hello)), None)
+    if first_hello is not None:
+        started = first_hello.time or started
+    status = session_status(events)
     for ev in events:
-        if isinstance(ev, protocol.Hello):
-            if status == "created":
-                started = ev.time or started
-            status = "crashed"
-        elif isinstance(ev, protocol.Step):
+        if isinstance(ev, protocol.Step):
             step, total, loss = ev.step, ev.total_steps, ev.loss
         elif isinstance(ev, protocol.CheckpointSaved):
             ckpt = ev.path
         elif isinstance(ev, protocol.ErrorEvent):
             error = ev.message
         elif isinstance(ev, protocol.Finished):
-            status = ev.status
             ckpt = ev.last_checkpoint or ckpt
     if is_running(run_dir):
         status = "running"
@@ -307,11 +303,46 @@ def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:
     raise UserError(f"run {run_dir.name} has no checkpoint at step {step}", f"saved steps: {steps}")
 
 
+def _not_running_hint(run_dir: Path) -> str:
+    if last_status(run_dir) == "completed":
+        return f"it completed; its adapter is in {run_dir / ADAPTER}"
+    return f"`qlc resume {run_dir.name}` continues it"
+
+
+def last_status(run_dir: Path) -> str:
+    """How the last engine session of the run ended (see `session_status`), from its events file."""
+    return session_status(read_events(run_dir)[0])
+
+
+def session_status(events: list[protocol.Event]) -> str:
+    """The status decided by the last engine session (a resume appends a new hello): "created"
+    before any hello, that session's `finished` status, or "crashed" if it died without one.
+    The process table is not consulted: a live session also reads "crashed" here."""
+    status = "created"
+    for ev in events:
+        if isinstance(ev, protocol.Hello):
+            status = "crashed"
+        elif isinstance(ev, protocol.Finished):
+            status = ev.status
+    return status
+
+
 def resume_point(run_dir: Path) -> Path:
-    """The checkpoint a resume would start from, after checking the run can resume at all: it has
-    one, and its dataset is the one it started with. Raises UserError (one line) otherwise."""
+    """The checkpoint a resume would start from, after checking the run can resume at all: it is
+    not running and did not complete, it has a checkpoint, and its dataset is the one it started
+    with. Raises UserError (one line) otherwise; nothing in the run directory is touched."""
     from engine import fingerprint
 
+    if is_running(run_dir):
+        raise UserError(f"run {run_dir.name} is running", f"`qlc attach {run_dir.name}` follows it")
+    if last_status(run_dir) == "completed":
+        # A resume would invent steps past the end, write a checkpoint, rotate an old one out and
+        # overwrite the adapter: refuse before anything starts.
+        raise UserError(
+            f"run {run_dir.name} completed: there is nothing to resume",
+            f"its adapter is in {run_dir / ADAPTER}; to train longer, start a new run with a larger "
+            "train.max_steps or train.epochs",
+        )
     checkpoint = find_checkpoint(run_dir)
     fingerprint.check(run_dir, load_resolved(run_dir / CONFIG))
     return checkpoint

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from rich.markup import escape
+from rich.text import Text
 
 from engine import protocol, runs
 from tui.output import err, fmt_duration, fmt_progress, fmt_ranks, out
@@ -121,10 +122,18 @@ class EventPrinter:
                 )
                 if ev.devices:  # several GPUs (or processes): each rank's
                     mem = f" · {fmt_ranks(ev.devices)}"
-                out.print(
+                line = (
                     f"step {ev.step:>5}{total}  loss {_loss(ev.loss)}  lr {ev.lr:.2e}  grad {gn}  "
                     f"{ev.tokens_per_s:,.0f} tok/s  {ev.step_seconds:.2f} s/step  ETA {fmt_duration(ev.eta_seconds)}{mem}"
                 )
+                if out.is_terminal and Text.from_markup(line).cell_len > out.width:
+                    # A narrow terminal: the same figures without the padding and labels, so each
+                    # step stays one line.
+                    line = (
+                        f"{ev.step}{total} loss {_loss(ev.loss)} lr {ev.lr:.1e} gn {gn} "
+                        f"{ev.tokens_per_s:,.0f} tok/s ETA {fmt_duration(ev.eta_seconds)}{mem}"
+                    )
+                out.print(line)
             case protocol.Eval():
                 out.print(f"[magenta]eval  step {ev.step}: loss {_loss(ev.loss)}[/]")
             case protocol.CheckpointSaved():

@@ -9,8 +9,19 @@ from typing import Any
 
 from rich.console import Console
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+
+def _console(stderr: bool) -> Console:
+    """Rich wraps at the terminal's width, and at 80 columns when the stream is not a terminal. A
+    YAML written to a file, a log line in a pipe or a one-line error must come out whole, so
+    nothing is ever wrapped (soft_wrap: a terminal folds long lines itself), and through a pipe
+    tables get all the width they want instead of cutting run ids."""
+    stream = sys.stderr if stderr else sys.stdout
+    tty = stream.isatty()
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=None if tty else 100_000)
+
+
+out = _console(stderr=False)
+err = _console(stderr=True)
 
 
 def print_json(data: Any) -> None:

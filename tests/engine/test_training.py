@@ -114,6 +114,27 @@ def test_a_tiny_run_trains_checkpoints_and_saves_its_adapter(reference: Path) ->
     assert oct((reference / runs.CONTROL).stat().st_mode & 0o777) == "0o600"
 
 
+def _tree_digest(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+        if not p.is_fifo()
+    }
+
+
+def test_a_completed_run_is_not_resumed_and_nothing_is_touched(reference: Path, root: Path) -> None:
+    before = _tree_digest(reference)
+    result = qlc("--runs-dir", str(root), "resume", reference.name)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "completed: there is nothing to resume" in result.stderr
+    assert "Traceback" not in result.stderr
+    stopped = qlc("--runs-dir", str(root), "stop", reference.name)
+    assert stopped.returncode == 2 and "it completed" in stopped.stderr and "resume" not in stopped.stderr
+    assert _tree_digest(reference) == before
+
+
 def test_the_run_is_listed_with_its_status(reference: Path, root: Path) -> None:
     result = qlc("--runs-dir", str(root), "runs", "--json")
     (row,) = json.loads(result.stdout)

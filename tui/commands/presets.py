@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from rich.table import Table
 
@@ -25,7 +26,7 @@ def run_presets(args: argparse.Namespace) -> int:
         if args.json:
             print_json(cfg.to_dict())
         else:
-            out.print(cfg.to_yaml(), end="")
+            sys.stdout.write(cfg.to_yaml())  # verbatim: YAML is neither markup nor to be wrapped
         return 0
     rows = []
     for path in list_presets():

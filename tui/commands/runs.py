@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    summaries = [runs.summarize(d) for d in runs.list_run_dirs(runs.runs_root(args.runs_dir))]
+    # Newest first, as the console lists them: the run a user just started is the first line.
+    summaries = [runs.summarize(d) for d in reversed(runs.list_run_dirs(runs.runs_root(args.runs_dir)))]
     if args.json:
         print_json([s.to_dict() for s in summaries])
         return 0
@@ -49,8 +50,16 @@ def run_list(args: argparse.Namespace) -> int:
         out.print("no runs yet: start one with `qlc train tiny-demo`")
         return 0
     table = Table(box=None, header_style="bold")
-    for col in ("run", "status", "preset", "model", "step", "loss", "started"):
-        table.add_column(col, justify="right" if col in ("step", "loss") else "left")
+    # The run id is what a user copies into `qlc attach`: never cut it; narrow terminals cut the
+    # preset and model instead.
+    table.add_column("run", no_wrap=True, min_width=max(len(s.id) for s in summaries))
+    for col in ("status", "preset", "model", "step", "loss", "started"):
+        table.add_column(
+            col,
+            justify="right" if col in ("step", "loss") else "left",
+            no_wrap=True,
+            overflow="ellipsis" if col in ("preset", "model") else "fold",
+        )
     for s in summaries:
         step = f"{s.step}/{s.total_steps}" if s.total_steps else str(s.step)
         loss = f"{s.last_loss:.4f}" if s.last_loss is not None else "-"
