@@ -3,12 +3,12 @@
     python bench/calibrate_memory.py --out DIR --arch llama-3.1-8b [--arch gemma-3-12b ...]
 
 For each architecture: a full-size model with random weights is built, saved and loaded once
-through the engine's own loading path (engine.backends.hf), wrapped with LoRA (r=32, all seven
+through the engine's own loading path (engine.train.backends.hf), wrapped with LoRA (r=32, all seven
 projections), and trained for 3 optimizer steps per config through the engine's own trainer and
 data pipeline, over seq_len x micro_batch x gradient checkpointing. Each config records PyTorch's
 peak allocated and reserved memory and NVML's whole-device peak; an out-of-memory is a result too.
-The allocator and the batches are the engine's: expandable segments (engine.allocator) and, for
-Unsloth, padding-free rows (engine.backends.batches_padding_free).
+The allocator and the batches are the engine's: expandable segments (engine.train.allocator) and, for
+Unsloth, padding-free rows (engine.train.backends.batches_padding_free).
 
 Writes DIR/memory-calibration-<arch>.json in the format engine.memory replays in its tests.
 """
@@ -35,18 +35,18 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 def calibrate(
     arch: str, work: Path, seqs: list[int], batches: list[int], steps: int, out: Path, backend: str = "hf"
 ) -> list[dict]:
-    from engine import allocator
+    from engine.train import allocator
 
     allocator.configure()  # the engine's allocator settings, before torch touches CUDA
     if backend == "unsloth":
-        from engine.backends import unsloth as unsloth_backend
+        from engine.train.backends import unsloth as unsloth_backend
 
         unsloth_backend.preload()  # before transformers, peft and TRL load
     import torch
 
     from engine import data
-    from engine.backends import batches_padding_free, hf
-    from engine.backends.checkpointing import CheckpointPlan
+    from engine.train.backends import batches_padding_free, hf
+    from engine.train.backends.checkpointing import CheckpointPlan
 
     model_dir = work / f"model-{arch}"
     if not (model_dir / "config.json").is_file():

@@ -25,10 +25,11 @@ from textual.screen import Screen
 from textual.widgets import TabbedContent
 from textual.worker import Worker, WorkerState
 
-from engine import distributed, protocol, runs
-from engine import launcher as engine_launcher
+from engine import protocol
 from engine.config import RunConfig, load_resolved
 from engine.errors import UserError
+from engine.run import distributed, runs
+from engine.run import launcher as engine_launcher
 from tui import budget
 from tui.client import Launcher, RunClient, start_sample
 from tui.history import RunHistory, SampleText
@@ -64,7 +65,7 @@ PANE_TITLES = {
 def check_data(cfg: RunConfig) -> None:
     """The model's and the data pipeline's checks: a bad model path or bad data fails before a run
     directory exists."""
-    from engine import model_source
+    from engine.models import source as model_source
 
     model_source.check(cfg)
     try:

@@ -15,7 +15,7 @@ history is folded into a `RunHistory` in the thread too, and handed over whole (
 a 100,000-step run never blocks the UI.
 
 Commands go down the child's stdin when this console launched it, else through the run's control
-FIFO (engine.runs.send_command), so any console can stop or sample any live run.
+FIFO (engine.run.runs.send_command), so any console can stop or sample any live run.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ from typing import Literal
 import msgspec
 from textual.message import Message
 
-from engine import protocol, runs
+from engine import protocol
 from engine.errors import UserError
+from engine.run import runs
 from tui.history import RunHistory
 
 Launcher = Callable[..., subprocess.Popen[bytes]]
@@ -61,7 +62,7 @@ def decode_lines(data: bytes) -> list[protocol.Event]:
 
 
 def read_chunk(path: Path, offset: int, limit: int = CHUNK_BYTES) -> tuple[list[protocol.Event], int]:
-    """Like engine.runs.read_events, but at most `limit` bytes at a time (a torn last line waits),
+    """Like engine.run.runs.read_events, but at most `limit` bytes at a time (a torn last line waits),
     and unknown event types are skipped silently: they come from a newer engine."""
     try:
         with path.open("rb") as f:

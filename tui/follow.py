@@ -13,7 +13,8 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from engine import protocol, runs
+from engine import protocol
+from engine.run import runs
 from tui.output import err, fmt_duration, fmt_progress, fmt_ranks, out
 
 

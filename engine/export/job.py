@@ -21,12 +21,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine import __version__, protocol, runs
+from engine import __version__, protocol
 from engine.config import RunConfig, load_resolved
 from engine.errors import UserError
-from engine.events import Emitter
 from engine.export import card
 from engine.export.request import ExportRequest, request_from_args
+from engine.run import runs
+from engine.run.events import Emitter
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TOKENIZER_FILES = (
@@ -443,7 +444,7 @@ def main(args: argparse.Namespace, emitter: Emitter) -> int:
         emitter.emit(protocol.ErrorEvent(kind="interrupted", message="export cancelled; nothing was written"))
         return 1
     except Exception as exc:
-        from engine.recipe import is_oom
+        from engine.train.recipe import is_oom
 
         traceback.print_exc()  # to engine.log: a bug, keep its traceback
         kind = "out_of_memory" if is_oom(exc) else "internal"

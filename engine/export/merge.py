@@ -75,8 +75,8 @@ def gpu_free_gb() -> float | None:
 def base_path(cfg: RunConfig, base: str | None) -> str:
     """The 16-bit model to merge into: --base, else the run's model. A pre-quantized (bnb-4bit)
     checkpoint has no 16-bit weights to merge into."""
-    from engine import tiny
-    from engine.backends import hf
+    from engine.models import tiny
+    from engine.train.backends import hf
 
     if base:
         return str(tiny.ensure_builtin(base)) if tiny.is_builtin(base) else base
@@ -94,7 +94,7 @@ def load_base(cfg: RunConfig, path: str, dtype: str, device: str, explicit_base:
     """The base model in 16-bit on `device`: never quantized, whatever the run trained on."""
     from transformers import AutoModelForCausalLM
 
-    from engine.backends.hf import torch_dtype
+    from engine.train.backends.hf import torch_dtype
 
     try:
         return AutoModelForCausalLM.from_pretrained(
@@ -115,7 +115,7 @@ def load_base(cfg: RunConfig, path: str, dtype: str, device: str, explicit_base:
 
 def load_tokenizer(cfg: RunConfig, source: Path, base: str) -> Any:
     """The adapter folder's tokenizer: it carries the chat template the run trained with."""
-    from engine.backends import hf
+    from engine.train.backends import hf
 
     return hf.load_tokenizer(cfg, str(source) if (source / "tokenizer_config.json").is_file() else base)
 
@@ -249,7 +249,7 @@ def reload(path: Path, dtype: str, device: str, trust_remote_code: bool = False)
     """The exported folder, loaded the way a user will load it."""
     from transformers import AutoModelForCausalLM
 
-    from engine.backends.hf import torch_dtype
+    from engine.train.backends.hf import torch_dtype
 
     return AutoModelForCausalLM.from_pretrained(
         str(path),

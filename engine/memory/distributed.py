@@ -121,7 +121,7 @@ def _backend(cfg: RunConfig, gpus: int, backend: str | None) -> str | None:
     if gpus > 1 and want == "unsloth":
         raise UserError("--backend unsloth: Unsloth trains on one GPU", "use --backend hf with --gpus > 1")
     if gpus > 1 and want == "auto":
-        return "hf"  # as engine.backends.choose_backend decides for several processes
+        return "hf"  # as engine.train.backends.choose_backend decides for several processes
     return backend
 
 
@@ -263,7 +263,7 @@ def _fsdp(base: Estimate, plan: terms.Plan, gpus: int, notes: tuple[str, ...]) -
     }
     built = tuple(Term(t, sum(_gib(parts[t]).values()), _gib(parts[t])) for t in TERM_NAMES)
     # Each rank of a host quantizes the whole model on the CPU before FSDP moves its shard to
-    # the GPU (engine/backends/parallel.py): the host holds one 4-bit model per local GPU.
+    # the GPU (engine/train/backends/parallel.py): the host holds one 4-bit model per local GPU.
     host_load = sum(full_weights.values()) * n / C.GIB
     reserved = allocated + slack
     return PerGpuEstimate(

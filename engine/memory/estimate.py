@@ -15,8 +15,6 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine import allocator
-from engine.backends import padding_free
 from engine.config import ALL_LINEAR, RunConfig
 from engine.errors import UserError
 from engine.memory import constants as C
@@ -24,6 +22,8 @@ from engine.memory import terms
 from engine.memory.architectures import Architecture, resolve_architecture
 from engine.memory.gpus import Gpu
 from engine.protocol import EstimateEvent, MemoryTerm
+from engine.train import allocator
+from engine.train.backends import padding_free
 
 BACKENDS = ("hf", "hf-upcast", "unsloth")
 BACKEND_ALIASES = {"usual": "hf-upcast", "upcast": "hf-upcast"}
@@ -166,10 +166,10 @@ def _nvidia_gpu_present() -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _unsloth_runs_here() -> bool:
-    """What engine.backends.choose_backend decides for "auto", without importing torch."""
+    """What engine.train.backends.choose_backend decides for "auto", without importing torch."""
     if importlib.util.find_spec("unsloth") is None:
         return False
-    if importlib.util.find_spec("engine.backends.unsloth") is None:
+    if importlib.util.find_spec("engine.train.backends.unsloth") is None:
         return False
     return _nvidia_gpu_present()
 
@@ -268,7 +268,7 @@ def plan_for(
 
 @functools.lru_cache(maxsize=1)
 def liger_runs_here() -> bool:
-    """Whether the engine's hf backend would use Liger's kernels on this machine (engine.backends.
+    """Whether the engine's hf backend would use Liger's kernels on this machine (engine.train.backends.
     hf.apply_kernels): liger-kernel installed and an NVIDIA GPU present."""
     if importlib.util.find_spec("liger_kernel") is None:
         return False
@@ -357,7 +357,7 @@ def estimate(
     pass False. `checkpointed` fixes how many layers are checkpointed (a running engine's choice);
     `liger` whether the hf backend uses Liger's kernels (None: as the engine would on this machine);
     `expandable` whether the CUDA allocator grows expandable segments (None: as the engine started
-    from this environment will, engine.allocator).
+    from this environment will, engine.train.allocator).
     """
     arch = arch or resolve_architecture(cfg)
     name, reason = resolve_backend(cfg, backend)

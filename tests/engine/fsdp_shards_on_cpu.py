@@ -19,12 +19,12 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from engine import protocol
-from engine.backends import hf, parallel
-from engine.backends.checkpointing import CheckpointPlan, decoder_layers
 from engine.config import RunConfig, load_preset
-from engine.distributed import Ranks
-from engine.events import Emitter
-from engine.sampling import generate
+from engine.run.distributed import Ranks
+from engine.run.events import Emitter
+from engine.train.backends import hf, parallel
+from engine.train.backends.checkpointing import CheckpointPlan, decoder_layers
+from engine.train.sampling import generate
 
 
 def build(cfg: RunConfig, ranks: Ranks) -> torch.nn.Module:

@@ -9,7 +9,8 @@ from pathlib import Path
 import fake_engine
 from pilot_helpers import recorded_events
 
-from engine import protocol, runs
+from engine import protocol
+from engine.run import runs
 from tui import client as client_mod
 from tui.client import RunClient, load_history, read_chunk
 from tui.history import RunHistory

@@ -9,7 +9,8 @@ import fake_engine
 from pilot_helpers import CRASHED_RUN, FINISHED_RUN, screen_text, wait_for
 from textual.widgets import Input, OptionList, TabbedContent
 
-from engine import protocol, runs
+from engine import protocol
+from engine.run import runs
 from tui.screens.error import ErrorScreen
 from tui.widgets.line_chart import LineChart
 from tui.widgets.memory_pane import MemoryPane

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pilot_helpers import screen_text, wait_for
 
-from engine import runs
+from engine.run import runs
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.quit import QuitScreen
 from tui.screens.stop import StopScreen

@@ -11,10 +11,11 @@ import subprocess
 
 from rich.markup import escape
 
-from engine import launcher, protocol, runs
+from engine import protocol
 from engine.export import gguf
 from engine.export.request import DEVICES, DTYPES, request_from_args
 from engine.memory.merge import SHARD_DEFAULT
+from engine.run import launcher, runs
 from tui.follow import EventPrinter, pipe_events
 from tui.output import err, out
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from engine import data, distributed, launcher, model_source, runs
+from engine import data
 from engine.config import load_preset
 from engine.errors import UserError
+from engine.models import source as model_source
+from engine.run import distributed, launcher, runs
 from tui.follow import EventPrinter, follow_child
 from tui.output import err, out
 

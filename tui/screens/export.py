@@ -20,12 +20,13 @@ from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, ProgressBar, Select, Static
 
-from engine import protocol, runs
+from engine import protocol
 from engine.config import load_resolved
 from engine.errors import UserError
 from engine.export import gguf
 from engine.export.request import DTYPES, build_request, default_dtype, default_out_dir, resolve_source
 from engine.memory.merge import estimate_merge
+from engine.run import runs
 from tui.client import Launcher, RunClient
 
 FINAL = "adapter"

@@ -19,7 +19,7 @@ from textual.containers import Vertical
 from textual.message import Message
 from textual.widgets import DataTable, Static
 
-from engine import runs
+from engine.run import runs
 from tui.client import load_history
 from tui.history import RunHistory
 from tui.widgets.line_chart import ChartSeries, LineChart

@@ -15,8 +15,8 @@ import signal
 from typing import Any
 
 from engine import protocol
-from engine.control import CommandQueue
-from engine.distributed import Ranks
+from engine.run.control import CommandQueue
+from engine.run.distributed import Ranks
 
 GIB = 1024**3
 PR_SET_PDEATHSIG = 1  # linux/prctl.h

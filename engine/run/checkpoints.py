@@ -19,7 +19,7 @@ never leaves a half-deleted checkpoint under a checkpoint name.
 A folder without a manifest is never a checkpoint, whatever else it holds: that is the one rule
 that keeps a partial save from ever being taken for a complete one.
 
-Pure Python: the console imports this module through engine.runs.
+Pure Python: the console imports this module through engine.run.runs.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """What a transformers Trainer needs to survive faults, as a mixin placed before it:
 
 - Checkpoints are written into a staging folder and committed (manifest, fsync, rename) by
-  engine.checkpoints: a kill or a full disk never leaves a partial checkpoint under a real name.
+  engine.run.checkpoints: a kill or a full disk never leaves a partial checkpoint under a real name.
   Old checkpoints are rotated by step, through the same rename-first removal.
 - A save that fails (ENOSPC above all) removes its partial folder and ends the run with one clear
   error naming the checkpoint that is still intact.
 - No checkpoint is ever written once a loss went non-finite. The first such step is tracked on the
   device (no sync per step); it is read at log and save time only.
-- The fault hooks of engine.faults ($QLC_FAULT), inert when it is unset.
+- The fault hooks of engine.train.faults ($QLC_FAULT), inert when it is unset.
 - Tokens trained on are counted exactly (see _track_num_input_tokens), kept in the trainer state
   so that a resumed run goes on counting from its checkpoint.
 
@@ -26,8 +26,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from engine import checkpoints, failures
-from engine.faults import FaultInjector
+from engine.run import checkpoints
+from engine.train import failures
+from engine.train.faults import FaultInjector
 
 
 class SafeTrainerMixin:

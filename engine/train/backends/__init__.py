@@ -50,7 +50,7 @@ def batches_padding_free(backend: str, model: Any) -> bool:
     the model to take rows longer than max_seq_length (unsloth.allow_padding_free)."""
     if not padding_free(backend):
         return False
-    from engine.backends import unsloth
+    from engine.train.backends import unsloth
 
     return unsloth.allow_padding_free(model)
 
@@ -61,7 +61,7 @@ def choose_backend(cfg: RunConfig, device: str, processes: int = 1) -> tuple[str
     if want == "auto" and processes > 1:
         return "hf", "auto: Unsloth trains on one GPU"
     have_unsloth = importlib.util.find_spec("unsloth") is not None
-    have_backend = importlib.util.find_spec("engine.backends.unsloth") is not None
+    have_backend = importlib.util.find_spec("engine.train.backends.unsloth") is not None
     if want == "hf":
         return "hf", "requested in the preset"
     if want == "unsloth":

@@ -18,8 +18,8 @@ from __future__ import annotations
 from typing import Any
 
 from engine.config import RunConfig
-from engine.distributed import Ranks
 from engine.errors import UserError
+from engine.run.distributed import Ranks
 
 
 def sharded(cfg: RunConfig, ranks: Ranks) -> bool:

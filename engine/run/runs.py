@@ -28,10 +28,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine import checkpoints as engine_checkpoints
 from engine import protocol
 from engine.config import RunConfig, load_resolved
 from engine.errors import RunNotFound, UserError
+from engine.run import checkpoints as engine_checkpoints
 
 CONFIG = "config.yaml"
 EVENTS = "events.jsonl"
@@ -288,7 +288,7 @@ def summarize(run_dir: Path) -> RunSummary:
 
 def checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first: committed with a manifest whose files are all there
-    (engine.checkpoints). A save cut short is never listed."""
+    (engine.run.checkpoints). A save cut short is never listed."""
     return engine_checkpoints.complete(run_dir / CHECKPOINTS)
 
 
@@ -310,7 +310,7 @@ def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:
 def resume_point(run_dir: Path) -> Path:
     """The checkpoint a resume would start from, after checking the run can resume at all: it has
     one, and its dataset is the one it started with. Raises UserError (one line) otherwise."""
-    from engine import fingerprint
+    from engine.run import fingerprint
 
     checkpoint = find_checkpoint(run_dir)
     fingerprint.check(run_dir, load_resolved(run_dir / CONFIG))

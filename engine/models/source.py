@@ -14,9 +14,9 @@ import os
 import re
 from pathlib import Path
 
-from engine import tiny
 from engine.config import RunConfig
 from engine.errors import UserError
+from engine.models import tiny
 
 WHERE = "model.name_or_path"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")

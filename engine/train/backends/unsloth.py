@@ -1,6 +1,6 @@
 """The Unsloth backend: FastLanguageModel's 4-bit load, fused kernels and LoRA, with our trainer.
 
-Imported only in the engine child and only when this backend trains (engine.backends.
+Imported only in the engine child and only when this backend trains (engine.train.backends.
 choose_backend): `import unsloth` patches transformers, peft and TRL as it loads, so `preload()`
 runs before anything else imports them. The trainer, callbacks, data and checkpoints are the
 same as the hf backend's (TRL's SFTTrainer, which Unsloth patches in place); what differs is the
@@ -8,7 +8,7 @@ model: Unsloth's loader, its fused RMSNorm / RoPE / SwiGLU / LoRA kernels, its c
 and its offloaded gradient checkpointing.
 
 Checkpointing: Unsloth's own `checkpoint_skip_layers` keeps the activations of as many layers as
-the memory budget allows (engine.backends.checkpointing decides how many); the checkpointed ones
+the memory budget allows (engine.train.backends.checkpointing decides how many); the checkpointed ones
 use Unsloth's offloaded mode, as a bare Unsloth script does.
 """
 
@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.backends.checkpointing import CheckpointPlan
 from engine.config import RunConfig
 from engine.errors import UserError
+from engine.train.backends.checkpointing import CheckpointPlan
 
 
 def preload() -> None:
@@ -36,7 +36,7 @@ def gc_mode(plan: CheckpointPlan) -> bool | str:
 def load_model(cfg: RunConfig, path: str, checkpointing: CheckpointPlan) -> Any:
     from unsloth import FastLanguageModel
 
-    from engine.backends.hf import torch_dtype
+    from engine.train.backends.hf import torch_dtype
 
     q = cfg.quant
     try:

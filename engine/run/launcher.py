@@ -7,7 +7,7 @@ to RUN_DIR/engine.log.
 
 A run on several GPUs (hardware.gpus > 1) starts torchrun instead, in the same detached session:
 torchrun starts one engine process per GPU, forwards SIGTERM to them and ends them all when one
-fails; rank 0 alone writes events (engine/distributed.py).
+fails; rank 0 alone writes events (engine/run/distributed.py).
 
 Pure Python: the console imports this module.
 """
@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 from typing import BinaryIO
 
-from engine import distributed
 from engine.config import load_resolved
-from engine.runs import CONFIG, ENGINE_LOG
+from engine.run import distributed
+from engine.run.runs import CONFIG, ENGINE_LOG
 
 
 def engine_command(*args: str) -> list[str]:
@@ -44,7 +44,7 @@ def train_command(run_dir: Path, resume: bool = False, nodes: distributed.Nodes 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     # The child must find this engine even when the console was started from another folder.
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -12,7 +12,7 @@ import uuid
 from typing import Any
 
 from engine import protocol
-from engine.events import Emitter
+from engine.run.events import Emitter
 
 
 def stop_token_ids(tokenizer: Any, model: Any, template: str = "auto") -> list[int]:

@@ -5,7 +5,7 @@ What differs from the usual QLoRA recipe, and why (figures: shared/anchors.md, H
   and makes the residual stream fp32; skipping it saved 5.3 GiB of peak and 24% of step time.
   Gradient checkpointing and input gradients are enabled directly instead.
 - Non-reentrant gradient checkpointing, on only as many layers as the memory budget needs
-  (engine.backends.checkpointing), SDPA attention.
+  (engine.train.backends.checkpointing), SDPA attention.
 - TRL's SFTTrainer scores the loss with its fused, chunked LM head: full fp32 logits are never built.
 - Liger's fused RMSNorm, SwiGLU and RoPE kernels when liger-kernel is installed and a CUDA GPU
   trains (they save fewer activations and launch fewer kernels); Liger's own loss is left out, as
@@ -18,11 +18,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from engine.backends import parallel
-from engine.backends.checkpointing import CheckpointPlan, keep_last_layers
 from engine.config import RunConfig
-from engine.distributed import Ranks
 from engine.errors import UserError
+from engine.run.distributed import Ranks
+from engine.train.backends import parallel
+from engine.train.backends.checkpointing import CheckpointPlan, keep_last_layers
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -34,7 +34,7 @@ def torch_dtype(name: str) -> Any:
 
 
 def resolve_model_path(cfg: RunConfig) -> str:
-    from engine import tiny
+    from engine.models import tiny
 
     name = cfg.model.name_or_path
     if tiny.is_builtin(name):
@@ -78,7 +78,7 @@ def load_tokenizer(cfg: RunConfig, path: str | None = None) -> Any:
 
 def load_model(cfg: RunConfig, device: str, path: str | None = None, ranks: Ranks = Ranks()) -> Any:
     """The base model, 4-bit NF4 (or as the checkpoint is already quantized), on `device` (this
-    rank's GPU; engine/backends/parallel.py says where for each strategy)."""
+    rank's GPU; engine/train/backends/parallel.py says where for each strategy)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     path = path or resolve_model_path(cfg)
@@ -224,14 +224,14 @@ def training_args(
         max_length=t.seq_len,
         use_cpu=device == "cpu",
     )
-    args.update(distributed or {})  # DDP / FSDP settings win (engine/backends/parallel.py)
+    args.update(distributed or {})  # DDP / FSDP settings win (engine/train/backends/parallel.py)
     return SFTConfig(**args)
 
 
 def _trainer_class() -> type:
     from trl import SFTTrainer
 
-    from engine.backends.safe_trainer import SafeTrainerMixin
+    from engine.train.backends.safe_trainer import SafeTrainerMixin
 
     class EngineTrainer(SafeTrainerMixin, SFTTrainer):
         """SFTTrainer with atomic checkpoints, a non-finite loss guard and fault hooks

@@ -94,7 +94,7 @@ def parse(text: str) -> FaultPlan:
                 values[name] = float(value)
         except ValueError:
             raise UserError(
-                f"{ENV}: {part!r} has a bad value", "see engine/faults.py for the forms"
+                f"{ENV}: {part!r} has a bad value", "see engine/train/faults.py for the forms"
             ) from None
         if name in _COUNTS | _INTS and values[name] < 1:
             raise UserError(f"{ENV}: {part!r} must count from 1")

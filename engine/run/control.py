@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from engine import protocol
-from engine.events import Emitter
+from engine.run.events import Emitter
 
 
 def read_lines(fd: int, on_line: Callable[[bytes], None]) -> None:

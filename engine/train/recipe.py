@@ -16,14 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine import __version__, allocator, checkpoints, failures, faults, fingerprint, protocol, runs
-from engine.backends import batches_padding_free
-from engine.backends.checkpointing import CheckpointPlan, plan_checkpointing
+from engine import __version__, protocol
 from engine.config import RunConfig, load_resolved
-from engine.control import CommandQueue
-from engine.distributed import Ranks
 from engine.errors import UserError
-from engine.events import Emitter
+from engine.run import checkpoints, fingerprint, runs
+from engine.run.control import CommandQueue
+from engine.run.distributed import Ranks
+from engine.run.events import Emitter
+from engine.train import allocator, failures, faults
+from engine.train.backends import batches_padding_free
+from engine.train.backends.checkpointing import CheckpointPlan, plan_checkpointing
 
 GIB = 1024**3
 
@@ -81,8 +83,8 @@ def _make_callback(
 ) -> Any:
     from transformers import TrainerCallback
 
-    from engine import collectives
-    from engine.sampling import generate
+    from engine.train import collectives
+    from engine.train.sampling import generate
 
     class EngineCallback(TrainerCallback):
         def __init__(self) -> None:
@@ -153,7 +155,7 @@ def _make_callback(
             now = time.perf_counter()
             steps = max(st.global_step - self._last_step, 1)
             seconds = (now - self._last_time) / steps
-            # The trainer's exact count (engine.backends.safe_trainer), restored on resume; TRL's
+            # The trainer's exact count (engine.train.backends.safe_trainer), restored on resume; TRL's
             # own only where a patched training loop skipped it.
             tokens = int(logs.get("num_input_tokens_seen") or logs.get("num_tokens", 0))
             tok_s = (
@@ -214,7 +216,7 @@ class Recipe:
         resume: bool = False,
         ranks: Ranks = Ranks(),
     ) -> None:
-        from engine.collectives import SharedCommands
+        from engine.train.collectives import SharedCommands
 
         self.run_dir = run_dir
         self.emitter = emitter
@@ -229,13 +231,13 @@ class Recipe:
         self.padding_free = False  # one padding-free row per micro-batch (the Unsloth backend)
 
     def hello(self) -> None:
-        from engine.backends import choose_backend, choose_device
-        from engine.distributed import describe
+        from engine.run.distributed import describe
+        from engine.train.backends import choose_backend, choose_device
 
         self.device = choose_device(self.cfg)
         self.backend, reason = choose_backend(self.cfg, self.device, self.ranks.world_size)
         if self.backend == "unsloth":
-            from engine.backends import unsloth
+            from engine.train.backends import unsloth
 
             unsloth.preload()  # before anything imports transformers, peft or TRL
         plan = faults.plan_from_env()
@@ -299,8 +301,8 @@ class Recipe:
 
     def setup(self) -> None:
         from engine import data
-        from engine.backends import hf, parallel
         from engine.data.report import steps
+        from engine.train.backends import hf, parallel
 
         cfg, emit = self.cfg, self.emitter.emit
         emit(protocol.StageEvent(stage="loading_model", message=f"loading {cfg.model.name_or_path}"))
@@ -321,7 +323,7 @@ class Recipe:
 
         kernels: list[str] = []
         if self.backend == "unsloth":
-            from engine.backends import unsloth
+            from engine.train.backends import unsloth
 
             model = unsloth.load_model(cfg, path, gc)
             set_seed(cfg.train.seed)
@@ -439,7 +441,7 @@ class Recipe:
     def save_adapter(self) -> Path:
         """The final adapter, written to a temporary folder and renamed: never half-written.
         Rank 0 writes it; with FSDP every rank takes part in gathering the sharded adapter."""
-        from engine.backends import parallel
+        from engine.train.backends import parallel
 
         target = self.run_dir / runs.ADAPTER
         tmp = self.run_dir / f".{runs.ADAPTER}.tmp"
@@ -527,7 +529,7 @@ def run(
     )
     if status == "failed":
         return 1  # torchrun ends the other ranks, wherever they wait
-    from engine.collectives import barrier
+    from engine.train.collectives import barrier
 
     barrier()  # rank 0 lets go of the run's lock only once every rank is done with it
     return 0

@@ -5,7 +5,7 @@ own launcher, `python -m torch.distributed.run` (torchrun), one engine process p
 hands each process its place in environment variables (RANK, LOCAL_RANK, WORLD_SIZE, ...), which
 `Ranks.from_env` reads. Only global rank 0 speaks for the run: it holds the run's lock, writes the
 events, checkpoints and final adapter, and reads commands (stdin, the control FIFO); it passes
-them to the other ranks at each optimizer step (engine/collectives.py).
+them to the other ranks at each optimizer step (engine/train/collectives.py).
 
 With `hardware.device: cpu`, `gpus: N` means N CPU processes over gloo: the same code path on a
 machine without GPUs, which is how the test suite runs it.
@@ -184,7 +184,7 @@ def change_processes(run_dir: Path, gpus: str) -> RunConfig:
     changes is the global batch (micro_batch x grad_accum x processes), hence steps per epoch and
     the order in which the rest of the data is read."""
     from engine.config import config_from_dict, load_resolved
-    from engine.runs import CONFIG
+    from engine.run.runs import CONFIG
 
     path = run_dir / CONFIG
     data = load_resolved(path).to_dict()

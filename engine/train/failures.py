@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine import checkpoints, protocol, runs
+from engine import protocol
 from engine.config import RunConfig
+from engine.run import checkpoints, runs
 
 
 class RunFailure(Exception):

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine import protocol, runs
+from engine import protocol
 from engine.config import load_resolved
 from engine.errors import UserError
-from engine.events import Emitter
+from engine.run import runs
+from engine.run.events import Emitter
 
 
 def resolve_adapter(run_dir: Path, checkpoint: str | None) -> Path:
@@ -35,8 +36,8 @@ def sample_checkpoint(
 ) -> int:
     from peft import PeftModel
 
-    from engine.backends import choose_device, hf
-    from engine.sampling import generate
+    from engine.train.backends import choose_device, hf
+    from engine.train.sampling import generate
 
     cfg = load_resolved(run_dir / runs.CONFIG)
     adapter = resolve_adapter(run_dir, checkpoint)

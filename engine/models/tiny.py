@@ -18,7 +18,7 @@ from pathlib import Path
 from engine.data.templates import LLAMA3
 
 BUILTIN_PREFIX = "builtin:"
-DATASET = Path(__file__).resolve().parent.parent / "presets" / "data" / "tiny-instruct.jsonl"
+DATASET = Path(__file__).resolve().parents[2] / "presets" / "data" / "tiny-instruct.jsonl"
 
 SPECIAL_TOKENS = [
     "<|begin_of_text|>",
@@ -65,7 +65,7 @@ def _dataset_path() -> Path:
     # Installed without the repository, the dataset travels inside the package (engine/_presets).
     if DATASET.is_file():
         return DATASET
-    return Path(__file__).resolve().parent / "_presets" / "data" / "tiny-instruct.jsonl"
+    return Path(__file__).resolve().parents[1] / "_presets" / "data" / "tiny-instruct.jsonl"
 
 
 def cache_root() -> Path:
