@@ -7,7 +7,7 @@ through the engine's own loading path (engine.train.backends.hf), wrapped with L
 projections), and trained for 3 optimizer steps per config through the engine's own trainer and
 data pipeline, over seq_len x micro_batch x gradient checkpointing. Each config records PyTorch's
 peak allocated and reserved memory and NVML's whole-device peak; an out-of-memory is a result too.
-The allocator and the batches are the engine's: expandable segments (engine.train.allocator) and, for
+The allocator and the batches are the engine's: expandable segments (engine.allocator) and, for
 Unsloth, padding-free rows (engine.train.backends.batches_padding_free).
 
 Writes DIR/memory-calibration-<arch>.json in the format engine.memory replays in its tests.
@@ -35,7 +35,7 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 def calibrate(
     arch: str, work: Path, seqs: list[int], batches: list[int], steps: int, out: Path, backend: str = "hf"
 ) -> list[dict]:
-    from engine.train import allocator
+    from engine import allocator
 
     allocator.configure()  # the engine's allocator settings, before torch touches CUDA
     if backend == "unsloth":

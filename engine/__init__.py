@@ -1,6 +1,8 @@
 """qlora-console's engine: headless QLoRA training in a child process, streamed as protocol events.
 
     protocol.py  config.py  errors.py   the vocabulary the console and the engine share
+    stacks.py    the training stacks (hf, unsloth) as facts, and the `auto` rule
+    allocator.py the CUDA allocator settings a run uses (read by the memory model too)
     run/      the run lifecycle: run directories, launching, checkpoints, events (pure Python)
     memory/   the memory-budget model (pure Python)
     data/     datasets: sources, formats, templates, masking, packing, the data report

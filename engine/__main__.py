@@ -18,10 +18,9 @@ import signal
 import sys
 from pathlib import Path
 
-from engine import protocol
+from engine import allocator, protocol
 from engine.errors import UserError
 from engine.run import runs
-from engine.train import allocator
 
 
 def _claim_stdout() -> os.PathLike | int:

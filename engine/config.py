@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from engine import stacks
 from engine.errors import ConfigError, UserError
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -104,9 +105,13 @@ class TrainConfig:
     """Evaluate every N steps when there is a validation split; 0 evaluates once per epoch."""
 
 
+# `auto` or a stack of engine.stacks: a new stack is accepted here without an edit.
+BackendName = Literal[(stacks.AUTO, *stacks.NAMES)]  # type: ignore[valid-type]
+
+
 @dataclass
 class HardwareConfig:
-    backend: Literal["auto", "hf", "unsloth"] = "auto"
+    backend: BackendName = "auto"
     device: Literal["auto", "cuda", "cpu"] = "auto"
     gpu: str = "auto"
     """What the memory budget is checked against: a catalog name (rtx4090), a size (24GB), or auto."""
@@ -316,12 +321,10 @@ def validate(cfg: RunConfig) -> list[str]:
     gc = t.gradient_checkpointing
     if not isinstance(gc, bool) and isinstance(gc, int) and gc < 0:
         p.append(f"train.gradient_checkpointing: a layer count must be 0 or more, got {gc}")
-    if cfg.hardware.backend == "unsloth" and cfg.hardware.device == "cpu":
-        p.append("hardware.backend: unsloth needs a CUDA GPU; use hf or auto with device cpu")
-    if isinstance(cfg.hardware.gpus, int) and cfg.hardware.gpus < 1:
-        p.append(f"hardware.gpus: must be at least 1 or auto, got {cfg.hardware.gpus}")
-    elif cfg.hardware.backend == "unsloth" and cfg.hardware.gpus != 1:
-        p.append("hardware.backend: unsloth trains on one GPU; use hf (or auto) with hardware.gpus > 1")
+    hw = cfg.hardware
+    p += stacks.config_problems(hw.backend, hw.device, hw.gpus)
+    if isinstance(hw.gpus, int) and hw.gpus < 1:
+        p.append(f"hardware.gpus: must be at least 1 or auto, got {hw.gpus}")
     if cfg.hardware.strategy == "fsdp" and cfg.hardware.device == "cpu" and cfg.hardware.gpus != 1:
         # accelerate turns its FSDP plugin on only for GPU process groups: on CPUs it would train
         # DDP while the config says fsdp (docs/multi-gpu.md).

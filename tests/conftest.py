@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 QLC = [sys.executable, "-m", "tui.cli"]
 
 # Memory estimates follow the CUDA allocator an engine started from this environment would use
-# (engine/train/allocator.py): the engine's own default, whatever the developer's shell has set.
+# (engine/allocator.py): the engine's own default, whatever the developer's shell has set.
 for _name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
     os.environ.pop(_name, None)
 

@@ -25,11 +25,11 @@ from textual.screen import Screen
 from textual.widgets import TabbedContent
 from textual.worker import Worker, WorkerState
 
-from engine import protocol
-from engine.config import RunConfig, load_resolved
+from engine import preflight, protocol
+from engine.config import load_resolved
 from engine.errors import UserError
-from engine.run import distributed, runs
 from engine.run import launcher as engine_launcher
+from engine.run import runs
 from tui import budget
 from tui.client import Launcher, RunClient, start_sample
 from tui.history import RunHistory, SampleText
@@ -60,21 +60,6 @@ PANE_TITLES = {
     "runs": "Runs",
     "sample": "Sample",
 }
-
-
-def check_data(cfg: RunConfig) -> None:
-    """The model's and the data pipeline's checks: a bad model path or bad data fails before a run
-    directory exists."""
-    from engine.models import source as model_source
-
-    model_source.check(cfg)
-    try:
-        from engine import data
-    except ImportError:
-        return
-    check = getattr(data, "check_source", None)
-    if callable(check):
-        check(cfg)
 
 
 def _while_panes_exist(handler: Callable[..., None]) -> Callable[..., None]:
@@ -471,8 +456,8 @@ class QlcApp(App[int]):
                 return
         self.notify(f"checking data for {preset}…", timeout=2)
         try:
-            await asyncio.to_thread(check_data, cfg)
-            distributed.processes_per_node(cfg)  # GPUs asked for but absent: before any run directory
+            # A bad model path, bad data, GPUs asked for but absent: before any run directory.
+            await asyncio.to_thread(preflight.check, cfg)
             run_dir = await asyncio.to_thread(runs.create_run, self.runs_root, cfg)
             client = RunClient.launch(run_dir, self._launcher)
         except UserError as exc:

@@ -75,11 +75,11 @@ def gpu_free_gb() -> float | None:
 def base_path(cfg: RunConfig, base: str | None) -> str:
     """The 16-bit model to merge into: --base, else the run's model. A pre-quantized (bnb-4bit)
     checkpoint has no 16-bit weights to merge into."""
-    from engine.models import tiny
+    from engine.models import tiny, tiny_build
     from engine.train.backends import hf
 
     if base:
-        return str(tiny.ensure_builtin(base)) if tiny.is_builtin(base) else base
+        return str(tiny_build.ensure_builtin(base)) if tiny.is_builtin(base) else base
     path = hf.resolve_model_path(cfg)
     if hf._is_prequantized(path, cfg):
         raise UserError(

@@ -67,9 +67,8 @@ class ExportRequest:
 def resolve_source(run_dir: Path, checkpoint: str | None) -> Path:
     """`None` or `latest`: the final adapter of a completed run, else its newest checkpoint;
     `adapter` (or `final`); a step number; or a checkpoint folder's name."""
-    from engine.train.sample_checkpoint import resolve_adapter
 
-    return resolve_adapter(run_dir, checkpoint)
+    return runs.resolve_adapter(run_dir, checkpoint)
 
 
 def default_dtype(cfg: RunConfig) -> str:

@@ -110,7 +110,7 @@ BACKWARD_MLP_GRADIENTS = {"hf": 1, "hf-upcast": 3, "unsloth": 2}
 # fit only the 8B and over-estimated the 1B by 8-13%.
 HF_SLACK_PER_KEPT_INPUT = 0.5
 HF_SLACK_PER_MASKED_LAYER_NO_GC = 0.68
-# With expandable segments (the engine's default, engine/train/allocator.py) the allocator grows one
+# With expandable segments (the engine's default, engine/allocator.py) the allocator grows one
 # mapping instead of splitting cached blocks, and the slack above shrinks to this share of itself.
 # FITTED: bench/results/memory-calibration-engine-stacks-h100-2026-11-23b.json, Llama-3.1-8B hf
 # with Liger, seq 4096 mb 2, every layer checkpointed: 0.174 GiB reserved - allocated for the

@@ -15,6 +15,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine import allocator, stacks
 from engine.config import ALL_LINEAR, RunConfig
 from engine.errors import UserError
 from engine.memory import constants as C
@@ -22,10 +23,10 @@ from engine.memory import terms
 from engine.memory.architectures import Architecture, resolve_architecture
 from engine.memory.gpus import Gpu
 from engine.protocol import EstimateEvent, MemoryTerm
-from engine.train import allocator
-from engine.train.backends import padding_free
 
-BACKENDS = ("hf", "hf-upcast", "unsloth")
+# The memory model's calibrated profiles: each stack's (engine.stacks), and hf-upcast, the usual
+# tutorial recipe (prepare_model_for_kbit_training) that `qlc estimate --backend usual` compares.
+BACKENDS = tuple(sorted({s.memory_profile for s in stacks.STACKS.values()} | {"hf-upcast"}))
 BACKEND_ALIASES = {"usual": "hf-upcast", "upcast": "hf-upcast"}
 TERM_NAMES = ("weights", "gradients", "optimizer", "activations", "workspace")
 FITS, TIGHT, DOES_NOT_FIT = "fits", "tight", "does_not_fit"
@@ -164,26 +165,16 @@ def _nvidia_gpu_present() -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=1)
-def _unsloth_runs_here() -> bool:
-    """What engine.train.backends.choose_backend decides for "auto", without importing torch."""
-    if importlib.util.find_spec("unsloth") is None:
-        return False
-    if importlib.util.find_spec("engine.train.backends.unsloth") is None:
-        return False
-    return _nvidia_gpu_present()
-
-
 def resolve_backend(cfg: RunConfig, backend: str | None = None) -> tuple[str, str]:
-    """(backend path to model, why). `backend` overrides hardware.backend."""
-    want = (backend or cfg.hardware.backend or "auto").lower()
+    """(memory profile to model, why). `backend` overrides hardware.backend; `auto` is decided by
+    engine.stacks' rule on this machine (a CUDA GPU asked through NVML, without torch)."""
+    want = (backend or cfg.hardware.backend or stacks.AUTO).lower()
     want = BACKEND_ALIASES.get(want, want)
     if want in BACKENDS:
         return want, "requested" if backend else "requested in the config"
-    if want == "auto":
-        if _unsloth_runs_here():
-            return "unsloth", "auto: Unsloth is installed and a CUDA GPU is present"
-        return "hf", "auto: Unsloth needs a CUDA GPU and the unsloth package"
+    if want == stacks.AUTO:
+        name, why = stacks.choose(stacks.AUTO, cuda=_nvidia_gpu_present())
+        return stacks.STACKS[name].memory_profile, why
     raise UserError(
         f"backend {backend or cfg.hardware.backend!r}: unknown", f"choose one of auto, {', '.join(BACKENDS)}"
     )
@@ -258,7 +249,7 @@ def plan_for(
         packing=cfg.data.packing,
         # Rows of different lengths padded to the longest: a mask on every layer. One row, packed
         # rows, or the padding-free row the Unsloth backend builds, need no padding mask.
-        padded=(t.micro_batch > 1 and not cfg.data.packing and not padding_free(backend))
+        padded=(t.micro_batch > 1 and not cfg.data.packing and not stacks.padding_free(backend))
         if padded is None
         else padded,
         liger=(liger_runs_here() if liger is None else liger) and backend == "hf" and t.liger,
@@ -357,7 +348,7 @@ def estimate(
     pass False. `checkpointed` fixes how many layers are checkpointed (a running engine's choice);
     `liger` whether the hf backend uses Liger's kernels (None: as the engine would on this machine);
     `expandable` whether the CUDA allocator grows expandable segments (None: as the engine started
-    from this environment will, engine.train.allocator).
+    from this environment will, engine.allocator).
     """
     arch = arch or resolve_architecture(cfg)
     name, reason = resolve_backend(cfg, backend)

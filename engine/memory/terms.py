@@ -49,7 +49,7 @@ class Plan:
     liger: bool = False  # hf only: Liger's RMSNorm / SwiGLU / RoPE kernels (engine.train.backends.hf)
     packing: bool = False  # several examples per row: a block-diagonal mask from position_ids
     padded: bool = False  # micro-batches carry padding: an attention mask on every layer
-    expandable: bool = False  # the CUDA allocator's expandable segments (engine.train.allocator)
+    expandable: bool = False  # the CUDA allocator's expandable segments (engine.allocator)
 
     @property
     def gradient_checkpointing(self) -> bool:

@@ -3,7 +3,8 @@ BPE tokenizer trained locally on the shipped demo dataset, built on first use an
 
 `builtin:tiny-llama` in a preset resolves here. Nothing is downloaded: the config, the tokenizer
 and the weights are all made on this machine, deterministically (fixed seeds), so every machine
-builds the same model.
+builds the same model. This module holds what the model is (pure Python: the memory model and the
+console read it); tiny_build.py builds it (tokenizers, transformers, torch).
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from engine.data.templates import LLAMA3
@@ -51,17 +50,17 @@ TINY_LLAMA: dict = {
 BUILTINS = {"tiny-llama": TINY_LLAMA}
 
 
-def _fingerprint() -> str:
+def fingerprint() -> str:
     """Changes whenever anything that goes into the build changes, so a stale cache is rebuilt."""
     h = hashlib.sha256()
     h.update(json.dumps(TINY_LLAMA, sort_keys=True).encode())
     h.update(LLAMA3.encode())
     h.update("\n".join(SPECIAL_TOKENS).encode())
-    h.update(_dataset_path().read_bytes())
+    h.update(dataset_path().read_bytes())
     return h.hexdigest()[:12]
 
 
-def _dataset_path() -> Path:
+def dataset_path() -> Path:
     # Installed without the repository, the dataset travels inside the package (engine/_presets).
     if DATASET.is_file():
         return DATASET
@@ -90,81 +89,3 @@ def builtin_config(name_or_path: str) -> dict:
             f"model.name_or_path: unknown built-in model {name_or_path!r}", "use builtin:tiny-llama"
         )
     return dict(BUILTINS[name])
-
-
-def _training_texts() -> list[str]:
-    texts = []
-    with _dataset_path().open(encoding="utf-8") as f:
-        for line in f:
-            for message in json.loads(line)["messages"]:
-                texts.append(message["content"])
-    return texts
-
-
-def _build_tokenizer(out: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=TINY_LLAMA["vocab_size"],
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_training_texts(), trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|begin_of_text|>",
-        eos_token="<|eot_id|>",
-        pad_token="<|finetune_right_pad_id|>",
-        model_max_length=TINY_LLAMA["max_position_embeddings"],
-    )
-    fast.chat_template = LLAMA3
-    fast.save_pretrained(out)
-
-
-def _build_model(out: Path) -> None:
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tok = PreTrainedTokenizerFast.from_pretrained(out)
-    cfg = LlamaConfig(
-        **{k: v for k, v in TINY_LLAMA.items() if k not in ("architectures", "model_type")},
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.convert_tokens_to_ids("<|eot_id|>"),
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tok.bos_token_id,
-        # Llama 3 style: a turn ends at <|eot_id|>; <|end_of_text|> ends a document.
-        eos_token_id=[tok.convert_tokens_to_ids("<|eot_id|>"), tok.convert_tokens_to_ids("<|end_of_text|>")],
-        pad_token_id=tok.pad_token_id,
-    )
-    model.save_pretrained(out)
-
-
-def ensure_builtin(name_or_path: str) -> Path:
-    """The directory of a built-in model, building it once (atomically) if it is not cached."""
-    name = name_or_path.removeprefix(BUILTIN_PREFIX)
-    builtin_config(name_or_path)  # validates the name
-    target = cache_root() / "models" / f"{name}-{_fingerprint()}"
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        _build_tokenizer(tmp)
-        _build_model(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process built it first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target

@@ -307,6 +307,25 @@ def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:
     raise UserError(f"run {run_dir.name} has no checkpoint at step {step}", f"saved steps: {steps}")
 
 
+def resolve_adapter(run_dir: Path, checkpoint: str | None) -> Path:
+    """`None`: the final adapter if the run completed, else the newest checkpoint; `adapter`;
+    a step number; or a checkpoint directory name."""
+    if checkpoint in (None, "", "latest"):
+        final = run_dir / ADAPTER
+        return final if (final / "adapter_config.json").is_file() else find_checkpoint(run_dir)
+    if checkpoint in ("adapter", "final"):
+        final = run_dir / ADAPTER
+        if not (final / "adapter_config.json").is_file():
+            raise UserError(
+                f"run {run_dir.name} has no final adapter", "it did not complete; name a checkpoint step"
+            )
+        return final
+    step = checkpoint.removeprefix(CHECKPOINT_PREFIX)
+    if not step.isdigit():
+        raise UserError(f"--checkpoint {checkpoint!r}: expected a step number, 'adapter' or 'latest'")
+    return find_checkpoint(run_dir, int(step))
+
+
 def resume_point(run_dir: Path) -> Path:
     """The checkpoint a resume would start from, after checking the run can resume at all: it has
     one, and its dataset is the one it started with. Raises UserError (one line) otherwise."""

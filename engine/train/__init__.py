@@ -3,7 +3,6 @@
     recipe.py             one run: setup, train, save, cleanup (`run` is the child's entry)
     backends/             one file per training stack (hf, unsloth) behind one protocol
     collectives.py        what the ranks of a multi-process run tell each other
-    allocator.py          the CUDA caching allocator, set before torch starts (pure Python)
     sampling.py           generate from the live model or a checkpoint
     sample_checkpoint.py  the engine's `sample` mode: base + a saved adapter
     failures.py           failures a run reports as one structured error

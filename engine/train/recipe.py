@@ -16,16 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine import __version__, protocol
+from engine import __version__, allocator, protocol
 from engine.config import RunConfig, load_resolved
 from engine.errors import UserError
+from engine.memory.checkpointing import CheckpointPlan, plan_checkpointing
 from engine.run import checkpoints, fingerprint, runs
 from engine.run.control import CommandQueue
 from engine.run.distributed import Ranks
 from engine.run.events import Emitter
-from engine.train import allocator, failures, faults
+from engine.train import failures, faults
 from engine.train.backends import batches_padding_free
-from engine.train.backends.checkpointing import CheckpointPlan, plan_checkpointing
 
 GIB = 1024**3
 

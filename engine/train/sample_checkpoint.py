@@ -12,25 +12,6 @@ from engine.run import runs
 from engine.run.events import Emitter
 
 
-def resolve_adapter(run_dir: Path, checkpoint: str | None) -> Path:
-    """`None`: the final adapter if the run completed, else the newest checkpoint; `adapter`;
-    a step number; or a checkpoint directory name."""
-    if checkpoint in (None, "", "latest"):
-        final = run_dir / runs.ADAPTER
-        return final if (final / "adapter_config.json").is_file() else runs.find_checkpoint(run_dir)
-    if checkpoint in ("adapter", "final"):
-        final = run_dir / runs.ADAPTER
-        if not (final / "adapter_config.json").is_file():
-            raise UserError(
-                f"run {run_dir.name} has no final adapter", "it did not complete; name a checkpoint step"
-            )
-        return final
-    step = checkpoint.removeprefix(runs.CHECKPOINT_PREFIX)
-    if not step.isdigit():
-        raise UserError(f"--checkpoint {checkpoint!r}: expected a step number, 'adapter' or 'latest'")
-    return runs.find_checkpoint(run_dir, int(step))
-
-
 def sample_checkpoint(
     run_dir: Path, checkpoint: str | None, request: protocol.SampleRequest, emitter: Emitter
 ) -> int:
@@ -40,7 +21,7 @@ def sample_checkpoint(
     from engine.train.sampling import generate
 
     cfg = load_resolved(run_dir / runs.CONFIG)
-    adapter = resolve_adapter(run_dir, checkpoint)
+    adapter = runs.resolve_adapter(run_dir, checkpoint)
     if not (adapter / "adapter_model.safetensors").is_file():
         # peft would fall back to a pickled adapter_model.bin: load safetensors or nothing.
         raise UserError(f"{adapter}: no adapter_model.safetensors", "only safetensors adapters are loaded")

@@ -1,4 +1,4 @@
-"""The CUDA allocator settings the engine starts with (engine/train/allocator.py), on plain dicts: the
+"""The CUDA allocator settings the engine starts with (engine/allocator.py), on plain dicts: the
 engine turns expandable segments on, a user's own setting wins, and the memory estimate agrees
 with what the engine will use."""
 
@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from engine.train import allocator
+from engine import allocator
 
 
 @pytest.fixture(autouse=True)

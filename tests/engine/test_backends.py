@@ -13,14 +13,10 @@ from engine.config import RunConfig
 from engine.errors import UserError
 from engine.memory import estimate
 from engine.memory.architectures import catalog
+from engine.memory.checkpointing import CheckpointPlan, plan_checkpointing
 from engine.memory.estimate import choose_checkpointing
 from engine.train.backends import choose_backend
-from engine.train.backends.checkpointing import (
-    CheckpointPlan,
-    checkpointed_now,
-    decoder_layers,
-    plan_checkpointing,
-)
+from engine.train.backends.checkpointing import checkpointed_now, decoder_layers
 
 
 def tiny_cfg(**train: Any) -> RunConfig:

@@ -21,7 +21,8 @@ from engine.data.masking import IGNORE, Encoded
 from engine.data.packing import pack
 from engine.data.report import histogram, percentile, steps
 from engine.data.report import main as report_main
-from engine.models.tiny import DATASET, ensure_builtin
+from engine.models.tiny import DATASET
+from engine.models.tiny_build import ensure_builtin
 
 REPO = Path(__file__).resolve().parent.parent.parent
 FORMATS = REPO / "tests" / "data" / "formats"

@@ -19,8 +19,7 @@ from typing import Any
 from rich.text import Text
 
 from engine.config import RunConfig, load_preset
-from engine.data import SourceSummary, check_source
-from engine.data.report import DataReport
+from engine.data import DataReport, SourceSummary, check_source
 from engine.errors import UserError
 from engine.run.launcher import engine_command
 from tui.output import err, out, print_json

@@ -203,12 +203,10 @@ class PresetsPane(Horizontal):
         )
 
     def _data_worker(self, cfg: RunConfig, key: tuple) -> None:
+        from engine.data import check_source
+
         try:
-            from engine.data import check
-        except ImportError:
-            return
-        try:
-            summary = check.check_source(cfg)
+            summary = check_source(cfg)
         except UserError as exc:
             self.post_message(self.DataChecked(key, Text(f"✗ data: {exc}", style="bold red")))
             return

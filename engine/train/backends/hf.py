@@ -34,11 +34,11 @@ def torch_dtype(name: str) -> Any:
 
 
 def resolve_model_path(cfg: RunConfig) -> str:
-    from engine.models import tiny
+    from engine.models import tiny, tiny_build
 
     name = cfg.model.name_or_path
     if tiny.is_builtin(name):
-        return str(tiny.ensure_builtin(name))
+        return str(tiny_build.ensure_builtin(name))
     return name
 
 
