@@ -444,7 +444,7 @@ def main(args: argparse.Namespace, emitter: Emitter) -> int:
         emitter.emit(protocol.ErrorEvent(kind="interrupted", message="export cancelled; nothing was written"))
         return 1
     except Exception as exc:
-        from engine.train.recipe import is_oom
+        from engine.train.failures import is_oom
 
         traceback.print_exc()  # to engine.log: a bug, keep its traceback
         kind = "out_of_memory" if is_oom(exc) else "internal"

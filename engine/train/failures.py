@@ -109,3 +109,15 @@ def classify(exc: BaseException, run_dir: Path, step: int | None) -> protocol.Er
             hint=f"free some space on that disk, then `qlc resume {run_dir.name}`",
         )
     return None
+
+
+def is_oom(exc: BaseException) -> bool:
+    name = exc.__class__.__name__
+    text = str(exc).lower()
+    # "can't allocate memory": torch's CPU allocator, which raises a plain RuntimeError.
+    return (
+        name == "OutOfMemoryError"
+        or isinstance(exc, MemoryError)
+        or "out of memory" in text
+        or "can't allocate memory" in text
+    )

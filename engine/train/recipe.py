@@ -1,18 +1,16 @@
-"""One training run, backend-agnostic: setup (model, adapters, data, trainer), train, save, cleanup.
+"""One training run, backend-agnostic: setup (model, adapters, data, trainer), train,
+save_checkpoint (the final adapter), cleanup.
 
-The trainer talks to the outside through `EngineCallback`: it turns the trainer's logs into step
-events, applies commands at optimizer-step boundaries (stop, save, sample), and refuses to save a
-checkpoint once the loss is no longer finite.
+The recipe calls its backend's steps (engine.train.backends.base.Backend) and never branches on
+which stack trains. The trainer talks to the outside through engine.train.callback.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,188 +23,13 @@ from engine.run.control import CommandQueue
 from engine.run.distributed import Ranks
 from engine.run.events import Emitter
 from engine.train import failures, faults
-from engine.train.backends import batches_padding_free
-
-GIB = 1024**3
-
-
-def host_rss_gb() -> float | None:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / GIB
-    except (OSError, ValueError):
-        return None
-
-
-def cuda_memory() -> dict[str, float | None]:
-    import torch
-
-    if not torch.cuda.is_available():
-        return {}
-    return {
-        "memory_allocated_gb": torch.cuda.memory_allocated() / GIB,
-        "memory_reserved_gb": torch.cuda.memory_reserved() / GIB,
-        "memory_peak_allocated_gb": torch.cuda.max_memory_allocated() / GIB,
-        "memory_peak_reserved_gb": torch.cuda.max_memory_reserved() / GIB,
-    }
-
-
-def reset_peak_memory() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
-@dataclass
-class RunState:
-    """What the callback learns during training, read back by the recipe when training ends."""
-
-    stop_requested: bool = False
-    failure: protocol.ErrorEvent | None = None
-    last_loss: float | None = None
-    last_checkpoint: str | None = None
-    total_steps: int = 0
-    first_step: int = 0
-    started: float = field(default_factory=time.time)
-
-
-def _make_callback(
-    emitter: Emitter,
-    commands: Any,
-    state: RunState,
-    tokenizer: Any,
-    template: str,
-    ranks: Ranks = Ranks(),
-    device: str = "cpu",
-    sharded: bool = False,
-) -> Any:
-    from transformers import TrainerCallback
-
-    from engine.train import collectives
-    from engine.train.sampling import generate
-
-    class EngineCallback(TrainerCallback):
-        def __init__(self) -> None:
-            self._last_time = 0.0
-            self._last_step = 0
-            self._last_tokens = 0
-            self._step_seconds: float | None = None
-
-        def on_train_begin(self, args: Any, st: Any, control: Any, **kw: Any) -> None:
-            reset_peak_memory()  # the peaks a step reports are training's, not the load's
-            state.total_steps = st.max_steps
-            state.first_step = st.global_step
-            self._last_step = st.global_step
-            self._last_time = time.perf_counter()
-            emitter.emit(
-                protocol.StageEvent(
-                    stage="training",
-                    message=f"training {st.max_steps} steps",
-                    current=st.global_step,
-                    total=st.max_steps,
-                )
-            )
-
-        def on_step_end(self, args: Any, st: Any, control: Any, model: Any = None, **kw: Any) -> None:
-            for command in commands.drain():
-                if isinstance(command, protocol.Stop):
-                    if state.stop_requested:  # a second console's stop, or a second Ctrl-C
-                        emitter.log("already stopping", level="debug")
-                        continue
-                    state.stop_requested = True
-                    control.should_training_stop = True
-                    control.should_save = command.save
-                    emitter.log(
-                        f"stopping after step {st.global_step}"
-                        + (", saving a checkpoint" if command.save else "")
-                    )
-                elif isinstance(command, protocol.Save):
-                    control.should_save = True
-                elif isinstance(command, protocol.SampleRequest) and collectives.samples_here(ranks, sharded):
-                    t0 = time.perf_counter()
-                    generate(
-                        model,
-                        tokenizer,
-                        command,
-                        emitter,
-                        source="live",
-                        step=st.global_step,
-                        template=template,
-                        # Sharded ranks generate together: the same draws keep them in step.
-                        seed=st.global_step if sharded else None,
-                    )
-                    self._last_time += time.perf_counter() - t0  # sampling is not training time
-
-        def on_log(
-            self, args: Any, st: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any
-        ) -> None:
-            logs = logs or {}
-            if "eval_loss" in logs:
-                loss = logs["eval_loss"]
-                emitter.emit(
-                    protocol.Eval(
-                        step=st.global_step, loss=loss, perplexity=math.exp(loss) if loss < 50 else None
-                    )
-                )
-            if "loss" not in logs:
-                return
-            loss = float(logs["loss"])
-            now = time.perf_counter()
-            steps = max(st.global_step - self._last_step, 1)
-            seconds = (now - self._last_time) / steps
-            # The trainer's exact count (engine.train.backends.safe_trainer), restored on resume; TRL's
-            # own only where a patched training loop skipped it.
-            tokens = int(logs.get("num_input_tokens_seen") or logs.get("num_tokens", 0))
-            tok_s = (
-                (tokens - self._last_tokens) / max(now - self._last_time, 1e-9) if self._last_tokens else 0.0
-            )
-            # An exponential average: one slow step (a save, a sample) must not swing the ETA.
-            self._step_seconds = (
-                seconds if self._step_seconds is None else 0.8 * self._step_seconds + 0.2 * seconds
-            )
-            remaining = max(st.max_steps - st.global_step, 0)
-            rss = host_rss_gb()
-            devices = collectives.gather_devices(ranks, device, rss)  # every rank calls: a collective
-            emitter.emit(
-                protocol.Step(
-                    step=st.global_step,
-                    total_steps=st.max_steps,
-                    epoch=float(st.epoch or 0.0),
-                    loss=loss,
-                    lr=float(logs.get("learning_rate", 0.0)),
-                    grad_norm=logs.get("grad_norm"),
-                    tokens_seen=tokens,
-                    tokens_per_s=tok_s,
-                    step_seconds=seconds,
-                    elapsed_seconds=time.time() - state.started,
-                    eta_seconds=remaining * self._step_seconds,
-                    host_rss_gb=rss,
-                    devices=devices,
-                    **cuda_memory(),
-                )
-            )
-            self._last_time, self._last_step, self._last_tokens = now, st.global_step, tokens
-            if math.isfinite(loss):
-                state.last_loss = loss
-            else:
-                # Keep the last good checkpoint: never save weights trained on a non-finite loss.
-                first = int(logs.get("nonfinite_since_step", st.global_step))
-                state.failure = failures.nonfinite_loss(loss, first, st.global_step)
-                control.should_training_stop = True
-                control.should_save = False
-
-        def on_save(self, args: Any, st: Any, control: Any, **kw: Any) -> None:
-            path = Path(args.output_dir) / f"{runs.CHECKPOINT_PREFIX}{st.global_step}"
-            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
-            state.last_checkpoint = path.name
-            emitter.emit(protocol.CheckpointSaved(step=st.global_step, path=str(path), size_mb=size / 2**20))
-
-    return EngineCallback()
+from engine.train.backends.base import Backend
+from engine.train.state import RunState
+from engine.train.usage import cuda_memory, host_rss_gb
 
 
 class Recipe:
-    """setup -> train -> save -> cleanup, for one run directory."""
+    """setup -> train -> save_checkpoint -> cleanup, for one run directory."""
 
     def __init__(
         self,
@@ -225,24 +48,49 @@ class Recipe:
         self.resume = resume
         self.cfg: RunConfig = load_resolved(run_dir / runs.CONFIG)
         self.state = RunState()
+        self.backend: Backend | None = None
+        self.device = "cpu"
         self.trainer: Any = None
         self.tokenizer: Any = None
         self.resume_from: Path | None = None
-        self.padding_free = False  # one padding-free row per micro-batch (the Unsloth backend)
+        self.kernels: list[str] = []
+
+    @property
+    def backend_name(self) -> str | None:
+        return self.backend.name if self.backend is not None else None
+
+    # ---- hello: which stack, on which device, from which checkpoint --------------------------
 
     def hello(self) -> None:
-        from engine.run.distributed import describe
-        from engine.train.backends import choose_backend, choose_device
+        from engine.train import backends
 
-        self.device = choose_device(self.cfg)
-        self.backend, reason = choose_backend(self.cfg, self.device, self.ranks.world_size)
-        if self.backend == "unsloth":
-            from engine.train.backends import unsloth
+        self.device = backends.choose_device(self.cfg)
+        name, reason = backends.choose_backend(self.cfg, self.device, self.ranks.world_size)
+        self.backend = backends.get(name)
+        self.backend.prepare()  # before anything imports transformers, peft or TRL
+        removed, skipped = self._find_resume_point()
+        self.emitter.emit(
+            protocol.Hello(
+                engine_version=__version__,
+                run_id=self.run_dir.name,
+                pid=os.getpid(),
+                mode="resume" if self.resume else "train",
+                resumed_from=self.resume_from.name if self.resume_from else None,
+                backend=name,
+                backend_reason=reason,
+                device=self._describe_device(),
+                world_size=self.ranks.world_size,
+                trust_remote_code=self.cfg.model.trust_remote_code,
+            )
+        )
+        self._log_start(removed, skipped)
+        if self.resume:
+            fingerprint.check(self.run_dir, self.cfg, full=True)
 
-            unsloth.preload()  # before anything imports transformers, peft or TRL
-        plan = faults.plan_from_env()
-        # What an engine killed mid-save left behind. Rank 0 holds the run's lock; the others
-        # wait for it at the first collective.
+    def _find_resume_point(self) -> tuple[list[str], list[tuple[Path, str]]]:
+        """(stale saves removed, damaged checkpoints skipped). What an engine killed mid-save left
+        behind is removed by rank 0, which holds the run's lock; the others wait for it at the
+        first collective."""
         removed = checkpoints.clean_stale(self.run_dir / runs.CHECKPOINTS) if self.ranks.is_main else []
         skipped: list[tuple[Path, str]] = []
         if self.resume:
@@ -253,27 +101,21 @@ class Recipe:
                     f"run {self.run_dir.name}: no checkpoint passes verification ({skipped[0][1]})",
                     "start a new run with `qlc train`",
                 )
+        return removed, skipped
+
+    def _describe_device(self) -> str:
+        from engine.run.distributed import describe
+
         device = self.device
         if device == "cuda":
             import torch
 
             torch.cuda.set_device(self.ranks.local_rank)  # this rank's GPU, before anything lands on one
             device = f"cuda:{self.ranks.local_rank} ({torch.cuda.get_device_name(self.ranks.local_rank)})"
-        device = describe(self.ranks, self.cfg.hardware.strategy, device)
-        self.emitter.emit(
-            protocol.Hello(
-                engine_version=__version__,
-                run_id=self.run_dir.name,
-                pid=os.getpid(),
-                mode="resume" if self.resume else "train",
-                resumed_from=self.resume_from.name if self.resume_from else None,
-                backend=self.backend,
-                backend_reason=reason,
-                device=device,
-                world_size=self.ranks.world_size,
-                trust_remote_code=self.cfg.model.trust_remote_code,
-            )
-        )
+        return describe(self.ranks, self.cfg.hardware.strategy, device)
+
+    def _log_start(self, removed: list[str], skipped: list[tuple[Path, str]]) -> None:
+        plan = faults.plan_from_env()
         if self.device == "cuda":
             self.emitter.log(allocator.describe())
         if plan.armed:
@@ -281,14 +123,33 @@ class Recipe:
         for name in removed:
             self.emitter.log(f"removed {name}: an incomplete save from an earlier session")
         for path, reason in skipped:
+            assert self.resume_from is not None
             self.emitter.emit(
                 protocol.WarningEvent(
                     message=f"{path.name} is damaged ({reason}); resuming from {self.resume_from.name}",
                     hint="the damaged checkpoint is left in place for inspection",
                 )
             )
-        if self.resume:
-            fingerprint.check(self.run_dir, self.cfg, full=True)
+
+    # ---- setup: model, adapters, data, trainer ------------------------------------------------
+
+    def setup(self) -> None:
+        from engine.models.loading import load_tokenizer, resolve_model_path
+
+        cfg = self.cfg
+        self.emitter.emit(
+            protocol.StageEvent(stage="loading_model", message=f"loading {cfg.model.name_or_path}")
+        )
+        t0 = time.perf_counter()
+        path = resolve_model_path(cfg)
+        self.tokenizer = load_tokenizer(cfg, path)
+        # Decided before the weights load: the GPU's free memory is the budget auto spends.
+        self.checkpointing = self._checkpointing(path)
+        model = self._load_model(path)
+        self._emit_model_ready(model, time.perf_counter() - t0)
+        self._emit_estimate()
+        prepared, template = self._prepare_data(self.backend.padding_free_rows(model))
+        self.trainer = self._build_trainer(model, prepared, template)
 
     def _checkpointing(self, path: str) -> CheckpointPlan:
         from transformers import AutoConfig
@@ -297,64 +158,51 @@ class Recipe:
             path, revision=self.cfg.model.revision, trust_remote_code=self.cfg.model.trust_remote_code
         )
         layers = int(getattr(config.get_text_config(), "num_hidden_layers", 0) or 0)
-        return plan_checkpointing(self.cfg, self.backend, self.device, layers)
+        assert self.backend is not None
+        return plan_checkpointing(self.cfg, self.backend.name, self.device, layers)
 
-    def setup(self) -> None:
-        from engine import data
-        from engine.data.report import steps
-        from engine.train.backends import hf, parallel
-
-        cfg, emit = self.cfg, self.emitter.emit
-        emit(protocol.StageEvent(stage="loading_model", message=f"loading {cfg.model.name_or_path}"))
-        t0 = time.perf_counter()
-        path = hf.resolve_model_path(cfg)
-        self.tokenizer = hf.load_tokenizer(cfg, path)
-        # Decided before the weights load: the GPU's free memory is the budget auto spends.
-        self.checkpointing = gc = self._checkpointing(path)
-        emit(
-            protocol.StageEvent(
-                stage="quantizing",
-                message="loading weights as 4-bit NF4" if cfg.quant.load_in_4bit else "loading weights",
-            )
-        )
-        # LoRA's A matrices are drawn at random when the adapters are created, before the trainer
-        # seeds anything: seed here, or two runs of one preset start from different adapters.
+    def _load_model(self, path: str) -> Any:
+        """The base, the backend's kernels, then the adapters. LoRA's A matrices are drawn at random
+        when the adapters are created, before the trainer seeds anything: seed right before, or two
+        runs of one preset start from different adapters."""
         from transformers import set_seed
 
-        kernels: list[str] = []
-        if self.backend == "unsloth":
-            from engine.train.backends import unsloth
+        cfg, backend, plan = self.cfg, self.backend, self.checkpointing
+        assert backend is not None
+        message = "loading weights as 4-bit NF4" if cfg.quant.load_in_4bit else "loading weights"
+        self.emitter.emit(protocol.StageEvent(stage="quantizing", message=message))
+        model = backend.load_model(cfg, path, self.device, plan, self.ranks)
+        self.kernels = backend.apply_kernels(model, cfg, self.device)
+        set_seed(cfg.train.seed)
+        return backend.apply_lora(model, cfg, plan, self.ranks)
 
-            model = unsloth.load_model(cfg, path, gc)
-            set_seed(cfg.train.seed)
-            model = unsloth.apply_lora(model, cfg, gc)
-            kernels = ["unsloth: fused RMSNorm, RoPE, SwiGLU, LoRA, cross-entropy"]
-        else:
-            model = hf.load_model(cfg, self.device, path, ranks=self.ranks)
-            kernels = hf.apply_kernels(model, cfg, self.device)
-            set_seed(cfg.train.seed)
-            model = hf.apply_lora(model, cfg, gc, ranks=self.ranks)
-        self.kernels = kernels
-        self.padding_free = batches_padding_free(self.backend, model)
-        total, trainable = hf.count_params(model)
+    def _emit_model_ready(self, model: Any, seconds: float) -> None:
+        total, trainable = count_params(model)
         mem = cuda_memory()
-        emit(
+        gc = self.checkpointing
+        self.emitter.emit(
             protocol.ModelReady(
                 total_params=total,
                 trainable_params=trainable,
-                quantized=cfg.quant.load_in_4bit,
+                quantized=self.cfg.quant.load_in_4bit,
                 memory_allocated_gb=mem.get("memory_allocated_gb"),
                 memory_reserved_gb=mem.get("memory_reserved_gb"),
                 host_rss_gb=host_rss_gb(),
-                load_seconds=time.perf_counter() - t0,
+                load_seconds=seconds,
                 layers=gc.layers,
                 checkpointed_layers=gc.checkpointed,
                 checkpoint_reason=gc.reason,
-                kernels=kernels,
+                kernels=self.kernels,
             )
         )
-        self._emit_estimate()
 
+    def _prepare_data(self, padding_free: bool) -> tuple[Any, str]:
+        """The tokenized data, collated as the backend trains (one padding-free row or padded
+        rows), and the chat template's family."""
+        from engine import data
+        from engine.data.report import steps
+
+        cfg, emit = self.cfg, self.emitter.emit
         emit(protocol.StageEvent(stage="preparing_data", message=f"preparing {cfg.data.source}"))
         if not self.resume and self.ranks.is_main:
             fingerprint.record(self.run_dir, cfg)  # what a later resume checks against
@@ -363,7 +211,7 @@ class Recipe:
             emit(protocol.StageEvent(stage="preparing_data", message=message, current=current, total=total))
 
         prepared = data.prepare(cfg, self.tokenizer, progress)
-        prepared.collator.padding_free = self.padding_free
+        prepared.collator.padding_free = padding_free
         template = prepared.template.family if prepared.template else "auto"
         if prepared.template is not None:
             # Checkpoints and the final adapter save this tokenizer: they carry the template the
@@ -389,44 +237,49 @@ class Recipe:
                 total_steps=total,
             )
         )
-        callback = _make_callback(
+        return prepared, template
+
+    def _build_trainer(self, model: Any, prepared: Any, template: str) -> Any:
+        from engine.train.backends import parallel
+        from engine.train.callback import Context, EngineCallback
+
+        assert self.backend is not None
+        context = Context(
             self.emitter,
             self.commands,
-            self.state,
             self.tokenizer,
             template,
             self.ranks,
             self.device,
-            sharded=parallel.sharded(cfg, self.ranks),
+            sharded=parallel.sharded(self.cfg, self.ranks),
         )
-        self.trainer = hf.build_trainer(
+        return self.backend.build_trainer(
             model,
             self.tokenizer,
-            cfg,
+            self.cfg,
             prepared,
             self.run_dir / runs.CHECKPOINTS,
             self.device,
-            [callback],
-            trainer_checkpointing=gc.enabled and self.backend == "hf",
-            ranks=self.ranks,
+            [EngineCallback(context, self.state)],
+            self.checkpointing,
+            self.ranks,
         )
 
     def _emit_estimate(self) -> None:
         """The memory model's estimate, for the dashboard's estimate-versus-actual. Never fatal."""
         try:
             from engine import memory
-            from engine.memory.distributed import per_gpu
 
             # "auto" means the GPU present: with none there is no budget to check against.
             cfg_gpu = self.cfg.hardware.gpu
             gpu = memory.resolve_gpu(cfg_gpu) if self.device == "cuda" or cfg_gpu != "auto" else None
             if self.ranks.world_size > 1:
                 # What one GPU holds: this rank's share of the run.
-                est = per_gpu(self.cfg, self.ranks.world_size, backend=self.backend)
+                est = memory.per_gpu.per_gpu(self.cfg, self.ranks.world_size, backend=self.backend_name)
             else:
                 est = memory.estimate(
                     self.cfg,
-                    backend=self.backend,
+                    backend=self.backend_name,
                     budget_gb=gpu.budget_gb if gpu else None,
                     checkpointed=self.checkpointing.checkpointed,
                     liger=any(k.startswith("liger") for k in self.kernels),
@@ -435,24 +288,27 @@ class Recipe:
         except Exception as exc:  # an estimate must never stop a run
             self.emitter.log(f"no memory estimate: {exc}", level="debug")
 
+    # ---- train, save, cleanup -----------------------------------------------------------------
+
     def train(self) -> None:
         self.trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from else None)
 
-    def save_adapter(self) -> Path:
+    def save_checkpoint(self) -> Path:
         """The final adapter, written to a temporary folder and renamed: never half-written.
         Rank 0 writes it; with FSDP every rank takes part in gathering the sharded adapter."""
         from engine.train.backends import parallel
 
         target = self.run_dir / runs.ADAPTER
         tmp = self.run_dir / f".{runs.ADAPTER}.tmp"
-        if parallel.sharded(self.cfg, self.ranks):
+        sharded = parallel.sharded(self.cfg, self.ranks)
+        if sharded:
             if self.ranks.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
             self.trainer.save_model(str(tmp))  # gathers on every rank, writes on rank 0
         if not self.ranks.is_main:
             return target
         self.emitter.emit(protocol.StageEvent(stage="saving", message="saving the final adapter"))
-        if not parallel.sharded(self.cfg, self.ranks):
+        if not sharded:
             shutil.rmtree(tmp, ignore_errors=True)
             self.trainer.model.save_pretrained(tmp)
         self.tokenizer.save_pretrained(tmp)
@@ -461,17 +317,24 @@ class Recipe:
         tmp.rename(target)
         return target
 
+    def cleanup(self) -> None:
+        """After a run that did not fail: every rank waits for the others here, so rank 0 lets go
+        of the run's lock only once every rank is done with it. (A failed run returns at once:
+        torchrun ends the other ranks, wherever they wait.)"""
+        from engine.train.collectives import barrier
 
-def is_oom(exc: BaseException) -> bool:
-    name = exc.__class__.__name__
-    text = str(exc).lower()
-    # "can't allocate memory": torch's CPU allocator, which raises a plain RuntimeError.
-    return (
-        name == "OutOfMemoryError"
-        or isinstance(exc, MemoryError)
-        or "out of memory" in text
-        or "can't allocate memory" in text
-    )
+        barrier()
+
+
+def count_params(model: Any) -> tuple[int, int]:
+    total = trainable = 0
+    for p in model.parameters():
+        # bitsandbytes packs two 4-bit values per byte: count logical parameters.
+        n = p.numel() * 2 if p.__class__.__name__ == "Params4bit" else p.numel()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return total, trainable
 
 
 def run(
@@ -492,7 +355,7 @@ def run(
         if failure is None:
             status = "stopped" if recipe.state.stop_requested else "completed"
             if status == "completed":
-                adapter = str(recipe.save_adapter())
+                adapter = str(recipe.save_checkpoint())
     except UserError as exc:
         failure = protocol.ErrorEvent(kind=getattr(exc, "kind", "input"), message=exc.message, hint=exc.hint)
     except BaseException as exc:
@@ -500,8 +363,8 @@ def run(
         classified = failures.classify(exc, run_dir, step) if isinstance(exc, Exception) else None
         if classified is not None:
             failure = classified
-        elif is_oom(exc) and recipe is not None:
-            failure = failures.out_of_memory(exc, recipe.cfg, step, getattr(recipe, "backend", None))
+        elif failures.is_oom(exc) and recipe is not None:
+            failure = failures.out_of_memory(exc, recipe.cfg, step, recipe.backend_name)
         elif isinstance(exc, KeyboardInterrupt):
             failure = protocol.ErrorEvent(kind="interrupted", message="the engine was interrupted", step=step)
         else:
@@ -527,9 +390,7 @@ def run(
             elapsed_seconds=time.time() - started,
         )
     )
-    if status == "failed":
+    if status == "failed" or recipe is None:
         return 1  # torchrun ends the other ranks, wherever they wait
-    from engine.train.collectives import barrier
-
-    barrier()  # rank 0 lets go of the run's lock only once every rank is done with it
+    recipe.cleanup()
     return 0

@@ -17,6 +17,7 @@ def sample_checkpoint(
 ) -> int:
     from peft import PeftModel
 
+    from engine.models.loading import load_tokenizer, resolve_model_path
     from engine.train.backends import choose_device, hf
     from engine.train.sampling import generate
 
@@ -31,10 +32,10 @@ def sample_checkpoint(
         )
     )
     device = choose_device(cfg)
-    path = hf.resolve_model_path(cfg)
+    path = resolve_model_path(cfg)
     # The checkpoint's tokenizer carries the chat template the run trained with.
     has_tokenizer = (adapter / "tokenizer_config.json").is_file()
-    tokenizer = hf.load_tokenizer(cfg, str(adapter) if has_tokenizer else path)
+    tokenizer = load_tokenizer(cfg, str(adapter) if has_tokenizer else path)
     model = hf.load_model(cfg, device, path)
     # Adapters are read from safetensors only; PeftModel never unpickles anything here.
     model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)

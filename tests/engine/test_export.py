@@ -211,7 +211,7 @@ def test_merged_export_of_an_older_checkpoint(
     import torch
     from safetensors.torch import load_file
 
-    from engine.train.backends.hf import resolve_model_path
+    from engine.models.loading import resolve_model_path
 
     cfg = load_preset("tiny-demo")
     base = load_file(str(Path(resolve_model_path(cfg)) / "model.safetensors"))

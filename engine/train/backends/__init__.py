@@ -1,16 +1,34 @@
-"""Training backends: each builds the model (4-bit base + LoRA) and the trainer for one stack.
+"""Training backends: one file per stack of engine.stacks, each defining `BACKEND` (base.Backend).
 
-`choose_backend` resolves `hardware.backend` (auto / hf / unsloth) and says why, so the run's
-hello event and the dashboard can show which stack trains and the reason.
+`get(name)` imports a stack's file only when that stack trains: importing Unsloth patches
+transformers, peft and TRL, so no other run may import it. `choose_backend` resolves
+`hardware.backend` (auto / a stack) by engine.stacks' rule and says why, for the hello event.
+
+    base.py           the Backend protocol, and the LoRA settings every stack shares
+    hf.py             transformers + peft + TRL + bitsandbytes, tuned
+    unsloth.py        Unsloth's loader, kernels and offloaded checkpointing
+    trainer.py        the trainer every backend trains with (TRL's SFTTrainer + safe_trainer)
+    safe_trainer.py   atomic checkpoints, the non-finite loss guard, fault hooks, token counts
+    checkpointing.py  applies the memory model's checkpointing plan to a model's layers
+    parallel.py       DDP and FSDP: where each rank loads, what the trainer is told
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
 
 from engine import stacks
 from engine.config import RunConfig
 from engine.errors import UserError
+from engine.train.backends.base import Backend
+
+__all__ = ["Backend", "choose_backend", "choose_device", "get"]
+
+
+def get(name: str) -> Backend:
+    """The backend that implements stack `name`: engine/train/backends/<name>.py's BACKEND."""
+    stacks.stack(name)  # an unknown name is one clear error
+    return importlib.import_module(f"{__name__}.{name}").BACKEND
 
 
 def cuda_available() -> bool:
@@ -31,17 +49,6 @@ def choose_device(cfg: RunConfig) -> str:
             "set hardware.device=auto or cpu",
         )
     return "cpu"
-
-
-def batches_padding_free(backend: str, model: Any) -> bool:
-    """Whether `model` trains on one padding-free row per micro-batch: where the backend does
-    (engine.stacks.padding_free) and the installed Unsloth can keep a row's examples apart, which also marks
-    the model to take rows longer than max_seq_length (unsloth.allow_padding_free)."""
-    if not stacks.padding_free(backend):
-        return False
-    from engine.train.backends import unsloth
-
-    return unsloth.allow_padding_free(model)
 
 
 def choose_backend(cfg: RunConfig, device: str, processes: int = 1) -> tuple[str, str]:

@@ -1,8 +1,8 @@
 """The Unsloth backend: FastLanguageModel's 4-bit load, fused kernels and LoRA, with our trainer.
 
-Imported only in the engine child and only when this backend trains (engine.train.backends.
-choose_backend): `import unsloth` patches transformers, peft and TRL as it loads, so `preload()`
-runs before anything else imports them. The trainer, callbacks, data and checkpoints are the
+Imported only in the engine child and only when this backend trains (engine.train.backends.get):
+`import unsloth` patches transformers, peft and TRL as it loads, so `prepare()` runs before
+anything else imports them. The trainer, callbacks, data and checkpoints are the
 same as the hf backend's (TRL's SFTTrainer, which Unsloth patches in place); what differs is the
 model: Unsloth's loader, its fused RMSNorm / RoPE / SwiGLU / LoRA kernels, its chunked fused loss,
 and its offloaded gradient checkpointing.
@@ -18,6 +18,9 @@ from typing import Any
 
 from engine.config import RunConfig
 from engine.errors import UserError
+from engine.models.loading import torch_dtype
+from engine.run.distributed import Ranks
+from engine.train.backends.base import Backend, lora_settings
 from engine.train.backends.checkpointing import CheckpointPlan
 
 
@@ -35,8 +38,6 @@ def gc_mode(plan: CheckpointPlan) -> bool | str:
 
 def load_model(cfg: RunConfig, path: str, checkpointing: CheckpointPlan) -> Any:
     from unsloth import FastLanguageModel
-
-    from engine.train.backends.hf import torch_dtype
 
     q = cfg.quant
     try:
@@ -62,16 +63,10 @@ def load_model(cfg: RunConfig, path: str, checkpointing: CheckpointPlan) -> Any:
 def apply_lora(model: Any, cfg: RunConfig, checkpointing: CheckpointPlan) -> Any:
     from unsloth import FastLanguageModel
 
-    lo = cfg.lora
     kept = checkpointing.layers - checkpointing.checkpointed if checkpointing.partial else 0
     return FastLanguageModel.get_peft_model(
         model,
-        r=lo.r,
-        lora_alpha=lo.alpha,
-        lora_dropout=lo.dropout,
-        target_modules=list(lo.target_modules),
-        modules_to_save=list(lo.modules_to_save) or None,
-        bias="none",
+        **lora_settings(cfg),
         use_gradient_checkpointing=gc_mode(checkpointing),
         random_state=cfg.train.seed,
         max_seq_length=cfg.train.seq_len,
@@ -91,3 +86,29 @@ def allow_padding_free(model: Any) -> bool:
     del get_packed_info_from_kwargs  # only its presence matters: the attention reads the lengths
     mark_allow_overlength(model)
     return True
+
+
+class UnslothBackend(Backend):
+    name = "unsloth"
+    KERNELS = "unsloth: fused RMSNorm, RoPE, SwiGLU, LoRA, cross-entropy"
+
+    def prepare(self) -> None:
+        preload()
+
+    def load_model(self, cfg: RunConfig, path: str, device: str, plan: CheckpointPlan, ranks: Ranks) -> Any:
+        return load_model(cfg, path, plan)
+
+    def apply_kernels(self, model: Any, cfg: RunConfig, device: str) -> list[str]:
+        return [self.KERNELS]  # loaded with them: Unsloth patches the model's classes as it loads
+
+    def apply_lora(self, model: Any, cfg: RunConfig, plan: CheckpointPlan, ranks: Ranks) -> Any:
+        return apply_lora(model, cfg, plan)
+
+    def padding_free_rows(self, model: Any) -> bool:
+        return self.stack.padding_free and allow_padding_free(model)
+
+    def trainer_checkpointing(self, plan: CheckpointPlan) -> bool:
+        return False  # set up by Unsloth itself (offloaded), as a bare Unsloth script does
+
+
+BACKEND = UnslothBackend()
