@@ -26,7 +26,7 @@ from textual.widgets import TabbedContent
 from textual.worker import Worker, WorkerState
 
 from engine import preflight, protocol
-from engine.config import load_resolved
+from engine.config import PresetDraft, load_resolved
 from engine.errors import UserError
 from engine.run import launcher as engine_launcher
 from engine.run import runs
@@ -408,16 +408,13 @@ class QlcApp(App[int]):
         if msg is None:
             self.notify("pick a preset first", severity="warning")
             return
-        self._start_flow(msg.preset, list(msg.overrides))
+        self._start_flow(msg.draft)
 
     @work(exclusive=True, group="start", exit_on_error=False)
-    async def _start_flow(self, preset: str, overrides: list[str]) -> None:
-        from engine.config import load_preset
-
-        try:
-            cfg = load_preset(preset, overrides)
-        except UserError as exc:
-            self.show_error("The preset does not validate", str(exc), exc.hint)
+    async def _start_flow(self, draft: PresetDraft) -> None:
+        preset, cfg = draft.name, draft.config
+        if cfg is None:
+            self.show_error("The preset does not validate", draft.describe_problems())
             return
         if cfg.model.trust_remote_code:
             ok = await self.push_screen_wait(

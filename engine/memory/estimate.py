@@ -212,17 +212,12 @@ def plan_for(
     """`checkpointed` overrides train.gradient_checkpointing (the auto search sets it);
     `expandable` the allocator (None: what an engine started from this environment uses)."""
     t, lo, q = cfg.train, cfg.lora, cfg.quant
+    # The config is validated (engine.config): only what depends on the architecture is checked here.
     problems = []
-    if t.micro_batch < 1:
-        problems.append(f"train.micro_batch: must be at least 1, got {t.micro_batch}")
-    if t.seq_len < 1:
-        problems.append(f"train.seq_len: must be at least 1, got {t.seq_len}")
-    elif t.seq_len > arch.max_positions:
+    if t.seq_len > arch.max_positions:
         problems.append(
             f"train.seq_len: {t.seq_len} is above {arch.name}'s maximum of {arch.max_positions} positions"
         )
-    if lo.r < 1:
-        problems.append(f"lora.r: must be at least 1, got {lo.r}")
     unknown = [m for m in lo.modules_to_save if m not in MODULES_TO_SAVE]
     if unknown:
         problems.append(
