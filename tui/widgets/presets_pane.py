@@ -18,6 +18,7 @@ from textual.widgets.option_list import Option, OptionDoesNotExist
 
 from engine.config import PresetDraft, RunConfig, draft_preset, list_presets
 from engine.errors import UserError
+from tui.views import BudgetState
 from tui.widgets.overrides import OverridesEditor
 from tui.widgets.preset_settings import PresetDoc, SettingsTable, parse_preset_doc
 
@@ -134,6 +135,11 @@ class PresetsPane(Horizontal):
         # After the first frame: reading every preset (and, through the budget, importing the
         # memory model) would otherwise delay the console's first paint.
         self.call_after_refresh(self._discover)
+        self.watch(self.app, "budget_state", self._budget, init=False)
+
+    def _budget(self, state: BudgetState | None) -> None:
+        if state is not None and state.summary is not None and state.preset == self.selected:
+            self.show_summary(state.summary)
 
     def _discover(self) -> None:
         self._presets = discover_presets()
