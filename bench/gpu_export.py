@@ -83,7 +83,7 @@ def export(root: Path, run_dir: Path, out: Path, *extra: str) -> dict:
         env={**os.environ, "NO_COLOR": "1"},
     )
     peak.stop()
-    events = [protocol.decode_event(line) for line in proc.stdout.splitlines() if line.strip()]
+    events = protocol.decode_lines(proc.stdout.encode())
     result: dict = {
         "args": list(extra),
         "exit": proc.returncode,

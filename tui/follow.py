@@ -182,14 +182,11 @@ def pipe_events(proc: subprocess.Popen[bytes]) -> Iterator[protocol.Event]:
     assert proc.stdout is not None
     first = True
     for line in proc.stdout:
-        try:
-            ev = protocol.decode_event(line)
-        except protocol.ProtocolError:
-            continue
-        if first and isinstance(ev, protocol.Hello):
-            protocol.check_hello(ev)
-        first = False
-        yield ev
+        for ev in protocol.decode_lines(line):  # a line that is no event (a library's print) is skipped
+            if first and isinstance(ev, protocol.Hello):
+                protocol.check_hello(ev)
+            first = False
+            yield ev
 
 
 def follow_child(proc: subprocess.Popen[bytes], run_dir: Path, printer: EventPrinter) -> int:

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import shutil
 import time
 from pathlib import Path
+
+from engine.hashing import sha256_file
 
 PREFIX = "checkpoint-"
 MANIFEST = "qlc-manifest.json"
@@ -47,14 +48,6 @@ def step_of(path: Path) -> int | None:
 
 def staging_root(root: Path, step: int) -> Path:
     return root / f"{STAGING_PREFIX}{step}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -74,7 +67,10 @@ def write_manifest(folder: Path, step: int) -> dict:
     files = {}
     for path in _files(folder):
         _fsync(path)
-        files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        files[path.relative_to(folder).as_posix()] = {
+            "size": path.stat().st_size,
+            "sha256": sha256_file(path),
+        }
     manifest = {"format": FORMAT, "step": step, "written": time.time(), "files": files}
     tmp = folder / f".{MANIFEST}.tmp"
     with tmp.open("w", encoding="utf-8") as f:
@@ -137,7 +133,7 @@ def problem(path: Path, full: bool = False, step: int | None = None) -> str | No
             return f"{name} is missing"
         if not isinstance(entry, dict) or size != entry.get("size"):
             return f"{name} has {size} bytes, the manifest says {entry.get('size') if isinstance(entry, dict) else '?'}"
-        if full and _sha256(file) != entry.get("sha256"):
+        if full and sha256_file(file) != entry.get("sha256"):
             return f"{name} does not match its SHA-256"
     return None
 

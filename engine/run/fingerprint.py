@@ -16,7 +16,6 @@ Pure Python: the console imports this module.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 from engine.config import RunConfig
 from engine.data.sources import is_local, local_files
 from engine.errors import UserError
+from engine.hashing import sha256_file
 
 RECORD = "dataset.json"
 
@@ -35,14 +35,6 @@ class DataChanged(UserError):
     kind = "data_changed"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _describe(source: str, cfg: RunConfig, hashed: bool = True) -> dict[str, Any]:
     if not is_local(source):
         return {"kind": "hub", "id": source, "split": cfg.data.split, "subset": cfg.data.subset}
@@ -51,7 +43,7 @@ def _describe(source: str, cfg: RunConfig, hashed: bool = True) -> dict[str, Any
         st = path.stat()
         files[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
         if hashed:
-            files[str(path)]["sha256"] = _sha256(path)
+            files[str(path)]["sha256"] = sha256_file(path)
     return {"kind": "local", "path": source, "files": files}
 
 
@@ -96,7 +88,7 @@ def _differences(
             return f"{name} {path} changed since the run started ({entry['size']} bytes then, {current['size']} now)"
         if not full and current["mtime_ns"] == entry.get("mtime_ns"):
             continue  # untouched since: no need to read it
-        if _sha256(Path(path)) != entry["sha256"]:
+        if sha256_file(Path(path)) != entry["sha256"]:
             return f"{name} {path} changed since the run started (same size, different content)"
     added = sorted(set(now_files) - set(then_files))
     if added:

@@ -16,7 +16,6 @@ Pure Python: the console imports this module.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
@@ -170,23 +169,26 @@ def is_running(run_dir: Path) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_events(run_dir: Path, offset: int = 0) -> tuple[list[protocol.Event], int]:
-    """Every complete event from byte `offset` on, and the offset after the last complete line.
-    A torn last line (the engine is mid-write, or was killed mid-write) is left for the next read."""
+CHUNK_BYTES = 4 << 20  # an events file is read at most this much at a time, to bound memory
+
+
+def read_events(run_dir: Path, offset: int = 0, limit: int | None = None) -> tuple[list[protocol.Event], int]:
+    """The complete events from byte `offset` on (at most `limit` bytes of them, when given), and
+    the offset after the last complete line. A torn last line (the engine is mid-write, or was
+    killed mid-write) is left for the next read; an event type from a newer engine is skipped."""
     path = run_dir / EVENTS
     try:
         with path.open("rb") as f:
             f.seek(offset)
-            data = f.read()
+            data = f.read() if limit is None else f.read(limit)
+            end = data.rfind(b"\n") + 1
+            if end == 0 and limit is not None and len(data) == limit:  # one line longer than a chunk
+                f.seek(offset)
+                data = f.readline()
+                end = len(data) if data.endswith(b"\n") else 0
     except FileNotFoundError:
         return [], offset
-    end = data.rfind(b"\n") + 1
-    events: list[protocol.Event] = []
-    for line in data[:end].splitlines():
-        if line.strip():
-            with contextlib.suppress(protocol.ProtocolError):  # a newer engine's unknown event type
-                events.append(protocol.decode_event(line))
-    return events, offset + end
+    return protocol.decode_lines(data[:end]), offset + end
 
 
 def follow_events(run_dir: Path, poll: float = 0.2, stop_when_done: bool = True) -> Iterator[protocol.Event]:
