@@ -3,12 +3,12 @@
     python bench/calibrate_memory.py --out DIR --arch llama-3.1-8b [--arch gemma-3-12b ...]
 
 For each architecture: a full-size model with random weights is built, saved and loaded once
-through the engine's own loading path (engine.backends.hf), wrapped with LoRA (r=32, all seven
+through the engine's own loading path (engine.train.backends.hf), wrapped with LoRA (r=32, all seven
 projections), and trained for 3 optimizer steps per config through the engine's own trainer and
 data pipeline, over seq_len x micro_batch x gradient checkpointing. Each config records PyTorch's
 peak allocated and reserved memory and NVML's whole-device peak; an out-of-memory is a result too.
 The allocator and the batches are the engine's: expandable segments (engine.allocator) and, for
-Unsloth, padding-free rows (engine.backends.batches_padding_free).
+Unsloth, padding-free rows (Backend.padding_free_rows).
 
 Writes DIR/memory-calibration-<arch>.json in the format engine.memory replays in its tests.
 """
@@ -39,14 +39,17 @@ def calibrate(
 
     allocator.configure()  # the engine's allocator settings, before torch touches CUDA
     if backend == "unsloth":
-        from engine.backends import unsloth as unsloth_backend
+        from engine.train.backends import unsloth as unsloth_backend
 
         unsloth_backend.preload()  # before transformers, peft and TRL load
     import torch
 
     from engine import data
-    from engine.backends import batches_padding_free, hf
-    from engine.backends.checkpointing import CheckpointPlan
+    from engine.models.loading import load_tokenizer
+    from engine.train.backends import get as get_backend
+    from engine.train.backends import hf
+    from engine.train.backends.checkpointing import CheckpointPlan
+    from engine.train.backends.trainer import build_trainer
 
     model_dir = work / f"model-{arch}"
     if not (model_dir / "config.json").is_file():
@@ -81,7 +84,7 @@ def calibrate(
     # each architecture in a fresh process (main() does) so it is zero.
     baseline = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else 0.0
     t0 = time.perf_counter()
-    tok = hf.load_tokenizer(base, str(model_dir))
+    tok = load_tokenizer(base, str(model_dir))
     if backend == "unsloth":
         model = unsloth_backend.load_model(base, str(model_dir), every)
         model = unsloth_backend.apply_lora(model, base, every)
@@ -113,7 +116,7 @@ def calibrate(
                 else:
                     model.gradient_checkpointing_disable()
                 prepared = data.prepare(cfg, tok)
-                free = batches_padding_free(backend, model)  # as the engine's recipe does
+                free = get_backend(backend).padding_free_rows(model)  # as the engine's recipe does
                 prepared.collator.padding_free = free
                 record = {
                     "arch": arch,
@@ -140,7 +143,7 @@ def calibrate(
                 t1 = time.perf_counter()
                 try:
                     with tempfile.TemporaryDirectory() as scratch:
-                        trainer = hf.build_trainer(
+                        trainer = build_trainer(
                             model, tok, cfg, prepared, Path(scratch), device, [], gc_on and backend == "hf"
                         )
                         trainer.train()

@@ -41,7 +41,8 @@ from bench.gpu_common import (  # noqa: E402
     token_run_overrides,
     write_tokens,
 )
-from engine import protocol, runs  # noqa: E402
+from engine import protocol  # noqa: E402
+from engine.run import runs  # noqa: E402
 
 QLC = [sys.executable, "-m", "tui.cli"]
 UNSLOTH_SCENARIOS = ("bare-unsloth", "engine-unsloth", "engine-auto")

@@ -87,7 +87,7 @@ def start_fake_run(
     """A detached fake engine emitting `rate` step events a second, as `qlc train --detach` would."""
     import fake_engine
 
-    from engine import runs
+    from engine.run import runs
 
     run_dir = fake_engine.make_run_dir(root, name, None)
     proc = fake_engine.launcher(steps=steps, rate=rate)(run_dir, pipe=False)
@@ -98,7 +98,8 @@ def start_fake_run(
 
 
 def stop_run(run_dir: Path, proc: subprocess.Popen) -> None:
-    from engine import protocol, runs
+    from engine import protocol
+    from engine.run import runs
 
     try:
         runs.send_command(run_dir, protocol.Stop())

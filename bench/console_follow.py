@@ -85,7 +85,8 @@ def in_tmux(mode: str, root: Path, rate: float, seconds: float) -> dict | None:
 
 def _stop_all(root: Path) -> None:
     """Runs the console launched itself keep going after it is killed (as they should): stop them."""
-    from engine import protocol, runs
+    from engine import protocol
+    from engine.run import runs
 
     for run_dir in runs.list_run_dirs(root):
         if runs.is_running(run_dir):

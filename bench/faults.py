@@ -41,7 +41,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from engine import checkpoints, runs  # noqa: E402
+from engine.run import checkpoints, runs  # noqa: E402
 from tests.reliability import trials  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"

@@ -22,7 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.gpu_common import ARCHS, DevicePeak, build_model, report_header, token_run_overrides, write_tokens
-from engine import protocol, runs
+from engine import protocol
+from engine.run import runs
 
 QLC = [sys.executable, "-m", "tui.cli"]
 

@@ -25,8 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.gpu_common import ARCHS, DevicePeak, build_model, gpu_name, versions, write_tokens
-from engine import protocol, runs
+from engine import protocol
 from engine.config import load_preset
+from engine.run import runs
 
 QLC = [sys.executable, "-m", "tui.cli"]
 
@@ -82,7 +83,7 @@ def export(root: Path, run_dir: Path, out: Path, *extra: str) -> dict:
         env={**os.environ, "NO_COLOR": "1"},
     )
     peak.stop()
-    events = [protocol.decode_event(line) for line in proc.stdout.splitlines() if line.strip()]
+    events = protocol.decode_lines(proc.stdout.encode())
     result: dict = {
         "args": list(extra),
         "exit": proc.returncode,

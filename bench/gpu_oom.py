@@ -23,7 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from engine import protocol, runs  # noqa: E402
+from engine import protocol  # noqa: E402
+from engine.run import runs  # noqa: E402
 
 SETS = [
     "train.max_steps=24",

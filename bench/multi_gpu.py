@@ -35,8 +35,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.gpu_common import ARCHS, build_model, gpu_name, versions, write_tokens
-from engine import distributed, launcher, protocol, runs
+from engine import protocol
 from engine.config import load_preset
+from engine.run import distributed, launcher, runs
 
 QLC = [sys.executable, "-m", "tui.cli"]
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}

@@ -18,8 +18,9 @@ import signal
 import sys
 from pathlib import Path
 
-from engine import allocator, protocol, runs
+from engine import allocator, protocol
 from engine.errors import UserError
+from engine.run import runs
 
 
 def _claim_stdout() -> os.PathLike | int:
@@ -32,9 +33,9 @@ def _claim_stdout() -> os.PathLike | int:
 
 
 def _train(run_dir: Path, resume: bool) -> int:
-    from engine.control import CommandQueue
-    from engine.distributed import Ranks
-    from engine.events import Emitter, FileSink, PipeSink
+    from engine.run.control import CommandQueue
+    from engine.run.distributed import Ranks
+    from engine.run.events import Emitter, FileSink, PipeSink
 
     ranks = Ranks.from_env()
     events_fd = _claim_stdout()
@@ -60,7 +61,7 @@ def _train(run_dir: Path, resume: bool) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a lost terminal is no reason to stop
     if ranks.distributed:
-        from engine.collectives import die_with_parent
+        from engine.train.collectives import die_with_parent
 
         die_with_parent()
     if ranks.is_main:
@@ -68,7 +69,7 @@ def _train(run_dir: Path, resume: bool) -> int:
         if not sys.stdin.isatty():
             commands.read_stdin()
         commands.read_fifo(run_dir / runs.CONTROL)
-    from engine.recipe import run
+    from engine.train.recipe import run
 
     try:
         return run(run_dir, emitter, commands, resume=resume, ranks=ranks)
@@ -77,8 +78,8 @@ def _train(run_dir: Path, resume: bool) -> int:
 
 
 def _sample(run_dir: Path, request_json: str, checkpoint: str | None) -> int:
-    from engine.events import Emitter, PipeSink
-    from engine.sample_checkpoint import sample_checkpoint
+    from engine.run.events import Emitter, PipeSink
+    from engine.train.sample_checkpoint import sample_checkpoint
 
     events_fd = _claim_stdout()
     emitter = Emitter([PipeSink(os.fdopen(events_fd, "wb"))])
@@ -96,8 +97,8 @@ def _sample(run_dir: Path, request_json: str, checkpoint: str | None) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from engine.events import Emitter, PipeSink
     from engine.export.job import main as export_main
+    from engine.run.events import Emitter, PipeSink
 
     events_fd = _claim_stdout()
     emitter = Emitter([PipeSink(os.fdopen(events_fd, "wb"))])

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from engine import stacks
 from engine.errors import ConfigError, UserError
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -104,9 +105,13 @@ class TrainConfig:
     """Evaluate every N steps when there is a validation split; 0 evaluates once per epoch."""
 
 
+# `auto` or a stack of engine.stacks: a new stack is accepted here without an edit.
+BackendName = Literal[(stacks.AUTO, *stacks.NAMES)]  # type: ignore[valid-type]
+
+
 @dataclass
 class HardwareConfig:
-    backend: Literal["auto", "hf", "unsloth"] = "auto"
+    backend: BackendName = "auto"
     device: Literal["auto", "cuda", "cpu"] = "auto"
     gpu: str = "auto"
     """What the memory budget is checked against: a catalog name (rtx4090), a size (24GB), or auto."""
@@ -257,8 +262,9 @@ def config_from_dict(data: dict[str, Any], source: str = "") -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError(["expected a mapping of sections (model, lora, data, train, ...)"], source)
     cfg = _build(RunConfig, data, "", problems)
-    if not problems:
-        problems += validate(cfg)
+    # Ranges and cross-field checks run even when a type is wrong (that field keeps its default,
+    # which passes them): one pass reports every problem.
+    problems += validate(cfg)
     if problems:
         raise ConfigError(problems, source)
     return cfg
@@ -316,12 +322,10 @@ def validate(cfg: RunConfig) -> list[str]:
     gc = t.gradient_checkpointing
     if not isinstance(gc, bool) and isinstance(gc, int) and gc < 0:
         p.append(f"train.gradient_checkpointing: a layer count must be 0 or more, got {gc}")
-    if cfg.hardware.backend == "unsloth" and cfg.hardware.device == "cpu":
-        p.append("hardware.backend: unsloth needs a CUDA GPU; use hf or auto with device cpu")
-    if isinstance(cfg.hardware.gpus, int) and cfg.hardware.gpus < 1:
-        p.append(f"hardware.gpus: must be at least 1 or auto, got {cfg.hardware.gpus}")
-    elif cfg.hardware.backend == "unsloth" and cfg.hardware.gpus != 1:
-        p.append("hardware.backend: unsloth trains on one GPU; use hf (or auto) with hardware.gpus > 1")
+    hw = cfg.hardware
+    p += stacks.config_problems(hw.backend, hw.device, hw.gpus)
+    if isinstance(hw.gpus, int) and hw.gpus < 1:
+        p.append(f"hardware.gpus: must be at least 1 or auto, got {hw.gpus}")
     if cfg.hardware.strategy == "fsdp" and cfg.hardware.device == "cpu" and cfg.hardware.gpus != 1:
         # accelerate turns its FSDP plugin on only for GPU process groups: on CPUs it would train
         # DDP while the config says fsdp (docs/multi-gpu.md).
@@ -471,6 +475,11 @@ def read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
+    return parse_yaml(text, path)
+
+
+def parse_yaml(text: str, path: Path) -> dict[str, Any]:
+    """A preset file's text as a mapping of sections; one line naming the problem otherwise."""
     try:
         data = yaml.safe_load(text)
     except RecursionError:
@@ -510,10 +519,9 @@ def _resolve_local_paths(cfg: RunConfig, base: Path) -> None:
     cfg.model.name_or_path = resolve(cfg.model.name_or_path) or cfg.model.name_or_path
 
 
-def load_preset(name: str, overrides: list[str] | None = None) -> RunConfig:
-    """A preset by name or path, with overrides applied, typed and validated."""
-    path = find_preset(name)
-    data, problems = apply_overrides(read_yaml(path), overrides or [])
+def _config_of(path: Path, data: dict[str, Any], overrides: list[str]) -> RunConfig:
+    """The preset file's `data` with `overrides`, typed, validated and with its paths resolved."""
+    data, problems = apply_overrides(data, overrides)
     data.setdefault("name", path.stem)
     try:
         cfg = config_from_dict(data, str(path))
@@ -523,6 +531,99 @@ def load_preset(name: str, overrides: list[str] | None = None) -> RunConfig:
         raise ConfigError(problems, str(path))
     _resolve_local_paths(cfg, path.parent)
     return cfg
+
+
+def load_preset(name: str, overrides: list[str] | None = None) -> RunConfig:
+    """A preset by name or path, with overrides applied, typed and validated."""
+    path = find_preset(name)
+    return _config_of(path, read_yaml(path), overrides or [])
+
+
+@dataclass(frozen=True)
+class PresetDraft:
+    """A preset as the console edits it, parsed once: the file's text (its comments) and data, the
+    overrides on top, and either the validated RunConfig or every problem (never both).
+
+    `with_overrides` re-validates other overrides without reading the file again. Everything that
+    shows or starts a preset (the overrides box, the presets pane, the settings table, the start
+    flow) reads one draft instead of loading the preset itself.
+    """
+
+    name: str
+    path: Path | None
+    text: str = ""
+    data: dict[str, Any] | None = None
+    overrides: tuple[str, ...] = ()
+    config: RunConfig | None = None
+    problems: tuple[str, ...] = ()
+
+    @property
+    def valid(self) -> bool:
+        return self.config is not None
+
+    def describe_problems(self) -> str:
+        """Every problem on one line, after the file they are in."""
+        where = f"{self.path}: " if self.path is not None and self.data is not None else ""
+        return where + "; ".join(self.problems)
+
+    @property
+    def overridden(self) -> frozenset[str]:
+        """The canonical keys (train.lr) the overrides set."""
+        return frozenset(k for k in (override_key(o) for o in self.overrides) if k)
+
+    def value(self, key: str) -> Any:
+        """A setting of the validated config by its dotted key (None when it does not validate)."""
+        node: Any = self.config.to_dict() if self.config is not None else None
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        return node
+
+    def with_overrides(self, overrides: list[str] | tuple[str, ...]) -> PresetDraft:
+        if self.path is None or self.data is None:
+            return dataclasses.replace(self, overrides=tuple(overrides))
+        try:
+            cfg, problems = _config_of(self.path, self.data, list(overrides)), ()
+        except ConfigError as exc:
+            cfg, problems = None, tuple(exc.problems)
+        except UserError as exc:
+            cfg, problems = None, (str(exc),)
+        return dataclasses.replace(self, overrides=tuple(overrides), config=cfg, problems=problems)
+
+
+def draft_preset(name: str, overrides: list[str] | tuple[str, ...] = ()) -> PresetDraft:
+    """Read preset `name` once and validate it with `overrides`; a problem is data, not raised."""
+    try:
+        path = find_preset(name)
+        text = path.read_text(encoding="utf-8")
+    except UserError as exc:
+        return PresetDraft(name, None, overrides=tuple(overrides), problems=(str(exc),))
+    except (OSError, UnicodeDecodeError) as exc:
+        problem = f"{name}: cannot read ({exc.__class__.__name__}: {exc})"
+        return PresetDraft(name, None, overrides=tuple(overrides), problems=(problem,))
+    try:
+        data = parse_yaml(text, path)
+    except ConfigError as exc:
+        return PresetDraft(name, path, text, None, tuple(overrides), problems=tuple(exc.problems))
+    except UserError as exc:
+        return PresetDraft(name, path, text, None, tuple(overrides), problems=(str(exc),))
+    return PresetDraft(name, path, text, data).with_overrides(overrides)
+
+
+def override_key(text: str) -> str | None:
+    """The canonical key an override sets (`lr=1e-4` -> train.lr), or None if it names none."""
+    try:
+        return parse_override(text)[0]
+    except UserError:
+        return None
+
+
+def merge_override(overrides: list[str] | tuple[str, ...], text: str) -> list[str]:
+    """`text` replaces any override of the same (canonical) key; order is kept otherwise."""
+    key = override_key(text)
+    kept = [o for o in overrides if override_key(o) != key]
+    return [*kept, text.strip()]
 
 
 def load_resolved(path: Path) -> RunConfig:

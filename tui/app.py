@@ -2,93 +2,48 @@
 
 `make_app` is the one way to build it, used by `qlc` (through `run_console`) and by the tests,
 which swap in a fake engine launcher and a GPU probe. The App owns the run being watched (its
-`RunClient` and `RunHistory`) and every action a person can take; panes draw and post messages.
-Nothing here imports torch: training and sampling happen in engine processes.
+`RunClient` and `RunHistory`) and the actions a person takes; it publishes what the panes show
+as reactives (tui.views) that the panes watch, and the panes post messages back. The start flow
+(tui.start), the samplers (tui.jobs) and the palette (tui.palette) live beside it. Nothing here
+imports torch: training and sampling happen in engine processes.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from rich.text import Text
-from textual import work
-from textual.app import App, ScreenStackError, SystemCommand
+from textual.app import App, SystemCommand
 from textual.binding import Binding, BindingType
-from textual.css.query import NoMatches
+from textual.reactive import var
 from textual.screen import Screen
 from textual.widgets import TabbedContent
 from textual.worker import Worker, WorkerState
 
-from engine import distributed, protocol, runs
-from engine import launcher as engine_launcher
-from engine.config import RunConfig, load_resolved
 from engine.errors import UserError
-from tui import budget
-from tui.client import Launcher, RunClient, start_sample
+from engine.run import launcher as engine_launcher
+from engine.run import runs
+from tui import watched
+from tui.client import Launcher, RunClient
 from tui.history import RunHistory, SampleText
-from tui.screens.confirm import ConfirmScreen
+from tui.jobs import Samplers, end_clients
+from tui.palette import PANE_FOCUS, PANE_TITLES, system_commands
+from tui.preset_actions import PresetActions
+from tui.run_actions import RunActions
+from tui.sample_actions import SampleActions
 from tui.screens.error import ErrorScreen
-from tui.screens.export import ExportScreen
 from tui.screens.main import PANES, MainScreen
 from tui.screens.quit import QuitScreen
-from tui.screens.stop import StopScreen
-from tui.widgets.dashboard import Dashboard
+from tui.views import BudgetState, RunView, SampleSources
+from tui.watched import RunEvents
 from tui.widgets.gpu import Probe
-from tui.widgets.memory_pane import MemoryPane
 from tui.widgets.presets_pane import PresetsPane
 from tui.widgets.runs_pane import RunsPane
-from tui.widgets.sample_pane import LIVE, SamplePane
-
-PANE_FOCUS = {
-    "presets": "#preset-list",
-    "memory": "#gpu-select",
-    "dashboard": "#event-log",
-    "runs": "#runs-table",
-    "sample": "#prompt",
-}
-PANE_TITLES = {
-    "presets": "Presets",
-    "memory": "Memory budget",
-    "dashboard": "Dashboard",
-    "runs": "Runs",
-    "sample": "Sample",
-}
 
 
-def check_data(cfg: RunConfig) -> None:
-    """The model's and the data pipeline's checks: a bad model path or bad data fails before a run
-    directory exists."""
-    from engine import model_source
-
-    model_source.check(cfg)
-    try:
-        from engine import data
-    except ImportError:
-        return
-    check = getattr(data, "check_source", None)
-    if callable(check):
-        check(cfg)
-
-
-def _while_panes_exist(handler: Callable[..., None]) -> Callable[..., None]:
-    """Client (and late preset) messages can still arrive while the app shuts down and its panes
-    are removed (the screen stack is then empty: IndexError)."""
-
-    @functools.wraps(handler)
-    def guarded(*args: Any, **kwargs: Any) -> None:
-        with contextlib.suppress(NoMatches, ScreenStackError, IndexError):
-            handler(*args, **kwargs)
-
-    return guarded
-
-
-class QlcApp(App[int]):
+class QlcApp(RunEvents, PresetActions, RunActions, SampleActions, App[int]):
     CSS_PATH = "app.tcss"
     TITLE = "qlora-console"
     ENABLE_COMMAND_PALETTE = True
@@ -104,6 +59,15 @@ class QlcApp(App[int]):
         ),
     ]
 
+    run_view: var[RunView] = var(RunView(None, ""), always_update=True)
+    """The Dashboard's run and status; set again whenever its history grew."""
+    sample_replies: var[tuple[SampleText, ...]] = var((), always_update=True)
+    """Every reply asked for here, in order (the Sample pane); replies stream in place."""
+    sample_sources: var[SampleSources] = var(SampleSources())
+    """What the Sample pane may sample from."""
+    budget_state: var[BudgetState | None] = var(None, always_update=True)
+    """The selected preset's memory budget (the Memory pane, and the Presets pane's line)."""
+
     def __init__(
         self,
         runs_root: Path,
@@ -116,11 +80,10 @@ class QlcApp(App[int]):
         auto_attach: bool = True,
     ) -> None:
         super().__init__()
+        self.runs_root = runs_root
+        self.launcher = launcher
         self._export_launcher = export_launcher
         self._export_clients: list[RunClient] = []
-        self.runs_root = runs_root
-        self._launcher = launcher
-        self._sample_launcher = sample_launcher
         self._gpu_probe = gpu_probe
         self._attach_ref = attach
         self._auto_attach = auto_attach
@@ -128,15 +91,15 @@ class QlcApp(App[int]):
         self.history: RunHistory | None = None
         self.stopping = False
         self._quit_when_finished = False
-        self._sample_clients: list[RunClient] = []
-        self._sample_history = RunHistory(run_id="samples")
-        self.samples: list[SampleText] = []
-        self._sources_key: tuple | None = None
+        self.samplers = Samplers(sample_launcher)
         self._preset: PresetsPane.ConfigChanged | None = None
 
+    @property
+    def samples(self) -> list[SampleText]:
+        return self.samplers.replies
+
     def get_default_screen(self) -> Screen:
-        initial = "dashboard" if self._attach_ref else "presets"
-        return MainScreen(self.runs_root, self._gpu_probe, initial)
+        return MainScreen(self.runs_root, self._gpu_probe, "dashboard" if self._attach_ref else "presets")
 
     def on_mount(self) -> None:
         self.sub_title = str(self.runs_root)
@@ -148,11 +111,9 @@ class QlcApp(App[int]):
         self._focus_pane("dashboard" if self._attach_ref else "presets")
         if self._attach_ref:
             try:
-                run_dir = runs.find_run(self.runs_root, self._attach_ref)
+                self.open_run(runs.find_run(self.runs_root, self._attach_ref), show=False)
             except UserError as exc:
                 self.show_error("No such run", exc.message, exc.hint)
-            else:
-                self.watch_client(RunClient(run_dir, mode="tail"), None)
         elif self._auto_attach:
             self.run_worker(self._newest_running, thread=True, group="startup", exit_on_error=False)
 
@@ -180,56 +141,11 @@ class QlcApp(App[int]):
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
-        for i, pane in enumerate(PANES, 1):
-            yield SystemCommand(
-                f"Show {PANE_TITLES[pane]}", f"switch to pane {i}", lambda p=pane: self.action_show_pane(p)
-            )
-        yield SystemCommand(
-            "Start run", "train the selected preset with its overrides", self.action_start_run
-        )
-        yield SystemCommand("Stop run", "finish the step, save a checkpoint, exit", self.action_stop_run)
-        yield SystemCommand(
-            "Save checkpoint now", "the run saves at the next step and goes on", self.action_save_checkpoint
-        )
-        yield SystemCommand(
-            "Detach from run", "stop watching; the run keeps training", self.action_detach_run
-        )
-        yield SystemCommand(
-            "Toggle log scale", "the loss chart on a log10 axis", self.action_toggle_log_scale
-        )
-        yield SystemCommand(
-            "Auto-fit memory", "change settings until the budget fits the GPU", self.action_auto_fit
-        )
-        yield SystemCommand("Reset overrides", "back to the preset as written", self.action_reset_overrides)
-        yield SystemCommand(
-            "Open selected run", "its dashboard from its events file", lambda: self._runs_action("open")
-        )
-        yield SystemCommand(
-            "Attach to selected run", "follow a running run", lambda: self._runs_action("attach")
-        )
-        yield SystemCommand(
-            "Resume selected run", "from its newest checkpoint", lambda: self._runs_action("resume")
-        )
-        yield SystemCommand(
-            "Compare marked runs", "their loss curves on one chart", lambda: self._runs_call("action_compare")
-        )
-        yield SystemCommand("Reload runs", "re-read the runs directory", lambda: self._runs_call("reload"))
-        yield SystemCommand(
-            "Export selected run",
-            "merge its adapter into the base model, or copy it",
-            lambda: self._runs_action("export"),
-        )
-        yield SystemCommand(
-            "Generate sample", "from the live model or a checkpoint", self.action_generate_sample
-        )
+        yield from system_commands(self)
 
-    def _runs_call(self, method: str) -> None:
+    def runs_action(self, action: str) -> None:
         self.action_show_pane("runs")
-        getattr(self.pane(RunsPane), method)()
-
-    def _runs_action(self, action: str) -> None:
-        self.action_show_pane("runs")
-        self.pane(RunsPane)._request(action)
+        self.pane(RunsPane).request(action)
 
     def show_error(self, title: str, message: str, hint: str = "", advice: Iterable[str] = ()) -> None:
         self.push_screen(ErrorScreen(title, message, hint, list(advice)))
@@ -240,11 +156,9 @@ class QlcApp(App[int]):
         """Make `client` the run on the Dashboard; the previous one is detached (it keeps going)."""
         if self.client is not None and self.client is not client:
             self.client.detach()
-        self.client, self.history, self.stopping = client, history, False
-        placeholder = history or RunHistory(run_id=client.run_id, run_dir=client.run_dir)
-        self.history = placeholder
-        self.pane(Dashboard).show(placeholder, "opening" if history is None else self.run_status())
-        self._update_sample_sources()
+        self.client, self.stopping = client, False
+        self.history = history or RunHistory(run_id=client.run_id, run_dir=client.run_dir)
+        self._publish("opening" if history is None else None)
         self.run_worker(
             lambda: client.read_loop(self.post_message),
             name=f"read {client.run_id}",
@@ -253,31 +167,25 @@ class QlcApp(App[int]):
             exit_on_error=False,
         )
 
-    def open_run(self, run_dir: Path) -> None:
+    def open_run(self, run_dir: Path, show: bool = True) -> None:
         """Show a run: its history from the events file, then (if it is running) its new events."""
         self.watch_client(RunClient(run_dir, mode="tail"), None)
-        self.action_show_pane("dashboard")
+        if show:
+            self.action_show_pane("dashboard")
 
     def run_status(self) -> str:
-        h, c = self.history, self.client
-        if h is None:
-            return ""
-        status = h.status
-        if status in ("training", "starting", "created") and c is not None:
-            if self.stopping:
-                return "stopping"
-            if c.ended and not c.saw_finished:
-                return "crashed" if h.hello is not None else status
-        if c is None and status in ("training", "starting"):
-            return "detached"
-        return status
+        return watched.run_status(self.history, self.client, self.stopping)
 
     def live(self) -> bool:
-        """A run is training here: its engine is there and has not said `finished` (after that it
-        only cleans up and exits, and there is nothing left to stop, save or sample)."""
-        if self.client is None or self.client.role != "run" or self.client.ended:
-            return False
-        return self.history is None or self.history.finished is None
+        return watched.is_live(self.history, self.client)
+
+    def _publish(self, status: str | None = None) -> None:
+        """What the panes show of the watched run: the Dashboard's view, the Sample pane's sources."""
+        h = self.history
+        self.run_view = RunView(h, self.run_status() if status is None else status)
+        self.sample_sources = SampleSources(
+            h.run_id if h else None, self.live(), watched.sample_checkpoints(h)
+        )
 
     def _newest_running(self) -> None:
         running = [d for d in runs.list_run_dirs(self.runs_root) if runs.is_running(d)]
@@ -288,369 +196,6 @@ class QlcApp(App[int]):
         if self.client is None:
             self.open_run(run_dir)
             self.notify(f"attached to running run {run_dir.name}", timeout=4)
-
-    # ---- events from clients -----------------------------------------------------------------
-
-    @_while_panes_exist
-    def on_run_client_opened(self, message: RunClient.Opened) -> None:
-        if message.client is not self.client:
-            return
-        self.history = message.history
-        self.pane(Dashboard).show(self.history, self.run_status())
-        self.samples = [*self.samples, *(s for s in self.history.samples.values() if s not in self.samples)]
-        self.pane(SamplePane).show(self.samples)
-        self._update_sample_sources()
-
-    @_while_panes_exist
-    def on_run_client_events_arrived(self, message: RunClient.EventsArrived) -> None:
-        client = message.client
-        events = client.drain()
-        if client.role == "sample":
-            self._sample_events(events)
-            return
-        if client is not self.client or self.history is None:
-            return
-        self.history.apply_all(events)
-        stop_screen = self.screen if isinstance(self.screen, StopScreen) else None
-        samples_changed = False
-        for ev in events:
-            if stop_screen is not None:
-                stop_screen.note(ev)
-            if isinstance(ev, protocol.ErrorEvent):
-                self._engine_error(ev)
-            elif isinstance(ev, protocol.Finished):
-                self._finished(ev)
-            elif isinstance(ev, (protocol.SampleStarted, protocol.SampleToken, protocol.Sample)):
-                samples_changed = True
-        self.pane(Dashboard).changed(self.run_status())
-        if samples_changed:
-            for s in self.history.samples.values():
-                if s not in self.samples:
-                    self.samples.append(s)
-            self.pane(SamplePane).show(self.samples)
-        self._update_sample_sources()
-
-    @_while_panes_exist
-    def on_run_client_ended(self, message: RunClient.Ended) -> None:
-        client = message.client
-        if client.role == "sample":
-            if client in self._sample_clients:
-                self._sample_clients.remove(client)
-            for s in self.samples:
-                if not s.done and s.source != LIVE:
-                    s.done = True  # the process is gone; whatever streamed is the reply
-            self.pane(SamplePane).show(self.samples)
-            return
-        if client is not self.client:
-            return
-        if isinstance(self.screen, StopScreen):
-            self.screen.ended()
-        self.pane(Dashboard).changed(self.run_status())
-        self._update_sample_sources()
-        if self._quit_when_finished:
-            self.exit(0)
-
-    def _finished(self, ev: protocol.Finished) -> None:
-        self.stopping = False
-        severity = "error" if ev.status == "failed" else "information"
-        self.notify(f"run {ev.status} at step {ev.step}", severity=severity, timeout=6)
-
-    def _engine_error(self, ev: protocol.ErrorEvent) -> None:
-        advice = list(ev.advice)
-        if ev.kind == "out_of_memory" and not advice and self.client is not None:
-            try:
-                cfg = load_resolved(self.client.run_dir / runs.CONFIG)
-                advice = [a.text for a in budget.compute(cfg).advice]
-            except UserError:
-                pass
-        title = ev.kind.replace("_", " ")
-        where = f" (step {ev.step})" if ev.step is not None else ""
-        self.show_error(f"Engine error: {title}{where}", ev.message, ev.hint, advice)
-
-    # ---- presets and the memory budget -------------------------------------------------------
-
-    @_while_panes_exist
-    def on_presets_pane_config_changed(self, message: PresetsPane.ConfigChanged) -> None:
-        self._preset = message
-        self._refresh_budget()
-
-    def on_memory_pane_gpu_changed(self, message: MemoryPane.GpuChanged) -> None:
-        self._refresh_budget()
-
-    def _refresh_budget(self) -> None:
-        msg = self._preset
-        if msg is None:
-            return
-        presets, memory = self.pane(PresetsPane), self.pane(MemoryPane)
-        if msg.config is None:
-            view = budget.BudgetView(False, reason="the preset does not validate: " + "; ".join(msg.problems))
-            memory.show(view, msg.preset)
-            return
-        view = budget.compute(msg.config, memory.gpu_spec)
-        memory.show(view, msg.preset)
-        style = {"fits": "green", "tight": "yellow", "does_not_fit": "bold red"}.get(view.verdict, "dim")
-        presets.show_summary(Text("memory " + view.summary(), style=style))
-
-    def on_memory_pane_suggestion_chosen(self, message: MemoryPane.SuggestionChosen) -> None:
-        self.pane(PresetsPane).apply_overrides(message.overrides)
-        self.notify(f"applied: {' '.join(message.overrides)}", timeout=5)
-
-    def action_auto_fit(self) -> None:
-        msg = self._preset
-        if msg is None or msg.config is None:
-            self.notify("pick a preset that validates first", severity="warning")
-            return
-        overrides, text = budget.fit(msg.config, self.pane(MemoryPane).gpu_spec)
-        if not overrides:
-            hint = (
-                ""
-                if text.startswith("nothing to change")
-                else "; the ranked list (Enter) changes more than batch and length"
-            )
-            self.notify(text + hint, severity="information" if hint == "" else "warning", timeout=6)
-            return
-        self.pane(PresetsPane).apply_overrides(overrides)
-        self.notify(f"auto-fit: {text}", timeout=6)
-
-    def action_reset_overrides(self) -> None:
-        self.pane(PresetsPane).action_reset_overrides()
-
-    # ---- actions on runs ---------------------------------------------------------------------
-
-    def action_start_run(self) -> None:
-        msg = self._preset
-        if msg is None:
-            self.notify("pick a preset first", severity="warning")
-            return
-        self._start_flow(msg.preset, list(msg.overrides))
-
-    @work(exclusive=True, group="start", exit_on_error=False)
-    async def _start_flow(self, preset: str, overrides: list[str]) -> None:
-        from engine.config import load_preset
-
-        try:
-            cfg = load_preset(preset, overrides)
-        except UserError as exc:
-            self.show_error("The preset does not validate", str(exc), exc.hint)
-            return
-        if cfg.model.trust_remote_code:
-            ok = await self.push_screen_wait(
-                ConfirmScreen(
-                    "Run code from the model's repository?",
-                    f"{preset} sets model.trust_remote_code: the model's own Python code will run.",
-                    yes="Trust and start",
-                    danger=True,
-                )
-            )
-            if not ok:
-                return
-        view = budget.compute(cfg, self.pane(MemoryPane).gpu_spec)
-        if not view.fits:
-            body = Text(view.summary() + "\n")
-            for i, a in enumerate(view.advice[:4], 1):
-                body.append(f"\n{i}. {a.text}")
-            body.append("\n\nLaunching anyway will likely end in CUDA out of memory.", "bold")
-            ok = await self.push_screen_wait(
-                ConfirmScreen(
-                    "The memory budget says this does not fit", body, yes="Launch anyway", danger=True
-                )
-            )
-            if not ok:
-                return
-        if self.live() and self.client is not None:
-            ok = await self.push_screen_wait(
-                ConfirmScreen(
-                    "Start another run?",
-                    f"Run {self.client.run_id} is still training. It keeps training; the dashboard switches "
-                    "to the new run (the Runs pane brings the other back).",
-                    yes="Start",
-                )
-            )
-            if not ok:
-                return
-        self.notify(f"checking data for {preset}…", timeout=2)
-        try:
-            await asyncio.to_thread(check_data, cfg)
-            distributed.processes_per_node(cfg)  # GPUs asked for but absent: before any run directory
-            run_dir = await asyncio.to_thread(runs.create_run, self.runs_root, cfg)
-            client = RunClient.launch(run_dir, self._launcher)
-        except UserError as exc:
-            self.show_error("Cannot start the run", exc.message, exc.hint)
-            return
-        except OSError as exc:
-            self.show_error("Cannot start the engine", str(exc), "is the runs directory writable?")
-            return
-        self.watch_client(client, RunHistory(run_id=run_dir.name, run_dir=run_dir))
-        self.action_show_pane("dashboard")
-        self.pane(RunsPane).reload()
-
-    def _send(self, command: protocol.Message) -> str | None:
-        """Send to the watched run; a problem as text (shown by the caller) instead of raising."""
-        if self.client is None:
-            return "no run is being watched"
-        try:
-            self.client.send(command)
-        except UserError as exc:
-            return str(exc)
-        except OSError as exc:
-            return f"could not reach the engine: {exc}"
-        return None
-
-    def action_stop_run(self) -> None:
-        if not self.live() or self.client is None:
-            self.notify("no run is training here", severity="warning")
-            return
-
-        def send_stop() -> str | None:
-            problem = self._send(protocol.Stop())
-            if problem is None:
-                self.stopping = True
-                self.pane(Dashboard).changed(self.run_status())
-            return problem
-
-        def closed(done: bool | None) -> None:
-            if self._quit_when_finished and not done:
-                self._quit_when_finished = False  # hid the dialog: stay
-
-        screen = StopScreen(self.client.run_id, self.history.step if self.history else 0, send_stop)
-        self.push_screen(screen, closed)
-        if self._quit_when_finished:
-            screen.call_after_refresh(screen.action_confirm)
-
-    def action_save_checkpoint(self) -> None:
-        if not self.live():
-            self.notify("no run is training here", severity="warning")
-            return
-        problem = self._send(protocol.Save())
-        self.notify(
-            problem or "checkpoint requested: saved at the next step",
-            severity="error" if problem else "information",
-        )
-
-    def action_detach_run(self) -> None:
-        if self.client is None:
-            self.notify("not watching a run", severity="warning")
-            return
-        run_id = self.client.run_id
-        was_live = self.live()
-        self.client.detach()
-        self.client = None
-        self.pane(Dashboard).changed(self.run_status())
-        self._update_sample_sources()
-        if was_live:
-            self.notify(f"detached: {run_id} keeps training; Runs (4) attaches again", timeout=5)
-
-    def action_toggle_log_scale(self) -> None:
-        self.pane(Dashboard).action_toggle_log_scale()
-
-    def on_runs_pane_open(self, message: RunsPane.Open) -> None:
-        run_dir = message.run_dir
-        running = runs.is_running(run_dir)
-        if message.action == "attach" and not running:
-            self.notify(f"{run_dir.name} is not running: showing its history", timeout=4)
-        if message.action in ("open", "attach"):
-            if self.client is not None and self.client.run_dir == run_dir and not self.client.ended:
-                self.action_show_pane("dashboard")
-                return
-            self.open_run(run_dir)
-        elif message.action == "resume":
-            self._resume(run_dir)
-        elif message.action == "export":
-            try:
-                self.push_screen(ExportScreen(run_dir, self._export_launcher, self._export_clients))
-            except UserError as exc:  # a damaged config.yaml
-                self.show_error("Cannot export", exc.message, exc.hint)
-        elif message.action == "stop":
-            if not running:
-                self.notify(f"{run_dir.name} is not running", severity="warning")
-                return
-            if self.client is None or self.client.run_dir != run_dir:
-                self.open_run(run_dir)
-            self.action_stop_run()
-
-    def on_export_screen_result(self, message: ExportScreen.Result) -> None:
-        if message.exported is not None:
-            self.notify(f"{message.run_id} exported to {message.exported.out_dir}", timeout=8)
-        else:
-            self.notify(f"export of {message.run_id} failed: {message.error}", severity="error", timeout=8)
-
-    def _resume(self, run_dir: Path) -> None:
-        if runs.is_running(run_dir):
-            self.notify(f"{run_dir.name} is already running: attaching", timeout=4)
-            self.open_run(run_dir)
-            return
-        try:
-            runs.resume_point(run_dir)
-            client = RunClient.launch(run_dir, self._launcher, resume=True)
-        except UserError as exc:
-            self.show_error("Cannot resume", exc.message, exc.hint)
-            return
-        except OSError as exc:
-            self.show_error("Cannot start the engine", str(exc))
-            return
-        self.watch_client(client, None)
-        self.action_show_pane("dashboard")
-
-    # ---- sampling ----------------------------------------------------------------------------
-
-    def _update_sample_sources(self) -> None:
-        h = self.history
-        checkpoints = [Path(c.path).name for c in h.checkpoints] if h else []
-        if h is not None and h.finished is not None and h.finished.adapter_path:
-            checkpoints.append("adapter")
-        key = (h.run_id if h else None, self.live(), tuple(checkpoints))
-        if key == self._sources_key:
-            return
-        self._sources_key = key
-        self.pane(SamplePane).set_sources(h.run_id if h else None, self.live(), checkpoints)
-
-    def action_generate_sample(self) -> None:
-        self.action_show_pane("sample")
-        self.pane(SamplePane).action_generate()
-
-    def on_sample_pane_requested(self, message: SamplePane.Requested) -> None:
-        request = message.request
-        placeholder = SampleText(request.request_id, request.prompt, message.source)
-        if message.source == LIVE:
-            if not self.live() or self.history is None:
-                self.notify("the run is not training: pick a checkpoint", severity="warning")
-                return
-            problem = self._send(request)
-            if problem:
-                self.show_error("Cannot sample", problem)
-                return
-            self.history.samples[request.request_id] = placeholder
-        else:
-            run_dir = self.history.run_dir if self.history is not None else None
-            if run_dir is None:
-                return
-            checkpoint = None if message.source == "adapter" else message.source
-            try:
-                client = start_sample(run_dir, checkpoint, request, self._sample_launcher)
-            except OSError as exc:
-                self.show_error("Cannot start the sampler", str(exc))
-                return
-            self._sample_history.samples[request.request_id] = placeholder
-            self._sample_clients.append(client)
-            self.run_worker(
-                lambda: client.read_loop(self.post_message),
-                name=f"sample {request.request_id}",
-                group="samplers",
-                thread=True,
-                exit_on_error=False,
-            )
-        self.samples.append(placeholder)
-        self.pane(SamplePane).show(self.samples)
-
-    def _sample_events(self, events: list[protocol.Event]) -> None:
-        self._sample_history.apply_all(events)
-        for ev in events:
-            if isinstance(ev, protocol.ErrorEvent):
-                self.show_error(f"Sampling failed: {ev.kind.replace('_', ' ')}", ev.message, ev.hint)
-        for s in self._sample_history.samples.values():
-            if s not in self.samples:
-                self.samples.append(s)
-        self.pane(SamplePane).show(self.samples)
 
     # ---- failures and quitting ---------------------------------------------------------------
 
@@ -666,7 +211,7 @@ class QlcApp(App[int]):
 
     async def action_quit(self) -> None:
         if not self.live() or self.client is None:
-            self._end_samplers()
+            self._end_jobs()
             self.exit(0)
             return
         self.push_screen(QuitScreen(self.client.run_id), self._quit_chosen)
@@ -675,7 +220,7 @@ class QlcApp(App[int]):
         if choice == "detach":
             if self.client is not None:
                 self.client.detach()
-            self._end_samplers()
+            self._end_jobs()
             self.exit(0)
         elif choice == "stop":
             self._quit_when_finished = True
@@ -686,17 +231,11 @@ class QlcApp(App[int]):
         without touching the runs themselves: they train on, reachable from any console."""
         if self.client is not None:
             self.client.detach()
-        self._end_samplers()
+        self._end_jobs()
 
-    def _end_samplers(self) -> None:
-        for client in self._sample_clients:
-            client.detach()
-            if client.proc is not None and client.proc.poll() is None:
-                client.proc.terminate()  # a one-off sampler of ours; no state to save
-        for client in self._export_clients:
-            client.detach()
-            if client.proc is not None and client.proc.poll() is None:
-                client.proc.terminate()  # the export removes its unfinished folder
+    def _end_jobs(self) -> None:
+        end_clients(self.samplers.clients)
+        end_clients(self._export_clients)
 
 
 def make_app(

@@ -13,7 +13,7 @@ from typing import Any
 
 from engine.config import RunConfig
 from engine.errors import UserError
-from engine.memory.estimate import TERM_NAMES, Term
+from engine.memory import TERM_NAMES, Term
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ history is folded into a `RunHistory` in the thread too, and handed over whole (
 a 100,000-step run never blocks the UI.
 
 Commands go down the child's stdin when this console launched it, else through the run's control
-FIFO (engine.runs.send_command), so any console can stop or sample any live run.
+FIFO (engine.run.runs.send_command), so any console can stop or sample any live run.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-import msgspec
 from textual.message import Message
 
-from engine import protocol, runs
+from engine import protocol
 from engine.errors import UserError
+from engine.run import runs
 from tui.history import RunHistory
 
 Launcher = Callable[..., subprocess.Popen[bytes]]
@@ -42,69 +42,15 @@ Post = Callable[[Message], object]
 
 FLUSH_SECONDS = 0.1  # the UI hears about new events at most this often (and at least this soon)
 TAIL_POLL_SECONDS = 0.25
-CHUNK_BYTES = 4 << 20  # an events file is read this much at a time, to bound memory
-
-
-def decode_lines(data: bytes) -> list[protocol.Event]:
-    """Events from complete lines; anything else on the stream (a library printing to stdout)
-    becomes a debug log line instead of stopping the console."""
-    events: list[protocol.Event] = []
-    for line in data.splitlines():
-        if not line.strip():
-            continue
-        try:
-            events.append(protocol.decode_event(line))
-        except protocol.ProtocolError:
-            text = line.decode("utf-8", "replace")[:200]
-            events.append(protocol.Log(level="debug", message=text, source="stdout"))
-    return events
-
-
-def read_chunk(path: Path, offset: int, limit: int = CHUNK_BYTES) -> tuple[list[protocol.Event], int]:
-    """Like engine.runs.read_events, but at most `limit` bytes at a time (a torn last line waits),
-    and unknown event types are skipped silently: they come from a newer engine."""
-    try:
-        with path.open("rb") as f:
-            f.seek(offset)
-            data = f.read(limit)
-    except FileNotFoundError:
-        return [], offset
-    end = data.rfind(b"\n") + 1
-    if end == 0 and len(data) == limit:  # one line longer than a chunk: read it whole
-        with path.open("rb") as f:
-            f.seek(offset)
-            data = f.readline()
-        end = len(data) if data.endswith(b"\n") else 0
-    return decode_file_lines(data[:end]), offset + end
-
-
-# The protocol's own event type, decoded a whole buffer of lines at a time (one call instead of
-# one per line: opening a 100,000-step run spends its time here). Same settings as
-# engine.protocol's decoder: non-finite floats arrive as strings.
-_lines_decoder = msgspec.json.Decoder(protocol.Event, strict=False)
-
-
-def decode_file_lines(data: bytes) -> list[protocol.Event]:
-    """Complete lines of an events file. A line this console cannot read (an event type from a
-    newer engine, a line torn by a crash) is skipped; the rest of the buffer still decodes."""
-    try:
-        return _lines_decoder.decode_lines(data)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        events: list[protocol.Event] = []
-        for line in data.splitlines():
-            if line.strip():
-                with contextlib.suppress(protocol.ProtocolError):
-                    events.append(protocol.decode_event(line))
-        return events
+CHUNK_BYTES = runs.CHUNK_BYTES
 
 
 def load_history(run_dir: Path) -> tuple[RunHistory, int]:
     """A run's whole history from its events file, and the offset to follow it from."""
     history = RunHistory(run_id=run_dir.name, run_dir=run_dir)
-    path = run_dir / runs.EVENTS
     offset = 0
     while True:
-        events, new_offset = read_chunk(path, offset)
+        events, new_offset = runs.read_events(run_dir, offset, CHUNK_BYTES)
         history.apply_all(events)
         if new_offset == offset:
             return history, offset
@@ -267,12 +213,12 @@ class RunClient:
                     data = partial + chunk
                     cut = data.rfind(b"\n") + 1
                     partial = data[cut:]
-                    pending.extend(decode_lines(data[:cut]))
+                    pending.extend(protocol.decode_lines(data[:cut], keep_unreadable=True))
                 now = time.monotonic()
                 if pending and now - last_post >= FLUSH_SECONDS:
                     self._push(pending, post)
                     pending, last_post = [], now
-            pending.extend(decode_lines(partial))
+            pending.extend(protocol.decode_lines(partial, keep_unreadable=True))
             self._push(pending, post)
         finally:
             with contextlib.suppress(OSError):
@@ -285,11 +231,10 @@ class RunClient:
         post(self.Opened(self, history))
         if not self.follow:
             return
-        path = self.run_dir / runs.EVENTS
         while not self._stop.wait(TAIL_POLL_SECONDS):
             alive = self.proc.poll() is None if self.proc is not None else runs.is_running(self.run_dir)
             while True:
-                events, new_offset = read_chunk(path, offset)
+                events, new_offset = runs.read_events(self.run_dir, offset, CHUNK_BYTES)
                 self._push(events, post)
                 if new_offset == offset:
                     break

@@ -14,7 +14,8 @@ from pathlib import Path
 from rich.markup import escape
 from rich.text import Text
 
-from engine import protocol, runs
+from engine import protocol
+from engine.run import runs
 from tui.output import err, fmt_duration, fmt_progress, fmt_ranks, out
 
 
@@ -190,14 +191,11 @@ def pipe_events(proc: subprocess.Popen[bytes]) -> Iterator[protocol.Event]:
     assert proc.stdout is not None
     first = True
     for line in proc.stdout:
-        try:
-            ev = protocol.decode_event(line)
-        except protocol.ProtocolError:
-            continue
-        if first and isinstance(ev, protocol.Hello):
-            protocol.check_hello(ev)
-        first = False
-        yield ev
+        for ev in protocol.decode_lines(line):  # a line that is no event (a library's print) is skipped
+            if first and isinstance(ev, protocol.Hello):
+                protocol.check_hello(ev)
+            first = False
+            yield ev
 
 
 def follow_child(proc: subprocess.Popen[bytes], run_dir: Path, printer: EventPrinter) -> int:

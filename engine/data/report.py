@@ -213,7 +213,8 @@ def load_tokenizer(cfg: RunConfig) -> Any:
     """The run's tokenizer: the built-in tiny model's (built offline if needed) or from_pretrained."""
     from transformers import AutoTokenizer
 
-    from engine.tiny import ensure_builtin, is_builtin
+    from engine.models.tiny import is_builtin
+    from engine.models.tiny_build import ensure_builtin
 
     name = cfg.model.name_or_path
     path = str(ensure_builtin(name)) if is_builtin(name) else name

@@ -7,5 +7,34 @@ result, write a model card, and optionally convert it to GGUF with llama.cpp.
     merge.py    base in 16-bit + adapter -> merged, saved, reloaded and compared (torch)
     job.py      the engine's `export` mode: the steps above as progress events
 
-Only request, card and gguf are imported by the console; merge runs in an engine process.
+The console's face is below: what a request may say, how it is built and checked, and which
+GGUF types the installed llama.cpp can write. merge and job run in an engine process.
 """
+
+from engine.export.gguf import CONVERTER_TYPES as GGUF_CONVERTER_TYPES
+from engine.export.gguf import TYPES as GGUF_TYPES
+from engine.export.gguf import find_llama_cpp
+from engine.export.request import (
+    DEVICES,
+    DTYPES,
+    ExportRequest,
+    build_request,
+    default_dtype,
+    default_out_dir,
+    request_from_args,
+    resolve_source,
+)
+
+__all__ = [
+    "DEVICES",
+    "DTYPES",
+    "GGUF_CONVERTER_TYPES",
+    "GGUF_TYPES",
+    "ExportRequest",
+    "build_request",
+    "default_dtype",
+    "default_out_dir",
+    "find_llama_cpp",
+    "request_from_args",
+    "resolve_source",
+]

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import yaml
 
-from engine import __version__, protocol, runs
+from engine import __version__, protocol
 from engine.config import RunConfig
 from engine.export.request import ExportRequest
+from engine.run import runs
 
 LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "safetensors")
 

@@ -13,7 +13,6 @@ only once it is whole.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import tempfile
@@ -21,12 +20,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine import __version__, protocol, runs
+from engine import __version__, protocol
 from engine.config import RunConfig, load_resolved
 from engine.errors import UserError
-from engine.events import Emitter
 from engine.export import card
 from engine.export.request import ExportRequest, request_from_args
+from engine.hashing import sha256_file
+from engine.run import runs
+from engine.run.events import Emitter
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TOKENIZER_FILES = (
@@ -122,14 +123,6 @@ def _size_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _end_of_turn(tokenizer_dir: Path, template: str) -> tuple[str | None, list[int]]:
     """The family's end-of-turn token and its id, read from tokenizer.json (tokenizers only)."""
     from engine.data.templates import END_OF_TURN, family_of
@@ -169,7 +162,7 @@ def _export_adapter(request: ExportRequest, cfg: RunConfig, tmp: Path, progress:
         merge.load_tokenizer(cfg, source, merge.base_path(cfg, request.base)).save_pretrained(tmp)
     progress.stage("verifying", "comparing the copies with the run's files")
     for name in copied:
-        if _sha256(tmp / name) != _sha256(source / name):
+        if sha256_file(tmp / name) != sha256_file(source / name):
             raise CheckFailed(f"{name}: the copy differs from {source / name}")
     token, ids = _end_of_turn(tmp, cfg.data.template)
     out = Outcome(dtype=_adapter_dtype(tmp / "adapter_model.safetensors"))
@@ -443,7 +436,7 @@ def main(args: argparse.Namespace, emitter: Emitter) -> int:
         emitter.emit(protocol.ErrorEvent(kind="interrupted", message="export cancelled; nothing was written"))
         return 1
     except Exception as exc:
-        from engine.recipe import is_oom
+        from engine.train.failures import is_oom
 
         traceback.print_exc()  # to engine.log: a bug, keep its traceback
         kind = "out_of_memory" if is_oom(exc) else "internal"

@@ -75,13 +75,12 @@ def gpu_free_gb() -> float | None:
 def base_path(cfg: RunConfig, base: str | None) -> str:
     """The 16-bit model to merge into: --base, else the run's model. A pre-quantized (bnb-4bit)
     checkpoint has no 16-bit weights to merge into."""
-    from engine import tiny
-    from engine.backends import hf
+    from engine.models import loading, tiny, tiny_build
 
     if base:
-        return str(tiny.ensure_builtin(base)) if tiny.is_builtin(base) else base
-    path = hf.resolve_model_path(cfg)
-    if hf._is_prequantized(path, cfg):
+        return str(tiny_build.ensure_builtin(base)) if tiny.is_builtin(base) else base
+    path = loading.resolve_model_path(cfg)
+    if loading.is_prequantized(path, cfg):
         raise UserError(
             f"model.name_or_path {cfg.model.name_or_path!r} is a pre-quantized 4-bit checkpoint: "
             "merging into 4-bit weights would lose most of the adapter",
@@ -94,7 +93,7 @@ def load_base(cfg: RunConfig, path: str, dtype: str, device: str, explicit_base:
     """The base model in 16-bit on `device`: never quantized, whatever the run trained on."""
     from transformers import AutoModelForCausalLM
 
-    from engine.backends.hf import torch_dtype
+    from engine.models.loading import torch_dtype
 
     try:
         return AutoModelForCausalLM.from_pretrained(
@@ -115,9 +114,9 @@ def load_base(cfg: RunConfig, path: str, dtype: str, device: str, explicit_base:
 
 def load_tokenizer(cfg: RunConfig, source: Path, base: str) -> Any:
     """The adapter folder's tokenizer: it carries the chat template the run trained with."""
-    from engine.backends import hf
+    from engine.models import loading
 
-    return hf.load_tokenizer(cfg, str(source) if (source / "tokenizer_config.json").is_file() else base)
+    return loading.load_tokenizer(cfg, str(source) if (source / "tokenizer_config.json").is_file() else base)
 
 
 def _examples(cfg: RunConfig, limit: int) -> list[Any]:
@@ -249,7 +248,7 @@ def reload(path: Path, dtype: str, device: str, trust_remote_code: bool = False)
     """The exported folder, loaded the way a user will load it."""
     from transformers import AutoModelForCausalLM
 
-    from engine.backends.hf import torch_dtype
+    from engine.models.loading import torch_dtype
 
     return AutoModelForCausalLM.from_pretrained(
         str(path),

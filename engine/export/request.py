@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine import runs
 from engine.config import RunConfig, load_resolved
 from engine.errors import UserError
 from engine.memory.merge import SHARD_DEFAULT, parse_size
+from engine.run import runs
 
 DTYPES = ("bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -67,9 +67,8 @@ class ExportRequest:
 def resolve_source(run_dir: Path, checkpoint: str | None) -> Path:
     """`None` or `latest`: the final adapter of a completed run, else its newest checkpoint;
     `adapter` (or `final`); a step number; or a checkpoint folder's name."""
-    from engine.sample_checkpoint import resolve_adapter
 
-    return resolve_adapter(run_dir, checkpoint)
+    return runs.resolve_adapter(run_dir, checkpoint)
 
 
 def default_dtype(cfg: RunConfig) -> str:

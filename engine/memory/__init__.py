@@ -1,15 +1,45 @@
-"""The memory-budget model: will this run fit on that GPU, term by term. Pure Python (no torch)."""
+"""The memory-budget model: will this run fit on that GPU, term by term. Pure Python (no torch).
 
+The face the console reads: `estimate`, `advise` and `fit` for one GPU, `per_gpu` (the module of
+per-GPU estimates for several), the merge estimate of an export, the checkpointing plan a run
+hands its backend, and the GPU and architecture catalogs.
+"""
+
+from engine.memory import distributed as per_gpu
 from engine.memory.advice import Advice, advise
-from engine.memory.architectures import Architecture, find_architecture, resolve_architecture
-from engine.memory.estimate import Estimate, Term, Verdict, choose_checkpointing, estimate, resolve_backend
+from engine.memory.architectures import (
+    Architecture,
+    by_hub_id,
+    catalog,
+    find_architecture,
+    resolve_architecture,
+)
+from engine.memory.checkpointing import CheckpointPlan, plan_checkpointing
+from engine.memory.estimate import (
+    DOES_NOT_FIT,
+    FITS,
+    TERM_NAMES,
+    TIGHT,
+    Estimate,
+    Term,
+    Verdict,
+    choose_checkpointing,
+    estimate,
+    resolve_backend,
+)
 from engine.memory.fit import FitResult, fit
 from engine.memory.gpus import Gpu, gpu_catalog, resolve_gpu
-from engine.memory.merge import MergeEstimate, MergePlacement, estimate_merge, place_merge
+from engine.memory.merge import SHARD_DEFAULT, MergeEstimate, MergePlacement, estimate_merge, place_merge
 
 __all__ = [
+    "DOES_NOT_FIT",
+    "FITS",
+    "SHARD_DEFAULT",
+    "TERM_NAMES",
+    "TIGHT",
     "Advice",
     "Architecture",
+    "CheckpointPlan",
     "Estimate",
     "FitResult",
     "Gpu",
@@ -18,13 +48,17 @@ __all__ = [
     "Term",
     "Verdict",
     "advise",
+    "by_hub_id",
+    "catalog",
     "choose_checkpointing",
     "estimate",
     "estimate_merge",
     "find_architecture",
     "fit",
     "gpu_catalog",
+    "per_gpu",
     "place_merge",
+    "plan_checkpointing",
     "resolve_architecture",
     "resolve_backend",
     "resolve_gpu",

@@ -350,7 +350,7 @@ def _catalog_hint(name: str) -> str:
 
 def find_architecture(name_or_path: str, revision: str | None = None) -> Architecture:
     """A catalog name, a builtin model, a local folder or config.json, a catalog hub id, a hub id."""
-    from engine import tiny
+    from engine.models import tiny
 
     if tiny.is_builtin(name_or_path):
         name = name_or_path.removeprefix(tiny.BUILTIN_PREFIX)

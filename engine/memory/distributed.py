@@ -29,6 +29,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine import stacks
 from engine.config import RunConfig
 from engine.errors import UserError
 from engine.memory import constants as C
@@ -116,13 +117,27 @@ def resolve_strategy(cfg: RunConfig, strategy: str | None) -> str:
     return chosen
 
 
-def _backend(cfg: RunConfig, gpus: int, backend: str | None) -> str | None:
-    want = (backend or cfg.hardware.backend or "auto").lower()
-    if gpus > 1 and want == "unsloth":
-        raise UserError("--backend unsloth: Unsloth trains on one GPU", "use --backend hf with --gpus > 1")
-    if gpus > 1 and want == "auto":
-        return "hf"  # as engine.backends.choose_backend decides for several processes
-    return backend
+def _backend(cfg: RunConfig, gpus: int, backend: str | None) -> tuple[str | None, str]:
+    """The stack for `gpus` processes, and why, when that differs from the one-GPU choice:
+    engine.stacks' rule, as the engine applies it."""
+    want = (backend or cfg.hardware.backend or stacks.AUTO).lower()
+    if gpus <= 1 or want not in (stacks.AUTO, *stacks.NAMES):
+        return backend, ""
+    if want != stacks.AUTO:
+        if stacks.STACKS[want].one_process:
+            label = stacks.STACKS[want].label
+            raise UserError(
+                f"--backend {want}: {label} trains on one GPU", "use --backend hf with --gpus > 1"
+            )
+        return backend, ""
+    # Several processes: only stacks that train on several GPUs (a CUDA GPU present, or not, does
+    # not change which of those comes first).
+    name, why = stacks.choose(stacks.AUTO, cuda=True, processes=gpus, is_installed=_every_stack_installed())
+    return stacks.STACKS[name].memory_profile, why
+
+
+def _every_stack_installed() -> dict[str, bool]:
+    return dict.fromkeys(stacks.NAMES, True)
 
 
 def _gib(parts: dict[str, float]) -> dict[str, float]:
@@ -146,7 +161,7 @@ def per_gpu(
         raise UserError(f"--gpus: must be at least 1, got {gpus}")
     strategy = resolve_strategy(cfg, strategy)
     arch = arch or resolve_architecture(cfg)
-    backend = _backend(cfg, gpus, backend)
+    backend, reason = _backend(cfg, gpus, backend)
     notes: list[str] = []
     if gpus > 1 and strategy == "fsdp" and cfg.train.optimizer != FSDP_OPTIMIZER:
         cfg = with_changes(cfg, **{"train.optimizer": FSDP_OPTIMIZER})
@@ -155,8 +170,8 @@ def per_gpu(
             f"--set train.optimizer={FSDP_OPTIMIZER}"
         )
     base = estimate(cfg, arch, backend, budget_gb=budget_gb, padded=padded)
-    if backend == "hf" and backend != cfg.hardware.backend and gpus > 1:
-        base = dataclasses.replace(base, backend_reason="auto: Unsloth trains on one GPU")
+    if reason:
+        base = dataclasses.replace(base, backend_reason=reason)
     if gpus == 1:
         return PerGpuEstimate(
             strategy,
@@ -263,7 +278,7 @@ def _fsdp(base: Estimate, plan: terms.Plan, gpus: int, notes: tuple[str, ...]) -
     }
     built = tuple(Term(t, sum(_gib(parts[t]).values()), _gib(parts[t])) for t in TERM_NAMES)
     # Each rank of a host quantizes the whole model on the CPU before FSDP moves its shard to
-    # the GPU (engine/backends/parallel.py): the host holds one 4-bit model per local GPU.
+    # the GPU (engine/train/backends/parallel.py): the host holds one 4-bit model per local GPU.
     host_load = sum(full_weights.values()) * n / C.GIB
     reserved = allocated + slack
     return PerGpuEstimate(

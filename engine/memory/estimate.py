@@ -15,8 +15,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine import allocator
-from engine.backends import padding_free
+from engine import allocator, stacks
 from engine.config import ALL_LINEAR, RunConfig
 from engine.errors import UserError
 from engine.memory import constants as C
@@ -25,7 +24,9 @@ from engine.memory.architectures import Architecture, resolve_architecture
 from engine.memory.gpus import Gpu
 from engine.protocol import EstimateEvent, MemoryTerm
 
-BACKENDS = ("hf", "hf-upcast", "unsloth")
+# The memory model's calibrated profiles: each stack's (engine.stacks), and hf-upcast, the usual
+# tutorial recipe (prepare_model_for_kbit_training) that `qlc estimate --backend usual` compares.
+BACKENDS = tuple(sorted({s.memory_profile for s in stacks.STACKS.values()} | {"hf-upcast"}))
 BACKEND_ALIASES = {"usual": "hf-upcast", "upcast": "hf-upcast"}
 TERM_NAMES = ("weights", "gradients", "optimizer", "activations", "workspace")
 FITS, TIGHT, DOES_NOT_FIT = "fits", "tight", "does_not_fit"
@@ -164,26 +165,16 @@ def _nvidia_gpu_present() -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=1)
-def _unsloth_runs_here() -> bool:
-    """What engine.backends.choose_backend decides for "auto", without importing torch."""
-    if importlib.util.find_spec("unsloth") is None:
-        return False
-    if importlib.util.find_spec("engine.backends.unsloth") is None:
-        return False
-    return _nvidia_gpu_present()
-
-
 def resolve_backend(cfg: RunConfig, backend: str | None = None) -> tuple[str, str]:
-    """(backend path to model, why). `backend` overrides hardware.backend."""
-    want = (backend or cfg.hardware.backend or "auto").lower()
+    """(memory profile to model, why). `backend` overrides hardware.backend; `auto` is decided by
+    engine.stacks' rule on this machine (a CUDA GPU asked through NVML, without torch)."""
+    want = (backend or cfg.hardware.backend or stacks.AUTO).lower()
     want = BACKEND_ALIASES.get(want, want)
     if want in BACKENDS:
         return want, "requested" if backend else "requested in the config"
-    if want == "auto":
-        if _unsloth_runs_here():
-            return "unsloth", "auto: Unsloth is installed and a CUDA GPU is present"
-        return "hf", "auto: Unsloth needs a CUDA GPU and the unsloth package"
+    if want == stacks.AUTO:
+        name, why = stacks.choose(stacks.AUTO, cuda=_nvidia_gpu_present())
+        return stacks.STACKS[name].memory_profile, why
     raise UserError(
         f"backend {backend or cfg.hardware.backend!r}: unknown", f"choose one of auto, {', '.join(BACKENDS)}"
     )
@@ -221,17 +212,12 @@ def plan_for(
     """`checkpointed` overrides train.gradient_checkpointing (the auto search sets it);
     `expandable` the allocator (None: what an engine started from this environment uses)."""
     t, lo, q = cfg.train, cfg.lora, cfg.quant
+    # The config is validated (engine.config): only what depends on the architecture is checked here.
     problems = []
-    if t.micro_batch < 1:
-        problems.append(f"train.micro_batch: must be at least 1, got {t.micro_batch}")
-    if t.seq_len < 1:
-        problems.append(f"train.seq_len: must be at least 1, got {t.seq_len}")
-    elif t.seq_len > arch.max_positions:
+    if t.seq_len > arch.max_positions:
         problems.append(
             f"train.seq_len: {t.seq_len} is above {arch.name}'s maximum of {arch.max_positions} positions"
         )
-    if lo.r < 1:
-        problems.append(f"lora.r: must be at least 1, got {lo.r}")
     unknown = [m for m in lo.modules_to_save if m not in MODULES_TO_SAVE]
     if unknown:
         problems.append(
@@ -258,7 +244,7 @@ def plan_for(
         packing=cfg.data.packing,
         # Rows of different lengths padded to the longest: a mask on every layer. One row, packed
         # rows, or the padding-free row the Unsloth backend builds, need no padding mask.
-        padded=(t.micro_batch > 1 and not cfg.data.packing and not padding_free(backend))
+        padded=(t.micro_batch > 1 and not cfg.data.packing and not stacks.padding_free(backend))
         if padded is None
         else padded,
         liger=(liger_runs_here() if liger is None else liger) and backend == "hf" and t.liger,
@@ -268,7 +254,7 @@ def plan_for(
 
 @functools.lru_cache(maxsize=1)
 def liger_runs_here() -> bool:
-    """Whether the engine's hf backend would use Liger's kernels on this machine (engine.backends.
+    """Whether the engine's hf backend would use Liger's kernels on this machine (engine.train.backends.
     hf.apply_kernels): liger-kernel installed and an NVIDIA GPU present."""
     if importlib.util.find_spec("liger_kernel") is None:
         return False

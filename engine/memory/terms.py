@@ -46,7 +46,7 @@ class Plan:
     checkpointed_layers: int  # layers whose activations are recomputed in backward: 0..layers
     attention: str  # sdpa, eager, flash_attention_2
     budget_bytes: float | None = None  # the GPU's budget, for Unsloth's free-memory-sized loss chunks
-    liger: bool = False  # hf only: Liger's RMSNorm / SwiGLU / RoPE kernels (engine.backends.hf)
+    liger: bool = False  # hf only: Liger's RMSNorm / SwiGLU / RoPE kernels (engine.train.backends.hf)
     packing: bool = False  # several examples per row: a block-diagonal mask from position_ids
     padded: bool = False  # micro-batches carry padding: an attention mask on every layer
     expandable: bool = False  # the CUDA allocator's expandable segments (engine.allocator)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import runs
+from engine.run import runs
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [

@@ -19,12 +19,13 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from engine import protocol
-from engine.backends import hf, parallel
-from engine.backends.checkpointing import CheckpointPlan, decoder_layers
 from engine.config import RunConfig, load_preset
-from engine.distributed import Ranks
-from engine.events import Emitter
-from engine.sampling import generate
+from engine.models.loading import load_tokenizer
+from engine.run.distributed import Ranks
+from engine.run.events import Emitter
+from engine.train.backends import hf, parallel
+from engine.train.backends.checkpointing import CheckpointPlan, decoder_layers
+from engine.train.sampling import generate
 
 
 def build(cfg: RunConfig, ranks: Ranks) -> torch.nn.Module:
@@ -101,7 +102,7 @@ def main() -> None:
         torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2).step()
     with torch.no_grad():
         stepped, ref_stepped = (m(input_ids=batch, labels=batch).loss for m in (model, reference))
-    tok = hf.load_tokenizer(cfg)
+    tok = load_tokenizer(cfg)
     request = protocol.SampleRequest(
         prompt="What is 2 plus 3?", max_new_tokens=12, temperature=1.0, top_p=1.0
     )

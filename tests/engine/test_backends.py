@@ -9,13 +9,15 @@ from typing import Any
 
 import pytest
 
-from engine.backends import choose_backend
-from engine.backends.checkpointing import CheckpointPlan, checkpointed_now, decoder_layers, plan_checkpointing
 from engine.config import RunConfig
 from engine.errors import UserError
 from engine.memory import estimate
 from engine.memory.architectures import catalog
+from engine.memory.checkpointing import CheckpointPlan, plan_checkpointing
 from engine.memory.estimate import choose_checkpointing
+from engine.models.loading import load_tokenizer
+from engine.train.backends import choose_backend
+from engine.train.backends.checkpointing import checkpointed_now, decoder_layers
 
 
 def tiny_cfg(**train: Any) -> RunConfig:
@@ -60,7 +62,7 @@ def test_unsloth_rows_go_padding_free_only_where_its_attention_reads_their_lengt
     import sys
     import types
 
-    from engine.backends import unsloth
+    from engine.train.backends import unsloth
 
     monkeypatch.setitem(sys.modules, "unsloth.utils.packing", None)  # an Unsloth without it
     assert unsloth.allow_padding_free(object()) is False
@@ -122,7 +124,7 @@ def _gradients(checkpointed: int) -> tuple[float, dict[str, Any], int]:
     import torch
     from transformers import set_seed
 
-    from engine.backends import hf
+    from engine.train.backends import hf
 
     cfg = tiny_cfg(gradient_checkpointing=checkpointed)
     model = hf.load_model(cfg, "cpu")
@@ -169,7 +171,7 @@ def torch_equal(a: Any, b: Any) -> bool:
 
 
 def test_liger_is_used_only_on_a_gpu() -> None:
-    from engine.backends import hf
+    from engine.train.backends import hf
 
     assert hf.apply_kernels(object(), tiny_cfg(), "cpu") == []
 
@@ -180,13 +182,13 @@ def test_a_prequantized_checkpoint_loads_as_it_is(tmp_path: Any) -> None:
     the same packed 4-bit weights come back."""
     import torch
 
-    from engine.backends import hf
+    from engine.train.backends import hf
 
     cfg = tiny_cfg()
     model = hf.load_model(cfg, "cpu")
     folder = tmp_path / "tiny-bnb-4bit"
     model.save_pretrained(folder)
-    hf.load_tokenizer(cfg).save_pretrained(folder)
+    load_tokenizer(cfg).save_pretrained(folder)
     cfg.model.name_or_path = str(folder)
     assert hf._is_prequantized(str(folder), cfg)
     again = hf.load_model(cfg, "cpu", str(folder))

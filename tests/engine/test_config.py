@@ -65,3 +65,34 @@ def test_yaml_syntax_errors_name_the_line(tmp_path: Path) -> None:
 
 def test_defaults_are_a_valid_config() -> None:
     assert isinstance(config_from_dict({"data": {"source": "x.jsonl"}}), RunConfig)
+
+
+def test_a_type_error_does_not_hide_the_range_checks() -> None:
+    data = {
+        "train": {"lr": "fast", "micro_batch": 0},
+        "lora": {"r": "big", "dropout": 1.5},
+        "data": {"source": "x"},
+    }
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(data)
+    problems = info.value.problems
+    assert any(p.startswith("train.lr: expected float") for p in problems)
+    assert any(p.startswith("lora.r: expected int") for p in problems)
+    assert "train.micro_batch: must be at least 1, got 0" in problems
+    assert "lora.dropout: must be in [0, 1), got 1.5" in problems
+
+
+def test_a_draft_reads_the_preset_once_and_revalidates_overrides_without_it(tmp_path) -> None:
+    from engine.config import draft_preset
+
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("# my preset\ndata:\n  source: x.jsonl  # the data\ntrain:\n  lr: 1.0e-4\n")
+    draft = draft_preset(str(preset))
+    assert draft.valid and draft.value("train.lr") == 1e-4 and "# the data" in draft.text
+    preset.unlink()  # the draft does not read the file again
+    changed = draft.with_overrides(["lr=2e-4", "train.micro_batch=0"])
+    assert not changed.valid and changed.problems == ("train.micro_batch: must be at least 1, got 0",)
+    assert changed.overridden == {"train.lr", "train.micro_batch"}
+    assert draft.with_overrides(["lr=2e-4"]).value("train.lr") == 2e-4
+    missing = draft_preset(str(preset))
+    assert not missing.valid and "not found" in missing.problems[0]

@@ -17,7 +17,8 @@ from engine.data.check import read_examples
 from engine.data.formats import Example
 from engine.data.masking import IGNORE, Encoded, encode
 from engine.data.templates import END_OF_TURN, resolve_template
-from engine.tiny import DATASET, ensure_builtin
+from engine.models.tiny import DATASET
+from engine.models.tiny_build import ensure_builtin
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 FAMILIES = ("llama3", "gemma3", "chatml", "mistral")

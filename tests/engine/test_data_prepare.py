@@ -21,7 +21,8 @@ from engine.data.masking import IGNORE, Encoded
 from engine.data.packing import pack
 from engine.data.report import histogram, percentile, steps
 from engine.data.report import main as report_main
-from engine.tiny import DATASET, ensure_builtin
+from engine.models.tiny import DATASET
+from engine.models.tiny_build import ensure_builtin
 
 REPO = Path(__file__).resolve().parent.parent.parent
 FORMATS = REPO / "tests" / "data" / "formats"
@@ -146,7 +147,7 @@ def test_packed_attention_stays_within_each_example(tok) -> None:
 
 @pytest.mark.parametrize("packing", [False, True])
 def test_padding_free_batch_is_one_row_with_the_padded_batch_loss(tok, packing: bool) -> None:
-    """The Unsloth backend's one-row batch (engine.backends.padding_free) holds every token of the
+    """The Unsloth backend's one-row batch (engine.train.backends.padding_free) holds every token of the
     micro-batch once, masks the first token of each example as a target, and gives the model the
     same summed loss as the padded batch: attention never crosses an example."""
     p = prepare(run_cfg(max_examples=24, packing=packing), tok)

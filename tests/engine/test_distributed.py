@@ -22,11 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from engine import distributed, launcher, protocol, runs
+from engine import protocol
 from engine.config import load_preset
 from engine.errors import ConfigError, UserError
 from engine.memory import distributed as per_gpu
 from engine.memory import resolve_gpu
+from engine.run import distributed, launcher, runs
 from tests.conftest import REPO, qlc
 from tui.commands.estimate import load_target
 

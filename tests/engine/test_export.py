@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import protocol, runs
+from engine import protocol
 from engine.config import load_preset
+from engine.run import runs
 from tests.conftest import QLC, REPO, qlc
 
 pytestmark = pytest.mark.slow
@@ -210,7 +211,7 @@ def test_merged_export_of_an_older_checkpoint(
     import torch
     from safetensors.torch import load_file
 
-    from engine.backends.hf import resolve_model_path
+    from engine.models.loading import resolve_model_path
 
     cfg = load_preset("tiny-demo")
     base = load_file(str(Path(resolve_model_path(cfg)) / "model.safetensors"))

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from engine import checkpoints, protocol, runs
+from engine import protocol
 from engine.config import load_preset
 from engine.errors import UserError
 from engine.export import card, gguf
 from engine.export.job import add_arguments
 from engine.export.request import build_request, check_out_dir
+from engine.run import checkpoints, runs
 
 
 @pytest.fixture
@@ -40,7 +41,7 @@ def run_dir(tmp_path: Path) -> Path:
         protocol.Finished(status="completed", step=6),
     ]
     (d / runs.EVENTS).write_bytes(b"".join(protocol.encode(e) for e in events))
-    for step in (2, 4):  # committed as the engine commits a checkpoint (engine.checkpoints)
+    for step in (2, 4):  # committed as the engine commits a checkpoint (engine.run.checkpoints)
         staged = checkpoints.staging_root(d / runs.CHECKPOINTS, step) / f"checkpoint-{step}"
         staged.mkdir(parents=True)
         (staged / "trainer_state.json").write_text("{}")

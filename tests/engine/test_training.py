@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import protocol, runs
+from engine import protocol
+from engine.run import runs
 from tests.conftest import QLC, REPO, qlc
 
 pytestmark = pytest.mark.slow

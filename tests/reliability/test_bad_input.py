@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import launcher
+from engine.run import launcher
 from tests.conftest import REPO, qlc
 from tui.cli import main
 

@@ -1,4 +1,4 @@
-"""engine.checkpoints on real folders: a checkpoint is listed only when complete, a damaged one is
+"""engine.run.checkpoints on real folders: a checkpoint is listed only when complete, a damaged one is
 found by verification and skipped, removal and rotation never leave a partial checkpoint under a
 checkpoint name, and what a killed engine left is cleaned up. Also the $QLC_FAULT grammar."""
 
@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import checkpoints, faults, runs
 from engine.errors import UserError
+from engine.run import checkpoints, runs
+from engine.train import faults
 
 
 def _staged(root: Path, step: int, payload: bytes = b"weights") -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import runs
+from engine.run import runs
 from tests.reliability import trials
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ from tests.conftest import REPO
 SCRIPT = """
 import resource, signal, sys
 from pathlib import Path
-from engine.events import FileSink
+from engine.run.events import FileSink
 
 path = Path(sys.argv[1])
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import runs
+from engine.run import runs
 from tests.conftest import REPO
 from tests.reliability import trials
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import fingerprint
 from engine.config import load_preset
 from engine.errors import UserError
+from engine.run import fingerprint
 from tests.conftest import REPO
 
 DATA = REPO / "presets" / "data" / "tiny-instruct.jsonl"

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import launcher, runs
 from engine.config import load_preset
-from engine.events import FileSink
+from engine.run import launcher, runs
+from engine.run.events import FileSink
 from tests.conftest import REPO
 
 

@@ -29,7 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine import checkpoints, protocol, runs
+from engine import protocol
+from engine.run import checkpoints, runs
 from tests.conftest import QLC, REPO, qlc
 
 # One loss per step (resume equivalence is checked step by step), a checkpoint every 2 steps,

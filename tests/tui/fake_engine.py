@@ -30,8 +30,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from engine import checkpoints, protocol, runs  # noqa: E402
-from engine.control import read_lines  # noqa: E402
+from engine import protocol  # noqa: E402
+from engine.run import checkpoints, runs  # noqa: E402
+from engine.run.control import read_lines  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 RECORDED = DATA / "tiny-run.events.jsonl"
@@ -151,7 +152,7 @@ def load_events(path: Path) -> list[protocol.Event]:
 def make_run_dir(
     root: Path, name: str, events: list[protocol.Event] | None = None, preset: str = "tiny-demo"
 ) -> Path:
-    """A run directory as engine.runs.create_run makes it, with a given history (and its
+    """A run directory as engine.run.runs.create_run makes it, with a given history (and its
     checkpoints as directories, so resume and sample-from-checkpoint find them)."""
     from engine.config import load_preset
 
@@ -171,7 +172,7 @@ def make_run_dir(
 
 
 # ---------------------------------------------------------------------------------------------
-# Launchers with engine.launcher's signatures, for make_app(launcher=..., sample_launcher=...)
+# Launchers with engine.run.launcher's signatures, for make_app(launcher=..., sample_launcher=...)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -207,7 +208,7 @@ def launch_sample(run_dir: Path, checkpoint: str | None, request_json: str) -> s
 
 
 def launch_export(run_dir: Path, args: list[str]) -> subprocess.Popen[bytes]:
-    """engine.launcher.launch_export's signature: `args` are `python -m engine` arguments."""
+    """engine.run.launcher.launch_export's signature: `args` are `python -m engine` arguments."""
     return subprocess.Popen(
         [sys.executable, __file__, *args],
         stdin=subprocess.DEVNULL,
@@ -224,7 +225,7 @@ def launch_export(run_dir: Path, args: list[str]) -> subprocess.Popen[bytes]:
 
 class Emitter:
     """The engine's two sinks, reduced: stdout (skipped once the console is gone) and events.jsonl.
-    Kept here rather than borrowed from engine.events so the fake depends only on the protocol."""
+    Kept here rather than borrowed from engine.run.events so the fake depends only on the protocol."""
 
     def __init__(self, events_file: Path | None) -> None:
         self._out: object | None = sys.stdout.buffer

@@ -51,3 +51,36 @@ def recorded_events() -> list[protocol.Event]:
     if fake_engine.RECORDED.is_file():
         return fake_engine.load_events(fake_engine.RECORDED)
     return list(fake_engine.synthetic_run(120, run_id=FINISHED_RUN))
+
+
+async def select_preset(pilot: Pilot, name: str, overrides: list[str] | None = None) -> None:
+    """Pick a preset on the Presets pane and wait until it is read and shown (a worker reads it)."""
+    from tui.widgets.presets_pane import PresetsPane
+
+    pane = pilot.app.screen_stack[0].query_one(PresetsPane)
+    await wait_for(pilot, lambda: pane.draft is not None, what="the first preset to be shown")
+    pane.select(name, overrides)
+    await wait_for(
+        pilot,
+        lambda: (
+            pane.draft is not None
+            and pane.draft.name == name
+            and pilot.app._preset is not None
+            and pilot.app._preset.draft is pane.draft
+        ),
+        what=f"preset {name} to be shown (selected: {pane.selected}, shown: {pane.draft and pane.draft.name})",
+    )
+    await pilot.pause()
+
+
+async def overrides_shown(pilot: Pilot, overrides: list[str]) -> None:
+    """Wait until the Presets pane shows exactly these overrides (applied in a worker)."""
+    from tui.widgets.presets_pane import PresetsPane
+
+    pane = pilot.app.screen_stack[0].query_one(PresetsPane)
+    await wait_for(
+        pilot,
+        lambda: pane.draft is not None and list(pane.draft.overrides) == overrides,
+        what=f"overrides {overrides}",
+    )
+    await pilot.pause()

@@ -9,7 +9,7 @@ import fake_engine
 from pilot_helpers import FINISHED_RUN, screen_text, wait_for
 from textual.widgets import Input, Select
 
-from engine import runs
+from engine.run import runs
 from tui.screens.export import ExportScreen
 from tui.widgets.runs_pane import RunsPane
 

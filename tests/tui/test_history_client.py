@@ -9,9 +9,10 @@ from pathlib import Path
 import fake_engine
 from pilot_helpers import recorded_events
 
-from engine import protocol, runs
+from engine import protocol
+from engine.run import runs
 from tui import client as client_mod
-from tui.client import RunClient, load_history, read_chunk
+from tui.client import RunClient, load_history
 from tui.history import RunHistory
 
 
@@ -36,15 +37,20 @@ def test_a_resumed_session_replaces_the_steps_after_its_checkpoint() -> None:
     assert list(h.loss.xs) == [float(s) for s in range(2, 121, 2)]  # one curve, no duplicate steps
 
 
-def test_read_chunk_leaves_a_torn_line_for_later(tmp_path: Path) -> None:
-    path = tmp_path / "events.jsonl"
+def test_read_events_leaves_a_torn_line_for_later(tmp_path: Path) -> None:
+    path = tmp_path / runs.EVENTS
     line = protocol.encode(protocol.Step(step=1, loss=2.0))
     path.write_bytes(line + line[:10])
-    events, offset = read_chunk(path, 0)
+    events, offset = runs.read_events(tmp_path, 0, limit=4096)
     assert len(events) == 1 and offset == len(line)
     path.write_bytes(line + line + b'{"type":"from_the_future","x":1}\n')
-    events, offset = read_chunk(path, offset)
+    events, offset = runs.read_events(tmp_path, offset, limit=4096)
     assert len(events) == 1 and offset == path.stat().st_size  # unknown types are skipped
+    # A line longer than the chunk is read whole; a stdout line that is no event can be kept.
+    events, end = runs.read_events(tmp_path, 0, limit=8)
+    assert len(events) == 1 and end == len(line)
+    kept = protocol.decode_lines(b"Loading checkpoint shards\n" + line, keep_unreadable=True)
+    assert isinstance(kept[0], protocol.Log) and kept[0].source == "stdout" and kept[1].step == 1
 
 
 def test_load_history_reads_in_bounded_chunks(tmp_path: Path, monkeypatch) -> None:

@@ -6,10 +6,12 @@ import time
 from pathlib import Path
 
 import fake_engine
-from pilot_helpers import CRASHED_RUN, FINISHED_RUN, screen_text, wait_for
+from pilot_helpers import CRASHED_RUN, FINISHED_RUN, overrides_shown, screen_text, select_preset, wait_for
 from textual.widgets import Input, OptionList, TabbedContent
 
-from engine import protocol, runs
+from engine import protocol
+from engine.config import draft_preset
+from engine.run import runs
 from tui.screens.error import ErrorScreen
 from tui.widgets.line_chart import LineChart
 from tui.widgets.memory_pane import MemoryPane
@@ -36,13 +38,15 @@ def test_preset_comments_are_read_from_the_yaml() -> None:
 
 
 def test_overrides_validate_with_the_cli_rules() -> None:
-    ok, message = check_override("tiny-demo", [], "lr=1e-4")
+    draft = draft_preset("tiny-demo")
+    ok, message, after = check_override(draft, "lr=1e-4")
     assert ok and message == "train.lr: 0.003 → 0.0001"
-    ok, message = check_override("tiny-demo", [], "train.lrr=1")
+    assert after is not None and after.overrides == ("lr=1e-4",) and after.value("train.lr") == 1e-4
+    ok, message, _ = check_override(draft, "train.lrr=1")
     assert not ok and "did you mean 'train.lr'" in message
-    ok, message = check_override("tiny-demo", [], "train.micro_batch=zero")
+    ok, message, _ = check_override(draft, "train.micro_batch=zero")
     assert not ok and "train.micro_batch" in message
-    ok, message = check_override("tiny-demo", [], "lora.dropout=1.5")
+    ok, message, _ = check_override(draft, "lora.dropout=1.5")
     assert not ok and "lora.dropout" in message
 
 
@@ -59,22 +63,21 @@ async def test_presets_filter_select_and_override(app_factory) -> None:
         text = screen_text(app)
         assert "Offline demo" in text and "built locally" in text  # a comment from the YAML
         editor = app.screen.query_one(OverridesEditor)
+        await wait_for(pilot, lambda: pane.draft is not None and pane.draft.name == "tiny-demo")
         editor.edit("train.lr", "")
         await pilot.press(*"abc")
-        await pilot.pause()
-        assert "✗ train.lr" in screen_text(app)
+        await wait_for(pilot, lambda: "✗ train.lr" in screen_text(app), what="the verdict")
         box = app.screen.query_one("#override-input", Input)
         box.value = ""
         await pilot.press(*"lr=1e-4")
-        await pilot.pause()
-        assert "✓ train.lr: 0.003 → 0.0001" in screen_text(app)
+        await wait_for(pilot, lambda: "✓ train.lr: 0.003 → 0.0001" in screen_text(app), what="the check")
         await pilot.press("enter")
-        await pilot.pause()
+        await overrides_shown(pilot, ["lr=1e-4"])
         assert pane.overrides == ["lr=1e-4"]
         assert pane.config is not None and pane.config.train.lr == 1e-4
         assert "overrides: lr=1e-4" in screen_text(app)
         await pilot.press("escape", "r")  # back to the list; reset the overrides
-        await pilot.pause()
+        await overrides_shown(pilot, [])
         assert pane.overrides == [] and pane.config.train.lr == 3e-3
 
 
@@ -86,16 +89,16 @@ async def test_memory_budget_follows_overrides_and_the_gpu(app_factory) -> None:
     async with app.run_test(size=(120, 40)) as pilot:
         await pilot.pause()  # let the panes mount before typing
         pane = app.screen.query_one(PresetsPane)
-        pane.select("llama-3.1-8b-rtx4090")
+        await select_preset(pilot, "llama-3.1-8b-rtx4090")
         await pilot.press("2")
         await pilot.pause()
         assert "FITS" in screen_text(app) and "24.0 GB" in screen_text(app)
         # An override typed on the Presets pane changes the budget live.
         pane.apply_overrides(["train.micro_batch=16"])
-        await pilot.pause()
+        await overrides_shown(pilot, ["train.micro_batch=16"])
         assert "DOES NOT FIT" in screen_text(app)
         pane.apply_overrides(["train.micro_batch=2"])
-        await pilot.pause()
+        await overrides_shown(pilot, ["train.micro_batch=2"])
         size = app.screen.query_one("#gpu-size", Input)
         size.focus()
         await pilot.press(*"8GB")
@@ -176,7 +179,7 @@ async def test_engine_error_is_shown_and_the_console_stays_up(app_factory) -> No
     app = app_factory(steps=100, rate=400, fail_at=20)
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.pause()  # let the panes mount before typing
-        app.screen.query_one(PresetsPane).select("tiny-demo")
+        await select_preset(pilot, "tiny-demo")
         await pilot.press("s")
         await wait_for(pilot, lambda: isinstance(app.screen, ErrorScreen), what="the error dialog")
         text = screen_text(app)
@@ -304,17 +307,16 @@ async def test_auto_fit_and_a_ranked_suggestion(app_factory) -> None:
     async with app.run_test(size=(120, 40)) as pilot:
         await pilot.pause()
         presets = app.screen.query_one(PresetsPane)
-        presets.select("llama-3.1-8b-rtx4090", ["train.micro_batch=16"])
+        await select_preset(pilot, "llama-3.1-8b-rtx4090", ["train.micro_batch=16"])
         await pilot.press("2")
         await pilot.pause()
         assert "DOES NOT FIT" in screen_text(app)
         await pilot.press("f")  # auto-fit: the batch and length that fit, as overrides
+        await wait_for(pilot, lambda: presets.config is not None and presets.config.train.micro_batch < 16)
         await pilot.pause()
-        assert presets.config is not None and presets.config.train.micro_batch < 16
         assert "FITS" in screen_text(app) and "DOES NOT FIT" not in screen_text(app)
         # The 8 GB card: nothing fits by batch alone; a ranked suggestion applies with Enter.
-        presets.select("llama-3.1-8b-rtx4060")
-        await pilot.pause()
+        await select_preset(pilot, "llama-3.1-8b-rtx4060")
         advice = app.screen.query_one("#advice", OptionList)
         assert advice.option_count >= 2
         prompts = [str(advice.get_option_at_index(i).prompt) for i in range(advice.option_count)]
@@ -323,5 +325,6 @@ async def test_auto_fit_and_a_ranked_suggestion(app_factory) -> None:
         advice.focus()
         advice.highlighted = fitting
         await pilot.press("enter")
-        await pilot.pause()
-        assert presets.overrides and "✓ FITS" in screen_text(app)
+        await wait_for(
+            pilot, lambda: presets.overrides and "✓ FITS" in screen_text(app), what="the suggestion"
+        )

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pilot_helpers import screen_text, wait_for
+from pilot_helpers import screen_text, select_preset, wait_for
 
-from engine import runs
+from engine.run import runs
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.quit import QuitScreen
 from tui.screens.stop import StopScreen
-from tui.widgets.presets_pane import PresetsPane
 
 
 async def _start_tiny(pilot, app) -> None:
-    pane = app.screen.query_one(PresetsPane)
-    pane.select("tiny-demo")
-    await pilot.pause()
+    await select_preset(pilot, "tiny-demo")
     await pilot.press("s")
     await wait_for(pilot, lambda: app.client is not None, what="the run to launch")
 
@@ -139,9 +136,7 @@ async def test_does_not_fit_asks_before_launching(app_factory) -> None:
     app = app_factory()
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.pause()  # let the panes mount before typing
-        pane = app.screen.query_one(PresetsPane)
-        pane.select("llama-3.1-8b-rtx4060")
-        await pilot.pause()
+        await select_preset(pilot, "llama-3.1-8b-rtx4060")
         await pilot.press("s")
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         assert "does not fit" in screen_text(app)

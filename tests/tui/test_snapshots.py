@@ -7,10 +7,9 @@ histories, no GPU, fixed run ids, no clock on screen."""
 from __future__ import annotations
 
 import pytest
-from pilot_helpers import FINISHED_RUN, wait_for
+from pilot_helpers import FINISHED_RUN, select_preset, wait_for
 
 from tui.widgets.gpu import GpuPanel
-from tui.widgets.presets_pane import PresetsPane
 from tui.widgets.runs_pane import RunsPane
 
 SIZES = [(80, 24), (120, 40)]
@@ -29,7 +28,7 @@ async def _settled(pilot) -> None:
 def test_presets_pane(snap_compare, app_factory, size) -> None:
     async def before(pilot) -> None:
         await pilot.pause()
-        pilot.app.screen.query_one(PresetsPane).select("tiny-demo")
+        await select_preset(pilot, "tiny-demo")
         await pilot.press("enter", "down", "down", "down")  # into the settings, on a commented key
         await wait_for(
             pilot, lambda: "examples" in str(pilot.app.screen.query_one("#preset-summary").render())
@@ -43,7 +42,7 @@ def test_presets_pane(snap_compare, app_factory, size) -> None:
 def test_memory_pane_does_not_fit(snap_compare, app_factory, size) -> None:
     async def before(pilot) -> None:
         await pilot.pause()
-        pilot.app.screen.query_one(PresetsPane).select("llama-3.1-8b-rtx4060")
+        await select_preset(pilot, "llama-3.1-8b-rtx4060")
         await pilot.press("2")
         await _settled(pilot)
 

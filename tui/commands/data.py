@@ -19,10 +19,9 @@ from typing import Any
 from rich.text import Text
 
 from engine.config import RunConfig, load_preset
-from engine.data import SourceSummary, check_source
-from engine.data.report import DataReport
+from engine.data import DataReport, SourceSummary, check_source
 from engine.errors import UserError
-from engine.launcher import engine_command
+from engine.run.launcher import engine_command
 from tui.output import err, out, print_json
 
 ROOT = Path(__file__).resolve().parent.parent.parent

@@ -16,13 +16,12 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from engine import distributed, memory
+from engine import memory
 from engine.config import RunConfig, apply_overrides, config_from_dict, find_preset, list_presets, load_preset
 from engine.errors import ConfigError, UserError
-from engine.memory import distributed as per_gpu
-from engine.memory.architectures import by_hub_id, catalog
-from engine.memory.estimate import DOES_NOT_FIT, FITS, TIGHT, Estimate
-from engine.tiny import is_builtin
+from engine.memory import DOES_NOT_FIT, FITS, TIGHT, Estimate, by_hub_id, catalog, per_gpu
+from engine.models import is_builtin
+from engine.run import distributed
 from tui.output import out, print_json
 
 BACKENDS = ["auto", "hf", "unsloth", "hf-upcast"]

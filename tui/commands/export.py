@@ -11,10 +11,10 @@ import subprocess
 
 from rich.markup import escape
 
-from engine import launcher, protocol, runs
-from engine.export import gguf
-from engine.export.request import DEVICES, DTYPES, request_from_args
-from engine.memory.merge import SHARD_DEFAULT
+from engine import protocol
+from engine.export import DEVICES, DTYPES, GGUF_TYPES, request_from_args
+from engine.memory import SHARD_DEFAULT
+from engine.run import launcher, runs
 from tui.follow import EventPrinter, pipe_events
 from tui.output import err, out
 
@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dtype", choices=DTYPES, help="merged weights' dtype (default: the run's compute dtype)")
     p.add_argument("--adapter-only", action="store_true", help="the adapter + tokenizer + card, no merge")
-    p.add_argument("--gguf", metavar="TYPE", help=f"also write GGUF with llama.cpp: {', '.join(gguf.TYPES)}")
+    p.add_argument("--gguf", metavar="TYPE", help=f"also write GGUF with llama.cpp: {', '.join(GGUF_TYPES)}")
     p.add_argument("--base", help="the 16-bit base to merge into (default: the run's model)")
     p.add_argument(
         "--device", choices=DEVICES, default="auto", help="where to merge (auto: the GPU if it has room)"

@@ -7,7 +7,8 @@ import time
 
 from rich.table import Table
 
-from engine import protocol, runs
+from engine import protocol
+from engine.run import runs
 from tui.follow import EventPrinter, follow_file
 from tui.output import err, out, print_json
 

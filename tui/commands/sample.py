@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import uuid
 
-from engine import launcher, protocol, runs
+from engine import protocol
 from engine.errors import UserError
+from engine.run import launcher, runs
 from tui.follow import EventPrinter, iter_file_from, pipe_events
 from tui.output import err
 

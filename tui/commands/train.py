@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from engine import data, distributed, launcher, model_source, runs
+from engine import preflight
 from engine.config import load_preset
 from engine.errors import UserError
+from engine.run import distributed, launcher, runs
 from tui.follow import EventPrinter, follow_child
 from tui.output import err, out
 
@@ -117,10 +118,8 @@ def run_train(args: argparse.Namespace) -> int:
             f"preset {cfg.name}: model.trust_remote_code is true",
             "this runs code from the model's repository; confirm with --trust-remote-code",
         )
-    model_source.check(cfg)  # a bad model path or bad data fails here, before any run directory exists
-    data.check_source(cfg)
     nodes = _nodes(args)
-    distributed.processes_per_node(cfg)  # GPUs asked for but absent fail here too
+    preflight.check(cfg)  # a bad model path, bad data or absent GPUs fail here, before any run directory
     run_dir = runs.create_run(runs.runs_root(args.runs_dir), cfg)
     return _start(run_dir, resume=False, detach=args.detach, json_lines=args.json, nodes=nodes)
 

@@ -20,12 +20,21 @@ from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, ProgressBar, Select, Static
 
-from engine import protocol, runs
+from engine import protocol
 from engine.config import load_resolved
 from engine.errors import UserError
-from engine.export import gguf
-from engine.export.request import DTYPES, build_request, default_dtype, default_out_dir, resolve_source
-from engine.memory.merge import estimate_merge
+from engine.export import (
+    DTYPES,
+    GGUF_CONVERTER_TYPES,
+    GGUF_TYPES,
+    build_request,
+    default_dtype,
+    default_out_dir,
+    find_llama_cpp,
+    resolve_source,
+)
+from engine.memory import estimate_merge
+from engine.run import runs
 from tui.client import Launcher, RunClient
 
 FINAL = "adapter"
@@ -87,9 +96,9 @@ class ExportScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         sources = self._sources()
-        tools = gguf.find_llama_cpp()
+        tools = find_llama_cpp()
         gguf_types = (
-            [] if tools is None else [t for t in gguf.TYPES if tools.quantize or t in gguf.CONVERTER_TYPES]
+            [] if tools is None else [t for t in GGUF_TYPES if tools.quantize or t in GGUF_CONVERTER_TYPES]
         )
         with Vertical(classes="dialog export-dialog"):
             yield Static(Text(f"Export run {self.run_dir.name}", style="bold"), classes="dialog-title")

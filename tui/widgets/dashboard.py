@@ -18,6 +18,7 @@ from textual.timer import Timer
 from textual.widgets import RichLog, Static
 
 from tui.history import LogLine, RunHistory
+from tui.views import RunView
 from tui.widgets.gpu import GpuPanel, Probe
 from tui.widgets.line_chart import ChartSeries, LineChart, format_value
 from tui.widgets.progress import RunProgress, format_duration
@@ -78,8 +79,16 @@ class Dashboard(Vertical):
         self.query_one("#checkpoints", Static).border_title = "checkpoints"
         self.query_one("#event-log", RichLog).border_title = "log"
         self.show(None, "")
+        self.watch(self.app, "run_view", self._follow, init=False)
 
-    # ---- fed by the app ----------------------------------------------------------------------
+    def _follow(self, view: RunView) -> None:
+        """The App's watched run: another run is shown whole, the same one as it grows."""
+        if view.history is not self._history:
+            self.show(view.history, view.status)
+        else:
+            self.changed(view.status)
+
+    # ---- drawing ----------------------------------------------------------------------
 
     def show(self, history: RunHistory | None, status: str) -> None:
         """Switch to another run (or none): everything redrawn, the log replayed from its tail."""

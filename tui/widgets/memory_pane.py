@@ -14,6 +14,7 @@ from textual.widgets import DataTable, Input, Label, OptionList, Select, Static
 from textual.widgets.option_list import Option
 
 from tui.budget import BudgetView, Suggestion, gpu_choices
+from tui.views import BudgetState
 from tui.widgets.stacked_bar import MemoryBar
 
 _SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*(gb|g|gib)?\s*$", re.IGNORECASE)
@@ -75,6 +76,11 @@ class MemoryPane(Vertical):
         self.call_after_refresh(
             self._fill_gpus
         )  # the catalog imports the memory model: after the first frame
+        self.watch(self.app, "budget_state", self._budget, init=False)
+
+    def _budget(self, state: BudgetState | None) -> None:
+        if state is not None:
+            self.show(state.view, state.preset)
 
     def _fill_gpus(self) -> None:
         select = self.query_one("#gpu-select", Select)

@@ -1,111 +1,104 @@
 """The overrides editor: `key=value` lines checked as they are typed, with the CLI's own rules.
 
-Validation is engine.config's: `parse_override` for the key, then `load_preset` with every
-override so far plus the one being typed, so a value that is fine alone but clashes with another
-setting (or a typo'd key, with its "did you mean") shows before it is applied.
+Validation is engine.config's: `parse_override` for the key, then the preset's `PresetDraft` with
+every override so far plus the one being typed, so a value that is fine alone but clashes with
+another setting (or a typo'd key, with its "did you mean") shows before it is applied. The draft
+is re-validated in a worker thread, once per keystroke and never re-read from disk; Enter applies
+the draft that check already built.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.message import Message
-from textual.validation import ValidationResult, Validator
 from textual.widgets import Input, Static
 
-from engine.config import RunConfig, load_preset, parse_override
-from engine.errors import ConfigError, UserError
-from tui.widgets.preset_settings import format_setting, lookup
+from engine.config import PresetDraft, merge_override, override_key, parse_override
+from engine.errors import ConfigError
+from tui.widgets.preset_settings import format_setting
+
+__all__ = ["OverridesEditor", "check_override", "merge_override", "override_key"]
 
 
-def override_key(text: str) -> str | None:
-    try:
-        return parse_override(text)[0]
-    except UserError:
-        return None
-
-
-def merge_override(overrides: list[str], text: str) -> list[str]:
-    """`text` replaces any override of the same (canonical) key; order is kept otherwise."""
-    key = override_key(text)
-    kept = [o for o in overrides if override_key(o) != key]
-    return [*kept, text.strip()]
-
-
-def check_override(preset: str, overrides: list[str], text: str) -> tuple[bool, str]:
-    """(valid, what to show): the new value and the old one, or the problems."""
+def check_override(draft: PresetDraft, text: str) -> tuple[bool, str, PresetDraft | None]:
+    """(valid, what to show, the draft with `text` applied): the new value and the old one, or
+    the problems."""
     text = text.strip()
     if not text:
-        return False, ""
+        return False, "", None
     try:
         key, _ = parse_override(text)
     except ConfigError as exc:
-        return False, "; ".join(p.removeprefix("--set ") for p in exc.problems)
-    try:
-        before = load_preset(preset, overrides)
-    except UserError:
-        before = None
-    try:
-        after = load_preset(preset, merge_override(overrides, text))
-    except ConfigError as exc:
-        relevant = [p for p in exc.problems if p.startswith(key)] or exc.problems
-        return False, "; ".join(relevant)
-    except UserError as exc:
-        return False, str(exc)
-    new = format_setting(lookup(after.to_dict(), key))
-    old = format_setting(lookup(before.to_dict(), key)) if before is not None else "?"
-    return True, f"{key}: {old} → {new}" if old != new else f"{key}: {new} (unchanged)"
-
-
-class _OverrideValidator(Validator):
-    def __init__(self, check: Callable[[str], tuple[bool, str]]) -> None:
-        super().__init__()
-        self._check = check
-
-    def validate(self, value: str) -> ValidationResult:
-        ok, message = self._check(value)
-        return self.success() if ok or not value.strip() else self.failure(message)
+        return False, "; ".join(p.removeprefix("--set ") for p in exc.problems), None
+    after = draft.with_overrides(merge_override(draft.overrides, text))
+    if not after.valid:
+        relevant = [p for p in after.problems if p.startswith(key)] or list(after.problems)
+        return False, "; ".join(relevant), None
+    new = format_setting(after.value(key))
+    old = format_setting(draft.value(key)) if draft.valid else "?"
+    return True, f"{key}: {old} → {new}" if old != new else f"{key}: {new} (unchanged)", after
 
 
 class OverridesEditor(Vertical):
     """One input line, its verdict, and the overrides applied so far."""
 
     class Changed(Message):
-        """The applied overrides changed (added, replaced, removed or cleared)."""
+        """The applied overrides changed (added, replaced, removed or cleared): `draft` holds them,
+        validated."""
 
-        def __init__(self, overrides: list[str], config: RunConfig | None) -> None:
+        def __init__(self, draft: PresetDraft) -> None:
             super().__init__()
-            self.overrides = overrides
-            self.config = config
+            self.draft = draft
+
+        @property
+        def overrides(self) -> list[str]:
+            return list(self.draft.overrides)
+
+    class Checked(Message):
+        """A line's check, done in a worker thread."""
+
+        def __init__(
+            self, text: str, ok: bool, message: str, draft: PresetDraft | None, apply: bool = False
+        ) -> None:
+            super().__init__()
+            self.text = text
+            self.ok = ok
+            self.message = message
+            self.draft = draft
+            self.apply = apply  # Enter came first: apply it once checked
+
+    class Revalidated(Message):
+        """Other overrides, validated in a worker thread."""
+
+        def __init__(self, draft: PresetDraft) -> None:
+            super().__init__()
+            self.draft = draft
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
-        self.preset: str | None = None
-        self.overrides: list[str] = []
+        self.draft: PresetDraft | None = None
+        self._checked: OverridesEditor.Checked | None = None  # the last line checked
+
+    @property
+    def overrides(self) -> list[str]:
+        return list(self.draft.overrides) if self.draft is not None else []
 
     def compose(self) -> ComposeResult:
         yield Input(
             placeholder="override key=value (e.g. lr=1e-4), Enter applies",
             compact=True,
             id="override-input",
-            validators=[_OverrideValidator(self._check)],
-            validate_on=["changed", "submitted"],
             select_on_focus=False,  # edit() prefills key=value; typing must extend it, not replace it
         )
         yield Static(id="override-status")
         yield Static(id="override-list")
 
-    def _check(self, text: str) -> tuple[bool, str]:
-        if self.preset is None:
-            return False, "pick a preset first"
-        return check_override(self.preset, self.overrides, text)
-
-    def set_preset(self, preset: str | None, overrides: list[str] | None = None) -> None:
-        self.preset = preset
-        self.overrides = list(overrides or [])
+    def set_draft(self, draft: PresetDraft | None) -> None:
+        """A newly selected preset (or the same one, read again): the line and its verdict clear."""
+        self.draft = draft
+        self._checked = None
         self.query_one("#override-input", Input).value = ""
         self._show_list()
         self.query_one("#override-status", Static).update("")
@@ -119,48 +112,108 @@ class OverridesEditor(Vertical):
 
     def on_input_changed(self, event: Input.Changed) -> None:
         event.stop()
-        ok, message = self._check(event.value) if event.value.strip() else (True, "")
+        text = event.value
+        if not text.strip():
+            self._checked = None
+            self._show_verdict(True, "")
+            return
+        if self.draft is None:
+            self._show_verdict(False, "pick a preset first")
+            return
+        draft = self.draft
+        self.run_worker(
+            lambda: self.post_message(self.Checked(text, *check_override(draft, text))),
+            thread=True,
+            exclusive=True,
+            group="override-check",
+            exit_on_error=False,
+        )
+
+    def on_overrides_editor_checked(self, message: Checked) -> None:
+        message.stop()
+        if message.text != self.query_one("#override-input", Input).value:
+            return  # typed on since: a newer check follows
+        self._checked = message
+        self._show_verdict(message.ok, message.message)
+        if message.apply:
+            self._apply(message)
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        checked = self._checked
+        if checked is not None and checked.text == event.value:
+            self._apply(checked)
+        elif self.draft is not None and event.value.strip():
+            # Enter before the keystroke's check came back: check once more, applying when it does.
+            draft, text = self.draft, event.value
+
+            def check_and_apply() -> None:
+                self.post_message(self.Checked(text, *check_override(draft, text), apply=True))
+
+            self.run_worker(
+                check_and_apply, thread=True, exclusive=True, group="override-check", exit_on_error=False
+            )
+
+    def _apply(self, checked: Checked) -> None:
+        if not checked.ok or checked.draft is None:
+            return  # the status line already says why
+        self.query_one("#override-input", Input).value = ""
+        self.query_one("#override-status", Static).update(Text("applied " + checked.message, style="green"))
+        self._checked = None
+        self._changed(checked.draft)
+
+    def add(self, extra: list[str]) -> None:
+        """Apply overrides from elsewhere (the Memory pane's auto-fit) as if typed here."""
+        overrides = self.overrides
+        for text in extra:
+            overrides = merge_override(overrides, text)
+        self._revalidate(overrides)
+
+    def remove(self, path: str) -> bool:
+        kept = [o for o in self.overrides if override_key(o) != path]
+        if len(kept) == len(self.overrides):
+            return False
+        self._revalidate(kept)
+        return True
+
+    def clear(self) -> None:
+        if self.overrides:
+            self._revalidate([])
+
+    def _revalidate(self, overrides: list[str]) -> None:
+        """The preset with other overrides, validated in a worker thread, then applied."""
+        if self.draft is None:
+            return
+        draft = self.draft
+        self.run_worker(
+            lambda: self.post_message(self.Revalidated(draft.with_overrides(overrides))),
+            thread=True,
+            group="override-apply",
+            exit_on_error=False,
+        )
+
+    def on_overrides_editor_revalidated(self, message: Revalidated) -> None:
+        message.stop()
+        if self.draft is not None and message.draft.path == self.draft.path:
+            self._changed(message.draft)
+
+    def _changed(self, draft: PresetDraft) -> None:
+        self.draft = draft
+        self._show_list()
+        self.post_message(self.Changed(draft))
+
+    def _show_verdict(self, ok: bool, message: str) -> None:
         status = self.query_one("#override-status", Static)
-        if not event.value.strip():
+        box = self.query_one("#override-input", Input)
+        box.set_class(not ok and bool(message), "-invalid")
+        if not message:
             status.update("")
         elif ok:
             status.update(Text("✓ " + message, style="green"))
         else:
             status.update(Text("✗ " + message, style="bold red"))
 
-    def on_input_submitted(self, event: Input.Submitted) -> None:
-        event.stop()
-        ok, message = self._check(event.value)
-        if not ok:
-            return  # the status line already says why
-        self.overrides = merge_override(self.overrides, event.value)
-        event.input.value = ""
-        self.query_one("#override-status", Static).update(Text("applied " + message, style="green"))
-        self._changed()
-
-    def remove(self, path: str) -> bool:
-        kept = [o for o in self.overrides if override_key(o) != path]
-        if len(kept) == len(self.overrides):
-            return False
-        self.overrides = kept
-        self._changed()
-        return True
-
-    def clear(self) -> None:
-        if self.overrides:
-            self.overrides = []
-            self._changed()
-
-    def _changed(self) -> None:
-        self._show_list()
-        cfg = None
-        if self.preset is not None:
-            try:
-                cfg = load_preset(self.preset, self.overrides)
-            except UserError:
-                cfg = None
-        self.post_message(self.Changed(list(self.overrides), cfg))
-
     def _show_list(self) -> None:
-        text = "overrides: " + (" · ".join(self.overrides) if self.overrides else "none")
-        self.query_one("#override-list", Static).update(Text(text, style="dim" if not self.overrides else ""))
+        overrides = self.overrides
+        text = "overrides: " + (" · ".join(overrides) if overrides else "none")
+        self.query_one("#override-list", Static).update(Text(text, style="dim" if not overrides else ""))

@@ -16,9 +16,10 @@ from textual.message import Message
 from textual.widgets import Input, OptionList, Static
 from textual.widgets.option_list import Option, OptionDoesNotExist
 
-from engine.config import RunConfig, list_presets, load_preset
-from engine.errors import ConfigError, UserError
-from tui.widgets.overrides import OverridesEditor, override_key
+from engine.config import PresetDraft, RunConfig, draft_preset, list_presets
+from engine.errors import UserError
+from tui.views import BudgetState
+from tui.widgets.overrides import OverridesEditor
 from tui.widgets.preset_settings import PresetDoc, SettingsTable, parse_preset_doc
 
 # libyaml when present: the list only needs each file's description, and is read at start-up.
@@ -60,16 +61,36 @@ class PresetsPane(Horizontal):
     ]
 
     class ConfigChanged(Message):
-        """The selected preset or its overrides changed. `config` is None when they do not validate."""
+        """The selected preset or its overrides changed: `draft` holds them, validated (its
+        `config` is None when they do not validate, and `problems` says why)."""
 
-        def __init__(
-            self, preset: str, overrides: list[str], config: RunConfig | None, problems: list[str]
-        ) -> None:
+        def __init__(self, draft: PresetDraft) -> None:
             super().__init__()
-            self.preset = preset
-            self.overrides = overrides
-            self.config = config
-            self.problems = problems
+            self.draft = draft
+
+        @property
+        def preset(self) -> str:
+            return self.draft.name
+
+        @property
+        def overrides(self) -> list[str]:
+            return list(self.draft.overrides)
+
+        @property
+        def config(self) -> RunConfig | None:
+            return self.draft.config
+
+        @property
+        def problems(self) -> list[str]:
+            return list(self.draft.problems)
+
+    class DraftRead(Message):
+        """A preset read and validated in a worker thread, with its comments."""
+
+        def __init__(self, draft: PresetDraft, doc: PresetDoc) -> None:
+            super().__init__()
+            self.draft = draft
+            self.doc = doc
 
     class DataChecked(Message):
         """The data pipeline's pre-flight check of the selected preset's source, done off-thread."""
@@ -86,9 +107,16 @@ class PresetsPane(Horizontal):
         self._data_key: tuple | None = None
         self._presets: list[PresetInfo] = []
         self.selected: str | None = None
-        self.config: RunConfig | None = None
-        self.problems: list[str] = []
+        self.draft: PresetDraft | None = None  # the selected preset, as shown
         self._doc = PresetDoc("", [])
+
+    @property
+    def config(self) -> RunConfig | None:
+        return self.draft.config if self.draft is not None else None
+
+    @property
+    def problems(self) -> list[str]:
+        return list(self.draft.problems) if self.draft is not None else []
 
     def compose(self) -> ComposeResult:
         with Vertical(id="preset-side"):
@@ -107,6 +135,11 @@ class PresetsPane(Horizontal):
         # After the first frame: reading every preset (and, through the budget, importing the
         # memory model) would otherwise delay the console's first paint.
         self.call_after_refresh(self._discover)
+        self.watch(self.app, "budget_state", self._budget, init=False)
+
+    def _budget(self, state: BudgetState | None) -> None:
+        if state is not None and state.summary is not None and state.preset == self.selected:
+            self.show_summary(state.summary)
 
     def _discover(self) -> None:
         self._presets = discover_presets()
@@ -131,7 +164,7 @@ class PresetsPane(Horizontal):
             self.select(names[index])
 
     def select(self, name: str, overrides: list[str] | None = None) -> None:
-        """Show preset `name` (with `overrides` applied, if given)."""
+        """Show preset `name` (with `overrides` applied, if given), read in a worker thread."""
         info = next((p for p in self._presets if p.name == name), None)
         if info is None:
             return
@@ -141,29 +174,35 @@ class PresetsPane(Horizontal):
             index = options.get_option_index(name)
             if options.highlighted != index:
                 options.highlighted = index
-        try:
-            self._doc = parse_preset_doc(info.path.read_text(encoding="utf-8"))
-        except OSError:
-            self._doc = PresetDoc("", [])
-        self.query_one(OverridesEditor).set_preset(name, overrides)
-        self._reload(self.overrides)
+        self.run_worker(
+            lambda: self._read(name, list(overrides or [])),
+            thread=True,
+            exclusive=True,
+            group="preset-read",
+            exit_on_error=False,
+        )
 
-    def _reload(self, overrides: list[str]) -> None:
-        assert self.selected is not None
-        try:
-            self.config, self.problems = load_preset(self.selected, overrides), []
-        except ConfigError as exc:
-            self.config, self.problems = None, list(exc.problems)
-        except UserError as exc:
-            self.config, self.problems = None, [str(exc)]
-        overridden = {k for k in (override_key(o) for o in overrides) if k}
+    def _read(self, name: str, overrides: list[str]) -> None:
+        draft = draft_preset(name, overrides)
+        self.post_message(self.DraftRead(draft, parse_preset_doc(draft.text)))
+
+    def on_presets_pane_draft_read(self, message: DraftRead) -> None:
+        message.stop()
+        if message.draft.name != self.selected:
+            return  # another preset was picked since
+        self._doc = message.doc
+        self.query_one(OverridesEditor).set_draft(message.draft)
+        self._show(message.draft)
+
+    def _show(self, draft: PresetDraft) -> None:
+        self.draft = draft
         self._show_about()
-        self.query_one(SettingsTable).show(self._doc, self.config, overridden)
-        if self.problems:
-            self.show_summary(Text("✗ " + "; ".join(self.problems), style="bold red"))
-        elif self.config is not None:
-            self._check_data(self.config)
-        self.post_message(self.ConfigChanged(self.selected, overrides, self.config, self.problems))
+        self.query_one(SettingsTable).show(self._doc, draft.config, set(draft.overridden))
+        if draft.problems:
+            self.show_summary(Text("✗ " + "; ".join(draft.problems), style="bold red"))
+        elif draft.config is not None:
+            self._check_data(draft.config)
+        self.post_message(self.ConfigChanged(draft))
 
     def _show_about(self) -> None:
         info = next((p for p in self._presets if p.name == self.selected), None)
@@ -203,12 +242,10 @@ class PresetsPane(Horizontal):
         )
 
     def _data_worker(self, cfg: RunConfig, key: tuple) -> None:
+        from engine.data import check_source
+
         try:
-            from engine.data import check
-        except ImportError:
-            return
-        try:
-            summary = check.check_source(cfg)
+            summary = check_source(cfg)
         except UserError as exc:
             self.post_message(self.DataChecked(key, Text(f"✗ data: {exc}", style="bold red")))
             return
@@ -231,10 +268,7 @@ class PresetsPane(Horizontal):
 
     def apply_overrides(self, extra: list[str]) -> None:
         """Add overrides from elsewhere (the Memory pane's auto-fit) as if typed here."""
-        editor = self.query_one(OverridesEditor)
-        for text in extra:
-            editor.overrides = [o for o in editor.overrides if override_key(o) != override_key(text)] + [text]
-        editor._changed()
+        self.query_one(OverridesEditor).add(extra)
 
     def show_summary(self, text: Text | str) -> None:
         """The memory budget's one-line verdict (or why the preset does not validate)."""
@@ -286,7 +320,7 @@ class PresetsPane(Horizontal):
 
     def on_overrides_editor_changed(self, event: OverridesEditor.Changed) -> None:
         event.stop()
-        self._reload(event.overrides)
+        self._show(event.draft)
         if self.query_one("#override-input", Input).has_focus:
             # Typed and applied: back to the settings (s starts, Enter edits another). Not when
             # the Memory pane applied them: focusing here would switch panes under the user.

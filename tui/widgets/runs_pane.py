@@ -19,9 +19,10 @@ from textual.containers import Vertical
 from textual.message import Message
 from textual.widgets import DataTable, Static
 
-from engine import runs
+from engine.run import runs
 from tui.client import load_history
 from tui.history import RunHistory
+from tui.views import RunView
 from tui.widgets.line_chart import ChartSeries, LineChart
 from tui.widgets.progress import STATUS_MARK
 
@@ -97,6 +98,15 @@ class RunsPane(Vertical):
         self.query_one("#compare-chart").border_title = "compare loss"
         self.set_interval(REFRESH_SECONDS, self._tick)
         self._loaded_once = False
+        self._watched: str | None = None
+        self.watch(self.app, "run_view", self._watched_run, init=False)
+
+    def _watched_run(self, view: RunView) -> None:
+        """A run started (or opened) in the console: list it, once the list has been looked at."""
+        if view.run_id != self._watched:
+            self._watched = view.run_id
+            if self._loaded_once:
+                self.reload()
 
     def on_show(self) -> None:
         # Summaries fold every run's events file: not at start-up (where they would compete with
@@ -161,7 +171,14 @@ class RunsPane(Vertical):
 
     # ---- actions -----------------------------------------------------------------------------
 
-    def _request(self, action: str) -> None:
+    def request(self, action: str) -> None:
+        """Act on the selected run (open, attach, resume, stop, export), or on the list."""
+        if action == "compare":
+            self.action_compare()
+            return
+        if action == "reload":
+            self.reload()
+            return
         summary = self.selected()
         if summary is None:
             self.notify("no run selected", severity="warning", timeout=2)
@@ -170,22 +187,22 @@ class RunsPane(Vertical):
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         event.stop()
-        self._request("open")
+        self.request("open")
 
     def action_open(self) -> None:
-        self._request("open")
+        self.request("open")
 
     def action_attach(self) -> None:
-        self._request("attach")
+        self.request("attach")
 
     def action_resume(self) -> None:
-        self._request("resume")
+        self.request("resume")
 
     def action_stop(self) -> None:
-        self._request("stop")
+        self.request("stop")
 
     def action_export(self) -> None:
-        self._request("export")
+        self.request("export")
 
     def action_reload(self) -> None:
         self.reload()

@@ -17,6 +17,7 @@ from textual.widgets import Input, Label, Select, Static
 
 from engine import protocol
 from tui.history import SampleText
+from tui.views import SampleSources
 
 LIVE = "live"
 _ids = itertools.count(1)
@@ -58,8 +59,13 @@ class SamplePane(Vertical):
     def on_mount(self) -> None:
         self.query_one("#replies").border_title = "replies"
         self.show([])
+        self.watch(self.app, "sample_replies", self.show, init=False)
+        self.watch(self.app, "sample_sources", self._sources, init=False)
 
-    # ---- fed by the app ----------------------------------------------------------------------
+    def _sources(self, sources: SampleSources) -> None:
+        self.set_sources(sources.run_id, sources.live, sources.checkpoints)
+
+    # ---- drawing ----------------------------------------------------------------------
 
     def set_sources(self, run_id: str | None, live: bool, checkpoints: Sequence[str]) -> None:
         select = self.query_one("#sample-source", Select)

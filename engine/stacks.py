@@ -1,0 +1,131 @@
+"""The training stacks the engine knows, as plain facts, and the one rule that picks one.
+
+A stack (`hardware.backend`) is what builds the model and its kernels: `hf` (transformers + peft +
+TRL + bitsandbytes, tuned) or `unsloth`. Everything that decides something about a stack reads it
+here: the config's checks (engine.config), the memory model (engine.memory), the backends that
+implement them (engine.train.backends) and the console. Adding a stack is one entry in `STACKS`
+and one backend file (docs/backends.md).
+
+Pure Python with no engine imports but errors: the bottom layer of the engine.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+from engine.errors import UserError
+
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class Stack:
+    """What the engine, the config's checks and the memory model need to know about one stack."""
+
+    name: str
+    label: str  # as a sentence names it: "Unsloth"
+    package: str | None  # the import it needs installed (None: the engine's own dependencies)
+    needs_cuda: bool
+    one_process: bool  # trains on one GPU only (no DDP / FSDP)
+    padding_free: bool
+    """Micro-batches go to the model as one padding-free row (engine.data.collate): its attention
+    keeps the examples apart by the lengths the row carries. hf pads: SDPA would need a
+    block-diagonal mask. What the memory estimate assumes; a run asks its backend whether the
+    installed version can (Backend.padding_free_rows)."""
+    memory_profile: str  # the memory model's calibrated profile its peak follows (engine.memory.terms)
+    install_hint: str = ""
+
+
+STACKS: dict[str, Stack] = {
+    "hf": Stack(
+        "hf", "transformers", package=None, needs_cuda=False, one_process=False, padding_free=False,
+        memory_profile="hf",
+    ),
+    "unsloth": Stack(
+        "unsloth", "Unsloth", package="unsloth", needs_cuda=True, one_process=True, padding_free=True,
+        memory_profile="unsloth", install_hint="pip install 'qlora-console[unsloth]'",
+    ),
+}  # fmt: skip
+NAMES: tuple[str, ...] = tuple(STACKS)
+# `auto` takes the first of these that can run here; the last one runs anywhere.
+AUTO_ORDER: tuple[str, ...] = ("unsloth", "hf")
+
+
+def stack(name: str) -> Stack:
+    try:
+        return STACKS[name]
+    except KeyError:
+        raise UserError(
+            f"hardware.backend: unknown backend {name!r}", f"choose one of {AUTO}, {', '.join(NAMES)}"
+        ) from None
+
+
+def padding_free(name: str) -> bool:
+    """Whether `name`'s micro-batches are one padding-free row (False for any other name, such as
+    the memory model's hf-upcast profile)."""
+    known = STACKS.get(name)
+    return known is not None and known.padding_free
+
+
+def installed(s: Stack) -> bool:
+    return s.package is None or importlib.util.find_spec(s.package) is not None
+
+
+def _why_not(s: Stack, cuda: bool, processes: int, is_installed: bool) -> str | None:
+    """Why `s` cannot train here, as `auto` says it, or None when it can."""
+    if s.one_process and processes > 1:
+        return f"{s.label} trains on one GPU"
+    if s.needs_cuda and not cuda:
+        return f"no CUDA GPU, and {s.label} needs one"
+    if not is_installed:
+        return f"{s.label} is not installed"
+    return None
+
+
+def choose(
+    want: str, *, cuda: bool, processes: int = 1, is_installed: dict[str, bool] | None = None
+) -> tuple[str, str]:
+    """(stack, why) for `hardware.backend: want` on a machine with (`cuda`) or without a CUDA GPU,
+    for a run of `processes` processes. An explicit stack that cannot run is a UserError; `auto`
+    takes the first of AUTO_ORDER that can. `is_installed` overrides the package look-up (tests)."""
+
+    def have(s: Stack) -> bool:
+        return is_installed[s.name] if is_installed and s.name in is_installed else installed(s)
+
+    if want != AUTO:
+        s = stack(want)
+        if s.needs_cuda and not cuda:
+            raise UserError(f"hardware.backend: {s.name} needs a CUDA GPU", "set hardware.backend=hf or auto")
+        if not have(s):
+            raise UserError(
+                f"hardware.backend: {s.name} is not installed",
+                f"{s.install_hint or 'install it'}, or set hardware.backend=hf",
+            )
+        return s.name, "requested in the preset"
+    reasons: list[str] = []
+    for name in AUTO_ORDER:
+        s = STACKS[name]
+        why = _why_not(s, cuda, processes, have(s))
+        if why is None:
+            if not reasons and s.needs_cuda:
+                extra = f"{s.label} is installed and a CUDA GPU is present"
+                return s.name, f"auto: {extra}"
+            return s.name, f"auto: {'; '.join(reasons)}" if reasons else "auto"
+        reasons.append(why)
+    raise UserError("hardware.backend: no backend can train here", "; ".join(reasons))  # pragma: no cover
+
+
+def config_problems(backend: str, device: str, gpus: int | str) -> list[str]:
+    """The checks a config can make about its stack before anything runs (engine.config.validate)."""
+    if backend == AUTO or backend not in STACKS:
+        return []
+    s = STACKS[backend]
+    problems = []
+    if s.needs_cuda and device == "cpu":
+        problems.append(f"hardware.backend: {s.name} needs a CUDA GPU; use hf or auto with device cpu")
+    if s.one_process and gpus != 1 and not (isinstance(gpus, int) and gpus < 1):
+        problems.append(
+            f"hardware.backend: {s.name} trains on one GPU; use hf (or auto) with hardware.gpus > 1"
+        )
+    return problems

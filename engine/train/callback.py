@@ -1,0 +1,196 @@
+"""The trainer's link to the outside: step, eval and checkpoint events out, commands in.
+
+`EngineCallback` turns the trainer's logs into protocol events, applies commands at optimizer-step
+boundaries (stop, save, sample), and refuses to save a checkpoint once the loss is no longer
+finite. What it learns (a stop, a failure, the last loss) it leaves in a RunState
+(engine.train.state) the recipe reads when training ends. Imported in the engine child only, after the backend's `prepare`
+(transformers).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from engine import protocol
+from engine.run import runs
+from engine.run.distributed import Ranks
+from engine.run.events import Emitter
+from engine.train import collectives, failures
+from engine.train.sampling import generate
+from engine.train.state import RunState
+from engine.train.usage import cuda_memory, host_rss_gb, reset_peak_memory
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where the callback reports and what it samples with."""
+
+    emitter: Emitter
+    commands: Any  # a CommandQueue, or collectives.SharedCommands on several ranks
+    tokenizer: Any
+    template: str
+    ranks: Ranks = field(default_factory=Ranks)
+    device: str = "cpu"
+    sharded: bool = False  # FSDP: every rank takes part in a sample
+
+
+class Pace:
+    """Seconds per step and tokens per second since the last log, and an ETA that one slow step
+    (a save, a sample) does not swing."""
+
+    def __init__(self) -> None:
+        self.last_time = 0.0
+        self.last_step = 0
+        self.last_tokens = 0
+        self.step_seconds: float | None = None
+
+    def start(self, step: int) -> None:
+        self.last_step, self.last_time = step, time.perf_counter()
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent on something that is not training (a live sample)."""
+        self.last_time += seconds
+
+    def update(self, step: int, tokens: int) -> tuple[float, float]:
+        """(seconds per step, tokens per second) since the last update."""
+        now = time.perf_counter()
+        seconds = (now - self.last_time) / max(step - self.last_step, 1)
+        tok_s = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9) if self.last_tokens else 0.0
+        # An exponential average: one slow step (a save, a sample) must not swing the ETA.
+        self.step_seconds = seconds if self.step_seconds is None else 0.8 * self.step_seconds + 0.2 * seconds
+        self.last_time, self.last_step, self.last_tokens = now, step, tokens
+        return seconds, tok_s
+
+    def eta(self, remaining_steps: int) -> float:
+        return remaining_steps * (self.step_seconds or 0.0)
+
+
+class EngineCallback(TrainerCallback):
+    def __init__(self, context: Context, state: RunState) -> None:
+        self.ctx = context
+        self.state = state
+        self.pace = Pace()
+
+    # ---- the trainer's hooks ----------------------------------------------------------------
+
+    def on_train_begin(self, args: Any, st: Any, control: Any, **kw: Any) -> None:
+        reset_peak_memory()  # the peaks a step reports are training's, not the load's
+        self.state.total_steps = st.max_steps
+        self.state.first_step = st.global_step
+        self.pace.start(st.global_step)
+        self.ctx.emitter.emit(
+            protocol.StageEvent(
+                stage="training",
+                message=f"training {st.max_steps} steps",
+                current=st.global_step,
+                total=st.max_steps,
+            )
+        )
+
+    def on_step_end(self, args: Any, st: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        for command in self.ctx.commands.drain():
+            if isinstance(command, protocol.Stop):
+                self._stop(command, st, control)
+            elif isinstance(command, protocol.Save):
+                control.should_save = True
+            elif isinstance(command, protocol.SampleRequest):
+                self._sample(command, st, model)
+
+    def on_log(
+        self, args: Any, st: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any
+    ) -> None:
+        logs = logs or {}
+        if "eval_loss" in logs:
+            self._emit_eval(st.global_step, logs["eval_loss"])
+        if "loss" in logs:
+            loss = float(logs["loss"])
+            self._emit_step(st, loss, logs)
+            self._check_finite(st, control, loss, logs)
+
+    def on_save(self, args: Any, st: Any, control: Any, **kw: Any) -> None:
+        path = Path(args.output_dir) / f"{runs.CHECKPOINT_PREFIX}{st.global_step}"
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+        self.state.last_checkpoint = path.name
+        self.ctx.emitter.emit(
+            protocol.CheckpointSaved(step=st.global_step, path=str(path), size_mb=size / 2**20)
+        )
+
+    # ---- commands ---------------------------------------------------------------------------
+
+    def _stop(self, command: protocol.Stop, st: Any, control: Any) -> None:
+        if self.state.stop_requested:  # a second console's stop, or a second Ctrl-C
+            self.ctx.emitter.log("already stopping", level="debug")
+            return
+        self.state.stop_requested = True
+        control.should_training_stop = True
+        control.should_save = command.save
+        self.ctx.emitter.log(
+            f"stopping after step {st.global_step}" + (", saving a checkpoint" if command.save else "")
+        )
+
+    def _sample(self, request: protocol.SampleRequest, st: Any, model: Any) -> None:
+        ctx = self.ctx
+        if not collectives.samples_here(ctx.ranks, ctx.sharded):
+            return
+        t0 = time.perf_counter()
+        generate(
+            model,
+            ctx.tokenizer,
+            request,
+            ctx.emitter,
+            source="live",
+            step=st.global_step,
+            template=ctx.template,
+            # Sharded ranks generate together: the same draws keep them in step.
+            seed=st.global_step if ctx.sharded else None,
+        )
+        self.pace.exclude(time.perf_counter() - t0)  # sampling is not training time
+
+    # ---- events -----------------------------------------------------------------------------
+
+    def _emit_eval(self, step: int, loss: float) -> None:
+        perplexity = math.exp(loss) if loss < 50 else None
+        self.ctx.emitter.emit(protocol.Eval(step=step, loss=loss, perplexity=perplexity))
+
+    def _emit_step(self, st: Any, loss: float, logs: dict[str, float]) -> None:
+        # The trainer's exact count (engine.train.backends.safe_trainer), restored on resume; TRL's
+        # own only where a patched training loop skipped it.
+        tokens = int(logs.get("num_input_tokens_seen") or logs.get("num_tokens", 0))
+        seconds, tok_s = self.pace.update(st.global_step, tokens)
+        rss = host_rss_gb()
+        ctx = self.ctx
+        devices = collectives.gather_devices(ctx.ranks, ctx.device, rss)  # every rank calls: a collective
+        ctx.emitter.emit(
+            protocol.Step(
+                step=st.global_step,
+                total_steps=st.max_steps,
+                epoch=float(st.epoch or 0.0),
+                loss=loss,
+                lr=float(logs.get("learning_rate", 0.0)),
+                grad_norm=logs.get("grad_norm"),
+                tokens_seen=tokens,
+                tokens_per_s=tok_s,
+                step_seconds=seconds,
+                elapsed_seconds=time.time() - self.state.started,
+                eta_seconds=self.pace.eta(max(st.max_steps - st.global_step, 0)),
+                host_rss_gb=rss,
+                devices=devices,
+                **cuda_memory(),
+            )
+        )
+
+    def _check_finite(self, st: Any, control: Any, loss: float, logs: dict[str, float]) -> None:
+        if math.isfinite(loss):
+            self.state.last_loss = loss
+            return
+        # Keep the last good checkpoint: never save weights trained on a non-finite loss.
+        first = int(logs.get("nonfinite_since_step", st.global_step))
+        self.state.failure = failures.nonfinite_loss(loss, first, st.global_step)
+        control.should_training_stop = True
+        control.should_save = False

@@ -1,0 +1,396 @@
+"""One training run, backend-agnostic: setup (model, adapters, data, trainer), train,
+save_checkpoint (the final adapter), cleanup.
+
+The recipe calls its backend's steps (engine.train.backends.base.Backend) and never branches on
+which stack trains. The trainer talks to the outside through engine.train.callback.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from engine import __version__, allocator, protocol
+from engine.config import RunConfig, load_resolved
+from engine.errors import UserError
+from engine.memory.checkpointing import CheckpointPlan, plan_checkpointing
+from engine.run import checkpoints, fingerprint, runs
+from engine.run.control import CommandQueue
+from engine.run.distributed import Ranks
+from engine.run.events import Emitter
+from engine.train import failures, faults
+from engine.train.backends.base import Backend
+from engine.train.state import RunState
+from engine.train.usage import cuda_memory, host_rss_gb
+
+
+class Recipe:
+    """setup -> train -> save_checkpoint -> cleanup, for one run directory."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        emitter: Emitter,
+        commands: CommandQueue,
+        resume: bool = False,
+        ranks: Ranks = Ranks(),
+    ) -> None:
+        from engine.train.collectives import SharedCommands
+
+        self.run_dir = run_dir
+        self.emitter = emitter
+        self.ranks = ranks
+        self.commands = SharedCommands(commands, ranks)  # rank 0's commands, on every rank
+        self.resume = resume
+        self.cfg: RunConfig = load_resolved(run_dir / runs.CONFIG)
+        self.state = RunState()
+        self.backend: Backend | None = None
+        self.device = "cpu"
+        self.trainer: Any = None
+        self.tokenizer: Any = None
+        self.resume_from: Path | None = None
+        self.kernels: list[str] = []
+
+    @property
+    def backend_name(self) -> str | None:
+        return self.backend.name if self.backend is not None else None
+
+    # ---- hello: which stack, on which device, from which checkpoint --------------------------
+
+    def hello(self) -> None:
+        from engine.train import backends
+
+        self.device = backends.choose_device(self.cfg)
+        name, reason = backends.choose_backend(self.cfg, self.device, self.ranks.world_size)
+        self.backend = backends.get(name)
+        self.backend.prepare()  # before anything imports transformers, peft or TRL
+        removed, skipped = self._find_resume_point()
+        self.emitter.emit(
+            protocol.Hello(
+                engine_version=__version__,
+                run_id=self.run_dir.name,
+                pid=os.getpid(),
+                mode="resume" if self.resume else "train",
+                resumed_from=self.resume_from.name if self.resume_from else None,
+                backend=name,
+                backend_reason=reason,
+                device=self._describe_device(),
+                world_size=self.ranks.world_size,
+                trust_remote_code=self.cfg.model.trust_remote_code,
+            )
+        )
+        self._log_start(removed, skipped)
+        if self.resume:
+            fingerprint.check(self.run_dir, self.cfg, full=True)
+
+    def _find_resume_point(self) -> tuple[list[str], list[tuple[Path, str]]]:
+        """(stale saves removed, damaged checkpoints skipped). What an engine killed mid-save left
+        behind is removed by rank 0, which holds the run's lock; the others wait for it at the
+        first collective."""
+        removed = checkpoints.clean_stale(self.run_dir / runs.CHECKPOINTS) if self.ranks.is_main else []
+        skipped: list[tuple[Path, str]] = []
+        if self.resume:
+            runs.find_checkpoint(self.run_dir)  # one line if there is none at all
+            self.resume_from, skipped = checkpoints.newest_verified(self.run_dir / runs.CHECKPOINTS)
+            if self.resume_from is None:
+                raise UserError(
+                    f"run {self.run_dir.name}: no checkpoint passes verification ({skipped[0][1]})",
+                    "start a new run with `qlc train`",
+                )
+        return removed, skipped
+
+    def _describe_device(self) -> str:
+        from engine.run.distributed import describe
+
+        device = self.device
+        if device == "cuda":
+            import torch
+
+            torch.cuda.set_device(self.ranks.local_rank)  # this rank's GPU, before anything lands on one
+            device = f"cuda:{self.ranks.local_rank} ({torch.cuda.get_device_name(self.ranks.local_rank)})"
+        return describe(self.ranks, self.cfg.hardware.strategy, device)
+
+    def _log_start(self, removed: list[str], skipped: list[tuple[Path, str]]) -> None:
+        plan = faults.plan_from_env()
+        if self.device == "cuda":
+            self.emitter.log(allocator.describe())
+        if plan.armed:
+            self.emitter.log(f"fault injection armed ({faults.ENV}={plan.describe()})", level="warning")
+        for name in removed:
+            self.emitter.log(f"removed {name}: an incomplete save from an earlier session")
+        for path, reason in skipped:
+            assert self.resume_from is not None
+            self.emitter.emit(
+                protocol.WarningEvent(
+                    message=f"{path.name} is damaged ({reason}); resuming from {self.resume_from.name}",
+                    hint="the damaged checkpoint is left in place for inspection",
+                )
+            )
+
+    # ---- setup: model, adapters, data, trainer ------------------------------------------------
+
+    def setup(self) -> None:
+        from engine.models.loading import load_tokenizer, resolve_model_path
+
+        cfg = self.cfg
+        self.emitter.emit(
+            protocol.StageEvent(stage="loading_model", message=f"loading {cfg.model.name_or_path}")
+        )
+        t0 = time.perf_counter()
+        path = resolve_model_path(cfg)
+        self.tokenizer = load_tokenizer(cfg, path)
+        # Decided before the weights load: the GPU's free memory is the budget auto spends.
+        self.checkpointing = self._checkpointing(path)
+        model = self._load_model(path)
+        self._emit_model_ready(model, time.perf_counter() - t0)
+        self._emit_estimate()
+        prepared, template = self._prepare_data(self.backend.padding_free_rows(model))
+        self.trainer = self._build_trainer(model, prepared, template)
+
+    def _checkpointing(self, path: str) -> CheckpointPlan:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(
+            path, revision=self.cfg.model.revision, trust_remote_code=self.cfg.model.trust_remote_code
+        )
+        layers = int(getattr(config.get_text_config(), "num_hidden_layers", 0) or 0)
+        assert self.backend is not None
+        return plan_checkpointing(self.cfg, self.backend.name, self.device, layers)
+
+    def _load_model(self, path: str) -> Any:
+        """The base, the backend's kernels, then the adapters. LoRA's A matrices are drawn at random
+        when the adapters are created, before the trainer seeds anything: seed right before, or two
+        runs of one preset start from different adapters."""
+        from transformers import set_seed
+
+        cfg, backend, plan = self.cfg, self.backend, self.checkpointing
+        assert backend is not None
+        message = "loading weights as 4-bit NF4" if cfg.quant.load_in_4bit else "loading weights"
+        self.emitter.emit(protocol.StageEvent(stage="quantizing", message=message))
+        model = backend.load_model(cfg, path, self.device, plan, self.ranks)
+        self.kernels = backend.apply_kernels(model, cfg, self.device)
+        set_seed(cfg.train.seed)
+        return backend.apply_lora(model, cfg, plan, self.ranks)
+
+    def _emit_model_ready(self, model: Any, seconds: float) -> None:
+        total, trainable = count_params(model)
+        mem = cuda_memory()
+        gc = self.checkpointing
+        self.emitter.emit(
+            protocol.ModelReady(
+                total_params=total,
+                trainable_params=trainable,
+                quantized=self.cfg.quant.load_in_4bit,
+                memory_allocated_gb=mem.get("memory_allocated_gb"),
+                memory_reserved_gb=mem.get("memory_reserved_gb"),
+                host_rss_gb=host_rss_gb(),
+                load_seconds=seconds,
+                layers=gc.layers,
+                checkpointed_layers=gc.checkpointed,
+                checkpoint_reason=gc.reason,
+                kernels=self.kernels,
+            )
+        )
+
+    def _prepare_data(self, padding_free: bool) -> tuple[Any, str]:
+        """The tokenized data, collated as the backend trains (one padding-free row or padded
+        rows), and the chat template's family."""
+        from engine import data
+        from engine.data.report import steps
+
+        cfg, emit = self.cfg, self.emitter.emit
+        emit(protocol.StageEvent(stage="preparing_data", message=f"preparing {cfg.data.source}"))
+        if not self.resume and self.ranks.is_main:
+            fingerprint.record(self.run_dir, cfg)  # what a later resume checks against
+
+        def progress(message: str, current: int, total: int) -> None:
+            emit(protocol.StageEvent(stage="preparing_data", message=message, current=current, total=total))
+
+        prepared = data.prepare(cfg, self.tokenizer, progress)
+        prepared.collator.padding_free = padding_free
+        template = prepared.template.family if prepared.template else "auto"
+        if prepared.template is not None:
+            # Checkpoints and the final adapter save this tokenizer: they carry the template the
+            # model learned, so sampling and export render prompts exactly as training did.
+            self.tokenizer.chat_template = prepared.template.source
+        r = prepared.report
+        per_epoch, total = steps(
+            r.rows,
+            cfg.train.micro_batch * self.ranks.world_size,
+            cfg.train.grad_accum,
+            cfg.train.epochs,
+            cfg.train.max_steps,
+        )
+        emit(
+            protocol.DataReady(
+                train_examples=r.examples,
+                eval_examples=r.eval_examples,
+                train_tokens=r.tokens_per_epoch,
+                trained_tokens=r.trained_tokens_per_epoch,
+                truncated=r.truncated,
+                dropped=r.dropped,
+                steps_per_epoch=per_epoch,  # each step takes micro_batch x grad_accum rows per rank
+                total_steps=total,
+            )
+        )
+        return prepared, template
+
+    def _build_trainer(self, model: Any, prepared: Any, template: str) -> Any:
+        from engine.train.backends import parallel
+        from engine.train.callback import Context, EngineCallback
+
+        assert self.backend is not None
+        context = Context(
+            self.emitter,
+            self.commands,
+            self.tokenizer,
+            template,
+            self.ranks,
+            self.device,
+            sharded=parallel.sharded(self.cfg, self.ranks),
+        )
+        return self.backend.build_trainer(
+            model,
+            self.tokenizer,
+            self.cfg,
+            prepared,
+            self.run_dir / runs.CHECKPOINTS,
+            self.device,
+            [EngineCallback(context, self.state)],
+            self.checkpointing,
+            self.ranks,
+        )
+
+    def _emit_estimate(self) -> None:
+        """The memory model's estimate, for the dashboard's estimate-versus-actual. Never fatal."""
+        try:
+            from engine import memory
+
+            # "auto" means the GPU present: with none there is no budget to check against.
+            cfg_gpu = self.cfg.hardware.gpu
+            gpu = memory.resolve_gpu(cfg_gpu) if self.device == "cuda" or cfg_gpu != "auto" else None
+            if self.ranks.world_size > 1:
+                # What one GPU holds: this rank's share of the run.
+                est = memory.per_gpu.per_gpu(self.cfg, self.ranks.world_size, backend=self.backend_name)
+            else:
+                est = memory.estimate(
+                    self.cfg,
+                    backend=self.backend_name,
+                    budget_gb=gpu.budget_gb if gpu else None,
+                    checkpointed=self.checkpointing.checkpointed,
+                    liger=any(k.startswith("liger") for k in self.kernels),
+                )
+            self.emitter.emit(est.to_event(gpu))
+        except Exception as exc:  # an estimate must never stop a run
+            self.emitter.log(f"no memory estimate: {exc}", level="debug")
+
+    # ---- train, save, cleanup -----------------------------------------------------------------
+
+    def train(self) -> None:
+        self.trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from else None)
+
+    def save_checkpoint(self) -> Path:
+        """The final adapter, written to a temporary folder and renamed: never half-written.
+        Rank 0 writes it; with FSDP every rank takes part in gathering the sharded adapter."""
+        from engine.train.backends import parallel
+
+        target = self.run_dir / runs.ADAPTER
+        tmp = self.run_dir / f".{runs.ADAPTER}.tmp"
+        sharded = parallel.sharded(self.cfg, self.ranks)
+        if sharded:
+            if self.ranks.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self.trainer.save_model(str(tmp))  # gathers on every rank, writes on rank 0
+        if not self.ranks.is_main:
+            return target
+        self.emitter.emit(protocol.StageEvent(stage="saving", message="saving the final adapter"))
+        if not sharded:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.trainer.model.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+        return target
+
+    def cleanup(self) -> None:
+        """After a run that did not fail: every rank waits for the others here, so rank 0 lets go
+        of the run's lock only once every rank is done with it. (A failed run returns at once:
+        torchrun ends the other ranks, wherever they wait.)"""
+        from engine.train.collectives import barrier
+
+        barrier()
+
+
+def count_params(model: Any) -> tuple[int, int]:
+    total = trainable = 0
+    for p in model.parameters():
+        # bitsandbytes packs two 4-bit values per byte: count logical parameters.
+        n = p.numel() * 2 if p.__class__.__name__ == "Params4bit" else p.numel()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return total, trainable
+
+
+def run(
+    run_dir: Path, emitter: Emitter, commands: CommandQueue, resume: bool = False, ranks: Ranks = Ranks()
+) -> int:
+    """Train (or resume) one run; returns the process exit code (0 ok or stopped, 1 failed).
+    Every rank of a multi-process run calls this; rank 0's emitter alone writes anywhere."""
+    started = time.time()
+    recipe: Recipe | None = None
+    status, failure = "failed", None
+    adapter: str | None = None
+    try:
+        recipe = Recipe(run_dir, emitter, commands, resume=resume, ranks=ranks)
+        recipe.hello()
+        recipe.setup()
+        recipe.train()
+        failure = recipe.state.failure
+        if failure is None:
+            status = "stopped" if recipe.state.stop_requested else "completed"
+            if status == "completed":
+                adapter = str(recipe.save_checkpoint())
+    except UserError as exc:
+        failure = protocol.ErrorEvent(kind=getattr(exc, "kind", "input"), message=exc.message, hint=exc.hint)
+    except BaseException as exc:
+        step = recipe.trainer.state.global_step if recipe and recipe.trainer else None
+        classified = failures.classify(exc, run_dir, step) if isinstance(exc, Exception) else None
+        if classified is not None:
+            failure = classified
+        elif failures.is_oom(exc) and recipe is not None:
+            failure = failures.out_of_memory(exc, recipe.cfg, step, recipe.backend_name)
+        elif isinstance(exc, KeyboardInterrupt):
+            failure = protocol.ErrorEvent(kind="interrupted", message="the engine was interrupted", step=step)
+        else:
+            traceback.print_exc()  # to engine.log: a bug, keep its traceback
+            failure = protocol.ErrorEvent(
+                kind="internal",
+                step=step,
+                message=f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300],
+                hint=f"details in {run_dir / runs.ENGINE_LOG}",
+            )
+    if failure is not None:
+        emitter.emit(failure)
+        status = "failed"
+    state = recipe.state if recipe else RunState()
+    last = runs.checkpoints(run_dir)
+    emitter.emit(
+        protocol.Finished(
+            status=status,  # type: ignore[arg-type]
+            step=recipe.trainer.state.global_step if recipe and recipe.trainer else 0,
+            last_checkpoint=str(last[-1]) if last else None,
+            adapter_path=adapter,
+            final_loss=state.last_loss,
+            elapsed_seconds=time.time() - started,
+        )
+    )
+    if status == "failed" or recipe is None:
+        return 1  # torchrun ends the other ranks, wherever they wait
+    recipe.cleanup()
+    return 0
