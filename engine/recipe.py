@@ -302,10 +302,16 @@ class Recipe:
         from engine.backends import hf, parallel
         from engine.data.report import steps
 
+        # Hub sources: downloaded with progress and pinned to the commits of the run's start
+        # (engine/hub/sources.py); the loaders read local folders from here on.
+        from engine.hub.sources import prepare as prepare_sources
+
+        sources = prepare_sources(self.run_dir, self.cfg, self.emitter.emit, is_main=self.ranks.is_main)
+        self.cfg = sources.cfg
         cfg, emit = self.cfg, self.emitter.emit
         emit(protocol.StageEvent(stage="loading_model", message=f"loading {cfg.model.name_or_path}"))
         t0 = time.perf_counter()
-        path = hf.resolve_model_path(cfg)
+        path = sources.model_path
         self.tokenizer = hf.load_tokenizer(cfg, path)
         # Decided before the weights load: the GPU's free memory is the budget auto spends.
         self.checkpointing = gc = self._checkpointing(path)
@@ -349,6 +355,8 @@ class Recipe:
                 checkpointed_layers=gc.checkpointed,
                 checkpoint_reason=gc.reason,
                 kernels=kernels,
+                repo=sources.model.repo if sources.model else "",
+                commit=sources.model.commit if sources.model else "",
             )
         )
         self._emit_estimate()

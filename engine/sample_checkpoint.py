@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine import protocol, runs
-from engine.config import load_resolved
 from engine.errors import UserError
 from engine.events import Emitter
+from engine.hub.pins import load_pinned
 
 
 def resolve_adapter(run_dir: Path, checkpoint: str | None) -> Path:
@@ -38,7 +38,7 @@ def sample_checkpoint(
     from engine.backends import choose_device, hf
     from engine.sampling import generate
 
-    cfg = load_resolved(run_dir / runs.CONFIG)
+    cfg = load_pinned(run_dir)  # the base at the commit the run trained on (engine/hub/pins.py)
     adapter = resolve_adapter(run_dir, checkpoint)
     if not (adapter / "adapter_model.safetensors").is_file():
         # peft would fall back to a pickled adapter_model.bin: load safetensors or nothing.
