@@ -51,6 +51,9 @@ def _env() -> dict[str, str]:
     # huggingface_hub's own bars would only fill engine.log: the engine downloads hub files itself
     # and reports their progress as `downloading` events (engine/hub).
     env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # TRL reports each trainer it builds to the hub (`/api/telemetry/trl/...`): no calls home from
+    # a training box, and a warm cache must start with no network request at all.
+    env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     env.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     return env
 

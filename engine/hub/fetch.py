@@ -26,6 +26,7 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from engine import protocol
 from engine.errors import UserError
@@ -203,7 +204,7 @@ def _download_blob(url: str, blob: Path, size: int | None, name: str, progress: 
         os.replace(partial, blob)
 
 
-def _sha256(f) -> str:
+def _sha256(f: BinaryIO) -> str:
     digest = hashlib.sha256()
     f.seek(0)
     while chunk := f.read(1 << 24):

@@ -11,10 +11,14 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from engine import __version__, protocol
 from engine.config import RunConfig
 from engine.errors import UserError
+
+if TYPE_CHECKING:
+    from engine.events import Emitter
 
 
 @dataclass
@@ -84,7 +88,7 @@ def request_for(cfg: RunConfig) -> PullRequest:
     return request
 
 
-def run(request: PullRequest, emitter) -> int:
+def run(request: PullRequest, emitter: Emitter) -> int:
     """Fetch everything the request names; 0 when all of it is in the cache afterwards."""
     from engine.hub import cache
     from engine.hub.dataset import fetch_dataset

@@ -29,6 +29,11 @@ ENGINE_PURE = (
     "engine.export.card",
     "engine.export.gguf",
     "engine.export.job",
+    "engine.hub",
+    "engine.hub.files",
+    "engine.hub.pins",
+    "engine.hub.pull",
+    "engine.hub.sources",
 )
 
 
@@ -48,6 +53,8 @@ def _imported(code: str) -> set[str]:
 def test_console_does_not_import_the_training_stack(module: str) -> None:
     loaded = _imported(f"import {module}")
     assert not {m for m in loaded if m.split(".")[0] in HEAVY}
+    # Downloads run in engine processes (`qlc pull`, a run's start): the console has no hub client.
+    assert not {m for m in loaded if m.split(".")[0] in ("huggingface_hub", "httpx")}
 
 
 def test_building_the_app_does_not_import_the_training_stack(tmp_path: Path) -> None:
