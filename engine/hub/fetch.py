@@ -151,9 +151,10 @@ def _fetch_file(repo: str, repo_type: str, commit: str, name: str, progress: Byt
         raise UserError(f"{repo}: the hub sent no etag for {name}", "check HF_ENDPOINT")
     blob = cache.storage(repo, repo_type) / "blobs" / meta.etag
     if blob.is_file():  # the same content under another name or commit
-        progress.start_file(name, blob.stat().st_size)
+        progress.start_file(name, already=blob.stat().st_size)
     else:
         _download_blob(url, blob, meta.size, name, progress)
+    progress.end_file(name)
     # The snapshot link (and nothing else: the blob is there, so nothing is transferred).
     hf_hub_download(repo, name, repo_type=repo_type, revision=commit)
 
@@ -171,14 +172,14 @@ def _download_blob(url: str, blob: Path, size: int | None, name: str, progress: 
         # Another process (a rank, a `qlc pull`) downloading the same file: wait, then use its blob.
         fcntl.flock(f, fcntl.LOCK_EX)
         if blob.is_file():
-            progress.start_file(name, blob.stat().st_size)
+            progress.start_file(name, already=blob.stat().st_size)
             return
         for attempt in (1, 2):
             have = f.seek(0, os.SEEK_END)
             if size is not None and have > size:  # not this file's start: begin again
                 f.truncate(0)
                 have = f.seek(0)
-            progress.start_file(name, have)
+            progress.start_file(name, size or 0, already=have)
             http_get(
                 url,
                 f,
@@ -193,7 +194,7 @@ def _download_blob(url: str, blob: Path, size: int | None, name: str, progress: 
             if have == 0 or not SHA256.match(blob.name) or _sha256(f) == blob.name:
                 break
             # The part kept from an earlier session does not belong to this file: start it over.
-            progress.start_file(name, -f.tell())
+            progress.start_file(name, size or 0, already=-f.tell())
             f.truncate(0)
             f.seek(0)
             if attempt == 2:

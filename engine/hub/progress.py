@@ -40,7 +40,7 @@ class ByteProgress:
         self.total = total
         self.done = done  # bytes on disk: already cached or partial files count from the start
         self.transferred = 0  # bytes over the network in this session: what the rate measures
-        self.file = ""
+        self._active: dict[str, int] = {}  # files in transfer -> their size, for the message
         self._clock = clock
         self._lock = threading.Lock()
         self._samples: deque[tuple[float, int]] = deque([(clock(), 0)])
@@ -51,12 +51,22 @@ class ByteProgress:
     def cancel(self) -> None:
         self._cancelled.set()
 
-    def start_file(self, name: str, already: int = 0) -> None:
-        """A file begins (or resumes with `already` bytes on disk, counted as done)."""
+    def start_file(self, name: str, size: int = 0, already: int = 0) -> None:
+        """A file of `size` bytes begins (or resumes with `already` bytes on disk, counted as done)."""
         with self._lock:
-            self.file = name
+            self._active[name] = size
             self.done += already
         self.report(force=True)
+
+    def end_file(self, name: str) -> None:
+        with self._lock:
+            self._active.pop(name, None)
+
+    @property
+    def file(self) -> str:
+        """The largest file in transfer: what the wait is for."""
+        with self._lock:
+            return max(self._active, key=lambda n: self._active[n], default="")
 
     def add(self, n: int) -> None:
         if self._cancelled.is_set():
@@ -79,7 +89,8 @@ class ByteProgress:
 
     def finish(self) -> None:
         """The last event, unless the last one sent already said all of it."""
-        self.file = ""
+        with self._lock:
+            self._active.clear()
         if self._last_sent != self.total:
             self.report(force=True)
 
@@ -92,9 +103,10 @@ class ByteProgress:
             self._last_sent = self.done
             self._samples.append((now, self.transferred))
         rate = self.rate()
+        file = self.file
         remaining = max(self.total - self.done, 0)
         eta = remaining / rate if rate else (0.0 if remaining == 0 else None)
-        message = f"{self.label}: {self.file}" if self.file else self.label
+        message = f"{self.label}: {file}" if file else self.label
         self.emit(
             protocol.StageEvent(
                 stage="downloading",

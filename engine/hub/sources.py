@@ -47,10 +47,14 @@ def _wait_for_record(run_dir: Path) -> dict[str, Pin]:
     return found
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
 def _describe(snap: Snapshot, seconds: float, before: int) -> str:
     size = snap.nbytes
-    how = "cached" if before >= size else f"downloaded {(size - before) / 1e9:.2f} GB in {seconds:.0f} s"
-    return f"{snap.repo} at commit {snap.commit[:12]}: {len(snap.files)} files, {size / 1e9:.2f} GB ({how})"
+    how = "cached" if before >= size else f"downloaded {_size(size - before)} in {seconds:.0f} s"
+    return f"{snap.repo} at commit {snap.commit[:12]}: {len(snap.files)} files, {_size(size)} ({how})"
 
 
 def prepare(run_dir: Path, cfg: RunConfig, emit: Emit, is_main: bool = True) -> Sources:

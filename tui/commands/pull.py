@@ -57,7 +57,7 @@ def _is_preset(target: str) -> bool:
 
 
 def build_request(args: argparse.Namespace) -> tuple[PullRequest, str]:
-    """The request, and what it is for (one line)."""
+    """The request, and the preset it is for ("" for a model)."""
     if _is_preset(args.target):
         cfg = load_preset(args.target, args.overrides)
         if args.revision:
@@ -82,13 +82,15 @@ def build_request(args: argparse.Namespace) -> tuple[PullRequest, str]:
     request = request_for(cfg)
     if request.models:
         request.models[0] = ModelPull(repo, args.revision, allow_pickle=args.allow_pickle)
-    return request, f"model {repo}"
+    return request, ""
 
 
 def run_pull(args: argparse.Namespace) -> int:
     request, what = build_request(args)
     if request.empty:
-        out.print(f"{escape(what)}: nothing to download (a local or built-in model and local data)")
+        out.print(
+            f"{escape(what or args.target)}: nothing to download (a local or built-in model and local data)"
+        )
         return 0
     log = tiny.cache_root() / LOG
     proc = launcher.launch_pull(request.to_json(), log)
@@ -100,7 +102,10 @@ def run_pull(args: argparse.Namespace) -> int:
                 printer(ev)
             elif isinstance(ev, protocol.Hello):
                 names = [m.repo for m in request.models] + [d.repo for d in request.datasets]
-                out.print(f"[bold]pull[/] {escape(what)}: {escape(', '.join(dict.fromkeys(names)))}")
+                names_text = escape(", ".join(dict.fromkeys(names)))
+                out.print(
+                    f"[bold]pull[/] {escape(what)}: {names_text}" if what else f"[bold]pull[/] {names_text}"
+                )
             elif isinstance(ev, protocol.ErrorEvent):
                 hint = f" ({escape(ev.hint)})" if ev.hint else ""
                 err.print(f"qlc: error: {escape(ev.message)}{hint}", soft_wrap=True)  # one line, however long
