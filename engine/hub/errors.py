@@ -81,6 +81,13 @@ def explain(
     return None
 
 
+def unreachable(exc: BaseException) -> bool:
+    """The hub could not be reached at all (no answer, as opposed to a refusal)."""
+    import httpx
+
+    return isinstance(exc, (httpx.ConnectError, httpx.TimeoutException, httpx.ProxyError))
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else exc.__class__.__name__

@@ -32,7 +32,7 @@ from engine import protocol
 from engine.errors import UserError
 from engine.hub import cache
 from engine.hub.cache import Select, Snapshot
-from engine.hub.errors import explain
+from engine.hub.errors import explain, unreachable
 from engine.hub.progress import ByteProgress, Cancelled, bar_class
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -67,11 +67,26 @@ def fetch(
                 + ", and HF_HUB_OFFLINE is set",
                 "download it once with the network on (`qlc pull`), or name a local folder",
             )
+    emit = emit or (lambda ev: None)
     try:
-        return _download(repo, repo_type, revision, select, emit or (lambda ev: None), workers)
+        return _download(repo, repo_type, revision, select, emit, workers)
     except UserError:
         raise
     except Exception as exc:
+        # No network, but a cache filled before the engine kept manifests (or by another tool):
+        # a run uses it, as huggingface_hub itself would. A pull was asked to reach the hub.
+        cached = (
+            None if refresh or not unreachable(exc) else cache.find(repo, repo_type, revision, select, True)
+        )
+        if cached is not None:
+            emit(
+                protocol.Log(
+                    level="warning",
+                    message=f"cannot reach the hub ({exc.__class__.__name__}): using the cached {repo} "
+                    f"at commit {cached.commit[:12]}",
+                )
+            )
+            return cached
         problem = explain(exc, repo, repo_type, revision, where)
         if problem is None:
             raise

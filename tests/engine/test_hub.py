@@ -226,6 +226,13 @@ def test_a_warm_cache_and_offline_mode_make_no_request(hub: HubServer, env: dict
     assert _fetch_as_a_run(env).returncode == 0
     assert {r.path.rsplit("/", 1)[1] for r in hub.file_requests()} == {"tokenizer.json"}
 
+    # A cache the engine did not fill (no manifest) and no network: a run uses what is there.
+    for manifest in (Path(env["QLC_CACHE_DIR"]) / "hub").rglob("*.json"):
+        manifest.unlink()
+    unreachable = _fetch_as_a_run({**env, "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert unreachable.returncode == 0, unreachable.stderr
+    assert unreachable.stdout.split()[0] == commit
+
     missing = qlc("pull", "owner/other", env=offline)
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [
