@@ -5,6 +5,7 @@
     python -m engine sample RUN_DIR --request JSON [--checkpoint NAME]
     python -m engine data   CONFIG.yaml the data report, as one JSON line
     python -m engine export RUN_DIR [--checkpoint S] [--out DIR] [--dtype D] [--adapter-only] [--gguf T]
+    python -m engine pull   --request JSON  download models and hub datasets ahead of time
 
 Events go to stdout, one JSON line each (and, for train/resume, to RUN_DIR/events.jsonl);
 commands come in on stdin and through RUN_DIR/control.
@@ -115,6 +116,31 @@ def _export(args: argparse.Namespace) -> int:
         emitter.close()
 
 
+def _pull(request_json: str) -> int:
+    from engine.run.events import Emitter, PipeSink
+    from engine.run.pull import PullRequest
+    from engine.train.pull import run
+
+    events_fd = _claim_stdout()
+    emitter = Emitter([PipeSink(os.fdopen(events_fd, "wb"))])
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # stops the transfers at their next chunk; partial files stay
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        return run(PullRequest.from_json(request_json), emitter)
+    except UserError as exc:
+        emitter.emit(protocol.ErrorEvent(kind="input", message=exc.message, hint=exc.hint))
+        return 2
+    except KeyboardInterrupt:
+        emitter.emit(protocol.ErrorEvent(kind="interrupted", message="the download was interrupted"))
+        return 130
+    finally:
+        emitter.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine")
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -129,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.export.job import add_arguments
 
     add_arguments(sub.add_parser("export"))
+    sub.add_parser("pull").add_argument("--request", required=True)
     args = parser.parse_args(argv)
     allocator.configure()  # before anything imports torch
     if args.mode in ("train", "resume"):
@@ -137,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         return _sample(args.run_dir, args.request, args.checkpoint)
     if args.mode == "export":
         return _export(args)
+    if args.mode == "pull":
+        return _pull(args.request)
     from engine.data.report import main as data_main
 
     return data_main([str(args.config)])

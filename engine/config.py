@@ -34,7 +34,12 @@ class ModelConfig:
     arch: str | None = None
     """Entry of presets/models/ for the memory model; None derives it from the model's config."""
     revision: str | None = None
+    """A branch, tag or commit of a hub model; None: the default branch. A run pins the commit it
+    resolved to at its start (RUN_DIR/sources.json) and a resume loads that commit."""
     trust_remote_code: bool = False
+    allow_pickle: bool = False
+    """Download and load PyTorch pickle weights (.bin) when a hub repo has no safetensors: loading a
+    pickle can run code, so only for a repo you trust."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
 
 
@@ -61,6 +66,8 @@ class DataConfig:
     """A .jsonl/.json/.csv/.parquet file, a folder of them, or a hub dataset id."""
     split: str = "train"
     subset: str | None = None
+    revision: str | None = None
+    """A branch, tag or commit of a hub dataset (data.source); pinned at a run's start like model.revision."""
     format: Literal["auto", "alpaca", "messages", "sharegpt", "text", "tokens"] = "auto"
     columns: dict[str, str] = field(default_factory=dict)
     """Rename columns to the format's names, e.g. {instruction: question, output: answer}."""
@@ -72,6 +79,8 @@ class DataConfig:
     too_long: Literal["truncate", "drop"] = "truncate"
     val_fraction: float = 0.0
     val_source: str | None = None
+    val_revision: str | None = None
+    """data.revision for data.val_source, when that is another hub dataset."""
     max_examples: int | None = None
     shuffle_seed: int = 0
 

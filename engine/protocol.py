@@ -59,7 +59,7 @@ class Hello(Message, frozen=True, tag="hello"):
     engine_version: str = ""
     run_id: str = ""
     pid: int = 0
-    mode: Literal["train", "resume", "sample", "export"] = "train"
+    mode: Literal["train", "resume", "sample", "export", "pull"] = "train"
     resumed_from: str | None = None  # checkpoint directory name when mode == "resume"
     backend: str = ""  # the backend the run will use ("hf", "unsloth")
     backend_reason: str = ""  # why that one (for "auto")
@@ -97,6 +97,8 @@ class ModelReady(Message, frozen=True, tag="model_ready"):
     checkpointed_layers: int = 0  # how many of them recompute their activations in backward
     checkpoint_reason: str = ""  # why that many (train.gradient_checkpointing, the memory budget)
     kernels: list[str] = []  # optional fused kernels in use (e.g. "liger: rms_norm, swiglu, rope")
+    repo: str = ""  # the hub repo the weights came from ("" for a local folder or the built-in model)
+    commit: str = ""  # the commit of `repo` that was loaded: pinned at the run's start, reused on resume
 
 
 class MemoryTerm(msgspec.Struct, frozen=True, kw_only=True):

@@ -91,9 +91,10 @@ class EventPrinter:
                     if ev.memory_reserved_gb is not None
                     else ""
                 )
+                source = f" · {escape(ev.repo)}@{ev.commit[:12]}" if ev.repo and ev.commit else ""
                 out.print(
                     f"model ready: {_num(ev.total_params)} params, {_num(ev.trainable_params)} trainable "
-                    f"({pct:.2f}%) · loaded in {ev.load_seconds:.1f} s{mem}"
+                    f"({pct:.2f}%) · loaded in {ev.load_seconds:.1f} s{mem}{source}"
                 )
                 if ev.layers:
                     out.print(

@@ -60,7 +60,8 @@ def read_examples(source: str, d: DataConfig, split: str | None = None) -> tuple
     else:
         from engine.data.hub import read_hub
 
-        records = read_hub(source, d.subset, split or d.split)
+        revision = d.revision if source == d.source else d.val_revision  # pinned commits in a run
+        records = read_hub(source, d.subset, split or d.split, revision)
     normalize = Normalizer(d.format, d.columns, d.system_prompt)
     return [normalize(record) for record in records], normalize.format
 

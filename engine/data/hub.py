@@ -8,11 +8,14 @@ from engine.data.errors import DataError, one_line
 from engine.data.sources import Record
 
 
-def read_hub(source: str, subset: str | None, split: str) -> Iterator[Record]:
-    import datasets
+def read_hub(source: str, subset: str | None, split: str, revision: str | None = None) -> Iterator[Record]:
+    from engine.errors import UserError
+    from engine.hub.dataset import load  # the data files, from the local hub cache (engine/hub)
 
     try:
-        dataset = datasets.load_dataset(source, subset, split=split)
+        dataset = load(source, subset, split, revision)
+    except UserError:
+        raise
     except Exception as exc:  # offline, unknown id, gated, bad split: all fixed by the user
         raise DataError(
             f"hub dataset {source}: cannot load split {split!r} ({exc.__class__.__name__}: {one_line(exc, 160)})",

@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine import __version__, protocol
-from engine.config import RunConfig, load_resolved
+from engine.config import RunConfig
 from engine.errors import UserError
 from engine.export import card
 from engine.export.request import ExportRequest, request_from_args
 from engine.hashing import sha256_file
 from engine.run import runs
 from engine.run.events import Emitter
+from engine.run.pins import load_pinned
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TOKENIZER_FILES = (
@@ -336,7 +337,7 @@ def _gguf(request: ExportRequest, tmp: Path, out: Outcome, progress: Progress, e
 
 def export(request: ExportRequest, emitter: Emitter) -> int:
     started = time.time()
-    cfg = load_resolved(request.run_dir / runs.CONFIG)
+    cfg = load_pinned(request.run_dir)  # the base at the commit the run trained on (engine/run/pins.py)
     steps = (3 if request.adapter_only else 5) + (1 if request.gguf else 0)
     progress = Progress(emitter, steps)
     workspace = Workspace(request.out_dir)

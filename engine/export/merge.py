@@ -129,7 +129,7 @@ def _examples(cfg: RunConfig, limit: int) -> list[Any]:
     else:
         from engine.data.hub import read_hub
 
-        records = read_hub(d.source, d.subset, d.split)
+        records = read_hub(d.source, d.subset, d.split, d.revision)
     normalize = Normalizer(d.format, d.columns, d.system_prompt)
     out = []
     for record in records:

@@ -22,6 +22,16 @@ WHERE = "model.name_or_path"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
+def is_hub_model(name: str) -> bool:
+    """A hub id, not a built-in model or a local folder (`check` checked its shape)."""
+    if tiny.is_builtin(name):
+        return False
+    try:
+        return not Path(name).expanduser().exists()
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
 def _offline() -> bool:
     """HF_HUB_OFFLINE as huggingface_hub reads it, but now: its constant is read once, at import."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}

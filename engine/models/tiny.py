@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from engine.data.templates import LLAMA3
@@ -65,15 +64,6 @@ def dataset_path() -> Path:
     if DATASET.is_file():
         return DATASET
     return Path(__file__).resolve().parents[1] / "_presets" / "data" / "tiny-instruct.jsonl"
-
-
-def cache_root() -> Path:
-    env = os.environ.get("QLC_CACHE_DIR")
-    if env:
-        return Path(env)
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("qlora-console"))
 
 
 def is_builtin(name_or_path: str) -> bool:

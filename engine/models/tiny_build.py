@@ -15,10 +15,10 @@ from engine.models.tiny import (
     SPECIAL_TOKENS,
     TINY_LLAMA,
     builtin_config,
-    cache_root,
     dataset_path,
     fingerprint,
 )
+from engine.paths import cache_root
 
 
 def _training_texts() -> list[str]:

@@ -8,7 +8,8 @@ something else, or die deep inside data preparation. So the engine records RUN_D
 what changed. The consoles hash a file only when its size or time changed (a resume must not wait
 on hashing gigabytes); the engine always hashes, before it loads anything.
 
-Hub datasets are recorded by id, split and subset only: the hub versions them itself.
+Hub datasets are recorded by id, split, subset and the commit the run pinned (engine/run/pins.py):
+a resume reads that commit, so there is nothing to compare.
 Runs created before fingerprints existed have no record and are not checked.
 
 Pure Python: the console imports this module.
@@ -37,7 +38,14 @@ class DataChanged(UserError):
 
 def _describe(source: str, cfg: RunConfig, hashed: bool = True) -> dict[str, Any]:
     if not is_local(source):
-        return {"kind": "hub", "id": source, "split": cfg.data.split, "subset": cfg.data.subset}
+        revision = cfg.data.revision if source == cfg.data.source else cfg.data.val_revision
+        return {
+            "kind": "hub",
+            "id": source,
+            "split": cfg.data.split,
+            "subset": cfg.data.subset,
+            "revision": revision,
+        }
     files = {}
     for path in local_files(source):
         st = path.stat()

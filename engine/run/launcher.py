@@ -48,7 +48,12 @@ def _env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # huggingface_hub's own bars would only fill engine.log: the engine downloads hub files itself
+    # and reports their progress as `downloading` events (engine/hub).
     env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # TRL reports each trainer it builds to the hub (`/api/telemetry/trl/...`): no calls home from
+    # a training box, and a warm cache must start with no network request at all.
+    env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     env.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     return env
 
@@ -116,6 +121,24 @@ def launch_sample(run_dir: Path, checkpoint: str | None, request_json: str) -> s
 def launch_export(run_dir: Path, args: list[str]) -> subprocess.Popen[bytes]:
     """An export (engine.export.request.ExportRequest.engine_args): a short-lived engine process."""
     return _launch_job(run_dir, args)
+
+
+def launch_pull(request_json: str, log: Path) -> subprocess.Popen[bytes]:
+    """`qlc pull`: downloads in a short-lived engine process (no run directory: its stderr goes to
+    `log`)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        return subprocess.Popen(
+            engine_command("pull", "--request", request_json),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=fd,
+            start_new_session=True,
+            env=_env(),
+        )
+    finally:
+        os.close(fd)
 
 
 def _launch_job(run_dir: Path, args: list[str]) -> subprocess.Popen[bytes]:

@@ -54,6 +54,7 @@ class Recipe:
         self.tokenizer: Any = None
         self.resume_from: Path | None = None
         self.kernels: list[str] = []
+        self.sources: Any = None  # engine.train.sources.Sources: local paths and pinned commits
 
     @property
     def backend_name(self) -> str | None:
@@ -134,14 +135,19 @@ class Recipe:
     # ---- setup: model, adapters, data, trainer ------------------------------------------------
 
     def setup(self) -> None:
-        from engine.models.loading import load_tokenizer, resolve_model_path
+        from engine.models.loading import load_tokenizer
+        from engine.train.sources import prepare as prepare_sources
 
-        cfg = self.cfg
+        # Hub sources: downloaded with progress and pinned to the commits of the run's start
+        # (engine/train/sources.py); the loaders read local folders from here on.
+        sources = prepare_sources(self.run_dir, self.cfg, self.emitter.emit, is_main=self.ranks.is_main)
+        self.cfg = cfg = sources.cfg
+        self.sources = sources
         self.emitter.emit(
             protocol.StageEvent(stage="loading_model", message=f"loading {cfg.model.name_or_path}")
         )
         t0 = time.perf_counter()
-        path = resolve_model_path(cfg)
+        path = sources.model_path
         self.tokenizer = load_tokenizer(cfg, path)
         # Decided before the weights load: the GPU's free memory is the budget auto spends.
         self.checkpointing = self._checkpointing(path)
@@ -193,6 +199,8 @@ class Recipe:
                 checkpointed_layers=gc.checkpointed,
                 checkpoint_reason=gc.reason,
                 kernels=self.kernels,
+                repo=self.sources.model.repo if self.sources.model else "",
+                commit=self.sources.model.commit if self.sources.model else "",
             )
         )
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine import protocol
-from engine.config import load_resolved
 from engine.errors import UserError
 from engine.run import runs
 from engine.run.events import Emitter
+from engine.run.pins import load_pinned
 
 
 def sample_checkpoint(
@@ -21,7 +21,7 @@ def sample_checkpoint(
     from engine.train.backends import choose_device, hf
     from engine.train.sampling import generate
 
-    cfg = load_resolved(run_dir / runs.CONFIG)
+    cfg = load_pinned(run_dir)  # the base at the commit the run trained on (engine/run/pins.py)
     adapter = runs.resolve_adapter(run_dir, checkpoint)
     if not (adapter / "adapter_model.safetensors").is_file():
         # peft would fall back to a pickled adapter_model.bin: load safetensors or nothing.

@@ -58,6 +58,8 @@ def test_no_console_module_imports_the_training_stack() -> None:
     loaded = _imported("\n".join(f"import {m}" for m in modules(tui)))
     assert "textual" in loaded
     assert not _tops(loaded, HEAVY)
+    # Downloads run in engine processes (`qlc pull`, a run's start): the console has no hub client.
+    assert not _tops(loaded, ("huggingface_hub", "httpx"))
 
 
 def test_building_the_app_does_not_import_the_training_stack(tmp_path: Path) -> None:
