@@ -15,7 +15,7 @@ from engine.memory import estimate
 from engine.memory.architectures import catalog
 from engine.memory.checkpointing import CheckpointPlan, plan_checkpointing
 from engine.memory.estimate import choose_checkpointing
-from engine.models.loading import load_tokenizer
+from engine.models.loading import is_prequantized, load_tokenizer
 from engine.train.backends import choose_backend
 from engine.train.backends.checkpointing import checkpointed_now, decoder_layers
 
@@ -190,7 +190,7 @@ def test_a_prequantized_checkpoint_loads_as_it_is(tmp_path: Any) -> None:
     model.save_pretrained(folder)
     load_tokenizer(cfg).save_pretrained(folder)
     cfg.model.name_or_path = str(folder)
-    assert hf._is_prequantized(str(folder), cfg)
+    assert is_prequantized(str(folder), cfg)
     again = hf.load_model(cfg, "cpu", str(folder))
     before = dict(model.named_parameters())
     packed = [n for n, p in again.named_parameters() if p.__class__.__name__ == "Params4bit"]

@@ -336,7 +336,14 @@ def test_resume_on_another_number_of_processes(two_hosts: Path, tmp_path: Path) 
     copy = root / two_hosts.name
     shutil.copytree(two_hosts, copy, ignore=shutil.ignore_patterns(runs.CONTROL, runs.LOCK))
     os.mkfifo(copy / runs.CONTROL, 0o600)
-    shutil.rmtree(copy / runs.CHECKPOINTS / f"checkpoint-{STEPS}")  # resume from the one before
+    # A run that died after checkpoint STEPS-4: without the last checkpoint and the `finished`
+    # event (a completed run is not resumed).
+    shutil.rmtree(copy / runs.CHECKPOINTS / f"checkpoint-{STEPS}")
+    events_file = copy / runs.EVENTS
+    lines = events_file.read_text().splitlines(keepends=True)
+    events_file.write_text(
+        "".join(line for line in lines if '"type":"finished"' not in line.replace(" ", ""))
+    )
     result = qlc("--runs-dir", str(root), "resume", copy.name, "--gpus", "1")
     assert result.returncode == 0, result.stderr + result.stdout
     assert load_preset(str(copy / runs.CONFIG)).hardware.gpus == 1  # the run's config says so now
