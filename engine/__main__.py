@@ -3,7 +3,7 @@
     python -m engine train  RUN_DIR     train the run described by RUN_DIR/config.yaml
     python -m engine resume RUN_DIR     continue it from its newest complete checkpoint
     python -m engine sample RUN_DIR --request JSON [--checkpoint NAME]
-    python -m engine data   CONFIG.yaml the data report, as one JSON line
+    python -m engine data   CONFIG.yaml prepare the data (progress events), then the report as one JSON line
     python -m engine export RUN_DIR [--checkpoint S] [--out DIR] [--dtype D] [--adapter-only] [--gguf T]
 
 Events go to stdout, one JSON line each (and, for train/resume, to RUN_DIR/events.jsonl);
@@ -114,6 +114,17 @@ def _export(args: argparse.Namespace) -> int:
         emitter.close()
 
 
+def _data(config: Path) -> int:
+    from engine.data.job import main as data_main
+    from engine.events import PipeSink
+
+    sink = PipeSink(os.fdopen(_claim_stdout(), "wb"))
+    try:
+        return data_main(config, sink)
+    finally:
+        sink.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine")
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -136,9 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         return _sample(args.run_dir, args.request, args.checkpoint)
     if args.mode == "export":
         return _export(args)
-    from engine.data.report import main as data_main
-
-    return data_main([str(args.config)])
+    return _data(args.config)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,32 @@
-"""Hub datasets, through `datasets.load_dataset`: only in the engine process, only with a network."""
+"""Hub datasets, through `datasets.load_dataset`: only in the engine process, only with a network
+(or the datasets cache)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from engine.data.errors import DataError, one_line
 from engine.data.sources import Record
 
 
-def read_hub(source: str, subset: str | None, split: str) -> Iterator[Record]:
+def open_hub(source: str, subset: str | None, split: str) -> Any:
+    """The split as a `datasets.Dataset` (memory-mapped Arrow in the datasets cache)."""
     import datasets
 
     try:
-        dataset = datasets.load_dataset(source, subset, split=split)
+        return datasets.load_dataset(source, subset, split=split)
     except Exception as exc:  # offline, unknown id, gated, bad split: all fixed by the user
         raise DataError(
             f"hub dataset {source}: cannot load split {split!r} ({exc.__class__.__name__}: {one_line(exc, 160)})",
             "check the id, data.subset and data.split, and that the hub is reachable",
         ) from None
+
+
+def hub_records(dataset: Any, source: str, split: str) -> Iterator[Record]:
     for number, row in enumerate(dataset, 1):
-        yield Record(f"hub dataset {source} ({split}): row {number}", dict(row))
+        yield Record(f"hub dataset {source} ({split}): row {number}", dict(row), f"hub dataset {source}")
+
+
+def read_hub(source: str, subset: str | None, split: str) -> Iterator[Record]:
+    yield from hub_records(open_hub(source, subset, split), source, split)

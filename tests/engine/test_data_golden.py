@@ -119,15 +119,21 @@ def tokenizer(name: str) -> Any:
 
 
 def rows_digest(dataset: Any) -> str | None:
-    """SHA-256 over every row's columns (name, length, int64 values), in row order."""
+    """SHA-256 over every row's input_ids, labels and (packed) position ids, in row order. A packed
+    row stores its examples' lengths (seq_lengths); the position ids restart at 0 for each."""
     if dataset is None:
         return None
     import numpy as np
 
+    from engine.data.collate import positions, row_lengths
+
     h = hashlib.sha256()
-    columns = list(dataset.column_names)
+    packed = "seq_lengths" in dataset.column_names or "position_ids" in dataset.column_names
+    columns = ["input_ids", "labels", *(["position_ids"] if packed else [])]
     h.update(json.dumps(columns).encode())
     for row in dataset:
+        if packed:
+            row = {**row, "position_ids": positions(row_lengths(row))}
         for name in columns:
             values = np.asarray(row[name], dtype=np.int64)
             h.update(f"{name}:{len(values)}:".encode())

@@ -20,7 +20,6 @@ from engine.data.collate import sequence_lengths
 from engine.data.masking import IGNORE, Encoded
 from engine.data.packing import pack
 from engine.data.report import histogram, percentile, steps
-from engine.data.report import main as report_main
 from engine.tiny import DATASET, ensure_builtin
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -102,14 +101,13 @@ def test_packing_keeps_every_token_once_and_restarts_positions(tok) -> None:
     padded = prepare(run_cfg(max_examples=200), tok)
     packed = prepare(run_cfg(max_examples=200, packing=True), tok)
     rows = [packed.train[i] for i in range(len(packed.train))]
-    assert packed.train.column_names == ["input_ids", "labels", "position_ids"]
-    assert all(len(r["input_ids"]) <= 128 for r in rows)
-    # Cut each row where position_ids restart: the pieces are exactly the unpacked examples.
+    assert packed.train.column_names == ["input_ids", "labels", "seq_lengths"]
+    assert all(len(r["input_ids"]) <= 128 == sum(r["seq_lengths"]) + 128 - len(r["input_ids"]) for r in rows)
+    # Cut each row at its examples' lengths: the pieces are exactly the unpacked examples.
     pieces = []
     for r in rows:
-        starts = [i for i, pos in enumerate(r["position_ids"]) if pos == 0] + [len(r["position_ids"])]
+        starts = [0, *itertools.accumulate(r["seq_lengths"])]
         for a, b in itertools.pairwise(starts):
-            assert r["position_ids"][a:b] == list(range(b - a))
             pieces.append((tuple(r["input_ids"][a:b]), tuple(r["labels"][a:b])))
     originals = [(tuple(r["input_ids"]), tuple(r["labels"])) for r in padded.train]
     assert Counter(pieces) == Counter(originals)
@@ -162,7 +160,7 @@ def test_padding_free_batch_is_one_row_with_the_padded_batch_loss(tok, packing: 
     # (a packed row holds several), positions restarting at each.
     lengths = one.pop("packed_seq_lengths")
     assert lengths.dtype == torch.int32 and int(lengths.sum()) == one["input_ids"].shape[1]
-    examples = sum(int((torch.as_tensor(r["position_ids"]) == 0).sum()) for r in rows) if packing else 3
+    examples = sum(len(r["seq_lengths"]) for r in rows) if packing else 3
     assert len(lengths) == examples
     expected = torch.cat([torch.arange(n) for n in lengths.tolist()])
     assert one["position_ids"][0].tolist() == expected.tolist()
@@ -237,22 +235,49 @@ def test_report_numbers() -> None:
     assert steps(rows=3, micro_batch=8, grad_accum=4, epochs=1, max_steps=50) == (1, 50)
 
 
-def test_report_main_prints_one_json_line_or_one_error_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+class Lines:
+    """A sink that keeps what the data job writes to its stdout."""
+
+    def __init__(self) -> None:
+        self.lines: list[dict] = []
+
+    def write(self, line: bytes) -> None:
+        self.lines.append(json.loads(line))
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_data_job_prints_progress_then_the_report_or_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from engine.data.job import main as data_main
+
+    monkeypatch.setenv("QLC_DATA_CACHE", str(tmp_path / "cache"))
     good = tmp_path / "good.yaml"
     good.write_text(run_cfg(max_examples=20).to_yaml())
-    assert report_main([str(good)]) == 0
-    captured = capsys.readouterr()
-    (line,) = captured.out.splitlines()
-    assert json.loads(line)["examples"] == 20
+    sink = Lines()
+    assert data_main(good, sink) == 0
+    *events, report = sink.lines
+    assert "type" not in report and report["examples"] == 20
+    assert events and all(e["type"] == "stage" and e["stage"] == "preparing_data" for e in events)
+    tokenizing = [e for e in events if e["message"].startswith("tokenizing")]
+    assert tokenizing[-1]["current"] == tokenizing[-1]["total"] == 20 and tokenizing[-1]["unit"] == "examples"
+    assert "prepared and cached" in capsys.readouterr().err
+    # A second run reuses the rows the first one prepared.
+    again = Lines()
+    assert data_main(good, again) == 0
+    assert again.lines[-1] == report
+    assert any("reusing" in e["message"] for e in again.lines[:-1])
+    assert "reused from the cache" in capsys.readouterr().err
+
     bad = tmp_path / "bad.yaml"
     bad.write_text(run_cfg(source=REPO / "tests" / "data" / "bad" / "not_alternating.jsonl").to_yaml())
-    assert report_main([str(bad)]) == 2
+    failed = Lines()
+    assert data_main(bad, failed) == 2
+    assert all(line.get("type") == "stage" for line in failed.lines)
     captured = capsys.readouterr()
-    assert captured.out == ""
     assert captured.err.count("\n") == 1 and "not_alternating.jsonl: line 2:" in captured.err
-    assert report_main([]) == 2
 
 
 def _lengths(tok) -> list[int]:
