@@ -312,3 +312,60 @@ def test_hub_ids_load_through_datasets(tok, monkeypatch: pytest.MonkeyPatch) -> 
         match=r"^hub dataset org/missing: cannot load split 'train' \(FileNotFoundError: Couldn't find 'org/missing' on the Hub. More lines.\)",
     ):
         prepare(run_cfg(source="org/missing"), tok)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_micro_batch_of_two_keeps_examples_apart(tok, attention: str) -> None:
+    """Two packed rows in one micro-batch: changing example A's tokens changes no other
+    example's logits, on this attention implementation (FlashAttention 2 on a GPU:
+    bench/gpu_attention_check.py). The batch also carries FA2's varlen arguments, consistent
+    with the rows."""
+    p = prepare(run_cfg(max_examples=60, packing=True, seq_len=128), tok)
+    rows = [p.train[i] for i in range(2)]
+    assert all(len(r["seq_lengths"]) >= 2 for r in rows)
+    model = AutoModelForCausalLM.from_pretrained(
+        ensure_builtin("builtin:tiny-llama"), dtype=torch.float32, attn_implementation=attention
+    )
+    model.eval()
+
+    def logits(rows: list[dict]) -> tuple[torch.Tensor, dict]:
+        batch = p.collator(rows)
+        with torch.no_grad():
+            return model(**batch, use_cache=False).logits, batch
+
+    before, batch = logits(rows)
+    assert before.shape[0] == 2 and "attention_mask" not in batch
+    width = batch["input_ids"].shape[1]
+    segments = [
+        *rows[0]["seq_lengths"],
+        *([width - len(rows[0]["input_ids"])] if width > len(rows[0]["input_ids"]) else []),
+    ]
+    segments += [
+        *rows[1]["seq_lengths"],
+        *([width - len(rows[1]["input_ids"])] if width > len(rows[1]["input_ids"]) else []),
+    ]
+    assert batch["cu_seq_lens_q"].tolist() == [0, *itertools.accumulate(segments)]
+    assert batch["cu_seq_lens_q"].dtype == torch.int32 and batch["max_length_q"] == max(segments)
+
+    # Example A is row 0's first example: give it other tokens (same length).
+    a = rows[0]["seq_lengths"][0]
+    changed = dict(rows[0])
+    changed["input_ids"] = [(i * 7 + 3) % len(tok) for i in rows[0]["input_ids"][:a]] + rows[0]["input_ids"][
+        a:
+    ]
+    after, _ = logits([changed, rows[1]])
+    assert not torch.allclose(after[0, :a], before[0, :a])  # A itself did change
+    torch.testing.assert_close(after[0, a:], before[0, a:], atol=1e-5, rtol=1e-5)  # B, C, ... did not
+    torch.testing.assert_close(after[1], before[1], atol=1e-5, rtol=1e-5)  # nor the other row
+
+    # The check can see a leak: the same rows given as plain sequences (a full attention mask,
+    # no packing information) let B attend to A.
+    plain = {k: batch[k] for k in ("input_ids",)}
+    plain["attention_mask"] = torch.ones_like(batch["input_ids"])
+    changed_plain = {
+        "input_ids": p.collator([changed, rows[1]])["input_ids"],
+        "attention_mask": plain["attention_mask"],
+    }
+    with torch.no_grad():
+        leak = (model(**changed_plain).logits[0, a:] - model(**plain).logits[0, a:]).abs().max()
+    assert leak > 1e-3
