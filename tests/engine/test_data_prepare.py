@@ -369,3 +369,23 @@ def test_packed_micro_batch_of_two_keeps_examples_apart(tok, attention: str) -> 
     with torch.no_grad():
         leak = (model(**changed_plain).logits[0, a:] - model(**plain).logits[0, a:]).abs().max()
     assert leak > 1e-3
+
+
+def test_qlc_data_and_training_share_the_prepared_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`qlc data` loads the tokenizer plainly, training through the backend (which sets a pad
+    token and padding side): both land on the same cache entry."""
+    from engine.backends import hf
+    from engine.config import load_preset
+    from engine.data.job import load_tokenizer
+
+    monkeypatch.setenv("QLC_DATA_CACHE", str(tmp_path / "cache"))
+    cfg = load_preset("tiny-demo")
+    first = prepare(cfg, load_tokenizer(cfg))
+    again = prepare(cfg, hf.load_tokenizer(cfg))
+    assert (first.from_cache, again.from_cache) == (False, True)
+    assert again.cache_path == first.cache_path and again.report == first.report
+    # Any setting that changes the rows is another entry.
+    cfg.data.packing = True
+    assert not prepare(cfg, load_tokenizer(cfg)).from_cache
