@@ -129,6 +129,7 @@ def _build(
     folder = cache.new_folder(key)
     try:
         meta = Build(cfg, tokenizer, spec, template, folder, progress, hub, workers).run()
+        stage(progress, "saving the prepared rows to the data cache")
         return cache.publish(folder, key, meta)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
