@@ -305,32 +305,36 @@ class Build:
         self, batches: Iterator[list[Example]], store: TokenStore, progress: Progress, workers: int
     ) -> None:
         import multiprocessing
+        from concurrent.futures import Future, ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
 
         # spawn: a fresh interpreter per worker, nothing inherited from a process that may hold a
-        # model, CUDA state and threads.
-        pool = multiprocessing.get_context("spawn").Pool(
-            workers, initializer=init_worker, initargs=(self.spec,)
+        # model, CUDA state and threads. A worker that dies (killed, out of memory) breaks the pool
+        # and fails this preparation, instead of leaving it waiting for a batch that never comes.
+        pool = ProcessPoolExecutor(
+            workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=init_worker,
+            initargs=(self.spec,),
         )
-        pending: deque[Any] = deque()
+        pending: deque[Future[EncodedBatch]] = deque()
 
         def collect() -> None:
-            batch = pending.popleft().get()
+            batch = pending.popleft().result()
             store.add(batch)
             progress.advance(len(batch.lengths))
 
         try:
             for batch in batches:
-                pending.append(pool.apply_async(encode_in_worker, (batch,)))
+                pending.append(pool.submit(encode_in_worker, batch))
                 while len(pending) > 2 * workers:
                     collect()
             while pending:
                 collect()
-        except BaseException:
-            pool.terminate()
-            pool.join()
-            raise
-        pool.close()
-        pool.join()
+        except BrokenProcessPool:
+            raise RuntimeError("a tokenizing worker process died (killed, or out of memory?)") from None
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     # -- rows ----------------------------------------------------------------------------------
 

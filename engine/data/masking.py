@@ -430,6 +430,10 @@ _WORKER: Encoder | None = None
 
 
 def init_worker(spec: EncoderSpec) -> None:
+    import signal
+
+    # Ctrl-C in a terminal reaches the whole process group: the parent decides what stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     global _WORKER
     _WORKER = Encoder(spec)
 

@@ -389,3 +389,35 @@ def test_qlc_data_and_training_share_the_prepared_rows(
     # Any setting that changes the rows is another entry.
     cfg.data.packing = True
     assert not prepare(cfg, load_tokenizer(cfg)).from_cache
+
+
+def test_worker_processes_prepare_the_same_rows_and_report_errors_as_one_line(
+    tok, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large sources are encoded in spawned worker processes: the rows, the masks and the report
+    are the same as encoding in this process, and a bad row deep in the file is the same one-line
+    error, hint included."""
+    monkeypatch.setenv("QLC_DATA_CACHE", str(tmp_path / "one"))
+    alone = prepare(run_cfg(packing=True, val_fraction=0.1), tok, workers=0)
+    monkeypatch.setenv("QLC_DATA_CACHE", str(tmp_path / "two"))
+    pooled = prepare(run_cfg(packing=True, val_fraction=0.1), tok, workers=2)
+    assert pooled.report == alone.report and not pooled.from_cache
+    for split in ("train", "eval"):
+        a, b = getattr(alone, split), getattr(pooled, split)
+        assert [dict(r) for r in a] == [dict(r) for r in b]
+
+    # A token id beyond the vocabulary is found while encoding, in a worker.
+    lines = [json.dumps({"input_ids": [1, 5 + i % 50, 6, 2]}) for i in range(600)]
+    lines[400] = json.dumps({"input_ids": [1, 5, 99999]})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as caught:
+        prepare(run_cfg(source=bad, format="auto"), tok, workers=2)
+    assert (
+        caught.value.message
+        == f"{bad}: line 401: input_ids holds token id 99999, beyond this tokenizer's 860 tokens"
+    )
+    with pytest.raises(DataError) as in_process:
+        prepare(run_cfg(source=bad, format="auto"), tok, workers=0)
+    assert (caught.value.message, caught.value.hint) == (in_process.value.message, in_process.value.hint)
+    assert not list((tmp_path / "two").glob(".tmp-*"))  # the failed build left nothing behind
