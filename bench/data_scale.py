@@ -78,6 +78,14 @@ def machine() -> dict[str, Any]:
         except ImportError:
             versions[name] = None
     info["versions"] = versions
+    git = ["git", "-C", str(REPO)]
+    commit = subprocess.run(
+        [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    dirty = bool(
+        subprocess.run([*git, "status", "--porcelain", "engine"], capture_output=True, text=True).stdout
+    )
+    info["code"] = {"commit": commit, "engine_changed_since": dirty}
     return info
 
 

@@ -241,18 +241,31 @@ class Build:
         return hub_records(self.hub[(source, split)], source, split)
 
     def _examples(
-        self, source: str, split: str | None, limit: int | None
+        self, source: str, split: str | None, limit: int | None, progress: Progress, size: int
     ) -> tuple[Iterator[list[Example]], Normalizer]:
         d = self.cfg.data
         normalize = Normalizer(d.format, d.columns, d.system_prompt)
+        # A JSON array or a CSV file has no cheap record count: estimate one from the bytes the
+        # records read so far take (every 64th one measured), for the progress's total and ETA.
+        estimating = not progress.total and size > 0
+        sampled_bytes = sampled = 0
 
         def batches() -> Iterator[list[Example]]:
+            nonlocal sampled_bytes, sampled
             batch: list[Example] = []
             for count, record in enumerate(self._records(source, split)):
                 if limit is not None and count >= limit:
                     break
                 batch.append(normalize(record))
+                if estimating and count % 64 == 0:
+                    sampled_bytes += len(json.dumps(record.row, ensure_ascii=False, default=str).encode()) + 2
+                    sampled += 1
                 if len(batch) == BATCH_EXAMPLES:
+                    if estimating:
+                        guess = int(size / (sampled_bytes / sampled))
+                        progress.total = (
+                            max(guess, count + 1) if limit is None else min(max(guess, count + 1), limit)
+                        )
                     yield batch
                     batch = []
             if batch:
@@ -283,8 +296,8 @@ class Build:
         if self.spec.backend_json is None:
             workers = 0  # a slow tokenizer lives only in this process
         store = TokenStore(self.folder / f"scratch-{name}")
-        batches, normalize = self._examples(source, split, limit)
         progress = Progress(self.emit, f"tokenizing {source}", total=total)
+        batches, normalize = self._examples(source, split, limit, progress, size)
         try:
             if workers > 0:
                 self._encode_in_pool(batches, store, progress, workers)

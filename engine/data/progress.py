@@ -52,8 +52,8 @@ class Progress:
         self._send()
 
     def done(self, message: str | None = None) -> None:
-        if self.total and self.current < self.total:
-            self.total = self.current  # the estimate was high (blank lines, dropped rows)
+        if self.total != self.current:
+            self.total = self.current  # the total was an estimate (blank lines, a JSON array's size)
         if message:
             self.message = message
         self._send(force=True, final=True)
