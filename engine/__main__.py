@@ -3,7 +3,7 @@
     python -m engine train  RUN_DIR     train the run described by RUN_DIR/config.yaml
     python -m engine resume RUN_DIR     continue it from its newest complete checkpoint
     python -m engine sample RUN_DIR --request JSON [--checkpoint NAME]
-    python -m engine data   CONFIG.yaml the data report, as one JSON line
+    python -m engine data   CONFIG.yaml prepare the data (progress events), then the report as one JSON line
     python -m engine export RUN_DIR [--checkpoint S] [--out DIR] [--dtype D] [--adapter-only] [--gguf T]
     python -m engine pull   --request JSON  download models and hub datasets ahead of time
 
@@ -141,6 +141,17 @@ def _pull(request_json: str) -> int:
         emitter.close()
 
 
+def _data(config: Path) -> int:
+    from engine.run.events import PipeSink
+    from engine.train.data_job import main as data_main
+
+    sink = PipeSink(os.fdopen(_claim_stdout(), "wb"))
+    try:
+        return data_main(config, sink)
+    finally:
+        sink.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine")
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -166,9 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         return _export(args)
     if args.mode == "pull":
         return _pull(args.request)
-    from engine.data.report import main as data_main
-
-    return data_main([str(args.config)])
+    return _data(args.config)
 
 
 if __name__ == "__main__":

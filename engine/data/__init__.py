@@ -1,7 +1,9 @@
 """Datasets -> the exact tokens a model learns from (sources, formats, templates, masking, packing).
 
     check_source(cfg) -> SourceSummary      pure Python: the console's pre-flight check
-    prepare(cfg, tokenizer) -> PreparedData  engine process: datasets, collator and DataReport
+    prepare(cfg, tokenizer, progress) -> PreparedData
+                                             engine process: datasets (memory-mapped from the
+                                             on-disk cache), collator and DataReport
     DataError                                one line naming file, line/row and problem; exit 2
 
 Importing this package stays cheap (no torch, transformers or datasets): `prepare` and the

@@ -5,18 +5,38 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from engine.data.masking import IGNORE
+from engine.data.encoded import IGNORE
+
+
+def row_lengths(row: dict[str, Any]) -> list[int]:
+    """The lengths of the examples a packed row holds (`seq_lengths`, as the prepared data
+    stores them; or read from `position_ids` restarting at 0 for each example)."""
+    if "seq_lengths" in row:
+        return [int(n) for n in row["seq_lengths"]]
+    return sequence_lengths(list(row["position_ids"]))
+
+
+def positions(lengths: list[int]) -> list[int]:
+    """Position ids restarting at 0 for each example."""
+    return [p for n in lengths for p in range(n)]
 
 
 @dataclass
 class PadCollator:
-    """Right-pads a list of rows (input_ids, labels[, position_ids]) to the longest one.
+    """Right-pads a list of rows (input_ids, labels[, seq_lengths]) to the longest one.
 
     Padding takes `pad_token_id` and label -100. Packed rows carry position_ids that restart at 0
     for each example and NO attention_mask: transformers builds a block-diagonal causal mask from
-    position_ids only when attention_mask is None (masking_utils.find_packed_sequence_indices;
-    flash-attention's varlen path does the same), so attention stays within each example. The
-    padding of a packed row gets its own positions 0..k, making it one more separate sequence.
+    position_ids when attention_mask is None (masking_utils.find_packed_sequence_indices, for
+    SDPA and eager, at any batch size), so attention stays within each example. The padding of a
+    packed row gets its own positions 0..k, making it one more separate sequence.
+
+    FlashAttention 2 reads examples apart from position_ids only when the batch is one row
+    (modeling_flash_attention_utils._is_packed_sequence): a packed batch of two rows would attend
+    across examples. So a packed batch also carries FA2's own varlen arguments, `cu_seq_lens_q/k`
+    (int32 cumulative lengths over the flattened batch, padding segments included) and
+    `max_length_q/k`, which transformers' FA2 path takes as given whatever the batch size; the
+    other attention implementations ignore them.
 
     `padding_free` puts the whole micro-batch in ONE row instead, each example after the other
     with its own positions, and no padding at all, as a bare Unsloth script batches on its own.
@@ -47,17 +67,25 @@ class PadCollator:
         labels = torch.full((n, width), IGNORE, dtype=torch.long)
         attention_mask = torch.zeros((n, width), dtype=torch.long)
         position_ids = torch.zeros((n, width), dtype=torch.long)
+        segments: list[int] = []
         for i, row in enumerate(rows):
             length = len(row["input_ids"])
             input_ids[i, :length] = torch.as_tensor(row["input_ids"], dtype=torch.long)
             labels[i, :length] = torch.as_tensor(row["labels"], dtype=torch.long)
             attention_mask[i, :length] = 1
             if self.packed:
-                position_ids[i, :length] = torch.as_tensor(row["position_ids"], dtype=torch.long)
+                lengths = row_lengths(row)
+                position_ids[i, :length] = torch.as_tensor(positions(lengths), dtype=torch.long)
                 position_ids[i, length:] = torch.arange(width - length)
+                segments += lengths + ([width - length] if width > length else [])
         if self.packed:
             labels[position_ids == 0] = IGNORE
-            return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+            return {
+                "input_ids": input_ids,
+                "labels": labels,
+                "position_ids": position_ids,
+                **flash_varlen_kwargs(segments),
+            }
         if bool(attention_mask.all()):
             # No padding in this batch: an all-ones mask says nothing, and some kernels take a
             # slower masked path for it (Unsloth's compiled blocks). Plain positions say the same
@@ -71,20 +99,35 @@ class PadCollator:
 
         ids: list[int] = []
         labels: list[int] = []
-        positions: list[int] = []
+        lengths: list[int] = []
         for row in rows:
             ids += row["input_ids"]
             labels += row["labels"]
-            positions += row["position_ids"] if self.packed else range(len(row["input_ids"]))
-        position_ids = torch.as_tensor([positions], dtype=torch.long)
+            lengths += row_lengths(row) if self.packed else [len(row["input_ids"])]
+        position_ids = torch.as_tensor([positions(lengths)], dtype=torch.long)
         label_ids = torch.as_tensor([labels], dtype=torch.long)
         label_ids[position_ids == 0] = IGNORE
         return {
             "input_ids": torch.as_tensor([ids], dtype=torch.long),
             "labels": label_ids,
             "position_ids": position_ids,
-            "packed_seq_lengths": torch.as_tensor(sequence_lengths(positions), dtype=torch.int32),
+            "packed_seq_lengths": torch.as_tensor(lengths, dtype=torch.int32),
         }
+
+
+def flash_varlen_kwargs(segments: list[int]) -> dict[str, Any]:
+    """FlashAttention 2's varlen arguments for sequences of these lengths laid end to end."""
+    import torch
+
+    cu = torch.zeros(len(segments) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.as_tensor(segments, dtype=torch.int32), 0)
+    longest = max(segments) if segments else 0
+    return {
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu.clone(),
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }
 
 
 def sequence_lengths(positions: list[int]) -> list[int]:

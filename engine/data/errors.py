@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from engine.errors import UserError
 
 
 class DataError(UserError):
     """A dataset problem a user can fix: the file, the line or row, and what is wrong with it."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Raised in a tokenizing worker process, it crosses back pickled: keep the hint too.
+        return (type(self), (self.message, self.hint))
 
 
 def at(where: str, problem: str, hint: str = "") -> DataError:

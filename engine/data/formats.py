@@ -16,11 +16,13 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from engine.data.errors import at
+from engine.data.errors import DataError, at
 from engine.data.sources import Record
 
 FORMATS = ("alpaca", "messages", "sharegpt", "text", "tokens")
-COLUMNS_HINT = "set data.format (alpaca, messages, sharegpt, text, tokens) and map names with data.columns"
+COLUMNS_HINT = (
+    "set data.format (auto, alpaca, messages, sharegpt, text, tokens) and map names with data.columns"
+)
 
 # Role names seen in the wild, mapped to the three a chat template knows.
 ROLES = {
@@ -70,21 +72,83 @@ def detect(record: Record, columns: dict[str, str]) -> str:
         return "alpaca"
     if has("text"):
         return "text"
+    single = single_message(record, columns)
+    if single:
+        raise at(record.where, single, ONE_CONVERSATION_HINT)
     fields = ", ".join(sorted(map(str, row))) or "none"
     raise at(record.where, f"cannot tell the dataset format from its fields ({fields})", COLUMNS_HINT)
 
 
+ONE_CONVERSATION_HINT = (
+    'each record must hold a whole conversation: {"messages": [{"role": ..., "content": ...}, ...]}'
+)
+
+
+def single_message(record: Record, columns: dict[str, str]) -> str | None:
+    """A record that is one chat message instead of a conversation (a conversation exploded into
+    one line per message): the problem, said as such."""
+    row = record.row
+    for role, content in (("role", "content"), ("from", "value")):
+        if columns.get(role, role) in row and columns.get(content, content) in row:
+            keys = ", ".join(sorted(map(str, row)))
+            return f"malformed record: it holds one message ({keys}), not a whole conversation"
+    return None
+
+
+def looks_like(record: Record, columns: dict[str, str]) -> str | None:
+    """The format a record looks like, or None when it looks like none."""
+    try:
+        return detect(record, columns)
+    except DataError:
+        return None
+
+
 class Normalizer:
-    """Turns records of one source into Examples. With format "auto" the first record decides."""
+    """Turns records of one source into Examples. With format "auto" the first record decides.
+
+    A record that does not fit is explained by what it looks like: a pinned format that does not
+    match the data names the format it seems to be, and a folder whose files differ in shape is
+    called mixed, naming a file of each shape."""
 
     def __init__(self, fmt: str, columns: dict[str, str], system_prompt: str | None = None) -> None:
+        self.pinned = fmt != "auto"
         self.format: str | None = None if fmt == "auto" else fmt
         self.columns = columns
         self.system_prompt = system_prompt
+        self.decided_by = ""
+        """The file whose first record decided the format ("auto")."""
 
     def __call__(self, record: Record) -> Example:
         if self.format is None:
             self.format = detect(record, self.columns)
+            self.decided_by = record.file
+        try:
+            return self._normalize(record)
+        except DataError as exc:
+            raise self._explain(record, exc) from None
+
+    def _explain(self, record: Record, exc: DataError) -> DataError:
+        looks = looks_like(record, self.columns)
+        if looks is None or looks == self.format:
+            single = single_message(record, self.columns)
+            return at(record.where, single, ONE_CONVERSATION_HINT) if single else exc
+        if self.pinned:
+            return DataError(
+                f"{exc.message}; the record looks like {looks}, not {self.format}",
+                f"set data.format: {looks} (or auto)",
+            )
+        if record.file and self.decided_by and record.file != self.decided_by:
+            return at(
+                record.where,
+                f"mixed formats: {self.decided_by} holds {self.format} records, {record.file} holds {looks} records",
+                "use one format per dataset: convert the files, or point data.source at files of one shape",
+            )
+        return DataError(
+            f"{exc.message}; the record looks like {looks}, while the first record read was {self.format}",
+            "use one format per dataset",
+        )
+
+    def _normalize(self, record: Record) -> Example:
         if self.format == "alpaca":
             return self._alpaca(record)
         if self.format in ("messages", "sharegpt"):

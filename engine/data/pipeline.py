@@ -1,34 +1,37 @@
 """`prepare`: a run's dataset, from its config and its tokenizer, to datasets a Trainer consumes.
 
-Runs in the engine process (imports datasets). Order of work: read and validate -> limit to
-max_examples -> split off validation -> template, tokenize, mask -> fit seq_len (truncate or drop,
-counted) -> pack or pad -> report.
+Runs in the engine process. The prepared rows live in the on-disk cache (cache.py): the first
+preparation builds them (build.py: read and validate -> limit to max_examples -> split off
+validation -> template, tokenize, mask -> fit seq_len (truncate or drop, counted) -> pack or pad ->
+report), every later one with the same data, settings and tokenizer (a resume, a second run,
+`qlc data`) memory-maps them.
 """
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import errno
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from engine.config import RunConfig
-from engine.data.check import check_config, read_examples
+from engine.data import cache
+from engine.data.check import check_config
 from engine.data.collate import PadCollator, pad_token_id
 from engine.data.errors import DataError
-from engine.data.formats import Example
-from engine.data.masking import IGNORE, Encoded, encode
-from engine.data.packing import pack
-from engine.data.report import DataReport, build_report
+from engine.data.masking import EncoderSpec, spec_digest
+from engine.data.progress import Emit, stage
+from engine.data.report import DataReport, with_schedule
+from engine.data.sources import is_local, local_files
 from engine.data.templates import ChatTemplate, end_of_turn_ids, resolve_template
-
-Progress = Callable[[str, int, int], None]
+from engine.errors import UserError
 
 
 @dataclass
 class PreparedData:
     train: Any
-    """datasets.Dataset: input_ids, labels (and position_ids when packed)."""
+    """datasets.Dataset: input_ids, labels (and seq_lengths when packed), memory-mapped."""
     eval: Any | None
     collator: PadCollator
     report: DataReport
@@ -36,109 +39,129 @@ class PreparedData:
     """The chat template the data was rendered with; sampling must use the same one."""
     end_of_turn_ids: list[int] = field(default_factory=list)
     """Token ids that end an assistant turn: what generation stops on."""
+    cache_path: str = ""
+    from_cache: bool = False
+    """True when an earlier preparation's rows were reused."""
+    seconds: float = 0.0
 
 
-@dataclass
-class LengthStats:
-    truncated: int = 0
-    truncated_tokens: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)
+def _template(tokenizer: Any, name: str) -> tuple[ChatTemplate | None, DataError | None]:
+    """The template, or why there is none: that matters only if the data holds conversations."""
+    try:
+        return resolve_template(tokenizer, name), None
+    except DataError as exc:
+        return None, exc
 
 
-def split_validation(
-    examples: list[Example], fraction: float, seed: int
-) -> tuple[list[Example], list[Example]]:
-    """A seeded, order-independent choice of validation examples; both parts keep file order."""
-    if fraction <= 0 or len(examples) < 2:
-        return examples, []
-    n_eval = min(len(examples) - 1, max(1, round(len(examples) * fraction)))
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    chosen = set(order[:n_eval])
-    train = [ex for i, ex in enumerate(examples) if i not in chosen]
-    held = [ex for i, ex in enumerate(examples) if i in chosen]
-    return train, held
-
-
-def fit_length(encoded: list[Encoded], seq_len: int, too_long: str) -> tuple[list[Encoded], LengthStats]:
-    stats = LengthStats()
-    kept = []
-    for enc in encoded:
-        if len(enc.input_ids) > seq_len:
-            if too_long == "drop":
-                stats.dropped["too_long"] = stats.dropped.get("too_long", 0) + 1
-                continue
-            stats.truncated += 1
-            stats.truncated_tokens += len(enc.input_ids) - seq_len
-            enc = Encoded(enc.where, enc.input_ids[:seq_len], enc.labels[:seq_len])
-        if all(label == IGNORE for label in enc.labels[1:]):
-            # Nothing left to learn (the answer was cut off): a batch of these makes the loss 0/0.
-            # The first token is never a target: the loss predicts each token from those before.
-            stats.dropped["no_trained_tokens"] = stats.dropped.get("no_trained_tokens", 0) + 1
+def _sources(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What the data is, for the cache key (each local file's content hash; a hub split's
+    fingerprint), and the opened hub datasets."""
+    d = cfg.data
+    described: dict[str, Any] = {}
+    hub: dict[str, Any] = {}
+    for name, source in (("source", d.source), ("val_source", d.val_source)):
+        if not source:
             continue
-        kept.append(enc)
-    return kept, stats
+        if is_local(source):
+            described[name] = [[str(p), p.stat().st_size, cache.file_digest(p)] for p in local_files(source)]
+        else:
+            from engine.data.hub import open_hub
+
+            split = "validation" if name == "val_source" and source == d.source else d.split
+            revision = d.revision if source == d.source else d.val_revision  # a run's pinned commits
+            dataset = hub[(source, split)] = open_hub(source, d.subset, split, revision)
+            described[name] = [source, d.subset, split, revision, getattr(dataset, "_fingerprint", None)]
+    return described, hub
 
 
-def _rows(encoded: list[Encoded], seq_len: int, packing: bool) -> list[dict[str, list[int]]]:
-    if packing:
-        return pack(encoded, seq_len)
-    return [{"input_ids": enc.input_ids, "labels": enc.labels} for enc in encoded]
+def prepare(
+    cfg: RunConfig, tokenizer: Any, progress: Emit | None = None, workers: int | None = None
+) -> PreparedData:
+    """The run's datasets: from the cache when this data was prepared before, else built (and
+    cached). `progress` receives `StageEvent(stage="preparing_data")`s, a few a second at most.
+    `workers` overrides the number of tokenizing processes (0: this process)."""
+    started = time.monotonic()
+    d = cfg.data
+    check_config(d)
+    template, template_error = _template(tokenizer, d.template)
+    spec = EncoderSpec.of(tokenizer, template, d.responses_only, cfg.train.seq_len, template_error)
+    described, hub = _sources(cfg)
+    key = cache.key_of(
+        {
+            "code": cache.code_digest(),
+            "data": asdict(d),
+            "seq_len": cfg.train.seq_len,
+            "encoder": spec_digest(spec),
+            "sources": described,
+        }
+    )
+    try:
+        if cache.is_locked(key):
+            stage(progress, "waiting for another process preparing the same data")
+        with cache.locked(key):
+            entry = cache.load(key)
+            from_cache = entry is not None
+            if entry is None:
+                entry = _build(cfg, tokenizer, spec, template, key, progress, hub, workers)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(
+                f"{cache.cache_dir()}: no space left for the prepared data ({exc.strerror})",
+                "free disk space, or point QLC_CACHE_DIR at a larger disk",
+            ) from None
+        raise
+    if from_cache:
+        stage(progress, f"reusing the data prepared before ({entry.path.name[:12]})")
+    return _prepared(entry, cfg, tokenizer, template, started, from_cache)
 
 
-def _dataset(rows: list[dict[str, list[int]]], packing: bool) -> Any:
+def _build(
+    cfg: RunConfig,
+    tokenizer: Any,
+    spec: EncoderSpec,
+    template: ChatTemplate | None,
+    key: str,
+    progress: Emit | None,
+    hub: dict[str, Any],
+    workers: int | None,
+) -> cache.Entry:
+    from engine.data.build import Build
+
+    folder = cache.new_folder(key)
+    try:
+        meta = Build(cfg, tokenizer, spec, template, folder, progress, hub, workers).run()
+        stage(progress, "saving the prepared rows to the data cache")
+        return cache.publish(folder, key, meta)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _prepared(
+    entry: cache.Entry,
+    cfg: RunConfig,
+    tokenizer: Any,
+    template: ChatTemplate | None,
+    started: float,
+    from_cache: bool,
+) -> PreparedData:
     import datasets
 
-    columns = ["input_ids", "labels", *(["position_ids"] if packing else [])]
-    return datasets.Dataset.from_dict({c: [row[c] for row in rows] for c in columns})
-
-
-def prepare(cfg: RunConfig, tokenizer: Any, progress: Progress | None = None) -> PreparedData:
-    d, seq_len = cfg.data, cfg.train.seq_len
-    check_config(d)
-    tell = progress or (lambda message, current, total: None)
-
-    tell("reading", 0, 0)
-    examples, fmt = read_examples(d.source, d)
-    if d.max_examples is not None:
-        examples = examples[: d.max_examples]
-    if d.val_source:
-        held, _ = read_examples(d.val_source, d, split="validation" if d.val_source == d.source else None)
-        train_examples = examples
-    else:
-        train_examples, held = split_validation(examples, d.val_fraction, d.shuffle_seed)
-
-    needs_template = any(ex.kind == "chat" for ex in examples + held)
-    template = resolve_template(tokenizer, d.template) if needs_template else None
-
-    def tokenizing(done: int, total: int) -> None:
-        tell("tokenizing", done, total)
-
-    encoded = encode(tokenizer, template, train_examples, d.responses_only, tokenizing)
-    encoded_eval = encode(tokenizer, template, held, d.responses_only)
-    kept, stats = fit_length(encoded, seq_len, d.too_long)
-    kept_eval, _ = fit_length(encoded_eval, seq_len, d.too_long)
-    if not kept:
-        reasons = ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in stats.dropped.items())
-        raise DataError(
-            f"{d.source}: no training example left after fitting to seq_len {seq_len} ({reasons})",
-            "raise train.seq_len or set data.too_long: truncate",
-        )
-
-    tell("packing" if d.packing else "batching", 0, 0)
-    rows = _rows(kept, seq_len, d.packing)
-    eval_rows = _rows(kept_eval, seq_len, d.packing) if kept_eval else []
-    report = build_report(
-        cfg, tokenizer, template, fmt, encoded=encoded, kept=kept, rows=len(rows), eval_examples=len(kept_eval),
-        truncated=stats.truncated, truncated_tokens=stats.truncated_tokens, dropped=stats.dropped,
-    )  # fmt: skip
+    meta = entry.meta
+    if not meta.get("template_used"):
+        template = None
+    report = with_schedule(DataReport.from_dict(meta["report"]), cfg)
+    eval_path = entry.eval
     return PreparedData(
-        train=_dataset(rows, d.packing),
-        eval=_dataset(eval_rows, d.packing) if eval_rows else None,
-        collator=PadCollator(pad_token_id(tokenizer), packed=d.packing),
+        train=datasets.Dataset.from_file(str(entry.train)),
+        eval=datasets.Dataset.from_file(str(eval_path)) if eval_path is not None else None,
+        collator=PadCollator(pad_token_id(tokenizer), packed=cfg.data.packing),
         report=report,
         template=template,
         end_of_turn_ids=end_of_turn_ids(tokenizer, template.family or "tokenizer")
         if template
         else end_of_turn_ids(tokenizer, "auto"),
+        cache_path=str(entry.path),
+        from_cache=from_cache,
+        seconds=time.monotonic() - started,
     )

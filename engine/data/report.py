@@ -1,22 +1,19 @@
 """The pre-flight data report: what a run will train on, in numbers, before any GPU time is spent.
 
-`DataReport` is plain data (the console renders it from JSON; this module imports no torch at
-module level). `main` is the engine-side entry: `python -m engine data CONFIG.yaml` loads the
-run's tokenizer, prepares the data exactly as training would, and prints the report as one JSON
-line on stdout. The same numbers (tokens and steps per epoch) feed the ETA.
+`DataReport` is plain data (the console renders it from JSON; this module imports no torch).
+`build_report` makes it from the figures preparation counted (`Figures`); the same numbers
+(tokens and steps per epoch) feed the ETA. `python -m engine data CONFIG.yaml` prints it
+(engine/data/job.py).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from engine.config import RunConfig
-from engine.data.masking import IGNORE, Encoded
+from engine.data.encoded import IGNORE, Encoded
 from engine.data.templates import ChatTemplate
 
 HISTOGRAM_BINS = 10
@@ -129,24 +126,30 @@ def render_spans(tokenizer: Any, enc: Encoded) -> list[tuple[str, bool]]:
     return spans
 
 
+@dataclass
+class Figures:
+    """What preparation counted, for the report: everything but the training schedule."""
+
+    lengths: list[int]
+    """Every training example's token length after templating, before truncation, sorted."""
+    examples: int
+    """Training examples kept (after truncation and dropping)."""
+    eval_examples: int
+    rows: int
+    truncated: int
+    truncated_tokens: int
+    dropped: dict[str, int]
+    tokens: int
+    trained_tokens: int
+    first: Encoded | None
+    """The first kept training example (as truncated)."""
+
+
 def build_report(
-    cfg: RunConfig,
-    tokenizer: Any,
-    template: ChatTemplate | None,
-    fmt: str | None,
-    *,
-    encoded: list[Encoded],
-    kept: list[Encoded],
-    rows: int,
-    eval_examples: int,
-    truncated: int,
-    truncated_tokens: int,
-    dropped: dict[str, int],
+    cfg: RunConfig, tokenizer: Any, template: ChatTemplate | None, fmt: str | None, f: Figures
 ) -> DataReport:
     d, t = cfg.data, cfg.train
-    lengths = sorted(len(enc.input_ids) for enc in encoded)
-    tokens = sum(len(enc.input_ids) for enc in kept)
-    per_epoch, total = steps(rows, t.micro_batch, t.grad_accum, t.epochs, t.max_steps)
+    lengths = f.lengths
     report = DataReport(
         source=d.source,
         format=fmt,
@@ -155,29 +158,35 @@ def build_report(
         seq_len=t.seq_len,
         packing=d.packing,
         responses_only=d.responses_only,
-        examples=len(kept),
-        eval_examples=eval_examples,
-        rows=rows,
+        examples=f.examples,
+        eval_examples=f.eval_examples,
+        rows=f.rows,
         length_p50=percentile(lengths, 50),
         length_p95=percentile(lengths, 95),
         length_max=lengths[-1] if lengths else 0,
         histogram=histogram(lengths),
-        truncated=truncated,
-        truncated_tokens=truncated_tokens,
-        dropped=sum(dropped.values()),
-        dropped_reasons=dict(dropped),
-        tokens_per_epoch=tokens,
+        truncated=f.truncated,
+        truncated_tokens=f.truncated_tokens,
+        dropped=sum(f.dropped.values()),
+        dropped_reasons=dict(f.dropped),
+        tokens_per_epoch=f.tokens,
         # The first token of an example is never a target (nothing precedes it).
-        trained_tokens_per_epoch=sum(label != IGNORE for enc in kept for label in enc.labels[1:]),
-        pack_fill=round(tokens / (rows * t.seq_len), 4) if d.packing and rows else None,
-        micro_batch=t.micro_batch,
-        grad_accum=t.grad_accum,
-        steps_per_epoch=per_epoch,
-        total_steps=total,
-        example=render_spans(tokenizer, kept[0]) if kept else [],
-        example_where=kept[0].where if kept else "",
+        trained_tokens_per_epoch=f.trained_tokens,
+        pack_fill=round(f.tokens / (f.rows * t.seq_len), 4) if d.packing and f.rows else None,
+        example=render_spans(tokenizer, f.first) if f.first else [],
+        example_where=f.first.where if f.first else "",
     )
     report.warnings = _warnings(cfg, tokenizer, template, report)
+    return with_schedule(report, cfg)
+
+
+def with_schedule(report: DataReport, cfg: RunConfig) -> DataReport:
+    """The report's training-schedule figures (batch, steps) for `cfg`: they are not part of the
+    prepared data, so a cached report takes the current run's."""
+    t = cfg.train
+    per_epoch, total = steps(report.rows, t.micro_batch, t.grad_accum, t.epochs, t.max_steps)
+    report.micro_batch, report.grad_accum = t.micro_batch, t.grad_accum
+    report.steps_per_epoch, report.total_steps = per_epoch, total
     return report
 
 
@@ -207,41 +216,3 @@ def _warnings(cfg: RunConfig, tokenizer: Any, template: ChatTemplate | None, r: 
     if cfg.data.val_fraction > 0 and r.eval_examples == 0:
         out.append("data.val_fraction is set but no example was held out (too few examples)")
     return out
-
-
-def load_tokenizer(cfg: RunConfig) -> Any:
-    """The run's tokenizer: the built-in tiny model's (built offline if needed) or from_pretrained."""
-    from transformers import AutoTokenizer
-
-    from engine.models.tiny import is_builtin
-    from engine.models.tiny_build import ensure_builtin
-
-    name = cfg.model.name_or_path
-    path = str(ensure_builtin(name)) if is_builtin(name) else name
-    return AutoTokenizer.from_pretrained(
-        path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
-    )
-
-
-def main(argv: list[str]) -> int:
-    """`python -m engine data CONFIG.yaml`: the report as one JSON line; a data problem is one line
-    on stderr and exit 2."""
-    from engine.config import load_resolved
-    from engine.errors import UserError
-
-    if len(argv) != 1:
-        print("usage: python -m engine data CONFIG.yaml", file=sys.stderr)
-        return 2
-    try:
-        cfg = load_resolved(Path(argv[0]))
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        from engine.data.pipeline import prepare
-
-        prepared = prepare(cfg, load_tokenizer(cfg))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    print(json.dumps(prepared.report.to_dict(), ensure_ascii=False), flush=True)
-    return 0

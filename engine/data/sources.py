@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ UTF8_HINT = "re-save the file as UTF-8"
 class Record:
     where: str
     row: dict[str, Any]
+    file: str = ""
+    """The file (or hub dataset) the record comes from: a folder's files may differ in shape."""
 
 
 def is_local(source: str) -> bool:
@@ -136,17 +139,30 @@ def _read_jsonl(path: Path) -> Iterator[Record]:
             try:
                 value = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise at(
-                    where,
-                    f"malformed JSON ({exc.msg} at column {exc.colno})",
-                    "each line must be one JSON object",
-                ) from None
-            yield Record(where, _object(where, value))
+                raise at(where, _malformed(exc, one_line=True), "each line must be one JSON object") from None
+            yield Record(where, _object(where, value), str(path))
+
+
+def _malformed(exc: json.JSONDecodeError, one_line: bool = False) -> str:
+    msg = exc.msg.removesuffix(" at")  # "Unterminated string starting at" + " at column N"
+    if one_line and exc.lineno > 1:  # past the line's last character: the line stops too early
+        return f"malformed JSON ({msg} at the end of the line)"
+    return f"malformed JSON ({msg} at column {exc.colno})"
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")
+# A one-key object holding a list is a wrapper ({"data": [...]}, {"train": [...]}), unless the key
+# is a conversation's own: {"messages": [...]} is one record.
+_RECORD_KEYS = ("messages", "conversations", "input_ids", "labels")
 
 
 def _read_json(path: Path) -> Iterator[Record]:
     text = _decode(path, path.read_bytes())
-    if not text.strip():
+    start = _SPACE.match(text).end()
+    if start == len(text):
+        return
+    if text[start] == "[":
+        yield from _json_array(path, text, start)
         return
     try:
         value = json.loads(text)
@@ -154,19 +170,54 @@ def _read_json(path: Path) -> Iterator[Record]:
         if exc.msg == "Extra data":  # JSON Lines saved as .json: common, and unambiguous
             yield from _read_jsonl(path)
             return
-        raise at(f"{path}: line {exc.lineno}", f"malformed JSON ({exc.msg} at column {exc.colno})") from None
+        raise at(f"{path}: line {exc.lineno}", _malformed(exc)) from None
     if isinstance(value, dict):
-        lists = [v for v in value.values() if isinstance(v, list)]
-        if len(value) == 1 and len(lists) == 1:  # {"data": [...]} / {"train": [...]}
-            value = lists[0]
+        lists = [(k, v) for k, v in value.items() if isinstance(v, list)]
+        if len(value) == 1 and len(lists) == 1 and lists[0][0] not in _RECORD_KEYS:
+            value = lists[0][1]
         else:
-            yield Record(f"{path}: record 1", value)
+            yield Record(f"{path}: record 1", value, str(path))
             return
     if not isinstance(value, list):
         raise DataError(f"{path}: expected a JSON array of records, got {type(value).__name__}")
     for number, item in enumerate(value, 1):
         where = f"{path}: record {number}"
-        yield Record(where, _object(where, item))
+        yield Record(where, _object(where, item), str(path))
+
+
+def _json_array(path: Path, text: str, start: int) -> Iterator[Record]:
+    """A top-level JSON array, one record at a time: the parsed records are never all held at
+    once (a 200 MB file of short examples would take gigabytes as Python objects)."""
+    decoder = json.JSONDecoder()
+
+    def fail(pos: int, msg: str) -> DataError:
+        exc = json.JSONDecodeError(msg, text, pos)
+        return at(f"{path}: line {exc.lineno}", _malformed(exc))
+
+    i = _SPACE.match(text, start + 1).end()
+    number = 0
+    if text.startswith("]", i):
+        i += 1
+    else:
+        while True:
+            try:
+                value, i = decoder.raw_decode(text, i)
+            except json.JSONDecodeError as exc:
+                raise at(f"{path}: line {exc.lineno}", _malformed(exc)) from None
+            number += 1
+            where = f"{path}: record {number}"
+            yield Record(where, _object(where, value), str(path))
+            i = _SPACE.match(text, i).end()
+            if text.startswith(",", i):
+                i = _SPACE.match(text, i + 1).end()
+                continue
+            if text.startswith("]", i):
+                i += 1
+                break
+            raise fail(i, "Expecting ',' delimiter" if i < len(text) else "Expecting ']'")
+    i = _SPACE.match(text, i).end()
+    if i < len(text):
+        raise fail(i, "Extra data")
 
 
 def _read_csv(path: Path) -> Iterator[Record]:
@@ -179,7 +230,7 @@ def _read_csv(path: Path) -> Iterator[Record]:
                 raise at(where, f"has more fields than the header ({len(reader.fieldnames or [])})")
             if any(v is None for v in row.values()):
                 raise at(where, f"has fewer fields than the header ({len(reader.fieldnames or [])})")
-            yield Record(where, dict(row))
+            yield Record(where, dict(row), str(path))
     except csv.Error as exc:
         raise at(f"{path}: line {reader.line_num}", f"malformed CSV ({exc})") from None
 
@@ -195,6 +246,39 @@ def _read_parquet(path: Path) -> Iterator[Record]:
         for batch in reader.iter_batches(batch_size=1024):
             for row in batch.to_pylist():
                 number += 1
-                yield Record(f"{path}: row {number}", row)
+                yield Record(f"{path}: row {number}", row, str(path))
     except (OSError, ValueError) as exc:  # pyarrow's ArrowIOError / ArrowInvalid
         raise DataError(f"{path}: not a readable parquet file ({exc.__class__.__name__}: {exc})") from None
+
+
+def count_records(source: str) -> int:
+    """About how many records a local source holds, cheaply (for progress): lines of JSON Lines,
+    rows of parquet (from its metadata). 0 when it cannot be known without parsing (JSON, CSV)."""
+    total = 0
+    for path in local_files(source):
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            total += _count_lines(path)
+        elif suffix == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+
+                total += pq.ParquetFile(path).metadata.num_rows
+            except Exception:  # unreadable: reading it reports why
+                return 0
+        else:
+            return 0
+    return total
+
+
+def _count_lines(path: Path) -> int:
+    lines, last = 0, b"\n"
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            lines += chunk.count(b"\n")
+            last = chunk[-1:]
+    return lines + (last != b"\n")
+
+
+def local_bytes(source: str) -> int:
+    return sum(p.stat().st_size for p in local_files(source))

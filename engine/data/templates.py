@@ -66,11 +66,13 @@ CHATML = (
 )
 
 # Mistral (v0.3 style): <s>[INST] user[/INST] answer</s>; no system role (prepended to the first
-# user turn, as for Gemma), and an answer ends with </s>, the model's end of sequence.
+# user turn, as for Gemma), and an answer ends with </s>, the model's end of sequence. There is no
+# generation prompt beyond [/INST], so the space before an answer is the model's to write: it is
+# inside the generation block (a sentencepiece "▁" on its own is a trained token).
 MISTRAL = (
     "{{- bos_token }}" + _FOLD_SYSTEM + "{%- for message in loop_messages %}"
     "{%- if message['role'] == 'assistant' %}"
-    "{{- ' ' }}{% generation %}{{- message['content'] | trim + '</s>' }}{% endgeneration %}"
+    "{% generation %}{{- ' ' + message['content'] | trim + '</s>' }}{% endgeneration %}"
     "{%- else %}"
     "{{- '[INST] ' + (first_user_prefix if loop.first else '') + message['content'] | trim + '[/INST]' }}"
     "{%- endif %}"

@@ -215,10 +215,9 @@ class Recipe:
         if not self.resume and self.ranks.is_main:
             fingerprint.record(self.run_dir, cfg)  # what a later resume checks against
 
-        def progress(message: str, current: int, total: int) -> None:
-            emit(protocol.StageEvent(stage="preparing_data", message=message, current=current, total=total))
-
-        prepared = data.prepare(cfg, self.tokenizer, progress)
+        # Progress (examples/s, ETA) comes as StageEvents; the prepared rows are cached on disk,
+        # so a resume (or a run after `qlc data`) reuses them.
+        prepared = data.prepare(cfg, self.tokenizer, emit)
         prepared.collator.padding_free = padding_free
         template = prepared.template.family if prepared.template else "auto"
         if prepared.template is not None:

@@ -96,6 +96,121 @@ LLAMA31_TEMPLATE = (
     "{%- endfor %}\n"
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}\n"
 )
+# Meta's own chat template of meta-llama/Llama-3.1-8B-Instruct (tokenizer_config.json; Llama 3.3 ships
+# the same text), verbatim: a system block is always emitted, with "Cutting Knowledge Date" and
+# "Today Date" lines even when the conversation has no system message. tests/data/tokenizers/llama31
+# carries it, so responses-only masking is tested on the exact format `apply_chat_template`, vLLM
+# and Ollama send to the base model.
+META_LLAMA31_TEMPLATE = r"""{{- bos_token }}
+{%- if custom_tools is defined %}
+    {%- set tools = custom_tools %}
+{%- endif %}
+{%- if not tools_in_user_message is defined %}
+    {%- set tools_in_user_message = true %}
+{%- endif %}
+{%- if not date_string is defined %}
+    {%- set date_string = "26 Jul 2024" %}
+{%- endif %}
+{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
+
+{#- This block extracts the system message, so we can slot it into the right place. #}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+
+{#- System message + builtin tools #}
+{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
+{%- if builtin_tools is defined or tools is not none %}
+    {{- "Environment: ipython\n" }}
+{%- endif %}
+{%- if builtin_tools is defined %}
+    {{- "Tools: " + builtin_tools | reject('equalto', 'code_interpreter') | join(", ") + "\n\n"}}
+{%- endif %}
+{{- "Cutting Knowledge Date: December 2023\n" }}
+{{- "Today Date: " + date_string + "\n\n" }}
+{%- if tools is not none and not tools_in_user_message %}
+    {{- "You have access to the following functions. To call a function, please respond with JSON for a function call." }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\n\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\n\n" }}
+    {%- endfor %}
+{%- endif %}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+
+{#- Custom tools are passed in a user message with some extra guidance #}
+{%- if tools_in_user_message and not tools is none %}
+    {#- Extract the first user message so we can plug it in here #}
+    {%- if messages | length != 0 %}
+        {%- set first_user_message = messages[0]['content']|trim %}
+        {%- set messages = messages[1:] %}
+    {%- else %}
+        {{- raise_exception("Cannot put tools in the first user message when there's no first user message!") }}
+{%- endif %}
+    {{- '<|start_header_id|>user<|end_header_id|>\n\n' -}}
+    {{- "Given the following functions, please respond with a JSON for a function call " }}
+    {{- "with its proper arguments that best answers the given prompt.\n\n" }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\n\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\n\n" }}
+    {%- endfor %}
+    {{- first_user_message + "<|eot_id|>"}}
+{%- endif %}
+
+{%- for message in messages %}
+    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
+        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' }}
+    {%- elif 'tool_calls' in message %}
+        {%- if not message.tool_calls|length == 1 %}
+            {{- raise_exception("This model only supports single tool-calls at once!") }}
+        {%- endif %}
+        {%- set tool_call = message.tool_calls[0].function %}
+        {%- if builtin_tools is defined and tool_call.name in builtin_tools %}
+            {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
+            {{- "<|python_tag|>" + tool_call.name + ".call(" }}
+            {%- for arg_name, arg_val in tool_call.arguments | items %}
+                {{- arg_name + '="' + arg_val + '"' }}
+                {%- if not loop.last %}
+                    {{- ", " }}
+                {%- endif %}
+                {%- endfor %}
+            {{- ")" }}
+        {%- else  %}
+            {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
+            {{- '{"name": "' + tool_call.name + '", ' }}
+            {{- '"parameters": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- "}" }}
+        {%- endif %}
+        {%- if builtin_tools is defined %}
+            {#- This means we're in ipython mode #}
+            {{- "<|eom_id|>" }}
+        {%- else %}
+            {{- "<|eot_id|>" }}
+        {%- endif %}
+    {%- elif message.role == "tool" or message.role == "ipython" %}
+        {{- "<|start_header_id|>ipython<|end_header_id|>\n\n" }}
+        {%- if message.content is mapping or message.content is iterable %}
+            {{- message.content | tojson }}
+        {%- else %}
+            {{- message.content }}
+        {%- endif %}
+        {{- "<|eot_id|>" }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}
+"""
 GEMMA3_TEMPLATE = (
     "{{ bos_token }}\n"
     "{%- if messages[0]['role'] == 'system' -%}\n"
@@ -225,6 +340,8 @@ def formats() -> None:
     write_jsonl(FORMATS / "folder" / "part-0.jsonl", MESSAGES[:2])
     write_jsonl(FORMATS / "folder" / "nested" / "part-1.jsonl", MESSAGES[2:])
     (FORMATS / "folder" / "README.txt").write_text("not data: ignored\n", encoding="utf-8")
+    # One conversation as a whole JSON file: one record, not a {"data": [...]} wrapper.
+    (FORMATS / "conversation.json").write_text(json.dumps(MESSAGES[0], indent=2), encoding="utf-8")
 
 
 def bad() -> None:
@@ -284,6 +401,11 @@ def bad() -> None:
         [SHAREGPT[1], {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": ""}]}],
     )
     write_jsonl(BAD / "tokens_labels_mismatch.jsonl", [{"input_ids": [1, 2, 3], "labels": [1, 2]}])
+    # A conversation exploded into one message per line.
+    write_jsonl(BAD / "one_message_per_line.jsonl", [MESSAGES[1], *MESSAGES[1]["messages"]])
+    # A folder whose files hold different shapes of record.
+    write_jsonl(BAD / "mixed" / "a-chat.jsonl", MESSAGES[:2])
+    write_jsonl(BAD / "mixed" / "b-alpaca.jsonl", ALPACA[:2])
     (BAD / "non_utf8.jsonl").write_bytes(ok.encode() + b"\n" + b'{"text": "caf\xe9"}\n')
     (BAD / "non_utf8.csv").write_bytes(b"text\nfine\nna\xefve\xff\n")
     import pyarrow as pa
@@ -338,7 +460,19 @@ def tokenizers() -> None:
         fast.save_pretrained(TOKENIZERS / family)
 
 
+def llama31() -> None:
+    """The Llama 3 fixture tokenizer with Meta's 3.1 template (the vocabulary already holds the
+    template's "Cutting Knowledge Date" and "Today Date" words)."""
+    target = TOKENIZERS / "llama31"
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZERS / "llama3" / name, target / name)
+    (target / "chat_template.jinja").write_text(META_LLAMA31_TEMPLATE, encoding="utf-8")
+
+
 if __name__ == "__main__":
     formats()
     bad()
     tokenizers()
+    llama31()

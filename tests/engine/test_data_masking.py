@@ -113,3 +113,149 @@ def test_pretokenized_rows_keep_their_labels_and_are_checked_against_the_vocabul
     too_big = Example("big.jsonl: line 1", input_ids=[1, 99999])
     with pytest.raises(DataError, match=r"big.jsonl: line 1: input_ids holds token id 99999"):
         encode(tiny_tokenizer, None, [too_big], responses_only=True)
+
+
+# -- Meta's own Llama 3.1 template ---------------------------------------------------------------
+
+META_31_CONVERSATION = (
+    "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+    "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+    "You are terse.<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\nName a primary colour.<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\nRed.<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\nAnd another one?<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\nBlue, then yellow.<|eot_id|>"
+)
+
+
+@pytest.fixture(scope="module")
+def meta31():
+    return AutoTokenizer.from_pretrained(DATA / "tokenizers" / "llama31")
+
+
+def test_the_llama31_fixture_renders_exactly_metas_format(meta31) -> None:
+    examples, _ = read_examples(str(DATA / "formats" / "messages.jsonl"), DataConfig())
+    assert meta31.apply_chat_template(examples[0].messages, tokenize=False) == META_31_CONVERSATION
+    # No system message: the system block (with its dates) is still there, empty.
+    text = meta31.apply_chat_template(examples[1].messages, tokenize=False)
+    assert text.startswith(
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+        "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n"
+    )
+    template = resolve_template(meta31, "auto")
+    assert (template.name, template.family, template.end_of_turn) == ("tokenizer", "llama3", "<|eot_id|>")
+
+
+@pytest.mark.parametrize("source", ["messages.jsonl", "sharegpt.json", "alpaca.jsonl"])
+def test_metas_llama31_template_trains_on_answers_only(meta31, source: str) -> None:
+    """The extra headers (system block, knowledge and today dates) are never trained; every
+    assistant turn and its <|eot_id|> is."""
+    template = resolve_template(meta31, "auto")
+    examples, _ = read_examples(str(DATA / "formats" / source), DataConfig())
+    for example, enc in zip(examples, encode(meta31, template, examples, responses_only=True), strict=True):
+        assert trained_runs(meta31, enc) == expected_runs(example, "<|eot_id|>"), example.where
+        masked = meta31.decode(
+            [i for i, label in zip(enc.input_ids, enc.labels, strict=True) if label == IGNORE]
+        )
+        assert "Cutting Knowledge Date: December 2023" in masked and "Today Date: 26 Jul 2024" in masked
+
+
+def test_metas_llama31_template_on_the_demo_dataset(meta31) -> None:
+    examples, _ = read_examples(str(DATASET), DataConfig())
+    template = resolve_template(meta31, "auto")
+    for example, enc in zip(examples, encode(meta31, template, examples, responses_only=True), strict=True):
+        assert trained_runs(meta31, enc) == expected_runs(example, "<|eot_id|>"), example.where
+
+
+# -- the three ways to the same mask -------------------------------------------------------------
+
+
+def _tokenizers() -> dict[str, object]:
+    names = ("llama3", "llama31", "gemma3", "chatml", "mistral")
+    toks = {name: AutoTokenizer.from_pretrained(DATA / "tokenizers" / name) for name in names}
+    toks["tiny"] = AutoTokenizer.from_pretrained(ensure_builtin("builtin:tiny-llama"))
+    return toks
+
+
+TOKENIZER_NAMES = ("tiny", "llama3", "llama31", "gemma3", "chatml", "mistral")
+SOURCES = [
+    str(DATA / "formats" / "messages.jsonl"),
+    str(DATA / "formats" / "sharegpt.json"),
+    str(DATA / "formats" / "alpaca.jsonl"),
+    str(DATASET),
+]
+
+
+@pytest.fixture(scope="module")
+def all_tokenizers() -> dict[str, object]:
+    return _tokenizers()
+
+
+def _masks(tok, template, examples, **spec_changes) -> list[tuple[list[int], list[int]]]:
+    from dataclasses import replace
+
+    from engine.data.masking import Encoder, EncoderSpec
+
+    spec = replace(EncoderSpec.of(tok, template, True, window=4096), **spec_changes)
+    batch = Encoder(spec, tok).encode(examples)
+    return [(e.input_ids, e.labels) for e in batch.examples()]
+
+
+# The templates with {% generation %} markers: every built-in one, and the demo tokenizer's own.
+MARKED = [("tiny", "auto"), *((name, "builtin") for name in TOKENIZER_NAMES)]
+
+
+@pytest.mark.parametrize(("name", "choice"), MARKED)
+def test_generation_markers_and_prefix_rendering_give_the_same_masks(
+    all_tokenizers, name: str, choice: str
+) -> None:
+    """Where the template has {% generation %} markers (the built-in ones, the demo tokenizer's
+    own), the marked spans give exactly the masks that rendering growing prefixes gives, and
+    exactly what apply_chat_template(return_assistant_tokens_mask=True) marks (the first token,
+    never a target, aside)."""
+    from engine.data.render import has_generation_markers
+
+    tok = all_tokenizers[name]
+    family = resolve_template(tok, "auto").family
+    template = resolve_template(tok, "auto" if choice == "auto" else family)
+    assert has_generation_markers(template.source)
+    for source in SOURCES:
+        examples, _ = read_examples(source, DataConfig())
+        examples = examples[:150]
+        marked = _masks(tok, template, examples, markers=True)
+        assert marked == _masks(tok, template, examples, markers=False), (name, source)
+        for example, (ids, labels) in zip(examples, marked, strict=True):
+            out = tok.apply_chat_template(
+                example.messages,
+                chat_template=template.source,
+                tokenize=True,
+                return_dict=True,
+                return_assistant_tokens_mask=True,
+            )
+            assert out["input_ids"] == ids
+            expected = [label != IGNORE for label in labels]
+            assert [bool(m) for m in out["assistant_masks"]][1:] == expected[1:], example.where
+
+
+@pytest.mark.parametrize("name", TOKENIZER_NAMES)
+def test_offsets_from_token_ids_give_the_tokenizers_own_masks(all_tokenizers, name: str) -> None:
+    """A byte-level BPE's token offsets follow from its ids (the faster path); the masks are the
+    same as from the offsets the tokenizer reports, on ASCII and on multi-byte text."""
+    tok = all_tokenizers[name]
+    template = resolve_template(tok, "auto")
+    examples = []
+    for source in SOURCES:
+        examples += read_examples(source, DataConfig())[0][:100]
+    examples.append(
+        Example(
+            "unicode",
+            messages=[
+                {"role": "user", "content": "Café ☕ — naïve 😀? 日本語で"},
+                {"role": "assistant", "content": "Oui: crème brûlée 🍮 · ok  \t spaced"},
+                {"role": "user", "content": "Ünïcödé again\n\nand newlines"},
+                {"role": "assistant", "content": "😀😀 fin."},
+            ],
+        )
+    )
+    assert _masks(tok, template, examples) == _masks(tok, template, examples, offsets_from_ids=False)

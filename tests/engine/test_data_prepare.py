@@ -20,7 +20,6 @@ from engine.data.collate import sequence_lengths
 from engine.data.masking import IGNORE, Encoded
 from engine.data.packing import pack
 from engine.data.report import histogram, percentile, steps
-from engine.data.report import main as report_main
 from engine.models.tiny import DATASET
 from engine.models.tiny_build import ensure_builtin
 
@@ -103,14 +102,13 @@ def test_packing_keeps_every_token_once_and_restarts_positions(tok) -> None:
     padded = prepare(run_cfg(max_examples=200), tok)
     packed = prepare(run_cfg(max_examples=200, packing=True), tok)
     rows = [packed.train[i] for i in range(len(packed.train))]
-    assert packed.train.column_names == ["input_ids", "labels", "position_ids"]
-    assert all(len(r["input_ids"]) <= 128 for r in rows)
-    # Cut each row where position_ids restart: the pieces are exactly the unpacked examples.
+    assert packed.train.column_names == ["input_ids", "labels", "seq_lengths"]
+    assert all(len(r["input_ids"]) <= 128 == sum(r["seq_lengths"]) + 128 - len(r["input_ids"]) for r in rows)
+    # Cut each row at its examples' lengths: the pieces are exactly the unpacked examples.
     pieces = []
     for r in rows:
-        starts = [i for i, pos in enumerate(r["position_ids"]) if pos == 0] + [len(r["position_ids"])]
+        starts = [0, *itertools.accumulate(r["seq_lengths"])]
         for a, b in itertools.pairwise(starts):
-            assert r["position_ids"][a:b] == list(range(b - a))
             pieces.append((tuple(r["input_ids"][a:b]), tuple(r["labels"][a:b])))
     originals = [(tuple(r["input_ids"]), tuple(r["labels"])) for r in padded.train]
     assert Counter(pieces) == Counter(originals)
@@ -163,7 +161,7 @@ def test_padding_free_batch_is_one_row_with_the_padded_batch_loss(tok, packing: 
     # (a packed row holds several), positions restarting at each.
     lengths = one.pop("packed_seq_lengths")
     assert lengths.dtype == torch.int32 and int(lengths.sum()) == one["input_ids"].shape[1]
-    examples = sum(int((torch.as_tensor(r["position_ids"]) == 0).sum()) for r in rows) if packing else 3
+    examples = sum(len(r["seq_lengths"]) for r in rows) if packing else 3
     assert len(lengths) == examples
     expected = torch.cat([torch.arange(n) for n in lengths.tolist()])
     assert one["position_ids"][0].tolist() == expected.tolist()
@@ -238,22 +236,49 @@ def test_report_numbers() -> None:
     assert steps(rows=3, micro_batch=8, grad_accum=4, epochs=1, max_steps=50) == (1, 50)
 
 
-def test_report_main_prints_one_json_line_or_one_error_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+class Lines:
+    """A sink that keeps what the data job writes to its stdout."""
+
+    def __init__(self) -> None:
+        self.lines: list[dict] = []
+
+    def write(self, line: bytes) -> None:
+        self.lines.append(json.loads(line))
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_data_job_prints_progress_then_the_report_or_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from engine.train.data_job import main as data_main
+
+    monkeypatch.setenv("QLC_DATA_CACHE", str(tmp_path / "cache"))
     good = tmp_path / "good.yaml"
     good.write_text(run_cfg(max_examples=20).to_yaml())
-    assert report_main([str(good)]) == 0
-    captured = capsys.readouterr()
-    (line,) = captured.out.splitlines()
-    assert json.loads(line)["examples"] == 20
+    sink = Lines()
+    assert data_main(good, sink) == 0
+    *events, report = sink.lines
+    assert "type" not in report and report["examples"] == 20
+    assert events and all(e["type"] == "stage" and e["stage"] == "preparing_data" for e in events)
+    tokenizing = [e for e in events if e["message"].startswith("tokenizing")]
+    assert tokenizing[-1]["current"] == tokenizing[-1]["total"] == 20 and tokenizing[-1]["unit"] == "examples"
+    assert "prepared and cached" in capsys.readouterr().err
+    # A second run reuses the rows the first one prepared.
+    again = Lines()
+    assert data_main(good, again) == 0
+    assert again.lines[-1] == report
+    assert any("reusing" in e["message"] for e in again.lines[:-1])
+    assert "reused from the cache" in capsys.readouterr().err
+
     bad = tmp_path / "bad.yaml"
     bad.write_text(run_cfg(source=REPO / "tests" / "data" / "bad" / "not_alternating.jsonl").to_yaml())
-    assert report_main([str(bad)]) == 2
+    failed = Lines()
+    assert data_main(bad, failed) == 2
+    assert all(line.get("type") == "stage" for line in failed.lines)
     captured = capsys.readouterr()
-    assert captured.out == ""
     assert captured.err.count("\n") == 1 and "not_alternating.jsonl: line 2:" in captured.err
-    assert report_main([]) == 2
 
 
 def _lengths(tok) -> list[int]:
@@ -261,23 +286,27 @@ def _lengths(tok) -> list[int]:
 
 
 def test_hub_ids_load_through_datasets(tok, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipeline's side of a hub dataset: rows named by their hub row, the revision passed on.
+    (The transfer itself is tests/engine/test_hub.py's, against a real HTTP hub stand-in.)"""
     import datasets
+
+    from engine.hub import dataset as hub_dataset
 
     calls = []
 
-    def fake_load_dataset(source, subset, split):
-        calls.append((source, subset, split))
+    def fetched(source, subset, split, revision):
+        calls.append((source, subset, split, revision))
         if source == "org/missing":
             raise FileNotFoundError("Couldn't find 'org/missing' on the Hub.\nMore lines.")
         return datasets.Dataset.from_list(
             [{"instruction": "Say hi.", "output": "Hi."}, {"instruction": "Say bye.", "output": "Bye."}]
         )
 
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(hub_dataset, "load", fetched)
     cfg = run_cfg(source="org/alpaca-like")  # type: ignore[arg-type]
-    cfg.data.subset, cfg.data.split = "en", "train[:2]"
+    cfg.data.subset, cfg.data.split, cfg.data.revision = "en", "train[:2]", "abc123"
     r = prepare(cfg, tok).report
-    assert calls == [("org/alpaca-like", "en", "train[:2]")]
+    assert calls == [("org/alpaca-like", "en", "train[:2]", "abc123")]
     assert (r.format, r.examples, r.example_where) == (
         "alpaca",
         2,
@@ -288,3 +317,113 @@ def test_hub_ids_load_through_datasets(tok, monkeypatch: pytest.MonkeyPatch) -> 
         match=r"^hub dataset org/missing: cannot load split 'train' \(FileNotFoundError: Couldn't find 'org/missing' on the Hub. More lines.\)",
     ):
         prepare(run_cfg(source="org/missing"), tok)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_micro_batch_of_two_keeps_examples_apart(tok, attention: str) -> None:
+    """Two packed rows in one micro-batch: changing example A's tokens changes no other
+    example's logits, on this attention implementation (FlashAttention 2 on a GPU:
+    bench/gpu_attention_check.py). The batch also carries FA2's varlen arguments, consistent
+    with the rows."""
+    p = prepare(run_cfg(max_examples=60, packing=True, seq_len=128), tok)
+    rows = [p.train[i] for i in range(2)]
+    assert all(len(r["seq_lengths"]) >= 2 for r in rows)
+    model = AutoModelForCausalLM.from_pretrained(
+        ensure_builtin("builtin:tiny-llama"), dtype=torch.float32, attn_implementation=attention
+    )
+    model.eval()
+
+    def logits(rows: list[dict]) -> tuple[torch.Tensor, dict]:
+        batch = p.collator(rows)
+        with torch.no_grad():
+            return model(**batch, use_cache=False).logits, batch
+
+    before, batch = logits(rows)
+    assert before.shape[0] == 2 and "attention_mask" not in batch
+    width = batch["input_ids"].shape[1]
+    segments = [
+        *rows[0]["seq_lengths"],
+        *([width - len(rows[0]["input_ids"])] if width > len(rows[0]["input_ids"]) else []),
+    ]
+    segments += [
+        *rows[1]["seq_lengths"],
+        *([width - len(rows[1]["input_ids"])] if width > len(rows[1]["input_ids"]) else []),
+    ]
+    assert batch["cu_seq_lens_q"].tolist() == [0, *itertools.accumulate(segments)]
+    assert batch["cu_seq_lens_q"].dtype == torch.int32 and batch["max_length_q"] == max(segments)
+
+    # Example A is row 0's first example: give it other tokens (same length).
+    a = rows[0]["seq_lengths"][0]
+    changed = dict(rows[0])
+    changed["input_ids"] = [(i * 7 + 3) % len(tok) for i in rows[0]["input_ids"][:a]] + rows[0]["input_ids"][
+        a:
+    ]
+    after, _ = logits([changed, rows[1]])
+    assert not torch.allclose(after[0, :a], before[0, :a])  # A itself did change
+    torch.testing.assert_close(after[0, a:], before[0, a:], atol=1e-5, rtol=1e-5)  # B, C, ... did not
+    torch.testing.assert_close(after[1], before[1], atol=1e-5, rtol=1e-5)  # nor the other row
+
+    # The check can see a leak: the same rows given as plain sequences (a full attention mask,
+    # no packing information) let B attend to A.
+    plain = {k: batch[k] for k in ("input_ids",)}
+    plain["attention_mask"] = torch.ones_like(batch["input_ids"])
+    changed_plain = {
+        "input_ids": p.collator([changed, rows[1]])["input_ids"],
+        "attention_mask": plain["attention_mask"],
+    }
+    with torch.no_grad():
+        leak = (model(**changed_plain).logits[0, a:] - model(**plain).logits[0, a:]).abs().max()
+    assert leak > 1e-3
+
+
+def test_qlc_data_and_training_share_the_prepared_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tokenizer loaded plainly and the engine's (which sets a pad token and padding side) land on
+    the same cache entry: the rows do not depend on padding."""
+    from transformers import AutoTokenizer
+
+    from engine.config import load_preset
+    from engine.models.loading import load_tokenizer, resolve_model_path
+
+    monkeypatch.setenv("QLC_DATA_CACHE", str(tmp_path / "cache"))
+    cfg = load_preset("tiny-demo")
+    first = prepare(cfg, AutoTokenizer.from_pretrained(resolve_model_path(cfg)))
+    again = prepare(cfg, load_tokenizer(cfg))
+    assert (first.from_cache, again.from_cache) == (False, True)
+    assert again.cache_path == first.cache_path and again.report == first.report
+    # Any setting that changes the rows is another entry.
+    cfg.data.packing = True
+    assert not prepare(cfg, load_tokenizer(cfg)).from_cache
+
+
+def test_worker_processes_prepare_the_same_rows_and_report_errors_as_one_line(
+    tok, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large sources are encoded in spawned worker processes: the rows, the masks and the report
+    are the same as encoding in this process, and a bad row deep in the file is the same one-line
+    error, hint included."""
+    monkeypatch.setenv("QLC_DATA_CACHE", str(tmp_path / "one"))
+    alone = prepare(run_cfg(packing=True, val_fraction=0.1), tok, workers=0)
+    monkeypatch.setenv("QLC_DATA_CACHE", str(tmp_path / "two"))
+    pooled = prepare(run_cfg(packing=True, val_fraction=0.1), tok, workers=2)
+    assert pooled.report == alone.report and not pooled.from_cache
+    for split in ("train", "eval"):
+        a, b = getattr(alone, split), getattr(pooled, split)
+        assert [dict(r) for r in a] == [dict(r) for r in b]
+
+    # A token id beyond the vocabulary is found while encoding, in a worker.
+    lines = [json.dumps({"input_ids": [1, 5 + i % 50, 6, 2]}) for i in range(600)]
+    lines[400] = json.dumps({"input_ids": [1, 5, 99999]})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as caught:
+        prepare(run_cfg(source=bad, format="auto"), tok, workers=2)
+    assert (
+        caught.value.message
+        == f"{bad}: line 401: input_ids holds token id 99999, beyond this tokenizer's 860 tokens"
+    )
+    with pytest.raises(DataError) as in_process:
+        prepare(run_cfg(source=bad, format="auto"), tok, workers=0)
+    assert (caught.value.message, caught.value.hint) == (in_process.value.message, in_process.value.hint)
+    assert not list((tmp_path / "two").glob(".tmp-*"))  # the failed build left nothing behind

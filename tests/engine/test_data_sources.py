@@ -203,3 +203,92 @@ def test_check_source_imports_no_heavy_library() -> None:
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=DATA.parent.parent)
+
+
+# -- data errors that say what is wrong (issue 19) -------------------------------------------------
+
+
+def test_auto_is_the_default_format_and_the_demo_preset_does_not_pin_one() -> None:
+    from engine.config import load_preset
+
+    assert DataConfig().format == "auto"
+    demo = load_preset("tiny-demo")
+    assert demo.data.format == "auto"
+    for name, fmt in (("alpaca.jsonl", "alpaca"), ("sharegpt.json", "sharegpt"), ("text.jsonl", "text")):
+        demo.data.source = str(FORMATS / name)
+        assert check_source(demo).format == fmt
+
+
+def test_the_format_hint_lists_auto() -> None:
+    with pytest.raises(DataError) as caught:
+        check_source(cfg_for(BAD / "unknown_format.jsonl"))
+    assert "data.format (auto, alpaca, messages, sharegpt, text, tokens)" in caught.value.hint
+
+
+@pytest.mark.parametrize("fmt", ["auto", "messages"])
+def test_a_line_holding_one_message_is_a_malformed_record_at_its_line(fmt: str) -> None:
+    with pytest.raises(DataError) as caught:
+        check_source(cfg_for(BAD / "one_message_per_line.jsonl", format=fmt))
+    assert caught.value.message == (
+        f"{BAD / 'one_message_per_line.jsonl'}: line 2: malformed record: "
+        "it holds one message (content, role), not a whole conversation"
+    )
+    assert '{"messages": [{"role": ..., "content": ...}, ...]}' in caught.value.hint
+
+
+def test_malformed_json_lines_name_the_line_and_read_plainly(tmp_path: Path) -> None:
+    ok = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey"}]}'
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text(ok + "\n" + ok[:60])  # the writer died mid-line
+    with pytest.raises(DataError) as caught:
+        check_source(cfg_for(cut))
+    assert (
+        caught.value.message == f"{cut}: line 2: malformed JSON (Unterminated string starting at column 59)"
+    )
+    trailing = tmp_path / "trailing.jsonl"
+    trailing.write_text(ok + "\n" + ok[:-1] + ",\n")
+    with pytest.raises(DataError) as caught:
+        check_source(cfg_for(trailing))
+    assert caught.value.message == (
+        f"{trailing}: line 2: malformed JSON (Expecting property name enclosed in double quotes at the end of the line)"
+    )
+
+
+def test_one_conversation_as_a_whole_json_file_is_one_record() -> None:
+    summary = check_source(cfg_for(FORMATS / "conversation.json"))
+    assert (summary.format, summary.examples, summary.assistant_turns) == ("messages", 1, 2)
+
+
+def test_a_sharegpt_file_under_messages_suggests_sharegpt() -> None:
+    with pytest.raises(DataError) as caught:
+        check_source(cfg_for(FORMATS / "sharegpt.json", format="messages"))
+    assert caught.value.message.endswith(
+        "sharegpt.json: record 1: message 1 has no 'role'; the record looks like sharegpt, not messages"
+    )
+    assert caught.value.hint == "set data.format: sharegpt (or auto)"
+
+
+@pytest.mark.parametrize(
+    ("name", "pinned", "looks"),
+    [
+        ("alpaca.jsonl", "messages", "alpaca"),
+        ("messages.jsonl", "alpaca", "messages"),
+        ("text.jsonl", "sharegpt", "text"),
+    ],
+)
+def test_a_file_failing_a_pinned_format_says_which_format_it_looks_like(
+    name: str, pinned: str, looks: str
+) -> None:
+    with pytest.raises(DataError) as caught:
+        check_source(cfg_for(FORMATS / name, format=pinned))
+    assert caught.value.message.endswith(f"; the record looks like {looks}, not {pinned}")
+    assert caught.value.hint == f"set data.format: {looks} (or auto)"
+
+
+def test_a_folder_of_mixed_formats_is_called_mixed() -> None:
+    with pytest.raises(DataError) as caught:
+        check_source(cfg_for(BAD / "mixed"))
+    chat, alpaca = BAD / "mixed" / "a-chat.jsonl", BAD / "mixed" / "b-alpaca.jsonl"
+    assert caught.value.message == (
+        f"{alpaca}: line 1: mixed formats: {chat} holds messages records, {alpaca} holds alpaca records"
+    )

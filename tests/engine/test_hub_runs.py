@@ -59,9 +59,9 @@ def _one(events: list[protocol.Event], kind: type) -> protocol.Event:
 
 
 def test_a_run_pins_its_hub_sources_and_a_resume_loads_them(tmp_path: Path) -> None:
-    from engine import tiny
+    from engine.models.tiny_build import ensure_builtin
 
-    folder = tiny.ensure_builtin("builtin:tiny-llama")
+    folder = ensure_builtin("builtin:tiny-llama")
     model = {name: (folder / name).read_bytes() for name in TINY_FILES}
     rows = _chats()
     with HubServer() as hub:

@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parent.parent.parent
 BAD = REPO / "tests" / "data" / "bad"
 
 
-def qlc(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
+def qlc(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "tui.cli", *args],
         capture_output=True,
@@ -101,3 +101,19 @@ def test_the_data_command_imports_no_heavy_library() -> None:
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_progress_goes_to_stderr_and_a_second_report_reuses_the_prepared_rows(tmp_path: Path) -> None:
+    env = {"QLC_DATA_CACHE": str(tmp_path / "data-cache")}
+    first = qlc("data", "tiny-demo", env=env)
+    assert first.returncode == 0, first.stderr
+    progress = [line for line in first.stderr.splitlines() if line.startswith("preparing data")]
+    assert any("600 examples of 600 examples (100%)" in line and "examples/s" in line for line in progress), (
+        progress
+    )
+    assert "preparing data" not in first.stdout
+    second = qlc("data", "tiny-demo", env=env)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == first.stdout
+    assert any("reusing the data prepared before" in line for line in second.stderr.splitlines())
+    assert not any("examples/s" in line for line in second.stderr.splitlines())

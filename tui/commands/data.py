@@ -1,9 +1,11 @@
 """`qlc data PRESET`: what a preset's dataset will train on, before any GPU time is spent.
 
-Two steps. The source is read and validated here, in-process (pure Python, fast: a bad row is one
-line and exit 2). Then an engine process (`python -m engine data CONFIG.yaml`) loads the model's
-tokenizer and prepares the data exactly as training would, returning the report as one JSON line.
-The console never imports torch, transformers or datasets.
+Two steps. The source is read and validated here, in-process (pure Python: a bad row is one line
+and exit 2). Then an engine process (`python -m engine data CONFIG.yaml`) loads the model's
+tokenizer and prepares the data exactly as training would, reporting progress (examples/s, ETA,
+shown on stderr) and then the report as one JSON line. The prepared rows stay in the engine's
+data cache: the `qlc train` that follows reuses them. The console never imports torch,
+transformers or datasets.
 """
 
 from __future__ import annotations
@@ -13,16 +15,20 @@ import json
 import os
 import subprocess
 import tempfile
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rich.text import Text
 
+from engine import protocol
 from engine.config import RunConfig, load_preset
 from engine.data import DataReport, SourceSummary, check_source
 from engine.errors import UserError
 from engine.run.launcher import engine_command
-from tui.output import err, out, print_json
+from tui.output import err, fmt_progress, out, print_json
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 BAR_WIDTH = 32
@@ -57,26 +63,70 @@ def run_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def engine_report(cfg: RunConfig) -> DataReport:
-    """Run the engine's data step on `cfg` in a child process and read its one-line JSON report."""
+class ProgressPrinter:
+    """Data preparation's progress on stderr (stdout stays the report): a line when a phase
+    starts or ends, and every few seconds in between (the engine reports a few times a second)."""
+
+    EVERY_S = 5.0
+
+    def __init__(self) -> None:
+        self._message = ""
+        self._printed = float("-inf")
+
+    def __call__(self, ev: protocol.StageEvent) -> None:
+        now = time.monotonic()
+        finished = ev.total > 0 and ev.current >= ev.total
+        if ev.message == self._message and not finished and now - self._printed < self.EVERY_S:
+            return
+        self._message, self._printed = ev.message, now
+        progress = fmt_progress(ev.current, ev.total, ev.unit, ev.rate, ev.eta_s)
+        text = f"preparing data{' ' + progress if progress else ''}: {short_path(ev.message)}"
+        err.print(text, style="dim", markup=False, soft_wrap=True)
+
+
+def engine_report(
+    cfg: RunConfig, progress: Callable[[protocol.StageEvent], None] | None = None
+) -> DataReport:
+    """Run the engine's data step on `cfg` in a child process: its progress events go to
+    `progress` (stderr by default), its one-line JSON report is returned."""
+    show = progress or ProgressPrinter()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    report: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="qlc-data-") as tmp:
         config = Path(tmp) / "config.yaml"
         config.write_text(cfg.to_yaml(), encoding="utf-8")
-        proc = subprocess.run(engine_command("data", str(config)), capture_output=True, text=True, env=env)
-    if proc.returncode == 2:
-        lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        proc = subprocess.Popen(
+            engine_command("data", str(config)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        stderr: list[str] = []
+        drain = threading.Thread(target=lambda: stderr.extend(proc.stderr or []), daemon=True)
+        drain.start()
+        for line in proc.stdout or []:
+            if not line.startswith("{"):
+                continue
+            data = json.loads(line)
+            if "type" not in data:
+                report = data
+            elif data["type"] == "stage":
+                show(protocol.decode_event(line))
+        returncode = proc.wait()
+        drain.join()
+    if returncode == 2:
+        lines = [line.rstrip("\n") for line in stderr if line.startswith("error: ")]
         raise UserError(lines[-1].removeprefix("error: ") if lines else "the data step failed (exit 2)")
-    if proc.returncode != 0:
-        err.print(proc.stderr.strip()[-4000:], markup=False)
+    if returncode != 0:
+        err.print("".join(stderr).strip()[-4000:], markup=False)
         raise SystemExit(1)
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("{"):
-            return DataReport.from_dict(json.loads(line))
-    raise UserError("the data step printed no report")
+    if report is None:
+        raise UserError("the data step printed no report")
+    return DataReport.from_dict(report)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,8 +146,7 @@ def _source_line(cfg: RunConfig, summary: SourceSummary) -> Text:
 
 def short_path(text: str) -> str:
     """Paths under the working folder, said relative to it."""
-    prefix = os.getcwd() + os.sep
-    return text.replace(prefix, "", 1) if text.startswith(prefix) else text
+    return text.replace(os.getcwd() + os.sep, "")
 
 
 def _row(label: str, *parts: Any) -> Text:
