@@ -98,7 +98,9 @@ class Worker:
         self.kernels: list[str] = []
         self.hooks_before: set[int] = set()  # hf: the layer stack's forward pre-hooks after the load
         self.base_forward: Any = None  # hf: an instance-level forward the load set, if any
-        self.reference_allocated = 0.0  # what the model holds between configurations
+        # What the process held, adapters aside, when its first configuration (the warm-up) was
+        # ready to train: later configurations holding more carry leftovers of earlier ones.
+        self.reference_net: float | None = None
 
     # -- configs ---------------------------------------------------------------------------------
 
@@ -194,13 +196,12 @@ class Worker:
             set_seed(3407)
             self.model = unsloth_backend.apply_lora(model, cfg, plan)
             self.kernels = ["unsloth: fused RMSNorm, RoPE, SwiGLU, LoRA, cross-entropy"]
-            self.reference_allocated = self.allocated()
         else:
             from engine.backends.checkpointing import decoder_layers
 
             self.base = hf.load_model(cfg, self.device, self.model_dir)
             self.kernels = hf.apply_kernels(self.base, cfg, self.device)
-            self.load_allocated = self.reference_allocated = self.allocated()
+            self.load_allocated = self.allocated()
             self.hooks_before = set(decoder_layers(self.base)[0]._forward_pre_hooks)
             self.base_forward = self.base.__dict__.get("forward")
 
@@ -283,10 +284,14 @@ class Worker:
         )
         gc.collect()
         resident = self.allocated()
+        net = None if resident is None else resident - _lora_bytes(self.model) / GIB
+        if self.reference_net is None:
+            self.reference_net = net
         if self.device == "cuda":
             self.torch.cuda.empty_cache()
             self.torch.cuda.reset_peak_memory_stats()
         self.prepared = {
+            "net": net,
             "cfg": cfg,
             "trainer": trainer,
             "timer": timer,
@@ -334,13 +339,10 @@ class Worker:
         losses = [round(e["loss"], 5) for e in trainer.state.log_history if "loss" in e]
         resident = p["resident"]
         baseline = None
-        if resident is not None and self.reference_allocated is not None and self.backend == "unsloth":
-            baseline = max(0.0, resident - self.reference_allocated)
-        elif resident is not None and self.load_allocated is not None:
-            # hf: the adapters were just created (the estimate counts them); whatever else the
-            # model holds beyond its load is left over from an earlier configuration.
-            lora = _lora_bytes(self.model) / GIB
-            baseline = max(0.0, resident - self.load_allocated - lora)
+        if p["net"] is not None and self.reference_net is not None:
+            # The adapters differ between configurations (the estimate counts each one's); what
+            # else the process holds beyond its first configuration is an earlier one's leftover.
+            baseline = max(0.0, p["net"] - self.reference_net)
         rec: dict[str, Any] = {
             "id": c["id"],
             "arch": c["arch"],
@@ -368,6 +370,7 @@ class Worker:
             "losses": losses,
             "paged_state_gib": paged_gib,
             "resident_allocated_gib": resident,
+            "resident_without_adapters_gib": p["net"],
             "after_load_allocated_gib": self.load_allocated,
             "baseline_allocated_gib": baseline or 0.0,
             "order_in_process": self.count,

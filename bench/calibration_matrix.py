@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import calibration_plan as cp  # noqa: E402
 from bench import gpu_memory as gm  # noqa: E402
+from bench.calibration_summary import summary  # noqa: E402
 from bench.channel import Channel  # noqa: E402
 from bench.gpu_common import gpu_info, special_token_ids, versions, write_tokens  # noqa: E402
 
@@ -189,7 +190,6 @@ class Driver:
         self.records: list[dict[str, Any]] = []
         self.failures: list[dict[str, Any]] = []
         self.skipped: list[dict[str, Any]] = []
-        self.e2e_results: list[dict[str, Any]] = []
         self.timeline: list[tuple[float, str]] = []
         self.versions_hf: dict[str, str] = versions() if self.dry else {}
         self.versions_unsloth: dict[str, str] = {}
@@ -624,6 +624,8 @@ class Driver:
             return  # one process creating its context at a time: its new pid must be unambiguous
         if self.gpu_processes() >= self.concurrency:
             return  # before pending workers: an end-to-end run is what keeps a model folder on disk
+        if any(r.child.exit_code is None for r in self.e2e_runs.values()):
+            return  # one at a time: engines train without asking for the GPU
         for arch in self.archs.values():
             if arch.status != "ready":
                 continue
@@ -796,7 +798,10 @@ class Driver:
             "optimizer": "paged_adamw_8bit",
             "oom": False,
             "allocator": "expandable",
+            # The engine's choice (engine.backends.batches_padding_free): Unsloth 2026.10 has the
+            # packing support it needs; the events do not say.
             "padding_free": (hello.backend if hello else spec.backend) == "unsloth",
+            "padding_free_assumed": True,
             "liger": any(k.startswith("liger") for k in (ready.kernels if ready else [])),
             "kernels": list(ready.kernels) if ready else [],
             "steps": len(steps),
@@ -818,15 +823,25 @@ class Driver:
         }
         self.add_device_figures(rec, spec.name, t0, t1, paged_gib=None)
         self.records.append(rec)
-        same = next((r for r in self.records if r.get("id") == spec.same_as), None) if spec.same_as else None
-        comparison = {"id": spec.name, "same_as": spec.same_as}
-        for key in ("peak_allocated_gib", "peak_reserved_gib", "device_peak_gib", "tokens_per_second"):
-            comparison[key] = rec.get(key)
-            if same is not None:
-                comparison[f"{key} (in-process)"] = same.get(key)
-        self.e2e_results.append(comparison)
+        rec["speed_overlaps"] = self.speed_overlaps(spec.name, t0, t1)
+        rec["speed_valid"] = not rec["speed_overlaps"] and rec["tokens_per_second"] is not None
         self.progress(rec)
         self.write()
+
+    def e2e_comparisons(self) -> list[dict[str, Any]]:
+        """Each end-to-end record beside its in-process twin (when it has one, and it ran)."""
+        out = []
+        for rec in self.records:
+            if rec.get("source") != "qlc train":
+                continue
+            same = next((r for r in self.records if r.get("id") == rec.get("same_as")), None)
+            comparison = {"id": rec["id"], "same_as": rec.get("same_as")}
+            for key in ("peak_allocated_gib", "peak_reserved_gib", "device_peak_gib", "tokens_per_second"):
+                comparison[key] = rec.get(key)
+                if same is not None:
+                    comparison[f"{key} (in-process)"] = same.get(key)
+            out.append(comparison)
+        return out
 
     # ------------------------------------------------------------------------------------------
     # records
@@ -1185,7 +1200,7 @@ class Driver:
             traceback.print_exc()  # the next write tries again; the last good file stays
 
     def _write(self) -> None:
-        planned = [c.id for w in self.plan.workers for c in w.configs]
+        planned = [c.id for w in self.plan.workers for c in w.configs] + [e.name for e in self.plan.e2e]
         data = {
             "date": time.strftime("%Y-%m-%d"),
             "gpu": self.gpu,
@@ -1205,7 +1220,7 @@ class Driver:
             "records": self.records,
             "failures": self.failures,
             "skipped": self.skipped,
-            "e2e": self.e2e_results,
+            "e2e": self.e2e_comparisons(),
             "builds": {
                 a.name: {"seconds": a.build_seconds, "gib": (a.built_bytes or 0) / GIB, "status": a.status}
                 for a in self.archs.values()
@@ -1260,99 +1275,6 @@ def _terminate_pid(pid: int) -> None:
         time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, signal.SIGKILL)
-
-
-# ---------------------------------------------------------------------------------------------
-# summary
-# ---------------------------------------------------------------------------------------------
-
-
-def summary(path: Path, per_record: bool = True) -> str:
-    """A compact account of a results file: what was measured and how, each record against the
-    memory model's estimate (reserved and device), the worst misses per backend."""
-    data = json.loads(path.read_text())
-    lines = [
-        f"{path.name}: {data.get('gpu')} ({data.get('gpu_total_gib')} GiB), {data.get('date')}, "
-        f"{data.get('measured')}/{data.get('planned')} measured in {data.get('elapsed_s')} s, "
-        f"device figures by {data.get('device_method')}, {data.get('concurrency')} processes at once",
-    ]
-    probe = data.get("nvml_probe") or {}
-    if probe:
-        lines.append(
-            f"probe: managed memory in the process figure {probe.get('managed_in_process')}, in the device's "
-            f"{probe.get('managed_in_device')}, host eviction frees it {probe.get('evict_frees')}, "
-            f"context {probe.get('context_gib')} GiB; {'; '.join(probe.get('notes') or [])}"
-        )
-    errors: dict[str, tuple[float | None, float | None]] = {}
-    if not data.get("dry_run") and data.get("records"):
-        try:
-            from engine.memory.calibration import load_calibration, replay
-
-            for r in replay(load_calibration(path)):
-                errors[r.record.id] = (r.error, r.device_error)
-        except Exception as exc:  # the summary must print even when the replay cannot
-            lines.append(f"(replay failed: {exc})")
-    records = data.get("records", [])
-
-    def pct(x: float | None) -> str:
-        return f"{x:+6.1%}" if x is not None else "     -"
-
-    def num(x: Any) -> str:
-        return f"{x:6.2f}" if isinstance(x, (int, float)) else "     -"
-
-    by_backend: dict[str, list[dict[str, Any]]] = {}
-    for r in records:
-        by_backend.setdefault(r.get("backend", "?"), []).append(r)
-    for backend, recs in sorted(by_backend.items()):
-        res = [errors.get(r["id"], (None, None))[0] for r in recs]
-        dev = [errors.get(r["id"], (None, None))[1] for r in recs]
-        res_w = max((x for x in res if x is not None), key=abs, default=None)
-        dev_w = max((x for x in dev if x is not None), key=abs, default=None)
-        lines.append(
-            f"{backend}: {len(recs)} records, {len({r['arch'] for r in recs})} architectures; "
-            f"{sum(1 for r in recs if r.get('device_peak_gib') is not None)} device figures; "
-            f"{sum(1 for r in recs if r.get('speed_valid'))} clean tokens/s; "
-            f"{sum(1 for r in recs if r.get('oom'))} OOM; worst estimate error: reserved {pct(res_w)}, "
-            f"device {pct(dev_w)}"
-        )
-    if not per_record and records:
-        ranked = sorted(
-            (r for r in records if r["id"] in errors),
-            key=lambda r: -max(abs(errors[r["id"]][0] or 0.0), abs(errors[r["id"]][1] or 0.0)),
-        )
-        if ranked:
-            lines.append("largest misses (estimate / measured - 1), reserved and device:")
-            for r in ranked[:12]:
-                e_res, e_dev = errors[r["id"]]
-                lines.append(f"  {r['id'][-56:]:56s} {pct(e_res)} {pct(e_dev)}")
-    if per_record and records:
-        lines.append(
-            f"{'record':46s} {'alloc':>6s} {'resv':>6s} {'err':>6s} {'device':>6s} {'err':>6s} {'tok/s':>7s}"
-        )
-        for r in records:
-            e_res, e_dev = errors.get(r["id"], (None, None))
-            tps = r.get("tokens_per_second")
-            mark = "" if r.get("speed_valid") else "*"
-            lines.append(
-                f"{r['id'][-46:]:46s} {num(r.get('peak_allocated_gib'))} {num(r.get('peak_reserved_gib'))} "
-                f"{pct(e_res)} {num(r.get('device_peak_gib'))} {pct(e_dev)} "
-                f"{(f'{tps:7.0f}' if tps else '      -')}{mark}"
-            )
-        lines.append("(* tokens/s overlapped by another process's load, build, warm-up or run)")
-    if data.get("e2e"):
-        lines.append("end to end (qlc train), and the same configuration in-process:")
-        for e in data["e2e"]:
-            lines.append(
-                "  " + ", ".join(f"{k}={round(v, 3) if isinstance(v, float) else v}" for k, v in e.items())
-            )
-    if data.get("failures"):
-        lines.append(f"failures ({len(data['failures'])}):")
-        for fail in data["failures"][:10]:
-            lines.append(f"  {fail.get('id')}: {str(fail.get('error'))[-240:]!r}")
-    skipped = data.get("skipped", [])
-    if skipped:
-        lines.append(f"skipped {len(skipped)}: " + ", ".join(sorted({s["why"][:40] for s in skipped})))
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ tar czf "$OUT/logs.tar.gz" -C "$WORK" logs ipc 2>/dev/null
 rm -rf "$WORK"
 echo "[campaign] matrix exit $STATUS after $(($(date +%s) - T0))s; files in $OUT:"
 ls -la "$OUT" | tail -n +2
-if [[ -n $RESULTS ]]; then
+if [[ $STATUS != 0 && -n $RESULTS ]]; then  # the matrix printed its summary itself when it ended well
   $PYTHON bench/calibration_matrix.py summary --brief "$RESULTS"
 fi
 exit "$STATUS"
