@@ -220,6 +220,10 @@ class Driver:
             NO_COLOR="1",
             COLUMNS="200",
         )
+        if self.monitor.mapped:
+            # Inductor's compile workers may create CUDA contexts of their own, whose pids nothing
+            # would claim (and two new pids in one init window map neither): compile in-process.
+            env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
         return env
 
     def spawn(self, name: str, kind: str, arch: str | None, args: list[str], unsloth: bool = False) -> Child:
@@ -821,7 +825,11 @@ class Driver:
             "t_train_end": t1,
             "t_end": t1,
         }
-        self.add_device_figures(rec, spec.name, t0, t1, paged_gib=None)
+        # The engine does not report its paged optimizer state; it is exact arithmetic (tensors of
+        # 1e5 elements or more, two uint8 states each), so take the memory model's figure.
+        rec["paged_state_gib"] = self.paged_from_model(rec)
+        rec["paged_state_source"] = "engine.memory (computed)"
+        self.add_device_figures(rec, spec.name, t0, t1, paged_gib=rec["paged_state_gib"])
         self.records.append(rec)
         rec["speed_overlaps"] = self.speed_overlaps(spec.name, t0, t1)
         rec["speed_valid"] = not rec["speed_overlaps"] and rec["tokens_per_second"] is not None
@@ -952,29 +960,33 @@ class Driver:
             parts.append(f"{tps:,.0f} tok/s" + ("" if rec.get("speed_valid", True) else " (overlapped)"))
         say(self.t0, " ".join(parts))
 
+    def _estimate(self, rec: dict[str, Any]) -> Any:
+        """The replay's own estimate of a record (engine.memory.calibration.estimate_record)."""
+        from engine.memory.calibration import estimate_record, parse_record
+        from engine.memory.gpus import Gpu
+
+        gpu = Gpu(self.gpu, self.gpu, self.total_gib, self.total_gib, "size")
+        r = parse_record(rec, rec["id"])
+        return r, estimate_record(r, gpu)
+
+    def paged_from_model(self, rec: dict[str, Any]) -> float | None:
+        try:
+            _, est = self._estimate(rec)
+            return sum(v for k, v in est.term("optimizer").parts.items() if k.startswith("paged"))
+        except Exception:
+            return None
+
     def estimate_for(self, rec: dict[str, Any]) -> dict[str, float]:
         if self.dry:
             return {}
         try:
-            from engine.memory.calibration import _record, record_config
-            from engine.memory.estimate import estimate
-
-            r = _record(rec, rec["id"])
-            est = estimate(
-                record_config(r),
-                backend=r.backend,
-                budget_gb=self.total_gib,
-                padded=False,
-                liger=r.liger,
-                expandable=r.allocator == "expandable",
-                checkpointed=r.checkpointed_layers,
-            )
+            r, est = self._estimate(rec)
             return {
                 "torch_peak_gb": est.torch_peak_gb + r.baseline_allocated_gib,
-                "device_total_gb": est.device_total_gb,
+                "device_total_gb": est.device_total_gb + r.baseline_allocated_gib,
             }
-        except Exception as exc:
-            return {"error": str(exc)}  # type: ignore[dict-item]
+        except Exception:
+            return {}
 
     # ------------------------------------------------------------------------------------------
     # events
