@@ -4,7 +4,11 @@
     python bench/compare_stacks.py --out DIR --arch llama-3.1-8b \\
         --scenario bare-trl-usual --scenario engine-hf ... [--unsloth-path /tmp/site2]
 
-Scenarios (each in its own process; the whole-device peak is polled through NVML meanwhile):
+Scenarios (each in its own process, one at a time; each one's own device peak is read through
+NVML, bench/gpu_memory.py: its process's usage where NVML reports our pids, else the device's
+used memory minus the baseline taken before the first scenario, as nothing else of ours holds
+the GPU: the model is built in a child process that exits first, and this process never touches
+CUDA):
   bare-trl-usual   bench/bare_stack.py --stack trl-usual   (the usual tutorial recipe)
   bare-trl-tuned   bench/bare_stack.py --stack trl-tuned   (what the engine's hf backend does)
   bare-unsloth     bench/bare_stack.py --stack unsloth
@@ -33,10 +37,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import gpu_memory as gm  # noqa: E402
 from bench.gpu_common import (  # noqa: E402
     ARCHS,
-    DevicePeak,
-    build_model,
+    build_model_in_child,
     report_header,
     token_run_overrides,
     write_tokens,
@@ -55,7 +59,9 @@ def env_for(scenario: str, unsloth_path: str | None) -> dict[str, str]:
     return env
 
 
-def run_bare(scenario: str, args: argparse.Namespace, model: Path, data: Path, env: dict[str, str]) -> dict:
+def run_bare(
+    scenario: str, args: argparse.Namespace, model: Path, data: Path, env: dict[str, str], register: Any
+) -> dict:
     out = args.work / f"{scenario}.json"
     out.unlink(missing_ok=True)
     stack = scenario.removeprefix("bare-")
@@ -79,9 +85,15 @@ def run_bare(scenario: str, args: argparse.Namespace, model: Path, data: Path, e
         "--steps",
         str(args.steps),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    register(proc.pid)
+    try:
+        stdout, stderr = proc.communicate(timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
     if proc.returncode != 0 or not out.is_file():
-        return {"error": (proc.stderr or proc.stdout)[-3000:]}
+        return {"error": (stderr or stdout)[-3000:]}
     return json.loads(out.read_text())
 
 
@@ -93,7 +105,13 @@ def _time_of(events: list[Any], kind: type, pred: Any = None) -> float | None:
 
 
 def run_engine(
-    scenario: str, args: argparse.Namespace, model: Path, data: Path, env: dict[str, str], budget: str | None
+    scenario: str,
+    args: argparse.Namespace,
+    model: Path,
+    data: Path,
+    env: dict[str, str],
+    budget: str | None,
+    register: Any,
 ) -> dict:
     runs_dir = args.work / "runs"
     overrides = token_run_overrides(model, data, args.seq, args.micro_batch, args.grad_accum, args.steps)
@@ -116,6 +134,7 @@ def run_engine(
     if started.returncode != 0:
         return {"error": started.stdout + started.stderr}
     run_dir = Path(json.loads(started.stdout)["path"])
+    register(int(json.loads(started.stdout)["pid"]))
     deadline = time.monotonic() + args.timeout
     events: list[Any] = []
     while time.monotonic() < deadline:
@@ -208,7 +227,12 @@ def main() -> int:
     )
     report.setdefault("scenarios", {})
     if not (model / "config.json").is_file():
-        report["build_seconds"] = build_model(args.arch, model)
+        # In a child process that exits before anything is measured: this process never holds a
+        # CUDA context, whose memory the device figures would otherwise count.
+        report["build_seconds"] = build_model_in_child(args.arch, model)
+    monitor = gm.GpuMemoryMonitor(gm.open_source()).start()
+    time.sleep(0.3)
+    baseline = monitor.device_at(time.time())  # nothing of ours holds the GPU now
     write_tokens(data, (args.steps + 2) * args.micro_batch * args.grad_accum, args.seq)
     for scenario in args.scenario:
         env = env_for(scenario, args.unsloth_path)
@@ -222,10 +246,13 @@ def main() -> int:
             )
             if unsloth_versions.returncode == 0:
                 report["versions_unsloth_stack"] = json.loads(unsloth_versions.stdout)
-        peak = DevicePeak().start()
         t0 = time.time()
+
+        def register(pid: int, name: str = scenario) -> None:
+            monitor.register(name, pid)
+
         if scenario.startswith("bare-"):
-            result = run_bare(scenario, args, model, data, env)
+            result = run_bare(scenario, args, model, data, env, register)
         else:
             budget = None
             if scenario.startswith("engine-auto@"):
@@ -234,11 +261,21 @@ def main() -> int:
                     measured = report["scenarios"].get("bare-unsloth", {}).get("device_peak_gib")
                     measured = measured or args.unsloth_peak_gib
                     budget = f"{measured:.2f}GB"
-            result = run_engine(scenario, args, model, data, env, budget)
+            result = run_engine(scenario, args, model, data, env, budget, register)
             if budget:
                 result["budget"] = budget
-        peak.stop()
-        result["device_peak_gib"] = peak.peak_gib
+        time.sleep(0.3)  # the last samples
+        t1 = time.time()
+        used, _ = monitor.device_peak(t0, t1)
+        own, _ = monitor.process_peak(scenario, t0, t1)
+        # Scenarios run one at a time and this process holds no CUDA context: the device's used
+        # memory above the baseline is the scenario's alone, paged (managed) memory included.
+        result["device_peak_gib"] = (
+            (used - baseline) / 2**30 if used is not None and baseline is not None else None
+        )
+        result["device_method"] = "baseline" if result["device_peak_gib"] is not None else "none: no NVML"
+        result["device_baseline_gib"] = baseline / 2**30 if baseline is not None else None
+        result["device_process_peak_gib"] = own / 2**30 if own is not None else None
         result["wall_seconds"] = time.time() - t0
         report["scenarios"][scenario] = result
         out_file.write_text(json.dumps(report, indent=2))
@@ -246,6 +283,7 @@ def main() -> int:
             k: v for k, v in result.items() if k not in ("losses", "engine_log", "launch_breakdown_seconds")
         }
         print(scenario, json.dumps(brief), flush=True)
+    monitor.stop()
     return 0
 
 

@@ -18,12 +18,18 @@ padding_free (Unsloth micro-batches sent as one row, as the engine and bare Unsl
 Unsloth record without it measured padded micro-batches and is replayed as "superseded");
 reserved_clean (false when the process held another model's allocator cache: compare allocated);
 baseline_allocated_gib (memory already allocated before the model loaded, left by an earlier one
-in the same process; also a file-level key): added to the estimate before comparing. Other keys
+in the same process; also a file-level key): added to the estimate before comparing.
+From bench/calibration_matrix.py (2026-12 on): id (the configuration's name), source ("qlc train"
+for a run through the real CLI), device_method (how device_peak_gib was measured:
+"nvml-per-process..." counts the run's own processes; absent in older files, whose device figure
+is the whole device's used memory), paged_state_gib (the paged optimizer state it measured),
+tokens_per_second and speed_valid (no other activity overlapped its timed steps). Other keys
 (timings) are ignored. A measured peak may be null when the run did not measure it (a CPU run).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +80,18 @@ class CalibrationRecord:
     padding_free: bool = False  # Unsloth rows as one padding-free row (the engine's since 2026-11-23)
     baseline_allocated_gib: float = 0.0
     note: str = ""
+    id: str = ""
+    source: str = ""
+    device_method: str = ""  # "" in files before bench/calibration_matrix.py: the whole device's figure
+    paged_state_gib: float | None = None
+    tokens_per_second: float | None = None
+    speed_valid: bool | None = None
+
+    @property
+    def device_clean(self) -> bool:
+        """A device figure of the run's own processes (not the whole device's, nor missing)."""
+        m = self.device_method
+        return self.device_peak_gib is not None and (m.startswith("nvml-per-process") or m == "baseline")
 
     def describe(self) -> str:
         mts = f" mts={'+'.join(self.modules_to_save)}" if self.modules_to_save else ""
@@ -113,12 +131,25 @@ class ReplayResult:
     compared: str  # "reserved", "allocated", "oom", "superseded" (a path the engine left) or "none"
     estimated_fits: bool  # the verdict on the measuring GPU is "fits"
     problems: list[str] = field(default_factory=list)
+    device_measured_gib: float | None = None  # the run's own device peak (device_clean records)
+    device_estimated_gib: float | None = None  # the estimate's device_total_gb
 
     @property
     def error(self) -> float | None:
         if self.measured_gib is None or self.estimated_gib is None:
             return None
         return self.estimated_gib / self.measured_gib - 1
+
+    @property
+    def device_error(self) -> float | None:
+        if self.device_measured_gib is None or self.device_estimated_gib is None:
+            return None
+        return self.device_estimated_gib / self.device_measured_gib - 1
+
+
+def parse_record(data: Any, where: str, baseline: float = 0.0) -> CalibrationRecord:
+    """One record of a records file (a JSON object), checked; `where` names it in errors."""
+    return _record(data, where, baseline)
 
 
 def _record(data: Any, where: str, baseline: float = 0.0) -> CalibrationRecord:
@@ -159,6 +190,12 @@ def _record(data: Any, where: str, baseline: float = 0.0) -> CalibrationRecord:
             liger=bool(data.get("liger", False)),
             allocator=str(data.get("allocator", "default")),
             padding_free=bool(data.get("padding_free", False)),
+            id=str(data.get("id", "") or ""),
+            source=str(data.get("source", "") or ""),
+            device_method=str(data.get("device_method", "") or ""),
+            paged_state_gib=num("paged_state_gib"),
+            tokens_per_second=num("tokens_per_second"),
+            speed_valid=None if data.get("speed_valid") is None else bool(data["speed_valid"]),
         )
     except (TypeError, ValueError) as exc:
         raise UserError(f"{where}: bad value ({exc})") from None
@@ -216,20 +253,31 @@ def record_config(rec: CalibrationRecord) -> Any:
     )
 
 
+@functools.lru_cache(maxsize=4096)
+def _cached_config(rec: CalibrationRecord) -> Any:
+    return record_config(rec)
+
+
+def estimate_record(rec: CalibrationRecord, gpu: Gpu) -> Estimate:
+    """The estimate a record is compared with: its config on the GPU it ran on. The harness's rows
+    are all seq_len tokens long: no padding, so no attention mask. (The config is built once per
+    record: a refit estimates each record many times, engine/memory/fit_constants.py.)"""
+    return estimate(
+        _cached_config(rec),
+        backend=rec.backend,
+        budget_gb=gpu.budget_gb,
+        padded=False,
+        liger=rec.liger,
+        expandable=rec.allocator == "expandable",
+    )
+
+
 def replay(calibration: CalibrationFile) -> list[ReplayResult]:
     """Estimate every record; a result's problems say where the model misses the measurement."""
     gpu = calibration.resolve_gpu()
     results = []
     for rec in calibration.records:
-        # The harness's rows are all seq_len tokens long: no padding, so no attention mask.
-        est = estimate(
-            record_config(rec),
-            backend=rec.backend,
-            budget_gb=gpu.budget_gb,
-            padded=False,
-            liger=rec.liger,
-            expandable=rec.allocator == "expandable",
-        )
+        est = estimate_record(rec, gpu)
         fits = est.verdict(gpu).status == FITS
         problems: list[str] = []
         if rec.oom:
@@ -254,6 +302,8 @@ def replay(calibration: CalibrationFile) -> list[ReplayResult]:
             compared = "none"
         if estimated is not None:
             estimated += rec.baseline_allocated_gib
+        device_measured = rec.device_peak_gib if rec.device_clean and not rec.oom else None
+        device_estimated = est.device_total_gb + rec.baseline_allocated_gib if device_measured else None
         if (
             compared != "superseded"
             and measured is not None
@@ -264,7 +314,11 @@ def replay(calibration: CalibrationFile) -> list[ReplayResult]:
                 f"{rec.describe()}: estimated {estimated:.2f} GiB {compared}, measured {measured:.2f} "
                 f"({estimated / measured - 1:+.1%})"
             )
-        results.append(ReplayResult(rec, est, measured, estimated, compared, fits, problems))
+        results.append(
+            ReplayResult(
+                rec, est, measured, estimated, compared, fits, problems, device_measured, device_estimated
+            )
+        )
     return results
 
 

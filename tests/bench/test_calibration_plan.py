@@ -1,0 +1,64 @@
+"""The calibration matrix spans what issue 15 asks, on both backends, and its order is one an
+Unsloth process can walk."""
+
+from __future__ import annotations
+
+from bench import calibration_plan as cp
+
+PLAN = cp.build_plan()
+
+
+def _configs(backend: str) -> list[cp.ConfigPlan]:
+    return [c for w in PLAN.workers if w.backend == backend for c in w.configs]
+
+
+def test_each_backend_spans_the_issue_15_matrix() -> None:
+    for backend in ("hf", "unsloth"):
+        configs = _configs(backend)
+        archs = {cp.architecture(c.arch) for c in configs}
+        assert len(archs) >= 5
+        params = [a.param_counts()["total"] for a in archs]
+        assert min(params) < 1.5e9 and max(params) > 13e9  # 1B to 14B
+        assert {a.tied_embeddings for a in archs} == {True, False}
+        assert min(a.vocab for a in archs) <= 32768 and max(a.vocab for a in archs) >= 262144
+        assert {c.shape.gc for c in configs} == {"all", "half", "none"}
+        assert min(c.shape.seq for c in configs) <= 1024 and max(c.shape.seq for c in configs) >= 16384
+        assert min(c.shape.mb for c in configs) == 1 and max(c.shape.mb for c in configs) >= 8
+        assert {c.lora.targets for c in configs} == {"all", "attn"}
+        assert min(c.lora.r for c in configs) <= 16 and max(c.lora.r for c in configs) >= 128
+    ranks = {c.lora.r for c in _configs("hf") + _configs("unsloth")}
+    assert min(ranks) == 8
+    gqa = {cp.architecture(c.arch).heads // cp.architecture(c.arch).kv_heads for c in _configs("hf")}
+    assert min(gqa) <= 4 and max(gqa) >= 7
+
+
+def test_ids_are_unique_and_fit_the_device_cap() -> None:
+    ids = [c.id for w in PLAN.workers for c in w.configs]
+    assert len(ids) == len(set(ids))
+    assert all(c.est_device_gib <= 60.0 for w in PLAN.workers for c in w.configs)
+    assert all(c.shape.seq <= cp.architecture(c.arch).max_positions for w in PLAN.workers for c in w.configs)
+
+
+def test_unsloth_processes_keep_one_lora_and_run_partial_checkpointing_last() -> None:
+    for w in PLAN.workers:
+        if w.backend != "unsloth":
+            continue
+        assert len({c.lora for c in w.configs}) == 1
+        modes = [c.shape.gc for c in w.configs]
+        if "half" in modes:
+            assert all(m == "half" for m in modes[modes.index("half") :])
+
+
+def test_end_to_end_runs_repeat_or_hold_out_configurations() -> None:
+    ids = {c.id for w in PLAN.workers for c in w.configs}
+    for e in PLAN.e2e:
+        if e.same_as:
+            assert e.same_as in ids
+        else:
+            twin = f"{e.arch}/{e.backend}/{e.lora.name}/{e.shape.name}"
+            assert twin not in ids  # held out: no in-process record of it
+
+
+def test_dry_run_specs_are_small() -> None:
+    spec = PLAN.workers[0].configs[0].spec(dry_run=True)
+    assert spec["seq_len"] <= 256 and spec["steps"] == 3

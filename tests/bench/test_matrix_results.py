@@ -1,0 +1,90 @@
+"""A calibration matrix results file, as bench/calibration_matrix.py writes it, goes through every
+reader: the replay (engine.memory.calibration), the summary the device call prints, the per-backend
+tables and the leave-one-architecture-out refit of bench/memory_table.py. The file is made from
+the plan's own rows, "measured" as the model estimates them with other constants, so each reader's
+answer is known."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench import calibration_plan as cp
+from bench import memory_table
+from bench.calibration_summary import summary
+from engine.memory import constants as C
+from engine.memory import fit_constants as fc
+from engine.memory.calibration import estimate_record, load_calibration, parse_record, replay
+from engine.memory.gpus import Gpu
+
+GPU = Gpu("NVIDIA H200", "NVIDIA H200", 140.4, 140.4, "size")
+
+
+def _results(path: Path, context: float) -> Path:
+    plan = cp.build_plan(["llama-3.2-1b", "llama-3.2-3b", "qwen2.5-7b"], ("hf", "unsloth"), 140.4, e2e=False)
+    records = []
+    for w in plan.workers:
+        for c in w.configs[:3]:
+            s = c.spec()
+            rec = {
+                **{
+                    k: s[k]
+                    for k in ("id", "arch", "backend", "seq_len", "micro_batch", "lora_r", "lora_alpha")
+                },
+                "target_modules": s["target_modules"],
+                "checkpointed_layers": s["checkpointed_layers"],
+                "gradient_checkpointing": s["checkpointed_layers"] > 0,
+                "modules_to_save": [],
+                "optimizer": "paged_adamw_8bit",
+                "oom": False,
+                "allocator": "expandable",
+                "padding_free": w.backend == "unsloth",
+                "liger": w.backend == "hf",
+                "device_method": "nvml-per-process + paged state (not in NVML's figure)",
+                "tokens_per_second": 1000.0,
+                "speed_valid": True,
+            }
+            with fc.constants_set([fc.CONTEXT], [context]):
+                est = estimate_record(parse_record(rec, "test"), GPU)
+            rec.update(
+                peak_allocated_gib=est.torch_allocated_gb,
+                peak_reserved_gib=est.torch_peak_gb,
+                device_peak_gib=est.device_total_gb,
+            )
+            records.append(rec)
+    data = {
+        "date": "2026-12-04",
+        "gpu": "NVIDIA H200",
+        "gpu_total_gib": 140.4,
+        "versions": {},
+        "source": "bench/calibration_matrix.py",
+        "device_method": "nvml-per-process",
+        "records": records,
+        "planned": len(records),
+        "measured": len(records),
+    }
+    out = path / "memory-calibration-matrix-h200-2026-12-04.json"
+    out.write_text(json.dumps(data))
+    return out
+
+
+def test_a_results_file_goes_through_every_reader(tmp_path: Path) -> None:
+    context = C.CUDA_CONTEXT_GIB - 0.4
+    path = _results(tmp_path, context)
+    results = replay(load_calibration(path))
+    assert results and all(r.compared == "reserved" and abs(r.error) < 1e-9 for r in results)
+    # The device figures were made with a smaller context: every one is overestimated by 0.4 GiB.
+    assert all(r.device_error > 0 for r in results)
+    assert all(abs(r.device_estimated_gib - r.device_measured_gib - 0.4) < 1e-6 for r in results)
+
+    text = summary(path)
+    assert "hf:" in text and "unsloth:" in text
+    assert all(r.record.id in text for r in results)
+
+    tables = "\n".join(memory_table.backend_tables([path]))
+    assert "### hf" in tables and "### unsloth" in tables
+    held = "\n".join(memory_table.fit_tables([path]))
+    assert "Leave one architecture out" in held
+    for backend in ("hf", "unsloth"):
+        fitted = fc.fit_backend(fc.samples_from([load_calibration(path)]), backend)
+        assert fitted.device is not None and abs(fitted.device.after[0] - context) < 0.01
