@@ -263,7 +263,19 @@ class Worker:
             # the checkpointing mode and marks the layers it should not checkpoint (it never
             # unmarks them: the driver runs partial checkpointing last, bench/calibration_plan.py),
             # and for_training sets every layer's flag for this mode.
-            self.model = unsloth_backend.apply_lora(self.model, cfg, plan)
+            try:
+                self.model = unsloth_backend.apply_lora(self.model, cfg, plan)
+            except RuntimeError as exc:
+                # Unsloth's Gemma 3 path refuses a second get_peft_model outright; the adapters are
+                # the same (one LoRA setting per process), so only the checkpointing mode changes,
+                # which for_training sets below. Partial checkpointing is marked by get_peft_model
+                # alone: without it the configuration would not be the one asked for.
+                if "already added LoRA" not in str(exc):
+                    raise
+                if 0 < plan.checkpointed < plan.layers:
+                    raise RuntimeError(
+                        f"unsupported here: partial checkpointing needs a fresh get_peft_model ({exc})"
+                    ) from None
             FastLanguageModel.for_training(
                 self.model, use_gradient_checkpointing=unsloth_backend.gc_mode(plan)
             )
@@ -470,17 +482,17 @@ def _paged_tensors() -> list[Any]:
 
 
 def _evict_paged(torch: Any) -> None:
-    """Move every paged optimizer state to the host and drop it from bitsandbytes' page manager:
-    bitsandbytes never frees managed memory, and a state left on the device would count in the
-    next configuration's device figure."""
+    """Drop every paged optimizer state from bitsandbytes' page manager, so a later configuration
+    does not prefetch it again. bitsandbytes never frees managed memory: the state stays allocated
+    but idle. It is not in this process's NVML figure (the probe checks that: managed memory counts
+    only in the device's), so the next configuration's device figure is unaffected. It is not
+    moved to the host: with bitsandbytes 0.50 on CUDA 13, prefetching to the CPU fails with
+    "invalid device ordinal" and bitsandbytes exits the process (seen on the H200, 2026-12-04)."""
     try:
         import bitsandbytes.functional as F
 
-        manager = F.GlobalPageManager.get_instance()
-        for t in manager.paged_tensors:
-            F.prefetch_tensor(t, to_cpu=True)
         torch.cuda.synchronize()
-        manager.paged_tensors.clear()
+        F.GlobalPageManager.get_instance().paged_tensors.clear()
     except Exception:
         traceback.print_exc()
 
@@ -547,10 +559,8 @@ def probe(channel: Channel) -> int:
             torch.cuda.synchronize()
             channel.send(ev="phase", phase="managed")
             time.sleep(PROBE_PHASE_S)
-            F.prefetch_tensor(managed, to_cpu=True)
-            torch.cuda.synchronize()
-            channel.send(ev="phase", phase="evicted")
-            time.sleep(PROBE_PHASE_S)
+            # No eviction phase: prefetching managed memory to the CPU makes bitsandbytes 0.50 exit
+            # the process on CUDA 13 ("invalid device ordinal"); the workers never evict either.
     except Exception as exc:
         channel.send(ev="note", note=f"managed allocation failed: {exc.__class__.__name__}: {exc}")
     del x, managed
