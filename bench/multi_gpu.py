@@ -22,7 +22,8 @@ sample and stop, and its resume); a stage may use what earlier ones left. A stag
 its share is given up: every rank's stacks are dumped (SIGUSR1, engine/train/watchdog.py), the
 tails of the run's log (NCCL_DEBUG=INFO lines included) and of each rank's stacks are printed, the
 run's processes are killed, and the JSON says which stage and why. The JSON is rewritten after
-every stage, so a call that is cut still leaves what was measured.
+every stage, so a call that is cut still leaves what was measured; each run's events, log and
+stacks are copied to OUT/logs-<label>/.
 
 For the runs started here only: NVLink multicast off (NCCL_NVLS_ENABLE=0 and friends), NCCL_DEBUG
 =INFO, TORCH_DISTRIBUTED_DEBUG=INFO, torchrun's own INFO log, and short in-engine limits (a wait
@@ -426,11 +427,24 @@ def scenario(
         budget.finish()  # its share goes to the next scenario
     if run_dir is not None:
         result.update(_summarize(args, run_dir, gpus, est))
-        with contextlib.suppress(OSError):
-            (args.out / f"events-{label}.jsonl").write_bytes((run_dir / runs.EVENTS).read_bytes())
+        _keep_logs(run_dir, args.out / f"logs-{label}")
     report.write()
     print(json.dumps({k: v for k, v in result.items() if k not in ("losses", "stages")}), flush=True)
     return result
+
+
+def _keep_logs(run_dir: Path, folder: Path) -> None:
+    """The run's events, its log (its last 2 MB: NCCL's INFO lines included) and each rank's stacks,
+    beside the results: the run folder stays on the GPU machine."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [
+        runs.EVENTS,
+        runs.ENGINE_LOG,
+        *(p.name for p in run_dir.glob(distributed.STACKS.format(rank="*"))),
+    ]
+    for name in names:
+        with contextlib.suppress(OSError):
+            (folder / name).write_bytes((run_dir / name).read_bytes()[-(2 << 20) :])
 
 
 def _summarize(args: argparse.Namespace, run_dir: Path, gpus: int, est: Any) -> dict[str, Any]:

@@ -246,7 +246,9 @@ SHUTDOWN_TIMEOUT_S = 120
 
 def torchrun_env(nodes: Nodes = Nodes()) -> dict[str, str]:
     """torchrun settings newer than torch 2.4, as its PET_<FLAG> environment variables: read by a
-    torchrun that has the flag, ignored by one that has not (see `torchrun_command`)."""
+    torchrun that has the flag, ignored by one that has not (see `torchrun_command`); and, on one
+    host, the loopback interface for NCCL's and gloo's sockets. The launcher sets each only where
+    the environment does not already."""
     env = {
         # A stop saves a checkpoint before the processes exit: give them time after a SIGTERM
         # before torchrun's SIGKILL (30 s by default, short for a large model's save; torch 2.12+).
@@ -258,8 +260,11 @@ def torchrun_env(nodes: Nodes = Nodes()) -> dict[str, str]:
     if not nodes.multi_host:
         # One host: the rendezvous and the workers' store on the loopback address, not on the
         # address torchrun would look up for the host's name (socket.getfqdn(): slow, or a name
-        # that does not resolve, on a machine without DNS).
+        # that does not resolve, on a machine without DNS). NCCL's bootstrap and gloo too: every
+        # rank is here (NCCL moves the data itself over NVLink or PCIe, not through sockets).
         env["PET_LOCAL_ADDR"] = "127.0.0.1"
+        env["NCCL_SOCKET_IFNAME"] = "lo"
+        env["GLOO_SOCKET_IFNAME"] = "lo"
     return env
 
 

@@ -49,7 +49,8 @@ def _env(command: list[str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     if command is not None and distributed.is_torchrun(command):
         one_host = "--standalone" in command
-        env.update(distributed.torchrun_env(distributed.Nodes(nnodes=1 if one_host else 2)))
+        for key, value in distributed.torchrun_env(distributed.Nodes(nnodes=1 if one_host else 2)).items():
+            env.setdefault(key, value)  # what the user set wins
     # The child must find this engine even when the console was started from another folder.
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
@@ -142,7 +143,7 @@ def wait_started(
 
 _REASONS = [
     # (pattern in the log, what it means): the first pattern found, in this order, wins.
-    (re.compile(r"unrecognized arguments: .*"), "torchrun refused its command line ({0})"),
+    (re.compile(r"^[\w.-]+: error: .*$", re.M), "torchrun refused its settings ({0})"),
     (
         re.compile(r"RendezvousTimeoutError.*|rendezvous.*timed out.*", re.I),
         "torchrun's rendezvous timed out ({0})",

@@ -83,7 +83,8 @@ def start_process_group(ranks: Ranks, device: str, sharded: bool, timeouts: Time
     )
     faults.stall_at(ranks.rank, "init")
     t0 = time.monotonic()
-    with watchdog.waiting(f"waiting for {what}", limit + WATCH_MARGIN_S, hint):
+    start = f"the start of the process group ({name}, {ranks.world_size} rank{plural})"
+    with watchdog.waiting(start, limit + WATCH_MARGIN_S, hint):
         try:
             dist.init_process_group(backend=backend, timeout=timedelta(seconds=limit), **kwargs)
             # One value through the group: NCCL (or gloo) really carries data between the ranks.
