@@ -361,3 +361,27 @@ def test_a_stalled_rank_ends_the_others_waits_with_one_line(
     waited = int(re.search(r"(\d+) s", re.search(needle, said).group(0)).group(1))
     assert (QUIET_S if "sources" in fault else LIMIT_S) - 1 <= waited < took
     assert _gone(run_dir, 30)
+
+
+@pytest.mark.slow
+def test_qlc_stop_that_times_out_says_where_each_rank_is(tmp_path: Path) -> None:
+    """A step slower than `qlc stop --timeout`: qlc stop gives up with every rank's stacks."""
+    overrides = ["hardware.device=cpu", *TRAIN, "train.max_steps=50"]
+    env = {"QLC_FAULT": "slow_step=6"}
+    started = qlc("--runs-dir", str(tmp_path), "train", "tiny-demo", *_sets(*overrides), "--detach", env=env)
+    assert started.returncode == 0, started.stderr
+    (run_dir,) = runs.list_run_dirs(tmp_path)
+    deadline = time.monotonic() + 120
+    while not [e for e in _events(run_dir) if isinstance(e, protocol.StageEvent) and e.stage == "training"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    stop = qlc("--runs-dir", str(tmp_path), "stop", run_dir.name, "--timeout", "2")
+    said = " ".join(stop.stderr.split())
+    stacks = distributed.stack_file(run_dir, 0)
+    assert stop.returncode == 1 and f"where each rank is: {stacks}" in said, said
+    deadline = time.monotonic() + 10
+    while "engine/train/faults.py" not in stacks.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "in before_step" in stacks.read_text()  # the slow step, where the run was
+    assert _gone(run_dir, 60)  # the stop still applies at the step's end
+    assert [e.status for e in _events(run_dir) if isinstance(e, protocol.Finished)] == ["stopped"]
