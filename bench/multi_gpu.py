@@ -26,8 +26,9 @@ every stage, so a call that is cut still leaves what was measured; each run's ev
 stacks are copied to OUT/logs-<label>/.
 
 For the runs started here only: NVLink multicast off (NCCL_NVLS_ENABLE=0 and friends), NCCL_DEBUG
-=INFO, TORCH_DISTRIBUTED_DEBUG=INFO, torchrun's own INFO log, and short in-engine limits (a wait
-between ranks, a stall) so that the engine's own one-line timeouts come before the budget's.
+=INFO, TORCH_DISTRIBUTED_DEBUG=INFO, torchrun's own INFO log, stacks after 2 minutes without a
+step, and with --budget short in-engine limits (a wait between ranks 90 s, a stall 60 s) so that
+the engine's own one-line timeouts come before the budget's.
 `--arch tiny` dry-runs everything on a CPU in a few minutes. Writes OUT/multi-gpu-<arch>-<date>.json.
 """
 
@@ -62,7 +63,10 @@ DIAGNOSIS = {
     # CPUs, a plain nn.Linear in a world of one; --distributed-debug DETAIL asks for it anyway).
     "TORCH_DISTRIBUTED_DEBUG": "INFO",
     "LOGLEVEL": "INFO",  # torchrun's agent: its rendezvous and workers
-    # The engine's own limits, under the budget's stage shares: its one-line error comes first.
+    "QLC_STALL_DUMP_S": "120",  # no step for 2 minutes: every rank's stacks in the run's folder
+}
+# With --budget, the engine's own limits under the stages' shares: its one-line error comes first.
+SHORT_LIMITS = {
     "QLC_RDZV_TIMEOUT_S": "60",
     "QLC_COLLECTIVE_TIMEOUT_S": "90",
     "QLC_SOURCES_TIMEOUT_S": "60",
@@ -593,6 +597,8 @@ def main() -> int:
         if getattr(args, key) is None:
             setattr(args, key, value)
     DIAGNOSIS["TORCH_DISTRIBUTED_DEBUG"] = args.distributed_debug
+    if args.budget:
+        DIAGNOSIS.update(SHORT_LIMITS)
     os.environ.update({**NO_MULTICAST, **DIAGNOSIS})
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
