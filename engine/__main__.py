@@ -33,10 +33,23 @@ def _claim_stdout() -> os.PathLike | int:
     return events_fd
 
 
+EXIT_LIMIT_S = 120.0  # from the run's end to the process's: past it, stacks and exit
+
+
+def _stall_s() -> float:
+    from engine.run.distributed import Timeouts
+
+    try:
+        return Timeouts.from_env().stall_s
+    except UserError:
+        return Timeouts().stall_s  # the recipe reports the bad value as the run's error
+
+
 def _train(run_dir: Path, resume: bool) -> int:
     from engine.run.control import CommandQueue
-    from engine.run.distributed import Ranks
+    from engine.run.distributed import RankLogSink, Ranks
     from engine.run.events import Emitter, FileSink, PipeSink
+    from engine.train import watchdog
 
     ranks = Ranks.from_env()
     events_fd = _claim_stdout()
@@ -44,9 +57,12 @@ def _train(run_dir: Path, resume: bool) -> int:
         lock_fd = runs.acquire_lock(run_dir)  # noqa: F841 - held until the process exits
         emitter = Emitter([PipeSink(os.fdopen(events_fd, "wb")), FileSink(run_dir / runs.EVENTS)])
     else:
-        # Rank 0 speaks for the run; the others write nothing but their stderr (engine.log).
+        # Rank 0 speaks for the run; the others write their errors and warnings as lines of their
+        # stderr (engine.log).
         os.close(events_fd)
-        emitter = Emitter([])
+        emitter = Emitter([RankLogSink(ranks.rank)])
+    # First: SIGUSR1 and stalls write every thread's stack to RUN_DIR/stacks-rank<R>.log.
+    guard = watchdog.install(run_dir, ranks.rank, emitter.emit, _stall_s())
     commands = CommandQueue(emitter)
 
     signalled: list[int] = []
@@ -61,6 +77,7 @@ def _train(run_dir: Path, resume: bool) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a lost terminal is no reason to stop
+    guard.on_terminate()  # where a rank was when torchrun (or anyone) ended it: its stacks
     if ranks.distributed:
         from engine.train.collectives import die_with_parent
 
@@ -76,6 +93,7 @@ def _train(run_dir: Path, resume: bool) -> int:
         return run(run_dir, emitter, commands, resume=resume, ranks=ranks)
     finally:
         emitter.close()
+        guard.exiting(EXIT_LIMIT_S)  # a library's exit hook that hangs: stacks, then exit
 
 
 def _sample(run_dir: Path, request_json: str, checkpoint: str | None) -> int:

@@ -232,8 +232,12 @@ def follow_child(proc: subprocess.Popen[bytes], run_dir: Path, printer: EventPri
         signal.signal(signal.SIGINT, previous)
     proc.wait()
     if printer.status is None:
+        from engine.run.launcher import start_failure
+
+        # The reason is in the log: torchrun's own failure, or another rank's one-line error.
         err.print(
-            f"[red]the engine exited ({proc.returncode}) without finishing; see {run_dir / runs.ENGINE_LOG}[/]"
+            f"[red]the engine exited ({proc.returncode}) without finishing: {escape(start_failure(proc))}[/]\n"
+            f"  the whole log: {run_dir / runs.ENGINE_LOG}"
         )
         return 1
     return exit_code(printer.status)

@@ -8,7 +8,11 @@ events, checkpoints and final adapter, and reads commands (stdin, the control FI
 them to the other ranks at each optimizer step (engine/train/collectives.py).
 
 With `hardware.device: cpu`, `gpus: N` means N CPU processes over gloo: the same code path on a
-machine without GPUs, which is how the test suite runs it.
+machine without GPUs, which is how the test suite runs it. `QLC_TORCHRUN=1` starts even one process
+through torchrun (a world of one): the multi-process path on a machine with one GPU.
+
+Every wait between processes has a limit (`Timeouts`, from the environment) and ends in one line
+naming what was waited for, for how long, and what to do (`WaitTimeout`).
 
 Pure Python (no torch): the launcher, and so the console, import this module.
 """
@@ -21,8 +25,64 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine import protocol
 from engine.config import RunConfig
 from engine.errors import UserError
+
+FORCE_TORCHRUN = "QLC_TORCHRUN"  # 1: start even one process through torchrun (a world of one)
+STACKS = "stacks-rank{rank}.log"  # every thread's stack of one rank, dumped on SIGUSR1 or a stall
+
+
+class WaitTimeout(UserError):
+    """A wait between processes ran past its limit. Its message names what was waited for and for
+    how long; its hint what to do. Reaches the console as an ErrorEvent of kind `timeout`."""
+
+    kind = "timeout"
+
+
+TIMEOUT_ENV = {
+    "rendezvous_s": "QLC_RDZV_TIMEOUT_S",
+    "collective_s": "QLC_COLLECTIVE_TIMEOUT_S",
+    "sources_s": "QLC_SOURCES_TIMEOUT_S",
+    "stall_s": "QLC_STALL_DUMP_S",
+}
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """How long the processes of a run wait for one another, in seconds. Generous by default (a
+    big model's checkpoint or a long live sample keeps the other ranks waiting); each can be set
+    in the environment of `qlc train` / `qlc resume` (and `qlc join`), which the engine inherits."""
+
+    rendezvous_s: float = 600.0  # torchrun's rendezvous: every host's torchrun has joined
+    collective_s: float = 1800.0  # process group start (NCCL init), the command handoff, barriers
+    sources_s: float = 600.0  # other ranks: rank 0's sources.json, while rank 0 writes no event
+    stall_s: float = 1800.0  # no optimizer step for this long: dump every thread's stack (0: never)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Timeouts:
+        env = os.environ if env is None else env
+        values: dict[str, float] = {}
+        for field, name in TIMEOUT_ENV.items():
+            raw = env.get(name, "").strip()
+            if not raw:
+                continue
+            try:
+                value = float(raw)
+            except ValueError:
+                value = -1.0
+            if value < 0 or (value == 0 and field != "stall_s"):
+                raise UserError(
+                    f"{name}={raw!r}: expected a number of seconds above 0",
+                    "unset it for the default"
+                    + (" (0 turns the stack dumps off)" if field == "stall_s" else ""),
+                )
+            values[field] = value
+        return cls(**values)
+
+    @classmethod
+    def variable(cls, field: str) -> str:
+        return TIMEOUT_ENV[field]
 
 
 @dataclass(frozen=True)
@@ -138,12 +198,26 @@ def processes_per_node(cfg: RunConfig, gpus_here: int | None = None) -> int:
     return want
 
 
-def torchrun_command(nproc: int, engine_args: list[str], nodes: Nodes = Nodes()) -> list[str]:
+def forced_torchrun(env: dict[str, str] | None = None) -> bool:
+    """QLC_TORCHRUN=1: one process is started through torchrun too (a world of one)."""
+    env = os.environ if env is None else env
+    return env.get(FORCE_TORCHRUN, "").strip() in ("1", "true", "yes")
+
+
+def torchrun_command(
+    nproc: int, engine_args: list[str], nodes: Nodes = Nodes(), timeouts: Timeouts | None = None
+) -> list[str]:
     """`python -m torch.distributed.run ... -m engine <engine_args>`: torchrun's documented flags,
     nothing home-made. One host: --standalone (a local rendezvous on a free port). Several hosts:
     torchrun's static rendezvous at `nodes.rdzv_endpoint` with the node ranks as given, so that
     node 0, whose console started the run, holds global rank 0 (the c10d rendezvous numbers the
-    nodes in the order they arrive)."""
+    nodes in the order they arrive).
+
+    Only flags every torchrun since torch 2.4 knows are on the command line: an unknown flag makes
+    torchrun exit at once with a usage message (torch 2.11's has no --shutdown-timeout, which is how
+    a world of one on a GPU machine never started). Newer settings travel as torchrun's PET_*
+    environment variables (`torchrun_env`), which a torchrun without them ignores."""
+    timeouts = timeouts or Timeouts.from_env()
     cmd = [sys.executable, "-m", "torch.distributed.run"]
     if nodes.multi_host:
         host, _, port = nodes.rdzv_endpoint.rpartition(":")
@@ -155,19 +229,47 @@ def torchrun_command(nproc: int, engine_args: list[str], nodes: Nodes = Nodes())
         ]
     else:
         cmd.append("--standalone")
+    rdzv = int(timeouts.rendezvous_s)
     cmd += [
         f"--nproc-per-node={nproc}",
-        # A stop saves a checkpoint before the processes exit: give them time after a SIGTERM
-        # before torchrun's SIGKILL (its default is 30 s, short for a large model's save).
-        "--shutdown-timeout=120",
-        # torchrun forwards these to the workers; SIGHUP is not one of them (a lost terminal is no
-        # reason to stop, and the run has none: it runs in its own session).
-        "--signals-to-handle=SIGTERM,SIGINT",
+        # How long the hosts' torchruns wait for one another (c10d: join_timeout; static: timeout).
+        f"--rdzv-conf=join_timeout={rdzv},timeout={rdzv}",
         "-m",
         "engine",
         *engine_args,
     ]
     return cmd
+
+
+SHUTDOWN_TIMEOUT_S = 120
+
+
+def torchrun_env(nodes: Nodes = Nodes()) -> dict[str, str]:
+    """torchrun settings newer than torch 2.4, as its PET_<FLAG> environment variables: read by a
+    torchrun that has the flag, ignored by one that has not (see `torchrun_command`); and, on one
+    host, the loopback interface for NCCL's and gloo's sockets. The launcher sets each only where
+    the environment does not already."""
+    env = {
+        # A stop saves a checkpoint before the processes exit: give them time after a SIGTERM
+        # before torchrun's SIGKILL (30 s by default, short for a large model's save; torch 2.12+).
+        "PET_SHUTDOWN_TIMEOUT": str(SHUTDOWN_TIMEOUT_S),
+        # torchrun forwards these to the workers; SIGHUP is not one of them (a lost terminal is no
+        # reason to stop, and the run has none: it runs in its own session).
+        "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT",
+    }
+    if not nodes.multi_host:
+        # One host: the rendezvous and the workers' store on the loopback address, not on the
+        # address torchrun would look up for the host's name (socket.getfqdn(): slow, or a name
+        # that does not resolve, on a machine without DNS). NCCL's bootstrap and gloo too: every
+        # rank is here (NCCL moves the data itself over NVLink or PCIe, not through sockets).
+        env["PET_LOCAL_ADDR"] = "127.0.0.1"
+        env["NCCL_SOCKET_IFNAME"] = "lo"
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    return env
+
+
+def is_torchrun(command: list[str]) -> bool:
+    return command[1:3] == ["-m", "torch.distributed.run"]
 
 
 def describe(ranks: Ranks, strategy: str, device: str) -> str:
@@ -201,3 +303,92 @@ def change_processes(run_dir: Path, gpus: str) -> RunConfig:
     tmp.write_text(cfg.to_yaml(), encoding="utf-8")
     tmp.rename(path)
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# What the other ranks write, and where a hang shows
+# ---------------------------------------------------------------------------------------------
+
+
+class RankLogSink:
+    """The events of a rank other than 0, as one text line each on its stderr (the run's
+    engine.log, or its host's log): its errors, warnings and end. Rank 0 alone writes events."""
+
+    def __init__(self, rank: int, stream: object = None) -> None:
+        self.rank = rank
+        self._stream = stream
+
+    def write(self, line: bytes) -> None:
+        try:
+            ev = protocol.decode_event(line)
+        except protocol.ProtocolError:
+            return
+        text = None
+        if isinstance(ev, protocol.ErrorEvent):
+            text = f"error ({ev.kind}): {ev.message}" + (f" (hint: {ev.hint})" if ev.hint else "")
+        elif isinstance(ev, protocol.WarningEvent):
+            text = f"warning: {ev.message}"
+        elif isinstance(ev, protocol.Log) and ev.level in ("warning", "error"):
+            text = f"{ev.level}: {ev.message}"
+        elif isinstance(ev, protocol.Finished):
+            text = f"finished: {ev.status} at step {ev.step}"
+        if text is not None:
+            stream = self._stream or sys.stderr
+            print(f"[rank {self.rank}] {text}", file=stream, flush=True)  # type: ignore[call-overload]
+
+    def close(self) -> None:
+        pass
+
+
+def stack_file(run_dir: Path, rank: int) -> Path:
+    return run_dir / STACKS.format(rank=rank)
+
+
+def rank_processes(run_dir: Path) -> dict[int, int]:
+    """{rank: pid} of this host's engine processes that train `run_dir` (torchrun's workers, or the
+    one engine of a single-process run); torchrun itself is left out. Linux (/proc)."""
+    found: dict[int, int] = {}
+    target = str(run_dir).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if target not in argv or b"engine" not in argv or b"torch.distributed.run" in argv:
+                continue
+            if argv[argv.index(b"engine") - 1] != b"-m":
+                continue
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        rank = next((v[5:] for v in environ if v.startswith(b"RANK=")), b"0")
+        found[int(rank) if rank.isdigit() else 0] = int(entry.name)
+    return found
+
+
+def dump_stacks(run_dir: Path) -> dict[int, Path]:
+    """SIGUSR1 to each of this host's rank processes of the run: each writes every thread's stack to
+    its RUN_DIR/stacks-rank<R>.log (engine/train/watchdog.py). Returns {rank: file} of those
+    signalled."""
+    import signal
+
+    files = {}
+    for rank, pid in sorted(rank_processes(run_dir).items()):
+        # A process still starting has no handler yet, and SIGUSR1 would end it.
+        if not _catches(pid, signal.SIGUSR1):
+            continue
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGUSR1)
+            files[rank] = stack_file(run_dir, rank)
+    return files
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler for `signum` (the SigCgt mask of /proc/PID/status)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False

@@ -15,13 +15,16 @@ Pure Python: the console imports this module.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import BinaryIO
 
 from engine.config import load_resolved
-from engine.run import distributed
+from engine.errors import UserError
+from engine.run import distributed, runs
 from engine.run.runs import CONFIG, ENGINE_LOG
 
 
@@ -31,18 +34,23 @@ def engine_command(*args: str) -> list[str]:
 
 def train_command(run_dir: Path, resume: bool = False, nodes: distributed.Nodes | None = None) -> list[str]:
     """The command line that trains (or resumes) a run: the engine itself for one process, torchrun
-    for several (hardware.gpus, or several hosts). Raises a UserError when the GPUs are not there."""
+    for several (hardware.gpus, or several hosts, or QLC_TORCHRUN=1). Raises a UserError when the
+    GPUs are not there."""
     nodes = nodes or distributed.Nodes()
     nodes.check()
     args = ["resume" if resume else "train", str(run_dir)]
     nproc = distributed.processes_per_node(load_resolved(run_dir / CONFIG))
-    if nproc == 1 and not nodes.multi_host:
+    if nproc == 1 and not nodes.multi_host and not distributed.forced_torchrun():
         return engine_command(*args)
     return distributed.torchrun_command(nproc, args, nodes)
 
 
-def _env() -> dict[str, str]:
+def _env(command: list[str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    if command is not None and distributed.is_torchrun(command):
+        one_host = "--standalone" in command
+        for key, value in distributed.torchrun_env(distributed.Nodes(nnodes=1 if one_host else 2)).items():
+            env.setdefault(key, value)  # what the user set wins
     # The child must find this engine even when the console was started from another folder.
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
@@ -83,19 +91,83 @@ def launch(
     With pipe=True the caller gets stdin/stdout pipes (commands in, events out); without, both go to
     /dev/null and the run is reached only through its events file and control FIFO.
     """
+    command = command or engine_command(*args)
     log = open_log(run_dir, log_name)
     try:
-        return subprocess.Popen(
-            command or engine_command(*args),
+        offset = os.fstat(log.fileno()).st_size
+        proc = subprocess.Popen(
+            command,
             stdin=subprocess.PIPE if pipe else subprocess.DEVNULL,
             stdout=subprocess.PIPE if pipe else subprocess.DEVNULL,
             stderr=log,
             start_new_session=True,
-            env=_env(),
+            env=_env(command),
             close_fds=True,
         )
     finally:
         log.close()
+    # Where this process's part of the log begins: what it wrote if it fails to start.
+    proc.log_offset = offset  # type: ignore[attr-defined]
+    proc.log_path = run_dir / log_name  # type: ignore[attr-defined]
+    return proc
+
+
+START_TIMEOUT_S = 120.0
+
+
+def wait_started(
+    run_dir: Path, proc: subprocess.Popen[bytes], timeout_s: float = START_TIMEOUT_S, lock: bool = True
+) -> bool:
+    """Wait until the run's engine holds its lock (it started), for at most `timeout_s`. Raises a
+    UserError with the reason from the log when the launched process (torchrun, or the engine)
+    exits first; returns False at the timeout (still starting: torchrun's rendezvous, or a slow
+    import). `lock=False` (node 0 of several hosts, whose rank 0 starts only once every host has
+    joined) only watches for an early exit."""
+    deadline = time.monotonic() + timeout_s
+    events = run_dir / runs.EVENTS
+    before = events.stat().st_size if events.exists() else 0
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            if events.exists() and events.stat().st_size > before:
+                return True  # it started, and already ended: its events say how
+            raise UserError(
+                f"run {run_dir.name}: the engine exited ({proc.returncode}) before it started: "
+                f"{start_failure(proc)}",
+                f"the whole log: {getattr(proc, 'log_path', run_dir / ENGINE_LOG)}",
+            )
+        if lock and runs.is_running(run_dir):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+_REASONS = [
+    # (pattern in the log, what it means): the first pattern found, in this order, wins.
+    (re.compile(r"^[\w.-]+: error: .*$", re.M), "torchrun refused its settings ({0})"),
+    (
+        re.compile(r"RendezvousTimeoutError.*|rendezvous.*timed out.*", re.I),
+        "torchrun's rendezvous timed out ({0})",
+    ),
+    (re.compile(r"\[rank \d+\] error .*"), "{0}"),
+    (re.compile(r"^\w*(Error|Exception)\b.*$", re.M), "{0}"),
+]
+
+
+def start_failure(proc: subprocess.Popen[bytes]) -> str:
+    """One line from what a launched process wrote to its log: the reason it ended."""
+    path = getattr(proc, "log_path", None)
+    try:
+        with open(path, "rb") as f:  # type: ignore[arg-type]
+            f.seek(getattr(proc, "log_offset", 0))
+            text = f.read()[-200_000:].decode(errors="replace")
+    except (OSError, TypeError):
+        return "(no log)"
+    for pattern, template in _REASONS:
+        found = pattern.findall(text) if pattern.groups == 0 else [m.group(0) for m in pattern.finditer(text)]
+        if found:
+            return template.format(found[-1].strip())[:400]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:400] if lines else "(the log is empty)"
 
 
 def launch_train(

@@ -12,6 +12,12 @@
                                           a real CUDA out-of-memory, from the allocator itself
     QLC_FAULT="audit_loads"               log every torch.load to engine.log and refuse any call
                                           that is not weights_only=True
+    QLC_FAULT="stall_rank=1@step=3"       rank 1 stops answering at a point of a multi-process run,
+                                          until torchrun ends it: @init (before the process group
+                                          starts), @sources (rank 0, before it writes sources.json),
+                                          @step=N (after optimizer step N, before the command
+                                          handoff), @end (before the last barrier). The other
+                                          ranks' waits must then end with their one-line timeout.
 
 Several faults are joined with commas: QLC_FAULT="slow_step=0.2,oom_at_step=9".
 
@@ -47,6 +53,7 @@ class FaultPlan:
     slow_step: float = 0.0
     gpu_memory_limit_gb: float | None = None
     audit_loads: bool = False
+    stall_rank: str | None = None  # "R@POINT": rank R stalls at POINT (init, sources, step=N, end)
 
     @property
     def armed(self) -> bool:
@@ -67,6 +74,7 @@ _COUNTS = {"kill_in_save", "disk_full_in_save"}
 _INTS = {"oom_at_step", "nan_at_step"}
 _FLOATS = {"slow_step", "gpu_memory_limit_gb"}
 _FLAGS = {"audit_loads"}
+_POINTS = {"init", "sources", "end"}
 
 
 def parse(text: str) -> FaultPlan:
@@ -78,11 +86,13 @@ def parse(text: str) -> FaultPlan:
             continue
         name, _, value = part.partition("=")
         name, value = name.strip(), value.strip()
-        known = _COUNTS | _INTS | _FLOATS | _FLAGS
+        known = _COUNTS | _INTS | _FLOATS | _FLAGS | {"stall_rank"}
         if name not in known:
             raise UserError(f"{ENV}: unknown fault {name!r}", f"known: {', '.join(sorted(known))}")
         try:
-            if name in _FLAGS:
+            if name == "stall_rank":
+                values[name] = _stall_point(value)
+            elif name in _FLAGS:
                 if value:
                     raise ValueError
                 values[name] = True
@@ -101,8 +111,33 @@ def parse(text: str) -> FaultPlan:
     return FaultPlan(**values)
 
 
+def _stall_point(value: str) -> str:
+    """'1@step=3' as given, once checked: a rank number, @, and a point."""
+    rank, at, point = value.partition("@")
+    if not (rank.isdigit() and at):
+        raise ValueError
+    if point not in _POINTS:
+        kind, _, step = point.partition("=")
+        if kind != "step" or not step.isdigit() or int(step) < 1:
+            raise ValueError
+    return f"{int(rank)}@{point}"
+
+
 def plan_from_env() -> FaultPlan:
     return parse(os.environ.get(ENV, ""))
+
+
+def stall_at(rank: int, point: str) -> None:
+    """The stall_rank fault: if it names this rank and point, stop here until torchrun ends the
+    process. A stalled rank exits at once on SIGTERM (as a hung process killed by torchrun does),
+    not through the engine's stop-and-save."""
+    text = os.environ.get(ENV, "")
+    if "stall_rank" not in text or parse(text).stall_rank != f"{rank}@{point}":
+        return
+    _note(f"rank {rank} stalls at {point} (until SIGTERM or SIGKILL)")
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
+    while True:
+        time.sleep(0.5)
 
 
 def _note(message: str) -> None:

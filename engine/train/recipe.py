@@ -20,7 +20,7 @@ from engine.errors import UserError
 from engine.memory.checkpointing import CheckpointPlan, plan_checkpointing
 from engine.run import checkpoints, fingerprint, runs
 from engine.run.control import CommandQueue
-from engine.run.distributed import Ranks
+from engine.run.distributed import Ranks, Timeouts
 from engine.run.events import Emitter
 from engine.train import failures, faults
 from engine.train.backends.base import Backend
@@ -44,7 +44,8 @@ class Recipe:
         self.run_dir = run_dir
         self.emitter = emitter
         self.ranks = ranks
-        self.commands = SharedCommands(commands, ranks)  # rank 0's commands, on every rank
+        self.timeouts = Timeouts.from_env()  # every wait between ranks has a limit
+        self.commands = SharedCommands(commands, ranks, self.timeouts)  # rank 0's commands, on every rank
         self.resume = resume
         self.cfg: RunConfig = load_resolved(run_dir / runs.CONFIG)
         self.state = RunState()
@@ -85,8 +86,21 @@ class Recipe:
             )
         )
         self._log_start(removed, skipped)
+        self._start_process_group()
         if self.resume:
             fingerprint.check(self.run_dir, self.cfg, full=True)
+
+    def _start_process_group(self) -> None:
+        """Several processes: the process group starts here, before anything loads, so that a rank
+        or NCCL that does not come fails with one line about that (engine/train/collectives.py)."""
+        from engine.train.backends import parallel
+        from engine.train.collectives import start_process_group
+
+        note = start_process_group(
+            self.ranks, self.device, parallel.sharded(self.cfg, self.ranks), self.timeouts
+        )
+        if note:
+            self.emitter.log(note)
 
     def _find_resume_point(self) -> tuple[list[str], list[tuple[Path, str]]]:
         """(stale saves removed, damaged checkpoints skipped). What an engine killed mid-save left
@@ -249,6 +263,7 @@ class Recipe:
     def _build_trainer(self, model: Any, prepared: Any, template: str) -> Any:
         from engine.train.backends import parallel
         from engine.train.callback import Context, EngineCallback
+        from engine.train.watchdog import step_clock
 
         assert self.backend is not None
         context = Context(
@@ -267,7 +282,8 @@ class Recipe:
             prepared,
             self.run_dir / runs.CHECKPOINTS,
             self.device,
-            [EngineCallback(context, self.state)],
+            # The step clock first: the engine's callback reads the step it records.
+            [step_clock(self.commands), EngineCallback(context, self.state)],
             self.checkpointing,
             self.ranks,
         )
@@ -325,12 +341,13 @@ class Recipe:
         return target
 
     def cleanup(self) -> None:
-        """After a run that did not fail: every rank waits for the others here, so rank 0 lets go
-        of the run's lock only once every rank is done with it. (A failed run returns at once:
-        torchrun ends the other ranks, wherever they wait.)"""
-        from engine.train.collectives import barrier
+        """After a run that did not fail: every rank waits for the others here, before rank 0
+        announces the end, so rank 0 lets go of the run's lock only once every rank is done with
+        it; then the process group closes. (A failed run returns at once: torchrun ends the other
+        ranks, wherever they wait.)"""
+        from engine.train.collectives import finish
 
-        barrier()
+        finish(self.ranks, self.timeouts)
 
 
 def count_params(model: Any) -> tuple[int, int]:
@@ -382,6 +399,19 @@ def run(
                 message=f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300],
                 hint=f"details in {run_dir / runs.ENGINE_LOG}",
             )
+    if failure is None and recipe is not None:
+        try:
+            recipe.cleanup()  # every rank meets here before the end is announced
+        except UserError as exc:  # a rank that never came: one line, and the run failed
+            failure = protocol.ErrorEvent(
+                kind=getattr(exc, "kind", "input"), message=exc.message, hint=exc.hint
+            )
+        except Exception as exc:
+            traceback.print_exc()
+            failure = protocol.ErrorEvent(
+                message=f"at the end of the run: {exc.__class__.__name__}: {str(exc)[:200]}",
+                hint=f"details in {run_dir / runs.ENGINE_LOG}",
+            )
     if failure is not None:
         emitter.emit(failure)
         status = "failed"
@@ -399,5 +429,4 @@ def run(
     )
     if status == "failed" or recipe is None:
         return 1  # torchrun ends the other ranks, wherever they wait
-    recipe.cleanup()
     return 0

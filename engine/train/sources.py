@@ -21,8 +21,10 @@ from engine.hub.dataset import fetch_dataset
 from engine.hub.model import fetch_model
 from engine.models import tiny
 from engine.models.source import is_hub_model
-from engine.run import pins
+from engine.run import pins, runs
+from engine.run.distributed import Timeouts, WaitTimeout
 from engine.run.pins import DATA, MODEL, VAL_DATA, Pin
+from engine.train import faults
 
 Emit = Callable[[protocol.Event], None]
 WAIT_POLL_S = 0.5
@@ -41,10 +43,30 @@ class Sources:
         return self.pins.get(MODEL)
 
 
-def _wait_for_record(run_dir: Path) -> dict[str, Pin]:
+def _wait_for_record(run_dir: Path, idle_s: float) -> dict[str, Pin]:
     """Ranks other than 0 wait for rank 0's record: it is written once rank 0's downloads are
-    done, so they then find the files in the cache (torchrun ends them if rank 0 fails)."""
+    done, so they then find the files in the cache (torchrun ends them if rank 0 fails). A long
+    download is no reason to give up, so the limit counts only the time in which rank 0 wrote no
+    event (a download reports its progress every few seconds); past it, one line says what to
+    check."""
+    events = run_dir / runs.EVENTS
+    seen: tuple[int, int] | None = None
+    quiet_since = time.monotonic()
     while (found := pins.read(run_dir)) is None:
+        try:
+            stat = events.stat()
+            mark: tuple[int, int] | None = (stat.st_size, stat.st_mtime_ns)
+        except FileNotFoundError:
+            mark = None
+        now = time.monotonic()
+        if mark != seen:
+            seen, quiet_since = mark, now
+        elif now - quiet_since > idle_s:
+            raise WaitTimeout(
+                f"no {run_dir / pins.RECORD} from rank 0 after {now - quiet_since:.0f} s without an event from it",
+                "rank 0 writes it once the model and data are in the cache; the run directory must be on "
+                f"a filesystem every host sees at the same path ({Timeouts.variable('sources_s')} sets the limit)",
+            )
         time.sleep(WAIT_POLL_S)
     return found
 
@@ -63,7 +85,7 @@ def prepare(run_dir: Path, cfg: RunConfig, emit: Emit, is_main: bool = True) -> 
     """Fetch (and, at a run's start, pin) the model and the hub datasets; see the module doc."""
     recorded = pins.read(run_dir)
     if recorded is None and not is_main:
-        recorded = _wait_for_record(run_dir)
+        recorded = _wait_for_record(run_dir, Timeouts.from_env().sources_s)
     asked = cfg
     cfg = pins.apply(cfg, recorded)
     if not is_main:
@@ -117,6 +139,7 @@ def prepare(run_dir: Path, cfg: RunConfig, emit: Emit, is_main: bool = True) -> 
         found[key] = Pin(source, "dataset", asked_revision, snap.commit)
 
     if is_main and recorded is None:
+        faults.stall_at(0, "sources")
         pins.record(run_dir, found)
     return Sources(pins.apply(cfg, found), model_path, found)
 

@@ -384,3 +384,27 @@ def test_fsdp_shards_the_4bit_model_on_two_cpu_processes() -> None:
     assert r["loss_after_adamw_step"] == r["reference_loss_after_adamw_step"] < r["loss"]
     assert "does not have a sharding strategy" in r["bnb_optimizer_error"]
     assert r["sample_texts"] == [r["reference_text"]] * 2 and r["reference_text"]
+
+
+@pytest.mark.parametrize("seq_len", [2048, 32768])
+def test_qlc_fit_says_how_many_80gb_gpus_the_70b_needs(seq_len: int) -> None:
+    """The 70B catalog entry on 80 GB GPUs: at 2048 tokens one GPU holds it (DDP needs no second);
+    at 32768 none does, and FSDP-QLoRA needs the fewest N whose per-GPU share fits."""
+    overrides = [f"train.seq_len={seq_len}"]
+    cfg = load_target("llama-3.3-70b", overrides)
+    gpu = resolve_gpu("80GB")
+
+    def fits(n: int, strategy: str) -> bool:
+        return per_gpu.per_gpu(cfg, n, strategy, budget_gb=gpu.budget_gb).verdict(gpu).status == "fits"
+
+    result = qlc("fit", "llama-3.3-70b", "--gpu", "80GB", "--set", overrides[0], "--json")
+    data = json.loads(result.stdout)
+    assert result.returncode == (0 if data["fits"] else 1), result.stderr  # fits: some micro-batch, seq
+    n = data["gpus_needed"]["fsdp"]
+    assert n is not None and n >= 2 and fits(n, "fsdp") and (n == 2 or not fits(n - 1, "fsdp"))
+    assert data["gpus_needed"]["ddp"] == (1 if fits(1, "ddp") else None)
+    each = per_gpu.per_gpu(cfg, n, "fsdp", budget_gb=gpu.budget_gb).device_total_gb
+    assert data["gpus_needed_gb_each"]["fsdp"] == pytest.approx(each) and each < gpu.budget_gb
+    assert fits(1, "ddp") == (seq_len == 2048)  # the two cases this test means to cover
+    shown = qlc("fit", "llama-3.3-70b", "--gpu", "80GB", "--set", overrides[0])
+    assert f"fsdp: {n} GPUs, {each:.2f} GB each" in shown.stdout

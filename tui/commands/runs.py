@@ -8,7 +8,7 @@ import time
 from rich.table import Table
 
 from engine import protocol
-from engine.run import runs
+from engine.run import distributed, runs
 from tui.follow import EventPrinter, follow_file
 from tui.output import err, out, print_json
 
@@ -101,5 +101,10 @@ def run_stop(args: argparse.Namespace) -> int:
             err.print("the engine exited without a finished event")
             return 1
         time.sleep(0.2)
-    err.print(f"the run has not stopped after {args.timeout:.0f} s; it may be in a long step or a save")
+    # Where it is: every rank of this host writes every thread's stack to the run's folder.
+    dumped = distributed.dump_stacks(run_dir)
+    where = f"; where each rank is: {', '.join(str(p) for p in dumped.values())}" if dumped else ""
+    err.print(
+        f"the run has not stopped after {args.timeout:.0f} s; it may be in a long step or a save{where}"
+    )
     return 1

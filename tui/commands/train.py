@@ -99,6 +99,16 @@ def _start(
         )
     if detach:
         proc = launcher.launch_train(run_dir, resume=resume, pipe=False, nodes=nodes)
+        # Return once the engine runs (it holds the run's lock), or with the reason it did not
+        # start: a torchrun that refused its command line exits within seconds. Node 0 of several
+        # hosts starts its engine only once every host joined: watch it for an early exit only.
+        several = nodes is not None and nodes.multi_host
+        started = launcher.wait_started(run_dir, proc, timeout_s=10.0 if several else 120.0, lock=not several)
+        if not started and not several:
+            err.print(
+                f"[yellow]run {run_dir.name} has not started after 120 s (still importing, or torchrun's "
+                f"rendezvous); `qlc attach {run_dir.name}` follows it, {run_dir / runs.ENGINE_LOG} says more[/]"
+            )
         if json_lines:
             out.print_json(data={"run": run_dir.name, "path": str(run_dir), "pid": proc.pid})
         else:
@@ -149,5 +159,9 @@ def run_join(args: argparse.Namespace) -> int:
         f"log: {run_dir / launcher.node_log(nodes.node_rank)}"
     )
     if args.detach:
+        launcher.wait_started(run_dir, proc, timeout_s=10.0, lock=False)  # an early exit: its reason
         return 0
-    return 0 if proc.wait() == 0 else 1
+    if proc.wait() == 0:
+        return 0
+    err.print(f"[red]node {nodes.node_rank} exited ({proc.returncode}): {launcher.start_failure(proc)}[/]")
+    return 1
