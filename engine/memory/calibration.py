@@ -18,12 +18,15 @@ padding_free (Unsloth micro-batches sent as one row, as the engine and bare Unsl
 Unsloth record without it measured padded micro-batches and is replayed as "superseded");
 reserved_clean (false when the process held another model's allocator cache: compare allocated);
 baseline_allocated_gib (memory already allocated before the model loaded, left by an earlier one
-in the same process; also a file-level key): added to the estimate before comparing. Other keys
+in the same process; also a file-level key): added to the estimate before comparing;
+vision_tower (true when a multimodal architecture was measured with its vision tower loaded; every
+record before 2026-12 built the text stack alone, from bench/gpu_common's text configs). Other keys
 (timings) are ignored. A measured peak may be null when the run did not measure it (a CPU run).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +34,7 @@ from typing import Any
 
 from engine.config import config_from_dict
 from engine.errors import UserError
+from engine.memory.architectures import resolve_architecture
 from engine.memory.estimate import FITS, Estimate, estimate
 from engine.memory.gpus import Gpu, resolve_gpu
 
@@ -73,6 +77,7 @@ class CalibrationRecord:
     allocator: str = "default"  # "expandable" when the run had expandable segments
     padding_free: bool = False  # Unsloth rows as one padding-free row (the engine's since 2026-11-23)
     baseline_allocated_gib: float = 0.0
+    vision_tower: bool = False  # the multimodal checkpoint's vision tower was loaded too
     note: str = ""
 
     def describe(self) -> str:
@@ -159,6 +164,7 @@ def _record(data: Any, where: str, baseline: float = 0.0) -> CalibrationRecord:
             liger=bool(data.get("liger", False)),
             allocator=str(data.get("allocator", "default")),
             padding_free=bool(data.get("padding_free", False)),
+            vision_tower=bool(data.get("vision_tower", False)),
         )
     except (TypeError, ValueError) as exc:
         raise UserError(f"{where}: bad value ({exc})") from None
@@ -221,9 +227,14 @@ def replay(calibration: CalibrationFile) -> list[ReplayResult]:
     gpu = calibration.resolve_gpu()
     results = []
     for rec in calibration.records:
+        cfg = record_config(rec)
+        arch = resolve_architecture(cfg)
+        if not rec.vision_tower:  # measured on the text stack alone
+            arch = dataclasses.replace(arch, vision=None)
         # The harness's rows are all seq_len tokens long: no padding, so no attention mask.
         est = estimate(
-            record_config(rec),
+            cfg,
+            arch,
             backend=rec.backend,
             budget_gb=gpu.budget_gb,
             padded=False,
