@@ -377,3 +377,29 @@ def test_fsdp_shards_the_4bit_model_on_two_cpu_processes() -> None:
     assert r["loss_after_adamw_step"] == r["reference_loss_after_adamw_step"] < r["loss"]
     assert "does not have a sharding strategy" in r["bnb_optimizer_error"]
     assert r["sample_texts"] == [r["reference_text"]] * 2 and r["reference_text"]
+
+
+@pytest.mark.slow
+def test_a_gemma3_multimodal_model_trains_on_two_processes(tmp_path: Path) -> None:
+    """Gemma 3 4B/12B/27B load with their vision tower: with LoRA on the tower's projections,
+    which never receive a gradient from text, DDP (find_unused_parameters off) failed at step 2.
+    The adapters sit on the text decoder only, and two gloo processes train past step 3."""
+    from tests.engine import tiny_gemma3
+
+    model = tiny_gemma3.build(tmp_path / "models" / "tiny-gemma3")
+    root = tmp_path / "runs"
+    sets = _sets(*CPU2, *TRAIN, f"model.name_or_path={model}", "train.max_steps=4", "train.save_steps=100")
+    result = qlc(
+        "--runs-dir", str(root), "train", "tiny-demo", *sets, env={"OMP_NUM_THREADS": "1"}, timeout=600
+    )
+    (run_dir,) = runs.list_run_dirs(root)
+    log = (run_dir / runs.ENGINE_LOG).read_text()
+    assert result.returncode == 0, result.stdout + result.stderr + log[-3000:]
+    events, _ = runs.read_events(run_dir)
+    hello = next(e for e in events if isinstance(e, protocol.Hello))
+    assert hello.world_size == 2 and hello.device == "2 x cpu (gloo, ddp)"
+    assert [e.step for e in events if isinstance(e, protocol.Step)] == [1, 2, 3, 4]
+    assert events[-1].status == "completed"
+    adapter = json.loads((run_dir / runs.ADAPTER / "adapter_config.json").read_text())
+    assert adapter["target_modules"].startswith(r"model\.language_model\.layers\.")
+    assert not re.search(r"^(\[rank\d+\]: )?Traceback", log, re.M)
