@@ -346,6 +346,25 @@ def wait(procs: dict[str, subprocess.Popen[bytes]], deadline: float) -> dict[str
     return codes
 
 
+def end_engine(work: Path, backend: str) -> None:
+    """A run still going at the deadline: its engine outlives `qlc train` by design, so end it by
+    the pid its lock holds (the device call ends with the check)."""
+    import signal
+
+    from engine.run import runs
+
+    root = work / backend / "runs"
+    for run_dir in runs.list_run_dirs(root) if root.is_dir() else []:
+        if runs.is_running(run_dir):
+            try:
+                pid = int((run_dir / runs.LOCK).read_text().strip())
+                os.kill(pid, signal.SIGTERM)
+                time.sleep(5)
+                os.kill(pid, signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+
+
 def lora_params(arch: Any, r: int) -> int:
     return arch.layers * sum(r * (i + o) for i, o in arch.linear_modules().values())
 
@@ -512,6 +531,9 @@ def main() -> int:
         for b in backends_run
     }
     codes = wait({**runs_started, "padding-free": pf}, deadline - 15)
+    for b in backends_run:
+        if codes[b] is None:
+            end_engine(work, b)
     from engine.memory import find_architecture
 
     arch = find_architecture(str(model))
