@@ -263,7 +263,7 @@ def loaded_quantization(cfg: RunConfig) -> Quantization:
     quantization_config (read from its config.json on disk, never over the network), else what
     `quant.*` asks for."""
     ckpt = _checkpoint_quantization(cfg.model.name_or_path, cfg.model.revision)
-    if ckpt is not None and (ckpt.load_in_4bit or ckpt.load_in_8bit):
+    if ckpt is not None:
         # Other methods (GPTQ, AWQ, fp8) are refused by the engine before loading
         # (quantization.check_request): counted as bitsandbytes 4-bit until then.
         return dataclasses.replace(ckpt, load_in_4bit=True) if not ckpt.is_bnb_4bit else ckpt

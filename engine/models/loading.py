@@ -66,8 +66,7 @@ def checkpoint_quantization(path: str, cfg: RunConfig) -> Quantization | None:
 
 def is_prequantized(path: str, cfg: RunConfig) -> bool:
     """`...-bnb-4bit` checkpoints carry their own quantization_config: load them as they are."""
-    ckpt = checkpoint_quantization(path, cfg)
-    return ckpt is not None and (ckpt.load_in_4bit or ckpt.load_in_8bit)
+    return checkpoint_quantization(path, cfg) is not None
 
 
 def resolved_source(model: Any, path: str) -> tuple[str, str]:

@@ -43,6 +43,11 @@ class Quantization:
     def is_bnb_4bit(self) -> bool:
         return self.method == "bitsandbytes" and self.load_in_4bit
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the weights are stored quantized (a config can carry an empty bitsandbytes block)."""
+        return self.load_in_4bit or self.load_in_8bit or self.method != "bitsandbytes"
+
     def keeps_16bit(self, module: str) -> bool:
         """Whether a checkpoint stores `module` (a name like "vision_tower") unquantized: its skip
         list names it in any spelling."""
@@ -102,7 +107,7 @@ def _dtype_name(value: Any) -> str | None:
 
 
 def of_config(config: dict[str, Any]) -> Quantization | None:
-    """A config.json's `quantization_config` (or its text_config's), None when it has none."""
+    """A config.json's `quantization_config` (or its text_config's), None when it stores no quantized weights."""
     qc = config.get("quantization_config")
     if not isinstance(qc, dict) and isinstance(config.get("text_config"), dict):
         qc = config["text_config"].get("quantization_config")
@@ -110,7 +115,7 @@ def of_config(config: dict[str, Any]) -> Quantization | None:
         return None
     method = str(qc.get("quant_method") or "bitsandbytes")
     skip = qc.get("llm_int8_skip_modules")
-    return Quantization(
+    found = Quantization(
         load_in_4bit=bool(qc.get("load_in_4bit", method != "bitsandbytes")),
         load_in_8bit=bool(qc.get("load_in_8bit", False)),
         quant_type=str(qc.get("bnb_4bit_quant_type") or "nf4"),
@@ -120,6 +125,7 @@ def of_config(config: dict[str, Any]) -> Quantization | None:
         skip_modules=tuple(str(s) for s in skip) if isinstance(skip, list) else None,
         method=method,
     )
+    return found if found.quantized else None
 
 
 def checkpoint_config(name_or_path: str, revision: str | None = None) -> dict[str, Any] | None:
@@ -147,6 +153,7 @@ def checkpoint_config(name_or_path: str, revision: str | None = None) -> dict[st
 
 
 def of_checkpoint(name_or_path: str, revision: str | None = None) -> Quantization | None:
+    """The checkpoint's stored quantization, None when it is not quantized (or not at hand)."""
     config = checkpoint_config(name_or_path, revision)
     return of_config(config) if config is not None else None
 

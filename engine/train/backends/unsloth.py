@@ -72,7 +72,7 @@ def check_quantization(cfg: RunConfig, ckpt: quantization.Quantization | None) -
 
         if not ALLOW_BITSANDBYTES:
             raise UserError(
-                "quant.load_in_4bit: Unsloth finds bitsandbytes unusable on this GPU and would load "
+                "quant.load_in_4bit: Unsloth finds bitsandbytes unusable on this machine and would load "
                 "the model in 16-bit instead",
                 "set hardware.backend=hf, or quant.load_in_4bit=false to train a 16-bit base",
             )
