@@ -48,7 +48,12 @@ class QuantConfig:
     load_in_4bit: bool = True
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
-    compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """The dtype matmuls run in. auto: bf16 on a GPU that has it (fp16 on older ones); on a CPU,
+    bf16 only where the CPU computes it natively, else fp32 (engine.models.dtypes says why)."""
+    storage: Literal["auto", "uint8", "bf16", "fp16", "fp32"] = "auto"
+    """What the packed 4-bit weights are stored as (bitsandbytes' quant_storage). auto: uint8, or
+    the compute dtype under FSDP, which shards only floating tensors."""
 
 
 @dataclass
@@ -339,6 +344,11 @@ def validate(cfg: RunConfig) -> list[str]:
         # accelerate turns its FSDP plugin on only for GPU process groups: on CPUs it would train
         # DDP while the config says fsdp (docs/multi-gpu.md).
         p.append("hardware.strategy: fsdp needs CUDA GPUs (accelerate shards only on GPUs); use ddp on CPUs")
+    if cfg.hardware.strategy == "fsdp" and cfg.hardware.gpus != 1 and cfg.quant.storage == "uint8":
+        p.append(
+            "quant.storage: FSDP shards only floating tensors, so uint8 cannot be sharded; "
+            "with hardware.strategy=fsdp set quant.storage=auto (the compute dtype)"
+        )
     if cfg.hardware.strategy == "fsdp" and cfg.hardware.gpus != 1 and t.optimizer != "adamw_torch":
         # bitsandbytes' optimizer kernels have no rule for FSDP2's sharded (DTensor) parameters.
         p.append(

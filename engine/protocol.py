@@ -19,7 +19,9 @@ from typing import Literal, Union
 
 import msgspec
 
-PROTOCOL_VERSION = "1.2"  # 1.1: the `exported` event and the export stages; 1.2: stage progress (unit, rate, ETA), "downloading"
+# 1.1: the `exported` event and the export stages; 1.2: stage progress (unit, rate, ETA), "downloading";
+# 1.3: hello's compute dtype and why, model_ready's repo, commit and quantization
+PROTOCOL_VERSION = "1.3"
 
 
 class ProtocolError(ValueError):
@@ -66,6 +68,8 @@ class Hello(Message, frozen=True, tag="hello"):
     device: str = ""  # "cuda:0 (NVIDIA H100 80GB HBM3)" or "cpu"; "2 x cuda (NCCL, ddp)" for several
     world_size: int = 1  # engine processes training together (torchrun); rank 0 sends the events
     trust_remote_code: bool = False  # the model's own Python code runs (the user confirmed it)
+    compute_dtype: str = ""  # what the matmuls run in: bf16, fp16 or fp32 (quant.compute_dtype resolved)
+    compute_dtype_reason: str = ""  # why ("auto: this CPU has no native bf16 ...")
 
 
 class StageEvent(Message, frozen=True, tag="stage"):
@@ -99,6 +103,7 @@ class ModelReady(Message, frozen=True, tag="model_ready"):
     kernels: list[str] = []  # optional fused kernels in use (e.g. "liger: rms_norm, swiglu, rope")
     repo: str = ""  # the hub repo the weights came from ("" for a local folder or the built-in model)
     commit: str = ""  # the commit of `repo` that was loaded: pinned at the run's start, reused on resume
+    quantization: str = ""  # the weights as loaded: "4-bit NF4 + double quant, bf16 compute", ...
 
 
 class MemoryTerm(msgspec.Struct, frozen=True, kw_only=True):

@@ -34,3 +34,19 @@ def qlc(
     return subprocess.run(
         [*QLC, *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO, **kw
     )
+
+
+def as_if_crashed(run_dir: Path, after_checkpoint: int | None = None) -> None:
+    """Make a completed run look like one that died after a checkpoint (a completed run is not
+    resumed): its `finished` events gone, and the checkpoints after `after_checkpoint` with them."""
+    import shutil
+
+    from engine.run import runs
+
+    if after_checkpoint is not None:
+        for checkpoint in runs.checkpoints(run_dir):
+            if int(checkpoint.name.rsplit("-", 1)[1]) > after_checkpoint:
+                shutil.rmtree(checkpoint)
+    events = run_dir / runs.EVENTS
+    lines = events.read_text().splitlines(keepends=True)
+    events.write_text("".join(line for line in lines if '"type":"finished"' not in line.replace(" ", "")))

@@ -78,6 +78,8 @@ class EventPrinter:
                         else ""
                     )
                 )
+                if ev.compute_dtype:
+                    out.print(f"[dim]compute dtype {ev.compute_dtype}: {escape(ev.compute_dtype_reason)}[/]")
             case protocol.StageEvent():
                 if not self._progress_due(ev):
                     return
@@ -103,6 +105,10 @@ class EventPrinter:
                     )
                 if ev.kernels:
                     out.print(f"[dim]kernels: {escape(', '.join(ev.kernels))}[/]")
+                source = f"{ev.repo}@{ev.commit[:12]}" if ev.repo and ev.commit else ev.repo
+                weights = " · ".join(x for x in (source, ev.quantization) if x)
+                if weights:
+                    out.print(f"[dim]weights: {escape(weights)}[/]")
             case protocol.EstimateEvent():
                 budget = f" of {ev.budget_gb:.1f} GB ({ev.gpu})" if ev.budget_gb else ""
                 out.print(

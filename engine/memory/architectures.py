@@ -2,8 +2,9 @@
 built-in model, a local config.json, or a hub id (config only, never weights).
 
 Only decoder-only transformers with a gated MLP are modelled (Llama, Mistral, Qwen2/3, Gemma 1-3,
-Phi-3/4). Multimodal Gemma 3 configs contribute their text stack: the vision tower is not trained
-and is small next to the language model.
+Phi-3/4). A multimodal Gemma 3 checkpoint (4B, 12B, 27B) trains its text stack, and its SigLIP vision
+tower and projector are loaded beside it (frozen, quantized like the rest: engine.models.quantization):
+their weights are counted from the config's vision_config (`VisionTower`), nothing else of them is.
 """
 
 from __future__ import annotations
@@ -71,8 +72,38 @@ CATALOG_KEYS = {
     "fused_gate_up",
     "sliding_window",
     "sliding_pattern",
+    "vision",
     "hub_ids",
 }
+VISION_KEYS = {"hidden", "ffn", "layers", "image_size", "patch_size", "channels"}
+
+
+@dataclass(frozen=True)
+class VisionTower:
+    """A SigLIP vision encoder without its pooling head (Gemma 3's `vision_config`, vision_use_head
+    false) and Gemma 3's projector into the text stack, as transformers builds them
+    (modeling_siglip.py, modeling_gemma3.py Gemma3MultiModalProjector)."""
+
+    hidden: int
+    ffn: int
+    layers: int
+    image_size: int
+    patch_size: int
+    text_hidden: int  # the projector's output width
+    channels: int = 3
+    LINEARS_PER_LAYER = 6  # q, k, v, out_proj, fc1, fc2
+
+    def param_counts(self) -> dict[str, int]:
+        h, f = self.hidden, self.ffn
+        # q, k, v, out_proj and fc1, fc2: the linear layers bitsandbytes could quantize.
+        linear = self.layers * (4 * h * h + 2 * h * f)
+        biases = self.layers * (4 * h + f + h)
+        norms = self.layers * 2 * 2 * h + 2 * h  # two LayerNorms per layer and the last, weight + bias
+        patches = (self.image_size // self.patch_size) ** 2
+        embeddings = self.channels * self.patch_size**2 * h + h + patches * h  # patch conv, positions
+        projector = h * self.text_hidden + h  # mm_input_projection_weight and mm_soft_emb_norm
+        other = biases + norms + embeddings + projector
+        return {"linear": linear, "other": other, "total": linear + other}
 
 
 @dataclass(frozen=True)
@@ -95,6 +126,7 @@ class Architecture:
     fused_gate_up: bool = False
     sliding_window: int = 0  # local attention window of the sliding layers; 0: every layer is global
     sliding_pattern: int = 0  # one global layer in every N (Gemma 3: 6); 0: all layers slide
+    vision: VisionTower | None = None  # a multimodal checkpoint's vision tower, loaded beside the text stack
     hub_ids: tuple[str, ...] = ()
     source: str = ""
     notes: tuple[str, ...] = field(default=(), compare=False)
@@ -176,6 +208,18 @@ def _from_catalog_entry(data: dict[str, Any], path: Path) -> Architecture:
     ):
         if key in data:
             layout[key] = data[key]
+    vision = data.get("vision")
+    if vision is not None:
+        if not isinstance(vision, dict) or not {"hidden", "ffn", "layers", "image_size", "patch_size"} <= set(
+            vision
+        ):
+            raise UserError(f"{path}: vision needs hidden, ffn, layers, image_size and patch_size")
+        unknown = set(vision) - VISION_KEYS
+        if unknown:
+            raise UserError(f"{path}: unknown vision key {sorted(unknown)[0]!r}")
+        layout["vision"] = VisionTower(
+            text_hidden=int(data["hidden"]), **{k: int(v) for k, v in vision.items()}
+        )
     return Architecture(
         name=str(data["name"]),
         family=family,
@@ -225,9 +269,36 @@ def by_hub_id(name: str) -> Architecture | None:
 # ---------------------------------------------------------------------------------------------
 
 
+def vision_tower(config: dict[str, Any], text_hidden: int) -> tuple[VisionTower | None, str | None]:
+    """(the vision tower a multimodal config.json loads, or a note when it cannot be counted)."""
+    vision = config.get("vision_config")
+    if not isinstance(vision, dict):
+        return None, None
+    kind = str(vision.get("model_type") or "siglip_vision_model")
+    if kind != "siglip_vision_model" or vision.get("vision_use_head"):
+        return None, f"vision tower {kind!r} is not modelled: its weights are not counted"
+    try:
+        return (
+            VisionTower(
+                hidden=int(vision.get("hidden_size", 768)),  # SiglipVisionConfig's defaults
+                ffn=int(vision.get("intermediate_size", 3072)),
+                layers=int(vision.get("num_hidden_layers", 12)),
+                image_size=int(vision.get("image_size", 224)),
+                patch_size=int(vision.get("patch_size", 16)),
+                channels=int(vision.get("num_channels", 3)),
+                text_hidden=text_hidden,
+            ),
+            None,
+        )
+    except (TypeError, ValueError):
+        return None, "vision_config unreadable: the vision tower's weights are not counted"
+
+
 def from_hf_config(config: dict[str, Any], name: str, source: str = "") -> Architecture:
-    """An Architecture from a config.json's contents (a multimodal config's text_config for Gemma 3)."""
+    """An Architecture from a config.json's contents (a multimodal config's text_config for Gemma 3,
+    with its vision tower)."""
     cfg = dict(config)
+    multimodal = dict(config) if isinstance(cfg.get("vision_config"), dict) else None
     if isinstance(cfg.get("text_config"), dict):
         text = dict(cfg["text_config"])
         text.setdefault("model_type", f"{cfg.get('model_type', '')}_text")
@@ -272,6 +343,9 @@ def from_hf_config(config: dict[str, Any], name: str, source: str = "") -> Archi
     window, pattern = _sliding(cfg, family)
     if window:
         arch = _replace(arch, sliding_window=window, sliding_pattern=pattern)
+    if multimodal is not None:
+        vision, note = vision_tower(multimodal, arch.hidden)
+        arch = _replace(arch, vision=vision, notes=arch.notes + ((note,) if note else ()))
     return arch
 
 

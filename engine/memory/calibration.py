@@ -18,7 +18,9 @@ padding_free (Unsloth micro-batches sent as one row, as the engine and bare Unsl
 Unsloth record without it measured padded micro-batches and is replayed as "superseded");
 reserved_clean (false when the process held another model's allocator cache: compare allocated);
 baseline_allocated_gib (memory already allocated before the model loaded, left by an earlier one
-in the same process; also a file-level key): added to the estimate before comparing.
+in the same process; also a file-level key): added to the estimate before comparing;
+vision_tower (true when a multimodal architecture was measured with its vision tower loaded; every
+record before 2026-12 built the text stack alone, from bench/gpu_common's text configs).
 From bench/calibration_matrix.py (2026-12 on): id (the configuration's name), source ("qlc train"
 for a run through the real CLI), device_method (how device_peak_gib was measured:
 "nvml-per-process..." counts the run's own processes; absent in older files, whose device figure
@@ -29,6 +31,7 @@ tokens_per_second and speed_valid (no other activity overlapped its timed steps)
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from dataclasses import dataclass, field
@@ -37,6 +40,7 @@ from typing import Any
 
 from engine.config import config_from_dict
 from engine.errors import UserError
+from engine.memory.architectures import resolve_architecture
 from engine.memory.estimate import FITS, Estimate, estimate
 from engine.memory.gpus import Gpu, resolve_gpu
 
@@ -79,6 +83,7 @@ class CalibrationRecord:
     allocator: str = "default"  # "expandable" when the run had expandable segments
     padding_free: bool = False  # Unsloth rows as one padding-free row (the engine's since 2026-11-23)
     baseline_allocated_gib: float = 0.0
+    vision_tower: bool = False  # the multimodal checkpoint's vision tower was loaded too
     note: str = ""
     id: str = ""
     source: str = ""
@@ -196,6 +201,7 @@ def _record(data: Any, where: str, baseline: float = 0.0) -> CalibrationRecord:
             paged_state_gib=num("paged_state_gib"),
             tokens_per_second=num("tokens_per_second"),
             speed_valid=None if data.get("speed_valid") is None else bool(data["speed_valid"]),
+            vision_tower=bool(data.get("vision_tower", False)),
         )
     except (TypeError, ValueError) as exc:
         raise UserError(f"{where}: bad value ({exc})") from None
@@ -262,8 +268,13 @@ def estimate_record(rec: CalibrationRecord, gpu: Gpu) -> Estimate:
     """The estimate a record is compared with: its config on the GPU it ran on. The harness's rows
     are all seq_len tokens long: no padding, so no attention mask. (The config is built once per
     record: a refit estimates each record many times, engine/memory/fit_constants.py.)"""
+    cfg = _cached_config(rec)
+    arch = resolve_architecture(cfg)
+    if not rec.vision_tower:  # measured on the text stack alone
+        arch = dataclasses.replace(arch, vision=None)
     return estimate(
-        _cached_config(rec),
+        cfg,
+        arch,
         backend=rec.backend,
         budget_gb=gpu.budget_gb,
         padded=False,

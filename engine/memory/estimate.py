@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from engine import allocator, stacks
@@ -22,6 +23,9 @@ from engine.memory import constants as C
 from engine.memory import terms
 from engine.memory.architectures import Architecture, resolve_architecture
 from engine.memory.gpus import Gpu
+from engine.models import quantization
+from engine.models.quantization import Quantization
+from engine.models.tiny import is_builtin
 from engine.protocol import EstimateEvent, MemoryTerm
 
 # The memory model's calibrated profiles: each stack's (engine.stacks), and hf-upcast, the usual
@@ -225,6 +229,7 @@ def plan_for(
         )
     if problems:
         raise UserError("; ".join(problems))
+    quant = loaded_quantization(cfg)
     return terms.Plan(
         arch=arch,
         backend=backend,
@@ -234,8 +239,9 @@ def plan_for(
         targets=_targets(cfg, arch),
         modules_to_save=tuple(dict.fromkeys(lo.modules_to_save)),
         dropout=lo.dropout > 0,
-        load_in_4bit=q.load_in_4bit,
-        double_quant=q.double_quant,
+        load_in_4bit=quant.load_in_4bit,
+        double_quant=quant.double_quant,
+        vision_4bit=quant.load_in_4bit and not quant.keeps_16bit("vision_tower"),
         compute_bytes=4 if q.compute_dtype == "fp32" else 2,
         optimizer=t.optimizer,
         checkpointed_layers=fixed_checkpointing(cfg, arch) if checkpointed is None else checkpointed,
@@ -250,6 +256,38 @@ def plan_for(
         liger=(liger_runs_here() if liger is None else liger) and backend == "hf" and t.liger,
         expandable=allocator.expandable_segments() if expandable is None else expandable,
     )
+
+
+def loaded_quantization(cfg: RunConfig) -> Quantization:
+    """The weights' layout as they will be loaded: a pre-quantized checkpoint's own
+    quantization_config (read from its config.json on disk, never over the network), else what
+    `quant.*` asks for."""
+    ckpt = _checkpoint_quantization(cfg.model.name_or_path, cfg.model.revision)
+    if ckpt is not None:
+        # Other methods (GPTQ, AWQ, fp8) are refused by the engine before loading
+        # (quantization.check_request): counted as bitsandbytes 4-bit until then.
+        return dataclasses.replace(ckpt, load_in_4bit=True) if not ckpt.is_bnb_4bit else ckpt
+    q = cfg.quant
+    asked = quantization.requested(q, q.compute_dtype)
+    return asked or Quantization(load_in_4bit=False)
+
+
+def _checkpoint_quantization(name: str, revision: str | None) -> Quantization | None:
+    if is_builtin(name):
+        return None
+    try:
+        local = Path(name).expanduser().is_dir()
+    except (OSError, RuntimeError, ValueError):
+        local = False
+    if local:  # read every time: a folder on disk can change under a long-lived console
+        return quantization.of_checkpoint(name, revision)
+    return _cached_hub_quantization(name, revision)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_hub_quantization(name: str, revision: str | None) -> Quantization | None:
+    """A hub id's, from the local hub cache only (a commit's files do not change)."""
+    return quantization.of_checkpoint(name, revision)
 
 
 @functools.lru_cache(maxsize=1)
@@ -398,6 +436,11 @@ def _estimate_plan(cfg: RunConfig, arch: Architecture, plan: terms.Plan) -> Esti
     built = tuple(Term(n, sum(_gib(term_parts[n]).values()), _gib(term_parts[n])) for n in TERM_NAMES)
 
     notes = list(arch.notes)
+    ckpt = _checkpoint_quantization(cfg.model.name_or_path, cfg.model.revision)
+    if ckpt is not None:
+        notes.append(f"weights counted as the checkpoint stores them: {ckpt.describe()}")
+    if arch.vision is not None:
+        notes.append("the vision tower is loaded beside the text stack (frozen): counted in the weights")
     if name == "unsloth" and plan.budget_bytes is None:
         notes.append("Unsloth's loss chunks sized as on a large GPU (4 GiB); a smaller card chunks finer")
     if not cfg.data.packing:

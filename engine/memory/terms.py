@@ -50,6 +50,9 @@ class Plan:
     packing: bool = False  # several examples per row: a block-diagonal mask from position_ids
     padded: bool = False  # micro-batches carry padding: an attention mask on every layer
     expandable: bool = False  # the CUDA allocator's expandable segments (engine.allocator)
+    # A multimodal checkpoint's vision tower quantized with the rest (the engine's own loads do;
+    # a pre-quantized checkpoint whose skip list names it stores it in 16-bit).
+    vision_4bit: bool = False
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -78,6 +81,12 @@ class Plan:
     def frozen_16bit_bytes(self) -> int:
         """Embeddings, lm_head and norms: the load dtype, or fp32 after the upcast."""
         return 4 if self.backend == "hf-upcast" else self.compute_bytes
+
+    @property
+    def adapter_bytes(self) -> int:
+        """LoRA weights as they train: TRL casts a quantized model's adapters to bf16, and the
+        engine keeps them fp32 when it computes in fp32 (engine.train.backends.trainer)."""
+        return 4 if self.compute_bytes == 4 else 2
 
 
 @dataclass
@@ -124,7 +133,8 @@ def weights(plan: Plan) -> dict[str, float]:
     parts: dict[str, float] = {}
     if plan.load_in_4bit:
         per = C.BNB_4BIT_DQ_BYTES_PER_PARAM if plan.double_quant else C.BNB_4BIT_BYTES_PER_PARAM
-        parts["4-bit linears"] = counts["linear"] * per
+        table = C.BNB_4BIT_DQ_TABLE_BYTES if plan.double_quant else C.BNB_4BIT_TABLE_BYTES
+        parts["4-bit linears"] = counts["linear"] * per + a.layers * len(a.linear_modules()) * table
     else:
         parts["16-bit linears"] = counts["linear"] * plan.compute_bytes
     b16 = plan.frozen_16bit_bytes
@@ -134,12 +144,21 @@ def weights(plan: Plan) -> dict[str, float]:
         parts["embed_tokens"] = counts["embed_tokens"] * b16
         parts["lm_head"] = counts["lm_head"] * b16
     parts["norms" + (" and biases" if counts["bias"] else "")] = (counts["norms"] + counts["bias"]) * b16
+    if a.vision is not None:
+        v = a.vision.param_counts()
+        if plan.vision_4bit:
+            per = C.BNB_4BIT_DQ_BYTES_PER_PARAM if plan.double_quant else C.BNB_4BIT_BYTES_PER_PARAM
+            table = C.BNB_4BIT_DQ_TABLE_BYTES if plan.double_quant else C.BNB_4BIT_TABLE_BYTES
+            tables = a.vision.layers * a.vision.LINEARS_PER_LAYER * table
+            parts["vision tower (4-bit linears, frozen)"] = v["linear"] * per + tables + v["other"] * b16
+        else:
+            parts["vision tower and projector (16-bit, frozen)"] = v["total"] * b16
     # TRL casts every trainable parameter of a quantized model to bf16 (sft_trainer.py, "When using
     # QLoRA, the PEFT adapter weights are converted to bf16"), modules_to_save copies included.
-    parts["LoRA adapters"] = lora_params(plan) * 2
+    parts["LoRA adapters"] = lora_params(plan) * plan.adapter_bytes
     if plan.modules_to_save:
         parts[f"{' + '.join(plan.modules_to_save)} trainable copies"] = (
-            len(plan.modules_to_save) * counts["embed_tokens"] * 2
+            len(plan.modules_to_save) * counts["embed_tokens"] * plan.adapter_bytes
         )
     return parts
 
@@ -147,10 +166,12 @@ def weights(plan: Plan) -> dict[str, float]:
 def gradients(plan: Plan) -> dict[str, float]:
     # Gradients take the parameter's dtype (bf16). With gradient accumulation they live across the
     # whole step, so they are counted at the peak (exact from the second micro-batch on).
-    parts = {"LoRA adapters": lora_params(plan) * 2.0}
+    parts = {"LoRA adapters": lora_params(plan) * float(plan.adapter_bytes)}
     if plan.modules_to_save:
         embed = plan.arch.vocab * plan.arch.hidden
-        parts[" + ".join(plan.modules_to_save)] = len(plan.modules_to_save) * embed * 2.0
+        parts[" + ".join(plan.modules_to_save)] = (
+            len(plan.modules_to_save) * embed * float(plan.adapter_bytes)
+        )
     return parts
 
 
@@ -173,7 +194,7 @@ def optimizer_states(plan: Plan) -> tuple[dict[str, float], float]:
             else:
                 add("8-bit states", states)
         elif plan.optimizer == "adamw_torch":
-            add("AdamW states (bf16, like the params)", 2.0 * numel * 2 * count)
+            add("AdamW states (like the params)", 2.0 * numel * plan.adapter_bytes * count)
         else:  # fp32 states: the 32-bit optimizer, or tensors too small for 8-bit ones
             states = 8.0 * numel * count
             if is_paged and numel >= C.BNB_PAGED_MIN_NUMEL:

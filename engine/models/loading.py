@@ -5,20 +5,33 @@ the export and the data report all load through here. Engine processes only (tra
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from engine.config import RunConfig
 from engine.errors import UserError
+from engine.models import dtypes
+from engine.models.dtypes import DtypeChoice
+from engine.models.quantization import Quantization, of_config
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "uint8": "uint8"}
 
 
 def torch_dtype(name: str) -> Any:
+    """A dtype name of the config (bf16, fp16, fp32, uint8) as a torch dtype. `auto` is resolved
+    before anything loads (engine.models.dtypes.resolve): it is no dtype of its own."""
     import torch
 
     return getattr(torch, DTYPES[name])
+
+
+def with_compute_dtype(cfg: RunConfig, device: str) -> tuple[RunConfig, DtypeChoice]:
+    """`cfg` with quant.compute_dtype resolved for `device` (auto decided), and why."""
+    import dataclasses
+
+    choice = dtypes.resolve(cfg.quant.compute_dtype, device)
+    quant = dataclasses.replace(cfg.quant, compute_dtype=choice.name)
+    return dataclasses.replace(cfg, quant=quant), choice
 
 
 def resolve_model_path(cfg: RunConfig) -> str:
@@ -30,17 +43,48 @@ def resolve_model_path(cfg: RunConfig) -> str:
     return name
 
 
-def is_prequantized(path: str, cfg: RunConfig) -> bool:
-    """`...-bnb-4bit` checkpoints carry their own quantization_config: load them as they are."""
-    config_file = Path(path) / "config.json"
-    if config_file.is_file():
-        return "quantization_config" in json.loads(config_file.read_text())
+def model_config(path: str, cfg: RunConfig) -> dict[str, Any]:
+    """The model's config.json as a mapping: read from disk (a local folder or the hub cache), else
+    through transformers (a hub id not cached yet: one small file)."""
+    from engine.models.quantization import checkpoint_config
+
+    found = checkpoint_config(path, cfg.model.revision)
+    if found is not None:
+        return found
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(
         path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
     )
-    return getattr(config, "quantization_config", None) is not None
+    return config.to_dict()
+
+
+def checkpoint_quantization(path: str, cfg: RunConfig) -> Quantization | None:
+    """How the checkpoint's weights are already quantized (its quantization_config), or None."""
+    return of_config(model_config(path, cfg))
+
+
+def is_prequantized(path: str, cfg: RunConfig) -> bool:
+    """`...-bnb-4bit` checkpoints carry their own quantization_config: load them as they are."""
+    return checkpoint_quantization(path, cfg) is not None
+
+
+def resolved_source(model: Any, path: str) -> tuple[str, str]:
+    """(repo, commit) of the weights `model` was loaded from: a hub id and the commit transformers
+    resolved, a hub cache snapshot folder's repo and commit, or ("", "") for a local folder."""
+    config = getattr(model, "config", None)
+    name = str(getattr(config, "_name_or_path", "") or path)
+    commit = str(getattr(config, "_commit_hash", "") or "")
+    parts = Path(name).parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3].removeprefix("models--").replace("--", "/"), parts[-1]
+    try:
+        local = Path(name).expanduser().exists()
+    except (OSError, RuntimeError, ValueError):
+        local = False
+    if local:
+        return "", ""
+    return name, commit
 
 
 def load_tokenizer(cfg: RunConfig, path: str | None = None) -> Any:

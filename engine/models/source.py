@@ -59,6 +59,7 @@ def check(cfg: RunConfig) -> None:
             raise UserError(
                 f"{WHERE}: {name} has no config.json", "name a folder written by save_pretrained, or a hub id"
             )
+        _check_quantization(cfg)
         return
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
         raise UserError(f"{WHERE}: {name} not found", "check the path (paths in a preset are relative to it)")
@@ -75,3 +76,14 @@ def check(cfg: RunConfig) -> None:
                 f"{WHERE}: {name} is not in the local hub cache, and HF_HUB_OFFLINE is set",
                 "download it once with the network on, or name a local folder",
             )
+    _check_quantization(cfg)
+
+
+def _check_quantization(cfg: RunConfig) -> None:
+    """A pre-quantized checkpoint whose config.json is on disk (a folder, or the hub cache): refuse
+    a quant.* value it cannot honour now, before a run exists. The engine checks again as it loads
+    (a hub id's config may only arrive then)."""
+    from engine.models import quantization
+
+    ckpt = quantization.of_checkpoint(cfg.model.name_or_path, cfg.model.revision)
+    quantization.check_request(cfg, ckpt, cfg.hardware.backend)

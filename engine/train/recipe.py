@@ -64,12 +64,15 @@ class Recipe:
     # ---- hello: which stack, on which device, from which checkpoint --------------------------
 
     def hello(self) -> None:
+        from engine.models.loading import with_compute_dtype
         from engine.train import backends
 
         self.device = backends.choose_device(self.cfg)
         name, reason = backends.choose_backend(self.cfg, self.device, self.ranks.world_size)
         self.backend = backends.get(name)
         self.backend.prepare()  # before anything imports transformers, peft or TRL
+        # quant.compute_dtype auto, decided once for this device: everything after reads the answer.
+        self.cfg, dtype = with_compute_dtype(self.cfg, self.device)
         removed, skipped = self._find_resume_point()
         self.emitter.emit(
             protocol.Hello(
@@ -83,6 +86,8 @@ class Recipe:
                 device=self._describe_device(),
                 world_size=self.ranks.world_size,
                 trust_remote_code=self.cfg.model.trust_remote_code,
+                compute_dtype=dtype.name,
+                compute_dtype_reason=dtype.reason,
             )
         )
         self._log_start(removed, skipped)
@@ -166,7 +171,7 @@ class Recipe:
         # Decided before the weights load: the GPU's free memory is the budget auto spends.
         self.checkpointing = self._checkpointing(path)
         model = self._load_model(path)
-        self._emit_model_ready(model, time.perf_counter() - t0)
+        self._emit_model_ready(model, path, time.perf_counter() - t0)
         self._emit_estimate()
         prepared, template = self._prepare_data(self.backend.padding_free_rows(model))
         self.trainer = self._build_trainer(model, prepared, template)
@@ -189,17 +194,35 @@ class Recipe:
 
         cfg, backend, plan = self.cfg, self.backend, self.checkpointing
         assert backend is not None
-        message = "loading weights as 4-bit NF4" if cfg.quant.load_in_4bit else "loading weights"
-        self.emitter.emit(protocol.StageEvent(stage="quantizing", message=message))
+        self.emitter.emit(
+            protocol.StageEvent(stage="quantizing", message=f"loading weights: {self._layout(path)}")
+        )
         model = backend.load_model(cfg, path, self.device, plan, self.ranks)
         self.kernels = backend.apply_kernels(model, cfg, self.device)
         set_seed(cfg.train.seed)
         return backend.apply_lora(model, cfg, plan, self.ranks)
 
-    def _emit_model_ready(self, model: Any, seconds: float) -> None:
+    def _layout(self, path: str) -> str:
+        """The weights' layout as they load: the checkpoint's own quantization, or quant.*'s."""
+        from engine.models import quantization
+        from engine.models.loading import checkpoint_quantization
+
+        ckpt = checkpoint_quantization(path, self.cfg)
+        if ckpt is not None:
+            return f"{ckpt.describe()} (the checkpoint's own)"
+        asked = quantization.requested(self.cfg.quant, self.cfg.quant.compute_dtype)
+        return asked.describe() if asked else f"16-bit ({self.cfg.quant.compute_dtype})"
+
+    def _emit_model_ready(self, model: Any, path: str, seconds: float) -> None:
+        from engine.models.loading import resolved_source
+
         total, trainable = count_params(model)
         mem = cuda_memory()
         gc = self.checkpointing
+        # The commit pinned at the run's start (engine/train/sources.py) where the model came from
+        # the hub through the engine; else what the loaded model says of itself.
+        pinned = self.sources.model if self.sources is not None else None
+        repo, commit = (pinned.repo, pinned.commit) if pinned else resolved_source(model, path)
         self.emitter.emit(
             protocol.ModelReady(
                 total_params=total,
@@ -213,8 +236,9 @@ class Recipe:
                 checkpointed_layers=gc.checkpointed,
                 checkpoint_reason=gc.reason,
                 kernels=self.kernels,
-                repo=self.sources.model.repo if self.sources.model else "",
-                commit=self.sources.model.commit if self.sources.model else "",
+                repo=repo,
+                commit=commit,
+                quantization=self._layout(path),
             )
         )
 

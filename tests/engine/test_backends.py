@@ -15,7 +15,6 @@ from engine.memory import estimate
 from engine.memory.architectures import catalog
 from engine.memory.checkpointing import CheckpointPlan, plan_checkpointing
 from engine.memory.estimate import choose_checkpointing
-from engine.models.loading import is_prequantized, load_tokenizer
 from engine.train.backends import choose_backend
 from engine.train.backends.checkpointing import checkpointed_now, decoder_layers
 
@@ -174,26 +173,3 @@ def test_liger_is_used_only_on_a_gpu() -> None:
     from engine.train.backends import hf
 
     assert hf.apply_kernels(object(), tiny_cfg(), "cpu") == []
-
-
-@pytest.mark.slow
-def test_a_prequantized_checkpoint_loads_as_it_is(tmp_path: Any) -> None:
-    """A `...-bnb-4bit` style folder (saved already quantized) loads without quantizing again:
-    the same packed 4-bit weights come back."""
-    import torch
-
-    from engine.train.backends import hf
-
-    cfg = tiny_cfg()
-    model = hf.load_model(cfg, "cpu")
-    folder = tmp_path / "tiny-bnb-4bit"
-    model.save_pretrained(folder)
-    load_tokenizer(cfg).save_pretrained(folder)
-    cfg.model.name_or_path = str(folder)
-    assert is_prequantized(str(folder), cfg)
-    again = hf.load_model(cfg, "cpu", str(folder))
-    before = dict(model.named_parameters())
-    packed = [n for n, p in again.named_parameters() if p.__class__.__name__ == "Params4bit"]
-    assert packed, "the reloaded model is not 4-bit"
-    for name in packed:
-        assert torch.equal(before[name].data, dict(again.named_parameters())[name].data), name

@@ -28,7 +28,7 @@ from engine.errors import ConfigError, UserError
 from engine.memory import distributed as per_gpu
 from engine.memory import resolve_gpu
 from engine.run import distributed, launcher, runs
-from tests.conftest import REPO, qlc
+from tests.conftest import REPO, as_if_crashed, qlc
 from tui.commands.estimate import load_target
 
 STEPS = 12
@@ -336,14 +336,7 @@ def test_resume_on_another_number_of_processes(two_hosts: Path, tmp_path: Path) 
     copy = root / two_hosts.name
     shutil.copytree(two_hosts, copy, ignore=shutil.ignore_patterns(runs.CONTROL, runs.LOCK))
     os.mkfifo(copy / runs.CONTROL, 0o600)
-    # A run that died after checkpoint STEPS-4: without the last checkpoint and the `finished`
-    # event (a completed run is not resumed).
-    shutil.rmtree(copy / runs.CHECKPOINTS / f"checkpoint-{STEPS}")
-    events_file = copy / runs.EVENTS
-    lines = events_file.read_text().splitlines(keepends=True)
-    events_file.write_text(
-        "".join(line for line in lines if '"type":"finished"' not in line.replace(" ", ""))
-    )
+    as_if_crashed(copy, after_checkpoint=STEPS - 4)  # resume from the one before the last
     result = qlc("--runs-dir", str(root), "resume", copy.name, "--gpus", "1")
     assert result.returncode == 0, result.stderr + result.stdout
     assert load_preset(str(copy / runs.CONFIG)).hardware.gpus == 1  # the run's config says so now
@@ -408,3 +401,29 @@ def test_qlc_fit_says_how_many_80gb_gpus_the_70b_needs(seq_len: int) -> None:
     assert fits(1, "ddp") == (seq_len == 2048)  # the two cases this test means to cover
     shown = qlc("fit", "llama-3.3-70b", "--gpu", "80GB", "--set", overrides[0])
     assert f"fsdp: {n} GPUs, {each:.2f} GB each" in shown.stdout
+
+
+@pytest.mark.slow
+def test_a_gemma3_multimodal_model_trains_on_two_processes(tmp_path: Path) -> None:
+    """Gemma 3 4B/12B/27B load with their vision tower: with LoRA on the tower's projections,
+    which never receive a gradient from text, DDP (find_unused_parameters off) failed at step 2.
+    The adapters sit on the text decoder only, and two gloo processes train past step 3."""
+    from tests.engine import tiny_gemma3
+
+    model = tiny_gemma3.build(tmp_path / "models" / "tiny-gemma3")
+    root = tmp_path / "runs"
+    sets = _sets(*CPU2, *TRAIN, f"model.name_or_path={model}", "train.max_steps=4", "train.save_steps=100")
+    result = qlc(
+        "--runs-dir", str(root), "train", "tiny-demo", *sets, env={"OMP_NUM_THREADS": "1"}, timeout=600
+    )
+    (run_dir,) = runs.list_run_dirs(root)
+    log = (run_dir / runs.ENGINE_LOG).read_text()
+    assert result.returncode == 0, result.stdout + result.stderr + log[-3000:]
+    events, _ = runs.read_events(run_dir)
+    hello = next(e for e in events if isinstance(e, protocol.Hello))
+    assert hello.world_size == 2 and hello.device == "2 x cpu (gloo, ddp)"
+    assert [e.step for e in events if isinstance(e, protocol.Step)] == [1, 2, 3, 4]
+    assert events[-1].status == "completed"
+    adapter = json.loads((run_dir / runs.ADAPTER / "adapter_config.json").read_text())
+    assert adapter["target_modules"].startswith(r"model\.language_model\.layers\.")
+    assert not re.search(r"^(\[rank\d+\]: )?Traceback", log, re.M)

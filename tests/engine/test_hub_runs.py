@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 from engine import protocol
 from engine.run import pins, runs
-from tests.conftest import qlc
+from tests.conftest import as_if_crashed, qlc
 from tests.engine.test_hub import CARD, TINY_FILES, _chats, _parquet
 from tests.hubserver import HubServer
 
@@ -110,8 +109,7 @@ def test_a_run_pins_its_hub_sources_and_a_resume_loads_them(tmp_path: Path) -> N
 
         # Resume from step 2, on a machine whose cache is empty: everything comes from the hub again,
         # at the pinned commits.
-        newest = runs.checkpoints(run_dir)[-1]
-        shutil.rmtree(newest)
+        as_if_crashed(run_dir, after_checkpoint=2)
         hub.requests.clear()
         elsewhere = _env(hub, tmp_path / "hf-elsewhere", tmp_path / "qlc-elsewhere")
         resumed = qlc("--runs-dir", str(root), "resume", run_dir.name, env=elsewhere, timeout=600)

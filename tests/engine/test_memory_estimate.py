@@ -59,9 +59,11 @@ def test_each_term_against_a_hand_computation() -> None:
     parts = {t.name: t.parts for t in est.terms}
 
     # Weights. 6,979,321,856 linear params in NF4 with double quant: 0.5 B + a uint8 absmax per
-    # 64 + an fp32 absmax per 256 x 64; embed_tokens and lm_head 128256 x 4096 in bf16; 65 norms.
+    # 64 + an fp32 absmax per 256 x 64, and each of the 224 weights' own tables (16 + 256 fp32
+    # code entries and an fp32 offset); embed_tokens and lm_head 128256 x 4096 in bf16; 65 norms.
     w = parts["weights"]
-    assert w["4-bit linears"] == pytest.approx(6_979_321_856 * (0.5 + 1 / 64 + 4 / (64 * 256)) / GIB)
+    packed = 6_979_321_856 * (0.5 + 1 / 64 + 4 / (64 * 256))
+    assert w["4-bit linears"] == pytest.approx((packed + 224 * (16 * 4 + 256 * 4 + 4)) / GIB)
     assert w["embed_tokens"] == w["lm_head"] == pytest.approx(128256 * 4096 * 2 / GIB)
     assert w["norms"] == pytest.approx((32 * 2 + 1) * 4096 * 2 / GIB)
     # LoRA: r x (in + out) per module; per layer q 8192 + k 5120 + v 5120 + o 8192 + gate 18432

@@ -121,7 +121,7 @@ def test_any_float_round_trips(loss: float, grad: float | None) -> None:
 
 SECTIONS = {
     "model": ["name_or_path", "arch", "revision", "trust_remote_code", "attn_implementation"],
-    "quant": ["load_in_4bit", "quant_type", "double_quant", "compute_dtype"],
+    "quant": ["load_in_4bit", "quant_type", "double_quant", "compute_dtype", "storage"],
     "lora": ["r", "alpha", "dropout", "target_modules", "modules_to_save"],
     "data": ["source", "format", "columns", "template", "val_fraction", "max_examples", "too_long"],
     "train": [

@@ -12,27 +12,59 @@ engine.stacks.STACKS (docs/backends.md).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from engine import stacks
 from engine.config import RunConfig
+from engine.errors import UserError
 from engine.memory.checkpointing import CheckpointPlan
 from engine.run.distributed import Ranks
 
 
-def lora_settings(cfg: RunConfig) -> dict[str, Any]:
+def lora_settings(cfg: RunConfig, model: Any = None) -> dict[str, Any]:
     """The adapters a run asks for, as keyword arguments both peft.LoraConfig and Unsloth's
-    get_peft_model take: the one mapping from `lora.*` to the libraries."""
+    get_peft_model take: the one mapping from `lora.*` to the libraries. With `model`, the
+    targets are checked against it and kept to its text decoder (lora_targets)."""
     lo = cfg.lora
     return {
         "r": lo.r,
         "lora_alpha": lo.alpha,
         "lora_dropout": lo.dropout,
-        "target_modules": list(lo.target_modules),
+        "target_modules": list(lo.target_modules) if model is None else lora_targets(model, cfg),
         "modules_to_save": list(lo.modules_to_save) or None,
         "bias": "none",
     }
+
+
+def has_vision_tower(model: Any) -> bool:
+    config = getattr(model, "config", None)
+    return getattr(config, "vision_config", None) is not None
+
+
+def lora_targets(model: Any, cfg: RunConfig) -> list[str] | str:
+    """`lora.target_modules` as peft matches them in `model`: the module names as they are for a
+    text model; for a multimodal one (Gemma 3 4B/12B/27B), a pattern that matches them only inside
+    the text decoder's layers. A name alone would also put adapters on the SigLIP tower's q/k/v/out
+    projections (81 on the 4B): they never train on text, and DDP fails on their unused gradients.
+    A name the text decoder lacks is one clear error."""
+    from engine.train.backends.checkpointing import layers_prefix
+
+    wanted = list(cfg.lora.target_modules)
+    prefix = layers_prefix(model)
+    inside = prefix + "."
+    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n.startswith(inside)}
+    missing = [m for m in wanted if m not in present]
+    if missing:
+        raise UserError(
+            f"lora.target_modules: {', '.join(missing)} not found in this model's decoder layers",
+            f"its linear layers include {', '.join(sorted(m for m in present if m.endswith('proj'))[:10])}",
+        )
+    if not has_vision_tower(model):
+        return wanted
+    names = "|".join(re.escape(m) for m in wanted)
+    return rf"{re.escape(prefix)}\.\d+\.(?:.*\.)?(?:{names})"
 
 
 class Backend:

@@ -19,21 +19,54 @@ from typing import Any
 
 from engine.memory.checkpointing import CheckpointPlan
 
-__all__ = ["CheckpointPlan", "checkpointed_now", "count_layers", "decoder_layers", "keep_last_layers"]
+__all__ = [
+    "CheckpointPlan",
+    "checkpointed_now",
+    "count_layers",
+    "decoder_layers",
+    "keep_last_layers",
+    "layers_prefix",
+    "text_decoder",
+]
+
+
+def text_decoder(model: Any) -> Any:
+    """The text decoder of `model` (peft-wrapped or not): transformers' get_decoder(), which for a
+    multimodal Gemma 3 is its language model, not the SigLIP vision tower beside it (whose encoder
+    layers are checkpointable too, and come first in module order)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get = getattr(base, "get_decoder", None)
+    decoder = get() if callable(get) else None
+    return decoder if decoder is not None else base
 
 
 def decoder_layers(model: Any) -> tuple[Any, list[Any]]:
-    """(the module that owns the decoder stack, its layers): the ModuleList of checkpointable layers."""
+    """(the module that owns the text decoder's layer stack, its layers): the ModuleList of
+    checkpointable layers inside the text decoder."""
+    owner, _name, layers = _layer_stack(model)
+    return owner, layers
+
+
+def layers_prefix(model: Any) -> str:
+    """The qualified name of the text decoder's layer list, as peft names modules under the base
+    model (Gemma 3: model.language_model.layers; Llama: model.layers)."""
+    return _layer_stack(model)[1]
+
+
+def _layer_stack(model: Any) -> tuple[Any, str, list[Any]]:
     import torch
 
-    for module in model.modules():
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = text_decoder(model)
+    names = {id(m): n for n, m in base.named_modules()}
+    for module in decoder.modules():
         for child in module.children():
             if (
                 isinstance(child, torch.nn.ModuleList)
                 and len(child) > 0
                 and all(hasattr(layer, "gradient_checkpointing") for layer in child)
             ):
-                return module, list(child)
+                return module, names.get(id(child), ""), list(child)
     raise RuntimeError("no decoder layers with gradient checkpointing support found in this model")
 
 

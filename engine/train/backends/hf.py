@@ -18,7 +18,8 @@ from typing import Any
 
 from engine.config import RunConfig
 from engine.errors import UserError
-from engine.models.loading import is_prequantized, resolve_model_path, torch_dtype
+from engine.models import quantization
+from engine.models.loading import model_config, resolve_model_path, torch_dtype, with_compute_dtype
 from engine.run.distributed import Ranks
 from engine.train.backends import parallel
 from engine.train.backends.base import Backend, lora_settings
@@ -26,13 +27,15 @@ from engine.train.backends.checkpointing import CheckpointPlan, keep_last_layers
 
 
 def load_model(cfg: RunConfig, device: str, path: str | None = None, ranks: Ranks = Ranks()) -> Any:
-    """The base model, 4-bit NF4 (or as the checkpoint is already quantized), on `device` (this
-    rank's GPU; engine/train/backends/parallel.py says where for each strategy)."""
+    """The base model, 4-bit as `quant.*` says (or as the checkpoint is already quantized), on
+    `device` (this rank's GPU; engine/train/backends/parallel.py says where for each strategy).
+    A multimodal checkpoint (Gemma 3 4B/12B/27B) loads whole, its vision tower quantized and frozen:
+    adapters and checkpointing address its text decoder only."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     path = path or resolve_model_path(cfg)
-    q = cfg.quant
-    compute = torch_dtype(q.compute_dtype)
+    cfg, _why = with_compute_dtype(cfg, device)
+    compute = torch_dtype(cfg.quant.compute_dtype)
     kwargs: dict[str, Any] = {
         "dtype": compute,
         "device_map": parallel.placement(cfg, device, ranks),
@@ -40,16 +43,14 @@ def load_model(cfg: RunConfig, device: str, path: str | None = None, ranks: Rank
         "revision": cfg.model.revision,
         "trust_remote_code": cfg.model.trust_remote_code,
     }
-    prequantized = is_prequantized(path, cfg)
+    config = model_config(path, cfg)
+    ckpt = quantization.of_config(config)
+    quantization.check_request(cfg, ckpt, "hf")
+    prequantized = ckpt is not None
     parallel.check_prequantized(cfg, ranks, prequantized)
-    if q.load_in_4bit and not prequantized:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=q.quant_type,
-            bnb_4bit_use_double_quant=q.double_quant,
-            bnb_4bit_compute_dtype=compute,
-            **parallel.quant_storage(cfg, ranks, compute),
-        )
+    asked = quantization.requested(cfg.quant, cfg.quant.compute_dtype, sharded=parallel.sharded(cfg, ranks))
+    if asked is not None and not prequantized:
+        kwargs["quantization_config"] = BitsAndBytesConfig(**quantization.bnb_kwargs(asked, torch_dtype))
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
@@ -57,8 +58,18 @@ def load_model(cfg: RunConfig, device: str, path: str | None = None, ranks: Rank
             f"model.name_or_path: cannot load {path!r}: {str(exc).splitlines()[0]}",
             "check the hub id or local path (and your network / HF token for gated models)",
         ) from None
+    if prequantized:
+        set_compute_dtype(model, compute)
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
     return model
+
+
+def set_compute_dtype(model: Any, dtype: Any) -> None:
+    """A pre-quantized checkpoint's 4-bit layers compute in the dtype its config saved: make them
+    compute in the run's instead (quant.compute_dtype is honoured whatever the checkpoint says)."""
+    for module in model.modules():
+        if module.__class__.__name__ == "Linear4bit":
+            module.compute_dtype = dtype
 
 
 LIGER_KERNELS = ("rope", "rms_norm", "swiglu")
@@ -82,21 +93,14 @@ def apply_kernels(model: Any, cfg: RunConfig, device: str) -> list[str]:
 def apply_lora(model: Any, cfg: RunConfig, checkpointing: CheckpointPlan, ranks: Ranks = Ranks()) -> Any:
     import peft
 
-    lo = cfg.lora
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [m for m in lo.target_modules if m not in present]
-    if missing:
-        raise UserError(
-            f"lora.target_modules: {', '.join(missing)} not found in this model",
-            f"its linear layers include {', '.join(sorted(m for m in present if m.endswith('proj'))[:10])}",
-        )
+    settings = lora_settings(cfg, model)  # checks the targets against the model's text decoder
     if checkpointing.enabled and not parallel.sharded(cfg, ranks):  # FSDP checkpoints its own way
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # With a frozen base, the embeddings' output needs requires_grad or checkpointed blocks
         # would have no graph to recompute into.
         model.enable_input_require_grads()
         keep_last_layers(model, checkpointing)
-    return peft.get_peft_model(model, peft.LoraConfig(**lora_settings(cfg), task_type="CAUSAL_LM"))
+    return peft.get_peft_model(model, peft.LoraConfig(**settings, task_type="CAUSAL_LM"))
 
 
 def count_params(model: Any) -> tuple[int, int]:

@@ -4,7 +4,8 @@ the trainer is told about DDP or FSDP.
 - ddp: every rank loads the whole 4-bit model on its own GPU (device_map {"": local_rank});
   accelerate wraps it in DistributedDataParallel and all-reduces the LoRA gradients.
 - fsdp: FSDP-QLoRA as transformers and PEFT document it: bitsandbytes stores the 4-bit weights in
-  the compute dtype (`bnb_4bit_quant_storage`), so FSDP can shard them like any bf16 tensor; FSDP2
+  the compute dtype (`bnb_4bit_quant_storage`: what quant.storage auto means under FSDP,
+  engine.models.quantization), so FSDP can shard them like any bf16 tensor; FSDP2
   (transformers' default) wraps each decoder layer. Ranks load on the CPU and `fully_shard` moves
   each layer to the GPU as it shards it, so no GPU ever holds the whole model. The optimizer is
   torch's AdamW (config.validate): bitsandbytes' optimizers cannot step sharded (DTensor) weights.
@@ -40,12 +41,6 @@ def check_prequantized(cfg: RunConfig, ranks: Ranks, prequantized: bool) -> None
             "stored as uint8), and FSDP can only shard weights stored in the compute dtype",
             "use the original (16-bit) model, which is quantized on load, or hardware.strategy=ddp",
         )
-
-
-def quant_storage(cfg: RunConfig, ranks: Ranks, compute: Any) -> dict[str, Any]:
-    """Extra BitsAndBytesConfig arguments: FSDP shards only floating tensors, so the packed 4-bit
-    weights are stored in the compute dtype (transformers' FSDP-QLoRA recipe)."""
-    return {"bnb_4bit_quant_storage": compute} if sharded(cfg, ranks) else {}
 
 
 def layer_classes(model: Any) -> list[str]:

@@ -113,7 +113,7 @@ def build_trainer(
     ranks: Ranks = Ranks(),
 ) -> Any:
     distributed = parallel.trainer_args(cfg, device, ranks, model)
-    return _trainer_class()(
+    trainer = _trainer_class()(
         model=model,
         args=training_args(
             cfg, output_dir, device, data.eval is not None, trainer_checkpointing, distributed=distributed
@@ -124,3 +124,13 @@ def build_trainer(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    if cfg.quant.compute_dtype == "fp32":
+        # TRL casts a quantized model's adapters to bf16 whatever the run computes in: an fp32 run
+        # (a CPU without native bf16, engine.models.dtypes) would then run every LoRA matmul in
+        # emulated bf16. Its adapters train in fp32, like the rest of its step.
+        import torch
+
+        for param in trainer.model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
+    return trainer

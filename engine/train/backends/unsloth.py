@@ -1,4 +1,4 @@
-"""The Unsloth backend: FastLanguageModel's 4-bit load, fused kernels and LoRA, with our trainer.
+"""The Unsloth backend: Unsloth's 4-bit load, fused kernels and LoRA, with our trainer.
 
 Imported only in the engine child and only when this backend trains (engine.train.backends.get):
 `import unsloth` patches transformers, peft and TRL as it loads, so `prepare()` runs before
@@ -6,6 +6,24 @@ anything else imports them. The trainer, callbacks, data and checkpoints are the
 same as the hf backend's (TRL's SFTTrainer, which Unsloth patches in place); what differs is the
 model: Unsloth's loader, its fused RMSNorm / RoPE / SwiGLU / LoRA kernels, its chunked fused loss,
 and its offloaded gradient checkpointing.
+
+The weights asked for, exactly (read from unsloth 2026.10.9, models/loader.py):
+- `use_exact_model_name=True`: without it `get_model_name` remaps hub ids to Unsloth's own
+  uploads (Meta's Llama 3.1 8B Instruct, Google's Gemma 3 ids, ...) and drops a pinned revision
+  when it does (`_revision_for_resolved_repo`). Only that block honours the flag: on a GPU where
+  bitsandbytes is unusable Unsloth still loads 16-bit, so that is refused before loading here.
+- `quantization_config`: Unsloth otherwise builds its own BitsAndBytesConfig with NF4 and double
+  quant hard-coded (models/llama.py); a caller's "stays authoritative". The engine passes the one
+  the hf backend builds from `quant.*` (engine.models.quantization), so both train the same weights.
+- `attn_implementation` is passed; Unsloth's multimodal loader honours it, its fast Llama-family
+  path runs its own attention kernels and drops it (reported in the events).
+After loading, the model's config names the repo it came from: anything but the one asked for is
+an error, never a silent substitute.
+
+Multimodal checkpoints (Gemma 3 4B/12B/27B) load through `FastModel`, Unsloth's multimodal loader,
+as its own Gemma 3 notebooks do (FastLanguageModel hands them to it anyway), whole, the vision tower
+quantized like the rest (engine.models.quantization says why) and frozen, the adapters only on the
+text decoder (base.lora_targets): the same modules, names and memory as the hf backend.
 
 Checkpointing: Unsloth's own `checkpoint_skip_layers` keeps the activations of as many layers as
 the memory budget allows (engine.train.backends.checkpointing decides how many); the checkpointed ones
@@ -18,10 +36,13 @@ from typing import Any
 
 from engine.config import RunConfig
 from engine.errors import UserError
-from engine.models.loading import torch_dtype
+from engine.models import quantization
+from engine.models.loading import model_config, torch_dtype
 from engine.run.distributed import Ranks
-from engine.train.backends.base import Backend, lora_settings
+from engine.train.backends.base import Backend, has_vision_tower, lora_settings
 from engine.train.backends.checkpointing import CheckpointPlan
+
+WHERE = "model.name_or_path"
 
 
 def preload() -> None:
@@ -36,37 +57,95 @@ def gc_mode(plan: CheckpointPlan) -> bool | str:
     return "unsloth" if plan.enabled else False
 
 
-def load_model(cfg: RunConfig, path: str, checkpointing: CheckpointPlan) -> Any:
-    from unsloth import FastLanguageModel
-
+def check_quantization(cfg: RunConfig, ckpt: quantization.Quantization | None) -> None:
+    """Refuse, before loading, what this Unsloth cannot honour."""
+    quantization.check_request(cfg, ckpt, "unsloth")
     q = cfg.quant
+    if q.storage not in ("auto", "uint8") and ckpt is None:
+        raise UserError(
+            f"quant.storage: {q.storage} is for FSDP, which the Unsloth backend does not run "
+            "(it trains on one GPU, with its 4-bit weights stored as uint8)",
+            "set quant.storage=auto, or hardware.backend=hf",
+        )
+    if q.load_in_4bit or ckpt is not None:
+        from unsloth.device_type import ALLOW_BITSANDBYTES
+
+        if not ALLOW_BITSANDBYTES:
+            raise UserError(
+                "quant.load_in_4bit: Unsloth finds bitsandbytes unusable on this machine and would load "
+                "the model in 16-bit instead",
+                "set hardware.backend=hf, or quant.load_in_4bit=false to train a 16-bit base",
+            )
+
+
+def load_model(cfg: RunConfig, path: str, device: str, checkpointing: CheckpointPlan) -> Any:
+    from transformers import BitsAndBytesConfig
+    from unsloth import FastLanguageModel, FastModel
+
+    from engine.models.loading import with_compute_dtype
+
+    cfg, _why = with_compute_dtype(cfg, device)
+    compute = cfg.quant.compute_dtype
+    config = model_config(path, cfg)
+    ckpt = quantization.of_config(config)
+    check_quantization(cfg, ckpt)
+    multimodal = quantization.is_multimodal(config)
+    asked = quantization.requested(cfg.quant, compute)
+    kwargs: dict[str, Any] = {}
+    if asked is not None and ckpt is None:
+        kwargs["quantization_config"] = BitsAndBytesConfig(**quantization.bnb_kwargs(asked, torch_dtype))
+    loader = FastModel if multimodal else FastLanguageModel
     try:
-        model, _tokenizer = FastLanguageModel.from_pretrained(
+        model, _tokenizer = loader.from_pretrained(
             model_name=path,
-            max_seq_length=cfg.train.seq_len,
-            dtype=torch_dtype(q.compute_dtype),
-            load_in_4bit=q.load_in_4bit,
+            use_exact_model_name=True,
             revision=cfg.model.revision,
+            max_seq_length=cfg.train.seq_len,
+            dtype=torch_dtype(compute),
+            load_in_4bit=ckpt is not None or asked is not None,
+            attn_implementation=cfg.model.attn_implementation,
             trust_remote_code=cfg.model.trust_remote_code,
             use_gradient_checkpointing=gc_mode(checkpointing),
             random_state=cfg.train.seed,
+            **kwargs,
         )
     except OSError as exc:
         raise UserError(
-            f"model.name_or_path: cannot load {path!r}: {str(exc).splitlines()[0]}",
+            f"{WHERE}: cannot load {path!r}: {str(exc).splitlines()[0]}",
             "check the hub id or local path (and your network / HF token for gated models)",
         ) from None
+    loaded = str(getattr(model.config, "_name_or_path", "") or "")
+    if loaded and _normal(loaded) != _normal(path):
+        raise RuntimeError(f"Unsloth loaded {loaded!r} where {path!r} was asked for")
     model.config.use_cache = False
     return model
 
 
+def _normal(name: str) -> str:
+    import os
+
+    return os.path.normpath(os.path.expanduser(name)) if os.path.isabs(os.path.expanduser(name)) else name
+
+
+def attention_in_use(model: Any, cfg: RunConfig) -> str:
+    """What attention the loaded model runs, for the events."""
+    if has_vision_tower(model):
+        used = getattr(model.config, "_attn_implementation", None) or cfg.model.attn_implementation
+        return f"attention: {used}"
+    return (
+        "attention: Unsloth's own kernels (its fast path for this family does not take "
+        f"model.attn_implementation={cfg.model.attn_implementation})"
+    )
+
+
 def apply_lora(model: Any, cfg: RunConfig, checkpointing: CheckpointPlan) -> Any:
-    from unsloth import FastLanguageModel
+    from unsloth import FastLanguageModel, FastModel
 
     kept = checkpointing.layers - checkpointing.checkpointed if checkpointing.partial else 0
-    return FastLanguageModel.get_peft_model(
+    loader = FastModel if has_vision_tower(model) else FastLanguageModel
+    return loader.get_peft_model(
         model,
-        **lora_settings(cfg),
+        **lora_settings(cfg, model),
         use_gradient_checkpointing=gc_mode(checkpointing),
         random_state=cfg.train.seed,
         max_seq_length=cfg.train.seq_len,
@@ -96,10 +175,11 @@ class UnslothBackend(Backend):
         preload()
 
     def load_model(self, cfg: RunConfig, path: str, device: str, plan: CheckpointPlan, ranks: Ranks) -> Any:
-        return load_model(cfg, path, plan)
+        return load_model(cfg, path, device, plan)
 
     def apply_kernels(self, model: Any, cfg: RunConfig, device: str) -> list[str]:
-        return [self.KERNELS]  # loaded with them: Unsloth patches the model's classes as it loads
+        # Loaded with them: Unsloth patches the model's classes as it loads.
+        return [self.KERNELS, attention_in_use(model, cfg)]
 
     def apply_lora(self, model: Any, cfg: RunConfig, plan: CheckpointPlan, ranks: Ranks) -> Any:
         return apply_lora(model, cfg, plan)
