@@ -1322,6 +1322,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--max-configs", type=int, help="at most this many configurations per process (quick runs)"
     )
+    ap.add_argument(
+        "--skip-measured",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="leave out the configurations these records files already hold (a second call measures others)",
+    )
     ap.add_argument("--dry-run", action="store_true", help="shrunk models on the CPU: every path but CUDA")
     ap.add_argument(
         "--fake-nvml",
@@ -1334,6 +1342,13 @@ def main(argv: list[str] | None = None) -> int:
     backends = tuple(args.backend or ("hf", "unsloth"))
     total = 141.0 if args.dry_run else ((gpu_info() or {}).get("total_gib") or 140.0)
     plan = cp.build_plan(args.arch, backends, total, args.max_device_gib, e2e=not args.no_e2e)
+    if args.skip_measured:
+        measured = {
+            r.get("id") for f in args.skip_measured for r in json.loads(f.read_text()).get("records", [])
+        }
+        for w in plan.workers:
+            w.configs = [c for c in w.configs if c.id not in measured]
+        plan.workers = [w for w in plan.workers if w.configs]
     if args.max_configs:
         for w in plan.workers:
             w.configs = w.configs[: args.max_configs]
