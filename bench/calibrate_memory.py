@@ -189,13 +189,17 @@ class Worker:
         if self.backend == "unsloth":
             from transformers import set_seed
 
-            from engine.train.backends import unsloth as unsloth_backend
+            from engine.run.distributed import Ranks
+            from engine.train import backends
 
+            # Through the Backend API the engine uses (engine/train/backends/base.py), so the
+            # calibration loads and wraps exactly as a run does.
+            backend = backends.get("unsloth")
             plan = self.plan_for(first)
-            model = unsloth_backend.load_model(cfg, self.model_dir, plan)
+            model = backend.load_model(cfg, self.model_dir, self.device, plan, Ranks())
             self.load_allocated = self.allocated()
             set_seed(3407)
-            self.model = unsloth_backend.apply_lora(model, cfg, plan)
+            self.model = backend.apply_lora(model, cfg, plan, Ranks())
             self.kernels = ["unsloth: fused RMSNorm, RoPE, SwiGLU, LoRA, cross-entropy"]
         else:
             from engine.train.backends.checkpointing import decoder_layers
@@ -257,6 +261,7 @@ class Worker:
         if self.backend == "unsloth":
             from unsloth import FastLanguageModel
 
+            from engine.run.distributed import Ranks
             from engine.train.backends import unsloth as unsloth_backend
 
             # Unsloth keeps its adapters: asked again with the same LoRA settings it only records
@@ -264,7 +269,7 @@ class Worker:
             # unmarks them: the driver runs partial checkpointing last, bench/calibration_plan.py),
             # and for_training sets every layer's flag for this mode.
             try:
-                self.model = unsloth_backend.apply_lora(self.model, cfg, plan)
+                self.model = backends.get("unsloth").apply_lora(self.model, cfg, plan, Ranks())
             except RuntimeError as exc:
                 # Unsloth's Gemma 3 path refuses a second get_peft_model outright; the adapters are
                 # the same (one LoRA setting per process), so only the checkpointing mode changes,
