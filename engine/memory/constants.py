@@ -80,7 +80,7 @@ LORA_PARAM_BYTES = {"hf": 2, "hf-upcast": 2, "unsloth": 4}
 # bitsandbytes', Triton's (Liger's, Unsloth's, Inductor's compiled blocks), cuBLAS's handles.
 # FITTED to the run's own NVML figure (per process, + its paged state) minus peak reserved minus
 # paged state minus the H200's bare context, over bench/results/memory-calibration-matrix-h200-
-# 2026-12-04{a,b}.json: hf 0.740-0.744 GiB over its 14 records (5 architectures), Unsloth's own
+# 2026-12-04{a,b}.json: hf 0.740-0.744 GiB over its 13 records (5 architectures), Unsloth's own
 # kernels (FastLlamaModel) 0.809-0.811 over 16 (5 architectures), Unsloth's FastModel path (Gemma
 # 3: unsloth_zoo compiles the modeling file) 1.191 (one record). The H100 figure this replaces
 # (CUDA_CONTEXT_GIB 1.3) counted the bench parent's own context.
@@ -89,7 +89,9 @@ KERNEL_MODULES_GIB = {"hf": 0.144, "hf-upcast": 0.144, "unsloth": 0.212, "unslot
 # Unsloth's fused LoRA backward dequantizes the 4-bit weights it multiplies by, and bitsandbytes'
 # (the unfused modules') one at a time; unsloth keeps a global dequantization buffer besides.
 # FITTED, as a multiple of the largest dequantized weight (the MLP's, ffn x hidden in bf16), with
-# UNSLOTH_TOKEN_BYTES, to the Unsloth records' peak allocated memory (fit_constants.py).
+# UNSLOTH_TOKEN_BYTES, to the 20 Unsloth records' peak allocated memory (fit_constants.py): the
+# fully checkpointed peaks extrapolate to 2.2-2.4 of it at zero tokens (Llama-3.2-1B, Qwen2.5-7B
+# and -14B, Mistral-7B; 3.2 for Llama-3.2-3B).
 UNSLOTH_DEQUANTIZED_WEIGHTS = 2.72
 
 # Bytes per token at Unsloth's backward peak that no width of the model explains: between 8192 and
@@ -128,25 +130,22 @@ BACKWARD_MLP_GRADIENTS = {"hf": 1, "hf-upcast": 3, "unsloth": 1, "unsloth-unfuse
 # saves) are carved out of blocks that held the previous layer's temporaries, so the split
 # remainders pile up with the number of kept layer inputs. Slack = a share of L x T x h x bytes,
 # plus, without checkpointing, a share of one FFN-wide tensor per layer that builds an attention
-# mask (the mask's transients are sized unlike anything else in the layer). FITTED by least
-# squares on the 23 hf configs that ran in bench/results/memory-calibration-{llama-3.2-1b,
-# llama-3.1-8b,gemma-3-12b}-h100-2026-11-23.json (relative residuals weighted): the totals land
-# within 3.1% (worst: Gemma-3-12B seq 4096 mb 1 gc). The earlier "fraction of one layer's churn"
-# fit only the 8B and over-estimated the 1B by 8-13%.
+# mask (the mask's transients are sized unlike anything else in the layer). FITTED (fit_constants.py,
+# against peak reserved once ACTIVATION_SCALE is fitted against peak allocated) on the 40 hf records
+# of bench/results: the H100 matrix of 2026-11-23 (Llama-3.2-1B, Llama-3.1-8B, Gemma-3-12B, default
+# allocator) and the H200 matrix of 2026-12-04 (five architectures, expandable segments).
 HF_SLACK_PER_KEPT_INPUT = 0.57
 HF_SLACK_PER_MASKED_LAYER_NO_GC = 0.79
 # With expandable segments (the engine's default, engine/allocator.py) the allocator grows one
 # mapping instead of splitting cached blocks, and the slack above shrinks to this share of itself.
-# FITTED: bench/results/memory-calibration-engine-stacks-h100-2026-11-23b.json, Llama-3.1-8B hf
-# with Liger, seq 4096 mb 2, every layer checkpointed: 0.174 GiB reserved - allocated for the
-# engine and 0.161 for the bare TRL script, against 1.0 GiB from the default-allocator model
-# (0.86 measured without expandable segments). One config: the least certain hf constant.
+# FITTED with the above: the 13 H200 records and the two Llama-3.1-8B engine-stacks records of the
+# H100 (0.174 and 0.161 GiB reserved - allocated, against 0.86 without expandable segments).
 HF_EXPANDABLE_SLACK_SHARE = 0.18
 # hf-upcast and unsloth = base + fraction x the bytes churned at the peak (one layer's saved
 # tensors, temporaries and dequantized weights, or the loss tiles). FITTED: hf-upcast to
-# anchors.md row 1 (15.81 reserved), one row; unsloth (which runs with expandable segments) to
-# the padding-free peaks of memory-calibration-engine-stacks-h100-2026-11-23b.json: 0.141 GiB
-# slack on the 8B (0.117 estimated) and 0.044 on the 1B (0.056).
+# anchors.md row 1 (15.81 reserved), one row; unsloth (which runs with expandable segments) to its
+# 20 padding-free records (H100 and H200) against peak reserved, once UNSLOTH_DEQUANTIZED_WEIGHTS
+# and UNSLOTH_TOKEN_BYTES are fitted against peak allocated: 0.04-0.34 GiB measured.
 ALLOCATOR_SLACK_BASE_GIB = {"hf-upcast": 0.0, "unsloth": 0.026}
 ALLOCATOR_SLACK_FRACTION = {"hf-upcast": 0.07, "unsloth": 0.075}
 

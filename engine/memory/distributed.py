@@ -113,6 +113,7 @@ class PerGpuEstimate:
             torch_peak_gb=self.torch_peak_gb,
             torch_allocated_gb=self.torch_allocated_gb,
             device_total_gb=self.device_total_gb,
+            error_band_gb=self.error_band_gb,
             peak_phase=self.peak_phase,
             host_load_gb=self.host_load_gb,
             notes=list(self.notes),
