@@ -310,11 +310,9 @@ def device_gib(arch: str, backend: str, lora: Lora, shape: Shape, budget_gib: fl
 
 
 def resident_gib(arch: str, backend: str, lora: Lora, budget_gib: float) -> float:
-    """What a process holds between configurations: the weights and the CUDA context."""
-    from engine.memory import constants as C
-
+    """What a process holds between configurations: the weights, the CUDA context and kernels."""
     est = _estimate(arch, backend, lora, SHORT, budget_gib)
-    return float(est.term("weights").gb) + C.CUDA_CONTEXT_GIB
+    return float(est.term("weights").gb) + est.outside_torch_gb
 
 
 # ---------------------------------------------------------------------------------------------

@@ -112,6 +112,7 @@ def backend_tables(files: list[Path]) -> list[str]:
 
 
 def fit_tables(files: list[Path]) -> list[str]:
+    from engine.memory import constants as C
     from engine.memory import fit_constants as fc
 
     samples = fc.samples_from([load_calibration(p) for p in files])
@@ -140,7 +141,9 @@ def fit_tables(files: list[Path]) -> list[str]:
         d = max((abs(h.device_worst) for h in held if h.device_worst is not None), default=None)
         summary.append(
             f"{b}: worst held-out error, torch peak {'-' if t is None else f'{t:.1%}'}, "
-            f"device total {'-' if d is None else f'{d:.1%}'} ({len(held)} architectures)"
+            f"device total {'-' if d is None else f'{d:.1%}'} ({len(held)} architectures); "
+            f"90th percentile {fc.error_band(held, 'torch'):.1%} / {fc.error_band(held, 'device'):.1%}: "
+            f"error band {fc.band_for(held):.1%} (constants.ERROR_BAND[{b!r}] = {C.ERROR_BAND.get(b, 0):.1%})"
         )
     return [*out, "", *summary]
 

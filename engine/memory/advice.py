@@ -80,7 +80,7 @@ class _Advisor:
         self.cfg, self.gpu, self.arch, self.backend = cfg, gpu, arch, backend
 
     def estimate(self, s: _State) -> Estimate:
-        return estimate(s.cfg, self.arch, s.backend, budget_gb=self.gpu.budget_gb)
+        return estimate(s.cfg, self.arch, s.backend, gpu=self.gpu)
 
     def fits(self, s: _State) -> bool:
         return self.estimate(s).verdict(self.gpu).status == FITS

@@ -18,7 +18,13 @@ padding_free (Unsloth micro-batches sent as one row, as the engine and bare Unsl
 Unsloth record without it measured padded micro-batches and is replayed as "superseded");
 reserved_clean (false when the process held another model's allocator cache: compare allocated);
 baseline_allocated_gib (memory already allocated before the model loaded, left by an earlier one
-in the same process; also a file-level key): added to the estimate before comparing;
+in the same process; also a file-level key): added to the estimate before comparing, except where
+the file says `"baseline_additive": false` or comes from bench/calibration_matrix.py: there it is
+what the process's warm-up left (the cuBLAS and cuBLASLt workspaces, Unsloth's global buffers),
+which a run creates for itself and the estimate already counts (the end-to-end qwen2.5-7b hf run
+peaked at 8.6625 GiB allocated, its in-process twin with 0.064 GiB of "baseline" at 8.6630);
+grad_accum (micro-batches per optimizer step; also a file-level key; 1 when absent, as
+bench/calibrate_memory.py and bench/calibration_matrix.py run);
 vision_tower (true when a multimodal architecture was measured with its vision tower loaded; every
 record before 2026-12 built the text stack alone, from bench/gpu_common's text configs).
 From bench/calibration_matrix.py (2026-12 on): id (the configuration's name), source ("qlc train"
@@ -41,6 +47,7 @@ from typing import Any
 from engine.config import config_from_dict
 from engine.errors import UserError
 from engine.memory.architectures import resolve_architecture
+from engine.memory.devices import profile_for_name
 from engine.memory.estimate import FITS, Estimate, estimate
 from engine.memory.gpus import Gpu, resolve_gpu
 
@@ -56,7 +63,10 @@ REQUIRED = (
     "optimizer",
     "oom",
 )
-TOLERANCE = 0.05  # the replay's bound on |estimate / measured - 1|
+TOLERANCE = 0.05  # the replay's bound on |estimate / measured - 1| (torch peak)
+# The bound on the device total, for records that measured the run's own processes. The held-out
+# (leave-one-architecture-out) device errors it rests on: bench/memory_table.py, docs/memory-model.md.
+DEVICE_TOLERANCE = 0.05
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,13 @@ class CalibrationRecord:
     paged_state_gib: float | None = None
     tokens_per_second: float | None = None
     speed_valid: bool | None = None
+    grad_accum: int = 1
+    baseline_additive: bool = True
+
+    @property
+    def baseline(self) -> float:
+        """What the replay adds to the estimate for memory the process held before this run."""
+        return self.baseline_allocated_gib if self.baseline_additive else 0.0
 
     @property
     def device_clean(self) -> bool:
@@ -123,7 +140,8 @@ class CalibrationFile:
     def resolve_gpu(self) -> Gpu:
         """The GPU the records were measured on: its catalog entry, or gpu_total_gib."""
         if self.gpu_total_gib is not None:
-            return Gpu(self.gpu, self.gpu, self.gpu_total_gib, self.gpu_total_gib, "size")
+            total = self.gpu_total_gib
+            return Gpu(self.gpu, self.gpu, total, total, "size", profile_for_name(self.gpu, total))
         return resolve_gpu(self.gpu)
 
 
@@ -138,6 +156,9 @@ class ReplayResult:
     problems: list[str] = field(default_factory=list)
     device_measured_gib: float | None = None  # the run's own device peak (device_clean records)
     device_estimated_gib: float | None = None  # the estimate's device_total_gb
+    device_problems: list[str] = field(
+        default_factory=list
+    )  # device totals off by more than DEVICE_TOLERANCE
 
     @property
     def error(self) -> float | None:
@@ -152,12 +173,16 @@ class ReplayResult:
         return self.device_estimated_gib / self.device_measured_gib - 1
 
 
-def parse_record(data: Any, where: str, baseline: float = 0.0) -> CalibrationRecord:
+def parse_record(
+    data: Any, where: str, baseline: float = 0.0, grad_accum: int = 1, additive: bool = True
+) -> CalibrationRecord:
     """One record of a records file (a JSON object), checked; `where` names it in errors."""
-    return _record(data, where, baseline)
+    return _record(data, where, baseline, grad_accum, additive)
 
 
-def _record(data: Any, where: str, baseline: float = 0.0) -> CalibrationRecord:
+def _record(
+    data: Any, where: str, baseline: float = 0.0, grad_accum: int = 1, additive: bool = True
+) -> CalibrationRecord:
     if not isinstance(data, dict):
         raise UserError(f"{where}: a record must be a JSON object")
     missing = [k for k in REQUIRED if k not in data]
@@ -202,6 +227,8 @@ def _record(data: Any, where: str, baseline: float = 0.0) -> CalibrationRecord:
             tokens_per_second=num("tokens_per_second"),
             speed_valid=None if data.get("speed_valid") is None else bool(data["speed_valid"]),
             vision_tower=bool(data.get("vision_tower", False)),
+            grad_accum=int(data.get("grad_accum", grad_accum) or 1),
+            baseline_additive=bool(data.get("baseline_additive", additive)),
         )
     except (TypeError, ValueError) as exc:
         raise UserError(f"{where}: bad value ({exc})") from None
@@ -216,7 +243,13 @@ def load_calibration(path: Path | str) -> CalibrationFile:
     if not isinstance(data, dict) or not isinstance(data.get("records"), list):
         raise UserError(f"{path}: expected an object with a list of records")
     baseline = float(data.get("baseline_allocated_gib") or 0.0)
-    records = tuple(_record(r, f"{path.name} record {i}", baseline) for i, r in enumerate(data["records"]))
+    grad_accum = int(data.get("grad_accum") or 1)
+    # The calibration matrix's baseline is its warm-up's leftovers, which the run re-creates itself.
+    additive = bool(data.get("baseline_additive", data.get("source") != "bench/calibration_matrix.py"))
+    records = tuple(
+        _record(r, f"{path.name} record {i}", baseline, grad_accum, additive)
+        for i, r in enumerate(data["records"])
+    )
     total = data.get("gpu_total_gib")
     return CalibrationFile(
         path=path,
@@ -248,6 +281,7 @@ def record_config(rec: CalibrationRecord) -> Any:
             "train": {
                 "seq_len": rec.seq_len,
                 "micro_batch": rec.micro_batch,
+                "grad_accum": rec.grad_accum,
                 "gradient_checkpointing": rec.checkpointed_layers
                 if rec.checkpointed_layers is not None
                 else rec.gradient_checkpointing,
@@ -276,7 +310,7 @@ def estimate_record(rec: CalibrationRecord, gpu: Gpu) -> Estimate:
         cfg,
         arch,
         backend=rec.backend,
-        budget_gb=gpu.budget_gb,
+        gpu=gpu,
         padded=False,
         liger=rec.liger,
         expandable=rec.allocator == "expandable",
@@ -312,9 +346,19 @@ def replay(calibration: CalibrationFile) -> list[ReplayResult]:
             measured = estimated = None
             compared = "none"
         if estimated is not None:
-            estimated += rec.baseline_allocated_gib
+            estimated += rec.baseline
         device_measured = rec.device_peak_gib if rec.device_clean and not rec.oom else None
-        device_estimated = est.device_total_gb + rec.baseline_allocated_gib if device_measured else None
+        device_estimated = est.device_total_gb + rec.baseline if device_measured else None
+        device_problems = []
+        if (
+            device_measured
+            and device_estimated
+            and abs(device_estimated / device_measured - 1) > DEVICE_TOLERANCE
+        ):
+            device_problems.append(
+                f"{rec.describe()}: estimated device total {device_estimated:.2f} GiB, measured "
+                f"{device_measured:.2f} ({device_estimated / device_measured - 1:+.1%})"
+            )
         if (
             compared != "superseded"
             and measured is not None
@@ -327,7 +371,16 @@ def replay(calibration: CalibrationFile) -> list[ReplayResult]:
             )
         results.append(
             ReplayResult(
-                rec, est, measured, estimated, compared, fits, problems, device_measured, device_estimated
+                rec,
+                est,
+                measured,
+                estimated,
+                compared,
+                fits,
+                problems,
+                device_measured,
+                device_estimated,
+                device_problems,
             )
         )
     return results

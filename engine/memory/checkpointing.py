@@ -46,7 +46,8 @@ def plan_checkpointing(cfg: RunConfig, backend: str, device: str, layers: int) -
     try:
         budget, where = run_budget_gb(cfg.hardware.gpu)
         arch = resolve_architecture(cfg)
-        n, why = choose_checkpointing(cfg, arch, backend, budget)
+        # The card in use sets the CUDA context and workspaces the budget has to leave room for.
+        n, why = choose_checkpointing(cfg, arch, backend, budget, device=resolve_gpu("auto").device)
     except Exception as exc:  # no architecture, no NVML: never stop a run over it
         return CheckpointPlan(layers, layers, f"auto: every layer (no memory estimate: {exc})")
     if arch.layers != layers:

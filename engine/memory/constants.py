@@ -51,85 +51,109 @@ BNB_8BIT_BLOCK = 256
 TRL_LOGPROB_VOCAB_CHUNK = 32768
 TRL_LOGPROB_TOKEN_CHUNK = 4096
 
-# unsloth_zoo loss_utils.unsloth_fused_ce_loss: the loss (forward and backward) runs in chunks
-# sized so one chunk's transient stays under target = min(free / 2, 4 GiB), counting
-# _CE_BYTES_PER_LOGIT = 16 bytes per logit; the chunk count is 1 or a multiple of 4.
-UNSLOTH_CE_TARGET_CAP_GIB = 4.0
-UNSLOTH_CE_BYTES_PER_LOGIT_PLANNED = 16.0
+# unsloth_zoo 2026.10.9's loss (fused_losses/cross_entropy_loss.py unsloth_fused_ce_loss -> the
+# default UNSLOTH_CHUNKED_CE and UNSLOTH_FUSED_LINEAR path, fused_losses/fused_linear.py _ce_impl):
+# the gradient is taken in the forward, a chunk of R rows at a time, into one fp32 R x vocab logits
+# buffer (_Buffers) reused by every chunk, with grad_hidden (tokens x hidden, the hidden dtype) kept
+# for backward. R (fused_linear_rows) = the power of two at or below tokens x hidden / vocab, at least
+# the power of two at or below _MIN_LOGITS / vocab (and at least 512), at most _MAX_ROWS, and at most
+# the budget (min(_CHUNK_GB, free / 2)) over vocab x 4 bytes. (The older torch.func path with its
+# free-memory-sized chunks is no longer the default.)
+UNSLOTH_CE_CHUNK_GIB = 2.0  # _CHUNK_GB (UNSLOTH_LOGPROB_CHUNK_GB)
+UNSLOTH_CE_MIN_LOGITS = 512 * 151936  # _MIN_LOGITS
+UNSLOTH_CE_MIN_ROWS = 512
+UNSLOTH_CE_MAX_ROWS = 4096  # _MAX_ROWS
 
-# cuBLAS workspace, allocated through PyTorch's caching allocator: 32 MiB on Hopper and later,
-# 4 MiB + 8 x 16 KiB before (torch/csrc/cuda/CUDABlas workspace size). Take the larger.
-CUBLAS_WORKSPACE_BYTES = 32 * MIB
+# Unsloth's own fused kernels (FastLlamaModel and its Mistral / Qwen2 / Qwen3 / Gemma / Gemma 2
+# subclasses, unsloth/models/loader.py): other model types (Gemma 3, Phi-3/4) load through
+# FastModel, the stock transformers layer compiled as one region, with peft's LoRA.
+UNSLOTH_FAST_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"})
+
+# LoRA adapters' dtype (bytes per parameter, and the same for their gradients). TRL 1.16's
+# SFTTrainer casts the trainable parameters of a quantized model to bf16; Unsloth removes that cast
+# from the TRL it patches (unsloth/models/rl.py: `if _is_quantized_model:` -> `if False:`), so its
+# adapters stay in peft's fp32. MEASURED: the H200 matrix's r128 and r16 Unsloth records of one
+# architecture and token count differ by 7.8-7.95 bytes per extra adapter parameter (fp32 weight
+# + fp32 gradient), for Llama-3.2-1B, Llama-3.2-3B and Qwen2.5-7B.
+LORA_PARAM_BYTES = {"hf": 2, "hf-upcast": 2, "unsloth": 4}
 
 # ---------------------------------------------------------------------------------------------
 # Fitted or assumed constants (refit these from bench/results/memory-calibration-*.json)
 # ---------------------------------------------------------------------------------------------
 
-# CUDA context and everything else outside PyTorch's allocator that NVML counts (the driver's
-# reservation, cuBLAS/triton/bitsandbytes kernels). FITTED: bench/results/memory-calibration-
-# llama-3.1-8b-h100-2026-11-23.json, first config of a fresh process: device_peak 7.825 GiB -
-# peak_reserved 6.357 - paged optimizer state 0.152 = 1.32 GiB. (shared/memory-model.md guessed
-# 0.3-0.7 GB for the context alone.) Later configs of the same process read higher because
-# bitsandbytes' page manager never frees an old trainer's paged state.
-CUDA_CONTEXT_GIB = 1.3
+# Kernel modules and other memory outside PyTorch's pool that the backend's process loads on top of
+# the bare CUDA context (engine.memory.devices: per GPU class): libtorch's lazily loaded kernels,
+# bitsandbytes', Triton's (Liger's, Unsloth's, Inductor's compiled blocks), cuBLAS's handles.
+# FITTED to the run's own NVML figure (per process, + its paged state) minus peak reserved minus
+# paged state minus the H200's bare context, over bench/results/memory-calibration-matrix-h200-
+# 2026-12-04{a,b}.json: hf 0.740-0.744 GiB over its 13 records (5 architectures), Unsloth's own
+# kernels (FastLlamaModel) 0.809-0.811 over 16 (5 architectures), Unsloth's FastModel path (Gemma
+# 3: unsloth_zoo compiles the modeling file) 1.191 (one record). The H100 figure this replaces
+# (CUDA_CONTEXT_GIB 1.3) counted the bench parent's own context.
+KERNEL_MODULES_GIB = {"hf": 0.144, "hf-upcast": 0.144, "unsloth": 0.212, "unsloth-generic": 0.593}
 
-# Unsloth's fused CE chunk costs fewer bytes per logit than its planner assumes (16): the
-# compiled chunk fuses the fp32 upcast. BOUNDED by the engine's padding-free rows on the H100
-# (bench/results/memory-calibration-engine-stacks-h100-2026-11-23b.json): Llama-3.2-1B, every
-# layer checkpointed, 2 x 4096 tokens in 4 chunks, peaks at 2.075 GiB allocated, and its loss
-# cannot exceed that: at most 3.56 bytes. (4.8 was fitted to padded micro-batches, whose loss
-# set the peak at 2.38 GiB; the engine no longer builds them for Unsloth.)
-UNSLOTH_CE_BYTES_PER_LOGIT = 3.5
+# Unsloth's fused LoRA backward dequantizes the 4-bit weights it multiplies by, and bitsandbytes'
+# (the unfused modules') one at a time; unsloth keeps a global dequantization buffer besides.
+# FITTED, as a multiple of the largest dequantized weight (the MLP's, ffn x hidden in bf16), with
+# UNSLOTH_TOKEN_BYTES, to the 20 Unsloth records' peak allocated memory (fit_constants.py): the
+# fully checkpointed peaks extrapolate to 2.2-2.4 of it at zero tokens (Llama-3.2-1B, Qwen2.5-7B
+# and -14B, Mistral-7B; 3.2 for Llama-3.2-3B).
+UNSLOTH_DEQUANTIZED_WEIGHTS = 2.72
 
-# Unsloth's fused LoRA MLP backward dequantizes the 4-bit weights it multiplies by (gate, up and
-# down, and the recompute's own) and holds several at once, where bitsandbytes' matmul holds one.
-# FITTED, as a whole number of the largest dequantized weight (the MLP's, ffn x hidden in bf16),
-# to the same file's padding-free peaks, both set by the backward of a recomputed layer: Llama-3.1-8B
-# 7.738 GiB allocated (estimate 7.741) and Llama-3.2-1B 2.075 (estimate 2.079), with the layer's
-# saved-tensor inventory unscaled. (The earlier fit scaled the inventory by 1.5 from the 8B alone,
-# and overestimated the 1B by 14%.)
-UNSLOTH_DEQUANTIZED_WEIGHTS = 5
+# Bytes per token at Unsloth's backward peak that no width of the model explains: between 8192 and
+# 16384 tokens the fully checkpointed peaks of Llama-3.2-1B, Llama-3.2-3B and Qwen2.5-7B (hidden
+# 2048 to 3584, MLP 8192 to 18944) each grow 7.2-7.4 KB per token beyond the layer's tensors.
+# FITTED with UNSLOTH_DEQUANTIZED_WEIGHTS. Not derived from Unsloth's code: the measured term.
+UNSLOTH_TOKEN_BYTES = 7260.0
+
+# Hidden-wide gradients alive at once in the backward of an Unsloth layer (the output's gradient,
+# the residual's, and the recomputed input's). A WHOLE NUMBER chosen from the same three pairs of
+# peaks: the slope left after the layer's tensors is 1.95 bytes per unit of hidden width (one
+# more bf16 tensor than the two of the hf backend) plus UNSLOTH_TOKEN_BYTES.
+UNSLOTH_BACKWARD_HIDDEN_GRADIENTS = 3
 
 # The per-layer parts of the activations (one layer's saved tensors, every layer's without
 # checkpointing, and the backward temporaries) are the saved-tensor inventory of terms.py times
-# this factor. FITTED: hf to the 8 Llama-3.1-8B configs of the calibration matrix: without
-# checkpointing the peak grows 5.73 MiB per token against the inventory's 5.89 (0.97);
-# hf-upcast needs none (anchors.md row 1: 15.54 estimated vs 15.46 allocated; the "RTX 4060"
-# rows 16.08 vs 16.0 and 10.00 vs 9.9); unsloth none (see UNSLOTH_DEQUANTIZED_WEIGHTS).
-ACTIVATION_SCALE = {"hf": 0.97, "hf-upcast": 1.0, "unsloth": 1.0}
+# this factor. FITTED: hf to the calibration matrix (fit_constants.py); hf-upcast needs none
+# (anchors.md row 1: 15.54 estimated vs 15.46 allocated; the "RTX 4060" rows 16.08 vs 16.0 and
+# 10.00 vs 9.9); unsloth none: its inventory (terms.py) is counted from its kernels and the
+# H200 records' slopes, not scaled.
+ACTIVATION_SCALE = {"hf": 0.965, "hf-upcast": 1.0, "unsloth": 1.0}
 
-# MLP-wide gradients alive at once in one layer's backward (besides two hidden-wide ones).
-# FITTED: hf 1, the checkpointed Llama-3.1-8B configs of the matrix (peak grows 0.477 MiB per token:
+# MLP-wide gradients alive at once in one layer's backward (besides the hidden-wide ones).
+# hf 1: the checkpointed Llama-3.1-8B configs of the H100 matrix (peak grows 0.477 MiB per token:
 # checkpoints 0.25 + one layer 0.18 + temporaries 0.043); hf-upcast 3, anchors.md row 1 (a bare
-# script, fp32 MLP); unsloth 2 (its fused SwiGLU backward writes into e and g in place).
-BACKWARD_MLP_GRADIENTS = {"hf": 1, "hf-upcast": 3, "unsloth": 2}
+# script, fp32 MLP). Unsloth: its fused LoRA MLP (unsloth/kernels/fast_lora.py LoRA_MLP, used when
+# gate, up and down all carry adapters) computes DW = dY @ down^T and writes h, df, de over DW, e
+# and g (swiglu_DWf_DW_dfg_kernel; Inductor reuses the buffers when the block is compiled): one
+# more MLP-wide tensor besides e and g. The stock MLP (attention-only targets, or FastModel) keeps
+# gate, act(gate) and up and builds the product's gradient and two more: 2. MEASURED: attention-only
+# records peak 4.2-4.6 bytes per token per MLP unit above all-linear ones (Llama-3.2-3B, Qwen2.5-7B).
+BACKWARD_MLP_GRADIENTS = {"hf": 1, "hf-upcast": 3, "unsloth": 1, "unsloth-unfused": 2}
 
 # Caching-allocator slack (peak reserved - peak allocated).
 # hf: the tensors a step keeps (each layer's input, and with no checkpointing everything a layer
 # saves) are carved out of blocks that held the previous layer's temporaries, so the split
 # remainders pile up with the number of kept layer inputs. Slack = a share of L x T x h x bytes,
 # plus, without checkpointing, a share of one FFN-wide tensor per layer that builds an attention
-# mask (the mask's transients are sized unlike anything else in the layer). FITTED by least
-# squares on the 23 hf configs that ran in bench/results/memory-calibration-{llama-3.2-1b,
-# llama-3.1-8b,gemma-3-12b}-h100-2026-11-23.json (relative residuals weighted): the totals land
-# within 3.1% (worst: Gemma-3-12B seq 4096 mb 1 gc). The earlier "fraction of one layer's churn"
-# fit only the 8B and over-estimated the 1B by 8-13%.
-HF_SLACK_PER_KEPT_INPUT = 0.5
-HF_SLACK_PER_MASKED_LAYER_NO_GC = 0.68
+# mask (the mask's transients are sized unlike anything else in the layer). FITTED (fit_constants.py,
+# against peak reserved once ACTIVATION_SCALE is fitted against peak allocated) on the 40 hf records
+# of bench/results: the H100 matrix of 2026-11-23 (Llama-3.2-1B, Llama-3.1-8B, Gemma-3-12B, default
+# allocator) and the H200 matrix of 2026-12-04 (five architectures, expandable segments).
+HF_SLACK_PER_KEPT_INPUT = 0.57
+HF_SLACK_PER_MASKED_LAYER_NO_GC = 0.79
 # With expandable segments (the engine's default, engine/allocator.py) the allocator grows one
 # mapping instead of splitting cached blocks, and the slack above shrinks to this share of itself.
-# FITTED: bench/results/memory-calibration-engine-stacks-h100-2026-11-23b.json, Llama-3.1-8B hf
-# with Liger, seq 4096 mb 2, every layer checkpointed: 0.174 GiB reserved - allocated for the
-# engine and 0.161 for the bare TRL script, against 1.0 GiB from the default-allocator model
-# (0.86 measured without expandable segments). One config: the least certain hf constant.
-HF_EXPANDABLE_SLACK_SHARE = 0.17
+# FITTED with the above: the 13 H200 records and the two Llama-3.1-8B engine-stacks records of the
+# H100 (0.174 and 0.161 GiB reserved - allocated, against 0.86 without expandable segments).
+HF_EXPANDABLE_SLACK_SHARE = 0.18
 # hf-upcast and unsloth = base + fraction x the bytes churned at the peak (one layer's saved
 # tensors, temporaries and dequantized weights, or the loss tiles). FITTED: hf-upcast to
-# anchors.md row 1 (15.81 reserved), one row; unsloth (which runs with expandable segments) to
-# the padding-free peaks of memory-calibration-engine-stacks-h100-2026-11-23b.json: 0.141 GiB
-# slack on the 8B (0.117 estimated) and 0.044 on the 1B (0.056).
-ALLOCATOR_SLACK_BASE_GIB = {"hf-upcast": 0.0, "unsloth": 0.0}
-ALLOCATOR_SLACK_FRACTION = {"hf-upcast": 0.07, "unsloth": 0.06}
+# anchors.md row 1 (15.81 reserved), one row; unsloth (which runs with expandable segments) to its
+# 20 padding-free records (H100 and H200) against peak reserved, once UNSLOTH_DEQUANTIZED_WEIGHTS
+# and UNSLOTH_TOKEN_BYTES are fitted against peak allocated: 0.04-0.34 GiB measured.
+ALLOCATOR_SLACK_BASE_GIB = {"hf-upcast": 0.0, "unsloth": 0.026}
+ALLOCATOR_SLACK_FRACTION = {"hf-upcast": 0.07, "unsloth": 0.075}
 
 # Vocabulary-sized gradient buffers (the fp32 grad of a trained lm_head and its bf16 copy, built
 # once per micro-step) do not fit in the split blocks the allocator has cached by then, so reserved
@@ -145,3 +169,10 @@ LARGE_BUFFER_RESERVED_COPIES = 1.0
 # measured peak (the replay test's bound); 6% of the budget covers that error plus a desktop
 # session's few hundred MB on a consumer card.
 TIGHT_FRACTION = 0.06
+
+# The expected relative error of an estimate's device total, per backend: the 90th percentile of
+# |leave-one-architecture-out error| over the measured records (fit_constants.error_band, printed
+# by bench/memory_table.py; tests/engine/test_memory_calibration.py recomputes it). `qlc estimate`
+# shows it next to the verdict ("22.3 GB ± 0.5"). hf-upcast has no held-out measurement (one
+# architecture): it takes hf's band.
+ERROR_BAND = {"hf": 0.027, "hf-upcast": 0.027, "unsloth": 0.048}

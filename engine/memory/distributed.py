@@ -73,6 +73,19 @@ class PerGpuEstimate:
     def backend_reason(self) -> str:
         return self.base.backend_reason
 
+    @property
+    def device_profile(self) -> str:
+        return self.base.device_profile
+
+    @property
+    def error_band_fraction(self) -> float:
+        return self.base.error_band_fraction
+
+    @property
+    def error_band_gb(self) -> float:
+        """The one-GPU model's expected error, on this GPU's total (several GPUs are unmeasured)."""
+        return self.device_total_gb * self.base.error_band_fraction
+
     def term(self, name: str) -> Term:
         return next(t for t in self.terms if t.name == name)
 
@@ -100,6 +113,7 @@ class PerGpuEstimate:
             torch_peak_gb=self.torch_peak_gb,
             torch_allocated_gb=self.torch_allocated_gb,
             device_total_gb=self.device_total_gb,
+            error_band_gb=self.error_band_gb,
             peak_phase=self.peak_phase,
             host_load_gb=self.host_load_gb,
             notes=list(self.notes),
@@ -153,6 +167,7 @@ def per_gpu(
     *,
     budget_gb: float | None = None,
     padded: bool | None = None,
+    gpu: Gpu | None = None,
 ) -> PerGpuEstimate:
     """The memory one GPU of a `gpus`-GPU run of `cfg` needs, with `strategy` (default: the
     config's hardware.strategy). One GPU is the one-GPU estimate itself. `padded` as in
@@ -169,7 +184,9 @@ def per_gpu(
             f"fsdp trains with {FSDP_OPTIMIZER} (bitsandbytes optimizers cannot step sharded weights): "
             f"--set train.optimizer={FSDP_OPTIMIZER}"
         )
-    base = estimate(cfg, arch, backend, budget_gb=budget_gb, padded=padded)
+    if budget_gb is None and gpu is not None:
+        budget_gb = gpu.budget_gb
+    base = estimate(cfg, arch, backend, budget_gb=budget_gb, padded=padded, gpu=gpu)
     if reason:
         base = dataclasses.replace(base, backend_reason=reason)
     if gpus == 1:
@@ -185,7 +202,10 @@ def per_gpu(
             None,
             base.notes,
         )
-    plan = plan_for(cfg, arch, base.backend, budget_gb, padded, checkpointed=base.checkpointed_layers)
+    device = gpu.device if gpu is not None else None
+    plan = plan_for(
+        cfg, arch, base.backend, budget_gb, padded, checkpointed=base.checkpointed_layers, device=device
+    )
     build = _ddp if strategy == "ddp" else _fsdp
     return build(base, plan, gpus, tuple(notes) + base.notes + (UNMEASURED,))
 
@@ -220,7 +240,7 @@ def layer_bytes(plan: terms.Plan) -> float:
     linear = sum(i * o for i, o in a.linear_modules().values())
     packed = linear * (0.5 if plan.load_in_4bit else plan.compute_bytes)
     norms = (a.norms_per_layer * a.hidden + (2 * a.head_dim if a.qk_norm else 0)) * plan.frozen_16bit_bytes
-    lora = terms.lora_params(plan) / a.layers * 2
+    lora = terms.lora_params(plan) / a.layers * plan.lora_bytes
     return packed + norms + lora
 
 
@@ -240,10 +260,11 @@ def _fsdp(base: Estimate, plan: terms.Plan, gpus: int, notes: tuple[str, ...]) -
     opt_torch, paged = terms.optimizer_states(plan)
     optimizer = {f"{k} (1/{n} each)": v / n for k, v in opt_torch.items()}
     paged /= n
-    static = sum(weights.values()) + sum(grads.values()) + sum(optimizer.values()) + C.CUBLAS_WORKSPACE_BYTES
+    workspaces = float(plan.device.workspace_bytes)
+    static = sum(weights.values()) + sum(grads.values()) + sum(optimizer.values()) + workspaces
 
     gathered_layers = 2 * layer_bytes(plan)  # the layer computing and the next one, prefetched
-    layer_lora_grads = terms.lora_params(plan) / a.layers * 2
+    layer_lora_grads = terms.lora_params(plan) / a.layers * plan.lora_bytes
     head = (counts["lm_head"] or counts["embed_tokens"]) * plan.frozen_16bit_bytes + a.hidden * 2
     best: tuple[float, float, terms.Phase, dict[str, float]] | None = None
     for phase in terms.phases(plan):
@@ -259,12 +280,14 @@ def _fsdp(base: Estimate, plan: terms.Plan, gpus: int, notes: tuple[str, ...]) -
             best = (allocated, slack, phase, gathered)
     assert best is not None
     allocated, slack, phase, gathered = best
-    context = C.CUDA_CONTEXT_GIB * C.GIB
+    context = plan.device.context_gib * C.GIB
+    modules = C.KERNEL_MODULES_GIB.get(plan.modules_key, 0.0) * C.GIB
     if paged:
         optimizer["paged states (managed memory, outside torch)"] = paged
     workspace = {
         "CUDA context (outside torch)": context,
-        "cuBLAS workspace": float(C.CUBLAS_WORKSPACE_BYTES),
+        "kernel modules (outside torch)": modules,
+        "cuBLAS + cuBLASLt workspaces": workspaces,
         **gathered,
         **phase.workspace,
         "allocator slack (reserved - allocated)": slack,
@@ -288,7 +311,7 @@ def _fsdp(base: Estimate, plan: terms.Plan, gpus: int, notes: tuple[str, ...]) -
         built,
         reserved / C.GIB,
         allocated / C.GIB,
-        (reserved + context + paged) / C.GIB,
+        (reserved + context + modules + paged) / C.GIB,
         phase.name,
         host_load,
         (
@@ -331,7 +354,7 @@ def gpus_needed(
     found: dict[str, PerGpuEstimate | None] = {}
 
     def fits(strategy: str, n: int) -> PerGpuEstimate | None:
-        e = per_gpu(cfg, n, strategy, arch, backend, budget_gb=gpu.budget_gb)
+        e = per_gpu(cfg, n, strategy, arch, backend, gpu=gpu)
         return e if e.verdict(gpu).status == FITS else None
 
     one = fits("ddp", 1)

@@ -20,7 +20,7 @@ from engine import allocator, stacks
 from engine.config import ALL_LINEAR, RunConfig
 from engine.errors import UserError
 from engine.memory import constants as C
-from engine.memory import terms
+from engine.memory import devices, terms
 from engine.memory.architectures import Architecture, resolve_architecture
 from engine.memory.gpus import Gpu
 from engine.models import quantization
@@ -87,6 +87,24 @@ class Estimate:
     checkpointed_layers: int = 0  # of arch.layers, after resolving train.gradient_checkpointing
     checkpoint_reason: str = ""
     notes: tuple[str, ...] = ()
+    # The device-level constants used (engine.memory.devices): the GPU class and where its numbers
+    # come from, as `qlc estimate` prints them.
+    device_profile: str = ""
+    # The expected relative error of the device total: the 90th percentile of the leave-one-
+    # architecture-out errors measured for this backend (constants.ERROR_BAND).
+    error_band_fraction: float = 0.0
+
+    @property
+    def outside_torch_gb(self) -> float:
+        """What the process holds outside PyTorch's pool besides paged state: the CUDA context and
+        the kernel modules the backend loads."""
+        ws = self.term("workspace").parts
+        return ws.get("CUDA context (outside torch)", 0.0) + ws.get("kernel modules (outside torch)", 0.0)
+
+    @property
+    def error_band_gb(self) -> float:
+        """The device total's expected error in GB (for "22.3 GB ± 0.5")."""
+        return self.device_total_gb * self.error_band_fraction
 
     def term(self, name: str) -> Term:
         return next(t for t in self.terms if t.name == name)
@@ -130,6 +148,9 @@ class Estimate:
             "device_total_gb": self.device_total_gb,
             "verdict_basis": self.verdict_basis,
             "peak_phase": self.peak_phase,
+            "error_band_gb": self.error_band_gb,
+            "error_band_fraction": self.error_band_fraction,
+            "device_profile": self.device_profile,
             "notes": list(self.notes),
         }
         if gpu is not None:
@@ -212,9 +233,11 @@ def plan_for(
     checkpointed: int | None = None,
     liger: bool | None = None,
     expandable: bool | None = None,
+    device: devices.DeviceProfile | None = None,
 ) -> terms.Plan:
     """`checkpointed` overrides train.gradient_checkpointing (the auto search sets it);
-    `expandable` the allocator (None: what an engine started from this environment uses)."""
+    `expandable` the allocator (None: what an engine started from this environment uses);
+    `device` the GPU class (None: the safe default, engine.memory.devices)."""
     t, lo, q = cfg.train, cfg.lora, cfg.quant
     # The config is validated (engine.config): only what depends on the architecture is checked here.
     problems = []
@@ -255,6 +278,8 @@ def plan_for(
         else padded,
         liger=(liger_runs_here() if liger is None else liger) and backend == "hf" and t.liger,
         expandable=allocator.expandable_segments() if expandable is None else expandable,
+        grad_accum=max(1, int(t.grad_accum)),
+        device=device or devices.default_profile(),
     )
 
 
@@ -317,6 +342,7 @@ def choose_checkpointing(
     padded: bool | None = None,
     liger: bool | None = None,
     expandable: bool | None = None,
+    device: devices.DeviceProfile | None = None,
 ) -> tuple[int, str]:
     """(checkpointed layers, why) for train.gradient_checkpointing; auto spends the budget.
 
@@ -334,7 +360,7 @@ def choose_checkpointing(
     limit = budget_gb * (1 - C.TIGHT_FRACTION)
 
     def total(k: int) -> float:
-        plan = plan_for(cfg, arch, backend, budget_gb, padded, k, liger, expandable)
+        plan = plan_for(cfg, arch, backend, budget_gb, padded, k, liger, expandable, device)
         return _estimate_plan(cfg, arch, plan).device_total_gb
 
     if total(0) <= limit:
@@ -370,6 +396,7 @@ def estimate(
     checkpointed: int | None = None,
     liger: bool | None = None,
     expandable: bool | None = None,
+    gpu: Gpu | None = None,
 ) -> Estimate:
     """The memory a training step of `cfg` needs at its peak.
 
@@ -381,18 +408,22 @@ def estimate(
     pass False. `checkpointed` fixes how many layers are checkpointed (a running engine's choice);
     `liger` whether the hf backend uses Liger's kernels (None: as the engine would on this machine);
     `expandable` whether the CUDA allocator grows expandable segments (None: as the engine started
-    from this environment will, engine.allocator).
+    from this environment will, engine.allocator). `gpu` the card it runs on: its class sets the
+    CUDA context and workspaces (engine.memory.devices), and its budget is the default `budget_gb`.
     """
     arch = arch or resolve_architecture(cfg)
     name, reason = resolve_backend(cfg, backend)
+    device = gpu.device if gpu is not None else None
+    if budget_gb is None and gpu is not None:
+        budget_gb = gpu.budget_gb
     if checkpointed is None:
-        k, why = choose_checkpointing(cfg, arch, name, budget_gb, padded, liger, expandable)
+        k, why = choose_checkpointing(cfg, arch, name, budget_gb, padded, liger, expandable, device)
     else:  # what a running engine decided
         k, why = (
             max(0, min(checkpointed, arch.layers)),
             f"{checkpointed} of {arch.layers} layers, as the run chose",
         )
-    plan = plan_for(cfg, arch, name, budget_gb, padded, k, liger, expandable)
+    plan = plan_for(cfg, arch, name, budget_gb, padded, k, liger, expandable, device)
     est = _estimate_plan(cfg, arch, plan)
     return dataclasses.replace(est, backend_reason=reason, checkpoint_reason=why)
 
@@ -402,12 +433,15 @@ def _estimate_plan(cfg: RunConfig, arch: Architecture, plan: terms.Plan) -> Esti
 
     weights = terms.weights(plan)
     grads = terms.gradients(plan)
+    grad_bytes = sum(grads.values())
     opt_torch, paged = terms.optimizer_states(plan)
-    static = sum(weights.values()) + sum(grads.values()) + sum(opt_torch.values()) + C.CUBLAS_WORKSPACE_BYTES
+    workspaces = float(plan.device.workspace_bytes)
+    static = sum(weights.values()) + sum(opt_torch.values()) + workspaces
 
     best: tuple[float, float, terms.Phase] | None = None
     for phase in terms.phases(plan):
-        allocated = static + sum(phase.activations.values()) + sum(phase.workspace.values())
+        allocated = static + phase.grads * grad_bytes
+        allocated += sum(phase.activations.values()) + sum(phase.workspace.values())
         slack = terms.allocator_slack(plan, phase)
         if best is None or allocated + slack > best[0] + best[1]:
             best = (allocated, slack, phase)
@@ -415,20 +449,25 @@ def _estimate_plan(cfg: RunConfig, arch: Architecture, plan: terms.Plan) -> Esti
     allocated, slack, phase = best
     acts = phase.activations
     reserved = allocated + slack
-    context = C.CUDA_CONTEXT_GIB * C.GIB
+    context = plan.device.context_gib * C.GIB
+    modules = C.KERNEL_MODULES_GIB.get(plan.modules_key, 0.0) * C.GIB
 
+    grad_parts = {k: v * phase.grads for k, v in grads.items()}
+    if phase.grads < 1.0:
+        grad_parts = {f"{k} ({phase.grads:.0%} alive at the peak)": v for k, v in grad_parts.items()}
     optimizer_parts = dict(opt_torch)
     if paged:
         optimizer_parts["paged states (managed memory, outside torch)"] = paged
     workspace = {
         "CUDA context (outside torch)": context,
-        "cuBLAS workspace": float(C.CUBLAS_WORKSPACE_BYTES),
+        "kernel modules (outside torch)": modules,
+        "cuBLAS + cuBLASLt workspaces": workspaces,
         **phase.workspace,
         "allocator slack (reserved - allocated)": slack,
     }
     term_parts = {
         "weights": weights,
-        "gradients": grads,
+        "gradients": grad_parts,
         "optimizer": optimizer_parts,
         "activations": acts,
         "workspace": workspace,
@@ -441,8 +480,10 @@ def _estimate_plan(cfg: RunConfig, arch: Architecture, plan: terms.Plan) -> Esti
         notes.append(f"weights counted as the checkpoint stores them: {ckpt.describe()}")
     if arch.vision is not None:
         notes.append("the vision tower is loaded beside the text stack (frozen): counted in the weights")
-    if name == "unsloth" and plan.budget_bytes is None:
-        notes.append("Unsloth's loss chunks sized as on a large GPU (4 GiB); a smaller card chunks finer")
+    if name == "unsloth" and not plan.unsloth_fast:
+        notes.append(
+            f"Unsloth loads {arch.family} through FastModel (no fused LoRA kernels): one architecture measured"
+        )
     if not cfg.data.packing:
         notes.append("every row counted at train.seq_len tokens: shorter rows only lower the peak")
     if plan.padded:
@@ -460,8 +501,10 @@ def _estimate_plan(cfg: RunConfig, arch: Architecture, plan: terms.Plan) -> Esti
         terms=built,
         torch_peak_gb=reserved / C.GIB,
         torch_allocated_gb=allocated / C.GIB,
-        device_total_gb=(reserved + context + paged) / C.GIB,
+        device_total_gb=(reserved + context + modules + paged) / C.GIB,
         peak_phase=phase.name,
         notes=tuple(notes),
         checkpointed_layers=plan.checkpointed_layers,
+        device_profile=plan.device.describe(),
+        error_band_fraction=C.ERROR_BAND.get(name, max(C.ERROR_BAND.values())),
     )

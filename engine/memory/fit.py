@@ -104,7 +104,7 @@ def fit(cfg: RunConfig, gpu: Gpu, arch: Architecture | None = None, backend: str
     target = cfg.effective_batch
 
     def fits(c: RunConfig) -> bool:
-        return estimate(c, arch, backend, budget_gb=gpu.budget_gb).verdict(gpu).status == FITS
+        return estimate(c, arch, backend, gpu=gpu).verdict(gpu).status == FITS
 
     max_mb = _largest(lambda mb: fits(with_changes(cfg, **{"train.micro_batch": mb})), 1, MAX_MICRO_BATCH)
     top = arch.max_positions // SEQ_STEP
@@ -139,6 +139,6 @@ def fit(cfg: RunConfig, gpu: Gpu, arch: Architecture | None = None, backend: str
         seq_limited_by=seq_limit,
         micro_batch_limited_by=mb_limit,
         target_effective_batch=target,
-        estimate=estimate(best, arch, backend, budget_gb=gpu.budget_gb),
+        estimate=estimate(best, arch, backend, gpu=gpu),
         overrides=overrides,
     )

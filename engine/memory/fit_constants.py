@@ -13,17 +13,21 @@ What is fitted, and against which figure:
     default allocator's slack) and/or HF_EXPANDABLE_SLACK_SHARE (its share with expandable
     segments), whichever allocator the records used, and HF_SLACK_PER_MASKED_LAYER_NO_GC (only
     when records have masked layers without checkpointing);
-  - unsloth: ACTIVATION_SCALE["unsloth"], UNSLOTH_DEQUANTIZED_WEIGHTS (a count, fitted as a real
-    number and reported), UNSLOTH_CE_BYTES_PER_LOGIT, ALLOCATOR_SLACK_FRACTION["unsloth"] and
-    ALLOCATOR_SLACK_BASE_GIB["unsloth"];
-- device level, per backend and GPU, against the run's own device peak (records whose
-  device_method says they counted only the run's processes): CUDA_CONTEXT_GIB, everything outside
-  PyTorch's pool and the paged state, with the torch-level constants of the first stage.
-Library facts (bitsandbytes block sizes, TRL's tile sizes...) are never fitted; neither are the
-whole-number BACKWARD_MLP_GRADIENTS nor LARGE_BUFFER_RESERVED_COPIES (no record trains lm_head).
+  - unsloth: UNSLOTH_DEQUANTIZED_WEIGHTS (a multiple of the largest dequantized weight),
+    UNSLOTH_TOKEN_BYTES, ALLOCATOR_SLACK_FRACTION["unsloth"] and ALLOCATOR_SLACK_BASE_GIB["unsloth"]:
+    the saved-tensor inventory itself (terms.py) is counted from Unsloth's kernels, not scaled;
+- device level, per backend, against the run's own device peak (records whose device_method says
+  they counted only the run's processes): KERNEL_MODULES_GIB of each kernel set the records used
+  (hf; Unsloth's own kernels; Unsloth's FastModel path), what lies outside PyTorch's pool beyond
+  the GPU class's bare CUDA context (engine.memory.devices, measured or sourced, never fitted),
+  with the torch-level constants of the first stage.
+Library facts (bitsandbytes block sizes, TRL's tile sizes, unsloth_zoo's chunk rows...) are never
+fitted; neither are the whole numbers BACKWARD_MLP_GRADIENTS, UNSLOTH_BACKWARD_HIDDEN_GRADIENTS
+and LARGE_BUFFER_RESERVED_COPIES (no record trains lm_head).
 
 `leave_one_architecture_out` fits on every architecture but one and predicts the one left out:
-the error a user's unmeasured model should expect. bench/memory_table.py prints both.
+the error a user's unmeasured model should expect. `error_band` is the 90th percentile of those
+held-out errors (constants.ERROR_BAND). bench/memory_table.py prints all three.
 """
 
 from __future__ import annotations
@@ -61,13 +65,16 @@ HF_KEPT = Param("HF_SLACK_PER_KEPT_INPUT", None, 0.0, 2.0)
 HF_MASKED = Param("HF_SLACK_PER_MASKED_LAYER_NO_GC", None, 0.0, 3.0)
 HF_EXPANDABLE = Param("HF_EXPANDABLE_SLACK_SHARE", None, 0.0, 1.0)
 UNSLOTH_PARAMS = (
-    Param("ACTIVATION_SCALE", "unsloth", 0.5, 1.5),
     Param("UNSLOTH_DEQUANTIZED_WEIGHTS", None, 0.0, 10.0),
-    Param("UNSLOTH_CE_BYTES_PER_LOGIT", None, 1.0, 16.0),
+    Param("UNSLOTH_TOKEN_BYTES", None, 0.0, 50_000.0),
     Param("ALLOCATOR_SLACK_FRACTION", "unsloth", 0.0, 0.5),
     Param("ALLOCATOR_SLACK_BASE_GIB", "unsloth", 0.0, 1.0),
 )
-CONTEXT = Param("CUDA_CONTEXT_GIB", None, 0.0, 6.0)
+
+
+def modules_param(key: str) -> Param:
+    """KERNEL_MODULES_GIB of one kernel set (terms.Plan.modules_key)."""
+    return Param("KERNEL_MODULES_GIB", key, 0.0, 4.0)
 
 
 @contextlib.contextmanager
@@ -106,29 +113,53 @@ class Sample:
     def backend(self) -> str:
         return self.record.backend
 
+    @property
+    def modules_key(self) -> str:
+        """Which kernel set the run loaded (constants.KERNEL_MODULES_GIB)."""
+        if self.backend != "unsloth":
+            return self.backend
+        from engine.memory.architectures import find_architecture
+
+        family = find_architecture(self.arch).family
+        return "unsloth" if family in C.UNSLOTH_FAST_FAMILIES else "unsloth-generic"
+
     def torch_error(self) -> float | None:
         if self.torch_measured is None:
             return None
         est = estimate_record(self.record, self.gpu)
         value = est.torch_peak_gb if self.torch_kind == "reserved" else est.torch_allocated_gb
-        return (value + self.record.baseline_allocated_gib) / self.torch_measured - 1
+        return (value + self.record.baseline) / self.torch_measured - 1
+
+    def allocated_error(self) -> float | None:
+        """Against peak allocated memory: what the model's tensors add up to, before any slack."""
+        measured = self.record.peak_allocated_gib
+        if measured is None:
+            return None
+        est = estimate_record(self.record, self.gpu)
+        return (est.torch_allocated_gb + self.record.baseline) / measured - 1
 
     def device_error(self) -> float | None:
         if self.device_measured is None:
             return None
         est = estimate_record(self.record, self.gpu)
-        return (est.device_total_gb + self.record.baseline_allocated_gib) / self.device_measured - 1
+        return (est.device_total_gb + self.record.baseline) / self.device_measured - 1
 
 
 def samples_from(files: Sequence[CalibrationFile]) -> list[Sample]:
     """Every record that ran and measured a torch peak, on the path the engine takes today
-    (Unsloth records with padded micro-batches are left out, as the replay holds them to nothing)."""
+    (Unsloth records with padded micro-batches are left out, as the replay holds them to nothing).
+    A configuration measured twice with the same figures (a repeat in a later call) counts once."""
     out = []
+    seen: set[tuple[object, ...]] = set()
     for f in files:
         gpu = f.resolve_gpu()
         for r in f.records:
             if r.oom or (r.backend == "unsloth" and not r.padding_free):
                 continue
+            key = (f.gpu, r.describe(), r.peak_allocated_gib, r.peak_reserved_gib, r.device_peak_gib)
+            if key in seen:
+                continue
+            seen.add(key)
             if r.peak_reserved_gib is not None and r.reserved_clean:
                 measured, kind = r.peak_reserved_gib, "reserved"
             elif r.peak_allocated_gib is not None:
@@ -141,12 +172,25 @@ def samples_from(files: Sequence[CalibrationFile]) -> list[Sample]:
 
 
 def torch_params(samples: Sequence[Sample], backend: str) -> list[Param]:
-    """The torch-level constants these samples can tell apart."""
+    """The torch-level constants these samples can tell apart: allocated_params, then slack_params."""
+    return [*allocated_params(backend), *slack_params(samples, backend)]
+
+
+def allocated_params(backend: str) -> list[Param]:
+    """The constants of the tensors themselves, fitted against peak allocated memory."""
     if backend == "unsloth":
-        return list(UNSLOTH_PARAMS)
+        return list(UNSLOTH_PARAMS[:2])
+    return [HF_SCALE] if backend == "hf" else []
+
+
+def slack_params(samples: Sequence[Sample], backend: str) -> list[Param]:
+    """The caching allocator's slack constants, fitted against peak reserved memory once the
+    tensors are (reserved - allocated is the allocator's, not the model's)."""
+    if backend == "unsloth":
+        return list(UNSLOTH_PARAMS[2:])
     if backend != "hf":
         return []
-    params = [HF_SCALE]
+    params = []
     mine = [s for s in samples if s.backend == "hf"]
     if any(s.record.allocator != "expandable" for s in mine):
         params.append(HF_KEPT)
@@ -215,7 +259,12 @@ class Fit:
 def _errors(samples: Sequence[Sample], kind: str) -> list[float]:
     out = []
     for s in samples:
-        e = s.torch_error() if kind == "torch" else s.device_error()
+        if kind == "torch":
+            e = s.torch_error()
+        elif kind == "allocated":
+            e = s.allocated_error()
+        else:
+            e = s.device_error()
         if e is not None:
             out.append(e)
     return out
@@ -324,13 +373,74 @@ class BackendFit:
     device: Fit | None
 
 
-def fit_backend(samples: Sequence[Sample], backend: str) -> BackendFit:
-    """Stage 1 the torch-level constants, stage 2 the device-level one, for one backend."""
+def device_params(samples: Sequence[Sample]) -> list[Param]:
+    """KERNEL_MODULES_GIB of each kernel set these samples measured the device figure of."""
+    keys = sorted({s.modules_key for s in samples if s.device_measured is not None})
+    return [modules_param(k) for k in keys]
+
+
+def fit_torch(samples: Sequence[Sample], backend: str) -> Fit:
+    """The torch-level constants in two steps: the tensors' against peak allocated memory, then the
+    allocator's slack against peak reserved with those held. Reported as one fit of the torch peak."""
     mine = [s for s in samples if s.backend == backend]
-    t = fit(mine, torch_params(mine, backend), "torch")
-    with_device = [s for s in mine if s.device_measured is not None]
-    d = fit(with_device, [CONTEXT], "device", extra=(t.params, t.after)) if with_device else None
-    return BackendFit(backend, t, d)
+    alloc = allocated_params(backend)
+    slack = slack_params(mine, backend)
+    first = fit(mine, alloc, "allocated")
+    second = fit(mine, slack, "torch", extra=(first.params, first.after))
+    before = [p.get() for p in [*alloc, *slack]]
+    with constants_set(alloc, before[: len(alloc)]):
+        errors_before = _errors(mine, "torch")
+    return Fit(
+        [*alloc, *slack],
+        before,
+        [*first.after, *second.after],
+        errors_before,
+        second.errors_after,
+        first.iterations + second.iterations,
+    )
+
+
+def outside_torch(s: Sample) -> float | None:
+    """What the run's process held outside PyTorch's pool beyond its GPU class's bare CUDA context:
+    device peak - peak reserved - paged state - context (GiB); None without a clean device figure."""
+    r = s.record
+    if s.device_measured is None or r.peak_reserved_gib is None or not r.reserved_clean:
+        return None
+    paged = r.paged_state_gib
+    if paged is None:
+        paged = sum(
+            v for k, v in estimate_record(r, s.gpu).term("optimizer").parts.items() if k.startswith("paged")
+        )
+    return s.device_measured - r.peak_reserved_gib - paged - s.gpu.device.context_gib
+
+
+def fit_modules(samples: Sequence[Sample], torch: Fit) -> Fit | None:
+    """KERNEL_MODULES_GIB of each kernel set: the mean of the records' memory outside PyTorch's pool
+    beyond the bare context (outside_torch), a direct measurement the torch-level fit cannot bend."""
+    with_device = [s for s in samples if s.device_measured is not None]
+    params = device_params(with_device)
+    if not params:
+        return None
+    values = []
+    for p in params:
+        figures = [
+            x for s in with_device if s.modules_key == p.key for x in [outside_torch(s)] if x is not None
+        ]
+        values.append(sum(figures) / len(figures) if figures else p.get())
+    before = [p.get() for p in params]
+    with constants_set(torch.params, torch.after):
+        with constants_set(params, before):
+            errors_before = _errors(with_device, "device")
+        with constants_set(params, values):
+            errors_after = _errors(with_device, "device")
+    return Fit(params, before, values, errors_before, errors_after)
+
+
+def fit_backend(samples: Sequence[Sample], backend: str) -> BackendFit:
+    """Stage 1 the torch-level constants, stage 2 the device-level ones, for one backend."""
+    mine = [s for s in samples if s.backend == backend]
+    t = fit_torch(mine, backend)
+    return BackendFit(backend, t, fit_modules(mine, t))
 
 
 @dataclass(frozen=True)
@@ -363,11 +473,36 @@ def leave_one_architecture_out(samples: Sequence[Sample], backend: str) -> list[
         if not train:
             continue
         bf = fit_backend(train, backend)
-        params = [*bf.torch.params, *([CONTEXT] if bf.device else [])]
+        params = [*bf.torch.params, *(bf.device.params if bf.device else [])]
         values = [*bf.torch.after, *(bf.device.after if bf.device else [])]
+        # A kernel set only the held-out architecture used has nothing to be fitted on: it takes
+        # the fitted value of the backend's other set (Unsloth's FastModel path gets FastLlamaModel's).
+        fitted_keys = {p.key for p in params if p.name == "KERNEL_MODULES_GIB"}
+        for key in sorted({s.modules_key for s in test if s.device_measured is not None} - fitted_keys):
+            others = [v for p, v in zip(params, values, strict=True) if p.name == "KERNEL_MODULES_GIB"]
+            if others:
+                params.append(modules_param(key))
+                values.append(others[0])
         with constants_set(params, values):
             torch_errors = tuple(_errors(test, "torch"))
             device_errors = tuple(_errors(test, "device")) if bf.device else ()
         fitted = ", ".join(f"{p.label} {v:.3g}" for p, v in zip(params, values, strict=True))
         out.append(HeldOut(backend, arch, len(test), torch_errors, device_errors, fitted))
     return out
+
+
+def error_band(held: Sequence[HeldOut], kind: str = "device", quantile: float = 0.9) -> float:
+    """The `quantile` of |held-out error| over every held-out record (kind "torch" or "device"):
+    the expected relative error of an estimate for an architecture it was not fitted to."""
+    errors = sorted(abs(e) for h in held for e in (h.device_errors if kind == "device" else h.torch_errors))
+    if not errors:
+        return 0.0
+    # Nearest rank: the smallest error at or above the quantile of the records.
+    rank = max(1, math.ceil(quantile * len(errors)))
+    return errors[rank - 1]
+
+
+def band_for(held: Sequence[HeldOut], quantile: float = 0.9) -> float:
+    """constants.ERROR_BAND of a backend: the larger of the torch-peak and device-total quantiles
+    (the device total is what the verdict compares; more records measured the torch peak)."""
+    return max(error_band(held, "torch", quantile), error_band(held, "device", quantile))

@@ -17,6 +17,7 @@ import yaml
 
 from engine.errors import UserError
 from engine.memory.constants import GIB
+from engine.memory.devices import DeviceProfile, profile_for_capability, profile_for_name
 
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(gib|gb|g|mib|mb|m)?\s*$", re.IGNORECASE)
 
@@ -28,6 +29,16 @@ class Gpu:
     total_gb: float  # the card's memory, GiB
     budget_gb: float  # what a run may use, GiB: the total, or the free memory of a present GPU
     source: str = "catalog"  # catalog, size or nvml
+    # The class of the card (CUDA context, workspaces): NVML's compute capability for a present GPU;
+    # None: from the name (a catalog card), or the safe default for a plain size.
+    profile: DeviceProfile | None = None
+
+    @property
+    def device(self) -> DeviceProfile:
+        """The device-level constants the estimate uses on this GPU (engine.memory.devices)."""
+        if self.profile is not None:
+            return self.profile
+        return profile_for_name(self.label if self.source != "size" else "", self.total_gb)
 
     def __str__(self) -> str:
         if self.source == "nvml":
@@ -112,12 +123,22 @@ def detect_gpu(index: int = 0) -> Gpu:
         name = pynvml.nvmlDeviceGetName(handle)
         name = name.decode() if isinstance(name, bytes) else str(name)
         mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        profile = _capability_profile(pynvml, handle, mem.total / GIB)
     except pynvml.NVMLError as exc:
         raise UserError(f"--gpu auto: cannot read the GPU's memory ({exc})", hint) from None
     finally:
         with contextlib.suppress(pynvml.NVMLError):
             pynvml.nvmlShutdown()
-    return Gpu("auto", name, mem.total / GIB, mem.free / GIB, "nvml")
+    return Gpu("auto", name, mem.total / GIB, mem.free / GIB, "nvml", profile)
+
+
+def _capability_profile(pynvml: object, handle: object, total_gib: float) -> DeviceProfile | None:
+    """The card's class from its compute capability; None (the name decides) where NVML has none."""
+    try:
+        major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)  # type: ignore[attr-defined]
+    except Exception:
+        return None
+    return profile_for_capability(int(major), int(minor), total_gib)
 
 
 def resolve_gpu(spec: str) -> Gpu:

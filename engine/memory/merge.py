@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 from engine.config import RunConfig
 from engine.memory.architectures import Architecture, resolve_architecture
-from engine.memory.constants import CUDA_CONTEXT_GIB, GIB
+from engine.memory.constants import GIB, KERNEL_MODULES_GIB
+from engine.memory.devices import default_profile
 
 # Resident memory of an engine process after importing torch (CPU build 2.13), transformers 5.17
 # and peft 0.21: 0.38 GiB measured (ru_maxrss) on the 2-core CI machine. Rounded up.
@@ -115,6 +116,12 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * scale)
 
 
+def outside_torch_gib() -> float:
+    """A GPU process's memory outside PyTorch's pool: the CUDA context (the safe default class) and
+    the kernels an hf process loads (engine.memory.devices, constants.KERNEL_MODULES_GIB)."""
+    return default_profile().context_gib + KERNEL_MODULES_GIB["hf"]
+
+
 def estimate_merge(
     cfg: RunConfig,
     dtype: str = "bf16",
@@ -145,7 +152,7 @@ def estimate_merge(
         arch=arch,
         dtype=dtype,
         terms=terms,
-        gpu_gb=model_side + CUDA_CONTEXT_GIB,
+        gpu_gb=model_side + outside_torch_gib(),
         gpu_host_gb=HOST_PROCESS_GIB + (save + kept_logits) / GIB,
         cpu_gb=model_side + HOST_PROCESS_GIB + kept_logits / GIB,
     )

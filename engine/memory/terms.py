@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 
 from engine.memory import constants as C
+from engine.memory import devices
 from engine.memory.architectures import Architecture
 
 ATTN_IN = {"q_proj", "k_proj", "v_proj", "qkv_proj"}
@@ -53,6 +54,8 @@ class Plan:
     # A multimodal checkpoint's vision tower quantized with the rest (the engine's own loads do;
     # a pre-quantized checkpoint whose skip list names it stores it in 16-bit).
     vision_4bit: bool = False
+    grad_accum: int = 1  # micro-batches per optimizer step: above 1, gradients outlive the backward
+    device: devices.DeviceProfile = devices.UNKNOWN  # the GPU class: context and workspaces
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -78,15 +81,41 @@ class Plan:
         return 4 if self.backend == "hf-upcast" else self.compute_bytes
 
     @property
+    def unsloth_fast(self) -> bool:
+        """Unsloth's own fused kernels (FastLlamaModel and subclasses) rather than FastModel's
+        compiled stock layer (constants.UNSLOTH_FAST_FAMILIES)."""
+        return self.backend == "unsloth" and self.arch.family in C.UNSLOTH_FAST_FAMILIES
+
+    @property
+    def mlp_fused(self) -> bool:
+        """Unsloth's fused LoRA MLP: its own kernels, and adapters on gate, up and down
+        (unsloth/models/llama.py patch_peft_model patches the MLP only then)."""
+        return self.unsloth_fast and {"gate_proj", "up_proj", "down_proj"} <= set(self.targets)
+
+    @property
+    def lora_bytes(self) -> int:
+        """Bytes per adapter parameter, and per gradient: TRL casts a quantized model's adapters to
+        bf16, Unsloth takes that cast out and keeps them fp32 (constants.LORA_PARAM_BYTES), and the
+        engine keeps them fp32 when it computes in fp32 (engine.train.backends.trainer)."""
+        return 4 if self.compute_bytes == 4 else C.LORA_PARAM_BYTES.get(self.backend, 2)
+
+    @property
+    def copy_bytes(self) -> int:
+        """Bytes per parameter of a modules_to_save copy (embed_tokens, lm_head), and of its
+        gradient: bf16 as TRL casts them on every stack, fp32 when the run computes in fp32."""
+        return 4 if self.compute_bytes == 4 else 2
+
+    @property
+    def modules_key(self) -> str:
+        """The key of constants.KERNEL_MODULES_GIB: which kernels the process loads."""
+        if self.backend == "unsloth" and not self.unsloth_fast:
+            return "unsloth-generic"
+        return self.backend
+
+    @property
     def frozen_16bit_bytes(self) -> int:
         """Embeddings, lm_head and norms: the load dtype, or fp32 after the upcast."""
         return 4 if self.backend == "hf-upcast" else self.compute_bytes
-
-    @property
-    def adapter_bytes(self) -> int:
-        """LoRA weights as they train: TRL casts a quantized model's adapters to bf16, and the
-        engine keeps them fp32 when it computes in fp32 (engine.train.backends.trainer)."""
-        return 4 if self.compute_bytes == 4 else 2
 
 
 @dataclass
@@ -101,6 +130,10 @@ class Phase:
     # Bytes allocated and freed over and over at this moment (one layer's tensors, the loss tiles):
     # what the caching allocator's slack grows with (constants.ALLOCATOR_SLACK_FRACTION).
     churn: float = 0.0
+    # The share of the trainable parameters' gradients alive at this moment. With one micro-batch
+    # per step the gradients are freed after each optimizer step (zero_grad sets them to None) and
+    # appear layer by layer in backward; with gradient accumulation they live through the step.
+    grads: float = 1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,24 +187,23 @@ def weights(plan: Plan) -> dict[str, float]:
         else:
             parts["vision tower and projector (16-bit, frozen)"] = v["total"] * b16
     # TRL casts every trainable parameter of a quantized model to bf16 (sft_trainer.py, "When using
-    # QLoRA, the PEFT adapter weights are converted to bf16"), modules_to_save copies included.
-    parts["LoRA adapters"] = lora_params(plan) * plan.adapter_bytes
+    # QLoRA, the PEFT adapter weights are converted to bf16"), modules_to_save copies included;
+    # Unsloth takes that cast out, and its adapters stay fp32 (constants.LORA_PARAM_BYTES).
+    parts["LoRA adapters"] = lora_params(plan) * plan.lora_bytes
     if plan.modules_to_save:
         parts[f"{' + '.join(plan.modules_to_save)} trainable copies"] = (
-            len(plan.modules_to_save) * counts["embed_tokens"] * plan.adapter_bytes
+            len(plan.modules_to_save) * counts["embed_tokens"] * plan.copy_bytes
         )
     return parts
 
 
 def gradients(plan: Plan) -> dict[str, float]:
-    # Gradients take the parameter's dtype (bf16). With gradient accumulation they live across the
-    # whole step, so they are counted at the peak (exact from the second micro-batch on).
-    parts = {"LoRA adapters": lora_params(plan) * float(plan.adapter_bytes)}
+    # Gradients take the parameter's dtype. With gradient accumulation they live across the whole
+    # step; with one micro-batch per step each phase counts the share alive then (Phase.grads).
+    parts = {"LoRA adapters": lora_params(plan) * float(plan.lora_bytes)}
     if plan.modules_to_save:
         embed = plan.arch.vocab * plan.arch.hidden
-        parts[" + ".join(plan.modules_to_save)] = (
-            len(plan.modules_to_save) * embed * float(plan.adapter_bytes)
-        )
+        parts[" + ".join(plan.modules_to_save)] = len(plan.modules_to_save) * embed * float(plan.copy_bytes)
     return parts
 
 
@@ -194,7 +226,10 @@ def optimizer_states(plan: Plan) -> tuple[dict[str, float], float]:
             else:
                 add("8-bit states", states)
         elif plan.optimizer == "adamw_torch":
-            add("AdamW states (like the params)", 2.0 * numel * plan.adapter_bytes * count)
+            add(
+                f"AdamW states ({_dtype(plan.lora_bytes)}, like the params)",
+                2.0 * numel * plan.lora_bytes * count,
+            )
         else:  # fp32 states: the 32-bit optimizer, or tensors too small for 8-bit ones
             states = 8.0 * numel * count
             if is_paged and numel >= C.BNB_PAGED_MIN_NUMEL:
@@ -207,8 +242,12 @@ def optimizer_states(plan: Plan) -> tuple[dict[str, float], float]:
 def optimizer_step_temporaries(plan: Plan) -> float:
     """torch's foreach AdamW builds sqrt(v) for every parameter at once; bitsandbytes updates in place."""
     if plan.optimizer == "adamw_torch":
-        return sum(n * k for n, k in trainable_tensors(plan)) * 2.0
+        return sum(n * k for n, k in trainable_tensors(plan)) * float(plan.lora_bytes)
     return 0.0
+
+
+def _dtype(nbytes: int) -> str:
+    return {2: "bf16", 4: "fp32"}.get(nbytes, f"{nbytes} B")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,12 +264,21 @@ def layer_saved_per_token(plan: Plan) -> float:
     mods = a.linear_modules()
     total = 0.0
     if plan.backend == "unsloth":
-        # Fused RMSNorm keeps its (residual) input; fused QKV and MLP kernels keep the normed X,
-        # and the SwiGLU kernel only e = gate and g = up (recomputing the product in backward).
+        # The fused RMSNorm keeps its input (the layer's input is counted apart, so one norm less)
+        # and the normed X is kept once per group (LoRA_QKV / LoRA_MLP or peft's lora_A save it).
         total += (a.norms_per_layer - 1) * c * h + 2 * c * h
         total += (2 * c * q + 2 * c * kv) if a.qk_norm else 0
-        total += c * (q + 2 * kv) + 2 * c * q  # q, k, v after RoPE; SDPA output; o_proj input
-        total += 2 * c * ffn
+        # q, k, v after RoPE; the attention output, which is o_proj's input too (one tensor: the
+        # attention returns it contiguous, and LoRA_W saves that same storage).
+        total += c * (q + 2 * kv) + c * q
+        if plan.mlp_fused:  # LoRA_MLP saves e = X @ gate and g = X @ up, and recomputes the rest
+            total += 2 * c * ffn
+        else:
+            # The stock MLP, compiled with its layer: three MLP-wide tensors (gate, up, and
+            # act(gate) or the product a down_proj adapter needs; Inductor recomputes the other).
+            # MEASURED: Qwen2.5-7B, attention-only, no checkpointing: 161 KB per layer and token
+            # against 159 KB counted so.
+            total += 3 * c * ffn
     elif plan.backend == "hf-upcast":
         # RMSNorm saves its fp32 input; the first norm's is the layer input itself (already fp32).
         total += (a.norms_per_layer - 1) * 4 * h
@@ -307,8 +355,14 @@ def attention_mask_inputs(plan: Plan) -> float:
 
 def backward_temporaries_per_token(plan: Plan) -> float:
     """Gradients alive at once inside one layer's backward: some MLP-wide (constants.
-    BACKWARD_MLP_GRADIENTS, in the MLP's dtype) and two hidden-wide (the residual's dtype)."""
+    BACKWARD_MLP_GRADIENTS, in the MLP's dtype) and some hidden-wide (the residual's dtype): two,
+    and Unsloth's UNSLOTH_BACKWARD_HIDDEN_GRADIENTS plus its measured UNSLOTH_TOKEN_BYTES."""
     a = plan.arch
+    if plan.backend == "unsloth":
+        key = "unsloth" if plan.mlp_fused else "unsloth-unfused"
+        mlp = C.BACKWARD_MLP_GRADIENTS[key] * plan.compute_bytes * a.ffn
+        hidden = C.UNSLOTH_BACKWARD_HIDDEN_GRADIENTS * plan.compute_bytes * a.hidden
+        return mlp + hidden + C.UNSLOTH_TOKEN_BYTES
     mlp_bytes = 4 if plan.backend == "hf-upcast" else plan.compute_bytes
     return C.BACKWARD_MLP_GRADIENTS[plan.backend] * mlp_bytes * a.ffn + 2 * plan.residual_bytes * a.hidden
 
@@ -362,11 +416,22 @@ def _resident_activations(plan: Plan) -> dict[str, float]:
     return acts
 
 
+def _grad_share(plan: Plan, layers_done: float) -> float:
+    """The share of the gradients alive once `layers_done` layers' backward has run."""
+    if plan.grad_accum > 1 or not plan.arch.layers:
+        return 1.0
+    return min(1.0, max(layers_done, 0.0) / plan.arch.layers)
+
+
 def backward_phases(plan: Plan) -> list[Phase]:
-    """The backward's candidate peaks. Layers not checkpointed are the last ones: backward starts
-    with all their tensors alive, and frees them one layer at a time before it reaches the first
-    checkpointed layer, whose recompute is the other candidate."""
-    T = plan.tokens
+    """The backward's candidate peaks. Layers not checkpointed are the last ones (hf; Unsloth
+    spreads them evenly): backward starts with all their tensors alive and frees them one layer at
+    a time. Checkpointed layers are recomputed one at a time; on the hf path their inputs stay on
+    the GPU until then, so the first recompute holds every checkpoint and the last one a single
+    input. With one micro-batch per step, gradients appear layer by layer: the start of backward
+    holds few, its end all (Phase.grads), so both ends are candidates."""
+    a, T = plan.arch, plan.tokens
+    L = a.layers
     saved, transient = eager_attention_bytes(plan)
     temps = backward_temporaries_per_token(plan) * T * layer_scale(plan) + transient
     one_layer = layer_saved_per_token(plan) * T * layer_scale(plan) + saved
@@ -374,39 +439,56 @@ def backward_phases(plan: Plan) -> list[Phase]:
         one_layer += mask_saved_per_token(plan) * T
     ws = {}
     if plan.load_in_4bit and plan.backend == "unsloth":
-        name = f"dequantized weights (Unsloth's fused LoRA backward, {C.UNSLOTH_DEQUANTIZED_WEIGHTS})"
+        name = f"dequantized weights (Unsloth's LoRA backward, {C.UNSLOTH_DEQUANTIZED_WEIGHTS:.2g} of the largest)"
         ws[name] = C.UNSLOTH_DEQUANTIZED_WEIGHTS * dequantized_weight(plan)
     elif plan.load_in_4bit:
         ws["dequantized weight (one matmul)"] = dequantized_weight(plan)
     # Unsloth's dequantized weights come and go with every layer too.
     deq = sum(ws.values()) if plan.backend == "unsloth" else 0.0
+    churn = one_layer + temps + deq
     masks = {"attention masks": attention_mask_inputs(plan)} if masked_layers(plan) else {}
     out = []
-    # Either way the allocator churns through one layer's tensors at a time.
     if plan.kept_layers:
+        # The top of the backward: every layer that is not checkpointed still holds its tensors.
         acts = {**_resident_activations(plan), "backward temporaries": temps, **masks}
-        out.append(Phase("backward through the last layer", acts, dict(ws), churn=one_layer + temps + deq))
+        top = Phase(
+            "backward through the last layer", acts, dict(ws), churn=churn, grads=_grad_share(plan, 1)
+        )
+        out.append(top)
     if plan.checkpointed_layers:
         if plan.backend == "unsloth":
-            # Unsloth spreads its kept layers evenly (checkpoint_skip_layers): some are still
-            # alive when a checkpointed layer is recomputed. Count them all.
+            # Unsloth spreads its kept layers evenly (checkpoint_skip_layers): near the top of the
+            # backward a checkpointed layer is recomputed while nearly all of them are alive.
             acts = dict(_resident_activations(plan))
+            done = 1.0
         else:
             name, kept = _kept_layer_inputs(plan)
             acts = {name: kept}
+            done = plan.kept_layers + 1.0
         acts |= {"one layer recomputed": one_layer, "backward temporaries": temps, **masks}
         label = "backward through the last layer" if not plan.kept_layers else "backward, recomputing a layer"
-        out.append(Phase(label, acts, dict(ws), churn=one_layer + temps + deq))
+        out.append(Phase(label, acts, dict(ws), churn=churn, grads=_grad_share(plan, done)))
+    if plan.grad_accum == 1 and L > 1:
+        # The end of the backward: the first layer, with every layer's gradients.
+        if plan.checkpointed_layers:
+            if plan.offloads:
+                first = {
+                    "layer inputs on GPU (Unsloth's staging buffers)": 2.0 * T * a.hidden * plan.compute_bytes
+                }
+            else:
+                first = {"checkpoint (the first layer's input)": float(T * a.hidden * plan.residual_bytes)}
+            first["one layer recomputed"] = one_layer
+        else:
+            first = {"saved activations (the first layer)": _saved_layers(plan, 1)}
+        acts = {**first, "backward temporaries": temps, **masks}
+        out.append(Phase("backward through the first layer", acts, dict(ws), churn=churn, grads=1.0))
     return out
 
 
 def _resident_before_loss(plan: Plan) -> dict[str, float]:
-    acts = _resident_activations(plan)
-    if plan.offloads:
-        # The checkpointed layers' inputs are on the CPU by the time the loss runs; layers that
-        # are not checkpointed still hold their tensors.
-        acts = {k: v for k, v in acts.items() if not k.startswith("layer inputs on GPU")}
-    return acts
+    """What the forward leaves for the loss: layers that are not checkpointed hold their tensors;
+    hf keeps every checkpoint, Unsloth its two staging buffers (globals, never freed)."""
+    return _resident_activations(plan)
 
 
 def loss_phase(plan: Plan) -> Phase:
@@ -416,16 +498,22 @@ def loss_phase(plan: Plan) -> Phase:
     acts = _resident_before_loss(plan)
     if masked_layers(plan):
         acts["attention masks"] = attention_mask_inputs(plan)
+    # With one micro-batch per step no gradient exists yet when the loss runs.
+    grads = 1.0 if plan.grad_accum > 1 else 0.0
     if plan.backend == "unsloth":
+        # unsloth_zoo's fused linear CE (constants.UNSLOTH_CE_*): the final norm's input and output,
+        # grad_hidden (taken in the forward, kept for backward), one fp32 R x vocab logits buffer
+        # reused by every chunk and the chunk's fp32 R x hidden gradient.
+        rows = unsloth_ce_rows(plan)
         acts["final hidden states (and normed)"] = 2.0 * T * h * c
-        grad_inputs = T * h * c
-        fixed = grad_inputs + (2 * V * h * c if lm_head_trains else 0)
-        acts["fused CE loss: grad_inputs + one chunk"] = grad_inputs + unsloth_loss_chunk(plan, fixed)
-        churn = acts["final hidden states (and normed)"] + acts["fused CE loss: grad_inputs + one chunk"]
+        acts["fused CE: grad_hidden"] = float(T * h * c)
+        chunk = rows * (-(-V // 8) * 8) * 4.0 + rows * h * 4.0
+        acts[f"fused CE: fp32 logits of {rows} rows"] = chunk
         big = V * h * c if lm_head_trains else 0.0
         if big:
             acts["lm_head gradient"] = big
-        return Phase("loss (LM head)", acts, {}, big, churn)
+        churn = chunk + T * h * c
+        return Phase("loss (LM head)", acts, {}, big, churn, grads)
     # TRL's ChunkedLogProbFunction (trl/kernels/chunked_logprob.py). N = labelled positions;
     # counted as every token (responses-only masking only lowers it).
     n = T
@@ -447,29 +535,37 @@ def loss_phase(plan: Plan) -> Phase:
         big = V * h * (4.0 + 2.0)
         acts["lm_head gradient (fp32 + bf16 copy)"] = big
     churn = acts["final norm + LM-head input"] + tiles
-    return Phase("loss (LM head)", acts, {}, big, churn)
+    return Phase("loss (LM head)", acts, {}, big, churn, grads)
 
 
-def unsloth_loss_chunk(plan: Plan, fixed: float) -> float:
-    """One chunk of unsloth_zoo's fused CE, whose planner sizes chunks against min(free / 2, 4 GiB).
+def _pow2_at_or_below(x: float) -> int:
+    """fused_linear.py's `_pow2` rounded down: the power of two at or below x (0 below 1)."""
+    if x < 1:
+        return 0
+    return 1 << math.floor(math.log2(x))
 
-    Its chunk count is 1 or a multiple of 4, so the real chunk shrinks when a few more tokens tip
-    it into more chunks. This returns the planner's ceiling instead (the whole loss when it fits
-    in one chunk, else the target): never below the real chunk, and more tokens never estimate
-    less. At anchors.md row 5 (4 chunks, 99% of the target) the two differ by 0.6%.
-    """
+
+def unsloth_ce_rows(plan: Plan) -> int:
+    """Rows per chunk of unsloth_zoo's fused linear CE (fused_linear.py fused_linear_rows): about
+    tokens x hidden / vocab, within [max(512, _MIN_LOGITS / vocab), 4096], and at most the budget
+    min(2 GiB, free / 2) over vocab x 4 bytes (fp32 logits)."""
     a, T = plan.arch, plan.tokens
-    target = C.UNSLOTH_CE_TARGET_CAP_GIB * C.GIB
+    V = max(a.vocab, 1)
+    rows = _pow2_at_or_below(T * a.hidden / V)
+    floor = min(
+        max(_pow2_at_or_below(C.UNSLOTH_CE_MIN_LOGITS / V), C.UNSLOTH_CE_MIN_ROWS), C.UNSLOTH_CE_MAX_ROWS
+    )
+    rows = min(max(rows, floor), C.UNSLOTH_CE_MAX_ROWS)
+    budget = C.UNSLOTH_CE_CHUNK_GIB * C.GIB
     if plan.budget_bytes is not None:
+        # unsloth_zoo reads the free memory once, at the first loss. Counting only what is there
+        # before any activation errs toward the larger chunk, and keeps more tokens from ever
+        # estimating a smaller one.
         static = sum(weights(plan).values()) + sum(gradients(plan).values())
-        context = C.CUDA_CONTEXT_GIB * C.GIB
-        free = plan.budget_bytes - static - context - 3.0 * T * a.hidden * plan.compute_bytes
-        target = max(min(target, free / 2), 0.0)
-    if 0 < fixed < target:
-        target -= fixed
-    whole = T * a.vocab * C.UNSLOTH_CE_BYTES_PER_LOGIT_PLANNED
-    # The planner counts 16 bytes per logit; a chunk really holds UNSLOTH_CE_BYTES_PER_LOGIT.
-    return min(whole, target) * C.UNSLOTH_CE_BYTES_PER_LOGIT / C.UNSLOTH_CE_BYTES_PER_LOGIT_PLANNED
+        free = plan.budget_bytes - static - plan.device.context_gib * C.GIB
+        budget = max(min(budget, free / 2), 1.0)
+    cap = int(budget // (V * 4))
+    return max(min(rows, max(cap, 2), T), 1)
 
 
 def embedding_backward_phase(plan: Plan) -> Phase | None:

@@ -327,7 +327,7 @@ class Recipe:
                 est = memory.estimate(
                     self.cfg,
                     backend=self.backend_name,
-                    budget_gb=gpu.budget_gb if gpu else None,
+                    gpu=gpu,
                     checkpointed=self.checkpointing.checkpointed,
                     liger=any(k.startswith("liger") for k in self.kernels),
                 )

@@ -24,7 +24,7 @@ def cfg_for(arch: str = "llama-3.1-8b", **changes: object) -> RunConfig:
 
 def status(cfg: RunConfig, gpu_spec: str) -> str:
     gpu = resolve_gpu(gpu_spec)
-    return estimate(cfg, budget_gb=gpu.budget_gb).verdict(gpu).status
+    return estimate(cfg, gpu=gpu).verdict(gpu).status
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,7 +103,7 @@ def test_every_piece_of_advice_is_re_estimated(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr("engine.memory.advice.estimate", counting)
     advice = advise(cfg, gpu)
     assert calls, "advice must come from estimate()"
-    before = estimate(cfg, budget_gb=gpu.budget_gb).device_total_gb
+    before = estimate(cfg, gpu=gpu).device_total_gb
     kinds = {k for a in advice for k in a.kinds}
     assert {
         "micro_batch",
@@ -129,7 +129,7 @@ def test_every_piece_of_advice_is_re_estimated(monkeypatch: pytest.MonkeyPatch) 
             elif value.isdigit():
                 parsed = int(value)
             changed = with_changes(changed, **{key: parsed})
-        again = estimate(changed, backend=backend, budget_gb=gpu.budget_gb)
+        again = estimate(changed, backend=backend, gpu=gpu)
         assert a.after_gb == pytest.approx(again.device_total_gb), a.text
         assert a.before_gb == pytest.approx(before)
         assert a.status == again.verdict(gpu).status
@@ -173,9 +173,9 @@ def test_rtx4060_recipe_does_not_fit_and_advice_makes_it_fit() -> None:
     gpu = resolve_gpu("rtx4060")
     assert gpu.total_gb == pytest.approx(7.996, abs=1e-3)
     for backend in ("hf", "hf-upcast", "unsloth"):
-        est = estimate(cfg, backend=backend, budget_gb=gpu.budget_gb)
+        est = estimate(cfg, backend=backend, gpu=gpu)
         assert est.verdict(gpu).status == DOES_NOT_FIT, backend
-    hf = estimate(cfg, backend="hf", budget_gb=gpu.budget_gb)
+    hf = estimate(cfg, backend="hf", gpu=gpu)
     # Weights alone pass 7 GiB: 3.35 (NF4) + 1.96 (frozen bf16 embed_tokens + lm_head)
     # + 1.96 (their trainable bf16 copies) + 0.31 (r=64 adapters).
     assert hf.term("weights").gb == pytest.approx(3.353 + 1.957 + 1.957 + 0.3125, abs=0.01)
@@ -184,7 +184,8 @@ def test_rtx4060_recipe_does_not_fit_and_advice_makes_it_fit() -> None:
     advice = advise(cfg, gpu, backend="hf")
     assert advice, "a config that does not fit gets advice"
     drop = next(a for a in advice if a.kinds == ("modules_to_save",))
-    assert drop.saves_gb > 10 and drop.status == DOES_NOT_FIT  # about 9 GB: still over 8 GB
+    # About 7.9 GB on the card's own CUDA context (engine.memory.devices): not enough room left.
+    assert drop.saves_gb > 10 and drop.status != FITS
     fitting = [a for a in advice if a.status == FITS]
     assert fitting, "some combination must fit"
     # No single change is enough; every combination that fits drops the trainable copies.

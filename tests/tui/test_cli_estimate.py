@@ -51,6 +51,26 @@ def test_a_model_with_the_default_config_fits_a_24gb_card() -> None:
     assert "llama-3.1-8b" in r.stdout and "FITS" in r.stdout
 
 
+def test_the_verdict_carries_the_error_band_and_the_device_constants_used() -> None:
+    """ "22.3 GB ± 0.5": the band is the backend's held-out error (constants.ERROR_BAND) times the
+    device total; the device constants line names the GPU class and where its numbers come from."""
+    from engine.memory import constants as C
+
+    r = qlc("estimate", "llama-3.1-8b", "--gpu", "rtx4090", "--backend", "hf", "--set", "lora.r=32")
+    assert r.returncode == 0, r.stderr
+    verdict = next(line for line in r.stdout.splitlines() if line.startswith(("FITS", "TIGHT")))
+    used, band = verdict.split(": ", 1)[1].split(" GB ± ")
+    assert float(band.split()[0]) == pytest.approx(float(used) * C.ERROR_BAND["hf"], abs=0.006)
+    assert "device constants: Ada / Ampere" in r.stdout and "unsloth-zoo#1053" in r.stdout
+    h200 = qlc("estimate", "llama-3.1-8b", "--gpu", "h200", "--backend", "hf", "--set", "lora.r=32")
+    assert "device constants: Hopper" in h200.stdout and "measured on an H200" in h200.stdout
+    data = json.loads(
+        qlc("estimate", "llama-3.1-8b", "--gpu", "24GB", "--json", "--backend", "unsloth").stdout
+    )
+    assert data["error_band_gb"] == pytest.approx(data["device_total_gb"] * C.ERROR_BAND["unsloth"])
+    assert data["device_profile"].startswith("unknown card")
+
+
 def test_fit_exit_codes() -> None:
     ok = qlc("fit", "llama-3.1-8b-rtx4090", "--json")
     assert ok.returncode == 0, ok.stderr

@@ -145,7 +145,7 @@ def run_estimate(args: argparse.Namespace) -> int:
     gpus = _gpus(args, cfg)
     if gpus > 1:
         return _estimate_per_gpu(args, cfg, gpu, gpus)
-    est = memory.estimate(cfg, backend=args.backend, budget_gb=gpu.budget_gb)
+    est = memory.estimate(cfg, backend=args.backend, gpu=gpu)
     verdict = est.verdict(gpu)
     advice = memory.advise(cfg, gpu, est.arch, args.backend) if verdict.status != FITS else []
     if args.json:
@@ -159,7 +159,7 @@ def run_estimate(args: argparse.Namespace) -> int:
 
 
 def _estimate_per_gpu(args: argparse.Namespace, cfg: RunConfig, gpu: memory.Gpu, gpus: int) -> int:
-    est = per_gpu.per_gpu(cfg, gpus, args.strategy, backend=args.backend, budget_gb=gpu.budget_gb)
+    est = per_gpu.per_gpu(cfg, gpus, args.strategy, backend=args.backend, gpu=gpu)
     verdict = est.verdict(gpu)
     needed = per_gpu.gpus_needed(cfg, gpu, est.arch, args.backend) if verdict.status != FITS else None
     if args.json:
@@ -268,13 +268,18 @@ def _print_estimate(cfg: RunConfig, est: Estimate, gpu: memory.Gpu, advice: list
         f"device total (nvidia-smi)          {est.device_total_gb:6.2f} GB   <- the verdict compares this"
     )
     out.print(f"peak during: {est.peak_phase}")
+    out.print(f"[dim]device constants: {est.device_profile}[/]")
     v = est.verdict(gpu)
     room = f"{v.headroom_gb:.2f} GB headroom" if v.headroom_gb >= 0 else f"{-v.headroom_gb:.2f} GB over"
     out.print(
         Text.assemble(
             (f"{WORD[v.status]}", STYLE[v.status]),
-            f" on {gpu}: {v.used_gb:.2f} of {v.budget_gb:.2f} GB ({room})",
+            f" on {gpu}: {v.used_gb:.2f} GB ± {est.error_band_gb:.2f} of {v.budget_gb:.2f} GB ({room})",
         )
+    )
+    out.print(
+        f"[dim]± {est.error_band_fraction:.1%}: the 90th percentile of the {est.backend} estimate's "
+        "error on architectures it was not fitted to (docs/memory-model.md)[/]"
     )
     for note in est.notes:
         out.print(f"[dim]note: {note}[/]")
