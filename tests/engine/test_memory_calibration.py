@@ -41,7 +41,15 @@ CONTAMINATED: dict[str, str] = {}
 
 # Records the model misses by a little more than TOLERANCE, each with the bound it is held to and
 # why. Keep this short: each entry is a known gap of the model, named in docs/memory-model.md.
+# Gemma 3 1B on the hf backend, from the third matrix call of 2026-12-04, measured after the refit
+# and replayed as held-out data: with fewer than all layers checkpointed its activations are
+# overestimated (+5.8% to +8.2%: the safe side; Llama, Qwen and Mistral records of the same shapes
+# land within 3%). Gemma's per-layer activation term is the open question (docs/memory-model.md).
+_GEMMA_1B_HELD_OUT = "Gemma 3 1B, hf, fewer than all layers checkpointed: overestimated, held out"
 KNOWN_MISSES: dict[str, tuple[float, str]] = {
+    "gemma-3-1b/hf/r16-all/s2048x2-nogc": (0.09, _GEMMA_1B_HELD_OUT),
+    "gemma-3-1b/hf/r16-all/s4096x1-half": (0.09, _GEMMA_1B_HELD_OUT),
+    "gemma-3-1b/hf/r128-all/s2048x4-half": (0.09, _GEMMA_1B_HELD_OUT),
     "e2e-3b-unsloth-r64-half": (
         0.06,
         "the only Unsloth record with partial checkpointing, and a `qlc train` run whose peak covers "
@@ -89,9 +97,15 @@ def test_device_totals_within_tolerance(path: Path) -> None:
     """The run's own device figure (NVML per process, plus its paged state) against the estimate's
     device total, where the file measured it so."""
     results = [r for r in replay(load_calibration(path)) if r.device_measured_gib is not None]
+    known = [r for r in results if r.record.id in KNOWN_MISSES]
+    results = [r for r in results if r.record.id not in KNOWN_MISSES]
     problems = [p for r in results for p in r.device_problems]
     assert not problems, "\n".join(problems)
     assert all(abs(r.device_error or 0) <= DEVICE_TOLERANCE for r in results)
+    for r in known:
+        assert abs(r.device_error or 0) <= KNOWN_MISSES[r.record.id][0], (
+            f"{r.record.id}: {r.device_error:+.1%}"
+        )
 
 
 def test_no_estimate_says_fits_where_the_run_would_overflow_the_card() -> None:
