@@ -261,8 +261,10 @@ def test_world_of_one_trains_samples_stops_and_resumes(tmp_path: Path) -> None:
 
     dumped = distributed.dump_stacks(run_dir)  # where rank 0 is, while it trains
     assert list(dumped) == [0]
+    # faulthandler writes one thread after another (the FIFO reader's may come first): wait for the
+    # main thread's frames, not just the first thread's header.
     deadline = time.monotonic() + 10
-    while "Thread 0x" not in dumped[0].read_text() and time.monotonic() < deadline:
+    while "engine/train/recipe.py" not in dumped[0].read_text() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert "engine/train/recipe.py" in dumped[0].read_text()
 
