@@ -19,7 +19,8 @@ from typing import Literal, Union
 
 import msgspec
 
-PROTOCOL_VERSION = "1.2"  # 1.1: the `exported` event and the export stages; 1.2: stage progress (unit, rate, ETA), "downloading"
+PROTOCOL_VERSION = "1.3"  # 1.1: the `exported` event and the export stages; 1.2: stage progress (unit, rate, ETA), "downloading"
+# 1.3: the "evaluating" stage (eval progress), the estimate's checkpointing plan
 
 
 class ProtocolError(ValueError):
@@ -43,6 +44,7 @@ Stage = Literal[
     "quantizing",
     "preparing_data",
     "training",
+    "evaluating",  # the eval split, batch by batch (current/total)
     "saving",
     "sampling",
     "finishing",
@@ -114,6 +116,7 @@ class EstimateEvent(Message, frozen=True, tag="estimate"):
     budget_gb: float | None = None
     verdict: str = ""  # fits / tight / does_not_fit
     gpu: str = ""
+    checkpoint_reason: str = ""  # the checkpointing plan these figures are for, in words
 
 
 class DataReady(Message, frozen=True, tag="data_ready"):

@@ -19,7 +19,7 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.reactive import var
 from textual.screen import Screen
-from textual.widgets import TabbedContent
+from textual.widgets import Input, TabbedContent
 from textual.worker import Worker, WorkerState
 
 from engine.errors import UserError
@@ -29,7 +29,7 @@ from tui import watched
 from tui.client import Launcher, RunClient
 from tui.history import RunHistory, SampleText
 from tui.jobs import Samplers, end_clients
-from tui.palette import PANE_FOCUS, PANE_TITLES, system_commands
+from tui.palette import LEAVE_TO, PANE_FOCUS, PANE_TITLES, system_commands
 from tui.preset_actions import PresetActions
 from tui.run_actions import RunActions
 from tui.sample_actions import SampleActions
@@ -52,7 +52,10 @@ class QlcApp(RunEvents, PresetActions, RunActions, SampleActions, App[int]):
     HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-narrow"), (110, "-wide")]
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+q", "quit", "Quit", priority=True, show=False),
-        Binding("q", "quit", "Quit"),
+        Binding("q", "request_quit", "Quit"),
+        # Shown in the footer whenever a text box has focus: the way back to 1-5, q and the
+        # panes' letter keys, which a box types instead.
+        Binding("escape", "leave_input", "Leave the box"),
         *(
             Binding(str(i), f"show_pane('{pane}')", PANE_TITLES[pane], show=False)
             for i, pane in enumerate(PANES, 1)
@@ -93,6 +96,7 @@ class QlcApp(RunEvents, PresetActions, RunActions, SampleActions, App[int]):
         self._quit_when_finished = False
         self.samplers = Samplers(sample_launcher)
         self._preset: PresetsPane.ConfigChanged | None = None
+        self._live_in_footer = False
 
     @property
     def samples(self) -> list[SampleText]:
@@ -139,6 +143,32 @@ class QlcApp(RunEvents, PresetActions, RunActions, SampleActions, App[int]):
         if target and self.screen_stack:
             self.screen_stack[0].query_one(target).focus()
 
+    def typing(self) -> bool:
+        """A text box has focus: it takes printable keys, so the footer offers none of them."""
+        return isinstance(self.focused, Input)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """What the footer offers (and the keys do): nothing typed into a box, and no run
+        actions on a run that is not training here (a completed run has nothing to stop)."""
+        if action == "leave_input":
+            return self.typing()
+        if action in ("request_quit", "start_run", "auto_fit") and self.typing():
+            return False
+        if action in ("stop_run", "save_checkpoint", "detach_run"):
+            return self.live()
+        return True
+
+    def action_leave_input(self) -> None:
+        focused = self.focused
+        target = LEAVE_TO.get(focused.id or "") if focused is not None else None
+        if target is not None:
+            self.screen_stack[0].query_one(target).focus()
+        else:
+            self._focus_pane(self.screen_stack[0].query_one(TabbedContent).active)
+
+    async def action_request_quit(self) -> None:
+        await self.action_quit()
+
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         yield from system_commands(self)
@@ -183,6 +213,11 @@ class QlcApp(RunEvents, PresetActions, RunActions, SampleActions, App[int]):
         """What the panes show of the watched run: the Dashboard's view, the Sample pane's sources."""
         h = self.history
         self.run_view = RunView(h, self.run_status() if status is None else status)
+        if self.live() != self._live_in_footer and self.screen_stack:
+            # Stop, Save now and Detach only while the run trains here. (Only on a change: the
+            # footer is composed again each time.)
+            self._live_in_footer = self.live()
+            self.refresh_bindings()
         self.sample_sources = SampleSources(
             h.run_id if h else None, self.live(), watched.sample_checkpoints(h)
         )

@@ -79,7 +79,7 @@ def test_sample_pane_with_a_reply(snap_compare, app_factory, finished_run, size)
     async def before(pilot) -> None:
         app = pilot.app
         await wait_for(pilot, lambda: app.history is not None and app.history.finished is not None)
-        await pilot.press("5")
+        await pilot.press("5", "i")
         await pilot.press(*"What does QLoRA train?", "enter")
         await wait_for(pilot, lambda: app.samples and app.samples[-1].done)
         await pilot.press("escape")  # out of the prompt: a blinking cursor would make the shot racy

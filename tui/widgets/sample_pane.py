@@ -17,6 +17,7 @@ from textual.widgets import Input, Label, Select, Static
 
 from engine import protocol
 from tui.history import SampleText
+from tui.output import plural
 from tui.views import SampleSources
 
 LIVE = "live"
@@ -25,8 +26,9 @@ _ids = itertools.count(1)
 
 class SamplePane(Vertical):
     BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("i", "focus_prompt", "Type a prompt"),
+        Binding("enter", "focus_prompt", "Type a prompt", show=False),
         Binding("ctrl+g", "generate", "Generate"),
-        Binding("escape", "focus_replies", "Leave the prompt", show=False),
     ]
 
     class Requested(Message):
@@ -94,10 +96,20 @@ class SamplePane(Vertical):
             if s.step is not None:
                 where += f" @ step {s.step}"
             block = Text.assemble(("› ", "bold"), (s.prompt, "bold"), (f"   [{where}]", "dim"), "\n")
-            block.append(s.text or ("" if s.done else "waiting for the next step boundary…"))
+            if not s.text and not s.done:
+                # The live model answers between two training steps; a checkpoint or the final
+                # adapter is loaded onto the base model by a sampler first.
+                waiting = (
+                    "waiting for the next step boundary…"
+                    if s.source == LIVE
+                    else f"loading the base model and {s.source}…"
+                )
+                block.append(waiting, "dim italic")
+            block.append(s.text)
             if s.done:
                 block.append(
-                    f"\n  ({s.new_tokens} tokens, {s.seconds:.1f} s, stopped by {s.stopped_by or '?'})", "dim"
+                    f"\n  ({plural(s.new_tokens, 'tokens')}, {s.seconds:.1f} s, stopped by {s.stopped_by or '?'})",
+                    "dim",
                 )
             else:
                 block.append("▌", "blink")
@@ -111,9 +123,9 @@ class SamplePane(Vertical):
         event.stop()
         self.action_generate()
 
-    def action_focus_replies(self) -> None:
-        # Out of the text boxes, so that 1-5, q and the palette keys work again.
-        self.query_one("#replies", VerticalScroll).focus()
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # In a text box Enter is that box's own and `i` a letter: only Escape leaves it.
+        return not (action == "focus_prompt" and isinstance(self.app.focused, Input))
 
     def action_focus_prompt(self) -> None:
         self.query_one("#prompt", Input).focus()
