@@ -36,7 +36,7 @@ from tui.sample_actions import SampleActions
 from tui.screens.error import ErrorScreen
 from tui.screens.main import PANES, MainScreen
 from tui.screens.quit import QuitScreen
-from tui.views import BudgetState, RunView, SampleSources
+from tui.views import BudgetState, RunView, SampleSources, focus_now
 from tui.watched import RunEvents
 from tui.widgets.gpu import Probe
 from tui.widgets.presets_pane import PresetsPane
@@ -54,10 +54,13 @@ class QlcApp(RunEvents, PresetActions, RunActions, SampleActions, App[int]):
         Binding("ctrl+q", "quit", "Quit", priority=True, show=False),
         Binding("q", "request_quit", "Quit"),
         # Shown in the footer whenever a text box has focus: the way back to 1-5, q and the
-        # panes' letter keys, which a box types instead.
-        Binding("escape", "leave_input", "Leave the box"),
+        # panes' letter keys, which a box types instead. A priority binding: the focus has moved
+        # before the next key is read, so Escape then 3 never types the 3.
+        Binding("escape", "leave_input", "Leave the box", priority=True),
+        # Priority: the pane (and its focus) has changed before the next key is read, so "2t24"
+        # typed fast reaches the Memory pane's t. Not while a text box has focus (it types them).
         *(
-            Binding(str(i), f"show_pane('{pane}')", PANE_TITLES[pane], show=False)
+            Binding(str(i), f"show_pane('{pane}')", PANE_TITLES[pane], show=False, priority=True)
             for i, pane in enumerate(PANES, 1)
         ),
     ]
@@ -128,20 +131,25 @@ class QlcApp(RunEvents, PresetActions, RunActions, SampleActions, App[int]):
 
     def action_show_pane(self, name: str) -> None:
         tabs = self.screen_stack[0].query_one(TabbedContent)
-        if tabs.active == name:
-            self._focus_pane(name)
-        tabs.active = name  # TabActivated focuses the pane's main widget
+        tabs.active = name  # shows the pane at once (TabActivated focuses it again, for clicks)
+        self._focus_pane(name)  # before the next key: "2t" reaches the Memory pane's t
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
-        if event.pane is not None and event.pane.id:
-            self._focus_pane(event.pane.id)
+        """A tab clicked (keys focus their pane at once): focus into it. A stale event, for a tab
+        shown before the keys that came since, must not pull the focus (and the tabs) back."""
+        pane = event.pane.id if event.pane is not None else None
+        if not pane or pane != event.tabbed_content.active:
+            return
+        focused = self.focused
+        if focused is None or pane not in {node.id for node in focused.ancestors_with_self}:
+            self._focus_pane(pane)
 
     def _focus_pane(self, name: str) -> None:
         # Pane key bindings apply while focus is inside the pane: give each pane its natural focus.
         target = PANE_FOCUS.get(name)
         # A tab activated while the app shuts down (an engine error then quit) finds no screen.
         if target and self.screen_stack:
-            self.screen_stack[0].query_one(target).focus()
+            focus_now(self.screen_stack[0].query_one(target))
 
     def typing(self) -> bool:
         """A text box has focus: it takes printable keys, so the footer offers none of them."""
@@ -150,8 +158,10 @@ class QlcApp(RunEvents, PresetActions, RunActions, SampleActions, App[int]):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """What the footer offers (and the keys do): nothing typed into a box, and no run
         actions on a run that is not training here (a completed run has nothing to stop)."""
-        if action == "leave_input":
-            return self.typing()
+        if action == "leave_input":  # in the main screen: a dialog's Escape is the dialog's
+            return self.typing() and len(self.screen_stack) == 1
+        if action == "show_pane":  # the digits of a text box, or a dialog's keys, are theirs
+            return not self.typing() and len(self.screen_stack) == 1
         if action in ("request_quit", "start_run", "auto_fit") and self.typing():
             return False
         if action in ("stop_run", "save_checkpoint", "detach_run"):
@@ -162,7 +172,7 @@ class QlcApp(RunEvents, PresetActions, RunActions, SampleActions, App[int]):
         focused = self.focused
         target = LEAVE_TO.get(focused.id or "") if focused is not None else None
         if target is not None:
-            self.screen_stack[0].query_one(target).focus()
+            focus_now(self.screen_stack[0].query_one(target))
         else:
             self._focus_pane(self.screen_stack[0].query_one(TabbedContent).active)
 

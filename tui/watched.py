@@ -32,6 +32,17 @@ def run_status(history: RunHistory | None, client: RunClient | None, stopping: b
     return status
 
 
+def crashed_note(run_dir: Path) -> str:
+    """What a run whose engine died without finishing needs: its log, and how to go on."""
+    done = runs.checkpoints(run_dir)
+    how = (
+        f"r on Runs (4) resumes it from {done[-1].name}"
+        if done
+        else "it saved no checkpoint: start it again from Presets (1)"
+    )
+    return f"The engine exited without finishing; see {run_dir / runs.ENGINE_LOG}. {how}."
+
+
 def is_live(history: RunHistory | None, client: RunClient | None) -> bool:
     """A run is training here: its engine is there and has not said `finished` (after that it only
     cleans up and exits, and there is nothing left to stop, save or sample)."""
@@ -127,6 +138,8 @@ class RunEvents:
             self._publish()
             if self._quit_when_finished:
                 self.exit(0)
+            elif run_status(self.history, client, self.stopping) == "crashed":
+                self.notify(crashed_note(client.run_dir), severity="error", timeout=15)
 
     def _engine_error(self, ev: protocol.ErrorEvent) -> None:
         advice = list(ev.advice)

@@ -165,6 +165,9 @@ class EngineCallback(TrainerCallback):
                 self._stop(command, st, control)
                 self.ctx.emitter.log(f"eval at step {st.global_step} interrupted by the stop")
                 self.eval = EvalProgress()
+                # Done with: the trainer clears this flag only after an evaluation that finished,
+                # and would evaluate again at the epoch's end.
+                control.should_evaluate = False
                 raise EvalInterrupted
             self.deferred.append(command)
 

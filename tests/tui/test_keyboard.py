@@ -176,3 +176,75 @@ async def test_a_training_run_offers_stop_save_and_detach(app_factory) -> None:
         await wait_for(pilot, lambda: app.history.finished is not None, what="the stop")
         await pilot.press("n")
         await wait_for(pilot, lambda: not {"x", "v", "d"} & set(footer(app)), what="the footer to drop them")
+
+
+async def test_keys_typed_faster_than_handled_land_where_they_were_meant(app_factory) -> None:
+    """Over SSH on a busy box keys arrive in bursts: a key that moves the focus (/, Enter, t, i,
+    Escape, 1-5) must have moved it before the next key is read, or "/tiny" loses its t and
+    "Enter 2" types the 2 into the box just left."""
+    from textual.widgets import Input
+
+    app = app_factory()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await select_preset(pilot, "tiny-demo")
+        app.screen.query_one("#preset-list", OptionList).focus()
+        await pilot.pause()
+
+        def burst(*keys: str) -> None:
+            for key in keys:
+                app.post_message(events.Key(key, key if len(key) == 1 else None))
+
+        burst("slash", *"4060", "enter", "2", "t", *"24", "enter", "5", "i", *"hi", "escape", "3")
+        tabs = app.screen.query_one(TabbedContent)
+        await wait_for(pilot, lambda: tabs.active == "dashboard", what="the dashboard")
+        await pilot.pause(0.3)
+        assert app.screen.query_one("#preset-filter", Input).value == "4060"
+        assert app.screen.query_one("#gpu-size", Input).value == "24"
+        assert app.screen.query_one("#prompt", Input).value == "hi"
+        assert app.focused is app.screen.query_one("#event-log")
+
+
+def test_the_docs_list_every_key_of_every_pane() -> None:
+    """docs/console.md's table names each key each pane binds (its row), and the App's own."""
+    from pathlib import Path
+
+    from textual.binding import Binding
+
+    from tui.app import QlcApp
+    from tui.screens.error import ErrorScreen
+    from tui.screens.export import ExportScreen
+    from tui.screens.quit import QuitScreen
+    from tui.screens.stop import StopScreen
+    from tui.widgets.dashboard import Dashboard
+    from tui.widgets.memory_pane import MemoryPane, SizeInput
+    from tui.widgets.presets_pane import FilterInput
+    from tui.widgets.runs_pane import RunsPane
+    from tui.widgets.sample_pane import SamplePane
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "console.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in docs.splitlines() if line.startswith("| ")}
+    names = {"slash": "/", "escape": "Escape", "enter": "Enter", "down": "↓", "delete": "Delete"}
+    names |= {"backspace": "Backspace", "f5": "F5"}
+    owners = {
+        "1 Presets": [PresetsPane, FilterInput],
+        "2 Memory budget": [MemoryPane, SizeInput],
+        "3 Dashboard": [Dashboard],
+        "4 Runs": [RunsPane],
+        "5 Sample": [SamplePane],
+        "Dialogs": [StopScreen, QuitScreen, ErrorScreen, ExportScreen],
+    }
+    missing = []
+    for row, classes in owners.items():
+        for cls in classes:
+            for binding in cls.BINDINGS:
+                assert isinstance(binding, Binding)
+                for key in binding.key.split(","):
+                    shown = names.get(key, key)
+                    if f"`{shown}`" not in rows[row] and f" {shown} " not in rows[row]:
+                        missing.append(f"{row}: {key} ({cls.__name__})")
+    intro = docs.split("| Pane | Keys |")[0]
+    for binding in QlcApp.BINDINGS:
+        assert isinstance(binding, Binding)
+        if f"`{names.get(binding.key, binding.key)}`" not in intro and binding.key not in "12345":
+            missing.append(f"app: {binding.key}")
+    assert not missing, missing

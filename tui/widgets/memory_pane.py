@@ -15,7 +15,7 @@ from textual.widgets import Input, Label, OptionList, Select, Static
 from textual.widgets.option_list import Option
 
 from tui.budget import BudgetView, Suggestion, gpu_choices
-from tui.views import BudgetState
+from tui.views import BudgetState, focus_now
 from tui.widgets.stacked_bar import GLYPHS, MemoryBar
 
 _SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*(gb|g|gib)?\s*$", re.IGNORECASE)
@@ -33,7 +33,7 @@ VERDICT_WORD = {
 class SizeInput(Input):
     """A GPU size typed in; Enter (like Escape) hands the keys back to the pane."""
 
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("enter", "done", "Done", show=False)]
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("enter", "done", "Done", show=False, priority=True)]
 
     def action_done(self) -> None:
         self.app.action_leave_input()  # type: ignore[attr-defined]
@@ -45,7 +45,7 @@ class MemoryPane(Vertical):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("f", "app.auto_fit", "Auto-fit"),
         Binding("g", "focus_gpu", "GPU"),
-        Binding("t", "focus_size", "Type a size"),
+        Binding("t", "focus_size", "Type a size", priority=True),  # "t24" typed fast keeps its 2
         Binding("a", "focus_advice", "Advice"),
     ]
 
@@ -189,10 +189,10 @@ class MemoryPane(Vertical):
             event.input.add_class("-invalid")
 
     def action_focus_gpu(self) -> None:
-        self.query_one("#gpu-select", Select).focus()
+        focus_now(self.query_one("#gpu-select", Select))
 
     def action_focus_size(self) -> None:
-        self.query_one("#gpu-size", Input).focus()
+        focus_now(self.query_one("#gpu-size", Input))
 
     def action_focus_advice(self) -> None:
-        self.query_one("#advice", OptionList).focus()
+        focus_now(self.query_one("#advice", OptionList))

@@ -18,7 +18,7 @@ from textual.widgets.option_list import Option, OptionDoesNotExist
 
 from engine.config import PresetDraft, RunConfig, draft_preset, list_presets
 from engine.errors import UserError
-from tui.views import BudgetState
+from tui.views import BudgetState, focus_now
 from tui.widgets.overrides import OverridesEditor
 from tui.widgets.preset_settings import PresetDoc, SettingsTable, parse_preset_doc
 
@@ -50,12 +50,15 @@ def discover_presets() -> list[PresetInfo]:
 
 
 class FilterInput(Input):
-    """The presets filter: Down (or Enter) goes on to the list it filters."""
+    """The presets filter: Down or Enter goes on to the list it filters (priority bindings: the
+    list has the focus before the next key is read)."""
 
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("down", "to_list", "To the list", show=False)]
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("down,enter", "to_list", "To the list", show=False, priority=True)
+    ]
 
     def action_to_list(self) -> None:
-        self.screen.query_one("#preset-list", OptionList).focus()
+        focus_now(self.screen.query_one("#preset-list", OptionList))
 
 
 class PresetsPane(Horizontal):
@@ -63,7 +66,7 @@ class PresetsPane(Horizontal):
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("s", "app.start_run", "Start run"),
-        Binding("slash", "focus_filter", "Filter"),
+        Binding("slash", "focus_filter", "Filter", priority=True),  # "/tiny" typed fast keeps its t
         Binding("r", "reset_overrides", "Reset overrides"),
         Binding("delete,backspace", "remove_override", "Drop override", show=False),
         Binding("escape", "focus_list", "List", show=False),
@@ -347,10 +350,10 @@ class PresetsPane(Horizontal):
     # ---- actions -----------------------------------------------------------------------------
 
     def action_focus_filter(self) -> None:
-        self.query_one("#preset-filter", Input).focus()
+        focus_now(self.query_one("#preset-filter", Input))
 
     def action_focus_list(self) -> None:
-        self.query_one("#preset-list", OptionList).focus()
+        focus_now(self.query_one("#preset-list", OptionList))
 
     def action_reset_overrides(self) -> None:
         self.query_one(OverridesEditor).clear()

@@ -18,7 +18,7 @@ from textual.widgets import Input, Label, Select, Static
 from engine import protocol
 from tui.history import SampleText
 from tui.output import plural
-from tui.views import SampleSources
+from tui.views import SampleSources, focus_now
 
 LIVE = "live"
 _ids = itertools.count(1)
@@ -26,8 +26,9 @@ _ids = itertools.count(1)
 
 class SamplePane(Vertical):
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("i", "focus_prompt", "Type a prompt"),
-        Binding("enter", "focus_prompt", "Type a prompt", show=False),
+        # Priority: the prompt has the focus before the next key is read ("iHello" typed fast).
+        Binding("i", "focus_prompt", "Type a prompt", priority=True),
+        Binding("enter", "focus_prompt", "Type a prompt", show=False, priority=True),
         Binding("ctrl+g", "generate", "Generate"),
     ]
 
@@ -124,11 +125,12 @@ class SamplePane(Vertical):
         self.action_generate()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        # In a text box Enter is that box's own and `i` a letter: only Escape leaves it.
-        return not (action == "focus_prompt" and isinstance(self.app.focused, Input))
+        # In a text box Enter is that box's own and `i` a letter: only Escape leaves it; on the
+        # source picker Enter opens it.
+        return not (action == "focus_prompt" and isinstance(self.app.focused, (Input, Select)))
 
     def action_focus_prompt(self) -> None:
-        self.query_one("#prompt", Input).focus()
+        focus_now(self.query_one("#prompt", Input))
 
     def action_generate(self) -> None:
         prompt = self.query_one("#prompt", Input).value.strip()
