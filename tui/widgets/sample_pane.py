@@ -55,7 +55,7 @@ class SamplePane(Vertical):
             yield Input("0.7", compact=True, id="temperature", type="number", validators=[Number(0, 5)])
             yield Label(" top_p ")
             yield Input("0.9", compact=True, id="top-p", type="number", validators=[Number(0.01, 1)])
-        yield Input(placeholder="prompt: type, then Enter", compact=True, id="prompt")
+        yield Input(placeholder="prompt: i to type, Enter to generate", compact=True, id="prompt")
         with VerticalScroll(id="replies"):
             yield Static(id="reply-view")
 
