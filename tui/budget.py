@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.config import RunConfig
 from engine.errors import UserError
-from engine.memory import TERM_NAMES, Term
+
+if TYPE_CHECKING:  # the memory model is imported on first use, after the console's first frame
+    from engine.memory import Term
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,7 @@ def compute(cfg: RunConfig, gpu_spec: str | None = None) -> BudgetView:
         return BudgetView(False, reason=f"no estimate: {exc}")
     except Exception as exc:  # the calculator's bug must not take the console down
         return BudgetView(False, reason=f"no estimate ({type(exc).__name__}: {exc})")
-    order = {name: i for i, name in enumerate(TERM_NAMES)}
+    order = {name: i for i, name in enumerate(memory.TERM_NAMES)}
     terms = sorted(est.terms, key=lambda t: order.get(t.name, len(order)))
     view = BudgetView(
         True,

@@ -16,11 +16,21 @@ SIZES = [(80, 24), (120, 40)]
 
 
 async def _settled(pilot) -> None:
-    """Wait for the background work that would otherwise race the snapshot."""
+    """Wait for the background work that would otherwise race the snapshot: the GPU probe, and
+    the first preset's budget and data check (the Presets pane is behind every dialog)."""
     await pilot.pause()
     main = pilot.app.screen_stack[0]
     gpu = main.query_one(GpuPanel)
     await wait_for(pilot, lambda: gpu._error is not None, what="the GPU probe")
+
+    def summary() -> str:
+        return str(main.query_one("#preset-summary").render())
+
+    await wait_for(
+        pilot,
+        lambda: "memory " in summary() and "data: " in summary() and "checking" not in summary(),
+        what="the preset's budget and data check",
+    )
     await pilot.pause(0.1)
 
 

@@ -83,9 +83,8 @@ class MemoryPane(Vertical):
     def on_mount(self) -> None:
         self.query_one("#breakdown").border_title = "breakdown (GiB)"
         self.query_one("#advice", OptionList).border_title = "what would make it fit (a, Enter applies)"
-        self.call_after_refresh(
-            self._fill_gpus
-        )  # the catalog imports the memory model: after the first frame
+        # The catalog imports the memory model: in a worker thread, after the first frame.
+        self.run_worker(self._read_gpus, thread=True, group="gpu-catalog", exit_on_error=False)
         self.watch(self.app, "budget_state", self._budget, init=False)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
@@ -96,10 +95,13 @@ class MemoryPane(Vertical):
         if state is not None:
             self.show(state.view, state.preset)
 
-    def _fill_gpus(self) -> None:
+    def _read_gpus(self) -> None:
+        choices = gpu_choices()
+        self.app.call_from_thread(self._fill_gpus, [(c.label, c.spec) for c in choices])
+
+    def _fill_gpus(self, choices: list[tuple[str, str]]) -> None:
         select = self.query_one("#gpu-select", Select)
-        options = [("as the preset says (hardware.gpu)", PRESET_GPU)]
-        options += [(c.label, c.spec) for c in gpu_choices()]
+        options = [("as the preset says (hardware.gpu)", PRESET_GPU), *choices]
         with select.prevent(Select.Changed):
             select.set_options(options)
             select.value = PRESET_GPU

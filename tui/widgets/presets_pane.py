@@ -149,9 +149,10 @@ class PresetsPane(Horizontal):
     def on_mount(self) -> None:
         self.query_one("#preset-side").border_title = "presets"
         self.query_one("#preset-main").border_title = "settings"
-        # After the first frame: reading every preset (and, through the budget, importing the
-        # memory model) would otherwise delay the console's first paint.
-        self.call_after_refresh(self._discover)
+        # The list is the first useful screen: read in the first frame (a few YAML files, ~10 ms).
+        # What a preset's selection brings (its settings, the budget through the memory model,
+        # the data check) comes after, from a worker thread and the selection's messages.
+        self._discover()
         self.watch(self.app, "budget_state", self._budget, init=False)
 
     def _budget(self, state: BudgetState | None) -> None:

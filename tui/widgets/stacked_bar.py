@@ -7,12 +7,13 @@ or on a monochrome terminal: the legend pairs each glyph with its term.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from rich.text import Text
 from textual.widget import Widget
 
-from engine.memory.estimate import Term
+if TYPE_CHECKING:  # no memory model at start-up: the bar only reads a term's name and size
+    from engine.memory import Term
 
 GLYPHS = ("█", "▓", "▒", "░", "▞", "▚", "■")
 
