@@ -106,7 +106,8 @@ class QlcApp(RunEvents, PresetActions, RunActions, SampleActions, App[int]):
         return self.samplers.replies
 
     def get_default_screen(self) -> Screen:
-        return MainScreen(self.runs_root, self._gpu_probe, "dashboard" if self._attach_ref else "presets")
+        initial = "dashboard" if self._attach_ref else "presets"
+        return MainScreen(self.runs_root, self._gpu_probe, initial, PANE_FOCUS[initial])
 
     def on_mount(self) -> None:
         self.sub_title = str(self.runs_root)

@@ -99,3 +99,18 @@ async def test_the_dashboard_memory_line_is_whole_at_80_columns(app_factory, run
         await pilot.pause(0.6)  # the coalesced redraw
         line = next(x for x in screen_text(app).splitlines() if "torch GiB" in x)
         assert "est 20.6 · pk 20.8" in line and "…" not in line, line
+
+
+async def test_a_reply_awaited_from_a_checkpoint_says_it_is_loading(app_factory) -> None:
+    """Only the live model answers at a step boundary; a checkpoint or the final adapter is
+    loaded first (it said "waiting for the next step boundary" for every source)."""
+    from tui.history import SampleText
+
+    app = app_factory()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("5")
+        app.sample_replies = (SampleText("a", "hi", source="adapter"), SampleText("b", "yo", source="live"))
+        await pilot.pause()
+        text = screen_text(app)
+        assert "loading the base model and adapter…" in text
+        assert text.count("waiting for the next step boundary") == 1  # the live one's

@@ -33,9 +33,14 @@ class Panes(TabbedContent):
 
 
 class MainScreen(Screen[None]):
-    def __init__(self, runs_root: Path, gpu_probe: Probe | None, initial: str = "presets") -> None:
+    def __init__(
+        self, runs_root: Path, gpu_probe: Probe | None, initial: str = "presets", focus: str | None = None
+    ) -> None:
         super().__init__()
         self._initial = initial
+        # Focused as the screen is composed, with the first frame: a key typed as soon as the
+        # presets show ("/tiny") reaches the pane, not an unfocused screen.
+        self.AUTO_FOCUS = focus
         self._runs_root = runs_root
         self._gpu_probe = gpu_probe
 
