@@ -114,3 +114,29 @@ async def test_a_reply_awaited_from_a_checkpoint_says_it_is_loading(app_factory)
         text = screen_text(app)
         assert "loading the base model and adapter…" in text
         assert text.count("waiting for the next step boundary") == 1  # the live one's
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=lambda s: f"{s[0]}x{s[1]}")
+async def test_setting_comments_are_whole_without_the_cursor_on_them(app_factory, size) -> None:
+    """Every visible setting shows its author's comment in full (it was cut to the column's width,
+    whole only for the highlighted row)."""
+    from pilot_helpers import select_preset
+
+    from tui.widgets.preset_settings import parse_preset_doc
+
+    app = app_factory()
+    async with app.run_test(size=size) as pilot:
+        await select_preset(pilot, "tiny-demo")
+        await pilot.pause(0.3)
+        pane_text = " ".join(
+            line.split("││", 1)[1].rstrip("│ ▁▂▃▄▅▆▇█")
+            for line in screen_text(app).splitlines()
+            if "││" in line
+        )
+        shown = " ".join(pane_text.split())
+        doc = parse_preset_doc(
+            (Path(__file__).resolve().parents[2] / "presets" / "tiny-demo.yaml").read_text()
+        )
+        for path in ("model.trust_remote_code", "model.attn_implementation"):  # below the cursor's row
+            comment = doc.comment(path)
+            assert comment and comment in shown, (path, comment, shown)
