@@ -115,8 +115,10 @@ class QlcApp(RunEvents, PresetActions, RunActions, SampleActions, App[int]):
 
     def _started(self) -> None:
         """After the first refresh, when every pane is mounted."""
-        # Keys work at once, without a click: focus the first pane's main widget.
-        self._focus_pane("dashboard" if self._attach_ref else "presets")
+        # Keys work at once, without a click: the first pane's main widget has the focus (the
+        # screen's AUTO_FOCUS). Not again here: keys typed meanwhile ("/" and a filter) moved it.
+        if self.focused is None:
+            self._focus_pane("dashboard" if self._attach_ref else "presets")
         if self._attach_ref:
             try:
                 self.open_run(runs.find_run(self.runs_root, self._attach_ref), show=False)
