@@ -19,7 +19,7 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.reactive import var
 from textual.screen import Screen
-from textual.widgets import Input, TabbedContent
+from textual.widgets import TabbedContent
 from textual.worker import Worker, WorkerState
 
 from engine.errors import UserError
@@ -29,7 +29,8 @@ from tui import watched
 from tui.client import Launcher, RunClient
 from tui.history import RunHistory, SampleText
 from tui.jobs import Samplers, end_clients
-from tui.palette import LEAVE_TO, PANE_FOCUS, PANE_TITLES, system_commands
+from tui.keys import KeyActions
+from tui.palette import PANE_FOCUS, PANE_TITLES, system_commands
 from tui.preset_actions import PresetActions
 from tui.run_actions import RunActions
 from tui.sample_actions import SampleActions
@@ -43,7 +44,7 @@ from tui.widgets.presets_pane import PresetsPane
 from tui.widgets.runs_pane import RunsPane
 
 
-class QlcApp(RunEvents, PresetActions, RunActions, SampleActions, App[int]):
+class QlcApp(KeyActions, RunEvents, PresetActions, RunActions, SampleActions, App[int]):
     CSS_PATH = "app.tcss"
     TITLE = "qlora-console"
     ENABLE_COMMAND_PALETTE = True
@@ -153,34 +154,6 @@ class QlcApp(RunEvents, PresetActions, RunActions, SampleActions, App[int]):
         # A tab activated while the app shuts down (an engine error then quit) finds no screen.
         if target and self.screen_stack:
             focus_now(self.screen_stack[0].query_one(target))
-
-    def typing(self) -> bool:
-        """A text box has focus: it takes printable keys, so the footer offers none of them."""
-        return isinstance(self.focused, Input)
-
-    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        """What the footer offers (and the keys do): nothing typed into a box, and no run
-        actions on a run that is not training here (a completed run has nothing to stop)."""
-        if action == "leave_input":  # in the main screen: a dialog's Escape is the dialog's
-            return self.typing() and len(self.screen_stack) == 1
-        if action == "show_pane":  # the digits of a text box, or a dialog's keys, are theirs
-            return not self.typing() and len(self.screen_stack) == 1
-        if action in ("request_quit", "start_run", "auto_fit") and self.typing():
-            return False
-        if action in ("stop_run", "save_checkpoint", "detach_run"):
-            return self.live()
-        return True
-
-    def action_leave_input(self) -> None:
-        focused = self.focused
-        target = LEAVE_TO.get(focused.id or "") if focused is not None else None
-        if target is not None:
-            focus_now(self.screen_stack[0].query_one(target))
-        else:
-            self._focus_pane(self.screen_stack[0].query_one(TabbedContent).active)
-
-    async def action_request_quit(self) -> None:
-        await self.action_quit()
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
