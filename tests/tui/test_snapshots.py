@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 from pilot_helpers import FINISHED_RUN, select_preset, wait_for
+from textual.widgets import TabbedContent
 
 from tui.widgets.gpu import GpuPanel
 from tui.widgets.runs_pane import RunsPane
@@ -31,7 +32,11 @@ async def _settled(pilot) -> None:
         lambda: "memory " in summary() and "data: " in summary() and "checking" not in summary(),
         what="the preset's budget and data check",
     )
-    await pilot.pause(0.1)
+    if main.query_one(TabbedContent).active == "presets":  # behind a dialog: laid out too
+        box = main.query_one("#preset-summary")
+        lines = len(box.render().plain.splitlines())  # type: ignore[union-attr]
+        await wait_for(pilot, lambda: box.size.height >= min(lines, 4), what="the layout")
+    await pilot.pause(0.2)
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
