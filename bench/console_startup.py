@@ -1,8 +1,9 @@
 """Time to first frame of the console, and its resident memory then.
 
 Headless: from spawning `python` to the app's first refresh (imports, compose of all five panes,
-the preset list, the memory estimate, the first layout and render). In tmux (when installed): from
-spawning `qlc` in a real 80x24 terminal to the tab bar appearing on screen (capture-pane polled).
+the preset list, the first layout and render). In tmux (when installed): from spawning `qlc` in a
+real 80x24 terminal to the tab bar appearing on screen, and to the first useful screen, the
+presets list with its presets (capture-pane polled).
 
     python bench/console_startup.py [--repeat 5]
 """
@@ -37,21 +38,26 @@ def headless_once(runs_dir: Path) -> dict:
     return {"seconds": data["first_frame"] - start, "rss_mb": data["rss_mb"]}
 
 
-def tmux_once(runs_dir: Path) -> float | None:
+def tmux_once(runs_dir: Path) -> tuple[float, float] | None:
+    """(seconds to the tab bar, seconds to the presets listed), or None without tmux."""
     if shutil.which("tmux") is None:
         return None
     qlc = REPO / ".venv" / "bin" / "qlc"
     command = f"{qlc if qlc.exists() else sys.executable + ' -m tui.cli'} --runs-dir {runs_dir}"
     session = f"qlc-bench-{time.monotonic_ns()}"
+    command = f"env -u COLUMNS -u LINES {command}"  # the terminal's size is tmux's
     start = time.monotonic()
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "80", "-y", "24", command], check=True)
+    first = None
     try:
         while time.monotonic() - start < 20:
             screen = subprocess.run(
                 ["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True
             ).stdout
-            if "5 Sample" in screen and "presets" in screen:
-                return time.monotonic() - start
+            if first is None and "5 Sample" in screen and "presets" in screen:
+                first = time.monotonic() - start
+            if first is not None and "tiny-demo" in screen:  # a preset in the list
+                return first, time.monotonic() - start
             time.sleep(0.005)
         return None
     finally:
@@ -67,7 +73,8 @@ def main() -> int:
     runs_dir = Path(tempfile.mkdtemp()) / "runs"
     headless_once(runs_dir)  # warm the OS file cache and .pyc files: measure steady start-ups
     runs = [headless_once(runs_dir) for _ in range(args.repeat)]
-    tmux = [t for t in (tmux_once(runs_dir) for _ in range(args.repeat)) if t is not None]
+    both = [t for t in (tmux_once(runs_dir) for _ in range(args.repeat)) if t is not None]
+    tmux, listed = [t[0] for t in both], [t[1] for t in both]
     result = {
         "benchmark": "console time to first frame",
         "headless_first_frame_s": {
@@ -76,7 +83,8 @@ def main() -> int:
         },
         "rss_at_first_frame_mb": statistics.median(r["rss_mb"] for r in runs),
         "tmux_first_frame_s": {"median": statistics.median(tmux), "all": tmux} if tmux else None,
-        "target": "well under 1 s",
+        "tmux_presets_listed_s": {"median": statistics.median(listed), "all": listed} if listed else None,
+        "target": "the presets listed in under 1 s",
     }
     print(json.dumps(result, indent=2))
     print("wrote", write_result("console-startup", result))

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -204,7 +205,7 @@ def _convert(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             out = _convert(value, arg, where, sub)
             if out is not _NO:
                 return out
-        problems.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        problems.append(f"{where}: expected {_type_name(tp)}, {_got(value)}")
         return _NO
     if origin is list:
         if not isinstance(value, list):
@@ -248,7 +249,7 @@ def _convert(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # `name: 7b` style values YAML reads as numbers
-    problems.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    problems.append(f"{where}: expected {_type_name(tp)}, {_got(value)}")
     return _NO
 
 
@@ -267,8 +268,30 @@ def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) ->
 
 
 def _suggest(word: str, options: list[str]) -> str:
+    """The closest option, else the few nearest, else where to look: never the whole list of
+    fifty keys on one line."""
     close = difflib.get_close_matches(word, options, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(options)})"
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    near = difflib.get_close_matches(word, options, n=3, cutoff=0.4)
+    if near:
+        return f" (closest: {', '.join(repr(n) for n in near)})"
+    if len(options) <= 8:
+        return f" (known: {', '.join(options)})"
+    sections = list(dict.fromkeys(o.split(".")[0] for o in options if "." in o))
+    return f" (keys are section.key, in {', '.join(sections)}; `qlc presets NAME` shows every key)"
+
+
+def _got(value: Any) -> str:
+    """How a wrong value reads in a message: a number or a boolean in quotes is said to be one."""
+    if isinstance(value, str):
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        if isinstance(parsed, (bool, int, float)):
+            return f"got the quoted string {value!r} (remove the quotes)"
+    return f"got {value!r}"
 
 
 def config_from_dict(data: dict[str, Any], source: str = "") -> RunConfig:
@@ -539,17 +562,35 @@ def _resolve_local_paths(cfg: RunConfig, base: Path) -> None:
 
 
 def _config_of(path: Path, data: dict[str, Any], overrides: list[str]) -> RunConfig:
-    """The preset file's `data` with `overrides`, typed, validated and with its paths resolved."""
+    """The preset file's `data` with `overrides`, typed, validated and with its paths resolved.
+    A problem with a value an override set names the `--set`, not the file."""
     data, problems = apply_overrides(data, overrides)
     data.setdefault("name", path.stem)
     try:
         cfg = config_from_dict(data, str(path))
     except ConfigError as exc:
-        raise ConfigError(problems + exc.problems, str(path)) from None
+        raise ConfigError(problems + blame_overrides(exc.problems, overrides), str(path)) from None
     if problems:
         raise ConfigError(problems, str(path))
     _resolve_local_paths(cfg, path.parent)
     return cfg
+
+
+def blame_overrides(problems: list[str], overrides: list[str]) -> list[str]:
+    """`lora.r: expected int, ...` becomes `--set lora.r='32': expected int, ...` when an override
+    set lora.r: the value came from the command line, not from the file."""
+    keys = {}
+    for text in overrides:
+        key = override_key(text)
+        if key:
+            keys[key] = text.strip()
+    out = []
+    for problem in problems:
+        field, sep, rest = problem.partition(": ")
+        base = re.split(r"[\[]", field)[0]
+        text = keys.get(base) or next((t for k, t in keys.items() if base.startswith(k + ".")), None)
+        out.append(f"--set {text}: {rest}" if sep and text else problem)
+    return out
 
 
 def load_preset(name: str, overrides: list[str] | None = None) -> RunConfig:
@@ -582,8 +623,8 @@ class PresetDraft:
 
     def describe_problems(self) -> str:
         """Every problem on one line, after the file they are in."""
-        where = f"{self.path}: " if self.path is not None and self.data is not None else ""
-        return where + "; ".join(self.problems)
+        where = str(self.path) if self.path is not None and self.data is not None else ""
+        return str(ConfigError(list(self.problems), where))  # an override's problem names its --set
 
     @property
     def overridden(self) -> frozenset[str]:

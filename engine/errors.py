@@ -24,8 +24,11 @@ class ConfigError(UserError):
     def __init__(self, problems: list[str], source: str = "") -> None:
         self.problems = problems
         self.source = source
+        # A problem of an override names its `--set`; only the file's own problems follow its name.
+        own = [p for p in problems if p.startswith("--set ")]
+        rest = [p for p in problems if not p.startswith("--set ")]
         prefix = f"{source}: " if source else ""
-        super().__init__(prefix + "; ".join(problems))
+        super().__init__("; ".join(own + ([prefix + "; ".join(rest)] if rest else [])))
 
 
 class RunNotFound(UserError):

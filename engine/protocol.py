@@ -20,7 +20,8 @@ from typing import Literal, Union
 import msgspec
 
 # 1.1: the `exported` event and the export stages; 1.2: stage progress (unit, rate, ETA), "downloading";
-# 1.3: hello's compute dtype and why, model_ready's repo, commit and quantization
+# 1.3: hello's compute dtype and why, model_ready's repo, commit and quantization, the "evaluating"
+# stage (eval progress), the estimate's checkpointing plan
 PROTOCOL_VERSION = "1.3"
 
 
@@ -45,6 +46,7 @@ Stage = Literal[
     "quantizing",
     "preparing_data",
     "training",
+    "evaluating",  # the eval split, batch by batch (current/total)
     "saving",
     "sampling",
     "finishing",
@@ -121,6 +123,7 @@ class EstimateEvent(Message, frozen=True, tag="estimate"):
     budget_gb: float | None = None
     verdict: str = ""  # fits / tight / does_not_fit
     gpu: str = ""
+    checkpoint_reason: str = ""  # the checkpointing plan these figures are for, in words
 
 
 class DataReady(Message, frozen=True, tag="data_ready"):

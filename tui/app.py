@@ -29,6 +29,7 @@ from tui import watched
 from tui.client import Launcher, RunClient
 from tui.history import RunHistory, SampleText
 from tui.jobs import Samplers, end_clients
+from tui.keys import KeyActions
 from tui.palette import PANE_FOCUS, PANE_TITLES, system_commands
 from tui.preset_actions import PresetActions
 from tui.run_actions import RunActions
@@ -36,14 +37,14 @@ from tui.sample_actions import SampleActions
 from tui.screens.error import ErrorScreen
 from tui.screens.main import PANES, MainScreen
 from tui.screens.quit import QuitScreen
-from tui.views import BudgetState, RunView, SampleSources
+from tui.views import BudgetState, RunView, SampleSources, focus_now
 from tui.watched import RunEvents
 from tui.widgets.gpu import Probe
 from tui.widgets.presets_pane import PresetsPane
 from tui.widgets.runs_pane import RunsPane
 
 
-class QlcApp(RunEvents, PresetActions, RunActions, SampleActions, App[int]):
+class QlcApp(KeyActions, RunEvents, PresetActions, RunActions, SampleActions, App[int]):
     CSS_PATH = "app.tcss"
     TITLE = "qlora-console"
     ENABLE_COMMAND_PALETTE = True
@@ -52,9 +53,15 @@ class QlcApp(RunEvents, PresetActions, RunActions, SampleActions, App[int]):
     HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-narrow"), (110, "-wide")]
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+q", "quit", "Quit", priority=True, show=False),
-        Binding("q", "quit", "Quit"),
+        Binding("q", "request_quit", "Quit"),
+        # Shown in the footer whenever a text box has focus: the way back to 1-5, q and the
+        # panes' letter keys, which a box types instead. A priority binding: the focus has moved
+        # before the next key is read, so Escape then 3 never types the 3.
+        Binding("escape", "leave_input", "Leave the box", priority=True),
+        # Priority: the pane (and its focus) has changed before the next key is read, so "2t24"
+        # typed fast reaches the Memory pane's t. Not while a text box has focus (it types them).
         *(
-            Binding(str(i), f"show_pane('{pane}')", PANE_TITLES[pane], show=False)
+            Binding(str(i), f"show_pane('{pane}')", PANE_TITLES[pane], show=False, priority=True)
             for i, pane in enumerate(PANES, 1)
         ),
     ]
@@ -93,13 +100,15 @@ class QlcApp(RunEvents, PresetActions, RunActions, SampleActions, App[int]):
         self._quit_when_finished = False
         self.samplers = Samplers(sample_launcher)
         self._preset: PresetsPane.ConfigChanged | None = None
+        self._live_in_footer = False
 
     @property
     def samples(self) -> list[SampleText]:
         return self.samplers.replies
 
     def get_default_screen(self) -> Screen:
-        return MainScreen(self.runs_root, self._gpu_probe, "dashboard" if self._attach_ref else "presets")
+        initial = "dashboard" if self._attach_ref else "presets"
+        return MainScreen(self.runs_root, self._gpu_probe, initial, PANE_FOCUS[initial])
 
     def on_mount(self) -> None:
         self.sub_title = str(self.runs_root)
@@ -107,8 +116,10 @@ class QlcApp(RunEvents, PresetActions, RunActions, SampleActions, App[int]):
 
     def _started(self) -> None:
         """After the first refresh, when every pane is mounted."""
-        # Keys work at once, without a click: focus the first pane's main widget.
-        self._focus_pane("dashboard" if self._attach_ref else "presets")
+        # Keys work at once, without a click: the first pane's main widget has the focus (the
+        # screen's AUTO_FOCUS). Not again here: keys typed meanwhile ("/" and a filter) moved it.
+        if self.focused is None:
+            self._focus_pane("dashboard" if self._attach_ref else "presets")
         if self._attach_ref:
             try:
                 self.open_run(runs.find_run(self.runs_root, self._attach_ref), show=False)
@@ -124,20 +135,25 @@ class QlcApp(RunEvents, PresetActions, RunActions, SampleActions, App[int]):
 
     def action_show_pane(self, name: str) -> None:
         tabs = self.screen_stack[0].query_one(TabbedContent)
-        if tabs.active == name:
-            self._focus_pane(name)
-        tabs.active = name  # TabActivated focuses the pane's main widget
+        tabs.active = name  # shows the pane at once (TabActivated focuses it again, for clicks)
+        self._focus_pane(name)  # before the next key: "2t" reaches the Memory pane's t
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
-        if event.pane is not None and event.pane.id:
-            self._focus_pane(event.pane.id)
+        """A tab clicked (keys focus their pane at once): focus into it. A stale event, for a tab
+        shown before the keys that came since, must not pull the focus (and the tabs) back."""
+        pane = event.pane.id if event.pane is not None else None
+        if not pane or pane != event.tabbed_content.active:
+            return
+        focused = self.focused
+        if focused is None or pane not in {node.id for node in focused.ancestors_with_self}:
+            self._focus_pane(pane)
 
     def _focus_pane(self, name: str) -> None:
         # Pane key bindings apply while focus is inside the pane: give each pane its natural focus.
         target = PANE_FOCUS.get(name)
         # A tab activated while the app shuts down (an engine error then quit) finds no screen.
         if target and self.screen_stack:
-            self.screen_stack[0].query_one(target).focus()
+            focus_now(self.screen_stack[0].query_one(target))
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
@@ -183,6 +199,11 @@ class QlcApp(RunEvents, PresetActions, RunActions, SampleActions, App[int]):
         """What the panes show of the watched run: the Dashboard's view, the Sample pane's sources."""
         h = self.history
         self.run_view = RunView(h, self.run_status() if status is None else status)
+        if self.live() != self._live_in_footer and self.screen_stack:
+            # Stop, Save now and Detach only while the run trains here. (Only on a change: the
+            # footer is composed again each time.)
+            self._live_in_footer = self.live()
+            self.refresh_bindings()
         self.sample_sources = SampleSources(
             h.run_id if h else None, self.live(), watched.sample_checkpoints(h)
         )

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.config import RunConfig
 from engine.errors import UserError
-from engine.memory import TERM_NAMES, Term
+
+if TYPE_CHECKING:  # the memory model is imported on first use, after the console's first frame
+    from engine.memory import Term
 
 
 @dataclass(frozen=True)
@@ -34,9 +36,12 @@ class BudgetView:
     terms: list[Term] = field(default_factory=list)
     torch_peak_gb: float = 0.0
     device_total_gb: float = 0.0
+    error_band_gb: float = 0.0  # the estimate's expected error (held-out residuals), as `qlc estimate` shows
     verdict: str = ""  # fits, tight, does_not_fit, unknown
     advice: list[Suggestion] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    checkpointing: str = ""  # the checkpointing plan the figures are for, in words
+    checkpointed: str = ""  # the same in a few words: "24 of 32 layers checkpointed (auto)"
 
     @property
     def headroom_gb(self) -> float | None:
@@ -48,16 +53,17 @@ class BudgetView:
         return self.verdict != "does_not_fit"
 
     def summary(self) -> str:
-        """One short line for the Presets pane."""
+        """One short line for the Presets pane: the verdict, then the checkpointing plan."""
         if not self.available:
             return self.reason
-        total = f"{self.device_total_gb:.1f} GB"
+        total = f"{self.device_total_gb:.2f} GiB"
         if self.budget_gb is None:
             return f"? needs {total}; no GPU to check against"
         mark = {"fits": "✓ fits", "tight": "! tight", "does_not_fit": "✗ DOES NOT FIT"}.get(
             self.verdict, self.verdict
         )
-        return f"{mark}: {total} of {self.budget_gb:.1f} GB on {self.gpu}"
+        plan = f" · {self.checkpointed}" if self.checkpointed else ""
+        return f"{mark}: {total} of {self.budget_gb:.2f} GiB on {self.gpu}{plan}"
 
 
 @dataclass(frozen=True)
@@ -88,19 +94,50 @@ def gpu_choices() -> list[GpuChoice]:
     return choices
 
 
+def checkpoint_plan(est: Any) -> str:
+    """The checkpointing plan an estimate is for, as the calculator decided it: "auto: 24 of 32
+    layers checkpointed to fit 24.0 GiB (...)", "train.gradient_checkpointing is true: 32 of 32
+    layers". `qlc estimate` and the console both print this, so their figures say the same."""
+    base = getattr(est, "base", est)  # a per-GPU share carries the one-GPU estimate it came from
+    reason = str(getattr(base, "checkpoint_reason", "") or "")
+    if reason:
+        return reason
+    return f"{base.checkpointed_layers} of {base.arch.layers} layers checkpointed"
+
+
+def checkpointed_layers(est: Any, setting: object) -> str:
+    """The plan in a few words, for one-line summaries."""
+    base = getattr(est, "base", est)
+    k, layers = base.checkpointed_layers, base.arch.layers
+    words = (
+        "no layer checkpointed"
+        if k == 0
+        else f"all {layers} layers checkpointed"
+        if k >= layers
+        else f"{k} of {layers} layers checkpointed"
+    )
+    return f"{words} (auto)" if setting == "auto" else words
+
+
 def compute(cfg: RunConfig, gpu_spec: str | None = None) -> BudgetView:
-    """The estimate for `cfg` against `gpu_spec` (default: the config's hardware.gpu)."""
+    """The estimate for `cfg` against `gpu_spec` (default: the config's hardware.gpu): the same
+    call `qlc estimate` makes, so `train.gradient_checkpointing: auto` is planned against that
+    GPU's budget here too, and both show the same figure for the same preset and GPU."""
     memory = _memory()
     if memory is None or not hasattr(memory, "estimate"):
         return BudgetView(False, reason="memory calculator not available")
     spec = gpu_spec or cfg.hardware.gpu or "auto"
     try:
-        est = memory.estimate(cfg)
+        gpu, no_gpu = memory.resolve_gpu(spec), ""
+    except UserError as exc:  # "auto" on a machine without a GPU: an estimate without a budget
+        gpu, no_gpu = None, str(exc.message)
+    try:
+        est = memory.estimate(cfg, gpu=gpu)  # the GPU picks the budget and the card class, as in qlc estimate
     except UserError as exc:
         return BudgetView(False, reason=f"no estimate: {exc}")
     except Exception as exc:  # the calculator's bug must not take the console down
         return BudgetView(False, reason=f"no estimate ({type(exc).__name__}: {exc})")
-    order = {name: i for i, name in enumerate(TERM_NAMES)}
+    order = {name: i for i, name in enumerate(memory.TERM_NAMES)}
     terms = sorted(est.terms, key=lambda t: order.get(t.name, len(order)))
     view = BudgetView(
         True,
@@ -108,30 +145,31 @@ def compute(cfg: RunConfig, gpu_spec: str | None = None) -> BudgetView:
         terms=terms,
         torch_peak_gb=float(est.torch_peak_gb),
         device_total_gb=float(est.device_total_gb),
+        error_band_gb=float(est.error_band_gb),
         verdict="unknown",
         notes=list(getattr(est, "notes", ()) or ()),
+        checkpointing=checkpoint_plan(est),
+        checkpointed=checkpointed_layers(est, cfg.train.gradient_checkpointing),
     )
-    try:
-        gpu = memory.resolve_gpu(spec)
-    except UserError as exc:
-        return replace(view, reason=str(exc.message))
+    if gpu is None:
+        return replace(view, reason=no_gpu)
     verdict = est.verdict(gpu)
     return replace(
         view,
         gpu=str(gpu.label),
         budget_gb=float(verdict.budget_gb),
         verdict=str(verdict.status),
-        advice=_advice(memory, cfg, gpu),
+        advice=_advice(memory, cfg, gpu, est.arch),
     )
 
 
-def _advice(memory: Any, cfg: RunConfig, gpu: Any) -> list[Suggestion]:
+def _advice(memory: Any, cfg: RunConfig, gpu: Any, arch: Any = None) -> list[Suggestion]:
     """The calculator's ranked changes (empty when it fits); none rather than an exception."""
     try:
-        ranked = memory.advise(cfg, gpu)
+        ranked = memory.advise(cfg, gpu, arch)
     except Exception:
         return []
-    # str(advice) reads "what to change: 7.9 GB (saves 4.1 GB), fits"
+    # str(advice) reads "what to change: 7.9 GiB (saves 4.1 GiB), fits"
     return [Suggestion(str(a), list(a.overrides), float(a.saves_gb)) for a in ranked]
 
 

@@ -250,8 +250,16 @@ class RunClient:
         return protocol.ErrorEvent(
             kind="crashed",
             message=f"the engine exited with code {code} without finishing" + (f": {tail}" if tail else ""),
-            hint=f"the full log is in {self.run_dir / runs.ENGINE_LOG}",
+            hint=f"the full log is in {self.run_dir / runs.ENGINE_LOG}; {how_to_go_on(self.run_dir)}",
         )
+
+
+def how_to_go_on(run_dir: Path) -> str:
+    """After an engine died without finishing: resume from the newest checkpoint, or start again."""
+    done = runs.checkpoints(run_dir)
+    if done:
+        return f"r on Runs (4) resumes it from {done[-1].name}"
+    return "it saved no checkpoint: start it again from Presets (1)"
 
 
 def start_sample(

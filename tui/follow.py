@@ -16,7 +16,7 @@ from rich.text import Text
 
 from engine import protocol
 from engine.run import runs
-from tui.output import err, fmt_duration, fmt_progress, fmt_ranks, out
+from tui.output import err, fmt_duration, fmt_progress, fmt_ranks, out, plural
 
 
 def _num(n: int) -> str:
@@ -68,6 +68,7 @@ class EventPrinter:
             self._in_sample = False
         match ev:
             case protocol.Hello():
+                self.status = None  # a new engine session: how the previous one ended is history
                 resumed = f" · resumed from {ev.resumed_from}" if ev.resumed_from else ""
                 out.print(
                     f"[bold]run {ev.run_id}[/] · {ev.mode}{resumed} · backend [cyan]{ev.backend}[/] "
@@ -110,9 +111,14 @@ class EventPrinter:
                 if weights:
                     out.print(f"[dim]weights: {escape(weights)}[/]")
             case protocol.EstimateEvent():
-                budget = f" of {ev.budget_gb:.1f} GB ({ev.gpu})" if ev.budget_gb else ""
+                # The figure the console's Memory pane and `qlc estimate` show: the whole device
+                # (what nvidia-smi reports), for the checkpointing plan named.
+                budget = f" of {ev.budget_gb:.2f} GiB on {escape(ev.gpu)}" if ev.budget_gb else ""
+                verdict = f" · {ev.verdict.replace('_', ' ')}" if ev.verdict else ""
+                plan = f" · checkpointing {escape(ev.checkpoint_reason)}" if ev.checkpoint_reason else ""
                 out.print(
-                    f"memory estimate: {ev.torch_peak_gb:.2f} GB peak{budget} · {ev.verdict.replace('_', ' ')}"
+                    f"memory estimate: {ev.device_total_gb:.2f} GiB{budget} (torch peak "
+                    f"{ev.torch_peak_gb:.2f}){verdict}{plan}"
                 )
             case protocol.DataReady():
                 out.print(
@@ -158,7 +164,7 @@ class EventPrinter:
                 self._in_sample = True
             case protocol.Sample():
                 out.print(
-                    f"[dim]  ({ev.new_tokens} tokens in {ev.seconds:.1f} s, stopped by {ev.stopped_by})[/]"
+                    f"[dim]  ({plural(ev.new_tokens, 'tokens')} in {ev.seconds:.1f} s, stopped by {ev.stopped_by})[/]"
                 )
             case protocol.Log():
                 if ev.level in ("warning", "error"):
@@ -241,12 +247,22 @@ def follow_child(proc: subprocess.Popen[bytes], run_dir: Path, printer: EventPri
         from engine.run.launcher import start_failure
 
         # The reason is in the log: torchrun's own failure, or another rank's one-line error.
-        err.print(
-            f"[red]the engine exited ({proc.returncode}) without finishing: {escape(start_failure(proc))}[/]\n"
-            f"  the whole log: {run_dir / runs.ENGINE_LOG}"
-        )
+        err.print(f"[red]{escape(ended_without_finishing(run_dir, proc.returncode, start_failure(proc)))}[/]")
         return 1
     return exit_code(printer.status)
+
+
+def ended_without_finishing(run_dir: Path, returncode: int | None = None, reason: str = "") -> str:
+    """One line for an engine that died without its `finished` event: why, where its log is, and
+    how to go on (resume from the newest checkpoint, or start again)."""
+    code = f" ({returncode})" if returncode is not None else ""
+    code += f": {reason}" if reason else ""
+    done = runs.checkpoints(run_dir)
+    if done:
+        how = f"`qlc resume {run_dir.name}` continues it from {done[-1].name}"
+    else:
+        how = "it saved no checkpoint: start it again with `qlc train`"
+    return f"the engine exited{code} without finishing; see {run_dir / runs.ENGINE_LOG}; {how}"
 
 
 def follow_file(run_dir: Path, printer: EventPrinter, tail: int | None = 20) -> int:
@@ -272,6 +288,10 @@ def follow_file(run_dir: Path, printer: EventPrinter, tail: int | None = 20) -> 
     except KeyboardInterrupt:
         err.print("detached; the run goes on.")
         return 0
+    if printer.status is None:
+        # Its last engine session has no `finished`: it crashed (or was killed), here or before.
+        err.print(f"[red]{escape(ended_without_finishing(run_dir))}[/]")
+        return 1
     return exit_code(printer.status)
 
 

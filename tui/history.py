@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine import protocol
+from tui.output import plural
 from tui.widgets.series import Series
 
 LOG_LINES = 2000  # the log pane keeps the newest lines; the events file keeps everything
@@ -116,7 +117,8 @@ class RunHistory:
             )
         elif isinstance(ev, protocol.StageEvent):
             self.stage = ev
-            if ev.current == 0 or ev.current == ev.total:
+            # An evaluation's progress shows on the progress line; its loss is logged (Eval).
+            if ev.stage != "evaluating" and (ev.current == 0 or ev.current == ev.total):
                 counter = f" ({ev.current}/{ev.total})" if ev.total else ""
                 name = ev.stage.replace("_", " ")
                 text = ev.message if ev.message.startswith(name.split()[0]) else f"{name}: {ev.message}"
@@ -168,7 +170,9 @@ class RunHistory:
                 ev.seconds,
                 ev.stopped_by,
             )
-            self._log(ev, "info", f"sample ({ev.source}, {ev.new_tokens} tokens): {ev.text[:60]!r}")
+            self._log(
+                ev, "info", f"sample ({ev.source}, {plural(ev.new_tokens, 'tokens')}): {ev.text[:60]!r}"
+            )
         elif isinstance(ev, protocol.Log):
             self._log(ev, ev.level, ev.message)
         elif isinstance(ev, protocol.WarningEvent):

@@ -38,6 +38,14 @@ def fmt_duration(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def plural(n: float, word: str) -> str:
+    """ "1 token", "2 tokens", "1 batch", "3 batches"; `word` is the plural ("tokens", "batches")."""
+    if n != 1:
+        return f"{n:g} {word}" if isinstance(n, float) else f"{n} {word}"
+    singular = word[:-2] if word.endswith(("ches", "shes", "xes", "sses")) else word.removesuffix("s")
+    return f"1 {singular}"
+
+
 def fmt_amount(n: float, unit: str) -> str:
     """A count in its unit: bytes as '1.2 GB' (decimal, as downloads are quoted), others '12.3k rows'."""
     if unit == "B":
@@ -48,7 +56,7 @@ def fmt_amount(n: float, unit: str) -> str:
     for name, size in (("M", 1e6), ("k", 1e3)):
         if n >= size:
             return f"{n / size:.1f}{name}" + (f" {unit}" if unit else "")
-    return f"{n:.0f}" + (f" {unit}" if unit else "")
+    return plural(round(n), unit) if unit else f"{n:.0f}"
 
 
 def fmt_progress(
@@ -71,12 +79,12 @@ def fmt_progress(
 
 
 def fmt_ranks(devices: list[Any]) -> str:
-    """Each rank's device in a few characters: 'r0 10.4 GB 97% · r1 10.5 GB 96%' (GPU peak reserved
-    and utilisation), or host RSS on CPU ranks: 'r0 0.68 GB · r1 0.69 GB'."""
+    """Each rank's device in a few characters: 'r0 10.4 GiB 97% · r1 10.5 GiB 96%' (GPU peak
+    reserved and utilisation), or host RSS on CPU ranks: 'r0 0.68 GiB · r1 0.69 GiB'."""
     parts = []
     for d in devices:
         gb = d.memory_peak_reserved_gb if d.memory_peak_reserved_gb is not None else d.host_rss_gb
-        text = f"r{d.rank} {gb:.2f} GB" if gb is not None else f"r{d.rank} -"
+        text = f"r{d.rank} {gb:.2f} GiB" if gb is not None else f"r{d.rank} -"
         if d.utilization_pct is not None:
             text += f" {d.utilization_pct:.0f}%"
         parts.append(text)

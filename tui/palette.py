@@ -12,13 +12,16 @@ from tui.screens.main import PANES
 if TYPE_CHECKING:
     from tui.app import QlcApp
 
+# Each pane's natural focus: never a text box, which would type the keys that switch panes.
 PANE_FOCUS = {
     "presets": "#preset-list",
     "memory": "#gpu-select",
     "dashboard": "#event-log",
     "runs": "#runs-table",
-    "sample": "#prompt",
+    "sample": "#replies",
 }
+# Where Escape goes from a text box, when not to its pane's natural focus.
+LEAVE_TO = {"override-input": "#settings", "gpu-size": "#gpu-select"}
 PANE_TITLES = {
     "presets": "Presets",
     "memory": "Memory budget",

@@ -4,17 +4,19 @@ resume, stop, export). A mixin of QlcApp."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine import protocol
 from engine.errors import UserError
 from engine.run import runs
 from tui import watched
 from tui.client import RunClient
-from tui.screens.export import ExportScreen
 from tui.screens.stop import StopScreen
 from tui.widgets.dashboard import Dashboard
 from tui.widgets.runs_pane import RunsPane
+
+if TYPE_CHECKING:  # the export dialog (and the memory model behind it) loads when first opened
+    from tui.screens.export import ExportScreen
 
 
 class RunActions:
@@ -93,6 +95,8 @@ class RunActions:
         elif action == "resume":
             self._resume(run_dir)
         elif action == "export":
+            from tui.screens.export import ExportScreen
+
             try:
                 self.push_screen(ExportScreen(run_dir, self._export_launcher, self._export_clients))
             except UserError as exc:  # a damaged config.yaml

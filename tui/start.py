@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 
 from rich.text import Text
 
-from engine import preflight
 from engine.config import PresetDraft
 from engine.errors import UserError
 from engine.run import runs
@@ -64,6 +63,8 @@ async def start_run(app: QlcApp, draft: PresetDraft, gpu_spec: str | None) -> No
     app.notify(f"checking data for {preset}…", timeout=2)
     try:
         # A bad model path, bad data, GPUs asked for but absent: before any run directory.
+        from engine import preflight  # the data pipeline loads with the first start, not the console
+
         await asyncio.to_thread(preflight.check, cfg)
         run_dir = await asyncio.to_thread(runs.create_run, app.runs_root, cfg)
         client = RunClient.launch(run_dir, app.launcher)

@@ -12,6 +12,8 @@ from typing import Any
 from rich.text import Text
 from textual.app import ScreenStackError
 from textual.css.query import NoMatches
+from textual.dom import NoScreen
+from textual.widget import Widget
 
 from tui.budget import BudgetView
 from tui.history import RunHistory
@@ -46,6 +48,14 @@ class BudgetState:
     view: BudgetView
     preset: str | None
     summary: Text | None = None
+
+
+def focus_now(widget: Widget) -> None:
+    """Focus `widget` before the App reads the next key. (Widget.focus() waits its turn in the
+    App's queue: keys typed meanwhile, "/tiny" or Enter then 3, would reach the widget that had
+    the focus, a text box typing the 3.)"""
+    with contextlib.suppress(NoScreen, ScreenStackError, IndexError):
+        widget.screen.set_focus(widget)
 
 
 def while_panes_exist(handler: Callable[..., None]) -> Callable[..., None]:

@@ -11,7 +11,7 @@ from engine.config import load_resolved
 from engine.errors import UserError
 from engine.run import runs
 from tui import budget
-from tui.client import RunClient
+from tui.client import RunClient, how_to_go_on
 from tui.history import RunHistory, SampleText
 from tui.jobs import Samplers
 from tui.screens.stop import StopScreen
@@ -30,6 +30,11 @@ def run_status(history: RunHistory | None, client: RunClient | None, stopping: b
     if client is None and status in ("training", "starting"):
         return "detached"
     return status
+
+
+def crashed_note(run_dir: Path) -> str:
+    """What a run whose engine died without finishing needs: its log, and how to go on."""
+    return f"The engine exited without finishing; see {run_dir / runs.ENGINE_LOG}; {how_to_go_on(run_dir)}."
 
 
 def is_live(history: RunHistory | None, client: RunClient | None) -> bool:
@@ -127,6 +132,10 @@ class RunEvents:
             self._publish()
             if self._quit_when_finished:
                 self.exit(0)
+            elif client.proc is None and run_status(self.history, client, self.stopping) == "crashed":
+                # A run opened from its events file (its engine died before): no error dialog
+                # told it, as one does for an engine this console started.
+                self.notify(crashed_note(client.run_dir), severity="error", timeout=15)
 
     def _engine_error(self, ev: protocol.ErrorEvent) -> None:
         advice = list(ev.advice)

@@ -202,7 +202,7 @@ def _placement(request: ExportRequest, cfg: RunConfig, emitter: Emitter) -> tupl
     place = place_merge(est, gpu, host_available_gb(), request.device)
     if place.refused:
         raise MemoryError(place.reason)
-    other = f"; on a GPU it would need {est.gpu_gb:.2f} GB" if place.device == "cpu" else ""
+    other = f"; on a GPU it would need {est.gpu_gb:.2f} GiB" if place.device == "cpu" else ""
     emitter.log(f"merge on {place.device}: {place.reason}{other}")
     return place.device, place.need_gb
 

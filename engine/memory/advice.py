@@ -61,7 +61,7 @@ class Advice:
 
     def __str__(self) -> str:
         word = {FITS: "fits", TIGHT: "tight", DOES_NOT_FIT: "still does not fit"}[self.status]
-        return f"{self.text}: {self.after_gb:.1f} GB (saves {self.saves_gb:.1f} GB), {word}"
+        return f"{self.text}: {self.after_gb:.1f} GiB (saves {self.saves_gb:.1f} GiB), {word}"
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ Two kinds live here:
   (a row of shared/anchors.md, copied into bench/results/anchors-2026-11-23.json) and is refitted
   when the GPU calibration matrix lands in bench/results/memory-calibration-<date>.json.
 
-Units: bytes, and GiB (2**30 bytes) wherever a name ends in _GIB. The console prints GiB and
-calls them GB, as nvidia-smi and GPU vendors do ("24 GB" cards hold 24 GiB).
+Units: bytes, and GiB (2**30 bytes) wherever a name ends in _GIB. The console and the CLI print
+GiB as GiB ("24 GB" cards hold 24 GiB: nvidia-smi's MiB and GPU vendors' GB are binary too).
 """
 
 from __future__ import annotations

@@ -316,7 +316,7 @@ def _fsdp(base: Estimate, plan: terms.Plan, gpus: int, notes: tuple[str, ...]) -
         host_load,
         (
             *notes,
-            f"loading: each rank holds a whole 4-bit model in host memory ({host_load:.1f} GB for {n} on one host)",
+            f"loading: each rank holds a whole 4-bit model in host memory ({host_load:.1f} GiB for {n} on one host)",
         ),
     )
 

@@ -64,11 +64,11 @@ class Verdict:
     def __str__(self) -> str:
         word = {FITS: "fits", TIGHT: "tight", DOES_NOT_FIT: "does not fit"}[self.status]
         room = (
-            f"{self.headroom_gb:.2f} GB headroom"
+            f"{self.headroom_gb:.2f} GiB headroom"
             if self.headroom_gb >= 0
-            else f"{-self.headroom_gb:.2f} GB over"
+            else f"{-self.headroom_gb:.2f} GiB over"
         )
-        return f"{word}: {self.used_gb:.2f} of {self.budget_gb:.2f} GB on {self.gpu} ({room})"
+        return f"{word}: {self.used_gb:.2f} of {self.budget_gb:.2f} GiB on {self.gpu} ({room})"
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,7 @@ class Estimate:
             budget_gb=round(gpu.budget_gb, 4) if gpu is not None else None,
             verdict=v.status if v else "",
             gpu=gpu.label if gpu is not None else "",
+            checkpoint_reason=self.checkpoint_reason,
         )
 
     def to_dict(self, gpu: Gpu | None = None) -> dict[str, Any]:
@@ -141,7 +142,7 @@ class Estimate:
             "backend_reason": self.backend_reason,
             "seq_len": self.seq_len,
             "micro_batch": self.micro_batch,
-            "unit": "GiB (2**30 bytes), printed as GB",
+            "unit": "GiB (2**30 bytes)",
             "terms": [{"name": t.name, "gb": t.gb, "parts": dict(t.parts)} for t in self.terms],
             "torch_peak_gb": self.torch_peak_gb,
             "torch_allocated_gb": self.torch_allocated_gb,
@@ -364,16 +365,16 @@ def choose_checkpointing(
         return _estimate_plan(cfg, arch, plan).device_total_gb
 
     if total(0) <= limit:
-        return 0, f"auto: the whole step fits {budget_gb:.1f} GB without checkpointing"
+        return 0, f"auto: the whole step fits {budget_gb:.1f} GiB without checkpointing"
     if total(L) > limit:
-        return L, f"auto: even with every layer checkpointed it needs more than {limit:.1f} GB"
+        return L, f"auto: even with every layer checkpointed it needs more than {limit:.1f} GiB"
     lo, hi = 0, L  # total(lo) > limit >= total(hi): memory falls as k grows
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if total(mid) <= limit else (mid, hi)
     return (
         hi,
-        f"auto: {hi} of {L} layers checkpointed to fit {budget_gb:.1f} GB (with {C.TIGHT_FRACTION:.0%} kept free)",
+        f"auto: {hi} of {L} layers checkpointed to fit {budget_gb:.1f} GiB (with {C.TIGHT_FRACTION:.0%} kept free)",
     )
 
 

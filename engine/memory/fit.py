@@ -46,7 +46,7 @@ class FitResult:
         what = f"micro-batch {self.micro_batch} x grad-accum {self.grad_accum} at seq_len {self.seq_len}"
         if self.estimate is not None:
             v = self.estimate.verdict(self.gpu)
-            what += f": {v.used_gb:.1f} of {v.budget_gb:.1f} GB"
+            what += f": {v.used_gb:.1f} of {v.budget_gb:.1f} GiB"
         return what
 
 

@@ -42,10 +42,10 @@ class Gpu:
 
     def __str__(self) -> str:
         if self.source == "nvml":
-            return f"{self.label} ({self.budget_gb:.1f} of {self.total_gb:.1f} GB free)"
+            return f"{self.label} ({self.budget_gb:.1f} of {self.total_gb:.1f} GiB free)"
         if self.source == "size":
-            return f"{self.total_gb:g} GB GPU"
-        return f"{self.label} ({self.total_gb:.1f} GB)"
+            return f"{self.total_gb:g} GiB GPU"
+        return f"{self.label} ({self.total_gb:.1f} GiB)"
 
 
 def _catalog_path() -> Path | None:
@@ -100,7 +100,7 @@ def _size(spec: str) -> Gpu | None:
     if not 0 < gib <= 4096:
         raise UserError(f"--gpu {spec!r}: a GPU size must be between 1 MB and 4096 GB")
     label = f"{gib:g}GB"
-    return Gpu(label, f"{gib:g} GB GPU", gib, gib, "size")
+    return Gpu(label, f"{gib:g} GiB GPU", gib, gib, "size")
 
 
 def detect_gpu(index: int = 0) -> Gpu:

@@ -69,8 +69,8 @@ class MergeEstimate:
     def summary(self) -> str:
         parts = ", ".join(f"{t.name} {t.gb:.2f}" for t in self.terms if t.gb >= 0.005)
         return (
-            f"{self.cpu_gb:.2f} GB of RAM on the CPU, or {self.gpu_gb:.2f} GB on a GPU and "
-            f"{self.gpu_host_gb:.2f} GB of RAM ({parts})"
+            f"{self.cpu_gb:.2f} GiB of RAM on the CPU, or {self.gpu_gb:.2f} GiB on a GPU and "
+            f"{self.gpu_host_gb:.2f} GiB of RAM ({parts})"
         )
 
 
@@ -186,25 +186,25 @@ def place_merge(
     gpu_ok = gpu_free_gb is not None and gpu_free_gb >= est.gpu_gb
     if want in ("auto", "cuda") and gpu_ok and host_ok:
         return MergePlacement(
-            "cuda", est.gpu_gb, gpu_free_gb, f"needs {est.gpu_gb:.2f} GB, {gpu_free_gb:.2f} GB free"
+            "cuda", est.gpu_gb, gpu_free_gb, f"needs {est.gpu_gb:.2f} GiB, {gpu_free_gb:.2f} GiB free"
         )
     if want == "cuda":
-        have = "no CUDA GPU" if gpu_free_gb is None else f"{gpu_free_gb:.2f} GB free"
+        have = "no CUDA GPU" if gpu_free_gb is None else f"{gpu_free_gb:.2f} GiB free"
         return MergePlacement(
-            "", est.gpu_gb, gpu_free_gb, f"the merge needs {est.gpu_gb:.2f} GB on the GPU ({have})"
+            "", est.gpu_gb, gpu_free_gb, f"the merge needs {est.gpu_gb:.2f} GiB on the GPU ({have})"
         )
     if host_free_gb is None or host_free_gb >= est.cpu_gb:
-        free = "unknown" if host_free_gb is None else f"{host_free_gb:.2f} GB"
-        why = "" if gpu_free_gb is None or want == "cpu" else f"; the GPU has {gpu_free_gb:.2f} GB free"
+        free = "unknown" if host_free_gb is None else f"{host_free_gb:.2f} GiB"
+        why = "" if gpu_free_gb is None or want == "cpu" else f"; the GPU has {gpu_free_gb:.2f} GiB free"
         return MergePlacement(
-            "cpu", est.cpu_gb, host_free_gb, f"needs {est.cpu_gb:.2f} GB of RAM, {free} available{why}"
+            "cpu", est.cpu_gb, host_free_gb, f"needs {est.cpu_gb:.2f} GiB of RAM, {free} available{why}"
         )
-    gpu = "" if gpu_free_gb is None else f" or {est.gpu_gb:.2f} GB on the GPU ({gpu_free_gb:.2f} GB free)"
+    gpu = "" if gpu_free_gb is None else f" or {est.gpu_gb:.2f} GiB on the GPU ({gpu_free_gb:.2f} GiB free)"
     return MergePlacement(
         "",
         est.cpu_gb,
         host_free_gb,
-        f"the merge needs {est.cpu_gb:.2f} GB of RAM ({host_free_gb:.2f} GB available){gpu}",
+        f"the merge needs {est.cpu_gb:.2f} GiB of RAM ({host_free_gb:.2f} GiB available){gpu}",
     )
 
 

@@ -34,6 +34,17 @@ def read_lines(fd: int, on_line: Callable[[bytes], None]) -> None:
             on_line(line)
 
 
+def describe(command: protocol.Command) -> str:
+    """A command as the log names it: "a stop (save first)", "a sample request"."""
+    if isinstance(command, protocol.Stop):
+        return "a stop (save first)" if command.save else "a stop (no save)"
+    if isinstance(command, protocol.Save):
+        return "a save request"
+    if isinstance(command, protocol.SampleRequest):
+        return "a sample request"
+    return f"a {command.__class__.__name__} command"
+
+
 class CommandQueue:
     def __init__(self, emitter: Emitter) -> None:
         self._queue: queue.Queue[protocol.Command] = queue.Queue()
@@ -58,7 +69,7 @@ class CommandQueue:
         except protocol.ProtocolError as exc:
             self._emitter.log(f"ignored a malformed command from {source}: {exc}", level="warning")
             return
-        self._emitter.log(f"received {command.__class__.__name__.lower()} from {source}", level="debug")
+        self._emitter.log(f"received {describe(command)} from {source}", level="debug")
         self.put(command)
 
     def _read_lines(self, fd: int, source: str) -> None:
@@ -66,7 +77,7 @@ class CommandQueue:
 
     def read_stdin(self, fd: int = 0) -> threading.Thread:
         def loop() -> None:
-            self._read_lines(fd, "console")
+            self._read_lines(fd, "the console that started the run")
             self._emitter.log("the console's pipe closed; training continues", level="debug")
 
         thread = threading.Thread(target=loop, name="commands-stdin", daemon=True)
@@ -82,7 +93,7 @@ class CommandQueue:
         fcntl.fcntl(rfd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
 
         def loop() -> None:
-            self._read_lines(rfd, "control FIFO")
+            self._read_lines(rfd, "the control FIFO")
 
         thread = threading.Thread(target=loop, name="commands-fifo", daemon=True)
         thread.start()

@@ -279,6 +279,9 @@ def summarize(run_dir: Path) -> RunSummary:
             error = ev.message
         elif isinstance(ev, protocol.Finished):
             ckpt = ev.last_checkpoint or ckpt
+            # Where the session ended: a stop or the last step can fall between logged steps.
+            step = max(step, ev.step)
+            loss = ev.final_loss if ev.final_loss is not None else loss
     if is_running(run_dir):
         status = "running"
     return RunSummary(run_dir.name, run_dir, status, preset, model, step, total, loss, started, ckpt, error)

@@ -23,7 +23,7 @@ from engine.run.distributed import Ranks
 from engine.run.events import Emitter
 from engine.train import collectives, failures
 from engine.train.sampling import generate
-from engine.train.state import RunState
+from engine.train.state import EvalInterrupted, RunState
 from engine.train.usage import cuda_memory, host_rss_gb, reset_peak_memory
 
 
@@ -71,11 +71,40 @@ class Pace:
         return remaining_steps * (self.step_seconds or 0.0)
 
 
+class EvalProgress:
+    """Where an evaluation is, batch by batch: reported at its first and last batch and every
+    few seconds between (an eval split can take minutes)."""
+
+    EVERY_S = 2.0
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.started = 0.0
+        self.shown = 0.0
+
+    def advance(self) -> bool:
+        """Count a batch; whether to report it."""
+        now = time.monotonic()
+        if self.batches == 0:
+            self.started = now
+        self.batches += 1
+        if self.batches == 1 or now - self.shown >= self.EVERY_S:
+            self.shown = now
+            return True
+        return False
+
+    def rate(self) -> float | None:
+        seconds = time.monotonic() - self.started
+        return (self.batches - 1) / seconds if self.batches > 1 and seconds > 0 else None
+
+
 class EngineCallback(TrainerCallback):
     def __init__(self, context: Context, state: RunState) -> None:
         self.ctx = context
         self.state = state
         self.pace = Pace()
+        self.eval = EvalProgress()
+        self.deferred: list[protocol.Message] = []  # commands that came during an evaluation
 
     # ---- the trainer's hooks ----------------------------------------------------------------
 
@@ -94,13 +123,67 @@ class EngineCallback(TrainerCallback):
         )
 
     def on_step_end(self, args: Any, st: Any, control: Any, model: Any = None, **kw: Any) -> None:
-        for command in self.ctx.commands.drain():
+        commands, self.deferred = [*self.deferred, *self.ctx.commands.drain()], []
+        for command in commands:
             if isinstance(command, protocol.Stop):
                 self._stop(command, st, control)
             elif isinstance(command, protocol.Save):
                 control.should_save = True
             elif isinstance(command, protocol.SampleRequest):
                 self._sample(command, st, model)
+        if st.global_step >= st.max_steps or control.should_training_stop:
+            # The last step's loss is logged even off the logging interval: a run that completes
+            # at step 5 with logging_steps 2 reports step 5 and its loss, not step 4's.
+            control.should_log = True
+
+    def on_prediction_step(
+        self, args: Any, st: Any, control: Any, eval_dataloader: Any = None, **kw: Any
+    ) -> None:
+        """Each evaluation batch: progress, and the commands a person sends meanwhile. A stop
+        ends the evaluation (EvalInterrupted, caught by the trainer's evaluate) and the run, as
+        at a step boundary; a save or a sample waits for the next step."""
+        if self.eval.advance():
+            try:
+                total = len(eval_dataloader) if eval_dataloader is not None else 0
+            except TypeError:  # an iterable dataset: no length
+                total = 0
+            rate = self.eval.rate()
+            eta = (total - self.eval.batches) / rate if rate and total else None
+            self.ctx.emitter.emit(
+                protocol.StageEvent(
+                    stage="evaluating",
+                    message=f"eval at step {st.global_step}",
+                    current=self.eval.batches,
+                    total=total,
+                    unit="batches",
+                    rate=rate,
+                    eta_s=eta,
+                )
+            )
+        for command in self.ctx.commands.drain():  # every rank drains at every batch: in step
+            if isinstance(command, protocol.Stop):
+                self._stop(command, st, control)
+                self.ctx.emitter.log(f"eval at step {st.global_step} interrupted by the stop")
+                self.eval = EvalProgress()
+                # Done with: the trainer clears this flag only after an evaluation that finished,
+                # and would evaluate again at the epoch's end.
+                control.should_evaluate = False
+                raise EvalInterrupted
+            self.deferred.append(command)
+
+    def on_evaluate(self, args: Any, st: Any, control: Any, **kw: Any) -> None:
+        if self.eval.batches:
+            n = self.eval.batches
+            self.ctx.emitter.emit(
+                protocol.StageEvent(
+                    stage="evaluating",
+                    message=f"eval at step {st.global_step}",
+                    current=n,
+                    total=n,
+                    unit="batches",
+                )
+            )
+        self.eval = EvalProgress()
 
     def on_log(
         self, args: Any, st: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any

@@ -81,7 +81,8 @@ def out_of_memory(
             smaller = memory.resolve_gpu(f"{est.device_total_gb * 0.8:.3f}GB")
             advice = [str(a) for a in memory.advise(cfg, smaller, backend=backend)[:5]]
             note = (
-                f" (estimated {est.device_total_gb:.1f} GB, which fits {gpu}: is another process on the GPU?)"
+                f" (estimated {est.device_total_gb:.1f} GiB, which fits {gpu}: "
+                "is another process on the GPU?)"
             )
     except Exception:  # advice must never hide the error itself
         pass

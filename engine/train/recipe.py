@@ -315,22 +315,14 @@ class Recipe:
     def _emit_estimate(self) -> None:
         """The memory model's estimate, for the dashboard's estimate-versus-actual. Never fatal."""
         try:
-            from engine import memory
-
-            # "auto" means the GPU present: with none there is no budget to check against.
-            cfg_gpu = self.cfg.hardware.gpu
-            gpu = memory.resolve_gpu(cfg_gpu) if self.device == "cuda" or cfg_gpu != "auto" else None
-            if self.ranks.world_size > 1:
-                # What one GPU holds: this rank's share of the run.
-                est = memory.per_gpu.per_gpu(self.cfg, self.ranks.world_size, backend=self.backend_name)
-            else:
-                est = memory.estimate(
-                    self.cfg,
-                    backend=self.backend_name,
-                    gpu=gpu,
-                    checkpointed=self.checkpointing.checkpointed,
-                    liger=any(k.startswith("liger") for k in self.kernels),
-                )
+            est, gpu = estimate_for_run(
+                self.cfg,
+                self.device,
+                self.backend_name,
+                self.checkpointing.checkpointed,
+                self.ranks.world_size,
+                liger=any(k.startswith("liger") for k in self.kernels),
+            )
             self.emitter.emit(est.to_event(gpu))
         except Exception as exc:  # an estimate must never stop a run
             self.emitter.log(f"no memory estimate: {exc}", level="debug")
@@ -359,6 +351,8 @@ class Recipe:
             shutil.rmtree(tmp, ignore_errors=True)
             self.trainer.model.save_pretrained(tmp)
         self.tokenizer.save_pretrained(tmp)
+        # peft's empty card template: `qlc export` writes the card a model is published with.
+        (tmp / "README.md").unlink(missing_ok=True)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
@@ -372,6 +366,29 @@ class Recipe:
         from engine.train.collectives import finish
 
         finish(self.ranks, self.timeouts)
+
+
+def estimate_for_run(
+    cfg: RunConfig, device: str, backend: str | None, checkpointed: int, world_size: int, liger: bool = False
+) -> tuple[Any, Any]:
+    """(the estimate a run reports, the GPU it is checked against).
+
+    On a GPU: this run's plan (the layers it checkpoints, its kernels), against hardware.gpu. On
+    the CPU there is no GPU memory to compare with, so the figure is what the run would need on
+    hardware.gpu, planned as there: the same estimate `qlc estimate` and the console's Memory pane
+    show for the preset (the CPU run itself checkpoints every layer)."""
+    from engine import memory
+
+    # "auto" means the GPU present: with none there is no budget to check against.
+    gpu = memory.resolve_gpu(cfg.hardware.gpu) if device == "cuda" or cfg.hardware.gpu != "auto" else None
+    if world_size > 1:
+        # What one GPU holds: this rank's share of the run.
+        return memory.per_gpu.per_gpu(cfg, world_size, backend=backend), gpu
+    # gpu= also picks the card's class (its CUDA context and workspaces, engine/memory/devices.py).
+    if device != "cuda":
+        return memory.estimate(cfg, gpu=gpu), gpu
+    est = memory.estimate(cfg, backend=backend, gpu=gpu, checkpointed=checkpointed, liger=liger)
+    return est, gpu
 
 
 def count_params(model: Any) -> tuple[int, int]:
@@ -401,7 +418,10 @@ def run(
         recipe.train()
         failure = recipe.state.failure
         if failure is None:
-            status = "stopped" if recipe.state.stop_requested else "completed"
+            # A stop during the evaluation after the last step leaves every step done: completed.
+            trained = recipe.trainer.state
+            done = trained.max_steps > 0 and trained.global_step >= trained.max_steps
+            status = "stopped" if recipe.state.stop_requested and not done else "completed"
             if status == "completed":
                 adapter = str(recipe.save_checkpoint())
     except UserError as exc:

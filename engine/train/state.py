@@ -21,3 +21,8 @@ class RunState:
     total_steps: int = 0
     first_step: int = 0
     started: float = field(default_factory=time.time)
+
+
+class EvalInterrupted(Exception):
+    """A stop arrived during an evaluation: the trainer's evaluate gives up on it (no eval loss
+    for this round) and training stops as after a step (engine.train.callback)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -41,7 +42,9 @@ class Tmux:
         return subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True, text=True, check=check)
 
     def start(self, command: list[str], env: dict[str, str]) -> None:
-        line = " ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join(command)
+        # The terminal's size is tmux's: COLUMNS and LINES inherited from the test process (set
+        # by the test tooling) would pin the app to another size.
+        line = "-u COLUMNS -u LINES " + " ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join(command)
         self._tmux(
             "new-session", "-d", "-s", self.session, "-x", str(self.width), "-y", str(self.height),
             "-c", str(REPO), f"env {line}",
@@ -135,6 +138,7 @@ def test_start_watch_sample_stop_quit(env: dict[str, str]) -> None:
         # Sample from the live model: it answers at the next step boundary, then training goes on.
         tmux.keys("5")
         tmux.wait("live model")
+        tmux.keys("i")  # into the prompt: until then the pane's keys (1-5, q) stay keys
         tmux.type("Say hello")
         tmux.keys("Enter")
         screen = tmux.wait(
@@ -147,15 +151,124 @@ def test_start_watch_sample_stop_quit(env: dict[str, str]) -> None:
         tmux.keys("y")
         screen = tmux.wait("stopped at step", timeout=120)
         assert "saved checkpoint-" in screen
-        tmux.keys("n", "q")
-        tmux.wait(lambda _: tmux.pane_dead(), timeout=15)
+        tmux.keys("n")
         (run_dir,) = runs.list_run_dirs(Path(env["QLC_RUNS_DIR"]))
         _wait_exited(run_dir)
         summary = runs.summarize(run_dir)
         assert summary.status == "stopped" and summary.last_checkpoint
-        assert runs.checkpoints(run_dir)
+        stopped_at = summary.step
+        # The dashboard of a stopped run offers no Stop, Save now or Detach.
+        footer = tmux.wait(lambda s: "l Log scale" in s).splitlines()[-1]
+        assert "Stop" not in footer and "Save now" not in footer and "Detach" not in footer
+        # Resume from the Runs pane: the run goes on from its checkpoint.
+        tmux.keys("4")
+        tmux.wait(lambda s: "stopped" in s and run_dir.name[4:13] in s)
+        tmux.keys("r")
+        tmux.wait(lambda s: _step(s) > stopped_at and "training" in s, timeout=240)
+        # The engine dies (a kill, an OOM killer): the console says so, and how to go on.
+        os.kill(_engine_pid(run_dir), signal.SIGKILL)
+        screen = tmux.wait("without finishing", timeout=60)
+        assert "engine.log" in screen and "resumes" in screen and "checkpoint-" in screen
+        tmux.keys("Escape")  # the error dialog
+        tmux.wait("crashed")
+        tmux.keys("q")
+        tmux.wait(lambda _: tmux.pane_dead(), timeout=15)
     finally:
         tmux.kill()
+    # `qlc attach` to the crashed run: its history, then why it ended and how to resume.
+    attach = Tmux("attach", 200, 50)
+    try:
+        attach.start([*_qlc(), "attach", run_dir.name], env)
+        attach.wait(lambda _: attach.pane_dead(), timeout=60)
+        # The terminal folds the long line: compare without the spaces and line ends.
+        joined = "".join(attach.screen().split())
+        assert "theengineexitedwithoutfinishing" in joined and "engine.log" in joined
+        assert f"qlcresume{run_dir.name}`continuesitfromcheckpoint-" in joined
+    finally:
+        attach.kill()
+
+
+def _engine_pid(run_dir: Path) -> int:
+    """The newest engine session's process (its hello)."""
+    events, _ = runs.read_events(run_dir)
+    return [e for e in events if type(e).__name__ == "Hello"][-1].pid
+
+
+def _box_text(screen: str, title: str) -> str:
+    """The text inside a bordered box of the screen, its wrapped lines joined."""
+    lines = screen.splitlines()
+    start = next(i for i, line in enumerate(lines) if title in line)
+    column = lines[start].index("╭")
+    inside = []
+    for line in lines[start + 1 :]:
+        if line[column : column + 1] == "╰":
+            break
+        inner = line[column + 1 :].split("│")[0]
+        inside.append(re.sub(r"[▁▂▃▄▅▆▇█]+\s*$", "", inner))  # the scrollbar's thumb
+    return " ".join(" ".join(inside).split())
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_quick_keys_across_every_pane_never_stick(env: dict[str, str], size: tuple[int, int]) -> None:
+    """Bursts of Down and Up in the presets list, then every pane by its number: each shows and
+    stays, and the console goes idle. The Memory pane's breakdown is readable whole: wrapped, and
+    scrolled where a short window cannot hold it."""
+    import json
+
+    tmux = Tmux(f"keys{size[0]}", *size)
+    try:
+        tmux.start(_qlc(), env)
+        tmux.wait(lambda s: "tiny-demo" in s and "llama-3.1-8b-h100" in s, timeout=30)
+        for burst in (["Down"] * 3, ["Up"] * 2, ["Down"] * 5, ["Up"] * 4, ["Down", "Up", "Down"]):
+            tmux.keys(*burst, pause=0.02)
+        time.sleep(1.0)
+        pid = int(tmux._tmux("display", "-p", "-t", tmux.session, "#{pane_pid}").stdout.strip())
+        cpu = _cpu_seconds(pid)
+        time.sleep(2.0)
+        assert _cpu_seconds(pid) - cpu < 0.6, "the console keeps a core busy while nothing happens"
+        for key, mark in (
+            ("2", "breakdown (GiB)"),
+            ("3", "No run being watched"),
+            ("4", "No runs yet"),
+            ("5", "Replies appear here"),
+            ("1", "setting"),
+            ("5", "Replies appear here"),
+            ("2", "breakdown (GiB)"),
+        ):
+            tmux.keys(key, pause=0.05)
+            tmux.wait(mark, timeout=15)
+            time.sleep(0.8)
+            assert mark in tmux.screen(), f"{key} did not stay: {tmux.screen()}"
+        # The Memory pane of the 8 GB recipe: every part of every term, as `qlc estimate` lists them.
+        tmux.keys("1", "/")
+        tmux.type("4060")
+        tmux.keys("Enter")
+        tmux.wait("llama-3.1-8b-rtx4060  ")
+        tmux.keys("2")
+        screen = tmux.wait(lambda s: "DOES NOT FIT" in s and "breakdown (GiB)" in s, timeout=30)
+        cli = subprocess.run(
+            [*_qlc(), "estimate", "llama-3.1-8b-rtx4060", "--json"],
+            capture_output=True, text=True, cwd=REPO, env={**os.environ, **env}, timeout=120,
+        )  # fmt: skip
+        parts = [f"{k} {v:.2f}" for term in json.loads(cli.stdout)["terms"] for k, v in term["parts"].items()]
+        views = [_box_text(screen, "breakdown (GiB)")]
+        if size[1] < 30:  # a short window: the rest is a scroll away (Tab to the breakdown)
+            tmux.keys("Tab", "Tab")
+            for _ in range(12):
+                tmux.keys("Down", pause=0.3)
+                views.append(_box_text(tmux.screen(), "breakdown (GiB)"))
+        assert not [v for v in views if "…" in v]  # wrapped, never cut
+        missing = [p for p in parts if not any(p in v for v in views)]
+        assert not missing, f"not shown: {missing}\n{tmux.screen()}"
+        tmux.keys("Escape", "q")
+        tmux.wait(lambda _: tmux.pane_dead(), timeout=15)
+    finally:
+        tmux.kill()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_run_survives_its_terminal_and_a_new_console_attaches(env: dict[str, str]) -> None:

@@ -21,7 +21,7 @@ def test_every_problem_is_reported_at_once() -> None:
         load_preset("tiny-demo", ["train.micro_batch=two", "lora.rr=8", "train.lr=-1"])
     problems = info.value.problems
     assert any("lora.rr: unknown key" in p and "'lora.r'" in p for p in problems)
-    assert any("train.micro_batch: expected int, got 'two'" in p for p in problems)
+    assert any("--set train.micro_batch=two: expected int, got 'two'" in p for p in problems)
     assert "\n" not in str(info.value)
 
 
@@ -91,8 +91,36 @@ def test_a_draft_reads_the_preset_once_and_revalidates_overrides_without_it(tmp_
     assert draft.valid and draft.value("train.lr") == 1e-4 and "# the data" in draft.text
     preset.unlink()  # the draft does not read the file again
     changed = draft.with_overrides(["lr=2e-4", "train.micro_batch=0"])
-    assert not changed.valid and changed.problems == ("train.micro_batch: must be at least 1, got 0",)
+    assert not changed.valid and changed.problems == ("--set train.micro_batch=0: must be at least 1, got 0",)
     assert changed.overridden == {"train.lr", "train.micro_batch"}
     assert draft.with_overrides(["lr=2e-4"]).value("train.lr") == 2e-4
     missing = draft_preset(str(preset))
     assert not missing.valid and "not found" in missing.problems[0]
+
+
+def test_a_problem_an_override_made_names_the_override_not_the_file(tmp_path) -> None:
+    """The value came from `--set`: the message says so, and a quoted number is called one."""
+    with pytest.raises(ConfigError) as info:
+        load_preset("tiny-demo", ["lora.r='32'"])
+    assert (
+        str(info.value) == "--set lora.r='32': expected int, got the quoted string '32' (remove the quotes)"
+    )
+    preset = tmp_path / "mine.yaml"
+    preset.write_text(
+        'model:\n  name_or_path: builtin:tiny-llama\ndata:\n  source: x.jsonl\nlora:\n  r: "32"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_preset(str(preset), ["lora.alpha=0"])
+    assert str(info.value) == (
+        f"--set lora.alpha=0: must be at least 1, got 0; {preset}: lora.r: expected int, got the quoted "
+        "string '32' (remove the quotes)"
+    )
+
+
+def test_an_unknown_key_gets_its_nearest_keys_not_the_whole_list() -> None:
+    with pytest.raises(ConfigError) as far:
+        load_preset("tiny-demo", ["foo=1"])
+    assert len(str(far.value)) < 200 and "`qlc presets NAME` shows every key" in str(far.value)
+    with pytest.raises(ConfigError) as near:
+        load_preset("tiny-demo", ["lerning_rate=1"])
+    assert "(closest: " in str(near.value) and len(str(near.value)) < 200

@@ -40,14 +40,14 @@ def test_placement_prefers_a_gpu_with_room_then_the_cpu_then_refuses() -> None:
     est = estimate_merge(load_preset("llama-3.1-8b-rtx4090"), "bf16")
     assert place_merge(est, gpu_free_gb=79.0, host_free_gb=100.0).device == "cuda"
     on_cpu = place_merge(est, gpu_free_gb=7.5, host_free_gb=100.0)
-    assert on_cpu.device == "cpu" and "the GPU has 7.50 GB free" in on_cpu.reason
+    assert on_cpu.device == "cpu" and "the GPU has 7.50 GiB free" in on_cpu.reason
     assert place_merge(est, gpu_free_gb=79.0, host_free_gb=100.0, want="cpu").device == "cpu"
     # A GPU with room but not the host memory beside it (a 5 GB shard to write) is no good either.
     assert place_merge(est, gpu_free_gb=79.0, host_free_gb=2.0).refused
     refused = place_merge(est, gpu_free_gb=7.5, host_free_gb=12.0)
     assert refused.refused
-    assert f"needs {est.cpu_gb:.2f} GB of RAM (12.00 GB available)" in refused.reason
-    assert f"or {est.gpu_gb:.2f} GB on the GPU (7.50 GB free)" in refused.reason
+    assert f"needs {est.cpu_gb:.2f} GiB of RAM (12.00 GiB available)" in refused.reason
+    assert f"or {est.gpu_gb:.2f} GiB on the GPU (7.50 GiB free)" in refused.reason
     no_gpu = place_merge(est, gpu_free_gb=None, host_free_gb=100.0, want="cuda")
     assert no_gpu.refused and "no CUDA GPU" in no_gpu.reason
     # Unknown host memory (no /proc/meminfo, no psutil) cannot be checked: it is not a refusal.

@@ -113,6 +113,61 @@ def test_a_tiny_run_trains_checkpoints_and_saves_its_adapter(reference: Path) ->
     assert (checkpoint / "optimizer.pt").is_file() and (checkpoint / "trainer_state.json").is_file()
     assert oct((reference).stat().st_mode & 0o777) == "0o700"
     assert oct((reference / runs.CONTROL).stat().st_mode & 0o777) == "0o600"
+    # No draft model card ("a fine-tuned version of [None]") beside or in the checkpoints, nor in
+    # the adapter: `qlc export` writes the card.
+    assert not list(reference.rglob("README.md")), list(reference.rglob("README.md"))
+
+
+def test_the_run_reports_the_memory_answer_the_console_and_qlc_estimate_give(reference: Path) -> None:
+    """On the CPU the run's estimate is the one for its hardware.gpu, planned as there: the figure
+    the Memory pane and `qlc estimate` show (it printed torch's 0.10 GB against the pane's 1.4)."""
+    from engine.config import load_resolved
+    from tui import budget
+
+    events, _ = runs.read_events(reference)
+    estimate = next(e for e in events if isinstance(e, protocol.EstimateEvent))
+    view = budget.compute(load_resolved(reference / runs.CONFIG))
+    assert estimate.device_total_gb == round(view.device_total_gb, 4)
+    assert estimate.checkpoint_reason == view.checkpointing and estimate.checkpoint_reason
+    shown = qlc("--runs-dir", str(reference.parent), "attach", reference.name)
+    line = next(x for x in shown.stdout.splitlines() if x.startswith("memory estimate:"))
+    assert (
+        f"{view.device_total_gb:.2f} GiB of {view.budget_gb:.2f} GiB" in line and view.checkpointing in line
+    )
+
+
+def test_the_last_step_is_logged_and_a_stop_interrupts_the_evaluation(tmp_path: Path) -> None:
+    """max_steps 2 with logging_steps 3: the run reports step 2 and its loss (it reported none, and
+    a final loss from the step before). The evaluation after the last step, over a large split,
+    shows its progress and ends at `qlc stop` instead of running to its end."""
+    sets = {
+        "train.max_steps": 2,
+        "train.logging_steps": 3,
+        "train.micro_batch": 1,
+        "train.eval_steps": 2,
+        "train.save_steps": 100,
+        "data.val_fraction": 0.9,
+    }
+    args = [x for key, value in sets.items() for x in ("--set", f"{key}={value}")]
+    started = qlc("--runs-dir", str(tmp_path), "train", "tiny-demo", "--detach", *args)
+    assert started.returncode == 0, started.stderr
+    (run_dir,) = runs.list_run_dirs(tmp_path)
+    progress = _wait(run_dir, lambda e: isinstance(e, protocol.StageEvent) and e.stage == "evaluating")
+    assert progress.total > 100 and progress.unit == "batches" and progress.current >= 1
+    asked = time.monotonic()
+    stop = qlc("--runs-dir", str(tmp_path), "stop", run_dir.name)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert time.monotonic() - asked < 60
+    events, _ = runs.read_events(run_dir)
+    steps = [e for e in events if isinstance(e, protocol.Step)]
+    finished = events[-1]
+    assert [s.step for s in steps] == [2] and isinstance(finished, protocol.Finished)
+    assert finished.final_loss == steps[-1].loss
+    done = [e for e in events if isinstance(e, protocol.StageEvent) and e.stage == "evaluating"]
+    assert done[-1].current < done[-1].total  # the evaluation did not run to its end
+    assert not [e for e in events if isinstance(e, protocol.Eval)]
+    # Every step was done before the stop: the run completed and saved its adapter.
+    assert finished.status == "completed" and finished.step == 2 and finished.adapter_path
 
 
 def _tree_digest(root: Path) -> dict[str, str]:

@@ -93,25 +93,37 @@ CASES = [
     Case("preset", "name-too-long", ("train", "x" * 5000), "unknown preset 'xxxx"),
     # --- --set overrides ---------------------------------------------------------------------
     override("unknown-key", "train.nope=1", "train.nope: unknown key"),
-    override("unknown-section", "foo=1", "--set foo: unknown key"),
+    override("unknown-section", "foo=1", "--set foo: unknown key (keys are section.key, in model, data, quant"),
+    override("unknown-far-key", "lerning_rate=1", "--set lerning_rate: unknown key (closest: "),
     override("close-misspelling", "lrr=1", "--set lrr: unknown key (did you mean 'lora.r'?)"),
     override("no-equals", "lr", "--set 'lr': expected key=value"),
     override("empty-key", "=5", "--set : unknown key"),
-    override("wrong-type", "train.micro_batch=two", "train.micro_batch: expected int, got 'two'"),
-    override("broken-yaml-value", "train.lr=[", "train.lr: expected float, got '['"),
-    override("section-scalar", "train=5", "train: expected a section of keys, got 5"),
-    override("negative-lr", "train.lr=-1", "train.lr: must be between 0 and 1"),
-    override("infinite-lr", "train.lr=.inf", "train.lr: must be a finite number, got inf"),
-    override("zero-rank", "lora.r=0", "lora.r: must be at least 1, got 0"),
-    override("zero-max-steps", "train.max_steps=0", "train.max_steps: must be at least 1 or null"),
-    override("val-fraction-1", "data.val_fraction=1", "data.val_fraction: must be in [0, 1)"),
-    override("no-target-modules", "lora.target_modules=[]", "lora.target_modules: name at least one module"),
-    override("columns-not-mapping", "data.columns=5", "data.columns: expected a mapping of names to names"),
+    override("wrong-type", "train.micro_batch=two", "--set train.micro_batch=two: expected int, got 'two'"),
+    override(
+        "quoted-number",
+        "lora.r='32'",
+        "--set lora.r='32': expected int, got the quoted string '32' (remove the quotes)",
+    ),
+    override("broken-yaml-value", "train.lr=[", "--set train.lr=[: expected float, got '['"),
+    override("section-scalar", "train=5", "--set train=5: expected a section of keys, got 5"),
+    override("negative-lr", "train.lr=-1", "--set train.lr=-1: must be between 0 and 1"),
+    override("infinite-lr", "train.lr=.inf", "--set train.lr=.inf: must be a finite number, got inf"),
+    override("zero-rank", "lora.r=0", "--set lora.r=0: must be at least 1, got 0"),
+    override("zero-max-steps", "train.max_steps=0", "--set train.max_steps=0: must be at least 1 or null"),
+    override("val-fraction-1", "data.val_fraction=1", "--set data.val_fraction=1: must be in [0, 1)"),
+    override(
+        "no-target-modules",
+        "lora.target_modules=[]",
+        "--set lora.target_modules=[]: name at least one module",
+    ),
+    override(
+        "columns-not-mapping", "data.columns=5", "--set data.columns=5: expected a mapping of names to names"
+    ),
     Case(
         "override",
         "unsloth-on-cpu",
         ("train", "tiny-demo", "--set", "hardware.backend=unsloth", "--set", "hardware.device=cpu"),
-        "hardware.backend: unsloth needs a CUDA GPU",
+        "--set hardware.backend=unsloth: unsloth needs a CUDA GPU",
     ),
     # --- model paths -------------------------------------------------------------------------
     model("missing-folder", "/no/such/model", "model.name_or_path: /no/such/model not found"),
@@ -120,7 +132,11 @@ CASES = [
     model("unknown-builtin", "builtin:nope", "unknown built-in model 'builtin:nope'"),
     model("not-a-hub-id", "bad id!", "'bad id!' is neither a local folder nor a hub id"),
     model("not-cached-offline", "nobody/no-such-model", "not in the local hub cache", HF_HUB_OFFLINE="1"),
-    override("attention-choice", "model.attn_implementation=flash", "model.attn_implementation: 'flash'"),
+    override(
+        "attention-choice",
+        "model.attn_implementation=flash",
+        "--set model.attn_implementation=flash: 'flash' is not one of",
+    ),
     override("remote-code-unconfirmed", "model.trust_remote_code=true", "model.trust_remote_code is true"),
     # --- datasets ----------------------------------------------------------------------------
     dataset("missing-file", ("data.source=/no/such.jsonl",), "/no/such.jsonl: not found"),
@@ -203,6 +219,10 @@ def _check(case: Case, tmp: Path, code: int, stdout: str, stderr: str) -> None:
     assert code == 2, (code, stderr)
     assert len(lines) == 1 and case.needle.replace("{tmp}", str(tmp)) in lines[0], stderr
     assert "Traceback" not in stderr and not stdout.strip(), stdout
+    if case.kind == "override":
+        # The value came from the command line: the line names the --set, not the preset's file,
+        # and an unknown key gets its nearest keys, not every key there is.
+        assert "tiny-demo.yaml" not in lines[0] and len(lines[0]) < 250, lines[0]
     runs_dir = tmp / "runs"
     assert not runs_dir.exists() or not any(runs_dir.iterdir()), list(runs_dir.iterdir())
 

@@ -52,14 +52,14 @@ def test_a_model_with_the_default_config_fits_a_24gb_card() -> None:
 
 
 def test_the_verdict_carries_the_error_band_and_the_device_constants_used() -> None:
-    """ "22.3 GB ± 0.5": the band is the backend's held-out error (constants.ERROR_BAND) times the
+    """ "22.3 GiB ± 0.5": the band is the backend's held-out error (constants.ERROR_BAND) times the
     device total; the device constants line names the GPU class and where its numbers come from."""
     from engine.memory import constants as C
 
     r = qlc("estimate", "llama-3.1-8b", "--gpu", "rtx4090", "--backend", "hf", "--set", "lora.r=32")
     assert r.returncode == 0, r.stderr
     verdict = next(line for line in r.stdout.splitlines() if line.startswith(("FITS", "TIGHT")))
-    used, band = verdict.split(": ", 1)[1].split(" GB ± ")
+    used, band = verdict.split(": ", 1)[1].split(" GiB ± ")
     assert float(band.split()[0]) == pytest.approx(float(used) * C.ERROR_BAND["hf"], abs=0.006)
     assert "device constants: Ada / Ampere" in r.stdout and "unsloth-zoo#1053" in r.stdout
     h200 = qlc("estimate", "llama-3.1-8b", "--gpu", "h200", "--backend", "hf", "--set", "lora.r=32")

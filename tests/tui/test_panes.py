@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import fake_engine
+import pytest
 from pilot_helpers import CRASHED_RUN, FINISHED_RUN, overrides_shown, screen_text, select_preset, wait_for
 from textual.widgets import Input, OptionList, TabbedContent
 
@@ -92,7 +93,7 @@ async def test_memory_budget_follows_overrides_and_the_gpu(app_factory) -> None:
         await select_preset(pilot, "llama-3.1-8b-rtx4090")
         await pilot.press("2")
         await pilot.pause()
-        assert "FITS" in screen_text(app) and "24.0 GB" in screen_text(app)
+        assert "FITS" in screen_text(app) and "of 23.99 GiB" in screen_text(app)
         # An override typed on the Presets pane changes the budget live.
         pane.apply_overrides(["train.micro_batch=16"])
         await overrides_shown(pilot, ["train.micro_batch=16"])
@@ -104,8 +105,41 @@ async def test_memory_budget_follows_overrides_and_the_gpu(app_factory) -> None:
         await pilot.press(*"8GB")
         await pilot.pause()
         assert app.screen.query_one(MemoryPane).gpu_spec == "8GB"
-        assert "DOES NOT FIT" in screen_text(app) and "8.0 GB" in screen_text(app)
+        assert "DOES NOT FIT" in screen_text(app) and "of 8.00 GiB" in screen_text(app)
         assert "weights" in screen_text(app) and "activations" in screen_text(app)
+
+
+@pytest.mark.parametrize(
+    "preset,gpu", [("llama-3.1-8b-rtx4090", "24GB"), ("llama-3.1-8b-rtx4090", ""), ("tiny-demo", "")]
+)
+async def test_the_memory_pane_and_qlc_estimate_give_one_answer(app_factory, preset: str, gpu: str) -> None:
+    """The same preset and GPU: the same figure and the same checkpointing plan, said by both
+    (the pane used to estimate every layer checkpointed while the CLI planned `auto`)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    args = [sys.executable, "-m", "tui.cli", "estimate", preset, "--json", *(["--gpu", gpu] if gpu else [])]
+    cli = json.loads(subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=120).stdout)
+    total, budget, band = cli["device_total_gb"], cli["gpu"]["budget_gb"], cli["error_band_gb"]
+    plan = cli["config"]["checkpoint_reason"]
+    app = app_factory()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await select_preset(pilot, preset)
+        await pilot.press("2")
+        if gpu:
+            await pilot.press("t", *gpu, "enter")
+        await wait_for(
+            pilot,
+            lambda: f"{total:.2f} ± {band:.2f} of {budget:.2f} GiB" in screen_text(app),
+            what=f"the CLI's {total:.2f} ± {band:.2f} of {budget:.2f} GiB",
+        )
+        assert plan and plan in " ".join(screen_text(app).split())  # the plan, wrapped or not
+        await pilot.press("1")
+        await pilot.pause()
+        assert f"{total:.2f} GiB of {budget:.2f} GiB" in " ".join(screen_text(app).split())
 
 
 # ---- Runs and Dashboard ------------------------------------------------------------------------

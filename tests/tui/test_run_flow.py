@@ -79,7 +79,7 @@ async def test_save_and_live_sample(app_factory) -> None:
         await wait_for(pilot, lambda: app.history.checkpoints, what="a checkpoint")
         await pilot.press("5")
         await pilot.pause()
-        await pilot.press(*"hello")
+        await pilot.press("i", *"hello")  # i: into the prompt (the pane's keys stay keys until then)
         await pilot.press("enter")
         await wait_for(pilot, lambda: app.samples and app.samples[-1].done, what="the sample")
         assert app.samples[-1].text == "The adapter learned to answer briefly."

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 from pilot_helpers import FINISHED_RUN, select_preset, wait_for
+from textual.widgets import TabbedContent
 
 from tui.widgets.gpu import GpuPanel
 from tui.widgets.runs_pane import RunsPane
@@ -16,12 +17,26 @@ SIZES = [(80, 24), (120, 40)]
 
 
 async def _settled(pilot) -> None:
-    """Wait for the background work that would otherwise race the snapshot."""
+    """Wait for the background work that would otherwise race the snapshot: the GPU probe, and
+    the first preset's budget and data check (the Presets pane is behind every dialog)."""
     await pilot.pause()
     main = pilot.app.screen_stack[0]
     gpu = main.query_one(GpuPanel)
     await wait_for(pilot, lambda: gpu._error is not None, what="the GPU probe")
-    await pilot.pause(0.1)
+
+    def summary() -> str:
+        return str(main.query_one("#preset-summary").render())
+
+    await wait_for(
+        pilot,
+        lambda: "memory " in summary() and "data: " in summary() and "checking" not in summary(),
+        what="the preset's budget and data check",
+    )
+    if main.query_one(TabbedContent).active == "presets":  # behind a dialog: laid out too
+        box = main.query_one("#preset-summary")
+        lines = len(box.render().plain.splitlines())  # type: ignore[union-attr]
+        await wait_for(pilot, lambda: box.size.height >= min(lines, 4), what="the layout")
+    await pilot.pause(0.2)
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -79,7 +94,7 @@ def test_sample_pane_with_a_reply(snap_compare, app_factory, finished_run, size)
     async def before(pilot) -> None:
         app = pilot.app
         await wait_for(pilot, lambda: app.history is not None and app.history.finished is not None)
-        await pilot.press("5")
+        await pilot.press("5", "i")
         await pilot.press(*"What does QLoRA train?", "enter")
         await wait_for(pilot, lambda: app.samples and app.samples[-1].done)
         await pilot.press("escape")  # out of the prompt: a blinking cursor would make the shot racy

@@ -4,7 +4,7 @@ With --gpus N (or hardware.gpus in the preset) `estimate` shows what each GPU ho
 strategy (ddp or fsdp); `fit` also says how many GPUs of the kind the run needs.
 
 Exit codes: 0 it fits (or is tight), 1 it does not fit (fit: nothing fits), 2 bad input.
-Sizes are GiB (2**30 bytes) printed as GB, as nvidia-smi prints them.
+Sizes are GiB (2**30 bytes), labelled GiB.
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ def _print_needed(needed: per_gpu.GpusNeeded) -> None:
         else:
             what = "one GPU, no strategy needed" if n == 1 else f"{n} GPUs"
             assert e is not None
-            out.print(f"  {strategy}: {what}, {e.device_total_gb:.2f} GB each")
+            out.print(f"  {strategy}: {what}, {e.device_total_gb:.2f} GiB each")
     best = needed.best
     if best is not None and best[1] > 1:
         extra = f" --set train.optimizer={per_gpu.FSDP_OPTIMIZER}" if best[0] == "fsdp" else ""
@@ -255,26 +255,26 @@ def _print_estimate(cfg: RunConfig, est: Estimate, gpu: memory.Gpu, advice: list
     out.print(_headline(cfg, est))
     table = Table(box=None, header_style="bold", pad_edge=False)
     table.add_column("term")
-    table.add_column("GB", justify="right")
+    table.add_column("GiB", justify="right")
     for term in est.terms:
         table.add_row(Text(term.name, style="bold"), Text(f"{term.gb:.2f}", style="bold"))
         for part, gb in term.parts.items():
             table.add_row(f"  {part}", f"{gb:.2f}")
     out.print(table)
     out.print(
-        f"torch peak (max_memory_reserved)   {est.torch_peak_gb:6.2f} GB   (allocated {est.torch_allocated_gb:.2f})"
+        f"torch peak (max_memory_reserved)   {est.torch_peak_gb:6.2f} GiB   (allocated {est.torch_allocated_gb:.2f})"
     )
     out.print(
-        f"device total (nvidia-smi)          {est.device_total_gb:6.2f} GB   <- the verdict compares this"
+        f"device total (nvidia-smi)          {est.device_total_gb:6.2f} GiB  <- the verdict compares this"
     )
     out.print(f"peak during: {est.peak_phase}")
     out.print(f"[dim]device constants: {est.device_profile}[/]")
     v = est.verdict(gpu)
-    room = f"{v.headroom_gb:.2f} GB headroom" if v.headroom_gb >= 0 else f"{-v.headroom_gb:.2f} GB over"
+    room = f"{v.headroom_gb:.2f} GiB headroom" if v.headroom_gb >= 0 else f"{-v.headroom_gb:.2f} GiB over"
     out.print(
         Text.assemble(
             (f"{WORD[v.status]}", STYLE[v.status]),
-            f" on {gpu}: {v.used_gb:.2f} GB ± {est.error_band_gb:.2f} of {v.budget_gb:.2f} GB ({room})",
+            f" on {gpu}: {v.used_gb:.2f} GiB ± {est.error_band_gb:.2f} of {v.budget_gb:.2f} GiB ({room})",
         )
     )
     out.print(
@@ -293,7 +293,7 @@ def _print_advice(advice: list[memory.Advice]) -> None:
     table = Table(box=None, header_style="bold", pad_edge=False)
     table.add_column("#", justify="right")
     table.add_column("change")
-    table.add_column("GB", justify="right")
+    table.add_column("GiB", justify="right")
     table.add_column("saves", justify="right")
     table.add_column("then")
     table.add_column("--set")
@@ -381,7 +381,7 @@ def _print_fit(cfg: RunConfig, r: memory.FitResult) -> None:
         out.print(
             Text.assemble(
                 (WORD[v.status], STYLE[v.status]),
-                f": {v.used_gb:.2f} of {v.budget_gb:.2f} GB ({v.headroom_gb:.2f} GB headroom)",
+                f": {v.used_gb:.2f} of {v.budget_gb:.2f} GiB ({v.headroom_gb:.2f} GiB headroom)",
             )
         )
     if r.overrides:

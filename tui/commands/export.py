@@ -58,9 +58,9 @@ def print_result(ev: protocol.Exported) -> None:
     if ev.eos_token_ids:
         out.print(f"  stops on token ids {', '.join(map(str, ev.eos_token_ids))}")
     if ev.kind == "merged":
-        memory = f"{ev.peak_host_gb:.2f} GB peak RAM" if ev.peak_host_gb is not None else ""
+        memory = f"{ev.peak_host_gb:.2f} GiB peak RAM" if ev.peak_host_gb is not None else ""
         if ev.peak_gpu_gb is not None:
-            memory += f", {ev.peak_gpu_gb:.2f} GB peak GPU"
+            memory += f", {ev.peak_gpu_gb:.2f} GiB peak GPU"
         if ev.estimate_gb is not None:
             memory += f" (estimated {ev.estimate_gb:.2f} GB)"
         out.print(f"  merged on {escape(ev.device)} in {ev.seconds:.1f} s · {memory}")

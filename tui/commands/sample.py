@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import uuid
 
+from rich.markup import escape
+
 from engine import protocol
+from engine.config import load_resolved
 from engine.errors import UserError
 from engine.run import launcher, runs
 from tui.follow import EventPrinter, iter_file_from, pipe_events
@@ -56,6 +59,13 @@ def run_sample(args: argparse.Namespace) -> int:
                     return 0
         err.print("no sample came back: the run ended or the wait timed out")
         return 1
+    # What would be loaded, checked before anything is: "no checkpoint yet" takes no model load.
+    adapter = runs.resolve_adapter(run_dir, args.checkpoint)
+    if not args.json:
+        model = load_resolved(run_dir / runs.CONFIG).model.name_or_path
+        err.print(
+            f"[dim]loading {escape(model)} + {adapter.name} (the engine starts; this takes a while)…[/]"
+        )
     proc = launcher.launch_sample(run_dir, args.checkpoint, protocol.encode(request).decode().strip())
     code = 1
     for ev in pipe_events(proc):

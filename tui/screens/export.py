@@ -172,7 +172,7 @@ class ExportScreen(ModalScreen[None]):
         if not adapter_only:
             try:
                 est = estimate_merge(self._cfg, self._value("#export-dtype"))
-                note = f"merge needs {est.cpu_gb:.1f} GB of RAM, or {est.gpu_gb:.1f} GB on a GPU"
+                note = f"merge needs {est.cpu_gb:.1f} GiB of RAM, or {est.gpu_gb:.1f} GiB on a GPU"
             except UserError as exc:
                 note = f"no memory estimate: {exc.message}"
         if self.query_one("#export-gguf", Select).disabled:

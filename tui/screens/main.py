@@ -19,15 +19,33 @@ from tui.widgets.sample_pane import SamplePane
 PANES = ("presets", "memory", "dashboard", "runs", "sample")
 
 
+class Panes(TabbedContent):
+    """The panes as tabs. Focusing a widget shows its tab, through a message handled later: by
+    then keys typed fast may have moved on to another pane, and a stale message would pull the
+    tabs back ("4 shows Runs for a second, then Presets again"). Only the focus still inside a
+    pane shows it."""
+
+    def _on_tab_pane_focused(self, event: TabPane.Focused) -> None:
+        focused = self.screen.focused
+        if focused is not None and event.tab_pane not in focused.ancestors_with_self:
+            event.prevent_default()  # TabbedContent's own handler (called after this one) would switch
+            event.stop()
+
+
 class MainScreen(Screen[None]):
-    def __init__(self, runs_root: Path, gpu_probe: Probe | None, initial: str = "presets") -> None:
+    def __init__(
+        self, runs_root: Path, gpu_probe: Probe | None, initial: str = "presets", focus: str | None = None
+    ) -> None:
         super().__init__()
         self._initial = initial
+        # Focused as the screen is composed, with the first frame: a key typed as soon as the
+        # presets show ("/tiny") reaches the pane, not an unfocused screen.
+        self.AUTO_FOCUS = focus
         self._runs_root = runs_root
         self._gpu_probe = gpu_probe
 
     def compose(self) -> ComposeResult:
-        with TabbedContent(id="panes", initial=self._initial):
+        with Panes(id="panes", initial=self._initial):
             with TabPane("1 Presets", id="presets"):
                 yield PresetsPane(id="presets-pane")
             with TabPane("2 Memory", id="memory"):

@@ -74,7 +74,8 @@ class NvmlProbe:
                 util = float(nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
             with contextlib.suppress(Exception):
                 info = nvml.nvmlDeviceGetMemoryInfo(handle)
-                mem_used, mem_total = info.used / 1e9, info.total / 1e9
+                # GiB, as every other memory figure of the console (an H200: 139.8, not 150.1)
+                mem_used, mem_total = info.used / 2**30, info.total / 2**30
             with contextlib.suppress(Exception):
                 temp = float(nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU))
             with contextlib.suppress(Exception):
@@ -167,7 +168,7 @@ class GpuPanel(Widget):
         )
         mem = "–"
         if g.mem_used_gb is not None and g.mem_total_gb:
-            mem = f"{g.mem_used_gb:.1f} / {g.mem_total_gb:.1f} GB"
+            mem = f"{g.mem_used_gb:.1f} / {g.mem_total_gb:.1f} GiB"
         second = Text.assemble(("GPU mem    ", label), mem)
         out = Text("\n").join([first, second])
         out.no_wrap, out.overflow = True, "ellipsis"

@@ -5,17 +5,18 @@ from __future__ import annotations
 import re
 from typing import ClassVar
 
+from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
-from textual.widgets import DataTable, Input, Label, OptionList, Select, Static
+from textual.widgets import Input, Label, OptionList, Select, Static
 from textual.widgets.option_list import Option
 
 from tui.budget import BudgetView, Suggestion, gpu_choices
-from tui.views import BudgetState
-from tui.widgets.stacked_bar import MemoryBar
+from tui.views import BudgetState, focus_now
+from tui.widgets.stacked_bar import GLYPHS, MemoryBar
 
 _SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*(gb|g|gib)?\s*$", re.IGNORECASE)
 PRESET_GPU = "__preset__"  # the picker's "what the preset says" entry
@@ -29,12 +30,23 @@ VERDICT_WORD = {
 }
 
 
+class SizeInput(Input):
+    """A GPU size typed in; Enter (like Escape) hands the keys back to the pane."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("enter", "done", "Done", show=False, priority=True)]
+
+    def action_done(self) -> None:
+        self.app.action_leave_input()  # type: ignore[attr-defined]
+
+
 class MemoryPane(Vertical):
     """GPU picker, stacked bar against the budget, verdict, breakdown, auto-fit and advice."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("f", "app.auto_fit", "Auto-fit"),
         Binding("g", "focus_gpu", "GPU"),
+        Binding("t", "focus_size", "Type a size", priority=True),  # "t24" typed fast keeps its 2
+        Binding("a", "focus_advice", "Advice"),
     ]
 
     class GpuChanged(Message):
@@ -61,31 +73,35 @@ class MemoryPane(Vertical):
             yield Label("GPU ", id="gpu-label")
             options = [("as the preset says (hardware.gpu)", PRESET_GPU)]
             yield Select(options, value=PRESET_GPU, allow_blank=False, compact=True, id="gpu-select")
-            yield Input(placeholder="or a size: 24GB", compact=True, id="gpu-size")
+            yield SizeInput(placeholder="or a size: 24GB (t)", compact=True, id="gpu-size")
         yield Static(id="verdict")
-        yield MemoryBar(id="memory-bar")
-        with Horizontal(id="memory-lower"):
-            yield DataTable(id="breakdown", cursor_type="row", show_cursor=False)
-            yield OptionList(id="advice")
+        yield MemoryBar(id="memory-bar", legend=False)  # the breakdown below is the legend
+        with VerticalScroll(id="breakdown"):
+            yield Static(id="breakdown-table")
+        yield OptionList(id="advice")
 
     def on_mount(self) -> None:
-        table = self.query_one("#breakdown", DataTable)
-        table.add_columns("term", "GB", "made of")
-        table.border_title = "breakdown"
-        self.query_one("#advice", OptionList).border_title = "what would make it fit (Enter applies)"
-        self.call_after_refresh(
-            self._fill_gpus
-        )  # the catalog imports the memory model: after the first frame
+        self.query_one("#breakdown").border_title = "breakdown (GiB)"
+        self.query_one("#advice", OptionList).border_title = "what would make it fit (a, Enter applies)"
+        # The catalog imports the memory model: in a worker thread, after the first frame.
+        self.run_worker(self._read_gpus, thread=True, group="gpu-catalog", exit_on_error=False)
         self.watch(self.app, "budget_state", self._budget, init=False)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # A text box types these letters; Escape (the App's) leaves it.
+        return not isinstance(self.app.focused, Input)
 
     def _budget(self, state: BudgetState | None) -> None:
         if state is not None:
             self.show(state.view, state.preset)
 
-    def _fill_gpus(self) -> None:
+    def _read_gpus(self) -> None:
+        choices = gpu_choices()
+        self.app.call_from_thread(self._fill_gpus, [(c.label, c.spec) for c in choices])
+
+    def _fill_gpus(self, choices: list[tuple[str, str]]) -> None:
         select = self.query_one("#gpu-select", Select)
-        options = [("as the preset says (hardware.gpu)", PRESET_GPU)]
-        options += [(c.label, c.spec) for c in gpu_choices()]
+        options = [("as the preset says (hardware.gpu)", PRESET_GPU), *choices]
         with select.prevent(Select.Changed):
             select.set_options(options)
             select.value = PRESET_GPU
@@ -101,14 +117,13 @@ class MemoryPane(Vertical):
     def show(self, view: BudgetView, preset: str | None) -> None:
         verdict = self.query_one("#verdict", Static)
         bar = self.query_one(MemoryBar)
-        table = self.query_one("#breakdown", DataTable)
         advice = self.query_one("#advice", OptionList)
         advice.clear_options()
         self._suggestions = list(view.advice)
-        table.clear()
         if not view.available:
             verdict.update(Text(view.reason, style="italic"))
             bar.update_terms([], None)
+            self.query_one("#breakdown-table", Static).update("")
             return
         title = Text(
             VERDICT_WORD.get(view.verdict, view.verdict.upper()),
@@ -116,19 +131,23 @@ class MemoryPane(Vertical):
         )
         if view.budget_gb is not None:
             headroom = view.headroom_gb or 0.0
-            room = f"{headroom:.1f} GB headroom" if headroom >= 0 else f"{-headroom:.1f} GB over"
-            title.append(f"  {view.device_total_gb:.1f} of {view.budget_gb:.1f} GB · {room} · {view.gpu}")
+            room = f"{headroom:.2f} GiB headroom" if headroom >= 0 else f"{-headroom:.2f} GiB over"
+            title.append(
+                f"  {view.device_total_gb:.2f} ± {view.error_band_gb:.2f} of {view.budget_gb:.2f} GiB"
+                f" · {room} · {view.gpu}"
+            )
         else:
-            title.append(f"  needs {view.device_total_gb:.1f} GB · {view.reason or 'no GPU to compare with'}")
+            title.append(
+                f"  needs {view.device_total_gb:.2f} GiB · {view.reason or 'no GPU to compare with'}"
+            )
+        # The plan the figures are for: `qlc estimate` prints the same words.
         title.append(
-            f"\n{preset or ''} · torch peak {view.torch_peak_gb:.2f} GB · whole device {view.device_total_gb:.2f} GB",
+            f"\n{preset or ''} · torch peak {view.torch_peak_gb:.2f} GiB · checkpointing {view.checkpointing}",
             "dim",
         )
         verdict.update(title)
         bar.update_terms(view.terms, view.budget_gb)
-        for term in view.terms:
-            parts = ", ".join(f"{k} {v:.2f}" for k, v in term.parts.items())
-            table.add_row(term.name, f"{term.gb:.2f}", parts)
+        self.query_one("#breakdown-table", Static).update(self._breakdown(view, bar))
         if view.advice:
             # The ones that fit first (the calculator's order otherwise): in a short window
             # they are the ones worth the room.
@@ -140,6 +159,20 @@ class MemoryPane(Vertical):
             advice.add_option(Option(Text("nothing to change: it fits", style="dim"), disabled=True))
         else:
             advice.add_option(Option(Text("no suggestions", style="dim"), disabled=True))
+
+    @staticmethod
+    def _breakdown(view: BudgetView, bar: MemoryBar) -> Table:
+        """Each term with its glyph in the bar (the bar's legend), its size, and what it is made
+        of, wrapped to the pane's width: never cut."""
+        table = Table(box=None, show_header=True, header_style="bold", pad_edge=False, expand=True)
+        table.add_column("term", no_wrap=True)
+        table.add_column("GiB", justify="right", no_wrap=True)
+        table.add_column("made of", ratio=1, overflow="fold")
+        for i, term in enumerate(view.terms):
+            glyph = Text(GLYPHS[i % len(GLYPHS)], style=bar.get_component_rich_style(bar.term_class(i)))
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in term.parts.items())
+            table.add_row(Text.assemble(glyph, " ", term.name), f"{term.gb:.2f}", Text(parts, style="dim"))
+        return table
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         event.stop()
@@ -161,4 +194,10 @@ class MemoryPane(Vertical):
             event.input.add_class("-invalid")
 
     def action_focus_gpu(self) -> None:
-        self.query_one("#gpu-select", Select).focus()
+        focus_now(self.query_one("#gpu-select", Select))
+
+    def action_focus_size(self) -> None:
+        focus_now(self.query_one("#gpu-size", Input))
+
+    def action_focus_advice(self) -> None:
+        focus_now(self.query_one("#advice", OptionList))

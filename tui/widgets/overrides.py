@@ -34,7 +34,9 @@ def check_override(draft: PresetDraft, text: str) -> tuple[bool, str, PresetDraf
         return False, "; ".join(p.removeprefix("--set ") for p in exc.problems), None
     after = draft.with_overrides(merge_override(draft.overrides, text))
     if not after.valid:
-        relevant = [p for p in after.problems if p.startswith(key)] or list(after.problems)
+        # Problems of this line name it (`--set lr=abc: ...`, as the CLI would); others follow.
+        mine = [p.removeprefix(f"--set {text}: ") for p in after.problems if p.startswith(f"--set {text}: ")]
+        relevant = [f"{key}: {p}" for p in mine] or [p.removeprefix("--set ") for p in after.problems]
         return False, "; ".join(relevant), None
     new = format_setting(after.value(key))
     old = format_setting(draft.value(key)) if draft.valid else "?"

@@ -125,6 +125,17 @@ def _relative_to_cwd(path: str) -> str:
     return path if rel.startswith("..") else rel
 
 
+WIDE = 70  # table width from which the comments get a column of their own
+
+
+def _hanging(text: str, width: int, indent: str) -> Text:
+    """`text` wrapped to `width`, each line after `indent` (dim)."""
+    import textwrap
+
+    lines = textwrap.wrap(text, max(10, width - len(indent))) or [""]
+    return Text("\n".join(indent + line for line in lines), style="dim")
+
+
 class SettingsTable(DataTable):
     """setting | value | comment. Overridden values are marked `*`; Enter asks to edit one."""
 
@@ -173,25 +184,38 @@ class SettingsTable(DataTable):
             if not s.is_section:
                 self._values[s.path] = value
             rows.append((s, label, value + ("*" if s.path in overridden else "")))
-        # Fixed column widths so the comments get what is left of the pane, whatever its size;
-        # the help line under the table shows the highlighted row's comment in full.
+        # Every comment is shown whole: wrapped in its own column where the pane is wide enough,
+        # else on the lines under its setting (one column), so none waits for the cursor.
         room = max(30, self.size.width - 7)  # cell padding and the scrollbar
         setting_w = min(22, max((len(label) for _, label, _ in rows), default=8))
-        value_w = min(
-            max((len(value) for *_, value in rows), default=5), max(10, room - setting_w - room * 2 // 5)
-        )
-        comment_w = max(8, room - setting_w - value_w)
         self.clear(columns=True)
-        self.add_column("setting", key="setting", width=setting_w)
-        self.add_column("value", key="value", width=value_w)
-        self.add_column("comment", key="comment", width=comment_w)
-        for s, label, value in rows:
-            self.add_row(
-                Text(label, style="bold" if s.is_section else "", no_wrap=True, overflow="ellipsis"),
-                Text(value, style="bold" if value.endswith("*") else "", no_wrap=True, overflow="ellipsis"),
-                Text(s.comment, style="dim", no_wrap=True, overflow="ellipsis"),
-                key=s.path,
-            )
+        if room >= WIDE:
+            value_w = max(10, min(max((len(value) for *_, value in rows), default=5), room // 3))
+            comment_w = max(8, room - setting_w - value_w)
+            self.add_column("setting", key="setting", width=setting_w)
+            self.add_column("value", key="value", width=value_w)
+            self.add_column("comment", key="comment", width=comment_w)
+            for s, label, value in rows:
+                self.add_row(
+                    Text(label, style="bold" if s.is_section else "", no_wrap=True, overflow="ellipsis"),
+                    Text(
+                        value, style="bold" if value.endswith("*") else "", no_wrap=True, overflow="ellipsis"
+                    ),
+                    Text(s.comment, style="dim"),
+                    key=s.path,
+                    height=None,
+                )
+        else:
+            self.add_column("setting = value  # comment", key="setting", width=room)
+            for s, label, value in rows:
+                line = Text(f"{label:<{setting_w}} ", style="bold" if s.is_section else "", no_wrap=True)
+                line.append(value, style="bold" if value.endswith("*") else "")
+                line.truncate(room, overflow="ellipsis")
+                if s.comment:
+                    indent = " " * (s.depth + 2)
+                    line.append("\n")
+                    line.append_text(_hanging(s.comment, room, indent))
+                self.add_row(line, key=s.path, height=None)
         if self.row_count:
             self.move_cursor(row=min(max(row, 0), self.row_count - 1))
 

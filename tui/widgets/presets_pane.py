@@ -18,7 +18,7 @@ from textual.widgets.option_list import Option, OptionDoesNotExist
 
 from engine.config import PresetDraft, RunConfig, draft_preset, list_presets
 from engine.errors import UserError
-from tui.views import BudgetState
+from tui.views import BudgetState, focus_now
 from tui.widgets.overrides import OverridesEditor
 from tui.widgets.preset_settings import PresetDoc, SettingsTable, parse_preset_doc
 
@@ -49,16 +49,33 @@ def discover_presets() -> list[PresetInfo]:
     return found
 
 
+class FilterInput(Input):
+    """The presets filter: Down or Enter goes on to the list it filters (priority bindings: the
+    list has the focus before the next key is read)."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("down,enter", "to_list", "To the list", show=False, priority=True)
+    ]
+
+    def action_to_list(self) -> None:
+        focus_now(self.screen.query_one("#preset-list", OptionList))
+
+
 class PresetsPane(Horizontal):
     """A filterable list of presets; the selected one's settings; the overrides editor."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("s", "app.start_run", "Start run"),
-        Binding("slash", "focus_filter", "Filter"),
+        Binding("slash", "focus_filter", "Filter", priority=True),  # "/tiny" typed fast keeps its t
         Binding("r", "reset_overrides", "Reset overrides"),
         Binding("delete,backspace", "remove_override", "Drop override", show=False),
         Binding("escape", "focus_list", "List", show=False),
     ]
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # A text box types these keys, and Escape is the App's "leave the box" (in the footer).
+        typing = isinstance(self.app.focused, Input)
+        return not (typing and action in ("focus_filter", "reset_overrides", "focus_list"))
 
     class ConfigChanged(Message):
         """The selected preset or its overrides changed: `draft` holds them, validated (its
@@ -120,7 +137,7 @@ class PresetsPane(Horizontal):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="preset-side"):
-            yield Input(placeholder="filter (/)", compact=True, id="preset-filter")
+            yield FilterInput(placeholder="filter (/)", compact=True, id="preset-filter")
             yield OptionList(id="preset-list")
         with Vertical(id="preset-main"):
             yield Static(id="preset-about")
@@ -132,9 +149,10 @@ class PresetsPane(Horizontal):
     def on_mount(self) -> None:
         self.query_one("#preset-side").border_title = "presets"
         self.query_one("#preset-main").border_title = "settings"
-        # After the first frame: reading every preset (and, through the budget, importing the
-        # memory model) would otherwise delay the console's first paint.
-        self.call_after_refresh(self._discover)
+        # The list is the first useful screen: read in the first frame (a few YAML files, ~10 ms).
+        # What a preset's selection brings (its settings, the budget through the memory model,
+        # the data check) comes after, from a worker thread and the selection's messages.
+        self._discover()
         self.watch(self.app, "budget_state", self._budget, init=False)
 
     def _budget(self, state: BudgetState | None) -> None:
@@ -163,17 +181,20 @@ class PresetsPane(Horizontal):
         if self.selected not in names:
             self.select(names[index])
 
-    def select(self, name: str, overrides: list[str] | None = None) -> None:
-        """Show preset `name` (with `overrides` applied, if given), read in a worker thread."""
+    def select(self, name: str, overrides: list[str] | None = None, *, highlight: bool = True) -> None:
+        """Show preset `name` (with `overrides` applied, if given), read in a worker thread.
+        `highlight` moves the list's cursor onto it: not when the cursor is where the choice came
+        from (a stale highlight message would move it back, and the next one forth, for good)."""
         info = next((p for p in self._presets if p.name == name), None)
         if info is None:
             return
         self.selected = name
-        options = self.query_one("#preset-list", OptionList)
-        with contextlib.suppress(OptionDoesNotExist):
-            index = options.get_option_index(name)
-            if options.highlighted != index:
-                options.highlighted = index
+        if highlight:
+            options = self.query_one("#preset-list", OptionList)
+            with contextlib.suppress(OptionDoesNotExist):
+                index = options.get_option_index(name)
+                if options.highlighted != index:
+                    options.highlighted = index
         self.run_worker(
             lambda: self._read(name, list(overrides or [])),
             thread=True,
@@ -199,7 +220,9 @@ class PresetsPane(Horizontal):
         self._show_about()
         self.query_one(SettingsTable).show(self._doc, draft.config, set(draft.overridden))
         if draft.problems:
-            self.show_summary(Text("✗ " + "; ".join(draft.problems), style="bold red"))
+            # "--set " is the CLI's word for what this pane calls an override.
+            problems = (p.removeprefix("--set ") for p in draft.problems)
+            self.show_summary(Text("✗ " + "; ".join(problems), style="bold red"))
         elif draft.config is not None:
             self._check_data(draft.config)
         self.post_message(self.ConfigChanged(draft))
@@ -277,9 +300,8 @@ class PresetsPane(Horizontal):
 
     def _show_lines(self) -> None:
         lines = [line for line in (self._budget_line, self._data_line) if line.plain]
-        out = Text("\n").join(lines)
-        out.no_wrap, out.overflow = True, "ellipsis"
-        self.query_one("#preset-summary", Static).update(out)
+        # Wrapped, not cut: the budget line ends with the checkpointing plan its figure is for.
+        self.query_one("#preset-summary", Static).update(Text("\n").join(lines))
 
     # ---- events ------------------------------------------------------------------------------
 
@@ -295,8 +317,10 @@ class PresetsPane(Horizontal):
 
     def on_option_list_option_highlighted(self, event: OptionList.OptionHighlighted) -> None:
         event.stop()
+        if event.option_list.id != "preset-list" or event.option_index != event.option_list.highlighted:
+            return  # the cursor moved on since (keys faster than this handler): a newer event follows
         if event.option.id and event.option.id != self.selected:
-            self.select(event.option.id)
+            self.select(event.option.id, highlight=False)
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         event.stop()
@@ -304,15 +328,13 @@ class PresetsPane(Horizontal):
 
     def on_settings_table_highlighted(self, event: SettingsTable.Highlighted) -> None:
         event.stop()
-        # Two lines: the full value, then the author's comment (the table has room for neither).
-        first = Text(event.path, style="bold")
+        # The full value (the table may have cut it); the comment is in the table, whole.
+        line = Text(event.path, style="bold")
         if event.value is not None:
-            first.append(f" = {event.value}")
-            first.append("  (Enter edits)", style="dim")
-        second = Text(f"# {event.comment}" if event.comment else "", style="italic")
-        lines = Text("\n").join([first, second])
-        lines.no_wrap, lines.overflow = True, "ellipsis"
-        self.query_one("#setting-help", Static).update(lines)
+            line.append(f" = {event.value}")
+            line.append("  (Enter edits)", style="dim")
+        line.no_wrap, line.overflow = True, "ellipsis"
+        self.query_one("#setting-help", Static).update(line)
 
     def on_settings_table_edit_requested(self, event: SettingsTable.EditRequested) -> None:
         event.stop()
@@ -329,10 +351,10 @@ class PresetsPane(Horizontal):
     # ---- actions -----------------------------------------------------------------------------
 
     def action_focus_filter(self) -> None:
-        self.query_one("#preset-filter", Input).focus()
+        focus_now(self.query_one("#preset-filter", Input))
 
     def action_focus_list(self) -> None:
-        self.query_one("#preset-list", OptionList).focus()
+        focus_now(self.query_one("#preset-list", OptionList))
 
     def action_reset_overrides(self) -> None:
         self.query_one(OverridesEditor).clear()

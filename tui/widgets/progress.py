@@ -75,7 +75,8 @@ class RunProgress(Widget):
             "run-progress--status-bad" if bad else "run-progress--status-ok"
         )
         stage = ""
-        if status in ("starting",) and h.stage is not None:
+        evaluating = h.stage is not None and h.stage.stage == "evaluating" and h.stage.current < h.stage.total
+        if (status == "starting" or (status == "training" and evaluating)) and h.stage is not None:
             stage = h.stage.stage.replace("_", " ")
             progress = fmt_progress(h.stage.current, h.stage.total, h.stage.unit, h.stage.rate, h.stage.eta_s)
             if progress:

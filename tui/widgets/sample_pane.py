@@ -17,7 +17,8 @@ from textual.widgets import Input, Label, Select, Static
 
 from engine import protocol
 from tui.history import SampleText
-from tui.views import SampleSources
+from tui.output import plural
+from tui.views import SampleSources, focus_now
 
 LIVE = "live"
 _ids = itertools.count(1)
@@ -25,8 +26,10 @@ _ids = itertools.count(1)
 
 class SamplePane(Vertical):
     BINDINGS: ClassVar[list[BindingType]] = [
+        # Priority: the prompt has the focus before the next key is read ("iHello" typed fast).
+        Binding("i", "focus_prompt", "Type a prompt", priority=True),
+        Binding("enter", "focus_prompt", "Type a prompt", show=False, priority=True),
         Binding("ctrl+g", "generate", "Generate"),
-        Binding("escape", "focus_replies", "Leave the prompt", show=False),
     ]
 
     class Requested(Message):
@@ -52,7 +55,7 @@ class SamplePane(Vertical):
             yield Input("0.7", compact=True, id="temperature", type="number", validators=[Number(0, 5)])
             yield Label(" top_p ")
             yield Input("0.9", compact=True, id="top-p", type="number", validators=[Number(0.01, 1)])
-        yield Input(placeholder="prompt: type, then Enter", compact=True, id="prompt")
+        yield Input(placeholder="prompt: i to type, Enter to generate", compact=True, id="prompt")
         with VerticalScroll(id="replies"):
             yield Static(id="reply-view")
 
@@ -94,10 +97,20 @@ class SamplePane(Vertical):
             if s.step is not None:
                 where += f" @ step {s.step}"
             block = Text.assemble(("› ", "bold"), (s.prompt, "bold"), (f"   [{where}]", "dim"), "\n")
-            block.append(s.text or ("" if s.done else "waiting for the next step boundary…"))
+            if not s.text and not s.done:
+                # The live model answers between two training steps; a checkpoint or the final
+                # adapter is loaded onto the base model by a sampler first.
+                waiting = (
+                    "waiting for the next step boundary…"
+                    if s.source == LIVE
+                    else f"loading the base model and {s.source}…"
+                )
+                block.append(waiting, "dim italic")
+            block.append(s.text)
             if s.done:
                 block.append(
-                    f"\n  ({s.new_tokens} tokens, {s.seconds:.1f} s, stopped by {s.stopped_by or '?'})", "dim"
+                    f"\n  ({plural(s.new_tokens, 'tokens')}, {s.seconds:.1f} s, stopped by {s.stopped_by or '?'})",
+                    "dim",
                 )
             else:
                 block.append("▌", "blink")
@@ -111,12 +124,13 @@ class SamplePane(Vertical):
         event.stop()
         self.action_generate()
 
-    def action_focus_replies(self) -> None:
-        # Out of the text boxes, so that 1-5, q and the palette keys work again.
-        self.query_one("#replies", VerticalScroll).focus()
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # In a text box Enter is that box's own and `i` a letter: only Escape leaves it; on the
+        # source picker Enter opens it.
+        return not (action == "focus_prompt" and isinstance(self.app.focused, (Input, Select)))
 
     def action_focus_prompt(self) -> None:
-        self.query_one("#prompt", Input).focus()
+        focus_now(self.query_one("#prompt", Input))
 
     def action_generate(self) -> None:
         prompt = self.query_one("#prompt", Input).value.strip()

@@ -7,18 +7,20 @@ or on a monochrome terminal: the legend pairs each glyph with its term.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from rich.text import Text
 from textual.widget import Widget
 
-from engine.memory.estimate import Term
+if TYPE_CHECKING:  # no memory model at start-up: the bar only reads a term's name and size
+    from engine.memory import Term
 
 GLYPHS = ("█", "▓", "▒", "░", "▞", "▚", "■")
 
 
 class MemoryBar(Widget):
-    """Terms (GB) stacked left to right; a `┃` marks the budget. Three rows: bar, scale, legend."""
+    """Terms (GiB) stacked left to right; a `┃` marks the budget. Rows: bar, scale, legend (unless
+    the caller draws the legend itself)."""
 
     COMPONENT_CLASSES: ClassVar[set[str]] = {
         *(f"memory-bar--term-{i}" for i in range(len(GLYPHS))),
@@ -28,7 +30,7 @@ class MemoryBar(Widget):
     }
 
     DEFAULT_CSS = """
-    MemoryBar { height: auto; min-height: 3; }
+    MemoryBar { height: auto; min-height: 2; }
     MemoryBar > .memory-bar--term-0 { color: $primary; }
     MemoryBar > .memory-bar--term-1 { color: $secondary; }
     MemoryBar > .memory-bar--term-2 { color: $accent; }
@@ -41,10 +43,16 @@ class MemoryBar(Widget):
     MemoryBar > .memory-bar--scale { color: $text-muted; }
     """
 
-    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+    def __init__(self, *, id: str | None = None, classes: str | None = None, legend: bool = True) -> None:
         super().__init__(id=id, classes=classes)
         self._terms: list[Term] = []
         self._budget: float | None = None
+        self._legend = legend  # False: the caller shows each term's glyph itself
+
+    @staticmethod
+    def term_class(index: int) -> str:
+        """The component class whose style the `index`-th term is drawn in."""
+        return f"memory-bar--term-{index % len(GLYPHS)}"
 
     def update_terms(self, terms: Sequence[Term], budget_gb: float | None) -> None:
         self._terms = list(terms)
@@ -55,6 +63,8 @@ class MemoryBar(Widget):
         return 2 + len(self._legend_lines(width))
 
     def _legend_lines(self, width: int) -> list[Text]:
+        if not self._legend:
+            return []
         lines: list[Text] = []
         line = Text()
         for i, term in enumerate(self._terms):
@@ -107,14 +117,14 @@ class MemoryBar(Widget):
         scale_line = Text(
             no_wrap=True, overflow="crop", style=self.get_component_rich_style("memory-bar--scale")
         )
-        label = f"{total:.1f} GB needed"
+        label = f"{total:.2f} GiB needed"
         if budget_col is not None:
-            budget_label = f"budget {self._budget:.1f} GB ┘"
+            budget_label = f"budget {self._budget:.2f} GiB ┘"
             start = max(0, budget_col - len(budget_label) + 1)
             row = [" "] * width
             row[: len(label)] = label
             if start < len(label) + 2:  # the labels would collide: put the budget after the total
-                budget_label = f"budget {self._budget:.1f} GB"
+                budget_label = f"budget {self._budget:.2f} GiB"
                 start = min(width - len(budget_label), len(label) + 3)
             row[start : start + len(budget_label)] = budget_label
             scale_line.append("".join(row)[:width])

@@ -42,6 +42,26 @@ def _gb(v: float | None) -> str:
     return "–" if v is None else f"{v:.2f}"
 
 
+def memory_figures(est_gb: float | None, peak: float | None, room: int) -> tuple[str, str]:
+    """(the torch peak the estimate promised against the one reserved, how far over) in at most
+    `room` cells: the most precise spelling that fits, so a narrow panel never cuts a figure."""
+    over = f" +{100 * (peak / est_gb - 1):.0f}%" if est_gb and peak and peak > est_gb * 1.1 else ""
+
+    def fmt(v: float | None, spec: str) -> str:
+        return "–" if v is None else format(v, spec)
+
+    spellings = [
+        f"est {fmt(est_gb, '.2f')} · peak {fmt(peak, '.2f')}",
+        f"est {fmt(est_gb, '.1f')} · peak {fmt(peak, '.1f')}",
+        f"est {fmt(est_gb, '.1f')} · pk {fmt(peak, '.1f')}",
+        f"{fmt(est_gb, '.0f')} est · {fmt(peak, '.0f')} pk",
+    ]
+    for text in spellings:
+        if len(text) + len(over) <= room:
+            return text, over
+    return spellings[-1], over
+
+
 class RunStats(Widget):
     COMPONENT_CLASSES: ClassVar[set[str]] = {"run-stats--label", "run-stats--spark", "run-stats--warn"}
 
@@ -66,6 +86,19 @@ class RunStats(Widget):
     def get_content_height(self, container, viewport, width: int) -> int:  # type: ignore[override]
         h = self._history
         return 6 if h is not None and h.hello is not None and h.hello.device.startswith("cpu") else 5
+
+    def _memory_row(self, est_gb: float | None, peak: float | None, width: int) -> Text:
+        # Torch's peak reserved memory, estimated and measured: the calculator is judged on it.
+        text, over = memory_figures(est_gb, peak, max(0, width - LABEL))
+        row = Text.assemble(
+            (f"{'torch GiB':<{LABEL}}", self.get_component_rich_style("run-stats--label")),
+            text,
+            no_wrap=True,
+            overflow="crop",
+        )
+        if over:  # the estimate was low: say by how much
+            row.append(over, self.get_component_rich_style("run-stats--warn"))
+        return row
 
     def render(self) -> Text:
         h = self._history
@@ -98,23 +131,12 @@ class RunStats(Widget):
         estimate = h.estimate if h else None
         est_gb = estimate.torch_peak_gb if estimate and estimate.torch_peak_gb else None
         peak = h.peak_reserved_gb if h else None
-        mem = Text.assemble(
-            (f"{'memory GB':<{LABEL}}", label),
-            f"est {_gb(est_gb)} · peak {_gb(peak)}",
-            no_wrap=True,
-            overflow="crop",
-        )
-        if est_gb and peak and peak > est_gb * 1.1:
-            # The estimate was low: say by how much, it is what the calculator is judged on.
-            mem.append(
-                f" +{100 * (peak / est_gb - 1):.0f}%", self.get_component_rich_style("run-stats--warn")
-            )
-        rows.append(mem)
+        rows.append(self._memory_row(est_gb, peak, width))
         # "cpu", or "2 x cpu (gloo, ddp)" for several processes
         on_cpu = h is not None and h.hello is not None and "cpu" in h.hello.device.split(" (")[0]
         if on_cpu:  # on a GPU run the GPU's memory (below) is what matters; on a CPU run, RAM
             rss = last.host_rss_gb if last else (h.model.host_rss_gb if h.model else None)
-            rows.append(row("host RSS", f"{_gb(rss)} GB"))
+            rows.append(row("host RSS", f"{_gb(rss)} GiB"))
         if last is not None and last.devices:  # several GPUs (or processes): each rank's
             rows.append(row("per rank", fmt_ranks(last.devices)))
         out = Text("\n").join(rows)

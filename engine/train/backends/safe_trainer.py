@@ -29,6 +29,9 @@ from typing import Any
 from engine.run import checkpoints
 from engine.train import failures
 from engine.train.faults import FaultInjector
+from engine.train.state import EvalInterrupted
+
+MODEL_CARD = "README.md"
 
 
 class SafeTrainerMixin:
@@ -44,6 +47,14 @@ class SafeTrainerMixin:
     def train(self, *args: Any, **kwargs: Any) -> Any:
         self.faults.at_train_begin()
         return super().train(*args, **kwargs)
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+        """An evaluation a stop interrupted (engine.train.callback) has no metrics; training then
+        stops as the callback asked."""
+        try:
+            return super().evaluate(*args, **kwargs)
+        except EvalInterrupted:
+            return {}
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         step = self.state.global_step + 1
@@ -136,6 +147,10 @@ class SafeTrainerMixin:
         self.faults.in_save(output_dir)
         super()._save_optimizer_and_scheduler(output_dir)
 
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """TRL writes a draft card ("a fine-tuned version of [None]") into checkpoints/ at every
+        save. The run's card is written by `qlc export`, from the run's config and events."""
+
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         step = self.state.global_step
         self._fold_tokens()  # into the trainer state the checkpoint keeps
@@ -155,6 +170,9 @@ class SafeTrainerMixin:
             super()._save_checkpoint(model, trial)
             self.accelerator.wait_for_everyone()  # every rank's files are in it
             if main:
+                # peft's model card template (no model, no data named): `qlc export` writes the
+                # card a model is published with.
+                (staging / f"{checkpoints.PREFIX}{step}" / MODEL_CARD).unlink(missing_ok=True)
                 checkpoints.commit(staging / f"{checkpoints.PREFIX}{step}", root)
         except Exception as exc:
             free = checkpoints.free_bytes(root)  # before the partial folder gives its space back

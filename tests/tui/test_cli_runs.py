@@ -1,0 +1,93 @@
+"""`qlc sample`, `qlc attach` and `qlc runs` on run directories with a history, with the fake engine
+in place of `python -m engine`: what they say before, while and after an engine works."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import fake_engine
+import pytest
+from pilot_helpers import CRASHED_RUN, FINISHED_RUN
+
+from engine import protocol
+from engine.run import launcher, runs
+from tui.cli import main
+
+NEW_RUN = "20260103-100000-tiny-demo"
+
+
+@pytest.fixture
+def quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "400")
+
+
+def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_sampling_a_run_without_a_checkpoint_says_so_before_loading_anything(
+    runs_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], quiet: None
+) -> None:
+    """It used to start an engine, load the base model and only then find no checkpoint (20-30 s)."""
+    early = [e for e in fake_engine.synthetic_run(30, save_every=0, finish=False)]
+    fake_engine.make_run_dir(runs_root, NEW_RUN, early)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an engine was started to find out there is no checkpoint")
+
+    monkeypatch.setattr(launcher, "launch_sample", refuse)
+    started = time.monotonic()
+    code, _, err = _run(["--runs-dir", str(runs_root), "sample", NEW_RUN, "hi"], capsys)
+    assert code == 2 and time.monotonic() - started < 5
+    assert err.strip().count("\n") == 0 and f"run {NEW_RUN} has no checkpoint yet" in err, err
+
+
+def test_sampling_says_what_it_loads_then_streams_the_reply(
+    finished_run: Path, runs_root: Path, monkeypatch: pytest.MonkeyPatch, capsys, quiet: None
+) -> None:
+    monkeypatch.setattr(launcher, "launch_sample", fake_engine.launch_sample)
+    code, out, err = _run(["--runs-dir", str(runs_root), "sample", FINISHED_RUN, "hi"], capsys)
+    assert code == 0, err
+    newest = runs.checkpoints(finished_run)[-1].name
+    assert f"loading builtin:tiny-llama + {newest}" in err  # before the engine's long load
+    assert fake_engine.REPLY in out and "tokens in" in out
+
+
+def test_attaching_to_a_crashed_run_says_it_crashed_and_how_to_resume(
+    crashed_run: Path, runs_root: Path, capsys: pytest.CaptureFixture[str], quiet: None
+) -> None:
+    """It used to replay the history and exit 1 without a word."""
+    code, out, err = _run(["--runs-dir", str(runs_root), "attach", CRASHED_RUN], capsys)
+    assert code == 1
+    assert "step" in out  # the history first
+    (line,) = err.strip().splitlines()
+    assert "the engine exited without finishing" in line
+    assert str(crashed_run / runs.ENGINE_LOG) in line
+    assert f"`qlc resume {CRASHED_RUN}` continues it from checkpoint-80" in line
+
+
+def test_a_resumed_run_that_crashed_is_not_taken_for_its_first_session(
+    runs_root: Path, capsys: pytest.CaptureFixture[str], quiet: None
+) -> None:
+    """A stopped session, then a resumed one that died: attach says the last one crashed."""
+    first = list(fake_engine.synthetic_run(40))
+    first[-1] = protocol.Finished(status="stopped", step=40, last_checkpoint="checkpoints/checkpoint-40")
+    again = [e for e in fake_engine.synthetic_run(80) if not isinstance(e, protocol.Finished)]
+    fake_engine.make_run_dir(runs_root, NEW_RUN, first + again)
+    code, _, err = _run(["--runs-dir", str(runs_root), "attach", NEW_RUN], capsys)
+    assert code == 1 and "without finishing" in err
+
+
+def test_a_run_that_ends_between_logged_steps_is_listed_at_its_last_step(
+    runs_root: Path, capsys: pytest.CaptureFixture[str], quiet: None
+) -> None:
+    """max_steps 5 with logging_steps 2: the run finished at step 5, not at the 4 last logged."""
+    events = [e for e in fake_engine.synthetic_run(4) if not isinstance(e, protocol.Finished)]
+    events += [protocol.Finished(status="completed", step=5, final_loss=2.5, adapter_path="adapter")]
+    fake_engine.make_run_dir(runs_root, NEW_RUN, events)
+    (summary,) = [runs.summarize(d) for d in runs.list_run_dirs(runs_root)]
+    assert (summary.step, summary.last_loss) == (5, 2.5)

@@ -1,0 +1,250 @@
+"""The keyboard as a person uses it: quick bursts of keys, text boxes that give the keys back, and
+footers that offer only what works."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from pilot_helpers import select_preset, wait_for
+from textual import events
+from textual.message import Message
+from textual.widgets import OptionList, TabbedContent
+
+from tui.widgets.presets_pane import PresetsPane
+
+
+class MessageCounter:
+    """Counts the messages the app's widgets process (run_test's message_hook), less Pilot's own
+    callbacks (every pause posts some)."""
+
+    def __init__(self) -> None:
+        self.names: Counter[str] = Counter()
+
+    def __call__(self, message: Message) -> None:
+        callback = getattr(message, "callback", None)
+        if "Pilot" in getattr(callback, "__qualname__", "") or "Pilot" in repr(callback):
+            return
+        self.names[type(message).__qualname__] += 1
+
+    @property
+    def count(self) -> int:
+        return sum(self.names.values())
+
+    def busiest(self) -> str:
+        return ", ".join(f"{n} x{c}" for n, c in self.names.most_common(5))
+
+
+async def test_quick_bursts_in_the_presets_list_leave_the_console_idle(app_factory) -> None:
+    """Down and Up pressed faster than the list's handlers run used to start a highlight
+    ping-pong (highlight -> select -> highlight ...) that kept a core busy for good and snapped
+    the tabs back to Presets."""
+    counter = MessageCounter()
+    app = app_factory()
+    async with app.run_test(size=(80, 24), message_hook=counter) as pilot:
+        await select_preset(pilot, "tiny-demo")
+        options = app.screen.query_one("#preset-list", OptionList)
+        options.focus()
+        await pilot.pause()
+        for burst in (["down"] * 3, ["up"] * 2, ["down"] * 4, ["up"] * 3, ["down", "up", "down"]):
+            for key in burst:  # queued at once, as keys typed faster than they are handled arrive
+                app.post_message(events.Key(key, None))
+            await pilot.pause(0.05)
+        pane = app.screen.query_one(PresetsPane)
+        names = [str(options.get_option_at_index(i).id) for i in range(options.option_count)]
+        await wait_for(
+            pilot,
+            lambda: pane.draft is not None and pane.draft.name == names[options.highlighted or 0],
+            what="the highlighted preset to be shown",
+        )
+        await pilot.pause(0.5)  # the last preset's budget and data check land
+        # Idle: over a second, hardly a message and hardly any CPU.
+        counter.names.clear()
+        cpu = time.process_time()
+        await pilot.pause(1.0)
+        messages, cpu = counter.count, time.process_time() - cpu
+        assert messages < 20, f"{messages} messages in a second of idle: {counter.busiest()}"
+        assert cpu < 0.3, f"{cpu:.2f} s of CPU in a second of idle"
+        assert pane.selected == names[options.highlighted or 0]
+        # The tab keys work and stay put.
+        tabs = app.screen.query_one(TabbedContent)
+        for key, pane_id in (
+            ("4", "runs"),
+            ("5", "sample"),
+            ("2", "memory"),
+            ("3", "dashboard"),
+            ("1", "presets"),
+        ):
+            await pilot.press(key)
+            await pilot.pause(0.3)
+            assert tabs.active == pane_id, f"{key} showed {tabs.active}"
+            assert app.focused is not None and pane_id in {a.id for a in app.focused.ancestors_with_self}
+
+
+def footer(app) -> dict[str, str]:
+    """What the footer offers: key -> description, for the bindings shown and enabled."""
+    return {
+        key: active.binding.description
+        for key, active in app.screen.active_bindings.items()
+        if active.binding.show and active.enabled
+    }
+
+
+async def test_text_boxes_give_the_keys_back(app_factory, finished_run) -> None:
+    """No pane's natural focus is a text box; each box shows Escape in the footer and gives the
+    keys back with it (or Enter where Enter finishes it), so 1-5 and q switch and quit again."""
+    from textual.widgets import Input
+
+    from tui.widgets.sample_pane import SamplePane
+
+    app = app_factory()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await select_preset(pilot, "tiny-demo")
+        tabs = app.screen.query_one(TabbedContent)
+        # Sample: the prompt takes keys only once asked for (i or Enter).
+        await pilot.press("5")
+        await pilot.pause()
+        assert tabs.active == "sample" and not isinstance(app.focused, Input)
+        assert footer(app).get("i") == "Type a prompt" and "escape" not in footer(app)
+        await pilot.press("1")
+        await pilot.pause()
+        assert tabs.active == "presets"
+        await pilot.press("5", "i", *"q1")
+        prompt = app.screen.query_one("#prompt", Input)
+        assert app.focused is prompt and prompt.value == "q1"
+        assert footer(app).get("escape") == "Leave the box" and "q" not in footer(app)
+        await pilot.press("escape", "3")
+        await pilot.pause()
+        assert tabs.active == "dashboard"
+        await pilot.press("5", "enter")
+        assert app.focused is prompt
+        await pilot.press("escape")
+        assert app.focused is app.screen.query_one(SamplePane).query_one("#replies")
+        # Memory: a size is typed after `t`; Enter applies it and gives the keys back.
+        await pilot.press("2", "t", *"24")
+        size = app.screen.query_one("#gpu-size", Input)
+        assert app.focused is size and size.value == "24"
+        assert footer(app).get("escape") == "Leave the box" and "f" not in footer(app)
+        await pilot.press("enter")
+        assert app.focused is app.screen.query_one("#gpu-select")
+        await pilot.press("a")
+        assert app.focused is app.screen.query_one("#advice", OptionList)  # the advice is reachable
+        await pilot.press("3")
+        await pilot.pause()
+        assert tabs.active == "dashboard" and size.value == "24"
+        # Presets: Down in the filter reaches the list.
+        await pilot.press("1", "slash", *"tiny")
+        assert app.focused is app.screen.query_one("#preset-filter", Input)
+        assert footer(app).get("escape") == "Leave the box"
+        await pilot.press("down")
+        assert app.focused is app.screen.query_one("#preset-list", OptionList)
+        # Every text box of every pane shows the way out while it has focus.
+        for box in app.screen.query(Input):
+            app.action_show_pane(next(a.id for a in box.ancestors if a.id in ("presets", "memory", "sample")))
+            await pilot.pause()
+            box.focus()
+            await pilot.pause()
+            assert footer(app).get("escape") == "Leave the box", box.id
+            await pilot.press("escape")
+            assert not isinstance(app.focused, Input), box.id
+
+
+async def test_a_completed_run_offers_no_stop_save_or_detach(app_factory, finished_run) -> None:
+    from pilot_helpers import FINISHED_RUN
+
+    app = app_factory(attach=FINISHED_RUN)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.history is not None and app.history.finished is not None)
+        await wait_for(pilot, lambda: app.client is not None and app.client.ended)
+        await pilot.pause()
+        offered = footer(app)
+        assert "l" in offered  # the log scale still applies to a finished run's chart
+        assert not {"x", "v", "d"} & set(offered), offered
+
+
+async def test_a_training_run_offers_stop_save_and_detach(app_factory) -> None:
+    app = app_factory(steps=400, rate=20)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await select_preset(pilot, "tiny-demo")
+        await pilot.press("s")
+        await wait_for(pilot, lambda: app.history is not None and app.history.step >= 2, what="steps")
+        offered = footer(app)
+        assert {"x", "v", "d"} <= set(offered), offered
+        await pilot.press("x")
+        await pilot.pause()
+        await pilot.press("y")
+        await wait_for(pilot, lambda: app.history.finished is not None, what="the stop")
+        await pilot.press("n")
+        await wait_for(pilot, lambda: not {"x", "v", "d"} & set(footer(app)), what="the footer to drop them")
+
+
+async def test_keys_typed_faster_than_handled_land_where_they_were_meant(app_factory) -> None:
+    """Over SSH on a busy box keys arrive in bursts: a key that moves the focus (/, Enter, t, i,
+    Escape, 1-5) must have moved it before the next key is read, or "/tiny" loses its t and
+    "Enter 2" types the 2 into the box just left."""
+    from textual.widgets import Input
+
+    app = app_factory()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await select_preset(pilot, "tiny-demo")
+        app.screen.query_one("#preset-list", OptionList).focus()
+        await pilot.pause()
+
+        def burst(*keys: str) -> None:
+            for key in keys:
+                app.post_message(events.Key(key, key if len(key) == 1 else None))
+
+        burst("slash", *"4060", "enter", "2", "t", *"24", "enter", "5", "i", *"hi", "escape", "3")
+        tabs = app.screen.query_one(TabbedContent)
+        await wait_for(pilot, lambda: tabs.active == "dashboard", what="the dashboard")
+        await pilot.pause(0.3)
+        assert app.screen.query_one("#preset-filter", Input).value == "4060"
+        assert app.screen.query_one("#gpu-size", Input).value == "24"
+        assert app.screen.query_one("#prompt", Input).value == "hi"
+        assert app.focused is app.screen.query_one("#event-log")
+
+
+def test_the_docs_list_every_key_of_every_pane() -> None:
+    """docs/console.md's table names each key each pane binds (its row), and the App's own."""
+    from pathlib import Path
+
+    from textual.binding import Binding
+
+    from tui.app import QlcApp
+    from tui.screens.error import ErrorScreen
+    from tui.screens.export import ExportScreen
+    from tui.screens.quit import QuitScreen
+    from tui.screens.stop import StopScreen
+    from tui.widgets.dashboard import Dashboard
+    from tui.widgets.memory_pane import MemoryPane, SizeInput
+    from tui.widgets.presets_pane import FilterInput
+    from tui.widgets.runs_pane import RunsPane
+    from tui.widgets.sample_pane import SamplePane
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "console.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in docs.splitlines() if line.startswith("| ")}
+    names = {"slash": "/", "escape": "Escape", "enter": "Enter", "down": "↓", "delete": "Delete"}
+    names |= {"backspace": "Backspace", "f5": "F5"}
+    owners = {
+        "1 Presets": [PresetsPane, FilterInput],
+        "2 Memory budget": [MemoryPane, SizeInput],
+        "3 Dashboard": [Dashboard],
+        "4 Runs": [RunsPane],
+        "5 Sample": [SamplePane],
+        "Dialogs": [StopScreen, QuitScreen, ErrorScreen, ExportScreen],
+    }
+    missing = []
+    for row, classes in owners.items():
+        for cls in classes:
+            for binding in cls.BINDINGS:
+                assert isinstance(binding, Binding)
+                for key in binding.key.split(","):
+                    shown = names.get(key, key)
+                    if f"`{shown}`" not in rows[row] and f" {shown} " not in rows[row]:
+                        missing.append(f"{row}: {key} ({cls.__name__})")
+    intro = docs.split("| Pane | Keys |")[0]
+    for binding in QlcApp.BINDINGS:
+        assert isinstance(binding, Binding)
+        if f"`{names.get(binding.key, binding.key)}`" not in intro and binding.key not in "12345":
+            missing.append(f"app: {binding.key}")
+    assert not missing, missing

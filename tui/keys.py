@@ -1,0 +1,52 @@
+"""The App's part in the keyboard: what the footer offers where the focus is, and the way out of
+a text box. A mixin of QlcApp.
+
+A text box types printable keys, so while one has focus the footer offers none of them, only
+Escape (`leave_input`, a priority binding: the focus has moved before the next key is read).
+Stop, Save now and Detach are offered only while the watched run trains here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from textual.widgets import Input, TabbedContent
+
+from tui.palette import LEAVE_TO
+from tui.views import focus_now
+
+
+class KeyActions:
+    focused: Any
+    screen_stack: Any
+    live: Any
+    _focus_pane: Any
+    action_quit: Any
+
+    def typing(self) -> bool:
+        """A text box has focus: it takes printable keys, so the footer offers none of them."""
+        return isinstance(self.focused, Input)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """What the footer offers (and the keys do): nothing typed into a box, and no run
+        actions on a run that is not training here (a completed run has nothing to stop)."""
+        if action == "leave_input":  # in the main screen: a dialog's Escape is the dialog's
+            return self.typing() and len(self.screen_stack) == 1
+        if action == "show_pane":  # the digits of a text box, or a dialog's keys, are theirs
+            return not self.typing() and len(self.screen_stack) == 1
+        if action in ("request_quit", "start_run", "auto_fit") and self.typing():
+            return False
+        if action in ("stop_run", "save_checkpoint", "detach_run"):
+            return self.live()
+        return True
+
+    def action_leave_input(self) -> None:
+        focused = self.focused
+        target = LEAVE_TO.get(focused.id or "") if focused is not None else None
+        if target is not None:
+            focus_now(self.screen_stack[0].query_one(target))
+        else:
+            self._focus_pane(self.screen_stack[0].query_one(TabbedContent).active)
+
+    async def action_request_quit(self) -> None:
+        await self.action_quit()
