@@ -93,7 +93,9 @@ CASES = [
     Case("preset", "name-too-long", ("train", "x" * 5000), "unknown preset 'xxxx"),
     # --- --set overrides ---------------------------------------------------------------------
     override("unknown-key", "train.nope=1", "train.nope: unknown key"),
-    override("unknown-section", "foo=1", "--set foo: unknown key (keys are section.key, in model, data, quant"),
+    override(
+        "unknown-section", "foo=1", "--set foo: unknown key (keys are section.key, in model, data, quant"
+    ),
     override("unknown-far-key", "lerning_rate=1", "--set lerning_rate: unknown key (closest: "),
     override("close-misspelling", "lrr=1", "--set lrr: unknown key (did you mean 'lora.r'?)"),
     override("no-equals", "lr", "--set 'lr': expected key=value"),
