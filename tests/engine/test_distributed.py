@@ -62,9 +62,9 @@ def test_gpus_and_strategy_are_hardware_settings() -> None:
 @pytest.mark.parametrize(
     "overrides, needle",
     [
-        (["hardware.gpus=0"], "hardware.gpus: must be at least 1"),
-        (["hardware.gpus=two"], "hardware.gpus: expected int or 'auto'"),
-        (["hardware.strategy=zero3"], "hardware.strategy: 'zero3' is not one of 'ddp', 'fsdp'"),
+        (["hardware.gpus=0"], "--set hardware.gpus=0: must be at least 1"),
+        (["hardware.gpus=two"], "--set hardware.gpus=two: expected int or 'auto'"),
+        (["hardware.strategy=zero3"], "--set hardware.strategy=zero3: 'zero3' is not one of 'ddp', 'fsdp'"),
         ([*CPU2, "hardware.strategy=fsdp"], "fsdp needs CUDA GPUs"),
         (["hardware.gpus=2", "hardware.strategy=fsdp"], "set train.optimizer=adamw_torch"),
         (["hardware.gpus=2", "hardware.backend=unsloth"], "unsloth trains on one GPU"),
@@ -400,7 +400,7 @@ def test_qlc_fit_says_how_many_80gb_gpus_the_70b_needs(seq_len: int) -> None:
     assert data["gpus_needed_gb_each"]["fsdp"] == pytest.approx(each) and each < gpu.budget_gb
     assert fits(1, "ddp") == (seq_len == 2048)  # the two cases this test means to cover
     shown = qlc("fit", "llama-3.3-70b", "--gpu", "80GB", "--set", overrides[0])
-    assert f"fsdp: {n} GPUs, {each:.2f} GB each" in shown.stdout
+    assert f"fsdp: {n} GPUs, {each:.2f} GiB each" in shown.stdout
 
 
 @pytest.mark.slow

@@ -112,9 +112,9 @@ def test_other_quantization_methods_are_refused(tmp_path: Path) -> None:
 def test_storage_is_a_quant_setting() -> None:
     assert load_preset("tiny-demo").quant.storage == "auto"
     assert load_preset("tiny-demo", ["quant.storage=bf16"]).quant.storage == "bf16"
-    with pytest.raises(ConfigError, match=r"quant\.storage: 'int4' is not one of"):
+    with pytest.raises(ConfigError, match=r"--set quant\.storage=int4: 'int4' is not one of"):
         load_preset("tiny-demo", ["quant.storage=int4"])
-    with pytest.raises(ConfigError, match=r"quant\.storage: FSDP shards only floating tensors"):
+    with pytest.raises(ConfigError, match=r"--set quant\.storage=uint8: FSDP shards only floating tensors"):
         load_preset(
             "tiny-demo", ["hardware.gpus=2", "strategy=fsdp", "optimizer=adamw_torch", "quant.storage=uint8"]
         )
