@@ -10,6 +10,9 @@ QLC    := $(VENV)/bin/qlc
 # The CPU build the tests use. On a machine with no torch, pip's default index would pull a CUDA
 # build with several GB of dependencies; a GPU box should install its own torch first.
 TORCH_SPEC ?= torch==2.13.0
+# Two test workers: half the suite waits on engine processes and timeouts, so two workers fill two
+# cores. Test files stay whole on one worker (--dist loadfile): their module fixtures train once.
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test lint format bench-console faults clean
 
@@ -28,7 +31,7 @@ test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

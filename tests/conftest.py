@@ -18,6 +18,11 @@ QLC = [sys.executable, "-m", "tui.cli"]
 for _name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
     os.environ.pop(_name, None)
 
+# One intra-op thread per engine: the suite runs two test workers on two cores, and torch's
+# OpenMP threads spin on a core another process holds (the tiny model gains nothing from a second
+# thread; 2 threads cost 20% more CPU per run). Set before any test imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 @pytest.fixture
 def runs_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

@@ -246,7 +246,9 @@ def test_sigusr1_and_a_stall_dump_every_thread(tmp_path: Path) -> None:
 def test_world_of_one_trains_samples_stops_and_resumes(tmp_path: Path) -> None:
     env = {distributed.FORCE_TORCHRUN: "1", "OMP_NUM_THREADS": "1"}
     overrides = ["hardware.device=cpu", "hardware.gpus=1", *TRAIN, "train.max_steps=10"]
-    started = qlc("--runs-dir", str(tmp_path), "train", "tiny-demo", *_sets(*overrides), "--detach", env=env)
+    # Steps of a second at least: on a loaded machine the ten steps were over before the stop came.
+    slow = {**env, "QLC_FAULT": "slow_step=1"}
+    started = qlc("--runs-dir", str(tmp_path), "train", "tiny-demo", *_sets(*overrides), "--detach", env=slow)
     assert started.returncode == 0, started.stderr
     (run_dir,) = runs.list_run_dirs(tmp_path)
     assert runs.is_running(run_dir)  # qlc train --detach returns once the engine runs
@@ -370,7 +372,9 @@ def test_qlc_stop_that_times_out_says_where_each_rank_is(tmp_path: Path) -> None
     """A step slower than `qlc stop --timeout`: qlc stop gives up with every rank's stacks."""
     overrides = ["hardware.device=cpu", *TRAIN, "train.max_steps=50"]
     env = {"QLC_FAULT": "slow_step=6"}
-    started = qlc("--runs-dir", str(tmp_path), "train", "tiny-demo", *_sets(*overrides), "--detach", env=env)
+    # Steps of a second at least: on a loaded machine the ten steps were over before the stop came.
+    slow = {**env, "QLC_FAULT": "slow_step=1"}
+    started = qlc("--runs-dir", str(tmp_path), "train", "tiny-demo", *_sets(*overrides), "--detach", env=slow)
     assert started.returncode == 0, started.stderr
     (run_dir,) = runs.list_run_dirs(tmp_path)
     deadline = time.monotonic() + 120
