@@ -43,6 +43,7 @@ class EventPrinter:
         self.json_lines = json_lines
         self.status: str | None = None
         self._in_sample = False
+        self._on_cpu = False  # the session's device: a CPU run's estimate is for its hardware.gpu
         self._progress_printed: dict[str, float] = {}  # stage -> when its last progress line was printed
 
     def _progress_due(self, ev: protocol.StageEvent) -> bool:
@@ -69,6 +70,7 @@ class EventPrinter:
         match ev:
             case protocol.Hello():
                 self.status = None  # a new engine session: how the previous one ended is history
+                self._on_cpu = ev.device.startswith("cpu")
                 resumed = f" · resumed from {ev.resumed_from}" if ev.resumed_from else ""
                 out.print(
                     f"[bold]run {ev.run_id}[/] · {ev.mode}{resumed} · backend [cyan]{ev.backend}[/] "
@@ -113,11 +115,15 @@ class EventPrinter:
             case protocol.EstimateEvent():
                 # The figure the console's Memory pane and `qlc estimate` show: the whole device
                 # (what nvidia-smi reports), for the checkpointing plan named.
-                budget = f" of {ev.budget_gb:.2f} GiB on {escape(ev.gpu)}" if ev.budget_gb else ""
+                # On the CPU the figure is what the run would take on hardware.gpu, planned as
+                # there: say so, or its checkpointing reads as contradicting the CPU run's own.
+                where = f" if run on {escape(ev.gpu)}" if self._on_cpu and ev.gpu else ""
+                card = "" if where else f" on {escape(ev.gpu)}"
+                budget = f" of {ev.budget_gb:.2f} GiB{card}" if ev.budget_gb else ""
                 verdict = f" · {ev.verdict.replace('_', ' ')}" if ev.verdict else ""
                 plan = f" · checkpointing {escape(ev.checkpoint_reason)}" if ev.checkpoint_reason else ""
                 out.print(
-                    f"memory estimate: {ev.device_total_gb:.2f} GiB{budget} (torch peak "
+                    f"memory estimate{where}: {ev.device_total_gb:.2f} GiB{budget} (torch peak "
                     f"{ev.torch_peak_gb:.2f}){verdict}{plan}"
                 )
             case protocol.DataReady():
@@ -136,16 +142,18 @@ class EventPrinter:
                 )
                 if ev.devices:  # several GPUs (or processes): each rank's
                     mem = f" · {fmt_ranks(ev.devices)}"
+                # The first step's rate is not measured (it includes warm-up): a dash, not 0.
+                rate = f"{ev.tokens_per_s:,.0f}" if ev.tokens_per_s > 0 else "–"
                 line = (
                     f"step {ev.step:>5}{total}  loss {_loss(ev.loss)}  lr {ev.lr:.2e}  grad {gn}  "
-                    f"{ev.tokens_per_s:,.0f} tok/s  {ev.step_seconds:.2f} s/step  ETA {fmt_duration(ev.eta_seconds)}{mem}"
+                    f"{rate} tok/s  {ev.step_seconds:.2f} s/step  ETA {fmt_duration(ev.eta_seconds)}{mem}"
                 )
                 if out.is_terminal and Text.from_markup(line).cell_len > out.width:
                     # A narrow terminal: the same figures without the padding and labels, so each
                     # step stays one line.
                     line = (
                         f"{ev.step}{total} loss {_loss(ev.loss)} lr {ev.lr:.1e} gn {gn} "
-                        f"{ev.tokens_per_s:,.0f} tok/s ETA {fmt_duration(ev.eta_seconds)}{mem}"
+                        f"{rate} tok/s ETA {fmt_duration(ev.eta_seconds)}{mem}"
                     )
                 out.print(line)
             case protocol.Eval():

@@ -72,7 +72,11 @@ def _wait_for_record(run_dir: Path, idle_s: float) -> dict[str, Pin]:
 
 
 def _size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} GB"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e3:.1f} kB" if n >= 1e3 else f"{n} B"  # a dataset card, a small split
 
 
 def _describe(snap: Snapshot, seconds: float, before: int) -> str:

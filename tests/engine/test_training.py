@@ -130,7 +130,8 @@ def test_the_run_reports_the_memory_answer_the_console_and_qlc_estimate_give(ref
     assert estimate.device_total_gb == round(view.device_total_gb, 4)
     assert estimate.checkpoint_reason == view.checkpointing and estimate.checkpoint_reason
     shown = qlc("--runs-dir", str(reference.parent), "attach", reference.name)
-    line = next(x for x in shown.stdout.splitlines() if x.startswith("memory estimate:"))
+    line = next(x for x in shown.stdout.splitlines() if x.startswith("memory estimate"))
+    assert line.startswith(f"memory estimate if run on {view.gpu}: ")  # a CPU run: the card it is for
     assert (
         f"{view.device_total_gb:.2f} GiB of {view.budget_gb:.2f} GiB" in line and view.checkpointing in line
     )
