@@ -21,8 +21,9 @@ import msgspec
 
 # 1.1: the `exported` event and the export stages; 1.2: stage progress (unit, rate, ETA), "downloading";
 # 1.3: hello's compute dtype and why, model_ready's repo, commit and quantization, the "evaluating"
-# stage (eval progress), the estimate's checkpointing plan
-PROTOCOL_VERSION = "1.3"
+# stage (eval progress), the estimate's checkpointing plan; 1.4: hello's process start (where a
+# start went), the estimate's FLOPs per token and the card's peak (utilisation)
+PROTOCOL_VERSION = "1.4"
 
 
 class ProtocolError(ValueError):
@@ -72,6 +73,7 @@ class Hello(Message, frozen=True, tag="hello"):
     trust_remote_code: bool = False  # the model's own Python code runs (the user confirmed it)
     compute_dtype: str = ""  # what the matmuls run in: bf16, fp16 or fp32 (quant.compute_dtype resolved)
     compute_dtype_reason: str = ""  # why ("auto: this CPU has no native bf16 ...")
+    started: float = 0.0  # when the engine process started (epoch seconds; 0: unknown)
 
 
 class StageEvent(Message, frozen=True, tag="stage"):

@@ -16,6 +16,7 @@ from rich.text import Text
 
 from engine import protocol
 from engine.run import runs
+from tui.launch_clock import LaunchClock
 from tui.output import err, fmt_duration, fmt_progress, fmt_ranks, out, plural
 
 
@@ -44,6 +45,7 @@ class EventPrinter:
         self.status: str | None = None
         self._in_sample = False
         self._on_cpu = False  # the session's device: a CPU run's estimate is for its hardware.gpu
+        self._clock = LaunchClock()
         self._progress_printed: dict[str, float] = {}  # stage -> when its last progress line was printed
 
     def _progress_due(self, ev: protocol.StageEvent) -> bool:
@@ -57,6 +59,13 @@ class EventPrinter:
             return True
         return False
 
+    def skipped(self, ev: protocol.Event) -> None:
+        """An event left out of the printed history: the launch breakdown still counts it (the
+        session's first step is often among the hidden ones)."""
+        launch = self._clock.feed(ev)
+        if launch and not self.json_lines:
+            out.print(f"[dim]{escape(launch)}[/]")
+
     def __call__(self, ev: protocol.Event) -> None:
         if self.json_lines:
             sys.stdout.buffer.write(protocol.encode(ev))
@@ -67,6 +76,7 @@ class EventPrinter:
         if self._in_sample and not isinstance(ev, protocol.SampleToken):
             out.print()
             self._in_sample = False
+        launch = self._clock.feed(ev)
         match ev:
             case protocol.Hello():
                 self.status = None  # a new engine session: how the previous one ended is history
@@ -156,6 +166,8 @@ class EventPrinter:
                         f"{rate} tok/s ETA {fmt_duration(ev.eta_seconds)}{mem}"
                     )
                 out.print(line)
+                if launch:
+                    out.print(f"[dim]{escape(launch)}[/]")
             case protocol.Eval():
                 out.print(f"[magenta]eval  step {ev.step}: loss {_loss(ev.loss)}[/]")
             case protocol.CheckpointSaved():
@@ -284,6 +296,8 @@ def follow_file(run_dir: Path, printer: EventPrinter, tail: int | None = 20) -> 
     for i, ev in enumerate(history):
         if i not in hidden:
             printer(ev)
+        else:
+            printer.skipped(ev)
     try:
         while runs.is_running(run_dir):
             events, offset = runs.read_events(run_dir, offset)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine import protocol
+from tui.launch_clock import LaunchClock
 from tui.output import plural
 from tui.widgets.series import Series
 
@@ -66,6 +67,7 @@ class RunHistory:
     events: int = 0
     log_total: int = 0  # lines ever logged: a view appends the ones past what it has shown
     _t0: float | None = None
+    _clock: LaunchClock = field(default_factory=LaunchClock)
 
     # ------------------------------------------------------------------------------------------
 
@@ -105,8 +107,11 @@ class RunHistory:
         self.events += 1
         if self._t0 is None and ev.time:
             self._t0 = ev.time
+        launch = self._clock.feed(ev)
         if isinstance(ev, protocol.Step):
             self._step(ev)
+            if launch:  # the one step that is logged: where the session's start went
+                self._log(ev, "info", launch)
             return  # steps are charted, not logged: 20 a second would drown the log
         if isinstance(ev, protocol.Hello):
             self.hello, self.finished, self.sessions = ev, None, self.sessions + 1

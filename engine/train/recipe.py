@@ -88,6 +88,7 @@ class Recipe:
                 trust_remote_code=self.cfg.model.trust_remote_code,
                 compute_dtype=dtype.name,
                 compute_dtype_reason=dtype.reason,
+                started=process_started_at(),
             )
         )
         self._log_start(removed, skipped)
@@ -389,6 +390,22 @@ def estimate_for_run(
         return memory.estimate(cfg, gpu=gpu), gpu
     est = memory.estimate(cfg, backend=backend, gpu=gpu, checkpointed=checkpointed, liger=liger)
     return est, gpu
+
+
+def process_started_at() -> float:
+    """When this process started, in epoch seconds (Linux: /proc), else 0: the launch breakdown
+    then starts at `hello`. The interpreter's own start and the imports before `hello` are what
+    it measures (Unsloth's import alone takes about 40 s)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime")
+        )
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return 0.0
 
 
 def count_params(model: Any) -> tuple[int, int]:
