@@ -126,6 +126,8 @@ class EstimateEvent(Message, frozen=True, tag="estimate"):
     verdict: str = ""  # fits / tight / does_not_fit
     gpu: str = ""
     checkpoint_reason: str = ""  # the checkpointing plan these figures are for, in words
+    flops_per_token: float = 0.0  # the work of one trained token (engine.memory.flops); 0: unknown
+    peak_tflops: float = 0.0  # the card's dense 16-bit tensor peak (presets/gpus.yaml); 0: unknown
 
 
 class DataReady(Message, frozen=True, tag="data_ready"):

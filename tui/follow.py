@@ -16,6 +16,7 @@ from rich.text import Text
 
 from engine import protocol
 from engine.run import runs
+from tui.history import utilisation
 from tui.launch_clock import LaunchClock
 from tui.output import err, fmt_duration, fmt_progress, fmt_ranks, out, plural
 
@@ -46,6 +47,8 @@ class EventPrinter:
         self._in_sample = False
         self._on_cpu = False  # the session's device: a CPU run's estimate is for its hardware.gpu
         self._clock = LaunchClock()
+        self._hello: protocol.Hello | None = None  # the session's, and its estimate: utilisation
+        self._estimate: protocol.EstimateEvent | None = None
         self._progress_printed: dict[str, float] = {}  # stage -> when its last progress line was printed
 
     def _progress_due(self, ev: protocol.StageEvent) -> bool:
@@ -81,6 +84,7 @@ class EventPrinter:
             case protocol.Hello():
                 self.status = None  # a new engine session: how the previous one ended is history
                 self._on_cpu = ev.device.startswith("cpu")
+                self._hello, self._estimate = ev, None
                 resumed = f" · resumed from {ev.resumed_from}" if ev.resumed_from else ""
                 out.print(
                     f"[bold]run {ev.run_id}[/] · {ev.mode}{resumed} · backend [cyan]{ev.backend}[/] "
@@ -123,6 +127,7 @@ class EventPrinter:
                 if weights:
                     out.print(f"[dim]weights: {escape(weights)}[/]")
             case protocol.EstimateEvent():
+                self._estimate = ev
                 # The figure the console's Memory pane and `qlc estimate` show: the whole device
                 # (what nvidia-smi reports), for the checkpointing plan named.
                 # On the CPU the figure is what the run would take on hardware.gpu, planned as
@@ -153,17 +158,20 @@ class EventPrinter:
                 if ev.devices:  # several GPUs (or processes): each rank's
                     mem = f" · {fmt_ranks(ev.devices)}"
                 # The first step's rate is not measured (it includes warm-up): a dash, not 0.
-                rate = f"{ev.tokens_per_s:,.0f}" if ev.tokens_per_s > 0 else "–"
+                rate = f"{ev.tokens_per_s:,.0f} tok/s" if ev.tokens_per_s > 0 else "– tok/s"
+                share = utilisation(ev, self._estimate, self._hello)
+                if share is not None:  # on a GPU the catalog knows: the share of its peak
+                    rate += f" · MFU {share:.0%}"
                 line = (
                     f"step {ev.step:>5}{total}  loss {_loss(ev.loss)}  lr {ev.lr:.2e}  grad {gn}  "
-                    f"{rate} tok/s  {ev.step_seconds:.2f} s/step  ETA {fmt_duration(ev.eta_seconds)}{mem}"
+                    f"{rate}  {ev.step_seconds:.2f} s/step  ETA {fmt_duration(ev.eta_seconds)}{mem}"
                 )
                 if out.is_terminal and Text.from_markup(line).cell_len > out.width:
                     # A narrow terminal: the same figures without the padding and labels, so each
                     # step stays one line.
                     line = (
                         f"{ev.step}{total} loss {_loss(ev.loss)} lr {ev.lr:.1e} gn {gn} "
-                        f"{rate} tok/s ETA {fmt_duration(ev.eta_seconds)}{mem}"
+                        f"{rate} ETA {fmt_duration(ev.eta_seconds)}{mem}"
                     )
                 out.print(line)
                 if launch:

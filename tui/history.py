@@ -94,6 +94,11 @@ class RunHistory:
             return self.last_step.total_steps
         return self.data.total_steps if self.data else 0
 
+    def utilisation(self, step: protocol.Step | None = None) -> float | None:
+        """Model FLOPs utilisation at `step` (default: the newest); see `utilisation`."""
+        step = step or self.last_step
+        return utilisation(step, self.estimate, self.hello) if step is not None else None
+
     def elapsed(self, event_time: float) -> float:
         return max(0.0, event_time - self._t0) if self._t0 is not None else 0.0
 
@@ -210,6 +215,20 @@ class RunHistory:
     def _log(self, ev: protocol.Event, level: str, text: str) -> None:
         self.log.append(LogLine(self.elapsed(ev.time), level, text))
         self.log_total += 1
+
+
+def utilisation(
+    step: protocol.Step, estimate: protocol.EstimateEvent | None, hello: protocol.Hello | None
+) -> float | None:
+    """The step's tokens/s times the estimate's FLOPs per token, over the cards' dense 16-bit
+    peak: None off a GPU, or where the card's peak or the count is unknown."""
+    if estimate is None or hello is None or "cuda" not in hello.device:
+        return None
+    from engine import memory  # on first use: the console starts without the memory model
+
+    return memory.utilisation(
+        step.tokens_per_s, estimate.flops_per_token, estimate.peak_tflops, hello.world_size
+    )
 
 
 def _count(n: int) -> str:

@@ -28,6 +28,7 @@ from engine.memory.estimate import (
     resolve_backend,
 )
 from engine.memory.fit import FitResult, fit
+from engine.memory.flops import training_flops_per_token, utilisation
 from engine.memory.gpus import Gpu, gpu_catalog, resolve_gpu
 from engine.memory.merge import SHARD_DEFAULT, MergeEstimate, MergePlacement, estimate_merge, place_merge
 
@@ -62,4 +63,6 @@ __all__ = [
     "resolve_architecture",
     "resolve_backend",
     "resolve_gpu",
+    "training_flops_per_token",
+    "utilisation",
 ]

@@ -20,9 +20,9 @@ from engine import allocator, stacks
 from engine.config import ALL_LINEAR, RunConfig
 from engine.errors import UserError
 from engine.memory import constants as C
-from engine.memory import devices, terms
+from engine.memory import devices, flops, terms
 from engine.memory.architectures import Architecture, resolve_architecture
-from engine.memory.gpus import Gpu
+from engine.memory.gpus import Gpu, peak_tflops
 from engine.models import quantization
 from engine.models.quantization import Quantization
 from engine.models.tiny import is_builtin
@@ -93,6 +93,8 @@ class Estimate:
     # The expected relative error of the device total: the 90th percentile of the leave-one-
     # architecture-out errors measured for this backend (constants.ERROR_BAND).
     error_band_fraction: float = 0.0
+    # The work of one trained token (engine.memory.flops), for the dashboard's utilisation.
+    flops_per_token: float = 0.0
 
     @property
     def outside_torch_gb(self) -> float:
@@ -133,6 +135,8 @@ class Estimate:
             verdict=v.status if v else "",
             gpu=gpu.label if gpu is not None else "",
             checkpoint_reason=self.checkpoint_reason,
+            flops_per_token=round(self.flops_per_token),
+            peak_tflops=(peak_tflops(gpu) or 0.0) if gpu is not None else 0.0,
         )
 
     def to_dict(self, gpu: Gpu | None = None) -> dict[str, Any]:
@@ -508,4 +512,14 @@ def _estimate_plan(cfg: RunConfig, arch: Architecture, plan: terms.Plan) -> Esti
         checkpointed_layers=plan.checkpointed_layers,
         device_profile=plan.device.describe(),
         error_band_fraction=C.ERROR_BAND.get(name, max(C.ERROR_BAND.values())),
+        flops_per_token=sum(
+            flops.training_flops_per_token(
+                arch,
+                plan.seq_len,
+                plan.r,
+                plan.targets,
+                plan.checkpointed_layers,
+                lm_head_trained=terms.LM_HEAD in plan.modules_to_save,
+            ).values()
+        ),
     )

@@ -32,6 +32,7 @@ class Gpu:
     # The class of the card (CUDA context, workspaces): NVML's compute capability for a present GPU;
     # None: from the name (a catalog card), or the safe default for a plain size.
     profile: DeviceProfile | None = None
+    tensor_tflops: float | None = None  # dense 16-bit tensor peak, TFLOP/s (catalog cards that state it)
 
     @property
     def device(self) -> DeviceProfile:
@@ -66,7 +67,10 @@ def gpu_catalog() -> dict[str, Gpu]:
     out: dict[str, Gpu] = {}
     for name, entry in (data.get("gpus") or {}).items():
         total = float(entry["total_mib"]) / 1024
-        out[str(name)] = Gpu(str(name), str(entry.get("label", name)), total, total, "catalog")
+        peak = float(entry["tensor_tflops"]) if entry.get("tensor_tflops") else None
+        out[str(name)] = Gpu(
+            str(name), str(entry.get("label", name)), total, total, "catalog", tensor_tflops=peak
+        )
     return out
 
 
@@ -81,6 +85,18 @@ def _aliases() -> dict[str, str]:
             if spelling:
                 out[_normalise(str(spelling))] = str(name)
     return out
+
+
+def peak_tflops(gpu: Gpu) -> float | None:
+    """The card's dense 16-bit tensor peak: the catalog's, also for a detected GPU the catalog
+    knows by name (None for a plain size or an unlisted card: no utilisation is shown)."""
+    if gpu.tensor_tflops:
+        return gpu.tensor_tflops
+    if gpu.source != "nvml":
+        return None
+    name = _aliases().get(_normalise(gpu.label))
+    found = gpu_catalog().get(name) if name else None
+    return found.tensor_tflops if found else None
 
 
 def _normalise(text: str) -> str:

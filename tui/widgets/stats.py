@@ -125,7 +125,7 @@ class RunStats(Widget):
                     format_value(last.grad_norm) if last.grad_norm is not None else "–",
                     h.grad_norm,
                 ),
-                row("tokens/s", _count(last.tokens_per_s), h.tokens_per_s),
+                row("tokens/s", _count(last.tokens_per_s) + _mfu(h.utilisation(last)), h.tokens_per_s),
                 row("step", f"{last.step_seconds:.2f} s · {_count(last.tokens_seen)} tok"),
             ]
         estimate = h.estimate if h else None
@@ -142,3 +142,8 @@ class RunStats(Widget):
         out = Text("\n").join(rows)
         out.no_wrap, out.overflow = True, "crop"  # join() makes a fresh Text that would wrap
         return out
+
+
+def _mfu(share: float | None) -> str:
+    """ " · MFU 41%": the share of the card's dense 16-bit peak (engine.memory.flops)."""
+    return f" · MFU {share:.0%}" if share is not None else ""
