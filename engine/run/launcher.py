@@ -24,6 +24,7 @@ from typing import BinaryIO
 
 from engine.config import load_resolved
 from engine.errors import UserError
+from engine.paths import cache_root
 from engine.run import distributed, runs
 from engine.run.runs import CONFIG, ENGINE_LOG
 
@@ -63,7 +64,26 @@ def _env(command: list[str] | None = None) -> dict[str, str]:
     # a training box, and a warm cache must start with no network request at all.
     env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     env.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for key, value in compile_caches().items():
+        env.setdefault(key, value)  # what the user set wins
     return env
+
+
+def compile_caches() -> dict[str, str]:
+    """Where compiled kernels persist between runs: Unsloth's generated modules (by default an
+    `unsloth_compiled_cache` folder in whatever directory qlc was started from, so a run started
+    elsewhere compiled again), Inductor's (by default under /tmp, which a reboot empties) and
+    Triton's, all under the user cache folder. A second launch of the same recipe then reuses
+    what the first one compiled."""
+    root = cache_root() / "compiled"
+    caches = {
+        "UNSLOTH_COMPILE_LOCATION": root / "unsloth",
+        "TORCHINDUCTOR_CACHE_DIR": root / "inductor",
+        "TRITON_CACHE_DIR": root / "triton",
+    }
+    for folder in caches.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    return {key: str(folder) for key, folder in caches.items()}
 
 
 def open_log(run_dir: Path, name: str = ENGINE_LOG) -> BinaryIO:
