@@ -566,6 +566,11 @@ def _config_of(path: Path, data: dict[str, Any], overrides: list[str]) -> RunCon
     A problem with a value an override set names the `--set`, not the file."""
     data, problems = apply_overrides(data, overrides)
     data.setdefault("name", path.stem)
+    keys = {override_key(o) for o in overrides}
+    if "model.name_or_path" in keys and "model.arch" not in keys and isinstance(data.get("model"), dict):
+        # The preset's model.arch describes the preset's model: another model brings its own
+        # architecture (read from its config), or the memory budget would be the old model's.
+        data["model"] = {**data["model"], "arch": None}
     try:
         cfg = config_from_dict(data, str(path))
     except ConfigError as exc:

@@ -98,6 +98,14 @@ def run_stop(args: argparse.Namespace) -> int:
         if printer.status is not None and not runs.is_running(run_dir):
             return 0 if printer.status in ("stopped", "completed") else 1
         if not runs.is_running(run_dir) and printer.status is None:
+            # Another stop (a second `qlc stop`, a console) may have ended the run between our
+            # first read and the command: its end is then in the history before our offset.
+            ended = [
+                e for e in runs.read_events(run_dir)[0] if isinstance(e, (protocol.Hello, protocol.Finished))
+            ]
+            if ended and isinstance(ended[-1], protocol.Finished):
+                printer(ended[-1])
+                return 0 if ended[-1].status in ("stopped", "completed") else 1
             err.print("the engine exited without a finished event")
             return 1
         time.sleep(0.2)

@@ -70,7 +70,9 @@ class Dashboard(Vertical):
         with Horizontal(id="dash-mid"):
             yield LineChart("no learning rate yet", id="lr-chart")
             yield Static(id="checkpoints")
-        yield RichLog(id="event-log", max_lines=1000, wrap=False, markup=False, highlight=False)
+        # Wrapped: a long line (an error, where the start went) stays readable at 80 columns rather
+        # than growing a horizontal scrollbar that shifts what the box shows.
+        yield RichLog(id="event-log", max_lines=1000, wrap=True, markup=False, highlight=False)
 
     def on_mount(self) -> None:
         self.query_one("#loss-chart", LineChart).border_title = "loss"
