@@ -512,6 +512,18 @@ def find_preset(name: str) -> Path:
     raise UserError(f"unknown preset {name!r}{_suggest(name, names)}", "`qlc presets` lists them")
 
 
+def is_preset(target: str) -> bool:
+    """Whether `target` names a preset (a YAML path, or a preset's name) rather than a model: a
+    YAML path is one even when missing, so that its `not found` is the error a user sees."""
+    if Path(target).suffix in (".yaml", ".yml"):
+        return True
+    try:
+        find_preset(target)
+    except UserError:
+        return False
+    return True
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")

@@ -45,9 +45,10 @@ class EventPrinter:
         self.json_lines = json_lines
         self.status: str | None = None
         self._in_sample = False
-        self._on_cpu = False  # the session's device: a CPU run's estimate is for its hardware.gpu
         self._clock = LaunchClock()
-        self._hello: protocol.Hello | None = None  # the session's, and its estimate: utilisation
+        # The session's hello and estimate: its device (a CPU run's estimate is for hardware.gpu)
+        # and the figures utilisation needs.
+        self._hello: protocol.Hello | None = None
         self._estimate: protocol.EstimateEvent | None = None
         self._progress_printed: dict[str, float] = {}  # stage -> when its last progress line was printed
 
@@ -83,7 +84,6 @@ class EventPrinter:
         match ev:
             case protocol.Hello():
                 self.status = None  # a new engine session: how the previous one ended is history
-                self._on_cpu = ev.device.startswith("cpu")
                 self._hello, self._estimate = ev, None
                 resumed = f" · resumed from {ev.resumed_from}" if ev.resumed_from else ""
                 out.print(
@@ -132,7 +132,8 @@ class EventPrinter:
                 # (what nvidia-smi reports), for the checkpointing plan named.
                 # On the CPU the figure is what the run would take on hardware.gpu, planned as
                 # there: say so, or its checkpointing reads as contradicting the CPU run's own.
-                where = f" if run on {escape(ev.gpu)}" if self._on_cpu and ev.gpu else ""
+                on_cpu = self._hello is not None and self._hello.device.startswith("cpu")
+                where = f" if run on {escape(ev.gpu)}" if on_cpu and ev.gpu else ""
                 card = "" if where else f" on {escape(ev.gpu)}"
                 budget = f" of {ev.budget_gb:.2f} GiB{card}" if ev.budget_gb else ""
                 verdict = f" · {ev.verdict.replace('_', ' ')}" if ev.verdict else ""

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.durable import fsync_path
+
 VERSION = 1
 META = "meta.json"
 TRAIN = "train.arrow"
@@ -163,27 +165,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def publish(folder: Path, key: str, meta: dict[str, Any]) -> Entry:
     """Make FOLDER (its data files written and closed) KEY's entry: meta.json last, everything
     fsynced, then one rename."""
     files = {p.name: p.stat().st_size for p in folder.iterdir() if p.suffix == ".arrow"}
     meta = {**meta, "version": VERSION, "key": key, "files": files, "created": time.time()}
     for name in files:
-        _fsync(folder / name)
+        fsync_path(folder / name)
     (folder / META).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
-    _fsync(folder / META)
-    _fsync(folder)
+    fsync_path(folder / META)
+    fsync_path(folder)
     target = cache_dir() / key
     if target.exists():  # a stale or damaged entry (load removed what it could not trust)
         shutil.rmtree(target, ignore_errors=True)
     folder.rename(target)
-    _fsync(cache_dir())
+    fsync_path(cache_dir())
     return Entry(target, meta)

@@ -32,6 +32,7 @@ import shutil
 import time
 from pathlib import Path
 
+from engine.durable import fsync_path
 from engine.hashing import sha256_file
 
 PREFIX = "checkpoint-"
@@ -50,14 +51,6 @@ def staging_root(root: Path, step: int) -> Path:
     return root / f"{STAGING_PREFIX}{step}"
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
@@ -66,7 +59,7 @@ def write_manifest(folder: Path, step: int) -> dict:
     """Hash and flush every file of `folder`, then write the manifest (flushed too)."""
     files = {}
     for path in _files(folder):
-        _fsync(path)
+        fsync_path(path)
         files[path.relative_to(folder).as_posix()] = {
             "size": path.stat().st_size,
             "sha256": sha256_file(path),
@@ -79,7 +72,7 @@ def write_manifest(folder: Path, step: int) -> dict:
         os.fsync(f.fileno())
     tmp.rename(folder / MANIFEST)
     for sub in {p.parent for p in folder.rglob("*")} | {folder}:
-        _fsync(sub)
+        fsync_path(sub)
     return manifest
 
 
@@ -97,7 +90,7 @@ def commit(staged: Path, root: Path) -> Path:
         shutil.rmtree(old, ignore_errors=True)
         os.rename(final, old)
     os.rename(staged, final)
-    _fsync(root)
+    fsync_path(root)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final

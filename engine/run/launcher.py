@@ -89,7 +89,11 @@ def compile_caches() -> dict[str, str]:
 def open_log(run_dir: Path, name: str = ENGINE_LOG) -> BinaryIO:
     """RUN_DIR/engine.log (or a node's log) for appending, readable by its owner only: tracebacks
     quote paths and data."""
-    fd = os.open(run_dir / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    return _open_append(run_dir / name)
+
+
+def _open_append(path: Path) -> BinaryIO:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     return os.fdopen(fd, "ab")
 
 
@@ -207,36 +211,25 @@ def launch_sample(run_dir: Path, checkpoint: str | None, request_json: str) -> s
     args = ["sample", str(run_dir), "--request", request_json]
     if checkpoint:
         args += ["--checkpoint", checkpoint]
-    return _launch_job(run_dir, args)
+    return _launch_job(args, run_dir / ENGINE_LOG)
 
 
 def launch_export(run_dir: Path, args: list[str]) -> subprocess.Popen[bytes]:
     """An export (engine.export.request.ExportRequest.engine_args): a short-lived engine process."""
-    return _launch_job(run_dir, args)
+    return _launch_job(args, run_dir / ENGINE_LOG)
 
 
 def launch_pull(request_json: str, log: Path) -> subprocess.Popen[bytes]:
     """`qlc pull`: downloads in a short-lived engine process (no run directory: its stderr goes to
     `log`)."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        return subprocess.Popen(
-            engine_command("pull", "--request", request_json),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=fd,
-            start_new_session=True,
-            env=_env(),
-        )
-    finally:
-        os.close(fd)
+    return _launch_job(["pull", "--request", request_json], log)
 
 
-def _launch_job(run_dir: Path, args: list[str]) -> subprocess.Popen[bytes]:
-    """A short-lived engine process: no commands in, its events on stdout, its log in the run's
-    engine.log."""
-    log = open_log(run_dir)
+def _launch_job(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """A short-lived engine process: no commands in, its events on stdout, its stderr appended to
+    `log_path` (a run's engine.log)."""
+    log = _open_append(log_path)
     try:
         return subprocess.Popen(
             engine_command(*args),

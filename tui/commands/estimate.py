@@ -17,7 +17,14 @@ from rich.table import Table
 from rich.text import Text
 
 from engine import memory
-from engine.config import RunConfig, apply_overrides, config_from_dict, find_preset, list_presets, load_preset
+from engine.config import (
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    is_preset,
+    list_presets,
+    load_preset,
+)
 from engine.errors import ConfigError, UserError
 from engine.memory import DOES_NOT_FIT, FITS, TIGHT, Estimate, by_hub_id, catalog, per_gpu
 from engine.models import is_builtin
@@ -64,16 +71,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _is_preset(target: str) -> bool:
-    if Path(target).suffix in (".yaml", ".yml"):
-        return True
-    try:
-        find_preset(target)
-    except UserError:
-        return False
-    return True
-
-
 def _is_model(target: str) -> bool:
     return (
         is_builtin(target)
@@ -86,7 +83,7 @@ def _is_model(target: str) -> bool:
 
 def load_target(target: str, overrides: list[str]) -> RunConfig:
     """A preset with its overrides, or a model trained with RunConfig's defaults plus overrides."""
-    if _is_preset(target):
+    if is_preset(target):
         return load_preset(target, overrides)
     if not _is_model(target):
         import difflib

@@ -16,7 +16,7 @@ import subprocess
 from rich.markup import escape
 
 from engine import protocol
-from engine.config import RunConfig, find_preset, load_preset
+from engine.config import RunConfig, is_preset, load_preset
 from engine.errors import UserError
 from engine.memory import catalog
 from engine.models import check_source
@@ -49,19 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_pull)
 
 
-def _is_preset(target: str) -> bool:
-    if target.endswith((".yaml", ".yml")):
-        return True
-    try:
-        find_preset(target)
-    except UserError:
-        return False
-    return True
-
-
 def build_request(args: argparse.Namespace) -> tuple[PullRequest, str]:
     """The request, and the preset it is for ("" for a model)."""
-    if _is_preset(args.target):
+    if is_preset(args.target):
         cfg = load_preset(args.target, args.overrides)
         if args.revision:
             cfg.model.revision = args.revision

@@ -103,17 +103,6 @@ def apply_lora(model: Any, cfg: RunConfig, checkpointing: CheckpointPlan, ranks:
     return peft.get_peft_model(model, peft.LoraConfig(**settings, task_type="CAUSAL_LM"))
 
 
-def count_params(model: Any) -> tuple[int, int]:
-    total = trainable = 0
-    for p in model.parameters():
-        # bitsandbytes packs two 4-bit values per byte: count logical parameters.
-        n = p.numel() * 2 if p.__class__.__name__ == "Params4bit" else p.numel()
-        total += n
-        if p.requires_grad:
-            trainable += n
-    return total, trainable
-
-
 class HfBackend(Backend):
     name = "hf"
 
