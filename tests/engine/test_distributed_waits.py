@@ -231,6 +231,11 @@ def test_sigusr1_and_a_stall_dump_every_thread(tmp_path: Path) -> None:
         (warning, *_) = [e for e in _events(tmp_path) if isinstance(e, protocol.Log)]
         assert warning.level == "warning" and "no optimizer step for" in warning.message
         assert str(path) in warning.message
+        # faulthandler's timer thread writes the dump on its own clock, beside the warning: wait
+        # for it (it lagged the warning once on a loaded machine).
+        deadline = time.monotonic() + 10
+        while "Timeout (0:00:01)!" not in path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert "Timeout (0:00:01)!" in path.read_text()
     finally:
         proc.kill()
