@@ -16,6 +16,8 @@ CUDA):
   engine-unsloth   qlc train, hardware.backend=unsloth, gradient_checkpointing=true
   engine-auto@SIZE qlc train, backend auto, gradient_checkpointing=auto, hardware.gpu=SIZE
                    (SIZE: 24GB, h100, or `unsloth-peak` = bare-unsloth's measured device peak)
+  engine-split@SIZE  as engine-auto@SIZE, with train.batch_split=auto (the same rows per step,
+                   re-split into fewer micro-batches where no layer needs checkpointing)
 
 The Unsloth stack needs trl 1.15 and datasets 4 (shared/gpu/README.md): scenarios that import
 unsloth get `--unsloth-path` in front of PYTHONPATH. Writes DIR/stacks-<arch>.json after each
@@ -49,7 +51,7 @@ from engine import protocol  # noqa: E402
 from engine.run import runs  # noqa: E402
 
 QLC = [sys.executable, "-m", "tui.cli"]
-UNSLOTH_SCENARIOS = ("bare-unsloth", "engine-unsloth", "engine-auto")
+UNSLOTH_SCENARIOS = ("bare-unsloth", "engine-unsloth", "engine-auto", "engine-split")
 
 
 def env_for(scenario: str, unsloth_path: str | None) -> dict[str, str]:
@@ -122,6 +124,8 @@ def run_engine(
         overrides += ["hardware.backend=unsloth", "train.gradient_checkpointing=true", "hardware.gpu=auto"]
     else:
         overrides += ["hardware.backend=auto", "train.gradient_checkpointing=auto", f"hardware.gpu={budget}"]
+        if scenario.startswith("engine-split@"):
+            overrides.append("train.batch_split=auto")
     sets = [x for o in overrides for x in ("--set", o)]
     t_launch = time.time()
     started = subprocess.run(
@@ -164,6 +168,9 @@ def run_engine(
         "layers": ready.layers,
         "checkpointed_layers": ready.checkpointed_layers,
         "checkpoint_reason": ready.checkpoint_reason,
+        "micro_batch": ready.micro_batch or args.micro_batch,
+        "grad_accum": ready.grad_accum or args.grad_accum,
+        "split_reason": ready.split_reason,
         "kernels": ready.kernels,
         "launch_to_first_step_seconds": first_step - t_launch,
         "launch_breakdown_seconds": {
@@ -255,7 +262,7 @@ def main() -> int:
             result = run_bare(scenario, args, model, data, env, register)
         else:
             budget = None
-            if scenario.startswith("engine-auto@"):
+            if scenario.startswith(("engine-auto@", "engine-split@")):
                 budget = scenario.split("@", 1)[1]
                 if budget == "unsloth-peak":
                     measured = report["scenarios"].get("bare-unsloth", {}).get("device_peak_gib")

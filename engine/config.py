@@ -96,6 +96,10 @@ class TrainConfig:
     seq_len: int = 2048
     micro_batch: int = 1
     grad_accum: int = 1
+    batch_split: Literal["fixed", "auto"] = "fixed"
+    """fixed: micro_batch x grad_accum as written. auto: once no layer needs checkpointing, the same
+    rows per optimizer step may run as fewer, larger micro-batches where they fit the budget
+    (engine.memory.estimate.choose_split): the same training, fewer passes over the 4-bit weights."""
     epochs: float = 1.0
     max_steps: int | None = None
     """Stop after this many optimizer steps; None trains for `epochs`."""

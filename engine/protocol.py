@@ -22,8 +22,9 @@ import msgspec
 # 1.1: the `exported` event and the export stages; 1.2: stage progress (unit, rate, ETA), "downloading";
 # 1.3: hello's compute dtype and why, model_ready's repo, commit and quantization, the "evaluating"
 # stage (eval progress), the estimate's checkpointing plan; 1.4: hello's process start (where a
-# start went), the estimate's FLOPs per token and the card's peak (utilisation)
-PROTOCOL_VERSION = "1.4"
+# start went), the estimate's FLOPs per token and the card's peak (utilisation); 1.5: model_ready's
+# batch split (train.batch_split)
+PROTOCOL_VERSION = "1.5"
 
 
 class ProtocolError(ValueError):
@@ -104,6 +105,9 @@ class ModelReady(Message, frozen=True, tag="model_ready"):
     layers: int = 0  # decoder layers of the model
     checkpointed_layers: int = 0  # how many of them recompute their activations in backward
     checkpoint_reason: str = ""  # why that many (train.gradient_checkpointing, the memory budget)
+    micro_batch: int = 0  # the rows of one step as the run splits them (0: an engine before 1.5)
+    grad_accum: int = 0
+    split_reason: str = ""  # why, where train.batch_split is auto and re-split the written rows
     kernels: list[str] = []  # optional fused kernels in use (e.g. "liger: rms_norm, swiglu, rope")
     repo: str = ""  # the hub repo the weights came from ("" for a local folder or the built-in model)
     commit: str = ""  # the commit of `repo` that was loaded: pinned at the run's start, reused on resume

@@ -42,6 +42,7 @@ class BudgetView:
     notes: list[str] = field(default_factory=list)
     checkpointing: str = ""  # the checkpointing plan the figures are for, in words
     checkpointed: str = ""  # the same in a few words: "24 of 32 layers checkpointed (auto)"
+    split: str = ""  # the batch split train.batch_split: auto chose, in words ("" when fixed)
 
     @property
     def headroom_gb(self) -> float | None:
@@ -105,6 +106,17 @@ def checkpoint_plan(est: Any) -> str:
     return f"{base.checkpointed_layers} of {base.arch.layers} layers checkpointed"
 
 
+def split_plan(est: Any) -> str:
+    """The batch split where train.batch_split is auto: "micro-batch 4 x grad-accum 1 (auto,
+    written 2 x 2: fits 79.6 GiB without checkpointing)"; "" when the split is fixed. `qlc
+    estimate` and the console both print this."""
+    base = getattr(est, "base", est)
+    reason = str(getattr(base, "split_reason", "") or "")
+    if not reason:
+        return ""
+    return f"micro-batch {base.micro_batch} x grad-accum {base.grad_accum} ({reason})"
+
+
 def checkpointed_layers(est: Any, setting: object) -> str:
     """The plan in a few words, for one-line summaries."""
     base = getattr(est, "base", est)
@@ -150,6 +162,7 @@ def compute(cfg: RunConfig, gpu_spec: str | None = None) -> BudgetView:
         notes=list(getattr(est, "notes", ()) or ()),
         checkpointing=checkpoint_plan(est),
         checkpointed=checkpointed_layers(est, cfg.train.gradient_checkpointing),
+        split=split_plan(est),
     )
     if gpu is None:
         return replace(view, reason=no_gpu)

@@ -120,6 +120,11 @@ class EventPrinter:
                         f"[dim]checkpointing {ev.checkpointed_layers} of {ev.layers} layers: "
                         f"{escape(ev.checkpoint_reason)}[/]"
                     )
+                if ev.split_reason:
+                    out.print(
+                        f"[dim]batch split: micro-batch {ev.micro_batch} x grad-accum {ev.grad_accum} "
+                        f"({escape(ev.split_reason)})[/]"
+                    )
                 if ev.kernels:
                     out.print(f"[dim]kernels: {escape(', '.join(ev.kernels))}[/]")
                 source = f"{ev.repo}@{ev.commit[:12]}" if ev.repo and ev.commit else ev.repo

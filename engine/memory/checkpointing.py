@@ -1,9 +1,11 @@
-"""How many decoder layers a run checkpoints: the plan the engine computes here, before the
-weights load, and hands to its backend (engine.train.backends), which applies it to the model.
+"""How a run lays out its step, decided here before the weights load: how many decoder layers it
+checkpoints (handed to its backend, engine.train.backends, which applies it to the model) and how
+its rows per optimizer step split into micro-batches (handed to the trainer's arguments).
 
 `train.gradient_checkpointing: auto` asks the estimate (choose_checkpointing) for the fewest layers
-whose peak still fits the GPU's budget; true, false or a number fix it. Pure Python: the budget is
-the free memory NVML reports, capped by hardware.gpu.
+whose peak still fits the GPU's budget; true, false or a number fix it. `train.batch_split: auto`
+then asks it (choose_split) for the fewest micro-batches that still fit without checkpointing.
+Pure Python: the budget is the free memory NVML reports, capped by hardware.gpu.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 from engine.config import RunConfig
 from engine.memory.architectures import resolve_architecture
-from engine.memory.estimate import choose_checkpointing
+from engine.memory.estimate import choose_checkpointing, choose_split, with_split
 from engine.memory.gpus import resolve_gpu
 
 
@@ -66,3 +68,48 @@ def run_budget_gb(spec: str) -> tuple[float, str]:
     if named.budget_gb < present.budget_gb:
         return named.budget_gb, f"budget: {named} (hardware.gpu) on {present}"
     return present.budget_gb, f"budget: {present} (less than hardware.gpu {named})"
+
+
+@dataclass(frozen=True)
+class BatchSplit:
+    """The rows of one optimizer step as micro_batch x grad_accum, and why."""
+
+    micro_batch: int
+    grad_accum: int
+    reason: str  # "" where train.batch_split is fixed
+
+    def changed(self, cfg: RunConfig) -> bool:
+        return (self.micro_batch, self.grad_accum) != (cfg.train.micro_batch, cfg.train.grad_accum)
+
+    def apply(self, cfg: RunConfig) -> RunConfig:
+        return with_split(cfg, self.micro_batch, self.grad_accum)
+
+
+def plan_split(
+    cfg: RunConfig, backend: str, device: str, checkpointing: CheckpointPlan, processes: int = 1
+) -> BatchSplit:
+    """The micro-batch split for this run (train.batch_split), given its checkpointing plan."""
+    t = cfg.train
+    written = BatchSplit(t.micro_batch, t.grad_accum, "")
+    if t.batch_split != "auto":
+        return written
+    if device != "cuda":
+        # The budget models GPU memory; on a CPU the split stays as written.
+        return BatchSplit(
+            t.micro_batch, t.grad_accum, "auto on the CPU: as written (the budget models GPU memory)"
+        )
+    try:
+        budget, _ = run_budget_gb(cfg.hardware.gpu)
+        arch = resolve_architecture(cfg)
+        mb, ga, why = choose_split(
+            cfg,
+            arch,
+            backend,
+            budget,
+            checkpointing.checkpointed,
+            device=resolve_gpu("auto").device,
+            processes=processes,
+        )
+    except Exception as exc:  # no architecture, no NVML: never stop a run over it
+        return BatchSplit(t.micro_batch, t.grad_accum, f"auto: as written (no memory estimate: {exc})")
+    return BatchSplit(mb, ga, why)

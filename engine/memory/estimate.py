@@ -86,6 +86,8 @@ class Estimate:
     verdict_basis: str = "device_total"
     checkpointed_layers: int = 0  # of arch.layers, after resolving train.gradient_checkpointing
     checkpoint_reason: str = ""
+    grad_accum: int = 1  # with micro_batch: the step's rows as the estimate laid them out
+    split_reason: str = ""  # why, where train.batch_split is auto
     notes: tuple[str, ...] = ()
     # The device-level constants used (engine.memory.devices): the GPU class and where its numbers
     # come from, as `qlc estimate` prints them.
@@ -382,6 +384,65 @@ def choose_checkpointing(
     )
 
 
+def with_split(cfg: RunConfig, micro_batch: int, grad_accum: int) -> RunConfig:
+    """cfg with the step's rows laid out as micro_batch x grad_accum."""
+    train = dataclasses.replace(cfg.train, micro_batch=micro_batch, grad_accum=grad_accum)
+    return dataclasses.replace(cfg, train=train)
+
+
+def choose_split(
+    cfg: RunConfig,
+    arch: Architecture,
+    backend: str,
+    budget_gb: float | None,
+    checkpointed: int,
+    liger: bool | None = None,
+    expandable: bool | None = None,
+    device: devices.DeviceProfile | None = None,
+    processes: int = 1,
+) -> tuple[int, int, str]:
+    """(micro_batch, grad_accum, why) for train.batch_split.
+
+    auto, once no layer is checkpointed: the step's rows (micro_batch x grad_accum, kept exactly)
+    run as the fewest micro-batches whose estimate still fits the budget under the tight line.
+    Every micro-batch dequantizes each 4-bit weight in its forward and again in its backward, and
+    launches the same kernels whatever its size: fewer, larger micro-batches do the same work in
+    fewer passes. The training is the same: the trainer normalises the loss over the whole
+    accumulated batch (transformers' num_items_in_batch), and the rows come in the same order.
+    """
+    t = cfg.train
+    mb, ga = t.micro_batch, t.grad_accum
+    if t.batch_split != "auto":
+        return mb, ga, ""
+    rows = mb * ga
+    if ga == 1:
+        return mb, ga, f"auto: {mb} rows already run as one micro-batch"
+    if processes > 1:
+        return mb, ga, "auto: kept as written with several processes (one GPU only for now)"
+    if budget_gb is None:
+        return mb, ga, "auto with no memory budget known: as written"
+    if checkpointed > 0:
+        return mb, ga, f"auto: kept as written while {checkpointed} of {arch.layers} layers are checkpointed"
+    if not cfg.data.packing and not stacks.padding_free(backend):
+        # hf pads each micro-batch to its longest row: a larger one would compute more padding.
+        return (
+            mb,
+            ga,
+            "auto: kept as written: unpacked rows are padded per micro-batch (data.packing: true lifts it)",
+        )
+    limit = budget_gb * (1 - C.TIGHT_FRACTION)
+    for m in sorted((d for d in range(mb + 1, rows + 1) if rows % d == 0), reverse=True):
+        c = with_split(cfg, m, rows // m)
+        plan = plan_for(c, arch, backend, budget_gb, None, 0, liger, expandable, device)
+        if _estimate_plan(c, arch, plan).device_total_gb <= limit:
+            return m, rows // m, f"auto, written {mb} x {ga}: fits {budget_gb:.1f} GiB without checkpointing"
+    return (
+        mb,
+        ga,
+        f"auto: kept {mb} x {ga}: no larger micro-batch fits {budget_gb:.1f} GiB without checkpointing",
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Estimate
 # ---------------------------------------------------------------------------------------------
@@ -421,16 +482,19 @@ def estimate(
     device = gpu.device if gpu is not None else None
     if budget_gb is None and gpu is not None:
         budget_gb = gpu.budget_gb
+    split = ""
     if checkpointed is None:
         k, why = choose_checkpointing(cfg, arch, name, budget_gb, padded, liger, expandable, device)
-    else:  # what a running engine decided
+        mb, ga, split = choose_split(cfg, arch, name, budget_gb, k, liger, expandable, device)
+        cfg = with_split(cfg, mb, ga)
+    else:  # what a running engine decided (its split is already in cfg)
         k, why = (
             max(0, min(checkpointed, arch.layers)),
             f"{checkpointed} of {arch.layers} layers, as the run chose",
         )
     plan = plan_for(cfg, arch, name, budget_gb, padded, k, liger, expandable, device)
     est = _estimate_plan(cfg, arch, plan)
-    return dataclasses.replace(est, backend_reason=reason, checkpoint_reason=why)
+    return dataclasses.replace(est, backend_reason=reason, checkpoint_reason=why, split_reason=split)
 
 
 def _estimate_plan(cfg: RunConfig, arch: Architecture, plan: terms.Plan) -> Estimate:
@@ -503,6 +567,7 @@ def _estimate_plan(cfg: RunConfig, arch: Architecture, plan: terms.Plan) -> Esti
         backend_reason="",
         seq_len=plan.seq_len,
         micro_batch=plan.micro_batch,
+        grad_accum=plan.grad_accum,
         terms=built,
         torch_peak_gb=reserved / C.GIB,
         torch_allocated_gb=allocated / C.GIB,

@@ -17,7 +17,7 @@ from typing import Any
 from engine import __version__, allocator, protocol
 from engine.config import RunConfig, load_resolved
 from engine.errors import UserError
-from engine.memory.checkpointing import CheckpointPlan, plan_checkpointing
+from engine.memory.checkpointing import BatchSplit, CheckpointPlan, plan_checkpointing, plan_split
 from engine.run import checkpoints, fingerprint, runs
 from engine.run.control import CommandQueue
 from engine.run.distributed import Ranks, Timeouts
@@ -171,6 +171,13 @@ class Recipe:
         self.tokenizer = load_tokenizer(cfg, path)
         # Decided before the weights load: the GPU's free memory is the budget auto spends.
         self.checkpointing = self._checkpointing(path)
+        self.split: BatchSplit = plan_split(
+            cfg, self.backend.name, self.device, self.checkpointing, self.ranks.world_size
+        )
+        if self.split.changed(cfg):
+            # The same rows per optimizer step, as fewer micro-batches: everything downstream (the
+            # trainer's arguments, the data report's steps, the estimate) reads the new split.
+            self.cfg = cfg = self.split.apply(cfg)
         model = self._load_model(path)
         self._emit_model_ready(model, path, time.perf_counter() - t0)
         self._emit_estimate()
@@ -236,6 +243,9 @@ class Recipe:
                 layers=gc.layers,
                 checkpointed_layers=gc.checkpointed,
                 checkpoint_reason=gc.reason,
+                micro_batch=self.cfg.train.micro_batch,
+                grad_accum=self.cfg.train.grad_accum,
+                split_reason=self.split.reason,
                 kernels=self.kernels,
                 repo=repo,
                 commit=commit,

@@ -29,6 +29,7 @@ from engine.errors import ConfigError, UserError
 from engine.memory import DOES_NOT_FIT, FITS, TIGHT, Estimate, by_hub_id, catalog, per_gpu
 from engine.models import is_builtin
 from engine.run import distributed
+from tui.budget import split_plan
 from tui.output import out, print_json
 
 BACKENDS = ["auto", "hf", "unsloth", "hf-upcast"]
@@ -203,8 +204,10 @@ def _config_summary(cfg: RunConfig, est: Any) -> dict[str, Any]:
         "name": cfg.name,
         "model": cfg.model.name_or_path,
         "seq_len": t.seq_len,
-        "micro_batch": t.micro_batch,
-        "grad_accum": t.grad_accum,
+        "micro_batch": base.micro_batch,
+        "grad_accum": base.grad_accum,
+        "batch_split": t.batch_split,
+        "split_reason": getattr(base, "split_reason", ""),
         "gradient_checkpointing": t.gradient_checkpointing,
         "checkpointed_layers": base.checkpointed_layers,
         "layers": base.arch.layers,
@@ -241,10 +244,12 @@ def _headline(cfg: RunConfig, est: Estimate) -> str:
         gc = f"gradient checkpointing on {checkpointed} of {layers} layers"
     if t.gradient_checkpointing == "auto":
         gc += f" ({base.checkpoint_reason})"
+    split = split_plan(est)
     return (
         f"[bold]{cfg.name or cfg.model.name_or_path}[/]: {est.arch.name}, backend {est.backend} "
-        f"({est.backend_reason})\nseq {t.seq_len} x micro-batch {t.micro_batch}, LoRA r {lo.r} on "
+        f"({est.backend_reason})\nseq {t.seq_len} x micro-batch {base.micro_batch}, LoRA r {lo.r} on "
         f"{len(lo.target_modules)} modules{mts}, {t.optimizer}, {gc}"
+        + (f"\nbatch split: {split}" if split else "")
     )
 
 

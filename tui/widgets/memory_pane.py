@@ -142,7 +142,8 @@ class MemoryPane(Vertical):
             )
         # The plan the figures are for: `qlc estimate` prints the same words.
         title.append(
-            f"\n{preset or ''} · torch peak {view.torch_peak_gb:.2f} GiB · checkpointing {view.checkpointing}",
+            f"\n{preset or ''} · torch peak {view.torch_peak_gb:.2f} GiB · checkpointing {view.checkpointing}"
+            + (f" · batch split {view.split}" if view.split else ""),
             "dim",
         )
         verdict.update(title)
