@@ -1,0 +1,40 @@
+"""bench/step_tax.py on the tiny model: both variants train on the same model, and every engine
+hook it times is one the engine really calls (a renamed hook would otherwise time nothing)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_step_tax_times_both_variants_and_every_engine_hook(tmp_path: Path) -> None:
+    out = tmp_path / "tax.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.step_tax", "--out", str(out), "--steps", "5", "--rounds", "1",
+         "--set", "train.micro_batch=2"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["machine"]["device"] == "cpu" and report["backend"] == "hf"
+    assert len(report["step_seconds"]["bare"]) == len(report["step_seconds"]["engine"]) == 3
+    assert report["bare_median_step_s"] > 0 and report["engine_median_step_s"] > 0
+    hooks = report["hooks"]
+    for name in (
+        "trainer._track_nonfinite",
+        "trainer._track_num_input_tokens",
+        "trainer._fold_tokens",
+        "EngineCallback.on_step_end",
+        "EngineCallback.on_log",
+        "StepClock.on_step_end",
+    ):
+        assert hooks[name]["calls"] >= 5, (name, hooks)
+    assert 0 < report["engine_hooks_share_of_step"] < 0.5
