@@ -563,6 +563,9 @@ class Driver:
             return
         w.current = c
         w.child.state = "preparing"
+        # Building a trainer (adapters, optimizer, data) runs on the GPU and the CPU: it competes
+        # with a configuration training meanwhile, as a load does.
+        self.windows.append(Window(w.child.name, "prepare", time.time()))
         w.child.channel.send(cmd="prepare", config=c.spec(self.dry))
 
     def grant(self) -> None:
@@ -1038,10 +1041,12 @@ class Driver:
             self.feed(self.workers[child.name])
         elif ev == "prepared":
             child.state = "prepared"
+            self.end_window(child.name, "prepare")
         elif ev == "record":
             self.on_record(self.workers[child.name], msg["record"])
         elif ev == "skipped":
             child.state = "skipped"
+            self.end_window(child.name, "prepare")
         elif ev == "failed":
             w = self.workers[child.name]
             cid = msg.get("id")
@@ -1078,7 +1083,7 @@ class Driver:
             if self.lock_holder == child.name:
                 self.lock_holder = None
                 self.end_window(child.name, "train")
-            for kind in ("load", "warmup"):
+            for kind in ("load", "warmup", "prepare"):
                 self.end_window(child.name, kind)
             if child.exit_code != 0 and not self.stopping:
                 lost = [c.id for c in w.remaining]
@@ -1253,7 +1258,7 @@ class Driver:
             "timeline": self.timeline,
             "notes": [
                 "device_peak_gib: the process's own NVML usage over its training window (device_method says how)",
-                "speed_valid: no load, build, warm-up or end-to-end run overlapped the timed steps",
+                "speed_valid: no load, build, warm-up, trainer preparation or end-to-end run overlapped the timed steps",
                 "baseline_allocated_gib: memory the process held beyond the model's load and the new "
                 "adapters before the configuration (left by earlier ones); the replay adds it",
             ],
