@@ -162,15 +162,18 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument(
+        "--dry-run", action="store_true", help="with --arch: a shrunk model of its layout, on the CPU"
+    )
     args = ap.parse_args()
     if args.arch:
         from bench.gpu_common import build_model_in_child, token_run_overrides, write_tokens
 
         model, data = args.work / args.arch, args.work / f"tokens-{args.seq}.jsonl"
         if not (model / "config.json").is_file():
-            build_model_in_child(args.arch, model)
+            build_model_in_child(args.arch, model, dry_run=args.dry_run)
         rows = (args.steps + 2) * args.micro_batch * args.grad_accum * args.rounds
-        write_tokens(data, rows, args.seq)
+        write_tokens(data, rows, args.seq, vocab=1024 if args.dry_run else 128000)
         args.overrides = [
             *token_run_overrides(model, data, args.seq, args.micro_batch, args.grad_accum, args.steps),
             f"model.arch={args.arch}",

@@ -38,3 +38,19 @@ def test_step_tax_times_both_variants_and_every_engine_hook(tmp_path: Path) -> N
     ):
         assert hooks[name]["calls"] >= 5, (name, hooks)
     assert 0 < report["engine_hooks_share_of_step"] < 0.5
+
+
+def test_step_tax_builds_an_architecture_as_on_the_gpu(tmp_path: Path) -> None:
+    """The GPU path (--arch: a model built in a child process, rows of random tokens), shrunk."""
+    out = tmp_path / "tax.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.step_tax", "--arch", "llama-3.2-1b", "--dry-run", "--work",
+         str(tmp_path / "work"), "--seq", "64", "--micro-batch", "2", "--grad-accum", "2",
+         "--steps", "4", "--rounds", "1", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["preset"] == "llama-3.1-8b-rtx4090"
+    assert "train.seq_len=64" in report["overrides"] and "model.arch=llama-3.2-1b" in report["overrides"]
+    assert len(report["step_seconds"]["engine"]) == 2

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Issue 16's speed measurements, one device call each (each fits the 600 s a call may take).
+# From the repository root on the GPU machine, with .whl/ and .whl-unsloth/ carried:
+#
+#   bash bench/gpu_speed_session.sh stacks    bare Unsloth, the engine's Unsloth backend twice (the
+#                                             second launch finds the first one's compiled kernels),
+#                                             auto at 24 GB: Llama-3.1-8B seed recipe, 12 steps
+#   bash bench/gpu_speed_session.sh split     side by side in one call: bare Unsloth, and the engine
+#                                             with train.batch_split=auto at 24 GB and at 80 GB
+#                                             (the 1.2x / 1.6x targets), 20 steps each
+#   bash bench/gpu_speed_session.sh tax       what the engine adds per step (bench/step_tax.py) on
+#                                             the 1B and 3B architectures at 0.3-1 s steps, hf; run
+#                                             it in two separate calls (tax-unsloth: the same, Unsloth)
+#
+# Writes to $OUT (the device tool's folder): the results JSON and a log per part. Models are built
+# in child processes under /tmp and deleted at the end.
+set -uo pipefail
+PART=${1:?"which part: stacks, split, tax or tax-unsloth"}
+OUT=${OUT:-/tmp/qlc-speed-out}
+WORK=/tmp/qlc-speed
+mkdir -p "$OUT" "$WORK"
+P="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade"
+$P --target /tmp/site .whl/*.whl & a=$!
+$P --target /tmp/site2 .whl-unsloth/*.whl & b=$!
+wait $a && wait $b || { echo "wheel install failed"; exit 1; }
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
+# The compiled-kernel caches the engine keeps between runs, in a folder this call starts empty.
+export QLC_CACHE_DIR=$WORK/cache
+DAY=$(date -u +%F)
+case "$PART" in
+  stacks)
+    timeout -k 10 570 python3 bench/compare_stacks.py --out "$OUT" --work "$WORK/stacks" \
+      --arch llama-3.1-8b --unsloth-path /tmp/site2 --steps 12 \
+      --scenario bare-unsloth --scenario engine-unsloth --scenario "engine-unsloth#2" \
+      --scenario engine-auto@24GB 2>&1 | tee "$OUT/stacks.log"
+    ;;
+  split)
+    timeout -k 10 570 python3 bench/compare_stacks.py --out "$OUT" --work "$WORK/split" \
+      --arch llama-3.1-8b --unsloth-path /tmp/site2 --steps 20 \
+      --scenario bare-unsloth --scenario engine-split@24GB --scenario engine-split@h100 \
+      2>&1 | tee "$OUT/split.log"
+    ;;
+  tax|tax-unsloth)
+    # seq 2048 x micro-batch 4 x grad-accum 2: about 0.4 s a step on the 1B, 0.8 s on the 3B.
+    backend=hf
+    if [[ $PART == tax-unsloth ]]; then backend=unsloth; export PYTHONPATH=$PWD:/tmp/site2:/tmp/site; fi
+    for arch in llama-3.2-1b llama-3.2-3b; do
+      timeout -k 10 270 python3 -m bench.step_tax --arch "$arch" --work "$WORK/tax" --seq 2048 \
+        --micro-batch 4 --grad-accum 2 --steps 20 --rounds 3 --set hardware.backend=$backend \
+        --out "$OUT/step-tax-$arch-$backend-$DAY.json" 2>&1 | tail -n 12 | tee -a "$OUT/tax.log"
+      rm -rf "$WORK/tax/$arch"
+    done
+    ;;
+  *)
+    echo "unknown part $PART: stacks, split, tax or tax-unsloth"; exit 2
+    ;;
+esac
+rm -rf "$WORK"
