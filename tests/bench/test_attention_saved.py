@@ -1,0 +1,29 @@
+"""bench/attention_saved.py on the CPU, small: the memory model's mask term for packed rows is
+exactly what autograd saves (K and V repeated to every query head, and a bf16 bias per layer),
+and a Gemma 3 sliding-window mask costs something, but less than the term says (the CPU kernel
+keeps no per-layer bias there). The GPU's figures come from the same script on the GPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_mask_costs_on_the_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "saved.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.attention_saved", "--small", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    gemma, llama = json.loads(out.read_text())["cases"]
+    assert llama["mask_cost_per_token_measured"] == llama["model"]["mask_saved_per_token"]
+    assert 0 < gemma["mask_cost_per_token_measured"] < gemma["model"]["mask_saved_per_token"]
