@@ -10,7 +10,9 @@
 #                                             (the 1.2x / 1.6x targets), 20 steps each
 #   bash bench/gpu_speed_session.sh tax       what the engine adds per step (bench/step_tax.py) on
 #                                             the 1B and 3B architectures at 0.3-1 s steps, hf; run
-#                                             it in two separate calls (tax-unsloth: the same, Unsloth)
+#                                             it in two separate calls (tax-unsloth: the same, Unsloth);
+#                                             each also measures the attention-mask term of issue 15
+#                                             (bench/attention_saved.py, seconds)
 #
 # Writes to $OUT (the device tool's folder): the results JSON and a log per part. Models are built
 # in child processes under /tmp and deleted at the end.
@@ -41,6 +43,9 @@ case "$PART" in
       2>&1 | tee "$OUT/split.log"
     ;;
   tax|tax-unsloth)
+    # First, in seconds, issue 15's mask term on the GPU's own attention kernels.
+    timeout -k 10 60 python3 -m bench.attention_saved --out "$OUT/attention-saved-gpu-$DAY.json" \
+      2>&1 | tail -n 4 | tee -a "$OUT/tax.log"
     # seq 2048 x micro-batch 4 x grad-accum 2: about 0.4 s a step on the 1B, 0.8 s on the 3B.
     backend=hf
     if [[ $PART == tax-unsloth ]]; then backend=unsloth; export PYTHONPATH=$PWD:/tmp/site2:/tmp/site; fi
