@@ -165,6 +165,7 @@ class Driver:
         self.method = gm.NONE
         self.probe: gm.ProbeResult | None = None
         self.concurrency = args.concurrency or 16
+        self.deferred_feeds: list[WorkerRun] = []  # --clean-speed: ready while another trained
         self.archs: dict[str, ArchState] = {}
         for name in plan.archs:
             ws = [w for w in plan.workers if w.arch == name]
@@ -576,6 +577,8 @@ class Driver:
             r.ready_at and not r.finished_at and r.child.exit_code is None for r in self.e2e_runs.values()
         ):
             return  # an end-to-end run is about to train, or trains: it gets the GPU alone
+        if self.args.clean_speed and not self.others_idle():
+            return  # the timed steps must have the machine to themselves
         prepared = [w for w in self.workers.values() if w.child.state == "prepared" and w.current]
         for w in sorted(prepared, key=lambda w: -w.current.value):
             c = w.current
@@ -1038,7 +1041,10 @@ class Driver:
             self.windows.append(Window(child.name, "warmup", msg["t0"], msg["t1"]))
         elif ev == "ready":
             child.state = "ready"
-            self.feed(self.workers[child.name])
+            if self.args.clean_speed and self.lock_holder is not None:
+                self.deferred_feeds.append(self.workers[child.name])  # prepares once the GPU is free
+            else:
+                self.feed(self.workers[child.name])
         elif ev == "prepared":
             child.state = "prepared"
             self.end_window(child.name, "prepare")
@@ -1169,11 +1175,27 @@ class Driver:
     def step(self) -> None:
         self.poll_children()
         self.poll_e2e()
-        self.schedule_gate()
-        self.schedule_e2e()
-        self.schedule_workers()
-        self.schedule_builds()
+        if not (self.args.clean_speed and self.lock_holder is not None):
+            # --clean-speed: nothing new starts on the GPU (or the CPUs) while a configuration trains.
+            self.schedule_gate()
+            self.schedule_e2e()
+            self.schedule_workers()
+            self.schedule_builds()
+            for w in self.deferred_feeds:
+                self.feed(w)
+            self.deferred_feeds = []
         self.grant()
+
+    def others_idle(self) -> bool:
+        """--clean-speed: every live process waits (prepared or fed nothing), none builds, loads,
+        warms up, prepares or holds the init gate, and no end-to-end run is alive."""
+        if self.gate_holder is not None:
+            return False
+        if any(r.child.exit_code is None for r in self.e2e_runs.values()):
+            return False
+        return all(
+            ch.kind == "worker" and ch.state in ("prepared", "ready", "exiting") for ch in self.alive()
+        )
 
     def stop(self) -> None:
         self.stopping = True
@@ -1231,6 +1253,7 @@ class Driver:
             "device_method": self.method,
             "nvml_probe": self.probe.to_dict() if self.probe else None,
             "concurrency": self.concurrency,
+            "clean_speed": bool(self.args.clean_speed),
             "deadline_s": self.args.deadline_s,
             "elapsed_s": round(time.time() - self.t0, 1),
             "planned": len(planned),
@@ -1320,6 +1343,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-e2e", action="store_true", help="no end-to-end `qlc train` runs")
     ap.add_argument(
         "--concurrency", type=int, help="GPU processes at once (default 16; 1 with the baseline method)"
+    )
+    ap.add_argument(
+        "--clean-speed",
+        action="store_true",
+        help="train only while every other process idles (no load, build, warm-up or preparation): "
+        "clean tokens/s for a speed table, at the cost of less overlap",
     )
     ap.add_argument("--disk-gib", type=float, default=45.0, help="model folders on disk at once")
     ap.add_argument("--max-device-gib", type=float, default=60.0, help="leave out configurations above this")
