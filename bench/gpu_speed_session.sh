@@ -7,7 +7,8 @@
 #                                             auto at 24 GB: Llama-3.1-8B seed recipe, 12 steps
 #   bash bench/gpu_speed_session.sh split     side by side in one call: bare Unsloth, and the engine
 #                                             with train.batch_split=auto at 24 GB and at 80 GB
-#                                             (the 1.2x / 1.6x targets), 20 steps each
+#                                             (the 1.2x / 1.6x targets), and at 80 GB as written (its
+#                                             losses against the re-split's), 20 steps each
 #   bash bench/gpu_speed_session.sh tax       what the engine adds per step (bench/step_tax.py) on
 #                                             the 1B and 3B architectures at 0.3-1 s steps, hf; run
 #                                             it in two separate calls (tax-unsloth: the same, Unsloth);
@@ -39,8 +40,8 @@ case "$PART" in
   split)
     timeout -k 10 570 python3 bench/compare_stacks.py --out "$OUT" --work "$WORK/split" \
       --arch llama-3.1-8b --unsloth-path /tmp/site2 --steps 20 \
-      --scenario bare-unsloth --scenario engine-split@24GB --scenario engine-split@h100 \
-      2>&1 | tee "$OUT/split.log"
+      --scenario bare-unsloth --scenario engine-split@24GB --scenario engine-auto@h100 \
+      --scenario engine-split@h100 2>&1 | tee "$OUT/split.log"
     ;;
   tax|tax-unsloth)
     # First, in seconds, issue 15's mask term on the GPU's own attention kernels.
