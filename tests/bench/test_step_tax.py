@@ -1,4 +1,5 @@
-"""bench/step_tax.py on the tiny model: both variants train on the same model, and every engine
+"""bench/step_tax.py on the CPU, through its GPU path shrunk (--arch --dry-run: a model built in a
+child process, rows of random tokens): both variants train on the same model, and every engine
 hook it times is one the engine really calls (a renamed hook would otherwise time nothing)."""
 
 from __future__ import annotations
@@ -15,31 +16,6 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-def test_step_tax_times_both_variants_and_every_engine_hook(tmp_path: Path) -> None:
-    out = tmp_path / "tax.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.step_tax", "--out", str(out), "--steps", "5", "--rounds", "1",
-         "--set", "train.micro_batch=2"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(out.read_text())
-    assert report["machine"]["device"] == "cpu" and report["backend"] == "hf"
-    assert len(report["step_seconds"]["bare"]) == len(report["step_seconds"]["engine"]) == 3
-    assert report["bare_median_step_s"] > 0 and report["engine_median_step_s"] > 0
-    hooks = report["hooks"]
-    for name in (
-        "trainer._track_nonfinite",
-        "trainer._track_num_input_tokens",
-        "trainer._fold_tokens",
-        "EngineCallback.on_step_end",
-        "EngineCallback.on_log",
-        "StepClock.on_step_end",
-    ):
-        assert hooks[name]["calls"] >= 5, (name, hooks)
-    assert 0 < report["engine_hooks_share_of_step"] < 0.5
-
-
 def test_step_tax_builds_an_architecture_as_on_the_gpu(tmp_path: Path) -> None:
     """The GPU path (--arch: a model built in a child process, rows of random tokens), shrunk."""
     out = tmp_path / "tax.json"
@@ -51,6 +27,18 @@ def test_step_tax_builds_an_architecture_as_on_the_gpu(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["preset"] == "llama-3.1-8b-rtx4090"
+    assert report["preset"] == "llama-3.1-8b-rtx4090" and report["machine"]["device"] == "cpu"
     assert "train.seq_len=64" in report["overrides"] and "model.arch=llama-3.2-1b" in report["overrides"]
-    assert len(report["step_seconds"]["engine"]) == 2
+    assert len(report["step_seconds"]["bare"]) == len(report["step_seconds"]["engine"]) == 2
+    assert report["bare_median_step_s"] > 0 and report["engine_median_step_s"] > 0
+    hooks = report["hooks"]
+    for name in (
+        "trainer._track_nonfinite",
+        "trainer._track_num_input_tokens",
+        "trainer._fold_tokens",
+        "EngineCallback.on_step_end",
+        "EngineCallback.on_log",
+        "StepClock.on_step_end",
+    ):
+        assert hooks[name]["calls"] >= 4, (name, hooks)
+    assert 0 < report["engine_hooks_share_of_step"] < 0.5
