@@ -9,7 +9,10 @@
 2. Padding-free rows with the Unsloth backend: one row of three examples (A, B, C) through the
    engine's own Unsloth load and collator; A's tokens changed, B's logits must not move. As a
    control, the same row without the examples' boundaries (one sequence) must move.
-3. DIR/models-check-<date>.json with date, GPU, versions and every figure; a compact summary.
+3. DIR/models-check-<date>.json with date, GPU, versions and every figure; a compact summary;
+   and the training runs as memory-calibration records (DIR/memory-calibration-gemma-3-4b-vision-
+   <gpu>-<date>.json, read by bench/memory_table.py and the replay test). `records RESULTS OUT`
+   converts an earlier check's results.
 
 The two training runs and the padding-free check run side by side (one H200 holds them all);
 each measures its own process's torch peaks, so they do not disturb each other's figures.
@@ -441,6 +444,59 @@ def collect_run(backend: str, work: Path, code: int | None, k: int, arch: Any) -
     return out
 
 
+def calibration_records(report: dict[str, Any]) -> dict[str, Any]:
+    """The check's training runs as memory-calibration records (engine/memory/calibration.py's
+    format), for bench/memory_table.py and the replay test: Gemma 3 4B with its vision tower,
+    measured through `qlc train` on rows of exactly seq_len tokens (bench/gpu_common.write_tokens),
+    both backends at once on the GPU (torch's peaks are each process's own; no device figure)."""
+    from engine.config import ALL_LINEAR
+
+    recipe = report["recipe"]
+    records = []
+    for backend, run in report["runs"].items():
+        mem, ready = run.get("memory") or {}, run.get("model_ready") or {}
+        if run.get("status") != "completed" or not mem.get("measured_peak_reserved_gib"):
+            continue
+        kernels = ready.get("kernels") or []
+        records.append(
+            {
+                "id": f"gemma-3-4b+vision/{backend}/r{recipe['lora_r']}-all/s{recipe['seq_len']}x{recipe['micro_batch']}",
+                "source": "qlc train (bench/gpu_models_check.py)",
+                "arch": "gemma-3-4b",
+                "vision_tower": True,
+                "backend": backend,
+                "seq_len": recipe["seq_len"],
+                "micro_batch": recipe["micro_batch"],
+                "grad_accum": recipe["grad_accum"],
+                "gradient_checkpointing": True,
+                "checkpointed_layers": ready.get("checkpointed_layers", recipe["gradient_checkpointing"]),
+                "lora_r": recipe["lora_r"],
+                "lora_alpha": 2 * recipe["lora_r"],
+                "target_modules": list(ALL_LINEAR),
+                "modules_to_save": [],
+                "optimizer": "paged_adamw_8bit",
+                "oom": False,
+                "allocator": "expandable",
+                "padding_free": backend == "unsloth",
+                "liger": any(k.startswith("liger") for k in kernels),
+                "kernels": kernels,
+                "peak_allocated_gib": mem.get("measured_peak_allocated_gib"),
+                "peak_reserved_gib": mem["measured_peak_reserved_gib"],
+                "after_load_allocated_gib": ready.get("allocated_after_load_gib"),
+                "engine_estimate": {"torch_peak_gb": mem.get("estimate_torch_peak_gib")},
+            }
+        )
+    return {
+        "date": report["date"],
+        "gpu": report["gpu"],
+        "versions": report["versions"],
+        "source": "bench/gpu_models_check.py",
+        "derived_from": f"models-check-{report['date']}.json",
+        "note": "held out: measured after the constants were fitted, and never fitted to",
+        "records": records,
+    }
+
+
 def versions(unsloth_path: str | None) -> dict[str, str]:
     from bench.gpu_common import versions as base
 
@@ -454,6 +510,13 @@ def versions(unsloth_path: str | None) -> dict[str, str]:
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["records"]:
+        # python bench/gpu_models_check.py records RESULTS.json OUT.json: an earlier check's runs
+        # as calibration records.
+        source, target = Path(sys.argv[2]), Path(sys.argv[3])
+        target.write_text(json.dumps(calibration_records(json.loads(source.read_text())), indent=1) + "\n")
+        print(f"{len(json.loads(target.read_text())['records'])} records -> {target}")
+        return 0
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, help="where the JSON results go (required)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/qlc-models-check"))
@@ -548,6 +611,9 @@ def main() -> int:
     report["padding_free"] = json.loads(pf_file.read_text()) if codes["padding-free"] == 0 and pf_file.is_file() else {
         "exit": codes["padding-free"], "log_tail": (work / "pf.log").read_text(errors="replace")[-2000:]}  # fmt: skip
     save()
+    if not args.dry_run:
+        records = args.out / f"memory-calibration-gemma-3-4b-vision-{report['gpu'].split()[-1].lower()}-{report['date']}.json"
+        records.write_text(json.dumps(calibration_records(report), indent=1) + "\n")
     shutil.rmtree(model, ignore_errors=True)  # 8.6 GB: the machine's disk is small
     shutil.rmtree(work / "pf", ignore_errors=True)
     for path in work.glob("pf-*"):

@@ -175,4 +175,4 @@ TIGHT_FRACTION = 0.06
 # by bench/memory_table.py; tests/engine/test_memory_calibration.py recomputes it). `qlc estimate`
 # shows it next to the verdict ("22.3 GB ± 0.5"). hf-upcast has no held-out measurement (one
 # architecture): it takes hf's band.
-ERROR_BAND = {"hf": 0.041, "hf-upcast": 0.041, "unsloth": 0.048}
+ERROR_BAND = {"hf": 0.042, "hf-upcast": 0.042, "unsloth": 0.048}
