@@ -612,7 +612,10 @@ def main() -> int:
         "exit": codes["padding-free"], "log_tail": (work / "pf.log").read_text(errors="replace")[-2000:]}  # fmt: skip
     save()
     if not args.dry_run:
-        records = args.out / f"memory-calibration-gemma-3-4b-vision-{report['gpu'].split()[-1].lower()}-{report['date']}.json"
+        records = (
+            args.out
+            / f"memory-calibration-gemma-3-4b-vision-{report['gpu'].split()[-1].lower()}-{report['date']}.json"
+        )
         records.write_text(json.dumps(calibration_records(report), indent=1) + "\n")
     shutil.rmtree(model, ignore_errors=True)  # 8.6 GB: the machine's disk is small
     shutil.rmtree(work / "pf", ignore_errors=True)
