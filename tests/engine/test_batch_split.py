@@ -20,7 +20,7 @@ from engine.memory.checkpointing import CheckpointPlan, plan_split
 from engine.memory.estimate import FITS, choose_split
 from engine.memory.fit import with_changes
 from engine.run import runs
-from tests.conftest import qlc
+from tests.conftest import as_if_crashed, qlc
 
 
 def seed_recipe(**changes: object) -> RunConfig:
@@ -165,7 +165,7 @@ def _train(root: Path, micro_batch: int, grad_accum: int) -> Path:
         f"train.max_steps={STEPS}",
         "train.logging_steps=1",
         "train.eval_steps=0",
-        "train.save_steps=1000",
+        f"train.save_steps={STEPS // 2}",
         "data.val_fraction=0",
         # fp32: the comparison is of the training, not of bf16's rounding (about 1e-3 on a loss of
         # 5, for two splits or for one split against fp32).
@@ -181,21 +181,50 @@ def _train(root: Path, micro_batch: int, grad_accum: int) -> Path:
     return run_dir
 
 
+def _losses(run_dir: Path) -> list[float]:
+    """Each step's loss, the last one logged where a resume logged a step again."""
+    events, _ = runs.read_events(run_dir)
+    by_step = {e.step: e.loss for e in events if isinstance(e, protocol.Step)}
+    return [by_step[s] for s in sorted(by_step)]
+
+
 @pytest.mark.slow
 def test_a_re_split_step_trains_the_same_as_the_written_one(tmp_path: Path) -> None:
     """The loss is normalised over the whole accumulated batch and the rows come in the same
-    order: one micro-batch of 4 and four of 1 are the same update, step after step."""
-    losses = {}
+    order: one micro-batch of 4 and four of 1 are the same update, step after step. A run resumed
+    under another split (a GPU with less free memory at the resume) goes on as the first did: the
+    trainer skips the steps done in micro-batches of the new size, the same rows."""
+    runs_of = {}
     for mb, ga in ((4, 1), (1, 4)):
-        run_dir = _train(tmp_path, mb, ga)
+        run_dir = runs_of[mb, ga] = _train(tmp_path, mb, ga)
         events, _ = runs.read_events(run_dir)
-        losses[mb, ga] = [e.loss for e in events if isinstance(e, protocol.Step)]
         ready = next(e for e in events if isinstance(e, protocol.ModelReady))
         # On the CPU the split stays as written, and the run says why.
         assert (ready.micro_batch, ready.grad_accum) == (mb, ga)
         assert ready.split_reason == "auto on the CPU: as written (the budget models GPU memory)"
-    one, four = losses[4, 1], losses[1, 4]
+    one, four = _losses(runs_of[4, 1]), _losses(runs_of[1, 4])
     assert len(one) == len(four) == STEPS
     worst = max(abs(a - b) for a, b in zip(one, four, strict=True))
     assert worst < 5e-4, f"losses differ by up to {worst:.2e}: {one} vs {four}"
     assert one[-1] < one[0] - 1.0  # and it trained
+
+    # The 1 x 4 run, cut at its middle checkpoint and resumed as 4 x 1.
+    cut = runs_of[1, 4]
+    as_if_crashed(cut, after_checkpoint=STEPS // 2)
+    config = cut / runs.CONFIG
+    text = config.read_text()
+    config.write_text(
+        text.replace("micro_batch: 1\n", "micro_batch: 4\n").replace("grad_accum: 4\n", "grad_accum: 1\n")
+    )
+    result = qlc("--runs-dir", str(cut.parent), "resume", cut.name)
+    assert result.returncode == 0, result.stderr + result.stdout
+    events, _ = runs.read_events(cut)
+    start = max(i for i, e in enumerate(events) if isinstance(e, protocol.Hello))
+    assert events[start].mode == "resume"
+    after = events[start:]
+    ready = next(e for e in after if isinstance(e, protocol.ModelReady))
+    assert (ready.micro_batch, ready.grad_accum) == (4, 1)
+    resumed = {e.step: e.loss for e in after if isinstance(e, protocol.Step)}
+    assert sorted(resumed) == list(range(STEPS // 2 + 1, STEPS + 1))
+    worst = max(abs(one[step - 1] - loss) for step, loss in resumed.items())
+    assert worst < 5e-4, f"the resumed steps differ by up to {worst:.2e}: {one} vs {resumed}"
