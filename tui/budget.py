@@ -107,14 +107,14 @@ def checkpoint_plan(est: Any) -> str:
 
 
 def split_plan(est: Any) -> str:
-    """The batch split where train.batch_split is auto: "micro-batch 4 x grad-accum 1 (auto,
-    written 2 x 2: fits 79.6 GiB without checkpointing)"; "" when the split is fixed. `qlc
+    """The batch split where train.batch_split is auto: "micro-batch 4 x grad-accum 1 · auto,
+    written 2 x 2: fits 79.6 GiB without checkpointing"; "" when the split is fixed. `qlc
     estimate` and the console both print this."""
     base = getattr(est, "base", est)
     reason = str(getattr(base, "split_reason", "") or "")
     if not reason:
         return ""
-    return f"micro-batch {base.micro_batch} x grad-accum {base.grad_accum} ({reason})"
+    return f"micro-batch {base.micro_batch} x grad-accum {base.grad_accum} · {reason}"
 
 
 def checkpointed_layers(est: Any, setting: object) -> str:

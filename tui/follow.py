@@ -122,8 +122,8 @@ class EventPrinter:
                     )
                 if ev.split_reason:
                     out.print(
-                        f"[dim]batch split: micro-batch {ev.micro_batch} x grad-accum {ev.grad_accum} "
-                        f"({escape(ev.split_reason)})[/]"
+                        f"[dim]batch split: micro-batch {ev.micro_batch} x grad-accum {ev.grad_accum} · "
+                        f"{escape(ev.split_reason)}[/]"
                     )
                 if ev.kernels:
                     out.print(f"[dim]kernels: {escape(', '.join(ev.kernels))}[/]")

@@ -147,7 +147,7 @@ class RunHistory:
                 self._log(ev, "info", f"{what}: {ev.checkpoint_reason}" if ev.checkpoint_reason else what)
             if ev.split_reason:
                 split = f"micro-batch {ev.micro_batch} x grad-accum {ev.grad_accum}"
-                self._log(ev, "info", f"batch split: {split} ({ev.split_reason})")
+                self._log(ev, "info", f"batch split: {split} · {ev.split_reason}")
             if ev.kernels:
                 self._log(ev, "info", f"kernels: {', '.join(ev.kernels)}")
         elif isinstance(ev, protocol.EstimateEvent):
