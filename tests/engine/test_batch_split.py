@@ -135,6 +135,18 @@ def test_choose_split_refuses_several_processes_and_an_unknown_budget() -> None:
     assert (mb, ga) == (2, 2) and "no memory budget" in why
 
 
+def test_several_gpus_keep_the_split_as_written() -> None:
+    """The per-GPU estimate of a torchrun world describes what its ranks run: as written."""
+    from engine.memory import per_gpu
+
+    cfg = seed_recipe(**{"hardware.backend": "hf", "data.packing": True})  # Unsloth trains on one GPU
+    share = per_gpu.per_gpu(cfg, 2, "ddp", gpu=resolve_gpu("h200"))
+    assert (share.base.micro_batch, share.base.grad_accum) == (2, 2)
+    assert "train.batch_split auto: as written with several GPUs" in share.notes
+    one = per_gpu.per_gpu(cfg, 1, gpu=resolve_gpu("h200"))
+    assert (one.base.micro_batch, one.base.grad_accum) == (4, 1)
+
+
 def test_a_run_plans_its_split_against_the_gpu_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
     """What the engine computes before its weights load, with the GPU present standing in."""
     h100 = resolve_gpu("h100")
