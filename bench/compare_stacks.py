@@ -19,7 +19,9 @@ CUDA):
   engine-split@SIZE  as engine-auto@SIZE, with train.batch_split=auto (the same rows per step,
                    re-split into fewer micro-batches where no layer needs checkpointing)
 A scenario may end in #N to run it again (engine-unsloth#2: a second launch, which finds the
-compiled kernels the first one left in the user cache folder).
+compiled kernels the first one left in the user cache folder). An engine scenario may carry
+`--set` overrides after a colon: engine-auto@24GB:train.micro_batch=1,train.grad_accum=4 (the same
+rows per step as fewer layers checkpointed, at 24 GB).
 
 The Unsloth stack needs trl 1.15 and datasets 4 (shared/gpu/README.md): scenarios that import
 unsloth get `--unsloth-path` in front of PYTHONPATH. Writes DIR/stacks-<arch>.json after each
@@ -116,6 +118,7 @@ def run_engine(
     env: dict[str, str],
     budget: str | None,
     register: Any,
+    extra_sets: list[str] | None = None,
 ) -> dict:
     runs_dir = args.work / "runs"
     overrides = token_run_overrides(model, data, args.seq, args.micro_batch, args.grad_accum, args.steps)
@@ -128,6 +131,7 @@ def run_engine(
         overrides += ["hardware.backend=auto", "train.gradient_checkpointing=auto", f"hardware.gpu={budget}"]
         if scenario.startswith("engine-split@"):
             overrides.append("train.batch_split=auto")
+    overrides += extra_sets or []
     sets = [x for o in overrides for x in ("--set", o)]
     t_launch = time.time()
     started = subprocess.run(
@@ -184,7 +188,11 @@ def run_engine(
         },
         "load_seconds": ready.load_seconds,
         "median_step_seconds": median,
-        "tokens_per_second": args.seq * args.micro_batch * args.grad_accum / median,
+        # The rows the run's steps took (a re-split or overrides change the split, not the rows).
+        "tokens_per_second": args.seq
+        * (ready.micro_batch or args.micro_batch)
+        * (ready.grad_accum or args.grad_accum)
+        / median,
         "peak_allocated_gib": steps[-1].memory_peak_allocated_gb,
         "peak_reserved_gib": steps[-1].memory_peak_reserved_gb,
         "estimate": {
@@ -245,6 +253,8 @@ def main() -> int:
     write_tokens(data, (args.steps + 2) * args.micro_batch * args.grad_accum, args.seq)
     for scenario in args.scenario:
         kind = scenario.split("#", 1)[0]  # "engine-unsloth#2": the same scenario again, reported apart
+        kind, _, extra = kind.partition(":")  # "engine-auto@24GB:train.micro_batch=1,...": overrides
+        extra_sets = [x for x in extra.split(",") if x]
         env = env_for(kind, args.unsloth_path)
         if args.unsloth_path and kind.startswith(UNSLOTH_SCENARIOS):
             unsloth_versions = subprocess.run(
@@ -271,7 +281,7 @@ def main() -> int:
                     measured = report["scenarios"].get("bare-unsloth", {}).get("device_peak_gib")
                     measured = measured or args.unsloth_peak_gib
                     budget = f"{measured:.2f}GB"
-            result = run_engine(kind, args, model, data, env, budget, register)
+            result = run_engine(kind, args, model, data, env, budget, register, extra_sets)
             if budget:
                 result["budget"] = budget
         time.sleep(0.3)  # the last samples

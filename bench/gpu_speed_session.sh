@@ -4,7 +4,9 @@
 #
 #   bash bench/gpu_speed_session.sh stacks    bare Unsloth, the engine's Unsloth backend twice (the
 #                                             second launch finds the first one's compiled kernels),
-#                                             auto at 24 GB: Llama-3.1-8B seed recipe, 12 steps
+#                                             auto at 24 GB as written (2 x 2) and as 1 x 4 (fewer
+#                                             layers checkpointed: is that faster?): Llama-3.1-8B
+#                                             seed recipe, 12 steps
 #   bash bench/gpu_speed_session.sh split     side by side in one call: bare Unsloth, and the engine
 #                                             with train.batch_split=auto at 24 GB and at 80 GB
 #                                             (the 1.2x / 1.6x targets), and at 80 GB as written (its
@@ -35,7 +37,8 @@ case "$PART" in
     timeout -k 10 570 python3 bench/compare_stacks.py --out "$OUT" --work "$WORK/stacks" \
       --arch llama-3.1-8b --unsloth-path /tmp/site2 --steps 12 \
       --scenario bare-unsloth --scenario engine-unsloth --scenario "engine-unsloth#2" \
-      --scenario engine-auto@24GB 2>&1 | tee "$OUT/stacks.log"
+      --scenario engine-auto@24GB \
+      --scenario "engine-auto@24GB:train.micro_batch=1,train.grad_accum=4" 2>&1 | tee "$OUT/stacks.log"
     ;;
   split)
     timeout -k 10 570 python3 bench/compare_stacks.py --out "$OUT" --work "$WORK/split" \
