@@ -219,7 +219,14 @@ def main() -> int:
     ap.add_argument("--grad-accum", type=int, default=2)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--timeout", type=float, default=400)
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="a CPU check of the engine scenarios: a shrunk model, no GPU figures",
+    )
     args = ap.parse_args()
+    if args.dry_run and any(s.startswith("bare-") for s in args.scenario):
+        ap.error("--dry-run runs engine scenarios only (the bare scripts need CUDA)")
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     model = args.work / f"model-{args.arch}"
@@ -246,11 +253,12 @@ def main() -> int:
     if not (model / "config.json").is_file():
         # In a child process that exits before anything is measured: this process never holds a
         # CUDA context, whose memory the device figures would otherwise count.
-        report["build_seconds"] = build_model_in_child(args.arch, model)
+        report["build_seconds"] = build_model_in_child(args.arch, model, dry_run=args.dry_run)
     monitor = gm.GpuMemoryMonitor(gm.open_source()).start()
     time.sleep(0.3)
     baseline = monitor.device_at(time.time())  # nothing of ours holds the GPU now
-    write_tokens(data, (args.steps + 2) * args.micro_batch * args.grad_accum, args.seq)
+    vocab = 1024 if args.dry_run else 128000  # a shrunk model's vocabulary (bench/gpu_common.py)
+    write_tokens(data, (args.steps + 2) * args.micro_batch * args.grad_accum, args.seq, vocab=vocab)
     for scenario in args.scenario:
         kind = scenario.split("#", 1)[0]  # "engine-unsloth#2": the same scenario again, reported apart
         kind, _, extra = kind.partition(":")  # "engine-auto@24GB:train.micro_batch=1,...": overrides
