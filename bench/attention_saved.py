@@ -58,12 +58,13 @@ def build(arch: str, layers: int, device: str, dtype: Any, window: int | None = 
 
 
 def saved_per_layer(model: Any, input_ids: Any, position_ids: Any = None) -> list[float]:
-    """Bytes autograd saves inside each decoder layer, per token."""
+    """Bytes autograd saves inside each decoder layer, per token. Parameters (a norm's weight,
+    an adapter's matrices) are saved too, but they are not activations: left out."""
     import torch
 
     layers = model.model.layers
     per_layer: dict[int, int] = defaultdict(int)
-    seen: set[int] = set()
+    seen: set[int] = {p.untyped_storage().data_ptr() for p in model.parameters()}
     current: list[int | None] = [None]
 
     def pack(t: Any) -> Any:
