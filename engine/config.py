@@ -198,7 +198,11 @@ def _convert(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         choices = typing.get_args(tp)
         if value in choices:
             return value
-        problems.append(f"{where}: {value!r} is not one of {', '.join(repr(c) for c in choices)}")
+        shown = repr(value)
+        if isinstance(value, bool) and all(isinstance(c, str) for c in choices):
+            # `--set train.batch_split=yes` arrives as True: say where the boolean came from.
+            shown = f"{str(value).lower()} (YAML reads yes/no/on/off as a boolean)"
+        problems.append(f"{where}: {shown} is not one of {', '.join(repr(c) for c in choices)}")
         return _NO
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)

@@ -33,6 +33,10 @@ def test_every_problem_is_reported_at_once() -> None:
         ({"lora": {"dropout": 1.5}, "data": {"source": "x"}}, "lora.dropout"),
         ({"lora": "r=8", "data": {"source": "x"}}, "lora: expected a section"),
         ({"train": {"seq_len": True}, "data": {"source": "x"}}, "train.seq_len: expected int, got True"),
+        (
+            {"train": {"batch_split": True}, "data": {"source": "x"}},
+            "train.batch_split: true (YAML reads yes/no/on/off as a boolean) is not one of 'fixed', 'auto'",
+        ),
         ({}, "data.source: required"),
         ({"modle": {}}, "modle: unknown key (did you mean 'model'?)"),
     ],
