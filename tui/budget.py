@@ -108,8 +108,9 @@ def checkpoint_plan(est: Any) -> str:
 
 def split_plan(est: Any) -> str:
     """The batch split where train.batch_split is auto: "micro-batch 4 x grad-accum 1 · auto,
-    written 2 x 2: fits 79.6 GiB without checkpointing"; "" when the split is fixed. `qlc
-    estimate` and the console both print this."""
+    written 2 x 2: fits 79.6 GiB without checkpointing"; "" when the split is fixed. Of an
+    estimate (`qlc estimate`, the Memory pane) or of a run's model_ready event (`qlc train`, the
+    dashboard log), which carry the same three fields."""
     base = getattr(est, "base", est)
     reason = str(getattr(base, "split_reason", "") or "")
     if not reason:

@@ -16,6 +16,7 @@ from rich.text import Text
 
 from engine import protocol
 from engine.run import runs
+from tui.budget import split_plan
 from tui.history import utilisation
 from tui.launch_clock import LaunchClock
 from tui.output import err, fmt_duration, fmt_progress, fmt_ranks, out, plural
@@ -120,11 +121,8 @@ class EventPrinter:
                         f"[dim]checkpointing {ev.checkpointed_layers} of {ev.layers} layers: "
                         f"{escape(ev.checkpoint_reason)}[/]"
                     )
-                if ev.split_reason:
-                    out.print(
-                        f"[dim]batch split: micro-batch {ev.micro_batch} x grad-accum {ev.grad_accum} · "
-                        f"{escape(ev.split_reason)}[/]"
-                    )
+                if split := split_plan(ev):
+                    out.print(f"[dim]batch split: {escape(split)}[/]")
                 if ev.kernels:
                     out.print(f"[dim]kernels: {escape(', '.join(ev.kernels))}[/]")
                 source = f"{ev.repo}@{ev.commit[:12]}" if ev.repo and ev.commit else ev.repo

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine import protocol
+from tui.budget import split_plan
 from tui.launch_clock import LaunchClock
 from tui.output import plural
 from tui.widgets.series import Series
@@ -145,9 +146,8 @@ class RunHistory:
             if ev.layers:
                 what = f"checkpointing {ev.checkpointed_layers} of {ev.layers} layers"
                 self._log(ev, "info", f"{what}: {ev.checkpoint_reason}" if ev.checkpoint_reason else what)
-            if ev.split_reason:
-                split = f"micro-batch {ev.micro_batch} x grad-accum {ev.grad_accum}"
-                self._log(ev, "info", f"batch split: {split} · {ev.split_reason}")
+            if split := split_plan(ev):
+                self._log(ev, "info", f"batch split: {split}")
             if ev.kernels:
                 self._log(ev, "info", f"kernels: {', '.join(ev.kernels)}")
         elif isinstance(ev, protocol.EstimateEvent):
