@@ -184,13 +184,10 @@ def per_gpu(
             f"fsdp trains with {FSDP_OPTIMIZER} (bitsandbytes optimizers cannot step sharded weights): "
             f"--set train.optimizer={FSDP_OPTIMIZER}"
         )
-    if gpus > 1 and cfg.train.batch_split == "auto":
-        # A run of several processes keeps its split as written (engine.memory.estimate.choose_split).
-        cfg = with_changes(cfg, **{"train.batch_split": "fixed"})
-        notes.append("train.batch_split auto: as written with several GPUs")
     if budget_gb is None and gpu is not None:
         budget_gb = gpu.budget_gb
-    base = estimate(cfg, arch, backend, budget_gb=budget_gb, padded=padded, gpu=gpu)
+    # Several ranks keep train.batch_split as written, as the engine's do (estimate.choose_split).
+    base = estimate(cfg, arch, backend, budget_gb=budget_gb, padded=padded, gpu=gpu, processes=gpus)
     if reason:
         base = dataclasses.replace(base, backend_reason=reason)
     if gpus == 1:

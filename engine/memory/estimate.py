@@ -463,6 +463,7 @@ def estimate(
     liger: bool | None = None,
     expandable: bool | None = None,
     gpu: Gpu | None = None,
+    processes: int = 1,
 ) -> Estimate:
     """The memory a training step of `cfg` needs at its peak.
 
@@ -476,6 +477,7 @@ def estimate(
     `expandable` whether the CUDA allocator grows expandable segments (None: as the engine started
     from this environment will, engine.allocator). `gpu` the card it runs on: its class sets the
     CUDA context and workspaces (engine.memory.devices), and its budget is the default `budget_gb`.
+    `processes` the ranks of the run (per_gpu's base estimate: train.batch_split stays as written).
     """
     arch = arch or resolve_architecture(cfg)
     name, reason = resolve_backend(cfg, backend)
@@ -485,7 +487,7 @@ def estimate(
     split = ""
     if checkpointed is None:
         k, why = choose_checkpointing(cfg, arch, name, budget_gb, padded, liger, expandable, device)
-        mb, ga, split = choose_split(cfg, arch, name, budget_gb, k, liger, expandable, device)
+        mb, ga, split = choose_split(cfg, arch, name, budget_gb, k, liger, expandable, device, processes)
         cfg = with_split(cfg, mb, ga)
     else:  # what a running engine decided (its split is already in cfg)
         k, why = (

@@ -142,7 +142,7 @@ def test_several_gpus_keep_the_split_as_written() -> None:
     cfg = seed_recipe(**{"hardware.backend": "hf", "data.packing": True})  # Unsloth trains on one GPU
     share = per_gpu.per_gpu(cfg, 2, "ddp", gpu=resolve_gpu("h200"))
     assert (share.base.micro_batch, share.base.grad_accum) == (2, 2)
-    assert "train.batch_split auto: as written with several GPUs" in share.notes
+    assert share.base.split_reason == "auto: kept as written with several processes (one GPU only for now)"
     one = per_gpu.per_gpu(cfg, 1, gpu=resolve_gpu("h200"))
     assert (one.base.micro_batch, one.base.grad_accum) == (4, 1)
 
