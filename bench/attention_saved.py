@@ -39,11 +39,9 @@ VOCAB = 1024
 def build(arch: str, layers: int, device: str, dtype: Any, window: int | None = None) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from bench.gpu_common import hf_config
+    from bench.gpu_common import few_layers_config
 
-    cfg = hf_config(arch)
-    cfg.update(num_hidden_layers=layers, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    cfg.pop("rope_scaling", None)
+    cfg = few_layers_config(arch, layers, VOCAB)
     if window is not None:
         cfg["sliding_window"] = window
     model_type = cfg.pop("model_type")

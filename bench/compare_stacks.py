@@ -159,6 +159,8 @@ def run_engine(
         return {"error": f"status {finished.status if finished else 'timeout'}", "engine_log": log}
     hello = next(e for e in events if isinstance(e, protocol.Hello))
     ready = next(e for e in events if isinstance(e, protocol.ModelReady))
+    # The split the run took (a re-split or overrides change it, not the rows of a step).
+    micro_batch, grad_accum = ready.micro_batch or args.micro_batch, ready.grad_accum or args.grad_accum
     estimate = next((e for e in events if isinstance(e, protocol.EstimateEvent)), None)
     steady = [e.step_seconds for e in steps if e.step > 2]
     median = statistics.median(steady)
@@ -174,8 +176,8 @@ def run_engine(
         "layers": ready.layers,
         "checkpointed_layers": ready.checkpointed_layers,
         "checkpoint_reason": ready.checkpoint_reason,
-        "micro_batch": ready.micro_batch or args.micro_batch,
-        "grad_accum": ready.grad_accum or args.grad_accum,
+        "micro_batch": micro_batch,
+        "grad_accum": grad_accum,
         "split_reason": ready.split_reason,
         "kernels": ready.kernels,
         "launch_to_first_step_seconds": first_step - t_launch,
@@ -188,11 +190,7 @@ def run_engine(
         },
         "load_seconds": ready.load_seconds,
         "median_step_seconds": median,
-        # The rows the run's steps took (a re-split or overrides change the split, not the rows).
-        "tokens_per_second": args.seq
-        * (ready.micro_batch or args.micro_batch)
-        * (ready.grad_accum or args.grad_accum)
-        / median,
+        "tokens_per_second": args.seq * micro_batch * grad_accum / median,
         "peak_allocated_gib": steps[-1].memory_peak_allocated_gb,
         "peak_reserved_gib": steps[-1].memory_peak_reserved_gb,
         "estimate": {

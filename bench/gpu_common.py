@@ -181,6 +181,24 @@ def _config_from_architecture(a: Any) -> dict[str, Any]:
     return cfg
 
 
+def few_layers_config(arch: str, layers: int, vocab: int = 1024) -> dict[str, Any]:
+    """The architecture at its real widths (hidden, heads, MLP) with only `layers` decoder layers
+    and a small vocabulary: what one layer saves or costs, measured in seconds on any machine."""
+    cfg = hf_config(arch)
+    specials = special_token_ids(vocab)
+    cfg.update(
+        num_hidden_layers=layers,
+        vocab_size=vocab,
+        bos_token_id=specials["<|begin_of_text|>"],
+        eos_token_id=specials["<|eot_id|>"],
+        pad_token_id=specials["<|finetune_right_pad_id|>"],
+    )
+    cfg.pop("rope_scaling", None)
+    if cfg.get("layer_types"):
+        cfg["layer_types"] = cfg["layer_types"][:layers]
+    return cfg
+
+
 def shrunk_config(arch: str) -> dict[str, Any]:
     """A tiny model of the same family and layout (tied or not, q/k/v biases, fused projections,
     sliding windows) for CPU dry runs: every code path of a family, in seconds."""

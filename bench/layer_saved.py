@@ -58,7 +58,7 @@ def run_config(arch: str, model_dir: Path, seq: int) -> Any:
 def measure(arch: str, work: Path, seq: int) -> dict[str, Any]:
     import torch
 
-    from bench.gpu_common import build_model, hf_config, special_token_ids
+    from bench.gpu_common import build_model, few_layers_config
     from engine.memory import terms
     from engine.memory.architectures import catalog
     from engine.memory.estimate import plan_for
@@ -66,20 +66,8 @@ def measure(arch: str, work: Path, seq: int) -> dict[str, Any]:
     from engine.train.backends.checkpointing import CheckpointPlan
 
     entry = catalog()[arch]
-    spec = hf_config(arch)
-    specials = special_token_ids(VOCAB)
-    spec.update(
-        num_hidden_layers=LAYERS,
-        vocab_size=VOCAB,
-        bos_token_id=specials["<|begin_of_text|>"],
-        eos_token_id=specials["<|eot_id|>"],
-        pad_token_id=specials["<|finetune_right_pad_id|>"],
-    )
-    spec.pop("rope_scaling", None)
-    if spec.get("layer_types"):
-        spec["layer_types"] = spec["layer_types"][:LAYERS]
     model_dir = work / arch
-    build_model(arch, model_dir, spec, device="cpu")
+    build_model(arch, model_dir, few_layers_config(arch, LAYERS, VOCAB), device="cpu")
     cfg = run_config(arch, model_dir, seq)
     cfg.lora.target_modules = list(entry.linear_modules())  # Phi-4's are fused: qkv_proj, gate_up_proj
     model = hf.load_model(cfg, "cpu", str(model_dir))

@@ -223,7 +223,6 @@ def main() -> int:
         "bare": {"step_seconds": [], "syncs": []},
         "engine": {"step_seconds": [], "syncs": []},
     }
-    hook_seconds = 0.0
     engine_steps = 0
     for n in range(args.rounds):
         for name, trainer, timer in (("bare", bare, bare_timer), ("engine", engine, engine_timer)):
