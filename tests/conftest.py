@@ -41,6 +41,12 @@ def qlc(
     )
 
 
+def bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run a bench script (`-m bench.x ...` or `bench/x.py ...`) as the GPU session does, from the
+    repository root."""
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
 def as_if_crashed(run_dir: Path, after_checkpoint: int | None = None) -> None:
     """Make a completed run look like one that died after a checkpoint (a completed run is not
     resumed): its `finished` events gone, and the checkpoints after `after_checkpoint` with them."""

@@ -6,22 +6,19 @@ keeps no per-layer bias there). The GPU's figures come from the same script on t
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import bench
 
 pytestmark = pytest.mark.slow
 
 
 def test_mask_costs_on_the_cpu(tmp_path: Path) -> None:
     out = tmp_path / "saved.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.attention_saved", "--small", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+    done = bench(
+        "-m", "bench.attention_saved", "--small", "--out", str(out),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     gemma, llama = json.loads(out.read_text())["cases"]

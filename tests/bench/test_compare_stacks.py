@@ -5,25 +5,22 @@ and tokens/s counts the rows of the split the run took."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import bench
 
 pytestmark = pytest.mark.slow
 
 
 def test_engine_scenarios_with_overrides_and_repeats(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    done = subprocess.run(
-        [sys.executable, "bench/compare_stacks.py", "--dry-run", "--out", str(out), "--work",
+    done = bench(
+        "bench/compare_stacks.py", "--dry-run", "--out", str(out), "--work",
          str(tmp_path / "work"), "--seq", "64", "--steps", "3",
          "--scenario", "engine-auto@24GB:train.micro_batch=1,train.grad_accum=4",
-         "--scenario", "engine-auto@24GB:train.micro_batch=1,train.grad_accum=4#2"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+         "--scenario", "engine-auto@24GB:train.micro_batch=1,train.grad_accum=4#2",
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     scenarios = json.loads((out / "stacks-llama-3.1-8b.json").read_text())["scenarios"]
@@ -36,8 +33,7 @@ def test_engine_scenarios_with_overrides_and_repeats(tmp_path: Path) -> None:
 
 
 def test_bare_scenarios_are_refused_in_a_dry_run(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "bench/compare_stacks.py", "--dry-run", "--out", str(tmp_path), "--scenario", "bare-unsloth"],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
+    done = bench(
+        "bench/compare_stacks.py", "--dry-run", "--out", str(tmp_path), "--scenario", "bare-unsloth", timeout=60,
     )  # fmt: skip
     assert done.returncode == 2 and "engine scenarios only" in done.stderr

@@ -6,23 +6,20 @@ peft release that saves more or less per layer shows here first."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from engine.memory import constants as C
-from tests.conftest import REPO
+from tests.conftest import bench
 
 pytestmark = pytest.mark.slow
 
 
 def test_a_llama_layer_saves_what_the_model_counts(tmp_path: Path) -> None:
     out = tmp_path / "saved.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.layer_saved", "--arch", "llama-3.2-1b", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+    done = bench(
+        "-m", "bench.layer_saved", "--arch", "llama-3.2-1b", "--out", str(out),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     (result,) = json.loads(out.read_text())["results"]

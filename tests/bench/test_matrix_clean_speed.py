@@ -5,24 +5,21 @@ record's tokens/s is clean (nothing overlapped its timed steps), and all of them
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import bench
 
 pytestmark = pytest.mark.slow
 
 
 def test_clean_speed_leaves_no_record_overlapped(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    done = subprocess.run(
-        [sys.executable, "bench/calibration_matrix.py", "--dry-run", "--out", str(out), "--work",
+    done = bench(
+        "bench/calibration_matrix.py", "--dry-run", "--out", str(out), "--work",
          str(tmp_path / "work"), "--arch", "llama-3.2-1b", "--no-e2e", "--clean-speed",
-         "--deadline-s", "240", "--max-configs", "1"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+         "--deadline-s", "240", "--max-configs", "1",
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     (results,) = out.glob("calibration-matrix-dry-run-*.json")

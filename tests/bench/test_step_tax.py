@@ -5,13 +5,11 @@ hook it times is one the engine really calls (a renamed hook would otherwise tim
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import bench
 
 pytestmark = pytest.mark.slow
 
@@ -19,11 +17,10 @@ pytestmark = pytest.mark.slow
 def test_step_tax_builds_an_architecture_as_on_the_gpu(tmp_path: Path) -> None:
     """The GPU path (--arch: a model built in a child process, rows of random tokens), shrunk."""
     out = tmp_path / "tax.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.step_tax", "--arch", "llama-3.2-1b", "--dry-run", "--work",
+    done = bench(
+        "-m", "bench.step_tax", "--arch", "llama-3.2-1b", "--dry-run", "--work",
          str(tmp_path / "work"), "--seq", "64", "--micro-batch", "2", "--grad-accum", "2",
-         "--steps", "4", "--rounds", "1", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+         "--steps", "4", "--rounds", "1", "--out", str(out),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
