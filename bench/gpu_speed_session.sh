@@ -11,6 +11,12 @@
 #                                             with train.batch_split=auto at 24 GB and at 80 GB
 #                                             (the 1.2x / 1.6x targets), and at 80 GB as written (its
 #                                             losses against the re-split's), 20 steps each
+#   bash bench/gpu_speed_session.sh table     the speed table behind hardware.backend auto: the
+#                                             calibration matrix with --clean-speed on 1B, 3B and
+#                                             7B architectures, both stacks, each configuration
+#                                             timed alone; then bench/speed_table.py fits each
+#                                             stack's step costs, replays auto on every pair, and
+#                                             writes $OUT/speed_fits.json (copy it to engine/memory/)
 #   bash bench/gpu_speed_session.sh tax       what the engine adds per step (bench/step_tax.py) on
 #                                             the 1B and 3B architectures at 0.3-1 s steps, hf; run
 #                                             it in two separate calls (tax-unsloth: the same, Unsloth);
@@ -20,10 +26,21 @@
 # Writes to $OUT (the device tool's folder): the results JSON and a log per part. Models are built
 # in child processes under /tmp and deleted at the end.
 set -uo pipefail
-PART=${1:?"which part: stacks, split, tax or tax-unsloth"}
+PART=${1:?"which part: stacks, split, table, tax or tax-unsloth"}
 OUT=${OUT:-/tmp/qlc-speed-out}
 WORK=/tmp/qlc-speed
 mkdir -p "$OUT" "$WORK"
+if [[ $PART == table ]]; then
+  # gpu_campaign.sh installs the wheels itself, and stops the matrix in time for the fit.
+  LIMIT_S=540 OUT=$OUT bash bench/gpu_campaign.sh --clean-speed --no-e2e --arch llama-3.2-1b \
+    --arch llama-3.2-3b --arch qwen2.5-7b --arch mistral-7b
+  RESULTS=$(ls -t "$OUT"/memory-calibration-matrix-*.json 2>/dev/null | head -1)
+  [[ -n $RESULTS ]] || { echo "the matrix wrote no results"; exit 1; }
+  cp engine/memory/speed_fits.json "$OUT/speed_fits.json"
+  PYTHONPATH=$PWD:/tmp/site python3 bench/speed_table.py "$RESULTS" --write "$OUT/speed_fits.json" \
+    --out "$OUT/speed-table-$(date -u +%F).json" 2>&1 | tee "$OUT/speed-table.txt"
+  exit "${PIPESTATUS[0]}"
+fi
 P="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade"
 $P --target /tmp/site .whl/*.whl & a=$!
 $P --target /tmp/site2 .whl-unsloth/*.whl & b=$!
@@ -61,7 +78,7 @@ case "$PART" in
     done
     ;;
   *)
-    echo "unknown part $PART: stacks, split, tax or tax-unsloth"; exit 2
+    echo "unknown part $PART: stacks, split, table, tax or tax-unsloth"; exit 2
     ;;
 esac
 rm -rf "$WORK"

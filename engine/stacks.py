@@ -12,6 +12,7 @@ Pure Python with no engine imports but errors: the bottom layer of the engine.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.errors import UserError
@@ -83,12 +84,23 @@ def _why_not(s: Stack, cuda: bool, processes: int, is_installed: bool) -> str | 
     return None
 
 
+SpeedOf = Callable[[str], "tuple[float, str] | None"]
+"""A stack's predicted seconds per optimizer step for the run at hand, and what the prediction
+rests on (engine.memory.estimate.speed_predictor); None where no speed model covers it."""
+
+
 def choose(
-    want: str, *, cuda: bool, processes: int = 1, is_installed: dict[str, bool] | None = None
+    want: str,
+    *,
+    cuda: bool,
+    processes: int = 1,
+    is_installed: dict[str, bool] | None = None,
+    speed: SpeedOf | None = None,
 ) -> tuple[str, str]:
     """(stack, why) for `hardware.backend: want` on a machine with (`cuda`) or without a CUDA GPU,
-    for a run of `processes` processes. An explicit stack that cannot run is a UserError; `auto`
-    takes the first of AUTO_ORDER that can. `is_installed` overrides the package look-up (tests)."""
+    for a run of `processes` processes. An explicit stack that cannot run is a UserError. `auto`
+    takes the stack `speed` predicts fastest when it predicts every stack that can run, and the
+    first of AUTO_ORDER that can otherwise. `is_installed` overrides the package look-up (tests)."""
 
     def have(s: Stack) -> bool:
         return is_installed[s.name] if is_installed and s.name in is_installed else installed(s)
@@ -104,16 +116,43 @@ def choose(
             )
         return s.name, "requested in the preset"
     reasons: list[str] = []
+    runnable: list[Stack] = []
     for name in AUTO_ORDER:
         s = STACKS[name]
         why = _why_not(s, cuda, processes, have(s))
         if why is None:
-            if not reasons and s.needs_cuda:
-                extra = f"{s.label} is installed and a CUDA GPU is present"
-                return s.name, f"auto: {extra}"
-            return s.name, f"auto: {'; '.join(reasons)}" if reasons else "auto"
-        reasons.append(why)
-    raise UserError("hardware.backend: no backend can train here", "; ".join(reasons))  # pragma: no cover
+            runnable.append(s)
+        elif not runnable:
+            reasons.append(why)
+    if not runnable:
+        raise UserError("hardware.backend: no backend can train here", "; ".join(reasons))  # pragma: no cover
+    if len(runnable) > 1 and speed is not None:
+        picked = _fastest(runnable, speed)
+        if picked is not None:
+            return picked
+    s = runnable[0]
+    note = ""
+    if len(runnable) > 1 and speed is not None:
+        note = "; no speed model measured for this GPU, so the first that can run"
+    if not reasons and s.needs_cuda:
+        return s.name, f"auto: {s.label} is installed and a CUDA GPU is present{note}"
+    return s.name, (f"auto: {'; '.join(reasons)}" if reasons else "auto") + note
+
+
+def _fastest(runnable: list[Stack], speed: SpeedOf) -> tuple[str, str] | None:
+    """(stack, why) by predicted step time, or None unless every runnable stack is predicted."""
+    predicted: dict[str, tuple[float, str]] = {}
+    for s in runnable:
+        p = speed(s.name)
+        if p is None:
+            return None
+        predicted[s.name] = p
+    best, runner_up = sorted(runnable, key=lambda s: predicted[s.name][0])[:2]
+    (t_best, basis), (t_next, _) = predicted[best.name], predicted[runner_up.name]
+    return best.name, (
+        f"auto: {best.label} predicted {t_next / t_best:.2f}x the speed of {runner_up.label} on this run "
+        f"({t_best:.2f} against {t_next:.2f} s a step; {basis})"
+    )
 
 
 def config_problems(backend: str, device: str, gpus: int | str) -> list[str]:

@@ -20,7 +20,7 @@ from engine import allocator, stacks
 from engine.config import ALL_LINEAR, RunConfig
 from engine.errors import UserError
 from engine.memory import constants as C
-from engine.memory import devices, flops, terms
+from engine.memory import devices, flops, speed, terms
 from engine.memory.architectures import Architecture, resolve_architecture
 from engine.memory.gpus import Gpu, peak_tflops
 from engine.models import quantization
@@ -197,19 +197,60 @@ def _nvidia_gpu_present() -> bool:
         return False
 
 
-def resolve_backend(cfg: RunConfig, backend: str | None = None) -> tuple[str, str]:
+def resolve_backend(
+    cfg: RunConfig, backend: str | None = None, arch: Architecture | None = None, gpu: Gpu | None = None
+) -> tuple[str, str]:
     """(memory profile to model, why). `backend` overrides hardware.backend; `auto` is decided by
-    engine.stacks' rule on this machine (a CUDA GPU asked through NVML, without torch)."""
+    engine.stacks' rule on this machine (a CUDA GPU asked through NVML, without torch), by
+    predicted speed on `gpu` where a speed model covers every stack that can run (`arch` known)."""
     want = (backend or cfg.hardware.backend or stacks.AUTO).lower()
     want = BACKEND_ALIASES.get(want, want)
     if want in BACKENDS:
         return want, "requested" if backend else "requested in the config"
     if want == stacks.AUTO:
-        name, why = stacks.choose(stacks.AUTO, cuda=_nvidia_gpu_present())
+        cuda = _nvidia_gpu_present()
+        fast = speed_predictor(cfg, arch, gpu) if cuda and arch is not None and gpu is not None else None
+        name, why = stacks.choose(stacks.AUTO, cuda=cuda, speed=fast)
         return stacks.STACKS[name].memory_profile, why
     raise UserError(
         f"backend {backend or cfg.hardware.backend!r}: unknown", f"choose one of auto, {', '.join(BACKENDS)}"
     )
+
+
+def speed_predictor(
+    cfg: RunConfig, arch: Architecture, gpu: Gpu, budget_gb: float | None = None
+) -> stacks.SpeedOf:
+    """What hardware.backend auto compares: each stack's predicted step on `gpu` for this run, with
+    the checkpointing and batch split that stack's own memory estimate would choose there (Unsloth
+    may fit a budget without recomputation where hf needs some). None for a stack no speed model
+    covers on this GPU's class, or a card whose peak the catalog does not state."""
+    peak = peak_tflops(gpu)
+    budget = gpu.budget_gb if budget_gb is None else budget_gb
+
+    def predict(stack_name: str) -> tuple[float, str] | None:
+        fit = speed.fit_for(stack_name, gpu.device.name)
+        if fit is None or not peak:
+            return None
+        profile = stacks.STACKS[stack_name].memory_profile
+        k, _ = choose_checkpointing(cfg, arch, profile, budget, device=gpu.device)
+        mb, ga, _ = choose_split(cfg, arch, profile, budget, k, device=gpu.device)
+        work = speed.step_work(
+            arch,
+            seq_len=cfg.train.seq_len,
+            micro_batch=mb,
+            grad_accum=ga,
+            r=cfg.lora.r,
+            targets=_targets(cfg, arch),
+            checkpointed=k,
+            peak_tflops=peak,
+        )
+        basis = (
+            f"speed model of {fit.configurations} configurations on {fit.gpu}, "
+            f"held out within {fit.held_out_error:.0%}"
+        )
+        return fit.predict_s(work), basis
+
+    return predict
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,7 +521,7 @@ def estimate(
     `processes` the ranks of the run (per_gpu's base estimate: train.batch_split stays as written).
     """
     arch = arch or resolve_architecture(cfg)
-    name, reason = resolve_backend(cfg, backend)
+    name, reason = resolve_backend(cfg, backend, arch, gpu)
     device = gpu.device if gpu is not None else None
     if budget_gb is None and gpu is not None:
         budget_gb = gpu.budget_gb

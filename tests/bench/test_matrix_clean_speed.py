@@ -29,3 +29,28 @@ def test_clean_speed_leaves_no_record_overlapped(tmp_path: Path) -> None:
     assert len(records) == report["planned"] and {r["backend"] for r in records} == {"hf", "unsloth"}
     overlapped = {r["id"]: r["speed_overlaps"] for r in records if not r["speed_valid"]}
     assert not overlapped
+
+    # The speed table reads the same records: each configuration paired across the two stacks,
+    # held-out predictions, auto's pick. A dry run's figures mean nothing, so it writes no fits.
+    table = bench("bench/speed_table.py", str(results), "--out", str(tmp_path / "table.json"), "--write",
+                  str(tmp_path / "fits.json"))  # fmt: skip
+    assert table.returncode == 0, table.stdout[-2000:] + table.stderr[-2000:]
+    written = json.loads((tmp_path / "table.json").read_text())
+    by_stack = {
+        b: {r["id"].replace(f"/{b}/", "/") for r in records if r["backend"] == b} for b in ("hf", "unsloth")
+    }
+    assert len(written["paired"]) == len(by_stack["hf"] & by_stack["unsloth"]) > 0
+    assert all(set(p["measured_s"]) == {"hf", "unsloth"} for p in written["paired"])
+    assert written["target_met"] is False and "no figure here means anything" in table.stdout
+    assert not (tmp_path / "fits.json").exists()
+
+
+def test_the_speed_table_refuses_speeds_measured_beside_other_runs() -> None:
+    # The 2026-12-04 matrix ran configurations side by side: its tokens/s carry the others' work.
+    old = "bench/results/memory-calibration-matrix-h200-2026-12-04c.json"
+    done = bench("bench/speed_table.py", old)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        f"error: {old}: measured without --clean-speed (its speeds overlap other processes' work) "
+        "(re-measure with bench/gpu_campaign.sh --clean-speed)"
+    ]

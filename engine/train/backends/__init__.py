@@ -52,5 +52,30 @@ def choose_device(cfg: RunConfig) -> str:
 
 
 def choose_backend(cfg: RunConfig, device: str, processes: int = 1) -> tuple[str, str]:
-    """(backend, reason): engine.stacks' rule on this process's device."""
-    return stacks.choose(cfg.hardware.backend, cuda=device == "cuda", processes=processes)
+    """(backend, reason): engine.stacks' rule on this process's device, by predicted speed where
+    a speed model covers every stack that can run on this GPU."""
+    speed = _speed(cfg) if device == "cuda" and cfg.hardware.backend == stacks.AUTO else None
+    return stacks.choose(cfg.hardware.backend, cuda=device == "cuda", processes=processes, speed=speed)
+
+
+def _speed(cfg: RunConfig) -> stacks.SpeedOf | None:
+    """The memory model's speed predictor at this run's budget; never stops a run: a stack it
+    cannot predict falls back to engine.stacks' order."""
+    from engine.memory.architectures import resolve_architecture
+    from engine.memory.checkpointing import run_budget_gb
+    from engine.memory.estimate import speed_predictor
+    from engine.memory.gpus import resolve_gpu
+
+    try:
+        budget, _ = run_budget_gb(cfg.hardware.gpu)
+        predict = speed_predictor(cfg, resolve_architecture(cfg), resolve_gpu("auto"), budget)
+    except Exception:
+        return None
+
+    def guarded(name: str) -> tuple[float, str] | None:
+        try:
+            return predict(name)
+        except Exception:
+            return None
+
+    return guarded

@@ -1,0 +1,268 @@
+"""The speed table behind `hardware.backend: auto`: measured steps per stack, the step-cost model
+fitted to them (engine/memory/speed.py), how well it predicts configurations it never saw, and
+what auto would have picked on each.
+
+    python bench/speed_table.py FILE [FILE ...]            # matrix results of --clean-speed runs
+    python bench/speed_table.py FILE --out OUT.json        # and the table as JSON
+    python bench/speed_table.py FILE --write               # and the fits, engine/memory/speed_fits.json
+
+FILE is a results file of bench/calibration_matrix.py run with --clean-speed (a record's tokens/s
+counts only when nothing else ran on the GPU during its timed steps: `speed_valid`). A file
+measured without --clean-speed is refused: its speeds carry other processes' contention.
+
+Prints, per configuration both stacks measured: each stack's median step, its held-out
+prediction (fitted without that configuration), auto's pick and how much slower that pick was
+than the faster stack. Then each stack's leave-one-configuration-out and leave-one-architecture-out
+errors. The issue's target: at least 8 paired configurations, and auto within 3% of the faster
+stack on every one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.config import ALL_LINEAR
+from engine.errors import UserError
+from engine.memory.architectures import catalog
+from engine.memory.gpus import peak_tflops, resolve_gpu
+from engine.memory.speed import FITS_PATH, SpeedFit, step_work
+from engine.memory.speed_fit import Choice, Measured, choices, fit_costs, leave_one_out
+
+MIN_CONFIGURATIONS = 8
+TARGET_LOSS = 0.03
+
+
+def _gpu(report: dict[str, Any], peak: float | None) -> tuple[str, str, float]:
+    """(label, class, dense 16-bit peak TFLOP/s) of the GPU a results file was measured on."""
+    label = str(report.get("gpu", ""))
+    if report.get("dry_run"):
+        return label, "cpu", peak or 1.0  # nominal: the costs fitted on a CPU transfer nowhere
+    card = resolve_gpu(label)
+    tflops = peak or peak_tflops(card)
+    if not tflops:
+        raise UserError(f"{label}: the GPU catalog states no dense 16-bit peak", "pass --peak-tflops")
+    return label, card.device.name, tflops
+
+
+def measured_rows(path: Path, peak: float | None = None) -> tuple[list[Measured], dict[str, Any]]:
+    """The clean, completed records of one matrix results file, as step-cost rows."""
+    report = json.loads(path.read_text(encoding="utf-8"))
+    if not report.get("clean_speed"):
+        raise UserError(
+            f"{path}: measured without --clean-speed (its speeds overlap other processes' work)",
+            "re-measure with bench/gpu_campaign.sh --clean-speed",
+        )
+    label, gpu_class, tflops = _gpu(report, peak)
+    archs = catalog()
+    rows = []
+    for rec in report.get("records", []):
+        if (
+            rec.get("oom")
+            or rec.get("error")
+            or not rec.get("speed_valid")
+            or not rec.get("median_step_seconds")
+        ):
+            continue
+        arch = archs[rec["arch"]]
+        targets = tuple(rec["target_modules"])
+        if list(targets) in (["all-linear"], ["all_linear"]):
+            targets = ALL_LINEAR
+        ga = int(rec.get("grad_accum") or 1)
+        gc = int(rec.get("checkpointed_layers") or 0)
+        work = step_work(
+            arch,
+            seq_len=int(rec["seq_len"]),
+            micro_batch=int(rec["micro_batch"]),
+            grad_accum=ga,
+            r=int(rec["lora_r"]),
+            targets=targets,
+            checkpointed=gc,
+            peak_tflops=tflops,
+        )
+        # The same configuration on either stack: what a user writes, not how the matrix grouped it.
+        short = "all" if set(targets) >= set(arch.linear_modules()) else "+".join(t[0] for t in targets)
+        key = f"{rec['arch']} r{rec['lora_r']}-{short} s{rec['seq_len']}x{rec['micro_batch']}x{ga} gc{gc}"
+        step = float(rec["median_step_seconds"])
+        rows.append(Measured(key=key, stack=rec["backend"], work=work, step_s=step, arch=rec["arch"]))
+    meta = {
+        "file": str(path),
+        "gpu": label,
+        "gpu_class": gpu_class,
+        "peak_tflops": tflops,
+        "date": report.get("date"),
+        "versions": report.get("versions"),
+        "versions_unsloth": report.get("versions_unsloth"),
+    }
+    return rows, meta
+
+
+def _summary(errors: list[float]) -> dict[str, float]:
+    mags = [abs(e) for e in errors]
+    return {"worst": max(mags), "median": statistics.median(mags), "n": len(mags)} if mags else {}
+
+
+def table(rows: list[Measured]) -> tuple[list[str], list[Choice], dict[str, Any]]:
+    picks = choices(rows)
+    lines = [
+        "| configuration | "
+        + " | ".join(f"{s} s/step (held-out)" for s in _stacks(rows))
+        + " | auto | vs faster |",
+        "|---|" + "---|" * (len(_stacks(rows)) + 2),
+    ]
+    for c in picks:
+        cells = []
+        for s in _stacks(rows):
+            held = f" ({c.predicted_s[s]:.3f})" if s in c.predicted_s else " (too few to fit)"
+            cells.append(f"{c.measured_s[s]:.3f}{held}" if s in c.measured_s else "-")
+        pick = f"{c.chosen} | {c.loss:+.1%}" if c.chosen and c.loss is not None else "- | -"
+        lines.append(f"| {c.key} | " + " | ".join(cells) + f" | {pick} |")
+    errors: dict[str, Any] = {}
+    for s in _stacks(rows):
+        mine = [r for r in rows if r.stack == s]
+        errors[s] = {
+            "configurations": len(mine),
+            "leave_one_configuration_out": _summary([h.error for h in leave_one_out(mine)]),
+            "leave_one_architecture_out": _summary([h.error for h in leave_one_out(mine, "arch")]),
+        }
+    return lines, picks, errors
+
+
+def _stacks(rows: list[Measured]) -> list[str]:
+    return sorted({r.stack for r in rows})
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("files", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path, help="write the table, errors and fits as JSON")
+    ap.add_argument(
+        "--write", nargs="?", const=FITS_PATH, type=Path, help=f"write the fits (default {FITS_PATH})"
+    )
+    ap.add_argument(
+        "--peak-tflops", type=float, help="the GPU's dense 16-bit peak, where the catalog lacks it"
+    )
+    ap.add_argument("--min-configurations", type=int, default=MIN_CONFIGURATIONS)
+    args = ap.parse_args(argv)
+    try:
+        rows: list[Measured] = []
+        metas = []
+        for path in args.files:
+            r, meta = measured_rows(path, args.peak_tflops)
+            rows += r
+            metas.append(meta)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    classes = {m["gpu_class"] for m in metas}
+    if len(classes) > 1:
+        print(
+            f"error: files from several GPU classes ({', '.join(sorted(classes))}): fit one at a time",
+            file=sys.stderr,
+        )
+        return 2
+    if not rows:
+        print("error: no clean, completed record in these files", file=sys.stderr)
+        return 2
+    lines, picks, errors = table(rows)
+    print("\n".join(lines))
+    print()
+    for s, e in errors.items():
+        loo, loao = e["leave_one_configuration_out"], e["leave_one_architecture_out"]
+        print(
+            f"{s}: {e['configurations']} configurations; held out by configuration: worst "
+            f"{loo.get('worst', float('nan')):.1%}, median {loo.get('median', float('nan')):.1%}; by "
+            f"architecture: worst {loao.get('worst', float('nan')):.1%}"
+        )
+    losses = [c.loss for c in picks if c.loss is not None]
+    worst = max(losses, default=None)
+    paired = len(picks)
+    ok = (
+        paired >= args.min_configurations
+        and len(losses) == paired
+        and worst is not None
+        and worst <= TARGET_LOSS
+    )
+    if not picks:
+        print("auto's pick: no configuration was measured on two stacks")
+    elif worst is None:
+        print(f"auto's pick: {paired} paired configurations, too few to fit a stack without each one")
+    else:
+        print(
+            f"auto's pick: at worst {worst:.1%} slower than the faster stack, over {len(losses)} of {paired} paired "
+            f"configurations (target: {args.min_configurations} or more, within {TARGET_LOSS:.0%}): "
+            f"{'met' if ok else 'not met'}"
+        )
+    if metas[0]["gpu_class"] == "cpu":
+        print(
+            "dry run: shrunk models timed on a CPU against the full architectures' work; no figure here means anything"
+        )
+
+    fits = []
+    for s, e in errors.items():
+        mine = [r for r in rows if r.stack == s]
+        loo = e["leave_one_configuration_out"]
+        if len(mine) < args.min_configurations or not loo:
+            print(f"{s}: no fit written ({len(mine)} configurations, {args.min_configurations} needed)")
+            continue
+        fits.append(
+            SpeedFit(
+                stack=s,
+                gpu=metas[0]["gpu"],
+                gpu_class=metas[0]["gpu_class"],
+                costs=fit_costs(mine),
+                configurations=len(mine),
+                held_out_error=round(loo["worst"], 4),
+                source=", ".join(Path(m["file"]).name for m in metas),
+                date=str(metas[0]["date"] or dt.date.today()),
+            )
+        )
+    if args.out:
+        args.out.write_text(
+            json.dumps(
+                {
+                    "date": str(dt.date.today()),
+                    "bench": "bench/speed_table.py",
+                    "sources": metas,
+                    "paired": [
+                        {"key": c.key, "measured_s": c.measured_s, "held_out_predicted_s": c.predicted_s,
+                         "auto": c.chosen, "faster": c.fastest, "loss": c.loss}
+                        for c in picks
+                    ],
+                    "errors": errors,
+                    "fits": [f.to_dict() for f in fits],
+                    "target_met": ok,
+                },
+                indent=1,
+            )
+            + "\n"
+        )  # fmt: skip
+    if args.write and fits:
+        if metas[0]["gpu_class"] == "cpu":
+            print("not writing fits measured on a CPU (dry run): auto compares stacks on GPUs only")
+        else:
+            _write_fits(args.write, fits)
+            print(f"wrote {len(fits)} fits to {args.write}")
+    return 0
+
+
+def _write_fits(path: Path, fits: list[SpeedFit]) -> None:
+    """Replace this GPU class's fits in `path`, keeping other classes'; written whole, then renamed."""
+    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"fits": []}
+    replaced = {(f.stack, f.gpu_class) for f in fits}
+    kept = [f for f in data.get("fits", []) if (f["stack"], f["gpu_class"]) not in replaced]
+    data["fits"] = kept + [f.to_dict() for f in fits]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

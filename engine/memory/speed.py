@@ -1,0 +1,149 @@
+"""How long an optimizer step takes on each stack, predicted from the work it does: what
+`hardware.backend: auto` compares when more than one stack can train here.
+
+A step's time is modelled as a sum of four kinds of work, each with a cost per unit that a stack's
+kernels set (fitted to measured steps by engine.memory.speed_fit, never guessed):
+
+- matmul: the step's FLOPs (engine.memory.flops: forward, input-gradient backward, adapters,
+  attention, recompute) at the card's dense 16-bit peak. Its cost is the inverse of the
+  utilisation the stack's matmuls reach;
+- dequant: 4-bit weight elements turned back into 16-bit ones. Each micro-batch does it for every
+  layer in its forward and again in its backward, and once more for each checkpointed layer's
+  recompute; this is why fewer, larger micro-batches are faster (train.batch_split);
+- elementwise: tokens x layers x hidden, the memory-bound work between the matmuls (norms, rotary,
+  activations, residuals, the adapters' dropout and scaling), which fused kernels shrink;
+- launches: micro-batches x layers, the fixed cost of a layer's kernels whatever the rows.
+
+The fits live in speed_fits.json beside this file, one per stack and GPU: which card they were
+measured on, how many configurations, and the held-out error (bench/speed_table.py writes it).
+Pure Python: the console reads it too.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.memory import flops
+from engine.memory.architectures import Architecture
+
+FEATURES: tuple[str, ...] = ("matmul", "dequant", "elementwise", "launches")
+FITS_PATH = Path(__file__).with_name("speed_fits.json")
+
+
+@dataclass(frozen=True)
+class StepWork:
+    """One optimizer step's work, in the units the fitted costs multiply."""
+
+    matmul: float  # seconds at 100% of the card's dense 16-bit peak
+    dequant: float  # 4-bit weight elements dequantized, billions
+    elementwise: float  # tokens x layers x hidden, billions
+    launches: float  # micro-batches x layers, thousands
+    tokens: int  # tokens per optimizer step (what tokens/s divides)
+
+    def vector(self) -> tuple[float, ...]:
+        return tuple(float(getattr(self, f)) for f in FEATURES)
+
+
+def step_work(
+    arch: Architecture,
+    *,
+    seq_len: int,
+    micro_batch: int,
+    grad_accum: int,
+    r: int,
+    targets: tuple[str, ...],
+    checkpointed: int,
+    peak_tflops: float,
+) -> StepWork:
+    """The work of one optimizer step of full seq_len rows (packed or padding-free)."""
+    per_token = flops.training_flops_per_token(arch, seq_len, r, targets, checkpointed)
+    tokens = seq_len * micro_batch * grad_accum
+    passes = grad_accum * (2 * arch.layers + checkpointed)  # layer passes that dequantize
+    layer_weights = sum(i * o for i, o in arch.linear_modules().values())
+    return StepWork(
+        matmul=tokens * sum(per_token.values()) / (peak_tflops * 1e12),
+        dequant=passes * layer_weights / 1e9,
+        elementwise=tokens * arch.layers * arch.hidden / 1e9,
+        launches=grad_accum * arch.layers / 1e3,
+        tokens=tokens,
+    )
+
+
+@dataclass(frozen=True)
+class SpeedFit:
+    """A stack's fitted costs on one GPU, and what they rest on."""
+
+    stack: str
+    gpu: str  # the card the steps were measured on, as NVML names it
+    gpu_class: str  # its class (engine.memory.devices): hopper, ada-ampere...
+    costs: dict[str, float]  # seconds per unit of each FEATURES entry
+    configurations: int
+    held_out_error: float  # the worst |relative error| predicting a configuration left out of the fit
+    source: str  # the results file(s) it was fitted to
+    date: str
+
+    def predict_s(self, work: StepWork) -> float:
+        return sum(self.costs.get(f, 0.0) * x for f, x in zip(FEATURES, work.vector(), strict=True))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stack": self.stack,
+            "gpu": self.gpu,
+            "gpu_class": self.gpu_class,
+            "costs": self.costs,
+            "configurations": self.configurations,
+            "held_out_error": self.held_out_error,
+            "source": self.source,
+            "date": self.date,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SpeedFit:
+        return cls(
+            stack=str(d["stack"]),
+            gpu=str(d["gpu"]),
+            gpu_class=str(d["gpu_class"]),
+            costs={str(k): float(v) for k, v in d["costs"].items()},
+            configurations=int(d["configurations"]),
+            held_out_error=float(d["held_out_error"]),
+            source=str(d["source"]),
+            date=str(d["date"]),
+        )
+
+
+def load_fits(path: Path = FITS_PATH) -> tuple[SpeedFit, ...]:
+    if not path.is_file():
+        return ()
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return tuple(SpeedFit.from_dict(d) for d in data.get("fits", ()))
+
+
+@functools.cache
+def fits() -> tuple[SpeedFit, ...]:
+    return load_fits()
+
+
+def fit_for(stack: str, gpu_class: str, known: tuple[SpeedFit, ...] | None = None) -> SpeedFit | None:
+    """The stack's fit on this class of GPU. Costs measured on another class do not transfer (a
+    consumer card's bandwidth and launch costs differ from a datacenter card's): None there."""
+    for f in fits() if known is None else known:
+        if f.stack == stack and f.gpu_class == gpu_class:
+            return f
+    return None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A stack's predicted step for one run, with the plan it was predicted for."""
+
+    stack: str
+    step_s: float
+    tokens_per_s: float
+    checkpointed: int
+    micro_batch: int
+    grad_accum: int
+    fit: SpeedFit
