@@ -16,7 +16,9 @@
 #                                             7B architectures, both stacks, each configuration
 #                                             timed alone; then bench/speed_table.py fits each
 #                                             stack's step costs, replays auto on every pair, and
-#                                             writes $OUT/speed_fits.json (copy it to engine/memory/)
+#                                             writes $OUT/speed_fits.json (copy it to engine/memory/);
+#                                             further arguments go to the matrix (`table --dry-run
+#                                             --max-configs 1` tries the whole path on a CPU)
 #   bash bench/gpu_speed_session.sh tax       what the engine adds per step (bench/step_tax.py) on
 #                                             the 1B and 3B architectures at 0.3-1 s steps, hf; run
 #                                             it in two separate calls (tax-unsloth: the same, Unsloth);
@@ -33,11 +35,11 @@ mkdir -p "$OUT" "$WORK"
 if [[ $PART == table ]]; then
   # gpu_campaign.sh installs the wheels itself, and stops the matrix in time for the fit.
   LIMIT_S=540 OUT=$OUT bash bench/gpu_campaign.sh --clean-speed --no-e2e --arch llama-3.2-1b \
-    --arch llama-3.2-3b --arch qwen2.5-7b --arch mistral-7b
-  RESULTS=$(ls -t "$OUT"/memory-calibration-matrix-*.json 2>/dev/null | head -1)
+    --arch llama-3.2-3b --arch qwen2.5-7b --arch mistral-7b "${@:2}"
+  RESULTS=$(ls -t "$OUT"/memory-calibration-matrix-*.json "$OUT"/calibration-matrix-dry-run-*.json 2>/dev/null | head -1)
   [[ -n $RESULTS ]] || { echo "the matrix wrote no results"; exit 1; }
   cp engine/memory/speed_fits.json "$OUT/speed_fits.json"
-  PYTHONPATH=$PWD:/tmp/site python3 bench/speed_table.py "$RESULTS" --write "$OUT/speed_fits.json" \
+  PYTHONPATH=$PWD:/tmp/site ${PYTHON:-python3} bench/speed_table.py "$RESULTS" --write "$OUT/speed_fits.json" \
     --out "$OUT/speed-table-$(date -u +%F).json" 2>&1 | tee "$OUT/speed-table.txt"
   exit "${PIPESTATUS[0]}"
 fi

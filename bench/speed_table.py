@@ -176,10 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for s, e in errors.items():
         loo, loao = e["leave_one_configuration_out"], e["leave_one_architecture_out"]
+        if not loo:
+            print(f"{s}: {e['configurations']} configurations, too few to fit without one")
+            continue
+        by_arch = f"worst {loao['worst']:.1%}" if loao else "one architecture only"
         print(
             f"{s}: {e['configurations']} configurations; held out by configuration: worst "
-            f"{loo.get('worst', float('nan')):.1%}, median {loo.get('median', float('nan')):.1%}; by "
-            f"architecture: worst {loao.get('worst', float('nan')):.1%}"
+            f"{loo['worst']:.1%}, median {loo['median']:.1%}; by architecture: {by_arch}"
         )
     losses = [c.loss for c in picks if c.loss is not None]
     worst = max(losses, default=None)

@@ -4,6 +4,7 @@ it never saw, and that auto picks the stack it predicts faster, saying why."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import itertools
 import random
@@ -182,3 +183,27 @@ def test_the_committed_fits_load_and_name_what_they_rest_on() -> None:
 def test_work_vector_follows_the_feature_order() -> None:
     w = StepWork(matmul=1, dequant=2, elementwise=3, launches=4, tokens=5)
     assert w.vector() == (1.0, 2.0, 3.0, 4.0)
+
+
+def test_a_run_on_a_gpu_chooses_by_the_same_prediction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's own choice (the hello event's reason): the run's budget, this machine's GPU."""
+    from engine.memory import checkpointing, gpus
+    from engine.train import backends
+
+    h100 = resolve_gpu("h100")
+    monkeypatch.setattr(speed, "fits", lambda: (_fit("hf"), _fit("unsloth")))
+    monkeypatch.setattr(stacks, "installed", lambda s: True)
+    monkeypatch.setattr(checkpointing, "run_budget_gb", lambda spec: (h100.budget_gb, "budget"))
+    monkeypatch.setattr(gpus, "resolve_gpu", lambda spec: h100)
+    cfg = load_preset("llama-3.1-8b-h100")
+    name, why = backends.choose_backend(cfg, "cuda")
+    assert name == "unsloth" and why.startswith("auto: Unsloth predicted ")
+    # A stack the model cannot predict (no fit for hf here) leaves the order as it was, and says so.
+    monkeypatch.setattr(speed, "fits", lambda: (_fit("unsloth"),))
+    name, why = backends.choose_backend(cfg, "cuda")
+    assert name == "unsloth" and why.endswith(
+        "no speed model measured for this GPU, so the first that can run"
+    )
+    # An explicit stack is never second-guessed.
+    explicit = dataclasses.replace(cfg, hardware=dataclasses.replace(cfg.hardware, backend="hf"))
+    assert backends.choose_backend(explicit, "cuda") == ("hf", "requested in the preset")
