@@ -73,6 +73,11 @@ def step_work(
     )
 
 
+def predict_s(costs: dict[str, float], work: StepWork) -> float:
+    """Seconds per optimizer step: each kind of work times its cost."""
+    return sum(costs.get(f, 0.0) * x for f, x in zip(FEATURES, work.vector(), strict=True))
+
+
 @dataclass(frozen=True)
 class SpeedFit:
     """A stack's fitted costs on one GPU, and what they rest on."""
@@ -87,7 +92,7 @@ class SpeedFit:
     date: str
 
     def predict_s(self, work: StepWork) -> float:
-        return sum(self.costs.get(f, 0.0) * x for f, x in zip(FEATURES, work.vector(), strict=True))
+        return predict_s(self.costs, work)
 
     def to_dict(self) -> dict[str, Any]:
         return {

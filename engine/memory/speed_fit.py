@@ -20,7 +20,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engine.memory.speed import FEATURES, StepWork
+from engine.memory.speed import FEATURES, StepWork, predict_s
 
 
 @dataclass(frozen=True)
@@ -74,10 +74,6 @@ def fit_costs(rows: Sequence[Measured], features: Sequence[str] = FEATURES) -> d
                 best = (residual, {features[j]: coef[j] / norms[j] for j in coef})
     assert best is not None  # a single column with positive entries always solves
     return {f: best[1].get(f, 0.0) for f in FEATURES}
-
-
-def predict_s(costs: dict[str, float], work: StepWork) -> float:
-    return sum(costs.get(f, 0.0) * x for f, x in zip(FEATURES, work.vector(), strict=True))
 
 
 @dataclass(frozen=True)

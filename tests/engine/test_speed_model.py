@@ -16,8 +16,8 @@ from engine.config import ALL_LINEAR, load_preset
 from engine.memory import speed
 from engine.memory.architectures import catalog
 from engine.memory.gpus import resolve_gpu
-from engine.memory.speed import FEATURES, SpeedFit, StepWork, step_work
-from engine.memory.speed_fit import Measured, choices, fit_costs, leave_one_out, predict_s
+from engine.memory.speed import FEATURES, SpeedFit, StepWork, predict_s, step_work
+from engine.memory.speed_fit import Measured, choices, fit_costs, leave_one_out
 
 est = importlib.import_module("engine.memory.estimate")  # the module: engine.memory re-exports its function
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
