@@ -10,9 +10,16 @@ kernels set (fitted to measured steps by engine.memory.speed_fit, never guessed)
 - dequant: 4-bit weight elements turned back into 16-bit ones. Each micro-batch does it for every
   layer in its forward and again in its backward, and once more for each checkpointed layer's
   recompute; this is why fewer, larger micro-batches are faster (train.batch_split);
-- elementwise: tokens x layers x hidden, the memory-bound work between the matmuls (norms, rotary,
-  activations, residuals, the adapters' dropout and scaling), which fused kernels shrink;
-- launches: micro-batches x layers, the fixed cost of a layer's kernels whatever the rows.
+- elementwise: tokens x hidden x layer passes, the memory-bound work between the matmuls (norms,
+  rotary, activations, residuals, the adapters' scaling), which fused kernels shrink;
+- launches: micro-batches x layer passes, the fixed cost of a layer's kernels whatever the rows.
+
+A layer pass counts a layer's forward as one and its backward as two (it computes two gradients
+where the forward computed one output); a checkpointed layer's recompute is one more forward. So
+every term is affine in the number of checkpointed layers: on the Llama-3.1-8B recipe on an H100
+(bench/results/stacks-llama-3.1-8b-h100-2026-11-23.json, one call, Unsloth), the step with 17 of
+32 layers checkpointed (1.467 s) is 1.4% slower than the line through 0 (1.186 s) and 32 layers
+(1.677 s) predicts.
 
 The fits live in speed_fits.json beside this file, one per stack and GPU: which card they were
 measured on, how many configurations, and the held-out error (bench/speed_table.py writes it).
@@ -40,8 +47,8 @@ class StepWork:
 
     matmul: float  # seconds at 100% of the card's dense 16-bit peak
     dequant: float  # 4-bit weight elements dequantized, billions
-    elementwise: float  # tokens x layers x hidden, billions
-    launches: float  # micro-batches x layers, thousands
+    elementwise: float  # tokens x hidden x layer passes, billions
+    launches: float  # micro-batches x layer passes, thousands
     tokens: int  # tokens per optimizer step (what tokens/s divides)
 
     def vector(self) -> tuple[float, ...]:
@@ -62,13 +69,16 @@ def step_work(
     """The work of one optimizer step of full seq_len rows (packed or padding-free)."""
     per_token = flops.training_flops_per_token(arch, seq_len, r, targets, checkpointed)
     tokens = seq_len * micro_batch * grad_accum
-    passes = grad_accum * (2 * arch.layers + checkpointed)  # layer passes that dequantize
-    layer_weights = sum(i * o for i, o in arch.linear_modules().values())
+    # Each micro-batch dequantizes a layer's weights in its forward, its backward and its recompute.
+    dequantized = (
+        grad_accum * (2 * arch.layers + checkpointed) * sum(i * o for i, o in arch.linear_modules().values())
+    )
+    layer_passes = 3 * arch.layers + checkpointed  # forward 1, backward 2, recompute 1
     return StepWork(
         matmul=tokens * sum(per_token.values()) / (peak_tflops * 1e12),
-        dequant=passes * layer_weights / 1e9,
-        elementwise=tokens * arch.layers * arch.hidden / 1e9,
-        launches=grad_accum * arch.layers / 1e3,
+        dequant=dequantized / 1e9,
+        elementwise=tokens * arch.hidden * layer_passes / 1e9,
+        launches=grad_accum * layer_passes / 1e3,
         tokens=tokens,
     )
 

@@ -67,8 +67,11 @@ def test_a_step_counts_dequantizing_per_micro_batch_and_the_same_flops_however_s
     # Two micro-batches dequantize every weight twice as often, and launch twice the layers.
     assert as_written.dequant == pytest.approx(2 * resplit.dequant)
     assert as_written.launches == pytest.approx(2 * resplit.launches)
-    # Recomputing every layer is a third forward pass of its weights, and more FLOPs.
+    # Recomputing every layer dequantizes its weights a third time, and runs its forward again:
+    # one more layer pass on top of forward (one) and backward (two), and a forward's FLOPs.
     assert recomputed.dequant == pytest.approx(as_written.dequant * 3 / 2)
+    assert recomputed.elementwise == pytest.approx(as_written.elementwise * 4 / 3)
+    assert recomputed.launches == pytest.approx(as_written.launches * 4 / 3)
     assert recomputed.matmul > as_written.matmul
     # The figure: about 3.5e10 FLOPs a token on the 8B at 4096 without recompute.
     assert as_written.matmul * 989e12 / as_written.tokens == pytest.approx(3.5e10, rel=0.05)
