@@ -5,6 +5,8 @@ its rows per optimizer step split into micro-batches (handed to the trainer's ar
 `train.gradient_checkpointing: auto` asks the estimate (choose_checkpointing) for the fewest layers
 whose peak still fits the GPU's budget; true, false or a number fix it. `train.batch_split: auto`
 then asks it (choose_split) for the fewest micro-batches that still fit without checkpointing.
+With both auto and a speed model for this GPU (engine.memory.speed), plan_layout then takes the
+split and checkpointing predicted fastest among those that fit (estimate.fastest_layout).
 Pure Python: the budget is the free memory NVML reports, capped by hardware.gpu.
 """
 
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 from engine.config import RunConfig
 from engine.memory.architectures import resolve_architecture
-from engine.memory.estimate import choose_checkpointing, choose_split, with_split
+from engine.memory.estimate import choose_checkpointing, choose_split, fastest_layout, with_split
 from engine.memory.gpus import resolve_gpu
 
 
@@ -113,3 +115,25 @@ def plan_split(
     except Exception as exc:  # no architecture, no NVML: never stop a run over it
         return BatchSplit(t.micro_batch, t.grad_accum, f"auto: as written (no memory estimate: {exc})")
     return BatchSplit(mb, ga, why)
+
+
+def plan_layout(
+    cfg: RunConfig, backend: str, device: str, layers: int, processes: int = 1
+) -> tuple[CheckpointPlan, BatchSplit]:
+    """The run's checkpointing and batch split: each by its own rule, then, with both auto and a
+    speed model for this GPU, the layout predicted fastest where it beats theirs."""
+    checkpointing = plan_checkpointing(cfg, backend, device, layers)
+    split = plan_split(cfg, backend, device, checkpointing, processes)
+    if device != "cuda" or processes > 1:
+        return checkpointing, split
+    try:
+        budget, where = run_budget_gb(cfg.hardware.gpu)
+        arch = resolve_architecture(cfg)
+        chosen = (checkpointing.checkpointed, split.micro_batch, split.grad_accum)
+        faster = fastest_layout(cfg, arch, backend, budget, resolve_gpu("auto"), chosen)
+    except Exception:  # no architecture, no NVML: the memory rules' layout stands
+        return checkpointing, split
+    if faster is None or arch.layers != layers:
+        return checkpointing, split
+    k, mb, ga, why_k, why_split = faster
+    return CheckpointPlan(layers, k, f"{why_k}; {where}"), BatchSplit(mb, ga, why_split)

@@ -484,6 +484,71 @@ def choose_split(
     )
 
 
+# A layout predicted faster by less than this keeps the one the memory rules chose: closer than
+# that, the speed model cannot tell two layouts apart (its held-out error is a few percent).
+FASTER_BY = 0.01
+
+
+def fastest_layout(
+    cfg: RunConfig,
+    arch: Architecture,
+    backend: str,
+    budget_gb: float | None,
+    gpu: Gpu,
+    chosen: tuple[int, int, int],
+    liger: bool | None = None,
+    expandable: bool | None = None,
+) -> tuple[int, int, int, str, str] | None:
+    """(checkpointed, micro_batch, grad_accum, checkpointing's why, split's why) of a faster layout
+    than `chosen` (checkpointed, micro_batch, grad_accum, as the memory rules chose it), or None.
+
+    With train.gradient_checkpointing and train.batch_split both auto and a speed model for this
+    stack on this class of GPU (engine.memory.speed), every split of the step's rows is planned with
+    the fewest checkpointed layers that fit, and the one predicted fastest wins. A smaller
+    micro-batch may need fewer layers recomputed: at 24 GB, 1 x 4 with few layers checkpointed can
+    beat 2 x 2 with many. The training is the same either way (choose_split says why)."""
+    t = cfg.train
+    if t.batch_split != "auto" or t.gradient_checkpointing != "auto" or budget_gb is None:
+        return None
+    fit, peak = speed.fit_for(backend, gpu.device.name), peak_tflops(gpu)
+    if fit is None or not peak:
+        return None
+    rows = t.micro_batch * t.grad_accum
+    limit = budget_gb * (1 - C.TIGHT_FRACTION)
+    # hf pads each micro-batch to its longest row: a larger one would compute more padding.
+    grow = cfg.data.packing or stacks.padding_free(backend)
+    targets = _targets(cfg, arch)
+
+    def step_s(k: int, m: int) -> float:
+        work = speed.step_work(
+            arch, seq_len=t.seq_len, micro_batch=m, grad_accum=rows // m, r=cfg.lora.r, targets=targets,
+            checkpointed=k, peak_tflops=peak,
+        )  # fmt: skip
+        return fit.predict_s(work)
+
+    k0, m0, _ = chosen
+    t0 = step_s(k0, m0)
+    best: tuple[float, int, int, str] | None = None
+    for m in (d for d in range(1, rows + 1) if rows % d == 0 and (grow or d <= t.micro_batch)):
+        c = with_split(cfg, m, rows // m)
+        k, why = choose_checkpointing(c, arch, backend, budget_gb, None, liger, expandable, gpu.device)
+        plan = plan_for(c, arch, backend, budget_gb, None, k, liger, expandable, gpu.device)
+        if _estimate_plan(c, arch, plan).device_total_gb > limit:
+            continue  # not even every layer checkpointed fits at this micro-batch
+        s = step_s(k, m)
+        if best is None or s < best[0]:
+            best = (s, k, m, why)
+    if best is None or best[0] > t0 * (1 - FASTER_BY):
+        return None
+    s, k, m, why = best
+    split = (
+        f"auto, written {t.micro_batch} x {t.grad_accum}: {m} x {rows // m} with {k} layers checkpointed "
+        f"predicted {t0 / s:.2f}x the speed of {m0} x {rows // m0} with {k0} ({s:.2f} against {t0:.2f} s "
+        f"a step; speed model of {fit.configurations} configurations on {fit.gpu})"
+    )
+    return k, m, rows // m, why, split
+
+
 # ---------------------------------------------------------------------------------------------
 # Estimate
 # ---------------------------------------------------------------------------------------------
@@ -529,6 +594,11 @@ def estimate(
     if checkpointed is None:
         k, why = choose_checkpointing(cfg, arch, name, budget_gb, padded, liger, expandable, device)
         mb, ga, split = choose_split(cfg, arch, name, budget_gb, k, liger, expandable, device, processes)
+        faster = None
+        if gpu is not None and processes == 1 and padded is None:
+            faster = fastest_layout(cfg, arch, name, budget_gb, gpu, (k, mb, ga), liger, expandable)
+        if faster is not None:
+            k, mb, ga, why, split = faster
         cfg = with_split(cfg, mb, ga)
     else:  # what a running engine decided (its split is already in cfg)
         k, why = (

@@ -17,7 +17,7 @@ from typing import Any
 from engine import __version__, allocator, protocol
 from engine.config import RunConfig, load_resolved
 from engine.errors import UserError
-from engine.memory.checkpointing import BatchSplit, CheckpointPlan, plan_checkpointing, plan_split
+from engine.memory.checkpointing import BatchSplit, CheckpointPlan, plan_layout
 from engine.run import checkpoints, fingerprint, runs
 from engine.run.control import CommandQueue
 from engine.run.distributed import Ranks, Timeouts
@@ -170,13 +170,10 @@ class Recipe:
         path = sources.model_path
         self.tokenizer = load_tokenizer(cfg, path)
         # Decided before the weights load: the GPU's free memory is the budget auto spends.
-        self.checkpointing = self._checkpointing(path)
-        self.split: BatchSplit = plan_split(
-            cfg, self.backend.name, self.device, self.checkpointing, self.ranks.world_size
-        )
+        self.checkpointing, self.split = self._plan_step(path)
         if self.split.changed(cfg):
-            # The same rows per optimizer step, as fewer micro-batches: everything downstream (the
-            # trainer's arguments, the data report's steps, the estimate) reads the new split.
+            # The same rows per optimizer step, split into other micro-batches: everything
+            # downstream (the trainer's arguments, the data report's steps, the estimate) reads it.
             self.cfg = cfg = self.split.apply(cfg)
         model = self._load_model(path)
         self._emit_model_ready(model, path, time.perf_counter() - t0)
@@ -184,7 +181,7 @@ class Recipe:
         prepared, template = self._prepare_data(self.backend.padding_free_rows(model))
         self.trainer = self._build_trainer(model, prepared, template)
 
-    def _checkpointing(self, path: str) -> CheckpointPlan:
+    def _plan_step(self, path: str) -> tuple[CheckpointPlan, BatchSplit]:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(
@@ -192,7 +189,7 @@ class Recipe:
         )
         layers = int(getattr(config.get_text_config(), "num_hidden_layers", 0) or 0)
         assert self.backend is not None
-        return plan_checkpointing(self.cfg, self.backend.name, self.device, layers)
+        return plan_layout(self.cfg, self.backend.name, self.device, layers, self.ranks.world_size)
 
     def _load_model(self, path: str) -> Any:
         """The base, the backend's kernels, then the adapters. LoRA's A matrices are drawn at random

@@ -12,7 +12,7 @@ import random
 import pytest
 
 from engine import stacks
-from engine.config import ALL_LINEAR, load_preset
+from engine.config import ALL_LINEAR, RunConfig, load_preset
 from engine.memory import speed
 from engine.memory.architectures import catalog
 from engine.memory.gpus import resolve_gpu
@@ -210,3 +210,74 @@ def test_a_run_on_a_gpu_chooses_by_the_same_prediction(monkeypatch: pytest.Monke
     # An explicit stack is never second-guessed.
     explicit = dataclasses.replace(cfg, hardware=dataclasses.replace(cfg.hardware, backend="hf"))
     assert backends.choose_backend(explicit, "cuda") == ("hf", "requested in the preset")
+
+
+def _seed(**changes: object) -> RunConfig:
+    from tests.engine.test_batch_split import seed_recipe
+
+    return seed_recipe(**changes)
+
+
+@pytest.mark.parametrize("card", ["rtx4090", "h100"])
+def test_with_a_speed_model_auto_takes_the_fastest_layout_that_fits(
+    monkeypatch: pytest.MonkeyPatch, card: str
+) -> None:
+    """Both auto: every split of the step's rows, each with the fewest checkpointed layers that
+    fit, and the one predicted fastest (it fits; nothing that fits is predicted faster)."""
+    gpu = resolve_gpu(card)
+    monkeypatch.setattr(speed, "fits", lambda: (_fit("unsloth", gpu.device.name),))
+    cfg, arch = _seed(), catalog()["llama-3.1-8b"]
+    rows, limit = 4, gpu.budget_gb * (1 - est.C.TIGHT_FRACTION)
+
+    def predicted(m: int) -> tuple[float, int] | None:
+        c = est.with_split(cfg, m, rows // m)
+        k, _ = est.choose_checkpointing(c, arch, "unsloth", gpu.budget_gb, device=gpu.device)
+        e = est.estimate(c, arch, "unsloth", checkpointed=k, gpu=gpu)
+        if e.device_total_gb > limit:
+            return None
+        work = step_work(
+            arch, seq_len=4096, micro_batch=m, grad_accum=rows // m, r=32, targets=ALL_LINEAR,
+            checkpointed=k, peak_tflops=gpu.tensor_tflops or 0,
+        )  # fmt: skip
+        return predict_s(COSTS["unsloth"], work), k
+
+    options = {m: p for m in (1, 2, 4) if (p := predicted(m)) is not None}
+    best = min(options, key=lambda m: options[m][0])
+    e = est.estimate(cfg, arch, "unsloth", gpu=gpu)
+    assert (e.micro_batch, e.checkpointed_layers) == (best, options[best][1])
+    assert e.device_total_gb <= limit
+    if card == "rtx4090":
+        # The memory rules keep 2 x 2 with 16 layers checkpointed; one row at a time fits with none.
+        assert (e.micro_batch, e.grad_accum, e.checkpointed_layers) == (1, 4, 0)
+    # Where that differs from the memory rules' layout, the split says why.
+    k_rule, _ = est.choose_checkpointing(cfg, arch, "unsloth", gpu.budget_gb, device=gpu.device)
+    m_rule, _, _ = est.choose_split(cfg, arch, "unsloth", gpu.budget_gb, k_rule, device=gpu.device)
+    if (best, options[best][1]) != (m_rule, k_rule):
+        assert "predicted" in e.split_reason and "speed model of 12 configurations" in e.split_reason
+    # Without a model for this card, or with either key fixed, the memory rules' layout stands.
+    monkeypatch.setattr(speed, "fits", lambda: ())
+    plain = est.estimate(cfg, arch, "unsloth", gpu=gpu)
+    monkeypatch.setattr(speed, "fits", lambda: (_fit("unsloth", gpu.device.name),))
+    for fixed in (_seed(**{"train.batch_split": "fixed"}), _seed(**{"train.gradient_checkpointing": True})):
+        assert est.fastest_layout(fixed, arch, "unsloth", gpu.budget_gb, gpu, (32, 2, 2)) is None
+    assert "speed model" not in plain.split_reason
+
+
+def test_the_run_plans_the_layout_the_estimate_shows(monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.memory import checkpointing, gpus
+
+    gpu = resolve_gpu("rtx4090")
+    monkeypatch.setattr(speed, "fits", lambda: (_fit("unsloth", gpu.device.name),))
+    monkeypatch.setattr(checkpointing, "run_budget_gb", lambda spec: (gpu.budget_gb, "budget: test"))
+    monkeypatch.setattr(checkpointing, "resolve_gpu", lambda spec: gpu)
+    monkeypatch.setattr(gpus, "resolve_gpu", lambda spec: gpu)
+    cfg, arch = _seed(), catalog()["llama-3.1-8b"]
+    plan, split = checkpointing.plan_layout(cfg, "unsloth", "cuda", arch.layers)
+    e = est.estimate(cfg, arch, "unsloth", gpu=gpu)
+    assert (plan.checkpointed, split.micro_batch, split.grad_accum) == (
+        e.checkpointed_layers, e.micro_batch, e.grad_accum,
+    )  # fmt: skip
+    assert split.micro_batch * split.grad_accum == 4
+    # On the CPU, or with several processes, nothing is searched.
+    cpu_plan, cpu_split = checkpointing.plan_layout(cfg, "unsloth", "cpu", arch.layers)
+    assert cpu_plan.checkpointed == arch.layers and not cpu_split.changed(cfg)
