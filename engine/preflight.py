@@ -7,8 +7,10 @@ model is not loaded and the data not tokenized; the engine child does that secon
 
 from __future__ import annotations
 
-from engine import data
+from engine import data, stacks
 from engine.config import RunConfig
+from engine.errors import UserError
+from engine.memory import resolve_gpu
 from engine.models import source
 from engine.run import distributed
 
@@ -16,6 +18,32 @@ from engine.run import distributed
 def check(cfg: RunConfig) -> int:
     """Raise UserError (one line) if the run cannot start; returns the processes it takes on this
     host (hardware.gpus resolved)."""
+    check_hardware(cfg)
     source.check(cfg)
     data.check_source(cfg)
     return distributed.processes_per_node(cfg)
+
+
+def check_gpu_name(cfg: RunConfig) -> None:
+    """hardware.gpu names a card of the catalog, a size, or auto (engine.memory.resolve_gpu)."""
+    if str(cfg.hardware.gpu).strip().lower() != "auto":
+        try:
+            resolve_gpu(str(cfg.hardware.gpu))
+        except UserError as exc:
+            raise UserError(f"hardware.gpu: {exc.message}", exc.hint) from None
+
+
+def check_hardware(cfg: RunConfig) -> None:
+    """What the engine would refuse seconds after starting, asked here without torch: a card name
+    the catalog does not know, CUDA asked for with no GPU visible, a stack that cannot run here."""
+    check_gpu_name(cfg)
+    hw = cfg.hardware
+    wants_cuda = hw.device == "cuda" or (hw.backend != stacks.AUTO and stacks.stack(hw.backend).needs_cuda)
+    if not wants_cuda or hw.device == "cpu":  # cpu with a CUDA-only stack: engine.config says so
+        return
+    cuda = distributed.visible_gpus() > 0
+    if hw.device == "cuda" and not cuda:
+        raise UserError(
+            "hardware.device: cuda was asked for but no CUDA GPU is visible", "set hardware.device=auto or cpu"
+        )
+    stacks.choose(hw.backend, cuda=cuda)

@@ -244,8 +244,9 @@ def pipe_events(proc: subprocess.Popen[bytes]) -> Iterator[protocol.Event]:
 
 
 def follow_child(proc: subprocess.Popen[bytes], run_dir: Path, printer: EventPrinter) -> int:
-    """Print a launched run's events. Ctrl-C once: stop (the engine saves a checkpoint and exits);
-    twice: detach, leaving the run to train on."""
+    """Print a launched run's events. Ctrl-C once: stop (the engine finishes its step, saves a
+    checkpoint and exits); twice: stop waiting for that. The stop was already sent: the run still
+    stops and saves, and `qlc attach` shows it. (Leaving a run training: `qlc train --detach`.)"""
     interrupts = 0
 
     def on_interrupt(_signum: int, _frame: object) -> None:
@@ -254,7 +255,7 @@ def follow_child(proc: subprocess.Popen[bytes], run_dir: Path, printer: EventPri
         if interrupts == 1:
             err.print(
                 "[yellow]stopping: finishing the current step and saving a checkpoint "
-                "(Ctrl-C again to detach and leave the run training)[/]"
+                "(Ctrl-C again to stop waiting; the run still stops and saves)[/]"
             )
             try:
                 assert proc.stdin is not None
@@ -270,7 +271,7 @@ def follow_child(proc: subprocess.Popen[bytes], run_dir: Path, printer: EventPri
         for ev in pipe_events(proc):
             printer(ev)
     except KeyboardInterrupt:
-        err.print(f"detached; the run goes on. Follow it with: qlc attach {run_dir.name}")
+        err.print(f"detached; the run is stopping and saving a checkpoint. See it end with: qlc attach {run_dir.name}")
         return 0
     finally:
         signal.signal(signal.SIGINT, previous)

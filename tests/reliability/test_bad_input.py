@@ -39,8 +39,8 @@ def preset(id: str, text: str | bytes, needle: str) -> Case:
     return Case("preset", id, ("train", "{tmp}/bad.yaml"), needle, preset=text)
 
 
-def override(id: str, value: str, needle: str) -> Case:
-    return Case("override", id, ("train", "tiny-demo", "--set", value), needle)
+def override(id: str, value: str, needle: str, **env: str) -> Case:
+    return Case("override", id, ("train", "tiny-demo", "--set", value), needle, env=env)
 
 
 def model(id: str, value: str, needle: str, **env: str) -> Case:
@@ -140,6 +140,20 @@ CASES = [
         "--set model.attn_implementation=flash: 'flash' is not one of",
     ),
     override("remote-code-unconfirmed", "model.trust_remote_code=true", "model.trust_remote_code is true"),
+    # --- hardware (asked of the catalog and NVML before the engine starts; no GPU visible here) ---
+    override("unknown-gpu", "hardware.gpu=rtx9090", "hardware.gpu: unknown GPU 'rtx9090' (did you mean"),
+    override(
+        "cuda-without-gpu",
+        "hardware.device=cuda",
+        "hardware.device: cuda was asked for but no CUDA GPU is visible (set hardware.device=auto or cpu)",
+        CUDA_VISIBLE_DEVICES="",
+    ),
+    override(
+        "unsloth-without-gpu",
+        "hardware.backend=unsloth",
+        "hardware.backend: unsloth needs a CUDA GPU (set hardware.backend=hf or auto)",
+        CUDA_VISIBLE_DEVICES="",
+    ),
     # --- datasets ----------------------------------------------------------------------------
     dataset("missing-file", ("data.source=/no/such.jsonl",), "/no/such.jsonl: not found"),
     dataset("missing-val-file", ("data.val_source=/no/val.jsonl",), "/no/val.jsonl: not found"),
@@ -195,7 +209,7 @@ CASES = [
     ),
 ]
 # One per class, also run as a real subprocess.
-SUBPROCESS = {"yaml-tab", "close-misspelling", "missing-folder", "bad-role", "unknown-option"}  # ids
+SUBPROCESS = {"yaml-tab", "close-misspelling", "missing-folder", "bad-role", "unknown-option", "cuda-without-gpu"}  # ids
 
 
 @pytest.fixture

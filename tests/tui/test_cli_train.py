@@ -10,3 +10,10 @@ def test_presets_lists_the_recipes() -> None:
     result = qlc("presets", "--json")
     assert result.returncode == 0
     assert "tiny-demo" in result.stdout and "gpus" not in [line.strip() for line in result.stdout.split('"')]
+
+
+def test_presets_refuses_a_card_train_and_estimate_would_refuse() -> None:
+    result = qlc("presets", "tiny-demo", "--set", "hardware.gpu=rtx9090")
+    assert result.returncode == 2 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("qlc: error: hardware.gpu: unknown GPU 'rtx9090' (did you mean 'rtx5090'?")
