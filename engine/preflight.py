@@ -44,6 +44,7 @@ def check_hardware(cfg: RunConfig) -> None:
     cuda = distributed.visible_gpus() > 0
     if hw.device == "cuda" and not cuda:
         raise UserError(
-            "hardware.device: cuda was asked for but no CUDA GPU is visible", "set hardware.device=auto or cpu"
+            "hardware.device: cuda was asked for but no CUDA GPU is visible",
+            "set hardware.device=auto or cpu",
         )
     stacks.choose(hw.backend, cuda=cuda)

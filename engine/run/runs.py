@@ -296,8 +296,14 @@ def checkpoints(run_dir: Path) -> list[Path]:
 def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:
     found = checkpoints(run_dir)
     if not found:
+        if is_running(run_dir):
+            raise UserError(
+                f"run {run_dir.name} has no checkpoint yet",
+                "let it train to its first save, or `qlc stop` it",
+            )
         raise UserError(
-            f"run {run_dir.name} has no checkpoint yet", "let it train to its first save, or `qlc stop` it"
+            f"run {run_dir.name} has no checkpoint",
+            f"{_ended_early(last_status(run_dir))}: start it again with `qlc train`",
         )
     if step is None:
         return found[-1]
@@ -328,9 +334,22 @@ def resolve_adapter(run_dir: Path, checkpoint: str | None) -> Path:
 
 
 def _not_running_hint(run_dir: Path) -> str:
-    if last_status(run_dir) == "completed":
+    status = last_status(run_dir)
+    if status == "completed":
         return f"it completed; its adapter is in {run_dir / ADAPTER}"
+    if not checkpoints(run_dir):
+        return f"{_ended_early(status)}: start it again with `qlc train`"
     return f"`qlc resume {run_dir.name}` continues it"
+
+
+_ENDED = {"crashed": "crashed", "failed": "failed", "stopped": "was stopped"}
+
+
+def _ended_early(status: str) -> str:
+    """Why a run that is not running has no checkpoint, from its last session's status."""
+    if status == "created":
+        return "it never started"
+    return f"it {_ENDED.get(status, f'ended ({status})')} before its first checkpoint"
 
 
 def last_status(run_dir: Path) -> str:

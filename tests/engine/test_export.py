@@ -289,7 +289,7 @@ def _snapshot(folder: Path) -> list[str]:
     "args,message",
     [
         (["nosuch"], "no run 'nosuch'"),
-        (["{untrained}"], "has no checkpoint yet"),
+        (["{untrained}"], "has no checkpoint (it never started: start it again with `qlc train`)"),
         (["{stopped}", "--out", "{taken}"], "exists and is not empty"),
         (["{stopped}", "--checkpoint", "7"], "no checkpoint at step 7"),
         (["{stopped}", "--checkpoint", "last-one"], "--checkpoint 'last-one'"),

@@ -209,7 +209,14 @@ CASES = [
     ),
 ]
 # One per class, also run as a real subprocess.
-SUBPROCESS = {"yaml-tab", "close-misspelling", "missing-folder", "bad-role", "unknown-option", "cuda-without-gpu"}  # ids
+SUBPROCESS = {
+    "yaml-tab",
+    "close-misspelling",
+    "missing-folder",
+    "bad-role",
+    "unknown-option",
+    "cuda-without-gpu",
+}  # ids
 
 
 @pytest.fixture

@@ -43,7 +43,16 @@ def test_sampling_a_run_without_a_checkpoint_says_so_before_loading_anything(
     started = time.monotonic()
     code, _, err = _run(["--runs-dir", str(runs_root), "sample", NEW_RUN, "hi"], capsys)
     assert code == 2 and time.monotonic() - started < 5
-    assert err.strip().count("\n") == 0 and f"run {NEW_RUN} has no checkpoint yet" in err, err
+    assert err.strip().count("\n") == 0, err
+    # The run's engine is gone (no finished event): it will never save one, so say how to go on.
+    assert (
+        f"run {NEW_RUN} has no checkpoint (it crashed before its first checkpoint: start it again" in err
+    ), err
+    # `qlc stop` and `qlc resume` give the same way out, not each other.
+    code, _, err = _run(["--runs-dir", str(runs_root), "stop", NEW_RUN], capsys)
+    assert code == 2 and "crashed before its first checkpoint: start it again with `qlc train`" in err, err
+    code, _, err = _run(["--runs-dir", str(runs_root), "resume", NEW_RUN], capsys)
+    assert code == 2 and "start it again with `qlc train`" in err and "qlc stop" not in err, err
 
 
 def test_sampling_says_what_it_loads_then_streams_the_reply(
