@@ -15,22 +15,48 @@ from engine import __version__
 from engine.errors import UserError
 
 
+class _Help(argparse.HelpFormatter):
+    """Every option's default in its help, where it has one worth saying and does not say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        quiet = (None, False, "", [], argparse.SUPPRESS)
+        if action.option_strings and action.default not in quiet and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
     def error(self, message: str) -> None:  # one line and exit 2, as for every bad input
         self.exit(2, f"qlc: error: {message} (see `{self.prog} --help`)\n")
+
+
+RUNS_DIR_HELP = "where runs live (default: the user data folder, or $QLC_RUNS_DIR)"
+SET_HELP = "override one setting of the preset, e.g. --set train.lr=1e-4 (repeat for more)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qlc", description="A terminal console for QLoRA fine-tuning.")
     parser.add_argument("--version", action="version", version=f"qlora-console {__version__}")
-    parser.add_argument(
-        "--runs-dir", help="where runs live (default: the user data folder, or $QLC_RUNS_DIR)"
-    )
+    parser.add_argument("--runs-dir", help=RUNS_DIR_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for info in sorted(pkgutil.iter_modules(tui.commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"tui.commands.{info.name}")
         if hasattr(module, "register"):
             module.register(sub)
+    summaries = {a.dest: a.help for a in sub._choices_actions}
+    for name, command in sub.choices.items():
+        # `qlc COMMAND --help` opens with what `qlc --help` says of it.
+        command.description = command.description or summaries.get(name)
+        # --runs-dir after the command too (`qlc runs --runs-dir X`); absent there, the global one.
+        command.add_argument("--runs-dir", default=argparse.SUPPRESS, help=RUNS_DIR_HELP)
+        for action in command._actions:
+            if action.dest == "overrides" and not action.help:
+                action.help = SET_HELP
     return parser
 
 

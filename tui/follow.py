@@ -271,7 +271,9 @@ def follow_child(proc: subprocess.Popen[bytes], run_dir: Path, printer: EventPri
         for ev in pipe_events(proc):
             printer(ev)
     except KeyboardInterrupt:
-        err.print(f"detached; the run is stopping and saving a checkpoint. See it end with: qlc attach {run_dir.name}")
+        err.print(
+            f"detached; the run is stopping and saving a checkpoint. See it end with: qlc attach {run_dir.name}"
+        )
         return 0
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -303,7 +305,7 @@ def follow_file(run_dir: Path, printer: EventPrinter, tail: int | None = 20) -> 
     until the run finishes. Ctrl-C detaches and never stops the run."""
     history, offset = runs.read_events(run_dir)
     steps = [i for i, ev in enumerate(history) if isinstance(ev, protocol.Step)]
-    hidden = set(steps[:-tail]) if tail is not None and len(steps) > tail else set()
+    hidden = set(steps[: len(steps) - tail]) if tail is not None and len(steps) > tail else set()
     if hidden:
         out.print(f"[dim]… {len(hidden)} earlier step events (--tail to see more)[/]")
     for i, ev in enumerate(history):

@@ -120,6 +120,9 @@ def find_run(root: Path, ref: str) -> Path:
     if len(matches) > 1:
         names = ", ".join(p.name for p in matches[:5])
         raise RunNotFound(f"run {ref!r} is ambiguous: {names}", "give more of the id")
+    if not candidates:
+        what = "no runs yet" if ref in ("last", "latest") else f"no run {ref!r}"
+        raise RunNotFound(f"{what} under {root}", "there are none yet: start one with `qlc train tiny-demo`")
     raise RunNotFound(f"no run {ref!r} under {root}", "`qlc runs` lists them")
 
 

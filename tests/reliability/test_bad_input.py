@@ -195,6 +195,10 @@ CASES = [
     command("train-without-preset", ("train",), "the following arguments are required: preset"),
     command("unknown-option", ("train", "tiny-demo", "--bogus"), "unrecognized arguments: --bogus"),
     command("unknown-command", ("trian",), "invalid choice: 'trian'"),
+    command(
+        "attach-negative-tail", ("attach", "last", "--tail", "-1"), "argument --tail: -1: must be 0 or more"
+    ),
+    command("sample-empty-prompt", ("sample", "last", " "), "the prompt is empty"),
     command("stop-unknown-run", ("stop", "no-such-run"), "no run 'no-such-run'"),
     command("resume-unknown-run", ("resume", "no-such-run"), "no run 'no-such-run'"),
     command("attach-unknown-run", ("attach", "no-such-run"), "no run 'no-such-run'"),

@@ -100,3 +100,29 @@ def test_a_run_that_ends_between_logged_steps_is_listed_at_its_last_step(
     fake_engine.make_run_dir(runs_root, NEW_RUN, events)
     (summary,) = [runs.summarize(d) for d in runs.list_run_dirs(runs_root)]
     assert (summary.step, summary.last_loss) == (5, 2.5)
+
+
+@pytest.mark.parametrize(("tail", "shown"), [("0", 0), ("3", 3), ("1000", None)])
+def test_attach_tail_shows_that_many_step_lines(
+    tail: str, shown: int | None, runs_root: Path, capsys: pytest.CaptureFixture[str], quiet: None
+) -> None:
+    """--tail 0 used to show the whole history (steps[:-0] is empty: nothing hidden)."""
+    events = list(fake_engine.synthetic_run(40))
+    steps = sum(isinstance(e, protocol.Step) for e in events)
+    fake_engine.make_run_dir(runs_root, NEW_RUN, events)
+    code, out, _ = _run(["--runs-dir", str(runs_root), "attach", NEW_RUN, "--tail", tail], capsys)
+    assert code == 0
+    lines = [line for line in out.splitlines() if line.lstrip().startswith("step ")]
+    assert len(lines) == (steps if shown is None else shown)
+    if shown is not None:
+        assert f"… {steps - shown} earlier step events" in out
+
+
+def test_commands_take_the_runs_folder_after_their_name_too(
+    runs_root: Path, capsys: pytest.CaptureFixture[str], quiet: None
+) -> None:
+    fake_engine.make_run_dir(runs_root, NEW_RUN, list(fake_engine.synthetic_run(4)))
+    code, out, _ = _run(["runs", "--runs-dir", str(runs_root)], capsys)
+    assert code == 0 and NEW_RUN in out
+    code, _, err = _run(["attach", "last", "--runs-dir", str(runs_root / "none")], capsys)
+    assert code == 2 and "no runs yet under" in err and "start one with `qlc train tiny-demo`" in err

@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("presets", help="list presets, or show one resolved with --set overrides")
     p.add_argument("name", nargs="?", help="a preset to show in full")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the list, or the resolved preset, as JSON")
     p.set_defaults(func=run_presets)
 
 

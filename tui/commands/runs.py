@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     a = sub.add_parser("attach", help="follow a run's events (its whole history, then live) until it ends")
     a.add_argument("run", help="run id (or a unique part of it, or `last`)")
-    a.add_argument("--tail", type=int, default=20, help="step lines of history to show (default 20)")
+    a.add_argument("--tail", type=_count, default=20, help="step lines of history to show (0: none)")
     a.add_argument("--all", action="store_true", help="show the whole history")
     a.add_argument("--json", action="store_true", help="print events as JSON lines")
     a.set_defaults(func=run_attach)
@@ -39,6 +39,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--no-wait", action="store_true", help="return once the command is sent")
     s.add_argument("--timeout", type=float, default=600, help="seconds to wait for the run to stop")
     s.set_defaults(func=run_stop)
+
+
+def _count(text: str) -> int:
+    """A whole number, 0 or more (argparse's type for --tail)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{n}: must be 0 or more")
+    return n
 
 
 def run_list(args: argparse.Namespace) -> int:

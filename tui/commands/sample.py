@@ -24,15 +24,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--live", action="store_true", help="sample from the running model at its next step, without saving"
     )
     p.add_argument("--system", help="a system message")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
-    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=0.9,
+        help="sample from the likeliest tokens whose probabilities add up to this",
+    )
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for a live sample")
     p.add_argument("--json", action="store_true", help="print events as JSON lines")
     p.set_defaults(func=run_sample)
 
 
 def run_sample(args: argparse.Namespace) -> int:
+    if not args.prompt.strip():
+        raise UserError("the prompt is empty", "give the message to answer, e.g. qlc sample last 'Hello'")
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
