@@ -247,9 +247,13 @@ def advise(
     applicable = []
     for kind, step in steps:
         changed = step(start)
-        if changed is not None:
-            applicable.append((kind, step))
-            singles.append(_advice(advisor, changed, before))
+        if changed is None:
+            continue
+        advice = _advice(advisor, changed, before)
+        if advice.saves_gb <= 0:
+            continue  # it would need as much or more (the Unsloth backend, on some recipes)
+        applicable.append((kind, step))
+        singles.append(advice)
     # Changes that fit come first, the gentlest first; the others by what they save.
     singles.sort(key=lambda a: (STATUS_ORDER[a.status], COST[a.kinds[0]] if a.fits else 0, -a.saves_gb))
     if any(a.status == FITS for a in singles):
