@@ -125,10 +125,8 @@ class EventPrinter:
                     out.print(f"[dim]batch split: {escape(split)}[/]")
                 if ev.kernels:
                     out.print(f"[dim]kernels: {escape(', '.join(ev.kernels))}[/]")
-                source = f"{ev.repo}@{ev.commit[:12]}" if ev.repo and ev.commit else ev.repo
-                weights = " · ".join(x for x in (source, ev.quantization) if x)
-                if weights:
-                    out.print(f"[dim]weights: {escape(weights)}[/]")
+                # The weights' source is on the model-ready line, their quantization on the
+                # quantizing stage's: a weights line would say both again.
             case protocol.EstimateEvent():
                 self._estimate = ev
                 # The figure the console's Memory pane and `qlc estimate` show: the whole device
@@ -140,7 +138,8 @@ class EventPrinter:
                 card = "" if where else f" on {escape(ev.gpu)}"
                 budget = f" of {ev.budget_gb:.2f} GiB{card}" if ev.budget_gb else ""
                 verdict = f" · {ev.verdict.replace('_', ' ')}" if ev.verdict else ""
-                plan = f" · checkpointing {escape(ev.checkpoint_reason)}" if ev.checkpoint_reason else ""
+                there = "there, " if where else ""
+                plan = f" · {there}checkpointing {escape(ev.checkpoint_reason)}" if ev.checkpoint_reason else ""
                 out.print(
                     f"memory estimate{where}: {ev.device_total_gb:.2f} GiB{budget} (torch peak "
                     f"{ev.torch_peak_gb:.2f}){verdict}{plan}"

@@ -172,6 +172,11 @@ class EngineCallback(TrainerCallback):
             self.deferred.append(command)
 
     def on_evaluate(self, args: Any, st: Any, control: Any, **kw: Any) -> None:
+        self._eval_done(st)
+
+    def _eval_done(self, st: Any) -> None:
+        """The evaluation's last progress line (all its batches), once. The Trainer logs the eval
+        loss before it calls on_evaluate: emitted from there too, the line comes before the loss."""
         if self.eval.batches:
             n = self.eval.batches
             self.ctx.emitter.emit(
@@ -190,6 +195,7 @@ class EngineCallback(TrainerCallback):
     ) -> None:
         logs = logs or {}
         if "eval_loss" in logs:
+            self._eval_done(st)
             self._emit_eval(st.global_step, logs["eval_loss"])
         if "loss" in logs:
             loss = float(logs["loss"])

@@ -104,6 +104,12 @@ def test_a_tiny_run_trains_checkpoints_and_saves_its_adapter(reference: Path) ->
     assert last < first - 1.0, f"loss did not fall: {first:.3f} -> {last:.3f}"
     assert [e.step for e in events if isinstance(e, protocol.CheckpointSaved)] == [8, 16, 24]
     assert events[-1].status == "completed"
+    # Each evaluation's progress ends (all its batches) before its loss is reported.
+    assert any(isinstance(e, protocol.Eval) for e in events)
+    for i, ev in enumerate(events):
+        if isinstance(ev, protocol.Eval):
+            last = next(e for e in reversed(events[:i]) if isinstance(e, protocol.StageEvent))
+            assert last.stage == "evaluating" and last.current == last.total > 0
     adapter = reference / runs.ADAPTER
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
     # The base really is 4-bit NF4, and the optimizer really is bitsandbytes' 8-bit AdamW.
