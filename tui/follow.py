@@ -139,7 +139,9 @@ class EventPrinter:
                 budget = f" of {ev.budget_gb:.2f} GiB{card}" if ev.budget_gb else ""
                 verdict = f" · {ev.verdict.replace('_', ' ')}" if ev.verdict else ""
                 there = "there, " if where else ""
-                plan = f" · {there}checkpointing {escape(ev.checkpoint_reason)}" if ev.checkpoint_reason else ""
+                plan = (
+                    f" · {there}checkpointing {escape(ev.checkpoint_reason)}" if ev.checkpoint_reason else ""
+                )
                 out.print(
                     f"memory estimate{where}: {ev.device_total_gb:.2f} GiB{budget} (torch peak "
                     f"{ev.torch_peak_gb:.2f}){verdict}{plan}"
