@@ -80,6 +80,14 @@ def test_fit_exit_codes() -> None:
     assert none.returncode == 1 and "nothing fits" in none.stdout
 
 
+def test_fit_on_a_kind_of_gpu_names_no_strategy_for_a_run_one_gpu_holds() -> None:
+    """It said `fsdp: 2 GPUs` for the tiny demo on a T4: the fewest GPUs FSDP shards over, not a need."""
+    result = qlc("fit", "tiny-demo", "--gpu", "t4")
+    assert result.returncode == 0, result.stderr
+    tail = result.stdout.split("GPUs of this kind needed")[1].strip().splitlines()
+    assert tail[1].strip().startswith("one GPU, no strategy needed: ") and len(tail) == 2
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

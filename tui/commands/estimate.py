@@ -177,6 +177,11 @@ def _estimate_per_gpu(args: argparse.Namespace, cfg: RunConfig, gpu: memory.Gpu,
 def _print_needed(needed: per_gpu.GpusNeeded) -> None:
     out.print()
     out.print(f"[bold]GPUs of this kind needed[/] ({needed.gpu}), at this micro-batch and seq_len:")
+    one = needed.estimates.get("ddp") if needed.needed.get("ddp") == 1 else None
+    if one is not None:
+        # Sharding over more GPUs answers a question nobody asked of a run that fits on one.
+        out.print(f"  one GPU, no strategy needed: {one.device_total_gb:.2f} GiB")
+        return
     for strategy, n in needed.needed.items():
         e = needed.estimates[strategy]
         if n is None:
