@@ -275,9 +275,41 @@ def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) ->
     return cls(**kwargs)
 
 
+# What transformers, TRL, peft and bitsandbytes call our keys: a preset written from their
+# arguments names them so (TrainingArguments' learning_rate is train.lr).
+LIBRARY_NAMES = {
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "micro_batch",
+    "batch_size": "micro_batch",
+    "gradient_accumulation_steps": "grad_accum",
+    "max_seq_length": "seq_len",
+    "max_length": "seq_len",
+    "num_train_epochs": "epochs",
+    "lr_scheduler_type": "scheduler",
+    "optim": "optimizer",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "model_name_or_path": "name_or_path",
+    "dataset_name": "source",
+    "bnb_4bit_quant_type": "quant_type",
+    "bnb_4bit_use_double_quant": "double_quant",
+    "bnb_4bit_compute_dtype": "compute_dtype",
+}
+
+
 def _suggest(word: str, options: list[str]) -> str:
-    """The closest option, else the few nearest, else where to look: never the whole list of
-    fifty keys on one line."""
+    """The key a library's name stands for, else the closest option, else the few nearest, else
+    where to look: never the whole list of fifty keys on one line."""
+    section, _, leaf = word.rpartition(".")
+    ours = LIBRARY_NAMES.get(leaf)
+    if ours is not None:
+        # In a section, the options are its keys; for --set, section.key.
+        matches = [o for o in options if o == ours or o.endswith(f".{ours}")]
+        if section:
+            matches = [o for o in matches if o in (ours, f"{section}.{ours}")] or matches
+        if matches:
+            return f" (did you mean {matches[0]!r}? {leaf} is what transformers, TRL or peft call it)"
     close = difflib.get_close_matches(word, options, n=1)
     if close:
         return f" (did you mean {close[0]!r}?)"

@@ -67,6 +67,11 @@ CASES = [
     preset("unknown-section", GOOD + "modle:\n  r: 1\n", "modle: unknown key (did you mean 'model'?)"),
     preset("unknown-key", GOOD + "train:\n  lerning_rate: 1\n", "train.lerning_rate: unknown key"),
     preset(
+        "library-name",
+        GOOD + "train:\n  learning_rate: 1.0e-4\n",
+        "train.learning_rate: unknown key (did you mean 'lr'? learning_rate is what transformers, TRL or peft",
+    ),
+    preset(
         "wrong-type-int", GOOD + "train:\n  micro_batch: two\n", "train.micro_batch: expected int, got 'two'"
     ),
     preset("wrong-type-bool", GOOD + "quant:\n  load_in_4bit: maybe\n", "quant.load_in_4bit: expected bool"),
@@ -99,6 +104,11 @@ CASES = [
     override("unknown-far-key", "lerning_rate=1", "--set lerning_rate: unknown key (closest: "),
     override("close-misspelling", "lrr=1", "--set lrr: unknown key (did you mean 'lora.r'?)"),
     override("no-equals", "lr", "--set 'lr': expected key=value"),
+    override(
+        "library-name",
+        "gradient_accumulation_steps=4",
+        "--set gradient_accumulation_steps: unknown key (did you mean 'train.grad_accum'?",
+    ),
     override("empty-key", "=5", "--set : unknown key"),
     override("wrong-type", "train.micro_batch=two", "--set train.micro_batch=two: expected int, got 'two'"),
     override(
