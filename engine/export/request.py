@@ -82,21 +82,24 @@ def default_out_dir(run_dir: Path, source: Path, dtype: str, adapter_only: bool)
     return run_dir / EXPORTS / (f"{label}-adapter" if adapter_only else f"{label}-merged-{dtype}")
 
 
-def check_out_dir(out: Path) -> None:
+def check_out_dir(out: Path, given: bool = True) -> None:
     """An output folder must not exist, or be an empty folder; its nearest existing parent must be
-    a writable folder. Nothing is created here."""
+    a writable folder. Nothing is created here. `given`: the user named it with --out (else it is
+    the run's default export folder, and the message says so)."""
+    name = f"--out {out}" if given else f"{out} (the default export folder)"
     if out.exists() or out.is_symlink():
         if not out.is_dir():
-            raise UserError(f"--out {out}: exists and is not a folder", "choose another path")
+            raise UserError(f"{name}: exists and is not a folder", "choose another path")
         if any(out.iterdir()):
-            raise UserError(
-                f"--out {out}: exists and is not empty", "remove it, or choose another folder with --out"
-            )
+            hint = "remove it, or choose another folder with --out"
+            if not given:
+                hint = "this export was made before: remove it to make it again, or choose a folder with --out"
+            raise UserError(f"{name}: exists and is not empty", hint)
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: cannot write in {parent}", "choose a folder you can write to")
+        raise UserError(f"{name}: cannot write in {parent}", "choose a folder you can write to")
 
 
 def request_from_args(run_dir: Path, args: Any) -> ExportRequest:
@@ -157,7 +160,7 @@ def build_request(
     dtype = "" if adapter_only else (dtype or default_dtype(cfg))
     out_dir = Path(out).expanduser() if out else default_out_dir(run_dir, source, dtype, adapter_only)
     out_dir = out_dir.absolute()
-    check_out_dir(out_dir)
+    check_out_dir(out_dir, given=bool(out))
     return ExportRequest(
         run_dir=run_dir,
         source=source,

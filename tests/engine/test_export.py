@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 
 from engine import protocol
 from engine.config import load_preset
+from engine.errors import UserError
 from engine.run import runs
 from tests.conftest import QLC, REPO, qlc
 
@@ -317,3 +319,24 @@ def test_bad_input_is_one_line_and_exit_2(
     assert message in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
     assert result.stdout == ""
     assert {d: _snapshot(d) for d in before} == before
+
+
+def test_exporting_again_names_the_default_folder_not_an_option_never_given(
+    stopped: Path, tmp_path: Path
+) -> None:
+    """A second `qlc export RUN` said `--out …: exists`, though no --out was given."""
+    from engine.export.request import build_request, default_out_dir
+
+    source = runs.resolve_adapter(stopped, None)
+    made = default_out_dir(stopped, source, "bf16", adapter_only=True)
+    made.mkdir(parents=True)
+    (made / "adapter_model.safetensors").write_text("made before")
+    try:
+        with pytest.raises(UserError) as caught:
+            build_request(stopped, adapter_only=True, check_tools=False)
+        assert str(caught.value) == (
+            f"{made} (the default export folder): exists and is not empty (this export was made before: "
+            "remove it to make it again, or choose a folder with --out)"
+        )
+    finally:
+        shutil.rmtree(made)
