@@ -93,7 +93,9 @@ def check_out_dir(out: Path, given: bool = True) -> None:
         if any(out.iterdir()):
             hint = "remove it, or choose another folder with --out"
             if not given:
-                hint = "this export was made before: remove it to make it again, or choose a folder with --out"
+                hint = (
+                    "this export was made before: remove it to make it again, or choose a folder with --out"
+                )
             raise UserError(f"{name}: exists and is not empty", hint)
     parent = out.parent
     while not parent.exists():

@@ -138,3 +138,13 @@ def test_the_console_side_never_imports_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=60
     )
     assert r.returncode == 0, r.stderr
+
+
+def test_an_estimate_made_without_a_gpu_says_how_to_estimate_the_unsloth_stack() -> None:
+    """Planned on a laptop for a GPU box: auto models hf here, where Unsloth cannot run."""
+    result = qlc("estimate", "llama-3.1-8b-rtx4090")
+    first = result.stdout.splitlines()[0]
+    if "auto: no CUDA GPU" in first:
+        assert first.endswith("; --backend unsloth estimates that stack)")
+    unsloth = qlc("estimate", "llama-3.1-8b-rtx4090", "--backend", "unsloth")
+    assert "backend unsloth (requested)" in unsloth.stdout.splitlines()[0]

@@ -250,9 +250,13 @@ def _headline(cfg: RunConfig, est: Estimate) -> str:
     if t.gradient_checkpointing == "auto":
         gc += f" ({base.checkpoint_reason})"
     split = split_plan(est)
+    why = est.backend_reason
+    if why.startswith("auto: no CUDA GPU"):
+        # Estimated here for a GPU box elsewhere: auto picks there, where Unsloth may run.
+        why += "; --backend unsloth estimates that stack"
     return (
         f"[bold]{cfg.name or cfg.model.name_or_path}[/]: {est.arch.name}, backend {est.backend} "
-        f"({est.backend_reason})\nseq {t.seq_len} x micro-batch {base.micro_batch}, LoRA r {lo.r} on "
+        f"({why})\nseq {t.seq_len} x micro-batch {base.micro_batch}, LoRA r {lo.r} on "
         f"{len(lo.target_modules)} modules{mts}, {t.optimizer}, {gc}"
         + (f"\nbatch split: {split}" if split else "")
     )
