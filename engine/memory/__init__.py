@@ -21,10 +21,12 @@ from engine.memory.estimate import (
     TERM_NAMES,
     TIGHT,
     Estimate,
+    StepForecast,
     Term,
     Verdict,
     choose_checkpointing,
     estimate,
+    forecast_step,
     resolve_backend,
 )
 from engine.memory.fit import FitResult, fit
@@ -46,6 +48,7 @@ __all__ = [
     "Gpu",
     "MergeEstimate",
     "MergePlacement",
+    "StepForecast",
     "Term",
     "Verdict",
     "advise",
@@ -56,6 +59,7 @@ __all__ = [
     "estimate_merge",
     "find_architecture",
     "fit",
+    "forecast_step",
     "gpu_catalog",
     "per_gpu",
     "place_merge",

@@ -484,6 +484,42 @@ def choose_split(
     )
 
 
+@dataclass(frozen=True)
+class StepForecast:
+    """How fast a planned run should train on a card, from its stack's speed model."""
+
+    step_s: float
+    tokens_per_s: float
+    utilisation: float | None  # model FLOPs utilisation (engine.memory.flops)
+    basis: str  # the speed model it rests on
+
+    def __str__(self) -> str:
+        mfu = f", {self.utilisation:.0%} of the card's dense 16-bit peak" if self.utilisation else ""
+        return f"{self.step_s:.2f} s a step, about {self.tokens_per_s:,.0f} tokens/s{mfu} ({self.basis})"
+
+
+def forecast_step(cfg: RunConfig, est: Estimate, gpu: Gpu) -> StepForecast | None:
+    """The estimate's plan (its checkpointing and split) timed by the speed model of its stack on
+    `gpu`'s class; None where no model covers them (engine.memory.speed)."""
+    fit, peak = speed.fit_for(est.backend, gpu.device.name), peak_tflops(gpu)
+    if fit is None or not peak:
+        return None
+    work = speed.step_work(
+        est.arch, seq_len=cfg.train.seq_len, micro_batch=est.micro_batch, grad_accum=est.grad_accum,
+        r=cfg.lora.r, targets=_targets(cfg, est.arch), checkpointed=est.checkpointed_layers,
+        peak_tflops=peak,
+    )  # fmt: skip
+    step_s = fit.predict_s(work)
+    tokens_per_s = work.tokens / step_s
+    return StepForecast(
+        step_s=step_s,
+        tokens_per_s=tokens_per_s,
+        utilisation=flops.utilisation(tokens_per_s, est.flops_per_token, peak) if est.flops_per_token else None,
+        basis=f"speed model of {fit.configurations} configurations on {fit.gpu}, held out within "
+        f"{fit.held_out_error:.0%}",
+    )
+
+
 # A layout predicted faster by less than this keeps the one the memory rules chose: closer than
 # that, the speed model cannot tell two layouts apart (its held-out error is a few percent).
 FASTER_BY = 0.01

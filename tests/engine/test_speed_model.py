@@ -281,3 +281,27 @@ def test_the_run_plans_the_layout_the_estimate_shows(monkeypatch: pytest.MonkeyP
     # On the CPU, or with several processes, nothing is searched.
     cpu_plan, cpu_split = checkpointing.plan_layout(cfg, "unsloth", "cpu", arch.layers)
     assert cpu_plan.checkpointed == arch.layers and not cpu_split.changed(cfg)
+
+
+def test_an_estimate_forecasts_its_speed_where_a_model_covers_its_stack(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gpu = resolve_gpu("h100")
+    cfg, arch = _seed(), catalog()["llama-3.1-8b"]
+    monkeypatch.setattr(speed, "fits", lambda: ())
+    e = est.estimate(cfg, arch, "unsloth", gpu=gpu)
+    assert est.forecast_step(cfg, e, gpu) is None
+    monkeypatch.setattr(speed, "fits", lambda: (_fit("unsloth"),))
+    e = est.estimate(cfg, arch, "unsloth", gpu=gpu)
+    f = est.forecast_step(cfg, e, gpu)
+    assert f is not None
+    work = step_work(
+        arch, seq_len=4096, micro_batch=e.micro_batch, grad_accum=e.grad_accum, r=32, targets=ALL_LINEAR,
+        checkpointed=e.checkpointed_layers, peak_tflops=989,
+    )  # fmt: skip
+    assert f.step_s == pytest.approx(predict_s(COSTS["unsloth"], work))
+    assert f.tokens_per_s == pytest.approx(16384 / f.step_s)
+    assert f.utilisation == pytest.approx(f.tokens_per_s * e.flops_per_token / 989e12)
+    assert str(f).startswith(f"{f.step_s:.2f} s a step, about ") and "12 configurations" in str(f)
+    # The hf stack has no model here: nothing is forecast for it.
+    assert est.forecast_step(cfg, est.estimate(cfg, arch, "hf", gpu=gpu), gpu) is None

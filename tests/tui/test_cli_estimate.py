@@ -148,3 +148,28 @@ def test_an_estimate_made_without_a_gpu_says_how_to_estimate_the_unsloth_stack()
         assert first.endswith("; --backend unsloth estimates that stack)")
     unsloth = qlc("estimate", "llama-3.1-8b-rtx4090", "--backend", "unsloth")
     assert "backend unsloth (requested)" in unsloth.stdout.splitlines()[0]
+
+
+def test_estimate_prints_the_speed_forecast_where_a_speed_model_covers_the_card(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from engine.memory import speed
+    from tui.cli import main
+
+    fit = speed.SpeedFit(
+        stack="unsloth", gpu="NVIDIA H100 80GB HBM3", gpu_class="hopper",
+        costs={"matmul": 1.35, "dequant": 0.004, "elementwise": 0.05, "launches": 3.5},
+        configurations=12, held_out_error=0.021, source="test", date="2026-12-05",
+    )  # fmt: skip
+    monkeypatch.setenv("COLUMNS", "300")
+    monkeypatch.setattr(speed, "fits", lambda: (fit,))
+    assert main(["estimate", "llama-3.1-8b-h100", "--gpu", "h100", "--backend", "unsloth"]) == 0
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("speed: ")]
+    assert " s a step, about " in line and "of the card's dense 16-bit peak" in line
+    assert line.endswith("(speed model of 12 configurations on NVIDIA H100 80GB HBM3, held out within 2%)")
+    assert main(["estimate", "llama-3.1-8b-h100", "--gpu", "h100", "--backend", "unsloth", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["speed"]["step_s"] > 0 and data["speed"]["basis"].startswith("speed model of 12")
+    monkeypatch.setattr(speed, "fits", lambda: ())
+    assert main(["estimate", "llama-3.1-8b-h100", "--gpu", "h100", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["speed"] is None

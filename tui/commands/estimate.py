@@ -10,6 +10,7 @@ Sizes are GiB (2**30 bytes), labelled GiB.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -146,13 +147,17 @@ def run_estimate(args: argparse.Namespace) -> int:
     est = memory.estimate(cfg, backend=args.backend, gpu=gpu)
     verdict = est.verdict(gpu)
     advice = memory.advise(cfg, gpu, est.arch, args.backend) if verdict.status != FITS else []
+    speed = memory.forecast_step(cfg, est, gpu)
     if args.json:
         data = est.to_dict(gpu)
         data["config"] = _config_summary(cfg, est)
         data["advice"] = [_advice_dict(a) for a in advice]
+        data["speed"] = dataclasses.asdict(speed) if speed else None
         print_json(data)
     else:
         _print_estimate(cfg, est, gpu, advice)
+        if speed is not None:
+            out.print(f"speed: {speed}")
     return 1 if verdict.status == DOES_NOT_FIT else 0
 
 
