@@ -4,6 +4,7 @@ run this command started) or from the run's events file (`qlc attach`)."""
 from __future__ import annotations
 
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -249,22 +250,40 @@ def follow_child(proc: subprocess.Popen[bytes], run_dir: Path, printer: EventPri
     checkpoint and exits); twice: stop waiting for that. The stop was already sent: the run still
     stops and saves, and `qlc attach` shows it. (Leaving a run training: `qlc train --detach`.)"""
     interrupts = 0
+    busy = False  # the first Ctrl-C's handler is at work: a second one waits for it
+    stop_sent = False
+
+    def send_stop() -> None:
+        # One write(2) of one short line: no buffer a KeyboardInterrupt could leave unflushed.
+        nonlocal stop_sent
+        if stop_sent:
+            return
+        try:
+            assert proc.stdin is not None
+            os.write(proc.stdin.fileno(), protocol.encode(protocol.Stop()))
+        except (BrokenPipeError, OSError, ValueError):
+            pass
+        stop_sent = True
 
     def on_interrupt(_signum: int, _frame: object) -> None:
-        nonlocal interrupts
+        # Python runs a handler between any two bytecodes, another handler's included: a second
+        # Ctrl-C landing inside the first's print once raised before the stop was sent at all.
+        nonlocal interrupts, busy
         interrupts += 1
-        if interrupts == 1:
+        if interrupts > 1:
+            if not busy:
+                raise KeyboardInterrupt
+            return  # the first handler raises it once the stop is sent
+        busy = True
+        try:
+            send_stop()
             err.print(
                 "[yellow]stopping: finishing the current step and saving a checkpoint "
                 "(Ctrl-C again to stop waiting; the run still stops and saves)[/]"
             )
-            try:
-                assert proc.stdin is not None
-                proc.stdin.write(protocol.encode(protocol.Stop()))
-                proc.stdin.flush()
-            except (BrokenPipeError, OSError):
-                pass
-        else:
+        finally:
+            busy = False
+        if interrupts > 1:
             raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGINT, on_interrupt)
@@ -272,6 +291,7 @@ def follow_child(proc: subprocess.Popen[bytes], run_dir: Path, printer: EventPri
         for ev in pipe_events(proc):
             printer(ev)
     except KeyboardInterrupt:
+        send_stop()  # never leave without the stop the first Ctrl-C asked for
         err.print(
             f"detached; the run is stopping and saving a checkpoint. See it end with: qlc attach {run_dir.name}"
         )
