@@ -41,7 +41,10 @@ def check_hardware(cfg: RunConfig) -> None:
     wants_cuda = hw.device == "cuda" or (hw.backend != stacks.AUTO and stacks.stack(hw.backend).needs_cuda)
     if not wants_cuda or hw.device == "cpu":  # cpu with a CUDA-only stack: engine.config says so
         return
-    cuda = distributed.visible_gpus() > 0
+    seen = distributed.known_gpus()
+    if seen is None:  # cannot tell without torch: the engine decides
+        return
+    cuda = seen > 0
     if hw.device == "cuda" and not cuda:
         raise UserError(
             "hardware.device: cuda was asked for but no CUDA GPU is visible",

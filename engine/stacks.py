@@ -133,7 +133,7 @@ def choose(
     s = runnable[0]
     note = ""
     if len(runnable) > 1 and speed is not None:
-        note = "; no speed model measured for this GPU, so the first that can run"
+        note = "; no speed model covers every stack on this GPU, so the first that can run"
     if not reasons and s.needs_cuda:
         return s.name, f"auto: {s.label} is installed and a CUDA GPU is present{note}"
     return s.name, (f"auto: {'; '.join(reasons)}" if reasons else "auto") + note

@@ -20,10 +20,14 @@ class _Help(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        quiet = (None, False, "", [], argparse.SUPPRESS)
-        if action.option_strings and action.default not in quiet and "default" not in text:
+        if action.option_strings and _worth_saying(action.default) and "default" not in text:
             text += " (default: %(default)s)"
         return text
+
+
+def _worth_saying(default: object) -> bool:
+    """A default a reader needs told: not absent, off, empty (0 is a value: 0 == False in a tuple test)."""
+    return not (default is None or default is False or default is argparse.SUPPRESS or default in ("", []))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,6 +39,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"qlc: error: {message} (see `{self.prog} --help`)\n")
 
 
+# The commands that read or write runs (the others, estimate or presets, never look there).
+RUNS_COMMANDS = {"attach", "export", "join", "resume", "runs", "sample", "stop", "train"}
 RUNS_DIR_HELP = "where runs live (default: the user data folder, or $QLC_RUNS_DIR)"
 SET_HELP = "override one setting of the preset, e.g. --set train.lr=1e-4 (repeat for more)"
 
@@ -52,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, command in sub.choices.items():
         # `qlc COMMAND --help` opens with what `qlc --help` says of it.
         command.description = command.description or summaries.get(name)
-        # --runs-dir after the command too (`qlc runs --runs-dir X`); absent there, the global one.
-        command.add_argument("--runs-dir", default=argparse.SUPPRESS, help=RUNS_DIR_HELP)
+        if name in RUNS_COMMANDS:
+            # --runs-dir after the command too (`qlc runs --runs-dir X`); absent there, the global one.
+            command.add_argument("--runs-dir", default=argparse.SUPPRESS, help=RUNS_DIR_HELP)
         for action in command._actions:
             if action.dest == "overrides" and not action.help:
                 action.help = SET_HELP

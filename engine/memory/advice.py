@@ -234,7 +234,7 @@ def advise(
 ) -> list[Advice]:
     """Ranked changes for a config that does not fit `gpu` (an empty list when it fits)."""
     arch = arch or resolve_architecture(cfg)
-    name, _ = resolve_backend(cfg, backend)
+    name, _ = resolve_backend(cfg, backend, arch, gpu)  # the stack estimate() models, speed model and all
     advisor = _Advisor(cfg, gpu, arch, name)
     start = _State(cfg, name)
     base = advisor.estimate(start)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,37 +221,56 @@ def resolve_backend(
 def speed_predictor(
     cfg: RunConfig, arch: Architecture, gpu: Gpu, budget_gb: float | None = None
 ) -> stacks.SpeedOf:
-    """What hardware.backend auto compares: each stack's predicted step on `gpu` for this run, with
-    the checkpointing and batch split that stack's own memory estimate would choose there (Unsloth
-    may fit a budget without recomputation where hf needs some). None for a stack no speed model
-    covers on this GPU's class, or a card whose peak the catalog does not state."""
-    peak = peak_tflops(gpu)
+    """What hardware.backend auto compares: each stack's predicted step on `gpu` for this run, laid
+    out as that stack would run it there (its own checkpointing and batch split, then the fastest
+    layout: Unsloth may fit a budget without recomputation where hf needs some). None for a stack
+    no speed model covers on this card (_speed_model)."""
     budget = gpu.budget_gb if budget_gb is None else budget_gb
 
     def predict(stack_name: str) -> tuple[float, str] | None:
-        fit = speed.fit_for(stack_name, gpu.device.name)
-        if fit is None or not peak:
-            return None
         profile = stacks.STACKS[stack_name].memory_profile
+        model = _speed_model(cfg, profile, gpu)
+        if model is None:
+            return None
         k, _ = choose_checkpointing(cfg, arch, profile, budget, device=gpu.device)
         mb, ga, _ = choose_split(cfg, arch, profile, budget, k, device=gpu.device)
-        work = speed.step_work(
-            arch,
-            seq_len=cfg.train.seq_len,
-            micro_batch=mb,
-            grad_accum=ga,
-            r=cfg.lora.r,
-            targets=_targets(cfg, arch),
-            checkpointed=k,
-            peak_tflops=peak,
-        )
-        basis = (
-            f"speed model of {fit.configurations} configurations on {fit.gpu}, "
-            f"held out within {fit.held_out_error:.0%}"
-        )
-        return fit.predict_s(work), basis
+        faster = fastest_layout(cfg, arch, profile, budget, gpu, (k, mb, ga))
+        if faster is not None:
+            k, mb, ga = faster[:3]
+        return model.step_s(cfg, arch, k, mb, ga), model.basis
 
     return predict
+
+
+@dataclass(frozen=True)
+class _SpeedModel:
+    """A stack's speed fit on the card at hand, with the card's peak its matmul term needs."""
+
+    fit: speed.SpeedFit
+    peak_tflops: float
+
+    @property
+    def basis(self) -> str:
+        f = self.fit
+        return f"speed model of {f.configurations} configurations on {f.gpu}, held out within {f.held_out_error:.0%}"
+
+    def work(self, cfg: RunConfig, arch: Architecture, k: int, mb: int, ga: int) -> speed.StepWork:
+        return speed.step_work(
+            arch, seq_len=cfg.train.seq_len, micro_batch=mb, grad_accum=ga, r=cfg.lora.r,
+            targets=_targets(cfg, arch), checkpointed=k, peak_tflops=self.peak_tflops,
+        )  # fmt: skip
+
+    def step_s(self, cfg: RunConfig, arch: Architecture, k: int, mb: int, ga: int) -> float:
+        return self.fit.predict_s(self.work(cfg, arch, k, mb, ga))
+
+
+def _speed_model(cfg: RunConfig, profile: str, gpu: Gpu) -> _SpeedModel | None:
+    """The stack's fit measured on this card, for a 4-bit run (the fits were measured on 4-bit
+    runs: a 16-bit base dequantizes nothing), on a card whose dense peak the catalog states."""
+    if not loaded_quantization(cfg).load_in_4bit:
+        return None
+    fit, peak = speed.fit_for(profile, gpu.label), peak_tflops(gpu)
+    return _SpeedModel(fit, peak) if fit is not None and peak else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,28 +520,23 @@ class StepForecast:
 
 def forecast_step(cfg: RunConfig, est: Estimate, gpu: Gpu) -> StepForecast | None:
     """The estimate's plan (its checkpointing and split) timed by the speed model of its stack on
-    `gpu`'s class; None where no model covers them (engine.memory.speed)."""
-    fit, peak = speed.fit_for(est.backend, gpu.device.name), peak_tflops(gpu)
-    if fit is None or not peak:
+    `gpu`; None where no model covers them (_speed_model)."""
+    model = _speed_model(cfg, est.backend, gpu)
+    if model is None:
         return None
-    work = speed.step_work(
-        est.arch, seq_len=cfg.train.seq_len, micro_batch=est.micro_batch, grad_accum=est.grad_accum,
-        r=cfg.lora.r, targets=_targets(cfg, est.arch), checkpointed=est.checkpointed_layers,
-        peak_tflops=peak,
-    )  # fmt: skip
-    step_s = fit.predict_s(work)
+    work = model.work(cfg, est.arch, est.checkpointed_layers, est.micro_batch, est.grad_accum)
+    step_s = model.fit.predict_s(work)
     tokens_per_s = work.tokens / step_s
-    return StepForecast(
-        step_s=step_s,
-        tokens_per_s=tokens_per_s,
-        utilisation=flops.utilisation(tokens_per_s, est.flops_per_token, peak) if est.flops_per_token else None,
-        basis=f"speed model of {fit.configurations} configurations on {fit.gpu}, held out within "
-        f"{fit.held_out_error:.0%}",
+    mfu = (
+        flops.utilisation(tokens_per_s, est.flops_per_token, model.peak_tflops)
+        if est.flops_per_token
+        else None
     )
+    return StepForecast(step_s=step_s, tokens_per_s=tokens_per_s, utilisation=mfu, basis=model.basis)
 
 
-# A layout predicted faster by less than this keeps the one the memory rules chose: closer than
-# that, the speed model cannot tell two layouts apart (its held-out error is a few percent).
+# A layout predicted faster by less than this keeps the one the memory rules chose: a tie within
+# rounding is not worth a layout other than the one the rules would explain.
 FASTER_BY = 0.01
 
 
@@ -539,48 +554,49 @@ def fastest_layout(
     than `chosen` (checkpointed, micro_batch, grad_accum, as the memory rules chose it), or None.
 
     With train.gradient_checkpointing and train.batch_split both auto and a speed model for this
-    stack on this class of GPU (engine.memory.speed), every split of the step's rows is planned with
-    the fewest checkpointed layers that fit, and the one predicted fastest wins. A smaller
-    micro-batch may need fewer layers recomputed: at 24 GB, 1 x 4 with few layers checkpointed can
-    beat 2 x 2 with many. The training is the same either way (choose_split says why)."""
+    stack on this card (_speed_model), every split of the step's rows is planned with the fewest
+    checkpointed layers that fit, and the one predicted fastest wins. A smaller micro-batch may
+    need fewer layers recomputed: at 24 GB, 1 x 4 with few layers checkpointed can beat 2 x 2 with
+    many. The training is the same either way (choose_split says why). When the chosen layout does
+    not fit at all, any split that fits is better."""
     t = cfg.train
     if t.batch_split != "auto" or t.gradient_checkpointing != "auto" or budget_gb is None:
         return None
-    fit, peak = speed.fit_for(backend, gpu.device.name), peak_tflops(gpu)
-    if fit is None or not peak:
+    model = _speed_model(cfg, backend, gpu)
+    if model is None:
         return None
     rows = t.micro_batch * t.grad_accum
     limit = budget_gb * (1 - C.TIGHT_FRACTION)
     # hf pads each micro-batch to its longest row: a larger one would compute more padding.
     grow = cfg.data.packing or stacks.padding_free(backend)
-    targets = _targets(cfg, arch)
 
-    def step_s(k: int, m: int) -> float:
-        work = speed.step_work(
-            arch, seq_len=t.seq_len, micro_batch=m, grad_accum=rows // m, r=cfg.lora.r, targets=targets,
-            checkpointed=k, peak_tflops=peak,
-        )  # fmt: skip
-        return fit.predict_s(work)
+    def total(c: RunConfig, k: int) -> float:
+        plan = plan_for(c, arch, backend, budget_gb, None, k, liger, expandable, gpu.device)
+        return _estimate_plan(c, arch, plan).device_total_gb
 
     k0, m0, _ = chosen
-    t0 = step_s(k0, m0)
+    fits0 = total(with_split(cfg, m0, rows // m0), k0) <= limit
+    t0 = model.step_s(cfg, arch, k0, m0, rows // m0) if fits0 else math.inf
     best: tuple[float, int, int, str] | None = None
     for m in (d for d in range(1, rows + 1) if rows % d == 0 and (grow or d <= t.micro_batch)):
         c = with_split(cfg, m, rows // m)
         k, why = choose_checkpointing(c, arch, backend, budget_gb, None, liger, expandable, gpu.device)
-        plan = plan_for(c, arch, backend, budget_gb, None, k, liger, expandable, gpu.device)
-        if _estimate_plan(c, arch, plan).device_total_gb > limit:
+        if total(c, k) > limit:
             continue  # not even every layer checkpointed fits at this micro-batch
-        s = step_s(k, m)
+        s = model.step_s(cfg, arch, k, m, rows // m)
         if best is None or s < best[0]:
             best = (s, k, m, why)
     if best is None or best[0] > t0 * (1 - FASTER_BY):
         return None
     s, k, m, why = best
+    than = (
+        f"predicted {t0 / s:.2f}x the speed of {m0} x {rows // m0} with {k0} ({s:.2f} against {t0:.2f} s a step"
+        if fits0
+        else f"fits where {m0} x {rows // m0} does not (predicted {s:.2f} s a step"
+    )
     split = (
         f"auto, written {t.micro_batch} x {t.grad_accum}: {m} x {rows // m} with {k} layers checkpointed "
-        f"predicted {t0 / s:.2f}x the speed of {m0} x {rows // m0} with {k0} ({s:.2f} against {t0:.2f} s "
-        f"a step; speed model of {fit.configurations} configurations on {fit.gpu})"
+        f"{than}; {model.basis})"
     )
     return k, m, rows // m, why, split
 

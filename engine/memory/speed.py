@@ -21,8 +21,9 @@ every term is affine in the number of checkpointed layers: on the Llama-3.1-8B r
 32 layers checkpointed (1.467 s) is 1.4% slower than the line through 0 (1.186 s) and 32 layers
 (1.677 s) predicts.
 
-The fits live in speed_fits.json beside this file, one per stack and GPU: which card they were
+The fits live in speed_fits.json beside this file, one per stack and card: which card they were
 measured on, how many configurations, and the held-out error (bench/speed_table.py writes it).
+They are fitted to 4-bit runs, and used for 4-bit runs on the card they were measured on only.
 Pure Python: the console reads it too.
 """
 
@@ -142,23 +143,12 @@ def fits() -> tuple[SpeedFit, ...]:
     return load_fits()
 
 
-def fit_for(stack: str, gpu_class: str, known: tuple[SpeedFit, ...] | None = None) -> SpeedFit | None:
-    """The stack's fit on this class of GPU. Costs measured on another class do not transfer (a
-    consumer card's bandwidth and launch costs differ from a datacenter card's): None there."""
+def fit_for(stack: str, card: str, known: tuple[SpeedFit, ...] | None = None) -> SpeedFit | None:
+    """The stack's fit measured on this card (its name as NVML gives it). Costs measured on one
+    card do not transfer to another, not even of the same class: dequantizing and the elementwise
+    work follow the memory bandwidth (an H200's is 1.4x an H100's), launches the clocks."""
+    want = " ".join(card.lower().split())
     for f in fits() if known is None else known:
-        if f.stack == stack and f.gpu_class == gpu_class:
+        if f.stack == stack and " ".join(f.gpu.lower().split()) == want:
             return f
     return None
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """A stack's predicted step for one run, with the plan it was predicted for."""
-
-    stack: str
-    step_s: float
-    tokens_per_s: float
-    checkpointed: int
-    micro_batch: int
-    grad_accum: int
-    fit: SpeedFit

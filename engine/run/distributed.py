@@ -177,6 +177,32 @@ def visible_gpus() -> int:
             pynvml.nvmlShutdown()
 
 
+def known_gpus() -> int | None:
+    """CUDA GPUs this process may use, or None where that cannot be told without torch: NVML
+    failed on a machine that has the CUDA driver library (a Jetson has CUDA but no NVML). No
+    NVML library and no CUDA driver library: no GPU."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return visible_gpus()
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        import ctypes.util
+
+        return None if ctypes.util.find_library("cuda") else 0
+    try:
+        return int(pynvml.nvmlDeviceGetCount())
+    except pynvml.NVMLError:
+        return None
+    finally:
+        with contextlib.suppress(pynvml.NVMLError):
+            pynvml.nvmlShutdown()
+
+
 def processes_per_node(cfg: RunConfig, gpus_here: int | None = None) -> int:
     """How many engine processes this host starts for `cfg`: hardware.gpus resolved and checked
     against the GPUs present. Raises a UserError naming the field when they cannot be had."""

@@ -304,9 +304,14 @@ def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:
                 f"run {run_dir.name} has no checkpoint yet",
                 "let it train to its first save, or `qlc stop` it",
             )
+        status = last_status(run_dir)
+        if status == "completed":
+            raise UserError(
+                f"run {run_dir.name} kept no checkpoint",
+                f"it completed: its final adapter is {run_dir / ADAPTER} (--checkpoint adapter)",
+            )
         raise UserError(
-            f"run {run_dir.name} has no checkpoint",
-            f"{_ended_early(last_status(run_dir))}: start it again with `qlc train`",
+            f"run {run_dir.name} has no checkpoint", f"{_ended_early(status)}: start it again with `qlc train`"
         )
     if step is None:
         return found[-1]

@@ -106,9 +106,10 @@ def test_auto_replayed_on_the_table_stays_within_the_noise_of_the_faster_stack()
     assert max(c.loss for c in picks) <= 0.02
 
 
-def _fit(stack: str, gpu_class: str = "hopper") -> SpeedFit:
+def _fit(stack: str, card: str = "NVIDIA H100 80GB HBM3") -> SpeedFit:
+    """A fit as bench/speed_table.py writes one, measured on `card` (NVML's name for it)."""
     return SpeedFit(
-        stack=stack, gpu="NVIDIA H100 80GB HBM3", gpu_class=gpu_class, costs=COSTS[stack],
+        stack=stack, gpu=card, gpu_class=resolve_gpu(card).device.name, costs=COSTS[stack],
         configurations=12, held_out_error=0.021, source="test", date="2026-12-05",
     )  # fmt: skip
 
@@ -133,7 +134,7 @@ def test_auto_without_a_prediction_for_every_stack_keeps_the_order_and_says_so()
         speed=lambda n: (1.0, "x") if n == "hf" else None,
     )  # fmt: skip
     assert name == "unsloth"
-    assert why.endswith("no speed model measured for this GPU, so the first that can run")
+    assert why.endswith("no speed model covers every stack on this GPU, so the first that can run")
     # One stack that can run needs no model, and says nothing about one.
     assert stacks.choose("auto", cuda=False, speed=lambda n: None) == (
         "hf",
@@ -161,8 +162,8 @@ def test_the_predictor_plans_each_stack_at_the_budget_before_predicting(
         targets=est._targets(cfg, arch), checkpointed=k, peak_tflops=989,
     )  # fmt: skip
     assert uns[0] == pytest.approx(predict_s(COSTS["unsloth"], work))
-    # A model measured on another class of card predicts nothing here.
-    monkeypatch.setattr(speed, "fits", lambda: (_fit("hf", "ada-ampere"), _fit("unsloth", "ada-ampere")))
+    # A model measured on another card predicts nothing here, not even one of the same class.
+    monkeypatch.setattr(speed, "fits", lambda: (_fit("hf", "NVIDIA H200"), _fit("unsloth", "NVIDIA H200")))
     assert est.speed_predictor(cfg, arch, h100)("unsloth") is None
 
 
@@ -205,7 +206,7 @@ def test_a_run_on_a_gpu_chooses_by_the_same_prediction(monkeypatch: pytest.Monke
     monkeypatch.setattr(speed, "fits", lambda: (_fit("unsloth"),))
     name, why = backends.choose_backend(cfg, "cuda")
     assert name == "unsloth" and why.endswith(
-        "no speed model measured for this GPU, so the first that can run"
+        "no speed model covers every stack on this GPU, so the first that can run"
     )
     # An explicit stack is never second-guessed.
     explicit = dataclasses.replace(cfg, hardware=dataclasses.replace(cfg.hardware, backend="hf"))
@@ -225,7 +226,7 @@ def test_with_a_speed_model_auto_takes_the_fastest_layout_that_fits(
     """Both auto: every split of the step's rows, each with the fewest checkpointed layers that
     fit, and the one predicted fastest (it fits; nothing that fits is predicted faster)."""
     gpu = resolve_gpu(card)
-    monkeypatch.setattr(speed, "fits", lambda: (_fit("unsloth", gpu.device.name),))
+    monkeypatch.setattr(speed, "fits", lambda: (_fit("unsloth", gpu.label),))
     cfg, arch = _seed(), catalog()["llama-3.1-8b"]
     rows, limit = 4, gpu.budget_gb * (1 - est.C.TIGHT_FRACTION)
 
@@ -257,7 +258,7 @@ def test_with_a_speed_model_auto_takes_the_fastest_layout_that_fits(
     # Without a model for this card, or with either key fixed, the memory rules' layout stands.
     monkeypatch.setattr(speed, "fits", lambda: ())
     plain = est.estimate(cfg, arch, "unsloth", gpu=gpu)
-    monkeypatch.setattr(speed, "fits", lambda: (_fit("unsloth", gpu.device.name),))
+    monkeypatch.setattr(speed, "fits", lambda: (_fit("unsloth", gpu.label),))
     for fixed in (_seed(**{"train.batch_split": "fixed"}), _seed(**{"train.gradient_checkpointing": True})):
         assert est.fastest_layout(fixed, arch, "unsloth", gpu.budget_gb, gpu, (32, 2, 2)) is None
     assert "speed model" not in plain.split_reason
@@ -267,7 +268,7 @@ def test_the_run_plans_the_layout_the_estimate_shows(monkeypatch: pytest.MonkeyP
     from engine.memory import checkpointing, gpus
 
     gpu = resolve_gpu("rtx4090")
-    monkeypatch.setattr(speed, "fits", lambda: (_fit("unsloth", gpu.device.name),))
+    monkeypatch.setattr(speed, "fits", lambda: (_fit("unsloth", gpu.label),))
     monkeypatch.setattr(checkpointing, "run_budget_gb", lambda spec: (gpu.budget_gb, "budget: test"))
     monkeypatch.setattr(checkpointing, "resolve_gpu", lambda spec: gpu)
     monkeypatch.setattr(gpus, "resolve_gpu", lambda spec: gpu)
@@ -281,6 +282,12 @@ def test_the_run_plans_the_layout_the_estimate_shows(monkeypatch: pytest.MonkeyP
     # On the CPU, or with several processes, nothing is searched.
     cpu_plan, cpu_split = checkpointing.plan_layout(cfg, "unsloth", "cpu", arch.layers)
     assert cpu_plan.checkpointed == arch.layers and not cpu_split.changed(cfg)
+    ranks_plan, ranks_split = checkpointing.plan_layout(cfg, "unsloth", "cuda", arch.layers, processes=2)
+    assert not ranks_split.changed(cfg) and "several processes" in ranks_split.reason
+    assert (
+        ranks_plan.checkpointed
+        == est.choose_checkpointing(cfg, arch, "unsloth", gpu.budget_gb, device=gpu.device)[0]
+    )
 
 
 def test_an_estimate_forecasts_its_speed_where_a_model_covers_its_stack(
@@ -305,3 +312,48 @@ def test_an_estimate_forecasts_its_speed_where_a_model_covers_its_stack(
     assert str(f).startswith(f"{f.step_s:.2f} s a step, about ") and "12 configurations" in str(f)
     # The hf stack has no model here: nothing is forecast for it.
     assert est.forecast_step(cfg, est.estimate(cfg, arch, "hf", gpu=gpu), gpu) is None
+
+
+def test_nothing_is_predicted_for_a_16_bit_base(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fits are of 4-bit runs: a 16-bit base dequantizes nothing, and its steps were never timed."""
+    monkeypatch.setattr(speed, "fits", lambda: (_fit("hf"), _fit("unsloth")))
+    cfg, arch, h100 = _seed(**{"quant.load_in_4bit": False}), catalog()["llama-3.1-8b"], resolve_gpu("h100")
+    assert est.speed_predictor(cfg, arch, h100)("unsloth") is None
+    assert est.fastest_layout(cfg, arch, "unsloth", 80.0, h100, (0, 2, 2)) is None
+    assert est.forecast_step(cfg, est.estimate(cfg, arch, "unsloth", gpu=h100), h100) is None
+
+
+def test_a_layout_that_fits_beats_the_memory_rules_one_that_does_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    """8 x 1 rows on 12 GiB: even with every layer checkpointed 8 x 1 does not fit, smaller
+    micro-batches do; the search took 'faster than the layout that runs out of memory' as None."""
+    gpu = resolve_gpu("12GB")
+    card = dataclasses.replace(resolve_gpu("h100"), budget_gb=gpu.budget_gb)
+    monkeypatch.setattr(speed, "fits", lambda: (_fit("unsloth"),))
+    cfg, arch = _seed(**{"train.micro_batch": 8, "train.grad_accum": 1}), catalog()["llama-3.1-8b"]
+    k, _ = est.choose_checkpointing(cfg, arch, "unsloth", card.budget_gb, device=card.device)
+    assert k == arch.layers
+    found = est.fastest_layout(cfg, arch, "unsloth", card.budget_gb, card, (k, 8, 1))
+    assert found is not None
+    k, mb, ga, _, why = found
+    assert mb * ga == 8 and mb < 8 and "fits where 8 x 1 does not" in why
+    e = est.estimate(est.with_split(cfg, mb, ga), arch, "unsloth", checkpointed=k, gpu=card)
+    assert e.device_total_gb <= card.budget_gb
+
+
+def test_advice_starts_from_the_stack_the_estimate_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a speed model that picks hf, the advice was worked out for Unsloth's lower peak."""
+    from engine.memory import advise
+
+    cheap_hf = {"hf": dict(COSTS["unsloth"], matmul=1.0), "unsloth": COSTS["hf"]}
+    gpu = resolve_gpu("rtx4090")
+    fits = tuple(dataclasses.replace(_fit(s, gpu.label), costs=c) for s, c in cheap_hf.items())
+    monkeypatch.setattr(speed, "fits", lambda: fits)
+    monkeypatch.setattr(est, "_nvidia_gpu_present", lambda: True)
+    monkeypatch.setattr(stacks, "installed", lambda s: True)
+    cfg = _seed(
+        **{"train.gradient_checkpointing": False, "train.batch_split": "fixed", "hardware.backend": "auto"}
+    )
+    e = est.estimate(cfg, gpu=gpu)
+    assert e.backend == "hf" and e.backend_reason.startswith("auto: transformers predicted")
+    advice = advise(cfg, gpu)
+    assert advice and all(a.before_gb == pytest.approx(e.device_total_gb) for a in advice)

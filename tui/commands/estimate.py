@@ -147,7 +147,7 @@ def run_estimate(args: argparse.Namespace) -> int:
     est = memory.estimate(cfg, backend=args.backend, gpu=gpu)
     verdict = est.verdict(gpu)
     advice = memory.advise(cfg, gpu, est.arch, args.backend) if verdict.status != FITS else []
-    speed = memory.forecast_step(cfg, est, gpu)
+    speed = memory.forecast_step(cfg, est, gpu) if verdict.status != DOES_NOT_FIT else None
     if args.json:
         data = est.to_dict(gpu)
         data["config"] = _config_summary(cfg, est)

@@ -61,14 +61,20 @@ def choose_backend(cfg: RunConfig, device: str, processes: int = 1) -> tuple[str
 def _speed(cfg: RunConfig) -> stacks.SpeedOf | None:
     """The memory model's speed predictor at this run's budget; never stops a run: a stack it
     cannot predict falls back to engine.stacks' order."""
+    from engine.memory import speed
     from engine.memory.architectures import resolve_architecture
     from engine.memory.checkpointing import run_budget_gb
     from engine.memory.estimate import speed_predictor
     from engine.memory.gpus import resolve_gpu
 
+    if not speed.fits():  # nothing measured: no architecture to resolve (a hub request, maybe)
+        return None
     try:
+        gpu = resolve_gpu("auto")
+        if not any(speed.fit_for(name, gpu.label) for name in stacks.NAMES):
+            return None
         budget, _ = run_budget_gb(cfg.hardware.gpu)
-        predict = speed_predictor(cfg, resolve_architecture(cfg), resolve_gpu("auto"), budget)
+        predict = speed_predictor(cfg, resolve_architecture(cfg), gpu, budget)
     except Exception:
         return None
 
