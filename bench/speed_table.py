@@ -29,7 +29,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.config import ALL_LINEAR
 from engine.errors import UserError
 from engine.memory.architectures import catalog
 from engine.memory.gpus import peak_tflops, resolve_gpu
@@ -74,7 +73,7 @@ def measured_rows(path: Path, peak: float | None = None) -> tuple[list[Measured]
         arch = archs[rec["arch"]]
         targets = tuple(rec["target_modules"])
         if list(targets) in (["all-linear"], ["all_linear"]):
-            targets = ALL_LINEAR
+            targets = tuple(arch.linear_modules())  # the model's own names (Phi fuses q/k/v)
         ga = int(rec.get("grad_accum") or 1)
         gc = int(rec.get("checkpointed_layers") or 0)
         work = step_work(
@@ -147,9 +146,15 @@ def main(argv: list[str] | None = None) -> int:
         "--write", nargs="?", const=FITS_PATH, type=Path, help=f"write the fits (default {FITS_PATH})"
     )
     ap.add_argument(
-        "--peak-tflops", type=float, help="the GPU's dense 16-bit peak, where the catalog lacks it"
+        "--peak-tflops",
+        type=float,
+        help="the GPU's dense 16-bit peak, where the catalog lacks it (a run uses fits only on cards "
+        "whose peak the catalog states: add the card to presets/gpus.yaml)",
     )
-    ap.add_argument("--min-configurations", type=int, default=MIN_CONFIGURATIONS)
+    ap.add_argument(
+        "--min-configurations", type=int, default=MIN_CONFIGURATIONS, help="per stack, to write its fit"
+    )
+    ap.add_argument("--force", action="store_true", help="write the fits even where auto's target is not met")
     args = ap.parse_args(argv)
     try:
         rows: list[Measured] = []
@@ -247,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             + "\n"
         )  # fmt: skip
-    if args.write and fits:
+    if args.write and fits and not ok and not args.force:
+        print("not writing the fits: auto's target is not met on this table (--force writes them anyway)")
+    elif args.write and fits:
         if metas[0]["gpu_class"] == "cpu":
             print("not writing fits measured on a CPU (dry run): auto compares stacks on GPUs only")
         else:
@@ -257,10 +264,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write_fits(path: Path, fits: list[SpeedFit]) -> None:
-    """Replace this GPU class's fits in `path`, keeping other classes'; written whole, then renamed."""
+    """Replace this card's fits in `path`, keeping other cards'; written whole, then renamed."""
     data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"fits": []}
-    replaced = {(f.stack, f.gpu_class) for f in fits}
-    kept = [f for f in data.get("fits", []) if (f["stack"], f["gpu_class"]) not in replaced]
+    replaced = {(f.stack, f.gpu) for f in fits}
+    kept = [f for f in data.get("fits", []) if (f["stack"], f["gpu"]) not in replaced]
     data["fits"] = kept + [f.to_dict() for f in fits]
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
