@@ -8,7 +8,7 @@ from pathlib import Path
 import fake_engine
 import pytest
 from pilot_helpers import CRASHED_RUN, FINISHED_RUN, overrides_shown, screen_text, select_preset, wait_for
-from textual.widgets import Input, OptionList, TabbedContent
+from textual.widgets import Input, OptionList, Select, TabbedContent
 
 from engine import protocol
 from engine.config import draft_preset
@@ -17,7 +17,7 @@ from tui.screens.error import ErrorScreen
 from tui.widgets.line_chart import LineChart
 from tui.widgets.memory_pane import MemoryPane
 from tui.widgets.overrides import OverridesEditor, check_override
-from tui.widgets.preset_settings import parse_preset_doc
+from tui.widgets.preset_settings import SettingsTable, parse_preset_doc
 from tui.widgets.presets_pane import PresetsPane
 from tui.widgets.runs_pane import RunsPane
 from tui.widgets.sample_pane import SamplePane
@@ -361,4 +361,77 @@ async def test_auto_fit_and_a_ranked_suggestion(app_factory) -> None:
         await pilot.press("enter")
         await wait_for(
             pilot, lambda: presets.overrides and "✓ FITS" in screen_text(app), what="the suggestion"
+        )
+
+
+# ---- From a new user's session in tmux (2026-12-05) ---------------------------------------------
+
+
+async def test_enter_on_a_section_opens_the_box_so_typed_letters_start_nothing(app_factory) -> None:
+    """Enter on the `model` section row did nothing, and `data.s` typed after it started a run
+    at its `s` (the pane's Start key)."""
+    app = app_factory()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        await pilot.press("slash", *"tiny", "enter", "enter")  # the list, then the settings
+        pane = app.screen.query_one(PresetsPane)
+        await wait_for(pilot, lambda: pane.draft is not None and pane.draft.name == "tiny-demo")
+        table = app.screen.query_one(SettingsTable)
+        assert table.has_focus
+        section = next(
+            i
+            for i in range(table.row_count)
+            if str(table.coordinate_to_cell_key((i, 0)).row_key.value) == "data"
+        )
+        table.move_cursor(row=section)
+        await pilot.press("enter", *"source=x.jsonl")
+        box = app.screen.query_one("#override-input", Input)
+        await wait_for(pilot, lambda: box.value == "data.source=x.jsonl", what="the typed override")
+        assert app.history is None or app.history.run_id is None  # no run was started
+
+
+async def test_the_source_picker_picks_with_the_keyboard_and_follows_the_run(
+    app_factory, finished_run: Path
+) -> None:
+    """Enter in the open list sent the focus to the prompt without picking; and a run that went on
+    training (or ended) kept the source it had before."""
+    app = app_factory(attach=FINISHED_RUN)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause()
+        await wait_for(pilot, lambda: app.history is not None and app.history.finished is not None)
+        await pilot.press("5")
+        await pilot.pause()
+        select = app.screen.query_one("#sample-source", Select)
+        assert select.value == "adapter"
+        select.focus()
+        await pilot.press("enter")  # opens the list
+        await pilot.pause(0.2)
+        await pilot.press("down", "enter")  # the next entry: the newest checkpoint
+        await wait_for(pilot, lambda: select.value != "adapter", what="the pick")
+        picked = select.value
+        assert str(picked).startswith("checkpoint-")
+        pane = app.screen.query_one(SamplePane)
+        # A pick is kept while it exists; without one, the first source (live, newest) is taken.
+        pane.set_sources(FINISHED_RUN, True, ["checkpoint-40", str(picked)])
+        assert select.value == picked
+        pane.set_sources("another-run", False, ["checkpoint-8"])
+        pane.set_sources("another-run", True, ["checkpoint-8"])
+        assert select.value == "live"
+        pane.set_sources("another-run", False, ["checkpoint-8", "checkpoint-16"])
+        assert select.value == "checkpoint-16"
+
+
+async def test_a_bad_gpu_size_or_name_is_refused_where_it_is_typed(app_factory) -> None:
+    app = app_factory()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        await select_preset(pilot, "tiny-demo")
+        await pilot.press("2", "t", *"abc")
+        await wait_for(pilot, lambda: "'abc' is not a size" in screen_text(app), what="the size error")
+        await pilot.press("1")
+        editor = app.screen.query_one(OverridesEditor)
+        editor.edit("hardware.gpu", "")
+        await pilot.press(*"rtx9999")
+        await wait_for(
+            pilot, lambda: "✗ hardware.gpu: unknown GPU 'rtx9999'" in screen_text(app), what="the refusal"
         )

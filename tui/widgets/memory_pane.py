@@ -193,6 +193,12 @@ class MemoryPane(Vertical):
             self.post_message(self.GpuChanged(self.gpu_spec))
         else:
             event.input.add_class("-invalid")
+            # The verdict above was for another card: say what is wrong instead of keeping it.
+            self.query_one("#verdict", Static).update(
+                Text(
+                    f"{event.value.strip()!r} is not a size: type GiB as 24, 24GB or 80GiB", style="bold red"
+                )
+            )
 
     def action_focus_gpu(self) -> None:
         focus_now(self.query_one("#gpu-select", Select))

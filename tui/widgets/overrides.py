@@ -16,7 +16,7 @@ from textual.message import Message
 from textual.widgets import Input, Static
 
 from engine.config import PresetDraft, merge_override, override_key, parse_override
-from engine.errors import ConfigError
+from engine.errors import ConfigError, UserError
 from tui.widgets.preset_settings import format_setting
 
 __all__ = ["OverridesEditor", "check_override", "merge_override", "override_key"]
@@ -38,6 +38,13 @@ def check_override(draft: PresetDraft, text: str) -> tuple[bool, str, PresetDraf
         mine = [p.removeprefix(f"--set {text}: ") for p in after.problems if p.startswith(f"--set {text}: ")]
         relevant = [f"{key}: {p}" for p in mine] or [p.removeprefix("--set ") for p in after.problems]
         return False, "; ".join(relevant), None
+    if key == "hardware.gpu" and str(after.value(key)).strip().lower() != "auto":
+        from engine.memory import resolve_gpu  # the catalog, as `qlc train` checks it
+
+        try:
+            resolve_gpu(str(after.value(key)))
+        except UserError as exc:
+            return False, f"{key}: {exc}", None
     new = format_setting(after.value(key))
     old = format_setting(draft.value(key)) if draft.valid else "?"
     return True, f"{key}: {old} → {new}" if old != new else f"{key}: {new} (unchanged)", after
@@ -105,10 +112,11 @@ class OverridesEditor(Vertical):
         self._show_list()
         self.query_one("#override-status", Static).update("")
 
-    def edit(self, path: str, value: str) -> None:
-        """Start editing one setting: its current value prefilled, the cursor at the end."""
+    def edit(self, path: str, value: str | None) -> None:
+        """Start editing one setting: its current value prefilled, the cursor at the end; for a
+        section (value None), `section.` and the key to type."""
         box = self.query_one("#override-input", Input)
-        box.value = f"{path}={value}"
+        box.value = f"{path}." if value is None else f"{path}={value}"
         box.cursor_position = len(box.value)
         box.focus()
 

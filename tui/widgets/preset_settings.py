@@ -140,7 +140,9 @@ class SettingsTable(DataTable):
     """setting | value | comment. Overridden values are marked `*`; Enter asks to edit one."""
 
     class EditRequested(Message):
-        def __init__(self, path: str, value: str) -> None:
+        """Edit `path`: its value prefilled, or (None) a section's key to type."""
+
+        def __init__(self, path: str, value: str | None) -> None:
             super().__init__()
             self.path = path
             self.value = value
@@ -230,3 +232,7 @@ class SettingsTable(DataTable):
         path = str(event.row_key.value)
         if path in self._values:
             self.post_message(self.EditRequested(path, self._values[path]))
+        else:
+            # A section: the box opens with `section.` typed, for the key to follow (the letters
+            # typed next must not fall on the pane's keys: `s` starts a run).
+            self.post_message(self.EditRequested(path, None))

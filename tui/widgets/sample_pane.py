@@ -43,6 +43,8 @@ class SamplePane(Vertical):
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self._samples: list[SampleText] = []
+        self._run_id: str | None = None
+        self._picked: str | None = None  # the source the person chose, kept while it exists
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="sample-source-row"):
@@ -71,19 +73,29 @@ class SamplePane(Vertical):
     # ---- drawing ----------------------------------------------------------------------
 
     def set_sources(self, run_id: str | None, live: bool, checkpoints: Sequence[str]) -> None:
+        """The run's sources, newest first: the live model while it trains, then its checkpoints
+        and final adapter. The first is chosen unless the person picked another, which is kept
+        while it exists: a run that resumes goes to `live`, one that ends to its newest save."""
         select = self.query_one("#sample-source", Select)
         options: list[tuple[str, str]] = []
         if run_id is not None:
             if live:
                 options.append((f"live model ({run_id})", LIVE))
             options += [(f"{name} ({run_id})", name) for name in reversed(checkpoints)]
-        current = select.value
-        select.set_options(options)
+        if run_id != self._run_id:
+            self._run_id, self._picked = run_id, None
         values = [v for _, v in options]
-        if current in values:
-            select.value = current
-        elif values:
-            select.value = values[0]
+        with select.prevent(Select.Changed):
+            select.set_options(options)
+            if self._picked in values:
+                select.value = self._picked
+            elif values:
+                select.value = values[0]
+
+    def on_select_changed(self, event: Select.Changed) -> None:
+        # Only a person's pick arrives here: set_sources sets the value with Changed prevented.
+        if event.select.id == "sample-source" and event.value is not Select.BLANK:
+            self._picked = str(event.value)
 
     def show(self, samples: Sequence[SampleText]) -> None:
         self._samples = list(samples)
@@ -125,9 +137,14 @@ class SamplePane(Vertical):
         self.action_generate()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        # In a text box Enter is that box's own and `i` a letter: only Escape leaves it; on the
-        # source picker Enter opens it.
-        return not (action == "focus_prompt" and isinstance(self.app.focused, (Input, Select)))
+        # In a text box Enter is that box's own and `i` a letter: only Escape leaves it. On the
+        # source picker Enter opens it, and in its open list (an overlay inside the Select, with
+        # the focus) Enter picks the entry under the cursor.
+        focused = self.app.focused
+        inside = focused is not None and any(
+            isinstance(w, (Input, Select)) for w in focused.ancestors_with_self
+        )
+        return not (action == "focus_prompt" and inside)
 
     def action_focus_prompt(self) -> None:
         focus_now(self.query_one("#prompt", Input))
