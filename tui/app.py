@@ -58,6 +58,11 @@ class QlcApp(KeyActions, RunEvents, PresetActions, RunActions, SampleActions, Ap
         # panes' letter keys, which a box types instead. A priority binding: the focus has moved
         # before the next key is read, so Escape then 3 never types the 3.
         Binding("escape", "leave_input", "Leave the box", priority=True),
+        # The keys of the focused pane and the App, beside the screen (Textual's help panel);
+        # the palette's "Keys" opens the same. Escape closes it too.
+        Binding("question_mark", "toggle_keys", "Keys"),
+        Binding("f1", "toggle_keys", "Keys", show=False),
+        Binding("escape", "hide_keys", "Close keys", show=False, priority=True),
         # Priority: the pane (and its focus) has changed before the next key is read, so "2t24"
         # typed fast reaches the Memory pane's t. Not while a text box has focus (it types them).
         *(

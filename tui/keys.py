@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from textual.widgets import Input, TabbedContent
+from textual.widgets import HelpPanel, Input, TabbedContent
 
 from tui.palette import LEAVE_TO
 from tui.views import focus_now
@@ -22,6 +22,9 @@ class KeyActions:
     live: Any
     _focus_pane: Any
     action_quit: Any
+    screen: Any
+    action_show_help_panel: Any
+    action_hide_help_panel: Any
 
     def typing(self) -> bool:
         """A text box has focus: it takes printable keys, so the footer offers none of them."""
@@ -32,6 +35,10 @@ class KeyActions:
         actions on a run that is not training here (a completed run has nothing to stop)."""
         if action == "leave_input":  # in the main screen: a dialog's Escape is the dialog's
             return self.typing() and len(self.screen_stack) == 1
+        if action == "hide_keys":
+            return self.keys_shown()
+        if action == "toggle_keys":  # `?` typed in a box is a question mark
+            return not self.typing()
         if action == "show_pane":  # the digits of a text box, or a dialog's keys, are theirs
             return not self.typing() and len(self.screen_stack) == 1
         if action in ("request_quit", "start_run", "auto_fit") and self.typing():
@@ -39,6 +46,18 @@ class KeyActions:
         if action in ("stop_run", "save_checkpoint", "detach_run"):
             return self.live()
         return True
+
+    def keys_shown(self) -> bool:
+        return bool(self.screen.query(HelpPanel))
+
+    def action_toggle_keys(self) -> None:
+        if self.keys_shown():
+            self.action_hide_help_panel()
+        else:
+            self.action_show_help_panel()
+
+    def action_hide_keys(self) -> None:
+        self.action_hide_help_panel()
 
     def action_leave_input(self) -> None:
         focused = self.focused

@@ -224,7 +224,7 @@ def test_the_docs_list_every_key_of_every_pane() -> None:
     docs = (Path(__file__).resolve().parents[2] / "docs" / "console.md").read_text()
     rows = {line.split("|")[1].strip(): line for line in docs.splitlines() if line.startswith("| ")}
     names = {"slash": "/", "escape": "Escape", "enter": "Enter", "down": "↓", "delete": "Delete"}
-    names |= {"backspace": "Backspace", "f5": "F5"}
+    names |= {"backspace": "Backspace", "f5": "F5", "question_mark": "?", "f1": "F1"}
     owners = {
         "1 Presets": [PresetsPane, FilterInput],
         "2 Memory budget": [MemoryPane, SizeInput],
@@ -248,3 +248,24 @@ def test_the_docs_list_every_key_of_every_pane() -> None:
         if f"`{names.get(binding.key, binding.key)}`" not in intro and binding.key not in "12345":
             missing.append(f"app: {binding.key}")
     assert not missing, missing
+
+
+async def test_question_mark_shows_the_keys_and_escape_hides_them(app_factory) -> None:
+    """Help was only the palette's "Keys", and Escape did not close it."""
+    from textual.widgets import HelpPanel
+
+    app = app_factory()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        await pilot.press("question_mark")
+        await wait_for(pilot, lambda: app.screen.query(HelpPanel), what="the keys panel")
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: not app.screen.query(HelpPanel), what="the panel to close")
+        await pilot.press("f1")
+        await wait_for(pilot, lambda: app.screen.query(HelpPanel), what="the keys panel (F1)")
+        await pilot.press("f1")
+        await wait_for(pilot, lambda: not app.screen.query(HelpPanel), what="F1 to close it")
+        # In a text box `?` is a question mark.
+        await pilot.press("slash", "question_mark")
+        assert app.screen.query_one("#preset-filter").value == "?"
+        assert not app.screen.query(HelpPanel)
