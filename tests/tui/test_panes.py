@@ -435,3 +435,18 @@ async def test_a_bad_gpu_size_or_name_is_refused_where_it_is_typed(app_factory) 
         await wait_for(
             pilot, lambda: "✗ hardware.gpu: unknown GPU 'rtx9999'" in screen_text(app), what="the refusal"
         )
+
+
+async def test_a_then_enter_applies_the_first_suggestion(app_factory) -> None:
+    """`a` focused the advice with nothing highlighted: Enter did nothing until ↓ was pressed."""
+    app = app_factory()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        presets = app.screen.query_one(PresetsPane)
+        await select_preset(pilot, "llama-3.1-8b-rtx4060")
+        await pilot.press("2")
+        await wait_for(
+            pilot, lambda: app.screen.query_one("#advice", OptionList).option_count >= 2, what="advice"
+        )
+        await pilot.press("a", "enter")
+        await wait_for(pilot, lambda: presets.overrides, what="the first suggestion applied")

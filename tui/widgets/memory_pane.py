@@ -207,4 +207,7 @@ class MemoryPane(Vertical):
         focus_now(self.query_one("#gpu-size", Input))
 
     def action_focus_advice(self) -> None:
-        focus_now(self.query_one("#advice", OptionList))
+        advice = self.query_one("#advice", OptionList)
+        if advice.highlighted is None and advice.option_count and not advice.get_option_at_index(0).disabled:
+            advice.highlighted = 0  # Enter applies the first suggestion (it did nothing, unhighlighted)
+        focus_now(advice)
