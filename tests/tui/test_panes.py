@@ -450,3 +450,16 @@ async def test_a_then_enter_applies_the_first_suggestion(app_factory) -> None:
         )
         await pilot.press("a", "enter")
         await wait_for(pilot, lambda: presets.overrides, what="the first suggestion applied")
+
+
+async def test_a_preset_keeps_its_overrides_while_another_is_looked_at(app_factory) -> None:
+    app = app_factory()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        pane = app.screen.query_one(PresetsPane)
+        await select_preset(pilot, "tiny-demo", ["train.max_steps=40"])
+        await select_preset(pilot, "llama-3.1-8b-rtx4090")
+        assert pane.overrides == []
+        pane.select("tiny-demo")
+        await overrides_shown(pilot, ["train.max_steps=40"])
+        assert pane.config is not None and pane.config.train.max_steps == 40

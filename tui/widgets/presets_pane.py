@@ -125,6 +125,7 @@ class PresetsPane(Horizontal):
         self._presets: list[PresetInfo] = []
         self.selected: str | None = None
         self.draft: PresetDraft | None = None  # the selected preset, as shown
+        self._kept: dict[str, list[str]] = {}  # each preset's overrides, this session
         self._doc = PresetDoc("", [])
 
     @property
@@ -188,6 +189,10 @@ class PresetsPane(Horizontal):
         info = next((p for p in self._presets if p.name == name), None)
         if info is None:
             return
+        if overrides is None:
+            # Each preset keeps its overrides for the session: looking at another one and coming
+            # back used to drop them without a word.
+            overrides = self._kept.get(name)
         self.selected = name
         if highlight:
             options = self.query_one("#preset-list", OptionList)
@@ -217,6 +222,7 @@ class PresetsPane(Horizontal):
 
     def _show(self, draft: PresetDraft) -> None:
         self.draft = draft
+        self._kept[draft.name] = list(draft.overrides)
         self._show_about()
         self.query_one(SettingsTable).show(self._doc, draft.config, set(draft.overridden))
         if draft.problems:
