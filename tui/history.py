@@ -65,6 +65,9 @@ class RunHistory:
     tokens_per_s: Series = field(default_factory=lambda: Series("tokens/s"))
     peak_reserved_gb: float | None = None
     sessions: int = 0  # engine processes seen: 1 + resumes
+    # Training time: the sessions before this one (each up to its last report), and this one's.
+    earlier_sessions_s: float = 0.0
+    session_s: float = 0.0
     events: int = 0
     log_total: int = 0  # lines ever logged: a view appends the ones past what it has shown
     _t0: float | None = None
@@ -100,6 +103,11 @@ class RunHistory:
         step = step or self.last_step
         return utilisation(step, self.estimate, self.hello) if step is not None else None
 
+    @property
+    def trained_s(self) -> float:
+        """Seconds spent training over every session (a resume's clock starts at 0 again)."""
+        return self.earlier_sessions_s + self.session_s
+
     def elapsed(self, event_time: float) -> float:
         return max(0.0, event_time - self._t0) if self._t0 is not None else 0.0
 
@@ -121,6 +129,7 @@ class RunHistory:
             return  # steps are charted, not logged: 20 a second would drown the log
         if isinstance(ev, protocol.Hello):
             self.hello, self.finished, self.sessions = ev, None, self.sessions + 1
+            self.earlier_sessions_s, self.session_s = self.earlier_sessions_s + self.session_s, 0.0
             self.run_id = self.run_id or ev.run_id  # the run directory's name wins: it is what qlc resolves
             what = f"resumed from {ev.resumed_from}" if ev.resumed_from else ev.mode
             self._log(
@@ -195,6 +204,7 @@ class RunHistory:
             self._log(ev, "error", f"{ev.kind}: {ev.message}" + (f" — {ev.hint}" if ev.hint else ""))
         elif isinstance(ev, protocol.Finished):
             self.finished = ev
+            self.session_s = max(self.session_s, ev.elapsed_seconds)
             ckpt = f", last checkpoint {Path(ev.last_checkpoint).name}" if ev.last_checkpoint else ""
             self._log(
                 ev,
@@ -208,6 +218,7 @@ class RunHistory:
             for series in (self.loss, self.lr, self.grad_norm, self.tokens_per_s, self.eval_loss):
                 series.truncate_before(ev.step)
         self.last_step = ev
+        self.session_s = max(self.session_s, ev.elapsed_seconds)
         self.loss.append(ev.step, ev.loss)
         self.lr.append(ev.step, ev.lr)
         self.grad_norm.append(ev.step, ev.grad_norm if ev.grad_norm is not None else math.nan)

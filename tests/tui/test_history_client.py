@@ -116,3 +116,16 @@ def test_a_crash_becomes_a_readable_error(tmp_path: Path) -> None:
     history.apply_all(client.drain())
     assert history.status == "failed"
     assert history.errors and history.errors[0].kind == "out_of_memory" and history.errors[0].advice
+
+
+def test_training_time_adds_up_over_sessions() -> None:
+    """A resumed session's clock starts at 0: the dashboard's elapsed time restarted with it."""
+    first = [e for e in fake_engine.synthetic_run(80) if not isinstance(e, protocol.Finished)]
+    again = [e for e in fake_engine.synthetic_run(120) if not isinstance(e, protocol.Step) or e.step > 40]
+    h = RunHistory()
+    h.apply_all(first)
+    one = h.trained_s
+    assert one == max(e.elapsed_seconds for e in first if isinstance(e, protocol.Step)) > 0
+    h.apply_all(again)
+    two = max(e.elapsed_seconds for e in again if isinstance(e, (protocol.Step, protocol.Finished)))
+    assert h.trained_s == one + two

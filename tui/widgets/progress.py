@@ -98,7 +98,7 @@ class RunProgress(Widget):
         last = h.last_step
         details = f" {step}/{total or '?'}"
         if last is not None:
-            details += f"  ep {last.epoch:.2f}  {format_duration(last.elapsed_seconds)}"
+            details += f"  ep {last.epoch:.2f}  {format_duration(h.trained_s)}"
             if status == "training" and last.eta_seconds is not None:
                 details += f"  ETA {format_duration(last.eta_seconds)}"
         bar_width = max(5, width - len(details))
