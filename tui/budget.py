@@ -48,6 +48,11 @@ class BudgetView:
     def headroom_gb(self) -> float | None:
         return None if self.budget_gb is None else self.budget_gb - self.device_total_gb
 
+    def advice_fitting_first(self) -> list[Suggestion]:
+        """The suggestions that make it fit first, the calculator's order otherwise: the Memory
+        pane's list and the launch warning show them alike."""
+        return sorted(self.advice, key=lambda a: not a.text.endswith(", fits"))
+
     @property
     def fits(self) -> bool:
         """Only a definite "does not fit" stops a launch for confirmation."""

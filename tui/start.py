@@ -43,7 +43,7 @@ async def start_run(app: QlcApp, draft: PresetDraft, gpu_spec: str | None) -> No
     view = budget.compute(cfg, gpu_spec)
     if not view.fits:
         body = Text(view.summary() + "\n")
-        for i, a in enumerate(view.advice[:4], 1):
+        for i, a in enumerate(view.advice_fitting_first()[:4], 1):
             body.append(f"\n{i}. {a.text}")
         body.append("\n\nLaunching anyway will likely end in CUDA out of memory.", "bold")
         screen = ConfirmScreen(

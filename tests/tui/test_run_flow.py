@@ -140,6 +140,10 @@ async def test_does_not_fit_asks_before_launching(app_factory) -> None:
         await pilot.press("s")
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         assert "does not fit" in screen_text(app)
+        # The same first suggestion as the Memory pane's list: one that makes it fit.
+        view = app.budget_state.view
+        first = view.advice_fitting_first()[0].text
+        assert first.endswith(", fits") and f"1. {first[:30]}" in " ".join(screen_text(app).split())
         await pilot.press("n")
         await pilot.pause()
         assert app.client is None

@@ -119,7 +119,7 @@ class MemoryPane(Vertical):
         bar = self.query_one(MemoryBar)
         advice = self.query_one("#advice", OptionList)
         advice.clear_options()
-        self._suggestions = list(view.advice)
+        self._suggestions = view.advice_fitting_first()
         if not view.available:
             verdict.update(Text(view.reason, style="italic"))
             bar.update_terms([], None)
@@ -149,12 +149,10 @@ class MemoryPane(Vertical):
         verdict.update(title)
         bar.update_terms(view.terms, view.budget_gb)
         self.query_one("#breakdown-table", Static).update(self._breakdown(view, bar))
-        if view.advice:
-            # The ones that fit first (the calculator's order otherwise): in a short window
-            # they are the ones worth the room.
-            order = sorted(range(len(view.advice)), key=lambda i: not view.advice[i].text.endswith(", fits"))
+        if self._suggestions:
+            # The ones that fit first: in a short window they are the ones worth the room.
             advice.add_options(
-                Option(Text(f"{n}. {view.advice[i].text}"), id=str(i)) for n, i in enumerate(order, 1)
+                Option(Text(f"{i}. {a.text}"), id=str(i - 1)) for i, a in enumerate(self._suggestions, 1)
             )
         elif view.verdict == "fits":
             advice.add_option(Option(Text("nothing to change: it fits", style="dim"), disabled=True))
