@@ -259,6 +259,8 @@ async def test_sample_settings_are_validated(app_factory, finished_run: Path) ->
         app.screen.query_one(SamplePane).action_generate()
         await pilot.pause()
         assert not app.samples
+        notes = [n.message for n in app._notifications]
+        assert "temperature 'hot': must be from 0 (greedy) to 5" in notes  # the range, not only "fix"
 
 
 # ---- Palette, keyboard, colour -----------------------------------------------------------------

@@ -164,7 +164,10 @@ class SamplePane(Vertical):
         settings = [self.query_one(f"#{name}", Input) for name in ("max-tokens", "temperature", "top-p")]
         bad = [box for box in settings if not box.is_valid]
         if bad:
-            self.notify(f"fix {bad[0].id}: {bad[0].value!r}", severity="warning")
+            box = bad[0]
+            allowed = {"max-tokens": "a whole number from 1 to 4096", "temperature": "from 0 (greedy) to 5"}
+            want = allowed.get(box.id or "", "above 0, up to 1")
+            self.notify(f"{box.id} {box.value!r}: must be {want}", severity="warning")
             return
         request = protocol.SampleRequest(
             prompt=prompt,
