@@ -311,7 +311,8 @@ def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:
                 f"it completed: its final adapter is {run_dir / ADAPTER} (--checkpoint adapter)",
             )
         raise UserError(
-            f"run {run_dir.name} has no checkpoint", f"{_ended_early(status)}: start it again with `qlc train`"
+            f"run {run_dir.name} has no checkpoint",
+            f"{_ended_early(status)}: start it again with `qlc train`",
         )
     if step is None:
         return found[-1]
