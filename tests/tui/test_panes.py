@@ -465,3 +465,35 @@ async def test_a_preset_keeps_its_overrides_while_another_is_looked_at(app_facto
         pane.select("tiny-demo")
         await overrides_shown(pilot, ["train.max_steps=40"])
         assert pane.config is not None and pane.config.train.max_steps == 40
+
+
+def test_runs_started_in_the_same_minute_read_apart() -> None:
+    from tui.widgets.runs_pane import short_ids
+
+    names = short_ids(["20261205-020211-tiny-demo", "20261205-020259-tiny-demo", "20261205-030000-tiny-demo"])
+    assert names == {
+        "20261205-020211-tiny-demo": "1205-020211 tiny-demo",
+        "20261205-020259-tiny-demo": "1205-020259 tiny-demo",
+        "20261205-030000-tiny-demo": "1205-0300 tiny-demo",
+    }
+
+
+async def test_the_runs_footer_offers_resume_and_stop_only_where_they_work(
+    app_factory, finished_run: Path, crashed_run: Path
+) -> None:
+    app = app_factory()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        await pilot.press("4")
+        pane = app.screen.query_one(RunsPane)
+        await wait_for(pilot, lambda: len(pane.summaries) == 2, what="the runs")
+        table = pane.query_one("#runs-table")
+        for row, summary in enumerate(pane.summaries):
+            table.move_cursor(row=row)
+            await pilot.pause()
+            footer = screen_text(app).splitlines()[-1]
+            assert ("r Resume" in footer) == (summary.status not in ("running", "completed")), (
+                summary.status,
+                footer,
+            )
+            assert "x Stop" not in footer  # neither is running

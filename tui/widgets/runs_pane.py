@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from pathlib import Path
 from typing import ClassVar
 
@@ -36,12 +37,19 @@ STATUS_STYLE = {
 }
 
 
-def short_id(run_id: str) -> str:
-    """20261123-150102-tiny-demo -> 1123-1501 tiny-demo: date to the minute and the preset."""
+def short_id(run_id: str, seconds: bool = False) -> str:
+    """20261123-150102-tiny-demo -> 1123-1501 tiny-demo: date to the minute and the preset (to
+    the second with `seconds`, for runs started in the same minute)."""
     parts = run_id.split("-", 2)
     if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit():
-        return f"{parts[0][4:]}-{parts[1][:4]} {parts[2]}"
+        return f"{parts[0][4:]}-{parts[1] if seconds else parts[1][:4]} {parts[2]}"
     return run_id
+
+
+def short_ids(run_ids: list[str]) -> dict[str, str]:
+    """Each run's short id; to the second where two would read the same."""
+    counts = Counter(short_id(r) for r in run_ids)
+    return {r: short_id(r, seconds=counts[short_id(r)] > 1) for r in run_ids}
 
 
 class RunsPane(Vertical):
@@ -143,6 +151,7 @@ class RunsPane(Vertical):
         table = self.query_one("#runs-table", DataTable)
         keep = table.cursor_row
         table.clear()
+        names = short_ids([s.id for s in self.summaries])
         for s in self.summaries:
             status = Text(
                 f"{STATUS_MARK.get(s.status, '·')} {s.status}", style=STATUS_STYLE.get(s.status, "")
@@ -151,16 +160,32 @@ class RunsPane(Vertical):
             steps = f"{s.step}/{s.total_steps}" if s.total_steps else str(s.step)
             model = s.model.removeprefix("builtin:").rsplit("/", 1)[-1]
             table.add_row(
-                "✓" if s.id in self.marked else "", status, short_id(s.id), model[:20], steps, loss, key=s.id
+                "✓" if s.id in self.marked else "", status, names[s.id], model[:20], steps, loss, key=s.id
             )
         if self.summaries:
             table.move_cursor(row=min(keep, len(self.summaries) - 1))
         table.border_subtitle = (
             f"{len(self.summaries)} runs · space marks · c compares" if self.summaries else ""
         )
+        self.refresh_bindings()  # Resume and Stop follow the selected run's status
         empty = self.query_one("#runs-empty", Static)
         empty.display = not self.summaries
         empty.update(Text(f"No runs yet under {self.root}. Start one from Presets (1).", style="italic"))
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """The footer offers Stop for a running run only, Resume for one that can go on."""
+        if action not in ("resume", "stop"):
+            return True
+        summary = self.selected()
+        if summary is None:
+            return False
+        if action == "stop":
+            return summary.status == "running"
+        return summary.status not in ("running", "completed")
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        event.stop()
+        self.refresh_bindings()
 
     def selected(self) -> runs.RunSummary | None:
         table = self.query_one("#runs-table", DataTable)
