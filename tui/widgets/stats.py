@@ -126,7 +126,7 @@ class RunStats(Widget):
                     h.grad_norm,
                 ),
                 row("tokens/s", _count(last.tokens_per_s) + _mfu(h.utilisation(last)), h.tokens_per_s),
-                row("step", f"{last.step_seconds:.2f} s · {_count(last.tokens_seen)} tok"),
+                row("step", f"{last.step_seconds:.2f} s · Σ{_count(last.tokens_seen)} tok"),
             ]
         estimate = h.estimate if h else None
         est_gb = estimate.torch_peak_gb if estimate and estimate.torch_peak_gb else None
