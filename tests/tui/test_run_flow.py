@@ -147,3 +147,23 @@ async def test_does_not_fit_asks_before_launching(app_factory) -> None:
         await pilot.press("n")
         await pilot.pause()
         assert app.client is None
+
+
+async def test_the_stop_dialog_follows_the_step(app_factory) -> None:
+    """It read "now at step 92" while the header showed 94: the step it was opened at."""
+    app = app_factory(steps=400, rate=20.0)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        await select_preset(pilot, "tiny-demo")
+        await pilot.press("s")
+        await wait_for(pilot, lambda: app.history is not None and app.history.step > 0, what="training")
+        await pilot.press("3", "x")
+        await wait_for(pilot, lambda: isinstance(app.screen, StopScreen), what="the stop dialog")
+        opened = app.screen._step
+        await wait_for(pilot, lambda: app.history.step > opened + 2, what="more steps")
+        await wait_for(
+            pilot,
+            lambda: f"now at step {app.history.step}" in " ".join(screen_text(app).split()),
+            what="the step to follow",
+        )
+        await pilot.press("n")

@@ -14,6 +14,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, LoadingIndicator, Static
 
 from engine import protocol
+from tui.views import RunView
 
 
 class StopScreen(ModalScreen[bool]):
@@ -34,21 +35,30 @@ class StopScreen(ModalScreen[bool]):
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
             yield Static(Text(f"Stop run {self._run_id}?", style="bold"), classes="dialog-title")
-            yield Static(
-                f"It finishes the current optimizer step (now at step {self._step}), saves a checkpoint "
-                "and exits. `qlc resume` (or r on the Runs pane) continues it from there.",
-                classes="dialog-body",
-                id="stop-body",
-            )
+            yield Static(self._body(), classes="dialog-body", id="stop-body")
             yield LoadingIndicator(id="stop-spinner")
             yield Static(id="stop-progress")
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Stop and save (y)", variant="error", id="confirm")
                 yield Button("Cancel (n)", id="close")
 
+    def _body(self) -> str:
+        return (
+            f"It finishes the current optimizer step (now at step {self._step}), saves a checkpoint "
+            "and exits. `qlc resume` (or r on the Runs pane) continues it from there."
+        )
+
     def on_mount(self) -> None:
         self.query_one("#stop-spinner").display = False
         self.query_one("#close", Button).focus()
+        # The step goes on while the dialog is open: it read "now at step 92" at 94.
+        self.watch(self.app, "run_view", self._follow_step, init=False)
+
+    def _follow_step(self, view: RunView) -> None:
+        h = view.history
+        if h is not None and h.run_id == self._run_id and h.step != self._step:
+            self._step = h.step
+            self.query_one("#stop-body", Static).update(self._body())
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "confirm":
