@@ -126,3 +126,20 @@ async def test_log_scale_labels_are_real_values() -> None:
         await pilot.pause()
         text = _chart_text(chart)
         assert "1┤" in text and "0.0" in text  # 10**0 at the top, 10**-3.98 at the bottom
+
+
+async def test_a_flat_line_at_zero_has_no_negative_axis() -> None:
+    """The learning-rate chart of a run at its first step (lr 0 in warm-up) read `1 … -1`."""
+    from textual.app import App
+
+    class ChartApp(App[None]):
+        def compose(self):
+            yield LineChart(id="chart")
+
+    app = ChartApp()
+    async with app.run_test(size=(60, 12)) as pilot:
+        chart = app.query_one(LineChart)
+        chart.set_series([ChartSeries(_series([0.0]), "lr")])
+        await pilot.pause()
+        text = _chart_text(chart)
+        assert "-1" not in text and "1┤" in text and "0┤" in text

@@ -165,8 +165,10 @@ class LineChart(Widget):
         if not math.isfinite(y_lo):
             return Text(self.empty_text, style=self.get_component_rich_style("line-chart--empty"))
         if y_hi - y_lo < 1e-12:
+            # A flat line (one point, or the lr at 0 in warm-up): an axis around it, never below
+            # 0 for a quantity that is not (it read "1 … -1" for an lr of 0).
             pad = abs(y_hi) * 0.05 or 1.0
-            y_lo, y_hi = y_lo - pad, y_hi + pad
+            y_lo, y_hi = (y_lo - pad if y_lo < 0 else max(0.0, y_lo - pad)), y_hi + pad
         span_y = y_hi - y_lo
 
         def dot_row(v: float) -> int:
