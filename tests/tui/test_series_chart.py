@@ -6,6 +6,7 @@ import math
 import random
 
 import pytest
+from textual.app import App, ComposeResult
 
 from tui.widgets.line_chart import ChartSeries, LineChart
 from tui.widgets.series import Series
@@ -13,6 +14,13 @@ from tui.widgets.series import Series
 
 def _chart_text(chart: LineChart) -> str:
     return "\n".join(chart.render_line(y).text for y in range(chart.content_size.height))
+
+
+class _ChartApp(App[None]):
+    """One chart on a screen of its own."""
+
+    def compose(self) -> ComposeResult:
+        yield LineChart(id="chart")
 
 
 def _series(values: list[float]) -> Series:
@@ -112,13 +120,7 @@ async def test_drawing_100k_points_folds_as_few_values_as_drawing_a_few_hundred(
 
 
 async def test_log_scale_labels_are_real_values() -> None:
-    from textual.app import App
-
-    class ChartApp(App[None]):
-        def compose(self):
-            yield LineChart(id="chart")
-
-    app = ChartApp()
+    app = _ChartApp()
     async with app.run_test(size=(60, 12)) as pilot:
         chart = app.query_one(LineChart)
         chart.set_series([ChartSeries(_series([10 ** (-i / 50) for i in range(200)]), "loss")])
@@ -130,13 +132,7 @@ async def test_log_scale_labels_are_real_values() -> None:
 
 async def test_a_flat_line_at_zero_has_no_negative_axis() -> None:
     """The learning-rate chart of a run at its first step (lr 0 in warm-up) read `1 … -1`."""
-    from textual.app import App
-
-    class ChartApp(App[None]):
-        def compose(self):
-            yield LineChart(id="chart")
-
-    app = ChartApp()
+    app = _ChartApp()
     async with app.run_test(size=(60, 12)) as pilot:
         chart = app.query_one(LineChart)
         chart.set_series([ChartSeries(_series([0.0]), "lr")])
