@@ -430,3 +430,34 @@ def test_a_gemma3_multimodal_model_trains_on_two_processes(tmp_path: Path) -> No
     adapter = json.loads((run_dir / runs.ADAPTER / "adapter_config.json").read_text())
     assert adapter["target_modules"].startswith(r"model\.language_model\.layers\.")
     assert not re.search(r"^(\[rank\d+\]: )?Traceback", log, re.M)
+
+
+def test_known_gpus_says_unknown_where_torch_alone_could_tell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Preflight refuses hardware.device=cuda only where it knows there is no GPU: NVML failing
+    on a machine with the CUDA driver library (a Jetson has CUDA but no NVML) is not a 'no'."""
+    import ctypes.util
+
+    import pynvml
+
+    def broken() -> None:
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(pynvml, "nvmlInit", broken)
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    assert distributed.known_gpus() == 0
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libcuda.so.1" if name == "cuda" else None)
+    assert distributed.known_gpus() is None
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert distributed.known_gpus() == 2
+    # Unknown: the preflight lets the engine decide (it refused with exit 2 before).
+    from engine import preflight
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    cfg = load_preset("tiny-demo", ["hardware.device=cuda"])
+    preflight.check_hardware(cfg)
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    with pytest.raises(
+        UserError, match=re.escape("hardware.device: cuda was asked for but no CUDA GPU is visible")
+    ):
+        preflight.check_hardware(cfg)

@@ -357,3 +357,17 @@ def test_advice_starts_from_the_stack_the_estimate_chose(monkeypatch: pytest.Mon
     assert e.backend == "hf" and e.backend_reason.startswith("auto: transformers predicted")
     advice = advise(cfg, gpu)
     assert advice and all(a.before_gb == pytest.approx(e.device_total_gb) for a in advice)
+
+
+def test_with_no_fit_a_run_resolves_no_architecture_to_choose(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The speed predictor resolves the architecture (a hub request for a hub model): not before
+    any fit exists for the card in use."""
+    from engine.memory import architectures
+    from engine.train import backends
+
+    resolved: list[object] = []  # a raise would be swallowed: the predictor never stops a run
+    monkeypatch.setattr(architectures, "resolve_architecture", resolved.append)
+    monkeypatch.setattr(speed, "fits", lambda: ())
+    monkeypatch.setattr(stacks, "installed", lambda s: True)
+    assert backends.choose_backend(load_preset("llama-3.1-8b-h100"), "cuda")[0] == "unsloth"
+    assert not resolved
