@@ -7,8 +7,10 @@ what auto would have picked on each.
     python bench/speed_table.py FILE --write               # and the fits, engine/memory/speed_fits.json
 
 FILE is a results file of bench/calibration_matrix.py run with --clean-speed (a record's tokens/s
-counts only when nothing else ran on the GPU during its timed steps: `speed_valid`). A file
-measured without --clean-speed is refused: its speeds carry other processes' contention.
+counts only when nothing else ran on the GPU during its timed steps: `speed_valid`), or of
+bench/compare_stacks.py (its engine scenarios, run one at a time). A matrix file measured without
+--clean-speed is refused: its speeds carry other processes' contention. All files of one fit come
+from one card.
 
 Prints, per configuration both stacks measured: each stack's median step, its held-out
 prediction (fitted without that configuration), auto's pick and how much slower that pick was
@@ -51,10 +53,38 @@ def _gpu(report: dict[str, Any], peak: float | None) -> tuple[str, str, float]:
     return label, card.device.name, tflops
 
 
+def _row(
+    archs: dict[str, Any],
+    arch_name: str,
+    backend: str,
+    seq: int,
+    mb: int,
+    ga: int,
+    r: int,
+    targets: tuple[str, ...] | None,
+    gc: int,
+    step_s: float,
+    tflops: float,
+) -> Measured:
+    """One measured step as a step-cost row, keyed by what a user writes (the same on either stack)."""
+    arch = archs[arch_name]
+    if targets is None or list(targets) in (["all-linear"], ["all_linear"]):
+        targets = tuple(arch.linear_modules())  # the model's own names (Phi fuses q/k/v)
+    work = step_work(
+        arch, seq_len=seq, micro_batch=mb, grad_accum=ga, r=r, targets=targets, checkpointed=gc,
+        peak_tflops=tflops,
+    )  # fmt: skip
+    short = "all" if set(targets) >= set(arch.linear_modules()) else "+".join(t[0] for t in targets)
+    key = f"{arch_name} r{r}-{short} s{seq}x{mb}x{ga} gc{gc}"
+    return Measured(key=key, stack=backend, work=work, step_s=step_s, arch=arch_name)
+
+
 def measured_rows(path: Path, peak: float | None = None) -> tuple[list[Measured], dict[str, Any]]:
-    """The clean, completed records of one matrix results file, as step-cost rows."""
+    """The clean, completed steps of one results file, as step-cost rows: a calibration matrix run
+    with --clean-speed, or bench/compare_stacks.py's scenarios (one at a time: clean as run)."""
     report = json.loads(path.read_text(encoding="utf-8"))
-    if not report.get("clean_speed"):
+    stacks_file = "scenarios" in report or "calls" in report
+    if not stacks_file and not report.get("clean_speed"):
         raise UserError(
             f"{path}: measured without --clean-speed (its speeds overlap other processes' work)",
             "re-measure with bench/gpu_campaign.sh --clean-speed",
@@ -62,6 +92,25 @@ def measured_rows(path: Path, peak: float | None = None) -> tuple[list[Measured]
     label, gpu_class, tflops = _gpu(report, peak)
     archs = catalog()
     rows = []
+    if stacks_file:
+        recipe_of = report.get("recipe", {})
+        calls = report.get("calls") or [report]
+        for call in calls:
+            recipe = call.get("recipe", recipe_of)
+            for name, sc in call.get("scenarios", {}).items():
+                # Engine scenarios only (a bare script is neither stack as the engine runs it).
+                if not name.startswith("engine-") or sc.get("backend") not in ("hf", "unsloth"):
+                    continue
+                if sc.get("error") or not sc.get("median_step_seconds"):
+                    continue
+                rows.append(
+                    _row(
+                        archs, call.get("arch", report["arch"]), sc["backend"], int(recipe["seq_len"]),
+                        int(sc.get("micro_batch") or recipe["micro_batch"]),
+                        int(sc.get("grad_accum") or recipe["grad_accum"]), int(recipe["lora_r"]), None,
+                        int(sc.get("checkpointed_layers") or 0), float(sc["median_step_seconds"]), tflops,
+                    )
+                )  # fmt: skip
     for rec in report.get("records", []):
         if (
             rec.get("oom")
@@ -70,27 +119,13 @@ def measured_rows(path: Path, peak: float | None = None) -> tuple[list[Measured]
             or not rec.get("median_step_seconds")
         ):
             continue
-        arch = archs[rec["arch"]]
-        targets = tuple(rec["target_modules"])
-        if list(targets) in (["all-linear"], ["all_linear"]):
-            targets = tuple(arch.linear_modules())  # the model's own names (Phi fuses q/k/v)
-        ga = int(rec.get("grad_accum") or 1)
-        gc = int(rec.get("checkpointed_layers") or 0)
-        work = step_work(
-            arch,
-            seq_len=int(rec["seq_len"]),
-            micro_batch=int(rec["micro_batch"]),
-            grad_accum=ga,
-            r=int(rec["lora_r"]),
-            targets=targets,
-            checkpointed=gc,
-            peak_tflops=tflops,
-        )
-        # The same configuration on either stack: what a user writes, not how the matrix grouped it.
-        short = "all" if set(targets) >= set(arch.linear_modules()) else "+".join(t[0] for t in targets)
-        key = f"{rec['arch']} r{rec['lora_r']}-{short} s{rec['seq_len']}x{rec['micro_batch']}x{ga} gc{gc}"
-        step = float(rec["median_step_seconds"])
-        rows.append(Measured(key=key, stack=rec["backend"], work=work, step_s=step, arch=rec["arch"]))
+        rows.append(
+            _row(
+                archs, rec["arch"], rec["backend"], int(rec["seq_len"]), int(rec["micro_batch"]),
+                int(rec.get("grad_accum") or 1), int(rec["lora_r"]), tuple(rec["target_modules"]),
+                int(rec.get("checkpointed_layers") or 0), float(rec["median_step_seconds"]), tflops,
+            )
+        )  # fmt: skip
     meta = {
         "file": str(path),
         "gpu": label,
@@ -127,7 +162,8 @@ def table(rows: list[Measured]) -> tuple[list[str], list[Choice], dict[str, Any]
     for s in _stacks(rows):
         mine = [r for r in rows if r.stack == s]
         errors[s] = {
-            "configurations": len(mine),
+            "configurations": len({r.key for r in mine}),  # repeats of one configuration count once
+            "steps_measured": len(mine),
             "leave_one_configuration_out": _summary([h.error for h in leave_one_out(mine)]),
             "leave_one_architecture_out": _summary([h.error for h in leave_one_out(mine, "arch")]),
         }
@@ -166,10 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    classes = {m["gpu_class"] for m in metas}
-    if len(classes) > 1:
+    cards = {m["gpu"] for m in metas}
+    if len(cards) > 1:
+        # Fits are per card: an H100's and an H200's costs differ (bandwidth, clocks).
         print(
-            f"error: files from several GPU classes ({', '.join(sorted(classes))}): fit one at a time",
+            f"error: files from several cards ({', '.join(sorted(cards))}): fit one at a time",
             file=sys.stderr,
         )
         return 2
@@ -217,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     for s, e in errors.items():
         mine = [r for r in rows if r.stack == s]
         loo = e["leave_one_configuration_out"]
-        if len(mine) < args.min_configurations or not loo:
-            print(f"{s}: no fit written ({len(mine)} configurations, {args.min_configurations} needed)")
+        distinct = len({r.key for r in mine})
+        if distinct < args.min_configurations or not loo:
+            print(f"{s}: no fit written ({distinct} configurations, {args.min_configurations} needed)")
             continue
         fits.append(
             SpeedFit(
@@ -226,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                 gpu=metas[0]["gpu"],
                 gpu_class=metas[0]["gpu_class"],
                 costs=fit_costs(mine),
-                configurations=len(mine),
+                configurations=distinct,
                 held_out_error=round(loo["worst"], 4),
                 source=", ".join(Path(m["file"]).name for m in metas),
                 date=str(metas[0]["date"] or dt.date.today()),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import bench
+from tests.conftest import REPO, bench
 
 pytestmark = pytest.mark.slow
 
@@ -54,3 +54,31 @@ def test_the_speed_table_refuses_speeds_measured_beside_other_runs() -> None:
         f"error: {old}: measured without --clean-speed (its speeds overlap other processes' work) "
         "(re-measure with bench/gpu_campaign.sh --clean-speed)"
     ]
+
+
+def test_the_speed_table_reads_compare_stacks_results_and_fits_one_card_at_a_time(tmp_path: Path) -> None:
+    """The committed H100 comparisons (engine scenarios run one at a time): both stacks on the 8B
+    and 1B seed recipes pair up; too few configurations for a fit, and nothing is written."""
+    files = [
+        "bench/results/stacks-llama-3.1-8b-h100-2026-11-23.json",
+        "bench/results/stacks-llama-3.1-8b-h100-2026-11-23b.json",
+        "bench/results/stacks-llama-3.2-1b-h100-2026-11-23.json",
+    ]
+    done = bench(
+        "bench/speed_table.py", *files, "--out", str(tmp_path / "t.json"), "--write", str(tmp_path / "f.json")
+    )
+    assert done.returncode == 0, done.stderr
+    table = json.loads((tmp_path / "t.json").read_text())
+    assert {p["key"] for p in table["paired"]} == {
+        "llama-3.1-8b r32-all s4096x2x2 gc32",
+        "llama-3.2-1b r32-all s4096x2x2 gc16",
+    }
+    assert table["errors"]["unsloth"]["configurations"] == 4  # 0, 17 and 32 layers on the 8B, the 1B
+    assert not (tmp_path / "f.json").exists() and "no fit written" in done.stdout
+    # The same file as measured on an H200: costs differ per card, so the two are not one fit.
+    other = json.loads((REPO / files[2]).read_text())
+    other["gpu"] = "NVIDIA H200"
+    (tmp_path / "h200.json").write_text(json.dumps(other))
+    mixed = bench("bench/speed_table.py", files[0], str(tmp_path / "h200.json"))
+    assert mixed.returncode == 2
+    assert "files from several cards (NVIDIA H100 80GB HBM3, NVIDIA H200)" in mixed.stderr
