@@ -232,11 +232,7 @@ def speed_predictor(
         model = _speed_model(cfg, profile, gpu)
         if model is None:
             return None
-        k, _ = choose_checkpointing(cfg, arch, profile, budget, device=gpu.device)
-        mb, ga, _ = choose_split(cfg, arch, profile, budget, k, device=gpu.device)
-        faster = fastest_layout(cfg, arch, profile, budget, gpu, (k, mb, ga))
-        if faster is not None:
-            k, mb, ga = faster[:3]
+        k, mb, ga, _, _ = choose_layout(cfg, arch, profile, budget, gpu)
         return model.step_s(cfg, arch, k, mb, ga), model.basis
 
     return predict
@@ -601,6 +597,31 @@ def fastest_layout(
     return k, m, rows // m, why, split
 
 
+def choose_layout(
+    cfg: RunConfig,
+    arch: Architecture,
+    backend: str,
+    budget_gb: float | None,
+    gpu: Gpu | None = None,
+    padded: bool | None = None,
+    liger: bool | None = None,
+    expandable: bool | None = None,
+    processes: int = 1,
+) -> tuple[int, int, int, str, str]:
+    """(checkpointed, micro_batch, grad_accum, checkpointing's why, split's why): the memory rules
+    (choose_checkpointing, then choose_split), then on a known card the fastest layout where a
+    speed model says one beats theirs (fastest_layout; one process, rows as the config pads them).
+    What `qlc estimate` shows and what hardware.backend auto predicts each stack at."""
+    device = gpu.device if gpu is not None else None
+    k, why = choose_checkpointing(cfg, arch, backend, budget_gb, padded, liger, expandable, device)
+    mb, ga, split = choose_split(cfg, arch, backend, budget_gb, k, liger, expandable, device, processes)
+    if gpu is not None and processes == 1 and padded is None:
+        faster = fastest_layout(cfg, arch, backend, budget_gb, gpu, (k, mb, ga), liger, expandable)
+        if faster is not None:
+            return faster
+    return k, mb, ga, why, split
+
+
 # ---------------------------------------------------------------------------------------------
 # Estimate
 # ---------------------------------------------------------------------------------------------
@@ -644,13 +665,9 @@ def estimate(
         budget_gb = gpu.budget_gb
     split = ""
     if checkpointed is None:
-        k, why = choose_checkpointing(cfg, arch, name, budget_gb, padded, liger, expandable, device)
-        mb, ga, split = choose_split(cfg, arch, name, budget_gb, k, liger, expandable, device, processes)
-        faster = None
-        if gpu is not None and processes == 1 and padded is None:
-            faster = fastest_layout(cfg, arch, name, budget_gb, gpu, (k, mb, ga), liger, expandable)
-        if faster is not None:
-            k, mb, ga, why, split = faster
+        k, mb, ga, why, split = choose_layout(
+            cfg, arch, name, budget_gb, gpu, padded, liger, expandable, processes
+        )
         cfg = with_split(cfg, mb, ga)
     else:  # what a running engine decided (its split is already in cfg)
         k, why = (
