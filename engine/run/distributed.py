@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,48 +157,42 @@ class Nodes:
 
 
 def visible_gpus() -> int:
-    """CUDA GPUs this process may use, without torch: CUDA_VISIBLE_DEVICES if set, else NVML."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return len([d for d in env.split(",") if d.strip() and d.strip() != "-1"])
-    try:
-        import pynvml
-    except ImportError:
-        return 0
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return 0
-    try:
-        return int(pynvml.nvmlDeviceGetCount())
-    except pynvml.NVMLError:
-        return 0
-    finally:
-        with contextlib.suppress(pynvml.NVMLError):
-            pynvml.nvmlShutdown()
+    """CUDA GPUs this process may use, without torch: CUDA_VISIBLE_DEVICES if set, else NVML (0
+    where NVML cannot answer)."""
+    return _count_gpus(no_driver=lambda: 0, unanswered=0) or 0
 
 
 def known_gpus() -> int | None:
     """CUDA GPUs this process may use, or None where that cannot be told without torch: NVML
     failed on a machine that has the CUDA driver library (a Jetson has CUDA but no NVML). No
     NVML library and no CUDA driver library: no GPU."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return visible_gpus()
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
+
+    def no_driver() -> int | None:
         import ctypes.util
 
         return None if ctypes.util.find_library("cuda") else 0
+
+    return _count_gpus(no_driver=no_driver, unanswered=None)
+
+
+def _count_gpus(no_driver: Callable[[], int | None], unanswered: int | None) -> int | None:
+    """CUDA_VISIBLE_DEVICES's count if set, else NVML's: `no_driver()` where NVML cannot start,
+    `unanswered` where it cannot be imported or count."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return len([d for d in env.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        import pynvml
+    except ImportError:
+        return unanswered
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return no_driver()
     try:
         return int(pynvml.nvmlDeviceGetCount())
     except pynvml.NVMLError:
-        return None
+        return unanswered
     finally:
         with contextlib.suppress(pynvml.NVMLError):
             pynvml.nvmlShutdown()
