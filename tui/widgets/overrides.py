@@ -38,13 +38,13 @@ def check_override(draft: PresetDraft, text: str) -> tuple[bool, str, PresetDraf
         mine = [p.removeprefix(f"--set {text}: ") for p in after.problems if p.startswith(f"--set {text}: ")]
         relevant = [f"{key}: {p}" for p in mine] or [p.removeprefix("--set ") for p in after.problems]
         return False, "; ".join(relevant), None
-    if key == "hardware.gpu" and str(after.value(key)).strip().lower() != "auto":
-        from engine.memory import resolve_gpu  # the catalog, as `qlc train` checks it
+    if key == "hardware.gpu" and after.config is not None:
+        from engine import preflight  # `qlc train`'s own check of the name (loaded on first use)
 
         try:
-            resolve_gpu(str(after.value(key)))
+            preflight.check_gpu_name(after.config)
         except UserError as exc:
-            return False, f"{key}: {exc}", None
+            return False, str(exc), None
     new = format_setting(after.value(key))
     old = format_setting(draft.value(key)) if draft.valid else "?"
     return True, f"{key}: {old} → {new}" if old != new else f"{key}: {new} (unchanged)", after
