@@ -173,3 +173,23 @@ def test_liger_is_used_only_on_a_gpu() -> None:
     from engine.train.backends import hf
 
     assert hf.apply_kernels(object(), tiny_cfg(), "cpu") == []
+
+
+def test_lora_targets_are_found_on_a_model_that_already_has_adapters() -> None:
+    """Unsloth's get_peft_model is asked again on the wrapped model to change only the
+    checkpointing (bench/calibrate_memory.py does, per configuration): the targets must be found
+    under the base model's names there too, not only on the bare model."""
+    from engine.train.backends import hf
+    from engine.train.backends.base import lora_targets
+    from engine.train.backends.checkpointing import layers_prefix
+
+    cfg = tiny_cfg()
+    model = hf.load_model(cfg, "cpu")
+    wanted = list(cfg.lora.target_modules)
+    assert lora_targets(model, cfg) == wanted
+    wrapped = hf.apply_lora(model, cfg, CheckpointPlan(4, 0, "test"))
+    assert layers_prefix(wrapped) == layers_prefix(model) == "model.layers"
+    assert lora_targets(wrapped, cfg) == wanted
+    odd = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, target_modules=("q_proj", "qkv_proj")))
+    with pytest.raises(UserError, match=r"qkv_proj not found .*its linear layers include .*q_proj"):
+        lora_targets(wrapped, odd)

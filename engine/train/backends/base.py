@@ -54,7 +54,10 @@ def lora_targets(model: Any, cfg: RunConfig) -> list[str] | str:
     wanted = list(cfg.lora.target_modules)
     prefix = layers_prefix(model)
     inside = prefix + "."
-    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n.startswith(inside)}
+    # The prefix is a name in the base model: a model already wrapped by peft (Unsloth's
+    # get_peft_model is asked again, to change only the checkpointing) names it further down.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    present = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules() if n.startswith(inside)}
     missing = [m for m in wanted if m not in present]
     if missing:
         raise UserError(

@@ -56,17 +56,29 @@ def layers_prefix(model: Any) -> str:
 def _layer_stack(model: Any) -> tuple[Any, str, list[Any]]:
     import torch
 
+    def checkpointable(child: Any) -> bool:
+        return (
+            isinstance(child, torch.nn.ModuleList)
+            and len(child) > 0
+            and all(hasattr(layer, "gradient_checkpointing") for layer in child)
+        )
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = text_decoder(model)
-    names = {id(m): n for n, m in base.named_modules()}
-    for module in decoder.modules():
-        for child in module.children():
-            if (
-                isinstance(child, torch.nn.ModuleList)
-                and len(child) > 0
-                and all(hasattr(layer, "gradient_checkpointing") for layer in child)
-            ):
-                return module, names.get(id(child), ""), list(child)
+    inside = {id(m) for m in text_decoder(model).modules()}
+    # Walk the base model's own names (those peft matches targets against), and take the layer
+    # list inside the text decoder; any other checkpointable list in the base model is second
+    # choice, for a decoder that get_decoder() returns from outside the base model's tree.
+    other: tuple[Any, str, list[Any]] | None = None
+    for name, module in base.named_modules():
+        for child_name, child in module.named_children():
+            if not checkpointable(child):
+                continue
+            found = (module, f"{name}.{child_name}" if name else child_name, list(child))
+            if id(child) in inside:
+                return found
+            other = other or found
+    if other is not None:
+        return other
     raise RuntimeError("no decoder layers with gradient checkpointing support found in this model")
 
 
