@@ -296,7 +296,10 @@ def layer_saved_per_token(plan: Plan) -> float:
         # lora_A (bitsandbytes' MatMul4Bit saves no input).
         total += a.norms_per_layer * ((c * h + 4) if plan.liger else 4 * h)
         total += c * h * (bool(attn_in) + bool(mlp_in))
-        total += (4 * q + 4 * kv) if a.qk_norm else 0
+        if a.qk_norm:
+            # Liger patches the q/k norms too (LigerRMSNormForGemma3): the bf16 input and one fp32
+            # rstd per head, where the stock norm saves an fp32 copy.
+            total += (c * (q + kv) + 4 * (a.heads + a.kv_heads)) if plan.liger else (4 * q + 4 * kv)
         if a.fused_qkv:  # v is a view of the fused output: its whole storage stays alive
             total += c * (q + 2 * kv) + c * (q + kv)
         else:
@@ -340,9 +343,11 @@ def masked_layers(plan: Plan) -> int:
 
 def mask_saved_per_token(plan: Plan) -> float:
     """Extra bytes per token a masked layer saves: K and V repeated to q_dim, and the bf16 bias
-    (micro_batch x seq x seq x 2 bytes, that is 2 x seq per token)."""
+    (micro_batch x seq x seq x 2 bytes, that is 2 x seq per token). With one K/V head (Gemma-3-1B)
+    repeat_kv's expand + reshape is a view of K and V themselves: nothing is copied."""
     a = plan.arch
-    return 2 * plan.compute_bytes * (a.q_dim - a.kv_dim) + 2 * plan.seq_len
+    repeated = 2 * plan.compute_bytes * (a.q_dim - a.kv_dim) if a.kv_heads > 1 else 0
+    return repeated + 2 * plan.seq_len
 
 
 def attention_mask_inputs(plan: Plan) -> float:

@@ -37,6 +37,8 @@ def _synthetic(
                 if rec.oom:
                     continue
                 est = estimate_record(rec, gpu)
+                # Both peaks: the torch stage fits ACTIVATION_SCALE to the allocated one.
+                raw["peak_allocated_gib"] = est.torch_allocated_gb
                 raw["peak_reserved_gib"] = est.torch_peak_gb
                 raw["reserved_clean"] = True
                 raw["baseline_allocated_gib"] = 0.0
