@@ -104,7 +104,7 @@ def modelled(arch: str, seq: int, packing: bool) -> dict[str, Any]:
     return {
         "masked_layers_of_full_model": terms.masked_layers(plan),
         "mask_saved_per_token": terms.mask_saved_per_token(plan),
-        "of_which_repeated_kv": 2 * plan.compute_bytes * (plan.arch.q_dim - plan.arch.kv_dim),
+        "of_which_repeated_kv": terms.mask_saved_per_token(plan) - 2 * seq,
         "of_which_bias": 2 * seq,
     }
 

@@ -22,8 +22,8 @@ What is fitted, and against which figure:
   the GPU class's bare CUDA context (engine.memory.devices, measured or sourced, never fitted),
   with the torch-level constants of the first stage.
 Library facts (bitsandbytes block sizes, TRL's tile sizes, unsloth_zoo's chunk rows...) are never
-fitted; neither are the whole numbers BACKWARD_MLP_GRADIENTS, UNSLOTH_BACKWARD_HIDDEN_GRADIENTS
-and LARGE_BUFFER_RESERVED_COPIES (no record trains lm_head).
+fitted; neither are the whole numbers BACKWARD_MLP_GRADIENTS, UNSLOTH_BACKWARD_HIDDEN_GRADIENTS,
+UNSLOTH_KEPT_LAYER_HIDDEN_TENSORS and LARGE_BUFFER_RESERVED_COPIES (no record trains lm_head).
 
 `leave_one_architecture_out` fits on every architecture but one and predicts the one left out:
 the error a user's unmeasured model should expect. `error_band` is the 90th percentile of those

@@ -1,17 +1,22 @@
 """How long an optimizer step takes on each stack, predicted from the work it does: what
 `hardware.backend: auto` compares when more than one stack can train here.
 
-A step's time is modelled as a sum of four kinds of work, each with a cost per unit that a stack's
+A step's time is modelled as a sum of six kinds of work, each with a cost per unit that a stack's
 kernels set (fitted to measured steps by engine.memory.speed_fit, never guessed):
 
 - matmul: the step's FLOPs (engine.memory.flops: forward, input-gradient backward, adapters,
-  attention, recompute) at the card's dense 16-bit peak. Its cost is the inverse of the
+  recompute) at the card's dense 16-bit peak, attention's apart. Its cost is the inverse of the
   utilisation the stack's matmuls reach;
+- attention: attention's QK^T and AV FLOPs at the same peak, run by the attention kernel at its
+  own utilisation, which grows with the sequence (on the H200 table a single matmul term
+  under-predicted 16384-token steps by 14-24%);
 - dequant: 4-bit weight elements turned back into 16-bit ones. Each micro-batch does it for every
   layer in its forward and again in its backward, and once more for each checkpointed layer's
   recompute; this is why fewer, larger micro-batches are faster (train.batch_split);
 - elementwise: tokens x hidden x layer passes, the memory-bound work between the matmuls (norms,
   rotary, activations, residuals, the adapters' scaling), which fused kernels shrink;
+- adapters: tokens x the adapted projections' input and output widths x layer passes, the
+  activations LoRA's small matmuls read and write (attention-only adapters move far fewer);
 - launches: micro-batches x layer passes, the fixed cost of a layer's kernels whatever the rows.
 
 A layer pass counts a layer's forward as one and its backward as two (it computes two gradients
@@ -38,7 +43,7 @@ from typing import Any
 from engine.memory import flops
 from engine.memory.architectures import Architecture
 
-FEATURES: tuple[str, ...] = ("matmul", "dequant", "elementwise", "launches")
+FEATURES: tuple[str, ...] = ("matmul", "attention", "dequant", "elementwise", "adapters", "launches")
 FITS_PATH = Path(__file__).with_name("speed_fits.json")
 
 
@@ -46,9 +51,11 @@ FITS_PATH = Path(__file__).with_name("speed_fits.json")
 class StepWork:
     """One optimizer step's work, in the units the fitted costs multiply."""
 
-    matmul: float  # seconds at 100% of the card's dense 16-bit peak
+    matmul: float  # seconds at 100% of the card's dense 16-bit peak, attention's matmuls apart
+    attention: float  # attention's QK^T and AV (forward, backward, recompute), seconds at the peak
     dequant: float  # 4-bit weight elements dequantized, billions
     elementwise: float  # tokens x hidden x layer passes, billions
+    adapters: float  # tokens x the adapted modules' input and output widths x layer passes, billions
     launches: float  # micro-batches x layer passes, thousands
     tokens: int  # tokens per optimizer step (what tokens/s divides)
 
@@ -75,10 +82,19 @@ def step_work(
         grad_accum * (2 * arch.layers + checkpointed) * sum(i * o for i, o in arch.linear_modules().values())
     )
     layer_passes = 3 * arch.layers + checkpointed  # forward 1, backward 2, recompute 1
+    # Attention's sequence-wide matmuls run in the attention kernel, at its own utilisation:
+    # forward once per layer, backward twice, once more per recompute (engine.memory.flops).
+    attention = 4.0 * arch.q_dim * flops.attention_context(arch, seq_len) * layer_passes
+    peak = peak_tflops * 1e12
     return StepWork(
-        matmul=tokens * sum(per_token.values()) / (peak_tflops * 1e12),
+        matmul=tokens * (sum(per_token.values()) - attention) / peak,
+        attention=tokens * attention / peak,
         dequant=dequantized / 1e9,
         elementwise=tokens * arch.hidden * layer_passes / 1e9,
+        adapters=tokens
+        * sum(i + o for m, (i, o) in arch.linear_modules().items() if m in targets)
+        * layer_passes
+        / 1e9,
         launches=grad_accum * layer_passes / 1e3,
         tokens=tokens,
     )

@@ -1,10 +1,10 @@
 """Fit a stack's step costs (engine.memory.speed) to measured steps, and say how well they hold.
 
-The model is linear in its four kinds of work with non-negative costs, and what matters is the
+The model is linear in its six kinds of work with non-negative costs, and what matters is the
 relative error (a 1B step of 0.3 s and an 8B step of 2 s count alike), so the fit minimises
 sum(((predicted - measured) / measured)^2) under costs >= 0: a least-squares problem on rows
-divided by their measured time. With four features the exact non-negative solution is the best of
-the 15 subsets' unconstrained solutions whose costs are all non-negative; no numerical library is
+divided by their measured time. With six features the exact non-negative solution is the best of
+the 63 subsets' unconstrained solutions whose costs are all non-negative; no numerical library is
 needed. Columns are scaled to unit norm first, so matmul seconds and thousands of launches weigh
 alike in the normal equations.
 

@@ -401,6 +401,8 @@ def _saved_layers(plan: Plan, n: int) -> float:
     per_layer = layer_saved_per_token(plan) * T * layer_scale(plan) + saved
     if plan.backend != "hf":  # hf's first RMSNorm already saves its own fp32 copy of the input
         per_layer += T * a.hidden * plan.residual_bytes
+    if plan.backend == "unsloth":
+        per_layer += C.UNSLOTH_KEPT_LAYER_HIDDEN_TENSORS * T * a.hidden * plan.compute_bytes
     masked = masked_layers(plan) * n / a.layers if a.layers else 0.0
     return n * per_layer + masked * mask_saved_per_token(plan) * T
 

@@ -39,24 +39,10 @@ FILES = records_files(RESULTS)
 # baseline_allocated_gib before loading, which the replay adds), then drop the entry.
 CONTAMINATED: dict[str, str] = {}
 
-# Records the model misses by a little more than TOLERANCE, each with the bound it is held to and
-# why. Keep this short: each entry is a known gap of the model, named in docs/memory-model.md.
-# Gemma 3 1B on the hf backend, from the third matrix call of 2026-12-04, measured after the refit
-# and replayed as held-out data: with fewer than all layers checkpointed its activations are
-# overestimated (+5.8% to +8.2%: the safe side; Llama, Qwen and Mistral records of the same shapes
-# land within 3%). Gemma's per-layer activation term is the open question (docs/memory-model.md).
-_GEMMA_1B_HELD_OUT = "Gemma 3 1B, hf, fewer than all layers checkpointed: overestimated, held out"
-KNOWN_MISSES: dict[str, tuple[float, str]] = {
-    "gemma-3-1b/hf/r16-all/s2048x2-nogc": (0.09, _GEMMA_1B_HELD_OUT),
-    "gemma-3-1b/hf/r16-all/s4096x1-half": (0.09, _GEMMA_1B_HELD_OUT),
-    "gemma-3-1b/hf/r128-all/s2048x4-half": (0.09, _GEMMA_1B_HELD_OUT),
-    "e2e-3b-unsloth-r64-half": (
-        0.06,
-        "the only Unsloth record with partial checkpointing, and a `qlc train` run whose peak covers "
-        "the first step, where Unsloth compiles each block (the in-process records warm up first): "
-        "reserved - allocated 0.42 GiB against 0.10-0.23 elsewhere; -5.1% reserved, -2.6% allocated",
-    ),
-}
+# Records the model may miss by a little more than TOLERANCE, each with the bound it is held to
+# and why; each one a known gap of the model, named in docs/memory-model.md. None since the
+# 2026-12-05 refit (Liger's q/k norms, K/V from one head, Unsloth's kept layers: terms.py).
+KNOWN_MISSES: dict[str, tuple[float, str]] = {}
 
 
 def _params() -> list[Any]:

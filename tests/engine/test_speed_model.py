@@ -23,8 +23,22 @@ est = importlib.import_module("engine.memory.estimate")  # the module: engine.me
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Plausible H100-like costs: hf loses on the fused work Unsloth does (dequant, elementwise).
 COSTS = {
-    "hf": {"matmul": 1.45, "dequant": 0.006, "elementwise": 0.16, "launches": 2.0},
-    "unsloth": {"matmul": 1.35, "dequant": 0.004, "elementwise": 0.05, "launches": 3.5},
+    "hf": {
+        "matmul": 1.45,
+        "attention": 2.2,
+        "dequant": 0.006,
+        "elementwise": 0.16,
+        "adapters": 0.03,
+        "launches": 2.0,
+    },
+    "unsloth": {
+        "matmul": 1.35,
+        "attention": 1.8,
+        "dequant": 0.004,
+        "elementwise": 0.05,
+        "adapters": 0.01,
+        "launches": 3.5,
+    },
 }
 
 
@@ -62,8 +76,8 @@ def test_a_step_counts_dequantizing_per_micro_batch_and_the_same_flops_however_s
     resplit = step_work(arch, micro_batch=4, grad_accum=1, checkpointed=0, **kw)
     recomputed = step_work(arch, micro_batch=2, grad_accum=2, checkpointed=32, **kw)
     assert as_written.tokens == resplit.tokens == 16384
-    assert as_written.matmul == pytest.approx(resplit.matmul)
-    assert as_written.elementwise == pytest.approx(resplit.elementwise)
+    for same in ("matmul", "attention", "elementwise", "adapters"):  # per token: however split
+        assert getattr(as_written, same) == pytest.approx(getattr(resplit, same)), same
     # Two micro-batches dequantize every weight twice as often, and launch twice the layers.
     assert as_written.dequant == pytest.approx(2 * resplit.dequant)
     assert as_written.launches == pytest.approx(2 * resplit.launches)
@@ -72,9 +86,17 @@ def test_a_step_counts_dequantizing_per_micro_batch_and_the_same_flops_however_s
     assert recomputed.dequant == pytest.approx(as_written.dequant * 3 / 2)
     assert recomputed.elementwise == pytest.approx(as_written.elementwise * 4 / 3)
     assert recomputed.launches == pytest.approx(as_written.launches * 4 / 3)
+    assert recomputed.attention == pytest.approx(as_written.attention * 4 / 3)
+    assert recomputed.adapters == pytest.approx(as_written.adapters * 4 / 3)
     assert recomputed.matmul > as_written.matmul
-    # The issue's figure: about 3.5e10 FLOPs a token on the 8B at 4096 without recompute.
-    assert as_written.matmul * 989e12 / as_written.tokens == pytest.approx(3.5e10, rel=0.05)
+    # The issue's figure: about 3.5e10 FLOPs a token on the 8B at 4096 without recompute, of which
+    # attention's QK^T and AV are about 9% (engine/memory/flops.py).
+    total = as_written.matmul + as_written.attention
+    assert total * 989e12 / as_written.tokens == pytest.approx(3.5e10, rel=0.05)
+    assert as_written.attention / total == pytest.approx(0.09, abs=0.03)
+    # Attention-only adapters move fewer activations through LoRA than all seven projections.
+    attn_only = step_work(arch, micro_batch=2, grad_accum=2, checkpointed=0, **{**kw, "targets": ATTN})
+    assert 0 < attn_only.adapters < as_written.adapters
 
 
 def test_the_fit_finds_the_costs_that_made_the_table() -> None:
@@ -185,8 +207,8 @@ def test_the_committed_fits_load_and_name_what_they_rest_on() -> None:
 
 
 def test_work_vector_follows_the_feature_order() -> None:
-    w = StepWork(matmul=1, dequant=2, elementwise=3, launches=4, tokens=5)
-    assert w.vector() == (1.0, 2.0, 3.0, 4.0)
+    w = StepWork(matmul=1, attention=2, dequant=3, elementwise=4, adapters=5, launches=6, tokens=7)
+    assert w.vector() == (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
 
 
 def test_a_run_on_a_gpu_chooses_by_the_same_prediction(monkeypatch: pytest.MonkeyPatch) -> None:
