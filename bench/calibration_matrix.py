@@ -1364,6 +1364,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FILE",
         help="leave out the configurations these records files already hold (a second call measures others)",
     )
+    ap.add_argument(
+        "--unsloth-process-per-gc",
+        action="store_true",
+        help="one Unsloth process per LoRA group and checkpointing mode (no configuration runs on a model "
+        "Unsloth was reconfigured for another mode)",
+    )
     ap.add_argument("--dry-run", action="store_true", help="shrunk models on the CPU: every path but CUDA")
     ap.add_argument(
         "--fake-nvml",
@@ -1375,7 +1381,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     backends = tuple(args.backend or ("hf", "unsloth"))
     total = 141.0 if args.dry_run else ((gpu_info() or {}).get("total_gib") or 140.0)
-    plan = cp.build_plan(args.arch, backends, total, args.max_device_gib, e2e=not args.no_e2e)
+    plan = cp.build_plan(
+        args.arch,
+        backends,
+        total,
+        args.max_device_gib,
+        e2e=not args.no_e2e,
+        unsloth_process_per_gc=args.unsloth_process_per_gc,
+    )
     if args.skip_measured:
         measured = {
             r.get("id") for f in args.skip_measured for r in json.loads(f.read_text()).get("records", [])

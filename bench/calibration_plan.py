@@ -332,9 +332,15 @@ def build_plan(
     budget_gib: float = 140.0,
     max_device_gib: float = 60.0,
     e2e: bool = True,
+    unsloth_process_per_gc: bool = False,
 ) -> Plan:
     """Every worker and configuration of the matrix, most valuable first. Configurations the memory
-    model puts above `max_device_gib` are left out: concurrent processes share the GPU."""
+    model puts above `max_device_gib` are left out: concurrent processes share the GPU.
+
+    `unsloth_process_per_gc`: one Unsloth process per (architecture, LoRA group, checkpointing
+    mode), so that no configuration runs on a model Unsloth has reconfigured (get_peft_model asked
+    again): the rows without or with partial checkpointing of the 2026-12-05 table ran after a
+    fully checkpointed one in their process, slower per token than it (docs/backends.md)."""
     chosen = [p for p in ARCH_PLANS if archs is None or p.name in archs]
     for name in archs or []:
         if name not in {p.name for p in ARCH_PLANS}:
@@ -349,9 +355,13 @@ def build_plan(
             hf_worker = WorkerPlan(f"{ap.name}-hf", ap.name, "hf") if backend == "hf" else None
             for lora, shapes in groups.items():
                 worker = hf_worker or WorkerPlan(f"{ap.name}-unsloth-{lora.name}", ap.name, "unsloth")
+                by_gc: dict[str, WorkerPlan] = {}
                 for shape in shapes:
                     if shape.seq > a.max_positions:
                         continue
+                    if hf_worker is None and unsloth_process_per_gc:
+                        name = f"{ap.name}-unsloth-{lora.name}-gc-{shape.gc}"
+                        worker = by_gc.setdefault(shape.gc, WorkerPlan(name, ap.name, "unsloth"))
                     dev = device_gib(ap.name, backend, lora, shape, budget_gib)
                     if dev > max_device_gib:
                         continue
@@ -371,8 +381,8 @@ def build_plan(
                             est_device_gib=round(dev, 2),
                         )
                     )
-                if hf_worker is None and worker.configs:
-                    workers.append(worker)
+                if hf_worker is None:
+                    workers += [w for w in (by_gc.values() if by_gc else [worker]) if w.configs]
             if hf_worker is not None and hf_worker.configs:
                 workers.append(hf_worker)
     for w in workers:

@@ -49,6 +49,17 @@ def test_unsloth_processes_keep_one_lora_and_run_partial_checkpointing_last() ->
             assert all(m == "half" for m in modes[modes.index("half") :])
 
 
+def test_unsloth_can_take_a_fresh_process_for_each_checkpointing_mode() -> None:
+    split = cp.build_plan(unsloth_process_per_gc=True)
+    ours = [w for w in split.workers if w.backend == "unsloth"]
+    assert all(len({(c.lora, c.shape.gc) for c in w.configs}) == 1 for w in ours)
+    # The same configurations as the plan with one process per LoRA group, in more processes.
+    ids = sorted(c.id for w in ours for c in w.configs)
+    assert ids == sorted(c.id for w in PLAN.workers if w.backend == "unsloth" for c in w.configs)
+    assert len(ours) > len([w for w in PLAN.workers if w.backend == "unsloth"])
+    assert [w for w in split.workers if w.backend == "hf"] == [w for w in PLAN.workers if w.backend == "hf"]
+
+
 def test_end_to_end_runs_repeat_or_hold_out_configurations() -> None:
     ids = {c.id for w in PLAN.workers for c in w.configs}
     for e in PLAN.e2e:
