@@ -119,10 +119,11 @@ def test_a_re_split_keeps_the_rows_of_a_step_and_fits(
         est = estimate(cfg, gpu=card)
     # By predicted speed (with the committed fits, on the cards they cover): the same rows a step,
     # and a layout that fits whenever the written one could be made to fit.
-    fast = estimate(cfg, gpu=card)
-    assert fast.micro_batch * fast.grad_accum == micro_batch * grad_accum
-    if est.device_total_gb <= card.budget_gb * 0.94:
-        assert fast.device_total_gb <= card.budget_gb * 0.94 + 1e-9
+    if any(f.gpu == card.label for f in speed.fits()):
+        fast = estimate(cfg, gpu=card)
+        assert fast.micro_batch * fast.grad_accum == micro_batch * grad_accum
+        if est.device_total_gb <= card.budget_gb * 0.94:
+            assert fast.device_total_gb <= card.budget_gb * 0.94 + 1e-9
     assert est.micro_batch * est.grad_accum == micro_batch * grad_accum
     assert est.micro_batch >= micro_batch and est.checkpointed_layers == written.checkpointed_layers
     if est.micro_batch != micro_batch:
