@@ -104,7 +104,7 @@ def modelled(arch: str, seq: int, packing: bool) -> dict[str, Any]:
     return {
         "masked_layers_of_full_model": terms.masked_layers(plan),
         "mask_saved_per_token": terms.mask_saved_per_token(plan),
-        "of_which_repeated_kv": terms.mask_saved_per_token(plan) - 2 * seq,
+        "of_which_repeated_kv": terms.repeated_kv_per_token(plan),
         "of_which_bias": 2 * seq,
     }
 

@@ -354,14 +354,15 @@ def build_plan(
             bonus = UNSLOTH_VALUE if backend == "unsloth" else 1.0
             hf_worker = WorkerPlan(f"{ap.name}-hf", ap.name, "hf") if backend == "hf" else None
             for lora, shapes in groups.items():
-                worker = hf_worker or WorkerPlan(f"{ap.name}-unsloth-{lora.name}", ap.name, "unsloth")
-                by_gc: dict[str, WorkerPlan] = {}
+                unsloth: dict[str, WorkerPlan] = {}  # this LoRA group's processes, by name
                 for shape in shapes:
                     if shape.seq > a.max_positions:
                         continue
-                    if hf_worker is None and unsloth_process_per_gc:
-                        name = f"{ap.name}-unsloth-{lora.name}-gc-{shape.gc}"
-                        worker = by_gc.setdefault(shape.gc, WorkerPlan(name, ap.name, "unsloth"))
+                    worker = hf_worker
+                    if worker is None:
+                        name = f"{ap.name}-unsloth-{lora.name}"
+                        name += f"-gc-{shape.gc}" if unsloth_process_per_gc else ""
+                        worker = unsloth.setdefault(name, WorkerPlan(name, ap.name, "unsloth"))
                     dev = device_gib(ap.name, backend, lora, shape, budget_gib)
                     if dev > max_device_gib:
                         continue
@@ -381,8 +382,7 @@ def build_plan(
                             est_device_gib=round(dev, 2),
                         )
                     )
-                if hf_worker is None:
-                    workers += [w for w in (by_gc.values() if by_gc else [worker]) if w.configs]
+                workers += [w for w in unsloth.values() if w.configs]
             if hf_worker is not None and hf_worker.configs:
                 workers.append(hf_worker)
     for w in workers:

@@ -41,6 +41,11 @@ def attention_context(arch: Architecture, seq_len: int) -> float:
     return total / arch.layers
 
 
+def attention_flops_per_token(arch: Architecture, seq_len: int) -> float:
+    """One layer's attention matmuls (QK^T and AV) in the forward, per token."""
+    return 4.0 * arch.q_dim * attention_context(arch, seq_len)
+
+
 def training_flops_per_token(
     arch: Architecture,
     seq_len: int,
@@ -54,7 +59,7 @@ def training_flops_per_token(
     mods = arch.linear_modules()
     base = 2.0 * sum(i * o for i, o in mods.values())  # one layer's projections, forward
     lora = 2.0 * sum(r * (mods[m][0] + mods[m][1]) for m in targets if m in mods)
-    attention = 4.0 * arch.q_dim * attention_context(arch, seq_len)  # QK^T and AV, per layer
+    attention = attention_flops_per_token(arch, seq_len)
     head = 2.0 * arch.hidden * arch.vocab
     layer_forward = base + lora + attention
     forward = arch.layers * layer_forward + head

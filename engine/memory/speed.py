@@ -77,24 +77,21 @@ def step_work(
     """The work of one optimizer step of full seq_len rows (packed or padding-free)."""
     per_token = flops.training_flops_per_token(arch, seq_len, r, targets, checkpointed)
     tokens = seq_len * micro_batch * grad_accum
+    mods = arch.linear_modules()
     # Each micro-batch dequantizes a layer's weights in its forward, its backward and its recompute.
-    dequantized = (
-        grad_accum * (2 * arch.layers + checkpointed) * sum(i * o for i, o in arch.linear_modules().values())
-    )
+    dequantized = grad_accum * (2 * arch.layers + checkpointed) * sum(i * o for i, o in mods.values())
+    adapted = sum(i + o for m, (i, o) in mods.items() if m in targets)
     layer_passes = 3 * arch.layers + checkpointed  # forward 1, backward 2, recompute 1
     # Attention's sequence-wide matmuls run in the attention kernel, at its own utilisation:
     # forward once per layer, backward twice, once more per recompute (engine.memory.flops).
-    attention = 4.0 * arch.q_dim * flops.attention_context(arch, seq_len) * layer_passes
+    attention = flops.attention_flops_per_token(arch, seq_len) * layer_passes
     peak = peak_tflops * 1e12
     return StepWork(
         matmul=tokens * (sum(per_token.values()) - attention) / peak,
         attention=tokens * attention / peak,
         dequant=dequantized / 1e9,
         elementwise=tokens * arch.hidden * layer_passes / 1e9,
-        adapters=tokens
-        * sum(i + o for m, (i, o) in arch.linear_modules().items() if m in targets)
-        * layer_passes
-        / 1e9,
+        adapters=tokens * adapted * layer_passes / 1e9,
         launches=grad_accum * layer_passes / 1e3,
         tokens=tokens,
     )

@@ -343,11 +343,15 @@ def masked_layers(plan: Plan) -> int:
 
 def mask_saved_per_token(plan: Plan) -> float:
     """Extra bytes per token a masked layer saves: K and V repeated to q_dim, and the bf16 bias
-    (micro_batch x seq x seq x 2 bytes, that is 2 x seq per token). With one K/V head (Gemma-3-1B)
-    repeat_kv's expand + reshape is a view of K and V themselves: nothing is copied."""
+    (micro_batch x seq x seq x 2 bytes, that is 2 x seq per token)."""
+    return repeated_kv_per_token(plan) + 2 * plan.seq_len
+
+
+def repeated_kv_per_token(plan: Plan) -> float:
+    """The K and V copies repeated to every query head that a masked layer saves. With one K/V head
+    (Gemma-3-1B) repeat_kv's expand + reshape is a view of K and V themselves: nothing is copied."""
     a = plan.arch
-    repeated = 2 * plan.compute_bytes * (a.q_dim - a.kv_dim) if a.kv_heads > 1 else 0
-    return repeated + 2 * plan.seq_len
+    return 2 * plan.compute_bytes * (a.q_dim - a.kv_dim) if a.kv_heads > 1 else 0
 
 
 def attention_mask_inputs(plan: Plan) -> float:

@@ -119,7 +119,7 @@ def test_a_re_split_keeps_the_rows_of_a_step_and_fits(
         est = estimate(cfg, gpu=card)
     # By predicted speed (with the committed fits, on the cards they cover): the same rows a step,
     # and a layout that fits whenever the written one could be made to fit.
-    if any(f.gpu == card.label for f in speed.fits()):
+    if speed.fit_for(backend, card.label) is not None:
         fast = estimate(cfg, gpu=card)
         assert fast.micro_batch * fast.grad_accum == micro_batch * grad_accum
         if est.device_total_gb <= card.budget_gb * 0.94:

@@ -49,15 +49,14 @@ def lora_targets(model: Any, cfg: RunConfig) -> list[str] | str:
     the text decoder's layers. A name alone would also put adapters on the SigLIP tower's q/k/v/out
     projections (81 on the 4B): they never train on text, and DDP fails on their unused gradients.
     A name the text decoder lacks is one clear error."""
-    from engine.train.backends.checkpointing import layers_prefix
+    from engine.train.backends.checkpointing import base_model, layers_prefix
 
     wanted = list(cfg.lora.target_modules)
     prefix = layers_prefix(model)
     inside = prefix + "."
     # The prefix is a name in the base model: a model already wrapped by peft (Unsloth's
     # get_peft_model is asked again, to change only the checkpointing) names it further down.
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    present = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules() if n.startswith(inside)}
+    present = {n.rsplit(".", 1)[-1] for n, _ in base_model(model).named_modules() if n.startswith(inside)}
     missing = [m for m in wanted if m not in present]
     if missing:
         raise UserError(

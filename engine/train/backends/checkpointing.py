@@ -30,11 +30,17 @@ __all__ = [
 ]
 
 
+def base_model(model: Any) -> Any:
+    """The model under peft's wrapper (or `model` itself, not wrapped): where module names are the
+    ones peft matches its targets against."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def text_decoder(model: Any) -> Any:
     """The text decoder of `model` (peft-wrapped or not): transformers' get_decoder(), which for a
     multimodal Gemma 3 is its language model, not the SigLIP vision tower beside it (whose encoder
     layers are checkpointable too, and come first in module order)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     get = getattr(base, "get_decoder", None)
     decoder = get() if callable(get) else None
     return decoder if decoder is not None else base
@@ -63,7 +69,7 @@ def _layer_stack(model: Any) -> tuple[Any, str, list[Any]]:
             and all(hasattr(layer, "gradient_checkpointing") for layer in child)
         )
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     inside = {id(m) for m in text_decoder(model).modules()}
     # Walk the base model's own names (those peft matches targets against), and take the layer
     # list inside the text decoder; any other checkpointable list in the base model is second
