@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 16's speed measurements, one device call each (each fits the 600 s a call may take).
+# Issues 15 and 16's GPU measurements, one device call each (each fits the 600 s a call may take).
 # From the repository root on the GPU machine, with .whl/ and .whl-unsloth/ carried:
 #
 #   bash bench/gpu_speed_session.sh stacks    bare Unsloth, the engine's Unsloth backend twice (the
@@ -24,11 +24,18 @@
 #                                             it in two separate calls (tax-unsloth: the same, Unsloth);
 #                                             each also measures the attention-mask term of issue 15
 #                                             (bench/attention_saved.py, seconds)
+#   bash bench/gpu_speed_session.sh memory-gaps  issue 15's two held-out gaps, each one architecture
+#                                             deep: hf masked layers without checkpointing under
+#                                             the default allocator (Gemma-3-1B and -4B; only
+#                                             Gemma-3-12B has them), and the device figure of
+#                                             Unsloth's FastModel path (Gemma-3-4B, Phi-4; only one
+#                                             Gemma-3-1B record has it). Two matrix files under
+#                                             $OUT/hf-default-allocator and $OUT/unsloth-fastmodel
 #
 # Writes to $OUT (the device tool's folder): the results JSON and a log per part. Models are built
 # in child processes under /tmp and deleted at the end.
 set -uo pipefail
-PART=${1:?"which part: stacks, split, table, tax or tax-unsloth"}
+PART=${1:?"which part: stacks, split, table, tax, tax-unsloth or memory-gaps"}
 OUT=${OUT:-/tmp/qlc-speed-out}
 WORK=/tmp/qlc-speed
 mkdir -p "$OUT" "$WORK"
@@ -79,8 +86,28 @@ case "$PART" in
       rm -rf "$WORK/tax/$arch"
     done
     ;;
+  memory-gaps)
+    # hf with expandable segments off (a user's allocator setting wins over the engine's, as on
+    # WSL, where they are not supported); Unsloth as the engine runs it (it turns them on itself).
+    PYTORCH_ALLOC_CONF=expandable_segments:False timeout -k 10 250 python3 bench/calibration_matrix.py \
+      --out "$OUT/hf-default-allocator" --work "$WORK/gaps-hf" --deadline-s 230 --backend hf --no-e2e \
+      --arch gemma-3-1b --arch gemma-3-4b 2>&1 | tee "$OUT/gaps-hf.log" | tail -n 5
+    timeout -k 10 290 python3 bench/calibration_matrix.py --out "$OUT/unsloth-fastmodel" \
+      --work "$WORK/gaps-unsloth" --deadline-s 270 --backend unsloth --unsloth-path /tmp/site2 --no-e2e \
+      --arch gemma-3-4b --arch phi-4 2>&1 | tee "$OUT/gaps-unsloth.log" | tail -n 5
+    # The memory table with the new records beside the committed ones: does leave-one-architecture-out
+    # now hold for Gemma-3-12B (hf) and Gemma-3-1B (Unsloth device)?
+    mkdir -p "$WORK/results" && cp bench/results/memory-calibration-*.json bench/results/anchors-*.json "$WORK/results/"
+    for d in hf-default-allocator unsloth-fastmodel; do
+      for f in "$OUT/$d"/memory-calibration-matrix-*.json; do
+        [[ -f $f ]] && cp "$f" "$WORK/results/memory-calibration-$d-$(basename "$f" | sed 's/^memory-calibration-//')"
+      done
+    done
+    python3 bench/memory_table.py "$WORK"/results/*.json > "$OUT/gaps-table.txt" 2>&1
+    tail -n 24 "$OUT/gaps-table.txt"
+    ;;
   *)
-    echo "unknown part $PART: stacks, split, table, tax or tax-unsloth"; exit 2
+    echo "unknown part $PART: stacks, split, table, tax, tax-unsloth or memory-gaps"; exit 2
     ;;
 esac
 rm -rf "$WORK"
