@@ -7,9 +7,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 QLC    := $(VENV)/bin/qlc
-# The CPU build the tests use. On a machine with no torch, pip's default index would pull a CUDA
-# build with several GB of dependencies; a GPU box should install its own torch first.
+# The CPU build the tests use. On a machine with no torch, PyPI's Linux wheel is the CUDA build
+# (several GB of nvidia packages), so torch comes from PyTorch's CPU index, unless pip already has a
+# torch wheel of its own in its find-links (CI's machines: a local 2.13.0+cpu, and no route to
+# download.pytorch.org). A GPU box should install its own torch first.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # Two test workers: half the suite waits on engine processes and timeouts, so two workers fill two
 # cores. Test files stay whole on one worker (--dist loadfile): their module fixtures train once.
 TEST_WORKERS ?= 2
@@ -18,7 +21,12 @@ TEST_WORKERS ?= 2
 
 $(VENV)/.installed: pyproject.toml constraints/test.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -c "import torch" 2>/dev/null || { \
+	  if $(PY) -m pip install -q --dry-run --no-index --no-deps "$(TORCH_SPEC)" >/dev/null 2>&1; then \
+	    $(PY) -m pip install -q "$(TORCH_SPEC)"; \
+	  else \
+	    $(PY) -m pip install -q "$(TORCH_SPEC)" --extra-index-url "$(TORCH_CPU_INDEX)"; \
+	  fi; }
 	$(PY) -m pip install -q -e ".[dev]" -c constraints/test.txt
 	touch $@
 

@@ -23,8 +23,9 @@ import msgspec
 # 1.3: hello's compute dtype and why, model_ready's repo, commit and quantization, the "evaluating"
 # stage (eval progress), the estimate's checkpointing plan; 1.4: hello's process start (where a
 # start went), the estimate's FLOPs per token and the card's peak (utilisation); 1.5: model_ready's
-# batch split (train.batch_split)
-PROTOCOL_VERSION = "1.5"
+# batch split (train.batch_split); 1.6: checkpoint_saved's `kept` (the checkpoints rotation left),
+# exported's tolerance_basis
+PROTOCOL_VERSION = "1.6"
 
 
 class ProtocolError(ValueError):
@@ -190,6 +191,9 @@ class CheckpointSaved(Message, frozen=True, tag="checkpoint_saved"):
     path: str
     seconds: float = 0.0
     size_mb: float = 0.0
+    # The steps of every checkpoint on disk once this save rotated the oldest out
+    # (train.save_total_limit); None from an engine before 1.6, which did not say.
+    kept: tuple[int, ...] | None = None
 
 
 class SampleStarted(Message, frozen=True, tag="sample_started"):
@@ -262,6 +266,9 @@ class Exported(Message, frozen=True, tag="exported"):
     device: str = ""  # where the merge ran ("cpu", "cuda:0 (...)")
     max_logit_diff: float | None = None  # largest |exported - (base + adapter)| over the check prompts
     tolerance: float | None = None  # the largest difference the check accepts
+    tolerance_basis: str = (
+        ""  # what set it (engine/export/merge.py: the dtype's measured rounding, or a share)
+    )
     adapter_effect: float | None = None  # largest |(base + adapter) - base|: what the check can detect
     prompts: int = 0  # prompts (from the run's data) the check compared
     tokens: int = 0  # tokens over those prompts

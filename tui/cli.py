@@ -1,12 +1,14 @@
 """`qlc`: no arguments opens the console; subcommands do the same work headless, for scripts.
 
-Exit codes: 0 ok, 1 the run failed (or, for estimate/fit, it does not fit), 2 bad usage or input.
+Exit codes: 0 ok, 1 the run failed (or, for estimate/fit, it does not fit), 2 bad usage or input,
+141 stdout was closed (`qlc ... | head`).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -39,6 +41,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"qlc: error: {message} (see `{self.prog} --help`)\n")
 
 
+# 128 + SIGPIPE, as a Unix tool killed by writing to a closed pipe: no other qlc status uses it.
+EXIT_BROKEN_PIPE = 141
+
 # The commands that read or write runs (the others, estimate or presets, never look there).
 RUNS_COMMANDS = {"attach", "export", "join", "resume", "runs", "sample", "stop", "train"}
 RUNS_DIR_HELP = "where runs live (default: the user data folder, or $QLC_RUNS_DIR)"
@@ -68,8 +73,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _dispatch(argv)
+        finally:
+            # Here rather than at exit: a closed pipe that only the last flush finds must end as
+            # below too, not as "Exception ignored ... BrokenPipeError" and exit 120 after main.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`qlc estimate X | head -1`): stop quietly, as Unix tools do, with
+        # 128 + SIGPIPE. Returning 0 or 1 would be read as a verdict (1: failed, does not fit).
+        # What is still buffered goes to /dev/null, so the flush at exit cannot raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _dispatch(argv: list[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # inside main's try: the flush after --help may meet a closed pipe
     try:
         if args.command is None:
             from tui.app import run_console
@@ -81,8 +102,6 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # `qlc runs | head`
-        return 0
 
 
 if __name__ == "__main__":

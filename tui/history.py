@@ -175,6 +175,8 @@ class RunHistory:
             self._log(ev, "info", f"eval at step {ev.step}: loss {ev.loss:.4f}")
         elif isinstance(ev, protocol.CheckpointSaved):
             self.checkpoints = [c for c in self.checkpoints if c.step != ev.step] + [ev]
+            if ev.kept is not None:  # the ones train.save_total_limit rotated out are gone
+                self.checkpoints = [c for c in self.checkpoints if c.step in ev.kept]
             self._log(ev, "info", f"saved {Path(ev.path).name} ({ev.size_mb:.1f} MB, {ev.seconds:.1f}s)")
         elif isinstance(ev, protocol.SampleStarted):
             # Update in place: the Sample pane may already hold this request's placeholder.

@@ -3,11 +3,24 @@ honouring NO_COLOR, and plain JSON for --json."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 from typing import Any
 
 from rich.console import Console
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """Rich's own answer to a closed pipe is SystemExit(1), and 1 is a verdict here (the run
+        failed, it does not fit). A closed stdout goes up to tui.cli.main as the BrokenPipeError it
+        is, which ends the command as Unix tools end (exit 141); a closed stderr only silences
+        stderr, since what the command prints on stdout still has a reader."""
+        self.quiet = True  # nothing more to this stream, whoever catches the error
+        if not self.stderr:
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
 
 
 def _console(stderr: bool) -> Console:
@@ -17,7 +30,7 @@ def _console(stderr: bool) -> Console:
     tables get all the width they want instead of cutting run ids."""
     stream = sys.stderr if stderr else sys.stdout
     tty = stream.isatty()
-    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=None if tty else 100_000)
+    return _Console(stderr=stderr, highlight=False, soft_wrap=True, width=None if tty else 100_000)
 
 
 out = _console(stderr=False)

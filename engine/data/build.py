@@ -212,6 +212,20 @@ def fit(lengths: np.ndarray, trained: np.ndarray, seq_len: int, too_long: str) -
     )
 
 
+def nothing_left_hint(lengths: np.ndarray, seq_len: int, too_long: str) -> str:
+    """What to change when `fit` kept nothing: only what would help (data.too_long: truncate does
+    not bring back an example whose answer starts past seq_len)."""
+    over = lengths > seq_len
+    if over.all() and too_long != "drop":
+        return (
+            f"raise train.seq_len: cut to {seq_len} tokens, no example keeps a token of its answer; "
+            f"the shortest example is {int(lengths.min())} tokens"
+        )
+    if over.any() and too_long == "drop":
+        return "raise train.seq_len or set data.too_long: truncate"
+    return "the examples that fit have no answer to train on: check data.format and data.columns"
+
+
 class Build:
     """One build of a cache entry into `folder` (see cache.py)."""
 
@@ -411,7 +425,7 @@ class Build:
                 reasons = ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in train_fit.dropped.items())
                 raise DataError(
                     f"{d.source}: no training example left after fitting to seq_len {seq_len} ({reasons})",
-                    "raise train.seq_len or set data.too_long: truncate",
+                    nothing_left_hint(train_store.lengths[train_idx], seq_len, d.too_long),
                 )
             rows = self.write_rows(train_store, kept, self.folder / cache.TRAIN, "training")
             if len(kept_eval):

@@ -80,6 +80,7 @@ class CardFacts:
     end_of_turn: str | None = None
     max_logit_diff: float | None = None
     tolerance: float | None = None
+    tolerance_basis: str = ""
     adapter_effect: float | None = None
     prompts: int = 0
     tokens: int = 0
@@ -220,7 +221,8 @@ def render(request: ExportRequest, cfg: RunConfig, record: RunRecord, facts: Car
         lines.append(
             f"- checked: this folder, reloaded, against the base + adapter unmerged on {facts.prompts} prompts "
             f"of the run's data ({facts.tokens} tokens): largest logit difference {facts.max_logit_diff:.4g} "
-            f"(tolerance {facts.tolerance:.4g}); the adapter itself moves logits by up to "
+            f"(tolerance {facts.tolerance:.4g}{': ' + facts.tolerance_basis if facts.tolerance_basis else ''}); "
+            "the adapter itself moves logits by up to "
             f"{facts.adapter_effect:.4g}"
         )
     elif not merged:

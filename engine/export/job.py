@@ -26,6 +26,7 @@ from engine.errors import UserError
 from engine.export import card
 from engine.export.request import ExportRequest, request_from_args
 from engine.hashing import sha256_file
+from engine.memory.merge import MergeEstimate
 from engine.run import runs
 from engine.run.events import Emitter
 from engine.run.pins import load_pinned
@@ -189,7 +190,9 @@ def _adapter_dtype(path: Path) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _placement(request: ExportRequest, cfg: RunConfig, emitter: Emitter) -> tuple[str, float | None]:
+def _placement(
+    request: ExportRequest, cfg: RunConfig, emitter: Emitter
+) -> tuple[str, float | None, MergeEstimate | None]:
     from engine.export import merge
     from engine.memory.merge import estimate_merge, host_available_gb, parse_size, place_merge
 
@@ -197,14 +200,14 @@ def _placement(request: ExportRequest, cfg: RunConfig, emitter: Emitter) -> tupl
         est = estimate_merge(cfg, request.dtype, parse_size(request.max_shard_size))
     except UserError as exc:  # an architecture the memory model does not know: no estimate
         emitter.log(f"no merge estimate ({exc.message}); merging on the CPU", level="warning")
-        return "cpu" if request.device != "cuda" else "cuda", None
+        return "cpu" if request.device != "cuda" else "cuda", None, None
     gpu = merge.gpu_free_gb() if request.device != "cpu" else None
     place = place_merge(est, gpu, host_available_gb(), request.device)
     if place.refused:
         raise MemoryError(place.reason)
     other = f"; on a GPU it would need {est.gpu_gb:.2f} GiB" if place.device == "cpu" else ""
     emitter.log(f"merge on {place.device}: {place.reason}{other}")
-    return place.device, place.need_gb
+    return place.device, place.need_gb, est
 
 
 def _export_merged(
@@ -213,8 +216,9 @@ def _export_merged(
     from peft import PeftModel
 
     from engine.export import merge
+    from engine.memory.merge import fp32_reference_fits, fp32_reference_gb, host_available_gb
 
-    device, estimate_gb = _placement(request, cfg, emitter)
+    device, estimate_gb, est = _placement(request, cfg, emitter)
     path = merge.base_path(cfg, request.base)
     progress.stage(
         "loading_model", f"loading {request.base or cfg.model.name_or_path} in {request.dtype} on {device}"
@@ -243,25 +247,45 @@ def _export_merged(
     tokenizer.save_pretrained(tmp)
     del model
     merge.release()
-    progress.stage("verifying", f"reloading the folder and comparing logits on {len(prompts)} prompts")
+    with_fp32 = est is not None and fp32_reference_fits(est, host_available_gb())
+    progress.stage(
+        "verifying",
+        f"reloading the folder and comparing logits on {len(prompts)} prompts"
+        + (f" (and base + adapter in fp32, for {request.dtype}'s own rounding)" if with_fp32 else ""),
+    )
     reloaded = merge.reload(tmp, request.dtype, device, trust_remote_code=cfg.model.trust_remote_code)
     difference = merge.max_diff_to(reloaded, prompts, reference)
     del reloaded
     merge.release()
+    own_rounding = None
+    if with_fp32:
+        assert est is not None
+        if device == "cpu" and estimate_gb is not None:  # the fp32 copy may be the larger of the two
+            estimate_gb = max(estimate_gb, fp32_reference_gb(est))
+        truth = merge.fp32_logits(cfg, path, request.source, prompts, explicit_base=request.base is not None)
+        own_rounding = merge.max_diff(reference, truth)
+        del truth
+    tolerance, basis = merge.tolerance(request.dtype, merge.largest(reference), own_rounding)
     check = merge.Check(
         max_logit_diff=difference,
-        tolerance=merge.tolerance(request.dtype, merge.largest(reference)),
+        tolerance=tolerance,
         adapter_effect=effect,
         prompts=len(prompts),
         tokens=sum(len(p) for p in prompts),
         source=prompt_source,
+        basis=basis,
     )
     if prompt_source != "the run's data":
         emitter.log(f"checked on {prompt_source}", level="warning")
+    emitter.log(
+        f"logits check: merged against base + adapter {check.max_logit_diff:.4g}, tolerance "
+        f"{check.tolerance:.4g} ({basis}); the adapter moves logits by {check.adapter_effect:.4g}",
+        level="debug",  # for the record (events.jsonl); the result line or the error says the same
+    )
     if not check.passed:
         raise CheckFailed(
             f"the exported model's logits differ from base + adapter by {check.max_logit_diff:.4g} "
-            f"(tolerance {check.tolerance:.4g} for {request.dtype})"
+            f"(tolerance {check.tolerance:.4g}: {basis})"
         )
     if check.adapter_effect <= check.tolerance:
         emitter.emit(
@@ -277,9 +301,10 @@ def _export_merged(
     f.device = merge.device_label(device)
     f.eos_token_ids = eos_ids
     f.end_of_turn, _ = _end_of_turn(tmp, cfg.data.template)
-    f.max_logit_diff, f.tolerance, f.adapter_effect = (
+    f.max_logit_diff, f.tolerance, f.tolerance_basis, f.adapter_effect = (
         check.max_logit_diff,
         check.tolerance,
+        check.basis,
         check.adapter_effect,
     )
     f.prompts, f.tokens = check.prompts, check.tokens
@@ -373,6 +398,7 @@ def export(request: ExportRequest, emitter: Emitter) -> int:
             device=f.device,
             max_logit_diff=f.max_logit_diff,
             tolerance=f.tolerance,
+            tolerance_basis=f.tolerance_basis,
             adapter_effect=f.adapter_effect,
             prompts=f.prompts,
             tokens=f.tokens,
@@ -420,7 +446,8 @@ def main(args: argparse.Namespace, emitter: Emitter) -> int:
             protocol.ErrorEvent(
                 kind="verification",
                 message=str(exc),
-                hint="nothing was written; the details are in engine.log; please report it",
+                hint="nothing was written; try --dtype fp16 (3 more bits than bf16) or --adapter-only, "
+                "and please report it with the run's engine.log",
             )
         )
         return 1

@@ -158,6 +158,23 @@ def estimate_merge(
     )
 
 
+# The export's check measures the dtype's own rounding against an fp32 copy of the model (engine/
+# export/merge.py) when that copy is at most this large: a CPU forward of a bigger fp32 model takes
+# minutes, and there the relative tolerance alone applies.
+FP32_REFERENCE_MAX_GIB = 16.0
+
+
+def fp32_reference_gb(est: MergeEstimate) -> float:
+    """Host memory the fp32 reference takes: the base and adapter in fp32 and one prompt's logits,
+    loaded on the CPU once the merged model is gone."""
+    return 2 * est.term("weights") + est.term("adapter") + est.term("check") + HOST_PROCESS_GIB
+
+
+def fp32_reference_fits(est: MergeEstimate, host_free_gb: float | None) -> bool:
+    need = fp32_reference_gb(est)
+    return need <= FP32_REFERENCE_MAX_GIB and host_free_gb is not None and need <= 0.8 * host_free_gb
+
+
 def host_available_gb() -> float | None:
     """Host memory a new allocation can get now: MemAvailable, else psutil when installed."""
     try:

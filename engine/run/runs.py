@@ -276,6 +276,8 @@ def summarize(run_dir: Path) -> RunSummary:
     for ev in events:
         if isinstance(ev, protocol.Step):
             step, total, loss = ev.step, ev.total_steps, ev.loss
+        elif isinstance(ev, protocol.DataReady):  # the plan, before the first step is logged
+            total = ev.total_steps or total
         elif isinstance(ev, protocol.CheckpointSaved):
             ckpt = ev.path
         elif isinstance(ev, protocol.ErrorEvent):

@@ -18,7 +18,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from engine import protocol
-from engine.run import runs
+from engine.run import checkpoints, runs
 from engine.run.distributed import Ranks
 from engine.run.events import Emitter
 from engine.train import collectives, failures
@@ -206,8 +206,13 @@ class EngineCallback(TrainerCallback):
         path = Path(args.output_dir) / f"{runs.CHECKPOINT_PREFIX}{st.global_step}"
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
         self.state.last_checkpoint = path.name
+        # The trainer rotated old checkpoints out before this hook: say which are left, so that no
+        # console offers to sample or export one that is gone.
+        kept = tuple(
+            s for s in (checkpoints.step_of(c) for c in checkpoints.complete(path.parent)) if s is not None
+        )
         self.ctx.emitter.emit(
-            protocol.CheckpointSaved(step=st.global_step, path=str(path), size_mb=size / 2**20)
+            protocol.CheckpointSaved(step=st.global_step, path=str(path), size_mb=size / 2**20, kept=kept)
         )
 
     # ---- commands ---------------------------------------------------------------------------

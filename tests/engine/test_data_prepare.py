@@ -94,8 +94,19 @@ def test_drop_mode_is_counted(tok) -> None:
 def test_examples_that_lose_every_answer_token_are_dropped_and_counted(tok) -> None:
     r = prepare(run_cfg(seq_len=26), tok).report
     assert r.dropped_reasons.get("no_trained_tokens", 0) > 0
-    with pytest.raises(DataError, match=re.escape("no training example left after fitting to seq_len 12")):
+    with pytest.raises(
+        DataError, match=re.escape("no training example left after fitting to seq_len 12")
+    ) as e:
         prepare(run_cfg(seq_len=12), tok)
+    # Truncating already: only a longer seq_len helps, and the hint says how long the examples are.
+    shortest = min(_lengths(tok))
+    assert e.value.hint == (
+        "raise train.seq_len: cut to 12 tokens, no example keeps a token of its answer; "
+        f"the shortest example is {shortest} tokens"
+    )
+    with pytest.raises(DataError) as e:
+        prepare(run_cfg(seq_len=12, too_long="drop"), tok)
+    assert e.value.hint == "raise train.seq_len or set data.too_long: truncate"
 
 
 def test_packing_keeps_every_token_once_and_restarts_positions(tok) -> None:

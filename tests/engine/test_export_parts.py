@@ -154,3 +154,39 @@ def test_llama_cpp_is_found_in_a_checkout_or_on_path(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=f"set {gguf.ENV}=/path/to/llama.cpp"):
         gguf.require("Q4_K_M", {"PATH": ""})
     assert gguf.check_type("q4_k_m") == "Q4_K_M" and gguf.check_type("bf16") == "BF16"
+
+
+def test_the_tolerance_follows_the_dtypes_own_rounding_where_it_was_measured() -> None:
+    from engine.export import merge
+
+    # Not measured (a model too large for an fp32 copy): 5% of the largest logit in bf16, 1% in fp16.
+    assert merge.tolerance("bf16", 5.4) == (pytest.approx(0.27), "5% of the largest logit")
+    assert merge.tolerance("fp16", 0.5)[0] == pytest.approx(0.01)  # at least of 1
+    # Measured: the tiny model after 400 steps rounds to 0.245 in bf16, and its merged folder was
+    # 0.555 from base + adapter (2.3x): 4x the rounding accepts it, and stays far below the 5.8 the
+    # adapter itself moves logits by.
+    tol, basis = merge.tolerance("bf16", 5.4, own_rounding=0.245)
+    assert tol == pytest.approx(0.98) and "against fp32" in basis and 0.555 < tol < 5.8
+    # A rounding smaller than the share leaves the share, and says so.
+    tol, basis = merge.tolerance("bf16", 5.4, own_rounding=0.01)
+    assert tol == pytest.approx(0.27) and basis.startswith("5% of the largest logit; bf16's own rounding")
+
+
+def test_the_fp32_reference_runs_only_where_it_is_cheap() -> None:
+    from engine.memory.architectures import catalog
+    from engine.memory.merge import (
+        FP32_REFERENCE_MAX_GIB,
+        estimate_merge,
+        fp32_reference_fits,
+        fp32_reference_gb,
+    )
+
+    cfg = load_preset("llama-3.1-8b-rtx4090")
+    eight_b = estimate_merge(cfg)
+    assert fp32_reference_gb(eight_b) > FP32_REFERENCE_MAX_GIB  # 32 GB of fp32 weights: not on the CPU
+    assert not fp32_reference_fits(eight_b, 1000.0)
+    one_b = estimate_merge(cfg, arch=catalog()["llama-3.2-1b"])
+    need = fp32_reference_gb(one_b)
+    assert need < FP32_REFERENCE_MAX_GIB
+    assert fp32_reference_fits(one_b, need / 0.8 + 0.1) and not fp32_reference_fits(one_b, need)
+    assert not fp32_reference_fits(one_b, None)  # unknown host memory: not risked

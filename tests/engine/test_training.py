@@ -25,6 +25,7 @@ OVERRIDES = [
     f"train.max_steps={STEPS}",
     "train.logging_steps=1",
     "train.save_steps=8",
+    "train.save_total_limit=2",
     "train.eval_steps=0",
     "data.val_fraction=0",
     "train.micro_batch=4",
@@ -102,7 +103,11 @@ def test_a_tiny_run_trains_checkpoints_and_saves_its_adapter(reference: Path) ->
         sum(losses[s] for s in (STEPS - 2, STEPS - 1, STEPS)) / 3,
     )
     assert last < first - 1.0, f"loss did not fall: {first:.3f} -> {last:.3f}"
-    assert [e.step for e in events if isinstance(e, protocol.CheckpointSaved)] == [8, 16, 24]
+    saved = [e for e in events if isinstance(e, protocol.CheckpointSaved)]
+    assert [e.step for e in saved] == [8, 16, 24]
+    # train.save_total_limit=2: the third save rotated checkpoint-8 out, and its event says so.
+    assert [e.kept for e in saved] == [(8,), (8, 16), (16, 24)]
+    assert [p.name for p in runs.checkpoints(reference)] == ["checkpoint-16", "checkpoint-24"]
     assert events[-1].status == "completed"
     adapter = reference / runs.ADAPTER
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()

@@ -3,6 +3,9 @@ in place of `python -m engine`: what they say before, while and after an engine 
 
 from __future__ import annotations
 
+import itertools
+import json
+import os
 import time
 from pathlib import Path
 
@@ -12,6 +15,7 @@ from pilot_helpers import CRASHED_RUN, FINISHED_RUN
 
 from engine import protocol
 from engine.run import launcher, runs
+from tui import output
 from tui.cli import main
 
 NEW_RUN = "20260103-100000-tiny-demo"
@@ -126,3 +130,95 @@ def test_commands_take_the_runs_folder_after_their_name_too(
     assert code == 0 and NEW_RUN in out
     code, _, err = _run(["attach", "last", "--runs-dir", str(runs_root / "none")], capsys)
     assert code == 2 and "no runs yet under" in err and "start one with `qlc train tiny-demo`" in err
+
+
+def _holding_the_lock(run_dir: Path) -> int:
+    """The run's lock held as its engine holds it: `qlc runs` lists the run as running."""
+    return runs.acquire_lock(run_dir)
+
+
+@pytest.mark.parametrize(("data_ready", "shown"), [(True, "0/400"), (False, "0")])
+def test_a_running_run_before_its_first_logged_step_shows_the_total_it_knows(
+    data_ready: bool, shown: str, runs_root: Path, capsys: pytest.CaptureFixture[str], quiet: None
+) -> None:
+    """It showed `0` where a completed run shows `400/400`: the total was only read from step
+    events, and the first comes after logging_steps steps (minutes on a large model)."""
+    # Set up, and training started; or still loading the model, with no total to show yet.
+    before = protocol.Step if data_ready else protocol.DataReady
+    events = list(itertools.takewhile(lambda e: not isinstance(e, before), fake_engine.synthetic_run(400)))
+    fake_engine.make_run_dir(runs_root, NEW_RUN, events)
+    lock = _holding_the_lock(runs_root / NEW_RUN)
+    try:
+        code, out, _ = _run(["--runs-dir", str(runs_root), "runs"], capsys)
+    finally:
+        os.close(lock)
+    assert code == 0
+    (row,) = [line.split() for line in out.splitlines() if NEW_RUN in line]
+    assert row[1] == "running" and row[4] == shown, row
+
+
+FAILED_RUN = "20260102-100000-tiny-demo"
+OOM = "CUDA out of memory: tried to allocate 2.00 GiB [GPU 0; 23.99 GiB total; 21.50 GiB in use]"
+
+
+def _failed_run(runs_root: Path) -> Path:
+    events = [e for e in fake_engine.synthetic_run(40) if not isinstance(e, protocol.Finished)][:12]
+    events += [
+        protocol.ErrorEvent(
+            kind="out_of_memory", message=OOM + "\nthe allocator's own report", hint="lower it"
+        ),
+        protocol.Finished(status="failed", step=8),
+    ]
+    return fake_engine.make_run_dir(runs_root, FAILED_RUN, events)
+
+
+def test_a_failed_run_says_why_on_its_row(
+    runs_root: Path, capsys: pytest.CaptureFixture[str], quiet: None
+) -> None:
+    """Only `--json` had the error: the table said `failed` and no more."""
+    fake_engine.make_run_dir(runs_root, NEW_RUN, list(fake_engine.synthetic_run(40)))
+    failed = _failed_run(runs_root)
+    code, out, _ = _run(["--runs-dir", str(runs_root), "runs"], capsys)
+    assert code == 0
+    header, *rows = out.splitlines()
+    assert header.split()[-1] == "error"
+    (row,) = [line for line in rows if FAILED_RUN in line]
+    assert row.rstrip().endswith(OOM)  # its first line, whole through a pipe ("[GPU 0" no markup)
+    assert "allocator" not in out
+    (done,) = [line for line in rows if NEW_RUN in line]
+    assert done.split()[1] == "completed" and "CUDA" not in done
+    # --json is as it was: the summary's every field, the error whole.
+    code, out, _ = _run(["--runs-dir", str(runs_root), "runs", "--json"], capsys)
+    listed = {r["id"]: r for r in json.loads(out)}
+    assert listed[FAILED_RUN] == json.loads(json.dumps(runs.summarize(failed).to_dict()))
+    assert listed[FAILED_RUN]["error"] == OOM + "\nthe allocator's own report"
+
+
+@pytest.mark.parametrize("width", [140, 120])
+def test_a_failed_runs_error_is_cut_to_the_terminal_not_the_run_id(
+    width: int,
+    runs_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    quiet: None,
+) -> None:
+    _failed_run(runs_root)
+    monkeypatch.setattr(output.out, "width", width)
+    code, out, _ = _run(["--runs-dir", str(runs_root), "runs"], capsys)
+    assert code == 0
+    assert max(len(line.rstrip()) for line in out.splitlines()) <= width
+    (row,) = [line.rstrip() for line in out.splitlines() if FAILED_RUN in line]
+    assert row.split()[:2] == [FAILED_RUN, "failed"] and " 8/40 " in row
+    cut = row.split("  ")[-1].strip()
+    assert cut.endswith("…") and OOM.startswith(cut[:-1]), row
+
+
+def test_a_terminal_too_narrow_for_a_useful_part_of_an_error_shows_the_table_as_before(
+    runs_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], quiet: None
+) -> None:
+    _failed_run(runs_root)
+    monkeypatch.setattr(output.out, "width", 110)
+    code, out, _ = _run(["--runs-dir", str(runs_root), "runs"], capsys)
+    assert code == 0 and "error" not in out and "CUDA" not in out
+    (row,) = [line for line in out.splitlines() if FAILED_RUN in line]
+    assert row.split()[:2] == [FAILED_RUN, "failed"] and " 8/40 " in row

@@ -28,6 +28,22 @@ def test_recorded_run_folds_to_a_completed_history() -> None:
     assert h.hello is not None and h.model is not None and h.data is not None
 
 
+def test_checkpoints_rotated_out_leave_the_history_and_the_sample_sources() -> None:
+    from tui.watched import sample_checkpoints
+
+    def saved(step: int, kept: tuple[int, ...] | None) -> protocol.CheckpointSaved:
+        return protocol.CheckpointSaved(step=step, path=f"/r/checkpoints/checkpoint-{step}", kept=kept)
+
+    h = RunHistory()
+    h.apply_all([saved(40, (40,)), saved(80, (40, 80)), saved(120, (80, 120))])
+    assert [c.step for c in h.checkpoints] == [80, 120]
+    assert sample_checkpoints(h) == ("checkpoint-80", "checkpoint-120")
+    # An engine before protocol 1.6 does not say what it kept: every save stays listed.
+    old = RunHistory()
+    old.apply_all([saved(40, None), saved(80, None)])
+    assert [c.step for c in old.checkpoints] == [40, 80]
+
+
 def test_a_resumed_session_replaces_the_steps_after_its_checkpoint() -> None:
     first = [e for e in fake_engine.synthetic_run(80) if not isinstance(e, protocol.Finished)]
     again = [e for e in fake_engine.synthetic_run(120) if not isinstance(e, protocol.Step) or e.step > 40]

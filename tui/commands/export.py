@@ -52,7 +52,9 @@ def print_result(ev: protocol.Exported) -> None:
     out.print(f"  {len(ev.files)} files, {ev.size_mb:,.1f} MB: {escape(', '.join(ev.files))}")
     if ev.max_logit_diff is not None and ev.tolerance is not None:
         out.print(
-            f"  check: largest logit difference {ev.max_logit_diff:.4g} (tolerance {ev.tolerance:.4g}) over "
+            f"  check: largest logit difference {ev.max_logit_diff:.4g} (tolerance {ev.tolerance:.4g}"
+            + (f": {escape(ev.tolerance_basis)}" if ev.tolerance_basis else "")
+            + f") over "
             f"{ev.prompts} prompts, {ev.tokens} tokens; the adapter moves logits by up to {ev.adapter_effect:.4g}"
         )
     if ev.eos_token_ids:
@@ -62,7 +64,7 @@ def print_result(ev: protocol.Exported) -> None:
         if ev.peak_gpu_gb is not None:
             memory += f", {ev.peak_gpu_gb:.2f} GiB peak GPU"
         if ev.estimate_gb is not None:
-            memory += f" (estimated {ev.estimate_gb:.2f} GB)"
+            memory += f" (estimated {ev.estimate_gb:.2f} GiB)"
         out.print(f"  merged on {escape(ev.device)} in {ev.seconds:.1f} s · {memory}")
     if ev.gguf_path:
         out.print(f"  GGUF: {escape(ev.gguf_path)}")

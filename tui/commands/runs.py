@@ -6,6 +6,7 @@ import argparse
 import time
 
 from rich.table import Table
+from rich.text import Text
 
 from engine import protocol
 from engine.run import distributed, runs
@@ -19,6 +20,7 @@ STATUS_STYLE = {
     "failed": "red",
     "crashed": "red",
 }
+MIN_ERROR_WIDTH = 16  # of a failed run's error in `qlc runs`: "CUDA out of mem…"; less says nothing
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,6 +63,30 @@ def run_list(args: argparse.Namespace) -> int:
     if not summaries:
         out.print("no runs yet: start one with `qlc train tiny-demo`")
         return 0
+    rows = [_row(s) for s in summaries]
+    errors = [_error_line(s) for s in summaries]
+    table = _table(summaries, rows)
+    # Why the failed runs failed, in what the terminal leaves beside the other columns (through a
+    # pipe, all of it): a long error must not cut the run id or squeeze the step or loss. A
+    # terminal with no room for a useful part of one shows none; `--json` has them whole.
+    room = out.width - out.measure(table).maximum - 2  # the error column's own padding
+    if any(errors) and room >= MIN_ERROR_WIDTH:
+        table = _table(summaries, rows, errors, room)
+    out.print(table)
+    return 0
+
+
+def _row(s: runs.RunSummary) -> list[str]:
+    step = f"{s.step}/{s.total_steps}" if s.total_steps else str(s.step)
+    loss = f"{s.last_loss:.4f}" if s.last_loss is not None else "-"
+    started = time.strftime("%Y-%m-%d %H:%M", time.localtime(s.started))
+    status = f"[{STATUS_STYLE.get(s.status, '')}]{s.status}[/]"
+    return [s.id, status, s.preset, s.model, step, loss, started]
+
+
+def _table(
+    summaries: list[runs.RunSummary], rows: list[list[str]], errors: list[str] | None = None, width: int = 0
+) -> Table:
     table = Table(box=None, header_style="bold")
     # The run id is what a user copies into `qlc attach`: never cut it; narrow terminals cut the
     # preset and model instead.
@@ -72,15 +98,21 @@ def run_list(args: argparse.Namespace) -> int:
             no_wrap=True,
             overflow="ellipsis" if col in ("preset", "model") else "fold",
         )
-    for s in summaries:
-        step = f"{s.step}/{s.total_steps}" if s.total_steps else str(s.step)
-        loss = f"{s.last_loss:.4f}" if s.last_loss is not None else "-"
-        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(s.started))
-        table.add_row(
-            s.id, f"[{STATUS_STYLE.get(s.status, '')}]{s.status}[/]", s.preset, s.model, step, loss, started
-        )
-    out.print(table)
-    return 0
+    if errors is None:
+        for row in rows:
+            table.add_row(*row)
+        return table
+    table.add_column("error", no_wrap=True, overflow="ellipsis", max_width=width)
+    for row, error in zip(rows, errors, strict=True):
+        table.add_row(*row, Text(error))  # Text: an error's "[...]" is not markup
+    return table
+
+
+def _error_line(s: runs.RunSummary) -> str:
+    """Why a failed run failed, in one line: its error's first. Other runs get none, since an error
+    left by an earlier session of a resumed run says nothing about how the run stands now."""
+    lines = (s.error or "").strip().splitlines() if s.status == "failed" else []
+    return lines[0] if lines else ""
 
 
 def run_attach(args: argparse.Namespace) -> int:
