@@ -206,9 +206,12 @@ class QlcApp(KeyActions, RunEvents, PresetActions, RunActions, SampleActions, Ap
         self.run_view = RunView(h, self.run_status() if status is None else status)
         if self.live() != self._live_in_footer and self.screen_stack:
             # Stop, Save now and Detach only while the run trains here. (Only on a change: the
-            # footer is composed again each time.)
+            # footer is composed again each time.) Every screen's, not only the top one's, as
+            # App.refresh_bindings does: a run ends while its stop or error dialog is open, and
+            # the Dashboard's footer below the dialog offered them until the dialog closed.
             self._live_in_footer = self.live()
-            self.refresh_bindings()
+            for screen in self.screen_stack:
+                screen.refresh_bindings()
         self.sample_sources = SampleSources(
             h.run_id if h else None, self.live(), watched.sample_checkpoints(h)
         )

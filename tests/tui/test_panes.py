@@ -19,6 +19,7 @@ from tui.widgets.memory_pane import MemoryPane
 from tui.widgets.overrides import OverridesEditor, check_override
 from tui.widgets.preset_settings import SettingsTable, parse_preset_doc
 from tui.widgets.presets_pane import PresetsPane
+from tui.widgets.progress import RunProgress
 from tui.widgets.runs_pane import RunsPane
 from tui.widgets.sample_pane import SamplePane
 
@@ -209,6 +210,64 @@ async def test_attach_on_start_and_stop_through_the_fifo(app_factory, runs_root:
     assert proc.wait(5) == 0
 
 
+FAILED_AT_LOAD_RUN = "20260104-100000-tiny-demo"
+GATED = "meta-llama/Llama-3.1-8B is gated: this token has no access to it"
+GATED_HINT = "accept its licence on the model's Hugging Face page"
+
+
+def failed_at_load(run_id: str = FAILED_AT_LOAD_RUN) -> list[protocol.Event]:
+    """What the engine writes when the model cannot load: hello, the stage, the error, `failed`."""
+    t = fake_engine.T0
+    return [
+        protocol.Hello(time=t, engine_version="0.1.0", run_id=run_id, pid=4242, backend="hf", device="cpu"),
+        protocol.StageEvent(time=t + 0.4, stage="loading_model", message="meta-llama/Llama-3.1-8B"),
+        protocol.ErrorEvent(time=t + 0.9, kind="model", message=GATED, hint=GATED_HINT),
+        protocol.Finished(time=t + 0.9, status="failed", step=0, elapsed_seconds=0.9),
+    ]
+
+
+async def test_a_run_that_failed_before_its_first_step_says_why(app_factory, runs_root: Path) -> None:
+    """It read "waiting for the first step…" over a bar at 0/?, as if it might still start."""
+    fake_engine.make_run_dir(runs_root, FAILED_AT_LOAD_RUN, failed_at_load())
+    app = app_factory(attach=FAILED_AT_LOAD_RUN)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.history is not None and app.history.finished is not None)
+        await wait_for(pilot, lambda: app.client.ended)
+        await pilot.pause(0.1)
+        text = screen_text(app)
+        lines = text.splitlines()
+        assert "✗ failed" in lines[2] and FAILED_AT_LOAD_RUN in lines[2]
+        assert lines[3].strip().startswith(GATED)  # the reason has the progress line's whole width
+        assert "failed before the first step" in text and "while loading model" in text
+        assert "waiting" not in text and "0/?" not in text and "learning rate yet" not in text
+        progress = app.screen.query_one(RunProgress).render().plain
+        assert f"{GATED} · {GATED_HINT}" in progress  # the hint too, where the width allows
+
+
+def test_a_failure_is_told_by_its_own_sessions_error_on_one_line() -> None:
+    from tui.history import RunHistory
+    from tui.widgets.progress import Failure, failure, never_trained
+
+    h = RunHistory(run_id=FAILED_AT_LOAD_RUN)
+    h.apply_all(failed_at_load())
+    assert failure(h, "failed") == Failure(GATED, GATED_HINT)
+    assert never_trained(h, "failed") == ("failed before the first step", "while loading model")
+    # Resumed, then failed without a word: the first session's error is not this one's reason.
+    t = fake_engine.T0 + 60
+    h.apply(protocol.Hello(time=t, engine_version="0.1.0", run_id=FAILED_AT_LOAD_RUN, pid=1, mode="resume"))
+    assert failure(h, "training") is None and never_trained(h, "training") is None
+    h.apply(protocol.Finished(time=t + 1, status="failed"))
+    assert failure(h, "failed") is not None and failure(h, "failed").reason == "the engine gave no reason"
+    h.apply(
+        protocol.ErrorEvent(time=t + 1, kind="data", message="bad row 12:\n  no 'text' field", hint="fix\nit")
+    )
+    assert failure(h, "failed") == Failure("bad row 12: no 'text' field", "fix it")
+    assert failure(h, "stopped") is None and never_trained(h, "stopped") == (
+        "stopped before the first step",
+        "while loading model",
+    )
+
+
 async def test_engine_error_is_shown_and_the_console_stays_up(app_factory) -> None:
     app = app_factory(steps=100, rate=400, fail_at=20)
     async with app.run_test(size=(80, 24)) as pilot:
@@ -225,6 +284,10 @@ async def test_engine_error_is_shown_and_the_console_stays_up(app_factory) -> No
         assert not isinstance(app.screen, ErrorScreen)
         assert app.is_running and app.history.status == "failed"
         assert "failed" in screen_text(app)
+        # The dashboard says why beside the status, not only with a bar stopped at step 20.
+        progress = app.screen.query_one(RunProgress).render().plain.splitlines()
+        assert "✗ failed" in progress[0] and "CUDA out of memory" in progress[0]
+        assert "20/100" in progress[1]
 
 
 # ---- Sample ------------------------------------------------------------------------------------

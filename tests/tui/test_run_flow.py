@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
-from pilot_helpers import screen_text, select_preset, wait_for
+import fake_engine
+from pilot_helpers import no_gpu, screen_text, select_preset, wait_for
 
 from engine.run import runs
+from tui.app import make_app
 from tui.screens.confirm import ConfirmScreen
+from tui.screens.error import ErrorScreen
 from tui.screens.quit import QuitScreen
 from tui.screens.stop import StopScreen
 
@@ -167,3 +172,85 @@ async def test_the_stop_dialog_follows_the_step(app_factory) -> None:
             what="the step to follow",
         )
         await pilot.press("n")
+
+
+def _footer(app) -> str:
+    """The main screen's footer as a person reads it, below whatever dialog is open."""
+    return screen_text(app).splitlines()[-1]
+
+
+RUN_ACTIONS = ("x Stop", "v Save now", "d Detach")
+
+
+async def test_a_run_stopped_under_its_dialog_leaves_the_footer_without_run_actions(app_factory) -> None:
+    """The stop dialog stays open to show the save; the footer below it still offered Stop,
+    Save now and Detach for the run that had ended."""
+    app = app_factory(steps=400, rate=20)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()  # let the panes mount before typing
+        await _start_tiny(pilot, app)
+        await wait_for(pilot, lambda: app.history.step >= 2, what="steps")
+        assert all(action in _footer(app) for action in RUN_ACTIONS), _footer(app)
+        await pilot.press("x")
+        await wait_for(pilot, lambda: isinstance(app.screen, StopScreen))
+        await pilot.press("y")
+        await wait_for(pilot, lambda: app.client.ended, what="the stop")
+        assert isinstance(app.screen, StopScreen)  # still open: it shows where the run stopped
+        await wait_for(
+            pilot,
+            lambda: not any(action in _footer(app) for action in RUN_ACTIONS),
+            timeout=3,
+            what="the footer to drop Stop, Save now and Detach",
+        )
+        assert "l Log scale" in _footer(app) and "q Quit" in _footer(app)
+
+
+# An engine that cannot load its model: hello, the stage, the error, then `failed` in a later
+# read than the error (as a real engine's can be), when the error dialog is already open.
+FAILS_AT_LOAD = """
+import sys, time
+from engine import protocol
+def emit(ev):
+    sys.stdout.buffer.write(protocol.encode(ev)); sys.stdout.buffer.flush()
+emit(protocol.Hello(engine_version="0.1.0", run_id="x", pid=1, backend="hf", device="cpu"))
+emit(protocol.StageEvent(stage="loading_model", message="meta-llama/Llama-3.1-8B"))
+time.sleep(0.3)
+emit(protocol.ErrorEvent(kind="model", message="meta-llama/Llama-3.1-8B is gated", hint="accept its licence"))
+time.sleep(0.5)
+emit(protocol.Finished(status="failed"))
+sys.exit(1)
+"""
+
+
+def _fails_at_load(run_dir: Path, resume: bool = False, pipe: bool = True) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-c", FAILS_AT_LOAD],
+        cwd=fake_engine.ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+async def test_a_run_that_fails_at_load_says_why_and_offers_no_run_actions(runs_root: Path) -> None:
+    app = make_app(runs_root, launcher=_fails_at_load, gpu_probe=no_gpu, auto_attach=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()  # let the panes mount before typing
+        await _start_tiny(pilot, app)
+        await wait_for(pilot, lambda: isinstance(app.screen, ErrorScreen), what="the error dialog")
+        await wait_for(pilot, lambda: app.client.ended, what="the engine to end")
+        assert isinstance(app.screen, ErrorScreen)
+        await wait_for(
+            pilot,
+            lambda: not any(action in _footer(app) for action in RUN_ACTIONS),
+            timeout=3,
+            what="the footer below the dialog to drop Stop, Save now and Detach",
+        )
+        await pilot.press("enter")
+        await pilot.pause(0.1)
+        text = screen_text(app)
+        assert "✗ failed" in text and "meta-llama/Llama-3.1-8B is gated · accept its licence" in text
+        assert "failed before the first step" in text
+        assert "waiting" not in text and "0/?" not in text
+        assert not any(action in _footer(app) for action in RUN_ACTIONS), _footer(app)

@@ -84,6 +84,22 @@ def test_dashboard_of_a_recorded_run(snap_compare, app_factory, finished_run, si
     assert snap_compare(app_factory(attach=FINISHED_RUN), terminal_size=size, run_before=before)
 
 
+def test_dashboard_of_a_run_that_failed_at_load(snap_compare, app_factory, runs_root) -> None:
+    """Why it failed where the bar would be, and the charts saying it never trained."""
+    import fake_engine
+    from test_panes import FAILED_AT_LOAD_RUN, failed_at_load
+
+    fake_engine.make_run_dir(runs_root, FAILED_AT_LOAD_RUN, failed_at_load())
+
+    async def before(pilot) -> None:
+        app = pilot.app
+        await wait_for(pilot, lambda: app.history is not None and app.history.finished is not None)
+        await wait_for(pilot, lambda: app.client.ended)
+        await _settled(pilot)
+
+    assert snap_compare(app_factory(attach=FAILED_AT_LOAD_RUN), terminal_size=(80, 24), run_before=before)
+
+
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_runs_pane_comparing(snap_compare, app_factory, finished_run, crashed_run, size) -> None:
     async def before(pilot) -> None:

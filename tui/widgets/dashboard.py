@@ -21,12 +21,17 @@ from tui.history import LogLine, RunHistory
 from tui.views import RunView
 from tui.widgets.gpu import GpuPanel, Probe
 from tui.widgets.line_chart import ChartSeries, LineChart, format_value
-from tui.widgets.progress import RunProgress, format_duration
+from tui.widgets.progress import RunProgress, format_duration, never_trained
 from tui.widgets.stats import RunStats
 
 LEVEL_MARK = {"info": " ", "debug": "·", "warning": "!", "error": "✗"}
 LOG_REPLAY = 300  # lines written to the log view when a run is opened
 REDRAW_SECONDS = 0.5
+# What the charts say before they have a point, for a run that may still train. One that never
+# will says how it ended instead (progress.never_trained).
+WAITING = ("waiting for the first step…", "no learning rate yet")
+NO_LR = "no learning rate"
+_NOT_SHOWN = object()  # the checkpoints box before its first draw
 
 
 def format_log_line(line: LogLine) -> Text:
@@ -58,17 +63,17 @@ class Dashboard(Vertical):
         self._drawn_status: str | None = None
         self._last_draw = 0.0
         self._pending: Timer | None = None
-        self._checkpoints_shown = -1
+        self._checkpoints_shown: object = _NOT_SHOWN
 
     def compose(self) -> ComposeResult:
         yield RunProgress(id="progress")
         with Horizontal(id="dash-top"):
-            yield LineChart("waiting for the first step…", id="loss-chart")
+            yield LineChart(WAITING[0], id="loss-chart")
             with Vertical(id="dash-side"):
                 yield RunStats(id="stats")
                 yield GpuPanel(self._gpu_probe, id="gpu")
         with Horizontal(id="dash-mid"):
-            yield LineChart("no learning rate yet", id="lr-chart")
+            yield LineChart(WAITING[1], id="lr-chart")
             yield Static(id="checkpoints")
         # Wrapped: a long line (an error, where the start went) stays readable at 80 columns rather
         # than growing a horizontal scrollbar that shifts what the box shows.
@@ -108,7 +113,7 @@ class Dashboard(Vertical):
         log = self.query_one("#event-log", RichLog)
         log.clear()
         self._log_shown = 0
-        self._checkpoints_shown = -1
+        self._checkpoints_shown = _NOT_SHOWN
         self._drawn_status = None
         if history is not None:
             self._log_shown = max(0, history.log_total - LOG_REPLAY)
@@ -142,6 +147,12 @@ class Dashboard(Vertical):
         loss.border_title = f"loss{scale}"
         loss.border_subtitle = loss.legend()
         lr.border_subtitle = format_value(h.lr.last_y) if h is not None and len(h.lr) else ""
+        ended = never_trained(h, status)
+        texts = ("\n".join(filter(None, ended)), NO_LR) if ended else WAITING
+        for chart, text in zip((loss, lr), texts, strict=True):
+            if chart.empty_text != text:
+                chart.empty_text = text
+                chart.set_series(chart.series)  # drops the chart's drawn cache, keyed on its data
         self._show_checkpoints(h)
         if h is not None:
             self._append_log(h)
@@ -151,10 +162,10 @@ class Dashboard(Vertical):
                     self.query_one(GpuPanel).select_device(int(index))
 
     def _show_checkpoints(self, h: RunHistory | None) -> None:
-        count = len(h.checkpoints) if h is not None else -1
-        if count == self._checkpoints_shown:
+        shown = tuple(c.step for c in h.checkpoints) if h is not None else None
+        if shown == self._checkpoints_shown:
             return  # Static.update lays the screen out again: only when the list changed
-        self._checkpoints_shown = count
+        self._checkpoints_shown = shown
         box = self.query_one("#checkpoints", Static)
         if h is None or not h.checkpoints:
             box.update(Text("none yet", style="dim italic"))
