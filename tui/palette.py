@@ -37,11 +37,12 @@ def system_commands(app: QlcApp) -> Iterable[SystemCommand]:
             f"Show {PANE_TITLES[pane]}", f"switch to pane {i}", lambda p=pane: app.action_show_pane(p)
         )
     yield SystemCommand("Start run", "train the selected preset with its overrides", app.action_start_run)
-    yield SystemCommand("Stop run", "finish the step, save a checkpoint, exit", app.action_stop_run)
-    yield SystemCommand(
-        "Save checkpoint now", "the run saves at the next step and goes on", app.action_save_checkpoint
-    )
-    yield SystemCommand("Detach from run", "stop watching; the run keeps training", app.action_detach_run)
+    if app.live():  # as in the footer: only while a run trains here
+        yield SystemCommand("Stop run", "finish the step, save a checkpoint, exit", app.action_stop_run)
+        yield SystemCommand(
+            "Save checkpoint now", "the run saves at the next step and goes on", app.action_save_checkpoint
+        )
+        yield SystemCommand("Detach from run", "stop watching; the run keeps training", app.action_detach_run)
     yield SystemCommand("Toggle log scale", "the loss chart on a log10 axis", app.action_toggle_log_scale)
     yield SystemCommand(
         "Auto-fit memory", "change settings until the budget fits the GPU", app.action_auto_fit

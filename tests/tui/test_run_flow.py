@@ -45,12 +45,16 @@ async def test_stop_asks_then_shows_the_save(app_factory) -> None:
         await pilot.pause()  # let the panes mount before typing
         await _start_tiny(pilot, app)
         await wait_for(pilot, lambda: app.history.step >= 4, what="steps to arrive")
+        controls = {"Stop run", "Save checkpoint now", "Detach from run"}
+        assert controls <= {c.title for c in app.get_system_commands(app.screen)}  # the palette too
         await pilot.press("x")
         await wait_for(pilot, lambda: isinstance(app.screen, StopScreen))
         assert "Stop run" in screen_text(app)
         await pilot.press("y")
         await wait_for(pilot, lambda: app.history.finished is not None, what="the stop")
         assert app.history.finished.status == "stopped"
+        await wait_for(pilot, lambda: not app.live(), what="the engine to end")
+        assert not controls & {c.title for c in app.get_system_commands(app.screen)}
         await pilot.pause(0.2)
         text = screen_text(app)
         assert "saved checkpoint-" in text and "stopped at step" in text
