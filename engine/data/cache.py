@@ -34,7 +34,7 @@ from typing import Any
 
 from engine.durable import fsync_path
 
-VERSION = 1
+VERSION = 2  # 2: assistant messages with weight 0 are not trained
 META = "meta.json"
 TRAIN = "train.arrow"
 EVAL = "eval.arrow"

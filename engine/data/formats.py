@@ -45,6 +45,9 @@ class Example:
     text: str | None = None
     input_ids: list[int] | None = None
     labels: list[int] | None = None
+    # Assistant messages not to train on, by their order among the assistant messages (0 = the
+    # first): OpenAI's fine-tuning format marks them with "weight": 0.
+    untrained: tuple[int, ...] = ()
 
     @property
     def kind(self) -> str:
@@ -212,6 +215,7 @@ class Normalizer:
         role_key = self.columns.get("from" if sharegpt else "role", "from" if sharegpt else "role")
         content_key = self.columns.get("value" if sharegpt else "content", "value" if sharegpt else "content")
         messages: list[dict[str, str]] = []
+        untrained: list[int] = []
         for number, turn in enumerate(turns, 1):
             here = f"message {number}"
             if not isinstance(turn, dict):
@@ -237,11 +241,27 @@ class Normalizer:
                     continue  # an empty system prompt says nothing; rendering it would only add noise
             elif not content.strip():
                 raise at(record.where, f"{here} ({role}) is empty")
+            if "weight" in turn:
+                weight = turn["weight"]
+                if role != "assistant" or weight not in (0, 1) or isinstance(weight, bool):
+                    raise at(
+                        record.where,
+                        f"{here} ({role}) has weight {weight!r}: only assistant messages take one, 0 or 1",
+                        "weight 0 leaves an answer out of training (OpenAI's fine-tuning format)",
+                    )
+                if weight == 0:
+                    untrained.append(sum(m["role"] == "assistant" for m in messages))
             messages.append({"role": role, "content": content})
         _check_alternation(
             record.where, messages, first_number=2 if turns and _is_system(turns[0], role_key) else 1
         )
-        return Example(record.where, messages=self._with_system(messages))
+        answers = sum(m["role"] == "assistant" for m in messages)
+        if len(untrained) == answers:
+            raise at(record.where, "every assistant message has weight 0: nothing to train on")
+        # A last user turn has no answer to learn: it would only cost tokens (and memory).
+        if messages[-1]["role"] == "user":
+            messages.pop()
+        return Example(record.where, messages=self._with_system(messages), untrained=tuple(untrained))
 
     def _tokens(self, record: Record) -> Example:
         ids = _int_list(

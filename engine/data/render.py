@@ -88,11 +88,10 @@ class Renderer:
         from jinja2 import TemplateError
 
         try:
-            if self.markers:
-                found = self._marker_spans(example)
-                if found is not None:
-                    return found
-            return self._prefix_spans(example)
+            found = self._marker_spans(example) if self.markers else None
+            full, spans = found if found is not None else self._prefix_spans(example)
+            # One span per assistant message, in order: leave out the ones marked weight 0.
+            return full, [s for i, s in enumerate(spans) if i not in example.untrained]
         except TemplateError as exc:  # the template's own raise_exception (roles must alternate, ...)
             raise at(
                 example.where,

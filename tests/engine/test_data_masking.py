@@ -259,3 +259,55 @@ def test_offsets_from_token_ids_give_the_tokenizers_own_masks(all_tokenizers, na
         )
     )
     assert _masks(tok, template, examples) == _masks(tok, template, examples, offsets_from_ids=False)
+
+
+@pytest.mark.parametrize("markers", [True, False])
+def test_weight_0_leaves_an_answer_out_and_a_last_user_turn_is_dropped(
+    tiny_tokenizer, tmp_path: Path, markers: bool
+) -> None:
+    """OpenAI's fine-tuning format: an assistant message with "weight": 0 is context, not a target.
+    A conversation that ends on a user turn loses that turn (nothing answers it)."""
+    from engine.data.render import Renderer, tokenizer_renderer
+
+    path = tmp_path / "weights.jsonl"
+    rows = [
+        {"messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "First question?"},
+            {"role": "assistant", "content": "A bad first answer.", "weight": 0},
+            {"role": "user", "content": "Second question?"},
+            {"role": "assistant", "content": "A good second answer.", "weight": 1},
+            {"role": "user", "content": "A question nobody answered?"},
+        ]},
+    ]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (example,), _ = read_examples(str(path), DataConfig())
+    assert example.untrained == (0,)
+    assert [m["role"] for m in example.messages or []] == ["system", "user", "assistant", "user", "assistant"]
+    template = resolve_template(tiny_tokenizer, "auto")
+    enc = encode(tiny_tokenizer, template, [example], responses_only=True)[0]
+    assert trained_runs(tiny_tokenizer, enc) == ["A good second answer.<|eot_id|>"]
+    assert "A bad first answer." in tiny_tokenizer.decode(enc.input_ids)  # still there, as context
+    # The same spans whether the template's {% generation %} markers or growing prefixes find them.
+    renderer = Renderer(template, tokenizer_renderer(tiny_tokenizer, template), markers=markers)
+    full, spans = renderer.spans(example)
+    assert [full[a:b] for a, b in spans] == ["A good second answer.<|eot_id|>"]
+
+
+@pytest.mark.parametrize(
+    ("turns", "error"),
+    [
+        ([{"role": "user", "content": "Q", "weight": 0}, {"role": "assistant", "content": "A"}],
+         "message 1 (user) has weight 0: only assistant messages take one, 0 or 1"),
+        ([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A", "weight": 0.5}],
+         "message 2 (assistant) has weight 0.5: only assistant messages take one, 0 or 1"),
+        ([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A", "weight": 0}],
+         "every assistant message has weight 0: nothing to train on"),
+    ],
+)  # fmt: skip
+def test_a_bad_weight_is_one_line(tmp_path: Path, turns: list[dict], error: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"messages": turns}) + "\n")
+    with pytest.raises(DataError) as e:
+        read_examples(str(path), DataConfig())
+    assert e.value.message == f"{path}: line 1: {error}"
