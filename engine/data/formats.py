@@ -120,15 +120,24 @@ class Normalizer:
         self.system_prompt = system_prompt
         self.decided_by = ""
         """The file whose first record decided the format ("auto")."""
+        self.normalized = 0
 
     def __call__(self, record: Record) -> Example:
         if self.format is None:
             self.format = detect(record, self.columns)
             self.decided_by = record.file
         try:
-            return self._normalize(record)
+            example = self._normalize(record)
         except DataError as exc:
             raise self._explain(record, exc) from None
+        self.normalized += 1
+        return example
+
+    def _missing_hint(self) -> str:
+        """A record that lacks a field earlier records had is the record's fault, not the format's."""
+        if self.normalized:
+            return "fix or remove this record: the records before it have the field"
+        return f"{self.format} format; {COLUMNS_HINT}"
 
     def _explain(self, record: Record, exc: DataError) -> DataError:
         looks = looks_like(record, self.columns)
@@ -171,9 +180,7 @@ class Normalizer:
         value = record.row.get(col)
         if value is None:
             if required:
-                raise at(
-                    record.where, f"missing field {self._label(key)}", f"{self.format} format; {COLUMNS_HINT}"
-                )
+                raise at(record.where, f"missing field {self._label(key)}", self._missing_hint())
             return ""
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = str(value)
@@ -207,9 +214,7 @@ class Normalizer:
         key = next((k for k in names if self.columns.get(k, k) in record.row), names[0])
         turns = _maybe_json(record.row.get(self.columns.get(key, key)))
         if turns is None:
-            raise at(
-                record.where, f"missing field {self._label(key)}", f"{self.format} format; {COLUMNS_HINT}"
-            )
+            raise at(record.where, f"missing field {self._label(key)}", self._missing_hint())
         if not isinstance(turns, list) or not turns:
             raise at(record.where, f"field {self._label(key)} must be a non-empty list of turns")
         role_key = self.columns.get("from" if sharegpt else "role", "from" if sharegpt else "role")

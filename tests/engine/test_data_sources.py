@@ -177,6 +177,19 @@ def test_bad_data_is_one_line_naming_file_and_place(name: str, data: dict, expec
     assert isinstance(info.value, UserError) and info.value.exit_code == 2
 
 
+def test_a_field_missing_from_one_record_points_at_the_record_not_the_format() -> None:
+    # Line 1 has 'output': line 2 lacking it is the row's fault, not a wrong format or column name.
+    with pytest.raises(DataError) as later:
+        check_source(cfg_for(BAD / "missing_output.jsonl"))
+    assert later.value.hint == "fix or remove this record: the records before it have the field"
+    # Missing from the very first record: the format or the column names may be what is wrong.
+    with pytest.raises(DataError) as first:
+        check_source(
+            cfg_for(BAD / "unknown_format.jsonl", format="alpaca", columns={"instruction": "question"})
+        )
+    assert first.value.hint.startswith("alpaca format; ")
+
+
 def test_missing_path_unsupported_file_and_empty_folder(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=re.escape("nope.jsonl: not found")):
         check_source(cfg_for(tmp_path / "nope.jsonl"))
