@@ -24,6 +24,7 @@ import yaml
 
 from engine import stacks
 from engine.errors import ConfigError, UserError
+from engine.paths import is_local
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -217,7 +218,7 @@ def _convert(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         return _NO
     if origin is list:
         if not isinstance(value, list):
-            problems.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+            problems.append(f"{where}: expected {_type_name(tp)}, got {value!r}{_list_hint(value)}")
             return _NO
         (item_tp,) = typing.get_args(tp)
         items = [_convert(v, item_tp, f"{where}[{i}]", problems) for i, v in enumerate(value)]
@@ -259,6 +260,23 @@ def _convert(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             return str(value)  # `name: 7b` style values YAML reads as numbers
     problems.append(f"{where}: expected {_type_name(tp)}, {_got(value)}")
     return _NO
+
+
+LIST_HINT = "write a list in brackets: "
+_PLAIN_ITEM = re.compile(r"[A-Za-z_][\w.\-/]*")
+
+
+def _list_hint(value: Any) -> str:
+    """What to write instead of a single value where a list goes: `q_proj,v_proj` is one string
+    to YAML (and so to `--set`), `[q_proj,v_proj]` is a list. The items are shown without spaces
+    so the same text works in a preset and, unquoted, as one `--set` argument."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return ""
+    items = [x for x in re.split(r"[,\s]+", str(value).strip().strip("[]")) if x]
+    # An item YAML reads as another type (yes, null, 1e-4) would not round-trip: show the shape only.
+    if not items or not all(_PLAIN_ITEM.fullmatch(x) and isinstance(yaml.safe_load(x), str) for x in items):
+        return f" ({LIST_HINT}[q_proj,v_proj])"
+    return f" ({LIST_HINT}[{','.join(items)}])"
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) -> Any:
@@ -592,10 +610,13 @@ def parse_yaml(text: str, path: Path) -> dict[str, Any]:
     return data
 
 
-def _resolve_local_paths(cfg: RunConfig, base: Path) -> None:
-    """Paths in a preset are relative to the preset's folder; hub ids stay as they are."""
+def _resolve_local_paths(cfg: RunConfig, preset: Path, overridden: set[str | None]) -> None:
+    """Paths in a preset are relative to the preset's folder, else to the working folder; hub ids
+    stay as they are. A data path found in neither is made absolute where it was meant to be, so
+    that its "not found" (raised where the data is read) names the place."""
+    base = preset.parent
 
-    def resolve(value: str | None) -> str | None:
+    def resolve(value: str | None, key: str) -> str | None:
         if not value or value.startswith("builtin:"):
             return value
         try:
@@ -604,13 +625,25 @@ def _resolve_local_paths(cfg: RunConfig, base: Path) -> None:
                 return str((base / p).resolve())
             if p.exists():
                 return str(p.resolve())
+            if key.startswith("data.") and not p.is_absolute():
+                return _missing_data_path(value, p, key, preset, overridden)
         except (OSError, RuntimeError, ValueError):  # not a usable path: later checks say so
             pass
         return value
 
-    cfg.data.source = resolve(cfg.data.source) or ""
-    cfg.data.val_source = resolve(cfg.data.val_source)
-    cfg.model.name_or_path = resolve(cfg.model.name_or_path) or cfg.model.name_or_path
+    cfg.data.source = resolve(cfg.data.source, "data.source") or ""
+    cfg.data.val_source = resolve(cfg.data.val_source, "data.val_source")
+    cfg.model.name_or_path = resolve(cfg.model.name_or_path, "model.name_or_path") or cfg.model.name_or_path
+
+
+def _missing_data_path(value: str, p: Path, key: str, preset: Path, overridden: set[str | None]) -> str:
+    """`value`, a relative data path found neither beside the preset nor in the working folder, as
+    the absolute path where it was meant to be: beside the preset, or in the working folder for a
+    `--set`. Its "not found" then says where it was looked for (left relative, a copied preset's
+    user could not tell)."""
+    if not is_local(value):  # a hub dataset id (owner/name): the hub says if it is missing
+        return value
+    return str(((Path.cwd() if key in overridden else preset.parent) / p).resolve())
 
 
 def _config_of(path: Path, data: dict[str, Any], overrides: list[str]) -> RunConfig:
@@ -629,7 +662,7 @@ def _config_of(path: Path, data: dict[str, Any], overrides: list[str]) -> RunCon
         raise ConfigError(problems + blame_overrides(exc.problems, overrides), str(path)) from None
     if problems:
         raise ConfigError(problems, str(path))
-    _resolve_local_paths(cfg, path.parent)
+    _resolve_local_paths(cfg, path, keys)
     return cfg
 
 
@@ -646,8 +679,23 @@ def blame_overrides(problems: list[str], overrides: list[str]) -> list[str]:
         field, sep, rest = problem.partition(": ")
         base = re.split(r"[\[]", field)[0]
         text = keys.get(base) or next((t for k, t in keys.items() if base.startswith(k + ".")), None)
+        if sep and text:
+            # On the command line the list goes after its key, as `--set` takes it.
+            rest = rest.replace(f"({LIST_HINT}[", f"({LIST_HINT}{base}=[")
         out.append(f"--set {text}: {rest}" if sep and text else problem)
     return out
+
+
+def origin(preset: str, overrides: list[str] | None, key: str) -> str:
+    """Where `key`'s value came from, as an error line starts: `--set KEY=VALUE` when an override
+    set it, else `PRESET_FILE: KEY`. For checks made after loading (engine.preflight's GPU name)."""
+    for text in reversed(overrides or []):
+        if override_key(text) == key:
+            return f"--set {text.strip()}"
+    try:
+        return f"{find_preset(preset)}: {key}"
+    except UserError:
+        return key
 
 
 def load_preset(name: str, overrides: list[str] | None = None) -> RunConfig:

@@ -24,7 +24,7 @@ import msgspec
 # stage (eval progress), the estimate's checkpointing plan; 1.4: hello's process start (where a
 # start went), the estimate's FLOPs per token and the card's peak (utilisation); 1.5: model_ready's
 # batch split (train.batch_split); 1.6: checkpoint_saved's `kept` (the checkpoints rotation left),
-# exported's tolerance_basis
+# exported's tolerance_basis, data_ready's format and template
 PROTOCOL_VERSION = "1.6"
 
 
@@ -144,6 +144,8 @@ class DataReady(Message, frozen=True, tag="data_ready"):
     dropped: int = 0
     steps_per_epoch: int = 0
     total_steps: int = 0
+    format: str = ""  # the rows' format as read: data.format, or what auto detected ("": before 1.6)
+    template: str = ""  # the chat template rendered (a family, or "tokenizer"); "" for text or tokens
 
 
 class DeviceStat(msgspec.Struct, frozen=True, kw_only=True):

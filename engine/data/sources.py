@@ -20,8 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from engine.data.errors import DataError, at
+from engine.paths import DATA_SUFFIXES
+from engine.paths import as_path as _path
+from engine.paths import is_local as is_local  # the data readers ask it too
 
-SUPPORTED = (".jsonl", ".json", ".csv", ".parquet")
+SUPPORTED = DATA_SUFFIXES
 UTF8_HINT = "re-save the file as UTF-8"
 
 
@@ -31,33 +34,6 @@ class Record:
     row: dict[str, Any]
     file: str = ""
     """The file (or hub dataset) the record comes from: a folder's files may differ in shape."""
-
-
-def is_local(source: str) -> bool:
-    """A path that exists, or one that is clearly meant as a path (and is then reported missing).
-
-    A hub id is `name` or `owner/name`: no file suffix, no leading `.`, `/` or `~`, at most one `/`.
-    """
-    path = _path(source)
-    if path is not None and path.exists():
-        return True
-    return (
-        source.startswith((".", "/", "~"))
-        or source.endswith(SUPPORTED)
-        or source.count("/") > 1
-        or "\\" in source
-    )
-
-
-def _path(source: str) -> Path | None:
-    """`source` as a path, or None when no file can have that name (an unknown ~user, a NUL byte,
-    a name too long)."""
-    try:
-        path = Path(source).expanduser()
-        path.exists()
-    except (OSError, RuntimeError, ValueError):
-        return None
-    return path
 
 
 def local_files(source: str) -> list[Path]:

@@ -17,6 +17,7 @@ import yaml
 
 from engine import __version__, protocol
 from engine.config import RunConfig
+from engine.data.templates import family_of
 from engine.export.request import ExportRequest
 from engine.run import runs
 
@@ -86,6 +87,11 @@ class CardFacts:
     tokens: int = 0
     gguf_file: str | None = None
     gguf_type: str | None = None
+    chat_template: str | None = None
+    """The exported tokenizer's chat template: the run saves the one it rendered the data with beside
+    every checkpoint, so None means no template was used."""
+    adapter_base: str | None = None
+    """adapter_config.json's base_model_name_or_path: what peft loads the adapter onto."""
 
 
 def _loss(value: tuple[int, float] | None, step: int | None) -> str:
@@ -100,6 +106,92 @@ def _base_for_hub(name: str) -> str | None:
     if name.startswith(("builtin:", "/", ".", "~")) or Path(name).exists() or name.count("/") != 1:
         return None
     return name
+
+
+def _use_code(merged: bool, facts: CardFacts) -> list[str]:
+    """The card's code: load the folder, prompt it as the run trained, print the answer. Written
+    for transformers 5, where apply_chat_template returns a BatchEncoding, not a tensor."""
+    if merged:
+        lines = [
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            'model = AutoModelForCausalLM.from_pretrained("PATH", dtype="auto")',
+        ]
+    else:
+        lines = [
+            "from peft import AutoPeftModelForCausalLM",
+            "from transformers import AutoTokenizer",
+            "",
+            'model = AutoPeftModelForCausalLM.from_pretrained("PATH")',
+        ]
+    lines.append('tokenizer = AutoTokenizer.from_pretrained("PATH")')
+    if facts.chat_template is not None:
+        lines += [
+            "inputs = tokenizer.apply_chat_template(",
+            '    [{"role": "user", "content": "Hello"}],',
+            '    add_generation_prompt=True, return_dict=True, return_tensors="pt",',
+            ")",
+        ]
+    else:  # trained without a chat template: apply_chat_template would raise
+        lines.append('inputs = tokenizer("Hello", return_tensors="pt")')
+    # A merged folder's generation_config.json stops at the end of a turn; peft loads the base's.
+    stops = f", eos_token_id={facts.eos_token_ids}" if not merged and facts.eos_token_ids else ""
+    return [
+        *lines,
+        f"output = model.generate(**inputs, max_new_tokens=64{stops})",
+        "# generate returns the prompt and the answer: decode the answer",
+        'print(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+    ]
+
+
+# Rendered through a chat template; text and tokens are not.
+CHAT_FORMATS = ("alpaca", "messages", "sharegpt")
+NOT_RECORDED = "not recorded"
+
+
+def _dataset(cfg: RunConfig, d: protocol.DataReady | None, chat_template: str | None) -> list[str]:
+    """What the data was, as the run recorded it: never a setting that left the choice to the run.
+    data_ready says which format auto detected and which template rendered it (protocol 1.6); for
+    an older run only a pinned data.format and the template saved with the checkpoint tell."""
+    if d is not None and d.format:
+        fmt = d.format
+        template = {"": "none", "tokenizer": "the tokenizer's own"}.get(d.template, d.template)
+    else:
+        fmt = cfg.data.format  # a pinned format is what every row was read as: a row that does not fit fails
+        if fmt in ("text", "tokens"):
+            template = "none"
+        elif chat_template is None:
+            template = "none"  # the run saves the template it renders with beside every checkpoint
+        elif fmt in CHAT_FORMATS:
+            template = family_of(chat_template) or "the tokenizer's own"
+        else:
+            template = f"{NOT_RECORDED} (chosen when the run started)"
+    lines = [
+        f"- format: {fmt if fmt != 'auto' else NOT_RECORDED + ' (detected when the run started)'}",
+        f"- chat template: {template}",
+    ]
+    if d is None:
+        lines += [f"- loss on: {NOT_RECORDED}", f"- examples and tokens: {NOT_RECORDED}"]
+    elif d.trained_tokens >= d.train_tokens:
+        lines.append("- loss on every token")
+    else:
+        # Only two things leave a token without a loss: data.responses_only masking what is not an
+        # answer, and the labels pre-tokenized data brings.
+        what = (
+            "responses only" if cfg.data.responses_only and fmt != "tokens" else "the tokens the data labels"
+        )
+        lines.append(
+            f"- loss on {what}: {d.trained_tokens:,} of {d.train_tokens:,} tokens "
+            f"({d.trained_tokens / d.train_tokens:.0%})"
+        )
+    if d is not None:
+        lines.append(
+            f"- {d.train_examples} train / {d.eval_examples} eval examples, {d.train_tokens:,} tokens per "
+            f"epoch, {d.truncated} truncated, {d.dropped} dropped"
+        )
+    if cfg.data.packing:
+        lines.append(f"- packed into rows of {cfg.train.seq_len} tokens")
+    return lines
 
 
 def render(request: ExportRequest, cfg: RunConfig, record: RunRecord, facts: CardFacts) -> str:
@@ -129,37 +221,27 @@ def render(request: ExportRequest, cfg: RunConfig, record: RunRecord, facts: Car
             f"The LoRA adapter of a QLoRA fine-tune of `{base}`: {source} of run "
             f"`{request.run_dir.name}`, as trained. Load it with peft on top of the base model."
         )
-    lines += ["", "## Use", "", "```python"]
-    if merged:
+    lines += ["", "## Use", "", "```python", *_use_code(merged, facts), "```", ""]
+    if not merged and facts.adapter_base and _base_for_hub(facts.adapter_base) is None:
+        # A local base (a folder, or a built-in model built on the training machine) is named by
+        # its path there: the code above runs only where that path exists.
         lines += [
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            f"`adapter_config.json` names the base model by its folder on the machine that trained it "
+            f"(`{facts.adapter_base}`), so the code runs there; elsewhere, set its "
+            "`base_model_name_or_path` to where that model is.",
             "",
-            'model = AutoModelForCausalLM.from_pretrained("PATH", dtype="auto")',
-            'tokenizer = AutoTokenizer.from_pretrained("PATH")',
         ]
-    else:
-        lines += [
-            "from peft import AutoPeftModelForCausalLM",
-            "from transformers import AutoTokenizer",
-            "",
-            'model = AutoPeftModelForCausalLM.from_pretrained("PATH")',
-            'tokenizer = AutoTokenizer.from_pretrained("PATH")',
-        ]
-    lines += [
-        'ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}],',
-        '                                    add_generation_prompt=True, return_tensors="pt")',
-        "print(tokenizer.decode(model.generate(ids, max_new_tokens=64)[0]))",
-        "```",
-        "",
-    ]
-    if facts.end_of_turn:
-        where = (
-            "generation_config.json's `eos_token_id`" if merged else "the stop tokens you pass to generate"
-        )
+    if facts.end_of_turn and facts.eos_token_ids:
         ids = ", ".join(str(i) for i in facts.eos_token_ids)
         lines.append(
-            f"The model ends its turn with `{facts.end_of_turn}`: it is among {where} ({ids}), so "
-            "generation stops at the end of the answer."
+            f"The model ends its turn with `{facts.end_of_turn}`: "
+            + (
+                f"it is among generation_config.json's `eos_token_id` ({ids}), so generation stops at "
+                "the end of the answer."
+                if merged
+                else f"the code passes it to generate (`eos_token_id=[{ids}]`) so generation stops at the "
+                "end of the answer: peft loads the base's generation config, which may not stop there."
+            )
         )
         lines.append("")
     if facts.gguf_file:
@@ -197,16 +279,8 @@ def render(request: ExportRequest, cfg: RunConfig, record: RunRecord, facts: Car
         "",
         f"- source: `{cfg.data.source}`"
         + (f" (split {cfg.data.split})" if cfg.data.split != "train" else ""),
-        f"- format {cfg.data.format}, chat template {cfg.data.template}, "
-        + ("loss on responses only" if cfg.data.responses_only else "loss on every token")
-        + (", packed" if cfg.data.packing else ""),
+        *_dataset(cfg, record.data, facts.chat_template),
     ]
-    d = record.data
-    if d is not None:
-        lines += [
-            f"- {d.train_examples} train / {d.eval_examples} eval examples, {d.train_tokens:,} tokens per epoch "
-            f"({d.trained_tokens:,} with a loss), {d.truncated} truncated, {d.dropped} dropped",
-        ]
     lines += ["", "## How this folder was made", ""]
     versions = library_versions()
     lines.append(

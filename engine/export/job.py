@@ -169,7 +169,19 @@ def _export_adapter(request: ExportRequest, cfg: RunConfig, tmp: Path, progress:
     token, ids = _end_of_turn(tmp, cfg.data.template)
     out = Outcome(dtype=_adapter_dtype(tmp / "adapter_model.safetensors"))
     out.facts.end_of_turn, out.facts.eos_token_ids = token, ids
+    out.facts.adapter_base = _adapter_base(tmp / "adapter_config.json")
     return out
+
+
+def _adapter_base(path: Path) -> str | None:
+    """The base model peft loads the adapter onto (AutoPeftModelForCausalLM reads it)."""
+    import json
+
+    try:
+        name = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) and name else None
 
 
 def _adapter_dtype(path: Path) -> str:
@@ -311,6 +323,25 @@ def _export_merged(
     return out
 
 
+def _chat_template(folder: Path) -> str | None:
+    """The saved tokenizer's chat template: chat_template.jinja, or tokenizer_config.json's entry
+    (where older versions of transformers saved it)."""
+    import json
+
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(template, list):  # several named templates: "default" is the chat one
+        named = [t for t in template if isinstance(t, dict)]
+        template = next((t.get("template") for t in named if t.get("name") == "default"), None)
+    return template if isinstance(template, str) and template.strip() else None
+
+
 def _check_folder(folder: Path, eos_ids: list[int]) -> None:
     """What a server reads besides the weights: the chat template and the stop ids, as written."""
     import json
@@ -375,6 +406,7 @@ def export(request: ExportRequest, emitter: Emitter) -> int:
                 _gguf(request, workspace.tmp, out, progress, emitter)
         progress.stage("finishing", "writing the model card and moving the folder into place")
         out.facts.files = [*_files(workspace.tmp), "README.md"]
+        out.facts.chat_template = _chat_template(workspace.tmp)
         record = card.read_record(request.run_dir, request.step)
         (workspace.tmp / "README.md").write_text(
             card.render(request, cfg, record, out.facts), encoding="utf-8"

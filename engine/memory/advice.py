@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.config import RunConfig
 from engine.memory.architectures import Architecture, resolve_architecture
@@ -50,6 +50,10 @@ class Advice:
     after_gb: float  # device total after it, re-estimated
     status: str  # the verdict after the change
     headroom_gb: float  # after the change
+    # The changed config and the stack its estimate models: what it would take on another card is
+    # re-estimated from them (distributed.out_of_reach), not scaled from after_gb.
+    config: RunConfig | None = field(default=None, repr=False, compare=False)
+    profile: str = field(default="", repr=False, compare=False)
 
     @property
     def saves_gb(self) -> float:
@@ -225,7 +229,15 @@ def _advice(advisor: _Advisor, s: _State, before: float) -> Advice:
     est = advisor.estimate(s)
     v = est.verdict(advisor.gpu)
     return Advice(
-        "; ".join(s.text), list(s.overrides), s.kinds, before, est.device_total_gb, v.status, v.headroom_gb
+        "; ".join(s.text),
+        list(s.overrides),
+        s.kinds,
+        before,
+        est.device_total_gb,
+        v.status,
+        v.headroom_gb,
+        s.cfg,
+        s.backend,
     )
 
 

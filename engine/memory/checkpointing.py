@@ -3,8 +3,10 @@ checkpoints (handed to its backend, engine.train.backends, which applies it to t
 its rows per optimizer step split into micro-batches (handed to the trainer's arguments).
 
 `train.gradient_checkpointing: auto` asks the estimate (choose_checkpointing) for the fewest layers
-whose peak still fits the GPU's budget; true, false or a number fix it. `train.batch_split: auto`
-then asks it (choose_split) for the fewest micro-batches that still fit without checkpointing.
+whose peak still fits the GPU's budget (with several processes, each GPU's share of the peak under
+hardware.strategy, as `qlc estimate --gpus N` plans it); true, false or a number fix it.
+`train.batch_split: auto` then asks it (choose_split) for the fewest micro-batches that still fit
+without checkpointing.
 With both auto and a speed model for this GPU (engine.memory.speed), plan_layout then takes the
 split and checkpointing predicted fastest among those that fit (estimate.fastest_layout).
 Pure Python: the budget is the free memory NVML reports, capped by hardware.gpu.
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 from engine.config import RunConfig
 from engine.memory.architectures import resolve_architecture
+from engine.memory.distributed import gpu_share
 from engine.memory.estimate import choose_checkpointing, choose_split, fastest_layout, with_split
 from engine.memory.gpus import resolve_gpu
 
@@ -35,8 +38,12 @@ class CheckpointPlan:
         return 0 < self.checkpointed < self.layers
 
 
-def plan_checkpointing(cfg: RunConfig, backend: str, device: str, layers: int) -> CheckpointPlan:
-    """How many layers to checkpoint for this run, and why (shown in the run's events)."""
+def plan_checkpointing(
+    cfg: RunConfig, backend: str, device: str, layers: int, processes: int = 1
+) -> CheckpointPlan:
+    """How many layers to checkpoint for this run, and why (shown in the run's events). With
+    several processes auto spends each GPU's budget on its share of the step under
+    hardware.strategy, as `qlc estimate --gpus N` plans it (engine.memory.distributed)."""
     gc = cfg.train.gradient_checkpointing
     if gc is True or gc is False:
         n = layers if gc else 0
@@ -50,8 +57,11 @@ def plan_checkpointing(cfg: RunConfig, backend: str, device: str, layers: int) -
     try:
         budget, where = run_budget_gb(cfg.hardware.gpu)
         arch = resolve_architecture(cfg)
+        share = gpu_share(cfg.hardware.strategy, processes) if processes > 1 else None
         # The card in use sets the CUDA context and workspaces the budget has to leave room for.
-        n, why = choose_checkpointing(cfg, arch, backend, budget, device=resolve_gpu("auto").device)
+        n, why = choose_checkpointing(
+            cfg, arch, backend, budget, device=resolve_gpu("auto").device, share=share
+        )
     except Exception as exc:  # no architecture, no NVML: never stop a run over it
         return CheckpointPlan(layers, layers, f"auto: every layer (no memory estimate: {exc})")
     if arch.layers != layers:
@@ -122,7 +132,7 @@ def plan_layout(
 ) -> tuple[CheckpointPlan, BatchSplit]:
     """The run's checkpointing and batch split: each by its own rule, then, with both auto and a
     speed model for this GPU, the layout predicted fastest where it beats theirs."""
-    checkpointing = plan_checkpointing(cfg, backend, device, layers)
+    checkpointing = plan_checkpointing(cfg, backend, device, layers, processes)
     split = plan_split(cfg, backend, device, checkpointing, processes)
     if device != "cuda" or processes > 1:
         return checkpointing, split

@@ -1,7 +1,10 @@
-"""Per-GPU memory of a run on several GPUs, and how many GPUs of a kind a run needs.
+"""Per-GPU memory of a run on several GPUs, how many GPUs of a kind a run needs, and what hardware
+a recipe would take where no change `advise` lists fits its card (out_of_reach).
 
 Built on the one-GPU model (terms.py, estimate.py): the same plan, the same phases of a step, the
-same constants; a strategy changes only where the bytes live.
+same constants; a strategy changes only where the bytes live. train.gradient_checkpointing: auto
+is searched on the per-GPU figure (gpu_share), the one the verdict compares, both here and in the
+plan a run on several GPUs makes (engine.memory.checkpointing).
 
 - ddp (PyTorch DistributedDataParallel, as accelerate wraps it): every GPU holds the whole 4-bit
   model, its adapters, gradients and optimizer state, and runs its own micro-batch. DDP adds its
@@ -26,6 +29,8 @@ several GPUs yet. bench/multi_gpu.py measures per-GPU peaks to compare (docs/mul
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,10 +39,21 @@ from engine.config import RunConfig
 from engine.errors import UserError
 from engine.memory import constants as C
 from engine.memory import terms
+from engine.memory.advice import Advice
 from engine.memory.architectures import Architecture, resolve_architecture
-from engine.memory.estimate import FITS, TERM_NAMES, Estimate, Term, Verdict, estimate, plan_for
+from engine.memory.estimate import (
+    DOES_NOT_FIT,
+    FITS,
+    TERM_NAMES,
+    Estimate,
+    Share,
+    Term,
+    Verdict,
+    estimate,
+    plan_for,
+)
 from engine.memory.fit import with_changes
-from engine.memory.gpus import Gpu
+from engine.memory.gpus import Gpu, resolve_gpu
 from engine.protocol import EstimateEvent
 
 STRATEGIES = ("ddp", "fsdp")
@@ -60,6 +76,9 @@ class PerGpuEstimate:
     peak_phase: str
     host_load_gb: float | None  # host memory one host's ranks hold while loading (fsdp), GiB
     notes: tuple[str, ...] = field(default=())
+    # Of device_total_gb, what the strategy splits across the GPUs (fsdp's shards; 0 under ddp):
+    # the rest every GPU holds whole, so more GPUs never take a GPU's total below it.
+    sharded_gb: float = 0.0
 
     @property
     def arch(self) -> Architecture:
@@ -186,8 +205,13 @@ def per_gpu(
         )
     if budget_gb is None and gpu is not None:
         budget_gb = gpu.budget_gb
-    # Several ranks keep train.batch_split as written, as the engine's do (estimate.choose_split).
-    base = estimate(cfg, arch, backend, budget_gb=budget_gb, padded=padded, gpu=gpu, processes=gpus)
+    # Several ranks keep train.batch_split as written, as the engine's do (estimate.choose_split);
+    # auto checkpointing spends each GPU's budget on that GPU's share, the figure the verdict
+    # below compares (the one-GPU plan would count the whole model under FSDP).
+    share = gpu_share(strategy, gpus) if gpus > 1 else None
+    base = estimate(
+        cfg, arch, backend, budget_gb=budget_gb, padded=padded, gpu=gpu, processes=gpus, share=share
+    )
     if reason:
         base = dataclasses.replace(base, backend_reason=reason)
     if gpus == 1:
@@ -207,8 +231,23 @@ def per_gpu(
     plan = plan_for(
         cfg, arch, base.backend, budget_gb, padded, checkpointed=base.checkpointed_layers, device=device
     )
-    build = _ddp if strategy == "ddp" else _fsdp
-    return build(base, plan, gpus, tuple(notes) + base.notes + (UNMEASURED,))
+    return _build(strategy)(base, plan, gpus, tuple(notes) + base.notes + (UNMEASURED,))
+
+
+def _build(strategy: str) -> Callable[[Estimate, terms.Plan, int, tuple[str, ...]], PerGpuEstimate]:
+    return _ddp if strategy == "ddp" else _fsdp
+
+
+def gpu_share(strategy: str, gpus: int) -> Share:
+    """What one of `gpus` GPUs holds of a planned step under `strategy`, for the layout searches
+    (estimate.choose_checkpointing): the same arithmetic as per_gpu's figures, so the plan auto
+    chooses and the verdict on it agree."""
+    build = _build(strategy)
+
+    def total_gb(one: Estimate, plan: terms.Plan) -> float:
+        return build(one, plan, gpus, ()).device_total_gb
+
+    return Share(total_gb, f"on each of {gpus} GPUs under {strategy}")
 
 
 def _ddp(base: Estimate, plan: terms.Plan, gpus: int, notes: tuple[str, ...]) -> PerGpuEstimate:
@@ -261,6 +300,8 @@ def _fsdp(base: Estimate, plan: terms.Plan, gpus: int, notes: tuple[str, ...]) -
     opt_torch, paged = terms.optimizer_states(plan)
     optimizer = {f"{k} (1/{n} each)": v / n for k, v in opt_torch.items()}
     paged /= n
+    quant_state = weights.get("4-bit quantization state (every GPU)", 0.0)
+    sharded = sum(weights.values()) - quant_state + sum(grads.values()) + sum(optimizer.values()) + paged
     workspaces = float(plan.device.workspace_bytes)
     static = sum(weights.values()) + sum(grads.values()) + sum(optimizer.values()) + workspaces
 
@@ -319,6 +360,7 @@ def _fsdp(base: Estimate, plan: terms.Plan, gpus: int, notes: tuple[str, ...]) -
             *notes,
             f"loading: each rank holds a whole 4-bit model in host memory ({host_load:.1f} GiB for {n} on one host)",
         ),
+        sharded / C.GIB,
     )
 
 
@@ -375,3 +417,111 @@ def gpus_needed(
     needed["fsdp"] = good
     found["fsdp"] = fits("fsdp", good) if good else None
     return GpusNeeded(gpu, needed, found)
+
+
+# Below the changes `advise` lists: what a recipe none of them fits on its card would take instead.
+CHANGE_WORDS = {
+    "micro_batch": "micro-batch",
+    "gradient_checkpointing": "checkpointing",
+    "optimizer": "optimizer",
+    "attention": "attention",
+    "backend": "backend",
+    "modules_to_save": "modules_to_save",
+    "rank": "LoRA rank",
+    "seq_len": "seq_len",
+}
+CARD_SEARCH_GB = 4096  # the largest plain size resolve_gpu takes
+
+
+@dataclass(frozen=True)
+class OutOfReach:
+    """A recipe that no listed change fits on its card, in one line: the lowest the changes get it
+    to, the smallest card that holds it with them, and how many of these GPUs FSDP would shard the
+    recipe as written over. `qlc estimate` and `qlc fit` print the same line, so neither sends the
+    user to the other for a change that does not exist."""
+
+    gpu: Gpu
+    closest_gb: float  # the lowest device total the listed changes reach (as written if none lowers it)
+    changed: tuple[str, ...]  # the kinds of change that reach it, in the order they apply
+    card_gb: int | None  # the smallest plain size (whole GiB, as --gpu takes it) it fits; None: none
+    fsdp_gpus: int | None  # GPUs of this kind the recipe as written needs under fsdp (gpus_needed)
+    fsdp_checked: bool  # False where no multi-GPU stack was asked (--backend unsloth)
+
+    def __str__(self) -> str:
+        if not self.changed:
+            how = "as written: no listed change lowers it"
+        elif len(self.changed) == 1:
+            how = f"with the {CHANGE_WORDS.get(self.changed[0], self.changed[0])} changed"
+        else:
+            words = [CHANGE_WORDS.get(k, k) for k in self.changed]
+            how = f"with {', '.join(words[:-1])} and {words[-1]} changed together"
+        text = (
+            f"nothing in reach fits {self.gpu}: "
+            f"the smallest this recipe gets to is {self.closest_gb:.2f} GiB ({how})"
+        )
+        if self.card_gb is not None:
+            text += f", which needs a GPU of at least {self.card_gb} GiB"
+        if self.fsdp_checked:
+            text += (
+                f"; or, as written, fsdp over {self.fsdp_gpus} of these GPUs"
+                if self.fsdp_gpus is not None
+                else f"; fsdp over up to {MAX_GPUS} of these GPUs does not fit it either"
+            )
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text": str(self),
+            "closest_gb": self.closest_gb,
+            "changed": list(self.changed),
+            "card_gb": self.card_gb,
+            "fsdp_gpus": self.fsdp_gpus if self.fsdp_checked else None,
+        }
+
+
+def out_of_reach(
+    cfg: RunConfig,
+    gpu: Gpu,
+    advice: list[Advice],
+    arch: Architecture | None = None,
+    backend: str | None = None,
+    needed: GpusNeeded | None = None,
+) -> OutOfReach | None:
+    """None while the recipe, or any change `advice` (advise's list for it on `gpu`) lists, fits
+    `gpu` (tight counts: the advice table shows it); else what it would take. `needed`: the
+    gpus_needed answer already at hand (`qlc fit` prints it), so both say the same number."""
+    if any(a.status != DOES_NOT_FIT for a in advice):
+        return None
+    arch = arch or resolve_architecture(cfg)
+    written = estimate(cfg, arch, backend, gpu=gpu)
+    if written.verdict(gpu).status != DOES_NOT_FIT:
+        return None
+    lowered = [a for a in advice if a.kinds and a.config is not None and a.after_gb < written.device_total_gb]
+    closest = min(lowered, key=lambda a: a.after_gb, default=None)
+    if closest is not None and closest.config is not None:
+        config, profile, total = closest.config, closest.profile or backend, closest.after_gb
+        changed = closest.kinds
+    else:
+        config, profile, total, changed = cfg, backend, written.device_total_gb, ()
+    card_gb = _smallest_card(config, arch, profile, total)
+    checked = True
+    if needed is None:
+        try:
+            needed = gpus_needed(cfg, gpu, arch, backend)
+        except UserError:  # a one-GPU stack asked for (--backend unsloth): no fsdp to offer
+            checked = False
+    fsdp = needed.needed.get("fsdp") if needed is not None else None
+    return OutOfReach(gpu, total, changed, card_gb, fsdp, checked)
+
+
+def _smallest_card(cfg: RunConfig, arch: Architecture, backend: str | None, total_gb: float) -> int | None:
+    """The smallest whole-GiB plain size (`--gpu NGB`) on which `cfg` fits, not merely tight: each
+    size re-estimated (its budget sets auto's checkpointing and Unsloth's loss chunks), from the
+    total on the card at hand up to a little past where the tight line would clear it."""
+    first = max(1, math.ceil(total_gb))
+    last = min(CARD_SEARCH_GB, math.ceil(total_gb / (1 - C.TIGHT_FRACTION)) + 8)
+    for size in range(first, last + 1):
+        card = resolve_gpu(f"{size}GB")
+        if estimate(cfg, arch, backend, gpu=card).verdict(card).status == FITS:
+            return size
+    return None

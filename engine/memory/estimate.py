@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import importlib.util
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -388,6 +389,23 @@ def liger_runs_here() -> bool:
     return _nvidia_gpu_present()
 
 
+@dataclass(frozen=True)
+class Share:
+    """What one GPU of a run on several holds of a planned step (engine.memory.distributed builds
+    it): auto's search has to spend the budget on the figure the verdict compares, the per-GPU
+    total, not the one-GPU plan's (under FSDP that holds the whole model, under DDP it lacks the
+    gradient buckets)."""
+
+    total_gb: Callable[[Estimate, terms.Plan], float]  # a GPU's device total, from the one-GPU estimate
+    label: str  # where the budget is spent, in words: "on each of 2 GPUs under fsdp"
+
+
+def _device_total(cfg: RunConfig, arch: Architecture, plan: terms.Plan, share: Share | None) -> float:
+    """The device total the verdict compares for `plan`: one GPU's, or a GPU's share of several."""
+    one = _estimate_plan(cfg, arch, plan)
+    return one.device_total_gb if share is None else share.total_gb(one, plan)
+
+
 def fixed_checkpointing(cfg: RunConfig, arch: Architecture) -> int:
     """Checkpointed layers for true / false / N; auto counts as every layer until it is searched."""
     gc = cfg.train.gradient_checkpointing
@@ -407,12 +425,14 @@ def choose_checkpointing(
     liger: bool | None = None,
     expandable: bool | None = None,
     device: devices.DeviceProfile | None = None,
+    share: Share | None = None,
 ) -> tuple[int, str]:
     """(checkpointed layers, why) for train.gradient_checkpointing; auto spends the budget.
 
     Checkpointing a layer recomputes its forward in backward (about a third of its work), so auto
     checkpoints the fewest layers whose estimate still "fits" the budget (under the tight line,
-    which covers the model's error), and every layer when nothing less fits.
+    which covers the model's error), and every layer when nothing less fits. `share`: a run on
+    several GPUs, whose budget is each GPU's and whose estimate is a GPU's share of the step.
     """
     L = arch.layers
     gc = cfg.train.gradient_checkpointing
@@ -422,22 +442,24 @@ def choose_checkpointing(
     if budget_gb is None:
         return L, f"auto with no memory budget known: every layer ({L})"
     limit = budget_gb * (1 - C.TIGHT_FRACTION)
+    per = f" {share.label}" if share is not None else ""
 
     def total(k: int) -> float:
         plan = plan_for(cfg, arch, backend, budget_gb, padded, k, liger, expandable, device)
-        return _estimate_plan(cfg, arch, plan).device_total_gb
+        return _device_total(cfg, arch, plan, share)
 
     if total(0) <= limit:
-        return 0, f"auto: the whole step fits {budget_gb:.1f} GiB without checkpointing"
+        return 0, f"auto: the whole step fits {budget_gb:.1f} GiB{per} without checkpointing"
     if total(L) > limit:
-        return L, f"auto: even with every layer checkpointed it needs more than {limit:.1f} GiB"
+        return L, f"auto: even with every layer checkpointed it needs more than {limit:.1f} GiB{per}"
     lo, hi = 0, L  # total(lo) > limit >= total(hi): memory falls as k grows
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if total(mid) <= limit else (mid, hi)
     return (
         hi,
-        f"auto: {hi} of {L} layers checkpointed to fit {budget_gb:.1f} GiB (with {C.TIGHT_FRACTION:.0%} kept free)",
+        f"auto: {hi} of {L} layers checkpointed to fit {budget_gb:.1f} GiB{per} "
+        f"(with {C.TIGHT_FRACTION:.0%} kept free)",
     )
 
 
@@ -607,13 +629,15 @@ def choose_layout(
     liger: bool | None = None,
     expandable: bool | None = None,
     processes: int = 1,
+    share: Share | None = None,
 ) -> tuple[int, int, int, str, str]:
     """(checkpointed, micro_batch, grad_accum, checkpointing's why, split's why): the memory rules
     (choose_checkpointing, then choose_split), then on a known card the fastest layout where a
     speed model says one beats theirs (fastest_layout; one process, rows as the config pads them).
-    What `qlc estimate` shows and what hardware.backend auto predicts each stack at."""
+    What `qlc estimate` shows and what hardware.backend auto predicts each stack at. `share`: one
+    GPU's part of a run on several (choose_checkpointing)."""
     device = gpu.device if gpu is not None else None
-    k, why = choose_checkpointing(cfg, arch, backend, budget_gb, padded, liger, expandable, device)
+    k, why = choose_checkpointing(cfg, arch, backend, budget_gb, padded, liger, expandable, device, share)
     mb, ga, split = choose_split(cfg, arch, backend, budget_gb, k, liger, expandable, device, processes)
     if gpu is not None and processes == 1 and padded is None:
         faster = fastest_layout(cfg, arch, backend, budget_gb, gpu, (k, mb, ga), liger, expandable)
@@ -643,6 +667,7 @@ def estimate(
     expandable: bool | None = None,
     gpu: Gpu | None = None,
     processes: int = 1,
+    share: Share | None = None,
 ) -> Estimate:
     """The memory a training step of `cfg` needs at its peak.
 
@@ -656,7 +681,9 @@ def estimate(
     `expandable` whether the CUDA allocator grows expandable segments (None: as the engine started
     from this environment will, engine.allocator). `gpu` the card it runs on: its class sets the
     CUDA context and workspaces (engine.memory.devices), and its budget is the default `budget_gb`.
-    `processes` the ranks of the run (per_gpu's base estimate: train.batch_split stays as written).
+    `processes` the ranks of the run (per_gpu's base estimate: train.batch_split stays as written);
+    `share` what one of them holds, so that auto checkpointing spends each GPU's budget on the
+    per-GPU figure its verdict compares (engine.memory.distributed.per_gpu passes it).
     """
     arch = arch or resolve_architecture(cfg)
     name, reason = resolve_backend(cfg, backend, arch, gpu)
@@ -666,7 +693,7 @@ def estimate(
     split = ""
     if checkpointed is None:
         k, mb, ga, why, split = choose_layout(
-            cfg, arch, name, budget_gb, gpu, padded, liger, expandable, processes
+            cfg, arch, name, budget_gb, gpu, padded, liger, expandable, processes, share
         )
         cfg = with_split(cfg, mb, ga)
     else:  # what a running engine decided (its split is already in cfg)

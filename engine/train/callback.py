@@ -38,6 +38,7 @@ class Context:
     ranks: Ranks = field(default_factory=Ranks)
     device: str = "cpu"
     sharded: bool = False  # FSDP: every rank takes part in a sample
+    chat: bool = True  # prompts go through the chat template (False: the run trained on plain text)
 
 
 class Pace:
@@ -241,6 +242,7 @@ class EngineCallback(TrainerCallback):
             source="live",
             step=st.global_step,
             template=ctx.template,
+            chat=ctx.chat,
             # Sharded ranks generate together: the same draws keep them in step.
             seed=st.global_step if ctx.sharded else None,
         )

@@ -288,6 +288,8 @@ class Recipe:
                 dropped=r.dropped,
                 steps_per_epoch=per_epoch,  # each step takes micro_batch x grad_accum rows per rank
                 total_steps=total,
+                format=r.format or "",
+                template=r.template or "",
             )
         )
         return prepared, template
@@ -306,6 +308,7 @@ class Recipe:
             self.ranks,
             self.device,
             sharded=parallel.sharded(self.cfg, self.ranks),
+            chat=prepared.template is not None,
         )
         return self.backend.build_trainer(
             model,

@@ -45,5 +45,18 @@ def sample_checkpoint(
         else None
     )
     emitter.emit(protocol.StageEvent(stage="sampling", message="generating"))
-    generate(model, tokenizer, request, emitter, source=adapter.name, step=step, template=cfg.data.template)
+    generate(
+        model, tokenizer, request, emitter, source=adapter.name, step=step, template=cfg.data.template,
+        chat=trained_on_chats(run_dir, cfg.data.format),
+    )  # fmt: skip
     return 0
+
+
+def trained_on_chats(run_dir: Path, data_format: str) -> bool:
+    """Whether the run rendered its rows through a chat template: the data_ready event says which
+    format auto detected (protocol 1.6); before that, only a pinned data.format tells."""
+    events, _ = runs.read_events(run_dir)
+    ready = next((e for e in reversed(events) if isinstance(e, protocol.DataReady)), None)
+    if ready is not None and ready.format:
+        return ready.format not in ("text", "tokens")
+    return data_format not in ("text", "tokens")

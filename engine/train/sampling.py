@@ -2,7 +2,9 @@
 streaming the reply as `sample_token` events.
 
 The prompt goes through the same chat template the model was trained with, and generation stops
-at the family's end-of-turn token (Llama 3's <|eot_id|>), not only at end-of-text.
+at the family's end-of-turn token (Llama 3's <|eot_id|>), not only at end-of-text. A run that
+trained on plain text (data format text or tokens) continues the prompt as written instead: its
+adapter never saw a chat turn.
 """
 
 from __future__ import annotations
@@ -44,12 +46,12 @@ def _restore_training_layout(model: Any) -> None:
             weight.data, weight.quant_state = inverse(weight.data, state)
 
 
-def prompt_ids(tokenizer: Any, request: protocol.SampleRequest) -> list[int]:
+def prompt_ids(tokenizer: Any, request: protocol.SampleRequest, chat: bool = True) -> list[int]:
     messages = []
     if request.system:
         messages.append({"role": "system", "content": request.system})
     messages.append({"role": "user", "content": request.prompt})
-    if tokenizer.chat_template:
+    if chat and tokenizer.chat_template:
         out = tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=True
         )
@@ -66,11 +68,12 @@ def generate(
     step: int | None = None,
     template: str = "auto",
     seed: int | None = None,
+    chat: bool = True,
 ) -> protocol.Sample:
     """Generate one reply and stream it; the model is left in the mode it was in. `tokenizer` must
     carry the chat template the model was trained with; `template` names its family. With `seed`,
     the draws come from that seed and leave the training RNG as it was (FSDP ranks, which must
-    all draw the same tokens)."""
+    all draw the same tokens). `chat` False: the prompt is continued as plain text."""
     import contextlib
 
     import torch
@@ -86,7 +89,7 @@ def generate(
             if text:
                 emitter.emit(protocol.SampleToken(request_id=request_id, text=text))
 
-    ids = prompt_ids(tokenizer, request)
+    ids = prompt_ids(tokenizer, request, chat)
     device = next(p.device for p in model.parameters())
     inputs = torch.tensor([ids], device=device)
     stops = stop_token_ids(tokenizer, model, template)

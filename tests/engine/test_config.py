@@ -5,6 +5,8 @@ import pytest
 from engine.config import RunConfig, apply_overrides, config_from_dict, load_preset, parse_override
 from engine.errors import ConfigError, UserError
 
+REPO = Path(__file__).resolve().parents[2]
+
 
 def test_overrides_take_full_and_unique_short_keys() -> None:
     cfg = load_preset("tiny-demo", ["train.lr=1e-4", "micro_batch=2", "lora.target_modules=[q_proj, v_proj]"])
@@ -128,3 +130,80 @@ def test_an_unknown_key_gets_its_nearest_keys_not_the_whole_list() -> None:
     with pytest.raises(ConfigError) as near:
         load_preset("tiny-demo", ["lerning_rate=1"])
     assert "(closest: " in str(near.value) and len(str(near.value)) < 200
+
+
+def test_a_comma_separated_list_is_told_how_to_write_a_list_and_that_form_works() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_preset("tiny-demo", ["lora.target_modules=q_proj,v_proj"])
+    assert str(info.value) == (
+        "--set lora.target_modules=q_proj,v_proj: expected a list of str, got 'q_proj,v_proj' "
+        "(write a list in brackets: lora.target_modules=[q_proj,v_proj])"
+    )
+    suggested = str(info.value).rsplit(": ", 1)[1].rstrip(")")
+    assert load_preset("tiny-demo", [suggested]).lora.target_modules == ["q_proj", "v_proj"]
+    # The short key's problem suggests the full key, which works as well.
+    with pytest.raises(ConfigError, match=r"lora\.target_modules=\[q_proj\]\)$"):
+        load_preset("tiny-demo", ["target_modules=q_proj"])
+
+
+def test_a_preset_file_is_told_the_list_in_its_own_syntax(tmp_path: Path) -> None:
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("data:\n  source: x.jsonl\nlora:\n  target_modules: q_proj, v_proj\n")
+    with pytest.raises(ConfigError) as info:
+        load_preset(str(preset))
+    assert str(info.value).endswith(
+        "mine.yaml: lora.target_modules: expected a list of str, got 'q_proj, v_proj' "
+        "(write a list in brackets: [q_proj,v_proj])"
+    )
+    preset.write_text("data:\n  source: x.jsonl\nlora:\n  target_modules: [q_proj,v_proj]\n")
+    assert load_preset(str(preset)).lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_an_unknown_gpu_names_the_preset_file_or_the_set_it_came_from(tmp_path: Path) -> None:
+    from engine import preflight
+    from engine.config import origin
+
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("data:\n  source: x.jsonl\nhardware:\n  gpu: rtx9999\n")
+    cfg = load_preset(str(preset))  # the catalog is engine.memory's: checked after loading
+    with pytest.raises(UserError) as info:
+        preflight.check_gpu_name(cfg, lambda key: origin(str(preset), [], key))
+    assert info.value.message.startswith(
+        f"{preset}: hardware.gpu: unknown GPU 'rtx9999': the catalog has no such card"
+    )
+    # From --set, the --set is named instead (and the file not at all).
+    overrides = ["hardware.gpu=3080"]
+    with pytest.raises(UserError) as info:
+        preflight.check_gpu_name(
+            load_preset("tiny-demo", overrides), lambda k: origin("tiny-demo", overrides, k)
+        )
+    assert info.value.message.startswith(
+        "--set hardware.gpu=3080: unknown GPU '3080': the catalog has no such card"
+    )
+    preflight.check_gpu_name(load_preset("tiny-demo", ["hardware.gpu=rtx4090"]))
+
+
+def test_a_copied_presets_missing_data_names_where_it_looked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine.data import DataError, check_source
+
+    copy = tmp_path / "x" / "tiny-demo.yaml"
+    copy.parent.mkdir()
+    copy.write_text((REPO / "presets" / "tiny-demo.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    cfg = load_preset(str(copy))
+    beside = tmp_path / "x" / "data" / "tiny-instruct.jsonl"
+    assert cfg.data.source == str(beside)  # a relative path is the preset's folder's
+    with pytest.raises(DataError) as info:
+        check_source(cfg)
+    assert str(info.value).startswith(f"{beside}: not found")  # the place, not data/tiny-instruct.jsonl
+    # A relative path from --set is the working folder's.
+    assert load_preset(str(copy), ["data.source=mine.jsonl"]).data.source == str(tmp_path / "mine.jsonl")
+    beside.parent.mkdir()
+    beside.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+    )
+    assert check_source(load_preset(str(copy))).examples == 1
+    # A hub dataset id stays one: the hub says whether it exists.
+    assert load_preset(str(copy), ["data.source=someone/dataset"]).data.source == "someone/dataset"

@@ -180,6 +180,60 @@ def test_gpus_needed_for_a_70b_on_24gb_cards() -> None:
     assert shown.returncode == 0 and f"per GPU: {n} x NVIDIA GeForce RTX 4090" in shown.stdout
 
 
+# The two runs that said "(auto: even with every layer checkpointed it needs more than 11.3 GiB)"
+# and then "FITS ... 10.91 GiB": auto searched the one-GPU plan (the whole model), the verdict
+# compared one GPU's FSDP share.
+FSDP_AUTO_CASES = [
+    ("gemma-3-12b-rtx4090", "12GB", 2),
+    ("llama-3.1-8b-rtx4060", "16GB", 3),
+]
+
+
+@pytest.mark.parametrize(("preset", "card", "gpus"), FSDP_AUTO_CASES)
+def test_auto_checkpointing_under_fsdp_plans_on_the_per_gpu_figure_the_verdict_compares(
+    preset: str, card: str, gpus: int
+) -> None:
+    from engine.memory import constants as C
+    from engine.memory.fit import with_changes
+
+    sets = [f"hardware.gpus={gpus}", "hardware.strategy=fsdp", "train.optimizer=adamw_torch"]
+    cfg, gpu = load_preset(preset, sets), resolve_gpu(card)
+    assert cfg.train.gradient_checkpointing == "auto"
+    e = per_gpu.per_gpu(cfg, gpus, gpu=gpu)
+    k, layers, why = e.base.checkpointed_layers, e.arch.layers, e.base.checkpoint_reason
+    status, limit = e.verdict(gpu).status, gpu.budget_gb * (1 - C.TIGHT_FRACTION)
+    assert f"on each of {gpus} GPUs under fsdp" in why, why
+    # The reason and the verdict say the same: "needs more than" only where it does not fit.
+    assert ("even with every layer checkpointed" in why) == (status != "fits"), (why, status)
+    assert status == "fits" and e.device_total_gb <= limit
+    # The fewest layers that fit one GPU's share: one fewer would not.
+    assert f"{k} of {layers} layers checkpointed" in why
+    if k > 0:
+        fewer = with_changes(cfg, **{"train.gradient_checkpointing": k - 1})
+        assert per_gpu.per_gpu(fewer, gpus, gpu=gpu).device_total_gb > limit
+    # One GPU's plan (the whole model) is what it used to search: it checkpoints at least as many.
+    one = per_gpu.per_gpu(with_changes(cfg, **{"hardware.gpus": 1}), 1, gpu=gpu)
+    assert one.base.checkpointed_layers >= k
+
+
+def test_a_run_on_several_gpus_checkpoints_what_its_estimate_shows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's own plan (engine.memory.checkpointing) spends each GPU's budget on its share,
+    as `qlc estimate --gpus N` does: the layers a rank checkpoints are the ones the estimate shows."""
+    from engine.memory import checkpointing
+
+    preset, card, gpus = FSDP_AUTO_CASES[1]
+    gpu = resolve_gpu(card)
+    monkeypatch.setattr(checkpointing, "run_budget_gb", lambda spec: (gpu.budget_gb, "budget: test"))
+    monkeypatch.setattr(checkpointing, "resolve_gpu", lambda spec: gpu)
+    for strategy in ("fsdp", "ddp"):
+        sets = [f"hardware.gpus={gpus}", f"hardware.strategy={strategy}", "train.optimizer=adamw_torch"]
+        cfg = load_preset(preset, sets)
+        shown = per_gpu.per_gpu(cfg, gpus, gpu=gpu)
+        plan = checkpointing.plan_checkpointing(cfg, "hf", "cuda", shown.arch.layers, processes=gpus)
+        assert plan.checkpointed == shown.base.checkpointed_layers, (strategy, plan.reason)
+        assert f"under {strategy}" in plan.reason
+
+
 # ---------------------------------------------------------------------------------------------
 # Training: two processes on CPUs
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -67,10 +68,11 @@ def stopped(root: Path) -> Path:
     return run_dir
 
 
-@pytest.fixture
-def fake_llama_cpp(tmp_path: Path) -> tuple[Path, Path]:
+@pytest.fixture(scope="module")
+def fake_llama_cpp(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A stand-in llama.cpp checkout: its converter and llama-quantize record how they were called
     and write a file that starts with GGUF's magic, as the real ones do."""
+    tmp_path = tmp_path_factory.mktemp("fake-llama-cpp")
     root = tmp_path / "llama.cpp"
     (root / "build" / "bin").mkdir(parents=True)
     log = tmp_path / "calls.jsonl"
@@ -93,6 +95,29 @@ def fake_llama_cpp(tmp_path: Path) -> tuple[Path, Path]:
     return root, log
 
 
+@pytest.fixture(scope="module")
+def adapter_export(stopped: Path, root: Path) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """The newest checkpoint exported as an adapter, into the run's default folder."""
+    result = qlc("--runs-dir", str(root), "export", stopped.name, "--adapter-only")
+    assert result.returncode == 0, result.stderr
+    return result, stopped / "exports" / f"{runs.checkpoints(stopped)[-1].name}-adapter"
+
+
+@pytest.fixture(scope="module")
+def merged_export(
+    stopped: Path, root: Path, tmp_path_factory: pytest.TempPathFactory, fake_llama_cpp: tuple[Path, Path]
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """Checkpoint 2 merged, in shards, with a GGUF file from the stand-in llama.cpp."""
+    out = tmp_path_factory.mktemp("merged") / "new" / "merged"  # its parent does not exist yet
+    result = qlc(
+        "--runs-dir", str(root), "export", stopped.name, "--checkpoint", "2", "--out", str(out),
+        "--max-shard-size", "2MB", "--gguf", "q4_k_m", "--json",
+        env={"QLC_LLAMA_CPP": str(fake_llama_cpp[0])},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr + result.stdout[-2000:]
+    return result, out
+
+
 def _events(stdout: str) -> list[protocol.Event]:
     return [protocol.decode_event(line) for line in stdout.splitlines() if line.strip()]
 
@@ -102,11 +127,9 @@ def test_the_run_is_stopped_with_two_checkpoints(stopped: Path) -> None:
     assert steps[0] == 2 and len(steps) == 2 and not (stopped / runs.ADAPTER).exists()
 
 
-def test_adapter_only_export_copies_the_newest_checkpoint(stopped: Path, root: Path) -> None:
+def test_adapter_only_export_copies_the_newest_checkpoint(stopped: Path, adapter_export) -> None:
     newest = runs.checkpoints(stopped)[-1]
-    result = qlc("--runs-dir", str(root), "export", stopped.name, "--adapter-only")
-    assert result.returncode == 0, result.stderr
-    out = stopped / "exports" / f"{newest.name}-adapter"
+    result, out = adapter_export
     assert f"exported adapter ({newest.name}" in result.stdout and str(out) in result.stdout.replace("\n", "")
     files = sorted(p.name for p in out.iterdir())
     assert files == [
@@ -122,21 +145,18 @@ def test_adapter_only_export_copies_the_newest_checkpoint(stopped: Path, root: P
     card = (out / "README.md").read_text()
     assert "library_name: peft" in card and "AutoPeftModelForCausalLM" in card
     assert "`<|eot_id|>`" in card and "byte-identical" in card
+    eot = json.loads((out / "tokenizer.json").read_text())["model"]["vocab"]["<|eot_id|>"]
+    assert f"max_new_tokens=64, eos_token_id=[{eot}])" in card  # the base's own config may not stop there
+    # The built-in base is a folder on this machine, and adapter_config.json names it by its path.
+    base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert f"by its folder on the machine that trained it (`{base}`)" in card
     # Nothing half-written beside it.
     assert [p.name for p in (stopped / "exports").iterdir()] == [out.name]
 
 
-def test_merged_export_of_an_older_checkpoint(
-    stopped: Path, root: Path, tmp_path: Path, fake_llama_cpp
-) -> None:
-    llama_cpp, calls = fake_llama_cpp
-    out = tmp_path / "new" / "merged"  # its parent does not exist yet
-    result = qlc(
-        "--runs-dir", str(root), "export", stopped.name, "--checkpoint", "2", "--out", str(out),
-        "--max-shard-size", "2MB", "--gguf", "q4_k_m", "--json",
-        env={"QLC_LLAMA_CPP": str(llama_cpp)},
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr + result.stdout[-2000:]
+def test_merged_export_of_an_older_checkpoint(stopped: Path, merged_export, fake_llama_cpp) -> None:
+    _, calls = fake_llama_cpp
+    result, out = merged_export
     events = _events(result.stdout)
     assert isinstance(events[0], protocol.Hello) and events[0].mode == "export"
     stages = [e for e in events if isinstance(e, protocol.StageEvent)]
@@ -189,7 +209,11 @@ def test_merged_export_of_an_older_checkpoint(
         "final train loss: ",
         "at step 2",
         "final eval loss: none logged by step 2",
-        "600 train / 0 eval examples",
+        # What the run recorded of its data: what auto resolved to, and the counts.
+        "- format: messages",
+        "- chat template: the tokenizer's own",
+        "- loss on responses only: ",
+        "- 600 train / 0 eval examples",
         "tiny-instruct.jsonl",
         "qlora-console 0.1.0",
         "transformers 5.",
@@ -241,6 +265,67 @@ def test_merged_export_of_an_older_checkpoint(
         total += got.numel()
     assert same >= 0.999 * total
     assert changed > 0.5 * total  # the adapter is in there: most weights moved
+
+
+def test_the_cards_code_runs(merged_export, adapter_export, stopped: Path, tmp_path: Path) -> None:
+    """The python block of each card, as a user copies it (PATH: the exported folder), in a fresh
+    interpreter with transformers, offline: the merged folder, the adapter (on the built-in base that
+    adapter_config.json names), and the plain prompt a card gives when there is no chat template."""
+    from engine.export import card
+    from engine.export.request import build_request
+
+    def code(text: str, folder: Path) -> str:
+        (block,) = re.findall(r"```python\n(.*?)```", text, re.S)
+        assert '"PATH"' in block
+        return block.replace('"PATH"', repr(str(folder)))
+
+    merged, adapter = merged_export[1], adapter_export[1]
+    # The adapter again, its chat template gone, with the card that folder gets.
+    plain = tmp_path / "plain"
+    shutil.copytree(adapter, plain)
+    (plain / "chat_template.jinja").unlink()
+    request = build_request(stopped, adapter_only=True, out=tmp_path / "unused", check_tools=False)
+    plain_card = card.render(
+        request, load_preset("tiny-demo"), card.read_record(stopped, None), card.CardFacts()
+    )
+    scripts = []
+    for name, text, folder in (
+        ("merged", (merged / "README.md").read_text(), merged),
+        ("adapter", (adapter / "README.md").read_text(), adapter),
+        ("plain", plain_card, plain),
+    ):
+        scripts.append(tmp_path / f"{name}.py")
+        scripts[-1].write_text(code(text, folder))
+    # Each block in its own namespace; then what it generated: the prompt it gave, and new tokens.
+    driver = (
+        "import sys\n"
+        "for path in sys.argv[1:]:\n"
+        "    ns = {}\n"
+        "    exec(compile(open(path).read(), path, 'exec'), ns)\n"
+        "    prompt = ns['inputs']['input_ids']\n"
+        "    assert (ns['output'][0, : prompt.shape[1]] == prompt[0]).all(), path\n"
+        "    assert ns['output'].shape[1] > prompt.shape[1], path\n"
+        "    print('PROMPT', path, repr(ns['tokenizer'].decode(prompt[0])))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", driver, *map(str, scripts)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,  # not the repository: the code needs nothing of qlora-console
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # (The cards' own prints, the answers, are between these lines.)
+    prompts = dict(
+        line.split(" ", 2)[1:] for line in result.stdout.splitlines() if line.startswith("PROMPT ")
+    )
+    # The chat template's generation prompt for the chat cards; the bare text for the plain one.
+    for name in ("merged", "adapter"):
+        assert prompts[str(tmp_path / f"{name}.py")].endswith(
+            "<|start_header_id|>assistant<|end_header_id|>\\n\\n'"
+        )
+    assert "<|start_header_id|>" not in prompts[str(tmp_path / "plain.py")]
 
 
 def test_an_interrupted_export_leaves_nothing(stopped: Path, root: Path, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from engine import protocol
 from engine.config import load_preset
+from engine.data.templates import CHATML, LLAMA3
 from engine.errors import UserError
 from engine.export import card, gguf
 from engine.export.job import add_arguments
@@ -61,11 +62,15 @@ def test_the_record_takes_the_values_at_the_exported_step(run_dir: Path) -> None
     assert card.read_record(run_dir, 0).train_loss is None
 
 
+def _section(text: str, title: str) -> str:
+    return text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
 def test_the_card_says_what_the_folder_is(run_dir: Path) -> None:
     request = build_request(run_dir, checkpoint="4")
     facts = card.CardFacts(
         device="cpu", eos_token_ids=[4, 1], end_of_turn="<|eot_id|>", max_logit_diff=0.0117,
-        tolerance=0.0945, adapter_effect=1.81, prompts=3, tokens=160,
+        tolerance=0.0945, adapter_effect=1.81, prompts=3, tokens=160, chat_template=LLAMA3,
     )  # fmt: skip
     text = card.render(request, load_preset("tiny-demo"), card.read_record(run_dir, 4), facts)
     assert text.startswith("---\nlibrary_name: transformers\n")
@@ -78,12 +83,165 @@ def test_the_card_says_what_the_folder_is(run_dir: Path) -> None:
         "step 4 of 6",
         "final train loss: 4.6000 at step 4",
         "final eval loss: 6.5000 at step 2",
-        "570 train / 30 eval examples, 22,530 tokens per epoch (4,793 with a loss)",
         f"`qlc export {run_dir.name} --checkpoint 4 --dtype bf16`",
         "largest logit difference 0.0117 (tolerance 0.0945)",
         "```yaml\nname: tiny-demo",
     ):
         assert needle in text, needle
+    # The dataset as it was, not the settings that left it to the run: tiny-demo's data.format and
+    # data.template are auto, and what they resolved to is not in the run's record.
+    assert _section(text, "Dataset").splitlines()[2:] == [
+        "- format: not recorded (detected when the run started)",
+        "- chat template: not recorded (chosen when the run started)",
+        "- loss on responses only: 4,793 of 22,530 tokens (21%)",
+        "- 570 train / 30 eval examples, 22,530 tokens per epoch, 0 truncated, 0 dropped",
+    ]
+    # The merged folder's generation config stops at the end of a turn: the code passes no stop ids.
+    use = _section(text, "Use")
+    assert (
+        "apply_chat_template(" in use
+        and "return_dict=True" in use
+        and "eos_token_id" not in use.split("```")[1]
+    )
+
+
+def _data_ready(run_dir: Path, **counts: int | str) -> None:
+    """Replace the run's data_ready event with one of these counts (or drop it: no counts)."""
+    events = [e for e in runs.read_events(run_dir)[0] if not isinstance(e, protocol.DataReady)]
+    if counts:
+        events.insert(1, protocol.DataReady(train_examples=100, eval_examples=0, **counts))
+    (run_dir / runs.EVENTS).write_bytes(b"".join(protocol.encode(e) for e in events))
+
+
+@pytest.mark.parametrize(
+    "data,counts,chat_template,expected",
+    [
+        # A pinned text run: no template, and every token trained, whatever responses_only says.
+        (
+            {"format": "text"},
+            {"train_tokens": 9000, "trained_tokens": 9000},
+            LLAMA3,  # the base tokenizer's own, carried along unused
+            ["- format: text", "- chat template: none", "- loss on every token"],
+        ),
+        # Detected as text (format auto): the detection is not recorded; the counts are.
+        (
+            {},
+            {"train_tokens": 9000, "trained_tokens": 9000},
+            LLAMA3,
+            [
+                "- format: not recorded (detected when the run started)",
+                "- chat template: not recorded (chosen when the run started)",
+                "- loss on every token",
+            ],
+        ),
+        # Recorded by the run (protocol 1.6): what auto detected and rendered with.
+        (
+            {},
+            {"train_tokens": 9000, "trained_tokens": 9000, "format": "text", "template": ""},
+            LLAMA3,
+            ["- format: text", "- chat template: none", "- loss on every token"],
+        ),
+        (
+            {},
+            {"train_tokens": 9000, "trained_tokens": 3000, "format": "sharegpt", "template": "tokenizer"},
+            LLAMA3,
+            [
+                "- format: sharegpt",
+                "- chat template: the tokenizer's own",
+                "- loss on responses only: 3,000 of 9,000 tokens (33%)",
+            ],
+        ),
+        # Pinned conversations: the template is the one the run saved with its checkpoints.
+        (
+            {"format": "messages", "template": "chatml", "packing": True},
+            {"train_tokens": 9000, "trained_tokens": 3000},
+            CHATML,
+            [
+                "- format: messages",
+                "- chat template: chatml",
+                "- loss on responses only: 3,000 of 9,000 tokens (33%)",
+            ],
+        ),
+        (
+            {"format": "alpaca", "responses_only": False},
+            {"train_tokens": 9000, "trained_tokens": 9000},
+            LLAMA3,
+            ["- format: alpaca", "- chat template: llama3", "- loss on every token"],
+        ),
+        # Pre-tokenized data masks with its own labels.
+        (
+            {"format": "tokens"},
+            {"train_tokens": 9000, "trained_tokens": 4500},
+            None,
+            [
+                "- format: tokens",
+                "- chat template: none",
+                "- loss on the tokens the data labels: 4,500 of 9,000 tokens (50%)",
+            ],
+        ),
+        # No data_ready event (the run died while preparing its data): nothing to count.
+        (
+            {},
+            {},
+            None,
+            [
+                "- format: not recorded (detected when the run started)",
+                "- chat template: none",
+                "- loss on: not recorded",
+                "- examples and tokens: not recorded",
+            ],
+        ),
+    ],
+    ids=[
+        "text",
+        "auto-text",
+        "recorded-text",
+        "recorded-sharegpt",
+        "messages",
+        "alpaca-every-token",
+        "tokens",
+        "no-data-ready",
+    ],
+)
+def test_the_cards_dataset_is_what_the_run_recorded(
+    run_dir: Path, data: dict, counts: dict, chat_template: str | None, expected: list[str]
+) -> None:
+    cfg = load_preset("tiny-demo")
+    for key, value in data.items():
+        setattr(cfg.data, key, value)
+    _data_ready(run_dir, **counts)
+    request = build_request(run_dir, checkpoint="4", adapter_only=True)
+    facts = card.CardFacts(chat_template=chat_template)
+    lines = _section(card.render(request, cfg, card.read_record(run_dir, 4), facts), "Dataset").splitlines()
+    assert lines[2 : 2 + len(expected)] == expected
+    assert ("- packed into rows of 128 tokens" in lines) == bool(data.get("packing"))
+    if counts:
+        assert (
+            lines[2 + len(expected)]
+            == "- 100 train / 0 eval examples, 9,000 tokens per epoch, 0 truncated, 0 dropped"
+        )
+
+
+def test_an_adapter_cards_code_passes_the_stop_ids_and_prompts_as_the_run_trained(run_dir: Path) -> None:
+    request = build_request(run_dir, checkpoint="4", adapter_only=True)
+    record = card.read_record(run_dir, 4)
+    chat = card.CardFacts(
+        eos_token_ids=[4],
+        end_of_turn="<|eot_id|>",
+        chat_template=LLAMA3,
+        adapter_base="/elsewhere/tiny-llama",
+    )
+    text = card.render(request, load_preset("tiny-demo"), record, chat)
+    code = _section(text, "Use").split("```python\n")[1].split("```")[0]
+    assert "model.generate(**inputs, max_new_tokens=64, eos_token_id=[4])" in code
+    assert "the code passes it to generate (`eos_token_id=[4]`)" in text
+    # A local base is named by its path on the training machine: the card says so.
+    assert "by its folder on the machine that trained it (`/elsewhere/tiny-llama`)" in text
+    # Trained without a chat template (a text run on a base that has none): a plain prompt, as
+    # apply_chat_template would raise.
+    plain = card.render(request, load_preset("tiny-demo"), record, card.CardFacts())
+    code = _section(plain, "Use").split("```python\n")[1].split("```")[0]
+    assert 'inputs = tokenizer("Hello", return_tensors="pt")' in code and "apply_chat_template" not in code
 
 
 def test_a_hub_base_is_linked_in_the_metadata(run_dir: Path) -> None:

@@ -202,6 +202,51 @@ def test_rtx4060_recipe_does_not_fit_and_advice_makes_it_fit() -> None:
     assert any("rank" in a.kinds for a in fitting)
 
 
+def test_where_no_change_fits_the_card_the_answer_says_what_hardware_would() -> None:
+    """Gemma 3 12B's 24 GB recipe on an 8 GB card: every change, all of them together included,
+    still does not fit. `qlc fit` used to send the user to `qlc estimate` for changes that would
+    make it fit, and estimate listed none: both now say so, with the smallest card and the FSDP
+    count, each re-estimated."""
+    from engine.memory import per_gpu
+
+    cfg, gpu = load_preset("gemma-3-12b-rtx4090"), resolve_gpu("8GB")
+    assert fit(cfg, gpu).fits is False
+    advice = advise(cfg, gpu)
+    assert advice and all(a.status == DOES_NOT_FIT for a in advice)
+    reach = per_gpu.out_of_reach(cfg, gpu, advice)
+    assert reach is not None
+    closest = min(advice, key=lambda a: a.after_gb)
+    assert reach.closest_gb == pytest.approx(closest.after_gb) and reach.changed == closest.kinds
+    assert len(reach.changed) > 1  # only every change together gets that low
+    # The smallest card: the closest config fits a plain size of card_gb and not one GiB less.
+    assert closest.config is not None and reach.card_gb is not None
+    for size, want in ((reach.card_gb, True), (reach.card_gb - 1, False)):
+        card = resolve_gpu(f"{size}GB")
+        got = estimate(closest.config, backend=closest.profile, gpu=card).verdict(card).status == FITS
+        assert got is want, size
+    # The FSDP count is gpus_needed's for the recipe as written, the number `qlc fit` prints.
+    needed = per_gpu.gpus_needed(cfg, gpu)
+    assert reach.fsdp_gpus == needed.needed["fsdp"] and reach.fsdp_gpus is not None
+    text = str(reach)
+    assert text.startswith(f"nothing in reach fits {gpu}: the smallest this recipe gets to is ")
+    assert f"{reach.closest_gb:.2f} GiB" in text and f"at least {reach.card_gb} GiB" in text
+    assert f"fsdp over {reach.fsdp_gpus} of these GPUs" in text and "\n" not in text
+    # Most of each FSDP GPU's share is what sharding does not split (activations, the gathered
+    # LM head): that, not the weights, is why it takes a dozen 8 GB cards.
+    e = needed.estimates["fsdp"]
+    assert e is not None and e.sharded_gb < e.device_total_gb / 2
+
+
+def test_where_a_change_fits_there_is_no_out_of_reach_line() -> None:
+    from engine.memory import per_gpu
+
+    cfg, gpu = rtx4060_recipe(), resolve_gpu("rtx4060")
+    advice = advise(cfg, gpu)
+    assert any(a.status == FITS for a in advice)
+    assert per_gpu.out_of_reach(cfg, gpu, advice) is None
+    assert per_gpu.out_of_reach(cfg_for(), resolve_gpu("h100"), []) is None  # it fits as written
+
+
 def test_rtx4060_recipe_on_the_usual_recipe_matches_the_anchor() -> None:
     """anchors.md: the usual recipe peaked at 16.0 GiB allocated / 19.2 reserved (H100)."""
     est = estimate(rtx4060_recipe(), backend="hf-upcast")

@@ -76,7 +76,9 @@ CASES = [
     ),
     preset("wrong-type-bool", GOOD + "quant:\n  load_in_4bit: maybe\n", "quant.load_in_4bit: expected bool"),
     preset(
-        "wrong-type-list", GOOD + "lora:\n  target_modules: q_proj\n", "lora.target_modules: expected a list"
+        "wrong-type-list",
+        GOOD + "lora:\n  target_modules: q_proj\n",
+        "lora.target_modules: expected a list of str, got 'q_proj' (write a list in brackets: [q_proj])",
     ),
     preset("section-as-value", GOOD + "train: 5\n", "train: expected a section of keys, got 5"),
     preset("not-a-choice", GOOD + "quant:\n  quant_type: nf8\n", "quant.quant_type: 'nf8' is not one of"),
@@ -85,6 +87,17 @@ CASES = [
     preset("nan-epochs", GOOD + "train:\n  epochs: .nan\n", "train.epochs: must be a finite number, got nan"),
     preset("lr-beyond-float", GOOD + "train:\n  lr: " + "9" * 400 + "\n", "train.lr: 9999"),
     preset("no-data-source", "model:\n  name_or_path: builtin:tiny-llama\n", "data.source: required"),
+    preset(
+        "unknown-gpu",
+        GOOD + "hardware:\n  gpu: rtx9999\n",
+        "bad.yaml: hardware.gpu: unknown GPU 'rtx9999': the catalog has no such card",
+    ),
+    # A preset copied away from its data: the place it was looked for (beside the preset) is named.
+    preset(
+        "data-not-beside-the-preset",
+        "model:\n  name_or_path: builtin:tiny-llama\ndata:\n  source: data/tiny-instruct.jsonl\n",
+        "{tmp}/data/tiny-instruct.jsonl: not found",
+    ),
     Case(
         "preset",
         "file-not-found",
@@ -124,6 +137,11 @@ CASES = [
     override("zero-max-steps", "train.max_steps=0", "--set train.max_steps=0: must be at least 1 or null"),
     override("val-fraction-1", "data.val_fraction=1", "--set data.val_fraction=1: must be in [0, 1)"),
     override(
+        "list-as-commas",
+        "lora.target_modules=q_proj,v_proj",
+        "got 'q_proj,v_proj' (write a list in brackets: lora.target_modules=[q_proj,v_proj])",
+    ),
+    override(
         "no-target-modules",
         "lora.target_modules=[]",
         "--set lora.target_modules=[]: name at least one module",
@@ -151,7 +169,14 @@ CASES = [
     ),
     override("remote-code-unconfirmed", "model.trust_remote_code=true", "model.trust_remote_code is true"),
     # --- hardware (asked of the catalog and NVML before the engine starts; no GPU visible here) ---
-    override("unknown-gpu", "hardware.gpu=rtx9090", "hardware.gpu: unknown GPU 'rtx9090' (did you mean"),
+    override(
+        "unknown-gpu",
+        "hardware.gpu=rtx9090",
+        "--set hardware.gpu=rtx9090: unknown GPU 'rtx9090': the catalog has no such card (give the card's memory",
+    ),
+    override("gpu-typo", "hardware.gpu=rtx409", "unknown GPU 'rtx409' (did you mean 'rtx4090'?"),
+    # A card number the catalog lacks was read as that many gigabytes: FITS on a 3080 GiB GPU.
+    override("card-number-as-size", "hardware.gpu=3080", "unknown GPU '3080': the catalog has no such card"),
     override(
         "cuda-without-gpu",
         "hardware.device=cuda",

@@ -78,6 +78,57 @@ def test_fit_exit_codes() -> None:
     assert data["fits"] and data["max_micro_batch"] >= 1 and data["estimate"]["verdict"]["status"] == "fits"
     none = qlc("fit", "llama-3.1-8b-rtx4060")
     assert none.returncode == 1 and "nothing fits" in none.stdout
+    # Some change `qlc estimate` lists does fit the 4060: fit points there, and only there.
+    assert "`qlc estimate` says which changes would make it fit." in none.stdout
+    assert "nothing in reach" not in none.stdout
+
+
+def test_fit_and_estimate_say_alike_when_no_change_fits_the_card() -> None:
+    """`qlc fit gemma-3-12b-rtx4090 --gpu 8GB` said "`qlc estimate` says which changes would make
+    it fit", and estimate listed only changes that do not: both now say so in one line, the same
+    line, with the smallest card and the FSDP count (worded as an option)."""
+    target = ("gemma-3-12b-rtx4090", "--gpu", "8GB")
+    fitted, estimated = qlc("fit", *target), qlc("estimate", *target)
+    assert (fitted.returncode, estimated.returncode) == (1, 1), fitted.stderr + estimated.stderr
+    (line,) = [ln for ln in fitted.stdout.splitlines() if ln.startswith("nothing in reach fits")]
+    assert line in estimated.stdout.splitlines()
+    assert "the smallest this recipe gets to is " in line and "needs a GPU of at least " in line
+    assert "says which changes would make it fit" not in fitted.stdout
+    assert "What would make it fit" not in estimated.stdout and "none makes it fit" in estimated.stdout
+    # The FSDP count: an option, with what sharding leaves on each GPU, and the number fit's
+    # table shows.
+    data = json.loads(qlc("fit", *target, "--json").stdout)
+    n = data["gpus_needed"]["fsdp"]
+    assert n is not None and f"fsdp over {n} of these GPUs" in line
+    (option,) = [ln for ln in fitted.stdout.splitlines() if ln.startswith("option: fsdp over")]
+    assert f"--set hardware.gpus={n} --set hardware.strategy=fsdp" in option and "not sharded" in option
+    assert data["out_of_reach"]["text"] == line
+    shown = json.loads(qlc("estimate", *target, "--json").stdout)
+    assert shown["out_of_reach"] == data["out_of_reach"]
+    assert all(a["status"] == "does_not_fit" for a in shown["advice"])
+    # The card it names is one `qlc estimate` itself says the changes fit.
+    closest = min(shown["advice"], key=lambda a: a["device_total_gb"])
+    sets = [x for o in closest["overrides"] for x in ("--set", o)]
+    card = f"{shown['out_of_reach']['card_gb']}GB"
+    bigger = json.loads(qlc("estimate", target[0], "--gpu", card, *sets, "--json").stdout)
+    assert bigger["verdict"]["status"] == "fits"
+
+
+@pytest.mark.parametrize(
+    ("preset", "card", "gpus"), [("gemma-3-12b-rtx4090", "12GB", "2"), ("llama-3.1-8b-rtx4060", "16GB", "3")]
+)
+def test_auto_checkpointing_and_the_verdict_agree_under_fsdp(preset: str, card: str, gpus: str) -> None:
+    """It printed "(auto: even with every layer checkpointed it needs more than 11.3 GiB)" and then
+    "FITS ... 10.91 GiB": auto planned the one-GPU step, the verdict one GPU's FSDP share."""
+    sets = ["hardware.gpus=" + gpus, "hardware.strategy=fsdp", "train.optimizer=adamw_torch"]
+    r = qlc("estimate", preset, "--gpu", card, *[x for o in sets for x in ("--set", o)])
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    headline = next(ln for ln in lines if "gradient checkpointing" in ln)
+    verdict = next(ln for ln in lines if ln.startswith(("FITS", "TIGHT", "DOES NOT FIT")))
+    assert f"GiB on each of {gpus} GPUs under fsdp" in headline, headline
+    assert ("needs more than" in headline) == (not verdict.startswith("FITS")), (headline, verdict)
+    assert verdict.startswith("FITS") and "layers checkpointed to fit" in headline
 
 
 def test_fit_on_a_kind_of_gpu_names_no_strategy_for_a_run_one_gpu_holds() -> None:

@@ -16,4 +16,6 @@ def test_presets_refuses_a_card_train_and_estimate_would_refuse() -> None:
     result = qlc("presets", "tiny-demo", "--set", "hardware.gpu=rtx9090")
     assert result.returncode == 2 and result.stdout == ""
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("qlc: error: hardware.gpu: unknown GPU 'rtx9090' (did you mean 'rtx5090'?")
+    assert line.startswith(
+        "qlc: error: --set hardware.gpu=rtx9090: unknown GPU 'rtx9090': the catalog has no such card"
+    )

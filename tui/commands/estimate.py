@@ -25,6 +25,7 @@ from engine.config import (
     is_preset,
     list_presets,
     load_preset,
+    origin,
 )
 from engine.errors import ConfigError, UserError
 from engine.memory import DOES_NOT_FIT, FITS, TIGHT, Estimate, by_hub_id, catalog, per_gpu
@@ -116,7 +117,15 @@ def load_target(target: str, overrides: list[str]) -> RunConfig:
 
 
 def _gpu(args: argparse.Namespace, cfg: RunConfig) -> memory.Gpu:
-    return memory.resolve_gpu(args.gpu or cfg.hardware.gpu or "auto")
+    """--gpu, else hardware.gpu; an unknown card's line says which of them named it."""
+    spec = args.gpu or cfg.hardware.gpu or "auto"
+    if spec.strip().lower() == "auto":  # auto's errors already say --gpu auto
+        return memory.resolve_gpu(spec)
+    try:
+        return memory.resolve_gpu(spec)
+    except UserError as exc:
+        where = "--gpu" if args.gpu else origin(args.target, args.overrides, "hardware.gpu")
+        raise UserError(f"{where}: {exc.message}", exc.hint) from None
 
 
 def _gpus(args: argparse.Namespace, cfg: RunConfig) -> int:
@@ -147,15 +156,21 @@ def run_estimate(args: argparse.Namespace) -> int:
     est = memory.estimate(cfg, backend=args.backend, gpu=gpu)
     verdict = est.verdict(gpu)
     advice = memory.advise(cfg, gpu, est.arch, args.backend) if verdict.status != FITS else []
+    reach = (
+        per_gpu.out_of_reach(cfg, gpu, advice, est.arch, args.backend)
+        if verdict.status == DOES_NOT_FIT
+        else None
+    )
     speed = memory.forecast_step(cfg, est, gpu) if verdict.status != DOES_NOT_FIT else None
     if args.json:
         data = est.to_dict(gpu)
         data["config"] = _config_summary(cfg, est)
         data["advice"] = [_advice_dict(a) for a in advice]
+        data["out_of_reach"] = reach.to_dict() if reach is not None else None
         data["speed"] = dataclasses.asdict(speed) if speed else None
         print_json(data)
     else:
-        _print_estimate(cfg, est, gpu, advice)
+        _print_estimate(cfg, est, gpu, advice, reach)
         if speed is not None:
             out.print(f"speed: {speed}")
     return 1 if verdict.status == DOES_NOT_FIT else 0
@@ -203,7 +218,14 @@ def _print_needed(needed: per_gpu.GpusNeeded) -> None:
     best = needed.best
     if best is not None and best[1] > 1:
         extra = f" --set train.optimizer={per_gpu.FSDP_OPTIMIZER}" if best[0] == "fsdp" else ""
-        out.print(f"--set hardware.gpus={best[1]} --set hardware.strategy={best[0]}{extra}")
+        e = needed.estimates[best[0]]
+        # An option, not a fix: sharding splits the weights and their states, while each GPU
+        # still holds its activations and the gathered layers whole, which is what makes N large.
+        whole = f", {e.device_total_gb - e.sharded_gb:.2f} GiB of each GPU's share not sharded" if e else ""
+        out.print(
+            f"option: {best[0]} over {best[1]} GPUs of one host{whole}: "
+            f"--set hardware.gpus={best[1]} --set hardware.strategy={best[0]}{extra}"
+        )
 
 
 def _config_summary(cfg: RunConfig, est: Any) -> dict[str, Any]:
@@ -267,7 +289,13 @@ def _headline(cfg: RunConfig, est: Estimate) -> str:
     )
 
 
-def _print_estimate(cfg: RunConfig, est: Estimate, gpu: memory.Gpu, advice: list[memory.Advice]) -> None:
+def _print_estimate(
+    cfg: RunConfig,
+    est: Estimate,
+    gpu: memory.Gpu,
+    advice: list[memory.Advice],
+    reach: per_gpu.OutOfReach | None = None,
+) -> None:
     out.print(_headline(cfg, est))
     table = Table(box=None, header_style="bold", pad_edge=False)
     table.add_column("term")
@@ -300,12 +328,15 @@ def _print_estimate(cfg: RunConfig, est: Estimate, gpu: memory.Gpu, advice: list
     for note in est.notes:
         out.print(f"[dim]note: {note}[/]")
     if advice:
-        _print_advice(advice)
+        _print_advice(advice, reach)
 
 
-def _print_advice(advice: list[memory.Advice]) -> None:
+def _print_advice(advice: list[memory.Advice], reach: per_gpu.OutOfReach | None = None) -> None:
     out.print()
-    out.print("[bold]What would make it fit[/] (each change re-estimated):")
+    if reach is None:
+        out.print("[bold]What would make it fit[/] (each change re-estimated):")
+    else:
+        out.print("[bold]What each change saves[/] (each re-estimated; none makes it fit this card):")
     table = Table(box=None, header_style="bold", pad_edge=False)
     table.add_column("#", justify="right")
     table.add_column("change")
@@ -323,6 +354,8 @@ def _print_advice(advice: list[memory.Advice]) -> None:
             " ".join(f"--set {o}" for o in a.overrides),
         )
     out.print(table)
+    if reach is not None:
+        out.print(Text(str(reach), style=STYLE[DOES_NOT_FIT]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,15 +368,21 @@ def run_fit(args: argparse.Namespace) -> int:
     gpu = _gpu(args, cfg)
     result = memory.fit(cfg, gpu, backend=args.backend)
     needed = per_gpu.gpus_needed(cfg, gpu, backend=args.backend)
+    reach = None
+    if not result.fits:
+        # What `qlc estimate` would list; fit sends the user there only where a change fits.
+        advice = memory.advise(cfg, gpu, backend=args.backend)
+        reach = per_gpu.out_of_reach(cfg, gpu, advice, backend=args.backend, needed=needed)
     if args.json:
         data = _fit_dict(cfg, result)
+        data["out_of_reach"] = reach.to_dict() if reach is not None else None
         data["gpus_needed"] = needed.needed
         data["gpus_needed_gb_each"] = {
             s: (e.device_total_gb if e is not None else None) for s, e in needed.estimates.items()
         }
         print_json(data)
     else:
-        _print_fit(cfg, result)
+        _print_fit(cfg, result, reach)
         _print_needed(needed)
     return 0 if result.fits else 1
 
@@ -370,12 +409,15 @@ def _fit_dict(cfg: RunConfig, r: memory.FitResult) -> dict[str, Any]:
     return data
 
 
-def _print_fit(cfg: RunConfig, r: memory.FitResult) -> None:
+def _print_fit(cfg: RunConfig, r: memory.FitResult, reach: per_gpu.OutOfReach | None = None) -> None:
     t = cfg.train
     out.print(f"[bold]{cfg.name or cfg.model.name_or_path}[/] on {r.gpu}")
     if not r.fits:
         out.print(Text(r.summary, style=STYLE[DOES_NOT_FIT]))
-        out.print("`qlc estimate` says which changes would make it fit.")
+        if reach is not None:
+            out.print(Text(str(reach), style=STYLE[DOES_NOT_FIT]))
+        else:
+            out.print("`qlc estimate` says which changes would make it fit.")
         return
     table = Table(box=None, header_style="bold", pad_edge=False)
     table.add_column("")

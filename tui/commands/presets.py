@@ -8,7 +8,7 @@ import sys
 from rich.table import Table
 
 from engine import preflight
-from engine.config import list_presets, load_preset, read_yaml
+from engine.config import list_presets, load_preset, origin, read_yaml
 from engine.errors import UserError
 from tui.output import out, print_json
 
@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_presets(args: argparse.Namespace) -> int:
     if args.name:
         cfg = load_preset(args.name, args.overrides)
-        preflight.check_gpu_name(cfg)  # what `qlc train` and `qlc estimate` would refuse
+        # What `qlc train` and `qlc estimate` would refuse.
+        preflight.check_gpu_name(cfg, lambda key: origin(args.name, args.overrides, key))
         if args.json:
             print_json(cfg.to_dict())
         else:

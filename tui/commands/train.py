@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from engine import preflight
-from engine.config import load_preset
+from engine.config import load_preset, origin
 from engine.errors import UserError
 from engine.run import distributed, launcher, runs
 from tui.follow import EventPrinter, follow_child
@@ -129,7 +129,8 @@ def run_train(args: argparse.Namespace) -> int:
             "this runs code from the model's repository; confirm with --trust-remote-code",
         )
     nodes = _nodes(args)
-    preflight.check(cfg)  # a bad model path, bad data or absent GPUs fail here, before any run directory
+    # A bad model path, bad data or absent GPUs fail here, before any run directory.
+    preflight.check(cfg, lambda key: origin(args.preset, args.overrides, key))
     run_dir = runs.create_run(runs.runs_root(args.runs_dir), cfg)
     return _start(run_dir, resume=False, detach=args.detach, json_lines=args.json, nodes=nodes)
 
