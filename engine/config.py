@@ -85,6 +85,10 @@ class DataConfig:
     packing: bool = False
     too_long: Literal["truncate", "drop"] = "truncate"
     val_fraction: float = 0.0
+    val_max_examples: int | None = 1000
+    """At most this many validation examples (a seeded choice): an eval loss's noise falls as one
+    over the square root of the examples, while each evaluation's time grows with all of them.
+    null keeps every one."""
     val_source: str | None = None
     val_revision: str | None = None
     """data.revision for data.val_source, when that is another hub dataset."""
@@ -103,7 +107,8 @@ class TrainConfig:
     (engine.memory.estimate.choose_split): the same training, fewer passes over the 4-bit weights."""
     epochs: float = 1.0
     max_steps: int | None = None
-    """Stop after this many optimizer steps; None trains for `epochs`."""
+    """The run's length in optimizer steps: it replaces `epochs` (the data repeats as needed, or is
+    left unfinished); None trains for `epochs`."""
     lr: float = 2e-4
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     warmup_ratio: float = 0.03
@@ -414,6 +419,8 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"data.val_fraction: must be in [0, 1), got {d.val_fraction}")
     if d.max_examples is not None and d.max_examples < 1:
         p.append(f"data.max_examples: must be at least 1 or null, got {d.max_examples}")
+    if d.val_max_examples is not None and d.val_max_examples < 1:
+        p.append(f"data.val_max_examples: must be at least 1 or null, got {d.val_max_examples}")
     gc = t.gradient_checkpointing
     if not isinstance(gc, bool) and isinstance(gc, int) and gc < 0:
         p.append(f"train.gradient_checkpointing: a layer count must be 0 or more, got {gc}")

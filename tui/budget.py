@@ -43,6 +43,7 @@ class BudgetView:
     checkpointing: str = ""  # the checkpointing plan the figures are for, in words
     checkpointed: str = ""  # the same in a few words: "24 of 32 layers checkpointed (auto)"
     split: str = ""  # the batch split train.batch_split: auto chose, in words ("" when fixed)
+    out_of_reach: str = ""  # when no listed change fits: what it would take, the line `qlc fit` prints
 
     @property
     def headroom_gb(self) -> float | None:
@@ -173,23 +174,35 @@ def compute(cfg: RunConfig, gpu_spec: str | None = None) -> BudgetView:
     if gpu is None:
         return replace(view, reason=no_gpu)
     verdict = est.verdict(gpu)
+    ranked = _ranked(memory, cfg, gpu, est.arch)
     return replace(
         view,
         gpu=str(gpu.label),
         budget_gb=float(verdict.budget_gb),
         verdict=str(verdict.status),
-        advice=_advice(memory, cfg, gpu, est.arch),
+        # str(advice) reads "what to change: 7.9 GiB (saves 4.1 GiB), fits"
+        advice=[Suggestion(str(a), list(a.overrides), float(a.saves_gb)) for a in ranked],
+        out_of_reach=_out_of_reach(memory, cfg, gpu, ranked, est.arch)
+        if verdict.status == "does_not_fit"
+        else "",
     )
 
 
-def _advice(memory: Any, cfg: RunConfig, gpu: Any, arch: Any = None) -> list[Suggestion]:
+def _ranked(memory: Any, cfg: RunConfig, gpu: Any, arch: Any = None) -> list[Any]:
     """The calculator's ranked changes (empty when it fits); none rather than an exception."""
     try:
-        ranked = memory.advise(cfg, gpu, arch)
+        return list(memory.advise(cfg, gpu, arch))
     except Exception:
         return []
-    # str(advice) reads "what to change: 7.9 GiB (saves 4.1 GiB), fits"
-    return [Suggestion(str(a), list(a.overrides), float(a.saves_gb)) for a in ranked]
+
+
+def _out_of_reach(memory: Any, cfg: RunConfig, gpu: Any, ranked: list[Any], arch: Any) -> str:
+    """`qlc fit`'s line when no listed change fits this card (what it would take); "" otherwise."""
+    try:
+        reach = memory.per_gpu.out_of_reach(cfg, gpu, ranked, arch)
+    except Exception:  # a calculator's bug must not take the console down
+        return ""
+    return str(reach) if reach is not None else ""
 
 
 def fit(cfg: RunConfig, gpu_spec: str | None = None) -> tuple[list[str], str]:

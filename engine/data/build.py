@@ -162,17 +162,26 @@ class RowWriter:
         self._sink.close()
 
 
-def held_out(n: int, fraction: float, seed: int) -> np.ndarray:
+def held_out(n: int, fraction: float, seed: int, at_most: int | None = None) -> np.ndarray:
     """Which of n examples are held out for validation: a seeded, order-independent choice (both
-    parts keep file order)."""
+    parts keep file order), `at_most` of them (data.val_max_examples)."""
     held = np.zeros(n, dtype=bool)
     if fraction <= 0 or n < 2:
         return held
-    n_eval = min(n - 1, max(1, round(n * fraction)))
+    n_eval = min(n - 1, max(1, round(n * fraction)), at_most or n)
     order = list(range(n))
     random.Random(seed).shuffle(order)
     held[order[:n_eval]] = True
     return held
+
+
+def at_most(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """Indices of `limit` of n validation examples (a seeded choice, in file order); all without one."""
+    if limit is None or n <= limit:
+        return np.arange(n)
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return np.sort(np.asarray(order[:limit], dtype=np.int64))
 
 
 @dataclass
@@ -410,10 +419,10 @@ class Build:
                 held_store, _ = self.encode_source(d.val_source, "eval", split, None)
                 stores.append(held_store)
                 train_idx = np.arange(len(train_store))
-                eval_idx = np.arange(len(held_store))
+                eval_idx = at_most(len(held_store), d.val_max_examples, d.shuffle_seed)
             else:
                 held_store = train_store
-                held = held_out(len(train_store), d.val_fraction, d.shuffle_seed)
+                held = held_out(len(train_store), d.val_fraction, d.shuffle_seed, d.val_max_examples)
                 train_idx, eval_idx = np.flatnonzero(~held), np.flatnonzero(held)
 
             train_fit = fit(

@@ -187,10 +187,12 @@ def per_gpu(
     budget_gb: float | None = None,
     padded: bool | None = None,
     gpu: Gpu | None = None,
+    checkpointed: int | None = None,
 ) -> PerGpuEstimate:
     """The memory one GPU of a `gpus`-GPU run of `cfg` needs, with `strategy` (default: the
     config's hardware.strategy). One GPU is the one-GPU estimate itself. `padded` as in
-    engine.memory.estimate (rows all seq_len long carry no padding)."""
+    engine.memory.estimate (rows all seq_len long carry no padding); `checkpointed` the layers a
+    running engine chose (None: as gradient_checkpointing says)."""
     if gpus < 1:
         raise UserError(f"--gpus: must be at least 1, got {gpus}")
     strategy = resolve_strategy(cfg, strategy)
@@ -210,8 +212,9 @@ def per_gpu(
     # below compares (the one-GPU plan would count the whole model under FSDP).
     share = gpu_share(strategy, gpus) if gpus > 1 else None
     base = estimate(
-        cfg, arch, backend, budget_gb=budget_gb, padded=padded, gpu=gpu, processes=gpus, share=share
-    )
+        cfg, arch, backend, budget_gb=budget_gb, padded=padded, gpu=gpu, processes=gpus, share=share,
+        checkpointed=checkpointed,
+    )  # fmt: skip
     if reason:
         base = dataclasses.replace(base, backend_reason=reason)
     if gpus == 1:

@@ -393,8 +393,9 @@ def estimate_for_run(
     # "auto" means the GPU present: with none there is no budget to check against.
     gpu = memory.resolve_gpu(cfg.hardware.gpu) if device == "cuda" or cfg.hardware.gpu != "auto" else None
     if world_size > 1:
-        # What one GPU holds: this rank's share of the run.
-        return memory.per_gpu.per_gpu(cfg, world_size, backend=backend), gpu
+        # What one GPU holds: this rank's share of the run, with the layers it checkpoints on a GPU.
+        layers = checkpointed if device == "cuda" else None
+        return memory.per_gpu.per_gpu(cfg, world_size, backend=backend, gpu=gpu, checkpointed=layers), gpu
     # gpu= also picks the card's class (its CUDA context and workspaces, engine/memory/devices.py).
     if device != "cuda":
         return memory.estimate(cfg, gpu=gpu), gpu

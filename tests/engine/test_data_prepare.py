@@ -216,6 +216,26 @@ def test_validation_split_is_seeded_and_disjoint(tok) -> None:
     )
 
 
+def test_validation_examples_are_capped_and_the_rest_train(tok) -> None:
+    def split(limit: int | None) -> tuple[list, list]:
+        p = prepare(run_cfg(max_examples=100, val_fraction=0.2, val_max_examples=limit), tok)
+        return list(map(tuple, p.train["input_ids"])), list(map(tuple, p.eval["input_ids"]))
+
+    train, held = split(None)
+    capped_train, capped = split(7)
+    assert (len(capped_train), len(capped)) == (93, 7)
+    assert set(capped) <= set(held)  # the first 7 of the same seeded choice: the rest go back to training
+    assert Counter(capped_train) + Counter(capped) == Counter(train) + Counter(held)
+    # A separate validation set is capped the same way.
+    p = prepare(
+        run_cfg(
+            source=FORMATS / "messages.jsonl", val_source=str(FORMATS / "alpaca.jsonl"), val_max_examples=2
+        ),
+        tok,
+    )
+    assert (p.report.examples, p.report.eval_examples) == (3, 2)
+
+
 def test_val_source_is_the_eval_set(tok) -> None:
     p = prepare(run_cfg(source=FORMATS / "messages.jsonl", val_source=str(FORMATS / "alpaca.jsonl")), tok)
     assert (p.report.examples, p.report.eval_examples) == (3, 3)

@@ -515,3 +515,15 @@ def test_known_gpus_says_unknown_where_torch_alone_could_tell(monkeypatch: pytes
         UserError, match=re.escape("hardware.device: cuda was asked for but no CUDA GPU is visible")
     ):
         preflight.check_hardware(cfg)
+
+
+def test_a_multi_gpu_run_reports_the_layers_it_checkpoints() -> None:
+    """The estimate a multi-GPU engine reports: its rank's share, planned with the layers that run
+    chose on its GPU (before, every rank's report said every layer, whatever the run did)."""
+    from engine.train.recipe import estimate_for_run
+
+    cfg = load_preset("llama-3.1-8b-rtx4090", ["hardware.gpus=2", "hardware.strategy=ddp"])
+    est, gpu = estimate_for_run(cfg, "cuda", "hf", checkpointed=5, world_size=2)
+    assert est.gpus == 2 and est.base.checkpointed_layers == 5 and gpu is not None
+    cpu, _ = estimate_for_run(cfg, "cpu", "hf", checkpointed=5, world_size=2)
+    assert cpu.base.checkpointed_layers != 5  # on the CPU: what the recipe would plan on its GPU

@@ -110,6 +110,26 @@ async def test_memory_budget_follows_overrides_and_the_gpu(app_factory) -> None:
         assert "weights" in screen_text(app) and "activations" in screen_text(app)
 
 
+async def test_the_memory_pane_says_when_nothing_in_reach_fits(app_factory) -> None:
+    """Gemma 3 12B on 8 GB: no listed change fits, and the pane says what would (the line `qlc fit`
+    and `qlc estimate` print) above the changes; `a` still lands on the first change."""
+    from textual.widgets import OptionList
+
+    app = app_factory()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await select_preset(pilot, "gemma-3-12b-rtx4090")
+        await pilot.press("2")
+        await pilot.press("t", *"8GB", "enter")
+        await wait_for(
+            pilot, lambda: "nothing in reach fits" in screen_text(app), what="the out-of-reach line"
+        )
+        said = " ".join(screen_text(app).split())
+        assert "which needs a GPU of at least 11 GiB" in said
+        await pilot.press("a")
+        advice = app.screen.query_one("#advice", OptionList)
+        assert advice.highlighted == 1 and not advice.get_option_at_index(1).disabled
+
+
 @pytest.mark.parametrize(
     "preset,gpu", [("llama-3.1-8b-rtx4090", "24GB"), ("llama-3.1-8b-rtx4090", ""), ("tiny-demo", "")]
 )

@@ -149,6 +149,8 @@ class MemoryPane(Vertical):
         verdict.update(title)
         bar.update_terms(view.terms, view.budget_gb)
         self.query_one("#breakdown-table", Static).update(self._breakdown(view, bar))
+        if view.out_of_reach:  # none of them fits this card: say what would, above them
+            advice.add_option(Option(Text(view.out_of_reach, style="bold"), disabled=True))
         if self._suggestions:
             # The ones that fit first: in a short window they are the ones worth the room.
             advice.add_options(
@@ -206,6 +208,12 @@ class MemoryPane(Vertical):
 
     def action_focus_advice(self) -> None:
         advice = self.query_one("#advice", OptionList)
-        if advice.highlighted is None and advice.option_count and not advice.get_option_at_index(0).disabled:
-            advice.highlighted = 0  # Enter applies the first suggestion (it did nothing, unhighlighted)
+        if advice.highlighted is None:
+            # Enter applies the first suggestion (it did nothing, unhighlighted); a line above the
+            # suggestions (nothing in reach fits) is not one.
+            first = next(
+                (i for i in range(advice.option_count) if not advice.get_option_at_index(i).disabled), None
+            )
+            if first is not None:
+                advice.highlighted = first
         focus_now(advice)
