@@ -798,6 +798,16 @@ def merge_override(overrides: list[str] | tuple[str, ...], text: str) -> list[st
     return [*kept, text.strip()]
 
 
+# Keys added after runs were written, whose default would change what an older run does when it
+# is resumed or exported: such a run's config.yaml gets the value it ran with instead.
+RAN_WITHOUT = {("data", "val_max_examples"): None}  # before it, every validation example was kept
+
+
 def load_resolved(path: Path) -> RunConfig:
     """A run's saved config.yaml (already resolved: paths absolute, defaults filled)."""
-    return config_from_dict(read_yaml(path), str(path))
+    data = read_yaml(path)
+    for (section, key), value in RAN_WITHOUT.items():
+        part = data.get(section)
+        if isinstance(part, dict):
+            part.setdefault(key, value)
+    return config_from_dict(data, str(path))

@@ -181,19 +181,20 @@ def compute(cfg: RunConfig, gpu_spec: str | None = None) -> BudgetView:
         budget_gb=float(verdict.budget_gb),
         verdict=str(verdict.status),
         # str(advice) reads "what to change: 7.9 GiB (saves 4.1 GiB), fits"
-        advice=[Suggestion(str(a), list(a.overrides), float(a.saves_gb)) for a in ranked],
+        advice=[Suggestion(str(a), list(a.overrides), float(a.saves_gb)) for a in ranked or []],
+        # Only from advice that was computed: a failed call is not "no change lowers it".
         out_of_reach=_out_of_reach(memory, cfg, gpu, ranked, est.arch)
-        if verdict.status == "does_not_fit"
+        if ranked is not None and verdict.status == "does_not_fit"
         else "",
     )
 
 
-def _ranked(memory: Any, cfg: RunConfig, gpu: Any, arch: Any = None) -> list[Any]:
-    """The calculator's ranked changes (empty when it fits); none rather than an exception."""
+def _ranked(memory: Any, cfg: RunConfig, gpu: Any, arch: Any = None) -> list[Any] | None:
+    """The calculator's ranked changes (empty when it fits); None, not an exception, when it fails."""
     try:
         return list(memory.advise(cfg, gpu, arch))
     except Exception:
-        return []
+        return None
 
 
 def _out_of_reach(memory: Any, cfg: RunConfig, gpu: Any, ranked: list[Any], arch: Any) -> str:

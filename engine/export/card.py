@@ -108,9 +108,10 @@ def _base_for_hub(name: str) -> str | None:
     return name
 
 
-def _use_code(merged: bool, facts: CardFacts) -> list[str]:
-    """The card's code: load the folder, prompt it as the run trained, print the answer. Written
-    for transformers 5, where apply_chat_template returns a BatchEncoding, not a tensor."""
+def _use_code(merged: bool, facts: CardFacts, chats: bool = True) -> list[str]:
+    """The card's code: load the folder, prompt it as the run trained (a chat turn, or text to
+    continue), print the answer. Written for transformers 5, where apply_chat_template returns a
+    BatchEncoding, not a tensor."""
     if merged:
         lines = [
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -125,14 +126,14 @@ def _use_code(merged: bool, facts: CardFacts) -> list[str]:
             'model = AutoPeftModelForCausalLM.from_pretrained("PATH")',
         ]
     lines.append('tokenizer = AutoTokenizer.from_pretrained("PATH")')
-    if facts.chat_template is not None:
+    if chats and facts.chat_template is not None:
         lines += [
             "inputs = tokenizer.apply_chat_template(",
             '    [{"role": "user", "content": "Hello"}],',
             '    add_generation_prompt=True, return_dict=True, return_tensors="pt",',
             ")",
         ]
-    else:  # trained without a chat template: apply_chat_template would raise
+    else:  # trained on text (or without a template, where apply_chat_template would raise)
         lines.append('inputs = tokenizer("Hello", return_tensors="pt")')
     # A merged folder's generation_config.json stops at the end of a turn; peft loads the base's.
     stops = f", eos_token_id={facts.eos_token_ids}" if not merged and facts.eos_token_ids else ""
@@ -221,7 +222,15 @@ def render(request: ExportRequest, cfg: RunConfig, record: RunRecord, facts: Car
             f"The LoRA adapter of a QLoRA fine-tune of `{base}`: {source} of run "
             f"`{request.run_dir.name}`, as trained. Load it with peft on top of the base model."
         )
-    lines += ["", "## Use", "", "```python", *_use_code(merged, facts), "```", ""]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        *_use_code(merged, facts, runs.chat_rows(record.data, cfg.data.format)),
+        "```",
+        "",
+    ]
     if not merged and facts.adapter_base and _base_for_hub(facts.adapter_base) is None:
         # A local base (a folder, or a built-in model built on the training machine) is named by
         # its path there: the code above runs only where that path exists.

@@ -274,9 +274,19 @@ def _export_merged(
         assert est is not None
         if device == "cpu" and estimate_gb is not None:  # the fp32 copy may be the larger of the two
             estimate_gb = max(estimate_gb, fp32_reference_gb(est))
-        truth = merge.fp32_logits(cfg, path, request.source, prompts, explicit_base=request.base is not None)
-        own_rounding = merge.max_diff(reference, truth)
-        del truth
+        try:
+            truth = merge.fp32_logits(
+                cfg, path, request.source, prompts, explicit_base=request.base is not None
+            )
+            own_rounding = merge.max_diff(reference, truth)
+            del truth
+        except Exception as exc:  # a refinement of the check: never the reason an export fails
+            merge.release()
+            emitter.log(
+                f"the fp32 reference failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); "
+                f"the tolerance is the share of the largest logit",
+                level="warning",
+            )
     tolerance, basis = merge.tolerance(request.dtype, merge.largest(reference), own_rounding)
     check = merge.Check(
         max_logit_diff=difference,

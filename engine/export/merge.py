@@ -267,10 +267,14 @@ def peak_gpu_gb() -> float | None:
 def fp32_logits(
     cfg: RunConfig, base: str, adapter: Path, prompts: list[list[int]], explicit_base: bool
 ) -> list[Any]:
-    """Base + adapter in fp32 on the CPU: the logits neither dtype's rounding touched."""
+    """Base + adapter in fp32 on the CPU: the logits neither dtype's rounding touched. With SDPA
+    attention whatever the run used: flash-attention kernels run neither fp32 nor on a CPU."""
+    import dataclasses
+
     from peft import PeftModel
 
-    model = load_base(cfg, base, "fp32", "cpu", explicit_base)
+    on_cpu = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attn_implementation="sdpa"))
+    model = load_base(on_cpu, base, "fp32", "cpu", explicit_base)
     model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
     out = logits(model, prompts)
     del model

@@ -283,7 +283,7 @@ def advise(
                     combos.append(advice)
         if combos:
             break
-    if not combos:  # every change at once, to show how far off it still is
+    if not combos and len(applicable) > 1:  # every change at once, to show how far off it still is
         state = start
         for _, step in applicable:
             state = step(state) or state

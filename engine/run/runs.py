@@ -260,6 +260,14 @@ class RunSummary:
         return d
 
 
+def chat_rows(ready: protocol.DataReady | None, data_format: str) -> bool:
+    """Whether a run's rows went through a chat template: the format its data_ready recorded
+    (protocol 1.6), else a pinned data.format. Its samples and its model card prompt as it trained:
+    a chat turn, or text to continue (a text run's tokenizer still carries the base's template)."""
+    fmt = ready.format if ready is not None and ready.format else data_format
+    return fmt not in ("text", "tokens")
+
+
 def summarize(run_dir: Path) -> RunSummary:
     events, _ = read_events(run_dir)
     try:

@@ -278,20 +278,23 @@ class Recipe:
             cfg.train.epochs,
             cfg.train.max_steps,
         )
-        emit(
-            protocol.DataReady(
-                train_examples=r.examples,
-                eval_examples=r.eval_examples,
-                train_tokens=r.tokens_per_epoch,
-                trained_tokens=r.trained_tokens_per_epoch,
-                truncated=r.truncated,
-                dropped=r.dropped,
-                steps_per_epoch=per_epoch,  # each step takes micro_batch x grad_accum rows per rank
-                total_steps=total,
-                format=r.format or "",
-                template=r.template or "",
-            )
+        ready = protocol.DataReady(
+            train_examples=r.examples,
+            eval_examples=r.eval_examples,
+            train_tokens=r.tokens_per_epoch,
+            trained_tokens=r.trained_tokens_per_epoch,
+            truncated=r.truncated,
+            dropped=r.dropped,
+            steps_per_epoch=per_epoch,  # each step takes micro_batch x grad_accum rows per rank
+            total_steps=total,
+            format=r.format or "",
+            template=r.template or "",
         )
+        if self.resume and self.ranks.is_main:
+            changed = data_changed(self.run_dir, ready)
+            if changed:
+                emit(protocol.WarningEvent(message=changed, hint=RESUMED_ON_OTHER_DATA_HINT))
+        emit(ready)
         return prepared, template
 
     def _build_trainer(self, model: Any, prepared: Any, template: str) -> Any:
@@ -377,6 +380,26 @@ class Recipe:
         from engine.train.collectives import finish
 
         finish(self.ranks, self.timeouts)
+
+
+RESUMED_ON_OTHER_DATA_HINT = (
+    "the run goes on from its checkpoint over the data as prepared now; start a new run to train on "
+    "one preparation throughout"
+)
+
+
+def data_changed(run_dir: Path, now: protocol.DataReady) -> str:
+    """What differs between the data a resumed run prepares now and what its first session trained
+    on ("" when nothing): the files are checked at resume (engine.run.fingerprint), but the rules
+    that turn them into rows can change between versions (a new default, a masking rule)."""
+    events, _ = runs.read_events(run_dir)
+    first = next((e for e in events if isinstance(e, protocol.DataReady)), None)
+    if first is None:
+        return ""
+    fields = ("train_examples", "eval_examples", "train_tokens", "trained_tokens")
+    diffs = [f"{f.replace('_', ' ')} {getattr(first, f):,} -> {getattr(now, f):,}" for f in fields
+             if getattr(first, f) != getattr(now, f)]  # fmt: skip
+    return f"the data prepares differently than when the run started: {', '.join(diffs)}" if diffs else ""
 
 
 def estimate_for_run(

@@ -53,10 +53,7 @@ def sample_checkpoint(
 
 
 def trained_on_chats(run_dir: Path, data_format: str) -> bool:
-    """Whether the run rendered its rows through a chat template: the data_ready event says which
-    format auto detected (protocol 1.6); before that, only a pinned data.format tells."""
+    """Whether the run rendered its rows through a chat template (engine.run.runs.chat_rows)."""
     events, _ = runs.read_events(run_dir)
     ready = next((e for e in reversed(events) if isinstance(e, protocol.DataReady)), None)
-    if ready is not None and ready.format:
-        return ready.format not in ("text", "tokens")
-    return data_format not in ("text", "tokens")
+    return runs.chat_rows(ready, data_format)

@@ -220,6 +220,11 @@ def test_the_cards_dataset_is_what_the_run_recorded(
             lines[2 + len(expected)]
             == "- 100 train / 0 eval examples, 9,000 tokens per epoch, 0 truncated, 0 dropped"
         )
+    # The code prompts as the run trained: a chat turn, or text to continue (a text run's tokenizer
+    # still carries the base's template, which it never trained on).
+    use = _section(card.render(request, cfg, card.read_record(run_dir, 4), facts), "Use")
+    text_run = "- format: text" in expected or "- format: tokens" in expected
+    assert ("apply_chat_template(" in use) == (not text_run and chat_template is not None), use
 
 
 def test_an_adapter_cards_code_passes_the_stop_ids_and_prompts_as_the_run_trained(run_dir: Path) -> None:

@@ -256,3 +256,23 @@ def test_rtx4060_recipe_on_the_usual_recipe_matches_the_anchor() -> None:
 
 def test_catalog_is_loaded_once() -> None:
     assert catalog() is catalog()
+
+
+def test_advice_never_lists_a_row_that_changes_nothing() -> None:
+    """Every change already made (seq 64, rank 1, micro-batch 1, every layer checkpointed, 8-bit
+    AdamW) on a 3 GB card: nothing is left to change, and the advice used to show one blank row
+    saving 0.00 GiB ("every change at once" of no change)."""
+    from engine import memory
+
+    cfg = load_preset(
+        "llama-3.1-8b-rtx4090",
+        ["train.seq_len=64", "lora.r=1", "train.micro_batch=1", "train.gradient_checkpointing=true",
+         "train.optimizer=paged_adamw_8bit"],
+    )  # fmt: skip
+    gpu = memory.resolve_gpu("3GB")
+    advice = memory.advise(cfg, gpu)
+    assert all(a.kinds for a in advice), [str(a) for a in advice]
+    for other in ("8GB", "12GB"):
+        assert all(
+            a.kinds for a in memory.advise(load_preset("gemma-3-12b-rtx4090"), memory.resolve_gpu(other))
+        )

@@ -329,6 +329,9 @@ def _print_estimate(
         out.print(f"[dim]note: {note}[/]")
     if advice:
         _print_advice(advice, reach)
+    elif reach is not None:  # no change to list, but still what would fit
+        out.print()
+        out.print(Text(str(reach), style=STYLE[DOES_NOT_FIT]))
 
 
 def _print_advice(advice: list[memory.Advice], reach: per_gpu.OutOfReach | None = None) -> None:
