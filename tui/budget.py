@@ -86,6 +86,20 @@ def _memory() -> Any | None:
         return None
 
 
+def gpu_problem(spec: str) -> str:
+    """Why `spec` names no GPU the calculator knows ("" when it does): the size box asks before it
+    re-checks the budget, so that it refuses what `qlc estimate --gpu` refuses (a bare 3080 is a
+    card's model number, not 3080 GiB)."""
+    memory = _memory()
+    if memory is None or not hasattr(memory, "resolve_gpu"):
+        return ""
+    try:
+        memory.resolve_gpu(spec)
+    except UserError as exc:
+        return f"{exc.message} ({exc.hint})" if exc.hint else exc.message
+    return ""
+
+
 def gpu_choices() -> list[GpuChoice]:
     """The picker's entries: the GPU actually present (auto), then the catalog cards."""
     choices = [GpuChoice("this machine's GPU (auto)", "auto")]

@@ -515,6 +515,12 @@ async def test_a_bad_gpu_size_or_name_is_refused_where_it_is_typed(app_factory) 
         await select_preset(pilot, "tiny-demo")
         await pilot.press("2", "t", *"abc")
         await wait_for(pilot, lambda: "'abc' is not a size" in screen_text(app), what="the size error")
+        # A bare 3080 is an RTX 3080 the catalog lacks, not 3080 GiB: refused as qlc estimate does.
+        await pilot.press("ctrl+u", *"3080")
+        await wait_for(pilot, lambda: "'3080': unknown GPU '3080'" in screen_text(app), what="the refusal")
+        assert "FITS" not in screen_text(app) and app.screen.query_one(MemoryPane).gpu_spec != "3080GB"
+        await pilot.press("ctrl+u", *"24")
+        await wait_for(pilot, lambda: "of 24.00 GiB" in screen_text(app), what="24 read as GiB")
         await pilot.press("1")
         editor = app.screen.query_one(OverridesEditor)
         editor.edit("hardware.gpu", "")

@@ -14,7 +14,7 @@ from textual.message import Message
 from textual.widgets import Input, Label, OptionList, Select, Static
 from textual.widgets.option_list import Option
 
-from tui.budget import BudgetView, Suggestion, gpu_choices
+from tui.budget import BudgetView, Suggestion, gpu_choices, gpu_problem
 from tui.views import BudgetState, focus_now
 from tui.widgets.stacked_bar import GLYPHS, MemoryBar
 
@@ -109,8 +109,9 @@ class MemoryPane(Vertical):
     @property
     def gpu_spec(self) -> str | None:
         size = self.query_one("#gpu-size", Input).value.strip()
-        if size and _SIZE.match(size):
-            return size.upper().replace("GIB", "GB") if size[-1].isalpha() else f"{size}GB"
+        if size and _SIZE.match(size) and not gpu_problem(size):
+            # A bare number goes as typed: the calculator reads 24 as 24 GB, and refuses 3080.
+            return size.upper().replace("GIB", "GB") if size[-1].isalpha() else size
         value = self.query_one("#gpu-select", Select).value
         return None if value in (PRESET_GPU, Select.BLANK) else str(value)
 
@@ -188,17 +189,21 @@ class MemoryPane(Vertical):
 
     def on_input_changed(self, event: Input.Changed) -> None:
         event.stop()
-        if not event.value.strip() or _SIZE.match(event.value):
+        typed = event.value.strip()
+        if not typed:
+            problem = ""
+        elif _SIZE.match(typed):
+            problem = gpu_problem(typed)  # what `qlc estimate --gpu` refuses: 3080 is a card, not GiB
+            problem = f"{typed!r}: {problem}" if problem else ""
+        else:
+            problem = f"{typed!r} is not a size: type GiB as 24, 24GB or 80GiB"
+        if not problem:
             event.input.remove_class("-invalid")
             self.post_message(self.GpuChanged(self.gpu_spec))
         else:
             event.input.add_class("-invalid")
             # The verdict above was for another card: say what is wrong instead of keeping it.
-            self.query_one("#verdict", Static).update(
-                Text(
-                    f"{event.value.strip()!r} is not a size: type GiB as 24, 24GB or 80GiB", style="bold red"
-                )
-            )
+            self.query_one("#verdict", Static).update(Text(problem, style="bold red"))
 
     def action_focus_gpu(self) -> None:
         focus_now(self.query_one("#gpu-select", Select))
