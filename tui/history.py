@@ -41,6 +41,7 @@ class SampleText:
     new_tokens: int = 0
     seconds: float = 0.0
     stopped_by: str = ""
+    run_id: str | None = None  # the run it samples: the Sample pane shows that run's replies only
 
 
 @dataclass
@@ -180,13 +181,13 @@ class RunHistory:
             self._log(ev, "info", f"saved {Path(ev.path).name} ({ev.size_mb:.1f} MB, {ev.seconds:.1f}s)")
         elif isinstance(ev, protocol.SampleStarted):
             # Update in place: the Sample pane may already hold this request's placeholder.
-            sample = self.samples.setdefault(ev.request_id, SampleText(ev.request_id))
+            sample = self.samples.setdefault(ev.request_id, SampleText(ev.request_id, run_id=self.run_id))
             sample.prompt, sample.source, sample.step = ev.prompt or sample.prompt, ev.source, ev.step
         elif isinstance(ev, protocol.SampleToken):
-            sample = self.samples.setdefault(ev.request_id, SampleText(ev.request_id))
+            sample = self.samples.setdefault(ev.request_id, SampleText(ev.request_id, run_id=self.run_id))
             sample.text += ev.text
         elif isinstance(ev, protocol.Sample):
-            sample = self.samples.setdefault(ev.request_id, SampleText(ev.request_id))
+            sample = self.samples.setdefault(ev.request_id, SampleText(ev.request_id, run_id=self.run_id))
             sample.prompt, sample.text, sample.source, sample.step = ev.prompt, ev.text, ev.source, ev.step
             sample.done, sample.new_tokens, sample.seconds, sample.stopped_by = (
                 True,

@@ -8,6 +8,9 @@ from typing import TYPE_CHECKING
 from textual.app import SystemCommand
 
 from tui.screens.main import PANES
+from tui.widgets.memory_pane import MemoryPane
+from tui.widgets.presets_pane import PresetsPane
+from tui.widgets.runs_pane import RunsPane
 
 if TYPE_CHECKING:
     from tui.app import QlcApp
@@ -48,6 +51,21 @@ def system_commands(app: QlcApp) -> Iterable[SystemCommand]:
         "Auto-fit memory", "change settings until the budget fits the GPU", app.action_auto_fit
     )
     yield SystemCommand("Reset overrides", "back to the preset as written", app.action_reset_overrides)
+    # The panes' own keys (g, t, a, /, space): their pane is shown first, as its key would need.
+    for title, help_text, pane, kind, action in (
+        ("Filter presets", "type part of a preset's name", "presets", PresetsPane, "focus_filter"),
+        ("Choose GPU", "the memory budget against another card", "memory", MemoryPane, "focus_gpu"),
+        ("Type a GPU size", "such as 24GB, for the memory budget", "memory", MemoryPane, "focus_size"),
+        (
+            "Memory advice",
+            "the ranked changes that make the budget fit",
+            "memory",
+            MemoryPane,
+            "focus_advice",
+        ),
+        ("Mark selected run", "for Compare marked runs", "runs", RunsPane, "mark"),
+    ):
+        yield SystemCommand(title, help_text, lambda p=pane, k=kind, a=action: _pane_action(app, p, k, a))
     for title, help_text, action in (
         ("Open selected run", "its dashboard from its events file", "open"),
         ("Attach to selected run", "follow a running run", "attach"),
@@ -58,3 +76,9 @@ def system_commands(app: QlcApp) -> Iterable[SystemCommand]:
     ):
         yield SystemCommand(title, help_text, lambda a=action: app.runs_action(a))
     yield SystemCommand("Generate sample", "from the live model or a checkpoint", app.action_generate_sample)
+
+
+def _pane_action(app: QlcApp, pane: str, kind: type, action: str) -> None:
+    """A pane's key binding from the palette: the pane shown and focused, then its action."""
+    app.action_show_pane(pane)
+    getattr(app.pane(kind), f"action_{action}")()

@@ -31,7 +31,10 @@ class SampleActions:
 
     def on_sample_pane_requested(self, message: SamplePane.Requested) -> None:
         request, source = message.request, message.source
-        placeholder = SampleText(request.request_id, request.prompt, source)
+        # Tagged with the run it samples: its reply streams in place, under that run, even after
+        # the console has moved on to another run (the pane shows the current run's replies).
+        run_id = self.history.run_id if self.history is not None else None
+        placeholder = SampleText(request.request_id, request.prompt, source, run_id=run_id)
         if source == LIVE:
             if not self.live() or self.history is None:
                 self.notify("the run is not training: pick a checkpoint", severity="warning")

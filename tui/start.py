@@ -52,12 +52,17 @@ async def start_run(app: QlcApp, draft: PresetDraft, gpu_spec: str | None) -> No
         if not await _confirmed(app, screen):
             return
     if app.live() and app.client is not None:
-        screen = ConfirmScreen(
-            "Start another run?",
-            f"Run {app.client.run_id} is still training. It keeps training; the dashboard switches "
-            "to the new run (the Runs pane brings the other back).",
-            yes="Start",
+        # Named: after a fresh open the highlighted preset (the first in the list) is the one
+        # started, which a person answering from another pane may not have in mind.
+        body = Text.assemble("This starts preset ", (preset, "bold"))
+        if draft.overrides:
+            body.append(" with ")
+            body.append(" ".join(draft.overrides), "bold")
+        body.append(
+            f".\n\nRun {app.client.run_id} is still training. It keeps training; the dashboard "
+            "switches to the new run (the Runs pane brings the other back)."
         )
+        screen = ConfirmScreen(f"Start {preset} as another run?", body, yes="Start")
         if not await _confirmed(app, screen):
             return
     app.notify(f"checking data for {preset}…", timeout=2)

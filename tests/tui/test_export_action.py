@@ -77,6 +77,7 @@ async def test_a_bad_choice_is_refused_in_the_dialog(app_factory, finished_run: 
         await pilot.press("ctrl+s")
         await pilot.pause(0.2)
         assert "exists and is not empty" in screen_text(app)
+        assert "--out" not in screen_text(app)  # a CLI flag: the dialog names its "to" field
         assert launched == [] and screen.client is None
         assert sorted(p.name for p in (finished_run / "exports").iterdir()) == ["taken"]
 

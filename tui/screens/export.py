@@ -16,9 +16,10 @@ from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
 from textual.message import Message
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, ProgressBar, Select, Static
+from textual.widgets import Button, Footer, Input, Label, ProgressBar, Select, Static
 
 from engine import protocol
 from engine.config import load_resolved
@@ -56,10 +57,22 @@ def _short(path: Path, run_dir: Path) -> str:
     return _relative(path)
 
 
+def _in_console(exc: UserError) -> str:
+    """The shared checks speak to the CLI (`--out`); in the dialog the folder is the "to" field."""
+    message = exc.message.removeprefix("--out ")
+    hint = exc.hint
+    for flag in ("choose another folder with --out", "choose a folder with --out"):
+        hint = hint.replace(flag, 'change the folder in the "to" field')
+    return f"{message} ({hint})" if hint else message
+
+
 class ExportScreen(ModalScreen[None]):
+    # The dialog's own footer shows these (a modal takes no keys of the App or the panes below,
+    # so the main screen's footer showing through offered keys that did nothing here).
     BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("ctrl+s", "start", "Export"),
         Binding("escape", "close", "Close"),
-        Binding("ctrl+s", "start", "Export", show=False),
+        Binding("escape", "hide", "Hide"),  # while the export runs: it goes on, as the button says
     ]
 
     class Result(Message):
@@ -112,7 +125,7 @@ class ExportScreen(ModalScreen[None]):
                     compact=True,
                 )
                 yield Select(KINDS, value="merged", id="export-kind", allow_blank=False, compact=True)
-            with Horizontal(classes="export-row"):
+            with Horizontal(classes="export-row", id="export-as"):
                 yield Label("as", classes="export-label")
                 yield Select(
                     [(d, d) for d in DTYPES],
@@ -139,6 +152,7 @@ class ExportScreen(ModalScreen[None]):
                 yield Button("Export (ctrl+s)", variant="primary", id="export-start")
                 yield Button("Cancel export", variant="error", id="export-cancel")
                 yield Button("Close (Esc)", id="export-close")
+        yield Footer()
 
     def on_mount(self) -> None:
         self.query_one("#export-progress").display = False
@@ -156,7 +170,8 @@ class ExportScreen(ModalScreen[None]):
     def _refresh_form(self) -> None:
         """The default folder and the memory note follow the choices (an edited folder stays)."""
         adapter_only = self._value("#export-kind") == "adapter"
-        self.query_one("#export-dtype", Select).disabled = adapter_only
+        # Neither the dtype nor GGUF applies to the adapter alone: the row is not shown for it.
+        self.query_one("#export-as").display = not adapter_only
         out = self.query_one("#export-out", Input)
         checkpoint = self._value("#export-source")
         note = ""
@@ -215,7 +230,7 @@ class ExportScreen(ModalScreen[None]):
             )
             proc = self._launcher(self.run_dir, request.engine_args())
         except UserError as exc:
-            self._line(Text(f"✗ {exc}", style="bold red"))
+            self._line(Text(f"✗ {_in_console(exc)}", style="bold red"))
             return
         except OSError as exc:
             self._line(Text(f"✗ cannot start the engine: {exc}", style="bold red"))
@@ -228,6 +243,7 @@ class ExportScreen(ModalScreen[None]):
         self.query_one("#export-cancel").display = True
         self.query_one("#export-close", Button).label = "Hide (Esc)"
         self.query_one("#export-progress").display = True
+        self.refresh_bindings()  # ctrl+s leaves the footer; Escape now hides
         self._line(Text(f"exporting {request.source.name} → {_short(request.out_dir, self.run_dir)}"))
         client, app = self.client, self.app
         app.run_worker(
@@ -269,6 +285,7 @@ class ExportScreen(ModalScreen[None]):
             self._line(Text(f"✗ {self.error}", style="bold red"))
         self.query_one("#export-cancel").display = False
         self.query_one("#export-close", Button).label = "Close (Esc)"
+        self.refresh_bindings()
         self.app.post_message(self.Result(self.run_dir.name, self.exported, self.error))
 
     def note(self, ev: protocol.Event) -> None:
@@ -311,5 +328,22 @@ class ExportScreen(ModalScreen[None]):
             self.client.proc.terminate()  # the engine cleans its temporary folder up and says so
             self._line(Text("cancelling…", style="yellow"))
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        try:
+            start, cancel = self.query_one("#export-start", Button), self.query_one("#export-cancel")
+        except NoMatches:  # asked before the dialog is composed
+            return True
+        running = self.client is not None and cancel.display
+        if action == "start":  # only while there is something to start
+            return self.client is None and not start.disabled
+        if action == "close":
+            return not running
+        if action == "hide":
+            return running
+        return True
+
     def action_close(self) -> None:
+        self.dismiss(None)
+
+    def action_hide(self) -> None:
         self.dismiss(None)

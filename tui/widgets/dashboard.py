@@ -75,9 +75,10 @@ class Dashboard(Vertical):
         with Horizontal(id="dash-mid"):
             yield LineChart(WAITING[1], id="lr-chart")
             yield Static(id="checkpoints")
-        # Wrapped: a long line (an error, where the start went) stays readable at 80 columns rather
-        # than growing a horizontal scrollbar that shifts what the box shows.
-        yield RichLog(id="event-log", max_lines=1000, wrap=True, markup=False, highlight=False)
+        # Wrapped at the box's own width: a long line (an error, where the start went) stays whole
+        # at 80 columns. RichLog's default min_width (78) renders wider than the box there, cutting
+        # a character at every wrap and growing a horizontal scrollbar that takes one of its rows.
+        yield RichLog(id="event-log", max_lines=1000, wrap=True, min_width=1, markup=False, highlight=False)
 
     def on_mount(self) -> None:
         self.query_one("#loss-chart", LineChart).border_title = "loss"

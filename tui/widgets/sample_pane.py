@@ -28,7 +28,8 @@ class SamplePane(Vertical):
     BINDINGS: ClassVar[list[BindingType]] = [
         # Priority: the prompt has the focus before the next key is read ("iHello" typed fast).
         Binding("i", "focus_prompt", "Type a prompt", priority=True),
-        Binding("enter", "focus_prompt", "Type a prompt", show=False, priority=True),
+        # Enter says it is Enter (check_action): on the source picker Enter opens the list, `i` not.
+        Binding("enter", "focus_prompt('enter')", "Type a prompt", show=False, priority=True),
         Binding("ctrl+g", "generate", "Generate"),
     ]
 
@@ -84,6 +85,7 @@ class SamplePane(Vertical):
             options += [(f"{name} ({run_id})", name) for name in reversed(checkpoints)]
         if run_id != self._run_id:
             self._run_id, self._picked = run_id, None
+            self._draw()  # another run: its own replies
         values = [v for _, v in options]
         with select.prevent(Select.Changed):
             select.set_options(options)
@@ -97,14 +99,23 @@ class SamplePane(Vertical):
         if event.select.id == "sample-source" and event.value is not Select.BLANK:
             self._picked = str(event.value)
 
+    @property
+    def shown(self) -> list[SampleText]:
+        """The replies of the run the pane samples (the App keeps every run's, in one list)."""
+        return [s for s in self._samples if s.run_id == self._run_id]
+
     def show(self, samples: Sequence[SampleText]) -> None:
         self._samples = list(samples)
+        self._draw()
+
+    def _draw(self) -> None:
         view = self.query_one("#reply-view", Static)
-        if not self._samples:
+        shown = self.shown
+        if not shown:
             view.update(Text("Replies appear here as the engine streams them.", style="dim italic"))
             return
         blocks = []
-        for s in self._samples:
+        for s in shown:
             where = "live" if s.source == LIVE else s.source
             if s.step is not None:
                 where += f" @ step {s.step}"
@@ -137,16 +148,23 @@ class SamplePane(Vertical):
         self.action_generate()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        # In a text box Enter is that box's own and `i` a letter: only Escape leaves it. On the
-        # source picker Enter opens it, and in its open list (an overlay inside the Select, with
-        # the focus) Enter picks the entry under the cursor.
-        focused = self.app.focused
-        inside = focused is not None and any(
-            isinstance(w, (Input, Select)) for w in focused.ancestors_with_self
-        )
-        return not (action == "focus_prompt" and inside)
+        if action != "focus_prompt" or self.app.focused is None:
+            return True
+        around = self.app.focused.ancestors_with_self
+        # In a text box Enter is that box's own and `i` a letter: only Escape leaves it.
+        if any(isinstance(w, Input) for w in around):
+            return False
+        picker = next((w for w in around if isinstance(w, Select)), None)
+        if picker is None:
+            return True
+        # In the picker's open list (an overlay inside the Select, with the focus) Enter picks the
+        # entry under the cursor and a letter searches the entries. On the closed picker only
+        # Enter is its own (it opens the list): `i` must still reach the prompt, or the focus
+        # stays on the picker, whose keys are not the pane's.
+        return not (picker.expanded or parameters == ("enter",))
 
-    def action_focus_prompt(self) -> None:
+    def action_focus_prompt(self, key: str = "i") -> None:
+        # `key` is only for check_action, which lets `i` but not Enter leave the source picker.
         focus_now(self.query_one("#prompt", Input))
 
     def action_generate(self) -> None:

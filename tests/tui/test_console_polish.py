@@ -1,0 +1,138 @@
+"""Small console defects, each driven through the real app: the log wrapping at 80 columns, the
+export dialog's footer and wording, the start confirmation naming its preset, and the palette
+reaching the panes' own keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pilot_helpers import FINISHED_RUN, screen_text, select_preset, wait_for
+from test_export_action import _open_export
+from textual.widgets import Input, RichLog, Select, TabbedContent
+
+from tui.history import LogLine
+from tui.screens.confirm import ConfirmScreen
+from tui.widgets.dashboard import format_log_line
+from tui.widgets.runs_pane import RunsPane
+
+LONG = " ".join(f"word{i:02d}" for i in range(18))  # 125 characters: two rows at 80 columns
+
+
+def _log_rows(text: str) -> list[str]:
+    """The log box's rows as drawn, without its frame."""
+    lines = text.splitlines()
+    top = next(i for i, line in enumerate(lines) if line.startswith("╭─ log"))
+    rows = []
+    for line in lines[top + 1 :]:
+        if line.startswith("╰"):
+            break
+        rows.append(line.removeprefix("│").rstrip().removesuffix("│"))
+    return rows
+
+
+async def test_a_long_log_line_wraps_whole_at_80_columns(app_factory, finished_run: Path) -> None:
+    app = app_factory(attach=FINISHED_RUN)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.history is not None and app.history.finished is not None)
+        log = app.screen.query_one("#event-log", RichLog)
+        log.write(format_log_line(LogLine(153.0, "error", LONG)))
+        await pilot.pause(0.2)
+        rows = _log_rows(screen_text(app))
+        assert len(rows) == 3  # no row taken by a horizontal scrollbar
+        assert log.max_scroll_x == 0
+        # Every word whole, in order, over the last two rows (the line's own wrap).
+        words = " ".join(rows[-2:]).split()
+        assert words[:2] == ["02:33", "✗"]
+        assert " ".join(words[2:]) == LONG
+
+
+async def test_the_export_dialog_footer_offers_its_own_keys(app_factory, finished_run: Path) -> None:
+    app = app_factory()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await _open_export(pilot, app)
+        footer = screen_text(app).splitlines()[-1]
+        assert "^s Export" in footer and "esc Close" in footer, footer
+        for gone in ("Attach", "Mark", "Compare", "Quit", "Keys"):
+            assert gone not in footer, footer
+
+
+async def test_adapter_only_shows_no_dtype_and_the_folder_error_names_the_field(
+    app_factory, finished_run: Path
+) -> None:
+    taken = finished_run / "exports" / "taken"
+    taken.mkdir(parents=True)
+    (taken / "something").write_text("x")
+    app = app_factory()
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await _open_export(pilot, app)
+        assert screen.query_one("#export-as").display  # merged: the dtype is shown
+        assert screen.query_one("#export-dtype", Select).value == "bf16"
+        screen.query_one("#export-kind", Select).value = "adapter"
+        await pilot.pause()
+        assert not screen.query_one("#export-as").display
+        assert "bf16" not in screen_text(app)
+        screen.query_one("#export-out", Input).value = str(taken)
+        await pilot.pause()
+        await pilot.press("ctrl+s")
+        await pilot.pause(0.2)
+        text = screen_text(app)
+        assert "exists and is not empty" in text and '"to" field' in text
+        assert "--out" not in text
+
+
+async def test_starting_another_run_names_the_preset(app_factory) -> None:
+    app = app_factory(steps=400, rate=20)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause()  # let the panes mount before typing
+        await select_preset(pilot, "tiny-demo")
+        await pilot.press("s")
+        await wait_for(pilot, lambda: app.client is not None and app.live(), what="the run to train")
+        await pilot.press("1", "s")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="the confirmation")
+        await pilot.pause()
+        text = screen_text(app)
+        assert "Start tiny-demo as another run?" in text
+        assert "This starts preset tiny-demo" in text and "is still training" in text
+        await pilot.press("n")
+
+
+async def _palette(pilot, words: str) -> None:
+    await pilot.press("ctrl+p")
+    await pilot.pause()
+    await pilot.press(*words)
+    await pilot.pause(0.3)
+    await pilot.press("enter")
+    await pilot.pause(0.2)
+
+
+async def test_the_palette_reaches_the_panes_own_keys(app_factory, finished_run: Path) -> None:
+    app = app_factory()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()  # let the panes mount before typing
+        names = {c.title for c in app.get_system_commands(app.screen)}
+        assert {
+            "Choose GPU",
+            "Type a GPU size",
+            "Memory advice",
+            "Filter presets",
+            "Mark selected run",
+        } <= names
+        tabs = app.screen.query_one(TabbedContent)
+        for words, pane, focus in (
+            ("type a gpu size", "memory", "gpu-size"),
+            ("choose gpu", "memory", "gpu-select"),
+            ("memory advice", "memory", "advice"),
+            ("filter presets", "presets", "preset-filter"),
+        ):
+            await pilot.press("escape")  # out of any text box, so ctrl+p is the palette's
+            await _palette(pilot, words)
+            assert tabs.active == pane, words
+            assert app.focused is not None and app.focused.id == focus, (words, app.focused)
+        await pilot.press("escape")
+        runs = app.screen.query_one(RunsPane)
+        await _palette(pilot, "mark selected run")
+        assert tabs.active == "runs"
+        await wait_for(pilot, lambda: runs.summaries, what="the runs list")
+        if not runs.marked:  # the list may have been empty when the command ran: mark again
+            await _palette(pilot, "mark selected run")
+        assert runs.marked == {FINISHED_RUN}
