@@ -82,20 +82,21 @@ def default_out_dir(run_dir: Path, source: Path, dtype: str, adapter_only: bool)
     return run_dir / EXPORTS / (f"{label}-adapter" if adapter_only else f"{label}-merged-{dtype}")
 
 
-def check_out_dir(out: Path, given: bool = True) -> None:
+def check_out_dir(out: Path, given: bool = True, field: str = "--out") -> None:
     """An output folder must not exist, or be an empty folder; its nearest existing parent must be
-    a writable folder. Nothing is created here. `given`: the user named it with --out (else it is
-    the run's default export folder, and the message says so)."""
-    name = f"--out {out}" if given else f"{out} (the default export folder)"
+    a writable folder. Nothing is created here. `given`: the user named it in `field` (`--out` on
+    the command line, the console dialog's "to" field); else it is the run's default export
+    folder, and the message says so."""
+    flag = field.startswith("--")
+    name = (f"{field} {out}" if flag else str(out)) if given else f"{out} (the default export folder)"
+    other = f"choose another folder with {field}" if flag else f"change the folder in {field}"
     if out.exists() or out.is_symlink():
         if not out.is_dir():
             raise UserError(f"{name}: exists and is not a folder", "choose another path")
         if any(out.iterdir()):
-            hint = "remove it, or choose another folder with --out"
+            hint = f"remove it, or {other}"
             if not given:
-                hint = (
-                    "this export was made before: remove it to make it again, or choose a folder with --out"
-                )
+                hint = f"this export was made before: remove it to make it again, or {other}"
             raise UserError(f"{name}: exists and is not empty", hint)
     parent = out.parent
     while not parent.exists():
@@ -132,8 +133,10 @@ def build_request(
     device: str = "auto",
     max_shard_size: str = SHARD_DEFAULT,
     check_tools: bool = True,
+    out_field: str = "--out",
 ) -> ExportRequest:
-    """Every argument checked; raises UserError (one line, naming the value) on the first problem."""
+    """Every argument checked; raises UserError (one line, naming the value) on the first problem.
+    `out_field`: what the output folder is called where the user typed it."""
     from engine.export import gguf as gguf_tools
 
     cfg = load_resolved(run_dir / runs.CONFIG)
@@ -162,7 +165,7 @@ def build_request(
     dtype = "" if adapter_only else (dtype or default_dtype(cfg))
     out_dir = Path(out).expanduser() if out else default_out_dir(run_dir, source, dtype, adapter_only)
     out_dir = out_dir.absolute()
-    check_out_dir(out_dir, given=bool(out))
+    check_out_dir(out_dir, given=bool(out), field=out_field)
     return ExportRequest(
         run_dir=run_dir,
         source=source,

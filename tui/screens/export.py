@@ -57,15 +57,6 @@ def _short(path: Path, run_dir: Path) -> str:
     return _relative(path)
 
 
-def _in_console(exc: UserError) -> str:
-    """The shared checks speak to the CLI (`--out`); in the dialog the folder is the "to" field."""
-    message = exc.message.removeprefix("--out ")
-    hint = exc.hint
-    for flag in ("choose another folder with --out", "choose a folder with --out"):
-        hint = hint.replace(flag, 'change the folder in the "to" field')
-    return f"{message} ({hint})" if hint else message
-
-
 class ExportScreen(ModalScreen[None]):
     # The dialog's own footer shows these (a modal takes no keys of the App or the panes below,
     # so the main screen's footer showing through offered keys that did nothing here).
@@ -227,10 +218,11 @@ class ExportScreen(ModalScreen[None]):
                 dtype=None if adapter_only else self._value("#export-dtype"),
                 adapter_only=adapter_only,
                 gguf=None if adapter_only or gguf_type == NO_GGUF else gguf_type,
+                out_field='the "to" field',
             )
             proc = self._launcher(self.run_dir, request.engine_args())
         except UserError as exc:
-            self._line(Text(f"✗ {_in_console(exc)}", style="bold red"))
+            self._line(Text(f"✗ {exc}", style="bold red"))
             return
         except OSError as exc:
             self._line(Text(f"✗ cannot start the engine: {exc}", style="bold red"))
