@@ -89,7 +89,8 @@ def check_out_dir(out: Path, given: bool = True, field: str = "--out") -> None:
     folder, and the message says so."""
     flag = field.startswith("--")
     name = (f"{field} {out}" if flag else str(out)) if given else f"{out} (the default export folder)"
-    other = f"choose another folder with {field}" if flag else f"change the folder in {field}"
+    another = "another " if given else ""  # the default folder was never chosen: "a folder"
+    other = f"choose {another or 'a '}folder with {field}" if flag else f"change the folder in {field}"
     if out.exists() or out.is_symlink():
         if not out.is_dir():
             raise UserError(f"{name}: exists and is not a folder", "choose another path")
