@@ -190,6 +190,10 @@ def with_schedule(report: DataReport, cfg: RunConfig) -> DataReport:
     return report
 
 
+def _examples(n: int) -> str:
+    return "1 example is" if n == 1 else f"{n} examples are"
+
+
 def _warnings(cfg: RunConfig, tokenizer: Any, template: ChatTemplate | None, r: DataReport) -> list[str]:
     out = []
     if template is not None and template.family is None:
@@ -203,15 +207,16 @@ def _warnings(cfg: RunConfig, tokenizer: Any, template: ChatTemplate | None, r: 
             out.append(f"end-of-turn {eot} is not one token of this tokenizer: sampling may not stop at it")
     if r.truncated:
         out.append(
-            f"{r.truncated} examples are longer than seq_len {r.seq_len}: truncated, {r.truncated_tokens} tokens lost"
+            f"{_examples(r.truncated)} longer than seq_len {r.seq_len}: truncated, {r.truncated_tokens} tokens lost"
         )
     if r.dropped_reasons.get("too_long"):
         out.append(
-            f"{r.dropped_reasons['too_long']} examples are longer than seq_len {r.seq_len}: dropped (data.too_long: drop)"
+            f"{_examples(r.dropped_reasons['too_long'])} longer than seq_len {r.seq_len}: dropped (data.too_long: drop)"
         )
     if r.dropped_reasons.get("no_trained_tokens"):
+        n = r.dropped_reasons["no_trained_tokens"]
         out.append(
-            f"{r.dropped_reasons['no_trained_tokens']} examples lost every trained token to truncation: dropped"
+            f"{n} {'example' if n == 1 else 'examples'} lost every trained token to truncation: dropped"
         )
     if cfg.data.val_fraction > 0 and r.eval_examples == 0:
         out.append("data.val_fraction is set but no example was held out (too few examples)")

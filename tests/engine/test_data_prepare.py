@@ -458,3 +458,13 @@ def test_worker_processes_prepare_the_same_rows_and_report_errors_as_one_line(
         prepare(run_cfg(source=bad, format="auto"), tok, workers=0)
     assert (caught.value.message, caught.value.hint) == (in_process.value.message, in_process.value.hint)
     assert not list((tmp_path / "two").glob(".tmp-*"))  # the failed build left nothing behind
+
+
+def test_one_example_is_one_example() -> None:
+    from engine.data.report import DataReport, _warnings
+
+    r = DataReport(seq_len=64, truncated=1, truncated_tokens=295, dropped_reasons={"no_trained_tokens": 1})
+    assert _warnings(run_cfg(), None, None, r) == [
+        "1 example is longer than seq_len 64: truncated, 295 tokens lost",
+        "1 example lost every trained token to truncation: dropped",
+    ]
