@@ -162,16 +162,20 @@ class RowWriter:
         self._sink.close()
 
 
+def _seeded_choice(n: int, k: int, seed: int) -> list[int]:
+    """k of range(n), chosen with `seed`: the same seed gives the same choice whatever the order."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order[:k]
+
+
 def held_out(n: int, fraction: float, seed: int, at_most: int | None = None) -> np.ndarray:
     """Which of n examples are held out for validation: a seeded, order-independent choice (both
     parts keep file order), `at_most` of them (data.val_max_examples)."""
     held = np.zeros(n, dtype=bool)
     if fraction <= 0 or n < 2:
         return held
-    n_eval = min(n - 1, max(1, round(n * fraction)), at_most or n)
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    held[order[:n_eval]] = True
+    held[_seeded_choice(n, min(n - 1, max(1, round(n * fraction)), at_most or n), seed)] = True
     return held
 
 
@@ -179,9 +183,7 @@ def at_most(n: int, limit: int | None, seed: int) -> np.ndarray:
     """Indices of `limit` of n validation examples (a seeded choice, in file order); all without one."""
     if limit is None or n <= limit:
         return np.arange(n)
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    return np.sort(np.asarray(order[:limit], dtype=np.int64))
+    return np.sort(np.asarray(_seeded_choice(n, limit, seed), dtype=np.int64))
 
 
 @dataclass

@@ -145,8 +145,6 @@ def _use_code(merged: bool, facts: CardFacts, chats: bool = True) -> list[str]:
     ]
 
 
-# Rendered through a chat template; text and tokens are not.
-CHAT_FORMATS = ("alpaca", "messages", "sharegpt")
 NOT_RECORDED = "not recorded"
 
 
@@ -159,11 +157,9 @@ def _dataset(cfg: RunConfig, d: protocol.DataReady | None, chat_template: str | 
         template = {"": "none", "tokenizer": "the tokenizer's own"}.get(d.template, d.template)
     else:
         fmt = cfg.data.format  # a pinned format is what every row was read as: a row that does not fit fails
-        if fmt in ("text", "tokens"):
-            template = "none"
-        elif chat_template is None:
+        if not runs.chat_rows(None, fmt) or chat_template is None:
             template = "none"  # the run saves the template it renders with beside every checkpoint
-        elif fmt in CHAT_FORMATS:
+        elif fmt != "auto":
             template = family_of(chat_template) or "the tokenizer's own"
         else:
             template = f"{NOT_RECORDED} (chosen when the run started)"

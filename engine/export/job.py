@@ -130,9 +130,9 @@ def _end_of_turn(tokenizer_dir: Path, template: str) -> tuple[str | None, list[i
     from engine.data.templates import END_OF_TURN, family_of
 
     family = template if template in END_OF_TURN else None
-    chat = tokenizer_dir / "chat_template.jinja"
-    if family is None and chat.is_file():
-        family = family_of(chat.read_text(encoding="utf-8"))
+    chat = _chat_template(tokenizer_dir) if family is None else None
+    if chat is not None:
+        family = family_of(chat)
     if family is None or not (tokenizer_dir / "tokenizer.json").is_file():
         return None, []
     from tokenizers import Tokenizer
@@ -361,10 +361,7 @@ def _check_folder(folder: Path, eos_ids: list[int]) -> None:
     written = written if isinstance(written, list) else [written]
     if not set(eos_ids) <= set(written):
         raise CheckFailed(f"generation_config.json: eos_token_id {written} lacks {eos_ids}")
-    has_template = (folder / "chat_template.jinja").is_file() or "chat_template" in json.loads(
-        (folder / "tokenizer_config.json").read_text()
-    )
-    if not has_template:
+    if _chat_template(folder) is None:
         raise CheckFailed("the saved tokenizer has no chat template")
 
 

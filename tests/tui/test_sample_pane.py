@@ -35,14 +35,21 @@ async def opened(pilot: Pilot, run_id: str) -> None:
     await pilot.pause()
 
 
-async def pick_second_checkpoint(pilot: Pilot) -> None:
-    """The keys a person types: the pane, Tab past the tab bar to the source, open it, pick."""
+async def open_source_list(pilot: Pilot) -> Select:
+    """The keys a person types: the pane, Tab past the tab bar to the source, Enter opens it."""
     app = pilot.app
     select = app.screen.query_one("#sample-source", Select)
     await pilot.press("5", "tab", "tab")
     assert app.focused is select  # the first Tab goes to the tab bar, the second to the source
     await pilot.press("enter")
     await wait_for(pilot, lambda: select.expanded, what="the source list to open")
+    return select
+
+
+async def pick_second_checkpoint(pilot: Pilot) -> None:
+    """The source list opened, the second entry down picked."""
+    app = pilot.app
+    select = await open_source_list(pilot)
     await pilot.press("down", "down", "enter")
     await wait_for(pilot, lambda: not select.expanded and app.focused is select, what="the pick")
 
@@ -78,9 +85,7 @@ async def test_enter_on_the_picker_opens_it_and_a_letter_in_the_open_list_stays_
     app = app_factory(attach=RUN_A)
     async with app.run_test(size=(100, 30)) as pilot:
         await opened(pilot, RUN_A)
-        select = app.screen.query_one("#sample-source", Select)
-        await pilot.press("5", "tab", "tab", "enter")
-        await wait_for(pilot, lambda: select.expanded, what="the source list to open")
+        select = await open_source_list(pilot)
         await pilot.press("i")  # the open list's own (it searches its entries), not the prompt's
         await pilot.pause()
         assert app.focused is not app.screen.query_one("#prompt", Input)
