@@ -8,11 +8,21 @@ from collections.abc import Callable
 
 import fake_engine
 from rich.console import Console
+from textual import events
 from textual.app import App
 from textual.pilot import Pilot
 
 from engine import protocol
 from tui.widgets.gpu import NoGpu
+
+
+def type_ahead(pilot: Pilot, *keys: str) -> None:
+    """Keys as a slow SSH link delivers a burst: all queued at once, none waiting for the app to
+    handle the one before (Pilot.press waits between keys, so it never meets this)."""
+    for key in keys:
+        event = events.Key(key, key if len(key) == 1 else None)
+        event.set_sender(pilot.app)
+        pilot.app._driver.send_message(event)  # type: ignore[union-attr]
 
 
 async def wait_for(

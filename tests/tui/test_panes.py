@@ -7,7 +7,15 @@ from pathlib import Path
 
 import fake_engine
 import pytest
-from pilot_helpers import CRASHED_RUN, FINISHED_RUN, overrides_shown, screen_text, select_preset, wait_for
+from pilot_helpers import (
+    CRASHED_RUN,
+    FINISHED_RUN,
+    overrides_shown,
+    screen_text,
+    select_preset,
+    type_ahead,
+    wait_for,
+)
 from textual.widgets import Input, OptionList, Select, TabbedContent
 
 from engine import protocol
@@ -81,6 +89,39 @@ async def test_presets_filter_select_and_override(app_factory) -> None:
         await pilot.press("escape", "r")  # back to the list; reset the overrides
         await overrides_shown(pilot, [])
         assert pane.overrides == [] and pane.config.train.lr == 3e-3
+
+
+async def test_overrides_typed_ahead_are_all_applied(app_factory) -> None:
+    """Over a slow SSH link a burst (Enter on a setting, Ctrl-U, key=value, Enter) arrives before
+    the console has handled its first key: the keys after Enter are the override box's, not the
+    settings table's (digits switch panes, r resets, s starts a run), and each Enter applies its
+    line against the overrides applied before it."""
+    app = app_factory()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await select_preset(pilot, "tiny-demo")
+        pane = app.screen.query_one(PresetsPane)
+        table = app.screen.query_one(SettingsTable)
+        table.focus()
+        table.move_cursor(row=table.get_row_index("train.lr"))
+        await pilot.pause()
+        type_ahead(pilot, "enter", "ctrl+u", *"lr=4e-4", "enter")
+        await overrides_shown(pilot, ["lr=4e-4"])
+        assert app.screen.query_one(TabbedContent).active == "presets"
+        await wait_for(pilot, lambda: table.has_focus, what="the focus back on the settings")
+        table.move_cursor(row=table.get_row_index("lora.r"))
+        await pilot.pause()
+        type_ahead(pilot, "enter", "ctrl+u", *"lora.r=4", "enter")
+        await overrides_shown(pilot, ["lr=4e-4", "lora.r=4"])
+        box = app.screen.query_one("#override-input", Input)
+        # A line typed ahead and left unfinished stays in the box, and Enter there applies it.
+        editor = app.screen.query_one(OverridesEditor)
+        editor.edit("train.seq_len", "128")
+        type_ahead(pilot, "ctrl+u", *"lora.alpha=", "enter", *"8")
+        await wait_for(pilot, lambda: box.value == "lora.alpha=8", what="the typed line")
+        await pilot.press("enter")
+        await overrides_shown(pilot, ["lr=4e-4", "lora.r=4", "lora.alpha=8"])
+        assert pane.config is not None and pane.config.lora.alpha == 8 and pane.config.train.lr == 4e-4
+        assert app.history is None or app.history.run_id is None  # no key fell on `s`
 
 
 # ---- Memory ------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from engine.export import (
 from engine.memory import estimate_merge
 from engine.run import runs
 from tui.client import Launcher, RunClient
+from tui.widgets.in_order_input import InOrderInput
 
 FINAL = "adapter"
 KINDS = [("merged model", "merged"), ("adapter only", "adapter")]
@@ -135,7 +136,7 @@ class ExportScreen(ModalScreen[None]):
                 )
             with Horizontal(classes="export-row"):
                 yield Label("to", classes="export-label")
-                yield Input(id="export-out", compact=True)
+                yield InOrderInput(id="export-out", compact=True)
             yield Static(id="export-note", classes="dialog-body")
             yield ProgressBar(id="export-progress", show_eta=False)
             yield Static(id="export-log", classes="dialog-body")

@@ -16,6 +16,7 @@ from textual.widgets.option_list import Option
 
 from tui.budget import BudgetView, Suggestion, gpu_choices, gpu_problem
 from tui.views import BudgetState, focus_now
+from tui.widgets.in_order_input import InOrderInput
 from tui.widgets.stacked_bar import GLYPHS, MemoryBar
 
 _SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*(gb|g|gib)?\s*$", re.IGNORECASE)
@@ -30,7 +31,7 @@ VERDICT_WORD = {
 }
 
 
-class SizeInput(Input):
+class SizeInput(InOrderInput):
     """A GPU size typed in; Enter (like Escape) hands the keys back to the pane."""
 
     BINDINGS: ClassVar[list[BindingType]] = [Binding("enter", "done", "Done", show=False, priority=True)]

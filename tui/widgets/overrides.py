@@ -3,8 +3,8 @@
 Validation is engine.config's: `parse_override` for the key, then the preset's `PresetDraft` with
 every override so far plus the one being typed, so a value that is fine alone but clashes with
 another setting (or a typo'd key, with its "did you mean") shows before it is applied. The draft
-is re-validated in a worker thread, once per keystroke and never re-read from disk; Enter applies
-the draft that check already built.
+is re-validated in a worker thread, once per keystroke and never re-read from disk; Enter checks
+the line once more, at once (about 5 ms), against the overrides applied so far, and applies it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from textual.widgets import Input, Static
 
 from engine.config import PresetDraft, merge_override, override_key, parse_override
 from engine.errors import ConfigError, UserError
+from tui.views import focus_now
+from tui.widgets.in_order_input import InOrderInput
 from tui.widgets.preset_settings import format_setting
 
 __all__ = ["OverridesEditor", "check_override", "merge_override", "override_key"]
@@ -68,15 +70,12 @@ class OverridesEditor(Vertical):
     class Checked(Message):
         """A line's check, done in a worker thread."""
 
-        def __init__(
-            self, text: str, ok: bool, message: str, draft: PresetDraft | None, apply: bool = False
-        ) -> None:
+        def __init__(self, text: str, ok: bool, message: str, draft: PresetDraft | None) -> None:
             super().__init__()
             self.text = text
             self.ok = ok
             self.message = message
             self.draft = draft
-            self.apply = apply  # Enter came first: apply it once checked
 
     class Revalidated(Message):
         """Other overrides, validated in a worker thread."""
@@ -85,17 +84,18 @@ class OverridesEditor(Vertical):
             super().__init__()
             self.draft = draft
 
-    def __init__(self, *, id: str | None = None) -> None:
+    def __init__(self, *, return_to: str | None = None, id: str | None = None) -> None:
+        """`return_to`: the widget (a selector) that gets the focus once Enter applied a line."""
         super().__init__(id=id)
+        self._return_to = return_to
         self.draft: PresetDraft | None = None
-        self._checked: OverridesEditor.Checked | None = None  # the last line checked
 
     @property
     def overrides(self) -> list[str]:
         return list(self.draft.overrides) if self.draft is not None else []
 
     def compose(self) -> ComposeResult:
-        yield Input(
+        yield InOrderInput(
             placeholder="override key=value (e.g. lr=1e-4), Enter applies",
             compact=True,
             id="override-input",
@@ -107,24 +107,24 @@ class OverridesEditor(Vertical):
     def set_draft(self, draft: PresetDraft | None) -> None:
         """A newly selected preset (or the same one, read again): the line and its verdict clear."""
         self.draft = draft
-        self._checked = None
         self.query_one("#override-input", Input).value = ""
         self._show_list()
         self.query_one("#override-status", Static).update("")
 
     def edit(self, path: str, value: str | None) -> None:
         """Start editing one setting: its current value prefilled, the cursor at the end; for a
-        section (value None), `section.` and the key to type."""
+        section (value None), `section.` and the key to type. The focus moves at once (the
+        settings table's Enter is a priority binding), so keys typed right after Enter, Ctrl-U
+        and a new value in one burst over SSH, are typed here, after the prefill."""
         box = self.query_one("#override-input", Input)
         box.value = f"{path}." if value is None else f"{path}={value}"
         box.cursor_position = len(box.value)
-        box.focus()
+        focus_now(box)
 
     def on_input_changed(self, event: Input.Changed) -> None:
         event.stop()
         text = event.value
         if not text.strip():
-            self._checked = None
             self._show_verdict(True, "")
             return
         if self.draft is None:
@@ -143,34 +143,29 @@ class OverridesEditor(Vertical):
         message.stop()
         if message.text != self.query_one("#override-input", Input).value:
             return  # typed on since: a newer check follows
-        self._checked = message
         self._show_verdict(message.ok, message.message)
-        if message.apply:
-            self._apply(message)
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
+        """Enter: apply the line, checked again here (about 5 ms) against the overrides applied so
+        far, not in a worker: over SSH a burst (Ctrl-U, a value, Enter, the next one) arrives at
+        once, and a deferred check was overtaken by the next line's keys, which dropped it. On
+        success the focus goes back (`return_to`) at once. (Enter stays the box's own binding, not
+        a priority one: that would run before the box has typed the keys queued ahead of it.)"""
         event.stop()
-        checked = self._checked
-        if checked is not None and checked.text == event.value:
-            self._apply(checked)
-        elif self.draft is not None and event.value.strip():
-            # Enter before the keystroke's check came back: check once more, applying when it does.
-            draft, text = self.draft, event.value
-
-            def check_and_apply() -> None:
-                self.post_message(self.Checked(text, *check_override(draft, text), apply=True))
-
-            self.run_worker(
-                check_and_apply, thread=True, exclusive=True, group="override-check", exit_on_error=False
-            )
-
-    def _apply(self, checked: Checked) -> None:
-        if not checked.ok or checked.draft is None:
-            return  # the status line already says why
-        self.query_one("#override-input", Input).value = ""
-        self.query_one("#override-status", Static).update(Text("applied " + checked.message, style="green"))
-        self._checked = None
-        self._changed(checked.draft)
+        box = self.query_one("#override-input", Input)
+        text = event.value
+        if self.draft is None or not text.strip():
+            return
+        ok, message, after = check_override(self.draft, text)
+        self._show_verdict(ok, message)
+        if not ok or after is None:
+            return  # the status line says why; the line stays to be fixed
+        if box.value == text:
+            box.value = ""  # else keys typed after Enter are in it already: they stay
+        self.query_one("#override-status", Static).update(Text("applied " + message, style="green"))
+        if self._return_to is not None:  # back to the settings: s starts, Enter edits another
+            focus_now(self.screen.query_one(self._return_to))
+        self._changed(after)
 
     def add(self, extra: list[str]) -> None:
         """Apply overrides from elsewhere (the Memory pane's auto-fit) as if typed here."""

@@ -227,12 +227,16 @@ class SettingsTable(DataTable):
         comment = self._doc.comment(path) or ("(set by an override)" if path in self._values else "")
         self.post_message(self.Highlighted(path, self._values.get(path), comment))
 
+    def setting_at_cursor(self) -> tuple[str, str | None] | None:
+        """(path, value) of the row under the cursor; the value is None for a section."""
+        if not self.row_count:
+            return None
+        path = str(self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value)
+        return path, self._values.get(path)
+
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        # A click on the row under the cursor (Enter is the Presets pane's priority binding).
+        # For a section the box opens with `section.` typed, for the key to follow.
         event.stop()
         path = str(event.row_key.value)
-        if path in self._values:
-            self.post_message(self.EditRequested(path, self._values[path]))
-        else:
-            # A section: the box opens with `section.` typed, for the key to follow (the letters
-            # typed next must not fall on the pane's keys: `s` starts a run).
-            self.post_message(self.EditRequested(path, None))
+        self.post_message(self.EditRequested(path, self._values.get(path)))

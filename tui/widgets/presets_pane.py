@@ -19,6 +19,7 @@ from textual.widgets.option_list import Option, OptionDoesNotExist
 from engine.config import PresetDraft, RunConfig, draft_preset, list_presets
 from engine.errors import UserError
 from tui.views import BudgetState, focus_now
+from tui.widgets.in_order_input import InOrderInput
 from tui.widgets.overrides import OverridesEditor
 from tui.widgets.preset_settings import PresetDoc, SettingsTable, parse_preset_doc
 
@@ -49,7 +50,7 @@ def discover_presets() -> list[PresetInfo]:
     return found
 
 
-class FilterInput(Input):
+class FilterInput(InOrderInput):
     """The presets filter: Down or Enter goes on to the list it filters (priority bindings: the
     list has the focus before the next key is read)."""
 
@@ -70,9 +71,16 @@ class PresetsPane(Horizontal):
         Binding("r", "reset_overrides", "Reset overrides"),
         Binding("delete,backspace", "remove_override", "Drop override", show=False),
         Binding("escape", "focus_list", "List", show=False),
+        # On the settings: a priority binding, so the override box has the focus before the next
+        # key is read. Over SSH a burst (Enter, Ctrl-U, a value, Enter) arrives at once; as the
+        # table's own Enter, the keys after it reached the table and the App (digits switch
+        # panes, `s` starts a run) while the edit waited in a queue.
+        Binding("enter", "edit_setting", "Edit", show=False, priority=True),
     ]
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "edit_setting":  # (has_focus follows the Focus event: a key or two late)
+            return self.app.focused is self.query_one(SettingsTable)
         # A text box types these keys, and Escape is the App's "leave the box" (in the footer).
         typing = isinstance(self.app.focused, Input)
         return not (typing and action in ("focus_filter", "reset_overrides", "focus_list"))
@@ -144,7 +152,7 @@ class PresetsPane(Horizontal):
             yield Static(id="preset-about")
             yield SettingsTable(id="settings")
             yield Static(id="setting-help")
-            yield OverridesEditor(id="overrides")
+            yield OverridesEditor(return_to="#settings", id="overrides")
             yield Static(id="preset-summary")
 
     def on_mount(self) -> None:
@@ -348,13 +356,13 @@ class PresetsPane(Horizontal):
 
     def on_overrides_editor_changed(self, event: OverridesEditor.Changed) -> None:
         event.stop()
-        self._show(event.draft)
-        if self.query_one("#override-input", Input).has_focus:
-            # Typed and applied: back to the settings (s starts, Enter edits another). Not when
-            # the Memory pane applied them: focusing here would switch panes under the user.
-            self.query_one(SettingsTable).focus()
+        self._show(event.draft)  # (Enter in the box has given the focus back to the settings)
 
     # ---- actions -----------------------------------------------------------------------------
+
+    def action_edit_setting(self) -> None:
+        if (setting := self.query_one(SettingsTable).setting_at_cursor()) is not None:
+            self.query_one(OverridesEditor).edit(*setting)
 
     def action_focus_filter(self) -> None:
         focus_now(self.query_one("#preset-filter", Input))

@@ -19,6 +19,7 @@ from engine import protocol
 from tui.history import SampleText
 from tui.output import plural
 from tui.views import SampleSources, focus_now
+from tui.widgets.in_order_input import InOrderInput
 
 LIVE = "live"
 _ids = itertools.count(1)
@@ -53,12 +54,16 @@ class SamplePane(Vertical):
             yield Select([], prompt="no run: start or open one", compact=True, id="sample-source")
         with Horizontal(id="sample-settings"):
             yield Label("max tokens ")
-            yield Input("128", compact=True, id="max-tokens", type="integer", validators=[Number(1, 4096)])
+            yield InOrderInput(
+                "128", compact=True, id="max-tokens", type="integer", validators=[Number(1, 4096)]
+            )
             yield Label(" temperature ")
-            yield Input("0.7", compact=True, id="temperature", type="number", validators=[Number(0, 5)])
+            yield InOrderInput(
+                "0.7", compact=True, id="temperature", type="number", validators=[Number(0, 5)]
+            )
             yield Label(" top_p ")
-            yield Input("0.9", compact=True, id="top-p", type="number", validators=[Number(0.01, 1)])
-        yield Input(placeholder="prompt: i to type, Enter to generate", compact=True, id="prompt")
+            yield InOrderInput("0.9", compact=True, id="top-p", type="number", validators=[Number(0.01, 1)])
+        yield InOrderInput(placeholder="prompt: i to type, Enter to generate", compact=True, id="prompt")
         with VerticalScroll(id="replies"):
             yield Static(id="reply-view")
 
