@@ -64,6 +64,7 @@ HF_SCALE = Param("ACTIVATION_SCALE", "hf", 0.5, 1.5)
 HF_KEPT = Param("HF_SLACK_PER_KEPT_INPUT", None, 0.0, 2.0)
 HF_MASKED = Param("HF_SLACK_PER_MASKED_LAYER_NO_GC", None, 0.0, 3.0)
 HF_EXPANDABLE = Param("HF_EXPANDABLE_SLACK_SHARE", None, 0.0, 1.0)
+HF_LIGER_DEFAULT = Param("HF_LIGER_DEFAULT_SLACK_SHARE", None, 0.0, 1.5)
 UNSLOTH_PARAMS = (
     Param("UNSLOTH_DEQUANTIZED_WEIGHTS", None, 0.0, 10.0),
     Param("UNSLOTH_TOKEN_BYTES", None, 0.0, 50_000.0),
@@ -194,6 +195,8 @@ def slack_params(samples: Sequence[Sample], backend: str) -> list[Param]:
     mine = [s for s in samples if s.backend == "hf"]
     if any(s.record.allocator != "expandable" for s in mine):
         params.append(HF_KEPT)
+    if any(s.record.allocator != "expandable" and s.record.liger for s in mine):
+        params.append(HF_LIGER_DEFAULT)
     if any(s.record.allocator == "expandable" for s in mine):
         params.append(HF_EXPANDABLE)
     if any(_masked_without_checkpointing(s.record) for s in mine):

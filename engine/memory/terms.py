@@ -610,6 +610,8 @@ def allocator_slack(plan: Plan, phase: Phase) -> float:
             slack += C.HF_SLACK_PER_MASKED_LAYER_NO_GC * masked_layers(plan) * share * ffn_wide
         if plan.expandable:
             slack *= C.HF_EXPANDABLE_SLACK_SHARE
+        elif plan.liger:
+            slack *= C.HF_LIGER_DEFAULT_SLACK_SHARE
     else:  # Unsloth turns expandable segments on itself: its constants were fitted with them
         slack = C.ALLOCATOR_SLACK_BASE_GIB[plan.backend] * C.GIB
         slack += C.ALLOCATOR_SLACK_FRACTION[plan.backend] * phase.churn

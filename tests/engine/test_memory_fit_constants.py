@@ -89,16 +89,23 @@ def test_constants_are_restored_when_an_estimate_fails() -> None:
 def test_only_the_constants_the_records_can_tell_apart_are_fitted() -> None:
     samples = fc.samples_from([load_calibration(p) for p in records_files(RESULTS)])
     names = {p.label for p in fc.torch_params(samples, "hf")}
-    # The committed hf records used both allocators, and Gemma 3 without checkpointing masks its
-    # sliding layers: every hf slack constant has records behind it.
+    # The committed hf records used both allocators, with and without Liger under the default one,
+    # and Gemma 3 without checkpointing masks its sliding layers: every hf slack constant has
+    # records behind it.
     assert names == {
         "ACTIVATION_SCALE[hf]",
         "HF_SLACK_PER_KEPT_INPUT",
+        "HF_LIGER_DEFAULT_SLACK_SHARE",
         "HF_EXPANDABLE_SLACK_SHARE",
         "HF_SLACK_PER_MASKED_LAYER_NO_GC",
     }
     llama_only = [s for s in samples if s.backend == "hf" and s.arch.startswith("llama")]
     assert "HF_SLACK_PER_MASKED_LAYER_NO_GC" not in {p.name for p in fc.torch_params(llama_only, "hf")}
+    expandable_only = [s for s in samples if s.backend == "hf" and s.record.allocator == "expandable"]
+    assert {p.name for p in fc.torch_params(expandable_only, "hf")} & {
+        "HF_SLACK_PER_KEPT_INPUT",
+        "HF_LIGER_DEFAULT_SLACK_SHARE",
+    } == set()
 
 
 def test_leave_one_architecture_out_predicts_every_record_of_the_held_out_one() -> None:
