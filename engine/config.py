@@ -84,6 +84,10 @@ class DataConfig:
     responses_only: bool = True
     packing: bool = False
     too_long: Literal["truncate", "drop"] = "truncate"
+    bad_records: Literal["stop", "skip"] = "stop"
+    """A record that cannot be read or does not fit the format (a broken JSON line, a missing or
+    empty field, no assistant turn): stop at it (name it, train nothing), or skip it and go on,
+    counted in the data report with the first few named."""
     val_fraction: float = 0.0
     val_max_examples: int | None = 1000
     """At most this many validation examples (a seeded choice): an eval loss's noise falls as one

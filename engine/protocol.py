@@ -24,8 +24,9 @@ import msgspec
 # stage (eval progress), the estimate's checkpointing plan; 1.4: hello's process start (where a
 # start went), the estimate's FLOPs per token and the card's peak (utilisation); 1.5: model_ready's
 # batch split (train.batch_split); 1.6: checkpoint_saved's `kept` (the checkpoints rotation left),
-# exported's tolerance_basis, data_ready's format and template
-PROTOCOL_VERSION = "1.6"
+# exported's tolerance_basis, data_ready's format and template; 1.7: data_ready's skipped (bad
+# records left out, data.bad_records: skip)
+PROTOCOL_VERSION = "1.7"
 
 
 class ProtocolError(ValueError):
@@ -146,6 +147,7 @@ class DataReady(Message, frozen=True, tag="data_ready"):
     total_steps: int = 0
     format: str = ""  # the rows' format as read: data.format, or what auto detected ("": before 1.6)
     template: str = ""  # the chat template rendered (a family, or "tokenizer"); "" for text or tokens
+    skipped: int = 0  # bad records left out (data.bad_records: skip)
 
 
 class DeviceStat(msgspec.Struct, frozen=True, kw_only=True):

@@ -152,6 +152,7 @@ class EventPrinter:
                     f"data: {ev.train_examples} train / {ev.eval_examples} eval examples · "
                     f"{_num(ev.train_tokens)} tokens/epoch ({_num(ev.trained_tokens)} trained) · "
                     f"{ev.steps_per_epoch} steps/epoch · {ev.truncated} truncated, {ev.dropped} dropped"
+                    + (f", {ev.skipped} bad record{'s' * (ev.skipped != 1)} skipped" if ev.skipped else "")
                 )
             case protocol.Step():
                 total = f"/{ev.total_steps}" if ev.total_steps else ""

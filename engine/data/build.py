@@ -28,7 +28,7 @@ import numpy as np
 from engine.config import RunConfig
 from engine.data import cache
 from engine.data.encoded import Encoded
-from engine.data.errors import DataError
+from engine.data.errors import BadRecords, DataError
 from engine.data.formats import Example, Normalizer
 from engine.data.masking import EncodedBatch, Encoder, EncoderSpec, encode_in_worker, init_worker
 from engine.data.packing import bins
@@ -254,12 +254,13 @@ class Build:
         self.cfg, self.tokenizer, self.spec, self.template = cfg, tokenizer, spec, template
         self.folder, self.emit, self.hub, self.workers = folder, emit, hub, workers
         self.format: str | None = None
+        self.bad = BadRecords(cfg.data.bad_records)
 
     # -- reading -------------------------------------------------------------------------------
 
-    def _records(self, source: str, split: str | None) -> Iterator[Record]:
+    def _records(self, source: str, split: str | None, normalize: Normalizer) -> Iterator[Record]:
         if is_local(source):
-            return read_local(source)
+            return read_local(source, lambda error: self.bad(error, normalize.normalized > 0))
         from engine.data.hub import hub_records
 
         split = split or self.cfg.data.split
@@ -278,10 +279,14 @@ class Build:
         def batches() -> Iterator[list[Example]]:
             nonlocal sampled_bytes, sampled
             batch: list[Example] = []
-            for count, record in enumerate(self._records(source, split)):
+            for count, record in enumerate(self._records(source, split, normalize)):
                 if limit is not None and count >= limit:
                     break
-                batch.append(normalize(record))
+                try:
+                    batch.append(normalize(record))
+                except DataError as error:
+                    self.bad(error, normalize.normalized > 0)
+                    continue
                 if estimating and count % 64 == 0:
                     sampled_bytes += len(json.dumps(record.row, ensure_ascii=False, default=str).encode()) + 2
                     sampled += 1
@@ -416,6 +421,11 @@ class Build:
         train_store, fmt = self.encode_source(d.source, "train", None, d.max_examples)
         stores = [train_store]
         try:
+            if not len(train_store) and self.bad.count:
+                raise DataError(
+                    f"{d.source}: every record was bad ({self.bad.count:,} skipped); the first: {self.bad.first[0]}",
+                    "fix the data: with data.bad_records: stop, `qlc data` stops at the first bad record",
+                )
             if d.val_source:
                 split = "validation" if d.val_source == d.source else None
                 held_store, _ = self.encode_source(d.val_source, "eval", split, None)
@@ -456,6 +466,8 @@ class Build:
                 tokens=int(np.minimum(train_store.lengths[kept], seq_len).sum()),
                 trained_tokens=int(train_store.trained[kept].sum()),
                 first=first,
+                skipped=self.bad.count,
+                skipped_first=self.bad.first,
             )
             template = self.template if template_used else None
             report = build_report(self.cfg, self.tokenizer, template, fmt, figures)

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from engine.config import DataConfig, RunConfig
-from engine.data.errors import DataError
+from engine.data.errors import BadRecords, DataError
 from engine.data.formats import Example, Normalizer
 from engine.data.sources import is_local, local_files, read_local
 from engine.data.templates import TEMPLATE_NAMES
@@ -33,6 +33,8 @@ class SourceSummary:
     assistant_turns: int = 0
     eval_source_examples: int | None = None
     """Examples in data.val_source, when it is a local file."""
+    skipped: int = 0
+    """Bad records left out (data.bad_records: skip), in data.source and data.val_source."""
     note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -66,11 +68,15 @@ def read_examples(source: str, d: DataConfig, split: str | None = None) -> tuple
     return [normalize(record) for record in records], normalize.format
 
 
-def _count(source: str, d: DataConfig) -> tuple[int, int, str | None]:
+def _count(source: str, d: DataConfig, bad: BadRecords) -> tuple[int, int, str | None]:
     examples = turns = 0
     normalize = Normalizer(d.format, d.columns, d.system_prompt)
-    for record in read_local(source):
-        example = normalize(record)
+    for record in read_local(source, lambda error: bad(error, normalize.normalized > 0)):
+        try:
+            example = normalize(record)
+        except DataError as error:
+            bad(error, normalize.normalized > 0)
+            continue
         examples += 1
         turns += sum(m["role"] == "assistant" for m in example.messages or [])
     return examples, turns, normalize.format
@@ -87,10 +93,12 @@ def check_source(cfg: RunConfig) -> SourceSummary:
             note=f"hub dataset {d.source} (split {d.split}): rows are checked when the run loads them",
         )
     files = [str(p) for p in local_files(d.source)]
-    examples, turns, fmt = _count(d.source, d)
+    bad = BadRecords(d.bad_records)
+    examples, turns, fmt = _count(d.source, d, bad)
     summary = SourceSummary(d.source, "local", files, fmt, examples, turns)
     if d.val_source and is_local(d.val_source):
-        summary.eval_source_examples = _count(d.val_source, d)[0]
+        summary.eval_source_examples = _count(d.val_source, d, bad)[0]
+    summary.skipped = bad.count
     if d.max_examples is not None and examples > d.max_examples:
         summary.note = f"using the first {d.max_examples} of {examples} examples (data.max_examples)"
     return summary

@@ -23,3 +23,28 @@ def at(where: str, problem: str, hint: str = "") -> DataError:
 def one_line(text: str, limit: int = 200) -> str:
     flat = " ".join(str(text).split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+SKIP_HINT = "or set data.bad_records: skip to leave such records out (counted in the data report)"
+
+
+class BadRecords:
+    """data.bad_records: what becomes of a record that cannot be read or does not fit the format.
+    "stop" raises it (naming the way to skip when the records before it were fine: then it is this
+    record's fault, not the format's); "skip" counts it and keeps the first few for the report."""
+
+    NAMED = 3
+
+    def __init__(self, mode: str) -> None:
+        self.skip = mode == "skip"
+        self.count = 0
+        self.first: list[str] = []
+
+    def __call__(self, error: DataError, earlier_fine: bool) -> None:
+        if not self.skip:
+            if earlier_fine:
+                raise DataError(error.message, "; ".join(h for h in (error.hint, SKIP_HINT) if h)) from None
+            raise error
+        self.count += 1
+        if len(self.first) < self.NAMED:
+            self.first.append(error.message)

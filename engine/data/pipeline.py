@@ -89,7 +89,9 @@ def prepare(
     key = cache.key_of(
         {
             "code": cache.code_digest(),
-            "data": asdict(d),
+            # bad_records: stop adds nothing to the key, so data prepared before the setting
+            # existed is found again (stop prepares exactly what it did then).
+            "data": {k: v for k, v in asdict(d).items() if (k, v) != ("bad_records", "stop")},
             "seq_len": cfg.train.seq_len,
             "encoder": spec_digest(spec),
             "sources": described,

@@ -53,6 +53,10 @@ class DataReport:
     dropped: int = 0
     dropped_reasons: dict[str, int] = field(default_factory=dict)
     """too_long (data.too_long: drop), no_trained_tokens (the answer fell past seq_len)."""
+    skipped: int = 0
+    """Bad records left out (data.bad_records: skip), training and validation sources together."""
+    skipped_first: list[str] = field(default_factory=list)
+    """The first few of them: where and what."""
     tokens_per_epoch: int = 0
     trained_tokens_per_epoch: int = 0
     """Tokens with a label (not -100): what the loss is computed on."""
@@ -143,6 +147,8 @@ class Figures:
     trained_tokens: int
     first: Encoded | None
     """The first kept training example (as truncated)."""
+    skipped: int = 0
+    skipped_first: list[str] = field(default_factory=list)
 
 
 def build_report(
@@ -169,6 +175,8 @@ def build_report(
         truncated_tokens=f.truncated_tokens,
         dropped=sum(f.dropped.values()),
         dropped_reasons=dict(f.dropped),
+        skipped=f.skipped,
+        skipped_first=list(f.skipped_first),
         tokens_per_epoch=f.tokens,
         # The first token of an example is never a target (nothing precedes it).
         trained_tokens_per_epoch=f.trained_tokens,
@@ -188,6 +196,12 @@ def with_schedule(report: DataReport, cfg: RunConfig) -> DataReport:
     report.micro_batch, report.grad_accum = t.micro_batch, t.grad_accum
     report.steps_per_epoch, report.total_steps = per_epoch, total
     return report
+
+
+def skipped_line(r: DataReport) -> str:
+    """What data.bad_records: skip left out: the report's warning, and the run's."""
+    records = "1 bad record was" if r.skipped == 1 else f"{r.skipped:,} bad records were"
+    return f"{records} skipped (data.bad_records: skip); the first: {r.skipped_first[0]}"
 
 
 def _examples(n: int) -> str:
@@ -218,6 +232,8 @@ def _warnings(cfg: RunConfig, tokenizer: Any, template: ChatTemplate | None, r: 
         out.append(
             f"{n} {'example' if n == 1 else 'examples'} lost every trained token to truncation: dropped"
         )
+    if r.skipped:
+        out.append(skipped_line(r))
     if cfg.data.val_fraction > 0 and r.eval_examples == 0:
         out.append("data.val_fraction is set but no example was held out (too few examples)")
     return out

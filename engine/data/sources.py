@@ -14,7 +14,7 @@ import csv
 import io
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,17 +62,38 @@ def local_files(source: str) -> list[Path]:
     return files
 
 
-def read_local(source: str) -> Iterator[Record]:
+def stop(error: DataError) -> None:
+    raise error
+
+
+def read_local(source: str, bad: Callable[[DataError], None] = stop) -> Iterator[Record]:
+    """Every record of a local source. `bad` gets a line that cannot be read as a record (JSON
+    Lines and CSV, where the next line can still be read): raise it to stop, or return to skip."""
     for path in local_files(source):
-        yield from read_file(path)
+        yield from read_file(path, bad)
 
 
-def read_file(path: Path) -> Iterator[Record]:
-    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
-    count = 0
-    for record in readers[path.suffix.lower()](path):
+def read_file(path: Path, bad: Callable[[DataError], None] = stop) -> Iterator[Record]:
+    count = skipped = 0
+
+    def counted(error: DataError) -> None:
+        nonlocal skipped
+        bad(error)
+        skipped += 1
+
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".csv"):
+        records = (_read_jsonl if suffix == ".jsonl" else _read_csv)(path, counted)
+    else:
+        records = {".json": _read_json, ".parquet": _read_parquet}[suffix](path)
+    for record in records:
         count += 1
         yield record
+    if count == 0 and skipped:
+        raise DataError(
+            f"{path}: none of its {skipped:,} records could be read (data.bad_records: skip left out every one)",
+            "fix the file; with data.bad_records: stop, `qlc data` names the first bad record",
+        )
     if count == 0:
         raise DataError(
             f"{path}: the file is empty" if path.stat().st_size == 0 else f"{path}: the file holds no records"
@@ -96,27 +117,32 @@ def _object(where: str, value: Any) -> dict[str, Any]:
     return value
 
 
-def _read_jsonl(path: Path) -> Iterator[Record]:
+def _read_jsonl(path: Path, bad: Callable[[DataError], None]) -> Iterator[Record]:
     # Line by line, in bytes: a bad byte or bad JSON is reported at its own line, and a huge
     # file is never held in memory whole.
     with path.open("rb") as f:
         for number, raw in enumerate(f, 1):
-            try:
-                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as exc:
-                raise at(
-                    f"{path}: line {number}",
-                    f"not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})",
-                    UTF8_HINT,
-                ) from None
-            if not text.strip():
-                continue
             where = f"{path}: line {number}"
             try:
-                value = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise at(where, _malformed(exc, one_line=True), "each line must be one JSON object") from None
-            yield Record(where, _object(where, value), str(path))
+                try:
+                    text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    raise at(
+                        where, f"not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})", UTF8_HINT
+                    ) from None
+                if not text.strip():
+                    continue
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise at(
+                        where, _malformed(exc, one_line=True), "each line must be one JSON object"
+                    ) from None
+                record = Record(where, _object(where, value), str(path))
+            except DataError as exc:
+                bad(exc)
+                continue
+            yield record
 
 
 def _malformed(exc: json.JSONDecodeError, one_line: bool = False) -> str:
@@ -196,17 +222,18 @@ def _json_array(path: Path, text: str, start: int) -> Iterator[Record]:
         raise fail(i, "Extra data")
 
 
-def _read_csv(path: Path) -> Iterator[Record]:
+def _read_csv(path: Path, bad: Callable[[DataError], None]) -> Iterator[Record]:
     text = _decode(path, path.read_bytes())
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
         for number, row in enumerate(reader, 1):
             where = f"{path}: row {number}"
             if None in row:
-                raise at(where, f"has more fields than the header ({len(reader.fieldnames or [])})")
-            if any(v is None for v in row.values()):
-                raise at(where, f"has fewer fields than the header ({len(reader.fieldnames or [])})")
-            yield Record(where, dict(row), str(path))
+                bad(at(where, f"has more fields than the header ({len(reader.fieldnames or [])})"))
+            elif any(v is None for v in row.values()):
+                bad(at(where, f"has fewer fields than the header ({len(reader.fieldnames or [])})"))
+            else:
+                yield Record(where, dict(row), str(path))
     except csv.Error as exc:
         raise at(f"{path}: line {reader.line_num}", f"malformed CSV ({exc})") from None
 

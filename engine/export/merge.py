@@ -140,12 +140,15 @@ def load_tokenizer(cfg: RunConfig, source: Path, base: str) -> Any:
 
 
 def _examples(cfg: RunConfig, limit: int) -> list[Any]:
+    from engine.data.errors import DataError
     from engine.data.formats import Normalizer
     from engine.data.sources import is_local, read_local
 
     d = cfg.data
+    # The first good records: a bad one is passed over (a run with data.bad_records: skip
+    # trained without it; with stop, the run would not have started).
     if is_local(d.source):
-        records = read_local(d.source)
+        records = read_local(d.source, bad=lambda error: None)
     else:
         from engine.data.hub import read_hub
 
@@ -153,7 +156,10 @@ def _examples(cfg: RunConfig, limit: int) -> list[Any]:
     normalize = Normalizer(d.format, d.columns, d.system_prompt)
     out = []
     for record in records:
-        out.append(normalize(record))
+        try:
+            out.append(normalize(record))
+        except DataError:
+            continue
         if len(out) == limit:
             break
     return out

@@ -289,12 +289,22 @@ class Recipe:
             total_steps=total,
             format=r.format or "",
             template=r.template or "",
+            skipped=r.skipped,
         )
         if self.resume and self.ranks.is_main:
             changed = data_changed(self.run_dir, ready)
             if changed:
                 emit(protocol.WarningEvent(message=changed, hint=RESUMED_ON_OTHER_DATA_HINT))
         emit(ready)
+        if r.skipped and self.ranks.is_main:
+            from engine.data.report import skipped_line
+
+            emit(
+                protocol.WarningEvent(
+                    message=skipped_line(r),
+                    hint="`qlc data` names the first few; data.bad_records: stop stops at the first",
+                )
+            )
         return prepared, template
 
     def _build_trainer(self, model: Any, prepared: Any, template: str) -> Any:

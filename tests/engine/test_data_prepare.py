@@ -468,3 +468,94 @@ def test_one_example_is_one_example() -> None:
         "1 example is longer than seq_len 64: truncated, 295 tokens lost",
         "1 example lost every trained token to truncation: dropped",
     ]
+
+
+def _with_bad_records(tmp_path: Path) -> tuple[Path, int]:
+    """The demo's conversations with four bad lines among them: broken JSON, a list instead of an
+    object, user after user, and no assistant turn."""
+    lines = DATASET.read_text().splitlines()
+    bad = [
+        '{"messages": [{"role": "user", "content": "hi"}',
+        "[1, 2, 3]",
+        json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}),
+        json.dumps({"messages": [{"role": "user", "content": "only a question"}]}),
+    ]
+    for n, line in zip((10, 200, 201, 450), bad, strict=True):
+        lines.insert(n, line)
+    path = tmp_path / "scraped.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path, len(lines) - len(bad)
+
+
+def test_bad_records_stop_a_run_by_default_and_say_how_to_skip_them(tok, tmp_path: Path) -> None:
+    source, _ = _with_bad_records(tmp_path)
+    with pytest.raises(DataError) as caught:
+        prepare(run_cfg(source=source), tok)
+    assert caught.value.message.startswith(f"{source}: line 11: malformed JSON")
+    assert caught.value.hint.endswith(
+        "or set data.bad_records: skip to leave such records out (counted in the data report)"
+    )
+
+
+def test_skipped_bad_records_are_counted_named_and_the_rest_trains(
+    tok, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data.bad_records: skip leaves out what cannot be read or does not fit the format, in this
+    process and in tokenizing workers alike; the rows are those of the good records alone."""
+    monkeypatch.setenv("QLC_DATA_CACHE", str(tmp_path / "cache"))
+    source, good = _with_bad_records(tmp_path)
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text(DATASET.read_text())
+    reference = prepare(run_cfg(source=clean), tok, workers=0)
+    for workers in (0, 2):
+        monkeypatch.setenv("QLC_DATA_CACHE", str(tmp_path / f"cache-{workers}"))
+        p = prepare(run_cfg(source=source, bad_records="skip"), tok, workers=workers)
+        r = p.report
+        assert r.skipped == 4 and r.examples == good == reference.report.examples
+        assert [dict(row) for row in p.train] == [dict(row) for row in reference.train]
+        assert r.skipped_first[0].startswith(f"{source}: line 11: malformed JSON")
+        assert (
+            r.skipped_first[1]
+            == f"{source}: line 201: expected an object with named fields, got list [1, 2, 3]"
+        )
+        assert "user after user" in r.skipped_first[2] and len(r.skipped_first) == 3
+        assert r.warnings[-1].startswith("4 bad records were skipped (data.bad_records: skip); the first: ")
+        assert DataReport.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+
+
+def test_a_source_of_nothing_but_bad_records_is_one_line(tok, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"messages": \n[1]\n')
+    with pytest.raises(DataError, match=r"none of its 2 records could be read \(data.bad_records: skip"):
+        prepare(run_cfg(source=broken, bad_records="skip"), tok)
+    no_answers = tmp_path / "questions.jsonl"
+    no_answers.write_text(
+        "".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n" for q in "abc")
+    )
+    with pytest.raises(DataError) as caught:
+        prepare(run_cfg(source=no_answers, bad_records="skip"), tok)
+    assert caught.value.message.startswith(f"{no_answers}: every record was bad (3 skipped); the first: ")
+
+
+def test_stop_keeps_the_cache_key_data_had_before_the_setting(tok, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs prepared before data.bad_records existed find their prepared rows again; skip does not."""
+    from dataclasses import asdict
+
+    from engine.data import cache, pipeline
+
+    class Keyed(Exception):
+        pass
+
+    seen: list[dict] = []
+
+    def key_of(parts: dict) -> str:
+        seen.append(parts)
+        raise Keyed
+
+    monkeypatch.setattr(cache, "key_of", key_of)
+    for bad_records in ("stop", "skip"):
+        with pytest.raises(Keyed):
+            pipeline.prepare(run_cfg(bad_records=bad_records), tok, workers=0)
+    stop, skip = (parts["data"] for parts in seen)
+    assert set(stop) == set(asdict(run_cfg().data)) - {"bad_records"}
+    assert skip == {**stop, "bad_records": "skip"}

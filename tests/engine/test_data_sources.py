@@ -181,7 +181,10 @@ def test_a_field_missing_from_one_record_points_at_the_record_not_the_format() -
     # Line 1 has 'output': line 2 lacking it is the row's fault, not a wrong format or column name.
     with pytest.raises(DataError) as later:
         check_source(cfg_for(BAD / "missing_output.jsonl"))
-    assert later.value.hint == "fix or remove this record: the records before it have the field"
+    assert later.value.hint == (
+        "fix or remove this record: the records before it have the field; "
+        "or set data.bad_records: skip to leave such records out (counted in the data report)"
+    )
     # Missing from the very first record: the format or the column names may be what is wrong.
     with pytest.raises(DataError) as first:
         check_source(

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from engine import protocol
+from engine.models.tiny import DATASET
 from engine.run import runs
 from tests.conftest import QLC, REPO, qlc
 
@@ -301,9 +302,15 @@ def test_tokens_seen_counts_each_token_of_an_epoch_once(tmp_path: Path) -> None:
     """After exactly one epoch the step events have counted the epoch's tokens (the data report's
     train_tokens). At seq_len 24 every conversation is truncated to 24 tokens, so micro-batches
     hold equal rows and go without an attention mask: TRL's own count took such a batch for one
-    row (3 tokens of 24 counted, at micro-batch 8)."""
+    row (3 tokens of 24 counted, at micro-batch 8). The data holds one broken line, skipped
+    (data.bad_records: skip): the run trains on the rest, and says so."""
     mb, seq = 8, 24
+    source = tmp_path / "with-a-bad-line.jsonl"
+    lines = DATASET.read_text().splitlines()
+    source.write_text("\n".join([*lines[:3], '{"messages": [', *lines[3:]]) + "\n")
     sets = {
+        "data.source": source,
+        "data.bad_records": "skip",
         "train.micro_batch": mb,
         "train.seq_len": seq,
         "train.logging_steps": 22,
@@ -318,6 +325,11 @@ def test_tokens_seen_counts_each_token_of_an_epoch_once(tmp_path: Path) -> None:
     (run_dir,) = runs.list_run_dirs(tmp_path)
     events, _ = runs.read_events(run_dir)
     report = next(e for e in events if isinstance(e, protocol.DataReady))
+    assert report.skipped == 1 and "1 bad record skipped" in result.stdout
+    (warning,) = [e for e in events if isinstance(e, protocol.WarningEvent) and "bad record" in e.message]
+    assert warning.message.startswith(
+        f"1 bad record was skipped (data.bad_records: skip); the first: {source}: line 4:"
+    )
     # Rows with no response token left after truncation are dropped (the data report says so).
     assert report.steps_per_epoch == 44 and report.train_examples == 44 * mb
     assert report.train_tokens == report.train_examples * seq

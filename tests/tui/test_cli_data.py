@@ -117,3 +117,26 @@ def test_progress_goes_to_stderr_and_a_second_report_reuses_the_prepared_rows(tm
     assert second.stdout == first.stdout
     assert any("reusing the data prepared before" in line for line in second.stderr.splitlines())
     assert not any("examples/s" in line for line in second.stderr.splitlines())
+
+
+def test_bad_records_skipped_are_counted_and_named(tmp_path: Path) -> None:
+    """`qlc data` with data.bad_records: skip: the good records' report, the count on the source
+    line and a warning naming the first; without it, the first bad record is the error and its
+    hint says how to skip."""
+    source = tmp_path / "scraped.jsonl"
+    good = (REPO / "presets" / "data" / "tiny-instruct.jsonl").read_text().splitlines()
+    source.write_text("\n".join([*good[:5], "{oops", *good[5:], '["not", "a record"]']) + "\n")
+    sets = ("--set", f"data.source={source}", "--set", "data.val_fraction=0")
+    stopped = qlc("data", "tiny-demo", *sets)
+    assert stopped.returncode == 2 and stopped.stdout == ""
+    assert f"{source}: line 6: malformed JSON" in stopped.stderr
+    assert "or set data.bad_records: skip to leave such records out" in stopped.stderr
+    proc = qlc("data", "tiny-demo", *sets, "--set", "data.bad_records=skip")
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "(messages, 600 examples, 2 bad skipped)" in text
+    assert "examples 600 train" in text
+    assert (
+        f"warning: 2 bad records were skipped (data.bad_records: skip); the first: {source}: line 6: malformed JSON"
+        in text
+    )

@@ -138,7 +138,8 @@ def _source_line(cfg: RunConfig, summary: SourceSummary) -> Text:
     line = Text.assemble((cfg.name or "preset", "bold"), "  ", short_path(summary.source))
     if summary.location == "local":
         files = f", {len(summary.files)} files" if len(summary.files) > 1 else ""
-        line.append(f"  ({summary.format}, {summary.examples:,} examples{files})")
+        skipped = f", {summary.skipped:,} bad skipped" if summary.skipped else ""
+        line.append(f"  ({summary.format}, {summary.examples:,} examples{skipped}{files})")
     if summary.note:
         line.append(f"\n{summary.note}", style="dim")
     return line

@@ -292,6 +292,11 @@ class PresetsPane(Horizontal):
             text = Text(
                 f"data: {summary.examples} examples ({summary.format or '?'}), {summary.assistant_turns} assistant turns"
                 + (f", {summary.eval_source_examples} eval" if summary.eval_source_examples else "")
+                + (
+                    f", {summary.skipped} bad record{'s' * (summary.skipped != 1)} skipped"
+                    if summary.skipped
+                    else ""
+                )
                 + (f"; {summary.note}" if summary.note else ""),
                 style="dim",
             )
