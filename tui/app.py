@@ -43,6 +43,8 @@ from tui.widgets.gpu import Probe
 from tui.widgets.presets_pane import PresetsPane
 from tui.widgets.runs_pane import RunsPane
 
+RESUME_POLL_S = 1.0  # how soon a console sees that another one resumed the run it shows
+
 
 class QlcApp(KeyActions, RunEvents, PresetActions, RunActions, SampleActions, App[int]):
     CSS_PATH = "app.tcss"
@@ -118,6 +120,7 @@ class QlcApp(KeyActions, RunEvents, PresetActions, RunActions, SampleActions, Ap
     def on_mount(self) -> None:
         self.sub_title = str(self.runs_root)
         self.call_after_refresh(self._started)
+        self.set_interval(RESUME_POLL_S, self._follow_a_resume)
 
     def _started(self) -> None:
         """After the first refresh, when every pane is mounted."""
@@ -187,6 +190,18 @@ class QlcApp(KeyActions, RunEvents, PresetActions, RunActions, SampleActions, Ap
             thread=True,
             exit_on_error=False,
         )
+
+    def _follow_a_resume(self) -> None:
+        """The watched run's engine had ended (stopped, finished, crashed) and this console read
+        its events file to the end; another console or `qlc resume` may start it again. Its lock
+        says so (one flock, no read): then follow it again, as R would, instead of showing the old
+        end until someone presses R."""
+        client = self.client
+        if client is None or not client.ended or client.proc is not None or client.role != "run":
+            return
+        if runs.is_running(client.run_dir):
+            self.open_run(client.run_dir, show=False)
+            self.notify(f"{client.run_id} started again elsewhere: following it", timeout=5)
 
     def open_run(self, run_dir: Path, show: bool = True) -> None:
         """Show a run: its history from the events file, then (if it is running) its new events."""

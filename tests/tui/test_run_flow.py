@@ -258,3 +258,26 @@ async def test_a_run_that_fails_at_load_says_why_and_offers_no_run_actions(runs_
         assert "failed before the first step" in text
         assert "waiting" not in text and "0/?" not in text
         assert not any(action in _footer(app) for action in RUN_ACTIONS), _footer(app)
+
+
+async def test_a_run_resumed_from_another_console_is_followed_again(app_factory, crashed_run: Path) -> None:
+    """A console showing a run whose engine had ended saw nothing when another console (or `qlc
+    resume`) started it again, until R: it now follows it within a second or two."""
+    from pilot_helpers import CRASHED_RUN
+
+    app = app_factory(attach=CRASHED_RUN)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: app.client is not None and app.client.ended, what="the file read")
+        assert app.run_status() == "crashed" and not app.live()
+        elsewhere = fake_engine.launcher(steps=120, rate=20.0)(crashed_run, resume=True, pipe=False)
+        try:
+            await wait_for(
+                pilot, lambda: app.run_status() == "training", timeout=10, what="the resumed run followed"
+            )
+            assert app.history is not None and app.history.hello is not None
+            said = [n.message for n in app._notifications]
+            assert f"{CRASHED_RUN} started again elsewhere: following it" in said, said
+            assert app.live()  # this console can stop, save and sample it too
+        finally:
+            elsewhere.kill()
+            elsewhere.wait()
