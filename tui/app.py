@@ -51,7 +51,7 @@ class QlcApp(KeyActions, RunEvents, PresetActions, RunActions, SampleActions, Ap
     TITLE = "qlora-console"
     ENABLE_COMMAND_PALETTE = True
     # Screen classes for bigger terminals: more rows for the lower charts and the log.
-    VERTICAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-short"), (32, "-tall")]
+    VERTICAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-tiny"), (22, "-short"), (32, "-tall")]
     HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-narrow"), (110, "-wide")]
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+q", "quit", "Quit", priority=True, show=False),

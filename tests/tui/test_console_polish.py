@@ -136,3 +136,18 @@ async def test_the_palette_reaches_the_panes_own_keys(app_factory, finished_run:
         if not runs.marked:  # the list may have been empty when the command ran: mark again
             await _palette(pilot, "mark selected run")
         assert runs.marked == {FINISHED_RUN}
+
+
+async def test_a_short_terminal_shows_every_metric(app_factory, finished_run) -> None:
+    """At 60x18 (a split pane) the metrics panel had one row, lr: under 22 rows the learning-rate
+    chart and the checkpoints give way, and every metric shows with its sparkline."""
+
+    app = app_factory(attach=FINISHED_RUN)
+    async with app.run_test(size=(60, 18)) as pilot:
+        await wait_for(pilot, lambda: app.history is not None and app.history.finished is not None)
+        await pilot.pause(0.2)
+        text = screen_text(app)
+        for metric in ("lr ", "grad norm", "tokens/s", "step ", "torch GiB"):
+            assert f"│{metric}" in text, text
+        assert "learning rate" not in text and "checkpoints" not in text
+        assert "finished: completed at step 120" in text  # the log's last line
