@@ -198,7 +198,8 @@ class Fit:
 
 def fit(lengths: np.ndarray, trained: np.ndarray, seq_len: int, too_long: str) -> Fit:
     """Truncate (counted) or drop what is longer than seq_len; drop what has no trained token
-    left (a batch of those makes the loss 0/0). The first token is never a target."""
+    left (a batch of those makes the loss 0/0). The first token is never a target. Each example
+    is counted once: kept (and maybe truncated) or dropped."""
     over = lengths > seq_len
     if too_long == "drop":
         too, candidate, cut = over, ~over, np.zeros_like(over)
@@ -215,10 +216,14 @@ def fit(lengths: np.ndarray, trained: np.ndarray, seq_len: int, too_long: str) -
         reason: int(np.count_nonzero(too if reason == "too_long" else empty))
         for reason in sorted(firsts, key=firsts.__getitem__)
     }
+    keep = candidate & ~empty
+    # Truncated counts what is trained on, cut: an example truncation left without a trained
+    # token is dropped, and counted there alone (it was in both columns of the report).
+    kept_cut = cut & keep
     return Fit(
-        keep=candidate & ~empty,
-        truncated=int(np.count_nonzero(cut)),
-        truncated_tokens=int((lengths[cut] - seq_len).sum()),
+        keep=keep,
+        truncated=int(np.count_nonzero(kept_cut)),
+        truncated_tokens=int((lengths[kept_cut] - seq_len).sum()),
         dropped=dropped,
     )
 

@@ -77,8 +77,9 @@ def test_truncation_is_counted(tok) -> None:
     full = prepare(run_cfg(), tok).report
     r = prepare(run_cfg(seq_len=40), tok).report
     over = [n for n in _lengths(tok) if n > 40]
-    assert r.truncated == len(over) > 0
-    assert r.truncated_tokens == sum(n - 40 for n in over)
+    assert r.truncated > 0 and r.truncated + r.dropped_reasons.get("no_trained_tokens", 0) == len(over)
+    if not r.dropped:
+        assert r.truncated_tokens == sum(n - 40 for n in over)
     assert r.examples + r.dropped == 600
     assert r.length_max == full.length_max  # the distribution is measured before truncation
     assert any("truncated" in w for w in r.warnings)
@@ -94,6 +95,9 @@ def test_drop_mode_is_counted(tok) -> None:
 def test_examples_that_lose_every_answer_token_are_dropped_and_counted(tok) -> None:
     r = prepare(run_cfg(seq_len=26), tok).report
     assert r.dropped_reasons.get("no_trained_tokens", 0) > 0
+    # Each example is in one column: kept (some of them truncated) or dropped.
+    over = [n for n in _lengths(tok) if n > 26]
+    assert r.truncated + r.dropped == len(over) and r.examples + r.dropped == 600
     with pytest.raises(
         DataError, match=re.escape("no training example left after fitting to seq_len 12")
     ) as e:
