@@ -30,6 +30,7 @@ from engine.memory.merge import MergeEstimate
 from engine.run import runs
 from engine.run.events import Emitter
 from engine.run.pins import load_pinned
+from engine.train import faults
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TOKENIZER_FILES = (
@@ -405,6 +406,7 @@ def export(request: ExportRequest, emitter: Emitter) -> int:
     progress = Progress(emitter, steps)
     workspace = Workspace(request.out_dir)
     try:
+        faults.export_pause()  # QLC_FAULT=slow_export: the interrupt test's window; else nothing
         if request.adapter_only:
             out = _export_adapter(request, cfg, workspace.tmp, progress)
         else:

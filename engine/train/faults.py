@@ -7,6 +7,8 @@
     QLC_FAULT="nan_at_step=N"             multiply step N's loss by NaN: the NaN gradients reach the
                                           weights, as in a real divergence
     QLC_FAULT="slow_step=0.5"             sleep this many seconds in every optimizer step
+    QLC_FAULT="slow_export=30"            sleep this many seconds once an export's temporary folder
+                                          exists (an interrupt then has something to clean up)
     QLC_FAULT="gpu_memory_limit_gb=2"     cap the CUDA caching allocator (and empty its cache) at the
                                           first training step, after a resume has loaded its state:
                                           a real CUDA out-of-memory, from the allocator itself
@@ -51,6 +53,7 @@ class FaultPlan:
     oom_at_step: int | None = None
     nan_at_step: int | None = None
     slow_step: float = 0.0
+    slow_export: float = 0.0
     gpu_memory_limit_gb: float | None = None
     audit_loads: bool = False
     stall_rank: str | None = None  # "R@POINT": rank R stalls at POINT (init, sources, step=N, end)
@@ -72,7 +75,7 @@ class FaultPlan:
 # Faults that count saves default to the first one when given without a value.
 _COUNTS = {"kill_in_save", "disk_full_in_save"}
 _INTS = {"oom_at_step", "nan_at_step"}
-_FLOATS = {"slow_step", "gpu_memory_limit_gb"}
+_FLOATS = {"slow_step", "slow_export", "gpu_memory_limit_gb"}
 _FLAGS = {"audit_loads"}
 _POINTS = {"init", "sources", "end"}
 
@@ -125,6 +128,15 @@ def _stall_point(value: str) -> str:
 
 def plan_from_env() -> FaultPlan:
     return parse(os.environ.get(ENV, ""))
+
+
+def export_pause() -> None:
+    """The slow_export fault: the export waits here, its temporary folder made."""
+    text = os.environ.get(ENV, "")
+    if "slow_export" in text:
+        seconds = parse(text).slow_export
+        _note(f"export pauses {seconds:g} s (slow_export)")
+        time.sleep(seconds)
 
 
 def stall_at(rank: int, point: str) -> None:
