@@ -151,3 +151,14 @@ async def test_a_short_terminal_shows_every_metric(app_factory, finished_run) ->
             assert f"│{metric}" in text, text
         assert "learning rate" not in text and "checkpoints" not in text
         assert "finished: completed at step 120" in text  # the log's last line
+
+
+async def test_the_gpu_size_box_stays_whole_at_60_columns(app_factory) -> None:
+    """At 60 columns the size box was cut to "or a": the GPU picker gives way instead."""
+    app = app_factory()
+    async with app.run_test(size=(60, 18)) as pilot:
+        await pilot.pause()
+        await select_preset(pilot, "llama-3.1-8b-rtx4090")
+        await pilot.press("2")
+        await pilot.pause(0.3)
+        assert "or a size: 24GB (t)" in screen_text(app)
