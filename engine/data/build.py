@@ -285,8 +285,8 @@ class Build:
             nonlocal sampled_bytes, sampled
             batch: list[Example] = []
             for count, record in enumerate(self._records(source, split, normalize)):
-                if limit is not None and count >= limit:
-                    break
+                if limit is not None and normalize.normalized >= limit:
+                    break  # data.max_examples counts examples: a skipped bad record is none
                 try:
                     batch.append(normalize(record))
                 except DataError as error:

@@ -563,3 +563,9 @@ def test_stop_keeps_the_cache_key_data_had_before_the_setting(tok, monkeypatch: 
     stop, skip = (parts["data"] for parts in seen)
     assert set(stop) == set(asdict(run_cfg().data)) - {"bad_records"}
     assert skip == {**stop, "bad_records": "skip"}
+
+
+def test_max_examples_counts_good_records_when_bad_ones_are_skipped(tok, tmp_path: Path) -> None:
+    source, _ = _with_bad_records(tmp_path)  # a bad line at line 11, among the first 20
+    r = prepare(run_cfg(source=source, bad_records="skip", max_examples=20), tok).report
+    assert (r.examples, r.skipped) == (20, 1)
