@@ -197,8 +197,10 @@ class QlcApp(KeyActions, RunEvents, PresetActions, RunActions, SampleActions, Ap
         says so (one flock, no read): then follow it again, as R would, instead of showing the old
         end until someone presses R."""
         client = self.client
-        if client is None or not client.ended or client.proc is not None or client.role != "run":
+        if client is None or not client.ended or client.role != "run":
             return
+        if client.proc is not None and client.proc.poll() is None:
+            return  # this console's own engine is still exiting (it holds the lock until it has)
         if runs.is_running(client.run_dir):
             self.open_run(client.run_dir, show=False)
             self.notify(f"{client.run_id} started again elsewhere: following it", timeout=5)

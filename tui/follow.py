@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.text import Text
 
 from engine import protocol
+from engine.data import bad_records
 from engine.run import runs
 from tui.budget import split_plan
 from tui.history import utilisation
@@ -152,7 +153,7 @@ class EventPrinter:
                     f"data: {ev.train_examples} train / {ev.eval_examples} eval examples · "
                     f"{_num(ev.train_tokens)} tokens/epoch ({_num(ev.trained_tokens)} trained) · "
                     f"{ev.steps_per_epoch} steps/epoch · {ev.truncated} truncated, {ev.dropped} dropped"
-                    + (f", {ev.skipped} bad record{'s' * (ev.skipped != 1)} skipped" if ev.skipped else "")
+                    + (f", {bad_records(ev.skipped)} skipped" if ev.skipped else "")
                 )
             case protocol.Step():
                 total = f"/{ev.total_steps}" if ev.total_steps else ""

@@ -16,12 +16,20 @@ from typing import TYPE_CHECKING, Any
 
 from engine.data.check import SourceSummary, check_source
 from engine.data.errors import DataError
-from engine.data.report import DataReport
+from engine.data.report import DataReport, bad_records
 
 if TYPE_CHECKING:
     from engine.data.pipeline import PreparedData, prepare
 
-__all__ = ["DataError", "DataReport", "PreparedData", "SourceSummary", "check_source", "prepare"]
+__all__ = [
+    "DataError",
+    "DataReport",
+    "PreparedData",
+    "SourceSummary",
+    "bad_records",
+    "check_source",
+    "prepare",
+]
 
 
 def __getattr__(name: str) -> Any:

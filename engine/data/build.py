@@ -29,7 +29,7 @@ from engine.config import RunConfig
 from engine.data import cache
 from engine.data.encoded import Encoded
 from engine.data.errors import BadRecords, DataError
-from engine.data.formats import Example, Normalizer
+from engine.data.formats import Example, Normalizer, normalized
 from engine.data.masking import EncodedBatch, Encoder, EncoderSpec, encode_in_worker, init_worker
 from engine.data.packing import bins
 from engine.data.progress import Emit, Progress, stage
@@ -284,14 +284,13 @@ class Build:
         def batches() -> Iterator[list[Example]]:
             nonlocal sampled_bytes, sampled
             batch: list[Example] = []
-            for count, record in enumerate(self._records(source, split, normalize)):
-                if limit is not None and normalize.normalized >= limit:
-                    break  # data.max_examples counts examples: a skipped bad record is none
-                try:
-                    batch.append(normalize(record))
-                except DataError as error:
-                    self.bad(error, normalize.normalized > 0)
-                    continue
+            # data.max_examples counts examples (a skipped bad record is none), and no record past
+            # the limit is read (a broken one there would stop a run that never uses it).
+            if limit == 0:
+                return
+            read = normalized(self._records(source, split, normalize), normalize, self.bad)
+            for count, (record, example) in enumerate(read):
+                batch.append(example)
                 if estimating and count % 64 == 0:
                     sampled_bytes += len(json.dumps(record.row, ensure_ascii=False, default=str).encode()) + 2
                     sampled += 1
@@ -303,6 +302,8 @@ class Build:
                         )
                     yield batch
                     batch = []
+                if limit is not None and normalize.normalized >= limit:
+                    break
             if batch:
                 yield batch
 
@@ -326,6 +327,7 @@ class Build:
     def encode_source(
         self, source: str, name: str, split: str | None, limit: int | None
     ) -> tuple[TokenStore, str | None]:
+        skipped_before = self.bad.count
         total, size = self._estimate(source, split, limit)
         workers = self.workers if self.workers is not None else worker_count(size)
         if self.spec.backend_json is None:
@@ -347,6 +349,11 @@ class Build:
             raise
         store.finish()
         progress.done()
+        try:
+            self.bad.verdict(source, len(store), skipped_before)
+        except DataError:
+            store.close()
+            raise
         return store, normalize.format
 
     def _encode_in_pool(
@@ -426,11 +433,6 @@ class Build:
         train_store, fmt = self.encode_source(d.source, "train", None, d.max_examples)
         stores = [train_store]
         try:
-            if not len(train_store) and self.bad.count:
-                raise DataError(
-                    f"{d.source}: every record was bad ({self.bad.count:,} skipped); the first: {self.bad.first[0]}",
-                    "fix the data: with data.bad_records: stop, `qlc data` stops at the first bad record",
-                )
             if d.val_source:
                 split = "validation" if d.val_source == d.source else None
                 held_store, _ = self.encode_source(d.val_source, "eval", split, None)

@@ -9,7 +9,7 @@ from typing import Any
 
 from engine.config import DataConfig, RunConfig
 from engine.data.errors import BadRecords, DataError
-from engine.data.formats import Example, Normalizer
+from engine.data.formats import Example, Normalizer, normalized
 from engine.data.sources import is_local, local_files, read_local
 from engine.data.templates import TEMPLATE_NAMES
 
@@ -70,15 +70,13 @@ def read_examples(source: str, d: DataConfig, split: str | None = None) -> tuple
 
 def _count(source: str, d: DataConfig, bad: BadRecords) -> tuple[int, int, str | None]:
     examples = turns = 0
+    skipped_before = bad.count
     normalize = Normalizer(d.format, d.columns, d.system_prompt)
-    for record in read_local(source, lambda error: bad(error, normalize.normalized > 0)):
-        try:
-            example = normalize(record)
-        except DataError as error:
-            bad(error, normalize.normalized > 0)
-            continue
+    records = read_local(source, lambda error: bad(error, normalize.normalized > 0))
+    for _, example in normalized(records, normalize, bad):
         examples += 1
         turns += sum(m["role"] == "assistant" for m in example.messages or [])
+    bad.verdict(source, examples, skipped_before)
     return examples, turns, normalize.format
 
 

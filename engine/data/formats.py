@@ -13,10 +13,11 @@ inner keys of a conversation (`{role: speaker, content: text}`). Pure Python, li
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from engine.data.errors import DataError, at
+from engine.data.errors import BadRecords, DataError, FormatError, at
 from engine.data.sources import Record
 
 FORMATS = ("alpaca", "messages", "sharegpt", "text", "tokens")
@@ -145,19 +146,19 @@ class Normalizer:
             single = single_message(record, self.columns)
             return at(record.where, single, ONE_CONVERSATION_HINT) if single else exc
         if self.pinned:
-            return DataError(
+            return FormatError(
                 f"{exc.message}; the record looks like {looks}, not {self.format}",
                 f"set data.format: {looks} (or auto)",
             )
         if record.file and self.decided_by and record.file != self.decided_by:
-            return at(
-                record.where,
-                f"mixed formats: {self.decided_by} holds {self.format} records, {record.file} holds {looks} records",
+            return FormatError(
+                f"{record.where}: mixed formats: {self.decided_by} holds {self.format} records, "
+                f"{record.file} holds {looks} records",
                 "use one format per dataset: convert the files, or point data.source at files of one shape",
             )
-        return DataError(
+        return FormatError(
             f"{exc.message}; the record looks like {looks}, while the first record read was {self.format}",
-            "use one format per dataset",
+            "use one format per dataset (or set data.format)",
         )
 
     def _normalize(self, record: Record) -> Example:
@@ -330,3 +331,16 @@ def _int_list(record: Record, label: str, value: Any) -> list[int] | None:
     if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
         raise at(record.where, f"field {label} must be a list of integers")
     return value
+
+
+def normalized(
+    records: Iterable[Record], normalize: Normalizer, bad: BadRecords
+) -> Iterator[tuple[Record, Example]]:
+    """Each record with its example; a record that does not fit goes to `bad` (stop or skip)."""
+    for record in records:
+        try:
+            example = normalize(record)
+        except DataError as error:
+            bad(error, normalize.normalized > 0)
+            continue
+        yield record, example

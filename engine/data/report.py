@@ -198,10 +198,18 @@ def with_schedule(report: DataReport, cfg: RunConfig) -> DataReport:
     return report
 
 
+def bad_records(n: int) -> str:
+    """ "1 bad record", "1,204 bad records": every place that counts what data.bad_records skipped."""
+    return "1 bad record" if n == 1 else f"{n:,} bad records"
+
+
 def skipped_line(r: DataReport) -> str:
-    """What data.bad_records: skip left out: the report's warning, and the run's."""
-    records = "1 bad record was" if r.skipped == 1 else f"{r.skipped:,} bad records were"
-    return f"{records} skipped (data.bad_records: skip); the first: {r.skipped_first[0]}"
+    """What data.bad_records: skip left out, the first few named: the report's warning, and the run's."""
+    more = "; …" if r.skipped > len(r.skipped_first) else ""
+    was = "was" if r.skipped == 1 else "were"
+    return (
+        f"{bad_records(r.skipped)} {was} skipped (data.bad_records: skip): {'; '.join(r.skipped_first)}{more}"
+    )
 
 
 def _examples(n: int) -> str:

@@ -82,10 +82,10 @@ def read_file(path: Path, bad: Callable[[DataError], None] = stop) -> Iterator[R
         skipped += 1
 
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".csv"):
-        records = (_read_jsonl if suffix == ".jsonl" else _read_csv)(path, counted)
+    if suffix == ".parquet":
+        records = _read_parquet(path)
     else:
-        records = {".json": _read_json, ".parquet": _read_parquet}[suffix](path)
+        records = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}[suffix](path, counted)
     for record in records:
         count += 1
         yield record
@@ -158,19 +158,19 @@ _SPACE = re.compile(r"[ \t\n\r]*")
 _RECORD_KEYS = ("messages", "conversations", "input_ids", "labels")
 
 
-def _read_json(path: Path) -> Iterator[Record]:
+def _read_json(path: Path, bad: Callable[[DataError], None]) -> Iterator[Record]:
     text = _decode(path, path.read_bytes())
     start = _SPACE.match(text).end()
     if start == len(text):
         return
     if text[start] == "[":
-        yield from _json_array(path, text, start)
+        yield from _json_array(path, text, start, bad)
         return
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # JSON Lines saved as .json: common, and unambiguous
-            yield from _read_jsonl(path)
+            yield from _read_jsonl(path, bad)
             return
         raise at(f"{path}: line {exc.lineno}", _malformed(exc)) from None
     if isinstance(value, dict):
@@ -183,11 +183,18 @@ def _read_json(path: Path) -> Iterator[Record]:
     if not isinstance(value, list):
         raise DataError(f"{path}: expected a JSON array of records, got {type(value).__name__}")
     for number, item in enumerate(value, 1):
-        where = f"{path}: record {number}"
-        yield Record(where, _object(where, item), str(path))
+        yield from _record(f"{path}: record {number}", item, path, bad)
 
 
-def _json_array(path: Path, text: str, start: int) -> Iterator[Record]:
+def _record(where: str, value: Any, path: Path, bad: Callable[[DataError], None]) -> Iterator[Record]:
+    """One record of an array, or (not an object) one bad record."""
+    try:
+        yield Record(where, _object(where, value), str(path))
+    except DataError as exc:
+        bad(exc)
+
+
+def _json_array(path: Path, text: str, start: int, bad: Callable[[DataError], None]) -> Iterator[Record]:
     """A top-level JSON array, one record at a time: the parsed records are never all held at
     once (a 200 MB file of short examples would take gigabytes as Python objects)."""
     decoder = json.JSONDecoder()
@@ -207,8 +214,7 @@ def _json_array(path: Path, text: str, start: int) -> Iterator[Record]:
             except json.JSONDecodeError as exc:
                 raise at(f"{path}: line {exc.lineno}", _malformed(exc)) from None
             number += 1
-            where = f"{path}: record {number}"
-            yield Record(where, _object(where, value), str(path))
+            yield from _record(f"{path}: record {number}", value, path, bad)
             i = _SPACE.match(text, i).end()
             if text.startswith(",", i):
                 i = _SPACE.match(text, i + 1).end()

@@ -302,7 +302,7 @@ class Recipe:
             emit(
                 protocol.WarningEvent(
                     message=skipped_line(r),
-                    hint="`qlc data` names the first few; data.bad_records: stop stops at the first",
+                    hint="data.bad_records: stop stops at the first, named",
                 )
             )
         return prepared, template

@@ -523,7 +523,9 @@ def test_skipped_bad_records_are_counted_named_and_the_rest_trains(
             == f"{source}: line 201: expected an object with named fields, got list [1, 2, 3]"
         )
         assert "user after user" in r.skipped_first[2] and len(r.skipped_first) == 3
-        assert r.warnings[-1].startswith("4 bad records were skipped (data.bad_records: skip); the first: ")
+        assert r.warnings[-1] == (
+            f"4 bad records were skipped (data.bad_records: skip): {'; '.join(r.skipped_first)}; …"
+        )
         assert DataReport.from_dict(json.loads(json.dumps(r.to_dict()))) == r
 
 
@@ -569,3 +571,50 @@ def test_max_examples_counts_good_records_when_bad_ones_are_skipped(tok, tmp_pat
     source, _ = _with_bad_records(tmp_path)  # a bad line at line 11, among the first 20
     r = prepare(run_cfg(source=source, bad_records="skip", max_examples=20), tok).report
     assert (r.examples, r.skipped) == (20, 1)
+
+
+def test_what_is_wrong_as_a_whole_is_never_skipped(tok, tmp_path: Path) -> None:
+    """Skipping is for a few bad records, not for data that does not fit as a whole: a folder of
+    mixed formats, a stray first record that made `auto` pick the wrong format, or a validation
+    source with no good record stop as they do without it (and say nothing about skipping)."""
+    good = DATASET.read_text().splitlines()
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.jsonl").write_text("\n".join(good[:100]) + "\n")
+    (mixed / "b.jsonl").write_text(
+        "".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(3))
+    )
+    for bad_records in ("skip", "stop"):
+        with pytest.raises(DataError, match="mixed formats") as caught:
+            prepare(run_cfg(source=mixed, bad_records=bad_records), tok)
+        assert "bad_records" not in caught.value.hint
+    stray = tmp_path / "stray.jsonl"
+    stray.write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n" + "\n".join(good[:50]) + "\n")
+    with pytest.raises(DataError, match="looks like messages, while the first record read was alpaca"):
+        prepare(run_cfg(source=stray, bad_records="skip"), tok)
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(json.dumps({"messages": [{"role": "user", "content": "only a question"}]}) + "\n")
+    with pytest.raises(DataError) as caught:
+        prepare(run_cfg(bad_records="skip", val_source=str(questions)), tok)
+    assert caught.value.message.startswith(f"{questions}: every record was bad (1 skipped)")
+    half = tmp_path / "half.jsonl"
+    half.write_text("\n".join([*good[:3], *["{broken"] * 3]) + "\n")
+    with pytest.raises(DataError, match=r"more records were bad \(3\) than good \(3\)"):
+        prepare(run_cfg(source=half, bad_records="skip"), tok)
+
+
+def test_array_elements_that_are_not_records_are_skipped(tok, tmp_path: Path) -> None:
+    rows = [json.loads(line) for line in DATASET.read_text().splitlines()[:40]]
+    source = tmp_path / "array.json"
+    source.write_text(json.dumps([*rows[:10], "not a record", *rows[10:]]))
+    r = prepare(run_cfg(source=source, bad_records="skip", val_fraction=0), tok).report
+    assert (r.examples, r.skipped) == (40, 1)
+    assert r.skipped_first == [
+        f"{source}: record 11: expected an object with named fields, got str 'not a record'"
+    ]
+
+
+def test_no_record_past_max_examples_is_read(tok, tmp_path: Path) -> None:
+    source = tmp_path / "tail.jsonl"
+    source.write_text("\n".join([*DATASET.read_text().splitlines()[:20], "{broken"]) + "\n")
+    assert prepare(run_cfg(source=source, max_examples=20, val_fraction=0), tok).report.examples == 20

@@ -327,9 +327,7 @@ def test_tokens_seen_counts_each_token_of_an_epoch_once(tmp_path: Path) -> None:
     report = next(e for e in events if isinstance(e, protocol.DataReady))
     assert report.skipped == 1 and "1 bad record skipped" in result.stdout
     (warning,) = [e for e in events if isinstance(e, protocol.WarningEvent) and "bad record" in e.message]
-    assert warning.message.startswith(
-        f"1 bad record was skipped (data.bad_records: skip); the first: {source}: line 4:"
-    )
+    assert warning.message.startswith(f"1 bad record was skipped (data.bad_records: skip): {source}: line 4:")
     # Rows with no response token left after truncation are dropped (the data report says so).
     assert report.steps_per_epoch == 44 and report.train_examples == 44 * mb
     assert report.train_tokens == report.train_examples * seq

@@ -134,9 +134,9 @@ def test_bad_records_skipped_are_counted_and_named(tmp_path: Path) -> None:
     proc = qlc("data", "tiny-demo", *sets, "--set", "data.bad_records=skip")
     assert proc.returncode == 0, proc.stderr
     text = " ".join(proc.stdout.split())
-    assert "(messages, 600 examples, 2 bad skipped)" in text
+    assert "(messages, 600 examples, 2 bad records skipped)" in text
     assert "examples 600 train" in text
     assert (
-        f"warning: 2 bad records were skipped (data.bad_records: skip); the first: {source}: line 6: malformed JSON"
+        f"warning: 2 bad records were skipped (data.bad_records: skip): {source}: line 6: malformed JSON"
         in text
     )

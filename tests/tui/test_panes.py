@@ -122,6 +122,31 @@ async def test_overrides_typed_ahead_are_all_applied(app_factory) -> None:
         await overrides_shown(pilot, ["lr=4e-4", "lora.r=4", "lora.alpha=8"])
         assert pane.config is not None and pane.config.lora.alpha == 8 and pane.config.train.lr == 4e-4
         assert app.history is None or app.history.run_id is None  # no key fell on `s`
+        # Keys typed after an Enter that applied are the next line's: they stay in the box (and
+        # the box keeps the focus for them), not glued to the line just applied.
+        table.focus()
+        table.move_cursor(row=table.get_row_index("train.lr"))
+        await pilot.pause()
+        type_ahead(pilot, "enter", "ctrl+u", *"lr=5e-4", "enter", *"lora.r=")
+        await overrides_shown(pilot, ["lora.r=4", "lora.alpha=8", "lr=5e-4"])
+        await wait_for(pilot, lambda: box.value == "lora.r=", what="the next line kept")
+        assert app.focused is box
+
+
+async def test_a_box_lets_a_key_its_binding_declines_reach_the_app(app_factory) -> None:
+    """Ctrl-C with nothing selected: the box's copy declines, and the App says how to quit (the
+    box ran its own bindings in order and had swallowed the key)."""
+    app = app_factory()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await select_preset(pilot, "tiny-demo")
+        app.screen.query_one("#override-input", Input).focus()
+        await pilot.pause()
+        await pilot.press("ctrl+c")
+        await wait_for(
+            pilot,
+            lambda: any("to quit" in n.message for n in app._notifications),
+            what="the App's word on Ctrl-C",
+        )
 
 
 # ---- Memory ------------------------------------------------------------------------------------

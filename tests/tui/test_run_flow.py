@@ -281,3 +281,32 @@ async def test_a_run_resumed_from_another_console_is_followed_again(app_factory,
         finally:
             elsewhere.kill()
             elsewhere.wait()
+
+
+async def test_a_run_this_console_ran_is_followed_when_resumed_elsewhere(
+    app_factory, crashed_run: Path
+) -> None:
+    """The same once this console's own engine for the run has exited: it kept its process handle,
+    and the run's resume elsewhere went unseen."""
+    from pilot_helpers import CRASHED_RUN
+
+    app = app_factory(attach=CRASHED_RUN, steps=90, rate=200.0)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: app.client is not None and app.client.ended, what="the file read")
+        app._resume(crashed_run)
+        await wait_for(
+            pilot,
+            lambda: app.client is not None and app.client.proc is not None and app.client.ended,
+            timeout=20,
+            what="this console's engine to finish",
+        )
+        assert app.run_status() == "completed"
+        elsewhere = fake_engine.launcher(steps=400, rate=20.0)(crashed_run, resume=True, pipe=False)
+        try:
+            await wait_for(
+                pilot, lambda: app.run_status() == "training", timeout=10, what="the resume followed"
+            )
+            assert app.live()
+        finally:
+            elsewhere.kill()
+            elsewhere.wait()

@@ -25,7 +25,7 @@ from rich.text import Text
 
 from engine import protocol
 from engine.config import RunConfig, load_preset
-from engine.data import DataReport, SourceSummary, check_source
+from engine.data import DataReport, SourceSummary, bad_records, check_source
 from engine.errors import UserError
 from engine.run.launcher import engine_command
 from tui.output import err, fmt_progress, out, print_json
@@ -138,7 +138,7 @@ def _source_line(cfg: RunConfig, summary: SourceSummary) -> Text:
     line = Text.assemble((cfg.name or "preset", "bold"), "  ", short_path(summary.source))
     if summary.location == "local":
         files = f", {len(summary.files)} files" if len(summary.files) > 1 else ""
-        skipped = f", {summary.skipped:,} bad skipped" if summary.skipped else ""
+        skipped = f", {bad_records(summary.skipped)} skipped" if summary.skipped else ""
         line.append(f"  ({summary.format}, {summary.examples:,} examples{skipped}{files})")
     if summary.note:
         line.append(f"\n{summary.note}", style="dim")

@@ -16,9 +16,10 @@ from textual.widgets import Input
 class InOrderInput(Input):
     async def _on_key(self, event: events.Key) -> None:
         for binding in self._bindings.key_to_bindings.get(event.key, ()):
-            if not binding.priority and self.check_action(binding.action, ()) is not False:
+            # App.run_action parses the action's arguments, asks check_action, and says whether it
+            # ran: one that declines (Ctrl-C with nothing selected) lets the key go on to the App.
+            if not binding.priority and await self.app.run_action(binding.action, self):
                 event.stop()
                 event.prevent_default()
-                await self.run_action(binding.action)
                 return
         await super()._on_key(event)

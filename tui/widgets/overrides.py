@@ -160,10 +160,12 @@ class OverridesEditor(Vertical):
         self._show_verdict(ok, message)
         if not ok or after is None:
             return  # the status line says why; the line stays to be fixed
-        if box.value == text:
-            box.value = ""  # else keys typed after Enter are in it already: they stay
+        # Keys typed after Enter may be in the box already (the box types them before this message
+        # reaches the editor): they are the next line's, and the box keeps the focus for them.
+        typed_on = box.value[len(text) :] if box.value.startswith(text) else box.value
+        box.value = typed_on
         self.query_one("#override-status", Static).update(Text("applied " + message, style="green"))
-        if self._return_to is not None:  # back to the settings: s starts, Enter edits another
+        if self._return_to is not None and not typed_on:  # back to the settings: s starts, Enter edits
             focus_now(self.screen.query_one(self._return_to))
         self._changed(after)
 

@@ -279,7 +279,7 @@ class PresetsPane(Horizontal):
         )
 
     def _data_worker(self, cfg: RunConfig, key: tuple) -> None:
-        from engine.data import check_source
+        from engine.data import bad_records, check_source
 
         try:
             summary = check_source(cfg)
@@ -292,11 +292,7 @@ class PresetsPane(Horizontal):
             text = Text(
                 f"data: {summary.examples} examples ({summary.format or '?'}), {summary.assistant_turns} assistant turns"
                 + (f", {summary.eval_source_examples} eval" if summary.eval_source_examples else "")
-                + (
-                    f", {summary.skipped} bad record{'s' * (summary.skipped != 1)} skipped"
-                    if summary.skipped
-                    else ""
-                )
+                + (f", {bad_records(summary.skipped)} skipped" if summary.skipped else "")
                 + (f"; {summary.note}" if summary.note else ""),
                 style="dim",
             )
