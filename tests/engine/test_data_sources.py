@@ -308,3 +308,14 @@ def test_a_folder_of_mixed_formats_is_called_mixed() -> None:
     assert caught.value.message == (
         f"{alpaca}: line 1: mixed formats: {chat} holds messages records, {alpaca} holds alpaca records"
     )
+
+
+def test_json_lines_saved_as_json_are_read_line_by_line(tmp_path: Path) -> None:
+    """A common mistake, read as meant: records one per line in a .json file."""
+    source = tmp_path / "chat.json"
+    source.write_text((FORMATS / "messages.jsonl").read_text())
+    summary = check_source(cfg_for(source))
+    assert (
+        summary.format == "messages"
+        and summary.examples == check_source(cfg_for(FORMATS / "messages.jsonl")).examples
+    )
