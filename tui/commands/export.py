@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import subprocess
 
 from rich.markup import escape
@@ -98,10 +99,15 @@ def run_export(args: argparse.Namespace) -> int:
                 code = 2 if ev.kind == "input" else 1
         proc.wait()
     except KeyboardInterrupt:
-        # The engine runs in its own session: pass the interrupt on, and let it clean up.
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=30)
+        # The engine runs in its own session: pass the interrupt on, and let it clean up. A second
+        # Ctrl-C meanwhile is ignored: leaving now would leave its temporary folder behind.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=30)
+        finally:
+            signal.signal(signal.SIGINT, previous)
         err.print("export cancelled; nothing was written")
         return 130
     if code == 1 and proc.returncode not in (0, 1, 2):
