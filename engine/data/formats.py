@@ -121,12 +121,14 @@ class Normalizer:
         self.system_prompt = system_prompt
         self.decided_by = ""
         """The file whose first record decided the format ("auto")."""
+        self.decided_at = ""
+        """That record: FILE: line N."""
         self.normalized = 0
 
     def __call__(self, record: Record) -> Example:
         if self.format is None:
             self.format = detect(record, self.columns)
-            self.decided_by = record.file
+            self.decided_by, self.decided_at = record.file, record.where
         try:
             example = self._normalize(record)
         except DataError as exc:
@@ -146,7 +148,9 @@ class Normalizer:
             single = single_message(record, self.columns)
             return at(record.where, single, ONE_CONVERSATION_HINT) if single else exc
         if self.pinned:
-            return FormatError(
+            # One such record among many is a bad record (data.bad_records: skip leaves it out);
+            # a pinned format most records do not have stops at the source's verdict.
+            return DataError(
                 f"{exc.message}; the record looks like {looks}, not {self.format}",
                 f"set data.format: {looks} (or auto)",
             )
@@ -156,9 +160,16 @@ class Normalizer:
                 f"{record.file} holds {looks} records",
                 "use one format per dataset: convert the files, or point data.source at files of one shape",
             )
+        first = (
+            self.decided_at.removeprefix(f"{record.file}: ")
+            if record.file == self.decided_by
+            else self.decided_at
+        )
         return FormatError(
-            f"{exc.message}; the record looks like {looks}, while the first record read was {self.format}",
-            "use one format per dataset (or set data.format)",
+            f"{exc.message}; the record looks like {looks}, while the first record read "
+            f"({first}) was {self.format}, which decided the format",
+            f"fix or remove that record, or set data.format: {looks} (then data.bad_records: skip "
+            "can leave out records of another format)",
         )
 
     def _normalize(self, record: Record) -> Example:

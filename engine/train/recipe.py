@@ -302,7 +302,7 @@ class Recipe:
             emit(
                 protocol.WarningEvent(
                     message=skipped_line(r),
-                    hint="data.bad_records: stop stops at the first, named",
+                    hint="with data.bad_records: stop, preparation stops at the first bad record, named",
                 )
             )
         return prepared, template

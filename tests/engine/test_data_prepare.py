@@ -590,8 +590,13 @@ def test_what_is_wrong_as_a_whole_is_never_skipped(tok, tmp_path: Path) -> None:
         assert "bad_records" not in caught.value.hint
     stray = tmp_path / "stray.jsonl"
     stray.write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n" + "\n".join(good[:50]) + "\n")
-    with pytest.raises(DataError, match="looks like messages, while the first record read was alpaca"):
+    with pytest.raises(DataError) as caught:
         prepare(run_cfg(source=stray, bad_records="skip"), tok)
+    assert "looks like messages, while the first record read (line 1) was alpaca" in caught.value.message
+    assert caught.value.hint.startswith("fix or remove that record, or set data.format: messages")
+    # Followed, the hint works: the stray record is one bad record of the pinned format.
+    r = prepare(run_cfg(source=stray, bad_records="skip", format="messages", val_fraction=0), tok).report
+    assert (r.examples, r.skipped) == (50, 1) and "looks like alpaca, not messages" in r.skipped_first[0]
     questions = tmp_path / "questions.jsonl"
     questions.write_text(json.dumps({"messages": [{"role": "user", "content": "only a question"}]}) + "\n")
     with pytest.raises(DataError) as caught:

@@ -654,3 +654,27 @@ async def test_the_runs_footer_offers_resume_and_stop_only_where_they_work(
                 footer,
             )
             assert "x Stop" not in footer  # neither is running
+
+
+async def test_the_data_line_follows_data_bad_records(app_factory, tmp_path: Path) -> None:
+    """Setting only data.bad_records re-checks the data: the line had kept the stop's error."""
+    from engine.models.tiny import DATASET
+
+    source = tmp_path / "chat.jsonl"
+    lines = DATASET.read_text().splitlines()
+    source.write_text("\n".join([*lines[:10], "{broken", *lines[10:100]]) + "\n")
+    app = app_factory()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await select_preset(pilot, "tiny-demo")
+        pane = app.screen.query_one(PresetsPane)
+        pane.apply_overrides([f"data.source={source}"])
+        await wait_for(pilot, lambda: "✗ data:" in screen_text(app), what="the bad line named")
+        pane.apply_overrides(["data.bad_records=skip"])
+        await wait_for(
+            pilot,
+            lambda: (
+                "data: 100 examples (messages)" in screen_text(app)
+                and "1 bad record skipped" in screen_text(app)
+            ),
+            what="the re-check",
+        )

@@ -264,6 +264,7 @@ class PresetsPane(Horizontal):
             d.system_prompt,
             d.val_source,
             d.max_examples,
+            d.bad_records,
         )
         if key == self._data_key:
             return
