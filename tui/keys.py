@@ -8,15 +8,22 @@ Stop, Save now and Detach are offered only while the watched run trains here.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+from textual import events
 from textual.widgets import HelpPanel, Input, TabbedContent
 
 from tui.palette import LEAVE_TO
 from tui.views import focus_now
 
+# Printable keys closer than this are typing, not a key pressed on its own (a person's separate
+# presses are further apart; a burst pasted or typed ahead over SSH arrives at once).
+TYPING_GAP_S = 0.3
+
 
 class KeyActions:
+    _printable_at: list[float]  # when the last two printable keys were read
     focused: Any
     screen_stack: Any
     live: Any
@@ -25,6 +32,17 @@ class KeyActions:
     screen: Any
     action_show_help_panel: Any
     action_hide_help_panel: Any
+
+    async def on_event(self, event: events.Event) -> None:
+        if isinstance(event, events.Key) and not event.is_forwarded and event.is_printable:
+            self._printable_at = [*getattr(self, "_printable_at", [])[-1:], time.monotonic()]
+        await super().on_event(event)  # type: ignore[misc]
+
+    def in_a_burst(self) -> bool:
+        """The last printable key came right after another: text typed into no box (the focus was
+        elsewhere), not a single key meant as a command."""
+        at = getattr(self, "_printable_at", [])
+        return len(at) == 2 and at[1] - at[0] < TYPING_GAP_S
 
     def typing(self) -> bool:
         """A text box has focus: it takes printable keys, so the footer offers none of them."""

@@ -21,6 +21,7 @@ class PresetActions:
     budget_state: BudgetState | None
     pane: Any
     notify: Any
+    in_a_burst: Any
 
     @while_panes_exist
     def on_presets_pane_config_changed(self, message: PresetsPane.ConfigChanged) -> None:
@@ -66,6 +67,13 @@ class PresetActions:
     def action_start_run(self) -> None:
         if self._preset is None:
             self.notify("pick a preset first", severity="warning")
+            return
+        if self.in_a_burst():
+            # Text typed where no box had the focus ("data.max_examples=1000" landing on the
+            # preset list) must not start a run with its "s": a run costs GPU hours.
+            self.notify(
+                "s came in the middle of typing: press s on its own to start a run", severity="warning"
+            )
             return
         self._start_flow(self._preset.draft)
 

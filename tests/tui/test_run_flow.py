@@ -310,3 +310,27 @@ async def test_a_run_this_console_ran_is_followed_when_resumed_elsewhere(
         finally:
             elsewhere.kill()
             elsewhere.wait()
+
+
+async def test_text_typed_where_no_box_has_the_focus_starts_no_run(app_factory) -> None:
+    """A burst meant for the override box that lands on the preset list: its "s" (in "examples")
+    would start a run; it is refused with a note, and `s` pressed on its own still starts one."""
+    from pilot_helpers import type_ahead
+
+    app = app_factory()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await select_preset(pilot, "tiny-demo")
+        app.screen.query_one("#preset-list").focus()
+        await pilot.pause()
+        type_ahead(pilot, *"max_examples=1000")
+        await wait_for(
+            pilot,
+            lambda: any("in the middle of typing" in n.message for n in app._notifications),
+            what="the refusal",
+        )
+        assert app.client is None
+        await pilot.pause(0.5)
+        await pilot.press("1")
+        await pilot.pause(0.4)  # a key pressed on its own
+        await pilot.press("s")
+        await wait_for(pilot, lambda: app.client is not None, what="the run started by s alone")
