@@ -23,7 +23,7 @@ TYPING_GAP_S = 0.3
 
 
 class KeyActions:
-    _printable_at: list[float]  # when the last two printable keys were read
+    _printable_at: tuple[float, float] = (-1.0, -TYPING_GAP_S)  # when the last two printable keys came
     focused: Any
     screen_stack: Any
     live: Any
@@ -35,14 +35,14 @@ class KeyActions:
 
     async def on_event(self, event: events.Event) -> None:
         if isinstance(event, events.Key) and not event.is_forwarded and event.is_printable:
-            self._printable_at = [*getattr(self, "_printable_at", [])[-1:], time.monotonic()]
+            self._printable_at = (self._printable_at[1], time.monotonic())
         await super().on_event(event)  # type: ignore[misc]
 
     def in_a_burst(self) -> bool:
         """The last printable key came right after another: text typed into no box (the focus was
         elsewhere), not a single key meant as a command."""
-        at = getattr(self, "_printable_at", [])
-        return len(at) == 2 and at[1] - at[0] < TYPING_GAP_S
+        before, last = self._printable_at
+        return last - before < TYPING_GAP_S
 
     def typing(self) -> bool:
         """A text box has focus: it takes printable keys, so the footer offers none of them."""

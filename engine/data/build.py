@@ -29,12 +29,12 @@ from engine.config import RunConfig
 from engine.data import cache
 from engine.data.encoded import Encoded
 from engine.data.errors import BadRecords, DataError
-from engine.data.formats import Example, Normalizer, normalized
+from engine.data.formats import Example, Normalizer, local_examples, normalized
 from engine.data.masking import EncodedBatch, Encoder, EncoderSpec, encode_in_worker, init_worker
 from engine.data.packing import bins
 from engine.data.progress import Emit, Progress, stage
 from engine.data.report import Figures, build_report
-from engine.data.sources import Record, count_records, is_local, read_local
+from engine.data.sources import Record, count_records, is_local
 from engine.data.templates import ChatTemplate
 
 BATCH_EXAMPLES = 256
@@ -263,13 +263,16 @@ class Build:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def _records(self, source: str, split: str | None, normalize: Normalizer) -> Iterator[Record]:
+    def _read(
+        self, source: str, split: str | None, normalize: Normalizer
+    ) -> Iterator[tuple[Record, Example]]:
+        """Each record of the source with its example; bad ones go to self.bad (stop or skip)."""
         if is_local(source):
-            return read_local(source, lambda error: self.bad(error, normalize.normalized > 0))
+            return local_examples(source, normalize, self.bad)
         from engine.data.hub import hub_records
 
         split = split or self.cfg.data.split
-        return hub_records(self.hub[(source, split)], source, split)
+        return normalized(hub_records(self.hub[(source, split)], source, split), normalize, self.bad)
 
     def _examples(
         self, source: str, split: str | None, limit: int | None, progress: Progress, size: int
@@ -286,10 +289,7 @@ class Build:
             batch: list[Example] = []
             # data.max_examples counts examples (a skipped bad record is none), and no record past
             # the limit is read (a broken one there would stop a run that never uses it).
-            if limit == 0:
-                return
-            read = normalized(self._records(source, split, normalize), normalize, self.bad)
-            for count, (record, example) in enumerate(read):
+            for count, (record, example) in enumerate(self._read(source, split, normalize)):
                 batch.append(example)
                 if estimating and count % 64 == 0:
                     sampled_bytes += len(json.dumps(record.row, ensure_ascii=False, default=str).encode()) + 2

@@ -9,7 +9,7 @@ from typing import Any
 
 from engine.config import DataConfig, RunConfig
 from engine.data.errors import BadRecords, DataError
-from engine.data.formats import Example, Normalizer, normalized
+from engine.data.formats import Example, Normalizer, local_examples
 from engine.data.sources import is_local, local_files, read_local
 from engine.data.templates import TEMPLATE_NAMES
 
@@ -72,8 +72,7 @@ def _count(source: str, d: DataConfig, bad: BadRecords) -> tuple[int, int, str |
     examples = turns = 0
     skipped_before = bad.count
     normalize = Normalizer(d.format, d.columns, d.system_prompt)
-    records = read_local(source, lambda error: bad(error, normalize.normalized > 0))
-    for _, example in normalized(records, normalize, bad):
+    for _, example in local_examples(source, normalize, bad):
         examples += 1
         turns += sum(m["role"] == "assistant" for m in example.messages or [])
     bad.verdict(source, examples, skipped_before)

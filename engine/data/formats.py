@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.data.errors import BadRecords, DataError, FormatError, at
-from engine.data.sources import Record
+from engine.data.sources import Record, read_local
 
 FORMATS = ("alpaca", "messages", "sharegpt", "text", "tokens")
 COLUMNS_HINT = (
@@ -355,3 +355,8 @@ def normalized(
             bad(error, normalize.normalized > 0)
             continue
         yield record, example
+
+
+def local_examples(source: str, normalize: Normalizer, bad: BadRecords) -> Iterator[tuple[Record, Example]]:
+    """`normalized` over a local source: a line that cannot be read goes to `bad` too."""
+    return normalized(read_local(source, lambda error: bad(error, normalize.normalized > 0)), normalize, bad)

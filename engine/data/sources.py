@@ -189,9 +189,11 @@ def _read_json(path: Path, bad: Callable[[DataError], None]) -> Iterator[Record]
 def _record(where: str, value: Any, path: Path, bad: Callable[[DataError], None]) -> Iterator[Record]:
     """One record of an array, or (not an object) one bad record."""
     try:
-        yield Record(where, _object(where, value), str(path))
+        record = Record(where, _object(where, value), str(path))
     except DataError as exc:
         bad(exc)
+        return
+    yield record
 
 
 def _json_array(path: Path, text: str, start: int, bad: Callable[[DataError], None]) -> Iterator[Record]:

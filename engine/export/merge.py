@@ -140,26 +140,24 @@ def load_tokenizer(cfg: RunConfig, source: Path, base: str) -> Any:
 
 
 def _examples(cfg: RunConfig, limit: int) -> list[Any]:
-    from engine.data.errors import DataError
-    from engine.data.formats import Normalizer
-    from engine.data.sources import is_local, read_local
+    from engine.data.errors import BadRecords
+    from engine.data.formats import Normalizer, local_examples, normalized
+    from engine.data.sources import is_local
 
     d = cfg.data
+    normalize = Normalizer(d.format, d.columns, d.system_prompt)
     # The first good records: a bad one is passed over (a run with data.bad_records: skip
     # trained without it; with stop, the run would not have started).
+    bad = BadRecords("skip")
     if is_local(d.source):
-        records = read_local(d.source, bad=lambda error: None)
+        read = local_examples(d.source, normalize, bad)
     else:
         from engine.data.hub import read_hub
 
-        records = read_hub(d.source, d.subset, d.split, d.revision)
-    normalize = Normalizer(d.format, d.columns, d.system_prompt)
+        read = normalized(read_hub(d.source, d.subset, d.split, d.revision), normalize, bad)
     out = []
-    for record in records:
-        try:
-            out.append(normalize(record))
-        except DataError:
-            continue
+    for _, example in read:
+        out.append(example)
         if len(out) == limit:
             break
     return out
