@@ -192,6 +192,7 @@ class Worker:
 
             from engine.run.distributed import Ranks
             from engine.train import backends
+            from engine.train.backends import unsloth as unsloth_backend
 
             # Through the Backend API the engine uses (engine/train/backends/base.py), so the
             # calibration loads and wraps exactly as a run does.
@@ -201,6 +202,9 @@ class Worker:
             self.load_allocated = self.allocated()
             set_seed(3407)
             self.model = backend.apply_lora(model, cfg, plan, Ranks())
+            # The mode this process's adapters were made with: Unsloth's generic path (Gemma 3,
+            # Phi-4) keeps it for good, so prepare() refuses another one there.
+            self.unsloth_first_gc_mode = unsloth_backend.gc_mode(plan)
             self.kernels = ["unsloth: fused RMSNorm, RoPE, SwiGLU, LoRA, cross-entropy"]
         else:
             from engine.train.backends.checkpointing import decoder_layers

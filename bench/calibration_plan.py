@@ -24,6 +24,8 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.memory.constants import UNSLOTH_FAST_FAMILIES
+
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
 
 
@@ -361,7 +363,10 @@ def build_plan(
                     worker = hf_worker
                     if worker is None:
                         name = f"{ap.name}-unsloth-{lora.name}"
-                        name += f"-gc-{shape.gc}" if unsloth_process_per_gc else ""
+                        # Unsloth's generic path (no fast family) cannot change a process's
+                        # checkpointing mode at all: one process per mode there, always.
+                        per_gc = unsloth_process_per_gc or a.family not in UNSLOTH_FAST_FAMILIES
+                        name += f"-gc-{shape.gc}" if per_gc else ""
                         worker = unsloth.setdefault(name, WorkerPlan(name, ap.name, "unsloth"))
                     dev = device_gib(ap.name, backend, lora, shape, budget_gib)
                     if dev > max_device_gib:

@@ -60,6 +60,17 @@ def test_unsloth_can_take_a_fresh_process_for_each_checkpointing_mode() -> None:
     assert [w for w in split.workers if w.backend == "hf"] == [w for w in PLAN.workers if w.backend == "hf"]
 
 
+def test_unsloth_generic_path_gets_one_process_per_checkpointing_mode_always() -> None:
+    # Unsloth's generic path (Gemma 3, Phi-4) refuses a second get_peft_model: a process there can
+    # never change its mode, so the plan splits it even when not asked to (2026-12-05: one process
+    # holding three modes lost all six Gemma-3-1B configurations).
+    for name in ("gemma-3-1b", "llama-3.2-1b"):
+        generic = cp.architecture(name).family not in cp.UNSLOTH_FAST_FAMILIES
+        for w in cp.build_plan([name], backends=("unsloth",)).workers:
+            assert len({c.shape.gc for c in w.configs}) == 1 or not generic
+            assert w.name.endswith(f"-gc-{w.configs[0].shape.gc}") == generic
+
+
 def test_end_to_end_runs_repeat_or_hold_out_configurations() -> None:
     ids = {c.id for w in PLAN.workers for c in w.configs}
     for e in PLAN.e2e:
