@@ -262,6 +262,7 @@ def main() -> int:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "trl": trl.__version__,
+            **({"unsloth": sys.modules["unsloth"].__version__} if "unsloth" in sys.modules else {}),
         },
         "preset": args.preset,
         "overrides": overrides,
