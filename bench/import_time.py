@@ -56,14 +56,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--note", default="")
     args = ap.parse_args(argv)
-    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "bench": "bench/import_time.py", "note": args.note}
+    report: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "bench": "bench/import_time.py",
+        "note": args.note,
+    }
     for i, f in enumerate(args.files):
         entry = summary(parse(f.read_text(encoding="utf-8", errors="replace")))
         if i < len(args.wall):
             entry["wall_s"] = args.wall[i]
         report[f.name] = entry
-        print(f"{f.name}: {entry['modules']} modules, own code {entry['self_total_s']} s"
-              + (f", wall {entry['wall_s']} s" if "wall_s" in entry else ""))
+        print(
+            f"{f.name}: {entry['modules']} modules, own code {entry['self_total_s']} s"
+            + (f", wall {entry['wall_s']} s" if "wall_s" in entry else "")
+        )
     text = json.dumps(report, indent=1) + "\n"
     if args.out:
         args.out.write_text(text, encoding="utf-8")

@@ -12,7 +12,9 @@ from bench import import_time
 
 def test_summarizes_a_real_importtime_trace(tmp_path: Path) -> None:
     trace = tmp_path / "json.txt"
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", "import json"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import json"], capture_output=True, text=True
+    )
     trace.write_text(proc.stderr, encoding="utf-8")
     rows = import_time.parse(proc.stderr)
     names = {r[3] for r in rows}

@@ -162,3 +162,24 @@ async def test_the_gpu_size_box_stays_whole_at_60_columns(app_factory) -> None:
         await pilot.press("2")
         await pilot.pause(0.3)
         assert "or a size: 24GB (t)" in screen_text(app)
+
+
+async def test_skipped_bad_records_stay_in_sight_at_80x24(app_factory, runs_root: Path) -> None:
+    """The run's "bad records were skipped" warning scrolls out of the 3-line log within a few
+    steps: the count stays on the log's frame for the whole run."""
+    import fake_engine
+    import msgspec
+
+    from engine import protocol
+
+    events = [
+        msgspec.structs.replace(e, skipped=3) if isinstance(e, protocol.DataReady) else e
+        for e in fake_engine.synthetic_run(60, run_id="skips")
+    ]
+    fake_engine.make_run_dir(runs_root, "skips", events)
+    app = app_factory(attach="skips")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.history is not None and app.history.finished is not None)
+        await pilot.pause(0.2)
+        bottom = next(line for line in screen_text(app).splitlines()[::-1] if line.startswith("╰"))
+        assert "3 bad records skipped" in bottom, screen_text(app)

@@ -17,6 +17,7 @@ from textual.containers import Horizontal, Vertical
 from textual.timer import Timer
 from textual.widgets import RichLog, Static
 
+from engine.data import bad_records
 from tui.history import LogLine, RunHistory
 from tui.views import RunView
 from tui.widgets.gpu import GpuPanel, Probe
@@ -155,6 +156,12 @@ class Dashboard(Vertical):
                 chart.empty_text = text
                 chart.set_series(chart.series)  # drops the chart's drawn cache, keyed on its data
         self._show_checkpoints(h)
+        # What data.bad_records: skip left out stays in sight: its warning line scrolls out of a
+        # 3-line log (80x24) within a few steps.
+        skipped = h.data.skipped if h is not None and h.data is not None else 0
+        self.query_one("#event-log", RichLog).border_subtitle = (
+            f"[bold yellow]{bad_records(skipped)} skipped[/]" if skipped else ""
+        )
         if h is not None:
             self._append_log(h)
             if h.hello is not None and h.hello.device.startswith("cuda:"):
