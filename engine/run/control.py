@@ -78,7 +78,10 @@ class CommandQueue:
     def read_stdin(self, fd: int = 0) -> threading.Thread:
         def loop() -> None:
             self._read_lines(fd, "the console that started the run")
-            self._emitter.log("the console that started this run went away (closed, or its SSH session dropped); training goes on", level="debug")
+            self._emitter.log(
+                "the console that started this run went away (closed, or its SSH session dropped); training goes on",
+                level="debug",
+            )
 
         thread = threading.Thread(target=loop, name="commands-stdin", daemon=True)
         thread.start()
