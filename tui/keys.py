@@ -32,17 +32,34 @@ class KeyActions:
     screen: Any
     action_show_help_panel: Any
     action_hide_help_panel: Any
+    notify: Any
+
+    _last_key_printable = False  # the key being handled, for an action a key binding runs
 
     async def on_event(self, event: events.Event) -> None:
-        if isinstance(event, events.Key) and not event.is_forwarded and event.is_printable:
-            self._printable_at = (self._printable_at[1], time.monotonic())
+        if isinstance(event, events.Key) and not event.is_forwarded:
+            self._last_key_printable = event.is_printable
+            if event.is_printable:
+                self._printable_at = (self._printable_at[1], time.monotonic())
         await super().on_event(event)  # type: ignore[misc]
 
     def in_a_burst(self) -> bool:
-        """The last printable key came right after another: text typed into no box (the focus was
-        elsewhere), not a single key meant as a command."""
+        """The key being handled is printable and came right after another: text typed into no
+        box (the focus was elsewhere), not a single key meant as a command. An action the command
+        palette runs comes on its Enter, however fast its name was typed."""
         before, last = self._printable_at
-        return last - before < TYPING_GAP_S
+        return self._last_key_printable and last - before < TYPING_GAP_S
+
+    def refused_in_a_burst(self, key: str, what: str) -> bool:
+        """True, with a note, when `key` came in the middle of typing: text typed where no box had
+        the focus ("data.max_examples=1000" landing on the preset list) must not start a run
+        with its "s" (GPU hours), reset the overrides with its "r" or auto-fit with its "f"."""
+        if not self.in_a_burst():
+            return False
+        self.notify(
+            f"{key} came in the middle of typing: press {key} on its own to {what}", severity="warning"
+        )
+        return True
 
     def typing(self) -> bool:
         """A text box has focus: it takes printable keys, so the footer offers none of them."""

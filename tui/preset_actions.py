@@ -21,7 +21,7 @@ class PresetActions:
     budget_state: BudgetState | None
     pane: Any
     notify: Any
-    in_a_burst: Any
+    refused_in_a_burst: Any
 
     @while_panes_exist
     def on_presets_pane_config_changed(self, message: PresetsPane.ConfigChanged) -> None:
@@ -48,6 +48,8 @@ class PresetActions:
         self.notify(f"applied: {' '.join(message.overrides)}", timeout=5)
 
     def action_auto_fit(self) -> None:
+        if self.refused_in_a_burst("f", "auto-fit"):
+            return
         msg = self._preset
         if msg is None or msg.config is None:
             self.notify("pick a preset that validates first", severity="warning")
@@ -68,12 +70,7 @@ class PresetActions:
         if self._preset is None:
             self.notify("pick a preset first", severity="warning")
             return
-        if self.in_a_burst():
-            # Text typed where no box had the focus ("data.max_examples=1000" landing on the
-            # preset list) must not start a run with its "s": a run costs GPU hours.
-            self.notify(
-                "s came in the middle of typing: press s on its own to start a run", severity="warning"
-            )
+        if self.refused_in_a_burst("s", "start a run"):
             return
         self._start_flow(self._preset.draft)
 

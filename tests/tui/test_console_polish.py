@@ -183,3 +183,22 @@ async def test_skipped_bad_records_stay_in_sight_at_80x24(app_factory, runs_root
         await pilot.pause(0.2)
         bottom = next(line for line in screen_text(app).splitlines()[::-1] if line.startswith("╰"))
         assert "3 bad records skipped" in bottom, screen_text(app)
+
+
+async def test_log_lines_wrap_again_when_the_terminal_is_resized(app_factory, finished_run: Path) -> None:
+    """RichLog wraps at the width a line was written at: after a resize to 80 columns the lines
+    written at 120 ran past the box."""
+    app = app_factory(attach=FINISHED_RUN)
+    async with app.run_test(size=(120, 30)) as pilot:
+        await wait_for(pilot, lambda: app.history is not None and app.history.finished is not None)
+        log = app.screen.query_one("#event-log", RichLog)
+        log.write(format_log_line(LogLine(153.0, "error", LONG)))
+        app.history.log.append(LogLine(153.0, "error", LONG))  # as the run's own line
+        app.history.log_total += 1
+        await pilot.pause(0.2)
+        await pilot.resize_terminal(80, 24)
+        await pilot.pause(0.3)
+        assert log.max_scroll_x == 0
+        assert max(len(strip.text.rstrip()) for strip in log.lines) <= log.scrollable_content_region.width
+        words = " ".join(_log_rows(screen_text(app))[-2:]).split()
+        assert " ".join(words[2:]) == LONG

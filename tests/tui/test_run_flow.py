@@ -334,3 +334,34 @@ async def test_text_typed_where_no_box_has_the_focus_starts_no_run(app_factory) 
         await pilot.pause(0.4)  # a key pressed on its own
         await pilot.press("s")
         await wait_for(pilot, lambda: app.client is not None, what="the run started by s alone")
+
+
+async def test_text_typed_on_the_preset_list_keeps_the_overrides(app_factory) -> None:
+    """The "r" of a burst ("warmup=10" landing on the preset list) reset every override applied;
+    it is refused like "s", and Reset overrides from the palette, typed fast, still works (its
+    Enter is the key that runs it)."""
+    from pilot_helpers import type_ahead
+
+    from tui.widgets.overrides import OverridesEditor
+    from tui.widgets.presets_pane import PresetsPane
+
+    app = app_factory()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await select_preset(pilot, "tiny-demo")
+        pane = app.screen.query_one(PresetsPane)
+        pane.apply_overrides(["train.max_steps=7"])
+        editor = app.screen.query_one(OverridesEditor)
+        await wait_for(pilot, lambda: editor.overrides == ["train.max_steps=7"], what="the override")
+        app.screen.query_one("#preset-list").focus()
+        await pilot.pause()
+        type_ahead(pilot, *"warmup=10")
+        await wait_for(
+            pilot,
+            lambda: any("r came in the middle of typing" in n.message for n in app._notifications),
+            what="the refusal",
+        )
+        assert editor.overrides == ["train.max_steps=7"]
+        await pilot.press("ctrl+p")
+        await pilot.pause(0.3)
+        type_ahead(pilot, *"reset overrides", "enter")
+        await wait_for(pilot, lambda: editor.overrides == [], what="the palette's reset")

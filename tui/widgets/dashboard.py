@@ -65,6 +65,7 @@ class Dashboard(Vertical):
         self._last_draw = 0.0
         self._pending: Timer | None = None
         self._checkpoints_shown: object = _NOT_SHOWN
+        self._log_width: int | None = None  # the log's width when its lines were last wrapped
 
     def compose(self) -> ComposeResult:
         yield RunProgress(id="progress")
@@ -187,6 +188,24 @@ class Dashboard(Vertical):
             line.no_wrap, line.overflow = True, "ellipsis"
             lines.append(line)
         box.update(Text("\n").join(lines))
+
+    def on_resize(self) -> None:
+        # RichLog wraps a line once, at the width it was written at: after the terminal is made
+        # narrower its lines ran past the box (cut), after wider they kept their short rows.
+        self.call_after_refresh(self._rewrap_log)
+
+    def _rewrap_log(self) -> None:
+        log = self.query_one("#event-log", RichLog)
+        width = log.scrollable_content_region.width
+        if width == self._log_width or width <= 0:
+            return
+        drawn, self._log_width = self._log_width, width
+        h = self._history
+        if drawn is None or h is None:
+            return  # the first layout: nothing written at another width yet
+        log.clear()
+        self._log_shown = max(0, h.log_total - LOG_REPLAY)
+        self._append_log(h)
 
     def _append_log(self, h: RunHistory) -> None:
         fresh = h.log_total - self._log_shown

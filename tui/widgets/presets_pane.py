@@ -373,6 +373,8 @@ class PresetsPane(Horizontal):
         focus_now(self.query_one("#preset-list", OptionList))
 
     def action_reset_overrides(self) -> None:
+        if self.app.refused_in_a_burst("r", "reset the overrides"):  # type: ignore[attr-defined]
+            return
         self.query_one(OverridesEditor).clear()
 
     def action_remove_override(self) -> None:
