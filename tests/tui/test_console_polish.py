@@ -202,3 +202,21 @@ async def test_log_lines_wrap_again_when_the_terminal_is_resized(app_factory, fi
         assert max(len(strip.text.rstrip()) for strip in log.lines) <= log.scrollable_content_region.width
         words = " ".join(_log_rows(screen_text(app))[-2:]).split()
         assert " ".join(words[2:]) == LONG
+
+
+async def test_every_memory_term_shows_at_60x18(app_factory) -> None:
+    """Under 22 rows the breakdown box has about five rows: each term takes one (what it is made
+    of cut to the row) instead of the weights term's wrapped parts filling the box; back to full
+    rows when the window grows."""
+    app = app_factory()
+    async with app.run_test(size=(60, 18)) as pilot:
+        await select_preset(pilot, "tiny-demo")
+        await pilot.press("2")
+        await wait_for(pilot, lambda: "FITS" in screen_text(app), what="the verdict")
+        await pilot.pause(0.2)
+        text = screen_text(app)
+        for term in ("weights", "gradients", "optimizer", "activations", "workspace"):
+            assert f"{term} " in text, text
+        await pilot.resize_terminal(100, 40)
+        await pilot.pause(0.3)
+        assert "made of" in screen_text(app)  # the header, and parts wrapped whole again

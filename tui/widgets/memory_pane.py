@@ -68,6 +68,8 @@ class MemoryPane(Vertical):
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self._suggestions: list[Suggestion] = []
+        self._shown_view: BudgetView | None = None
+        self._compact = False
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="gpu-row"):
@@ -150,7 +152,8 @@ class MemoryPane(Vertical):
         )
         verdict.update(title)
         bar.update_terms(view.terms, view.budget_gb)
-        self.query_one("#breakdown-table", Static).update(self._breakdown(view, bar))
+        self._shown_view = view
+        self._draw_breakdown()
         if view.out_of_reach:  # none of them fits this card: say what would, above them
             advice.add_option(Option(Text(view.out_of_reach, style="bold"), disabled=True))
         if self._suggestions:
@@ -163,14 +166,27 @@ class MemoryPane(Vertical):
         else:
             advice.add_option(Option(Text("no suggestions", style="dim"), disabled=True))
 
+    def on_resize(self) -> None:
+        # Compact or not follows the screen's height class, set before this pane is laid out.
+        if self._shown_view is not None and self._compact != self.screen.has_class("-tiny"):
+            self._draw_breakdown()
+
+    def _draw_breakdown(self) -> None:
+        assert self._shown_view is not None
+        self._compact = self.screen.has_class("-tiny")
+        table = self._breakdown(self._shown_view, self.query_one(MemoryBar), self._compact)
+        self.query_one("#breakdown-table", Static).update(table)
+
     @staticmethod
-    def _breakdown(view: BudgetView, bar: MemoryBar) -> Table:
+    def _breakdown(view: BudgetView, bar: MemoryBar, compact: bool = False) -> Table:
         """Each term with its glyph in the bar (the bar's legend), its size, and what it is made
-        of, wrapped to the pane's width: never cut."""
-        table = Table(box=None, show_header=True, header_style="bold", pad_edge=False, expand=True)
+        of, wrapped to the pane's width: never cut. Compact (under 22 rows, where the box has
+        about five): one row a term and no header, every term in sight, what each is made of cut
+        to the row (`qlc estimate` and a taller window show it whole)."""
+        table = Table(box=None, show_header=not compact, header_style="bold", pad_edge=False, expand=True)
         table.add_column("term", no_wrap=True)
         table.add_column("GiB", justify="right", no_wrap=True)
-        table.add_column("made of", ratio=1, overflow="fold")
+        table.add_column("made of", ratio=1, overflow="ellipsis" if compact else "fold", no_wrap=compact)
         for i, term in enumerate(view.terms):
             glyph = Text(GLYPHS[i % len(GLYPHS)], style=bar.get_component_rich_style(bar.term_class(i)))
             parts = ", ".join(f"{k} {v:.2f}" for k, v in term.parts.items())
