@@ -120,7 +120,7 @@ class PresetsPane(Horizontal):
     class DataChecked(Message):
         """The data pipeline's pre-flight check of the selected preset's source, done off-thread."""
 
-        def __init__(self, key: tuple, text: Text) -> None:
+        def __init__(self, key: str, text: Text) -> None:
             super().__init__()
             self.key = key
             self.text = text
@@ -129,7 +129,7 @@ class PresetsPane(Horizontal):
         super().__init__(id=id)
         self._budget_line = Text("")
         self._data_line = Text("")
-        self._data_key: tuple | None = None
+        self._data_key: str | None = None
         self._presets: list[PresetInfo] = []
         self.selected: str | None = None
         self.draft: PresetDraft | None = None  # the selected preset, as shown
@@ -255,17 +255,9 @@ class PresetsPane(Horizontal):
         self.query_one("#preset-about", Static).update(about)
 
     def _check_data(self, cfg: RunConfig) -> None:
-        d = cfg.data
-        key = (
-            d.source,
-            d.format,
-            tuple(sorted(d.columns.items())),
-            d.template,
-            d.system_prompt,
-            d.val_source,
-            d.max_examples,
-            d.bad_records,
-        )
+        # The whole data section, not a hand-kept list of the fields the check reads (one that
+        # missed data.bad_records kept a stop's error on the line after skip was set).
+        key = repr(cfg.data)
         if key == self._data_key:
             return
         self._data_key = key
@@ -279,7 +271,7 @@ class PresetsPane(Horizontal):
             exit_on_error=False,
         )
 
-    def _data_worker(self, cfg: RunConfig, key: tuple) -> None:
+    def _data_worker(self, cfg: RunConfig, key: str) -> None:
         from engine.data import bad_records, check_source
 
         try:
