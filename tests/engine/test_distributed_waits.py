@@ -303,7 +303,7 @@ def test_world_of_one_trains_samples_stops_and_resumes(tmp_path: Path) -> None:
 # A rank that stops answering: the others' waits end, with their line
 # ---------------------------------------------------------------------------------------------
 
-LIMIT_S = 20  # the wait between ranks in these runs (QLC_COLLECTIVE_TIMEOUT_S)
+LIMIT_S = 14  # the wait between ranks in these runs (QLC_COLLECTIVE_TIMEOUT_S): each case waits it out once
 QUIET_S = 8  # rank 0's silence the others accept while waiting for sources.json
 
 
