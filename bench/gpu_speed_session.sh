@@ -38,8 +38,9 @@
 #                                             Unsloth step tax on ARCH (default llama-3.2-1b)
 #   bash bench/gpu_speed_session.sh gemma-24gb  Unsloth on Gemma-3-1B (issue 15's last miss; one
 #                                             process per checkpointing mode), then bare Unsloth
-#                                             against the engine at 24 GB as 1 x 4 and as auto
-#                                             splits it (the 1.2x target), Llama-3.1-8B, 12 steps
+#                                             against the engine at 24 GB as 1 x 4 (fewer layers
+#                                             checkpointed than 2 x 2: the 1.2x target?),
+#                                             Llama-3.1-8B, 12 steps
 #   bash bench/gpu_speed_session.sh tax-unsloth-2  the Unsloth step tax again on both architectures
 #                                             (the issue asks for two separate calls)
 #
@@ -110,7 +111,7 @@ case "$PART" in
     rm -rf "$WORK/gaps-unsloth"
     timeout -k 10 $((570 - SECONDS)) python3 bench/compare_stacks.py --out "$OUT" --work "$WORK/stacks" \
       --arch llama-3.1-8b --unsloth-path /tmp/site2 --steps 12 --scenario bare-unsloth \
-      --scenario "engine-auto@24GB:train.micro_batch=1,train.grad_accum=4" --scenario engine-split@24GB \
+      --scenario "engine-auto@24GB:train.micro_batch=1,train.grad_accum=4" \
       2>&1 | tee "$OUT/stacks.log" | grep -v "^ \|^O^O\|^\\\\\|==((" | tail -n 30
     ;;
   tax-unsloth-2)
