@@ -8,11 +8,13 @@ Stop, Save now and Detach are offered only while the watched run trains here.
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any
 
 from textual import events
 from textual.widgets import HelpPanel, Input, TabbedContent
+from textual.widgets._select import SelectOverlay
 
 from tui.palette import LEAVE_TO
 from tui.views import focus_now
@@ -20,10 +22,18 @@ from tui.views import focus_now
 # Printable keys closer than this are typing, not a key pressed on its own (a person's separate
 # presses are further apart; a burst pasted or typed ahead over SSH arrives at once).
 TYPING_GAP_S = 0.3
+# Keys closer than this came in one read: typed ahead over a slow link, or pasted. A person's
+# quickest command keys ("3", "x", "y" for a stop) are several times further apart.
+TYPE_AHEAD_GAP_S = 0.05
 
 
 class KeyActions:
-    _printable_at: tuple[float, float] = (-1.0, -TYPING_GAP_S)  # when the last two printable keys came
+    # The last three keys the App read: (printable, when it arrived: the event's own time, not
+    # when it was handled, which a slow pane switch delays). A non-printable key between two
+    # letters (Down between two spaces on the Runs pane) ends a burst.
+    _keys: tuple[tuple[bool, float], ...] = ((False, -1.0),) * 3
+    _last_read = -1.0  # time.monotonic() when the last key was handled
+    _burst_noted_at = -1.0  # when the last "ignored" note was shown: one note a burst
     focused: Any
     screen_stack: Any
     live: Any
@@ -34,21 +44,42 @@ class KeyActions:
     action_hide_help_panel: Any
     notify: Any
 
-    _last_key_printable = False  # the key being handled, for an action a key binding runs
-
     async def on_event(self, event: events.Event) -> None:
         if isinstance(event, events.Key) and not event.is_forwarded:
-            self._last_key_printable = event.is_printable
-            if event.is_printable:
-                self._printable_at = (self._printable_at[1], time.monotonic())
+            self._keys = (*self._keys[1:], (event.is_printable, event.time))
+            self._last_read = now = time.monotonic()
+            if self._typed_ahead() and not self._takes_text():
+                # Text typed ahead where no box has the focus ("lr=2e-4" landing on the preset
+                # list in one read): its digits would switch panes, its letters export or stop.
+                # From the third key of such a burst on, keys are dropped; the actions that cost
+                # most (s, r, f) also refuse a key that came within TYPING_GAP_S of another.
+                if now - self._burst_noted_at > 1.0:
+                    self.notify(
+                        "typing outside a text box is ignored: Enter on a setting or / opens one",
+                        severity="warning",
+                        timeout=4,
+                    )
+                self._burst_noted_at = now
+                return
         await super().on_event(event)  # type: ignore[misc]
 
+    def _typed_ahead(self) -> bool:
+        """The last three keys were printable and came in one read (TYPE_AHEAD_GAP_S apart)."""
+        times = [t for printable, t in self._keys if printable]
+        return len(times) == 3 and all(b - a < TYPE_AHEAD_GAP_S for a, b in itertools.pairwise(times))
+
+    def _takes_text(self) -> bool:
+        """The focused widget types printable keys: a text box, or a picker's type-to-search."""
+        return isinstance(self.focused, Input | SelectOverlay)
+
     def in_a_burst(self) -> bool:
-        """The key being handled is printable and came right after another: text typed into no
-        box (the focus was elsewhere), not a single key meant as a command. An action the command
-        palette runs comes on its Enter, however fast its name was typed."""
-        before, last = self._printable_at
-        return self._last_key_printable and last - before < TYPING_GAP_S
+        """The last key read is printable and came right after another printable one: text
+        typed into no box (the focus was elsewhere), not a single key meant as a command. An
+        action the command palette runs comes on its Enter, however fast its name was typed, and
+        a click long after typing is no burst."""
+        (before_printable, before), (printable, last) = self._keys[-2:]
+        recent = time.monotonic() - self._last_read < 1.0
+        return printable and before_printable and last - before < TYPING_GAP_S and recent
 
     def refused_in_a_burst(self, key: str, what: str) -> bool:
         """True, with a note, when `key` came in the middle of typing: text typed where no box had
@@ -56,6 +87,7 @@ class KeyActions:
         with its "s" (GPU hours), reset the overrides with its "r" or auto-fit with its "f"."""
         if not self.in_a_burst():
             return False
+        self._burst_noted_at = time.monotonic()
         self.notify(
             f"{key} came in the middle of typing: press {key} on its own to {what}", severity="warning"
         )

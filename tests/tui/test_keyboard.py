@@ -269,3 +269,51 @@ async def test_question_mark_shows_the_keys_and_escape_hides_them(app_factory) -
         await pilot.press("slash", "question_mark")
         assert app.screen.query_one("#preset-filter").value == "?"
         assert not app.screen.query(HelpPanel)
+
+
+async def test_a_burst_from_the_preset_list_into_a_setting_edits_that_setting(app_factory) -> None:
+    """Enter on the preset list, two Downs, Enter, Ctrl-U, a value, Enter, all at once (over SSH):
+    the list's Enter moved the focus to the settings only when its message came round, so the
+    Downs moved the list, the next Enter edited row 0 and the value was lost."""
+    from pilot_helpers import type_ahead
+
+    from tui.widgets.overrides import OverridesEditor
+
+    app = app_factory()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await select_preset(pilot, "tiny-demo")
+        app.screen.query_one("#preset-list", OptionList).focus()
+        await pilot.pause()
+        type_ahead(pilot, "enter", "down", "down", "enter", "ctrl+u", *"train.max_steps=70", "enter")
+        editor = app.screen.query_one(OverridesEditor)
+        await wait_for(pilot, lambda: editor.overrides == ["train.max_steps=70"], what="the override applied")
+        await pilot.pause(0.3)  # the burst's keys that bubble back to the App, before it closes
+        assert app.screen.query_one(TabbedContent).active == "presets"
+
+
+async def test_text_typed_outside_a_box_does_not_switch_panes(app_factory) -> None:
+    """ "lr=2e-4" landing on the preset list: its 2 and 4 switched panes and its e opened an
+    export on the Runs pane. From the third key of a burst on, keys typed outside a text box are
+    dropped, with one note; two keys pressed quickly still act."""
+    from pilot_helpers import type_ahead
+
+    app = app_factory()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await select_preset(pilot, "tiny-demo")
+        app.screen.query_one("#preset-list", OptionList).focus()
+        await pilot.pause()
+        type_ahead(pilot, *"lr=2e-4")
+        await wait_for(
+            pilot,
+            lambda: any("typing outside a text box is ignored" in n.message for n in app._notifications),
+            what="the note",
+        )
+        await pilot.pause(0.3)
+        tabs = app.screen.query_one(TabbedContent)
+        assert tabs.active == "presets"
+        notes = [n.message for n in app._notifications if "ignored" in n.message]
+        assert len(notes) == 1  # one note for the burst
+        await pilot.pause(1.0)
+        type_ahead(pilot, "2", "a")  # Memory, then its advice list: two keys, both act
+        await wait_for(pilot, lambda: app.focused is app.screen.query_one("#advice", OptionList), what="a")
+        assert tabs.active == "memory"

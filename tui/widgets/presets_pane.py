@@ -76,11 +76,16 @@ class PresetsPane(Horizontal):
         # table's own Enter, the keys after it reached the table and the App (digits switch
         # panes, `s` starts a run) while the edit waited in a queue.
         Binding("enter", "edit_setting", "Edit", show=False, priority=True),
+        # On the preset list, the same for the way into its settings: the Downs and the Enter
+        # that follow in the burst are the table's (they moved the list, then edited row 0).
+        Binding("enter", "open_settings", "Settings", show=False, priority=True),
     ]
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "edit_setting":  # (has_focus follows the Focus event: a key or two late)
             return self.app.focused is self.query_one(SettingsTable)
+        if action == "open_settings":
+            return self.app.focused is self.query_one("#preset-list", OptionList)
         # A text box types these keys, and Escape is the App's "leave the box" (in the footer).
         typing = isinstance(self.app.focused, Input)
         return not (typing and action in ("focus_filter", "reset_overrides", "focus_list"))
@@ -331,8 +336,8 @@ class PresetsPane(Horizontal):
             self.select(event.option.id, highlight=False)
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
-        event.stop()
-        self.query_one(SettingsTable).focus()
+        event.stop()  # a click; Enter is open_settings
+        focus_now(self.query_one(SettingsTable))
 
     def on_settings_table_highlighted(self, event: SettingsTable.Highlighted) -> None:
         event.stop()
@@ -357,6 +362,9 @@ class PresetsPane(Horizontal):
     def action_edit_setting(self) -> None:
         if (setting := self.query_one(SettingsTable).setting_at_cursor()) is not None:
             self.query_one(OverridesEditor).edit(*setting)
+
+    def action_open_settings(self) -> None:
+        focus_now(self.query_one(SettingsTable))
 
     def action_focus_filter(self) -> None:
         focus_now(self.query_one("#preset-filter", Input))
