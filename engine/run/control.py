@@ -79,7 +79,7 @@ class CommandQueue:
         def loop() -> None:
             self._read_lines(fd, "the console that started the run")
             self._emitter.log(
-                "the console that started this run went away (closed, or its SSH session dropped); training goes on",
+                "the console that started this run has let go of it (it quit, detached or lost its terminal); training goes on",
                 level="debug",
             )
 
