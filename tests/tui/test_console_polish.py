@@ -220,3 +220,34 @@ async def test_every_memory_term_shows_at_60x18(app_factory) -> None:
         await pilot.resize_terminal(100, 40)
         await pilot.pause(0.3)
         assert "made of" in screen_text(app)  # the header, and parts wrapped whole again
+
+
+async def test_the_log_stays_where_a_person_scrolled_it(app_factory, finished_run: Path) -> None:
+    """Scrolled up to read, the log snapped back to its tail at the next event; it follows the
+    tail again once scrolled back to the bottom."""
+    from tui.widgets.dashboard import Dashboard
+
+    app = app_factory(attach=FINISHED_RUN)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.history is not None and app.history.finished is not None)
+        await pilot.pause(0.2)
+        log = app.screen.query_one("#event-log", RichLog)
+        dash = app.screen.query_one(Dashboard)
+
+        def grow(n: int) -> None:
+            for i in range(n):
+                app.history.log.append(LogLine(200.0 + i, "info", f"line {i}"))
+                app.history.log_total += 1
+            dash._redraw()
+
+        assert log.max_scroll_y > 0
+        log.scroll_to(y=0, animate=False)
+        await pilot.pause(0.1)
+        grow(3)
+        await pilot.pause(0.2)
+        assert log.scroll_y == 0
+        log.scroll_end(animate=False)
+        await pilot.pause(0.1)
+        grow(3)
+        await pilot.pause(0.2)
+        assert log.is_vertical_scroll_end and "line 2" in screen_text(app)

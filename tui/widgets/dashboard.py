@@ -213,8 +213,10 @@ class Dashboard(Vertical):
             return
         log = self.query_one("#event-log", RichLog)
         lines = list(h.log)[-min(fresh, len(h.log)) :]
+        # Follow the tail only from the bottom: a person who scrolled up to read stays there.
+        follow = log.max_scroll_y == 0 or log.is_vertical_scroll_end
         for line in lines:
-            log.write(format_log_line(line))
+            log.write(format_log_line(line), scroll_end=follow)
         self._log_shown = h.log_total
 
     def action_toggle_log_scale(self) -> None:
