@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import ClassVar
 
+from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -35,14 +36,21 @@ NO_LR = "no learning rate"
 _NOT_SHOWN = object()  # the checkpoints box before its first draw
 
 
-def format_log_line(line: LogLine) -> Text:
+def format_log_line(line: LogLine) -> Table:
+    """The time, the level's mark, and the message, which wraps under itself (a hanging indent:
+    a wrapped path or warning read as lines of their own at column 0)."""
     m, s = divmod(int(line.elapsed), 60)
     h, m = divmod(m, 60)
     stamp = f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
     style = {"warning": "bold yellow", "error": "bold red", "debug": "dim"}.get(line.level, "")
-    return Text.assemble(
-        (stamp, "dim"), " ", (LEVEL_MARK.get(line.level, " "), style), " ", (line.text, style)
+    grid = Table.grid()
+    grid.add_column(no_wrap=True)
+    grid.add_column(overflow="fold")
+    grid.add_row(
+        Text.assemble((stamp, "dim"), " ", (LEVEL_MARK.get(line.level, " "), style), " "),
+        Text(line.text, style=style),
     )
+    return grid
 
 
 class Dashboard(Vertical):
