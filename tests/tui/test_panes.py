@@ -50,7 +50,7 @@ def test_preset_comments_are_read_from_the_yaml() -> None:
 def test_overrides_validate_with_the_cli_rules() -> None:
     draft = draft_preset("tiny-demo")
     ok, message, after = check_override(draft, "lr=1e-4")
-    assert ok and message == "train.lr: 0.003 → 0.0001"
+    assert ok and message == "train.lr: 0.0001 (was 0.003)"
     assert after is not None and after.overrides == ("lr=1e-4",) and after.value("train.lr") == 1e-4
     ok, message, _ = check_override(draft, "train.lrr=1")
     assert not ok and "did you mean 'train.lr'" in message
@@ -80,7 +80,7 @@ async def test_presets_filter_select_and_override(app_factory) -> None:
         box = app.screen.query_one("#override-input", Input)
         box.value = ""
         await pilot.press(*"lr=1e-4")
-        await wait_for(pilot, lambda: "✓ train.lr: 0.003 → 0.0001" in screen_text(app), what="the check")
+        await wait_for(pilot, lambda: "✓ train.lr: 0.0001 (was 0.003)" in screen_text(app), what="the check")
         await pilot.press("enter")
         await overrides_shown(pilot, ["lr=1e-4"])
         assert pane.overrides == ["lr=1e-4"]

@@ -49,7 +49,9 @@ def check_override(draft: PresetDraft, text: str) -> tuple[bool, str, PresetDraf
             return False, str(exc), None
     new = format_setting(after.value(key))
     old = format_setting(draft.value(key)) if draft.valid else "?"
-    return True, f"{key}: {old} → {new}" if old != new else f"{key}: {new} (unchanged)", after
+    # The new value first: the line is cut at the box's width, and a long old value (a path)
+    # hid the one being typed.
+    return True, f"{key}: {new} (was {old})" if old != new else f"{key}: {new} (unchanged)", after
 
 
 class OverridesEditor(Vertical):
@@ -222,5 +224,7 @@ class OverridesEditor(Vertical):
 
     def _show_list(self) -> None:
         overrides = self.overrides
-        text = "overrides: " + (" · ".join(overrides) if overrides else "none")
+        # One line, cut at the box's width: the count says how many a cut line holds.
+        head = f"overrides ({len(overrides)}): " if len(overrides) > 1 else "overrides: "
+        text = head + (" · ".join(overrides) if overrides else "none")
         self.query_one("#override-list", Static).update(Text(text, style="dim" if not overrides else ""))
