@@ -678,3 +678,16 @@ async def test_the_data_line_follows_data_bad_records(app_factory, tmp_path: Pat
             ),
             what="the re-check",
         )
+
+
+async def test_an_empty_runs_list_offers_no_run_keys(app_factory) -> None:
+    """With no runs the footer offered Attach, Mark, Compare and Export (the docs promise only
+    keys that work); they come with the first run."""
+    app = app_factory()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        await pilot.press("4")
+        await wait_for(pilot, lambda: "No runs yet" in screen_text(app), what="the empty list")
+        footer = screen_text(app).splitlines()[-1]
+        for key in ("Attach", "Mark", "Compare", "Export", "Resume", "Stop"):
+            assert key not in footer, footer

@@ -173,7 +173,10 @@ class RunsPane(Vertical):
         empty.update(Text(f"No runs yet under {self.root}. Start one from Presets (1).", style="italic"))
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        """The footer offers Stop for a running run only, Resume for one that can go on."""
+        """The footer offers Stop for a running run only, Resume for one that can go on, and
+        nothing that needs a run while the list is empty."""
+        if action in ("open", "attach", "mark", "compare", "export"):
+            return self.selected() is not None
         if action not in ("resume", "stop"):
             return True
         summary = self.selected()
