@@ -105,7 +105,10 @@ class EventPrinter:
                     return
                 progress = fmt_progress(ev.current, ev.total, ev.unit, ev.rate, ev.eta_s)
                 progress = f" {progress}" if progress else ""
-                out.print(f"[dim]{ev.stage.replace('_', ' ')}{progress}: {escape(ev.message)}[/]")
+                stage = ev.stage.replace("_", " ")
+                # "training 0/2000", not "training 0/2000: training 2000 steps"
+                said = ev.message and not ev.message.startswith(stage)
+                out.print(f"[dim]{stage}{progress}" + (f": {escape(ev.message)}" if said else "") + "[/]")
             case protocol.ModelReady():
                 pct = 100 * ev.trainable_params / max(ev.total_params, 1)
                 mem = (
@@ -136,14 +139,11 @@ class EventPrinter:
                 # On the CPU the figure is what the run would take on hardware.gpu, planned as
                 # there: say so, or its checkpointing reads as contradicting the CPU run's own.
                 on_cpu = self._hello is not None and self._hello.device.startswith("cpu")
-                where = f" if run on {escape(ev.gpu)}" if on_cpu and ev.gpu else ""
+                where = f" for {escape(ev.gpu)} (this run is on the CPU)" if on_cpu and ev.gpu else ""
                 card = "" if where else f" on {escape(ev.gpu)}"
                 budget = f" of {ev.budget_gb:.2f} GiB{card}" if ev.budget_gb else ""
                 verdict = f" · {ev.verdict.replace('_', ' ')}" if ev.verdict else ""
-                there = "there, " if where else ""
-                plan = (
-                    f" · {there}checkpointing {escape(ev.checkpoint_reason)}" if ev.checkpoint_reason else ""
-                )
+                plan = f" · checkpointing {escape(ev.checkpoint_reason)}" if ev.checkpoint_reason else ""
                 out.print(
                     f"memory estimate{where}: {ev.device_total_gb:.2f} GiB{budget} (torch peak "
                     f"{ev.torch_peak_gb:.2f}){verdict}{plan}"
@@ -329,13 +329,13 @@ def follow_file(run_dir: Path, printer: EventPrinter, tail: int | None = 20) -> 
     history, offset = runs.read_events(run_dir)
     steps = [i for i, ev in enumerate(history) if isinstance(ev, protocol.Step)]
     hidden = set(steps[: len(steps) - tail]) if tail is not None and len(steps) > tail else set()
-    if hidden:
-        out.print(f"[dim]… {len(hidden)} earlier step events (--tail to see more)[/]")
     for i, ev in enumerate(history):
         if i not in hidden:
             printer(ev)
-        else:
-            printer.skipped(ev)
+            continue
+        if i == steps[0]:  # where the steps start, after the run's header
+            out.print(f"[dim]… {len(hidden)} earlier step events (--tail to see more)[/]")
+        printer.skipped(ev)
     try:
         while runs.is_running(run_dir):
             events, offset = runs.read_events(run_dir, offset)

@@ -81,6 +81,9 @@ def fmt_progress(
     if unit:
         text = fmt_amount(current, unit)
         if total:
+            # "1 of 4 batches", not "1 batch of 4 batches": a count says its unit once.
+            if unit != "B":
+                text = fmt_amount(current, "")
             text += f" of {fmt_amount(total, unit)} ({100 * current / total:.0f}%)"
     else:
         text = f"{current}/{total}" if total else str(current)

@@ -137,7 +137,9 @@ def test_the_run_reports_the_memory_answer_the_console_and_qlc_estimate_give(ref
     assert estimate.checkpoint_reason == view.checkpointing and estimate.checkpoint_reason
     shown = qlc("--runs-dir", str(reference.parent), "attach", reference.name)
     line = next(x for x in shown.stdout.splitlines() if x.startswith("memory estimate"))
-    assert line.startswith(f"memory estimate if run on {view.gpu}: ")  # a CPU run: the card it is for
+    assert line.startswith(
+        f"memory estimate for {view.gpu} (this run is on the CPU): "
+    )  # a CPU run: the card it is for
     # Where the start went, once, after the first step: the engine's own start time in hello.
     (launch,) = [x for x in shown.stdout.splitlines() if "after the engine started" in x]
     assert "start and imports" in launch and "model" in launch and "first step" in launch

@@ -108,9 +108,7 @@ def test_progress_goes_to_stderr_and_a_second_report_reuses_the_prepared_rows(tm
     first = qlc("data", "tiny-demo", env=env)
     assert first.returncode == 0, first.stderr
     progress = [line for line in first.stderr.splitlines() if line.startswith("preparing data")]
-    assert any("600 examples of 600 examples (100%)" in line and "examples/s" in line for line in progress), (
-        progress
-    )
+    assert any("600 of 600 examples (100%)" in line and "examples/s" in line for line in progress), progress
     assert "preparing data" not in first.stdout
     second = qlc("data", "tiny-demo", env=env)
     assert second.returncode == 0, second.stderr
