@@ -106,7 +106,7 @@ case "$PART" in
     ;;
   gemma-24gb)
     PYTHONPATH=$PWD:/tmp/site2:/tmp/site timeout -k 10 200 python3 bench/calibration_matrix.py \
-      --out "$OUT/unsloth-gemma-3-1b" --work "$WORK/gaps-unsloth" --deadline-s 185 --backend unsloth \
+      --out "$OUT/unsloth-gemma-3-1b" --work "$WORK/gaps-unsloth" --deadline-s ${GEMMA_DEADLINE_S:-185} --backend unsloth \
       --unsloth-path /tmp/site2 --no-e2e --arch gemma-3-1b 2>&1 | tee "$OUT/gaps-unsloth.log" | tail -n 8
     rm -rf "$WORK/gaps-unsloth"
     # Each stack needs about two minutes (8B build, bare Unsloth, the engine): only with time left.
