@@ -92,7 +92,7 @@ class Worker:
         self.tokens: str = spec["tokens_file"]
         self.scratch = Path(spec["scratch"])
         self.count = 0  # configurations measured so far in this process
-        self.unsloth_first_gc_mode: object = None  # the mode Unsloth's first get_peft_model set
+        self.unsloth_first_plan: Any = None  # the plan Unsloth's first get_peft_model was given
         self.model: Any = None
         self.base: Any = None  # hf: the 4-bit model without adapters
         self.prepared: dict[str, Any] | None = None
@@ -192,7 +192,6 @@ class Worker:
 
             from engine.run.distributed import Ranks
             from engine.train import backends
-            from engine.train.backends import unsloth as unsloth_backend
 
             # Through the Backend API the engine uses (engine/train/backends/base.py), so the
             # calibration loads and wraps exactly as a run does.
@@ -202,9 +201,9 @@ class Worker:
             self.load_allocated = self.allocated()
             set_seed(3407)
             self.model = backend.apply_lora(model, cfg, plan, Ranks())
-            # The mode this process's adapters were made with: Unsloth's generic path (Gemma 3,
+            # The plan this process's adapters were made with: Unsloth's generic path (Gemma 3,
             # Phi-4) keeps it for good, so prepare() refuses another one there.
-            self.unsloth_first_gc_mode = unsloth_backend.gc_mode(plan)
+            self.unsloth_first_plan = plan
             self.kernels = ["unsloth: fused RMSNorm, RoPE, SwiGLU, LoRA, cross-entropy"]
         else:
             from engine.train.backends.checkpointing import decoder_layers
@@ -275,27 +274,17 @@ class Worker:
             # and for_training sets every layer's flag for this mode.
             try:
                 self.model = backends.get("unsloth").apply_lora(self.model, cfg, plan, Ranks())
-                if self.unsloth_first_gc_mode is None:
-                    self.unsloth_first_gc_mode = unsloth_backend.gc_mode(plan)
+                if self.unsloth_first_plan is None:
+                    self.unsloth_first_plan = plan
             except RuntimeError as exc:
                 # Unsloth's Gemma 3 path refuses a second get_peft_model outright; the adapters are
                 # the same (one LoRA setting per process), so only the checkpointing mode changes,
-                # which for_training sets below. Partial checkpointing is marked by get_peft_model
-                # alone: without it the configuration would not be the one asked for.
+                # which for_training sets below, where that is enough (reused_adapters_refusal).
                 if "already added LoRA" not in str(exc):
                     raise
-                if 0 < plan.checkpointed < plan.layers:
-                    raise RuntimeError(
-                        f"unsupported here: partial checkpointing needs a fresh get_peft_model ({exc})"
-                    ) from None
-                # Nor does for_training turn checkpointing off there: measured on Gemma-3-4B and
-                # Phi-4 (H100, 2026-12-05), a "no checkpointing" step peaked at a checkpointed
-                # step's memory (4.07 GiB reserved against 19.5 estimated without).
-                if unsloth_backend.gc_mode(plan) != self.unsloth_first_gc_mode:
-                    raise RuntimeError(
-                        "unsupported here: another checkpointing mode needs a fresh get_peft_model "
-                        f"on this path ({exc})"
-                    ) from None
+                why = reused_adapters_refusal(self.unsloth_first_plan, plan)
+                if why:
+                    raise RuntimeError(f"unsupported here: {why} ({exc})") from None
             FastLanguageModel.for_training(
                 self.model, use_gradient_checkpointing=unsloth_backend.gc_mode(plan)
             )
@@ -464,6 +453,27 @@ class Worker:
                     self.channel.send(ev="fatal", error="cleanup failed after an error")
                     sys.exit(1)
                 self.channel.send(ev="ready")
+
+
+def reused_adapters_refusal(first: Any, plan: Any) -> str | None:
+    """Why a configuration cannot run on adapters Unsloth refused to make again (its generic path,
+    Gemma 3 and Phi-4, keeps the first get_peft_model for good), or None where it can.
+
+    The plan they were made with can always run again: the warm-up's short step asks for exactly
+    the first configuration's. Partial checkpointing is marked by get_peft_model alone, so another
+    partial plan would not be the configuration asked for; nor does for_training turn
+    checkpointing off there: measured on Gemma-3-4B and Phi-4 (H100, 2026-12-05), a "no
+    checkpointing" step peaked at a checkpointed step's memory (4.07 GiB reserved against 19.5
+    estimated without)."""
+    if first is None:
+        return "no adapters were made in this process"
+    if (plan.layers, plan.checkpointed) == (first.layers, first.checkpointed):
+        return None
+    if plan.partial or first.partial:
+        return "partial checkpointing needs a fresh get_peft_model"
+    if plan.enabled != first.enabled:
+        return "another checkpointing mode needs a fresh get_peft_model on this path"
+    return None
 
 
 def _step_timer(torch: Any, device: str) -> Any:

@@ -79,3 +79,27 @@ def test_each_configuration_starts_from_the_model_as_loaded(tmp_path: Path) -> N
     assert [r["order_in_process"] for r in records] == [1, 2, 3, 4]
     assert all(len(r["step_seconds"]) == 2 and len(r["losses"]) == 2 for r in records)
     assert not list(tmp_path.glob("trainer-*/checkpoint-*"))  # no end-of-training save
+
+
+@pytest.mark.parametrize(
+    ("first", "then", "refused"),
+    [
+        # The warm-up asks for the first configuration's own plan: a partial one included (the
+        # Gemma-3-1B process of 2026-12-05 refused its own warm-up and measured nothing).
+        ((28, 14), (28, 14), None),
+        ((28, 28), (28, 28), None),
+        ((28, 0), (28, 0), None),
+        ((28, 28), (28, 14), "partial checkpointing"),
+        ((28, 14), (28, 28), "partial checkpointing"),
+        ((28, 28), (28, 0), "another checkpointing mode"),
+        ((28, 0), (28, 28), "another checkpointing mode"),
+    ],
+)
+def test_reused_unsloth_adapters_run_only_the_plan_they_were_made_with(
+    first: tuple[int, int], then: tuple[int, int], refused: str | None
+) -> None:
+    from bench.calibrate_memory import reused_adapters_refusal
+    from engine.memory import CheckpointPlan
+
+    why = reused_adapters_refusal(CheckpointPlan(*first, "first"), CheckpointPlan(*then, "then"))
+    assert (why is None) if refused is None else (refused in (why or ""))
