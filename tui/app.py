@@ -142,6 +142,7 @@ class QlcApp(KeyActions, RunEvents, PresetActions, RunActions, SampleActions, Ap
         return self.screen_stack[0].query_one(kind)
 
     def action_show_pane(self, name: str) -> None:
+        self.mark_command()  # "2" then "f" quickly: the f is a key of its own, not typing
         tabs = self.screen_stack[0].query_one(TabbedContent)
         tabs.active = name  # shows the pane at once (TabActivated focuses it again, for clicks)
         self._focus_pane(name)  # before the next key: "2t" reaches the Memory pane's t

@@ -106,9 +106,8 @@ class EventPrinter:
                 progress = fmt_progress(ev.current, ev.total, ev.unit, ev.rate, ev.eta_s)
                 progress = f" {progress}" if progress else ""
                 stage = ev.stage.replace("_", " ")
-                # "training 0/2000", not "training 0/2000: training 2000 steps"
-                said = ev.message and not ev.message.startswith(stage)
-                out.print(f"[dim]{stage}{progress}" + (f": {escape(ev.message)}" if said else "") + "[/]")
+                said = _beyond_the_stage(stage, ev.message, ev.total)
+                out.print(f"[dim]{stage}{progress}" + (f": {escape(said)}" if said else "") + "[/]")
             case protocol.ModelReady():
                 pct = 100 * ev.trainable_params / max(ev.total_params, 1)
                 mem = (
@@ -364,3 +363,15 @@ def iter_file_from(run_dir: Path, offset: int, timeout: float) -> Iterable[proto
         if not runs.is_running(run_dir):
             return
         time.sleep(0.1)
+
+
+def _beyond_the_stage(stage: str, message: str, total: int | None) -> str:
+    """What the message says beyond the stage line's own words and count: "training 0/2000", not
+    "training 0/2000: training 2000 steps"; "saving: the final adapter". A message that only
+    begins with the stage's letters keeps them ("preparing data: preparing databricks/...")."""
+    if message == stage:
+        return ""
+    if not message.startswith(stage + " "):
+        return message
+    rest = message.removeprefix(stage + " ")
+    return "" if rest == f"{total} steps" else rest

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from textual import events
@@ -25,14 +27,28 @@ TYPING_GAP_S = 0.3
 # Keys closer than this came in one read: typed ahead over a slow link, or pasted. A person's
 # quickest command keys ("3", "x", "y" for a stop) are several times further apart.
 TYPE_AHEAD_GAP_S = 0.05
+# The keys remembered for those judgements; a key handled after this many others were read came
+# in a burst.
+READ_KEYS_KEPT = 32
+
+
+@dataclass
+class ReadKey:
+    """A key as the App read it: the event, whether it types, when it arrived (the event's own
+    time, not when it was handled, which a slow pane switch delays), and whether a command took
+    it (a pane's digit: not typing, for the key after it)."""
+
+    event: events.Key
+    printable: bool
+    time: float
+    command: bool = False
 
 
 class KeyActions:
-    # The last three keys the App read: (printable, when it arrived: the event's own time, not
-    # when it was handled, which a slow pane switch delays). A non-printable key between two
-    # letters (Down between two spaces on the Runs pane) ends a burst.
-    _keys: tuple[tuple[bool, float], ...] = ((False, -1.0),) * 3
-    _last_read = -1.0  # time.monotonic() when the last key was handled
+    # The keys the App read last, in order. A non-printable key between two letters (Down
+    # between two spaces on the Runs pane) ends a burst.
+    _read: deque[ReadKey]
+    _handling: events.Key | None = None  # the key whose bindings run now
     _burst_noted_at = -1.0  # when the last "ignored" note was shown: one note a burst
     focused: Any
     screen_stack: Any
@@ -45,14 +61,19 @@ class KeyActions:
     notify: Any
 
     async def on_event(self, event: events.Event) -> None:
-        if isinstance(event, events.Key) and not event.is_forwarded:
-            self._keys = (*self._keys[1:], (event.is_printable, event.time))
-            self._last_read = now = time.monotonic()
+        if not isinstance(event, events.Key):
+            await super().on_event(event)  # type: ignore[misc]
+            return
+        if not event.is_forwarded:
+            if not hasattr(self, "_read"):
+                self._read = deque(maxlen=READ_KEYS_KEPT)
+            self._read.append(ReadKey(event, event.is_printable, event.time))
             if self._typed_ahead() and not self._takes_text():
                 # Text typed ahead where no box has the focus ("lr=2e-4" landing on the preset
                 # list in one read): its digits would switch panes, its letters export or stop.
                 # From the third key of such a burst on, keys are dropped; the actions that cost
                 # most (s, r, f) also refuse a key that came within TYPING_GAP_S of another.
+                now = time.monotonic()
                 if now - self._burst_noted_at > 1.0:
                     self.notify(
                         "typing outside a text box is ignored: Enter on a setting or / opens one",
@@ -61,25 +82,56 @@ class KeyActions:
                     )
                 self._burst_noted_at = now
                 return
-        await super().on_event(event)  # type: ignore[misc]
+        # A priority binding runs as the key is read; any other when the key has bubbled back
+        # from the focused widget, after the keys read since: either way within this call.
+        outer, self._handling = self._handling, event
+        try:
+            await super().on_event(event)  # type: ignore[misc]
+        finally:
+            self._handling = outer
 
     def _typed_ahead(self) -> bool:
         """The last three keys were printable and came in one read (TYPE_AHEAD_GAP_S apart)."""
-        times = [t for printable, t in self._keys if printable]
+        last = list(self._read)[-3:]
+        times = [k.time for k in last if k.printable]
         return len(times) == 3 and all(b - a < TYPE_AHEAD_GAP_S for a, b in itertools.pairwise(times))
 
     def _takes_text(self) -> bool:
         """The focused widget types printable keys: a text box, or a picker's type-to-search."""
         return isinstance(self.focused, Input | SelectOverlay)
 
+    def _handled_at(self) -> int | None:
+        """Where the key being handled stands among the keys read, or None for no key (a click,
+        the palette's Enter ran it... ) or one read too long ago to be kept."""
+        read = list(getattr(self, "_read", ()))
+        return next((i for i, k in enumerate(read) if k.event is self._handling), None)
+
+    def mark_command(self) -> None:
+        """The key being handled was a command (a pane's digit), not typing: a key pressed
+        right after it ("2" then "f") is pressed on its own."""
+        if (i := self._handled_at()) is not None:
+            self._read[i].command = True
+
     def in_a_burst(self) -> bool:
-        """The last key read is printable and came right after another printable one: text
-        typed into no box (the focus was elsewhere), not a single key meant as a command. An
-        action the command palette runs comes on its Enter, however fast its name was typed, and
-        a click long after typing is no burst."""
-        (before_printable, before), (printable, last) = self._keys[-2:]
-        recent = time.monotonic() - self._last_read < 1.0
-        return printable and before_printable and last - before < TYPING_GAP_S and recent
+        """The key being handled is printable and came right after another printable one that
+        no command took: text typed into no box (the focus was elsewhere), not a single key meant
+        as a command. The key is the one whose binding runs, not the last one read: a non-priority
+        binding runs after the keys read since ("ls" then Enter). An action the command palette
+        runs comes on its Enter, however fast its name was typed, and a click is no key."""
+        if self._handling is None:
+            return False
+        i = self._handled_at()
+        if i is None:  # READ_KEYS_KEPT keys were read after it before it was handled: a burst
+            return True
+        if i == 0:
+            return False
+        before, key = self._read[i - 1], self._read[i]
+        return (
+            key.printable
+            and before.printable
+            and not before.command
+            and key.time - before.time < TYPING_GAP_S
+        )
 
     def refused_in_a_burst(self, key: str, what: str) -> bool:
         """True, with a note, when `key` came in the middle of typing: text typed where no box had

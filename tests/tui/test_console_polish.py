@@ -251,3 +251,36 @@ async def test_the_log_stays_where_a_person_scrolled_it(app_factory, finished_ru
         grow(3)
         await pilot.pause(0.2)
         assert log.is_vertical_scroll_end and "line 2" in screen_text(app)
+
+
+async def test_a_resize_keeps_the_log_where_a_person_scrolled_it(app_factory, finished_run: Path) -> None:
+    """Re-wrapping after a resize cleared the view and wrote it again from the tail: a person
+    reading further up was sent to the bottom, and lines beyond the 300 an opened run shows first
+    were lost."""
+    from tui.widgets.dashboard import LOG_REPLAY, Dashboard
+
+    app = app_factory(attach=FINISHED_RUN)
+    async with app.run_test(size=(120, 30)) as pilot:
+        await wait_for(pilot, lambda: app.history is not None and app.history.finished is not None)
+        await pilot.pause(0.2)
+        log = app.screen.query_one("#event-log", RichLog)
+        for i in range(LOG_REPLAY + 50):
+            app.history.log.append(LogLine(200.0 + i, "info", f"line {i}"))
+            app.history.log_total += 1
+        app.screen.query_one(Dashboard)._redraw()
+        await pilot.pause(0.2)
+        held = len(log.lines)
+        log.scroll_to(y=log.max_scroll_y // 3, animate=False)
+        await pilot.pause(0.1)
+        await pilot.resize_terminal(100, 30)
+        await pilot.pause(0.4)
+        assert not log.is_vertical_scroll_end
+        assert 0.2 < log.scroll_y / log.max_scroll_y < 0.45
+        assert len(log.lines) >= held
+        await pilot.resize_terminal(120, 30)
+        await pilot.pause(0.2)
+        log.scroll_end(animate=False)
+        await pilot.pause(0.1)
+        await pilot.resize_terminal(90, 30)
+        await pilot.pause(0.4)
+        assert log.is_vertical_scroll_end

@@ -8,9 +8,11 @@ from collections import Counter
 
 from pilot_helpers import select_preset, wait_for
 from textual import events
+from textual.coordinate import Coordinate
 from textual.message import Message
-from textual.widgets import OptionList, TabbedContent
+from textual.widgets import Input, OptionList, TabbedContent
 
+from tui.widgets.preset_settings import SettingsTable
 from tui.widgets.presets_pane import PresetsPane
 
 
@@ -223,7 +225,8 @@ def test_the_docs_list_every_key_of_every_pane() -> None:
 
     docs = (Path(__file__).resolve().parents[2] / "docs" / "console.md").read_text()
     rows = {line.split("|")[1].strip(): line for line in docs.splitlines() if line.startswith("| ")}
-    names = {"slash": "/", "escape": "Escape", "enter": "Enter", "down": "↓", "delete": "Delete"}
+    names = {"slash": "/", "escape": "Escape", "enter": "Enter", "down": "↓", "up": "↑", "delete": "Delete"}
+    names |= {"pageup": "PgUp", "pagedown": "PgDn", "home": "Home", "end": "End"}
     names |= {"backspace": "Backspace", "f5": "F5", "question_mark": "?", "f1": "F1"}
     owners = {
         "1 Presets": [PresetsPane, FilterInput],
@@ -274,7 +277,9 @@ async def test_question_mark_shows_the_keys_and_escape_hides_them(app_factory) -
 async def test_a_burst_from_the_preset_list_into_a_setting_edits_that_setting(app_factory) -> None:
     """Enter on the preset list, two Downs, Enter, Ctrl-U, a value, Enter, all at once (over SSH):
     the list's Enter moved the focus to the settings only when its message came round, so the
-    Downs moved the list, the next Enter edited row 0 and the value was lost."""
+    Downs moved the list, the next Enter edited row 0 and the value was lost; as priority
+    bindings the Enters ran before the Downs (their own bindings, run when they bubbled back),
+    and the burst still edited row 0. The row the Downs reach is the one edited."""
     from pilot_helpers import type_ahead
 
     from tui.widgets.overrides import OverridesEditor
@@ -284,11 +289,39 @@ async def test_a_burst_from_the_preset_list_into_a_setting_edits_that_setting(ap
         await select_preset(pilot, "tiny-demo")
         app.screen.query_one("#preset-list", OptionList).focus()
         await pilot.pause()
-        type_ahead(pilot, "enter", "down", "down", "enter", "ctrl+u", *"train.max_steps=70", "enter")
+        table = app.screen.query_one(SettingsTable)
+        path = str(table.coordinate_to_cell_key(Coordinate(2, 0)).row_key.value)
+        box = app.screen.query_one("#override-input", Input)
+        type_ahead(pilot, "enter", "down", "down", "enter")
+        await wait_for(pilot, lambda: app.focused is box, what="the override box")
+        assert box.value.split("=")[0].rstrip(".") == path
+        type_ahead(pilot, "ctrl+u", *"train.max_steps=70", "enter")
         editor = app.screen.query_one(OverridesEditor)
         await wait_for(pilot, lambda: editor.overrides == ["train.max_steps=70"], what="the override applied")
         await pilot.pause(0.3)  # the burst's keys that bubble back to the App, before it closes
         assert app.screen.query_one(TabbedContent).active == "presets"
+
+
+async def test_downs_typed_ahead_on_the_preset_list_pick_the_preset_they_reach(app_factory) -> None:
+    """Down, Down, Enter at once on the preset list open the preset two below, not the one the
+    list showed when the Enter was read."""
+    from pilot_helpers import type_ahead
+
+    app = app_factory()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await select_preset(pilot, "tiny-demo")
+        presets = app.screen.query_one("#preset-list", OptionList)
+        presets.focus()
+        presets.highlighted = 0
+        await pilot.pause()
+        expected = presets.get_option_at_index(2).id
+        type_ahead(pilot, "down", "down", "enter")
+        table = app.screen.query_one(SettingsTable)
+        await wait_for(pilot, lambda: app.focused is table, what="the settings")
+        await pilot.pause(0.3)
+        assert presets.highlighted == 2
+        assert app.screen.query_one(PresetsPane).selected == expected
+        assert table.cursor_row == 0
 
 
 async def test_text_typed_outside_a_box_does_not_switch_panes(app_factory) -> None:
@@ -317,3 +350,55 @@ async def test_text_typed_outside_a_box_does_not_switch_panes(app_factory) -> No
         type_ahead(pilot, "2", "a")  # Memory, then its advice list: two keys, both act
         await wait_for(pilot, lambda: app.focused is app.screen.query_one("#advice", OptionList), what="a")
         assert tabs.active == "memory"
+
+
+async def test_a_run_key_typed_ahead_before_enter_is_still_refused(app_factory, monkeypatch) -> None:
+    """ "ls" and Enter in one read on the preset list: the s's binding runs when the key has
+    bubbled back, after the Enter was read, and the judgement looked at the last two keys read
+    (s, Enter), so the run started. The s is judged among the keys as they came: after an l."""
+    from pilot_helpers import type_ahead
+
+    app = app_factory()
+    started: list[object] = []
+    monkeypatch.setattr(app, "_start_flow", lambda draft: started.append(draft))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await select_preset(pilot, "tiny-demo")
+        for burst in (("l", "s", "enter"), ("x", "s", "down"), ("x", "s", "escape")):
+            app.screen.query_one("#preset-list", OptionList).focus()
+            await pilot.pause(0.5)
+            app._notifications.clear()
+            type_ahead(pilot, *burst)
+            await wait_for(
+                pilot,
+                lambda: any("s came in the middle of typing" in n.message for n in app._notifications),
+                what=f"the s of {burst} refused",
+            )
+            await pilot.pause(0.3)
+        assert started == []
+        # Pressed on its own, s starts the run.
+        app.screen.query_one("#preset-list", OptionList).focus()
+        await pilot.pause(0.5)
+        type_ahead(pilot, "s")
+        await wait_for(pilot, lambda: len(started) == 1, what="the run started")
+
+
+async def test_a_pane_digit_then_f_quickly_auto_fits(app_factory) -> None:
+    """ "2" then "f" a moment later (docs/console.md: two keys pressed quickly each work): the
+    digit switched panes, it was not typing, so the f is not refused."""
+    from pilot_helpers import type_ahead
+
+    app = app_factory()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await select_preset(pilot, "tiny-demo")
+        app.screen.query_one("#preset-list", OptionList).focus()
+        await pilot.pause(0.5)
+        app._notifications.clear()
+        type_ahead(pilot, "2")
+        await pilot.pause(0.15)
+        type_ahead(pilot, "f")
+        await wait_for(pilot, lambda: list(app._notifications), what="the auto-fit's note")
+        await pilot.pause(0.3)
+        notes = [n.message for n in app._notifications]
+        assert app.screen.query_one(TabbedContent).active == "memory"
+        assert not any("middle of typing" in n for n in notes), notes
+        assert any("auto-fit" in n or "nothing to change" in n for n in notes), notes

@@ -61,3 +61,34 @@ def test_the_engines_estimate_carries_the_count_and_the_cards_peak() -> None:
         memory.estimate(cfg, gpu=memory.resolve_gpu("24GB")).to_event(memory.resolve_gpu("24GB")).peak_tflops
         == 0
     )
+
+
+@pytest.mark.parametrize(
+    "event, shown",
+    [
+        (
+            protocol.StageEvent(stage="training", message="training 20 steps", current=0, total=20),
+            "training 0/20",
+        ),
+        (
+            protocol.StageEvent(stage="saving", message="saving the final adapter"),
+            "saving: the final adapter",
+        ),
+        (
+            protocol.StageEvent(stage="preparing_data", message="preparing databricks/databricks-dolly-15k"),
+            "preparing data: preparing databricks/databricks-dolly-15k",
+        ),
+        (protocol.StageEvent(stage="sampling", message="generating"), "sampling: generating"),
+    ],
+)
+def test_a_stage_line_drops_only_a_message_that_restates_it(
+    event: protocol.StageEvent,
+    shown: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """It dropped every message that began with the stage's words: "saving the final adapter"
+    printed "saving", and a hub dataset "databricks/..." printed "preparing data"."""
+    monkeypatch.setenv("NO_COLOR", "1")
+    EventPrinter()(event)
+    assert capsys.readouterr().out.strip() == shown

@@ -28,6 +28,7 @@ from tui.widgets.stats import RunStats
 
 LEVEL_MARK = {"info": " ", "debug": "·", "warning": "!", "error": "✗"}
 LOG_REPLAY = 300  # lines written to the log view when a run is opened
+LOG_VIEW_LINES = 1000  # the most the log view holds
 REDRAW_SECONDS = 0.5
 # What the charts say before they have a point, for a run that may still train. One that never
 # will says how it ended instead (progress.never_trained).
@@ -68,6 +69,7 @@ class Dashboard(Vertical):
         self._gpu_probe = gpu_probe
         self._history: RunHistory | None = None
         self._log_shown = 0
+        self._log_first = 0  # the first line the log view holds (of the run's count)
         self._status = ""
         self._drawn_status: str | None = None
         self._last_draw = 0.0
@@ -88,7 +90,9 @@ class Dashboard(Vertical):
         # Wrapped at the box's own width: a long line (an error, where the start went) stays whole
         # at 80 columns. RichLog's default min_width (78) renders wider than the box there, cutting
         # a character at every wrap and growing a horizontal scrollbar that takes one of its rows.
-        yield RichLog(id="event-log", max_lines=1000, wrap=True, min_width=1, markup=False, highlight=False)
+        yield RichLog(
+            id="event-log", max_lines=LOG_VIEW_LINES, wrap=True, min_width=1, markup=False, highlight=False
+        )
 
     def on_mount(self) -> None:
         self.query_one("#loss-chart", LineChart).border_title = "loss"
@@ -128,6 +132,7 @@ class Dashboard(Vertical):
         self._drawn_status = None
         if history is not None:
             self._log_shown = max(0, history.log_total - LOG_REPLAY)
+        self._log_first = self._log_shown
         self.changed(status)
 
     def changed(self, status: str) -> None:
@@ -211,18 +216,29 @@ class Dashboard(Vertical):
         h = self._history
         if drawn is None or h is None:
             return  # the first layout: nothing written at another width yet
+        # Written again at the new width: every line the view held, and where it was scrolled
+        # (a person reading further up stays about there; clear() had sent them to the tail).
+        follow = log.max_scroll_y == 0 or log.is_vertical_scroll_end
+        fraction = log.scroll_y / log.max_scroll_y if log.max_scroll_y else 1.0
         log.clear()
-        self._log_shown = max(0, h.log_total - LOG_REPLAY)
-        self._append_log(h)
+        self._log_first = self._log_shown = max(
+            self._log_first, h.log_total - min(len(h.log), LOG_VIEW_LINES)
+        )
+        self._append_log(h, follow)
+        if not follow:
+            self.call_after_refresh(
+                lambda: log.scroll_to(y=round(fraction * log.max_scroll_y), animate=False)
+            )
 
-    def _append_log(self, h: RunHistory) -> None:
+    def _append_log(self, h: RunHistory, follow: bool | None = None) -> None:
         fresh = h.log_total - self._log_shown
         if fresh <= 0:
             return
         log = self.query_one("#event-log", RichLog)
         lines = list(h.log)[-min(fresh, len(h.log)) :]
         # Follow the tail only from the bottom: a person who scrolled up to read stays there.
-        follow = log.max_scroll_y == 0 or log.is_vertical_scroll_end
+        if follow is None:
+            follow = log.max_scroll_y == 0 or log.is_vertical_scroll_end
         for line in lines:
             log.write(format_log_line(line), scroll_end=follow)
         self._log_shown = h.log_total

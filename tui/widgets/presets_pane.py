@@ -62,6 +62,10 @@ class FilterInput(InOrderInput):
         focus_now(self.screen.query_one("#preset-list", OptionList))
 
 
+# The keys that move the preset list's highlight and the settings table's cursor.
+MOVE_KEYS = ("up", "down", "pageup", "pagedown", "home", "end")
+
+
 class PresetsPane(Horizontal):
     """A filterable list of presets; the selected one's settings; the overrides editor."""
 
@@ -77,15 +81,23 @@ class PresetsPane(Horizontal):
         # panes, `s` starts a run) while the edit waited in a queue.
         Binding("enter", "edit_setting", "Edit", show=False, priority=True),
         # On the preset list, the same for the way into its settings: the Downs and the Enter
-        # that follow in the burst are the table's (they moved the list, then edited row 0).
+        # that follow in the burst are the table's.
         Binding("enter", "open_settings", "Settings", show=False, priority=True),
+        # And so the list's and the table's moves are priority bindings too: a priority Enter runs
+        # as the App reads it, the widget's own Down only when it has bubbled back, after every
+        # key of the burst was read. As their own bindings, "Down Down Enter" opened the preset
+        # the Downs had not reached yet, and "Enter Down Down Enter" edited row 0.
+        *(Binding(key, f"move('{key}')", show=False, priority=True) for key in MOVE_KEYS),
     ]
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "edit_setting":  # (has_focus follows the Focus event: a key or two late)
             return self.app.focused is self.query_one(SettingsTable)
         if action == "open_settings":
-            return self.app.focused is self.query_one("#preset-list", OptionList)
+            preset_list = self.query_one("#preset-list", OptionList)
+            return self.app.focused is preset_list and preset_list.highlighted is not None
+        if action == "move":
+            return self.app.focused in (self.query_one("#preset-list"), self.query_one(SettingsTable))
         # A text box types these keys, and Escape is the App's "leave the box" (in the footer).
         typing = isinstance(self.app.focused, Input)
         return not (typing and action in ("focus_filter", "reset_overrides", "focus_list"))
@@ -365,6 +377,13 @@ class PresetsPane(Horizontal):
 
     def action_open_settings(self) -> None:
         focus_now(self.query_one(SettingsTable))
+
+    async def action_move(self, key: str) -> None:
+        """The focused list's or table's own binding for `key`, run now (MOVE_KEYS)."""
+        focused = self.app.focused
+        for binding in focused._bindings.key_to_bindings.get(key, ()) if focused else ():
+            if await self.app.run_action(binding.action, focused):
+                return
 
     def action_focus_filter(self) -> None:
         focus_now(self.query_one("#preset-filter", Input))
