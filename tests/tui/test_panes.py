@@ -691,3 +691,26 @@ async def test_an_empty_runs_list_offers_no_run_keys(app_factory) -> None:
         footer = screen_text(app).splitlines()[-1]
         for key in ("Attach", "Mark", "Compare", "Export", "Resume", "Stop"):
             assert key not in footer, footer
+
+
+@pytest.mark.parametrize("size", [(60, 18), (80, 22), (60, 24), (120, 40)])
+async def test_the_advice_box_is_whole_at_every_size(app_factory, size: tuple[int, int]) -> None:
+    """At 60x18 the verdict wraps to five lines and the breakdown (half the pane) left the
+    advice no row: `a` and Enter applied a suggestion no one could see; at 80x22 its lower edge
+    was cut. The advice keeps its title, two lines and its edge, and with the focus it takes
+    the breakdown's room where the window is short of both."""
+    app = app_factory()
+    async with app.run_test(size=size) as pilot:
+        await select_preset(pilot, "llama-3.1-8b-rtx4060")
+        await pilot.press("2")
+        await pilot.pause(0.5)
+        rows = screen_text(app).splitlines()
+        title = next(i for i, row in enumerate(rows) if "what would make it fit" in row)
+        assert any(row.strip().startswith("╰") for row in rows[title + 3 :]), screen_text(app)
+        assert "1. " in rows[title + 1], screen_text(app)
+        await pilot.press("a")
+        await pilot.pause(0.3)
+        advice = app.screen.query_one("#advice", OptionList)
+        assert app.focused is advice and advice.highlighted is not None
+        first = str(advice.get_option_at_index(advice.highlighted).prompt).split(";")[0]
+        assert first in " ".join(screen_text(app).split()), screen_text(app)

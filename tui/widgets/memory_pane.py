@@ -7,6 +7,7 @@ from typing import ClassVar
 
 from rich.table import Table
 from rich.text import Text
+from textual import events
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -38,6 +39,12 @@ class SizeInput(InOrderInput):
 
     def action_done(self) -> None:
         self.app.action_leave_input()  # type: ignore[attr-defined]
+
+
+# Rows of the advice box the breakdown leaves it (its title, two lines, its bottom edge), and the
+# fewest the breakdown keeps (its edges and one line).
+ADVICE_MIN_ROWS = 4
+BREAKDOWN_MIN_ROWS = 3
 
 
 class MemoryPane(Vertical):
@@ -170,6 +177,33 @@ class MemoryPane(Vertical):
         # Compact or not follows the screen's height class, set before this pane is laid out.
         if self._shown_view is not None and self._compact != self.screen.has_class("-tiny"):
             self._draw_breakdown()
+        self.call_after_refresh(self._share_the_height)
+
+    def _share_the_height(self) -> None:
+        """The breakdown takes what the advice leaves (its title, two lines and its bottom edge),
+        up to a share of the pane. The share alone (max-height 50% in CSS) cut the advice's lower
+        edge at 80x22, and the whole box at 60x18, where the verdict wraps to five lines."""
+        breakdown = self.query_one("#breakdown")
+        above = sum(
+            w.outer_size.height + w.styles.margin.bottom
+            for w in (self.query_one("#gpu-row"), self.query_one("#verdict"), self.query_one(MemoryBar))
+        )
+        room = self.content_size.height - above - ADVICE_MIN_ROWS
+        # And no more than a share of the pane, so a tall window gives the advice room to list.
+        short = self.screen.has_class("-short") or self.screen.has_class("-tiny")
+        share = int(self.content_size.height * (0.5 if short else 0.6))
+        limit = max(BREAKDOWN_MIN_ROWS, min(room, share))
+        if breakdown.styles.max_height is None or breakdown.styles.max_height.value != limit:
+            breakdown.styles.max_height = limit
+
+    def on_descendant_focus(self, event: events.DescendantFocus) -> None:
+        # Where the breakdown leaves the advice too little room, the advice takes the breakdown's
+        # while it has the focus: Enter applies the suggestion a person can see.
+        self.set_class(event.widget.id == "advice", "-advising")
+
+    def on_descendant_blur(self, event: events.DescendantBlur) -> None:
+        if event.widget.id == "advice":
+            self.remove_class("-advising")
 
     def _draw_breakdown(self) -> None:
         assert self._shown_view is not None
