@@ -284,3 +284,26 @@ async def test_a_resize_keeps_the_log_where_a_person_scrolled_it(app_factory, fi
         await pilot.resize_terminal(90, 30)
         await pilot.pause(0.4)
         assert log.is_vertical_scroll_end
+
+
+async def test_log_lines_that_came_behind_another_pane_are_readable(app_factory, finished_run: Path) -> None:
+    """Lines that arrived while the Runs pane was shown were wrapped at no width: "…" rows when
+    the dashboard came back, until a resize."""
+    from tui.widgets.dashboard import Dashboard
+
+    app = app_factory(attach=FINISHED_RUN)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: app.history is not None and app.history.finished is not None)
+        await pilot.pause(0.2)
+        await pilot.press("4")
+        await pilot.pause(0.2)
+        for i in range(5):
+            app.history.log.append(LogLine(200.0 + i, "info", f"line {i} came behind the runs pane"))
+            app.history.log_total += 1
+        app.screen.query_one(Dashboard)._redraw()
+        await pilot.pause(0.2)
+        await pilot.press("3")
+        await pilot.pause(0.3)
+        rows = _log_rows(screen_text(app))
+        assert not any(row.strip() == "…" for row in rows), rows
+        assert all(any(f"line {i} came behind the runs pane" in row for row in rows) for i in range(5)), rows

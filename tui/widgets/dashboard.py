@@ -202,6 +202,14 @@ class Dashboard(Vertical):
             lines.append(line)
         box.update(Text("\n").join(lines))
 
+    def on_show(self) -> None:
+        # The lines that came while another pane was shown (_append_log waits for a width).
+        self.call_after_refresh(self._catch_up_log)
+
+    def _catch_up_log(self) -> None:
+        if self._history is not None:
+            self._append_log(self._history)
+
     def on_resize(self) -> None:
         # RichLog wraps a line once, at the width it was written at: after the terminal is made
         # narrower its lines ran past the box (cut), after wider they kept their short rows.
@@ -235,6 +243,10 @@ class Dashboard(Vertical):
         if fresh <= 0:
             return
         log = self.query_one("#event-log", RichLog)
+        if log.scrollable_content_region.width <= 0:
+            # Hidden behind another pane: RichLog would wrap the lines at no width ("…" rows
+            # when the pane came back); on_show writes them.
+            return
         lines = list(h.log)[-min(fresh, len(h.log)) :]
         # Follow the tail only from the bottom: a person who scrolled up to read stays there.
         if follow is None:

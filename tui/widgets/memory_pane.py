@@ -44,6 +44,7 @@ class SizeInput(InOrderInput):
 # Rows of the advice box the breakdown leaves it (its title, two lines, its bottom edge), and the
 # fewest the breakdown keeps (its edges and one line).
 ADVICE_MIN_ROWS = 4
+ADVICE_TINY_ROWS = 2
 BREAKDOWN_MIN_ROWS = 3
 
 
@@ -131,6 +132,10 @@ class MemoryPane(Vertical):
         advice = self.query_one("#advice", OptionList)
         advice.clear_options()
         self._suggestions = view.advice_fitting_first()
+        # It fits, nothing to say: under 22 rows the advice box gives its rows to the breakdown.
+        quiet = view.available and view.verdict == "fits" and not self._suggestions and not view.out_of_reach
+        self.set_class(quiet, "-nothing-to-say")
+        self.call_after_refresh(self._share_the_height)
         if not view.available:
             verdict.update(Text(view.reason, style="italic"))
             bar.update_terms([], None)
@@ -188,9 +193,15 @@ class MemoryPane(Vertical):
             w.outer_size.height + w.styles.margin.bottom
             for w in (self.query_one("#gpu-row"), self.query_one("#verdict"), self.query_one(MemoryBar))
         )
-        room = self.content_size.height - above - ADVICE_MIN_ROWS
+        # Under 22 rows the advice keeps only its title and edge (a hint: `a` gives it the
+        # breakdown's room), and the breakdown its five terms.
+        tiny = self.screen.has_class("-tiny")
+        advice = ADVICE_MIN_ROWS
+        if tiny:
+            advice = 0 if self.has_class("-nothing-to-say") else ADVICE_TINY_ROWS
+        room = self.content_size.height - above - advice
         # And no more than a share of the pane, so a tall window gives the advice room to list.
-        short = self.screen.has_class("-short") or self.screen.has_class("-tiny")
+        short = tiny or self.screen.has_class("-short")
         share = int(self.content_size.height * (0.5 if short else 0.6))
         limit = max(BREAKDOWN_MIN_ROWS, min(room, share))
         if breakdown.styles.max_height is None or breakdown.styles.max_height.value != limit:
