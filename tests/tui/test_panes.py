@@ -715,3 +715,22 @@ async def test_the_advice_box_is_whole_at_every_size(app_factory, size: tuple[in
         assert app.focused is advice and advice.highlighted is not None
         first = str(advice.get_option_at_index(advice.highlighted).prompt).split(";")[0]
         assert first in " ".join(screen_text(app).split()), screen_text(app)
+
+
+async def test_an_override_of_a_key_the_file_omits_sits_in_its_section(app_factory) -> None:
+    """data.max_examples (not in tiny-demo.yaml) was listed after the last section, where it
+    read as hardware.max_examples; a key of a section the file lacks shows its full name."""
+    from tui.widgets.preset_settings import SettingsTable
+
+    app = app_factory()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await select_preset(pilot, "tiny-demo")
+        app.screen.query_one(PresetsPane).apply_overrides(["data.max_examples=100"])
+        table = app.screen.query_one(SettingsTable)
+        await wait_for(pilot, lambda: "data.max_examples" in table.rows, what="the override's row")
+        await pilot.pause(0.2)
+        keys = [str(k.value) for k in table.rows]
+        at = keys.index("data.max_examples")
+        assert keys[at - 1].startswith("data.") and not keys[at + 1].startswith("data."), keys
+        label = str(table.get_row_at(at)[0])
+        assert label.strip() == "max_examples" and label.startswith(" "), label

@@ -376,3 +376,31 @@ async def test_text_typed_on_the_preset_list_keeps_the_overrides(app_factory) ->
         await pilot.pause(0.3)
         type_ahead(pilot, *"reset overrides", "enter")
         await wait_for(pilot, lambda: editor.overrides == [], what="the palette's reset")
+
+
+async def test_the_runs_list_shows_a_run_this_console_stopped_as_stopped(app_factory, monkeypatch) -> None:
+    """The list said "running" for a run this console had just stopped, until its next refresh
+    (or R): it is read again when the watched run's status changes and each time it is shown."""
+    from tui.widgets import runs_pane
+
+    monkeypatch.setattr(runs_pane, "REFRESH_SECONDS", 3600.0)  # no refresh but the ones under test
+    app = app_factory(steps=400, rate=20)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause()
+        await _start_tiny(pilot, app)
+        await wait_for(pilot, lambda: app.history.step >= 4, what="steps to arrive")
+        await pilot.press("4")
+        await wait_for(pilot, lambda: "running" in screen_text(app), what="the run listed as running")
+        await pilot.press("3")
+        await pilot.pause(0.2)
+        await pilot.press("x")
+        await wait_for(pilot, lambda: isinstance(app.screen, StopScreen))
+        await pilot.press("y")
+        await wait_for(pilot, lambda: not app.live(), what="the engine to end")
+        await pilot.press("n")
+        await pilot.pause(0.2)
+        await pilot.press("4")
+        await wait_for(
+            pilot, lambda: "stopped" in screen_text(app), timeout=5, what="the run listed as stopped"
+        )
+        assert "running" not in screen_text(app)

@@ -29,6 +29,25 @@ class Setting:
     is_section: bool
 
 
+def with_extra_settings(settings: list[Setting], extra: list[str]) -> list[Setting]:
+    """`settings` with rows for overrides of keys the file omits, each at the end of its section
+    (appended after the last section, data.max_examples read as hardware's); a key whose section
+    the file lacks goes last, under its full dotted name."""
+    out = list(settings)
+    for path in extra:
+        section = path.rpartition(".")[0]
+        inside = [
+            i
+            for i, s in enumerate(out)
+            if section and (s.path == section or s.path.startswith(section + "."))
+        ]
+        if inside:
+            out.insert(inside[-1] + 1, Setting(path, path.count("."), "(set by an override)", False))
+        else:
+            out.append(Setting(path, 0, "(set by an override)", False))
+    return out
+
+
 @dataclass(frozen=True)
 class PresetDoc:
     header: str  # the comment block at the top of the file
@@ -176,12 +195,12 @@ class SettingsTable(DataTable):
         self._values = {}
         paths = [s.path for s in doc.settings]
         extra = [p for p in sorted(overridden) if p not in paths]  # overrides of keys the file omits
-        settings = [*doc.settings, *(Setting(p, 1, "(set by an override)", False) for p in extra)]
+        settings = with_extra_settings(doc.settings, extra)
         rows: list[tuple[Setting, str, str]] = []
         for s in settings:
             if s.path in ("name", "description"):
                 continue
-            label = " " * s.depth + s.path.rsplit(".", 1)[-1]
+            label = " " * s.depth + (s.path.rsplit(".", 1)[-1] if s.depth else s.path)
             value = "" if s.is_section or cfg is None else format_setting(lookup(data, s.path))
             if not s.is_section:
                 self._values[s.path] = value

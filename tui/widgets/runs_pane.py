@@ -106,22 +106,23 @@ class RunsPane(Vertical):
         self.query_one("#compare-chart").border_title = "compare loss"
         self.set_interval(REFRESH_SECONDS, self._tick)
         self._loaded_once = False
-        self._watched: str | None = None
+        self._watched: tuple[str | None, str] | None = None
         self.watch(self.app, "run_view", self._watched_run, init=False)
 
     def _watched_run(self, view: RunView) -> None:
-        """A run started (or opened) in the console: list it, once the list has been looked at."""
-        if view.run_id != self._watched:
-            self._watched = view.run_id
+        """A run started, opened, stopped or finished in the console: list it as it is now, once
+        the list has been looked at (it said "running" after this console had stopped the run)."""
+        if (view.run_id, view.status) != self._watched:
+            self._watched = (view.run_id, view.status)
             if self._loaded_once:
                 self.reload()
 
     def on_show(self) -> None:
         # Summaries fold every run's events file: not at start-up (where they would compete with
-        # opening the run being watched), but when the list is first looked at.
-        if not self._loaded_once:
-            self._loaded_once = True
-            self.reload()
+        # opening the run being watched), but when the list is first looked at, and again each
+        # time (only changed runs are read again: _load's cache).
+        self._loaded_once = True
+        self.reload()
 
     def _tick(self) -> None:
         if self.is_on_screen:  # only while the pane is showing: the refresh reads files
