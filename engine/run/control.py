@@ -78,6 +78,8 @@ class CommandQueue:
     def read_stdin(self, fd: int = 0) -> threading.Thread:
         def loop() -> None:
             self._read_lines(fd, "the console that started the run")
+            if self._emitter.finished:  # a stopped run's console moving on: nothing goes on
+                return
             self._emitter.log(
                 "the console that started this run has let go of it (it quit, detached or lost its terminal); training goes on",
                 level="debug",

@@ -86,6 +86,7 @@ class Emitter:
         self._sinks = sinks
         self._lock = threading.Lock()
         self._closed = False
+        self.finished = False  # the run's Finished went out: nothing trains any more
 
     def emit(self, event: protocol.Message) -> None:
         if not event.time:
@@ -98,6 +99,7 @@ class Emitter:
                 return
             for sink in self._sinks:
                 sink.write(line)
+            self.finished = self.finished or isinstance(event, protocol.Finished)
 
     def log(self, message: str, level: str = "info", source: str = "engine") -> None:
         self.emit(protocol.Log(level=level, message=message, source=source))  # type: ignore[arg-type]
