@@ -404,3 +404,4 @@ async def test_the_runs_list_shows_a_run_this_console_stopped_as_stopped(app_fac
             pilot, lambda: "stopped" in screen_text(app), timeout=5, what="the run listed as stopped"
         )
         assert "running" not in screen_text(app)
+        assert "1 run · space marks" in screen_text(app)  # not "1 runs"

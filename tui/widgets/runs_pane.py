@@ -23,6 +23,7 @@ from textual.widgets import DataTable, Static
 from engine.run import runs
 from tui.client import load_history
 from tui.history import RunHistory
+from tui.output import plural
 from tui.views import RunView
 from tui.widgets.line_chart import ChartSeries, LineChart
 from tui.widgets.progress import STATUS_MARK
@@ -166,7 +167,7 @@ class RunsPane(Vertical):
         if self.summaries:
             table.move_cursor(row=min(keep, len(self.summaries) - 1))
         table.border_subtitle = (
-            f"{len(self.summaries)} runs · space marks · c compares" if self.summaries else ""
+            f"{plural(len(self.summaries), 'runs')} · space marks · c compares" if self.summaries else ""
         )
         self.refresh_bindings()  # Resume and Stop follow the selected run's status
         empty = self.query_one("#runs-empty", Static)
