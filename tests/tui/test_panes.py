@@ -388,6 +388,7 @@ async def test_sample_from_a_checkpoint(app_factory, finished_run: Path) -> None
         await pilot.pause()
         select = app.screen.query_one("#sample-source")
         assert select.value == "adapter"  # a completed run: its final adapter first
+        assert select.prompt == "pick what to sample from"  # not "no run: ..." with one open
         select.value = "checkpoint-80"
         app.screen.query_one("#prompt", Input).focus()
         await pilot.press(*"Say hi", "enter")

@@ -25,6 +25,9 @@ LIVE = "live"
 _ids = itertools.count(1)
 
 
+NO_SOURCE = "no run: start or open one"
+
+
 class SamplePane(Vertical):
     BINDINGS: ClassVar[list[BindingType]] = [
         # Priority: the prompt has the focus before the next key is read ("iHello" typed fast).
@@ -51,7 +54,7 @@ class SamplePane(Vertical):
     def compose(self) -> ComposeResult:
         with Horizontal(id="sample-source-row"):
             yield Label("from ")
-            yield Select([], prompt="no run: start or open one", compact=True, id="sample-source")
+            yield Select([], prompt=NO_SOURCE, compact=True, id="sample-source")
         with Horizontal(id="sample-settings"):
             yield Label("max tokens ")
             yield InOrderInput(
@@ -93,6 +96,9 @@ class SamplePane(Vertical):
             self._draw()  # another run: its own replies
         values = [v for _, v in options]
         with select.prevent(Select.Changed):
+            # The blank choice stays in the list: with a run open it offered "no run: start or
+            # open one".
+            select.prompt = "pick what to sample from" if values else NO_SOURCE
             select.set_options(options)
             if self._picked in values:
                 select.value = self._picked
