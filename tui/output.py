@@ -9,7 +9,8 @@ import os
 import sys
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.segment import Segment, Segments
 
 
 class _Console(Console):
@@ -35,6 +36,27 @@ def _console(stderr: bool) -> Console:
 
 out = _console(stderr=False)
 err = _console(stderr=True)
+
+
+def print_unpadded(renderable: RenderableType) -> None:
+    """Print to stdout without the spaces that end each line: rich pads every row of a table to
+    its widest, so one long cell in the last column made every line that long (a pipe into
+    `less`, a log, a terminal narrower than the widest row: each row wrapped onto blank ones)."""
+    segments: list[Segment] = []
+    for line in out.render_lines(renderable, pad=False):
+        segments += [*_rstrip(line), Segment.line()]
+    out.print(Segments(segments), end="")
+
+
+def _rstrip(line: list[Segment]) -> list[Segment]:
+    """A rendered line without its trailing whitespace (padding only: no style shows on it here)."""
+    line = list(line)
+    while line and not line[-1].control and not line[-1].text.rstrip():
+        line.pop()
+    if line and not line[-1].control:
+        last = line[-1]
+        line[-1] = Segment(last.text.rstrip(), last.style)
+    return line
 
 
 def print_json(data: Any) -> None:

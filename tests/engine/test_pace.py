@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from engine.train import callback
@@ -29,7 +31,7 @@ def test_the_eta_holds_through_evaluations_and_saves(monkeypatch: pytest.MonkeyP
     errors = [e / t - 1 for e, t in zip(etas, truth, strict=True)]
     assert max(map(abs, errors)) < 0.10, (min(errors), max(errors))
     # And from one log to the next it moves by little (the interval average jumped by 94%).
-    assert max(abs(b / a - 1) for a, b in zip(etas, etas[1:])) < 0.15
+    assert max(abs(b / a - 1) for a, b in itertools.pairwise(etas)) < 0.15
 
 
 def test_a_live_sample_is_not_training_time(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,6 +17,7 @@ from engine import protocol
 from engine.run import launcher, runs
 from tui import output
 from tui.cli import main
+from tui.commands import runs as runs_cli
 
 NEW_RUN = "20260103-100000-tiny-demo"
 
@@ -129,7 +130,64 @@ def test_commands_take_the_runs_folder_after_their_name_too(
     code, out, _ = _run(["runs", "--runs-dir", str(runs_root)], capsys)
     assert code == 0 and NEW_RUN in out
     code, _, err = _run(["attach", "last", "--runs-dir", str(runs_root / "none")], capsys)
-    assert code == 2 and "no runs yet under" in err and "start one with `qlc train tiny-demo`" in err
+    assert code == 2 and f"no runs under --runs-dir {runs_root / 'none'}: no such folder" in err, err
+
+
+# Every command that reads runs, with what it needs besides the run.
+READERS = [
+    ["runs"],
+    ["attach", "last"],
+    ["stop", "last"],
+    ["resume", "last"],
+    ["sample", "last", "hi"],
+    ["export", "last"],
+    ["join", "last", "--node-rank", "1"],
+]
+
+
+@pytest.mark.parametrize("command", READERS, ids=lambda c: c[0])
+@pytest.mark.parametrize("where", ["missing", "a-file"])
+def test_a_runs_dir_that_is_not_a_folder_is_an_error_not_no_runs(
+    command: list[str], where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], quiet: None
+) -> None:
+    """`qlc --runs-dir /proc/nope runs` said "no runs yet" and exited 0: a typo read as an empty list."""
+    root = tmp_path / where
+    if where == "a-file":
+        root.write_text("")
+    for args in (["--runs-dir", str(root), *command], [*command, "--runs-dir", str(root)]):
+        code, out, err = _run(args, capsys)
+        assert code == 2 and not out, (args, out)
+        (line,) = err.splitlines()
+        problem = "no such folder" if where == "missing" else "not a folder"
+        assert line == (
+            f"qlc: error: no runs under --runs-dir {root}: {problem} "
+            "(give the folder your runs are in, or leave --runs-dir out for the default)"
+        ), line
+
+
+def test_a_run_named_under_a_missing_runs_dir_is_named_in_the_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], quiet: None
+) -> None:
+    """As when the folder holds no such run; and the command's own arguments are judged first."""
+    root = tmp_path / "nope"
+    code, _, err = _run(["--runs-dir", str(root), "stop", "no-such-run"], capsys)
+    assert code == 2 and f"no run 'no-such-run' under --runs-dir {root}: no such folder" in err, err
+    code, _, err = _run(["--runs-dir", str(root), "sample", "last", " "], capsys)
+    assert code == 2 and "the prompt is empty" in err, err
+
+
+def test_train_makes_its_runs_dir_so_a_missing_one_is_no_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], quiet: None
+) -> None:
+    code, _, err = _run(["--runs-dir", str(tmp_path / "new"), "train", "no-such-preset"], capsys)
+    assert code == 2 and "no-such-preset" in err and "--runs-dir" not in err, err
+
+
+def test_a_run_given_by_its_path_needs_no_runs_dir(
+    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], quiet: None
+) -> None:
+    code, out, err = _run(["--runs-dir", str(tmp_path / "nope"), "attach", str(finished_run)], capsys)
+    assert code == 0 and "step" in out, err
 
 
 def _holding_the_lock(run_dir: Path) -> int:
@@ -222,3 +280,75 @@ def test_a_terminal_too_narrow_for_a_useful_part_of_an_error_shows_the_table_as_
     assert code == 0 and "error" not in out and "CUDA" not in out
     (row,) = [line for line in out.splitlines() if FAILED_RUN in line]
     assert row.split()[:2] == [FAILED_RUN, "failed"] and " 8/40 " in row
+
+
+def _stops_sent(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The run directories a command was sent to, instead of their control FIFOs."""
+    sent: list[Path] = []
+    monkeypatch.setattr(runs, "send_command", lambda run_dir, command: sent.append(run_dir))
+    return sent
+
+
+def test_stop_last_stops_the_newest_running_run_not_a_newer_failed_one(
+    runs_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], quiet: None
+) -> None:
+    """It took the newest run, which had failed, said "not running" and stopped nothing while an
+    older run trained on."""
+    training = fake_engine.make_run_dir(
+        runs_root, "20260101-100000-tiny-demo", list(fake_engine.synthetic_run(40, finish=False))
+    )
+    _failed_run(runs_root)
+    sent = _stops_sent(monkeypatch)
+    lock = _holding_the_lock(training)
+    try:
+        code, out, err = _run(["--runs-dir", str(runs_root), "stop", "last", "--no-wait"], capsys)
+        assert code == 0 and sent == [training] and f"stop sent to {training.name}" in out, err
+        # `sample --live` too asks a running engine; it gets no reply here, so it times out.
+        code, _, _ = _run(
+            ["--runs-dir", str(runs_root), "sample", "last", "hi", "--live", "--timeout", "0"], capsys
+        )
+        assert code == 1 and sent == [training, training]
+    finally:
+        os.close(lock)
+    # Commands on ended runs still take the newest one: resume finds the failed run.
+    code, _, err = _run(["--runs-dir", str(runs_root), "resume", "last"], capsys)
+    assert code == 2 and f"run {FAILED_RUN} has no checkpoint" in err, err
+
+
+def test_stop_last_with_nothing_running_names_the_newest_run_and_how_it_ended(
+    runs_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], quiet: None
+) -> None:
+    fake_engine.make_run_dir(runs_root, NEW_RUN, list(fake_engine.synthetic_run(40)))
+    _failed_run(runs_root)
+    sent = _stops_sent(monkeypatch)
+    code, out, err = _run(["--runs-dir", str(runs_root), "stop", "last"], capsys)
+    assert code == 2 and not out and not sent
+    (line,) = err.splitlines()
+    assert f"no run is running under {runs_root}: the newest, {NEW_RUN}, completed" in line, line
+
+
+def test_a_long_error_through_a_pipe_is_cut_and_pads_no_row(
+    runs_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], quiet: None
+) -> None:
+    """Every row of `qlc runs` was as wide as the longest error (250 columns and more): each wrapped
+    onto blank lines in `qlc runs | less`."""
+    fake_engine.make_run_dir(runs_root, NEW_RUN, list(fake_engine.synthetic_run(40)))
+    long_error = "RuntimeError: " + "the engine said something long " * 10
+    events = [e for e in fake_engine.synthetic_run(40) if not isinstance(e, protocol.Finished)][:12]
+    events += [
+        protocol.ErrorEvent(kind="engine", message=long_error),
+        protocol.Finished(status="failed", step=8),
+    ]
+    fake_engine.make_run_dir(runs_root, FAILED_RUN, events)
+    monkeypatch.setattr(output.out, "width", 100_000)  # what a pipe gets (tui/output.py)
+    code, out, _ = _run(["--runs-dir", str(runs_root), "runs"], capsys)
+    assert code == 0
+    lines = out.splitlines()
+    assert all(line == line.rstrip() for line in lines), [len(line) for line in lines]
+    (row,) = [line for line in lines if FAILED_RUN in line]
+    (done,) = [line for line in lines if NEW_RUN in line]
+    assert len(done) < 120 and len(row) <= len(done) + 2 + runs_cli.MAX_ERROR_WIDTH
+    cut = row.split("  ")[-1]
+    assert cut.endswith("…") and long_error.startswith(cut[:-1]), row
+    code, out, _ = _run(["--runs-dir", str(runs_root), "runs", "--json"], capsys)
+    assert {r["id"]: r["error"] for r in json.loads(out)}[FAILED_RUN] == long_error

@@ -16,6 +16,7 @@ from engine import protocol
 from engine.export import DEVICES, DTYPES, GGUF_TYPES, request_from_args
 from engine.memory import SHARD_DEFAULT
 from engine.run import launcher, runs
+from tui.commands.runs import find_run
 from tui.follow import EventPrinter, pipe_events
 from tui.output import err, out
 
@@ -74,7 +75,7 @@ def print_result(ev: protocol.Exported) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    run_dir = runs.find_run(runs.runs_root(args.runs_dir), args.run)
+    run_dir = find_run(args)
     request = request_from_args(run_dir, args)
     proc = launcher.launch_export(run_dir, request.engine_args())
     printer = EventPrinter(args.json)

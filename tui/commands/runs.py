@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from pathlib import Path
 
 from rich.table import Table
 from rich.text import Text
 
 from engine import protocol
+from engine.errors import UserError
 from engine.run import distributed, runs
 from tui.follow import EventPrinter, follow_file
-from tui.output import err, out, print_json
+from tui.output import err, out, print_json, print_unpadded
 
 STATUS_STYLE = {
     "running": "bold cyan",
@@ -21,6 +24,12 @@ STATUS_STYLE = {
     "crashed": "red",
 }
 MIN_ERROR_WIDTH = 16  # of a failed run's error in `qlc runs`: "CUDA out of mem…"; less says nothing
+# And at most this, in a wide terminal or a pipe: every row is padded to the error column's width,
+# so one long error made the whole table that wide; `--json` has the errors whole.
+MAX_ERROR_WIDTH = 100
+LAST = ("last", "latest")
+# How a run that is not running ended, as the end of "the newest, RUN, …".
+ENDED = {"created": "has not started", "stopped": "was stopped"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.set_defaults(func=run_attach)
 
     s = sub.add_parser("stop", help="stop a run: it finishes the current step, saves a checkpoint and exits")
-    s.add_argument("run", help="run id (or a unique part of it, or `last`)")
+    s.add_argument("run", help="run id (or a unique part of it, or `last`: the newest one running)")
     s.add_argument("--no-save", action="store_true", help="exit without saving a checkpoint")
     s.add_argument("--no-wait", action="store_true", help="return once the command is sent")
     s.add_argument("--timeout", type=float, default=600, help="seconds to wait for the run to stop")
@@ -56,7 +65,7 @@ def _count(text: str) -> int:
 
 def run_list(args: argparse.Namespace) -> int:
     # Newest first, as the console lists them: the run a user just started is the first line.
-    summaries = [runs.summarize(d) for d in reversed(runs.list_run_dirs(runs.runs_root(args.runs_dir)))]
+    summaries = [runs.summarize(d) for d in reversed(runs.list_run_dirs(runs_root(args)))]
     if args.json:
         print_json([s.to_dict() for s in summaries])
         return 0
@@ -67,12 +76,12 @@ def run_list(args: argparse.Namespace) -> int:
     errors = [_error_line(s) for s in summaries]
     table = _table(summaries, rows)
     # Why the failed runs failed, in what the terminal leaves beside the other columns (through a
-    # pipe, all of it): a long error must not cut the run id or squeeze the step or loss. A
+    # pipe, MAX_ERROR_WIDTH): a long error must not cut the run id or squeeze the step or loss. A
     # terminal with no room for a useful part of one shows none; `--json` has them whole.
-    room = out.width - out.measure(table).maximum - 2  # the error column's own padding
+    room = min(out.width - out.measure(table).maximum - 2, MAX_ERROR_WIDTH)  # 2: the column's padding
     if any(errors) and room >= MIN_ERROR_WIDTH:
         table = _table(summaries, rows, errors, room)
-    out.print(table)
+    print_unpadded(table)
     return 0
 
 
@@ -116,12 +125,68 @@ def _error_line(s: runs.RunSummary) -> str:
 
 
 def run_attach(args: argparse.Namespace) -> int:
-    run_dir = runs.find_run(runs.runs_root(args.runs_dir), args.run)
+    run_dir = find_run(args)
     return follow_file(run_dir, EventPrinter(args.json), tail=None if args.all or args.json else args.tail)
 
 
+def runs_root(args: argparse.Namespace, ref: str | None = None) -> Path:
+    """The runs folder of a command that reads runs (`train` makes its own). A --runs-dir given
+    must be a folder it can list: one that is not there is a typo or an unmounted share, and read
+    as "no runs yet" it hid both. The default folder and $QLC_RUNS_DIR are not checked: before the
+    first `qlc train` they are not there yet either. Checked when the command reads the folder, so
+    that its own arguments are judged first."""
+    root = runs.runs_root(args.runs_dir)
+    problem = _unreadable(root) if args.runs_dir and not _names_a_run_dir(ref) else ""
+    if problem:
+        subject = f"no run {ref!r}" if ref and ref not in LAST else "no runs"
+        raise UserError(
+            f"{subject} under --runs-dir {root}: {problem}",
+            "give the folder your runs are in, or leave --runs-dir out for the default",
+        )
+    return root
+
+
+def _unreadable(root: Path) -> str:
+    """What keeps `root` from being listed as a runs folder, or "" when nothing does."""
+    if not root.exists():
+        return "no such folder"
+    if not root.is_dir():
+        return "not a folder"
+    return "" if os.access(root, os.R_OK | os.X_OK) else "cannot read it (permission denied)"
+
+
+def _names_a_run_dir(ref: str | None) -> bool:
+    """A run given by its path (`qlc attach ~/runs/X`) is found without the runs folder."""
+    return ref is not None and (Path(ref).expanduser() / runs.CONFIG).is_file()
+
+
+def find_run(args: argparse.Namespace, live: bool = False) -> Path:
+    """The run `args.run` names, under the runs folder. `live`: for commands that act on a live
+    engine (stop, sample --live), where `last` is the newest run still running."""
+    root = runs_root(args, args.run)
+    return find_live_run(root, args.run) if live else runs.find_run(root, args.run)
+
+
+def find_live_run(root: Path, ref: str) -> Path:
+    """`runs.find_run`, but `last` is the newest run still running: a newer one may have failed
+    while an older one trains on, and stopping the failed one stops nothing."""
+    if ref not in LAST:
+        return runs.find_run(root, ref)
+    dirs = runs.list_run_dirs(root)
+    running = [d for d in dirs if runs.is_running(d)]
+    if running:
+        return running[-1]
+    if not dirs:
+        return runs.find_run(root, ref)  # its own "no runs yet" error
+    status = runs.summarize(dirs[-1]).status
+    raise UserError(
+        f"no run is running under {root}: the newest, {dirs[-1].name}, {ENDED.get(status, status)}",
+        "`qlc runs` lists them",
+    )
+
+
 def run_stop(args: argparse.Namespace) -> int:
-    run_dir = runs.find_run(runs.runs_root(args.runs_dir), args.run)
+    run_dir = find_run(args, live=True)
     _, offset = runs.read_events(run_dir)
     runs.send_command(run_dir, protocol.Stop(save=not args.no_save))
     if args.no_wait:

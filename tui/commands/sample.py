@@ -11,13 +11,16 @@ from engine import protocol
 from engine.config import load_resolved
 from engine.errors import UserError
 from engine.run import launcher, runs
+from tui.commands.runs import find_run
 from tui.follow import EventPrinter, iter_file_from, pipe_events
 from tui.output import err
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="generate from a run's checkpoint, final adapter, or live model")
-    p.add_argument("run", help="run id (or a unique part of it, or `last`)")
+    p.add_argument(
+        "run", help="run id (or a unique part of it, or `last`; with --live, the newest one running)"
+    )
     p.add_argument("prompt", help="the user message")
     p.add_argument("--checkpoint", help="a checkpoint step, `adapter` (the final one) or `latest` (default)")
     p.add_argument(
@@ -44,7 +47,8 @@ def run_sample(args: argparse.Namespace) -> int:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
-    run_dir = runs.find_run(runs.runs_root(args.runs_dir), args.run)
+    # --live asks a running engine: there `last` is the newest run running, not a newer one that ended.
+    run_dir = find_run(args, live=args.live)
     request = protocol.SampleRequest(
         prompt=args.prompt,
         request_id=uuid.uuid4().hex[:8],

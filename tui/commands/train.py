@@ -10,6 +10,7 @@ from engine import preflight
 from engine.config import load_preset, origin
 from engine.errors import UserError
 from engine.run import distributed, launcher, runs
+from tui.commands.runs import find_run
 from tui.follow import EventPrinter, follow_child
 from tui.output import err, out
 
@@ -136,7 +137,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_resume(args: argparse.Namespace) -> int:
-    run_dir = runs.find_run(runs.runs_root(args.runs_dir), args.run)
+    run_dir = find_run(args)
     if runs.is_running(run_dir):
         raise UserError(f"run {run_dir.name} is still running", f"`qlc attach {run_dir.name}` follows it")
     runs.resume_point(run_dir)  # nothing to resume from, or the dataset changed: one line, exit 2
@@ -147,7 +148,7 @@ def run_resume(args: argparse.Namespace) -> int:
 
 
 def run_join(args: argparse.Namespace) -> int:
-    run_dir = runs.find_run(runs.runs_root(args.runs_dir), args.run)
+    run_dir = find_run(args)
     nodes = _nodes(args)
     if nodes.node_rank == 0:
         raise UserError("--node-rank: node 0 is the host that ran `qlc train`", "give 1 to nnodes - 1")
