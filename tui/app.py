@@ -22,6 +22,7 @@ from textual.screen import Screen
 from textual.widgets import TabbedContent
 from textual.worker import Worker, WorkerState
 
+from engine.config import load_resolved
 from engine.errors import UserError
 from engine.run import launcher as engine_launcher
 from engine.run import runs
@@ -130,7 +131,9 @@ class QlcApp(KeyActions, RunEvents, PresetActions, RunActions, SampleActions, Ap
             self._focus_pane("dashboard" if self._attach_ref else "presets")
         if self._attach_ref:
             try:
-                self.open_run(runs.find_run(self.runs_root, self._attach_ref), show=False)
+                run_dir = runs.find_run(self.runs_root, self._attach_ref)
+                self.open_run(run_dir, show=False)
+                self._show_run_preset(run_dir)
             except UserError as exc:
                 self.show_error("No such run", exc.message, exc.hint)
         elif self._auto_attach:
@@ -242,7 +245,18 @@ class QlcApp(KeyActions, RunEvents, PresetActions, RunActions, SampleActions, Ap
     def _auto_open(self, run_dir: Path) -> None:
         if self.client is None:
             self.open_run(run_dir)
+            self._show_run_preset(run_dir)
             self.notify(f"attached to running run {run_dir.name}", timeout=4)
+
+    def _show_run_preset(self, run_dir: Path) -> None:
+        """A console that opens on a run shows that run's preset in the Presets pane (it showed
+        the list's first, unrelated to the run on the dashboard); the run's own settings are its
+        config.yaml, which `qlc attach` prints."""
+        try:
+            name = load_resolved(run_dir / runs.CONFIG).name
+        except UserError:
+            return
+        self.pane(PresetsPane).select(name)
 
     # ---- failures and quitting ---------------------------------------------------------------
 

@@ -735,3 +735,18 @@ async def test_an_override_of_a_key_the_file_omits_sits_in_its_section(app_facto
         assert keys[at - 1].startswith("data.") and not keys[at + 1].startswith("data."), keys
         label = str(table.get_row_at(at)[0])
         assert label.strip() == "max_examples" and label.startswith(" "), label
+
+
+async def test_a_console_opened_on_a_run_shows_its_preset(app_factory, finished_run: Path) -> None:
+    """`qlc attach`-ing console (or one that found a run training) showed the list's first preset
+    on the Presets pane, unrelated to the run on the dashboard."""
+    from engine.config import load_resolved
+
+    expected = load_resolved(finished_run / runs.CONFIG).name
+    app = app_factory(attach=FINISHED_RUN)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: app.history is not None)
+        pane = app.screen.query_one(PresetsPane)
+        await wait_for(pilot, lambda: pane.selected == expected, what=f"{expected} selected")
+        first = app.screen.query_one("#preset-list", OptionList).get_option_at_index(0).id
+        assert first != expected  # the test shows something: the list's first is another one
