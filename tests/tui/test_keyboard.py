@@ -402,3 +402,17 @@ async def test_a_pane_digit_then_f_quickly_auto_fits(app_factory) -> None:
         assert app.screen.query_one(TabbedContent).active == "memory"
         assert not any("middle of typing" in n for n in notes), notes
         assert any("auto-fit" in n or "nothing to change" in n for n in notes), notes
+
+
+async def test_home_and_end_go_to_the_first_and_last_setting(app_factory) -> None:
+    """DataTable's Home and End scroll sideways: on the settings (rows only) they did nothing."""
+    app = app_factory()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await select_preset(pilot, "tiny-demo")
+        table = app.screen.query_one(SettingsTable)
+        table.focus()
+        await pilot.pause()
+        await pilot.press("end")
+        await wait_for(pilot, lambda: table.cursor_row == table.row_count - 1, what="the last setting")
+        await pilot.press("home")
+        await wait_for(pilot, lambda: table.cursor_row == 0, what="the first setting")

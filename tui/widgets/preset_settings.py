@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from rich.text import Text
+from textual.binding import Binding, BindingType
 from textual.message import Message
 from textual.widgets import DataTable
 
@@ -157,6 +158,13 @@ def _hanging(text: str, width: int, indent: str) -> Text:
 
 class SettingsTable(DataTable):
     """setting | value | comment. Overridden values are marked `*`; Enter asks to edit one."""
+
+    # Home and End go to the first and last setting: DataTable's scroll sideways, which a table
+    # of rows never needs (they did nothing here).
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("home", "scroll_top", "First setting", show=False),
+        Binding("end", "scroll_bottom", "Last setting", show=False),
+    ]
 
     class EditRequested(Message):
         """Edit `path`: its value prefilled, or (None) a section's key to type."""
