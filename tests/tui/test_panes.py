@@ -60,6 +60,19 @@ def test_overrides_validate_with_the_cli_rules() -> None:
     assert not ok and "lora.dropout" in message
 
 
+def test_an_override_to_the_presets_own_value_is_no_override() -> None:
+    """`hardware.strategy=ddp` on a ddp preset counted as an override (`ddp*`); setting a value
+    back to the preset's drops the override that changed it."""
+    draft = draft_preset("tiny-demo")
+    ok, message, after = check_override(draft, f"hardware.strategy={draft.value('hardware.strategy')}")
+    assert ok and "the preset's own value: no override" in message
+    assert after is not None and after.overrides == ()
+    changed = draft.with_overrides(["train.lr=1e-4", "train.max_steps=7"])
+    ok, message, after = check_override(changed, f"lr={draft.value('train.lr')}")
+    assert ok and after is not None and after.overrides == ("train.max_steps=7",)
+    assert after.value("train.lr") == draft.value("train.lr")
+
+
 async def test_presets_filter_select_and_override(app_factory) -> None:
     app = app_factory()
     async with app.run_test(size=(80, 24)) as pilot:

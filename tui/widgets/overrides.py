@@ -49,6 +49,12 @@ def check_override(draft: PresetDraft, text: str) -> tuple[bool, str, PresetDraf
             return False, str(exc), None
     new = format_setting(after.value(key))
     old = format_setting(draft.value(key)) if draft.valid else "?"
+    # The preset's own value (and the other overrides'): no override to keep, where one counted
+    # and marked the setting changed (`hardware.strategy=ddp` on a ddp preset showed `ddp*`).
+    others = [o for o in after.overrides if parse_override(o)[0] != key]
+    without = draft.with_overrides(others)
+    if without.valid and format_setting(without.value(key)) == new:
+        return True, f"{key}: {new} (the preset's own value: no override)", without
     # The new value first: the line is cut at the box's width, and a long old value (a path)
     # hid the one being typed.
     return True, f"{key}: {new} (was {old})" if old != new else f"{key}: {new} (unchanged)", after
