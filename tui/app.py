@@ -252,11 +252,14 @@ class QlcApp(KeyActions, RunEvents, PresetActions, RunActions, SampleActions, Ap
         """A console that opens on a run shows that run's preset in the Presets pane (it showed
         the list's first, unrelated to the run on the dashboard); the run's own settings are its
         config.yaml, which `qlc attach` prints."""
+        pane = self.pane(PresetsPane)
+        if pane.overrides or not pane.showing_the_first():
+            return  # a person picked a preset meanwhile: theirs stays
         try:
             name = load_resolved(run_dir / runs.CONFIG).name
         except UserError:
             return
-        self.pane(PresetsPane).select(name)
+        pane.select(name)
 
     # ---- failures and quitting ---------------------------------------------------------------
 

@@ -114,8 +114,8 @@ class KeyActions:
 
     def in_a_burst(self) -> bool:
         """The key being handled is printable and came right after another printable one that
-        no command took: text typed into no box (the focus was elsewhere), not a single key meant
-        as a command. The key is the one whose binding runs, not the last one read: a non-priority
+        no command took, or right before one: text typed into no box (the focus was elsewhere),
+        not a single key meant as a command. The key is the one whose binding runs, not the last one read: a non-priority
         binding runs after the keys read since ("ls" then Enter). An action the command palette
         runs comes on its Enter, however fast its name was typed, and a click is no key."""
         if self._handling is None:
@@ -123,15 +123,18 @@ class KeyActions:
         i = self._handled_at()
         if i is None:  # READ_KEYS_KEPT keys were read after it before it was handled: a burst
             return True
-        if i == 0:
+        key = self._read[i]
+        if not key.printable:
             return False
-        before, key = self._read[i - 1], self._read[i]
-        return (
-            key.printable
-            and before.printable
-            and not before.command
-            and key.time - before.time < TYPING_GAP_S
-        )
+        if i == 0 and len(self._read) == self._read.maxlen:
+            return True  # the key before it left the record: READ_KEYS_KEPT came at once
+        before = self._read[i - 1] if i else None
+        if before and before.printable and not before.command and key.time - before.time < TYPING_GAP_S:
+            return True
+        # The first key of a burst ("seq_len=1024" typed ahead) is judged by the key after it,
+        # read before its binding ran.
+        after = self._read[i + 1] if i + 1 < len(self._read) else None
+        return after is not None and after.printable and after.time - key.time < TYPING_GAP_S
 
     def refused_in_a_burst(self, key: str, what: str) -> bool:
         """True, with a note, when `key` came in the middle of typing: text typed where no box had

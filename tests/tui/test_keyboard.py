@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 
+import pytest
 from pilot_helpers import select_preset, wait_for
 from textual import events
 from textual.coordinate import Coordinate
@@ -416,3 +417,30 @@ async def test_home_and_end_go_to_the_first_and_last_setting(app_factory) -> Non
         await wait_for(pilot, lambda: table.cursor_row == table.row_count - 1, what="the last setting")
         await pilot.press("home")
         await wait_for(pilot, lambda: table.cursor_row == 0, what="the first setting")
+
+
+@pytest.mark.parametrize(
+    "burst",
+    [
+        tuple("seq_len=1024"),  # the s first: its binding runs after the rest was read
+        ("l", "s", *"x" * 31),  # 31 keys after the s: the l before it had left the record
+    ],
+)
+async def test_a_burst_that_begins_with_s_starts_no_run(app_factory, monkeypatch, burst) -> None:
+    from pilot_helpers import type_ahead
+
+    app = app_factory()
+    started: list[object] = []
+    monkeypatch.setattr(app, "_start_flow", lambda draft: started.append(draft))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await select_preset(pilot, "tiny-demo")
+        app.screen.query_one("#preset-list", OptionList).focus()
+        await pilot.pause(0.5)
+        type_ahead(pilot, *burst)
+        await wait_for(
+            pilot,
+            lambda: any("s came in the middle of typing" in n.message for n in app._notifications),
+            what="the s refused",
+        )
+        await pilot.pause(0.3)
+        assert started == []

@@ -763,3 +763,31 @@ async def test_a_console_opened_on_a_run_shows_its_preset(app_factory, finished_
         await wait_for(pilot, lambda: pane.selected == expected, what=f"{expected} selected")
         first = app.screen.query_one("#preset-list", OptionList).get_option_at_index(0).id
         assert first != expected  # the test shows something: the list's first is another one
+
+
+async def test_under_22_rows_the_advice_never_takes_the_focus_away(app_factory) -> None:
+    """At 80x20: applying a suggestion that makes the run fit hid the advice box with the focus
+    in it (the pane's keys went with it); `a` on a run that fits focused the hidden box and
+    hid the breakdown too, leaving the pane blank under the bar."""
+    app = app_factory()
+    async with app.run_test(size=(80, 20)) as pilot:
+        await select_preset(pilot, "llama-3.1-8b-rtx4060")
+        await pilot.press("2")
+        await pilot.pause(0.5)
+        await pilot.press("a")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        pane = app.screen.query_one(MemoryPane)
+        await wait_for(
+            pilot, lambda: pane.has_class("-nothing-to-say"), what="a suggestion that fits, applied"
+        )
+        await pilot.pause(0.3)
+        assert app.focused is not None and pane in app.focused.ancestors_with_self
+        await select_preset(pilot, "tiny-demo")
+        await pilot.press("2")
+        await wait_for(pilot, lambda: "FITS" in screen_text(app), what="tiny-demo's verdict")
+        await pilot.press("a")
+        await pilot.pause(0.3)
+        assert not pane.has_class("-advising")
+        assert "weights" in screen_text(app)
+        assert any("nothing to change" in n.message for n in app._notifications)

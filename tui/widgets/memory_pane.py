@@ -135,6 +135,10 @@ class MemoryPane(Vertical):
         # It fits, nothing to say: under 22 rows the advice box gives its rows to the breakdown.
         quiet = view.available and view.verdict == "fits" and not self._suggestions and not view.out_of_reach
         self.set_class(quiet, "-nothing-to-say")
+        if self._advice_hidden() and self.app.focused is advice:
+            # A suggestion applied, the run fits: the advice hides, and with it went the focus
+            # (and the pane's keys, g and f, with it).
+            focus_now(self.query_one("#gpu-select"))
         self.call_after_refresh(self._share_the_height)
         if not view.available:
             verdict.update(Text(view.reason, style="italic"))
@@ -210,7 +214,10 @@ class MemoryPane(Vertical):
     def on_descendant_focus(self, event: events.DescendantFocus) -> None:
         # Where the breakdown leaves the advice too little room, the advice takes the breakdown's
         # while it has the focus: Enter applies the suggestion a person can see.
-        self.set_class(event.widget.id == "advice", "-advising")
+        self.set_class(event.widget.id == "advice" and not self._advice_hidden(), "-advising")
+
+    def _advice_hidden(self) -> bool:
+        return self.has_class("-nothing-to-say") and self.screen.has_class("-tiny")
 
     def on_descendant_blur(self, event: events.DescendantBlur) -> None:
         if event.widget.id == "advice":
@@ -274,6 +281,9 @@ class MemoryPane(Vertical):
         focus_now(self.query_one("#gpu-size", Input))
 
     def action_focus_advice(self) -> None:
+        if self._advice_hidden():  # under 22 rows, a run that fits shows no advice box
+            self.notify("nothing to change: it fits", timeout=3)
+            return
         advice = self.query_one("#advice", OptionList)
         if advice.highlighted is None:
             # Enter applies the first suggestion (it did nothing, unhighlighted); a line above the

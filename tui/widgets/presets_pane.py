@@ -63,7 +63,14 @@ class FilterInput(InOrderInput):
 
 
 # The keys that move the preset list's highlight and the settings table's cursor.
-MOVE_KEYS = ("up", "down", "pageup", "pagedown", "home", "end")
+MOVE_KEYS = {
+    "up": "Up",
+    "down": "Down",
+    "pageup": "Page up",
+    "pagedown": "Page down",
+    "home": "First",
+    "end": "Last",
+}
 
 
 class PresetsPane(Horizontal):
@@ -87,7 +94,7 @@ class PresetsPane(Horizontal):
         # as the App reads it, the widget's own Down only when it has bubbled back, after every
         # key of the burst was read. As their own bindings, "Down Down Enter" opened the preset
         # the Downs had not reached yet, and "Enter Down Down Enter" edited row 0.
-        *(Binding(key, f"move('{key}')", show=False, priority=True) for key in MOVE_KEYS),
+        *(Binding(key, f"move('{key}')", what, show=False, priority=True) for key, what in MOVE_KEYS.items()),
     ]
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
@@ -188,6 +195,11 @@ class PresetsPane(Horizontal):
     def _discover(self) -> None:
         self._presets = discover_presets()
         self._fill_list(self.query_one("#preset-filter", Input).value)
+
+    def showing_the_first(self) -> bool:
+        """The selection is the list's first preset, as the console opens."""
+        options = self.query_one("#preset-list", OptionList)
+        return options.option_count > 0 and self.selected == options.get_option_at_index(0).id
 
     @property
     def overrides(self) -> list[str]:
