@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import stat
 import sys
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def _train(run_dir: Path, resume: bool) -> int:
         die_with_parent()
     if ranks.is_main:
         # Only rank 0 reads commands (a FIFO has one reader); it hands them to the other ranks.
-        if not sys.stdin.isatty():
+        if _stdin_is_a_pipe():  # a console that launched it (a detached launch has /dev/null)
             commands.read_stdin()
         commands.read_fifo(run_dir / runs.CONTROL)
     from engine.train.recipe import run
@@ -94,6 +95,16 @@ def _train(run_dir: Path, resume: bool) -> int:
     finally:
         emitter.close()
         guard.exiting(EXIT_LIMIT_S)  # a library's exit hook that hangs: stacks, then exit
+
+
+def _stdin_is_a_pipe() -> bool:
+    """Commands come down stdin only from the console that launched the run. A detached launch
+    (`qlc train --detach`, `qlc resume --detach`) gives /dev/null, whose end at once logged
+    "the console ... has let go of it", before the run's hello."""
+    try:
+        return stat.S_ISFIFO(os.fstat(sys.stdin.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _sample(run_dir: Path, request_json: str, checkpoint: str | None) -> int:

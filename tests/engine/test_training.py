@@ -180,6 +180,9 @@ def test_the_last_step_is_logged_and_a_stop_interrupts_the_evaluation(tmp_path: 
     assert not [e for e in events if isinstance(e, protocol.Eval)]
     # Every step was done before the stop: the run completed and saved its adapter.
     assert finished.status == "completed" and finished.step == 2 and finished.adapter_path
+    # Launched detached, its stdin is /dev/null: no console let go of it ("training goes on"
+    # stood before the hello of every detached launch and resume).
+    assert not [e for e in events if isinstance(e, protocol.Log) and "let go" in e.message]
 
 
 def test_an_evaluation_reports_all_its_batches_before_its_loss(tmp_path: Path) -> None:
