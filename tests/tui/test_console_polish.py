@@ -307,3 +307,24 @@ async def test_log_lines_that_came_behind_another_pane_are_readable(app_factory,
         rows = _log_rows(screen_text(app))
         assert not any(row.strip() == "…" for row in rows), rows
         assert all(any(f"line {i} came behind the runs pane" in row for row in rows) for i in range(5)), rows
+
+
+async def test_the_log_follows_its_tail_after_the_window_shrinks(app_factory, finished_run: Path) -> None:
+    """A smaller window left the view where it was with more below it: read as "scrolled up",
+    the log stopped following and new lines stayed out of sight."""
+    from tui.widgets.dashboard import Dashboard
+
+    app = app_factory(attach=FINISHED_RUN)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: app.history is not None and app.history.finished is not None)
+        await pilot.pause(0.2)
+        log = app.screen.query_one("#event-log", RichLog)
+        assert log.is_vertical_scroll_end
+        await pilot.resize_terminal(80, 24)
+        await pilot.pause(0.4)
+        for i in range(3):
+            app.history.log.append(LogLine(300.0 + i, "info", f"new line {i}"))
+            app.history.log_total += 1
+        app.screen.query_one(Dashboard)._redraw()
+        await pilot.pause(0.3)
+        assert log.is_vertical_scroll_end and "new line 2" in screen_text(app)

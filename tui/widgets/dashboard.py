@@ -70,6 +70,7 @@ class Dashboard(Vertical):
         self._history: RunHistory | None = None
         self._log_shown = 0
         self._log_first = 0  # the first line the log view holds (of the run's count)
+        self._log_follows = True  # the log shows its tail as lines come (_log_scrolled)
         self._status = ""
         self._drawn_status: str | None = None
         self._last_draw = 0.0
@@ -102,6 +103,15 @@ class Dashboard(Vertical):
         self.query_one("#event-log", RichLog).border_title = "log"
         self.show(None, "")
         self.watch(self.app, "run_view", self._follow, init=False)
+        self.watch(self.query_one("#event-log", RichLog), "scroll_y", self._log_scrolled, init=False)
+
+    def _log_scrolled(self) -> None:
+        """Whether the log follows its tail, as the log last moved: a person scrolling up stops it,
+        reaching the bottom (or the tail written) starts it again. Judged when it moves, not when
+        lines come: a smaller window leaves the view where it was with more below it, which read
+        as "scrolled up", and the log stopped following."""
+        log = self.query_one("#event-log", RichLog)
+        self._log_follows = log.max_scroll_y == 0 or log.is_vertical_scroll_end
 
     def _follow(self, view: RunView) -> None:
         """The App's watched run: another run is shown whole, the same one as it grows."""
@@ -127,7 +137,7 @@ class Dashboard(Vertical):
             lr.set_series([ChartSeries(history.lr, "lr")])
         log = self.query_one("#event-log", RichLog)
         log.clear()
-        self._log_shown = 0
+        self._log_shown, self._log_follows = 0, True
         self._checkpoints_shown = _NOT_SHOWN
         self._drawn_status = None
         if history is not None:
@@ -226,9 +236,10 @@ class Dashboard(Vertical):
             return  # the first layout: nothing written at another width yet
         # Written again at the new width: every line the view held, and where it was scrolled
         # (a person reading further up stays about there; clear() had sent them to the tail).
-        follow = log.max_scroll_y == 0 or log.is_vertical_scroll_end
+        follow = self._log_follows
         fraction = log.scroll_y / log.max_scroll_y if log.max_scroll_y else 1.0
         log.clear()
+        self._log_follows = follow  # (clearing scrolled it to the top)
         self._log_first = self._log_shown = max(
             self._log_first, h.log_total - min(len(h.log), LOG_VIEW_LINES)
         )
@@ -250,7 +261,7 @@ class Dashboard(Vertical):
         lines = list(h.log)[-min(fresh, len(h.log)) :]
         # Follow the tail only from the bottom: a person who scrolled up to read stays there.
         if follow is None:
-            follow = log.max_scroll_y == 0 or log.is_vertical_scroll_end
+            follow = self._log_follows
         for line in lines:
             log.write(format_log_line(line), scroll_end=follow)
         self._log_shown = h.log_total
