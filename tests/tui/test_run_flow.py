@@ -405,3 +405,24 @@ async def test_the_runs_list_shows_a_run_this_console_stopped_as_stopped(app_fac
         )
         assert "running" not in screen_text(app)
         assert "1 run · space marks" in screen_text(app)  # not "1 runs"
+
+
+async def test_a_pane_key_typed_with_the_key_that_closes_a_dialog_lands(app_factory) -> None:
+    """"n" and "4" in one read: the dialog's n ran only when the key had bubbled back, after the
+    4 was read while the dialog was still up (where digits do nothing), so the 4 was lost."""
+    from pilot_helpers import type_ahead
+
+    app = app_factory(steps=400, rate=20)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause()
+        await _start_tiny(pilot, app)
+        await wait_for(pilot, lambda: app.history.step >= 2, what="steps to arrive")
+        await pilot.press("x")
+        await wait_for(pilot, lambda: isinstance(app.screen, StopScreen))
+        type_ahead(pilot, "n", "4")
+        await wait_for(pilot, lambda: not isinstance(app.screen, StopScreen), what="the dialog closed")
+        from textual.widgets import TabbedContent
+
+        tabs = app.screen.query_one(TabbedContent)
+        await wait_for(pilot, lambda: tabs.active == "runs", what="the Runs pane")
+        assert app.live()  # n closed the dialog: the run trains on

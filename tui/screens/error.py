@@ -16,7 +16,7 @@ from textual.widgets import Button, Static
 
 
 class ErrorScreen(ModalScreen[None]):
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,enter,q", "close", "Close")]
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,enter,q", "close", "Close", priority=True)]
 
     def __init__(self, title: str, message: str, hint: str = "", advice: Sequence[str] = ()) -> None:
         super().__init__()

@@ -16,9 +16,9 @@ QuitChoice = Literal["detach", "stop"] | None
 
 class QuitScreen(ModalScreen[QuitChoice]):
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("d", "choose('detach')", "Detach"),
-        Binding("s", "choose('stop')", "Stop run"),
-        Binding("escape,n", "choose(None)", "Cancel"),
+        Binding("d", "choose('detach')", "Detach", priority=True),
+        Binding("s", "choose('stop')", "Stop run", priority=True),
+        Binding("escape,n", "choose(None)", "Cancel", priority=True),
     ]
 
     def __init__(self, run_id: str) -> None:

@@ -21,8 +21,8 @@ class StopScreen(ModalScreen[bool]):
     """Dismissed with True once the run finished, False when cancelled or closed before that."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("y", "confirm", "Stop and save", show=False),
-        Binding("n,escape", "close", "Close"),
+        Binding("y", "confirm", "Stop and save", show=False, priority=True),
+        Binding("n,escape", "close", "Close", priority=True),
     ]
 
     def __init__(self, run_id: str, step: int, send_stop: Callable[[], str | None]) -> None:
