@@ -444,3 +444,17 @@ async def test_a_burst_that_begins_with_s_starts_no_run(app_factory, monkeypatch
         )
         await pilot.pause(0.3)
         assert started == []
+
+
+async def test_tab_never_leaves_the_pane_keys_without_a_pane(app_factory) -> None:
+    """Tab reached the tab bar, where the panes' keys (s, /, i, ctrl+g) did nothing."""
+    from textual.widgets import Tabs
+
+    app = app_factory()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await select_preset(pilot, "tiny-demo")
+        for pane in ("1", "5"):
+            await pilot.press(pane)
+            for _ in range(6):
+                await pilot.press("tab")
+                assert not isinstance(app.focused, Tabs)

@@ -408,7 +408,7 @@ async def test_the_runs_list_shows_a_run_this_console_stopped_as_stopped(app_fac
 
 
 async def test_a_pane_key_typed_with_the_key_that_closes_a_dialog_lands(app_factory) -> None:
-    """"n" and "4" in one read: the dialog's n ran only when the key had bubbled back, after the
+    """ "n" and "4" in one read: the dialog's n ran only when the key had bubbled back, after the
     4 was read while the dialog was still up (where digits do nothing), so the 4 was lost."""
     from pilot_helpers import type_ahead
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from textual.app import ComposeResult
 from textual.screen import Screen
-from textual.widgets import Footer, TabbedContent, TabPane
+from textual.widgets import Footer, TabbedContent, TabPane, Tabs
 
 from tui.widgets.dashboard import Dashboard
 from tui.widgets.gpu import Probe
@@ -30,6 +30,12 @@ class Panes(TabbedContent):
         if focused is not None and event.tab_pane not in focused.ancestors_with_self:
             event.prevent_default()  # TabbedContent's own handler (called after this one) would switch
             event.stop()
+
+    def on_mount(self) -> None:
+        # The tab bar takes no focus: there, the panes' keys (s, /, i, ctrl+g...) reached no pane
+        # and did nothing, and Tab stopped on it between two panes' widgets. Digits and clicks
+        # switch the tabs.
+        self.query_one(Tabs).can_focus = False
 
 
 class MainScreen(Screen[None]):
