@@ -200,7 +200,7 @@ class MemoryPane(Vertical):
         # Under 22 rows the advice keeps only its title and edge (a hint: `a` gives it the
         # breakdown's room), and the breakdown its five terms.
         tiny = self.screen.has_class("-tiny")
-        advice = ADVICE_MIN_ROWS
+        advice = max(ADVICE_MIN_ROWS, 2 + self._longest_suggestion_rows())
         if tiny:
             advice = 0 if self.has_class("-nothing-to-say") else ADVICE_TINY_ROWS
         room = self.content_size.height - above - advice
@@ -210,6 +210,19 @@ class MemoryPane(Vertical):
         limit = max(BREAKDOWN_MIN_ROWS, min(room, share))
         if breakdown.styles.max_height is None or breakdown.styles.max_height.value != limit:
             breakdown.styles.max_height = limit
+
+    def _longest_suggestion_rows(self) -> int:
+        """Rows the longest suggestion wraps to in the advice box (up to four): at 60 columns
+        some take three, and a box of two lines cut their outcome ("7.5 GiB ..., fits") off."""
+        advice = self.query_one("#advice", OptionList)
+        width = advice.scrollable_content_region.width or self.content_size.width - 4
+        if width <= 0:
+            return 2
+        rows = (
+            len(Text(str(advice.get_option_at_index(i).prompt)).wrap(self.app.console, width))
+            for i in range(advice.option_count)
+        )
+        return min(4, max(rows, default=2))
 
     def on_descendant_focus(self, event: events.DescendantFocus) -> None:
         # Where the breakdown leaves the advice too little room, the advice takes the breakdown's
