@@ -72,6 +72,13 @@ class PresetActions:
             return
         if self.refused_in_a_burst("s", "start a run"):
             return
+        presets = self.pane(PresetsPane)
+        if presets.hidden_by_the_filter():
+            self.notify(
+                f"the filter hides {presets.selected}: clear it (/ then ctrl+u) or pick a listed preset",
+                severity="warning",
+            )
+            return
         self._start_flow(self._preset.draft)
 
     @work(exclusive=True, group="start", exit_on_error=False)

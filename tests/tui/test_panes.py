@@ -808,3 +808,18 @@ async def test_under_22_rows_the_advice_never_takes_the_focus_away(app_factory) 
         assert not pane.has_class("-advising")
         assert "weights" in screen_text(app)
         assert any("nothing to change" in n.message for n in app._notifications)
+
+
+async def test_home_and_end_go_to_the_first_and_last_run(
+    app_factory, finished_run: Path, crashed_run: Path
+) -> None:
+    app = app_factory()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("4")
+        table = app.screen.query_one("#runs-table")
+        await wait_for(pilot, lambda: table.row_count == 2, what="the runs listed")
+        table.focus()
+        await pilot.press("end")
+        await wait_for(pilot, lambda: table.cursor_row == 1, what="the last run")
+        await pilot.press("home")
+        await wait_for(pilot, lambda: table.cursor_row == 0, what="the first run")

@@ -426,3 +426,20 @@ async def test_a_pane_key_typed_with_the_key_that_closes_a_dialog_lands(app_fact
         tabs = app.screen.query_one(TabbedContent)
         await wait_for(pilot, lambda: tabs.active == "runs", what="the Runs pane")
         assert app.live()  # n closed the dialog: the run trains on
+
+
+async def test_a_preset_the_filter_hides_does_not_start(app_factory, monkeypatch) -> None:
+    """A filter that matches nothing left the last preset's settings on screen, and s offered to
+    start it with Start focused."""
+    app = app_factory()
+    started: list[object] = []
+    monkeypatch.setattr(app, "_start_flow", lambda draft: started.append(draft))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await select_preset(pilot, "tiny-demo")
+        await pilot.press("slash", *"zzz", "enter")
+        await pilot.pause(0.3)
+        await pilot.press("s")
+        await wait_for(
+            pilot, lambda: any("the filter hides tiny-demo" in n.message for n in app._notifications)
+        )
+        assert started == []

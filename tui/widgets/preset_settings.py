@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from rich.text import Text
-from textual.binding import Binding, BindingType
 from textual.message import Message
 from textual.widgets import DataTable
 
 from engine.config import RunConfig
+from tui.widgets.rows_table import RowsTable
 
 _KEY = re.compile(r"^(?P<indent>\s*)(?P<key>[A-Za-z_][\w.-]*)\s*:(?P<rest>.*)$")
 
@@ -156,15 +156,8 @@ def _hanging(text: str, width: int, indent: str) -> Text:
     return Text("\n".join(indent + line for line in lines), style="dim")
 
 
-class SettingsTable(DataTable):
+class SettingsTable(RowsTable):
     """setting | value | comment. Overridden values are marked `*`; Enter asks to edit one."""
-
-    # Home and End go to the first and last setting: DataTable's scroll sideways, which a table
-    # of rows never needs (they did nothing here).
-    BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("home", "scroll_top", "First setting", show=False),
-        Binding("end", "scroll_bottom", "Last setting", show=False),
-    ]
 
     class EditRequested(Message):
         """Edit `path`: its value prefilled, or (None) a section's key to type."""

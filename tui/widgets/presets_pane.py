@@ -196,6 +196,13 @@ class PresetsPane(Horizontal):
         self._presets = discover_presets()
         self._fill_list(self.query_one("#preset-filter", Input).value)
 
+    def hidden_by_the_filter(self) -> bool:
+        """The selected preset is not in the filtered list (a filter that matches nothing keeps
+        the last selection's settings on screen)."""
+        options = self.query_one("#preset-list", OptionList)
+        listed = {options.get_option_at_index(i).id for i in range(options.option_count)}
+        return self.selected is not None and self.selected not in listed
+
     def showing_the_first(self) -> bool:
         """The selection is the list's first preset, as the console opens."""
         options = self.query_one("#preset-list", OptionList)

@@ -27,6 +27,7 @@ from tui.output import plural
 from tui.views import RunView
 from tui.widgets.line_chart import ChartSeries, LineChart
 from tui.widgets.progress import STATUS_MARK
+from tui.widgets.rows_table import RowsTable
 
 REFRESH_SECONDS = 5.0
 STATUS_STYLE = {
@@ -91,7 +92,7 @@ class RunsPane(Vertical):
         self._cache: dict[str, tuple[tuple[int, float, bool], runs.RunSummary]] = {}
 
     def compose(self) -> ComposeResult:
-        yield DataTable(id="runs-table", cursor_type="row")
+        yield RowsTable(id="runs-table", cursor_type="row")
         yield Static(id="runs-empty")
         yield LineChart("mark two or more runs (space), then c", id="compare-chart")
 
