@@ -227,7 +227,7 @@ def test_the_docs_list_every_key_of_every_pane() -> None:
     docs = (Path(__file__).resolve().parents[2] / "docs" / "console.md").read_text()
     rows = {line.split("|")[1].strip(): line for line in docs.splitlines() if line.startswith("| ")}
     names = {"slash": "/", "escape": "Escape", "enter": "Enter", "down": "↓", "up": "↑", "delete": "Delete"}
-    names |= {"pageup": "PgUp", "pagedown": "PgDn", "home": "Home", "end": "End"}
+    names |= {"pageup": "PgUp", "pagedown": "PgDn", "home": "Home", "end": "End", "left": "←", "right": "→"}
     names |= {"backspace": "Backspace", "f5": "F5", "question_mark": "?", "f1": "F1"}
     owners = {
         "1 Presets": [PresetsPane, FilterInput],

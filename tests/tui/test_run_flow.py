@@ -443,3 +443,21 @@ async def test_a_preset_the_filter_hides_does_not_start(app_factory, monkeypatch
             pilot, lambda: any("the filter hides tiny-demo" in n.message for n in app._notifications)
         )
         assert started == []
+
+
+async def test_left_and_right_move_between_a_dialogs_buttons(app_factory) -> None:
+    from textual.widgets import Button
+
+    app = app_factory(steps=400, rate=20)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause()
+        await _start_tiny(pilot, app)
+        await pilot.press("x")
+        await wait_for(pilot, lambda: isinstance(app.screen, StopScreen))
+        first = app.focused
+        assert isinstance(first, Button)
+        await pilot.press("right")
+        assert isinstance(app.focused, Button) and app.focused is not first
+        await pilot.press("left")
+        assert app.focused is first
+        await pilot.press("n")

@@ -19,6 +19,9 @@ class QuitScreen(ModalScreen[QuitChoice]):
         Binding("d", "choose('detach')", "Detach", priority=True),
         Binding("s", "choose('stop')", "Stop run", priority=True),
         Binding("escape,n", "choose(None)", "Cancel", priority=True),
+        # Between the buttons, as in most dialogs (Tab does it too).
+        Binding("left", "app.focus_previous", "Previous button", show=False),
+        Binding("right", "app.focus_next", "Next button", show=False),
     ]
 
     def __init__(self, run_id: str) -> None:

@@ -23,6 +23,9 @@ class StopScreen(ModalScreen[bool]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("y", "confirm", "Stop and save", show=False, priority=True),
         Binding("n,escape", "close", "Close", priority=True),
+        # Between the buttons, as in most dialogs (Tab does it too).
+        Binding("left", "app.focus_previous", "Previous button", show=False),
+        Binding("right", "app.focus_next", "Next button", show=False),
     ]
 
     def __init__(self, run_id: str, step: int, send_stop: Callable[[], str | None]) -> None:
