@@ -187,6 +187,16 @@ async def test_memory_budget_follows_overrides_and_the_gpu(app_factory) -> None:
         assert app.screen.query_one(MemoryPane).gpu_spec == "8GB"
         assert "DOES NOT FIT" in screen_text(app) and "of 8.00 GiB" in screen_text(app)
         assert "weights" in screen_text(app) and "activations" in screen_text(app)
+        picker = app.screen.query_one("#gpu-select", Select)
+        assert picker.has_class("-unused")  # the typed size wins: the picker shows it is not used
+        # A card picked after that is what is asked for now: the typed size goes.
+        from tui.budget import gpu_choices
+
+        card = gpu_choices()[0].spec
+        picker.value = card
+        await pilot.pause(0.3)
+        assert size.value == "" and not picker.has_class("-unused")
+        assert app.screen.query_one(MemoryPane).gpu_spec == card
 
 
 async def test_the_memory_pane_says_when_nothing_in_reach_fits(app_factory) -> None:

@@ -267,7 +267,22 @@ class MemoryPane(Vertical):
 
     def on_select_changed(self, event: Select.Changed) -> None:
         event.stop()
+        # A card picked after a size was typed: the card is what the person asks for now (the
+        # typed size went on winning, under a picker that named another card).
+        size = self.query_one("#gpu-size", Input)
+        if size.value.strip():
+            with size.prevent(Input.Changed):
+                size.value = ""
+            size.remove_class("-invalid")
+        self._mark_unused_picker()
         self.post_message(self.GpuChanged(self.gpu_spec))
+
+    def _mark_unused_picker(self) -> None:
+        """A valid typed size wins over the picker: the picker shows it is not in use."""
+        typed = self.query_one("#gpu-size", Input).value.strip()
+        self.query_one("#gpu-select", Select).set_class(
+            bool(typed) and _SIZE.match(typed) is not None, "-unused"
+        )
 
     def on_input_changed(self, event: Input.Changed) -> None:
         event.stop()
@@ -279,6 +294,7 @@ class MemoryPane(Vertical):
             problem = f"{typed!r}: {problem}" if problem else ""
         else:
             problem = f"{typed!r} is not a size: type GiB as 24, 24GB or 80GiB"
+        self._mark_unused_picker()
         if not problem:
             event.input.remove_class("-invalid")
             self.post_message(self.GpuChanged(self.gpu_spec))
