@@ -11,6 +11,7 @@ from pilot_helpers import (
     CRASHED_RUN,
     FINISHED_RUN,
     overrides_shown,
+    recorded_events,
     screen_text,
     select_preset,
     type_ahead,
@@ -833,3 +834,24 @@ async def test_home_and_end_go_to_the_first_and_last_run(
         await wait_for(pilot, lambda: table.cursor_row == 1, what="the last run")
         await pilot.press("home")
         await wait_for(pilot, lambda: table.cursor_row == 0, what="the first run")
+
+
+async def test_the_run_under_the_cursor_stays_under_it_when_a_run_comes_in(
+    app_factory, runs_root: Path, finished_run: Path, crashed_run: Path
+) -> None:
+    """The list is read again each time it is shown: a run that came in at the top moved the
+    cursor, kept by row, onto another run."""
+    app = app_factory()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("4")
+        table = app.screen.query_one("#runs-table")
+        pane = app.screen.query_one(RunsPane)
+        await wait_for(pilot, lambda: table.row_count == 2, what="the runs listed")
+        table.move_cursor(row=1)
+        await pilot.pause(0.1)
+        chosen = pane.selected().id
+        fake_engine.make_run_dir(runs_root, "20990101-000000-tiny-demo", recorded_events())
+        await pilot.press("1")
+        await pilot.press("4")
+        await wait_for(pilot, lambda: table.row_count == 3, what="the new run listed")
+        assert pane.selected().id == chosen
