@@ -79,6 +79,11 @@ class PresetActions:
                 severity="warning",
             )
             return
+        if self._preset.draft.name != presets.selected:
+            # The list moved on (a filter typed ahead picked another preset) and its settings are
+            # still being read: starting now would start the one before.
+            self.notify(f"still reading {presets.selected}: press s again", severity="warning")
+            return
         self._start_flow(self._preset.draft)
 
     @work(exclusive=True, group="start", exit_on_error=False)

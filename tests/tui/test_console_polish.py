@@ -328,3 +328,32 @@ async def test_the_log_follows_its_tail_after_the_window_shrinks(app_factory, fi
         app.screen.query_one(Dashboard)._redraw()
         await pilot.pause(0.3)
         assert log.is_vertical_scroll_end and "new line 2" in screen_text(app)
+
+
+async def test_a_log_that_all_fits_follows_new_lines(app_factory, finished_run: Path) -> None:
+    """Scrolled to the top, then a window tall enough for every line: nothing moved, so the log
+    still counted as scrolled up, and new lines went out of sight with no scrollbar to say so."""
+    from tui.widgets.dashboard import Dashboard
+
+    app = app_factory(attach=FINISHED_RUN)
+    async with app.run_test(size=(120, 24)) as pilot:
+        await wait_for(pilot, lambda: app.history is not None and app.history.finished is not None)
+        log = app.screen.query_one("#event-log", RichLog)
+        dash = app.screen.query_one(Dashboard)
+        kept = list(app.history.log)[-7:]
+        app.history.log.clear()
+        app.history.log.extend(kept)
+        dash.show(app.history, "completed")  # seven lines: more than the 3 a short window shows
+        await pilot.pause(0.3)
+        log.scroll_to(y=0, animate=False)
+        await pilot.pause(0.1)
+        assert log.max_scroll_y > 0 and not dash._log_follows
+        await pilot.resize_terminal(120, 60)  # a tall window: the log shows 8 lines
+        await pilot.pause(0.4)
+        assert log.max_scroll_y == 0
+        for i in range(5):
+            app.history.log.append(LogLine(300.0 + i, "info", f"more {i}"))
+            app.history.log_total += 1
+        dash._redraw()
+        await pilot.pause(0.3)
+        assert log.is_vertical_scroll_end and "more 4" in screen_text(app)

@@ -190,14 +190,19 @@ async def test_memory_budget_follows_overrides_and_the_gpu(app_factory) -> None:
         assert "weights" in screen_text(app) and "activations" in screen_text(app)
         picker = app.screen.query_one("#gpu-select", Select)
         assert picker.has_class("-unused")  # the typed size wins: the picker shows it is not used
-        # A card picked after that is what is asked for now: the typed size goes.
-        from tui.budget import gpu_choices
-
-        card = gpu_choices()[0].spec
-        picker.value = card
-        await pilot.pause(0.3)
-        assert size.value == "" and not picker.has_class("-unused")
-        assert app.screen.query_one(MemoryPane).gpu_spec == card
+        # A card picked after that is what is asked for now, the one the picker showed too: the
+        # typed size goes.
+        await pilot.press("escape", "g", "enter")
+        await wait_for(pilot, lambda: picker.expanded, what="the picker open")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: size.value == "", what="the typed size cleared")
+        assert not picker.has_class("-unused")
+        assert app.screen.query_one(MemoryPane).gpu_spec is None  # the preset's own card
+        # A size the calculator refuses (3080 is a card, not GiB) leaves the picker in use.
+        size.focus()
+        await pilot.press(*"3080")
+        await pilot.pause(0.2)
+        assert size.has_class("-invalid") and not picker.has_class("-unused")
 
 
 async def test_the_memory_pane_says_when_nothing_in_reach_fits(app_factory) -> None:

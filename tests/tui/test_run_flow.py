@@ -461,3 +461,36 @@ async def test_left_and_right_move_between_a_dialogs_buttons(app_factory) -> Non
         await pilot.press("left")
         assert app.focused is first
         await pilot.press("n")
+
+
+async def test_a_dialogs_key_typed_with_the_key_that_opens_it_lands(app_factory) -> None:
+    """ "x" and "y" in one read: the y was read while the main screen was up and came round to
+    the dialog, whose keys were priority bindings only: dropped, and the stop never sent."""
+    from pilot_helpers import type_ahead
+
+    app = app_factory(steps=400, rate=20)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause()
+        await _start_tiny(pilot, app)
+        await wait_for(pilot, lambda: app.history.step >= 2, what="steps to arrive")
+        type_ahead(pilot, "x", "y")
+        await wait_for(pilot, lambda: app.history.finished is not None, what="the stop")
+        assert app.history.finished.status == "stopped"
+
+
+async def test_s_typed_ahead_after_a_filter_starts_nothing_before_the_preset_is_read(
+    app_factory, monkeypatch
+) -> None:
+    """ "/gemma-3-1b", Enter, "s" in one read: the list had moved to the filtered preset, but the
+    settings were still the last one's, and s started the preset the filter had just hidden."""
+    from pilot_helpers import type_ahead
+
+    app = app_factory()
+    started: list[object] = []
+    monkeypatch.setattr(app, "_start_flow", lambda draft: started.append(draft))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await select_preset(pilot, "tiny-demo")
+        await pilot.pause(0.3)
+        type_ahead(pilot, "slash", *"gemma-3-1b", "enter", "s")
+        await pilot.pause(1.0)
+        assert all(d.name != "tiny-demo" for d in started), [d.name for d in started]

@@ -16,6 +16,9 @@ class ConfirmScreen(ModalScreen[bool]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("y", "answer(True)", "Yes", priority=True),
         Binding("n,escape", "answer(False)", "No", priority=True),
+        # The same keys, for one read before the dialog was up.
+        Binding("y", "answer(True)", show=False),
+        Binding("n,escape", "answer(False)", show=False),
         # Between the buttons, as in most dialogs (Tab does it too).
         Binding("left", "app.focus_previous", "Previous button", show=False),
         Binding("right", "app.focus_next", "Next button", show=False),

@@ -16,7 +16,10 @@ from textual.widgets import Button, Static
 
 
 class ErrorScreen(ModalScreen[None]):
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,enter,q", "close", "Close", priority=True)]
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape,enter,q", "close", "Close", priority=True),
+        Binding("escape,enter,q", "close", show=False),  # a key read before the dialog was up
+    ]
 
     def __init__(self, title: str, message: str, hint: str = "", advice: Sequence[str] = ()) -> None:
         super().__init__()

@@ -19,6 +19,10 @@ class QuitScreen(ModalScreen[QuitChoice]):
         Binding("d", "choose('detach')", "Detach", priority=True),
         Binding("s", "choose('stop')", "Stop run", priority=True),
         Binding("escape,n", "choose(None)", "Cancel", priority=True),
+        # The same keys, for one read before the dialog was up ("q" "d" in one read).
+        Binding("d", "choose('detach')", show=False),
+        Binding("s", "choose('stop')", show=False),
+        Binding("escape,n", "choose(None)", show=False),
         # Between the buttons, as in most dialogs (Tab does it too).
         Binding("left", "app.focus_previous", "Previous button", show=False),
         Binding("right", "app.focus_next", "Next button", show=False),

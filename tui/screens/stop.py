@@ -23,6 +23,10 @@ class StopScreen(ModalScreen[bool]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("y", "confirm", "Stop and save", show=False, priority=True),
         Binding("n,escape", "close", "Close", priority=True),
+        # The same keys as the dialog's own, for a key read before the dialog was up ("x" "y" in
+        # one read): it comes round to the dialog's non-priority bindings.
+        Binding("y", "confirm", show=False),
+        Binding("n,escape", "close", show=False),
         # Between the buttons, as in most dialogs (Tab does it too).
         Binding("left", "app.focus_previous", "Previous button", show=False),
         Binding("right", "app.focus_next", "Next button", show=False),

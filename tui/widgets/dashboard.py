@@ -261,7 +261,8 @@ class Dashboard(Vertical):
         lines = list(h.log)[-min(fresh, len(h.log)) :]
         # Follow the tail only from the bottom: a person who scrolled up to read stays there.
         if follow is None:
-            follow = self._log_follows
+            # Or all of it fits: no scrollbar says "scrolled up" (grown until it fit, from the top).
+            follow = self._log_follows or log.max_scroll_y == 0
         for line in lines:
             log.write(format_log_line(line), scroll_end=follow)
         self._log_shown = h.log_total

@@ -7,12 +7,13 @@ from typing import ClassVar
 
 from rich.table import Table
 from rich.text import Text
-from textual import events
+from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Input, Label, OptionList, Select, Static
+from textual.widgets._select import SelectOverlay  # its UpdateSelection: a pick, the same one too
 from textual.widgets.option_list import Option
 
 from tui.budget import BudgetView, Suggestion, gpu_choices, gpu_problem
@@ -39,6 +40,18 @@ class SizeInput(InOrderInput):
 
     def action_done(self) -> None:
         self.app.action_leave_input()  # type: ignore[attr-defined]
+
+
+class GpuPicker(Select[str]):
+    """The card picker. It says when a card is picked, even the one it already showed (Select
+    posts Changed only for another value)."""
+
+    class Picked(Message):
+        pass
+
+    @on(SelectOverlay.UpdateSelection)
+    def _picked(self) -> None:
+        self.post_message(self.Picked())
 
 
 # Rows of the advice box the breakdown leaves it (its title, two lines, its bottom edge), and the
@@ -83,7 +96,7 @@ class MemoryPane(Vertical):
         with Horizontal(id="gpu-row"):
             yield Label("GPU ", id="gpu-label")
             options = [("as the preset says (hardware.gpu)", PRESET_GPU)]
-            yield Select(options, value=PRESET_GPU, allow_blank=False, compact=True, id="gpu-select")
+            yield GpuPicker(options, value=PRESET_GPU, allow_blank=False, compact=True, id="gpu-select")
             yield SizeInput(placeholder="or a size: 24GB (t)", compact=True, id="gpu-size")
         yield Static(id="verdict")
         yield MemoryBar(id="memory-bar", legend=False)  # the breakdown below is the legend
@@ -267,22 +280,26 @@ class MemoryPane(Vertical):
 
     def on_select_changed(self, event: Select.Changed) -> None:
         event.stop()
-        # A card picked after a size was typed: the card is what the person asks for now (the
-        # typed size went on winning, under a picker that named another card).
+        self.post_message(self.GpuChanged(self.gpu_spec))
+
+    def on_gpu_picker_picked(self, event: GpuPicker.Picked) -> None:
+        """A card picked after a size was typed is what the person asks for now (the typed size
+        went on winning, under a picker that named another card), the one it showed included."""
+        event.stop()
         size = self.query_one("#gpu-size", Input)
         if size.value.strip():
             with size.prevent(Input.Changed):
                 size.value = ""
             size.remove_class("-invalid")
-        self._mark_unused_picker()
-        self.post_message(self.GpuChanged(self.gpu_spec))
+            self._mark_unused_picker()
+            self.post_message(self.GpuChanged(self.gpu_spec))
 
     def _mark_unused_picker(self) -> None:
-        """A valid typed size wins over the picker: the picker shows it is not in use."""
+        """A typed size that gpu_spec takes wins over the picker: the picker shows it is not in
+        use (a refused size, 3080, leaves the picker in use)."""
         typed = self.query_one("#gpu-size", Input).value.strip()
-        self.query_one("#gpu-select", Select).set_class(
-            bool(typed) and _SIZE.match(typed) is not None, "-unused"
-        )
+        used = bool(typed) and _SIZE.match(typed) is not None and not gpu_problem(typed)
+        self.query_one("#gpu-select", Select).set_class(used, "-unused")
 
     def on_input_changed(self, event: Input.Changed) -> None:
         event.stop()

@@ -53,7 +53,7 @@ def check_override(draft: PresetDraft, text: str) -> tuple[bool, str, PresetDraf
     # and marked the setting changed (`hardware.strategy=ddp` on a ddp preset showed `ddp*`).
     others = [o for o in after.overrides if parse_override(o)[0] != key]
     without = draft.with_overrides(others)
-    if without.valid and format_setting(without.value(key)) == new:
+    if without.valid and without.value(key) == after.value(key):  # (the values: 6 digits shown)
         return True, f"{key}: {new} (the preset's own value: no override)", without
     # The new value first: the line is cut at the box's width, and a long old value (a path)
     # hid the one being typed.
