@@ -115,3 +115,24 @@ async def test_a_damaged_run_config_is_an_error_not_a_crash(app_factory, finishe
         await pilot.press("e")
         await wait_for(pilot, lambda: isinstance(app.screen, ErrorScreen), what="the error dialog")
         assert "Cannot export" in screen_text(app) and "train.lr" in screen_text(app)
+
+
+async def test_a_run_with_nothing_saved_opens_the_dialog_without_a_crash(
+    app_factory, runs_root: Path
+) -> None:
+    """A run that failed before its first save: the source picker was given Select.BLANK, which is
+    no sentinel in Textual 8 (False), and the console died with InvalidSelectValueError."""
+    from engine import protocol
+
+    fake_engine.make_run_dir(
+        runs_root,
+        "20260101-130000-tiny-demo",
+        [protocol.Finished(status="failed", step=0)],
+    )
+    app = app_factory(export_launcher=fake_engine.launch_export)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await _open_export(pilot, app)
+        assert app.screen.query_one("#export-source", Select).value is Select.NULL
+        await pilot.press("ctrl+s")
+        await pilot.pause(0.3)
+        assert app.is_running and isinstance(app.screen, ExportScreen)

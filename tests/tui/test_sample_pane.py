@@ -140,3 +140,29 @@ async def test_the_pane_shows_the_replies_of_the_run_it_samples(app_factory, run
         assert fake_engine.REPLY in text and "stopped by eos" in text
         pane = app.screen.query_one(SamplePane)
         assert [s.prompt for s in pane.shown] == ["From A"]
+
+
+async def test_a_prompt_with_no_run_open_is_kept_and_told_why(app_factory) -> None:
+    """With no run open, Enter cleared the prompt and said nothing (the blank source compared
+    against Select.BLANK, which is no sentinel in Textual 8)."""
+    app = app_factory()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause()
+        await pilot.press("5", "i", *"hello", "enter")
+        await wait_for(pilot, lambda: any("no model to sample from" in n.message for n in app._notifications))
+        assert app.screen.query_one("#prompt", Input).value == "hello"
+
+
+async def test_a_picked_checkpoint_that_is_rotated_out_is_said(app_factory) -> None:
+    """The picked checkpoint left the list (a newer save rotated it out) and the picker went
+    back to the live model without a word: the next Enter sampled another model."""
+    app = app_factory()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause()
+        pane = app.screen.query_one(SamplePane)
+        pane.set_sources("r1", True, ["checkpoint-40", "checkpoint-80"])
+        app.screen.query_one("#sample-source", Select).value = "checkpoint-40"
+        await pilot.pause(0.2)
+        pane.set_sources("r1", True, ["checkpoint-80", "checkpoint-120"])
+        await pilot.pause(0.2)
+        assert any("checkpoint-40 is gone" in n.message for n in app._notifications)

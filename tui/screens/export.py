@@ -111,7 +111,7 @@ class ExportScreen(ModalScreen[None]):
                 yield Label("from", classes="export-label")
                 yield Select(
                     sources,
-                    value=sources[0][1] if sources else Select.BLANK,
+                    value=sources[0][1] if sources else Select.NULL,
                     id="export-source",
                     allow_blank=not sources,
                     compact=True,
@@ -157,7 +157,7 @@ class ExportScreen(ModalScreen[None]):
 
     def _value(self, select_id: str) -> str:
         value = self.query_one(select_id, Select).value
-        return "" if value is Select.BLANK else str(value)
+        return "" if value is Select.NULL else str(value)
 
     def _refresh_form(self) -> None:
         """The default folder and the memory note follow the choices (an edited folder stays)."""

@@ -137,7 +137,7 @@ class MemoryPane(Vertical):
             # A bare number goes as typed: the calculator reads 24 as 24 GB, and refuses 3080.
             return size.upper().replace("GIB", "GB") if size[-1].isalpha() else size
         value = self.query_one("#gpu-select", Select).value
-        return None if value in (PRESET_GPU, Select.BLANK) else str(value)
+        return None if value in (PRESET_GPU, Select.NULL) else str(value)
 
     def show(self, view: BudgetView, preset: str | None) -> None:
         verdict = self.query_one("#verdict", Static)

@@ -104,10 +104,18 @@ class SamplePane(Vertical):
                 select.value = self._picked
             elif values:
                 select.value = values[0]
+        if self._picked not in (None, LIVE, *values) and values:
+            # Gone: a newer save rotated it out (train.save_total_limit), or the run resumed.
+            # Said, where the switch was silent and the next Enter sampled another model.
+            self.notify(
+                f"{self._picked} is gone (rotated out by newer saves): sampling from {options[0][0]} now",
+                severity="warning",
+            )
+            self._picked = None
 
     def on_select_changed(self, event: Select.Changed) -> None:
         # Only a person's pick arrives here: set_sources sets the value with Changed prevented.
-        if event.select.id == "sample-source" and event.value is not Select.BLANK:
+        if event.select.id == "sample-source" and event.value is not Select.NULL:
             self._picked = str(event.value)
 
     @property
@@ -185,7 +193,7 @@ class SamplePane(Vertical):
             self.action_focus_prompt()
             return
         source = self.query_one("#sample-source", Select).value
-        if source is Select.BLANK:
+        if source is Select.NULL:
             self.notify(
                 "no model to sample from: start a run, or open one with checkpoints", severity="warning"
             )
