@@ -11,7 +11,7 @@ from pathlib import Path
 
 import fake_engine
 import pytest
-from pilot_helpers import CRASHED_RUN, FINISHED_RUN
+from pilot_helpers import CRASHED_RUN, FINISHED_RUN, recorded_events
 
 from engine import protocol
 from engine.run import launcher, runs
@@ -352,3 +352,15 @@ def test_a_long_error_through_a_pipe_is_cut_and_pads_no_row(
     assert cut.endswith("…") and long_error.startswith(cut[:-1]), row
     code, out, _ = _run(["--runs-dir", str(runs_root), "runs", "--json"], capsys)
     assert {r["id"]: r["error"] for r in json.loads(out)}[FAILED_RUN] == long_error
+
+
+def test_a_run_whose_engine_never_wrote_is_listed(
+    runs_root: Path, capsys: pytest.CaptureFixture[str], quiet: None
+) -> None:
+    """An engine killed before its first event leaves a "created" run: its status had no style,
+    and "[]created[/]" was a MarkupError that took the whole `qlc runs` down, every time."""
+    fake_engine.make_run_dir(runs_root, NEW_RUN, [])
+    fake_engine.make_run_dir(runs_root, FINISHED_RUN, recorded_events())
+    assert main(["--runs-dir", str(runs_root), "runs"]) == 0
+    shown = capsys.readouterr().out
+    assert "created" in shown and FINISHED_RUN in shown

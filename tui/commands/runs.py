@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -22,6 +23,7 @@ STATUS_STYLE = {
     "stopped": "yellow",
     "failed": "red",
     "crashed": "red",
+    "created": "dim",
 }
 MIN_ERROR_WIDTH = 16  # of a failed run's error in `qlc runs`: "CUDA out of mem…"; less says nothing
 # And at most this, in a wide terminal or a pipe: every row is padded to the error column's width,
@@ -89,7 +91,9 @@ def _row(s: runs.RunSummary) -> list[str]:
     step = f"{s.step}/{s.total_steps}" if s.total_steps else str(s.step)
     loss = f"{s.last_loss:.4f}" if s.last_loss is not None else "-"
     started = time.strftime("%Y-%m-%d %H:%M", time.localtime(s.started))
-    status = f"[{STATUS_STYLE.get(s.status, '')}]{s.status}[/]"
+    # No style, no markup: "[]created[/]" was a MarkupError that took the whole list down.
+    style = STATUS_STYLE.get(s.status)
+    status = f"[{style}]{s.status}[/]" if style else escape(s.status)
     return [s.id, status, s.preset, s.model, step, loss, started]
 
 
