@@ -87,6 +87,7 @@ class ExportScreen(ModalScreen[None]):
         self.exported: protocol.Exported | None = None
         self.error = ""
         self._lines: list[Text] = []
+        self._refusal: Text | None = None  # why the last Export was refused (_refuse)
 
     # ---- the form ----------------------------------------------------------------------------
 
@@ -223,11 +224,12 @@ class ExportScreen(ModalScreen[None]):
             )
             proc = self._launcher(self.run_dir, request.engine_args())
         except UserError as exc:
-            self._line(Text(f"✗ {exc}", style="bold red"))
+            self._refuse(Text(f"✗ {exc}", style="bold red"))
             return
         except OSError as exc:
-            self._line(Text(f"✗ cannot start the engine: {exc}", style="bold red"))
+            self._refuse(Text(f"✗ cannot start the engine: {exc}", style="bold red"))
             return
+        self._refuse(None)
         self.client = RunClient(self.run_dir, proc=proc, mode="pipe", role="export")
         self._jobs.append(self.client)
         for widget in self.query("Select, Input"):
@@ -314,7 +316,17 @@ class ExportScreen(ModalScreen[None]):
 
     def _line(self, text: Text) -> None:
         self._lines.append(text)
-        self.query_one("#export-log", Static).update(Text("\n").join(self._lines[-5:]))
+        self._draw_log()
+
+    def _refuse(self, text: Text | None) -> None:
+        """Why Export was refused: the latest reason only (each ctrl+s added the same one again,
+        and the dialog grew over the Runs list)."""
+        self._refusal = text
+        self._draw_log()
+
+    def _draw_log(self) -> None:
+        lines = [*self._lines[-5:], *([self._refusal] if self._refusal else [])]
+        self.query_one("#export-log", Static).update(Text("\n").join(lines))
 
     def action_cancel_export(self) -> None:
         if self.client is not None and self.client.proc is not None and self.client.proc.poll() is None:
