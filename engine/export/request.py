@@ -10,6 +10,7 @@ Pure Python: the console imports this module.
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,9 +85,10 @@ def default_out_dir(run_dir: Path, source: Path, dtype: str, adapter_only: bool)
 
 def check_out_dir(out: Path, given: bool = True, field: str = "--out") -> None:
     """An output folder must not exist, or be an empty folder; its nearest existing parent must be
-    a writable folder. Nothing is created here. `given`: the user named it in `field` (`--out` on
+    a writable folder. `given`: the user named it in `field` (`--out` on
     the command line, the console dialog's "to" field); else it is the run's default export
-    folder, and the message says so."""
+    folder, and the message says so. Nothing is left behind: whether the parent takes a folder is
+    tried with one made and removed at once."""
     flag = field.startswith("--")
     name = (f"{field} {out}" if flag else str(out)) if given else f"{out} (the default export folder)"
     another = "another " if given else ""  # the default folder was never chosen: "a folder"
@@ -102,8 +104,21 @@ def check_out_dir(out: Path, given: bool = True, field: str = "--out") -> None:
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    if not parent.is_dir() or not _can_write_in(parent):
         raise UserError(f"{name}: cannot write in {parent}", "choose a folder you can write to")
+
+
+def _can_write_in(folder: Path) -> bool:
+    """A folder the export can make its own in: tried, not asked. os.access says yes to root
+    everywhere, /proc included, and the engine then failed with a FileNotFoundError after it had
+    started (`qlc export --out /proc/foo`). The probe folder is removed at once."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".qlc-write-probe-", dir=folder))
+    except OSError:
+        return False
+    return True
 
 
 def request_from_args(run_dir: Path, args: Any) -> ExportRequest:

@@ -289,6 +289,11 @@ def test_an_output_folder_must_be_new_or_empty(tmp_path: Path) -> None:
         locked.mkdir(mode=0o500)
         with pytest.raises(UserError, match="cannot write in"):
             check_out_dir(locked / "out")
+    # Where even root cannot make a folder (os.access says yes to root: the engine failed after
+    # it had started, with a FileNotFoundError).
+    with pytest.raises(UserError, match="cannot write in /proc"):
+        check_out_dir(Path("/proc/qlc-export"))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".qlc-write-probe")]
 
 
 def test_llama_cpp_is_found_in_a_checkout_or_on_path(tmp_path: Path) -> None:
