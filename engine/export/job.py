@@ -215,6 +215,12 @@ def _placement(
         emitter.log(f"no merge estimate ({exc.message}); merging on the CPU", level="warning")
         return "cpu" if request.device != "cuda" else "cuda", None, None
     gpu = merge.gpu_free_gb() if request.device != "cpu" else None
+    if request.device == "cuda" and gpu is None:
+        # Asked for, and absent: no amount of freed memory helps (the refusal below said so).
+        raise UserError(
+            "--device cuda: there is no CUDA GPU here",
+            "merge on the CPU with --device cpu, or --device auto (the GPU when one has room)",
+        )
     place = place_merge(est, gpu, host_available_gb(), request.device)
     if place.refused:
         raise MemoryError(place.reason)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine import protocol
-from engine.config import load_preset
+from engine.config import load_preset, load_resolved
 from engine.data.templates import CHATML, LLAMA3
 from engine.errors import UserError
 from engine.export import card, gguf
@@ -358,3 +358,18 @@ def test_the_fp32_reference_runs_only_where_it_is_cheap() -> None:
     assert need < FP32_REFERENCE_MAX_GIB
     assert fp32_reference_fits(one_b, need / 0.8 + 0.1) and not fp32_reference_fits(one_b, need)
     assert not fp32_reference_fits(one_b, None)  # unknown host memory: not risked
+
+
+def test_a_merge_asked_on_a_gpu_that_is_not_there_says_what_to_ask(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--device cuda` with no CUDA GPU: the refusal's hint was the out-of-memory one ("free
+    memory (stop other runs), or a bigger GPU")."""
+    from engine.export import job, merge
+    from engine.run.events import Emitter
+
+    monkeypatch.setattr(merge, "gpu_free_gb", lambda: None)  # as on a machine with no CUDA
+    request = build_request(run_dir, device="cuda")
+    with pytest.raises(UserError, match="--device cuda: there is no CUDA GPU here") as caught:
+        job._placement(request, load_resolved(run_dir / runs.CONFIG), Emitter([]))
+    assert "--device cpu" in caught.value.hint
