@@ -46,6 +46,9 @@ def train_command(run_dir: Path, resume: bool = False, nodes: distributed.Nodes 
     return distributed.torchrun_command(nproc, args, nodes)
 
 
+GOMP_SPINCOUNT = 10_000  # _env: spins before an idle OpenMP thread sleeps (libgomp's default: 300,000)
+
+
 def _env(command: list[str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     if command is not None and distributed.is_torchrun(command):
@@ -64,6 +67,12 @@ def _env(command: list[str] | None = None) -> dict[str, str]:
     # a training box, and a warm cache must start with no network request at all.
     env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     env.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if "OMP_WAIT_POLICY" not in env:
+        # libgomp's threads spin 300,000 times before they sleep. Two engines on the CPU (a run and
+        # a checkpoint sample, two runs) then spin against each other: on a 2-core box, 9.5 s a
+        # tiny-demo step each where one alone takes 0.13. 10,000 spins keep one alone at 0.136 and
+        # two at 0.57 (bench/results/cpu-two-engines-2026-12-05.json). A GPU run does not notice.
+        env.setdefault("GOMP_SPINCOUNT", str(GOMP_SPINCOUNT))
     for key, value in compile_caches().items():
         env.setdefault(key, value)  # what the user set wins
     return env
