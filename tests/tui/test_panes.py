@@ -275,6 +275,11 @@ async def test_runs_list_open_and_compare(app_factory, finished_run: Path, crash
         chart = app.screen.query_one("#compare-chart", LineChart)
         await wait_for(pilot, lambda: len(chart.series) == 2, what="the comparison")
         assert chart.display
+        # The legend names each line in the line's own colour (it was grey: nothing told which
+        # line was which run).
+        legend = chart.legend()
+        colours = {span.style.color for span in legend.spans if not isinstance(span.style, str)}
+        assert len(colours) == 2, legend.spans
         # Open the finished run's dashboard from its events file.
         await pilot.press("enter")
         await wait_for(pilot, lambda: app.history is not None and app.history.finished is not None)

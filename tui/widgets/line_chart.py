@@ -103,12 +103,17 @@ class LineChart(Widget):
     def watch_log_scale(self) -> None:
         self.refresh()
 
-    def legend(self) -> str:
-        parts = []
-        for item in self._series:
+    def legend(self) -> Text:
+        """Each series' label and last value, in the series' own colour: in grey, nothing told
+        which line of a comparison was which run."""
+        legend = Text()
+        for i, item in enumerate(self._series):
             if len(item.series):
-                parts.append(f"{item.label} {format_value(item.series.last_y)}")
-        return "  ".join(parts)
+                if legend:
+                    legend.append("  ")
+                style = self.get_component_rich_style(f"line-chart--series-{i % 6}")
+                legend.append(f"{item.label} {format_value(item.series.last_y)}", style=style)
+        return legend
 
     def render_line(self, y: int) -> Strip:
         """Line API: the chart is drawn once per change into cached strips, one per row, so a

@@ -256,8 +256,8 @@ class RunsPane(Vertical):
     def action_compare(self) -> None:
         chosen = [s for s in self.summaries if s.id in self.marked]
         current = self.selected()
-        if current is not None and current not in chosen:
-            chosen.append(current)
+        if len(chosen) < 2 and current is not None and current not in chosen:
+            chosen.append(current)  # one marked and the one under the cursor: a pair
         if len(chosen) < 2:
             self.notify("mark two or more runs with space, then press c", timeout=3)
             return
@@ -273,7 +273,9 @@ class RunsPane(Vertical):
     def on_runs_pane_compared(self, message: Compared) -> None:
         message.stop()
         chart = self.query_one("#compare-chart", LineChart)
-        chart.set_series([ChartSeries(h.loss, short_id(h.run_id)) for h in message.histories])
+        # Two runs of one minute read the same at minutes: to the second there.
+        names = short_ids([h.run_id for h in message.histories])
+        chart.set_series([ChartSeries(h.loss, names[h.run_id]) for h in message.histories])
         chart.border_subtitle = chart.legend()
         chart.display = True
         self.add_class("-comparing")
