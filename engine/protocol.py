@@ -319,6 +319,11 @@ class Save(Message, frozen=True, tag="save"):
     """Save a checkpoint at the next step boundary and keep training."""
 
 
+# The bounds a sample's settings are checked against, by `qlc sample` and the console alike.
+MAX_NEW_TOKENS_LIMIT = 4096
+TEMPERATURE_LIMIT = 5.0
+
+
 class SampleRequest(Message, frozen=True, tag="sample"):
     """Generate from the live model at the next step boundary, then keep training."""
 

@@ -239,7 +239,17 @@ CASES = [
     command("attach-unknown-run", ("attach", "no-such-run"), "no run 'no-such-run'"),
     command("sample-unknown-run", ("sample", "no-such-run", "hi"), "no run 'no-such-run'"),
     command("sample-zero-tokens", ("sample", "x", "hi", "--max-new-tokens", "0"), "--max-new-tokens 0"),
-    command("sample-negative-temperature", ("sample", "x", "hi", "--temperature", "-1"), "--temperature"),
+    command(
+        "sample-negative-temperature",
+        ("sample", "x", "hi", "--temperature", "-1"),
+        "--temperature -1: must be",
+    ),
+    command("sample-top-p-over-one", ("sample", "x", "hi", "--top-p", "2"), "--top-p 2: must be above 0"),
+    command(
+        "sample-too-many-tokens",
+        ("sample", "x", "hi", "--max-new-tokens", "100000"),
+        "--max-new-tokens 100000: must be a whole number from 1 to 4096",
+    ),
     command("sample-bad-number", ("sample", "x", "hi", "--top-p", "lots"), "invalid float value: 'lots'"),
     command(
         "runs-dir-not-creatable",

@@ -43,10 +43,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_sample(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise UserError("the prompt is empty", "give the message to answer, e.g. qlc sample last 'Hello'")
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
+    # Each value named on its own, and the console's bounds (it took --max-new-tokens 100000).
+    if not 1 <= args.max_new_tokens <= protocol.MAX_NEW_TOKENS_LIMIT:
+        raise UserError(
+            f"--max-new-tokens {args.max_new_tokens}: must be a whole number from 1 to "
+            f"{protocol.MAX_NEW_TOKENS_LIMIT}"
+        )
+    if not 0 <= args.temperature <= protocol.TEMPERATURE_LIMIT:
+        raise UserError(
+            f"--temperature {args.temperature:g}: must be from 0 (greedy) to {protocol.TEMPERATURE_LIMIT:g}"
+        )
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p {args.top_p:g}: must be above 0, up to 1")
     # --live asks a running engine: there `last` is the newest run running, not a newer one that ended.
     run_dir = find_run(args, live=args.live)
     request = protocol.SampleRequest(

@@ -58,11 +58,19 @@ class SamplePane(Vertical):
         with Horizontal(id="sample-settings"):
             yield Label("max tokens ")
             yield InOrderInput(
-                "128", compact=True, id="max-tokens", type="integer", validators=[Number(1, 4096)]
+                "128",
+                compact=True,
+                id="max-tokens",
+                type="integer",
+                validators=[Number(1, protocol.MAX_NEW_TOKENS_LIMIT)],
             )
             yield Label(" temperature ")
             yield InOrderInput(
-                "0.7", compact=True, id="temperature", type="number", validators=[Number(0, 5)]
+                "0.7",
+                compact=True,
+                id="temperature",
+                type="number",
+                validators=[Number(0, protocol.TEMPERATURE_LIMIT)],
             )
             yield Label(" top_p ")
             yield InOrderInput("0.9", compact=True, id="top-p", type="number", validators=[Number(0.01, 1)])
@@ -202,7 +210,10 @@ class SamplePane(Vertical):
         bad = [box for box in settings if not box.is_valid]
         if bad:
             box = bad[0]
-            allowed = {"max-tokens": "a whole number from 1 to 4096", "temperature": "from 0 (greedy) to 5"}
+            allowed = {
+                "max-tokens": f"a whole number from 1 to {protocol.MAX_NEW_TOKENS_LIMIT}",
+                "temperature": f"from 0 (greedy) to {protocol.TEMPERATURE_LIMIT:g}",
+            }
             want = allowed.get(box.id or "", "above 0, up to 1")
             self.notify(f"{box.id} {box.value!r}: must be {want}", severity="warning")
             return
