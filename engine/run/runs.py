@@ -119,7 +119,8 @@ def find_run(root: Path, ref: str) -> Path:
         return matches[0]
     if len(matches) > 1:
         names = ", ".join(p.name for p in matches[:5])
-        raise RunNotFound(f"run {ref!r} is ambiguous: {names}", "give more of the id")
+        more = f" and {len(matches) - 5} more" if len(matches) > 5 else ""  # (`qlc runs` lists all)
+        raise RunNotFound(f"run {ref!r} is ambiguous: {names}{more}", "give more of the id")
     if not candidates:
         what = "no runs yet" if ref in ("last", "latest") else f"no run {ref!r}"
         raise RunNotFound(f"{what} under {root}", "there are none yet: start one with `qlc train tiny-demo`")
