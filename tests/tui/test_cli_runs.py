@@ -370,5 +370,5 @@ def test_an_ambiguous_run_name_says_how_many_more_match(runs_root: Path) -> None
     """Six runs matched and five were named, with no word of the sixth."""
     for i in range(6):
         fake_engine.make_run_dir(runs_root, f"20260101-12000{i}-tiny-demo", [])
-    with pytest.raises(runs.RunNotFound, match=r"is ambiguous: .* and 1 more$"):
+    with pytest.raises(runs.RunNotFound, match=r"is ambiguous: .* and 1 more \(give more of the id\)"):
         runs.find_run(runs_root, "tiny-demo")
