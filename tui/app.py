@@ -282,10 +282,13 @@ class QlcApp(KeyActions, RunEvents, PresetActions, RunActions, SampleActions, Ap
 
     def _quit_chosen(self, choice: str | None) -> None:
         if choice == "detach":
+            run_id = self.client.run_id if self.client is not None else None
             if self.client is not None:
                 self.client.detach()
             self._end_jobs()
-            self.exit(0)
+            # Said on the terminal the console leaves: which run trains on, and how to reach it.
+            said = f"run {run_id} keeps training: qlc attach {run_id}, or qlc to open it" if run_id else None
+            self.exit(0, message=said)
         elif choice == "stop":
             self._quit_when_finished = True
             self.action_stop_run()

@@ -97,8 +97,16 @@ async def test_save_and_live_sample(app_factory) -> None:
         await wait_for(pilot, lambda: app.history.finished is not None)
 
 
-async def test_quit_while_training_detaches(app_factory, runs_root: Path) -> None:
+async def test_quit_while_training_detaches(app_factory, runs_root: Path, monkeypatch) -> None:
     app = app_factory(steps=400, rate=20)
+    said: list[object] = []
+    exit_app = app.exit
+
+    def exit_saying(*args, **kwargs) -> None:
+        said.append(str(kwargs.get("message")))
+        exit_app(*args, **kwargs)
+
+    monkeypatch.setattr(app, "exit", exit_saying)
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.pause()  # let the panes mount before typing
         await _start_tiny(pilot, app)
@@ -109,6 +117,9 @@ async def test_quit_while_training_detaches(app_factory, runs_root: Path) -> Non
         await pilot.press("d")
         await pilot.pause(0.1)
     run_dir = runs.list_run_dirs(runs_root)[0]
+    # The terminal the console leaves says which run trains on and how to reach it (it said
+    # nothing).
+    assert f"run {run_dir.name} keeps training: qlc attach {run_dir.name}" in " ".join(map(str, said))
     # Detached: the engine keeps training without its console, and a later console reaches it.
     assert runs.is_running(run_dir)
     before = runs.read_events(run_dir)[0]
