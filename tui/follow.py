@@ -231,6 +231,11 @@ class EventPrinter:
                 )
 
 
+# `qlc train`'s exit code after a Ctrl-C (the shell's 128 + SIGINT): the run stopped and saved, or
+# (a second Ctrl-C) is stopping. A script told it from a completed run's 0 only by reading events.
+INTERRUPTED = 130
+
+
 def exit_code(status: str | None) -> int:
     return 0 if status in ("completed", "stopped") else 1
 
@@ -296,7 +301,7 @@ def follow_child(proc: subprocess.Popen[bytes], run_dir: Path, printer: EventPri
         err.print(
             f"detached; the run is stopping and saving a checkpoint. See it end with: qlc attach {run_dir.name}"
         )
-        return 0
+        return INTERRUPTED
     finally:
         signal.signal(signal.SIGINT, previous)
     proc.wait()
@@ -306,6 +311,8 @@ def follow_child(proc: subprocess.Popen[bytes], run_dir: Path, printer: EventPri
         # The reason is in the log: torchrun's own failure, or another rank's one-line error.
         err.print(f"[red]{escape(ended_without_finishing(run_dir, proc.returncode, start_failure(proc)))}[/]")
         return 1
+    if interrupts and printer.status == "stopped":
+        return INTERRUPTED  # stopped by this Ctrl-C and saved: not the 0 of a run that completed
     return exit_code(printer.status)
 
 

@@ -394,7 +394,7 @@ def test_ctrl_c_twice_stops_waiting_and_the_run_still_stops_and_saves(tmp_path: 
     proc.send_signal(signal.SIGINT)
     _, rest = proc.communicate(timeout=120)
     err = first + rest
-    assert proc.returncode == 0, err
+    assert proc.returncode == 130, err  # interrupted: told apart from a completed run's 0
     assert "(Ctrl-C again to stop waiting; the run still stops and saves)" in err
     assert "the run goes on" not in err
     if second == "after-the-first-line":
@@ -405,3 +405,24 @@ def test_ctrl_c_twice_stops_waiting_and_the_run_still_stops_and_saves(tmp_path: 
         time.sleep(0.2)
     assert runs.last_status(run_dir) == "stopped" and runs.checkpoints(run_dir)
     assert runs.summarize(run_dir).step < 400
+
+
+def test_ctrl_c_once_stops_saves_and_exits_130(tmp_path: Path) -> None:
+    """One Ctrl-C: the run stops at its step and saves, and qlc exits 130 (it exited 0, as a
+    completed run does: a script could not tell them apart)."""
+    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
+    args = ["--runs-dir", str(tmp_path), "train", "tiny-demo", "--set", "train.max_steps=400"]
+    proc = subprocess.Popen(
+        [*QLC, *args, "--set", "train.logging_steps=1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=env, cwd=REPO,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("step "):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    (run_dir,) = runs.list_run_dirs(tmp_path)
+    assert runs.last_status(run_dir) == "stopped" and runs.checkpoints(run_dir)
+    assert "stopped" in out
