@@ -19,7 +19,7 @@ from engine.errors import UserError
 from engine.memory.constants import GIB
 from engine.memory.devices import DeviceProfile, profile_for_capability, profile_for_name
 
-SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(gib|gb|g|mib|mb|m)?\s*$", re.IGNORECASE)
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(gib|gb|g|mib|mb|m|tib|tb|t)?\s*$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,10 @@ def _size(spec: str) -> Gpu | None:
     if not m:
         return None
     value, unit = float(m.group(1)), (m.group(2) or "gb").lower()
-    gib = value / 1024 if unit in ("mib", "mb", "m") else value
+    # (TB only to say it is out of range: `--gpu 999TB` was "unknown GPU", as if a card's name.)
+    gib = (
+        value / 1024 if unit in ("mib", "mb", "m") else value * 1024 if unit in ("tib", "tb", "t") else value
+    )
     if not 0 < gib <= 4096:
         raise UserError(f"GPU size {spec.strip()!r}: must be between 1 MB and 4096 GB")
     label = f"{gib:g}GB"
