@@ -271,12 +271,15 @@ def chat_rows(ready: protocol.DataReady | None, data_format: str) -> bool:
 
 def summarize(run_dir: Path) -> RunSummary:
     events, _ = read_events(run_dir)
+    # Before the engine says its plan (DataReady), a run set to N steps is at 0 of N, not of 0.
+    planned = 0
     try:
         cfg = load_resolved(run_dir / CONFIG)
         preset, model = cfg.name, cfg.model.name_or_path
+        planned = cfg.train.max_steps or 0
     except UserError:
         preset = model = "?"
-    step, total, loss, ckpt, error = 0, 0, None, None, None
+    step, total, loss, ckpt, error = 0, planned, None, None, None
     started = (run_dir / CONFIG).stat().st_mtime
     first_hello = next((ev for ev in events if isinstance(ev, protocol.Hello)), None)
     if first_hello is not None:

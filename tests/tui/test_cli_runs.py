@@ -195,12 +195,15 @@ def _holding_the_lock(run_dir: Path) -> int:
     return runs.acquire_lock(run_dir)
 
 
-@pytest.mark.parametrize(("data_ready", "shown"), [(True, "0/400"), (False, "0")])
+@pytest.mark.parametrize(("data_ready", "shown"), [(True, "0/400"), (False, "0/{planned}")])
 def test_a_running_run_before_its_first_logged_step_shows_the_total_it_knows(
     data_ready: bool, shown: str, runs_root: Path, capsys: pytest.CaptureFixture[str], quiet: None
 ) -> None:
     """It showed `0` where a completed run shows `400/400`: the total was only read from step
-    events, and the first comes after logging_steps steps (minutes on a large model)."""
+    events, and the first comes after logging_steps steps (minutes on a large model). Still
+    loading the model, before the engine's plan, the total is the config's train.max_steps."""
+    from engine.config import load_resolved
+
     # Set up, and training started; or still loading the model, with no total to show yet.
     before = protocol.Step if data_ready else protocol.DataReady
     events = list(itertools.takewhile(lambda e: not isinstance(e, before), fake_engine.synthetic_run(400)))
@@ -212,7 +215,8 @@ def test_a_running_run_before_its_first_logged_step_shows_the_total_it_knows(
         os.close(lock)
     assert code == 0
     (row,) = [line.split() for line in out.splitlines() if NEW_RUN in line]
-    assert row[1] == "running" and row[4] == shown, row
+    planned = load_resolved(runs_root / NEW_RUN / runs.CONFIG).train.max_steps
+    assert row[1] == "running" and row[4] == shown.format(planned=planned), row
 
 
 FAILED_RUN = "20260102-100000-tiny-demo"
@@ -372,3 +376,12 @@ def test_an_ambiguous_run_name_says_how_many_more_match(runs_root: Path) -> None
         fake_engine.make_run_dir(runs_root, f"20260101-12000{i}-tiny-demo", [])
     with pytest.raises(runs.RunNotFound, match=r"is ambiguous: .* and 1 more \(give more of the id\)"):
         runs.find_run(runs_root, "tiny-demo")
+
+
+def test_a_run_not_yet_started_is_at_0_of_its_planned_steps(runs_root: Path) -> None:
+    """A run just launched was listed at step 0 of 0 (`"total_steps": 0`), its config saying 400."""
+    from engine.config import load_resolved
+
+    run_dir = fake_engine.make_run_dir(runs_root, NEW_RUN, [])
+    planned = load_resolved(run_dir / runs.CONFIG).train.max_steps
+    assert planned and runs.summarize(run_dir).total_steps == planned
