@@ -401,7 +401,11 @@ async def test_the_runs_list_shows_a_run_this_console_stopped_as_stopped(app_fac
         await _start_tiny(pilot, app)
         await wait_for(pilot, lambda: app.history.step >= 4, what="steps to arrive")
         await pilot.press("4")
-        await wait_for(pilot, lambda: "running" in screen_text(app), what="the run listed as running")
+        await wait_for(
+            pilot,
+            lambda: "▶ running" in screen_text(app),
+            what="the run listed as running, marked as the dashboard marks it",
+        )
         await pilot.press("3")
         await pilot.pause(0.2)
         await pilot.press("x")

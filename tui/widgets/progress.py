@@ -15,6 +15,7 @@ from tui.output import fmt_progress
 
 STATUS_MARK = {
     "training": "▶",
+    "running": "▶",  # the Runs list's word for a run whose engine is up: the dashboard's ▶
     "starting": "…",
     "completed": "✓",
     "stopped": "■",
