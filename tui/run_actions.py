@@ -111,6 +111,8 @@ class RunActions:
     def on_export_screen_result(self, message: ExportScreen.Result) -> None:
         if message.exported is not None:
             self.notify(f"{message.run_id} exported to {message.exported.out_dir}", timeout=8)
+        elif message.cancelled:  # it read "export of ... failed: export cancelled"
+            self.notify(f"export of {message.run_id} cancelled; nothing was written", timeout=6)
         else:
             self.notify(f"export of {message.run_id} failed: {message.error}", severity="error", timeout=8)
 

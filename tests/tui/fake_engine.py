@@ -17,6 +17,7 @@ import argparse
 import math
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -386,9 +387,19 @@ def _export(run_dir: Path, out: Path, checkpoint: str, adapter_only: bool, delay
         [("saving", "copying")] if adapter_only else [("loading_model", "loading"), ("merging", "merging")]
     )
     stages += [("verifying", "comparing"), ("finishing", "model card")]
-    for i, (stage, message) in enumerate(stages, 1):
-        emitter.emit(protocol.StageEvent(stage=stage, message=message, current=i, total=len(stages)))  # type: ignore[arg-type]
-        time.sleep(delay)
+
+    def cancelled(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # as the engine's export takes the console's Cancel (SIGTERM)
+
+    signal.signal(signal.SIGTERM, cancelled)
+    try:
+        for i, (stage, message) in enumerate(stages, 1):
+            emitter.emit(protocol.StageEvent(stage=stage, message=message, current=i, total=len(stages)))  # type: ignore[arg-type]
+            time.sleep(delay)
+    except KeyboardInterrupt:
+        emitter.emit(protocol.ErrorEvent(kind="interrupted", message="export cancelled; nothing was written"))
+        emitter.close()
+        return 1
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.mkdir(parents=True)
     (tmp / "README.md").write_text("# fake export\n")

@@ -140,3 +140,22 @@ async def test_a_run_with_nothing_saved_opens_the_dialog_without_a_crash(
         await pilot.press("ctrl+s")
         await pilot.pause(0.3)
         assert app.is_running and isinstance(app.screen, ExportScreen)
+
+
+async def test_a_cancelled_export_says_cancelled(app_factory, finished_run: Path, monkeypatch) -> None:
+    """Cancel read as a failure ("export of ... failed: export cancelled"), and the progress bar
+    went on animating "--%" under the closed export."""
+    monkeypatch.setenv("FAKE_EXPORT_DELAY", "3")
+    app = app_factory(export_launcher=fake_engine.launch_export)
+    async with app.run_test(size=(100, 30)) as pilot:
+        screen = await _open_export(pilot, app)
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: screen.client is not None, what="the export to start")
+        await pilot.pause(0.5)
+        screen.action_cancel_export()
+        await wait_for(pilot, lambda: not app._export_clients, what="the export process to end")
+        await pilot.pause(0.3)
+        notes = [n.message for n in app._notifications]
+        assert any("cancelled; nothing was written" in n for n in notes), notes
+        assert not any("failed" in n for n in notes), notes
+        assert not screen.query_one("#export-progress").display

@@ -70,11 +70,14 @@ class ExportScreen(ModalScreen[None]):
     class Result(Message):
         """An export ended (posted to the app whether or not the dialog is still open)."""
 
-        def __init__(self, run_id: str, exported: protocol.Exported | None, error: str) -> None:
+        def __init__(
+            self, run_id: str, exported: protocol.Exported | None, error: str, cancelled: bool = False
+        ) -> None:
             super().__init__()
             self.run_id = run_id
             self.exported = exported
             self.error = error
+            self.cancelled = cancelled  # a person's Cancel: no failure
 
     def __init__(self, run_dir: Path, launcher: Launcher, jobs: list[RunClient]) -> None:
         super().__init__()
@@ -86,6 +89,7 @@ class ExportScreen(ModalScreen[None]):
         self.client: RunClient | None = None
         self.exported: protocol.Exported | None = None
         self.error = ""
+        self.cancelled = False  # the engine said the export was cancelled (kind "interrupted")
         self._lines: list[Text] = []
         self._refusal: Text | None = None  # why the last Export was refused (_refuse)
 
@@ -262,9 +266,10 @@ class ExportScreen(ModalScreen[None]):
                 self.exported = ev
             elif isinstance(ev, protocol.ErrorEvent):
                 self.error = ev.message
+                self.cancelled = ev.kind == "interrupted"
         if self.exported is None and not self.error:
             self.error = f"the engine exited ({message.returncode}) without a result"
-        app.post_message(self.Result(self.run_dir.name, self.exported, self.error))
+        app.post_message(self.Result(self.run_dir.name, self.exported, self.error, self.cancelled))
 
     def on_run_client_events_arrived(self, message: RunClient.EventsArrived) -> None:
         message.stop()
@@ -279,9 +284,11 @@ class ExportScreen(ModalScreen[None]):
             self.error = f"the engine exited ({message.returncode}) without a result; see {self.run_dir / runs.ENGINE_LOG}"
             self._line(Text(f"✗ {self.error}", style="bold red"))
         self.query_one("#export-cancel").display = False
+        if self.exported is None:
+            self.query_one("#export-progress").display = False  # (it went on animating "--%")
         self.query_one("#export-close", Button).label = "Close (Esc)"
         self.refresh_bindings()
-        self.app.post_message(self.Result(self.run_dir.name, self.exported, self.error))
+        self.app.post_message(self.Result(self.run_dir.name, self.exported, self.error, self.cancelled))
 
     def note(self, ev: protocol.Event) -> None:
         if isinstance(ev, protocol.StageEvent):
@@ -296,6 +303,7 @@ class ExportScreen(ModalScreen[None]):
             self._line(Text(f"! {ev.message}", style="yellow"))
         elif isinstance(ev, protocol.ErrorEvent):
             self.error = ev.message + (f" ({ev.hint})" if ev.hint else "")
+            self.cancelled = ev.kind == "interrupted"
             self._line(Text(f"✗ {self.error}", style="bold red"))
         elif isinstance(ev, protocol.Exported):
             self.exported = ev
