@@ -245,7 +245,10 @@ def test_quick_keys_across_every_pane_never_stick(env: dict[str, str], size: tup
         tmux.keys("Enter")
         tmux.wait("llama-3.1-8b-rtx4060  ")
         tmux.keys("2")
-        screen = tmux.wait(lambda s: "DOES NOT FIT" in s and "breakdown (GiB)" in s, timeout=30)
+        # (Its first term drawn too: the frame with the new verdict may come before the breakdown's.)
+        screen = tmux.wait(
+            lambda s: "DOES NOT FIT" in s and "breakdown (GiB)" in s and "4-bit linears" in s, timeout=30
+        )
         cli = subprocess.run(
             [*_qlc(), "estimate", "llama-3.1-8b-rtx4060", "--json"],
             capture_output=True, text=True, cwd=REPO, env={**os.environ, **env}, timeout=120,
