@@ -34,14 +34,17 @@ READ_KEYS_KEPT = 32
 
 @dataclass
 class ReadKey:
-    """A key as the App read it: the event, whether it types, when it arrived (the event's own
-    time, not when it was handled, which a slow pane switch delays), and whether a command took
-    it (a pane's digit: not typing, for the key after it)."""
+    """A key as the App read it: the event, when it arrived (the event's own time, not when it was
+    handled, which a slow pane switch delays), and whether a command took it (a pane's digit: not
+    typing, for the key after it)."""
 
     event: events.Key
-    printable: bool
     time: float
     command: bool = False
+
+    @property
+    def printable(self) -> bool:
+        return self.event.is_printable
 
 
 class KeyActions:
@@ -60,14 +63,16 @@ class KeyActions:
     action_hide_help_panel: Any
     notify: Any
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._read = deque(maxlen=READ_KEYS_KEPT)
+
     async def on_event(self, event: events.Event) -> None:
         if not isinstance(event, events.Key):
             await super().on_event(event)  # type: ignore[misc]
             return
         if not event.is_forwarded:
-            if not hasattr(self, "_read"):
-                self._read = deque(maxlen=READ_KEYS_KEPT)
-            self._read.append(ReadKey(event, event.is_printable, event.time))
+            self._read.append(ReadKey(event, event.time))
             if self._typed_ahead() and not self._takes_text():
                 # Text typed ahead where no box has the focus ("lr=2e-4" landing on the preset
                 # list in one read): its digits would switch panes, its letters export or stop.
@@ -103,8 +108,7 @@ class KeyActions:
     def _handled_at(self) -> int | None:
         """Where the key being handled stands among the keys read, or None for no key (a click,
         the palette's Enter ran it... ) or one read too long ago to be kept."""
-        read = list(getattr(self, "_read", ()))
-        return next((i for i, k in enumerate(read) if k.event is self._handling), None)
+        return next((i for i, k in enumerate(self._read) if k.event is self._handling), None)
 
     def mark_command(self) -> None:
         """The key being handled was a command (a pane's digit), not typing: a key pressed
@@ -115,9 +119,10 @@ class KeyActions:
     def in_a_burst(self) -> bool:
         """The key being handled is printable and came right after another printable one that
         no command took, or right before one: text typed into no box (the focus was elsewhere),
-        not a single key meant as a command. The key is the one whose binding runs, not the last one read: a non-priority
-        binding runs after the keys read since ("ls" then Enter). An action the command palette
-        runs comes on its Enter, however fast its name was typed, and a click is no key."""
+        not a single key meant as a command. The key is the one whose binding runs, not the last
+        one read: a non-priority binding runs after the keys read since ("ls" then Enter). An
+        action the command palette runs comes on its Enter, however fast its name was typed, and
+        a click is no key."""
         if self._handling is None:
             return False
         i = self._handled_at()

@@ -103,13 +103,16 @@ def run_id(run_dir: Path) -> str:
     return run_dir.name
 
 
+LAST = ("last", "latest")  # the newest run, by name
+
+
 def find_run(root: Path, ref: str) -> Path:
     """A run by id, unique id prefix, path, or `last` (the newest)."""
     path = Path(ref).expanduser()
     if (path / CONFIG).is_file():
         return path.resolve()
     candidates = sorted(p for p in root.glob("*") if (p / CONFIG).is_file()) if root.is_dir() else []
-    if ref in ("last", "latest") and candidates:
+    if ref in LAST and candidates:
         return candidates[-1]
     exact = [p for p in candidates if p.name == ref]
     if exact:
@@ -122,7 +125,7 @@ def find_run(root: Path, ref: str) -> Path:
         more = f" and {len(matches) - 5} more" if len(matches) > 5 else ""  # (`qlc runs` lists all)
         raise RunNotFound(f"run {ref!r} is ambiguous: {names}{more}", "give more of the id")
     if not candidates:
-        what = "no runs yet" if ref in ("last", "latest") else f"no run {ref!r}"
+        what = "no runs yet" if ref in LAST else f"no run {ref!r}"
         raise RunNotFound(f"{what} under {root}", "there are none yet: start one with `qlc train tiny-demo`")
     raise RunNotFound(f"no run {ref!r} under {root}", "`qlc runs` lists them")
 

@@ -29,7 +29,6 @@ MIN_ERROR_WIDTH = 16  # of a failed run's error in `qlc runs`: "CUDA out of memâ
 # And at most this, in a wide terminal or a pipe: every row is padded to the error column's width,
 # so one long error made the whole table that wide; `--json` has the errors whole.
 MAX_ERROR_WIDTH = 100
-LAST = ("last", "latest")
 # How a run that is not running ended, as the end of "the newest, RUN, â€¦".
 ENDED = {"created": "has not started", "stopped": "was stopped"}
 
@@ -142,7 +141,7 @@ def runs_root(args: argparse.Namespace, ref: str | None = None) -> Path:
     root = runs.runs_root(args.runs_dir)
     problem = _unreadable(root) if args.runs_dir and not _names_a_run_dir(ref) else ""
     if problem:
-        subject = f"no run {ref!r}" if ref and ref not in LAST else "no runs"
+        subject = f"no run {ref!r}" if ref and ref not in runs.LAST else "no runs"
         raise UserError(
             f"{subject} under --runs-dir {root}: {problem}",
             "give the folder your runs are in, or leave --runs-dir out for the default",
@@ -174,7 +173,7 @@ def find_run(args: argparse.Namespace, live: bool = False) -> Path:
 def find_live_run(root: Path, ref: str) -> Path:
     """`runs.find_run`, but `last` is the newest run still running: a newer one may have failed
     while an older one trains on, and stopping the failed one stops nothing."""
-    if ref not in LAST:
+    if ref not in runs.LAST:
         return runs.find_run(root, ref)
     dirs = runs.list_run_dirs(root)
     running = [d for d in dirs if runs.is_running(d)]

@@ -6,22 +6,19 @@ from typing import ClassVar
 
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.binding import Binding, BindingType
+from textual.binding import BindingType
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Static
 
+from tui.screens.dialog_keys import BUTTON_MOVES, answer
+
 
 class ConfirmScreen(ModalScreen[bool]):
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("y", "answer(True)", "Yes", priority=True),
-        Binding("n,escape", "answer(False)", "No", priority=True),
-        # The same keys, for one read before the dialog was up.
-        Binding("y", "answer(True)", show=False),
-        Binding("n,escape", "answer(False)", show=False),
-        # Between the buttons, as in most dialogs (Tab does it too).
-        Binding("left", "app.focus_previous", "Previous button", show=False),
-        Binding("right", "app.focus_next", "Next button", show=False),
+        *answer("y", "answer(True)", "Yes"),
+        *answer("n,escape", "answer(False)", "No"),
+        *BUTTON_MOVES,
     ]
 
     def __init__(

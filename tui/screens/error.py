@@ -9,16 +9,17 @@ from typing import ClassVar
 
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.binding import Binding, BindingType
+from textual.binding import BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Static
 
+from tui.screens.dialog_keys import answer
+
 
 class ErrorScreen(ModalScreen[None]):
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("escape,enter,q", "close", "Close", priority=True),
-        Binding("escape,enter,q", "close", show=False),  # a key read before the dialog was up
+        *answer("escape,enter,q", "close", "Close"),
     ]
 
     def __init__(self, title: str, message: str, hint: str = "", advice: Sequence[str] = ()) -> None:

@@ -6,26 +6,22 @@ from typing import ClassVar, Literal
 
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.binding import Binding, BindingType
+from textual.binding import BindingType
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Static
+
+from tui.screens.dialog_keys import BUTTON_MOVES, answer
 
 QuitChoice = Literal["detach", "stop"] | None
 
 
 class QuitScreen(ModalScreen[QuitChoice]):
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("d", "choose('detach')", "Detach", priority=True),
-        Binding("s", "choose('stop')", "Stop run", priority=True),
-        Binding("escape,n", "choose(None)", "Cancel", priority=True),
-        # The same keys, for one read before the dialog was up ("q" "d" in one read).
-        Binding("d", "choose('detach')", show=False),
-        Binding("s", "choose('stop')", show=False),
-        Binding("escape,n", "choose(None)", show=False),
-        # Between the buttons, as in most dialogs (Tab does it too).
-        Binding("left", "app.focus_previous", "Previous button", show=False),
-        Binding("right", "app.focus_next", "Next button", show=False),
+        *answer("d", "choose('detach')", "Detach"),
+        *answer("s", "choose('stop')", "Stop run"),
+        *answer("escape,n", "choose(None)", "Cancel"),
+        *BUTTON_MOVES,
     ]
 
     def __init__(self, run_id: str) -> None:

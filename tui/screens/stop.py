@@ -8,12 +8,13 @@ from typing import ClassVar
 
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.binding import Binding, BindingType
+from textual.binding import BindingType
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, LoadingIndicator, Static
 
 from engine import protocol
+from tui.screens.dialog_keys import BUTTON_MOVES, answer
 from tui.views import RunView
 
 
@@ -21,15 +22,9 @@ class StopScreen(ModalScreen[bool]):
     """Dismissed with True once the run finished, False when cancelled or closed before that."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("y", "confirm", "Stop and save", show=False, priority=True),
-        Binding("n,escape", "close", "Close", priority=True),
-        # The same keys as the dialog's own, for a key read before the dialog was up ("x" "y" in
-        # one read): it comes round to the dialog's non-priority bindings.
-        Binding("y", "confirm", show=False),
-        Binding("n,escape", "close", show=False),
-        # Between the buttons, as in most dialogs (Tab does it too).
-        Binding("left", "app.focus_previous", "Previous button", show=False),
-        Binding("right", "app.focus_next", "Next button", show=False),
+        *answer("y", "confirm", "Stop and save", show=False),
+        *answer("n,escape", "close", "Close"),
+        *BUTTON_MOVES,
     ]
 
     def __init__(self, run_id: str, step: int, send_stop: Callable[[], str | None]) -> None:

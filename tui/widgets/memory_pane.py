@@ -132,8 +132,7 @@ class MemoryPane(Vertical):
 
     @property
     def gpu_spec(self) -> str | None:
-        size = self.query_one("#gpu-size", Input).value.strip()
-        if size and _SIZE.match(size) and not gpu_problem(size):
+        if size := self._typed_size():
             # A bare number goes as typed: the calculator reads 24 as 24 GB, and refuses 3080.
             return size.upper().replace("GIB", "GB") if size[-1].isalpha() else size
         value = self.query_one("#gpu-select", Select).value
@@ -297,9 +296,13 @@ class MemoryPane(Vertical):
     def _mark_unused_picker(self) -> None:
         """A typed size that gpu_spec takes wins over the picker: the picker shows it is not in
         use (a refused size, 3080, leaves the picker in use)."""
-        typed = self.query_one("#gpu-size", Input).value.strip()
-        used = bool(typed) and _SIZE.match(typed) is not None and not gpu_problem(typed)
-        self.query_one("#gpu-select", Select).set_class(used, "-unused")
+        self.query_one("#gpu-select", Select).set_class(bool(self._typed_size()), "-unused")
+
+    def _typed_size(self) -> str:
+        """The size typed in the box, where the calculator takes it ("" where none is, or it is
+        refused: 3080 is a card, not GiB)."""
+        size = self.query_one("#gpu-size", Input).value.strip()
+        return size if size and _SIZE.match(size) and not gpu_problem(size) else ""
 
     def on_input_changed(self, event: Input.Changed) -> None:
         event.stop()

@@ -199,14 +199,17 @@ class PresetsPane(Horizontal):
     def hidden_by_the_filter(self) -> bool:
         """The selected preset is not in the filtered list (a filter that matches nothing keeps
         the last selection's settings on screen)."""
-        options = self.query_one("#preset-list", OptionList)
-        listed = {options.get_option_at_index(i).id for i in range(options.option_count)}
-        return self.selected is not None and self.selected not in listed
+        return self.selected is not None and self.selected not in self._listed()
 
     def showing_the_first(self) -> bool:
         """The selection is the list's first preset, as the console opens."""
+        listed = self._listed()
+        return bool(listed) and self.selected == listed[0]
+
+    def _listed(self) -> list[str | None]:
+        """The presets the (filtered) list shows, in order."""
         options = self.query_one("#preset-list", OptionList)
-        return options.option_count > 0 and self.selected == options.get_option_at_index(0).id
+        return [options.get_option_at_index(i).id for i in range(options.option_count)]
 
     @property
     def overrides(self) -> list[str]:

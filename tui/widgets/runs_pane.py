@@ -150,14 +150,12 @@ class RunsPane(Vertical):
 
     def on_runs_pane_loaded(self, message: Loaded) -> None:
         message.stop()
+        # The run under the cursor stays under it when a new run comes in at the top (the list is
+        # read again each time the pane is shown): by its id, not its row.
+        before = self.selected()
         self.summaries = message.summaries
         table = self.query_one("#runs-table", DataTable)
         keep = table.cursor_row
-        # The run under the cursor stays under it when a new run comes in at the top (the list is
-        # read again each time the pane is shown): by its id, not its row.
-        before = (
-            table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value if table.row_count else None
-        )
         table.clear()
         names = short_ids([s.id for s in self.summaries])
         for s in self.summaries:
@@ -172,7 +170,7 @@ class RunsPane(Vertical):
             )
         if self.summaries:
             ids = [x.id for x in self.summaries]
-            row = ids.index(before) if before in ids else keep
+            row = ids.index(before.id) if before is not None and before.id in ids else keep
             table.move_cursor(row=min(row, len(self.summaries) - 1))
         table.border_subtitle = (
             f"{plural(len(self.summaries), 'runs')} · space marks · c compares" if self.summaries else ""
