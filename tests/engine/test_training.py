@@ -370,21 +370,28 @@ def test_console_quitting_is_not_a_stop_and_a_live_sample_streams(root: Path, tm
     assert finished.status == "completed" and finished.step == 12
 
 
-@pytest.mark.parametrize("second", ["after-the-first-line", "at-once"])
-def test_ctrl_c_twice_stops_waiting_and_the_run_still_stops_and_saves(tmp_path: Path, second: str) -> None:
-    """The second Ctrl-C used to say `detached; the run goes on` while the stop the first one sent
-    stopped it. And one landing inside the first's print raised before the stop was sent: the
-    run trained on to its end. Now the stop is sent first, and both lines say what happens."""
+def _train_to_its_first_step(tmp_path: Path) -> subprocess.Popen[str]:
+    """`qlc train tiny-demo` (400 steps, a line each), read up to its first step line."""
     env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
     args = ["--runs-dir", str(tmp_path), "train", "tiny-demo", "--set", "train.max_steps=400"]
     proc = subprocess.Popen(
         [*QLC, *args, "--set", "train.logging_steps=1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, env=env, cwd=REPO,
     )  # fmt: skip
-    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout is not None
     for line in proc.stdout:
         if line.startswith("step "):
             break
+    return proc
+
+
+@pytest.mark.parametrize("second", ["after-the-first-line", "at-once"])
+def test_ctrl_c_twice_stops_waiting_and_the_run_still_stops_and_saves(tmp_path: Path, second: str) -> None:
+    """The second Ctrl-C used to say `detached; the run goes on` while the stop the first one sent
+    stopped it. And one landing inside the first's print raised before the stop was sent: the
+    run trained on to its end. Now the stop is sent first, and both lines say what happens."""
+    proc = _train_to_its_first_step(tmp_path)
+    assert proc.stderr is not None
     proc.send_signal(signal.SIGINT)
     first = ""
     if second == "after-the-first-line":
@@ -410,16 +417,7 @@ def test_ctrl_c_twice_stops_waiting_and_the_run_still_stops_and_saves(tmp_path: 
 def test_ctrl_c_once_stops_saves_and_exits_130(tmp_path: Path) -> None:
     """One Ctrl-C: the run stops at its step and saves, and qlc exits 130 (it exited 0, as a
     completed run does: a script could not tell them apart)."""
-    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
-    args = ["--runs-dir", str(tmp_path), "train", "tiny-demo", "--set", "train.max_steps=400"]
-    proc = subprocess.Popen(
-        [*QLC, *args, "--set", "train.logging_steps=1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env=env, cwd=REPO,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.startswith("step "):
-            break
+    proc = _train_to_its_first_step(tmp_path)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err

@@ -18,6 +18,16 @@ from tui.widgets.runs_pane import RunsPane
 LONG = " ".join(f"word{i:02d}" for i in range(18))  # 125 characters: two rows at 80 columns
 
 
+def _log(app, *texts: str) -> None:
+    """Lines in the watched run's log, as its events add them, and the dashboard drawn again."""
+    from tui.widgets.dashboard import Dashboard
+
+    for text in texts:
+        app.history.log.append(LogLine(300.0, "info", text))
+        app.history.log_total += 1
+    app.screen.query_one(Dashboard)._redraw()
+
+
 def _log_rows(text: str) -> list[str]:
     """The log box's rows as drawn, without its frame."""
     lines = text.splitlines()
@@ -289,7 +299,6 @@ async def test_a_resize_keeps_the_log_where_a_person_scrolled_it(app_factory, fi
 async def test_log_lines_that_came_behind_another_pane_are_readable(app_factory, finished_run: Path) -> None:
     """Lines that arrived while the Runs pane was shown were wrapped at no width: "…" rows when
     the dashboard came back, until a resize."""
-    from tui.widgets.dashboard import Dashboard
 
     app = app_factory(attach=FINISHED_RUN)
     async with app.run_test(size=(120, 40)) as pilot:
@@ -297,10 +306,7 @@ async def test_log_lines_that_came_behind_another_pane_are_readable(app_factory,
         await pilot.pause(0.2)
         await pilot.press("4")
         await pilot.pause(0.2)
-        for i in range(5):
-            app.history.log.append(LogLine(200.0 + i, "info", f"line {i} came behind the runs pane"))
-            app.history.log_total += 1
-        app.screen.query_one(Dashboard)._redraw()
+        _log(app, *(f"line {i} came behind the runs pane" for i in range(5)))
         await pilot.pause(0.2)
         await pilot.press("3")
         await pilot.pause(0.3)
@@ -312,7 +318,6 @@ async def test_log_lines_that_came_behind_another_pane_are_readable(app_factory,
 async def test_the_log_follows_its_tail_after_the_window_shrinks(app_factory, finished_run: Path) -> None:
     """A smaller window left the view where it was with more below it: read as "scrolled up",
     the log stopped following and new lines stayed out of sight."""
-    from tui.widgets.dashboard import Dashboard
 
     app = app_factory(attach=FINISHED_RUN)
     async with app.run_test(size=(120, 40)) as pilot:
@@ -322,10 +327,7 @@ async def test_the_log_follows_its_tail_after_the_window_shrinks(app_factory, fi
         assert log.is_vertical_scroll_end
         await pilot.resize_terminal(80, 24)
         await pilot.pause(0.4)
-        for i in range(3):
-            app.history.log.append(LogLine(300.0 + i, "info", f"new line {i}"))
-            app.history.log_total += 1
-        app.screen.query_one(Dashboard)._redraw()
+        _log(app, *(f"new line {i}" for i in range(3)))
         await pilot.pause(0.3)
         assert log.is_vertical_scroll_end and "new line 2" in screen_text(app)
 
@@ -351,9 +353,6 @@ async def test_a_log_that_all_fits_follows_new_lines(app_factory, finished_run: 
         await pilot.resize_terminal(120, 60)  # a tall window: the log shows 8 lines
         await pilot.pause(0.4)
         assert log.max_scroll_y == 0
-        for i in range(5):
-            app.history.log.append(LogLine(300.0 + i, "info", f"more {i}"))
-            app.history.log_total += 1
-        dash._redraw()
+        _log(app, *(f"more {i}" for i in range(5)))
         await pilot.pause(0.3)
         assert log.is_vertical_scroll_end and "more 4" in screen_text(app)
