@@ -20,7 +20,9 @@ optimizer steps each:
 
 Each step's time is the wall time between two optimizer-step ends (logging every step, as the
 presets do, so both variants synchronise with the device once per step when the loss is logged);
-the figure is the median over steps 3..N of every round of a variant. Every engine hook is also
+the figure is the median over steps 3..N of every round of a variant. Rounds alternate which
+variant trains first. `--profile` adds one round of each under cProfile and prints the functions
+whose host time per step differs most between them. Every engine hook is also
 timed on its own, which gives the engine's host time per step without the noise of the whole
 step. On CUDA, `torch.cuda.set_sync_debug_mode("warn")` counts the device synchronisations each
 variant makes per step.
@@ -150,6 +152,48 @@ def run_round(trainer: Any, timer: Any, cuda: bool) -> tuple[list[float], int]:
     return timer.step_seconds(), syncs
 
 
+def profile_round(trainer: Any, timer: Any, cuda: bool, top: int) -> dict[str, Any]:
+    """One round with cProfile on from the end of step 2 to the end of the last step (what the
+    step timer counts: not the start of training, nor the save and clean-up after the last step):
+    the `top` functions by their own time per step (microseconds), with their calls per step."""
+    import cProfile
+    import pstats
+
+    from transformers import TrainerCallback
+
+    prof = cProfile.Profile()
+
+    class Window(TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step == 2:
+                prof.enable()
+            elif state.global_step == state.max_steps:
+                prof.disable()
+
+    window = Window()
+    trainer.add_callback(window)
+    try:
+        seconds, _ = run_round(trainer, timer, cuda)
+    finally:
+        prof.disable()
+        trainer.remove_callback(window)
+    steps = max(len(seconds) - 2, 1)
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return {
+        "median_step_s": statistics.median(seconds[2:] or seconds),
+        "functions": [
+            {
+                "function": f"{Path(file).name}:{line}:{func}",
+                "own_us_per_step": 1e6 * tt / steps,
+                "cumulative_us_per_step": 1e6 * ct / steps,
+                "calls_per_step": nc / steps,
+            }
+            for (file, line, func), (_cc, nc, tt, ct, _callers) in rows
+        ],
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -162,6 +206,8 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--profile", action="store_true", help="a round more of each variant under cProfile")
+    ap.add_argument("--profile-top", type=int, default=40, help="functions kept per profile")
     ap.add_argument(
         "--dry-run", action="store_true", help="with --arch: a shrunk model of its layout, on the CPU"
     )
@@ -224,8 +270,11 @@ def main() -> int:
         "engine": {"step_seconds": [], "syncs": []},
     }
     engine_steps = 0
+    variants = [("bare", bare, bare_timer), ("engine", engine, engine_timer)]
     for n in range(args.rounds):
-        for name, trainer, timer in (("bare", bare, bare_timer), ("engine", engine, engine_timer)):
+        # Each round alternates which variant goes first, so neither always trains on what the
+        # other left (the allocator's cache, the optimizer state it freed, the clocks).
+        for name, trainer, timer in variants if n % 2 == 0 else variants[::-1]:
             times.active = name == "engine"
             seconds, syncs = run_round(trainer, timer, cuda)
             times.active = False
@@ -239,6 +288,12 @@ def main() -> int:
                 + (f", {syncs / max(len(seconds), 1):.1f} device syncs/step" if cuda else ""),
                 flush=True,
             )
+    profiles = {}
+    if args.profile:
+        # A round more of each under cProfile: where the host's time per step goes, function by
+        # function, so a difference between the two shows up by name (cProfile slows both alike).
+        for name, trainer, timer in variants:
+            profiles[name] = profile_round(trainer, timer, cuda, args.profile_top)
     hook_seconds = sum(times.seconds.values())
     bare_median = statistics.median(results["bare"]["step_seconds"])
     engine_median = statistics.median(results["engine"]["step_seconds"])
@@ -277,6 +332,8 @@ def main() -> int:
         "engine_hooks_share_of_step": hook_seconds / max(engine_steps, 1) / engine_median,
         "hooks": per_hook,
         "syncs_per_step": {k: v["syncs"] for k, v in results.items()} if cuda else None,
+        "order": "bare first in odd rounds, engine first in even ones",
+        **({"profiles": profiles} if profiles else {}),
         "step_seconds": {k: v["step_seconds"] for k, v in results.items()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -286,7 +343,28 @@ def main() -> int:
         f"({bare_median / engine_median:.3f}x bare); engine hooks {report['engine_hooks_us_per_step']:.0f} us/step "
         f"({100 * report['engine_hooks_share_of_step']:.2f}% of a step) -> {args.out}"
     )
+    if profiles:
+        print_profile_difference(profiles)
     return 0
+
+
+def print_profile_difference(profiles: dict[str, dict[str, Any]]) -> None:
+    """The functions whose own time per step differs most between the two profiled rounds."""
+    own = {
+        name: {f["function"]: (f["own_us_per_step"], f["calls_per_step"]) for f in p["functions"]}
+        for name, p in profiles.items()
+    }
+    names = set(own["bare"]) | set(own["engine"])
+    diff = sorted(names, key=lambda f: -abs(own["engine"].get(f, (0, 0))[0] - own["bare"].get(f, (0, 0))[0]))
+    print(
+        f"profiled: bare {profiles['bare']['median_step_s'] * 1e3:.1f} ms/step, "
+        f"engine {profiles['engine']['median_step_s'] * 1e3:.1f}; own time per step, engine - bare:"
+    )
+    for f in diff[:15]:
+        e, b = own["engine"].get(f, (0.0, 0.0)), own["bare"].get(f, (0.0, 0.0))
+        print(
+            f"  {e[0] - b[0]:+9.0f} us  ({b[0]:8.0f} -> {e[0]:8.0f}; calls {b[1]:6.1f} -> {e[1]:6.1f})  {f}"
+        )
 
 
 if __name__ == "__main__":

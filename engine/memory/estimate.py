@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -558,6 +559,38 @@ def forecast_step(cfg: RunConfig, est: Estimate, gpu: Gpu) -> StepForecast | Non
 FASTER_BY = 0.01
 
 
+class RecomputeRule:
+    """Where no speed model covers the card: a layout's cost relative to the same rows run in one
+    pass of 16384 tokens or more with no layer recomputed (constants.RECOMPUTE_SHARE, PASS_COST,
+    both measured). At 24 GB the seed recipe's 2 x 2 recomputes 17 of 32 layers; 1 x 4 fits with
+    none, and its shorter passes cost less than the recompute they save (1.42 against 1.51 s a
+    step on an H100)."""
+
+    basis = "recompute rule measured on an H100"
+    min_tokens = min(C.PASS_COST)
+
+    def takes(self, cfg: RunConfig, micro_batch: int) -> bool:
+        """Passes shorter than any measured are not taken (the written split always is)."""
+        return micro_batch == cfg.train.micro_batch or micro_batch * cfg.train.seq_len >= self.min_tokens
+
+    def step_s(self, cfg: RunConfig, arch: Architecture, k: int, mb: int, ga: int) -> float:
+        recompute = 1 + C.RECOMPUTE_SHARE * k / max(arch.layers, 1)
+        return recompute * pass_cost(mb * cfg.train.seq_len)
+
+
+def pass_cost(tokens: int) -> float:
+    """constants.PASS_COST at `tokens` per micro-batch, read on a log scale between its points (and
+    held at its ends)."""
+    points = sorted(C.PASS_COST.items())
+    if tokens <= points[0][0]:
+        return points[0][1]
+    for (t0, c0), (t1, c1) in itertools.pairwise(points):
+        if tokens <= t1:
+            w = math.log(tokens / t0) / math.log(t1 / t0)
+            return c0 + w * (c1 - c0)
+    return points[-1][1]
+
+
 def fastest_layout(
     cfg: RunConfig,
     arch: Architecture,
@@ -571,18 +604,17 @@ def fastest_layout(
     """(checkpointed, micro_batch, grad_accum, checkpointing's why, split's why) of a faster layout
     than `chosen` (checkpointed, micro_batch, grad_accum, as the memory rules chose it), or None.
 
-    With train.gradient_checkpointing and train.batch_split both auto and a speed model for this
-    stack on this card (_speed_model), every split of the step's rows is planned with the fewest
-    checkpointed layers that fit, and the one predicted fastest wins. A smaller micro-batch may
+    With train.gradient_checkpointing and train.batch_split both auto, every split of the step's
+    rows is planned with the fewest checkpointed layers that fit, and the one predicted fastest
+    wins: by the stack's speed model on this card (_speed_model), or where there is none by the
+    measured RecomputeRule. A smaller micro-batch may
     need fewer layers recomputed: at 24 GB, 1 x 4 with few layers checkpointed can beat 2 x 2 with
     many. The training is the same either way (choose_split says why). When the chosen layout does
     not fit at all, any split that fits is better."""
     t = cfg.train
     if t.batch_split != "auto" or t.gradient_checkpointing != "auto" or budget_gb is None:
         return None
-    model = _speed_model(cfg, backend, gpu)
-    if model is None:
-        return None
+    model: _SpeedModel | RecomputeRule = _speed_model(cfg, backend, gpu) or RecomputeRule()
     rows = t.micro_batch * t.grad_accum
     limit = budget_gb * (1 - C.TIGHT_FRACTION)
     # hf pads each micro-batch to its longest row: a larger one would compute more padding.
@@ -597,6 +629,8 @@ def fastest_layout(
     t0 = model.step_s(cfg, arch, k0, m0, rows // m0) if fits0 else math.inf
     best: tuple[float, int, int, str] | None = None
     for m in (d for d in range(1, rows + 1) if rows % d == 0 and (grow or d <= t.micro_batch)):
+        if isinstance(model, RecomputeRule) and not model.takes(cfg, m):
+            continue
         c = with_split(cfg, m, rows // m)
         k, why = choose_checkpointing(c, arch, backend, budget_gb, None, liger, expandable, gpu.device)
         if total(c, k) > limit:
@@ -607,11 +641,18 @@ def fastest_layout(
     if best is None or best[0] > t0 * (1 - FASTER_BY):
         return None
     s, k, m, why = best
-    than = (
-        f"predicted {t0 / s:.2f}x the speed of {m0} x {rows // m0} with {k0} ({s:.2f} against {t0:.2f} s a step"
-        if fits0
-        else f"fits where {m0} x {rows // m0} does not (predicted {s:.2f} s a step"
-    )
+    if isinstance(model, RecomputeRule):
+        than = (
+            f"predicted {t0 / s:.2f}x the speed of {m0} x {rows // m0} with {k0} (relative cost {s:.2f} against {t0:.2f}"
+            if fits0
+            else f"fits where {m0} x {rows // m0} does not (relative cost {s:.2f}"
+        )
+    else:
+        than = (
+            f"predicted {t0 / s:.2f}x the speed of {m0} x {rows // m0} with {k0} ({s:.2f} against {t0:.2f} s a step"
+            if fits0
+            else f"fits where {m0} x {rows // m0} does not (predicted {s:.2f} s a step"
+        )
     split = (
         f"auto, written {t.micro_batch} x {t.grad_accum}: {m} x {rows // m} with {k} layers checkpointed "
         f"{than}; {model.basis})"

@@ -329,10 +329,13 @@ def masked_layers(plan: Plan) -> int:
     With a mask, transformers repeats K and V to every query head (sdpa_attention.py
     use_gqa_in_sdpa) and SDPA's memory-efficient kernel keeps the mask as a bf16 bias for backward.
     Packing (a block-diagonal mask from position_ids) and padding put one on every layer; sliding
-    window layers (Gemma 3) need one once the sequence reaches the window.
+    window layers (Gemma 3) need one once the sequence reaches the window. Unsloth's own kernels
+    (FastLlamaModel) take no mask; its generic path runs transformers' attention, which does: on
+    Gemma-3-1B at 16384 tokens the masks and the recomputed layer's bias were the 0.94 GiB the
+    estimate missed (bench/results/memory-calibration-unsloth-gemma-3-1b-h100-2026-12-05.json).
     """
     a = plan.arch
-    if plan.backend == "unsloth" or plan.attention != "sdpa":
+    if plan.unsloth_fast or plan.attention != "sdpa":
         return 0
     if plan.packing or plan.padded:
         return a.layers
@@ -407,7 +410,9 @@ def _saved_layers(plan: Plan, n: int) -> float:
         per_layer += T * a.hidden * plan.residual_bytes
     if plan.backend == "unsloth":
         per_layer += C.UNSLOTH_KEPT_LAYER_HIDDEN_TENSORS * T * a.hidden * plan.compute_bytes
-    masked = masked_layers(plan) * n / a.layers if a.layers else 0.0
+    # Unsloth's generic path keeps no bias per layer it does not checkpoint: its Gemma-3-1B records
+    # without checkpointing measure under the estimate even without one (+5.5%).
+    masked = masked_layers(plan) * n / a.layers if a.layers and plan.backend != "unsloth" else 0.0
     return n * per_layer + masked * mask_saved_per_token(plan) * T
 
 

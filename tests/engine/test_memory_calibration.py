@@ -40,9 +40,20 @@ FILES = records_files(RESULTS)
 CONTAMINATED: dict[str, str] = {}
 
 # Records the model may miss by a little more than TOLERANCE, each with the bound it is held to
-# and why; each one a known gap of the model, named in docs/memory-model.md. None since the
-# 2026-12-05 refit (Liger's q/k norms, K/V from one head, Unsloth's kept layers: terms.py).
-KNOWN_MISSES: dict[str, tuple[float, str]] = {}
+# and why; each one a known gap of the model, named in docs/memory-model.md.
+KNOWN_MISSES: dict[str, tuple[float, str]] = {
+    "gemma-3-1b/unsloth/r16-all/s4096x2": (
+        0.075,
+        "measured twice, on an H200 (2026-12-04b: 2.04 GiB reserved, 3.24 device) and an H100 "
+        "(2026-12-05: 2.31, 3.13), same versions: 13% apart, more than the 5% either side an "
+        "estimate can hold for both; it sits between (+7.0% / -5.6% reserved)",
+    ),
+    "gemma-3-1b/unsloth/r16-all/s2048x2-nogc": (
+        0.065,
+        "Unsloth's generic path without checkpointing, one record: over by 5.5% reserved, 6.2% "
+        "device (the safe side); no second architecture measures that path's kept layers",
+    ),
+}
 
 
 def _params() -> list[Any]:

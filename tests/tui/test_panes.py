@@ -219,7 +219,7 @@ async def test_the_memory_pane_says_when_nothing_in_reach_fits(app_factory) -> N
             pilot, lambda: "nothing in reach fits" in screen_text(app), what="the out-of-reach line"
         )
         said = " ".join(screen_text(app).split())
-        assert "which needs a GPU of at least 11 GiB" in said
+        assert "which needs a GPU of at least 10 GiB" in said
         await pilot.press("a")
         advice = app.screen.query_one("#advice", OptionList)
         assert advice.highlighted == 1 and not advice.get_option_at_index(1).disabled
