@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Callable
+from typing import Any
 
 import fake_engine
 from rich.console import Console
@@ -46,6 +47,23 @@ def screen_text(app: App) -> str:
     )
     console.print(app.screen._compositor.render_update(full=True, screen_stack=app._background_screens))
     return console.export_text()
+
+
+def notes(app: App) -> list[str]:
+    """The notifications shown so far, as text."""
+    return [str(n.message) for n in app._notifications]
+
+
+def noted(app: App, text: str) -> bool:
+    """Whether a notification saying `text` has been shown (a condition for wait_for)."""
+    return any(text in note for note in notes(app))
+
+
+def record_starts(monkeypatch: Any, app: App) -> list[Any]:
+    """The runs the app would start (its start flow's drafts), recorded instead of started."""
+    started: list[Any] = []
+    monkeypatch.setattr(app, "_start_flow", lambda draft: started.append(draft))
+    return started
 
 
 FINISHED_RUN = "20260101-120000-tiny-demo"

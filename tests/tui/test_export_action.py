@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import fake_engine
-from pilot_helpers import FINISHED_RUN, screen_text, wait_for
+from pilot_helpers import FINISHED_RUN, notes, screen_text, wait_for
 from textual.widgets import Input, Select
 
 from engine.run import runs
@@ -155,7 +155,7 @@ async def test_a_cancelled_export_says_cancelled(app_factory, finished_run: Path
         screen.action_cancel_export()
         await wait_for(pilot, lambda: not app._export_clients, what="the export process to end")
         await pilot.pause(0.3)
-        notes = [n.message for n in app._notifications]
-        assert any("cancelled; nothing was written" in n for n in notes), notes
-        assert not any("failed" in n for n in notes), notes
+        said = notes(app)
+        assert any("cancelled; nothing was written" in n for n in said), said
+        assert not any("failed" in n for n in said), said
         assert not screen.query_one("#export-progress").display

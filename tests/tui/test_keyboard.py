@@ -7,7 +7,7 @@ import time
 from collections import Counter
 
 import pytest
-from pilot_helpers import select_preset, wait_for
+from pilot_helpers import noted, notes, record_starts, select_preset, wait_for
 from textual import events
 from textual.coordinate import Coordinate
 from textual.message import Message
@@ -339,14 +339,14 @@ async def test_text_typed_outside_a_box_does_not_switch_panes(app_factory) -> No
         type_ahead(pilot, *"lr=2e-4")
         await wait_for(
             pilot,
-            lambda: any("typing outside a text box is ignored" in n.message for n in app._notifications),
+            lambda: noted(app, "typing outside a text box is ignored"),
             what="the note",
         )
         await pilot.pause(0.3)
         tabs = app.screen.query_one(TabbedContent)
         assert tabs.active == "presets"
-        notes = [n.message for n in app._notifications if "ignored" in n.message]
-        assert len(notes) == 1  # one note for the burst
+        said = [n for n in notes(app) if "ignored" in n]
+        assert len(said) == 1  # one note for the burst
         await pilot.pause(1.0)
         type_ahead(pilot, "2", "a")  # Memory, then its advice list: two keys, both act
         await wait_for(pilot, lambda: app.focused is app.screen.query_one("#advice", OptionList), what="a")
@@ -360,8 +360,7 @@ async def test_a_run_key_typed_ahead_before_enter_is_still_refused(app_factory, 
     from pilot_helpers import type_ahead
 
     app = app_factory()
-    started: list[object] = []
-    monkeypatch.setattr(app, "_start_flow", lambda draft: started.append(draft))
+    started = record_starts(monkeypatch, app)
     async with app.run_test(size=(80, 24)) as pilot:
         await select_preset(pilot, "tiny-demo")
         for burst in (("l", "s", "enter"), ("x", "s", "down"), ("x", "s", "escape")):
@@ -371,7 +370,7 @@ async def test_a_run_key_typed_ahead_before_enter_is_still_refused(app_factory, 
             type_ahead(pilot, *burst)
             await wait_for(
                 pilot,
-                lambda: any("s came in the middle of typing" in n.message for n in app._notifications),
+                lambda: noted(app, "s came in the middle of typing"),
                 what=f"the s of {burst} refused",
             )
             await pilot.pause(0.3)
@@ -399,10 +398,10 @@ async def test_a_pane_digit_then_f_quickly_auto_fits(app_factory) -> None:
         type_ahead(pilot, "f")
         await wait_for(pilot, lambda: list(app._notifications), what="the auto-fit's note")
         await pilot.pause(0.3)
-        notes = [n.message for n in app._notifications]
+        said = notes(app)
         assert app.screen.query_one(TabbedContent).active == "memory"
-        assert not any("middle of typing" in n for n in notes), notes
-        assert any("auto-fit" in n or "nothing to change" in n for n in notes), notes
+        assert not any("middle of typing" in n for n in said), said
+        assert any("auto-fit" in n or "nothing to change" in n for n in said), said
 
 
 async def test_home_and_end_go_to_the_first_and_last_setting(app_factory) -> None:
@@ -430,8 +429,7 @@ async def test_a_burst_that_begins_with_s_starts_no_run(app_factory, monkeypatch
     from pilot_helpers import type_ahead
 
     app = app_factory()
-    started: list[object] = []
-    monkeypatch.setattr(app, "_start_flow", lambda draft: started.append(draft))
+    started = record_starts(monkeypatch, app)
     async with app.run_test(size=(80, 24)) as pilot:
         await select_preset(pilot, "tiny-demo")
         app.screen.query_one("#preset-list", OptionList).focus()
@@ -439,7 +437,7 @@ async def test_a_burst_that_begins_with_s_starts_no_run(app_factory, monkeypatch
         type_ahead(pilot, *burst)
         await wait_for(
             pilot,
-            lambda: any("s came in the middle of typing" in n.message for n in app._notifications),
+            lambda: noted(app, "s came in the middle of typing"),
             what="the s refused",
         )
         await pilot.pause(0.3)

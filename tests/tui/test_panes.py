@@ -10,6 +10,8 @@ import pytest
 from pilot_helpers import (
     CRASHED_RUN,
     FINISHED_RUN,
+    noted,
+    notes,
     overrides_shown,
     recorded_events,
     screen_text,
@@ -158,7 +160,7 @@ async def test_a_box_lets_a_key_its_binding_declines_reach_the_app(app_factory) 
         await pilot.press("ctrl+c")
         await wait_for(
             pilot,
-            lambda: any("to quit" in n.message for n in app._notifications),
+            lambda: noted(app, "to quit"),
             what="the App's word on Ctrl-C",
         )
 
@@ -443,8 +445,8 @@ async def test_sample_settings_are_validated(app_factory, finished_run: Path) ->
         app.screen.query_one(SamplePane).action_generate()
         await pilot.pause()
         assert not app.samples
-        notes = [n.message for n in app._notifications]
-        assert "temperature 'hot': must be from 0 (greedy) to 5" in notes  # the range, not only "fix"
+        said = notes(app)
+        assert "temperature 'hot': must be from 0 (greedy) to 5" in said  # the range, not only "fix"
 
 
 # ---- Palette, keyboard, colour -----------------------------------------------------------------
@@ -828,7 +830,7 @@ async def test_under_22_rows_the_advice_never_takes_the_focus_away(app_factory) 
         await pilot.pause(0.3)
         assert not pane.has_class("-advising")
         assert "weights" in screen_text(app)
-        assert any("nothing to change" in n.message for n in app._notifications)
+        assert noted(app, "nothing to change")
 
 
 async def test_home_and_end_go_to_the_first_and_last_run(

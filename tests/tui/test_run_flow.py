@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import fake_engine
-from pilot_helpers import no_gpu, screen_text, select_preset, wait_for
+from pilot_helpers import no_gpu, noted, notes, record_starts, screen_text, select_preset, wait_for
 
 from engine.run import runs
 from tui.app import make_app
@@ -286,7 +286,7 @@ async def test_a_run_resumed_from_another_console_is_followed_again(app_factory,
                 pilot, lambda: app.run_status() == "training", timeout=10, what="the resumed run followed"
             )
             assert app.history is not None and app.history.hello is not None
-            said = [n.message for n in app._notifications]
+            said = notes(app)
             assert f"{CRASHED_RUN} started again elsewhere: following it" in said, said
             assert app.live()  # this console can stop, save and sample it too
         finally:
@@ -338,7 +338,7 @@ async def test_text_typed_where_no_box_has_the_focus_starts_no_run(app_factory) 
         type_ahead(pilot, *"max_examples=1000")
         await wait_for(
             pilot,
-            lambda: any("typing outside a text box is ignored" in n.message for n in app._notifications),
+            lambda: noted(app, "typing outside a text box is ignored"),
             what="the refusal",
         )
         await pilot.pause(0.3)
@@ -371,7 +371,7 @@ async def test_text_typed_on_the_preset_list_keeps_the_overrides(app_factory) ->
         type_ahead(pilot, *"warmup=10")
         await wait_for(
             pilot,
-            lambda: any("typing outside a text box is ignored" in n.message for n in app._notifications),
+            lambda: noted(app, "typing outside a text box is ignored"),
             what="the refusal",
         )
         await pilot.pause(0.3)
@@ -381,7 +381,7 @@ async def test_text_typed_on_the_preset_list_keeps_the_overrides(app_factory) ->
         type_ahead(pilot, *"lr")
         await wait_for(
             pilot,
-            lambda: any("r came in the middle of typing" in n.message for n in app._notifications),
+            lambda: noted(app, "r came in the middle of typing"),
             what="the r refused",
         )
         assert editor.overrides == ["train.max_steps=7"]
@@ -449,16 +449,13 @@ async def test_a_preset_the_filter_hides_does_not_start(app_factory, monkeypatch
     """A filter that matches nothing left the last preset's settings on screen, and s offered to
     start it with Start focused."""
     app = app_factory()
-    started: list[object] = []
-    monkeypatch.setattr(app, "_start_flow", lambda draft: started.append(draft))
+    started = record_starts(monkeypatch, app)
     async with app.run_test(size=(100, 30)) as pilot:
         await select_preset(pilot, "tiny-demo")
         await pilot.press("slash", *"zzz", "enter")
         await pilot.pause(0.3)
         await pilot.press("s")
-        await wait_for(
-            pilot, lambda: any("the filter hides tiny-demo" in n.message for n in app._notifications)
-        )
+        await wait_for(pilot, lambda: noted(app, "the filter hides tiny-demo"))
         assert started == []
 
 
@@ -503,8 +500,7 @@ async def test_s_typed_ahead_after_a_filter_starts_nothing_before_the_preset_is_
     from pilot_helpers import type_ahead
 
     app = app_factory()
-    started: list[object] = []
-    monkeypatch.setattr(app, "_start_flow", lambda draft: started.append(draft))
+    started = record_starts(monkeypatch, app)
     async with app.run_test(size=(100, 30)) as pilot:
         await select_preset(pilot, "tiny-demo")
         await pilot.pause(0.3)

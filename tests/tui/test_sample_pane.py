@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import fake_engine
-from pilot_helpers import screen_text, wait_for
+from pilot_helpers import noted, screen_text, wait_for
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Input, Select
 
@@ -149,7 +149,7 @@ async def test_a_prompt_with_no_run_open_is_kept_and_told_why(app_factory) -> No
     async with app.run_test(size=(100, 30)) as pilot:
         await pilot.pause()
         await pilot.press("5", "i", *"hello", "enter")
-        await wait_for(pilot, lambda: any("no model to sample from" in n.message for n in app._notifications))
+        await wait_for(pilot, lambda: noted(app, "no model to sample from"))
         assert app.screen.query_one("#prompt", Input).value == "hello"
 
 
@@ -165,4 +165,4 @@ async def test_a_picked_checkpoint_that_is_rotated_out_is_said(app_factory) -> N
         await pilot.pause(0.2)
         pane.set_sources("r1", True, ["checkpoint-80", "checkpoint-120"])
         await pilot.pause(0.2)
-        assert any("checkpoint-40 is gone" in n.message for n in app._notifications)
+        assert noted(app, "checkpoint-40 is gone")

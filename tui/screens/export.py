@@ -262,13 +262,9 @@ class ExportScreen(ModalScreen[None]):
         with contextlib.suppress(ValueError):
             self._jobs.remove(client)
         for ev in client.drain():
-            if isinstance(ev, protocol.Exported):
-                self.exported = ev
-            elif isinstance(ev, protocol.ErrorEvent):
-                self.error = ev.message
-                self.cancelled = ev.kind == "interrupted"
+            self._record(ev)
         if self.exported is None and not self.error:
-            self.error = f"the engine exited ({message.returncode}) without a result"
+            self.error = self._no_result(message.returncode)
         app.post_message(self.Result(self.run_dir.name, self.exported, self.error, self.cancelled))
 
     def on_run_client_events_arrived(self, message: RunClient.EventsArrived) -> None:
@@ -281,7 +277,7 @@ class ExportScreen(ModalScreen[None]):
         with contextlib.suppress(ValueError):
             self._jobs.remove(message.client)
         if self.exported is None and not self.error:
-            self.error = f"the engine exited ({message.returncode}) without a result; see {self.run_dir / runs.ENGINE_LOG}"
+            self.error = self._no_result(message.returncode)
             self._line(Text(f"✗ {self.error}", style="bold red"))
         self.query_one("#export-cancel").display = False
         if self.exported is None:
@@ -290,7 +286,20 @@ class ExportScreen(ModalScreen[None]):
         self.refresh_bindings()
         self.app.post_message(self.Result(self.run_dir.name, self.exported, self.error, self.cancelled))
 
+    def _record(self, ev: protocol.Event) -> None:
+        """What an event says of the export's outcome: the same whether the dialog is shown
+        (note) or hidden (_deliver, from the reader thread)."""
+        if isinstance(ev, protocol.Exported):
+            self.exported = ev
+        elif isinstance(ev, protocol.ErrorEvent):
+            self.error = ev.message + (f" ({ev.hint})" if ev.hint else "")
+            self.cancelled = ev.kind == "interrupted"
+
+    def _no_result(self, returncode: int | None) -> str:
+        return f"the engine exited ({returncode}) without a result; see {self.run_dir / runs.ENGINE_LOG}"
+
     def note(self, ev: protocol.Event) -> None:
+        self._record(ev)
         if isinstance(ev, protocol.StageEvent):
             bar = self.query_one("#export-progress", ProgressBar)
             bar.update(total=ev.total or None, progress=max(ev.current - 1, 0))
@@ -302,11 +311,8 @@ class ExportScreen(ModalScreen[None]):
         elif isinstance(ev, protocol.WarningEvent):
             self._line(Text(f"! {ev.message}", style="yellow"))
         elif isinstance(ev, protocol.ErrorEvent):
-            self.error = ev.message + (f" ({ev.hint})" if ev.hint else "")
-            self.cancelled = ev.kind == "interrupted"
             self._line(Text(f"✗ {self.error}", style="bold red"))
         elif isinstance(ev, protocol.Exported):
-            self.exported = ev
             bar = self.query_one("#export-progress", ProgressBar)
             bar.update(progress=bar.total or 1, total=bar.total or 1)
             where = _short(Path(ev.out_dir), self.run_dir)
