@@ -19,7 +19,7 @@ from engine.errors import UserError
 from engine.memory.constants import GIB
 from engine.memory.devices import DeviceProfile, profile_for_capability, profile_for_name
 
-SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(gib|gb|g|mib|mb|m|tib|tb|t)?\s*$", re.IGNORECASE)
+SIZE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(gib|gb|g|mib|mb|m|tib|tb|t)?\s*$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)

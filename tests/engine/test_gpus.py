@@ -83,9 +83,9 @@ def test_a_name_without_a_model_number_lists_the_catalog() -> None:
     assert err.message == "unknown GPU 'foo'" and "known: a10, " in err.hint and "24GB" in err.hint
 
 
-@pytest.mark.parametrize("spec", ["999TB", "5tib", "8192GB"])
-def test_a_size_too_large_is_said_to_be_out_of_range(spec: str) -> None:
+@pytest.mark.parametrize("spec", ["999TB", "5tib", "8192GB", "-5GB", "-24", "0GB"])
+def test_a_size_out_of_range_is_said_to_be_so(spec: str) -> None:
     """`--gpu 999TB` was an "unknown GPU: the catalog has no such card" (give its memory instead),
-    though its memory was what it gave."""
+    though its memory was what it gave; `--gpu=-5GB` too."""
     with pytest.raises(UserError, match="must be between 1 MB and 4096 GB"):
         resolve_gpu(spec)
