@@ -531,7 +531,8 @@ async def test_auto_fit_and_a_ranked_suggestion(app_factory) -> None:
     async with app.run_test(size=(120, 40)) as pilot:
         await pilot.pause()
         presets = app.screen.query_one(PresetsPane)
-        await select_preset(pilot, "llama-3.1-8b-rtx4090", ["train.micro_batch=16"])
+        # (batch_split fixed: auto would itself re-split 16 x 4 into micro-batches that fit)
+        await select_preset(pilot, "llama-3.1-8b-rtx4090", ["train.micro_batch=16", "train.batch_split=fixed"])
         await pilot.press("2")
         await pilot.pause()
         assert "DOES NOT FIT" in screen_text(app)
