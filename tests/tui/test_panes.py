@@ -178,11 +178,12 @@ async def test_memory_budget_follows_overrides_and_the_gpu(app_factory) -> None:
         await pilot.pause()
         assert "FITS" in screen_text(app) and "of 23.99 GiB" in screen_text(app)
         # An override typed on the Presets pane changes the budget live.
-        pane.apply_overrides(["train.micro_batch=16"])
-        await overrides_shown(pilot, ["train.micro_batch=16"])
+        # (batch_split fixed: auto would re-split 16 x 4 into micro-batches that fit)
+        pane.apply_overrides(["train.micro_batch=16", "train.batch_split=fixed"])
+        await overrides_shown(pilot, ["train.micro_batch=16", "train.batch_split=fixed"])
         assert "DOES NOT FIT" in screen_text(app)
         pane.apply_overrides(["train.micro_batch=2"])
-        await overrides_shown(pilot, ["train.micro_batch=2"])
+        await overrides_shown(pilot, ["train.batch_split=fixed", "train.micro_batch=2"])
         size = app.screen.query_one("#gpu-size", Input)
         size.focus()
         await pilot.press(*"8GB")
@@ -532,7 +533,9 @@ async def test_auto_fit_and_a_ranked_suggestion(app_factory) -> None:
         await pilot.pause()
         presets = app.screen.query_one(PresetsPane)
         # (batch_split fixed: auto would itself re-split 16 x 4 into micro-batches that fit)
-        await select_preset(pilot, "llama-3.1-8b-rtx4090", ["train.micro_batch=16", "train.batch_split=fixed"])
+        await select_preset(
+            pilot, "llama-3.1-8b-rtx4090", ["train.micro_batch=16", "train.batch_split=fixed"]
+        )
         await pilot.press("2")
         await pilot.pause()
         assert "DOES NOT FIT" in screen_text(app)

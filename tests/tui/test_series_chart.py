@@ -139,3 +139,21 @@ async def test_a_flat_line_at_zero_has_no_negative_axis() -> None:
         await pilot.pause()
         text = _chart_text(chart)
         assert "-1" not in text and "1┤" in text and "0┤" in text
+
+
+def test_a_learning_rate_keeps_one_notation_along_its_schedule() -> None:
+    """format_value switched a cosine schedule between 0.0015, 3.0e-3 and 0.0029 from one step to
+    the next; the lr chart and the stats row read powers of ten throughout."""
+    from tui.widgets.line_chart import format_sci
+
+    assert [format_sci(v) for v in (0.0015, 0.00299, 0.0029, 2e-4, 9.4e-4)] == [
+        "1.5e-3", "3.0e-3", "2.9e-3", "2.0e-4", "9.4e-4",
+    ]  # fmt: skip
+    assert format_sci(0.0) == "0" and format_sci(float("nan")) == "–"
+
+
+def test_a_gradient_norm_keeps_two_decimals() -> None:
+    from tui.widgets.stats import _norm
+
+    assert [_norm(v) for v in (2.0, 1.781, 0.5, None)] == ["2.00", "1.78", "0.50", "–"]
+    assert _norm(1234.5) == "1234"  # format_value above 100

@@ -22,7 +22,7 @@ from engine.data import bad_records
 from tui.history import LogLine, RunHistory
 from tui.views import RunView
 from tui.widgets.gpu import GpuPanel, Probe
-from tui.widgets.line_chart import ChartSeries, LineChart, format_value
+from tui.widgets.line_chart import ChartSeries, LineChart, format_sci
 from tui.widgets.progress import RunProgress, format_duration, never_trained
 from tui.widgets.stats import RunStats
 
@@ -86,7 +86,7 @@ class Dashboard(Vertical):
                 yield RunStats(id="stats")
                 yield GpuPanel(self._gpu_probe, id="gpu")
         with Horizontal(id="dash-mid"):
-            yield LineChart(WAITING[1], id="lr-chart")
+            yield LineChart(WAITING[1], id="lr-chart", format_y=format_sci)
             yield Static(id="checkpoints")
         # Wrapped at the box's own width: a long line (an error, where the start went) stays whole
         # at 80 columns. RichLog's default min_width (78) renders wider than the box there, cutting
@@ -172,7 +172,7 @@ class Dashboard(Vertical):
         scale = " (log)" if loss.log_scale else ""
         loss.border_title = f"loss{scale}"
         loss.border_subtitle = loss.legend()
-        lr.border_subtitle = format_value(h.lr.last_y) if h is not None and len(h.lr) else ""
+        lr.border_subtitle = format_sci(h.lr.last_y) if h is not None and len(h.lr) else ""
         ended = never_trained(h, status)
         texts = ("\n".join(filter(None, ended)), NO_LR) if ended else WAITING
         for chart, text in zip((loss, lr), texts, strict=True):

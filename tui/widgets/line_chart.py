@@ -47,6 +47,17 @@ def format_value(value: float) -> str:
     return text
 
 
+def format_sci(value: float) -> str:
+    """Always in powers of ten, two figures: a learning rate reads 2.0e-4, 3.0e-3, 9.4e-4 along a
+    schedule, where format_value switched between 0.0015 and 3.0e-3 from one step to the next."""
+    if not math.isfinite(value):
+        return "–"
+    if value == 0:
+        return "0"
+    mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
 def format_x(value: float) -> str:
     if value >= 10_000:
         return f"{value / 1000:.0f}k"
@@ -81,6 +92,7 @@ class LineChart(Widget):
         self,
         empty_text: str = "no data yet",
         *,
+        format_y: Callable[[float], str] = format_value,
         name: str | None = None,
         id: str | None = None,
         classes: str | None = None,
@@ -88,6 +100,7 @@ class LineChart(Widget):
         super().__init__(name=name, id=id, classes=classes)
         self._series: list[ChartSeries] = []
         self.empty_text = empty_text
+        self.format_y = format_y  # the axis labels' and the legend's numbers
         self._cache_key: tuple | None = None
         self._cache: list[Strip] | None = None
 
@@ -112,7 +125,7 @@ class LineChart(Widget):
                 if legend:
                     legend.append("  ")
                 style = self.get_component_rich_style(f"line-chart--series-{i % 6}")
-                legend.append(f"{item.label} {format_value(item.series.last_y)}", style=style)
+                legend.append(f"{item.label} {self.format_y(item.series.last_y)}", style=style)
         return legend
 
     def render_line(self, y: int) -> Strip:
@@ -235,7 +248,7 @@ class LineChart(Widget):
         for r in range(plot_h):
             if r in labels:
                 value = 10 ** labels[r] if inverse else labels[r]
-                text.append(f"{format_value(value):>{GUTTER - 1}}┤", axis)
+                text.append(f"{self.format_y(value):>{GUTTER - 1}}┤", axis)
             else:
                 text.append(" " * (GUTTER - 1) + "│", axis)
             # Runs of cells with one style become one span: far fewer segments to paint.

@@ -11,7 +11,7 @@ from textual.widget import Widget
 
 from tui.history import RunHistory
 from tui.output import fmt_ranks
-from tui.widgets.line_chart import format_value
+from tui.widgets.line_chart import format_sci, format_value
 from tui.widgets.series import Series
 
 BLOCKS = "▁▂▃▄▅▆▇█"
@@ -29,6 +29,13 @@ def sparkline(series: Series, width: int) -> str:
     lo, hi = min(finite), max(finite)
     span = (hi - lo) or 1.0
     return "".join(BLOCKS[min(7, int((v - lo) / span * 7.999))] if math.isfinite(v) else " " for v in cols)
+
+
+def _norm(value: float | None) -> str:
+    """A gradient norm at a fixed two decimals under 100 (2.00 beside 1.78, not 2 beside 1.781)."""
+    if value is None:
+        return "–"
+    return f"{value:.2f}" if math.isfinite(value) and abs(value) < 100 else format_value(value)
 
 
 def _count(n: float) -> str:
@@ -119,12 +126,8 @@ class RunStats(Widget):
             rows = [row("lr", "–"), row("grad norm", "–"), row("tokens/s", "–"), row("step", "–")]
         else:
             rows = [
-                row("lr", format_value(last.lr), h.lr),
-                row(
-                    "grad norm",
-                    format_value(last.grad_norm) if last.grad_norm is not None else "–",
-                    h.grad_norm,
-                ),
+                row("lr", format_sci(last.lr), h.lr),
+                row("grad norm", _norm(last.grad_norm), h.grad_norm),
                 row("tokens/s", _count(last.tokens_per_s) + _mfu(h.utilisation(last)), h.tokens_per_s),
                 row("step", f"{last.step_seconds:.2f} s · Σ{_count(last.tokens_seen)} tok"),
             ]
