@@ -91,6 +91,8 @@ class MemoryPane(Vertical):
         self._suggestions: list[Suggestion] = []
         self._shown_view: BudgetView | None = None
         self._compact = False
+        self._headline: Text | None = None  # the verdict's first line
+        self._plan: Text | None = None  # the plan its figures are for (cut to a line under 22 rows)
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="gpu-row"):
@@ -173,12 +175,13 @@ class MemoryPane(Vertical):
                 f"  needs {view.device_total_gb:.2f} GiB · {view.reason or 'no GPU to compare with'}"
             )
         # The plan the figures are for: `qlc estimate` prints the same words.
-        title.append(
-            f"\n{preset or ''} · torch peak {view.torch_peak_gb:.2f} GiB · checkpointing {view.checkpointing}"
+        self._headline = title
+        self._plan = Text(
+            f"{preset or ''} · torch peak {view.torch_peak_gb:.2f} GiB · checkpointing {view.checkpointing}"
             + (f" · batch split {view.split}" if view.split else ""),
             "dim",
         )
-        verdict.update(title)
+        self._draw_verdict()
         bar.update_terms(view.terms, view.budget_gb)
         self._shown_view = view
         self._draw_breakdown()
@@ -194,10 +197,25 @@ class MemoryPane(Vertical):
         else:
             advice.add_option(Option(Text("no suggestions", style="dim"), disabled=True))
 
+    def _draw_verdict(self) -> None:
+        """The verdict, and the plan its figures are for. Under 22 rows the plan keeps one line:
+        at 60 columns its checkpointing reason wrapped to three, the rows the advice needed to
+        show its first suggestion."""
+        if self._headline is None or self._plan is None:
+            return
+        plan = self._plan
+        width = self.query_one("#verdict", Static).content_size.width or self.content_size.width
+        if self.screen.has_class("-tiny") and width > 1 and plan.cell_len > width:
+            plan = plan.copy()
+            plan.truncate(width, overflow="ellipsis")
+        self.query_one("#verdict", Static).update(Text("\n").join([self._headline, plan]))
+        self.call_after_refresh(self._share_the_height)  # measured once the verdict has its lines
+
     def on_resize(self) -> None:
         # Compact or not follows the screen's height class, set before this pane is laid out.
         if self._shown_view is not None and self._compact != self.screen.has_class("-tiny"):
             self._draw_breakdown()
+        self._draw_verdict()
         self.call_after_refresh(self._share_the_height)
 
     def _share_the_height(self) -> None:
@@ -213,8 +231,14 @@ class MemoryPane(Vertical):
         # breakdown's room), and the breakdown its five terms.
         tiny = self.screen.has_class("-tiny")
         advice = max(ADVICE_MIN_ROWS, 2 + self._longest_suggestion_rows())
-        if tiny:
-            advice = 0 if self.has_class("-nothing-to-say") else ADVICE_TINY_ROWS
+        if tiny and self.has_class("-nothing-to-say"):
+            advice = 0
+        elif tiny and self._shown_view is not None and self._shown_view.verdict != "fits":
+            # It does not fit: the way out matters more than the terms, so the advice keeps its
+            # first option (what would fit, or the first change) in view.
+            advice = ADVICE_TINY_ROWS + self._option_rows(0)
+        elif tiny:
+            advice = ADVICE_TINY_ROWS
         room = self.content_size.height - above - advice
         # And no more than a share of the pane, so a tall window gives the advice room to list.
         short = tiny or self.screen.has_class("-short")
@@ -227,14 +251,17 @@ class MemoryPane(Vertical):
         """Rows the longest suggestion wraps to in the advice box (up to four): at 60 columns
         some take three, and a box of two lines cut their outcome ("7.5 GiB ..., fits") off."""
         advice = self.query_one("#advice", OptionList)
+        return min(4, max((self._option_rows(i) for i in range(advice.option_count)), default=2))
+
+    def _option_rows(self, index: int) -> int:
+        """Rows the advice's option `index` wraps to (0 when there is none)."""
+        advice = self.query_one("#advice", OptionList)
+        if index >= advice.option_count:
+            return 0
         width = advice.scrollable_content_region.width or self.content_size.width - 4
         if width <= 0:
             return 2
-        rows = (
-            len(Text(str(advice.get_option_at_index(i).prompt)).wrap(self.app.console, width))
-            for i in range(advice.option_count)
-        )
-        return min(4, max(rows, default=2))
+        return len(Text(str(advice.get_option_at_index(index).prompt)).wrap(self.app.console, width))
 
     def on_descendant_focus(self, event: events.DescendantFocus) -> None:
         # Where the breakdown leaves the advice too little room, the advice takes the breakdown's
