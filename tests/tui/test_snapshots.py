@@ -128,6 +128,21 @@ def test_sample_pane_with_a_reply(snap_compare, app_factory, finished_run, size)
     assert snap_compare(app_factory(attach=FINISHED_RUN), terminal_size=size, run_before=before)
 
 
+def test_sample_pane_picker_open(snap_compare, app_factory, finished_run) -> None:
+    """The open list of what to sample from has an edge: without one its options ran into the
+    labels beside and under it ("max tadapter", "prompcheckpoint-80")."""
+
+    async def before(pilot) -> None:
+        app = pilot.app
+        await wait_for(pilot, lambda: app.history is not None and app.history.finished is not None)
+        await pilot.press("5")
+        pilot.app.screen.query_one("#sample-source").focus()
+        await pilot.press("enter")
+        await _settled(pilot)
+
+    assert snap_compare(app_factory(attach=FINISHED_RUN), terminal_size=(60, 18), run_before=before)
+
+
 def test_stop_dialog(snap_compare, app_factory, finished_run) -> None:
     from tui.screens.stop import StopScreen
 
