@@ -25,6 +25,28 @@ async def _open_export(pilot, app) -> ExportScreen:
     return app.screen
 
 
+async def test_at_60x18_the_dialog_shows_its_buttons_and_the_folder_s_end(
+    app_factory, finished_run: Path
+) -> None:
+    """At 60x18 the buttons were cut to their top edge; a long default folder showed its start
+    (the runs folder) and hid its end (the run and the export's own folder, what the choices
+    change). Now the end is in the field and the whole folder under it."""
+    from textual.widgets import Static
+
+    app = app_factory()
+    async with app.run_test(size=(60, 18)) as pilot:
+        screen = await _open_export(pilot, app)
+        await pilot.pause(0.3)
+        text = screen_text(app)
+        assert "Export (ctrl+s)" in text and "Close (Esc)" in text, text
+        out = screen.query_one("#export-out", Input).value
+        assert len(out) > 45 and out.endswith("checkpoint-120-merged-bf16")  # wider than the field
+        to_row = next(row for row in text.splitlines() if " to " in row)
+        assert "checkpoint-120-merged-bf16" in to_row, text
+        where = screen.query_one("#export-where", Static)
+        assert where.display and str(where.render()).replace("\n", "") == out
+
+
 async def test_export_a_run_from_the_runs_pane(app_factory, finished_run: Path, monkeypatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")  # no llama.cpp: the GGUF choice is off, and says why
     monkeypatch.delenv("QLC_LLAMA_CPP", raising=False)

@@ -142,6 +142,7 @@ class ExportScreen(ModalScreen[None]):
             with Horizontal(classes="export-row"):
                 yield Label("to", classes="export-label")
                 yield InOrderInput(id="export-out", compact=True)
+            yield Static(id="export-where", classes="dialog-body")
             yield Static(id="export-note", classes="dialog-body")
             yield ProgressBar(id="export-progress", show_eta=False)
             yield Static(id="export-log", classes="dialog-body")
@@ -180,6 +181,9 @@ class ExportScreen(ModalScreen[None]):
                 )
                 if out.value in ("", self._default_out):
                     out.value = default
+                    # The end in view: the run and the export's own folder are what the choices
+                    # change, and a long runs folder pushed them out of the field.
+                    self.call_after_refresh(self._show_out_dir)
                 self._default_out = default
         if not adapter_only:
             try:
@@ -190,6 +194,29 @@ class ExportScreen(ModalScreen[None]):
         if self.query_one("#export-gguf", Select).disabled:
             note += ("\n" if note else "") + "GGUF: llama.cpp not found (set $QLC_LLAMA_CPP)"
         self.query_one("#export-note", Static).update(Text(note, style="dim"))
+
+    def _show_out_dir(self) -> None:
+        """The default folder's end in view (the run and the export's own folder, what the
+        choices change). (Input scrolls to its cursor only once the cursor moves: a value set in
+        code leaves the start in view.)"""
+        out = self.query_one("#export-out", Input)
+        out.cursor_position = 0
+        out.action_end()
+        self._show_whole_path()
+
+    def _show_whole_path(self) -> None:
+        """The whole folder under the field, where the field is too narrow to show it."""
+        out = self.query_one("#export-out", Input)
+        where = self.query_one("#export-where", Static)
+        # Not once the export runs or is refused: the log needs the rows, and names the folder.
+        quiet = self.client is None and self._refusal is None and not self._lines
+        where.display = quiet and len(out.value) >= max(out.content_size.width, 1)
+        where.update(Text(out.value, style="dim") if where.display else "")
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id == "export-out":
+            event.stop()
+            self._show_whole_path()
 
     def on_select_changed(self, event: Select.Changed) -> None:
         event.stop()
@@ -243,6 +270,7 @@ class ExportScreen(ModalScreen[None]):
         self.query_one("#export-close", Button).label = "Hide (Esc)"
         self.query_one("#export-progress").display = True
         self.refresh_bindings()  # ctrl+s leaves the footer; Escape now hides
+        self._show_whole_path()
         self._line(Text(f"exporting {request.source.name} → {_short(request.out_dir, self.run_dir)}"))
         client, app = self.client, self.app
         app.run_worker(
@@ -337,6 +365,7 @@ class ExportScreen(ModalScreen[None]):
         and the dialog grew over the Runs list)."""
         self._refusal = text
         self._draw_log()
+        self._show_whole_path()
 
     def _draw_log(self) -> None:
         lines = [*self._lines[-5:], *([self._refusal] if self._refusal else [])]
