@@ -25,7 +25,7 @@ LOG_LINES = 2000  # the log pane keeps the newest lines; the events file keeps e
 
 @dataclass
 class LogLine:
-    elapsed: float  # seconds since the run's first hello: stable across time zones and replays
+    elapsed: float  # seconds since the run's first engine started (its hello): stable across time zones and replays
     level: str  # info, warning, error, debug
     text: str
 
@@ -121,7 +121,11 @@ class RunHistory:
     def apply(self, ev: protocol.Event) -> None:
         self.events += 1
         if self._t0 is None and ev.time:
-            self._t0 = ev.time
+            # From the engine's start where its hello says it (the import time before the hello
+            # counted nowhere: "model ready" read 00:02 after 4.7 s): the log's clock, and the
+            # launch line's "N s after the engine started", then agree.
+            started = ev.started if isinstance(ev, protocol.Hello) else 0.0
+            self._t0 = started if 0 < started <= ev.time else ev.time
         launch = self._clock.feed(ev)
         if isinstance(ev, protocol.Step):
             self._step(ev)

@@ -145,3 +145,17 @@ def test_training_time_adds_up_over_sessions() -> None:
     h.apply_all(again)
     two = max(e.elapsed_seconds for e in again if isinstance(e, (protocol.Step, protocol.Finished)))
     assert h.trained_s == one + two
+
+
+def test_the_log_clock_counts_from_the_engine_s_start() -> None:
+    """The log's stamps counted from the hello, which comes after the imports: "model ready" read
+    00:02 after 4.7 s, beside "first step logged 7 s after the engine started". They count from
+    the start the hello reports (from the hello itself where it reports none)."""
+    h = RunHistory()
+    h.apply(protocol.Hello(run_id="r", started=1000.0, time=1001.8))
+    h.apply(protocol.Log(message="model ready", time=1004.7))
+    assert [round(line.elapsed, 1) for line in h.log][-1] == 4.7  # (the hello logs a line too)
+    unknown = RunHistory()
+    unknown.apply(protocol.Hello(run_id="r", time=1001.8))
+    unknown.apply(protocol.Log(message="model ready", time=1004.7))
+    assert round(unknown.log[-1].elapsed, 1) == 2.9

@@ -161,7 +161,8 @@ class RunProgress(Widget):
             return out
         details = f" {step}/{total or '?'}"
         if last is not None:
-            details += f"  ep {last.epoch:.2f}  {format_duration(h.trained_s)}"
+            # Time spent training (the log's stamps count from the engine's start, loading too).
+            details += f"  ep {last.epoch:.2f}  trained {format_duration(h.trained_s)}"
             if status == "training" and last.eta_seconds is not None:
                 details += f"  ETA {format_duration(last.eta_seconds)}"
         bar_width = max(5, width - len(details))
