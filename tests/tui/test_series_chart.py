@@ -157,3 +157,24 @@ def test_a_gradient_norm_keeps_two_decimals() -> None:
 
     assert [_norm(v) for v in (2.0, 1.781, 0.5, None)] == ["2.00", "1.78", "0.50", "–"]
     assert _norm(1234.5) == "1234"  # format_value above 100
+
+
+async def test_the_legend_keeps_its_values_whole_in_a_narrow_chart() -> None:
+    """The loss chart at 60 columns cut its legend to "train 3.644  eval 3.6…": the gaps close and
+    the labels shorten before any value does."""
+    train, evals = Series(), Series()
+    train.append(1, 3.644)
+    evals.append(1, 3.627)
+
+    class One(App):
+        def compose(self) -> ComposeResult:
+            yield LineChart(id="c")
+
+    for width, expected in ((60, "train 3.644  eval 3.627"), (27, "tr 3.644 ev 3.627")):
+        app = One()
+        async with app.run_test(size=(width, 10)) as pilot:
+            chart = app.query_one(LineChart)
+            chart.set_series([ChartSeries(train, "train"), ChartSeries(evals, "eval")])
+            chart.show_legend()
+            await pilot.pause()
+            assert chart.legend().plain == expected

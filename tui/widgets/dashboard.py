@@ -171,7 +171,7 @@ class Dashboard(Vertical):
         lr.refresh()
         scale = " (log)" if loss.log_scale else ""
         loss.border_title = f"loss{scale}"
-        loss.border_subtitle = loss.legend()
+        loss.show_legend()
         lr.border_subtitle = format_sci(h.lr.last_y) if h is not None and len(h.lr) else ""
         ended = never_trained(h, status)
         texts = ("\n".join(filter(None, ended)), NO_LR) if ended else WAITING

@@ -101,6 +101,7 @@ class LineChart(Widget):
         self._series: list[ChartSeries] = []
         self.empty_text = empty_text
         self.format_y = format_y  # the axis labels' and the legend's numbers
+        self._legend_shown = False  # show_legend: the legend in the lower border
         self._cache_key: tuple | None = None
         self._cache: list[Strip] | None = None
 
@@ -118,15 +119,31 @@ class LineChart(Widget):
 
     def legend(self) -> Text:
         """Each series' label and last value, in the series' own colour: in grey, nothing told
-        which line of a comparison was which run."""
-        legend = Text()
-        for i, item in enumerate(self._series):
-            if len(item.series):
+        which line of a comparison was which run. Where the border is too narrow for it (the
+        loss chart at 60 columns cut "eval 3.6…", the number that matters), the gaps close and
+        then the labels shorten: the values stay whole."""
+        shown = [(i, item) for i, item in enumerate(self._series) if len(item.series)]
+        room = self.size.width - 6  # the corners and the border's "─ " either side
+        for gap, label_len in (("  ", None), (" ", None), (" ", 2), (" ", 1)):
+            legend = Text()
+            for i, item in shown:
                 if legend:
-                    legend.append("  ")
+                    legend.append(gap)
                 style = self.get_component_rich_style(f"line-chart--series-{i % 6}")
-                legend.append(f"{item.label} {self.format_y(item.series.last_y)}", style=style)
+                label = item.label if label_len is None else item.label[:label_len]
+                legend.append(f"{label} {self.format_y(item.series.last_y)}", style=style)
+            if room <= 0 or legend.cell_len <= room:
+                break
         return legend
+
+    def show_legend(self) -> None:
+        """The legend in the chart's lower border, kept to its width as the chart resizes."""
+        self._legend_shown = True
+        self.border_subtitle = self.legend()
+
+    def on_resize(self) -> None:
+        if self._legend_shown:
+            self.border_subtitle = self.legend()
 
     def render_line(self, y: int) -> Strip:
         """Line API: the chart is drawn once per change into cached strips, one per row, so a

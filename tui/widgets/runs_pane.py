@@ -274,6 +274,6 @@ class RunsPane(Vertical):
         # Two runs of one minute read the same at minutes: to the second there.
         names = short_ids([h.run_id for h in message.histories])
         chart.set_series([ChartSeries(h.loss, names[h.run_id]) for h in message.histories])
-        chart.border_subtitle = chart.legend()
+        chart.show_legend()
         chart.display = True
         self.add_class("-comparing")
