@@ -877,3 +877,17 @@ async def test_the_run_under_the_cursor_stays_under_it_when_a_run_comes_in(
         await pilot.press("4")
         await wait_for(pilot, lambda: table.row_count == 3, what="the new run listed")
         assert pane.selected().id == chosen
+
+
+async def test_a_long_value_shows_whole_in_a_narrow_settings_table(app_factory) -> None:
+    """At 60 columns the table cut a hub id to "google…", and its override mark with it, with
+    columns to spare. A value too long beside its key goes whole on the lines under it."""
+    from tui.widgets.preset_settings import SettingsTable
+
+    app = app_factory()
+    async with app.run_test(size=(60, 18)) as pilot:
+        await select_preset(pilot, "gemma-3-12b-rtx4090", ["model.name_or_path=google/gemma-3-12b-pt"])
+        table = app.screen.query_one(SettingsTable)
+        await wait_for(pilot, lambda: "google/gemma-3-12b-pt*" in screen_text(app), what="the whole value")
+        row = str(table.get_row("model.name_or_path")[0])
+        assert row.splitlines()[:2] == [" name_or_path", "  google/gemma-3-12b-pt*"]

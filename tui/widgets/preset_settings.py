@@ -148,12 +148,13 @@ def _relative_to_cwd(path: str) -> str:
 WIDE = 70  # table width from which the comments get a column of their own
 
 
-def _hanging(text: str, width: int, indent: str) -> Text:
-    """`text` wrapped to `width`, each line after `indent` (dim)."""
+def _hanging(text: str, width: int, indent: str, style: str = "dim") -> Text:
+    """`text` wrapped to `width`, each line after `indent`. Long words (a hub id, a path) are
+    broken to fit, not cut."""
     import textwrap
 
-    lines = textwrap.wrap(text, max(10, width - len(indent))) or [""]
-    return Text("\n".join(indent + line for line in lines), style="dim")
+    lines = textwrap.wrap(text, max(10, width - len(indent)), break_on_hyphens=False) or [""]
+    return Text("\n".join(indent + line for line in lines), style=style)
 
 
 class SettingsTable(RowsTable):
@@ -208,7 +209,9 @@ class SettingsTable(RowsTable):
             rows.append((s, label, value + ("*" if s.path in overridden else "")))
         # Every comment is shown whole: wrapped in its own column where the pane is wide enough,
         # else on the lines under its setting (one column), so none waits for the cursor.
-        room = max(30, self.size.width - 7)  # cell padding and the scrollbar
+        # Cell padding (one either side of each column) and the scrollbar: three columns in a
+        # wide table, one in a narrow one.
+        room = max(30, self.size.width - 7)
         setting_w = min(22, max((len(label) for _, label, _ in rows), default=8))
         self.clear(columns=True)
         if room >= WIDE:
@@ -228,11 +231,19 @@ class SettingsTable(RowsTable):
                     height=None,
                 )
         else:
+            room = max(20, self.size.width - 3)
             self.add_column("setting = value  # comment", key="setting", width=room)
             for s, label, value in rows:
-                line = Text(f"{label:<{setting_w}} ", style="bold" if s.is_section else "", no_wrap=True)
-                line.append(value, style="bold" if value.endswith("*") else "")
-                line.truncate(room, overflow="ellipsis")
+                value_style = "bold" if value.endswith("*") else ""
+                if setting_w + 1 + len(value) <= room:
+                    line = Text(f"{label:<{setting_w}} ", style="bold" if s.is_section else "", no_wrap=True)
+                    line.append(value, style=value_style)
+                else:
+                    # Too long beside its key (at 60 columns a hub id read "google…", its "*"
+                    # cut with it): whole, on the lines under the key.
+                    line = Text(label, style="bold" if s.is_section else "")
+                    line.append("\n")
+                    line.append_text(_hanging(value, room, " " * (s.depth + 1), value_style))
                 if s.comment:
                     indent = " " * (s.depth + 2)
                     line.append("\n")
