@@ -891,3 +891,18 @@ async def test_a_long_value_shows_whole_in_a_narrow_settings_table(app_factory) 
         await wait_for(pilot, lambda: "google/gemma-3-12b-pt*" in screen_text(app), what="the whole value")
         row = str(table.get_row("model.name_or_path")[0])
         assert row.splitlines()[:2] == [" name_or_path", "  google/gemma-3-12b-pt*"]
+
+
+async def test_with_nothing_to_say_the_advice_leaves_the_breakdown_its_rows(app_factory) -> None:
+    """At 80x24 a run that fits hid the breakdown's workspace term while the advice box spent
+    five rows on "nothing to change: it fits"; it now holds that one line."""
+    app = app_factory()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await select_preset(pilot, "tiny-demo")
+        await pilot.press("2")
+        await wait_for(pilot, lambda: "nothing to change" in screen_text(app), what="the advice")
+        await pilot.pause(0.3)
+        text = screen_text(app)
+        for term in ("weights", "gradients", "optimizer", "activations", "workspace"):
+            assert f" {term} " in text, text
+        assert app.screen.query_one("#advice").outer_size.height == 3

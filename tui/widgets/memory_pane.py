@@ -239,11 +239,15 @@ class MemoryPane(Vertical):
             advice = ADVICE_TINY_ROWS + self._option_rows(0)
         elif tiny:
             advice = ADVICE_TINY_ROWS
+        elif self.has_class("-nothing-to-say"):
+            advice = 3  # its one line, "nothing to change: it fits", and its edges
         room = self.content_size.height - above - advice
-        # And no more than a share of the pane, so a tall window gives the advice room to list.
+        # And no more than a share of the pane, so a tall window gives the advice room to list
+        # (with nothing to list, the breakdown may take the rest: at 80x24 its workspace term was
+        # hidden while the advice box spent five rows on "nothing to change").
         short = tiny or self.screen.has_class("-short")
         share = int(self.content_size.height * (0.5 if short else 0.6))
-        limit = max(BREAKDOWN_MIN_ROWS, min(room, share))
+        limit = max(BREAKDOWN_MIN_ROWS, room if self.has_class("-nothing-to-say") else min(room, share))
         if breakdown.styles.max_height is None or breakdown.styles.max_height.value != limit:
             breakdown.styles.max_height = limit
 
