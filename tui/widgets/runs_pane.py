@@ -101,9 +101,11 @@ class RunsPane(Vertical):
         table.add_column("", key="mark", width=1)
         table.add_column("status", key="status", width=11)
         table.add_column("run", key="run")
-        table.add_column("model", key="model")
+        # The figures before the model: at 60 columns the last column is the one cut off (the
+        # loss was hidden behind a horizontal scroll), and the model is the run's name's preset.
         table.add_column("step", key="step")
         table.add_column("loss", key="loss")
+        table.add_column("model", key="model")
         table.border_title = "runs"
         self.query_one("#compare-chart").border_title = "compare loss"
         self.set_interval(REFRESH_SECONDS, self._tick)
@@ -166,7 +168,7 @@ class RunsPane(Vertical):
             steps = f"{s.step}/{s.total_steps}" if s.total_steps else str(s.step)
             model = s.model.removeprefix("builtin:").rsplit("/", 1)[-1]
             table.add_row(
-                "✓" if s.id in self.marked else "", status, names[s.id], model[:20], steps, loss, key=s.id
+                "✓" if s.id in self.marked else "", status, names[s.id], steps, loss, model[:20], key=s.id
             )
         if self.summaries:
             ids = [x.id for x in self.summaries]
