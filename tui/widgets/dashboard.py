@@ -203,11 +203,19 @@ class Dashboard(Vertical):
             box.update(Text("none yet", style="dim italic"))
             return
         lines = []
-        for c in reversed(h.checkpoints):
-            size = f"{c.size_mb:.0f} MB" if c.size_mb >= 10 else f"{c.size_mb:.1f} MB"
-            line = Text.assemble(
-                Path(c.path).name, (f"  {size}  {format_duration(h.elapsed(c.time))}", "dim")
+        # In columns: names, sizes and times line up (checkpoint-80 beside checkpoint-120).
+        rows = [
+            (
+                Path(c.path).name,
+                f"{c.size_mb:.0f} MB" if c.size_mb >= 10 else f"{c.size_mb:.1f} MB",
+                format_duration(h.elapsed(c.time)),
             )
+            for c in reversed(h.checkpoints)
+        ]
+        name_w = max(len(r[0]) for r in rows)
+        size_w = max(len(r[1]) for r in rows)
+        for name, size, when in rows:
+            line = Text.assemble(f"{name:<{name_w}}", (f"  {size:>{size_w}}  {when}", "dim"))
             line.no_wrap, line.overflow = True, "ellipsis"
             lines.append(line)
         box.update(Text("\n").join(lines))
