@@ -214,6 +214,28 @@ async def test_log_lines_wrap_again_when_the_terminal_is_resized(app_factory, fi
         assert " ".join(words[2:]) == LONG
 
 
+async def test_under_22_rows_each_log_line_keeps_one_row_with_its_stamp(
+    app_factory, finished_run: Path
+) -> None:
+    """At 60x18 the log has two rows: following its tail it showed a wrapped message's last two
+    rows, with neither its stamp nor its start. There each message keeps one row, cut; back to
+    wrapped whole when the window grows."""
+    app = app_factory(attach=FINISHED_RUN)
+    async with app.run_test(size=(60, 18)) as pilot:
+        await wait_for(pilot, lambda: app.history is not None and app.history.finished is not None)
+        app.history.log.append(LogLine(153.0, "error", LONG))  # as the run's own line
+        app.history.log_total += 1
+        _log(app)
+        await pilot.pause(0.3)
+        rows = _log_rows(screen_text(app))
+        assert rows and all(row.split()[0] == "02:33" for row in rows), rows
+        assert LONG.split()[0] in rows[-1]  # the message's start, not its tail
+        await pilot.resize_terminal(80, 24)
+        await pilot.pause(0.3)
+        words = " ".join(_log_rows(screen_text(app))[-2:]).split()
+        assert " ".join(words[2:]) == LONG
+
+
 async def test_every_memory_term_shows_at_60x18(app_factory) -> None:
     """Under 22 rows the breakdown box has about five rows: each term takes one (what it is made
     of cut to the row) instead of the weights term's wrapped parts filling the box; back to full

@@ -37,20 +37,20 @@ NO_LR = "no learning rate"
 _NOT_SHOWN = object()  # the checkpoints box before its first draw
 
 
-def format_log_line(line: LogLine) -> Table:
+def format_log_line(line: LogLine, one_line: bool = False) -> Table:
     """The time, the level's mark, and the message, which wraps under itself (a hanging indent:
-    a wrapped path or warning read as lines of their own at column 0)."""
+    a wrapped path or warning read as lines of their own at column 0). `one_line`: the message
+    cut to the row instead (under 22 rows, where a 2-row log following its tail showed a wrapped
+    message's last rows, without its stamp or start)."""
     m, s = divmod(int(line.elapsed), 60)
     h, m = divmod(m, 60)
     stamp = f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
     style = {"warning": "bold yellow", "error": "bold red", "debug": "dim"}.get(line.level, "")
+    head = Text.assemble((stamp, "dim"), " ", (LEVEL_MARK.get(line.level, " "), style), " ")
     grid = Table.grid()
-    grid.add_column(no_wrap=True)
-    grid.add_column(overflow="fold")
-    grid.add_row(
-        Text.assemble((stamp, "dim"), " ", (LEVEL_MARK.get(line.level, " "), style), " "),
-        Text(line.text, style=style),
-    )
+    grid.add_column(no_wrap=True, min_width=head.cell_len)  # the stamp is never the part cut
+    grid.add_column(overflow="ellipsis" if one_line else "fold", no_wrap=one_line)
+    grid.add_row(head, Text(line.text, style=style))
     return grid
 
 
@@ -77,6 +77,7 @@ class Dashboard(Vertical):
         self._pending: Timer | None = None
         self._checkpoints_shown: object = _NOT_SHOWN
         self._log_width: int | None = None  # the log's width when its lines were last wrapped
+        self._log_tiny = False  # whether they were written one row each (under 22 rows)
 
     def compose(self) -> ComposeResult:
         yield RunProgress(id="progress")
@@ -236,9 +237,10 @@ class Dashboard(Vertical):
     def _rewrap_log(self) -> None:
         log = self.query_one("#event-log", RichLog)
         width = log.scrollable_content_region.width
-        if width == self._log_width or width <= 0:
+        tiny = self.screen.has_class("-tiny")
+        if (width == self._log_width and tiny == self._log_tiny) or width <= 0:
             return
-        drawn, self._log_width = self._log_width, width
+        drawn, self._log_width, self._log_tiny = self._log_width, width, tiny
         h = self._history
         if drawn is None or h is None:
             return  # the first layout: nothing written at another width yet
@@ -271,8 +273,9 @@ class Dashboard(Vertical):
         if follow is None:
             # Or all of it fits: no scrollbar says "scrolled up" (grown until it fit, from the top).
             follow = self._log_follows or log.max_scroll_y == 0
+        one_line = self.screen.has_class("-tiny")
         for line in lines:
-            log.write(format_log_line(line), scroll_end=follow)
+            log.write(format_log_line(line, one_line), scroll_end=follow)
         self._log_shown = h.log_total
 
     def action_toggle_log_scale(self) -> None:
