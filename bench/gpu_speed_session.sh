@@ -156,7 +156,7 @@ case "$PART" in
       timeout -k 10 270 python3 -m bench.step_tax --arch "$arch" --work "$WORK/tax" --seq 2048 \
         --micro-batch 4 --grad-accum 2 --steps 20 --rounds "${ROUNDS:-3}" --set hardware.backend=unsloth \
         ${PROFILE:+--profile} --out "$OUT/step-tax-$arch-unsloth-${DAY}${SUFFIX:-b}.json" 2>&1 \
-        | grep -v "^ \|^O^O\|^\\\\\|==((" | tail -n 28 | tee -a "$OUT/tax.log"
+        | grep -v '^O^O\|^\\\|==((\|^ *"-____-"\|^ *\\\\   /|' | tail -n 28 | tee -a "$OUT/tax.log"
       rm -rf "$WORK/tax/$arch"
     done
     ;;

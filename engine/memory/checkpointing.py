@@ -7,8 +7,9 @@ whose peak still fits the GPU's budget (with several processes, each GPU's share
 hardware.strategy, as `qlc estimate --gpus N` plans it); true, false or a number fix it.
 `train.batch_split: auto` then asks it (choose_split) for the fewest micro-batches that still fit
 without checkpointing.
-With both auto and a speed model for this GPU (engine.memory.speed), plan_layout then takes the
-split and checkpointing predicted fastest among those that fit (estimate.fastest_layout).
+With both auto, plan_layout then takes the split and checkpointing predicted fastest among those
+that fit (estimate.fastest_layout): by a speed model for this GPU (engine.memory.speed), or where
+there is none, for Unsloth on a 4-bit base, by the measured recompute rule.
 Pure Python: the budget is the free memory NVML reports, capped by hardware.gpu.
 """
 
@@ -131,7 +132,8 @@ def plan_layout(
     cfg: RunConfig, backend: str, device: str, layers: int, processes: int = 1
 ) -> tuple[CheckpointPlan, BatchSplit]:
     """The run's checkpointing and batch split: each by its own rule, then, with both auto and a
-    speed model for this GPU, the layout predicted fastest where it beats theirs."""
+    speed model for this GPU (or the recompute rule), the layout predicted fastest where it beats
+    theirs."""
     checkpointing = plan_checkpointing(cfg, backend, device, layers, processes)
     split = plan_split(cfg, backend, device, checkpointing, processes)
     if device != "cuda" or processes > 1:

@@ -200,20 +200,25 @@ LARGE_BUFFER_RESERVED_COPIES = 1.0
 # Speed of a layout, where no speed model covers the card (estimate.RecomputeRule)
 # ---------------------------------------------------------------------------------------------
 
+# Each figure below is a step time divided by bare Unsloth's in the same call (speeds compare within
+# a call: the same 1 x 4 layout ran 1.417 s in one and 1.302 s in another), Llama-3.1-8B seed
+# recipe, Unsloth, rows of 4096 tokens, H100, 2026-12-05.
+#
 # A checkpointed layer runs its forward a second time in the backward: the step's cost grows by
-# this share for every layer recomputed, linearly. MEASURED on an H100 (Llama-3.1-8B seed recipe,
-# Unsloth, 2 x 2 rows of 4096 tokens; bench/results/split-llama-3.1-8b-h100-2026-12-05.json): 1.240 s
-# a step with no layer recomputed, 1.509 with 17 of 32 (0.217, so 0.0128 a layer) and 1.728 with all
-# 32 (bare Unsloth: 0.394, 0.0123 a layer).
+# this share for every layer recomputed, linearly. MEASURED (bench/results/split-llama-3.1-8b-
+# h100-2026-12-05.json): 2 x 2 with 17 of 32 layers checkpointed 0.873 of bare, with none 0.717
+# (17 layers: +21.7%, 0.41 for the whole model); bare Unsloth itself, every layer checkpointed
+# (its own offloaded checkpointing, as the engine's Unsloth backend runs it), is +39.4% on none.
 RECOMPUTE_SHARE = 0.39
 
 # A step's cost by tokens per micro-batch (micro_batch x seq_len), relative to passes of 16384 or
 # more: each pass dequantizes every 4-bit weight and launches every kernel whatever its size, and
-# short passes keep the matmuls' tiles less busy. MEASURED there too, no layer recomputed, the same
-# 4 rows of a step: 4 x 1 1.214 s, 2 x 2 1.240 s (split file above), 1 x 4 1.417 s
-# (bench/results/stacks-llama-3.1-8b-24gb-1x4-h100-2026-12-05.json). Between the points the cost is
+# short passes keep the matmuls' tiles less busy. MEASURED, no layer recomputed, the same 4 rows
+# a step: 4 x 1 0.703 of bare and 2 x 2 0.717 (split file above): 1.021; 1 x 4 0.825 and 0.764 in
+# two calls (bench/results/stacks-llama-3.1-8b-24gb-1x4-h100-2026-12-05.json, split-24gb-llama-
+# 3.1-8b-h100-2026-12-05.json): 1.17 and 1.09, 1.13 their mean. Between the points the cost is
 # read on a log scale; passes under 4096 tokens are not measured, so the rule does not take them.
-PASS_COST = {4096: 1.167, 8192: 1.021, 16384: 1.0}
+PASS_COST = {4096: 1.13, 8192: 1.021, 16384: 1.0}
 
 # ---------------------------------------------------------------------------------------------
 # Verdict

@@ -563,11 +563,19 @@ class RecomputeRule:
     """Where no speed model covers the card: a layout's cost relative to the same rows run in one
     pass of 16384 tokens or more with no layer recomputed (constants.RECOMPUTE_SHARE, PASS_COST,
     both measured). At 24 GB the seed recipe's 2 x 2 recomputes 17 of 32 layers; 1 x 4 fits with
-    none, and its shorter passes cost less than the recompute they save (1.42 against 1.51 s a
-    step on an H100)."""
+    none, and its shorter passes cost less than the recompute they save (on an H100, 0.79 of bare
+    Unsloth's step against 0.87)."""
 
     basis = "recompute rule measured on an H100"
     min_tokens = min(C.PASS_COST)
+
+    @classmethod
+    def where_measured(cls, cfg: RunConfig, backend: str) -> RecomputeRule | None:
+        """The rule where it was measured: Unsloth on a 4-bit base. (hf's recompute and passes
+        were not timed against each other, and a 16-bit base dequantizes nothing per pass.)"""
+        if backend == "unsloth" and loaded_quantization(cfg).load_in_4bit:
+            return cls()
+        return None
 
     def takes(self, cfg: RunConfig, micro_batch: int) -> bool:
         """Passes shorter than any measured are not taken (the written split always is)."""
@@ -607,14 +615,16 @@ def fastest_layout(
     With train.gradient_checkpointing and train.batch_split both auto, every split of the step's
     rows is planned with the fewest checkpointed layers that fit, and the one predicted fastest
     wins: by the stack's speed model on this card (_speed_model), or where there is none by the
-    measured RecomputeRule. A smaller micro-batch may
+    measured RecomputeRule (Unsloth on a 4-bit base; elsewhere the memory rules' layout stands). A smaller micro-batch may
     need fewer layers recomputed: at 24 GB, 1 x 4 with few layers checkpointed can beat 2 x 2 with
     many. The training is the same either way (choose_split says why). When the chosen layout does
     not fit at all, any split that fits is better."""
     t = cfg.train
     if t.batch_split != "auto" or t.gradient_checkpointing != "auto" or budget_gb is None:
         return None
-    model: _SpeedModel | RecomputeRule = _speed_model(cfg, backend, gpu) or RecomputeRule()
+    model = _speed_model(cfg, backend, gpu) or RecomputeRule.where_measured(cfg, backend)
+    if model is None:
+        return None
     rows = t.micro_batch * t.grad_accum
     limit = budget_gb * (1 - C.TIGHT_FRACTION)
     # hf pads each micro-batch to its longest row: a larger one would compute more padding.
@@ -674,7 +684,8 @@ def choose_layout(
 ) -> tuple[int, int, int, str, str]:
     """(checkpointed, micro_batch, grad_accum, checkpointing's why, split's why): the memory rules
     (choose_checkpointing, then choose_split), then on a known card the fastest layout where a
-    speed model says one beats theirs (fastest_layout; one process, rows as the config pads them).
+    speed model or the recompute rule says one beats theirs (fastest_layout; one process, rows as
+    the config pads them).
     What `qlc estimate` shows and what hardware.backend auto predicts each stack at. `share`: one
     GPU's part of a run on several (choose_checkpointing)."""
     device = gpu.device if gpu is not None else None

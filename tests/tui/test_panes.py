@@ -906,3 +906,18 @@ async def test_with_nothing_to_say_the_advice_leaves_the_breakdown_its_rows(app_
         for term in ("weights", "gradients", "optimizer", "activations", "workspace"):
             assert f" {term} " in text, text
         assert app.screen.query_one("#advice").outer_size.height == 3
+
+
+async def test_a_resize_does_not_bring_back_a_verdict_that_no_longer_holds(app_factory) -> None:
+    """With no estimate (a target module the model lacks), a resize redrew the last estimate's
+    "FITS" over the reason."""
+    app = app_factory()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await select_preset(pilot, "llama-3.1-8b-rtx4090")
+        await pilot.press("2")
+        await wait_for(pilot, lambda: "FITS" in screen_text(app), what="the verdict")
+        app.screen.query_one(PresetsPane).apply_overrides(["lora.target_modules=[foo_proj]"])
+        await wait_for(pilot, lambda: "FITS" not in screen_text(app), what="the verdict gone")
+        await pilot.resize_terminal(110, 38)
+        await pilot.pause(0.3)
+        assert "FITS" not in screen_text(app)

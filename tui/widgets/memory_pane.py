@@ -155,6 +155,8 @@ class MemoryPane(Vertical):
             focus_now(self.query_one("#gpu-select"))
         self.call_after_refresh(self._share_the_height)
         if not view.available:
+            # No estimate: nothing of the last one may come back (a resize redrew its verdict).
+            self._headline = self._plan = self._shown_view = None
             verdict.update(Text(view.reason, style="italic"))
             bar.update_terms([], None)
             self.query_one("#breakdown-table", Static).update("")
@@ -236,7 +238,7 @@ class MemoryPane(Vertical):
         elif tiny and self._shown_view is not None and self._shown_view.verdict != "fits":
             # It does not fit: the way out matters more than the terms, so the advice keeps its
             # first option (what would fit, or the first change) in view.
-            advice = ADVICE_TINY_ROWS + self._option_rows(0)
+            advice = ADVICE_TINY_ROWS + min(4, self._option_rows(0))
         elif tiny:
             advice = ADVICE_TINY_ROWS
         elif self.has_class("-nothing-to-say"):

@@ -235,7 +235,7 @@ class SettingsTable(RowsTable):
             self.add_column("setting = value  # comment", key="setting", width=room)
             for s, label, value in rows:
                 value_style = "bold" if value.endswith("*") else ""
-                if setting_w + 1 + len(value) <= room:
+                if max(setting_w, len(label)) + 1 + len(value) <= room:
                     line = Text(f"{label:<{setting_w}} ", style="bold" if s.is_section else "", no_wrap=True)
                     line.append(value, style=value_style)
                 else:
