@@ -89,17 +89,13 @@ LORA_PARAM_BYTES = {"hf": 2, "hf-upcast": 2, "unsloth": 4}
 # 2026-12-04{a,b}.json: hf 0.740-0.744 GiB over its 13 records (5 architectures), Unsloth's own
 # kernels (FastLlamaModel) 0.809-0.811 over 16 (5 architectures), Unsloth's FastModel path (Gemma
 # 3: unsloth_zoo compiles the modeling file) 1.191 (one record). The H100 figure this replaces
-# (CUDA_CONTEXT_GIB 1.3) counted the bench parent's own context. REFITTED 2026-12-05 with the H100
-# records of bench/results/memory-calibration-{hf-default-allocator,unsloth-fastmodel}-h100-
-# 2026-12-05.json: Unsloth's generic path on Gemma-3-4B and Phi-4 (5 records) measured 0.81-0.85
-# outside peak reserved and paged state, like FastLlamaModel's; the Gemma-3-1B record's 1.19 (the
-# one the old 0.593 came from) stands alone among 47 Unsloth records, unexplained. unsloth-generic
-# is not the least-squares value (0.289, which leaves that record 8.5% under): 0.42 is a value
-# that keeps all six generic-path records within 5% (-4.5% to +3.4%), since an estimate under the
-# measured peak is the side that runs out of memory. REFITTED 2026-12-05 (evening) to least squares,
-# 0.2475: four new Gemma-3-1B records on the H100 (bench/results/memory-calibration-unsloth-gemma-3-
-# 1b-h100-2026-12-05.json) measure 0.76-0.83 GiB outside peak reserved, like the other generic-path
-# records; the 1.19 of the H200 record stands alone (its twin is tests' KNOWN_MISSES).
+# (CUDA_CONTEXT_GIB 1.3) counted the bench parent's own context. unsloth-generic (Unsloth's generic
+# path) is the least-squares value over its device records (2026-12-05, evening): Gemma-3-4B and
+# Phi-4 (bench/results/memory-calibration-unsloth-fastmodel-h100-2026-12-05.json) and four new
+# Gemma-3-1B records (...-unsloth-gemma-3-1b-h100-2026-12-05.json) measure 0.76-0.85 GiB outside
+# peak reserved and paged state, like FastLlamaModel's; the H200 Gemma-3-1B record's 1.19 stands
+# alone (its twin configuration is in tests' KNOWN_MISSES). The 0.42 it replaces had been chosen
+# to hold that one record within 5%.
 KERNEL_MODULES_GIB = {"hf": 0.146, "hf-upcast": 0.146, "unsloth": 0.213, "unsloth-generic": 0.2475}
 
 # Unsloth's fused LoRA backward dequantizes the 4-bit weights it multiplies by, and bitsandbytes'
