@@ -101,6 +101,17 @@ async def select_preset(pilot: Pilot, name: str, overrides: list[str] | None = N
     await pilot.pause()
 
 
+# The memory budget's five terms, in the order the breakdown lists them.
+MEMORY_TERMS = ("weights", "gradients", "optimizer", "activations", "workspace")
+
+
+async def memory_pane_shows(pilot: Pilot, preset: str, text: str, what: str) -> None:
+    """Pick `preset`, go to the Memory pane, and wait until it shows `text`."""
+    await select_preset(pilot, preset)
+    await pilot.press("2")
+    await wait_for(pilot, lambda: text in screen_text(pilot.app), what=what)
+
+
 async def overrides_shown(pilot: Pilot, overrides: list[str]) -> None:
     """Wait until the Presets pane shows exactly these overrides (applied in a worker)."""
     from tui.widgets.presets_pane import PresetsPane

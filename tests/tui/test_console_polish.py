@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pilot_helpers import FINISHED_RUN, screen_text, select_preset, wait_for
+from pilot_helpers import FINISHED_RUN, MEMORY_TERMS, memory_pane_shows, screen_text, select_preset, wait_for
 from test_export_action import _open_export
 from textual.widgets import Input, RichLog, Select, TabbedContent
 
@@ -242,12 +242,10 @@ async def test_every_memory_term_shows_at_60x18(app_factory) -> None:
     rows when the window grows."""
     app = app_factory()
     async with app.run_test(size=(60, 18)) as pilot:
-        await select_preset(pilot, "tiny-demo")
-        await pilot.press("2")
-        await wait_for(pilot, lambda: "FITS" in screen_text(app), what="the verdict")
+        await memory_pane_shows(pilot, "tiny-demo", "FITS", what="the verdict")
         await pilot.pause(0.2)
         text = screen_text(app)
-        for term in ("weights", "gradients", "optimizer", "activations", "workspace"):
+        for term in MEMORY_TERMS:
             assert f"{term} " in text, text
         await pilot.resize_terminal(100, 40)
         await pilot.pause(0.3)

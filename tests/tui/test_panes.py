@@ -10,6 +10,8 @@ import pytest
 from pilot_helpers import (
     CRASHED_RUN,
     FINISHED_RUN,
+    MEMORY_TERMS,
+    memory_pane_shows,
     noted,
     notes,
     overrides_shown,
@@ -833,9 +835,7 @@ async def test_under_22_rows_the_advice_never_takes_the_focus_away(app_factory) 
         )
         await pilot.pause(0.3)
         assert app.focused is not None and pane in app.focused.ancestors_with_self
-        await select_preset(pilot, "tiny-demo")
-        await pilot.press("2")
-        await wait_for(pilot, lambda: "FITS" in screen_text(app), what="tiny-demo's verdict")
+        await memory_pane_shows(pilot, "tiny-demo", "FITS", what="tiny-demo's verdict")
         await pilot.press("a")
         await pilot.pause(0.3)
         assert not pane.has_class("-advising")
@@ -898,12 +898,10 @@ async def test_with_nothing_to_say_the_advice_leaves_the_breakdown_its_rows(app_
     five rows on "nothing to change: it fits"; it now holds that one line."""
     app = app_factory()
     async with app.run_test(size=(80, 24)) as pilot:
-        await select_preset(pilot, "tiny-demo")
-        await pilot.press("2")
-        await wait_for(pilot, lambda: "nothing to change" in screen_text(app), what="the advice")
+        await memory_pane_shows(pilot, "tiny-demo", "nothing to change", what="the advice")
         await pilot.pause(0.3)
         text = screen_text(app)
-        for term in ("weights", "gradients", "optimizer", "activations", "workspace"):
+        for term in MEMORY_TERMS:
             assert f" {term} " in text, text
         assert app.screen.query_one("#advice").outer_size.height == 3
 
@@ -913,9 +911,7 @@ async def test_a_resize_does_not_bring_back_a_verdict_that_no_longer_holds(app_f
     "FITS" over the reason."""
     app = app_factory()
     async with app.run_test(size=(120, 40)) as pilot:
-        await select_preset(pilot, "llama-3.1-8b-rtx4090")
-        await pilot.press("2")
-        await wait_for(pilot, lambda: "FITS" in screen_text(app), what="the verdict")
+        await memory_pane_shows(pilot, "llama-3.1-8b-rtx4090", "FITS", what="the verdict")
         app.screen.query_one(PresetsPane).apply_overrides(["lora.target_modules=[foo_proj]"])
         await wait_for(pilot, lambda: "FITS" not in screen_text(app), what="the verdict gone")
         await pilot.resize_terminal(110, 38)
