@@ -261,6 +261,16 @@ class _SpeedModel:
     def step_s(self, cfg: RunConfig, arch: Architecture, k: int, mb: int, ga: int) -> float:
         return self.fit.predict_s(self.work(cfg, arch, k, mb, ga))
 
+    def takes(self, cfg: RunConfig, micro_batch: int) -> bool:
+        return True  # every split its fit can time
+
+    def cost(self, s: float, against: float | None = None) -> str:
+        return (
+            f"{s:.2f} against {against:.2f} s a step"
+            if against is not None
+            else f"predicted {s:.2f} s a step"
+        )
+
 
 def _speed_model(cfg: RunConfig, profile: str, gpu: Gpu) -> _SpeedModel | None:
     """The stack's fit measured on this card, for a 4-bit run (the fits were measured on 4-bit
@@ -585,6 +595,9 @@ class RecomputeRule:
         recompute = 1 + C.RECOMPUTE_SHARE * k / max(arch.layers, 1)
         return recompute * pass_cost(mb * cfg.train.seq_len)
 
+    def cost(self, s: float, against: float | None = None) -> str:
+        return f"relative cost {s:.2f}" + (f" against {against:.2f}" if against is not None else "")
+
 
 def pass_cost(tokens: int) -> float:
     """constants.PASS_COST at `tokens` per micro-batch, read on a log scale between its points (and
@@ -615,9 +628,9 @@ def fastest_layout(
     With train.gradient_checkpointing and train.batch_split both auto, every split of the step's
     rows is planned with the fewest checkpointed layers that fit, and the one predicted fastest
     wins: by the stack's speed model on this card (_speed_model), or where there is none by the
-    measured RecomputeRule (Unsloth on a 4-bit base; elsewhere the memory rules' layout stands). A smaller micro-batch may
-    need fewer layers recomputed: at 24 GB, 1 x 4 with few layers checkpointed can beat 2 x 2 with
-    many. The training is the same either way (choose_split says why). When the chosen layout does
+    measured RecomputeRule (Unsloth on a 4-bit base; elsewhere the memory rules' layout stands).
+    A smaller micro-batch may need fewer layers recomputed: at 24 GB, 1 x 4 with few layers
+    checkpointed can beat 2 x 2 with many. The training is the same either way (choose_split says why). When the chosen layout does
     not fit at all, any split that fits is better."""
     t = cfg.train
     if t.batch_split != "auto" or t.gradient_checkpointing != "auto" or budget_gb is None:
@@ -639,7 +652,7 @@ def fastest_layout(
     t0 = model.step_s(cfg, arch, k0, m0, rows // m0) if fits0 else math.inf
     best: tuple[float, int, int, str] | None = None
     for m in (d for d in range(1, rows + 1) if rows % d == 0 and (grow or d <= t.micro_batch)):
-        if isinstance(model, RecomputeRule) and not model.takes(cfg, m):
+        if not model.takes(cfg, m):
             continue
         c = with_split(cfg, m, rows // m)
         k, why = choose_checkpointing(c, arch, backend, budget_gb, None, liger, expandable, gpu.device)
@@ -651,18 +664,11 @@ def fastest_layout(
     if best is None or best[0] > t0 * (1 - FASTER_BY):
         return None
     s, k, m, why = best
-    if isinstance(model, RecomputeRule):
-        than = (
-            f"predicted {t0 / s:.2f}x the speed of {m0} x {rows // m0} with {k0} (relative cost {s:.2f} against {t0:.2f}"
-            if fits0
-            else f"fits where {m0} x {rows // m0} does not (relative cost {s:.2f}"
-        )
-    else:
-        than = (
-            f"predicted {t0 / s:.2f}x the speed of {m0} x {rows // m0} with {k0} ({s:.2f} against {t0:.2f} s a step"
-            if fits0
-            else f"fits where {m0} x {rows // m0} does not (predicted {s:.2f} s a step"
-        )
+    than = (
+        f"predicted {t0 / s:.2f}x the speed of {m0} x {rows // m0} with {k0} ({model.cost(s, t0)}"
+        if fits0
+        else f"fits where {m0} x {rows // m0} does not ({model.cost(s)}"
+    )
     split = (
         f"auto, written {t.micro_batch} x {t.grad_accum}: {m} x {rows // m} with {k} layers checkpointed "
         f"{than}; {model.basis})"

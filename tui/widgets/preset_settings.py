@@ -234,14 +234,15 @@ class SettingsTable(RowsTable):
             room = max(20, self.size.width - 3)
             self.add_column("setting = value  # comment", key="setting", width=room)
             for s, label, value in rows:
+                label_style = "bold" if s.is_section else ""
                 value_style = "bold" if value.endswith("*") else ""
                 if max(setting_w, len(label)) + 1 + len(value) <= room:
-                    line = Text(f"{label:<{setting_w}} ", style="bold" if s.is_section else "", no_wrap=True)
+                    line = Text(f"{label:<{setting_w}} ", style=label_style, no_wrap=True)
                     line.append(value, style=value_style)
                 else:
                     # Too long beside its key (at 60 columns a hub id read "google…", its "*"
                     # cut with it): whole, on the lines under the key.
-                    line = Text(label, style="bold" if s.is_section else "")
+                    line = Text(label, style=label_style)
                     line.append("\n")
                     line.append_text(_hanging(value, room, " " * (s.depth + 1), value_style))
                 if s.comment:
