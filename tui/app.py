@@ -11,12 +11,14 @@ imports torch: training and sampling happen in engine processes.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 from textual.app import App, SystemCommand
 from textual.binding import Binding, BindingType
+from textual.notifications import Notification, Notify
 from textual.reactive import var
 from textual.screen import Screen
 from textual.widgets import TabbedContent
@@ -177,6 +179,25 @@ class QlcApp(KeyActions, RunEvents, PresetActions, RunActions, SampleActions, Ap
 
     def show_error(self, title: str, message: str, hint: str = "", advice: Iterable[str] = ()) -> None:
         self.push_screen(ErrorScreen(title, message, hint, list(advice)))
+
+    @contextlib.contextmanager
+    def while_noted(self, message: str, timeout: float = 10.0) -> Iterator[None]:
+        """A toast that says what is being done, withdrawn when it is done: one left to time out
+        would say "checking…" over the next thing shown (at 60x18 it covers the dashboard's log)."""
+        note = Notification(message, timeout=timeout)
+        self.post_message(Notify(note))
+        try:
+            yield
+        finally:
+            # Queued behind the Notify (a quick check ends before the toast is shown). Textual 8
+            # has no public way to withdraw one toast; without `_unnotify` it times out instead.
+            self.call_later(self._withdraw, note)
+
+    def _withdraw(self, note: Notification) -> None:
+        unnotify = getattr(self, "_unnotify", None)
+        if unnotify is not None:
+            with contextlib.suppress(KeyError):  # it had timed out
+                unnotify(note)
 
     # ---- the watched run ---------------------------------------------------------------------
 

@@ -65,12 +65,12 @@ async def start_run(app: QlcApp, draft: PresetDraft, gpu_spec: str | None) -> No
         screen = ConfirmScreen(f"Start {preset} as another run?", body, yes="Start")
         if not await _confirmed(app, screen):
             return
-    app.notify(f"checking data for {preset}…", timeout=2)
     try:
         # A bad model path, bad data, GPUs asked for but absent: before any run directory.
         from engine import preflight  # the data pipeline loads with the first start, not the console
 
-        await asyncio.to_thread(preflight.check, cfg)
+        with app.while_noted(f"checking data for {preset}…"):
+            await asyncio.to_thread(preflight.check, cfg)
         run_dir = await asyncio.to_thread(runs.create_run, app.runs_root, cfg)
         client = RunClient.launch(run_dir, app.launcher)
     except UserError as exc:

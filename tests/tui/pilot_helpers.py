@@ -59,6 +59,22 @@ def noted(app: App, text: str) -> bool:
     return any(text in note for note in notes(app))
 
 
+def record_notes(app: App) -> list[str]:
+    """Every notification posted from now on, as text, including those already withdrawn."""
+    from textual.notifications import Notify
+
+    shown: list[str] = []
+    original = app.post_message
+
+    def post_message(message: Any) -> bool:
+        if isinstance(message, Notify):
+            shown.append(str(message.notification.message))
+        return original(message)
+
+    app.post_message = post_message  # type: ignore[method-assign]
+    return shown
+
+
 def record_starts(monkeypatch: Any, app: App) -> list[Any]:
     """The runs the app would start (its start flow's drafts), recorded instead of started."""
     started: list[Any] = []

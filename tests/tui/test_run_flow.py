@@ -7,7 +7,16 @@ import sys
 from pathlib import Path
 
 import fake_engine
-from pilot_helpers import no_gpu, noted, notes, record_starts, screen_text, select_preset, wait_for
+from pilot_helpers import (
+    no_gpu,
+    noted,
+    notes,
+    record_notes,
+    record_starts,
+    screen_text,
+    select_preset,
+    wait_for,
+)
 
 from engine.run import runs
 from tui.app import make_app
@@ -37,6 +46,21 @@ async def test_start_follow_and_complete(app_factory, runs_root: Path) -> None:
         assert "completed" in text and "40/40" in text
         run_dir = runs.list_run_dirs(runs_root)[0]
         assert (run_dir / runs.EVENTS).is_file()
+
+
+async def test_the_checking_note_goes_once_checked(app_factory) -> None:
+    """The "checking data" toast is withdrawn when the check ends: left to time out, it covered
+    the dashboard's log at 60x18 while the run started."""
+    app = app_factory(steps=400, rate=20)
+    shown = record_notes(app)
+    async with app.run_test(size=(60, 18)) as pilot:
+        await pilot.pause()  # let the panes mount before typing
+        await _start_tiny(pilot, app)
+        await wait_for(pilot, lambda: app.history.step >= 1, what="a step")
+        assert any(n.startswith("checking data for tiny-demo") for n in shown)
+        assert not any(n.startswith("checking data") for n in notes(app))
+        app.client.send(__import__("engine.protocol", fromlist=["Stop"]).Stop())
+        await wait_for(pilot, lambda: app.history.finished is not None)
 
 
 async def test_stop_asks_then_shows_the_save(app_factory) -> None:
