@@ -53,9 +53,14 @@ class QlcApp(KeyActions, RunEvents, PresetActions, RunActions, SampleActions, Ap
     CSS_PATH = "app.tcss"
     TITLE = "qlora-console"
     ENABLE_COMMAND_PALETTE = True
-    # Screen classes for bigger terminals: more rows for the lower charts and the log.
+    # Screen classes for bigger terminals: more rows for the lower charts and the log; under 80
+    # columns the keys panel takes the whole width rather than leave the pane half of 60.
     VERTICAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-tiny"), (22, "-short"), (32, "-tall")]
-    HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-narrow"), (110, "-wide")]
+    HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [
+        (0, "-narrow"),
+        (80, "-medium"),
+        (110, "-wide"),
+    ]
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+q", "quit", "Quit", priority=True, show=False),
         Binding("q", "request_quit", "Quit"),

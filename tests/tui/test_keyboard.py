@@ -7,7 +7,7 @@ import time
 from collections import Counter
 
 import pytest
-from pilot_helpers import noted, notes, record_starts, select_preset, wait_for
+from pilot_helpers import noted, notes, record_starts, screen_text, select_preset, wait_for
 from textual import events
 from textual.coordinate import Coordinate
 from textual.message import Message
@@ -273,6 +273,26 @@ async def test_question_mark_shows_the_keys_and_escape_hides_them(app_factory) -
         await pilot.press("slash", "question_mark")
         assert app.screen.query_one("#preset-filter").value == "?"
         assert not app.screen.query(HelpPanel)
+
+
+@pytest.mark.parametrize(("width", "panel_width"), [(60, 60), (120, 39)])
+async def test_the_keys_panel_covers_a_narrow_window_and_splits_a_wide_one(
+    app_factory, width: int, panel_width: int
+) -> None:
+    """At 60 columns the panel's 30 left the pane 30, every setting cut in the middle; it now
+    covers the window until closed. From 80 columns it splits off a third (39 of 120), as before."""
+    from textual.widgets import HelpPanel
+
+    app = app_factory()
+    async with app.run_test(size=(width, 24)) as pilot:
+        await pilot.pause()
+        await pilot.press("question_mark")
+        await wait_for(pilot, lambda: app.screen.query(HelpPanel), what="the keys panel")
+        await pilot.pause()
+        assert app.screen.query_one(HelpPanel).outer_size.width == panel_width
+        assert "tab Focus Next" in screen_text(app)
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: not app.screen.query(HelpPanel), what="the panel to close")
 
 
 async def test_a_burst_from_the_preset_list_into_a_setting_edits_that_setting(app_factory) -> None:
