@@ -376,3 +376,19 @@ async def test_a_log_that_all_fits_follows_new_lines(app_factory, finished_run: 
         _log(app, *(f"more {i}" for i in range(5)))
         await pilot.pause(0.3)
         assert log.is_vertical_scroll_end and "more 4" in screen_text(app)
+
+
+def test_the_verdict_keeps_a_cards_name_on_one_line() -> None:
+    """At 80 columns word wrapping left "RTX" at the end of the verdict's line and "4060" under it."""
+    from rich.text import Text
+
+    from tui.widgets.memory_pane import _keep_parts_whole
+
+    parts = [
+        Text("✗ DOES NOT FIT  19.38 ± 0.64 of 8.00 GiB"),
+        Text("11.38 GiB over"),
+        Text("NVIDIA GeForce RTX 4060"),
+    ]
+    lines = [line.plain for line in _keep_parts_whole(parts, 78)]
+    assert lines == ["✗ DOES NOT FIT  19.38 ± 0.64 of 8.00 GiB · 11.38 GiB over", "NVIDIA GeForce RTX 4060"]
+    assert [line.plain for line in _keep_parts_whole(parts, 118)] == [" · ".join(p.plain for p in parts)]

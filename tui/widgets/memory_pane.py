@@ -91,7 +91,7 @@ class MemoryPane(Vertical):
         self._suggestions: list[Suggestion] = []
         self._shown_view: BudgetView | None = None
         self._compact = False
-        self._headline: Text | None = None  # the verdict's first line
+        self._headline: list[Text] | None = None  # the verdict's first line, in " · " parts
         self._plan: Text | None = None  # the plan its figures are for (cut to a line under 22 rows)
 
     def compose(self) -> ComposeResult:
@@ -170,14 +170,13 @@ class MemoryPane(Vertical):
             room = f"{headroom:.2f} GiB headroom" if headroom >= 0 else f"{-headroom:.2f} GiB over"
             title.append(
                 f"  {view.device_total_gb:.2f} ± {view.error_band_gb:.2f} of {view.budget_gb:.2f} GiB"
-                f" · {room} · {view.gpu}"
             )
+            parts = [title, Text(room), Text(view.gpu or "")]
         else:
-            title.append(
-                f"  needs {view.device_total_gb:.2f} GiB · {view.reason or 'no GPU to compare with'}"
-            )
+            title.append(f"  needs {view.device_total_gb:.2f} GiB")
+            parts = [title, Text(view.reason or "no GPU to compare with")]
         # The plan the figures are for: `qlc estimate` prints the same words.
-        self._headline = title
+        self._headline = parts
         self._plan = Text(
             f"{preset or ''} · torch peak {view.torch_peak_gb:.2f} GiB · checkpointing {view.checkpointing}"
             + (f" · batch split {view.split}" if view.split else ""),
@@ -210,7 +209,9 @@ class MemoryPane(Vertical):
         if self.screen.has_class("-tiny") and width > 1 and plan.cell_len > width:
             plan = plan.copy()
             plan.truncate(width, overflow="ellipsis")
-        self.query_one("#verdict", Static).update(Text("\n").join([self._headline, plan]))
+        self.query_one("#verdict", Static).update(
+            Text("\n").join([*_keep_parts_whole(self._headline, width), plan])
+        )
         self.call_after_refresh(self._share_the_height)  # measured once the verdict has its lines
 
     def on_resize(self) -> None:
@@ -376,3 +377,16 @@ class MemoryPane(Vertical):
             if first is not None:
                 advice.highlighted = first
         focus_now(advice)
+
+
+def _keep_parts_whole(parts: list[Text], width: int) -> list[Text]:
+    """Lines of `parts` joined by " · ", a part that does not fit beside the last starting a new
+    line: word wrapping broke a card's name ("RTX" at the end of one line, "4060" on the next),
+    and Textual 8 breaks at a no-break space too. A part wider than the pane still wraps."""
+    lines = [parts[0].copy()]
+    for part in parts[1:]:
+        if width > 1 and lines[-1].cell_len + 3 + part.cell_len > width:
+            lines.append(part.copy())
+        else:
+            lines[-1].append(" · ").append_text(part)
+    return lines
