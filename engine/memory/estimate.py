@@ -229,13 +229,13 @@ def speed_predictor(
     no speed model covers on this card (_speed_model)."""
     budget = gpu.budget_gb if budget_gb is None else budget_gb
 
-    def predict(stack_name: str) -> tuple[float, str] | None:
+    def predict(stack_name: str) -> stacks.Predicted | None:
         profile = stacks.STACKS[stack_name].memory_profile
         model = _speed_model(cfg, profile, gpu)
         if model is None:
             return None
         k, mb, ga, _, _ = choose_layout(cfg, arch, profile, budget, gpu)
-        return model.step_s(cfg, arch, k, mb, ga), model.basis
+        return stacks.Predicted(model.step_s(cfg, arch, k, mb, ga), model.basis, model.fit.typical_error)
 
     return predict
 
@@ -250,7 +250,12 @@ class _SpeedModel:
     @property
     def basis(self) -> str:
         f = self.fit
-        return f"speed model of {f.configurations} configurations on {f.gpu}, held out within {f.held_out_error:.0%}"
+        held = (
+            f"median {f.typical_error:.0%}, worst {f.held_out_error:.0%}"
+            if f.typical_error
+            else f"within {f.held_out_error:.0%}"
+        )
+        return f"speed model of {f.configurations} configurations on {f.gpu}, held out {held}"
 
     def work(self, cfg: RunConfig, arch: Architecture, k: int, mb: int, ga: int) -> speed.StepWork:
         return speed.step_work(

@@ -114,6 +114,9 @@ class SpeedFit:
     held_out_error: float  # the worst |relative error| predicting a configuration left out of the fit
     source: str  # the results file(s) it was fitted to
     date: str
+    # The median of those errors: within it, auto does not trust a predicted difference
+    # (engine.stacks.fastest_within_error). 0 for fits written before it was recorded.
+    typical_error: float = 0.0
 
     def predict_s(self, work: StepWork) -> float:
         return predict_s(self.costs, work)
@@ -126,6 +129,7 @@ class SpeedFit:
             "costs": self.costs,
             "configurations": self.configurations,
             "held_out_error": self.held_out_error,
+            "typical_error": self.typical_error,
             "source": self.source,
             "date": self.date,
         }
@@ -141,6 +145,7 @@ class SpeedFit:
             held_out_error=float(d["held_out_error"]),
             source=str(d["source"]),
             date=str(d["date"]),
+            typical_error=float(d.get("typical_error", 0.0)),
         )
 
 

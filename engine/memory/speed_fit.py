@@ -10,7 +10,8 @@ alike in the normal equations.
 
 `leave_one_out` fits without each configuration in turn and predicts it: the error a run the
 table never saw should expect. `choices` replays hardware.backend auto on paired configurations
-with held-out predictions, and says how much slower its pick was than the faster stack.
+with held-out predictions and auto's own rule (engine.stacks.fastest_within_error), and says how
+much slower its pick was than the faster stack.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from engine import stacks
 from engine.memory.speed import FEATURES, StepWork, predict_s
 
 
@@ -106,13 +108,18 @@ class Choice:
     key: str
     measured_s: dict[str, float]
     predicted_s: dict[str, float]  # held out: fitted without this configuration (too few rows: absent)
+    errors: dict[str, float] = field(default_factory=dict)  # each stack's typical held-out error
 
     @property
     def chosen(self) -> str | None:
-        """The stack predicted faster; None unless every measured stack could be predicted."""
+        """The stack auto takes (engine.stacks.fastest_within_error); None unless every measured
+        stack could be predicted."""
         if set(self.predicted_s) != set(self.measured_s):
             return None
-        return min(self.predicted_s, key=self.predicted_s.__getitem__)
+        order = [s for s in stacks.AUTO_ORDER if s in self.predicted_s]
+        order += sorted(set(self.predicted_s) - set(order))
+        predicted = {s: stacks.Predicted(t, "", self.errors.get(s, 0.0)) for s, t in self.predicted_s.items()}
+        return stacks.fastest_within_error(order, predicted)[0]
 
     @property
     def fastest(self) -> str:
@@ -125,15 +132,16 @@ class Choice:
         return None if chosen is None else self.measured_s[chosen] / self.measured_s[self.fastest] - 1
 
 
-def choices(rows: Sequence[Measured]) -> list[Choice]:
+def choices(rows: Sequence[Measured], errors: dict[str, float] | None = None) -> list[Choice]:
     """auto's pick on every configuration measured on more than one stack, each stack's costs
-    fitted without that configuration (a stack with too few other rows to fit is not predicted)."""
-    stacks = sorted({r.stack for r in rows})
+    fitted without that configuration (a stack with too few other rows to fit is not predicted),
+    `errors` the stacks' typical held-out errors (none: the pick is the faster prediction)."""
+    names = sorted({r.stack for r in rows})
     out = []
     for k in dict.fromkeys(r.key for r in rows):
         measured: dict[str, float] = {}
         predicted: dict[str, float] = {}
-        for s in stacks:
+        for s in names:
             mine = [r for r in rows if r.stack == s]
             here = [r for r in mine if r.key == k]
             if not here:
@@ -143,5 +151,5 @@ def choices(rows: Sequence[Measured]) -> list[Choice]:
             if len(train) >= len(FEATURES):
                 predicted[s] = predict_s(fit_costs(train), here[0].work)
         if len(measured) > 1:
-            out.append(Choice(k, measured, predicted))
+            out.append(Choice(k, measured, predicted, dict(errors or {})))
     return out
