@@ -120,14 +120,16 @@ def measured_rows(path: Path, peak: float | None = None) -> tuple[list[Measured]
             or not rec.get("median_step_seconds")
         ):
             continue
-        if rec["backend"] == "unsloth" and _checkpointing_mode(rec, archs) != first_mode.get(
-            rec.get("process")
+        process = rec.get("process")
+        if (
+            rec["backend"] == "unsloth"
+            and process in first_mode
+            and _checkpointing_mode(rec, archs) != first_mode[process]
         ):
             # Unsloth reconfigured in its process (get_peft_model asked again for another
-            # checkpointing mode), which no run does: on 2026-12-05 such rows ran the Llama-3.2-1B
-            # without checkpointing at 47 us a token on an H200, where fresh engine processes ran
-            # it at 19-20 on an H100 (step-tax-llama-3.2-1b-unsloth-h100-*.json, 1.17x faster than
-            # the hf backend there). Their times are the reconfiguration's, not Unsloth's.
+            # checkpointing mode), which no run does. On 2026-12-05 the 1B's row without
+            # checkpointing (0.192 s) took longer than its process's first row, fully checkpointed
+            # (0.215 s at twice the tokens), with less of every kind of work (docs/backends.md).
             continue
         rows.append(
             _row(
@@ -148,18 +150,27 @@ def measured_rows(path: Path, peak: float | None = None) -> tuple[list[Measured]
     return rows, meta
 
 
-def _checkpointing_mode(rec: dict[str, Any], archs: dict[str, Any]) -> str:
+def _checkpointing_mode(rec: dict[str, Any], archs: dict[str, Any]) -> str | None:
+    """none, all or partial; None for an architecture the catalog lacks."""
+    arch = archs.get(rec.get("arch"))
+    if arch is None:
+        return None
     layers = int(rec.get("checkpointed_layers") or 0)
-    return "none" if layers == 0 else "all" if layers >= archs[rec["arch"]].layers else "partial"
+    return "none" if layers == 0 else "all" if layers >= arch.layers else "partial"
 
 
-def _first_checkpointing_mode(records: list[dict[str, Any]], archs: dict[str, Any]) -> dict[Any, str]:
-    """Each process's checkpointing mode at its first configuration measured."""
-    first: dict[Any, tuple[int, str]] = {}
-    for rec in records:
-        order = int(rec.get("order_in_process") or 0)
-        if rec.get("process") not in first or order < first[rec.get("process")][0]:
-            first[rec.get("process")] = (order, _checkpointing_mode(rec, archs))
+def _first_checkpointing_mode(records: list[dict[str, Any]], archs: dict[str, Any]) -> dict[Any, str | None]:
+    """Each Unsloth process's checkpointing mode at its first configuration measured (its order in
+    the process, else its place in the file). Records without a process name are left out: their
+    order says nothing, and measured_rows keeps them."""
+    first: dict[Any, tuple[int, str | None]] = {}
+    for place, rec in enumerate(records):
+        process = rec.get("process")
+        if rec.get("backend") != "unsloth" or process is None:
+            continue
+        order = int(rec.get("order_in_process") or place)
+        if process not in first or order < first[process][0]:
+            first[process] = (order, _checkpointing_mode(rec, archs))
     return {process: mode for process, (_, mode) in first.items()}
 
 

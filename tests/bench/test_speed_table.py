@@ -42,3 +42,22 @@ def test_the_replayed_pick_on_the_clean_pairs(tmp_path: Path) -> None:
     assert {f["stack"]: f["typical_error"] for f in committed} == {
         s: round(e["leave_one_configuration_out"]["median"], 4) for s, e in table["errors"].items()
     }
+
+
+def test_the_first_mode_is_read_per_unsloth_process_in_its_own_order() -> None:
+    """Order in the process decides, else the place in the file; records without a process name
+    or of the hf backend set nothing; an architecture the catalog lacks is no mode, not an error."""
+    from engine.memory.architectures import catalog
+
+    archs = catalog()
+    one = {"arch": "llama-3.2-1b", "backend": "unsloth"}
+    records = [
+        {**one, "process": "p", "order_in_process": 2, "checkpointed_layers": 0},
+        {**one, "process": "p", "order_in_process": 1, "checkpointed_layers": 16},
+        {**one, "process": "q", "checkpointed_layers": 8},  # no order: its place in the file
+        {**one, "process": "q", "checkpointed_layers": 0},
+        {**one, "checkpointed_layers": 0},  # no process: nothing to compare with
+        {"arch": "llama-3.2-1b", "backend": "hf", "process": "p", "checkpointed_layers": 0},
+        {"arch": "no-such-model", "backend": "unsloth", "process": "r", "checkpointed_layers": 4},
+    ]
+    assert speed_table._first_checkpointing_mode(records, archs) == {"p": "all", "q": "partial", "r": None}

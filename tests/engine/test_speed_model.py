@@ -157,8 +157,8 @@ def test_auto_keeps_the_first_stack_where_the_other_is_faster_only_within_the_mo
 
     def speed_of(hf_s: float) -> stacks.SpeedOf:
         times = {
-            "hf": stacks.Predicted(hf_s, "model", 0.076),
-            "unsloth": stacks.Predicted(1.0, "model", 0.029),
+            "hf": stacks.Predicted(hf_s, "hf model", 0.076),
+            "unsloth": stacks.Predicted(1.0, "u model", 0.029),
         }
         return times.get
 
@@ -166,10 +166,20 @@ def test_auto_keeps_the_first_stack_where_the_other_is_faster_only_within_the_mo
     name, why = stacks.choose("auto", cuda=True, is_installed=installed, speed=speed_of(0.95))
     assert name == "unsloth"
     assert why == (
-        "auto: Unsloth, the first that can run: transformers is predicted only 1.05x its speed on this "
-        "run, within the speed models' typical error (8%; 1.00 against 0.95 s a step; model)"
+        "auto: Unsloth, the first that can run: the step predicted for transformers is only 5.0% "
+        "shorter (0.95 against 1.00 s), within the typical error of the transformers speed model "
+        "(7.6%; hf model)"
     )
     assert stacks.choose("auto", cuda=True, is_installed=installed, speed=speed_of(0.9))[0] == "hf"
+    # Of several stacks beyond the margin, the fastest; within it, none displaces the first.
+    three = {
+        "a": stacks.Predicted(1.0, "", 0.05),
+        "b": stacks.Predicted(0.9, "", 0.05),
+        "c": stacks.Predicted(0.8, "", 0.3),
+    }
+    assert stacks.fastest_within_error(["a", "b", "c"], three) == ("b", False)
+    assert stacks.fastest_within_error(["a", "c"], three) == ("a", False)
+    assert stacks.fastest_within_error(["b", "a"], three) == ("b", True)
     # Replayed on a table, the same rule: a pair within the error goes to the first stack.
     c = Choice("k", {"hf": 0.95, "unsloth": 1.0}, {"hf": 0.95, "unsloth": 1.0}, {"hf": 0.076})
     assert c.chosen == "unsloth" and c.loss == pytest.approx(1 / 0.95 - 1)

@@ -385,10 +385,14 @@ def test_the_verdict_keeps_a_cards_name_on_one_line() -> None:
     from tui.widgets.memory_pane import _keep_parts_whole
 
     parts = [
-        Text("✗ DOES NOT FIT  19.38 ± 0.64 of 8.00 GiB"),
+        Text("✗ DOES NOT FIT  19.38 ± 0.64 of 8.00 GiB", style="bold red"),
         Text("11.38 GiB over"),
         Text("NVIDIA GeForce RTX 4060"),
     ]
-    lines = [line.plain for line in _keep_parts_whole(parts, 78)]
-    assert lines == ["✗ DOES NOT FIT  19.38 ± 0.64 of 8.00 GiB · 11.38 GiB over", "NVIDIA GeForce RTX 4060"]
+    lines = _keep_parts_whole(parts, 78)
+    assert [line.plain for line in lines] == [
+        "✗ DOES NOT FIT  19.38 ± 0.64 of 8.00 GiB · 11.38 GiB over",
+        "NVIDIA GeForce RTX 4060",
+    ]
+    assert {str(line.style) for line in lines} == {"bold red"}  # the card's line keeps the verdict's colour
     assert [line.plain for line in _keep_parts_whole(parts, 118)] == [" · ".join(p.plain for p in parts)]

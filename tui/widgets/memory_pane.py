@@ -386,7 +386,8 @@ def _keep_parts_whole(parts: list[Text], width: int) -> list[Text]:
     lines = [parts[0].copy()]
     for part in parts[1:]:
         if width > 1 and lines[-1].cell_len + 3 + part.cell_len > width:
-            lines.append(part.copy())
+            lines.append(Text(style=parts[0].style))  # the verdict's colour, as on its first line
         else:
-            lines[-1].append(" · ").append_text(part)
+            lines[-1].append(" · ")
+        lines[-1].append_text(part)
     return lines

@@ -78,7 +78,7 @@ def _speed(cfg: RunConfig) -> stacks.SpeedOf | None:
     except Exception:
         return None
 
-    def guarded(name: str) -> tuple[float, str] | None:
+    def guarded(name: str) -> stacks.Predicted | None:
         try:
             return predict(name)
         except Exception:
