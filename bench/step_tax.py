@@ -323,6 +323,13 @@ def main() -> int:
         "overrides": overrides,
         "compute_dtype": recipe.cfg.quant.compute_dtype,
         "backend": recipe.backend_name,
+        # As the run laid the step out (batch_split and checkpointing auto may change what the
+        # overrides wrote): steps of two stacks compare per token only at the same layout.
+        "layout": {
+            "micro_batch": engine.args.per_device_train_batch_size,
+            "grad_accum": engine.args.gradient_accumulation_steps,
+            "checkpointed_layers": getattr(getattr(recipe, "checkpointing", None), "checkpointed", None),
+        },
         "steps_per_round": args.steps,
         "rounds": args.rounds,
         "bare_median_step_s": bare_median,

@@ -28,6 +28,9 @@ def test_step_tax_builds_an_architecture_as_on_the_gpu(tmp_path: Path) -> None:
     assert "train.seq_len=64" in report["overrides"] and "model.arch=llama-3.2-1b" in report["overrides"]
     assert len(report["step_seconds"]["bare"]) == len(report["step_seconds"]["engine"]) == 2
     assert report["bare_median_step_s"] > 0 and report["engine_median_step_s"] > 0
+    # The layout the run took (on the CPU: the split as written, and auto's checkpointing there:
+    # all 4 of the shrunk model's layers).
+    assert report["layout"] == {"micro_batch": 2, "grad_accum": 2, "checkpointed_layers": 4}
     hooks = report["hooks"]
     for name in (
         "trainer._track_nonfinite",
