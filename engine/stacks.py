@@ -186,12 +186,12 @@ def _fastest(runnable: list[Stack], speed: SpeedOf) -> tuple[str, str] | None:
         )
     other = min(runnable, key=lambda s: predicted[s.name].seconds)
     theirs = predicted[other.name]
-    loose = theirs if theirs.error >= mine.error else mine  # the model whose error sets the margin
+    loose = other if theirs.error >= mine.error else chosen  # the model whose error sets the margin
     return name, (
         f"auto: {chosen.label}, the first that can run: the step predicted for {other.label} is only "
         f"{1 - theirs.seconds / mine.seconds:.1%} shorter ({theirs.seconds:.2f} against {mine.seconds:.2f} s), "
-        f"within the typical error of the {STACKS[other.name if loose is theirs else name].label} "
-        f"speed model ({loose.error:.1%}; {loose.basis})"
+        f"within the typical error of the {loose.label} speed model "
+        f"({predicted[loose.name].error:.1%}; {predicted[loose.name].basis})"
     )
 
 

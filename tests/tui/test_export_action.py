@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import fake_engine
-from pilot_helpers import FINISHED_RUN, notes, screen_text, wait_for
+from pilot_helpers import FINISHED_RUN, notes, record_notes, screen_text, wait_for
 from textual.widgets import Input, Select
 
 from engine.run import runs
@@ -110,18 +110,16 @@ async def test_a_bad_choice_is_refused_in_the_dialog(app_factory, finished_run: 
 
 async def test_a_hidden_export_reports_its_end(app_factory, finished_run: Path, monkeypatch) -> None:
     monkeypatch.setenv("FAKE_EXPORT_DELAY", "0.3")
-    notes: list[str] = []
     app = app_factory(export_launcher=fake_engine.launch_export)
+    shown = record_notes(app)
     async with app.run_test(size=(80, 24)) as pilot:
-        original = app.notify
-        app.notify = lambda message, **kw: (notes.append(str(message)), original(message, **kw))  # type: ignore[method-assign]
         screen = await _open_export(pilot, app)
         await pilot.press("ctrl+s")
         await wait_for(pilot, lambda: screen.client is not None, what="the export to start")
         await pilot.press("escape")  # hide: the export goes on
         assert not isinstance(app.screen, ExportScreen)
         await wait_for(
-            pilot, lambda: any("exported to" in n for n in notes), timeout=15, what="the notification"
+            pilot, lambda: any("exported to" in n for n in shown), timeout=15, what="the notification"
         )
         assert (
             runs.find_run(app.runs_root, FINISHED_RUN) / "exports" / "checkpoint-120-merged-bf16"
