@@ -1398,7 +1398,9 @@ def main(argv: list[str] | None = None) -> int:
         plan.workers = [w for w in plan.workers if w.configs]
     if args.max_configs:
         for w in plan.workers:
-            w.configs = w.configs[: args.max_configs]
+            # The most valuable, run in the worker's order (Unsloth's: the shortest first).
+            keep = {c.id for c in sorted(w.configs, key=lambda c: -c.value)[: args.max_configs]}
+            w.configs = [c for c in w.configs if c.id in keep]
     if args.plan:
         print("\n".join(plan.table()))
         by_arch: dict[str, float] = {}

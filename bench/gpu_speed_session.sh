@@ -47,6 +47,9 @@
 #                                             cProfile round of each variant)
 #   bash bench/gpu_speed_session.sh tax-profile [ARCH]  bench/step_tax.py --profile on ARCH's Unsloth
 #                                             steps (default llama-3.2-1b; ROUNDS, default 1)
+#   bash bench/gpu_speed_session.sh generic-attn  issue 15: Unsloth's generic path with attention-only
+#                                             adapters and without checkpointing (Gemma-3-1B, and
+#                                             Gemma-3-4B held out), the configurations not yet measured
 #   bash bench/gpu_speed_session.sh split-24gb  bare Unsloth against the engine with batch_split
 #                                             auto at 24 GB (the 1.2x target), then the Unsloth step
 #                                             tax on the 1B in ROUNDS (default 6) rounds
@@ -126,6 +129,16 @@ case "$PART" in
       --arch llama-3.1-8b --unsloth-path /tmp/site2 --steps 12 --scenario bare-unsloth \
       --scenario "engine-auto@24GB:train.micro_batch=1,train.grad_accum=4" \
       2>&1 | tee "$OUT/stacks.log" | grep -v "^ \|^O^O\|^\\\\\|==((" | tail -n 30
+    ;;
+  generic-attn)
+    # Unsloth's generic path (FastModel: Gemma 3) with attention-only adapters and without
+    # checkpointing, on Gemma-3-1B and the held-out Gemma-3-4B: the configurations the committed
+    # records lack (--skip-measured), each estimated before it is measured.
+    PYTHONPATH=$PWD:/tmp/site2:/tmp/site timeout -k 10 $((${GEMMA_DEADLINE_S:-280} + 20)) python3 \
+      bench/calibration_matrix.py --out "$OUT/unsloth-generic" --work "$WORK/generic" \
+      --deadline-s "${GEMMA_DEADLINE_S:-280}" --backend unsloth --unsloth-path /tmp/site2 --no-e2e \
+      --arch gemma-3-1b --arch gemma-3-4b $(for f in bench/results/memory-calibration-unsloth-*.json; do
+        echo --skip-measured "$f"; done) 2>&1 | tee "$OUT/generic.log" | grep -v '^O^O\|^\\\|==((' | tail -n 20
     ;;
   split-24gb)
     # The 1.2x target at 24 GB with the layout auto now picks where no speed model covers the card

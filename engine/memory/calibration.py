@@ -23,7 +23,9 @@ the file says `"baseline_additive": false` or comes from bench/calibration_matri
 what the process's warm-up left (the cuBLAS and cuBLASLt workspaces, Unsloth's global buffers),
 which a run creates for itself and the estimate already counts (the end-to-end qwen2.5-7b hf run
 peaked at 8.6625 GiB allocated, its in-process twin with 0.064 GiB of "baseline" at 8.6630);
-grad_accum (micro-batches per optimizer step; also a file-level key; 1 when absent, as
+superseded_by (added to a record after it was measured: the file that measured its configuration
+again, cleanly, and why this one is not: replayed as "superseded", held to no tolerance, left out of
+fits); grad_accum (micro-batches per optimizer step; also a file-level key; 1 when absent, as
 bench/calibrate_memory.py and bench/calibration_matrix.py run);
 vision_tower (true when a multimodal architecture was measured with its vision tower loaded; every
 record before 2026-12 built the text stack alone, from bench/gpu_common's text configs).
@@ -103,6 +105,7 @@ class CalibrationRecord:
     speed_valid: bool | None = None
     grad_accum: int = 1
     baseline_additive: bool = True
+    superseded_by: str = ""  # a clean re-measurement elsewhere replaces this record
 
     @property
     def baseline(self) -> float:
@@ -229,6 +232,7 @@ def _record(
             vision_tower=bool(data.get("vision_tower", False)),
             grad_accum=int(data.get("grad_accum", grad_accum) or 1),
             baseline_additive=bool(data.get("baseline_additive", additive)),
+            superseded_by=str(data.get("superseded_by", "") or ""),
         )
     except (TypeError, ValueError) as exc:
         raise UserError(f"{where}: bad value ({exc})") from None
@@ -332,9 +336,11 @@ def replay(calibration: CalibrationFile) -> list[ReplayResult]:
                 problems.append(
                     f"{rec.describe()}: ran out of memory, estimated to fit ({est.device_total_gb:.2f} GiB)"
                 )
-        elif rec.backend == "unsloth" and not rec.padding_free and rec.peak_allocated_gib is not None:
-            # Padded micro-batches, which the engine's Unsloth backend no longer builds: shown for
-            # the record, held to no tolerance.
+        elif rec.peak_allocated_gib is not None and (
+            rec.superseded_by or (rec.backend == "unsloth" and not rec.padding_free)
+        ):
+            # Measured again cleanly elsewhere, or padded micro-batches, which the engine's Unsloth
+            # backend no longer builds: shown for the record, held to no tolerance.
             measured = rec.peak_reserved_gib if rec.reserved_clean else rec.peak_allocated_gib
             estimated = est.torch_peak_gb if rec.reserved_clean else est.torch_allocated_gb
             compared = "superseded"
@@ -347,7 +353,9 @@ def replay(calibration: CalibrationFile) -> list[ReplayResult]:
             compared = "none"
         if estimated is not None:
             estimated += rec.baseline
-        device_measured = rec.device_peak_gib if rec.device_clean and not rec.oom else None
+        device_measured = (
+            rec.device_peak_gib if rec.device_clean and not rec.oom and not rec.superseded_by else None
+        )
         device_estimated = est.device_total_gb + rec.baseline if device_measured else None
         device_problems = []
         if (

@@ -352,6 +352,7 @@ def plan_for(
         attention=cfg.model.attn_implementation,
         budget_bytes=budget_gb * C.GIB if budget_gb is not None else None,
         packing=cfg.data.packing,
+        padding_free=stacks.padding_free(backend),
         # Rows of different lengths padded to the longest: a mask on every layer. One row, packed
         # rows, or the padding-free row the Unsloth backend builds, need no padding mask.
         padded=(t.micro_batch > 1 and not cfg.data.packing and not stacks.padding_free(backend))

@@ -148,14 +148,15 @@ class Sample:
 
 def samples_from(files: Sequence[CalibrationFile]) -> list[Sample]:
     """Every record that ran and measured a torch peak, on the path the engine takes today
-    (Unsloth records with padded micro-batches are left out, as the replay holds them to nothing).
+    (Unsloth records with padded micro-batches, and records superseded by a clean re-measurement, are
+    left out, as the replay holds them to nothing).
     A configuration measured twice with the same figures (a repeat in a later call) counts once."""
     out = []
     seen: set[tuple[object, ...]] = set()
     for f in files:
         gpu = f.resolve_gpu()
         for r in f.records:
-            if r.oom or (r.backend == "unsloth" and not r.padding_free):
+            if r.oom or r.superseded_by or (r.backend == "unsloth" and not r.padding_free):
                 continue
             key = (f.gpu, r.describe(), r.peak_allocated_gib, r.peak_reserved_gib, r.device_peak_gib)
             if key in seen:

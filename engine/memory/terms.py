@@ -50,6 +50,9 @@ class Plan:
     liger: bool = False  # hf only: Liger's RMSNorm / SwiGLU / RoPE kernels (engine.train.backends.hf)
     packing: bool = False  # several examples per row: a block-diagonal mask from position_ids
     padded: bool = False  # micro-batches carry padding: an attention mask on every layer
+    # The micro-batch sent as one row of micro_batch x seq_len tokens, its examples kept apart by
+    # position_ids (the Unsloth backend's padding-free rows): attention sees one long sequence.
+    padding_free: bool = False
     expandable: bool = False  # the CUDA allocator's expandable segments (engine.allocator)
     # A multimodal checkpoint's vision tower quantized with the rest (the engine's own loads do;
     # a pre-quantized checkpoint whose skip list names it stores it in 16-bit).
@@ -74,6 +77,24 @@ class Plan:
     @property
     def tokens(self) -> int:
         return self.micro_batch * self.seq_len
+
+    @property
+    def rows(self) -> int:
+        """The rows attention sees: one for a padding-free micro-batch."""
+        return 1 if self.padding_free else self.micro_batch
+
+    @property
+    def row_len(self) -> int:
+        """The length of each row attention sees: a padding-free row holds the whole micro-batch,
+        and its masks are row_len x row_len (the 8 x 2048 rows of a Gemma-3-1B step peaked exactly
+        as one row of 16384 tokens, bench/results/memory-calibration-unsloth-gemma-3-1b-h100-2026-12-05.json)."""
+        return self.tokens if self.padding_free else self.seq_len
+
+    @property
+    def packed_row(self) -> bool:
+        """Several examples share a row (packing, or a padding-free row of several): transformers
+        builds a block-diagonal mask from position_ids."""
+        return self.packing or (self.padding_free and self.micro_batch > 1)
 
     @property
     def residual_bytes(self) -> int:
@@ -104,6 +125,23 @@ class Plan:
         """Bytes per parameter of a modules_to_save copy (embed_tokens, lm_head), and of its
         gradient: bf16 as TRL casts them on every stack, fp32 when the run computes in fp32."""
         return 4 if self.compute_bytes == 4 else 2
+
+    @property
+    def generic_bare_mlp(self) -> bool:
+        """Unsloth's generic path (FastModel's compiled stock layer) with no adapter in the MLP.
+        MEASURED on Gemma-3-1B (bench/results/memory-calibration-unsloth-gemma-3-1b-h100-2026-12-05b
+        .json): its attention-only records peak two MLP-wide bf16 tensors a token below the
+        all-linear ones, net of the adapters (1.89 GiB at rank 8 against 2.87 at rank 128, of which
+        0.78 are adapters, gradients and states): counted as one saved tensor fewer (gate and up
+        kept, act(gate) recomputed: no down_proj adapter needs the product) and one MLP-wide
+        gradient fewer. The fast path's attention-only records keep three (Llama-3.2-3B,
+        Qwen2.5-7B). Chosen on one architecture; Gemma-3-4B holds it out when measured
+        (bench/gpu_speed_session.sh generic-attn)."""
+        return (
+            self.backend == "unsloth"
+            and not self.unsloth_fast
+            and not set(self.targets) & (MLP_IN | {"down_proj"})
+        )
 
     @property
     def modules_key(self) -> str:
@@ -278,7 +316,8 @@ def layer_saved_per_token(plan: Plan) -> float:
             # act(gate) or the product a down_proj adapter needs; Inductor recomputes the other).
             # MEASURED: Qwen2.5-7B, attention-only, no checkpointing: 161 KB per layer and token
             # against 159 KB counted so.
-            total += 3 * c * ffn
+            # On the generic path (FastModel) a block without MLP adapters keeps two: gate and up.
+            total += (2 if plan.generic_bare_mlp else 3) * c * ffn
     elif plan.backend == "hf-upcast":
         # RMSNorm saves its fp32 input; the first norm's is the layer input itself (already fp32).
         total += (a.norms_per_layer - 1) * 4 * h
@@ -318,7 +357,7 @@ def eager_attention_bytes(plan: Plan) -> tuple[float, float]:
     """(saved, transient) bytes of one layer's attention scores when attention is eager."""
     if plan.attention != "eager":
         return 0.0, 0.0
-    scores = plan.micro_batch * plan.arch.heads * plan.seq_len**2
+    scores = plan.rows * plan.arch.heads * plan.row_len**2
     # softmax in fp32 (saved) and its bf16 copy (saved by the matmul with v); scores and mask add.
     return scores * (4 + plan.compute_bytes), scores * 2 * plan.compute_bytes
 
@@ -337,17 +376,17 @@ def masked_layers(plan: Plan) -> int:
     a = plan.arch
     if plan.unsloth_fast or plan.attention != "sdpa":
         return 0
-    if plan.packing or plan.padded:
+    if plan.packed_row or plan.padded:
         return a.layers
-    if a.sliding_window and plan.seq_len >= a.sliding_window:
+    if a.sliding_window and plan.row_len >= a.sliding_window:
         return a.layers - (a.layers // a.sliding_pattern if a.sliding_pattern else 0)
     return 0
 
 
 def mask_saved_per_token(plan: Plan) -> float:
     """Extra bytes per token a masked layer saves: K and V repeated to q_dim, and the bf16 bias
-    (micro_batch x seq x seq x 2 bytes, that is 2 x seq per token)."""
-    return repeated_kv_per_token(plan) + 2 * plan.seq_len
+    (rows x row_len x row_len x 2 bytes, that is 2 x row_len per token)."""
+    return repeated_kv_per_token(plan) + 2 * plan.row_len
 
 
 def repeated_kv_per_token(plan: Plan) -> float:
@@ -362,7 +401,7 @@ def attention_mask_inputs(plan: Plan) -> float:
     if not masked_layers(plan):
         return 0.0
     kinds = 2 if plan.arch.sliding_window else 1
-    return float(kinds * plan.micro_batch * plan.seq_len**2)
+    return float(kinds * plan.rows * plan.row_len**2)
 
 
 def backward_temporaries_per_token(plan: Plan) -> float:
@@ -372,7 +411,8 @@ def backward_temporaries_per_token(plan: Plan) -> float:
     a = plan.arch
     if plan.backend == "unsloth":
         key = "unsloth" if plan.mlp_fused else "unsloth-unfused"
-        mlp = C.BACKWARD_MLP_GRADIENTS[key] * plan.compute_bytes * a.ffn
+        n = C.BACKWARD_MLP_GRADIENTS[key] - (1 if plan.generic_bare_mlp else 0)
+        mlp = n * plan.compute_bytes * a.ffn
         hidden = C.UNSLOTH_BACKWARD_HIDDEN_GRADIENTS * plan.compute_bytes * a.hidden
         return mlp + hidden + C.UNSLOTH_TOKEN_BYTES
     mlp_bytes = 4 if plan.backend == "hf-upcast" else plan.compute_bytes

@@ -84,3 +84,13 @@ def test_end_to_end_runs_repeat_or_hold_out_configurations() -> None:
 def test_dry_run_specs_are_small() -> None:
     spec = PLAN.workers[0].configs[0].spec(dry_run=True)
     assert spec["seq_len"] <= 256 and spec["steps"] == 3
+
+
+def test_unsloth_processes_run_their_shortest_micro_batches_first() -> None:
+    # Unsloth's staging buffers grow to the largest micro-batch its process has run and stay: a
+    # configuration after a longer one would be measured with the longer one's buffers.
+    for w in PLAN.workers:
+        if w.backend != "unsloth":
+            continue
+        full = [c.shape.tokens for c in w.configs if c.shape.gc != "half"]
+        assert full == sorted(full), w.name

@@ -168,6 +168,31 @@ def test_unsloth_rows_are_padding_free() -> None:
     assert any("padded" in n for n in estimate(cfg, backend="hf").notes)
 
 
+def test_a_padding_free_row_is_one_sequence_of_the_whole_micro_batch() -> None:
+    """Unsloth's generic path (Gemma 3) runs transformers' attention on the padding-free row: its
+    masks are as wide as the whole micro-batch, so 8 x 2048 tokens cost what one row of 16384 does
+    (measured: 3.80 GiB allocated at both, bench/results/memory-calibration-unsloth-gemma-3-1b-h100-
+    2026-12-05.json), and several examples in the row mask every layer, not only the sliding ones."""
+    from engine.memory.estimate import plan_for
+    from engine.memory.terms import attention_mask_inputs, masked_layers
+
+    arch = catalog()["gemma-3-1b"]
+    wide = cfg_for("gemma-3-1b", train__seq_len=2048, train__micro_batch=8)
+    long = cfg_for("gemma-3-1b", train__seq_len=16384, train__micro_batch=1)
+    a, b = estimate(wide, backend="unsloth"), estimate(long, backend="unsloth")
+    assert a.torch_allocated_gb == pytest.approx(b.torch_allocated_gb, rel=0.01)
+    plan = plan_for(wide, arch, "unsloth")
+    assert (plan.rows, plan.row_len) == (1, 16384)
+    assert masked_layers(plan) == arch.layers
+    assert attention_mask_inputs(plan) == 2 * 16384**2
+    single = plan_for(long, arch, "unsloth")
+    assert masked_layers(single) == arch.layers - arch.layers // arch.sliding_pattern
+    # hf pads the same micro-batch into 8 rows of 2048: eight small masks.
+    hf = plan_for(wide, arch, "hf")
+    assert (hf.rows, hf.row_len) == (8, 2048)
+    assert attention_mask_inputs(hf) == 2 * 8 * 2048**2
+
+
 def test_trl_loss_never_builds_full_logits() -> None:
     """TRL 1.16's chunked LM head: the loss phase holds a 4096 x 32768 tile, not T x V fp32 logits."""
     est = estimate(cfg_for(train__seq_len=16384), backend="hf")
