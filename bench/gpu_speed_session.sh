@@ -44,7 +44,8 @@
 #   bash bench/gpu_speed_session.sh tax-unsloth-2  the Unsloth step tax again on both architectures
 #                                             (the issue asks for two separate calls; ROUNDS, default
 #                                             3; SUFFIX of the files, default b; PROFILE=1 adds a
-#                                             cProfile round of each variant)
+#                                             cProfile round of each variant; ARCHS, default both;
+#                                             SPLIT=fixed keeps the 4 x 2 layout as written)
 #   bash bench/gpu_speed_session.sh tax-profile [ARCH]  bench/step_tax.py --profile on ARCH's Unsloth
 #                                             steps (default llama-3.2-1b; ROUNDS, default 1)
 #   bash bench/gpu_speed_session.sh generic-attn  issue 15: Unsloth's generic path with attention-only
@@ -165,10 +166,10 @@ case "$PART" in
     ;;
   tax-unsloth-2)
     export PYTHONPATH=$PWD:/tmp/site2:/tmp/site
-    for arch in llama-3.2-1b llama-3.2-3b; do
+    for arch in ${ARCHS:-llama-3.2-1b llama-3.2-3b}; do
       timeout -k 10 270 python3 -m bench.step_tax --arch "$arch" --work "$WORK/tax" --seq 2048 \
         --micro-batch 4 --grad-accum 2 --steps 20 --rounds "${ROUNDS:-3}" --set hardware.backend=unsloth \
-        ${PROFILE:+--profile} --out "$OUT/step-tax-$arch-unsloth-${DAY}${SUFFIX:-b}.json" 2>&1 \
+        ${SPLIT:+--set train.batch_split=$SPLIT} ${PROFILE:+--profile} --out "$OUT/step-tax-$arch-unsloth-${DAY}${SUFFIX:-b}.json" 2>&1 \
         | grep -v '^O^O\|^\\\|==((\|^ *"-____-"\|^ *\\\\   /|' | tail -n 28 | tee -a "$OUT/tax.log"
       rm -rf "$WORK/tax/$arch"
     done

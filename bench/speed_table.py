@@ -35,7 +35,7 @@ from engine.errors import UserError
 from engine.memory.architectures import catalog
 from engine.memory.gpus import peak_tflops, resolve_gpu
 from engine.memory.speed import FITS_PATH, SpeedFit, step_work
-from engine.memory.speed_fit import Choice, Measured, choices, fit_costs, leave_one_out
+from engine.memory.speed_fit import Choice, Measured, choices, fit_step, leave_one_out
 
 MIN_CONFIGURATIONS = 8
 TARGET_LOSS = 0.03
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                 stack=s,
                 gpu=metas[0]["gpu"],
                 gpu_class=metas[0]["gpu_class"],
-                costs=fit_costs(mine),
+                costs=fit_step(mine),
                 configurations=distinct,
                 held_out_error=round(loo["worst"], 4),
                 typical_error=round(loo["median"], 4),

@@ -19,6 +19,16 @@ kernels set (fitted to measured steps by engine.memory.speed_fit, never guessed)
   activations LoRA's small matmuls read and write (attention-only adapters move far fewer);
 - launches: micro-batches x layer passes, the fixed cost of a layer's kernels whatever the rows.
 
+The device runs that work while the host queues it: Python, autograd and the kernel launches cost
+the host a roughly fixed time per layer pass, and when a step's kernels are short (a 1B model, a
+few thousand tokens) the device waits for the host. So a step takes the longer of the two: the
+device's sum, and `host` (seconds per thousand layer passes, fitted like the costs) times the
+launches. On the H200 table (2026-12-05) the host floor, 2.2 ms a pass for hf and 3.4 for Unsloth,
+is what sets the short steps; with it, the held-out error of the hf fit fell from 7.6% to 4.5%
+(median) and from 43.7% to 15.3% (worst), and auto's held-out pick came within 0.6% of the faster
+stack on all 14 paired configurations (10.8% off on one before). The device's per-pass cost
+("launches") is fitted as 0 then (engine.memory.speed_fit.fit_step): the floor carries it.
+
 A layer pass counts a layer's forward as one and its backward as two (it computes two gradients
 where the forward computed one output); a checkpointed layer's recompute is one more forward. So
 every term is affine in the number of checkpointed layers: on the Llama-3.1-8B recipe on an H100
@@ -44,6 +54,7 @@ from engine.memory import flops
 from engine.memory.architectures import Architecture
 
 FEATURES: tuple[str, ...] = ("matmul", "attention", "dequant", "elementwise", "adapters", "launches")
+HOST = "host"  # a cost key beside FEATURES: the host's seconds per thousand layer passes (a floor)
 FITS_PATH = Path(__file__).with_name("speed_fits.json")
 
 
@@ -97,9 +108,19 @@ def step_work(
     )
 
 
-def predict_s(costs: dict[str, float], work: StepWork) -> float:
-    """Seconds per optimizer step: each kind of work times its cost."""
+def device_s(costs: dict[str, float], work: StepWork) -> float:
+    """The device's seconds per optimizer step: each kind of work times its cost."""
     return sum(costs.get(f, 0.0) * x for f, x in zip(FEATURES, work.vector(), strict=True))
+
+
+def host_s(costs: dict[str, float], work: StepWork) -> float:
+    """The host's seconds to queue the step's layer passes (0 for fits without a host floor)."""
+    return costs.get(HOST, 0.0) * work.launches
+
+
+def predict_s(costs: dict[str, float], work: StepWork) -> float:
+    """Seconds per optimizer step: the device's work, or the host's where the device waits for it."""
+    return max(device_s(costs, work), host_s(costs, work))
 
 
 @dataclass(frozen=True)
@@ -109,7 +130,7 @@ class SpeedFit:
     stack: str
     gpu: str  # the card the steps were measured on, as NVML names it
     gpu_class: str  # its class (engine.memory.devices): hopper, ada-ampere...
-    costs: dict[str, float]  # seconds per unit of each FEATURES entry
+    costs: dict[str, float]  # seconds per unit of each FEATURES entry, and the HOST floor
     configurations: int
     held_out_error: float  # the worst |relative error| predicting a configuration left out of the fit
     source: str  # the results file(s) it was fitted to

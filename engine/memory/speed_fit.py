@@ -8,6 +8,13 @@ the 63 subsets' unconstrained solutions whose costs are all non-negative; no num
 needed. Columns are scaled to unit norm first, so matmul seconds and thousands of launches weigh
 alike in the normal equations.
 
+`fit_step` adds the host floor (engine.memory.speed.HOST): for each candidate host cost on a grid,
+the steps the host could not have bound (its floor under 97% of the measured time, or under the
+device's predicted time) fit the device's costs, which re-sorts the steps, five times over; the
+host cost whose whole model (the larger of the two) fits best wins. The device's launches cost is
+left to the host floor: both scale with layer passes, and a sum cannot say which one a short step
+waited on.
+
 `leave_one_out` fits without each configuration in turn and predicts it: the error a run the
 table never saw should expect. `choices` replays hardware.backend auto on paired configurations
 with held-out predictions and auto's own rule (engine.stacks.fastest_within_error), and says how
@@ -22,7 +29,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from engine import stacks
-from engine.memory.speed import FEATURES, StepWork, predict_s
+from engine.memory.speed import FEATURES, HOST, StepWork, device_s, predict_s
+
+# The device's work without launches: the host floor takes the per-pass cost (fit_step).
+DEVICE_FEATURES = tuple(f for f in FEATURES if f != "launches")
+# Host costs tried, seconds per thousand layer passes (ms per pass): coarse, then around the best.
+HOST_COARSE = tuple(0.25 * i for i in range(33))  # 0 to 8 ms a pass
+HOST_FINE_STEP = 0.025
+BOUND_MARGIN = 0.97  # a step whose host floor is under 97% of its time did not wait on the host
 
 
 @dataclass(frozen=True)
@@ -58,24 +72,80 @@ def fit_costs(rows: Sequence[Measured], features: Sequence[str] = FEATURES) -> d
     if not rows:
         raise ValueError("no measured steps to fit")
     idx = [FEATURES.index(f) for f in features]
-    x = [[r.work.vector()[i] / r.step_s for i in idx] for r in rows]  # each row / its time: target 1
+    vectors = [(r.work.vector(), r.step_s) for r in rows]
+    x = [[v[i] / t for i in idx] for v, t in vectors]  # each row / its time: target 1
     norms = [math.sqrt(sum(row[j] ** 2 for row in x)) or 1.0 for j in range(len(idx))]
     xs = [[row[j] / norms[j] for j in range(len(idx))] for row in x]
+    # The normal equations once: every subset's system is a slice of them, and its residual
+    # sum((row . c - 1)^2) = c'Gc - 2c'g + n needs no second pass over the rows.
+    n = len(idx)
+    gram = [[sum(row[i] * row[j] for row in xs) for j in range(n)] for i in range(n)]
+    rhs = [sum(row[i] for row in xs) for i in range(n)]
     best: tuple[float, dict[str, float]] | None = None
-    for size in range(1, len(idx) + 1):
-        for subset in itertools.combinations(range(len(idx)), size):
-            a = [[sum(row[i] * row[j] for row in xs) for j in subset] for i in subset]
-            b = [sum(row[i] for row in xs) for i in subset]
-            sol = _solve(a, b)
+    for size in range(1, n + 1):
+        for subset in itertools.combinations(range(n), size):
+            sol = _solve([[gram[i][j] for j in subset] for i in subset], [rhs[i] for i in subset])
             if sol is None or any(v < 0 for v in sol):
                 continue
-            coef = dict.fromkeys(range(len(idx)), 0.0)
-            coef.update(zip(subset, sol, strict=True))
-            residual = sum((sum(row[j] * coef[j] for j in coef) - 1.0) ** 2 for row in xs)
-            if best is None or residual < best[0]:
-                best = (residual, {features[j]: coef[j] / norms[j] for j in coef})
+            c = dict(zip(subset, sol, strict=True))
+            quad = sum(c[i] * gram[i][j] * c[j] for i in c for j in c)
+            residual = quad - 2 * sum(c[i] * rhs[i] for i in c) + len(xs)
+            if best is None or residual < best[0] - 1e-12:
+                best = (residual, {features[j]: c.get(j, 0.0) / norms[j] for j in range(n)})
     assert best is not None  # a single column with positive entries always solves
     return {f: best[1].get(f, 0.0) for f in FEATURES}
+
+
+def _fit_device(rows: Sequence[Measured], host: float) -> dict[str, float] | None:
+    """The device's costs under a host floor of `host`, fitted to the steps it did not bind."""
+
+    def floor(r: Measured) -> float:
+        return host * r.work.launches
+
+    free = [r for r in rows if floor(r) < BOUND_MARGIN * r.step_s]
+    if len(free) < len(DEVICE_FEATURES):
+        return None
+    costs = fit_costs(free, DEVICE_FEATURES)
+    for _ in range(5):
+        again = [r for r in rows if device_s(costs, r.work) >= floor(r) or floor(r) < BOUND_MARGIN * r.step_s]
+        if len(again) < len(DEVICE_FEATURES) or {id(r) for r in again} == {id(r) for r in free}:
+            break  # settled (or too few to fit)
+        free = again
+        costs = fit_costs(free, DEVICE_FEATURES)
+    return {**costs, HOST: host}
+
+
+def _relative_loss(rows: Sequence[Measured], costs: dict[str, float]) -> float:
+    return sum((predict_s(costs, r.work) / r.step_s - 1) ** 2 for r in rows)
+
+
+def fit_step(rows: Sequence[Measured]) -> dict[str, float]:
+    """The device's costs and the host floor (HOST) that together fit `rows` best."""
+    if not rows:
+        raise ValueError("no measured steps to fit")
+
+    def best_of(grid: Sequence[float]) -> tuple[float, dict[str, float]] | None:
+        found = None
+        for host in grid:
+            costs = _fit_device(rows, host)
+            if costs is None:
+                continue
+            loss = _relative_loss(rows, costs)
+            if found is None or loss < found[0]:
+                found = (loss, costs)
+        return found
+
+    coarse = best_of(HOST_COARSE)
+    if coarse is None:  # too few steps to fit under any floor: the sum alone
+        return {**fit_costs(rows), HOST: 0.0}
+    h = coarse[1][HOST]
+    step = HOST_COARSE[1] - HOST_COARSE[0]
+    fine = [
+        max(0.0, h + HOST_FINE_STEP * i)
+        for i in range(-int(step / HOST_FINE_STEP), int(step / HOST_FINE_STEP) + 1)
+    ]
+    best = best_of(fine)
+    return (best or coarse)[1]
 
 
 @dataclass(frozen=True)
@@ -96,7 +166,7 @@ def leave_one_out(rows: Sequence[Measured], group: str = "key") -> list[HeldOut]
         train = [r for r in rows if getattr(r, group) != g]
         if len(train) < len(FEATURES):
             continue
-        costs = fit_costs(train)
+        costs = fit_step(train)
         out += [HeldOut(r, predict_s(costs, r.work)) for r in rows if getattr(r, group) == g]
     return out
 
@@ -149,7 +219,7 @@ def choices(rows: Sequence[Measured], errors: dict[str, float] | None = None) ->
             measured[s] = here[0].step_s
             train = [r for r in mine if r.key != k]
             if len(train) >= len(FEATURES):
-                predicted[s] = predict_s(fit_costs(train), here[0].work)
+                predicted[s] = predict_s(fit_step(train), here[0].work)
         if len(measured) > 1:
             out.append(Choice(k, measured, predicted, dict(errors or {})))
     return out

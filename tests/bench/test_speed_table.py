@@ -28,16 +28,19 @@ def test_unsloth_rows_measured_after_a_reconfiguration_are_left_out() -> None:
 
 
 def test_the_replayed_pick_on_the_clean_pairs(tmp_path: Path) -> None:
-    """Held out, under auto's rule (a difference within the models' typical error keeps Unsloth):
-    13 of the 14 pairs within 0.6% of the faster stack, the 1B at 4096 x 2 10.8% slower."""
+    """Held out, under auto's rule (a difference within the models' typical error keeps Unsloth),
+    with the host floor (engine.memory.speed.HOST): all 14 pairs within 0.6% of the faster stack.
+    The 1B at 4096 x 2, where the sum of costs had picked Unsloth 10.8% slower, is hf's: its step
+    is short enough that Unsloth's host (3.4 ms a layer pass) sets it."""
     out = tmp_path / "t.json"
     assert speed_table.main([*map(str, H200_TABLE), "--out", str(out)]) == 0
     table = json.loads(out.read_text())
     losses = sorted(p["loss"] for p in table["paired"])
-    assert len(losses) == 14 and losses[-2] < 0.01 and round(losses[-1], 3) == 0.108
-    worst = max(table["paired"], key=lambda p: p["loss"])
-    assert worst["key"] == "llama-3.2-1b r16-all s4096x2x1 gc16" and worst["auto"] == "unsloth"
+    assert len(losses) == 14 and losses[-2] < 0.001 and round(losses[-1], 3) == 0.006
+    short = next(p for p in table["paired"] if p["key"] == "llama-3.2-1b r16-all s4096x2x1 gc16")
+    assert short["auto"] == short["faster"] == "hf"
     assert {p["auto"] for p in table["paired"] if "q+k+v+o" in p["key"]} == {"hf"}
+    assert table["target_met"]
     committed = json.loads((REPO / "engine/memory/speed_fits.json").read_text())["fits"]
     assert {f["stack"]: f["typical_error"] for f in committed} == {
         s: round(e["leave_one_configuration_out"]["median"], 4) for s, e in table["errors"].items()
