@@ -547,10 +547,21 @@ class StepForecast:
     tokens_per_s: float
     utilisation: float | None  # model FLOPs utilisation (engine.memory.flops)
     basis: str  # the speed model it rests on
+    # The host's floor sets the step (engine.memory.speed): the device waits on Python and launches
+    # between short kernels, so more rows per micro-batch would cost the step little.
+    host_bound: bool = False
 
     def __str__(self) -> str:
         mfu = f", {self.utilisation:.0%} of the card's dense 16-bit peak" if self.utilisation else ""
-        return f"{self.step_s:.2f} s a step, about {self.tokens_per_s:,.0f} tokens/s{mfu} ({self.basis})"
+        host = (
+            "; bound by the host (launching each layer's kernels), not the GPU: fewer, larger "
+            "micro-batches would cost little more a step (train.batch_split: auto re-splits the rows)"
+            if self.host_bound
+            else ""
+        )
+        return (
+            f"{self.step_s:.2f} s a step, about {self.tokens_per_s:,.0f} tokens/s{mfu} ({self.basis}){host}"
+        )
 
 
 def forecast_step(cfg: RunConfig, est: Estimate, gpu: Gpu) -> StepForecast | None:
@@ -567,7 +578,10 @@ def forecast_step(cfg: RunConfig, est: Estimate, gpu: Gpu) -> StepForecast | Non
         if est.flops_per_token
         else None
     )
-    return StepForecast(step_s=step_s, tokens_per_s=tokens_per_s, utilisation=mfu, basis=model.basis)
+    host_bound = speed.host_s(model.fit.costs, work) > speed.device_s(model.fit.costs, work)
+    return StepForecast(
+        step_s=step_s, tokens_per_s=tokens_per_s, utilisation=mfu, basis=model.basis, host_bound=host_bound
+    )
 
 
 # A layout predicted faster by less than this keeps the one the memory rules chose: a tie within

@@ -409,6 +409,20 @@ def test_an_estimate_forecasts_its_speed_where_a_model_covers_its_stack(
     assert est.forecast_step(cfg, est.estimate(cfg, arch, "hf", gpu=gpu), gpu) is None
 
 
+def test_a_forecast_says_when_the_host_sets_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    gpu, cfg, arch = resolve_gpu("h100"), _seed(), catalog()["llama-3.1-8b"]
+    for host, bound in ((0.0, False), (40.0, True)):  # ms a layer pass: none, or far above the device
+        fit = dataclasses.replace(_fit("unsloth"), costs={**HOSTED["unsloth"], HOST: host})
+        monkeypatch.setattr(speed, "fits", lambda fit=fit: (fit,))
+        e = est.estimate(cfg, arch, "unsloth", gpu=gpu)
+        f = est.forecast_step(cfg, e, gpu)
+        assert f is not None and f.host_bound is bound
+        assert ("bound by the host" in str(f)) is bound
+        if bound:
+            passes = e.grad_accum * (3 * arch.layers + e.checkpointed_layers)
+            assert f.step_s == pytest.approx(host * passes / 1e3)
+
+
 def test_nothing_is_predicted_for_a_16_bit_base(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fits are of 4-bit runs: a 16-bit base dequantizes nothing, and its steps were never timed."""
     monkeypatch.setattr(speed, "fits", lambda: (_fit("hf"), _fit("unsloth")))
