@@ -14,6 +14,7 @@ read from the code the engine runs (docs/memory-model.md walks through it):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -127,16 +128,20 @@ class Plan:
         return 4 if self.compute_bytes == 4 else 2
 
     @property
+    def generic_stock_layer(self) -> bool:
+        """Unsloth's generic path (FastModel: Gemma 3, Phi-4): transformers' own decoder layer,
+        compiled, rather than Unsloth's fused kernels."""
+        return self.backend == "unsloth" and not self.unsloth_fast
+
+    @property
     def generic_bare_mlp(self) -> bool:
-        """Unsloth's generic path (FastModel's compiled stock layer) with no adapter in the MLP.
-        MEASURED on Gemma-3-1B (bench/results/memory-calibration-unsloth-gemma-3-1b-h100-2026-12-05b
-        .json): its attention-only records peak two MLP-wide bf16 tensors a token below the
-        all-linear ones, net of the adapters (1.89 GiB at rank 8 against 2.87 at rank 128, of which
-        0.78 are adapters, gradients and states): counted as one saved tensor fewer (gate and up
-        kept, act(gate) recomputed: no down_proj adapter needs the product) and one MLP-wide
-        gradient fewer. The fast path's attention-only records keep three (Llama-3.2-3B,
-        Qwen2.5-7B). Chosen on one architecture; Gemma-3-4B holds it out when measured
-        (bench/gpu_speed_session.sh generic-attn)."""
+        """Unsloth's generic path with no adapter in the MLP: its backward builds one MLP-wide
+        gradient fewer than with adapters. MEASURED on Gemma-3-1B (bench/results/memory-calibration-
+        unsloth-gemma-3-1b-h100-2026-12-05b.json): with the stock layer's inventory (gate and up
+        kept, no product without a down_proj adapter) its attention-only records came out +3.8% and
+        +4.8%; with the gradient fewer, -2.0% and -1.0%. The fast path's attention-only records
+        (Llama-3.2-3B, Qwen2.5-7B) keep every gradient. Chosen on one architecture; Gemma-3-4B holds
+        it out when measured (bench/gpu_speed_session.sh generic-attn)."""
         return (
             self.backend == "unsloth"
             and not self.unsloth_fast
@@ -301,6 +306,12 @@ def layer_saved_per_token(plan: Plan) -> float:
     attn_in, mlp_in = t & ATTN_IN, t & MLP_IN
     mods = a.linear_modules()
     total = 0.0
+    if plan.generic_stock_layer:
+        # Unsloth's generic path runs transformers' own decoder layer, compiled: what it saves is the
+        # stock layer's inventory, with the norms fused as Liger fuses them (the bf16 input and one
+        # fp32 rstd a row), at the hf backend's fitted scale.
+        stock = dataclasses.replace(plan, backend="hf", liger=True)
+        return layer_saved_per_token(stock) * C.ACTIVATION_SCALE["hf"] / layer_scale(plan)
     if plan.backend == "unsloth":
         # The fused RMSNorm keeps its input (the layer's input is counted apart, so one norm less)
         # and the normed X is kept once per group (LoRA_QKV / LoRA_MLP or peft's lora_A save it).
@@ -446,9 +457,10 @@ def _saved_layers(plan: Plan, n: int) -> float:
     a, T = plan.arch, plan.tokens
     saved, _ = eager_attention_bytes(plan)
     per_layer = layer_saved_per_token(plan) * T * layer_scale(plan) + saved
-    if plan.backend != "hf":  # hf's first RMSNorm already saves its own fp32 copy of the input
+    if plan.backend != "hf" and not plan.generic_stock_layer:
+        # hf's first RMSNorm (and the stock layer's on Unsloth's generic path) saves the input itself.
         per_layer += T * a.hidden * plan.residual_bytes
-    if plan.backend == "unsloth":
+    if plan.backend == "unsloth" and not plan.generic_stock_layer:
         per_layer += C.UNSLOTH_KEPT_LAYER_HIDDEN_TENSORS * T * a.hidden * plan.compute_bytes
     # Unsloth's generic path keeps no bias per layer it does not checkpoint: its Gemma-3-1B records
     # without checkpointing measure under the estimate even without one (+5.5%).
