@@ -526,13 +526,7 @@ class Driver:
         """The most valuable that fits the time left; for Unsloth, partial checkpointing last."""
         left = self.remaining()
         if w.plan.backend == "unsloth":
-            ordered = [c for c in w.remaining if not (w.half_done and c.shape.gc == "all")]
-            ordered.sort(key=cp.unsloth_order)
-            halves = [c for c in ordered if c.shape.gc == "half"]
-            if halves and halves[0].value > ordered[0].value:
-                ordered = halves + [
-                    c for c in ordered if c.shape.gc == "none"
-                ]  # worth the configs it closes off
+            ordered = cp.unsloth_candidates(w.remaining, w.half_done)
         else:
             ordered = sorted(w.remaining, key=lambda c: -c.value)
         for c in ordered:

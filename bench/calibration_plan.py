@@ -41,6 +41,20 @@ def unsloth_order(c: ConfigPlan) -> tuple[bool, int, float]:
     return (c.shape.gc == "half", c.shape.tokens, -c.value)
 
 
+def unsloth_candidates(remaining: list[ConfigPlan], half_done: bool) -> list[ConfigPlan]:
+    """An Unsloth process's next configurations, in the order to try them (the first that fits
+    the time left runs): the shortest micro-batches first (unsloth_order), partial checkpointing
+    last, since it reconfigures the model and closes off full checkpointing in that process. A
+    partial configuration worth more than every other left goes first, with only those without
+    checkpointing after it (they remain possible)."""
+    ordered = sorted((c for c in remaining if not (half_done and c.shape.gc == "all")), key=unsloth_order)
+    halves = [c for c in ordered if c.shape.gc == "half"]
+    others = [c for c in ordered if c.shape.gc != "half"]
+    if halves and (not others or max(c.value for c in halves) > max(c.value for c in others)):
+        return halves + [c for c in ordered if c.shape.gc == "none"]
+    return ordered
+
+
 @dataclass(frozen=True)
 class Lora:
     r: int

@@ -550,15 +550,17 @@ class StepForecast:
     # The host's floor sets the step (engine.memory.speed): the device waits on Python and launches
     # between short kernels, so more rows per micro-batch would cost the step little.
     host_bound: bool = False
+    split_auto: bool = False  # train.batch_split is auto already: no need to suggest it
 
     def __str__(self) -> str:
         mfu = f", {self.utilisation:.0%} of the card's dense 16-bit peak" if self.utilisation else ""
-        host = (
-            "; bound by the host (launching each layer's kernels), not the GPU: fewer, larger "
-            "micro-batches would cost little more a step (train.batch_split: auto re-splits the rows)"
-            if self.host_bound
-            else ""
-        )
+        host = ""
+        if self.host_bound:
+            split = "" if self.split_auto else " (train.batch_split: auto re-splits the rows)"
+            host = (
+                "; bound by the host (launching each layer's kernels), not the GPU: fewer, larger "
+                f"micro-batches would cost little more a step{split}"
+            )
         return (
             f"{self.step_s:.2f} s a step, about {self.tokens_per_s:,.0f} tokens/s{mfu} ({self.basis}){host}"
         )
@@ -580,7 +582,12 @@ def forecast_step(cfg: RunConfig, est: Estimate, gpu: Gpu) -> StepForecast | Non
     )
     host_bound = speed.host_s(model.fit.costs, work) > speed.device_s(model.fit.costs, work)
     return StepForecast(
-        step_s=step_s, tokens_per_s=tokens_per_s, utilisation=mfu, basis=model.basis, host_bound=host_bound
+        step_s=step_s,
+        tokens_per_s=tokens_per_s,
+        utilisation=mfu,
+        basis=model.basis,
+        host_bound=host_bound,
+        split_auto=cfg.train.batch_split == "auto",
     )
 
 

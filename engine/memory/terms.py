@@ -88,7 +88,7 @@ class Plan:
     def row_len(self) -> int:
         """The length of each row attention sees: a padding-free row holds the whole micro-batch,
         and its masks are row_len x row_len (the 8 x 2048 rows of a Gemma-3-1B step peaked exactly
-        as one row of 16384 tokens, bench/results/memory-calibration-unsloth-gemma-3-1b-h100-2026-12-05.json)."""
+        as one row of 16384 tokens, bench/results/memory-calibration-unsloth-gemma-3-1b-h100-2026-12-05b.json)."""
         return self.tokens if self.padding_free else self.seq_len
 
     @property
@@ -137,9 +137,9 @@ class Plan:
     def generic_bare_mlp(self) -> bool:
         """Unsloth's generic path with no adapter in the MLP: its backward builds one MLP-wide
         gradient fewer than with adapters. MEASURED on Gemma-3-1B (bench/results/memory-calibration-
-        unsloth-gemma-3-1b-h100-2026-12-05b.json): with the stock layer's inventory (gate and up
-        kept, no product without a down_proj adapter) its attention-only records came out +3.8% and
-        +4.8%; with the gradient fewer, -2.0% and -1.0%. The fast path's attention-only records
+        unsloth-gemma-3-1b-h100-2026-12-05c.json): with the stock layer's inventory (gate and up
+        kept, no product without a down_proj adapter) its attention-only records come out +4.9% and
+        +6.0%; with the gradient fewer, -0.8% and +0.2%. The fast path's attention-only records
         (Llama-3.2-3B, Qwen2.5-7B) keep every gradient. Chosen on one architecture; Gemma-3-4B holds
         it out when measured (bench/gpu_speed_session.sh generic-attn)."""
         return (
@@ -327,8 +327,7 @@ def layer_saved_per_token(plan: Plan) -> float:
             # act(gate) or the product a down_proj adapter needs; Inductor recomputes the other).
             # MEASURED: Qwen2.5-7B, attention-only, no checkpointing: 161 KB per layer and token
             # against 159 KB counted so.
-            # On the generic path (FastModel) a block without MLP adapters keeps two: gate and up.
-            total += (2 if plan.generic_bare_mlp else 3) * c * ffn
+            total += 3 * c * ffn
     elif plan.backend == "hf-upcast":
         # RMSNorm saves its fp32 input; the first norm's is the layer input itself (already fp32).
         total += (a.norms_per_layer - 1) * 4 * h

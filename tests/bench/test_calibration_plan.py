@@ -94,3 +94,25 @@ def test_unsloth_processes_run_their_shortest_micro_batches_first() -> None:
             continue
         full = [c.shape.tokens for c in w.configs if c.shape.gc != "half"]
         assert full == sorted(full), w.name
+
+
+def test_an_unsloth_process_runs_what_is_worth_more_than_its_partial_configuration() -> None:
+    # Walk each Unsloth worker as the matrix does with time to spare: the first candidate runs.
+    # (Sorting by tokens once made a partial configuration outrank the shortest full one, and the
+    # partial run closed off every fully checkpointed configuration of its process.)
+    for w in PLAN.workers:
+        if w.backend != "unsloth":
+            continue
+        remaining, half_done, ran = list(w.configs), False, []
+        while candidates := cp.unsloth_candidates(remaining, half_done):
+            c = candidates[0]
+            ran.append(c)
+            remaining.remove(c)
+            half_done = half_done or c.shape.gc == "half"
+        modes = [c.shape.gc for c in ran]
+        if "half" in modes:
+            assert "all" not in modes[modes.index("half") :], w.name
+        # A partial configuration may close off full ones worth less than itself, never more.
+        best_half = max((c.value for c in w.configs if c.shape.gc == "half"), default=0.0)
+        assert {c.id for c in w.configs if c.value > best_half} <= {c.id for c in ran}, w.name
+        assert all(c.shape.gc == "all" for c in w.configs if c not in ran), w.name

@@ -39,17 +39,23 @@ FILES = records_files(RESULTS)
 # baseline_allocated_gib before loading, which the replay adds), then drop the entry.
 CONTAMINATED: dict[str, str] = {}
 
-# Records the model may miss by a little more than TOLERANCE, each with the bound it is held to
-# and why; each one a known gap of the model, named in docs/memory-model.md.
-KNOWN_MISSES: dict[str, tuple[float, str]] = {
-    "gemma-3-1b/unsloth/r16-all/s4096x2": (
-        0.13,
-        "measured four times: on an H200 (2026-12-04b: 2.04 GiB reserved, 3.24 device) and three "
-        "times on H100s (2026-12-05, 05b: 2.31, 3.13 each time), same versions; the estimate holds "
-        "the H100's (-1.4%) and overstates the H200's reserved figure by 11.8% (its device total is "
-        "within -3.7%: that process held 0.38 GiB more outside PyTorch's pool and 0.27 less inside)",
+# Records the model may miss by more than TOLERANCE, each (file, record id) with the bound it is
+# held to and why; each one a known gap of the model, named in docs/memory-model.md. Keyed by file:
+# the same configuration measured in another file is held to the usual tolerance.
+KNOWN_MISSES: dict[tuple[str, str], tuple[float, str]] = {
+    ("memory-calibration-matrix-h200-2026-12-04b.json", "gemma-3-1b/unsloth/r16-all/s4096x2"): (
+        0.135,
+        "measured three times: on an H200 (this record: 2.04 GiB reserved, 3.24 device) and on "
+        "H100s twice (2026-12-05 and 05c: 2.31, 3.13 both times, 13% higher), same versions; the "
+        "estimate holds the H100's (-0.6%) and overstates this record's reserved figure by 12.7% "
+        "(its device total is within -3.1%: this process held 0.38 GiB more outside PyTorch's pool "
+        "and 0.27 less inside)",
     ),
 }
+
+
+def _known(path: Path, rid: str) -> tuple[float, str] | None:
+    return KNOWN_MISSES.get((path.name, rid))
 
 
 def _params() -> list[Any]:
@@ -77,12 +83,13 @@ def test_the_anchors_are_there() -> None:
 def test_replay_within_tolerance(path: Path) -> None:
     calibration = load_calibration(path)
     results = [r for r in replay(calibration) if r.compared in ("reserved", "allocated")]
-    known = {r.record.id: r for r in results if r.record.id in KNOWN_MISSES}
+    known = {r.record.id: r for r in results if _known(path, r.record.id)}
     problems = [p for r in results if r.record.id not in known for p in r.problems]
     header = f"{path.name} ({calibration.gpu}, {calibration.date}):\n"
     assert not problems, header + "\n".join(problems) + "\n" + _table(results)
     for rid, r in known.items():
-        assert abs(r.error or 0) <= KNOWN_MISSES[rid][0], f"{rid}: {r.error:+.1%} ({KNOWN_MISSES[rid][1]})"
+        bound, why = KNOWN_MISSES[(path.name, rid)]
+        assert abs(r.error or 0) <= bound, f"{rid}: {r.error:+.1%} ({why})"
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
@@ -90,13 +97,13 @@ def test_device_totals_within_tolerance(path: Path) -> None:
     """The run's own device figure (NVML per process, plus its paged state) against the estimate's
     device total, where the file measured it so."""
     results = [r for r in replay(load_calibration(path)) if r.device_measured_gib is not None]
-    known = [r for r in results if r.record.id in KNOWN_MISSES]
-    results = [r for r in results if r.record.id not in KNOWN_MISSES]
+    known = [r for r in results if _known(path, r.record.id)]
+    results = [r for r in results if not _known(path, r.record.id)]
     problems = [p for r in results for p in r.device_problems]
     assert not problems, "\n".join(problems)
     assert all(abs(r.device_error or 0) <= DEVICE_TOLERANCE for r in results)
     for r in known:
-        assert abs(r.device_error or 0) <= KNOWN_MISSES[r.record.id][0], (
+        assert abs(r.device_error or 0) <= KNOWN_MISSES[(path.name, r.record.id)][0], (
             f"{r.record.id}: {r.device_error:+.1%}"
         )
 

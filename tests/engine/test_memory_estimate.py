@@ -172,7 +172,7 @@ def test_a_padding_free_row_is_one_sequence_of_the_whole_micro_batch() -> None:
     """Unsloth's generic path (Gemma 3) runs transformers' attention on the padding-free row: its
     masks are as wide as the whole micro-batch, so 8 x 2048 tokens cost what one row of 16384 does
     (measured: 3.80 GiB allocated at both, bench/results/memory-calibration-unsloth-gemma-3-1b-h100-
-    2026-12-05.json), and several examples in the row mask every layer, not only the sliding ones."""
+    2026-12-05b.json), and several examples in the row mask every layer, not only the sliding ones."""
     from engine.memory.estimate import plan_for
     from engine.memory.terms import attention_mask_inputs, masked_layers
 

@@ -418,6 +418,7 @@ def test_a_forecast_says_when_the_host_sets_the_step(monkeypatch: pytest.MonkeyP
         f = est.forecast_step(cfg, e, gpu)
         assert f is not None and f.host_bound is bound
         assert ("bound by the host" in str(f)) is bound
+        assert ("batch_split: auto" in str(f)) is (bound and cfg.train.batch_split != "auto")
         if bound:
             passes = e.grad_accum * (3 * arch.layers + e.checkpointed_layers)
             assert f.step_s == pytest.approx(host * passes / 1e3)
