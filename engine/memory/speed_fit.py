@@ -103,13 +103,13 @@ def _fit_device(rows: Sequence[Measured], host: float) -> dict[str, float] | Non
         return host * r.work.launches
 
     free = [r for r in rows if floor(r) < BOUND_MARGIN * r.step_s]
-    if len(free) < len(DEVICE_FEATURES):
+    if not free:
         return None
     costs = fit_costs(free, DEVICE_FEATURES)
     for _ in range(5):
         again = [r for r in rows if device_s(costs, r.work) >= floor(r) or floor(r) < BOUND_MARGIN * r.step_s]
-        if len(again) < len(DEVICE_FEATURES) or {id(r) for r in again} == {id(r) for r in free}:
-            break  # settled (or too few to fit)
+        if {id(r) for r in again} == {id(r) for r in free}:
+            break  # settled
         free = again
         costs = fit_costs(free, DEVICE_FEATURES)
     return {**costs, HOST: host}
@@ -136,8 +136,7 @@ def fit_step(rows: Sequence[Measured]) -> dict[str, float]:
         return found
 
     coarse = best_of(HOST_COARSE)
-    if coarse is None:  # too few steps to fit under any floor: the sum alone
-        return {**fit_costs(rows), HOST: 0.0}
+    assert coarse is not None  # a floor of 0 binds no step: that fit always exists
     h = coarse[1][HOST]
     step = HOST_COARSE[1] - HOST_COARSE[0]
     fine = [

@@ -158,6 +158,14 @@ def test_the_fit_finds_the_host_floor_under_the_short_steps() -> None:
     assert max(abs(predict_s(linear, r.work) / r.step_s - 1) for r in rows) > 0.1
 
 
+def test_a_fit_of_fewer_steps_than_costs_keeps_its_form() -> None:
+    rows = [r for r in _table(noise=0.0, costs_of=HOSTED) if r.stack == "hf"][:3]
+    fitted = fit_step(rows)
+    assert set(fitted) == {*FEATURES, HOST} and fitted["launches"] == 0.0
+    assert all(v >= 0 for v in fitted.values())
+    assert max(abs(predict_s(fitted, r.work) / r.step_s - 1) for r in rows) < 0.01
+
+
 def test_auto_replayed_on_the_table_stays_within_the_noise_of_the_faster_stack() -> None:
     picks = choices(_table(noise=0.01, seed=2, costs_of=HOSTED, archs=ARCHS[:2]))
     assert len(picks) == 64  # every configuration, both stacks
