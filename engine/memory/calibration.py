@@ -113,6 +113,12 @@ class CalibrationRecord:
         return self.baseline_allocated_gib if self.baseline_additive else 0.0
 
     @property
+    def superseded(self) -> bool:
+        """Replayed for the record and held to nothing: measured again cleanly elsewhere, or an
+        Unsloth record of padded micro-batches, which the engine's Unsloth backend no longer builds."""
+        return bool(self.superseded_by) or (self.backend == "unsloth" and not self.padding_free)
+
+    @property
     def device_clean(self) -> bool:
         """A device figure of the run's own processes (not the whole device's, nor missing)."""
         m = self.device_method
@@ -336,11 +342,7 @@ def replay(calibration: CalibrationFile) -> list[ReplayResult]:
                 problems.append(
                     f"{rec.describe()}: ran out of memory, estimated to fit ({est.device_total_gb:.2f} GiB)"
                 )
-        elif rec.peak_allocated_gib is not None and (
-            rec.superseded_by or (rec.backend == "unsloth" and not rec.padding_free)
-        ):
-            # Measured again cleanly elsewhere, or padded micro-batches, which the engine's Unsloth
-            # backend no longer builds: shown for the record, held to no tolerance.
+        elif rec.superseded and rec.peak_allocated_gib is not None:
             measured = rec.peak_reserved_gib if rec.reserved_clean else rec.peak_allocated_gib
             estimated = est.torch_peak_gb if rec.reserved_clean else est.torch_allocated_gb
             compared = "superseded"

@@ -657,8 +657,8 @@ def fastest_layout(
     wins: by the stack's speed model on this card (_speed_model), or where there is none by the
     measured RecomputeRule (Unsloth on a 4-bit base; elsewhere the memory rules' layout stands).
     A smaller micro-batch may need fewer layers recomputed: at 24 GB, 1 x 4 with few layers
-    checkpointed can beat 2 x 2 with many. The training is the same either way (choose_split says why). When the chosen layout does
-    not fit at all, any split that fits is better."""
+    checkpointed can beat 2 x 2 with many. The training is the same either way (choose_split says
+    why). When the chosen layout does not fit at all, any split that fits is better."""
     t = cfg.train
     if t.batch_split != "auto" or t.gradient_checkpointing != "auto" or budget_gb is None:
         return None

@@ -156,7 +156,7 @@ def samples_from(files: Sequence[CalibrationFile]) -> list[Sample]:
     for f in files:
         gpu = f.resolve_gpu()
         for r in f.records:
-            if r.oom or r.superseded_by or (r.backend == "unsloth" and not r.padding_free):
+            if r.oom or r.superseded:
                 continue
             key = (f.gpu, r.describe(), r.peak_allocated_gib, r.peak_reserved_gib, r.device_peak_gib)
             if key in seen:

@@ -108,7 +108,7 @@ def _fit_device(rows: Sequence[Measured], host: float) -> dict[str, float] | Non
     costs = fit_costs(free, DEVICE_FEATURES)
     for _ in range(5):
         again = [r for r in rows if device_s(costs, r.work) >= floor(r) or floor(r) < BOUND_MARGIN * r.step_s]
-        if {id(r) for r in again} == {id(r) for r in free}:
+        if again == free:  # both filter `rows` in its order: the same steps
             break  # settled
         free = again
         costs = fit_costs(free, DEVICE_FEATURES)
@@ -139,12 +139,16 @@ def fit_step(rows: Sequence[Measured]) -> dict[str, float]:
     assert coarse is not None  # a floor of 0 binds no step: that fit always exists
     h = coarse[1][HOST]
     step = HOST_COARSE[1] - HOST_COARSE[0]
-    fine = [
-        max(0.0, h + HOST_FINE_STEP * i)
-        for i in range(-int(step / HOST_FINE_STEP), int(step / HOST_FINE_STEP) + 1)
-    ]
+    # Around the coarse best (which is among them, so a fit exists); a floor near 0 clips to 0 once.
+    fine = sorted(
+        {
+            max(0.0, h + HOST_FINE_STEP * i)
+            for i in range(-int(step / HOST_FINE_STEP), int(step / HOST_FINE_STEP) + 1)
+        }
+    )
     best = best_of(fine)
-    return (best or coarse)[1]
+    assert best is not None
+    return best[1]
 
 
 @dataclass(frozen=True)

@@ -142,11 +142,7 @@ class Plan:
         +6.0%; with the gradient fewer, -0.8% and +0.2%. The fast path's attention-only records
         (Llama-3.2-3B, Qwen2.5-7B) keep every gradient. Chosen on one architecture; Gemma-3-4B holds
         it out when measured (bench/gpu_speed_session.sh generic-attn)."""
-        return (
-            self.backend == "unsloth"
-            and not self.unsloth_fast
-            and not set(self.targets) & (MLP_IN | {"down_proj"})
-        )
+        return self.generic_stock_layer and not set(self.targets) & (MLP_IN | {"down_proj"})
 
     @property
     def modules_key(self) -> str:
