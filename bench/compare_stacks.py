@@ -18,6 +18,9 @@ CUDA):
                    (SIZE: 24GB, h100, or `unsloth-peak` = bare-unsloth's measured device peak)
   engine-split@SIZE  as engine-auto@SIZE, with train.batch_split=auto (the same rows per step,
                    re-split into fewer micro-batches where no layer needs checkpointing)
+  wait-warm        not a run: waits until the warm engine an earlier scenario left
+                   (`engine-unsloth:hardware.keep_warm=5`) has imported its backend, as a
+                   user's next launch would find it; the next engine scenario is handed to it
 A scenario may end in #N to run it again (engine-unsloth#2: a second launch, which finds the
 compiled kernels the first one left in the user cache folder). An engine scenario may carry
 `--set` overrides after a colon: engine-auto@24GB:train.micro_batch=1,train.grad_accum=4 (the same
@@ -131,7 +134,9 @@ def run_engine(
         overrides += ["hardware.backend=auto", "train.gradient_checkpointing=auto", f"hardware.gpu={budget}"]
         if scenario.startswith("engine-split@"):
             overrides.append("train.batch_split=auto")
-    overrides += extra_sets or []
+    # No warm engine unless a scenario asks (`:hardware.keep_warm=N`): an idle one holds a CUDA
+    # context that the next scenario's device figure would count.
+    overrides += ["hardware.keep_warm=0", *(extra_sets or [])]
     sets = [x for o in overrides for x in ("--set", o)]
     t_launch = time.time()
     started = subprocess.run(
@@ -147,7 +152,14 @@ def run_engine(
     register(int(json.loads(started.stdout)["pid"]))
     deadline = time.monotonic() + args.timeout
     events: list[Any] = []
+    engine_pid = 0
     while time.monotonic() < deadline:
+        if not engine_pid and runs.is_running(run_dir):
+            # A warm engine trains the run in its own process (engine/run/standby.py): count its
+            # memory, not the relay's.
+            engine_pid = int((run_dir / runs.LOCK).read_text() or 0)
+            if engine_pid and engine_pid != int(json.loads(started.stdout)["pid"]):
+                register(engine_pid)
         events, _ = runs.read_events(run_dir)
         if any(isinstance(e, protocol.Finished) for e in events):
             break
@@ -180,6 +192,7 @@ def run_engine(
         "grad_accum": grad_accum,
         "split_reason": ready.split_reason,
         "kernels": ready.kernels,
+        "warm_engine": engine_pid != int(json.loads(started.stdout)["pid"]),
         "launch_to_first_step_seconds": first_step - t_launch,
         "launch_breakdown_seconds": {
             "process start and imports (launch -> hello)": t_hello - t_launch,
@@ -202,6 +215,32 @@ def run_engine(
         else None,
         "losses": [[e.step, e.loss] for e in steps],
     }
+
+
+def wait_warm(env: dict[str, str], timeout_s: float = 120.0) -> dict:
+    """Until every warm engine an earlier scenario left (hardware.keep_warm) has its backend
+    imported: a user's next launch comes later than the bench's would, and finds it ready."""
+    code = (
+        "import sys, time\n"
+        "from engine.run import standby\n"
+        f"deadline = time.monotonic() + {timeout_s}\n"
+        "while time.monotonic() < deadline:\n"
+        "    listed = standby.listed()\n"
+        "    if listed and all(e.ready for e in listed):\n"
+        "        print(max(e.ready - e.started for e in listed)); sys.exit(0)\n"
+        "    time.sleep(0.2)\n"
+        "sys.exit(1)\n"
+    )
+    t0 = time.time()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    if done.returncode != 0:
+        return {"error": "no warm engine became ready", "waited_seconds": time.time() - t0}
+    return {"waited_seconds": time.time() - t0, "standby_import_seconds": float(done.stdout)}
+
+
+def standby_stop(env: dict[str, str]) -> None:
+    code = "from engine.run import standby; standby.stop_all()"
+    subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, cwd=ROOT)
 
 
 def main() -> int:
@@ -277,7 +316,10 @@ def main() -> int:
         def register(pid: int, name: str = scenario) -> None:
             monitor.register(name, pid)
 
-        if kind.startswith("bare-"):
+        if kind == "wait-warm":
+            result = wait_warm(env)
+        elif kind.startswith("bare-"):
+            standby_stop(env)  # an idle warm engine's context is no part of bare's figure
             result = run_bare(kind, args, model, data, env, register)
         else:
             budget = None

@@ -54,6 +54,8 @@
 #   bash bench/gpu_speed_session.sh generic-attn  issue 15: Unsloth's generic path with attention-only
 #                                             adapters and without checkpointing (Gemma-3-1B, and
 #                                             Gemma-3-4B held out), the configurations not yet measured
+#   bash bench/gpu_speed_session.sh warm-launch  the Unsloth backend's launch to first step: first,
+#                                             handed to the warm engine the first left, and cold
 #   bash bench/gpu_speed_session.sh split-24gb  bare Unsloth against the engine with batch_split
 #                                             auto at 24 GB (the 1.2x target), then the Unsloth step
 #                                             tax on the 1B in ROUNDS (default 6) rounds
@@ -149,6 +151,17 @@ case "$PART" in
     (( left > 150 )) || { echo "no time left for generic-attn"; exit 0; }
     GEMMA_DEADLINE_S=$left OUT=$OUT bash "$0" generic-attn
     exit $?
+    ;;
+  warm-launch)
+    # Issue 16's second launch within 30 s: the engine's Unsloth backend launched three times on the
+    # seed recipe (Llama-3.1-8B), 6 steps each: the first (kernel caches empty) keeps a warm engine
+    # (hardware.keep_warm); once it has imported Unsloth (wait-warm) the second launch is handed to
+    # it; the third starts cold with the caches filled, as every launch did before warm engines.
+    timeout -k 10 $((${LIMIT_S:-570} - SECONDS - 10)) python3 bench/compare_stacks.py --out "$OUT" \
+      --work "$WORK/warm" --arch llama-3.1-8b --unsloth-path /tmp/site2 --steps 6 \
+      --scenario "engine-unsloth:hardware.keep_warm=5" --scenario wait-warm --scenario "engine-unsloth#2" \
+      --scenario "engine-unsloth#3" 2>&1 | tee "$OUT/warm.log" | grep -v "^ \|^O^O\|^\\\\\|==((" | tail -n 12
+    rm -rf "$WORK/warm"
     ;;
   generic-attn)
     # Unsloth's generic path (FastModel: Gemma 3) with attention-only adapters and without

@@ -6,6 +6,7 @@
     python -m engine data   CONFIG.yaml prepare the data (progress events), then the report as one JSON line
     python -m engine export RUN_DIR [--checkpoint S] [--out DIR] [--dtype D] [--adapter-only] [--gguf T]
     python -m engine pull   --request JSON  download models and hub datasets ahead of time
+    python -m engine standby --backend B --minutes M   a warm engine: B imported, waiting for a run
 
 Events go to stdout, one JSON line each (and, for train/resume, to RUN_DIR/events.jsonl);
 commands come in on stdin and through RUN_DIR/control.
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from engine import allocator, protocol
 from engine.errors import UserError
-from engine.run import runs
+from engine.run import runs, standby
 
 
 def _claim_stdout() -> os.PathLike | int:
@@ -181,7 +182,36 @@ def _data(config: Path) -> int:
         sink.close()
 
 
-def main(argv: list[str] | None = None) -> int:
+def _hand_over(args: argparse.Namespace) -> int | None:
+    """A warm engine of this environment trains the run, this process relaying (engine.run.standby);
+    None when none takes it. Starting cold, every idle one is stopped first: each holds GPU memory
+    that the run's budget does not count."""
+    from engine.run.distributed import Ranks
+
+    if Ranks.from_env().distributed:
+        standby.stop_all()
+        return None
+    argv = [args.mode, str(args.run_dir)]
+    status = standby.hand_over(argv, os.environ, _asked_backend(args.run_dir), log=sys.stderr)
+    if status is None:
+        standby.stop_all()
+    return status
+
+
+def _asked_backend(run_dir: Path) -> str | None:
+    """The run's hardware.backend when it names one (only a standby of that one can serve it),
+    None for auto or an unreadable config (a standby decides; the cold start reports the error)."""
+    from engine import stacks
+    from engine.config import load_resolved
+
+    try:
+        asked = load_resolved(run_dir / runs.CONFIG).hardware.backend
+    except Exception:  # reported by whichever engine trains it
+        return None
+    return None if asked == stacks.AUTO else asked
+
+
+def main(argv: list[str] | None = None, warm: bool = False) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine")
     sub = parser.add_subparsers(dest="mode", required=True)
     for mode in ("train", "resume"):
@@ -196,7 +226,22 @@ def main(argv: list[str] | None = None) -> int:
 
     add_arguments(sub.add_parser("export"))
     sub.add_parser("pull").add_argument("--request", required=True)
+    warm_parser = sub.add_parser("standby")
+    warm_parser.add_argument("--backend", required=True)
+    warm_parser.add_argument("--minutes", type=float, default=10.0)
     args = parser.parse_args(argv)
+    if args.mode == "standby":
+        from engine.train.warm import serve
+
+        return serve(args.backend, args.minutes, lambda argv: main(argv, warm=True))
+    # The environment as launched, before anything edits it: a warm engine kept after this run
+    # (engine.run.standby) starts with it, so that the next launch from the same place matches.
+    standby.launch_env.clear()
+    standby.launch_env.update(os.environ)
+    if args.mode in ("train", "resume") and not warm:
+        status = _hand_over(args)
+        if status is not None:
+            return status
     allocator.configure()  # before anything imports torch
     if args.mode in ("train", "resume"):
         return _train(args.run_dir, resume=args.mode == "resume")

@@ -150,6 +150,11 @@ class HardwareConfig:
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """With more than one GPU: ddp (each GPU holds the whole 4-bit model) or fsdp (4-bit weights,
     adapters and optimizer state sharded across the GPUs: FSDP-QLoRA)."""
+    keep_warm: int | Literal["auto"] = "auto"
+    """Minutes an engine with this run's backend imported waits, after the run, for the next launch
+    from the same environment (engine/run/standby.py): that launch skips the imports (Unsloth's
+    take 25-30 s). 0: none; auto: 10 on a GPU, none on the CPU. It holds a CUDA context meanwhile;
+    a run that starts without it stops it first."""
 
 
 @dataclass
@@ -430,6 +435,8 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"train.gradient_checkpointing: a layer count must be 0 or more, got {gc}")
     hw = cfg.hardware
     p += stacks.config_problems(hw.backend, hw.device, hw.gpus)
+    if isinstance(hw.keep_warm, int) and hw.keep_warm < 0:
+        p.append(f"hardware.keep_warm: must be 0 (off), minutes or auto, got {hw.keep_warm}")
     if isinstance(hw.gpus, int) and hw.gpus < 1:
         p.append(f"hardware.gpus: must be at least 1 or auto, got {hw.gpus}")
     if cfg.hardware.strategy == "fsdp" and cfg.hardware.device == "cpu" and cfg.hardware.gpus != 1:

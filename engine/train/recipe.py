@@ -18,7 +18,7 @@ from engine import __version__, allocator, protocol
 from engine.config import RunConfig, load_resolved
 from engine.errors import UserError
 from engine.memory.checkpointing import BatchSplit, CheckpointPlan, plan_layout
-from engine.run import checkpoints, fingerprint, runs
+from engine.run import checkpoints, fingerprint, runs, standby
 from engine.run.control import CommandQueue
 from engine.run.distributed import Ranks, Timeouts
 from engine.run.events import Emitter
@@ -137,6 +137,11 @@ class Recipe:
 
     def _log_start(self, removed: list[str], skipped: list[tuple[Path, str]]) -> None:
         plan = faults.plan_from_env()
+        if standby.served:
+            self.emitter.log(
+                f"a warm engine took this launch: its {self.backend_name} libraries were imported "
+                f"{standby.served['waited']:.0f} s before it (hardware.keep_warm)"
+            )
         if self.device == "cuda":
             self.emitter.log(allocator.describe())
         if plan.armed:
@@ -437,19 +442,34 @@ def estimate_for_run(
 
 
 def process_started_at() -> float:
-    """When this process started, in epoch seconds (Linux: /proc), else 0: the launch breakdown
-    then starts at `hello`. The interpreter's own start and the imports before `hello` are what
-    it measures (Unsloth's import alone takes about 40 s)."""
+    """When this run's launch started, in epoch seconds, else 0: the launch breakdown then starts
+    at `hello`. The interpreter's own start and the imports before `hello` are what it measures
+    (Unsloth's import alone takes about 30 s). A warm engine (engine.run.standby) counts from the
+    start of the process that handed the run to it, whose imports it had done before."""
+    from engine.run import proc
+
+    return float(standby.served.get("started") or proc.started_at())
+
+
+KEEP_WARM_AUTO_MIN = 10  # hardware.keep_warm: auto, on a GPU
+
+
+def keep_warm(cfg: RunConfig, backend: str, device: str, emitter: Emitter) -> None:
+    """Start a warm engine for the next launch (hardware.keep_warm; engine/run/standby.py)."""
+    minutes = cfg.hardware.keep_warm
+    if minutes == "auto":
+        minutes = KEEP_WARM_AUTO_MIN if device == "cuda" else 0
+    if not minutes:
+        return
     try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(
-            float(line.split()[1])
-            for line in Path("/proc/stat").read_text().splitlines()
-            if line.startswith("btime")
-        )
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return 0.0
+        pid = standby.spawn(backend, minutes, standby.launch_env or os.environ)
+    except OSError as exc:
+        emitter.log(f"no warm engine kept: {exc}", level="warning")
+        return
+    emitter.log(
+        f"a warm engine (pid {pid}) imports {backend} and waits {minutes} min for the next launch "
+        "from this environment; `qlc warm --stop` ends it, hardware.keep_warm: 0 keeps none"
+    )
 
 
 def count_params(model: Any) -> tuple[int, int]:
@@ -520,6 +540,8 @@ def run(
     if failure is not None:
         emitter.emit(failure)
         status = "failed"
+    if recipe is not None and recipe.backend is not None and ranks.world_size == 1:
+        keep_warm(recipe.cfg, recipe.backend.name, recipe.device, emitter)
     state = recipe.state if recipe else RunState()
     last = runs.checkpoints(run_dir)
     emitter.emit(
