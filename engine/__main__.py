@@ -236,8 +236,9 @@ def main(argv: list[str] | None = None, warm: bool = False) -> int:
         return serve(args.backend, args.minutes, lambda argv: main(argv, warm=True))
     # The environment as launched, before anything edits it: a warm engine kept after this run
     # (engine.run.standby) starts with it, so that the next launch from the same place matches.
-    standby.launch_env.clear()
-    standby.launch_env.update(os.environ)
+    if not warm:  # a warm engine set it to its launch's
+        standby.launch_env.clear()
+        standby.launch_env.update(os.environ)
     if args.mode in ("train", "resume") and not warm:
         status = _hand_over(args)
         if status is not None:

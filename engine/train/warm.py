@@ -60,6 +60,8 @@ def serve(backend: str, minutes: float, main: Callable[[list[str]], int]) -> int
     # The key is taken before anything (the allocator's setting, Unsloth's import) edits the
     # environment: a launch compares the environment it was given.
     key = standby.env_key(os.environ)
+    standby.launch_env.clear()
+    standby.launch_env.update(os.environ)
     path = standby.socket_dir() / f"{os.getpid()}.sock"
     entry = standby.Standby(
         pid=os.getpid(),
@@ -187,8 +189,18 @@ def _become(
     for target, fd in zip((0, 1, 2), fds, strict=True):
         os.dup2(fd, target)
         os.close(fd)
-    os.environ.clear()
-    os.environ.update(request["env"])
+    # Only what the launch's environment changes (volatile names, engine.run.standby.env_key):
+    # what the imports set for themselves (Unsloth's UNSLOTH_* flags) stays as they left it.
+    launch = dict(request["env"])
+    for name, value in standby.launch_env.items():
+        if name not in launch:
+            os.environ.pop(name, None)
+        elif launch[name] != value:
+            os.environ[name] = launch[name]
+    for name in launch.keys() - standby.launch_env.keys():
+        os.environ[name] = launch[name]
+    standby.launch_env.clear()
+    standby.launch_env.update(launch)  # the next warm engine starts from the launch's environment
     os.chdir(request.get("cwd") or "/")
     launched = float(request.get("started") or time.time())
     standby.served.update(started=launched, waited=max(0.0, launched - entry.ready), pid=entry.pid)
