@@ -107,3 +107,28 @@ def test_a_warm_engine_trains_the_next_launch_and_relays_its_stop(
     stopped = qlc("warm", "--stop", env={"QLC_CACHE_DIR": str(cache)})
     assert stopped.returncode == 0 and "stopped 1 warm engine" in stopped.stdout
     assert standby.listed() == []
+
+
+def test_a_cold_start_stops_every_idle_standby(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An idle standby of another environment holds GPU memory that the cold run's budget does not
+    count: the launch that finds none to take it ends them all before it imports anything."""
+    import argparse
+
+    from engine.__main__ import _hand_over
+
+    monkeypatch.setenv("QLC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        other = standby.Standby(
+            pid=idle.pid, backend="hf", key="another-environment", socket=str(tmp_path / "x.sock"),
+            started=time.time(), ready=time.time(), idle_until=time.time() + 60,
+        )  # fmt: skip
+        other.write()
+        assert standby.listed() == [other]
+        args = argparse.Namespace(mode="train", run_dir=tmp_path / "no-such-run")
+        assert _hand_over(args) is None  # nobody took it: the caller starts cold
+        assert idle.wait(timeout=10) == -signal.SIGTERM
+        assert standby.listed() == []
+    finally:
+        idle.kill()
