@@ -22,17 +22,20 @@ Pure Python: the console lists and stops standbys (`qlc warm`) with this module.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
+import select
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -60,40 +63,75 @@ launch_env: dict[str, str] = {}
 
 
 def env_key(env: Mapping[str, str], executable: str = sys.executable) -> str:
-    """What a standby and a launch must share: the interpreter, the cache folder, and every
-    environment variable but the volatile ones (a setting read at import, such as
-    PYTORCH_ALLOC_CONF, CUDA_VISIBLE_DEVICES or a fault plan, must match)."""
+    """What a standby and a launch must share: the interpreter, the cache folder, the code (the
+    engine's files and the training libraries' versions: an update must not train with the old
+    ones), and every environment variable but the volatile ones (a setting read at import, such
+    as PYTORCH_ALLOC_CONF, CUDA_VISIBLE_DEVICES or a fault plan, must match)."""
     kept = sorted((k, v) for k, v in env.items() if k not in VOLATILE and not k.startswith(VOLATILE_PREFIXES))
-    text = json.dumps([executable, str(cache_root()), kept])
+    text = json.dumps([executable, str(cache_root()), code_signature(), kept])
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def registry_dir() -> Path:
-    return cache_root() / "standby"
+LIBRARIES = (
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "bitsandbytes",
+    "accelerate",
+    "datasets",
+    "unsloth",
+    "unsloth_zoo",
+)
+
+
+@functools.cache
+def code_signature() -> str:
+    """The engine's source files (name, size, modification time) and the libraries' versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    root = Path(__file__).resolve().parents[1]
+    files = sorted(
+        (str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*.py")
+    )
+    versions = []
+    for name in LIBRARIES:
+        try:
+            versions.append((name, version(name)))
+        except PackageNotFoundError:
+            versions.append((name, ""))
+    return hashlib.sha256(json.dumps([files, versions]).encode()).hexdigest()[:16]
 
 
 def socket_dir() -> Path:
-    """A folder of this user's alone for the sockets, short enough for a socket path (108 bytes):
-    $XDG_RUNTIME_DIR, else the temporary folder. Refuses one that someone else owns or can enter."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(runtime) if runtime and Path(runtime).is_dir() else Path(tempfile.gettempdir())
-    folder = base / f"qlc-{os.getuid()}"
-    folder.mkdir(mode=0o700, exist_ok=True)
+    """A folder of this user's alone, in the temporary folder (a socket path is at most 108
+    bytes): the sockets and the registry. Refuses one that someone else owns or can enter."""
+    folder = Path(tempfile.gettempdir()) / f"qlc-{os.getuid()}"
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir(mode=0o700)
     st = folder.lstat()
-    if st.st_uid != os.getuid() or st.st_mode & 0o077 or not folder.is_dir() or folder.is_symlink():
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
         raise PermissionError(f"{folder} is not this user's private folder")
     return folder
 
 
+def registry_dir() -> Path:
+    """The registry of one cache folder's standbys, inside the private folder (a cache folder may
+    be shared with a group, to share its models)."""
+    digest = hashlib.sha256(str(cache_root()).encode()).hexdigest()[:12]
+    return socket_dir() / f"cache-{digest}"
+
+
 @dataclass
 class Standby:
-    """One standby's entry in the registry (cache/standby/<pid>.json), written by itself."""
+    """One standby's entry in the registry (<pid>.json), written by itself."""
 
     pid: int
     backend: str
     key: str
     socket: str
     started: float
+    pid_started: float = 0.0  # the process's start (engine.run.proc): a reused pid is not it
     ready: float = 0.0  # when it began listening; 0 while it imports
     idle_until: float = 0.0
     python: str = ""
@@ -104,40 +142,40 @@ class Standby:
 
     def write(self) -> None:
         folder = registry_dir()
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = folder / f".{self.pid}.json.tmp"
         tmp.write_text(json.dumps(asdict(self)))
         tmp.replace(self.path)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
-        Path(self.socket).unlink(missing_ok=True)
+        sock = Path(self.socket)
+        if sock.parent == socket_dir():  # never a path an entry names elsewhere
+            sock.unlink(missing_ok=True)
 
     def alive(self) -> bool:
-        return _alive(self.pid)
+        """This very process lives: its pid, not a zombie, started when the entry says."""
+        from engine.run.proc import started_at
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (our own child that ended, not yet reaped) has finished: /proc says so.
-    with contextlib.suppress(OSError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    return True
+        try:
+            os.kill(self.pid, 0)
+        except (ProcessLookupError, PermissionError):  # gone, or a reused pid of another user
+            return False
+        with contextlib.suppress(OSError, IndexError):
+            if Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+        return abs(started_at(self.pid) - self.pid_started) < 2.0
 
 
 def listed() -> list[Standby]:
     """The standbys alive now, oldest first; entries of ended ones are removed."""
     found = []
-    for path in sorted(registry_dir().glob("*.json")):
+    folder = registry_dir()
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         try:
             entry = Standby(**json.loads(path.read_text()))
         except (OSError, ValueError, TypeError):
+            path.unlink(missing_ok=True)
             continue
         if entry.alive():
             found.append(entry)
@@ -146,30 +184,52 @@ def listed() -> list[Standby]:
     return sorted(found, key=lambda e: e.started)
 
 
-def stop_all(wait_s: float = STOP_WAIT_S) -> list[Standby]:
-    """End every standby of this cache folder (SIGTERM: a waiting standby exits at once)."""
+def stop_all(wait_s: float = STOP_WAIT_S, but: int = 0) -> list[Standby]:
+    """End every standby of this cache folder (but pid `but`): SIGTERM, as an idle one exits at
+    once; one that has just taken a launch has left the registry and ignores it."""
     stopped = []
     for entry in listed():
-        with contextlib.suppress(ProcessLookupError):
+        if entry.pid == but or not entry.path.exists():
+            continue
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(entry.pid, signal.SIGTERM)
             stopped.append(entry)
     deadline = time.monotonic() + wait_s
     while any(e.alive() for e in stopped) and time.monotonic() < deadline:
         time.sleep(0.05)
     for entry in stopped:
-        if entry.alive():
-            with contextlib.suppress(ProcessLookupError):
+        if entry.alive() and entry.path.exists():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(entry.pid, signal.SIGKILL)
         entry.remove()
     return stopped
 
 
+def adopt_environment(launch: Mapping[str, str], environ: MutableMapping[str, str] = os.environ) -> None:
+    """A standby taking a launch: only what the launch's environment changes against the one the
+    standby started with (volatile names, `env_key`) is applied; what the imports set for
+    themselves (Unsloth's UNSLOTH_* flags) stays as they left it. The launch's environment is the
+    one the next standby starts from."""
+    for name, value in launch_env.items():
+        if name not in launch:
+            environ.pop(name, None)
+        elif launch[name] != value:
+            environ[name] = launch[name]
+    for name in launch.keys() - launch_env.keys():
+        environ[name] = launch[name]
+    launch_env.clear()
+    launch_env.update(launch)
+
+
+def log_path() -> Path:
+    return registry_dir() / "standby.log"
+
+
 def spawn(backend: str, minutes: float, env: Mapping[str, str]) -> int:
     """Start a standby for `backend` that waits `minutes` for a run, detached like a run's engine;
-    its output goes to cache/standby/standby.log. Returns its pid."""
-    folder = registry_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / "standby.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    its output goes to `log_path()`. Returns its pid."""
+    registry_dir().mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(log_path(), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "engine", "standby", "--backend", backend, "--minutes", str(minutes)],
@@ -185,27 +245,36 @@ def spawn(backend: str, minutes: float, env: Mapping[str, str]) -> int:
     return proc.pid
 
 
-# ---- the launch's side: hand the run over, then relay ----------------------------------------
+# ---- the wire: 4-byte length, then JSON --------------------------------------------------------
 
 
-def _frame(payload: dict) -> bytes:
+def frame(payload: dict) -> bytes:
     body = json.dumps(payload).encode()
     return struct.pack("!I", len(body)) + body
 
 
-def _recv_exact(conn: socket.socket, n: int) -> bytes:
+def recv_exact(conn: socket.socket, n: int) -> bytes:
     data = b""
     while len(data) < n:
         chunk = conn.recv(n - len(data))
         if not chunk:
-            raise ConnectionError("the standby closed the connection")
+            raise ConnectionError("the other side closed the connection")
         data += chunk
     return data
 
 
-def _reply(conn: socket.socket) -> dict:
-    (size,) = struct.unpack("!I", _recv_exact(conn, 4))
-    return json.loads(_recv_exact(conn, size))
+def receive(conn: socket.socket) -> dict:
+    (size,) = struct.unpack("!I", recv_exact(conn, 4))
+    return json.loads(recv_exact(conn, size))
+
+
+def peer(conn: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end (SO_PEERCRED)."""
+    pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return pid, uid
+
+
+# ---- the launch's side: hand the run over, then relay ----------------------------------------
 
 
 def candidates(key: str, backend: str | None) -> list[Standby]:
@@ -213,22 +282,61 @@ def candidates(key: str, backend: str | None) -> list[Standby]:
     return [e for e in listed() if e.key == key and (backend is None or e.backend == backend)]
 
 
+class _HeldSignals:
+    """SIGTERM and SIGINT while the launch looks for a standby: held, then passed to the standby
+    that took the run, or re-raised here when none did (as if they had come to a cold start)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.held: list[int] = []
+        self.target = 0
+        self.before = {sig: signal.signal(sig, self._on) for sig in self.SIGNALS}
+
+    def _on(self, signum: int, _frame: object) -> None:
+        if self.target:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.target, signum)
+        else:
+            self.held.append(signum)
+
+    def forward_to(self, pid: int) -> None:
+        self.target = pid
+        for signum in self.held:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+        self.held.clear()
+
+    def restore(self) -> None:
+        for sig, handler in self.before.items():
+            signal.signal(sig, handler)
+        for signum in self.held:
+            os.kill(os.getpid(), signum)
+
+
 def hand_over(argv: list[str], env: Mapping[str, str], backend: str | None, log: object = None) -> int | None:
     """Give this launch to a standby of the same environment: None when none takes it (the caller
-    then starts cold), else the run's exit status, after relaying signals to it until it ends."""
+    then starts cold), else the run's exit status, once the standby has exited."""
     key = env_key(env)
+    if not candidates(key, backend):
+        return None
+    signals = _HeldSignals()
     deadline = time.monotonic() + READY_WAIT_S
     tried: set[int] = set()
-    while True:
+    while not signals.held:
         waiting = [e for e in candidates(key, backend) if e.pid not in tried]
         for entry in (e for e in waiting if e.ready):
             tried.add(entry.pid)
-            status = _offer(entry, argv, env, log)
-            if status is not None:
-                return status
+            conn = _offer(entry, argv, env, log)
+            if conn is not None:
+                signals.forward_to(entry.pid)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
+                return _relay(conn, entry.pid, log)
         if not any(not e.ready for e in waiting) or time.monotonic() > deadline:
-            return None
+            break
         time.sleep(0.1)  # one is still importing: sooner ready than a cold start
+    signals.restore()
+    return None
 
 
 def _say(log: object, text: str) -> None:
@@ -236,44 +344,60 @@ def _say(log: object, text: str) -> None:
         print(f"qlc: {text}", file=log, flush=True)  # type: ignore[arg-type]
 
 
-def _offer(entry: Standby, argv: list[str], env: Mapping[str, str], log: object) -> int | None:
+def _offer(entry: Standby, argv: list[str], env: Mapping[str, str], log: object) -> socket.socket | None:
+    """The connection to `entry` once it has taken the run (and been told to go), else None."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.settimeout(REPLY_WAIT_S)
         conn.connect(entry.socket)
+        if peer(conn) != (entry.pid, os.getuid()):
+            raise ConnectionError("not the standby its entry names")
         request = {"argv": argv, "env": dict(env), "cwd": os.getcwd(), "started": _process_started()}
-        header = _frame(request)
+        header = frame(request)
         socket.send_fds(conn, [header[:4]], [0, 1, 2])
         conn.sendall(header[4:])
-        answer = _reply(conn)
+        answer = receive(conn)
+        if "accepted" in answer:
+            conn.sendall(frame({"go": True}))  # from here the standby is the run's engine
+            _say(log, f"handed to warm engine {entry.pid} ({entry.backend}, imports done before the launch)")
+            return conn
+        _say(log, f"warm engine {entry.pid} declined: {answer.get('declined')}")
     except (OSError, ValueError, ConnectionError):
-        conn.close()
-        return None  # gone, busy with another launch, or never listening: start cold
-    if "declined" in answer:
-        _say(log, f"warm engine {entry.pid} declined: {answer['declined']}")
-        conn.close()
-        return None
-    _say(log, f"handed to warm engine {entry.pid} ({entry.backend}, imports done before the launch)")
-    return _relay(conn, entry.pid)
+        pass  # gone, busy with another launch, never listening, or not ours: start cold
+    conn.close()
+    return None
 
 
-def _relay(conn: socket.socket, pid: int) -> int:
-    """Wait for the run's status, passing on the signals that stop a run (SIGTERM, SIGINT)."""
-
-    def forward(signum: int, _frame: object) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+def _relay(conn: socket.socket, pid: int, log: object) -> int:
+    """The run's exit status, after the standby's process has exited (its lock released)."""
     conn.settimeout(None)
     try:
-        return int(_reply(conn)["exit"])
+        status = int(receive(conn)["exit"])
     except (OSError, ValueError, KeyError, ConnectionError):
-        return 1  # it died without a word (killed): the run's events say how far it got
+        _say(log, f"warm engine {pid} ended without an exit status (killed?)")
+        status = 1
     finally:
         conn.close()
+    _wait_exit(pid)
+    return status
+
+
+def _wait_exit(pid: int, timeout_s: float = 180.0) -> None:
+    try:
+        fd = os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+        return
+    try:
+        select.select([fd], [], [], timeout_s)
+    finally:
+        os.close(fd)
 
 
 def _process_started() -> float:

@@ -540,7 +540,7 @@ def run(
     if failure is not None:
         emitter.emit(failure)
         status = "failed"
-    if recipe is not None and recipe.backend is not None and ranks.world_size == 1:
+    if recipe is not None and recipe.backend is not None and not ranks.distributed:
         keep_warm(recipe.cfg, recipe.backend.name, recipe.device, emitter)
     state = recipe.state if recipe else RunState()
     last = runs.checkpoints(run_dir)

@@ -13,6 +13,7 @@ back to the launch, which relays it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -57,6 +58,8 @@ def warm(backend: str) -> None:
 def serve(backend: str, minutes: float, main: Callable[[list[str]], int]) -> int:
     """Import `backend`, wait up to `minutes` for a launch, then run it as `main(argv)` (the
     engine's entry point, which skips the hand-over there)."""
+    from engine.run.proc import started_at
+
     # The key is taken before anything (the allocator's setting, Unsloth's import) edits the
     # environment: a launch compares the environment it was given.
     key = standby.env_key(os.environ)
@@ -69,6 +72,7 @@ def serve(backend: str, minutes: float, main: Callable[[list[str]], int]) -> int
         key=key,
         socket=str(path),
         started=time.time(),
+        pid_started=started_at(),
         python=sys.executable,
     )
     signal.signal(signal.SIGTERM, _exit)  # `qlc warm --stop`, or a run starting cold
@@ -103,27 +107,18 @@ def _wait(listener: socket.socket, entry: standby.Standby, main: Callable[[list[
             conn, _ = listener.accept()
         except TimeoutError:
             break
-        conn.settimeout(standby.REPLY_WAIT_S)
-        try:
-            request, fds = _receive(conn)
-        except (OSError, ValueError, ConnectionError) as exc:
-            print(f"standby {entry.pid}: a garbled launch ({exc}), still waiting", file=sys.stderr)
+        taken = _take(conn, entry)
+        if taken is None:
             conn.close()
             continue
-        reason = decline_reason(request, entry.backend)
-        if reason:
-            _send(conn, {"declined": reason})
-            for fd in fds:
-                os.close(fd)
-            conn.close()
-            continue
-        _send(conn, {"accepted": entry.pid})
+        request, fds = taken
         listener.close()
-        entry.remove()
+        # Other idle standbys hold GPU memory beside the run, as they would beside a cold start.
+        standby.stop_all(but=entry.pid)
         status = _become(request, fds, entry, main)
         with contextlib.suppress(OSError):
             conn.settimeout(5)
-            _send(conn, {"exit": status})
+            conn.sendall(standby.frame({"exit": status}))
         conn.close()
         return status
     print(
@@ -133,29 +128,41 @@ def _wait(listener: socket.socket, entry: standby.Standby, main: Callable[[list[
     return 0
 
 
-def _peer_uid(conn: socket.socket) -> int:
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[1]
-
-
-def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
-    """The launch's request and its three descriptors; only from this user."""
-    import json
-
-    if _peer_uid(conn) != os.getuid():
-        raise ValueError("from another user")
-    head, fds, _flags, _addr = socket.recv_fds(conn, 4, 3)
-    if len(fds) != 3 or len(head) != 4:
+def _take(conn: socket.socket, entry: standby.Standby) -> tuple[dict[str, Any], list[int]] | None:
+    """The launch's request and descriptors once it is ours: from this user, a run this standby
+    may train, and the launch's go after our yes (a launch that gave up meanwhile starts cold, and
+    this standby waits on). None, with everything received closed, otherwise."""
+    fds: list[int] = []
+    try:
+        conn.settimeout(standby.REPLY_WAIT_S)
+        if standby.peer(conn)[1] != os.getuid():
+            raise ValueError("a launch from another user")
+        head, fds, _flags, _addr = socket.recv_fds(conn, 4, 3)
+        if len(fds) != 3 or len(head) != 4:
+            raise ValueError("a launch without its three descriptors")
+        (size,) = struct.unpack("!I", head)
+        request = json.loads(standby.recv_exact(conn, size))
+        reason = decline_reason(request, entry.backend)
+        if reason:
+            conn.sendall(standby.frame({"declined": reason}))
+            raise ValueError(f"declined: {reason}")
+        # Out of the registry before the yes, and deaf to the SIGTERM a cold start sends every
+        # standby it lists: from here this process is about to be a run (the run's own handler
+        # replaces this one at once).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        entry.path.unlink(missing_ok=True)
+        conn.sendall(standby.frame({"accepted": entry.pid}))
+        if not standby.receive(conn).get("go"):
+            raise ValueError("no go")
+        return request, fds
+    except (OSError, ValueError, ConnectionError) as exc:
+        print(f"standby {entry.pid}: {exc}; still waiting", file=sys.stderr)
         for fd in fds:
             os.close(fd)
-        raise ValueError("no descriptors")
-    (size,) = struct.unpack("!I", head)
-    body = standby._recv_exact(conn, size)
-    return json.loads(body), list(fds)
-
-
-def _send(conn: socket.socket, payload: dict[str, Any]) -> None:
-    conn.sendall(standby._frame(payload))
+        signal.signal(signal.SIGTERM, _exit)
+        if entry.ready and not entry.path.exists():
+            entry.write()  # back in the registry
+        return None
 
 
 def decline_reason(request: dict[str, Any], backend: str) -> str:
@@ -189,20 +196,8 @@ def _become(
     for target, fd in zip((0, 1, 2), fds, strict=True):
         os.dup2(fd, target)
         os.close(fd)
-    # Only what the launch's environment changes (volatile names, engine.run.standby.env_key):
-    # what the imports set for themselves (Unsloth's UNSLOTH_* flags) stays as they left it.
-    launch = dict(request["env"])
-    for name, value in standby.launch_env.items():
-        if name not in launch:
-            os.environ.pop(name, None)
-        elif launch[name] != value:
-            os.environ[name] = launch[name]
-    for name in launch.keys() - standby.launch_env.keys():
-        os.environ[name] = launch[name]
-    standby.launch_env.clear()
-    standby.launch_env.update(launch)  # the next warm engine starts from the launch's environment
+    standby.adopt_environment(request["env"])
     os.chdir(request.get("cwd") or "/")
     launched = float(request.get("started") or time.time())
     standby.served.update(started=launched, waited=max(0.0, launched - entry.ready), pid=entry.pid)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return main(list(request["argv"]))

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,12 +28,43 @@ def test_the_key_ignores_what_a_new_login_changes_and_nothing_a_library_reads() 
 
 
 def test_the_socket_folder_must_be_the_users_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     folder = standby.socket_dir()
-    assert folder.stat().st_mode & 0o777 == 0o700
+    assert folder.stat().st_mode & 0o777 == 0o700 and standby.registry_dir().parent == folder
     folder.chmod(0o755)  # anyone could reach a socket there: no standby listens in it
     with pytest.raises(PermissionError, match="private"):
         standby.socket_dir()
+
+
+def test_a_standby_takes_only_what_the_launch_changes_of_its_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(standby, "launch_env", {"HOME": "/h", "TERM": "xterm", "SSH_TTY": "/dev/pts/1"})
+    # The standby's process: its start environment, plus what Unsloth's import set for itself.
+    environ = {"HOME": "/h", "TERM": "xterm", "SSH_TTY": "/dev/pts/1", "UNSLOTH_IS_PRESENT": "1"}
+    launch = {"HOME": "/h", "TERM": "tmux-256color", "SSH_CONNECTION": "a b c d"}
+    standby.adopt_environment(launch, environ)
+    assert environ == {
+        "HOME": "/h",
+        "TERM": "tmux-256color",
+        "SSH_CONNECTION": "a b c d",
+        "UNSLOTH_IS_PRESENT": "1",
+    }
+    assert standby.launch_env == launch  # the next standby starts from the launch's
+
+
+def test_an_entry_whose_pid_was_reused_is_no_standby(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a reboot or a kill, an entry's pid may belong to another process (another user's, or
+    one of ours): the registry drops it, and nothing is signalled."""
+    from engine.run.proc import started_at
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("QLC_CACHE_DIR", str(tmp_path / "cache"))
+    fields = {"backend": "hf", "key": "k", "socket": str(tmp_path / "x.sock"), "started": time.time()}
+    for pid, pid_started in ((1, started_at(1) - 60), (os.getpid(), started_at() - 3600), (2**22 + 7, 0.0)):
+        standby.Standby(pid=pid, pid_started=pid_started, **fields).write()  # type: ignore[arg-type]
+    assert standby.listed() == [] and standby.stop_all() == []
+    assert list(standby.registry_dir().glob("*.json")) == []
 
 
 def test_a_standby_declines_a_run_it_did_not_import_the_stack_for(
@@ -41,7 +73,7 @@ def test_a_standby_declines_a_run_it_did_not_import_the_stack_for(
     from engine.config import load_preset
     from engine.train.warm import decline_reason
 
-    run_dir = runs.create_run(runs_dir, load_preset("tiny-demo"))
+    run_dir = runs.create_run(runs_dir, load_preset("tiny-demo", ["hardware.device=cpu"]))
     request = {"argv": ["train", str(run_dir)], "cwd": "/"}
     assert decline_reason(request, "hf") == ""  # the CPU trains with hf
     assert decline_reason(request, "unsloth") == "the run trains with hf, this engine imported unsloth"
@@ -69,8 +101,16 @@ def test_a_warm_engine_trains_the_next_launch_and_relays_its_stop(
         if (shared / name).exists():
             (cache / name).symlink_to(shared / name)
     monkeypatch.setenv("QLC_CACHE_DIR", str(cache))
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the sockets' folder (engine.run.standby.socket_dir)
+    monkeypatch.setattr(tempfile, "tempdir", None)
     env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}  # as tests.conftest.qlc runs qlc
+    try:
+        _hand_over_and_stop(runs_dir, cache, env)
+    finally:
+        standby.stop_all()
+
+
+def _hand_over_and_stop(runs_dir: Path, cache: Path, env: dict[str, str]) -> None:
     # The standby a run leaves, started here with the environment `qlc` gives its engine.
     spawn = "from engine.run import launcher, standby; print(standby.spawn('hf', 1, launcher._env()))"
     subprocess.run([sys.executable, "-c", spawn], env=env, cwd=REPO, check=True, capture_output=True)
@@ -83,7 +123,7 @@ def test_a_warm_engine_trains_the_next_launch_and_relays_its_stop(
     assert started.returncode == 0, started.stderr
     relay = int(started.stdout.split("(pid ")[1].split(")")[0])
     (run_dir,) = runs_dir.iterdir()
-    _wait_for(lambda: runs.is_running(run_dir), what="the run")
+    _wait_for(lambda: runs.is_running(run_dir) and (run_dir / runs.LOCK).read_text(), what="the run")
     # The run's engine is the standby: its lock holds the standby's pid, not the launched one's.
     assert int((run_dir / runs.LOCK).read_text()) == waiting.pid != relay
     assert all(e.pid != waiting.pid for e in standby.listed())
@@ -115,14 +155,15 @@ def test_a_cold_start_stops_every_idle_standby(tmp_path: Path, monkeypatch: pyte
     import argparse
 
     from engine.__main__ import _hand_over
+    from engine.run.proc import started_at
 
     monkeypatch.setenv("QLC_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         other = standby.Standby(
             pid=idle.pid, backend="hf", key="another-environment", socket=str(tmp_path / "x.sock"),
-            started=time.time(), ready=time.time(), idle_until=time.time() + 60,
+            started=time.time(), pid_started=started_at(idle.pid), ready=time.time(), idle_until=time.time() + 60,
         )  # fmt: skip
         other.write()
         assert standby.listed() == [other]
