@@ -80,6 +80,7 @@ LIBRARIES = (
     "bitsandbytes",
     "accelerate",
     "datasets",
+    "liger-kernel",
     "unsloth",
     "unsloth_zoo",
 )

@@ -44,6 +44,9 @@ WARM_MODULES = (
 )
 
 
+IMPORT_LIMIT_S = 600  # Unsloth's import takes 25-30 s on a GPU box; ten times that is a hang
+
+
 def warm(backend: str) -> None:
     import importlib
 
@@ -77,6 +80,9 @@ def serve(backend: str, minutes: float, main: Callable[[list[str]], int]) -> int
     )
     signal.signal(signal.SIGTERM, _exit)  # `qlc warm --stop`, or a run starting cold
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # However the import goes (a hung driver call, a lock), the process ends by this time: SIGALRM's
+    # default action. A launch that takes it disarms it.
+    signal.alarm(int(IMPORT_LIMIT_S + minutes * 60))
     entry.write()
     try:
         allocator.configure()
@@ -112,6 +118,7 @@ def _wait(listener: socket.socket, entry: standby.Standby, main: Callable[[list[
             conn.close()
             continue
         request, fds = taken
+        signal.alarm(0)
         listener.close()
         # Other idle standbys hold GPU memory beside the run, as they would beside a cold start.
         standby.stop_all(but=entry.pid)
