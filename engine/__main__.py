@@ -79,6 +79,9 @@ def _train(run_dir: Path, resume: bool) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a lost terminal is no reason to stop
+    for signum in standby.pending_signals:  # a stop that came while a warm engine took the launch
+        on_signal(signum, None)
+    standby.pending_signals.clear()
     guard.on_terminate()  # where a rank was when torchrun (or anyone) ended it: its stacks
     if ranks.distributed:
         from engine.train.collectives import die_with_parent
@@ -192,9 +195,13 @@ def _hand_over(args: argparse.Namespace) -> int | None:
         standby.stop_all()
         return None
     argv = [args.mode, str(args.run_dir)]
-    status = standby.hand_over(argv, os.environ, _asked_backend(args.run_dir), log=sys.stderr)
-    if status is None:
-        standby.stop_all()
+    try:
+        status = standby.hand_over(argv, os.environ, _asked_backend(args.run_dir), log=sys.stderr)
+        if status is None:
+            standby.stop_all()
+    except OSError as exc:  # no private folder for standbys (someone else's /tmp/qlc-UID): cold
+        print(f"qlc: no warm engine: {exc}", file=sys.stderr)
+        return None
     return status
 
 

@@ -57,6 +57,8 @@ STOP_WAIT_S = 10.0
 # Set in a standby's process once it serves a run: when the relay that handed it over started, for
 # the launch breakdown (engine.train.recipe.process_started_at), and a line for the run's log.
 served: dict[str, float | int] = {}
+# Signals a standby kept while it took a launch, for the run's handler (engine/__main__.py).
+pending_signals: list[int] = []
 # The environment this engine was launched with, before the allocator or a library edited it
 # (engine/__main__.py fills it): a standby kept after the run starts with it.
 launch_env: dict[str, str] = {}
@@ -176,8 +178,7 @@ def listed() -> list[Standby]:
         try:
             entry = Standby(**json.loads(path.read_text()))
         except (OSError, ValueError, TypeError):
-            path.unlink(missing_ok=True)
-            continue
+            continue  # another version's entry, or gone meanwhile: not ours to judge
         if entry.alive():
             found.append(entry)
         else:
@@ -202,7 +203,9 @@ def stop_all(wait_s: float = STOP_WAIT_S, but: int = 0) -> list[Standby]:
         if entry.alive() and entry.path.exists():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(entry.pid, signal.SIGKILL)
-        entry.remove()
+                time.sleep(0.05)
+        if not entry.alive():  # one that became a run meanwhile keeps its entry's fate to itself
+            entry.remove()
     return stopped
 
 
@@ -360,45 +363,62 @@ def _offer(entry: Standby, argv: list[str], env: Mapping[str, str], log: object)
         answer = receive(conn)
         if "accepted" in answer:
             conn.sendall(frame({"go": True}))  # from here the standby is the run's engine
-            _say(log, f"handed to warm engine {entry.pid} ({entry.backend}, imports done before the launch)")
-            return conn
-        _say(log, f"warm engine {entry.pid} declined: {answer.get('declined')}")
+        else:
+            conn.close()
+            with contextlib.suppress(OSError, ValueError):
+                _say(log, f"warm engine {entry.pid} declined: {answer.get('declined')}")
+            return None
     except (OSError, ValueError, ConnectionError):
-        pass  # gone, busy with another launch, never listening, or not ours: start cold
-    conn.close()
-    return None
+        conn.close()
+        return None  # gone, busy with another launch, never listening, or not ours: start cold
+    with contextlib.suppress(OSError, ValueError):
+        _say(log, f"handed to warm engine {entry.pid} ({entry.backend}, imports done before the launch)")
+    return conn
 
 
 def _relay(conn: socket.socket, pid: int, log: object) -> int:
-    """The run's exit status, after the standby's process has exited (its lock released)."""
-    conn.settimeout(None)
+    """The run's exit status, once the standby's process has exited (its lock released). Waits on
+    both the connection and the process: a child it left behind may hold the connection open."""
     try:
-        status = int(receive(conn)["exit"])
-    except (OSError, ValueError, KeyError, ConnectionError):
-        _say(log, f"warm engine {pid} ended without an exit status (killed?)")
-        status = 1
+        ended = os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        ended = None
+    status: int | None = None
+    try:
+        while status is None:
+            ready, _, _ = select.select([conn] + ([ended] if ended is not None else []), [], [])
+            if conn in ready:
+                try:
+                    status = int(receive(conn)["exit"])
+                except (OSError, ValueError, KeyError, ConnectionError):
+                    break
+            elif ended is not None and ended in ready:
+                conn.settimeout(1.0)  # its status, if it sent one before it ended
+                with contextlib.suppress(OSError, ValueError, KeyError, ConnectionError):
+                    status = int(receive(conn)["exit"])
+                break
     finally:
         conn.close()
-    _wait_exit(pid)
+    if ended is not None:
+        select.select([ended], [], [], 180.0)
+        os.close(ended)
+    else:
+        _wait_exit(pid)
+    if status is None:
+        with contextlib.suppress(OSError, ValueError):
+            _say(log, f"warm engine {pid} ended without an exit status (killed?)")
+        return 1
     return status
 
 
 def _wait_exit(pid: int, timeout_s: float = 180.0) -> None:
-    try:
-        fd = os.pidfd_open(pid)
-    except (OSError, AttributeError):
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)
-        return
-    try:
-        select.select([fd], [], [], timeout_s)
-    finally:
-        os.close(fd)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
 
 
 def _process_started() -> float:

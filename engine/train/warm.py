@@ -153,12 +153,15 @@ def _take(conn: socket.socket, entry: standby.Standby) -> tuple[dict[str, Any], 
         if reason:
             conn.sendall(standby.frame({"declined": reason}))
             raise ValueError(f"declined: {reason}")
-        # Out of the registry before the yes, and deaf to the SIGTERM a cold start sends every
-        # standby it lists: from here this process is about to be a run (the run's own handler
-        # replaces this one at once).
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # Out of the registry before the yes, and from here a stop is the run's: SIGTERM and
+        # SIGINT (the relay's, or a cold start's sent before it saw the entry gone) are kept for
+        # the run's own handler, which replays them (engine/__main__.py).
+        signal.signal(signal.SIGTERM, _keep)
+        signal.signal(signal.SIGINT, _keep)
+        signal.alarm(0)
         entry.path.unlink(missing_ok=True)
         conn.sendall(standby.frame({"accepted": entry.pid}))
+        conn.settimeout(None)  # the launch's go, or its end (EOF): no guess at how long it takes
         if not standby.receive(conn).get("go"):
             raise ValueError("no go")
         return request, fds
@@ -166,10 +169,17 @@ def _take(conn: socket.socket, entry: standby.Standby) -> tuple[dict[str, Any], 
         print(f"standby {entry.pid}: {exc}; still waiting", file=sys.stderr)
         for fd in fds:
             os.close(fd)
+        if standby.pending_signals:  # asked to stop while it was about to be a run
+            raise SystemExit(0) from None
         signal.signal(signal.SIGTERM, _exit)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         if entry.ready and not entry.path.exists():
             entry.write()  # back in the registry
         return None
+
+
+def _keep(signum: int, _frame: object) -> None:
+    standby.pending_signals.append(signum)
 
 
 def decline_reason(request: dict[str, Any], backend: str) -> str:

@@ -118,7 +118,15 @@ def _hand_over_and_stop(runs_dir: Path, cache: Path, env: dict[str, str]) -> Non
     (waiting,) = standby.listed()
 
     started = qlc(
-        "train", "tiny-demo", "--detach", "--set", "train.max_steps=400", "--set", "hardware.keep_warm=1"
+        "train",
+        "tiny-demo",
+        "--detach",
+        "--set",
+        "train.max_steps=400",
+        "--set",
+        "hardware.keep_warm=1",
+        "--set",
+        "hardware.backend=hf",
     )
     assert started.returncode == 0, started.stderr
     relay = int(started.stdout.split("(pid ")[1].split(")")[0])
