@@ -55,7 +55,7 @@ from bench.gpu_common import (  # noqa: E402
     write_tokens,
 )
 from engine import protocol  # noqa: E402
-from engine.run import runs  # noqa: E402
+from engine.run import runs, standby  # noqa: E402
 
 QLC = [sys.executable, "-m", "tui.cli"]
 UNSLOTH_SCENARIOS = ("bare-unsloth", "engine-unsloth", "engine-auto", "engine-split")
@@ -148,8 +148,9 @@ def run_engine(
     )
     if started.returncode != 0:
         return {"error": started.stdout + started.stderr}
-    run_dir = Path(json.loads(started.stdout)["path"])
-    register(int(json.loads(started.stdout)["pid"]))
+    launched = json.loads(started.stdout)
+    run_dir, relay_pid = Path(launched["path"]), int(launched["pid"])
+    register(relay_pid)
     deadline = time.monotonic() + args.timeout
     events: list[Any] = []
     engine_pid = 0
@@ -158,7 +159,7 @@ def run_engine(
             # A warm engine trains the run in its own process (engine/run/standby.py): count its
             # memory, not the relay's.
             engine_pid = int((run_dir / runs.LOCK).read_text() or 0)
-            if engine_pid and engine_pid != int(json.loads(started.stdout)["pid"]):
+            if engine_pid and engine_pid != relay_pid:
                 register(engine_pid)
         events, _ = runs.read_events(run_dir)
         if any(isinstance(e, protocol.Finished) for e in events):
@@ -192,7 +193,7 @@ def run_engine(
         "grad_accum": grad_accum,
         "split_reason": ready.split_reason,
         "kernels": ready.kernels,
-        "warm_engine": engine_pid != int(json.loads(started.stdout)["pid"]),
+        "warm_engine": engine_pid != relay_pid,
         "launch_to_first_step_seconds": first_step - t_launch,
         "launch_breakdown_seconds": {
             "process start and imports (launch -> hello)": t_hello - t_launch,
@@ -217,30 +218,20 @@ def run_engine(
     }
 
 
-def wait_warm(env: dict[str, str], timeout_s: float = 120.0) -> dict:
+def wait_warm(timeout_s: float = 120.0) -> dict:
     """Until every warm engine an earlier scenario left (hardware.keep_warm) has its backend
     imported: a user's next launch comes later than the bench's would, and finds it ready."""
-    code = (
-        "import sys, time\n"
-        "from engine.run import standby\n"
-        f"deadline = time.monotonic() + {timeout_s}\n"
-        "while time.monotonic() < deadline:\n"
-        "    listed = standby.listed()\n"
-        "    if listed and all(e.ready for e in listed):\n"
-        "        print(max(e.ready - e.started for e in listed)); sys.exit(0)\n"
-        "    time.sleep(0.2)\n"
-        "sys.exit(1)\n"
-    )
     t0 = time.time()
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
-    if done.returncode != 0:
-        return {"error": "no warm engine became ready", "waited_seconds": time.time() - t0}
-    return {"waited_seconds": time.time() - t0, "standby_import_seconds": float(done.stdout)}
-
-
-def standby_stop(env: dict[str, str]) -> None:
-    code = "from engine.run import standby; standby.stop_all()"
-    subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, cwd=ROOT)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        listed = standby.listed()
+        if listed and all(e.ready for e in listed):
+            return {
+                "waited_seconds": time.time() - t0,
+                "standby_import_seconds": max(e.ready - e.started for e in listed),
+            }
+        time.sleep(0.2)
+    return {"error": "no warm engine became ready", "waited_seconds": time.time() - t0}
 
 
 def main() -> int:
@@ -317,9 +308,9 @@ def main() -> int:
             monitor.register(name, pid)
 
         if kind == "wait-warm":
-            result = wait_warm(env)
+            result = wait_warm()
         elif kind.startswith("bare-"):
-            standby_stop(env)  # an idle warm engine's context is no part of bare's figure
+            standby.stop_all()  # an idle warm engine's context is no part of bare's figure
             result = run_bare(kind, args, model, data, env, register)
         else:
             budget = None

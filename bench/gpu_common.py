@@ -228,25 +228,9 @@ def shrunk_config(arch: str) -> dict[str, Any]:
 
 
 def versions() -> dict[str, str]:
-    import importlib.metadata as md
+    from engine.versions import TRAINING_STACK, installed
 
-    out = {"python": platform.python_version()}
-    for name in (
-        "torch",
-        "transformers",
-        "peft",
-        "trl",
-        "bitsandbytes",
-        "accelerate",
-        "datasets",
-        "liger-kernel",
-        "unsloth",
-        "unsloth_zoo",
-        "nvidia-ml-py",
-    ):
-        with contextlib.suppress(md.PackageNotFoundError):
-            out[name] = md.version(name)
-    return out
+    return {"python": platform.python_version(), **installed((*TRAINING_STACK, "nvidia-ml-py"))}
 
 
 def gpu_name() -> str:

@@ -241,14 +241,12 @@ def main(argv: list[str] | None = None, warm: bool = False) -> int:
         from engine.train.warm import serve
 
         return serve(args.backend, args.minutes, lambda argv: main(argv, warm=True))
-    # The environment as launched, before anything edits it: a warm engine kept after this run
-    # (engine.run.standby) starts with it, so that the next launch from the same place matches.
-    if not warm:  # a warm engine set it to its launch's
+    if not warm:  # (a warm engine running its launch has done both for it)
+        # The environment as launched, before anything edits it: a warm engine kept after this run
+        # (engine.run.standby) starts with it, so that the next launch from the same place matches.
         standby.launch_env.clear()
         standby.launch_env.update(os.environ)
-    if args.mode in ("train", "resume") and not warm:
-        status = _hand_over(args)
-        if status is not None:
+        if args.mode in ("train", "resume") and (status := _hand_over(args)) is not None:
             return status
     allocator.configure()  # before anything imports torch
     if args.mode in ("train", "resume"):

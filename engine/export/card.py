@@ -2,12 +2,11 @@
 data, how well, and how this folder was produced and checked. Built from the run's resolved
 config and its events file, nothing re-typed.
 
-Pure Python (importlib.metadata for versions: no library is imported to read its version).
+Pure Python (engine.versions reads versions from metadata: no library is imported to read its version).
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import math
 import time
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from engine import __version__, protocol
+from engine import __version__, protocol, versions
 from engine.config import RunConfig
 from engine.data.templates import family_of
 from engine.export.request import ExportRequest
@@ -62,13 +61,7 @@ def read_record(run_dir: Path, step: int | None) -> RunRecord:
 
 
 def library_versions() -> dict[str, str]:
-    out = {"qlora-console": __version__}
-    for name in LIBRARIES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return out
+    return {"qlora-console": __version__, **versions.installed(LIBRARIES)}
 
 
 @dataclass

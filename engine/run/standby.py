@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from engine.paths import cache_root
+from engine.versions import TRAINING_STACK, installed
 
 # What a new login, terminal or multiplexer changes and no library reads at import: left out of
 # the comparison, so a standby started from one SSH session serves a launch from the next.
@@ -74,36 +75,14 @@ def env_key(env: Mapping[str, str], executable: str = sys.executable) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-LIBRARIES = (
-    "torch",
-    "transformers",
-    "peft",
-    "trl",
-    "bitsandbytes",
-    "accelerate",
-    "datasets",
-    "liger-kernel",
-    "unsloth",
-    "unsloth_zoo",
-)
-
-
 @functools.cache
 def code_signature() -> str:
     """The engine's source files (name, size, modification time) and the libraries' versions."""
-    from importlib.metadata import PackageNotFoundError, version
-
     root = Path(__file__).resolve().parents[1]
     files = sorted(
         (str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*.py")
     )
-    versions = []
-    for name in LIBRARIES:
-        try:
-            versions.append((name, version(name)))
-        except PackageNotFoundError:
-            versions.append((name, ""))
-    return hashlib.sha256(json.dumps([files, versions]).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([files, installed(TRAINING_STACK)]).encode()).hexdigest()[:16]
 
 
 def socket_dir() -> Path:
@@ -272,6 +251,28 @@ def receive(conn: socket.socket) -> dict:
     return json.loads(recv_exact(conn, size))
 
 
+def send_with_fds(conn: socket.socket, payload: dict, fds: list[int]) -> None:
+    """`payload` framed as `receive` reads it, with `fds` riding on its length (SCM_RIGHTS)."""
+    data = frame(payload)
+    socket.send_fds(conn, [data[:4]], fds)
+    conn.sendall(data[4:])
+
+
+def receive_with_fds(conn: socket.socket, count: int) -> tuple[dict, list[int]]:
+    """What `send_with_fds` sent: the payload and exactly `count` descriptors, now this
+    process's (closed again when anything is missing or garbled)."""
+    head, fds, _flags, _addr = socket.recv_fds(conn, 4, count)
+    try:
+        if len(fds) != count or len(head) != 4:
+            raise ValueError(f"expected {count} descriptors with the message")
+        (size,) = struct.unpack("!I", head)
+        return json.loads(recv_exact(conn, size)), list(fds)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
 def peer(conn: socket.socket) -> tuple[int, int]:
     """(pid, uid) of the process at the other end (SO_PEERCRED)."""
     pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
@@ -357,9 +358,7 @@ def _offer(entry: Standby, argv: list[str], env: Mapping[str, str], log: object)
         if peer(conn) != (entry.pid, os.getuid()):
             raise ConnectionError("not the standby its entry names")
         request = {"argv": argv, "env": dict(env), "cwd": os.getcwd(), "started": _process_started()}
-        header = frame(request)
-        socket.send_fds(conn, [header[:4]], [0, 1, 2])
-        conn.sendall(header[4:])
+        send_with_fds(conn, request, [0, 1, 2])
         answer = receive(conn)
         if "accepted" in answer:
             conn.sendall(frame({"go": True}))  # from here the standby is the run's engine

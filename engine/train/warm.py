@@ -13,11 +13,9 @@ back to the launch, which relays it.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
-import struct
 import sys
 import time
 from collections.abc import Callable
@@ -144,11 +142,7 @@ def _take(conn: socket.socket, entry: standby.Standby) -> tuple[dict[str, Any], 
         conn.settimeout(standby.REPLY_WAIT_S)
         if standby.peer(conn)[1] != os.getuid():
             raise ValueError("a launch from another user")
-        head, fds, _flags, _addr = socket.recv_fds(conn, 4, 3)
-        if len(fds) != 3 or len(head) != 4:
-            raise ValueError("a launch without its three descriptors")
-        (size,) = struct.unpack("!I", head)
-        request = json.loads(standby.recv_exact(conn, size))
+        request, fds = standby.receive_with_fds(conn, 3)  # the launch's stdin, stdout, stderr
         reason = decline_reason(request, entry.backend)
         if reason:
             conn.sendall(standby.frame({"declined": reason}))
