@@ -1359,6 +1359,13 @@ def main(argv: list[str] | None = None) -> int:
         help="leave out the configurations these records files already hold (a second call measures others)",
     )
     ap.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="measure only these configurations, named as the records name them (--plan lists them)",
+    )
+    ap.add_argument(
         "--unsloth-process-per-gc",
         action="store_true",
         help="one Unsloth process per LoRA group and checkpointing mode (no configuration runs on a model "
@@ -1389,6 +1396,15 @@ def main(argv: list[str] | None = None) -> int:
         }
         for w in plan.workers:
             w.configs = [c for c in w.configs if c.id not in measured]
+        plan.workers = [w for w in plan.workers if w.configs]
+    if args.only:
+        planned = {c.id for w in plan.workers for c in w.configs}
+        if unknown := sorted(set(args.only) - planned):
+            ap.error(
+                f"--only {', '.join(unknown)}: not in the plan (bench/calibration_matrix.py --plan lists it)"
+            )
+        for w in plan.workers:
+            w.configs = [c for c in w.configs if c.id in args.only]
         plan.workers = [w for w in plan.workers if w.configs]
     if args.max_configs:
         for w in plan.workers:

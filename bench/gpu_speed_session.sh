@@ -56,6 +56,12 @@
 #                                             Gemma-3-4B held out), the configurations not yet measured
 #   bash bench/gpu_speed_session.sh warm-launch  the Unsloth backend's launch to first step: first,
 #                                             handed to the warm engine the first left, and cold
+#   bash bench/gpu_speed_session.sh kernels   issue 16's 80 GB step by kind of kernel (bench/step_tax.py
+#                                             --kernels): the seed recipe on the Unsloth backend as
+#                                             auto runs it on the whole card (4 x 1, none
+#                                             checkpointed), then as bare Unsloth runs it (2 x 2,
+#                                             every layer checkpointed and offloaded); on an H200
+#                                             first, the one Gemma-3-1B record only an H200 disagrees on
 #   bash bench/gpu_speed_session.sh split-24gb  bare Unsloth against the engine with batch_split
 #                                             auto at 24 GB (the 1.2x target), then the Unsloth step
 #                                             tax on the 1B in ROUNDS (default 6) rounds
@@ -63,7 +69,7 @@
 # Writes to $OUT (the device tool's folder): the results JSON and a log per part. Models are built
 # in child processes under /tmp and deleted at the end.
 set -uo pipefail
-PART=${1:?"which part: stacks, split, split-24gb, table, tax-profile, tax, tax-unsloth, tax-unsloth-2, gemma-24gb, unsloth-gaps or memory-gaps"}
+PART=${1:?"which part: stacks, split, split-24gb, kernels, table, tax-profile, tax, tax-unsloth, tax-unsloth-2, gemma-24gb, unsloth-gaps or memory-gaps"}
 OUT=${OUT:-/tmp/qlc-speed-out}
 WORK=/tmp/qlc-speed
 mkdir -p "$OUT" "$WORK"
@@ -162,6 +168,28 @@ case "$PART" in
       --scenario "engine-unsloth:hardware.keep_warm=5" --scenario wait-warm --scenario "engine-unsloth#2" \
       --scenario "engine-unsloth#3" 2>&1 | tee "$OUT/warm.log" | grep -v "^ \|^O^O\|^\\\\\|==((" | tail -n 12
     rm -rf "$WORK/warm"
+    ;;
+  kernels)
+    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+      # Issue 15's one card-dependent record: 2.04 GiB reserved on an H200 (2026-12-04b, the
+      # harness before one process per checkpointing mode), 2.31 in three H100 calls.
+      PYTHONPATH=$PWD:/tmp/site2:/tmp/site timeout -k 10 200 python3 bench/calibration_matrix.py \
+        --out "$OUT/unsloth-gemma-3-1b-h200" --work "$WORK/gaps-unsloth" --deadline-s 180 --backend unsloth \
+        --unsloth-path /tmp/site2 --no-e2e --arch gemma-3-1b --only gemma-3-1b/unsloth/r16-all/s4096x2 \
+        2>&1 | tee "$OUT/gemma-h200.log" | tail -n 4
+      rm -rf "$WORK/gaps-unsloth"
+    fi
+    export PYTHONPATH=$PWD:/tmp/site2:/tmp/site
+    for layout in "4 1 false" "2 2 true"; do
+      read -r mb ga gc <<< "$layout"
+      (( ${LIMIT_S:-570} - SECONDS > 120 )) || { echo "no time left for $mb x $ga"; break; }
+      timeout -k 10 $((${LIMIT_S:-570} - SECONDS)) python3 -m bench.step_tax --arch llama-3.1-8b \
+        --work "$WORK/kernels" --seq 4096 --micro-batch "$mb" --grad-accum "$ga" --steps 8 --rounds 1 \
+        --set hardware.backend=unsloth --set hardware.gpu=auto --set train.gradient_checkpointing=$gc \
+        --set train.batch_split=fixed \
+        --kernels --out "$OUT/step-kernels-llama-3.1-8b-unsloth-${mb}x${ga}-$DAY.json" 2>&1 \
+        | grep -v '^O^O\|^\\\|==((\|^ *"-____-"\|^ *\\\\   /|' | tail -n 24 | tee -a "$OUT/kernels.log"
+    done
     ;;
   generic-attn)
     # Unsloth's generic path (FastModel: Gemma 3) with attention-only adapters and without

@@ -25,7 +25,8 @@ variant trains first. `--profile` adds one round of each under cProfile and prin
 whose host time per step differs most between them. Every engine hook is also
 timed on its own, which gives the engine's host time per step without the noise of the whole
 step. On CUDA, `torch.cuda.set_sync_debug_mode("warn")` counts the device synchronisations each
-variant makes per step.
+variant makes per step. `--kernels` adds a round of the engine under torch.profiler and reports
+its device time per step by kind of kernel (bench/kernel_profile.py).
 """
 
 from __future__ import annotations
@@ -209,6 +210,11 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="a round more of each variant under cProfile")
     ap.add_argument("--profile-top", type=int, default=40, help="functions kept per profile")
     ap.add_argument(
+        "--kernels",
+        action="store_true",
+        help="a round more of the engine under torch.profiler: its device time per step by kind of kernel",
+    )
+    ap.add_argument(
         "--dry-run", action="store_true", help="with --arch: a shrunk model of its layout, on the CPU"
     )
     args = ap.parse_args()
@@ -294,6 +300,12 @@ def main() -> int:
         # function, so a difference between the two shows up by name (cProfile slows both alike).
         for name, trainer, timer in variants:
             profiles[name] = profile_round(trainer, timer, cuda, args.profile_top)
+    kernels = None
+    if args.kernels:
+        # After the timed rounds, so the profiler's own cost is in no step they count.
+        from bench.kernel_profile import profile_kernels
+
+        kernels = profile_kernels(engine, lambda t: run_round(t, engine_timer, cuda), cuda)
     hook_seconds = sum(times.seconds.values())
     bare_median = statistics.median(results["bare"]["step_seconds"])
     engine_median = statistics.median(results["engine"]["step_seconds"])
@@ -341,6 +353,7 @@ def main() -> int:
         "syncs_per_step": {k: v["syncs"] for k, v in results.items()} if cuda else None,
         "order": "bare first in odd rounds, engine first in even ones",
         **({"profiles": profiles} if profiles else {}),
+        **({"kernels": kernels} if kernels else {}),
         "step_seconds": {k: v["step_seconds"] for k, v in results.items()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -352,6 +365,10 @@ def main() -> int:
     )
     if profiles:
         print_profile_difference(profiles)
+    if kernels:
+        from bench.kernel_profile import print_summary
+
+        print_summary(kernels)
     return 0
 
 

@@ -20,7 +20,7 @@ def test_step_tax_builds_an_architecture_as_on_the_gpu(tmp_path: Path) -> None:
     done = bench(
         "-m", "bench.step_tax", "--arch", "llama-3.2-1b", "--dry-run", "--work",
          str(tmp_path / "work"), "--seq", "64", "--micro-batch", "2", "--grad-accum", "2",
-         "--steps", "4", "--rounds", "1", "--out", str(out),
+         "--steps", "4", "--rounds", "1", "--kernels", "--out", str(out),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -42,3 +42,9 @@ def test_step_tax_builds_an_architecture_as_on_the_gpu(tmp_path: Path) -> None:
     ):
         assert hooks[name]["calls"] >= 4, (name, hooks)
     assert 0 < report["engine_hooks_share_of_step"] < 0.5
+    # --kernels: a profiled round of the engine, steps 3..4, its time by kind (aten ops on the CPU).
+    kernels = report["kernels"]
+    assert kernels["device"] == "cpu" and kernels["steps"] == 2
+    assert 0 < kernels["busy_s_per_step"] <= kernels["wall_s_per_step"]
+    assert kernels["categories"]["matmul"]["s_per_step"] > 0
+    assert abs(sum(c["share_of_kernels"] for c in kernels["categories"].values()) - 1) < 1e-6

@@ -1,0 +1,173 @@
+"""Where a training step's device time goes, by kind of kernel: the breakdown behind issue 16's
+"what is left is inside the step's kernels" (bench/step_tax.py --kernels).
+
+One round of optimizer steps runs under torch.profiler from the end of step 2 to the end of the
+last step. Each kernel is put in a category by its name (the first CATEGORIES entry whose
+fragment it contains), and the report gives each category's device seconds per step, the
+device's busy time (the union of kernel intervals) against the wall time of the steps, and the
+kernels that take the most. On the CPU (a dry run) the same report is made of the aten ops' own
+times, so the path is tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any
+
+# Kernel-name fragments per category, matched lower-case in this order: attention first (flash and
+# cuDNN attention kernels carry "gemm"/"cutlass" in their names too), the loss before Triton
+# (Unsloth's cross-entropy is a Triton kernel), matmuls before the elementwise catch-alls.
+CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "varlen", "cudnn_generated", "scaled_dot")),
+    ("dequantize", ("kdequantize", "dequantize")),
+    ("optimizer", ("koptimizer", "optimizer", "adam")),
+    ("cross-entropy", ("cross_entropy", "crossentropy", "logsumexp", "nll_loss")),
+    (
+        "matmul",
+        ("gemm", "cutlass", "xmma", "nvjet", "wgmma", "cublas", "aten::mm", "aten::addmm", "aten::bmm"),
+    ),
+    # Inductor's kernels (triton_*) and Unsloth's own Triton kernels, named for what they fuse.
+    (
+        "fused (Triton)",
+        ("triton", "_rms_layernorm", "rms_norm", "_rope", "_fg_kernel", "dwf_dw", "swiglu", "geglu"),
+    ),
+    ("communication", ("nccl",)),
+    ("copy", ("memcpy", "memset", "copy_", "copy")),
+    ("elementwise (aten)", ("elementwise", "reduce", "vectorized", "fill", "aten::")),
+)
+OTHER = "other"
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for cat, fragments in CATEGORIES:
+        if any(f in low for f in fragments):
+            return cat
+    return OTHER
+
+
+def union_us(intervals: list[tuple[float, float]]) -> float:
+    """Microseconds covered by at least one interval (kernels on several streams overlap)."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+Kernel = tuple[str, float, float, int]  # name, start and end (microseconds), calls it stands for
+
+
+def summarise(kernels: list[Kernel], steps: int, wall_s: float, top: int = 25) -> dict[str, Any]:
+    """kernels: every kernel in the window of `steps` steps."""
+    per_cat: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
+    per_name: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
+    for name, a, b, n in kernels:
+        cat = category(name)
+        per_cat[cat] += b - a
+        count[cat] += n
+        per_name[name] += b - a
+        calls[name] += n
+    steps = max(steps, 1)
+    busy_s = union_us([(a, b) for _, a, b, _ in kernels]) / 1e6 / steps
+    kernel_s = sum(per_cat.values()) / 1e6 / steps
+    return {
+        "steps": steps,
+        "wall_s_per_step": wall_s / steps,
+        "busy_s_per_step": busy_s,
+        "kernel_s_per_step": kernel_s,
+        "idle_share": max(0.0, 1 - busy_s * steps / wall_s) if wall_s > 0 else None,
+        "categories": {
+            cat: {
+                "s_per_step": s / 1e6 / steps,
+                "share_of_kernels": s / 1e6 / steps / kernel_s if kernel_s else 0.0,
+                "kernels_per_step": count[cat] / steps,
+            }
+            for cat, s in sorted(per_cat.items(), key=lambda kv: -kv[1])
+        },
+        "top": [
+            {
+                "name": name[:160],
+                "category": category(name),
+                "ms_per_step": s / 1e3 / steps,
+                "calls_per_step": calls[name] / steps,
+            }
+            for name, s in sorted(per_name.items(), key=lambda kv: -kv[1])[:top]
+        ],
+    }
+
+
+def profile_kernels(trainer: Any, run_round: Any, cuda: bool, top: int = 25) -> dict[str, Any]:
+    """One round of `trainer` (run through `run_round(trainer)`) with the profiler on from the end
+    of step 2 to the end of the last step; the summary of what ran on the device meanwhile."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    prof = profile(activities=activities)
+    window: dict[str, float] = {}
+
+    def mark() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    class Window(TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step == 2:
+                prof.start()
+                window["start"], window["step"] = mark(), state.global_step
+            elif state.global_step == state.max_steps and "start" in window:
+                window["wall"] = mark() - window["start"]
+                window["steps"] = state.global_step - window["step"]
+                prof.stop()
+
+    hook = Window()
+    trainer.add_callback(hook)
+    try:
+        run_round(trainer)
+    finally:
+        trainer.remove_callback(hook)
+    if "wall" not in window:
+        raise RuntimeError("the kernel round needs at least 3 steps")
+    kernels: list[Kernel] = []
+    if cuda:
+        for e in prof.events():
+            if e.device_type == DeviceType.CUDA:
+                kernels.append((e.name, float(e.time_range.start), float(e.time_range.end), 1))
+    else:
+        # The CPU has no kernels: each op's own time over its calls, laid end to end (ops run one
+        # at a time).
+        t = 0.0
+        for e in prof.key_averages():
+            own = float(e.self_cpu_time_total)
+            if own > 0:
+                kernels.append((e.key, t, t + own, int(e.count)))
+                t += own
+    report = summarise(kernels, int(window["steps"]), window["wall"], top)
+    report["device"] = "cuda" if cuda else "cpu"
+    return report
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    idle = report["idle_share"]
+    print(
+        f"kernels: {report['wall_s_per_step'] * 1e3:.1f} ms/step wall, device busy "
+        f"{report['busy_s_per_step'] * 1e3:.1f} ms ({'' if idle is None else f'{100 * idle:.1f}% idle'})"
+    )
+    for cat, c in report["categories"].items():
+        print(
+            f"  {cat:<22} {c['s_per_step'] * 1e3:9.1f} ms/step  {100 * c['share_of_kernels']:5.1f}%"
+            f"  {c['kernels_per_step']:7.0f} kernels/step"
+        )
+    for k in report["top"][:12]:
+        print(
+            f"    {k['ms_per_step']:8.2f} ms x{k['calls_per_step']:5.0f}  [{k['category']}] {k['name'][:90]}"
+        )

@@ -1,0 +1,56 @@
+"""bench/kernel_profile.py's accounting: kernel names from CUDA traces (H100, torch 2.11, Unsloth
+and bitsandbytes) land in the category their work belongs to, and the device's busy time counts
+overlapping kernels once."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.kernel_profile import category, summarise, union_us
+
+
+@pytest.mark.parametrize(
+    ("name", "want"),
+    [
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1", "matmul"),
+        ("nvjet_tst_256x128_64x4_1x2_h_bz_coopB_NNT", "matmul"),
+        ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64>>", "attention"),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "attention"),
+        ("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>(float*, unsigned char*)", "dequantize"),
+        ("void kOptimizer32bit2State<float, 0>(float*)", "optimizer"),
+        ("_cross_entropy_forward", "cross-entropy"),
+        ("triton_poi_fused_add_mul_0", "fused (Triton)"),
+        ("_rms_layernorm_forward", "fused (Triton)"),
+        ("_DWf_DW_dfg_kernel", "fused (Triton)"),
+        ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL", "communication"),
+        ("Memcpy DtoH (Device -> Pinned)", "copy"),
+        (
+            "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>",
+            "elementwise (aten)",
+        ),
+        ("aten::addmm", "matmul"),
+        ("aten::add_", "elementwise (aten)"),
+        ("some_custom_kernel", "other"),
+    ],
+)
+def test_category(name: str, want: str) -> None:
+    assert category(name) == want
+
+
+def test_union_counts_overlap_once() -> None:
+    assert union_us([(0, 10), (5, 15), (20, 25), (21, 22)]) == 20
+
+
+def test_summary_per_step() -> None:
+    kernels = [
+        ("gemm_a", 0, 600, 1),
+        ("flash_fwd", 600, 800, 1),
+        ("gemm_a", 1000, 1600, 1),
+        ("Memcpy", 1500, 1700, 1),
+    ]
+    r = summarise(kernels, steps=2, wall_s=0.002)
+    assert r["busy_s_per_step"] == pytest.approx(0.00075)  # 1,500 us busy over 2 steps
+    assert r["idle_share"] == pytest.approx(0.25)
+    assert r["categories"]["matmul"]["s_per_step"] == pytest.approx(0.0006)
+    assert r["categories"]["matmul"]["kernels_per_step"] == 1
+    assert r["top"][0] == {"name": "gemm_a", "category": "matmul", "ms_per_step": 0.6, "calls_per_step": 1.0}
