@@ -68,6 +68,10 @@
 #                                             stacks, clean speed (1B, 3B, Qwen2.5-7B), then
 #                                             bench/speed_table.py on them (and on an H200, with the
 #                                             committed H200 table's files)
+#   bash bench/gpu_speed_session.sh pair      bare Unsloth against the engine's Unsloth backend as bare
+#                                             runs it (every layer checkpointed, 2 x 2), the seed
+#                                             recipe, 12 steps: the 0.99x / same-peaks claim, with
+#                                             the padding-free rows carrying packed_seq_lengths
 #   bash bench/gpu_speed_session.sh split-24gb  bare Unsloth against the engine with batch_split
 #                                             auto at 24 GB (the 1.2x target), then the Unsloth step
 #                                             tax on the 1B in ROUNDS (default 6) rounds
@@ -169,6 +173,11 @@ case "$PART" in
       --arch llama-3.1-8b --unsloth-path /tmp/site2 --steps 12 --scenario bare-unsloth \
       --scenario "engine-auto@24GB:train.micro_batch=1,train.grad_accum=4" \
       2>&1 | tee "$OUT/stacks.log" | grep -v "^ \|^O^O\|^\\\\\|==((" | tail -n 30
+    ;;
+  pair)
+    timeout -k 10 $((${LIMIT_S:-570} - SECONDS)) python3 bench/compare_stacks.py --out "$OUT" --work "$WORK/pair" \
+      --arch llama-3.1-8b --unsloth-path /tmp/site2 --steps 12 --scenario bare-unsloth \
+      --scenario engine-unsloth 2>&1 | tee "$OUT/pair.log" | grep -v "^ \|^O^O\|^\\\\\|==((" | tail -n 12
     ;;
   speed-holdout)
     # The speed model's host floor where no table row checks it: Llama-3.1-8B at one 2048-token
