@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine.errors import UserError
 from engine.memory.architectures import catalog
 from engine.memory.gpus import peak_tflops, resolve_gpu
-from engine.memory.speed import FITS_PATH, SpeedFit, step_work
+from engine.memory.speed import FITS_PATH, SpeedFit, domain_of, step_work
 from engine.memory.speed_fit import Choice, Measured, choices, fit_step, leave_one_out
 
 MIN_CONFIGURATIONS = 8
@@ -308,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                 typical_error=round(loo["median"], 4),
                 source=", ".join(Path(m["file"]).name for m in metas),
                 date=str(metas[0]["date"] or dt.date.today()),
+                domain=domain_of([r.work for r in mine]),
             )
         )
     if args.out:

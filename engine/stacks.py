@@ -92,6 +92,9 @@ class Predicted:
     seconds: float
     basis: str
     error: float = 0.0
+    # Why the model's fit does not cover this run ('' where it does): an extrapolation auto
+    # does not act on (engine.memory.speed.SpeedFit.covers).
+    outside: str = ""
 
 
 SpeedOf = Callable[[str], "Predicted | None"]
@@ -126,8 +129,8 @@ def choose(
 ) -> tuple[str, str]:
     """(stack, why) for `hardware.backend: want` on a machine with (`cuda`) or without a CUDA GPU,
     for a run of `processes` processes. An explicit stack that cannot run is a UserError. `auto`
-    goes by `speed` when it predicts every stack that can run (fastest_within_error), and takes
-    the first of AUTO_ORDER that can run otherwise. `is_installed` overrides the package look-up
+    goes by `speed` when it predicts every stack that can run, each within the runs its model was
+    fitted on (fastest_within_error), and takes the first of AUTO_ORDER that can run otherwise. `is_installed` overrides the package look-up
     (tests)."""
 
     def have(s: Stack) -> bool:
@@ -154,27 +157,25 @@ def choose(
             reasons.append(why)
     if not runnable:
         raise UserError("hardware.backend: no backend can train here", "; ".join(reasons))  # pragma: no cover
-    if len(runnable) > 1 and speed is not None:
-        picked = _fastest(runnable, speed)
-        if picked is not None:
-            return picked
-    s = runnable[0]
     note = ""
     if len(runnable) > 1 and speed is not None:
-        note = "; no speed model covers every stack on this GPU, so the first that can run"
+        predicted = {s.name: speed(s.name) for s in runnable}
+        known = {name: p for name, p in predicted.items() if p is not None}
+        outside = [
+            f"the {STACKS[name].label} speed model was {p.outside}" for name, p in known.items() if p.outside
+        ]
+        if len(known) == len(runnable) and not outside:
+            return _fastest(runnable, known)
+        note = f"; {'; '.join(outside)}" if outside else "; no speed model covers every stack on this GPU"
+        note += ", so the first that can run"
+    s = runnable[0]
     if not reasons and s.needs_cuda:
         return s.name, f"auto: {s.label} is installed and a CUDA GPU is present{note}"
     return s.name, (f"auto: {'; '.join(reasons)}" if reasons else "auto") + note
 
 
-def _fastest(runnable: list[Stack], speed: SpeedOf) -> tuple[str, str] | None:
-    """(stack, why) by predicted step time, or None unless every runnable stack is predicted."""
-    predicted: dict[str, Predicted] = {}
-    for s in runnable:
-        p = speed(s.name)
-        if p is None:
-            return None
-        predicted[s.name] = p
+def _fastest(runnable: list[Stack], predicted: dict[str, Predicted]) -> tuple[str, str]:
+    """(stack, why) by predicted step time (every runnable stack predicted)."""
     name, fastest = fastest_within_error([s.name for s in runnable], predicted)
     chosen, mine = STACKS[name], predicted[name]
     if fastest or name != runnable[0].name:

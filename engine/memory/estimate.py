@@ -235,7 +235,10 @@ def speed_predictor(
         if model is None:
             return None
         k, mb, ga, _, _ = choose_layout(cfg, arch, profile, budget, gpu)
-        return stacks.Predicted(model.step_s(cfg, arch, k, mb, ga), model.basis, model.fit.typical_error)
+        work = model.work(cfg, arch, k, mb, ga)
+        return stacks.Predicted(
+            model.fit.predict_s(work), model.basis, model.fit.typical_error, model.fit.covers(work)
+        )
 
     return predict
 
@@ -580,12 +583,14 @@ def forecast_step(cfg: RunConfig, est: Estimate, gpu: Gpu) -> StepForecast | Non
         if est.flops_per_token
         else None
     )
-    host_bound = speed.host_s(model.fit.costs, work) > speed.device_s(model.fit.costs, work)
+    outside = model.fit.covers(work)
+    # The host floor is what an extrapolated fit knows least (speed.SpeedFit.covers): no hint then.
+    host_bound = not outside and speed.host_s(model.fit.costs, work) > speed.device_s(model.fit.costs, work)
     return StepForecast(
         step_s=step_s,
         tokens_per_s=tokens_per_s,
         utilisation=mfu,
-        basis=model.basis,
+        basis=model.basis + (f"; an extrapolation: {outside}" if outside else ""),
         host_bound=host_bound,
         split_auto=cfg.train.batch_split == "auto",
     )

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,12 @@ from engine.memory.architectures import Architecture
 FEATURES: tuple[str, ...] = ("matmul", "attention", "dequant", "elementwise", "adapters", "launches")
 HOST = "host"  # a cost key beside FEATURES: the host's seconds per thousand layer passes (a floor)
 FITS_PATH = Path(__file__).with_name("speed_fits.json")
+# Where a fit's rows lie, per step: what auto checks before it trusts a fit's prediction
+# (SpeedFit.covers). Recomputation and the micro-batch's size decide how much of a step is the
+# host's and the offloaded checkpoint copies': the kinds of work scale alike in grad-accum alone.
+DOMAIN: tuple[str, ...] = ("recomputed_share", "micro_batch_tokens")
+SHARE_SLACK = 0.25  # a step recomputing up to a quarter of the layers fewer (or more) than any row
+TOKENS_SLACK = 2.0  # micro-batches up to half (or twice) the size of any row's
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,10 @@ class StepWork:
     adapters: float  # tokens x the adapted modules' input and output widths x layer passes, billions
     launches: float  # micro-batches x layer passes, thousands
     tokens: int  # tokens per optimizer step (what tokens/s divides)
+    # Not work, but where the step lies (SpeedFit.covers): what share of the layers it recomputes
+    # and how many tokens each micro-batch carries.
+    recomputed_share: float = 1.0
+    micro_batch_tokens: int = 0
 
     def vector(self) -> tuple[float, ...]:
         return tuple(float(getattr(self, f)) for f in FEATURES)
@@ -105,6 +115,8 @@ def step_work(
         adapters=tokens * adapted * layer_passes / 1e9,
         launches=grad_accum * layer_passes / 1e3,
         tokens=tokens,
+        recomputed_share=checkpointed / max(arch.layers, 1),
+        micro_batch_tokens=seq_len * micro_batch,
     )
 
 
@@ -138,9 +150,31 @@ class SpeedFit:
     # The median of those errors: within it, auto does not trust a predicted difference
     # (engine.stacks.fastest_within_error). 0 for fits written before it was recorded.
     typical_error: float = 0.0
+    # The runs it was fitted on, per DOMAIN axis: (lowest, highest). Empty: no bounds recorded.
+    domain: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def predict_s(self, work: StepWork) -> float:
         return predict_s(self.costs, work)
+
+    def covers(self, work: StepWork) -> str:
+        """'' where `work` lies among the runs this fit was measured on (DOMAIN, with its slack),
+        else why not, as a clause: a prediction out there is an extrapolation the table never
+        checked, like the H200 Unsloth fit's (every row fully recomputed, 8,192-16,384 tokens a
+        micro-batch) on an H100 step with none recomputed and 2,048 tokens: 1.30 s predicted,
+        0.69 s measured (bench/results/speed-holdout-llama-3.1-8b-h100-2026-12-06.json)."""
+        for axis, (lo, hi) in self.domain.items():
+            x = float(getattr(work, axis))
+            if axis == "recomputed_share":
+                inside = lo - SHARE_SLACK <= x <= hi + SHARE_SLACK
+                here, seen = f"{x:.0%}", f"{lo:.0%}" if lo == hi else f"{lo:.0%}-{hi:.0%}"
+                what = "of the layers recomputed"
+            else:
+                inside = lo / TOKENS_SLACK <= x <= hi * TOKENS_SLACK
+                here, seen = f"{x:,.0f}", f"{lo:,.0f}" if lo == hi else f"{lo:,.0f}-{hi:,.0f}"
+                what = "tokens a micro-batch"
+            if not inside:
+                return f"fitted on runs with {seen} {what}, this one {here}"
+        return ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -153,6 +187,7 @@ class SpeedFit:
             "typical_error": self.typical_error,
             "source": self.source,
             "date": self.date,
+            **({"domain": {k: list(v) for k, v in self.domain.items()}} if self.domain else {}),
         }
 
     @classmethod
@@ -167,7 +202,13 @@ class SpeedFit:
             source=str(d["source"]),
             date=str(d["date"]),
             typical_error=float(d.get("typical_error", 0.0)),
+            domain={str(k): (float(v[0]), float(v[1])) for k, v in d.get("domain", {}).items()},
         )
+
+
+def domain_of(works: list[StepWork]) -> dict[str, tuple[float, float]]:
+    """The DOMAIN a fit on these steps covers: each axis's lowest and highest value."""
+    return {a: (min(getattr(w, a) for w in works), max(getattr(w, a) for w in works)) for a in DOMAIN}
 
 
 def load_fits(path: Path = FITS_PATH) -> tuple[SpeedFit, ...]:

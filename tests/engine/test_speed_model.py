@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import itertools
+import json
 import random
 
 import pytest
@@ -243,6 +244,63 @@ def test_auto_without_a_prediction_for_every_stack_keeps_the_order_and_says_so()
         "hf",
         "auto: no CUDA GPU, and Unsloth needs one",
     )
+
+
+def test_a_fit_covers_the_runs_it_was_fitted_on_and_says_why_not_elsewhere() -> None:
+    arch = catalog()["llama-3.1-8b"]
+
+    def work(seq: int, mb: int, ga: int, k: int) -> StepWork:
+        return step_work(
+            arch, seq_len=seq, micro_batch=mb, grad_accum=ga, r=32, targets=ALL_LINEAR, checkpointed=k,
+            peak_tflops=989,
+        )  # fmt: skip
+
+    rows = [work(4096, 2, 1, 32), work(8192, 1, 1, 32), work(16384, 1, 1, 32)]
+    fit = dataclasses.replace(_fit("unsloth"), domain=speed.domain_of(rows))
+    assert fit.domain == {"recomputed_share": (1.0, 1.0), "micro_batch_tokens": (8192, 16384)}
+    assert fit.covers(work(4096, 2, 4, 32)) == ""  # grad-accum scales every kind of work alike
+    assert fit.covers(work(4096, 1, 2, 24)) == ""  # within the slack: 75% recomputed, 4,096 tokens
+    assert fit.covers(work(2048, 1, 4, 0)) == "fitted on runs with 100% of the layers recomputed, this one 0%"
+    assert fit.covers(work(2048, 1, 4, 32)) == (
+        "fitted on runs with 8,192-16,384 tokens a micro-batch, this one 2,048"
+    )
+    assert _fit("unsloth").covers(work(2048, 1, 4, 0)) == ""  # no domain recorded: no bounds
+    # Written and read back as bench/speed_table.py writes it.
+    assert SpeedFit.from_dict(json.loads(json.dumps(fit.to_dict()))) == fit
+
+
+def test_auto_does_not_act_on_a_prediction_outside_its_models_runs() -> None:
+    """The H200 Unsloth fit (every row fully recomputed) predicted 1.30 s for an 8B step without
+    recomputation that measured 0.69 s on an H100, where hf's prediction (0.84 s) held: acted on,
+    auto would have taken the slower stack."""
+    outside = "fitted on runs with 100% of the layers recomputed, this one 0%"
+    times = {
+        "hf": stacks.Predicted(0.84, "hf model", 0.045),
+        "unsloth": stacks.Predicted(1.30, "u model", 0.049, outside),
+    }
+    name, why = stacks.choose(
+        "auto", cuda=True, is_installed=dict.fromkeys(stacks.NAMES, True), speed=times.get
+    )
+    assert name == "unsloth"
+    assert why == (
+        "auto: Unsloth is installed and a CUDA GPU is present; the Unsloth speed model was fitted on "
+        "runs with 100% of the layers recomputed, this one 0%, so the first that can run"
+    )
+
+
+def test_the_committed_fits_do_not_extrapolate_unsloth_to_runs_without_recomputation() -> None:
+    """On the card of the committed fits, a run with the whole card to spend recomputes nothing:
+    auto keeps Unsloth there, and the forecast says it extrapolates."""
+    h200 = resolve_gpu("h200")
+    if speed.fit_for("unsloth", h200.label) is None:
+        pytest.skip("no committed Unsloth fit for the H200")
+    cfg, arch = _seed(**{"hardware.gpu": "h200"}), catalog()["llama-3.1-8b"]
+    uns = est.speed_predictor(cfg, arch, h200)("unsloth")
+    assert uns is not None and uns.outside.startswith("fitted on runs with 100% of the layers recomputed")
+    e = est.estimate(cfg, arch, "unsloth", gpu=h200)
+    assert e.checkpointed_layers == 0
+    f = est.forecast_step(cfg, e, h200)
+    assert f is not None and "an extrapolation: fitted on runs with 100%" in f.basis and not f.host_bound
 
 
 def test_the_predictor_plans_each_stack_at_the_budget_before_predicting(
