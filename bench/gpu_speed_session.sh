@@ -71,7 +71,8 @@
 #   bash bench/gpu_speed_session.sh pair      bare Unsloth against the engine's Unsloth backend as bare
 #                                             runs it (every layer checkpointed, 2 x 2), the seed
 #                                             recipe, 12 steps: the 0.99x / same-peaks claim, with
-#                                             the padding-free rows carrying packed_seq_lengths
+#                                             the padding-free rows carrying packed_seq_lengths;
+#                                             KERNELS=1: then the kernels part on the same model
 #   bash bench/gpu_speed_session.sh split-24gb  bare Unsloth against the engine with batch_split
 #                                             auto at 24 GB (the 1.2x target), then the Unsloth step
 #                                             tax on the 1B in ROUNDS (default 6) rounds
@@ -178,6 +179,12 @@ case "$PART" in
     timeout -k 10 $((${LIMIT_S:-570} - SECONDS)) python3 bench/compare_stacks.py --out "$OUT" --work "$WORK/pair" \
       --arch llama-3.1-8b --unsloth-path /tmp/site2 --steps 12 --scenario bare-unsloth \
       --scenario engine-unsloth 2>&1 | tee "$OUT/pair.log" | grep -v "^ \|^O^O\|^\\\\\|==((" | tail -n 12
+    if [[ -n ${KERNELS:-} ]]; then
+      # Then the kernels part on the model this part built (LAYOUTS, default the 80 GB one only).
+      mkdir -p "$WORK/kernels" && ln -sfn "$WORK/pair/model-llama-3.1-8b" "$WORK/kernels/llama-3.1-8b"
+      LIMIT_S=$((${LIMIT_S:-570} - SECONDS)) LAYOUTS=${LAYOUTS:-4 1 false} bash "$0" kernels
+      exit $?
+    fi
     ;;
   speed-holdout)
     # The speed model's host floor where no table row checks it: Llama-3.1-8B at one 2048-token
@@ -217,7 +224,8 @@ case "$PART" in
       rm -rf "$WORK/gaps-unsloth"
     fi
     export PYTHONPATH=$PWD:/tmp/site2:/tmp/site
-    for layout in "4 1 false" "2 2 true"; do
+    IFS='|' read -ra LAYS <<< "${LAYOUTS:-4 1 false|2 2 true}"
+    for layout in "${LAYS[@]}"; do
       read -r mb ga gc <<< "$layout"
       (( ${LIMIT_S:-570} - SECONDS > 120 )) || { echo "no time left for $mb x $ga"; break; }
       timeout -k 10 $((${LIMIT_S:-570} - SECONDS)) python3 -m bench.step_tax --arch llama-3.1-8b \
