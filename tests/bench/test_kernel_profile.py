@@ -17,6 +17,7 @@ from bench.kernel_profile import category, summarise, union_us
         ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64>>", "attention"),
         ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "attention"),
         ("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>(float*, unsigned char*)", "dequantize"),
+        ("_nf4_dequant_kernel", "dequantize"),
         ("void kOptimizer32bit2State<float, 0>(float*)", "optimizer"),
         ("_cross_entropy_forward", "cross-entropy"),
         ("triton_poi_fused_add_mul_0", "fused (Triton)"),
