@@ -130,8 +130,8 @@ def choose(
     """(stack, why) for `hardware.backend: want` on a machine with (`cuda`) or without a CUDA GPU,
     for a run of `processes` processes. An explicit stack that cannot run is a UserError. `auto`
     goes by `speed` when it predicts every stack that can run, each within the runs its model was
-    fitted on (fastest_within_error), and takes the first of AUTO_ORDER that can run otherwise. `is_installed` overrides the package look-up
-    (tests)."""
+    fitted on (fastest_within_error), and takes the first of AUTO_ORDER that can run otherwise.
+    `is_installed` overrides the package look-up (tests)."""
 
     def have(s: Stack) -> bool:
         return is_installed[s.name] if is_installed and s.name in is_installed else installed(s)
