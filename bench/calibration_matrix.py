@@ -1390,13 +1390,6 @@ def main(argv: list[str] | None = None) -> int:
         e2e=not args.no_e2e,
         unsloth_process_per_gc=args.unsloth_process_per_gc,
     )
-    if args.skip_measured:
-        measured = {
-            r.get("id") for f in args.skip_measured for r in json.loads(f.read_text()).get("records", [])
-        }
-        for w in plan.workers:
-            w.configs = [c for c in w.configs if c.id not in measured]
-        plan.workers = [w for w in plan.workers if w.configs]
     if args.only:
         planned = {c.id for w in plan.workers for c in w.configs}
         if unknown := sorted(set(args.only) - planned):
@@ -1405,6 +1398,13 @@ def main(argv: list[str] | None = None) -> int:
             )
         for w in plan.workers:
             w.configs = [c for c in w.configs if c.id in args.only]
+        plan.workers = [w for w in plan.workers if w.configs]
+    if args.skip_measured:
+        measured = {
+            r.get("id") for f in args.skip_measured for r in json.loads(f.read_text()).get("records", [])
+        }
+        for w in plan.workers:
+            w.configs = [c for c in w.configs if c.id not in measured]
         plan.workers = [w for w in plan.workers if w.configs]
     if args.max_configs:
         for w in plan.workers:

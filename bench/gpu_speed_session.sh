@@ -80,7 +80,7 @@
 # Writes to $OUT (the device tool's folder): the results JSON and a log per part. Models are built
 # in child processes under /tmp and deleted at the end.
 set -uo pipefail
-PART=${1:?"which part: stacks, split, split-24gb, kernels, table, tax-profile, tax, tax-unsloth, tax-unsloth-2, gemma-24gb, unsloth-gaps or memory-gaps"}
+PART=${1:?"which part: stacks, split, split-24gb, kernels, pair, speed-gc, speed-holdout, generic-attn, warm-launch, table, tax-profile, tax, tax-unsloth, tax-unsloth-2, gemma-24gb, unsloth-gaps or memory-gaps"}
 OUT=${OUT:-/tmp/qlc-speed-out}
 WORK=/tmp/qlc-speed
 mkdir -p "$OUT" "$WORK"
@@ -182,6 +182,7 @@ case "$PART" in
     if [[ -n ${KERNELS:-} ]]; then
       # Then the kernels part on the model this part built (LAYOUTS, default the 80 GB one only).
       mkdir -p "$WORK/kernels" && ln -sfn "$WORK/pair/model-llama-3.1-8b" "$WORK/kernels/llama-3.1-8b"
+      # (On an H200 it measures the Gemma-3-1B record first unless GEMMA=0: that comes first.)
       LIMIT_S=$((${LIMIT_S:-570} - SECONDS)) LAYOUTS=${LAYOUTS:-4 1 false} bash "$0" kernels
       exit $?
     fi
@@ -214,7 +215,7 @@ case "$PART" in
     rm -rf "$WORK/warm"
     ;;
   kernels)
-    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+    if [[ ${GEMMA:-1} == 1 ]] && nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
       # Issue 15's one card-dependent record: 2.04 GiB reserved on an H200 (2026-12-04b, the
       # harness before one process per checkpointing mode), 2.31 in three H100 calls.
       PYTHONPATH=$PWD:/tmp/site2:/tmp/site timeout -k 10 200 python3 bench/calibration_matrix.py \
@@ -225,16 +226,21 @@ case "$PART" in
     fi
     export PYTHONPATH=$PWD:/tmp/site2:/tmp/site
     IFS='|' read -ra LAYS <<< "${LAYOUTS:-4 1 false|2 2 true}"
+    status=0
     for layout in "${LAYS[@]}"; do
       read -r mb ga gc <<< "$layout"
-      (( ${LIMIT_S:-570} - SECONDS > 120 )) || { echo "no time left for $mb x $ga"; break; }
+      (( ${LIMIT_S:-570} - SECONDS > 120 )) || { echo "no time left for $mb x $ga"; status=1; break; }
       timeout -k 10 $((${LIMIT_S:-570} - SECONDS)) python3 -m bench.step_tax --arch llama-3.1-8b \
         --work "$WORK/kernels" --seq 4096 --micro-batch "$mb" --grad-accum "$ga" --steps 8 --rounds 1 \
         --set hardware.backend=unsloth --set hardware.gpu=auto --set train.gradient_checkpointing=$gc \
         --set train.batch_split=fixed \
         --kernels --out "$OUT/step-kernels-llama-3.1-8b-unsloth-${mb}x${ga}-$DAY.json" 2>&1 \
         | grep -v '^O^O\|^\\\|==((\|^ *"-____-"\|^ *\\\\   /|' | tail -n 24 | tee -a "$OUT/kernels.log"
+      rc=${PIPESTATUS[0]}
+      (( rc == 0 )) || status=$rc
     done
+    rm -rf "$WORK"
+    exit "$status"
     ;;
   generic-attn)
     # Unsloth's generic path (FastModel: Gemma 3) with attention-only adapters and without
@@ -314,7 +320,7 @@ case "$PART" in
     tail -n 24 "$OUT/gaps-table.txt"
     ;;
   *)
-    echo "unknown part $PART: stacks, split, table, tax, tax-unsloth or memory-gaps"; exit 2
+    echo "unknown part $PART: the comment at the top of this script lists them"; exit 2
     ;;
 esac
 rm -rf "$WORK"

@@ -166,8 +166,8 @@ def choose(
         ]
         if len(known) == len(runnable) and not outside:
             return _fastest(runnable, known)
-        note = f"; {'; '.join(outside)}" if outside else "; no speed model covers every stack on this GPU"
-        note += ", so the first that can run"
+        missing = ["no speed model covers every stack on this GPU"] if len(known) < len(runnable) else []
+        note = f"; {'; '.join(outside + missing)}, so the first that can run"
     s = runnable[0]
     if not reasons and s.needs_cuda:
         return s.name, f"auto: {s.label} is installed and a CUDA GPU is present{note}"

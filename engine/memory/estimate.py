@@ -272,6 +272,10 @@ class _SpeedModel:
     def takes(self, cfg: RunConfig, micro_batch: int) -> bool:
         return True  # every split its fit can time
 
+    def extrapolates(self, cfg: RunConfig, arch: Architecture, k: int, mb: int, ga: int) -> bool:
+        """Whether no step the fit was measured on lies near this layout (SpeedFit.covers)."""
+        return bool(self.fit.covers(self.work(cfg, arch, k, mb, ga)))
+
     def cost(self, s: float, against: float | None = None) -> str:
         return (
             f"{s:.2f} against {against:.2f} s a step"
@@ -623,6 +627,9 @@ class RecomputeRule:
         """Passes shorter than any measured are not taken (the written split always is)."""
         return micro_batch == cfg.train.micro_batch or micro_batch * cfg.train.seq_len >= self.min_tokens
 
+    def extrapolates(self, cfg: RunConfig, arch: Architecture, k: int, mb: int, ga: int) -> bool:
+        return False  # its range is takes'
+
     def step_s(self, cfg: RunConfig, arch: Architecture, k: int, mb: int, ga: int) -> float:
         recompute = 1 + C.RECOMPUTE_SHARE * k / max(arch.layers, 1)
         return recompute * pass_cost(mb * cfg.train.seq_len)
@@ -659,7 +666,8 @@ def fastest_layout(
 
     With train.gradient_checkpointing and train.batch_split both auto, every split of the step's
     rows is planned with the fewest checkpointed layers that fit, and the one predicted fastest
-    wins: by the stack's speed model on this card (_speed_model), or where there is none by the
+    wins: by the stack's speed model on this card (_speed_model), among the layouts near the steps
+    it was fitted on; where there is none, or the memory rules' layout lies far from them, by the
     measured RecomputeRule (Unsloth on a 4-bit base; elsewhere the memory rules' layout stands).
     A smaller micro-batch may need fewer layers recomputed: at 24 GB, 1 x 4 with few layers
     checkpointed can beat 2 x 2 with many. The training is the same either way (choose_split says
@@ -667,10 +675,16 @@ def fastest_layout(
     t = cfg.train
     if t.batch_split != "auto" or t.gradient_checkpointing != "auto" or budget_gb is None:
         return None
-    model = _speed_model(cfg, backend, gpu) or RecomputeRule.where_measured(cfg, backend)
+    rows = t.micro_batch * t.grad_accum
+    k0, m0, _ = chosen
+    model: _SpeedModel | RecomputeRule | None = _speed_model(cfg, backend, gpu)
+    if model is not None and model.extrapolates(cfg, arch, k0, m0, rows // m0):
+        # The memory rules' layout lies where the fit has no row: its predictions there are not
+        # acted on (SpeedFit.covers); the measured rule ranks the layouts where it was measured.
+        model = None
+    model = model or RecomputeRule.where_measured(cfg, backend)
     if model is None:
         return None
-    rows = t.micro_batch * t.grad_accum
     limit = budget_gb * (1 - C.TIGHT_FRACTION)
     # hf pads each micro-batch to its longest row: a larger one would compute more padding.
     grow = cfg.data.packing or stacks.padding_free(backend)
@@ -679,7 +693,6 @@ def fastest_layout(
         plan = plan_for(c, arch, backend, budget_gb, None, k, liger, expandable, gpu.device)
         return _estimate_plan(c, arch, plan).device_total_gb
 
-    k0, m0, _ = chosen
     fits0 = total(with_split(cfg, m0, rows // m0), k0) <= limit
     t0 = model.step_s(cfg, arch, k0, m0, rows // m0) if fits0 else math.inf
     best: tuple[float, int, int, str] | None = None
@@ -690,6 +703,8 @@ def fastest_layout(
         k, why = choose_checkpointing(c, arch, backend, budget_gb, None, liger, expandable, gpu.device)
         if total(c, k) > limit:
             continue  # not even every layer checkpointed fits at this micro-batch
+        if model.extrapolates(cfg, arch, k, m, rows // m):
+            continue  # no measured step near this layout: its prediction is not acted on
         s = model.step_s(cfg, arch, k, m, rows // m)
         if best is None or s < best[0]:
             best = (s, k, m, why)

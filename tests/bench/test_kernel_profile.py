@@ -4,9 +4,11 @@ overlapping kernels once."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
-from bench.kernel_profile import category, summarise, union_us
+from bench.kernel_profile import category, device_kernels, summarise, union_us
 
 
 @pytest.mark.parametrize(
@@ -55,3 +57,23 @@ def test_summary_per_step() -> None:
     assert r["categories"]["matmul"]["s_per_step"] == pytest.approx(0.0006)
     assert r["categories"]["matmul"]["kernels_per_step"] == 1
     assert r["top"][0] == {"name": "gemm_a", "category": "matmul", "ms_per_step": 0.6, "calls_per_step": 1.0}
+
+
+def test_device_kernels_leave_the_codes_own_ranges_out() -> None:
+    """On the device's timeline torch also shows the ranges the code names, over the kernels they
+    launched (Optimizer.step#AdamW.step): not kernels. Events on the host are not kernels either."""
+
+    def event(name: str, device: str, a: float, b: float, annotation: bool = False) -> SimpleNamespace:
+        span = SimpleNamespace(start=a, end=b)
+        return SimpleNamespace(name=name, device_type=device, time_range=span, is_user_annotation=annotation)
+
+    events = [
+        event("Optimizer.step#AdamW.step", "cuda", 0, 420, annotation=True),
+        event("kOptimizer8bit2StateBlockwise", "cuda", 10, 20),
+        event("aten::mm", "cpu", 0, 50),
+        SimpleNamespace(name="gemm", device_type="cuda", time_range=SimpleNamespace(start=30, end=80)),
+    ]
+    assert device_kernels(events, "cuda") == [
+        ("kOptimizer8bit2StateBlockwise", 10.0, 20.0, 1),
+        ("gemm", 30.0, 80.0, 1),
+    ]

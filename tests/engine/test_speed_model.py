@@ -255,14 +255,24 @@ def test_a_fit_covers_the_runs_it_was_fitted_on_and_says_why_not_elsewhere() -> 
             peak_tflops=989,
         )  # fmt: skip
 
-    rows = [work(4096, 2, 1, 32), work(8192, 1, 1, 32), work(16384, 1, 1, 32)]
+    rows = [work(4096, 2, 1, 32), work(8192, 1, 1, 32), work(16384, 1, 1, 32), work(2048, 1, 1, 0)]
     fit = dataclasses.replace(_fit("unsloth"), domain=speed.domain_of(rows))
-    assert fit.domain == {"recomputed_share": (1.0, 1.0), "micro_batch_tokens": (8192, 16384)}
+    assert fit.domain == ((0.0, 2048), (1.0, 8192), (1.0, 16384))
     assert fit.covers(work(4096, 2, 4, 32)) == ""  # grad-accum scales every kind of work alike
-    assert fit.covers(work(4096, 1, 2, 24)) == ""  # within the slack: 75% recomputed, 4,096 tokens
-    assert fit.covers(work(2048, 1, 4, 0)) == "fitted on runs with 100% of the layers recomputed, this one 0%"
-    assert fit.covers(work(2048, 1, 4, 32)) == (
-        "fitted on runs with 8,192-16,384 tokens a micro-batch, this one 2,048"
+    # The slack, at its edges: a quarter of the layers, and half or twice a row's tokens.
+    assert fit.covers(work(4096, 1, 2, 24)) == ""  # 75% recomputed, 4,096 tokens: near (1.0, 8192)
+    assert fit.covers(work(4095, 1, 2, 32)) == (
+        "fitted on runs with 8,192-16,384 tokens a micro-batch at 100% of the layers recomputed, this run 4,095"
+    )
+    assert fit.covers(work(32768, 1, 1, 32)) == ""
+    assert fit.covers(work(32769, 1, 1, 32)) != ""
+    assert fit.covers(work(4096, 1, 1, 23)) == (
+        "fitted on runs with 0% or 100% of the layers recomputed, this run 72%"  # none within a quarter
+    )
+    assert fit.covers(work(4096, 1, 1, 8)) == ""  # 25% recomputed, 4,096 tokens: near (0.0, 2048)
+    # Each axis within the rows' ranges is not enough: a corner no row is near is outside.
+    assert fit.covers(work(16384, 1, 1, 0)) == (
+        "fitted on runs with 2,048 tokens a micro-batch at 0% of the layers recomputed, this run 16,384"
     )
     assert _fit("unsloth").covers(work(2048, 1, 4, 0)) == ""  # no domain recorded: no bounds
     # Written and read back as bench/speed_table.py writes it.
@@ -271,21 +281,52 @@ def test_a_fit_covers_the_runs_it_was_fitted_on_and_says_why_not_elsewhere() -> 
 
 def test_auto_does_not_act_on_a_prediction_outside_its_models_runs() -> None:
     """The H200 Unsloth fit (every row fully recomputed) predicted 1.30 s for an 8B step without
-    recomputation that measured 0.69 s on an H100, where hf's prediction (0.84 s) held: acted on,
+    recomputation that took 0.69 s on an H100, where hf's prediction (0.84 s) held: acted on,
     auto would have taken the slower stack."""
-    outside = "fitted on runs with 100% of the layers recomputed, this one 0%"
+    outside = "fitted on runs with 100% of the layers recomputed, this run 0%"
+    installed = dict.fromkeys(stacks.NAMES, True)
     times = {
         "hf": stacks.Predicted(0.84, "hf model", 0.045),
         "unsloth": stacks.Predicted(1.30, "u model", 0.049, outside),
     }
-    name, why = stacks.choose(
-        "auto", cuda=True, is_installed=dict.fromkeys(stacks.NAMES, True), speed=times.get
-    )
+    name, why = stacks.choose("auto", cuda=True, is_installed=installed, speed=times.get)
     assert name == "unsloth"
     assert why == (
         "auto: Unsloth is installed and a CUDA GPU is present; the Unsloth speed model was fitted on "
-        "runs with 100% of the layers recomputed, this one 0%, so the first that can run"
+        "runs with 100% of the layers recomputed, this run 0%, so the first that can run"
     )
+    # The other way round (hf's model outside, Unsloth's inside): the same rule.
+    flipped = {
+        "hf": stacks.Predicted(0.5, "hf model", 0.045, outside),
+        "unsloth": stacks.Predicted(1.30, "u model", 0.049),
+    }
+    name, why = stacks.choose("auto", cuda=True, is_installed=installed, speed=flipped.get)
+    assert name == "unsloth" and "the transformers speed model was fitted on runs with 100%" in why
+    # A model outside and another missing: both said.
+    name, why = stacks.choose("auto", cuda=True, is_installed=installed, speed={"hf": flipped["hf"]}.get)
+    assert name == "unsloth" and why.endswith(
+        "this run 0%; no speed model covers every stack on this GPU, so the first that can run"
+    )
+
+
+def test_the_layout_search_does_not_act_on_an_extrapolated_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the memory rules' layout lies far from every row of the stack's fit, the layouts are
+    ranked by the measured recompute rule (Unsloth, 4-bit), as on a card without a fit; and a
+    candidate far from the fit's rows is not taken on its prediction."""
+    h100, cfg, arch = resolve_gpu("h100"), _seed(), catalog()["llama-3.1-8b"]
+    chosen = (17, 2, 2)  # the memory rules' 2 x 2 at 24 GB: 53% recomputed, 8,192 tokens
+    monkeypatch.setattr(speed, "fits", lambda: ())
+    by_rule = est.fastest_layout(cfg, arch, "unsloth", 24.0, h100, chosen)
+    assert by_rule is not None and "recompute rule measured on an H100" in by_rule[4]
+    # A fit of fully recomputed rows only (as the H200's): the same layout, by the same rule.
+    fit = dataclasses.replace(_fit("unsloth"), domain=((1.0, 8192), (1.0, 16384)))
+    monkeypatch.setattr(speed, "fits", lambda: (fit,))
+    assert est.fastest_layout(cfg, arch, "unsloth", 24.0, h100, chosen) == by_rule
+    # With rows near every layout, the fit ranks them.
+    wide = dataclasses.replace(fit, domain=((0.0, 4096), (0.5, 8192), (1.0, 8192), (0.0, 16384)))
+    monkeypatch.setattr(speed, "fits", lambda: (wide,))
+    by_fit = est.fastest_layout(cfg, arch, "unsloth", 24.0, h100, chosen)
+    assert by_fit is not None and by_fit[:3] == (26, 4, 1) and "speed model of 12 configurations" in by_fit[4]
 
 
 def test_the_committed_fits_do_not_extrapolate_unsloth_to_runs_without_recomputation() -> None:
@@ -346,7 +387,10 @@ def test_the_committed_fits_load_and_name_what_they_rest_on() -> None:
 
 
 def test_work_vector_follows_the_feature_order() -> None:
-    w = StepWork(matmul=1, attention=2, dequant=3, elementwise=4, adapters=5, launches=6, tokens=7)
+    w = StepWork(
+        matmul=1, attention=2, dequant=3, elementwise=4, adapters=5, launches=6, tokens=7,
+        recomputed_share=1.0, micro_batch_tokens=8192,
+    )  # fmt: skip
     assert w.vector() == (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
 
 
