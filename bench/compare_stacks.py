@@ -34,6 +34,7 @@ scenario, so a time limit loses nothing that finished.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -158,7 +159,8 @@ def run_engine(
         if not engine_pid and runs.is_running(run_dir):
             # A warm engine trains the run in its own process (engine/run/standby.py): count its
             # memory, not the relay's.
-            engine_pid = int((run_dir / runs.LOCK).read_text() or 0)
+            with contextlib.suppress(OSError, ValueError):  # not written yet: the next turn
+                engine_pid = runs.lock_pid(run_dir)
             if engine_pid and engine_pid != relay_pid:
                 register(engine_pid)
         events, _ = runs.read_events(run_dir)

@@ -360,7 +360,7 @@ def end_engine(work: Path, backend: str) -> None:
     for run_dir in runs.list_run_dirs(root) if root.is_dir() else []:
         if runs.is_running(run_dir):
             try:
-                pid = int((run_dir / runs.LOCK).read_text().strip())
+                pid = runs.lock_pid(run_dir)
                 os.kill(pid, signal.SIGTERM)
                 time.sleep(5)
                 os.kill(pid, signal.SIGKILL)

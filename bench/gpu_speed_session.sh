@@ -84,6 +84,9 @@ PART=${1:?"which part: stacks, split, split-24gb, kernels, pair, speed-gc, speed
 OUT=${OUT:-/tmp/qlc-speed-out}
 WORK=/tmp/qlc-speed
 mkdir -p "$OUT" "$WORK"
+newest_matrix() {  # the records file bench/gpu_campaign.sh just left in $OUT (a dry run names it apart)
+  ls -t "$OUT"/memory-calibration-matrix-*.json "$OUT"/calibration-matrix-dry-run-*.json 2>/dev/null | head -1
+}
 if [[ $PART == speed-gc ]]; then
   # The H100 held-out row of 2026-12-06 (8B, 1 x 2048 x 4, none checkpointed) ran Unsloth at
   # 0.69 s a step where the H200 fit predicted 1.30 (its host floor was fitted on checkpointed rows).
@@ -96,7 +99,7 @@ if [[ $PART == speed-gc ]]; then
   done
   LIMIT_S=$((${LIMIT_S:-570} - 20)) OUT=$OUT bash bench/gpu_campaign.sh --clean-speed --no-e2e \
     --unsloth-process-per-gc --arch llama-3.2-1b --arch llama-3.2-3b --arch qwen2.5-7b "${ONLY[@]}" "${@:2}"
-  RESULTS=$(ls -t "$OUT"/memory-calibration-matrix-*.json "$OUT"/calibration-matrix-dry-run-*.json 2>/dev/null | head -1)
+  RESULTS=$(newest_matrix)
   [[ -n $RESULTS ]] || { echo "the matrix wrote no results"; exit 1; }
   FILES=("$RESULTS")
   if grep -q '"gpu": "NVIDIA H200' "$RESULTS"; then
@@ -104,13 +107,13 @@ if [[ $PART == speed-gc ]]; then
   fi
   PYTHONPATH=$PWD:/tmp/site ${PYTHON:-python3} bench/speed_table.py "${FILES[@]}" \
     --out "$OUT/speed-table-gc-$(date -u +%F).json" 2>&1 | tee "$OUT/speed-table.txt" | tail -n 40
-  exit 0
+  exit "${PIPESTATUS[0]}"
 fi
 if [[ $PART == table ]]; then
   # gpu_campaign.sh installs the wheels itself, and stops the matrix in time for the fit.
   LIMIT_S=540 OUT=$OUT bash bench/gpu_campaign.sh --clean-speed --no-e2e --arch llama-3.2-1b \
     --arch llama-3.2-3b --arch qwen2.5-7b --arch mistral-7b "${@:2}"
-  RESULTS=$(ls -t "$OUT"/memory-calibration-matrix-*.json "$OUT"/calibration-matrix-dry-run-*.json 2>/dev/null | head -1)
+  RESULTS=$(newest_matrix)
   [[ -n $RESULTS ]] || { echo "the matrix wrote no results"; exit 1; }
   cp engine/memory/speed_fits.json "$OUT/speed_fits.json"
   PYTHONPATH=$PWD:/tmp/site ${PYTHON:-python3} bench/speed_table.py "$RESULTS" --write "$OUT/speed_fits.json" \

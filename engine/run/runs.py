@@ -155,6 +155,12 @@ def acquire_lock(run_dir: Path) -> int:
     return fd
 
 
+def lock_pid(run_dir: Path) -> int:
+    """The pid the engine wrote into its lock (acquire_lock): a warm engine's own, not the launched
+    process's. OSError without a lock, ValueError before the engine has written it."""
+    return int((run_dir / LOCK).read_text().strip())
+
+
 def is_running(run_dir: Path) -> bool:
     try:
         fd = os.open(run_dir / LOCK, os.O_RDONLY)

@@ -137,16 +137,15 @@ class Standby:
 
     def alive(self) -> bool:
         """This very process lives: its pid, not a zombie, started when the entry says."""
-        from engine.run.proc import started_at
+        from engine.run import proc
 
         try:
             os.kill(self.pid, 0)
         except (ProcessLookupError, PermissionError):  # gone, or a reused pid of another user
             return False
-        with contextlib.suppress(OSError, IndexError):
-            if Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                return False
-        return abs(started_at(self.pid) - self.pid_started) < 2.0
+        if proc.state(self.pid) == "Z":
+            return False
+        return abs(proc.started_at(self.pid) - self.pid_started) < 2.0
 
 
 def listed() -> list[Standby]:

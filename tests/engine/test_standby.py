@@ -133,7 +133,7 @@ def _hand_over_and_stop(runs_dir: Path, cache: Path, env: dict[str, str]) -> Non
     (run_dir,) = runs_dir.iterdir()
     _wait_for(lambda: runs.is_running(run_dir) and (run_dir / runs.LOCK).read_text(), what="the run")
     # The run's engine is the standby: its lock holds the standby's pid, not the launched one's.
-    assert int((run_dir / runs.LOCK).read_text()) == waiting.pid != relay
+    assert runs.lock_pid(run_dir) == waiting.pid != relay
     assert all(e.pid != waiting.pid for e in standby.listed())
     _wait_for(lambda: runs.summarize(run_dir).step >= 1, what="a first step")
 

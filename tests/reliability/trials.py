@@ -117,7 +117,7 @@ def wait_stopped(run_dir: Path, timeout: float = 120) -> None:
 
 
 def engine_pid(run_dir: Path) -> int:
-    return int((run_dir / runs.LOCK).read_text().strip())
+    return runs.lock_pid(run_dir)
 
 
 def kill_engine(run_dir: Path) -> None:
