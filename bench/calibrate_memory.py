@@ -127,7 +127,7 @@ class Worker:
                 "train": {
                     "seq_len": c["seq_len"],
                     "micro_batch": c["micro_batch"],
-                    "grad_accum": 1,
+                    "grad_accum": c.get("grad_accum", 1),
                     "max_steps": c["steps"],
                     "save_steps": 100000,
                     "logging_steps": 1,
@@ -223,7 +223,14 @@ class Worker:
         """Two short steps before anything is timed: Unsloth compiles its kernels and Triton its
         Liger kernels in the first steps; a measured configuration should not pay for that."""
         first = self.spec["configs"][0]
-        c = {**first, "id": "warmup", "seq_len": min(512, first["seq_len"]), "micro_batch": 1, "steps": 2}
+        c = {
+            **first,
+            "id": "warmup",
+            "seq_len": min(512, first["seq_len"]),
+            "micro_batch": 1,
+            "grad_accum": 1,
+            "steps": 2,
+        }
         self.prepare(c)
         self.train(c, record=False)
 
@@ -359,7 +366,7 @@ class Worker:
         self.count += 1
         steps = timer.seconds
         steady = steps[2:]
-        tokens = c["seq_len"] * c["micro_batch"]
+        tokens = c["seq_len"] * c["micro_batch"] * c.get("grad_accum", 1)  # an optimizer step's
         losses = [round(e["loss"], 5) for e in trainer.state.log_history if "loss" in e]
         resident = p["resident"]
         baseline = None
@@ -373,6 +380,7 @@ class Worker:
             "backend": self.backend,
             "seq_len": c["seq_len"],
             "micro_batch": c["micro_batch"],
+            "grad_accum": c.get("grad_accum", 1),
             "gradient_checkpointing": c["checkpointed_layers"] > 0,
             "checkpointed_layers": c["checkpointed_layers"],
             "lora_r": c["lora_r"],

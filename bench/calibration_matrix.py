@@ -438,7 +438,7 @@ class Driver:
             for c in w.configs:
                 spec = c.spec(self.dry)
                 seq = max(seq, spec["seq_len"])
-                rows = max(rows, spec["steps"] * spec["micro_batch"])
+                rows = max(rows, spec["steps"] * spec["micro_batch"] * spec["grad_accum"])
         for e in arch.e2e:
             shape = cp.dry_run_shape(e.shape) if self.dry else e.shape
             seq = max(seq, shape.seq)
@@ -1371,6 +1371,12 @@ def main(argv: list[str] | None = None) -> int:
         help="one Unsloth process per LoRA group and checkpointing mode (no configuration runs on a model "
         "Unsloth was reconfigured for another mode)",
     )
+    ap.add_argument(
+        "--grad-accum-shapes",
+        action="store_true",
+        help="also plan steps of several micro-batches (the rank-16 all-linear group: "
+        "bench/calibration_plan.GA_SHAPES)",
+    )
     ap.add_argument("--dry-run", action="store_true", help="shrunk models on the CPU: every path but CUDA")
     ap.add_argument(
         "--fake-nvml",
@@ -1389,6 +1395,7 @@ def main(argv: list[str] | None = None) -> int:
         args.max_device_gib,
         e2e=not args.no_e2e,
         unsloth_process_per_gc=args.unsloth_process_per_gc,
+        grad_accum=args.grad_accum_shapes,
     )
     if args.only:
         planned = {c.id for w in plan.workers for c in w.configs}

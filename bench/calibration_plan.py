@@ -71,15 +71,22 @@ class Shape:
     mb: int
     gc: str  # "all", "half" (the first half of the layers checkpointed) or "none"
     value: float
+    ga: int = 1  # micro-batches per optimizer step
 
     @property
     def name(self) -> str:
         gc = {"all": "", "half": "-half", "none": "-nogc"}[self.gc]
-        return f"s{self.seq}x{self.mb}{gc}"
+        ga = f"a{self.ga}" if self.ga > 1 else ""
+        return f"s{self.seq}x{self.mb}{ga}{gc}"
 
     @property
     def tokens(self) -> int:
+        """Tokens a micro-batch (what the memory peak follows)."""
         return self.seq * self.mb
+
+    @property
+    def step_tokens(self) -> int:
+        return self.tokens * self.ga
 
 
 BASE, HIGH = Lora(16, "all"), Lora(128, "all")
@@ -96,6 +103,15 @@ HIGH_PARTIAL = Shape(2048, 4, "half", 5)
 ATTN_MB4 = Shape(2048, 4, "all", 7)
 ATTN_MB4_NOGC = Shape(2048, 4, "none", 6)  # issue 16: hf beat Unsloth here on a 7B
 ATTN_LONG = Shape(8192, 1, "all", 5)
+# Several micro-batches a step (build_plan's grad_accum, on the rank-16 all-linear group): rows of
+# one micro-batch a step cannot tell a step's fixed costs from a micro-batch's, and the H100 fit
+# of 2026-12-06 predicted the 8B's 1 x 4 steps 12-60% too long. Worth little to the memory fit:
+# the peak follows the micro-batch.
+GA_NOGC = Shape(2048, 1, "none", 3, ga=4)
+GA_NOGC_LONG = Shape(4096, 1, "none", 3, ga=4)  # the seed recipe's layout at 24 GB
+GA_HALF = Shape(4096, 2, "half", 3, ga=2)
+GA_ALL = Shape(4096, 1, "all", 3, ga=4)
+GA_SHAPES = (GA_NOGC, GA_NOGC_LONG, GA_HALF, GA_ALL)
 
 SMALL_GROUPS = {
     BASE: (SEED, LONG, SHORT, PARTIAL, WIDE, NOGC),
@@ -222,6 +238,7 @@ class ConfigPlan:
             "target_modules": targets(self.arch, self.lora),
             "seq_len": seq,
             "micro_batch": mb,
+            "grad_accum": self.shape.ga,
             "gc": self.shape.gc,
             "layers": a.layers,
             "checkpointed_layers": checkpointed_layers(self.shape.gc, a.layers),
@@ -292,7 +309,9 @@ def step_seconds_guess(arch: str, backend: str, shape: Shape) -> float:
     bound); Unsloth about 10% faster."""
     a = architecture(arch)
     efficiency = 480e12 * a.hidden / (a.hidden + 768)
-    seconds = shape.tokens * flops_per_token(arch, shape) / efficiency + 0.1 + 0.005 * a.layers
+    seconds = (
+        shape.step_tokens * flops_per_token(arch, shape) / efficiency + (0.1 + 0.005 * a.layers) * shape.ga
+    )
     return seconds * (0.9 if backend == "unsloth" else 1.0)
 
 
@@ -363,6 +382,7 @@ def build_plan(
     max_device_gib: float = 60.0,
     e2e: bool = True,
     unsloth_process_per_gc: bool = False,
+    grad_accum: bool = False,
 ) -> Plan:
     """Every worker and configuration of the matrix, most valuable first. Configurations the memory
     model puts above `max_device_gib` are left out: concurrent processes share the GPU.
@@ -370,7 +390,9 @@ def build_plan(
     `unsloth_process_per_gc`: one Unsloth process per (architecture, LoRA group, checkpointing
     mode), so that no configuration runs on a model Unsloth has reconfigured (get_peft_model asked
     again): the rows without or with partial checkpointing of the 2026-12-05 table ran after a
-    fully checkpointed one in their process, slower per token than it (docs/backends.md)."""
+    fully checkpointed one in their process, slower per token than it (docs/backends.md).
+
+    `grad_accum`: the base LoRA group also runs GA_SHAPES, several micro-batches a step."""
     chosen = [p for p in ARCH_PLANS if archs is None or p.name in archs]
     for name in archs or []:
         if name not in {p.name for p in ARCH_PLANS}:
@@ -385,7 +407,7 @@ def build_plan(
             hf_worker = WorkerPlan(f"{ap.name}-hf", ap.name, "hf") if backend == "hf" else None
             for lora, shapes in groups.items():
                 unsloth: dict[str, WorkerPlan] = {}  # this LoRA group's processes, by name
-                for shape in shapes:
+                for shape in (*shapes, *GA_SHAPES) if grad_accum and lora == BASE else shapes:
                     if shape.seq > a.max_positions:
                         continue
                     worker = hf_worker

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -35,7 +36,15 @@ from engine.errors import UserError
 from engine.memory.architectures import catalog
 from engine.memory.gpus import peak_tflops, resolve_gpu
 from engine.memory.speed import FITS_PATH, SpeedFit, domain_of, step_work
-from engine.memory.speed_fit import Choice, Measured, choices, fit_step, leave_one_out
+from engine.memory.speed_fit import (
+    Choice,
+    Measured,
+    choices,
+    fit_step,
+    leave_one_out,
+    typical_ratio_error,
+    with_ratio_margins,
+)
 
 MIN_CONFIGURATIONS = 8
 TARGET_LOSS = 0.03
@@ -192,7 +201,9 @@ def table(rows: list[Measured]) -> tuple[list[str], list[Choice], dict[str, Any]
     # auto's own rule: a predicted difference within the models' typical (median held-out)
     # error keeps the first stack that can run.
     typical = {s: e["leave_one_configuration_out"].get("median", 0.0) for s, e in errors.items()}
-    picks = choices(rows, typical)
+    # ... or, where the table pairs configurations, within the typical error of the stacks'
+    # predicted ratio (engine.stacks.margin), each pick's from the other configurations.
+    picks = with_ratio_margins(choices(rows, typical))
     lines = [
         "| configuration | "
         + " | ".join(f"{s} s/step (held-out)" for s in _stacks(rows))
@@ -265,6 +276,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{s}: {e['configurations']} configurations; held out by configuration: worst "
             f"{loo['worst']:.1%}, median {loo['median']:.1%}; by architecture: {by_arch}"
         )
+    misses = [c.ratio_miss for c in picks if c.ratio_miss is not None]
+    ratio = _summary(misses) if misses else {}
+    if ratio:
+        print(
+            f"the stacks' predicted ratio, held out by configuration: worst {ratio['worst']:.1%}, "
+            f"median {ratio['median']:.1%} (auto's margin: engine.stacks.margin)"
+        )
     losses = [c.loss for c in picks if c.loss is not None]
     worst = max(losses, default=None)
     paired = len(picks)
@@ -309,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                 source=", ".join(Path(m["file"]).name for m in metas),
                 date=str(metas[0]["date"] or dt.date.today()),
                 domain=domain_of([r.work for r in mine]),
+                typical_ratio_error=round(typical_ratio_error(picks), 4),
             )
         )
     if args.out:
@@ -324,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                         for c in picks
                     ],
                     "errors": errors,
+                    "ratio_held_out": ratio,
                     "fits": [f.to_dict() for f in fits],
                     "target_met": ok,
                 },
@@ -349,7 +369,10 @@ def _write_fits(path: Path, fits: list[SpeedFit]) -> None:
     kept = [f for f in data.get("fits", []) if (f["stack"], f["gpu"]) not in replaced]
     data["fits"] = kept + [f.to_dict() for f in fits]
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    text = json.dumps(data, indent=2) + "\n"
+    # A domain point on one line: [share, tokens, micro-batches].
+    text = re.sub(r"\[\s+([-\d.e]+),\s+([-\d.e]+),\s+([-\d.e]+)\s+\]", r"[\1, \2, \3]", text)
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
 
 

@@ -95,25 +95,41 @@ class Predicted:
     # Why the model's fit does not cover this run ('' where it does): an extrapolation auto
     # does not act on (engine.memory.speed.SpeedFit.covers).
     outside: str = ""
+    # The typical error of this stack's step relative to another's on the same run: the median
+    # held-out error of the predicted ratio over the card's paired table (0: not measured, and
+    # `error` stands in). A choice compares two predictions, and their errors partly cancel.
+    ratio_error: float = 0.0
 
 
 SpeedOf = Callable[[str], "Predicted | None"]
 """A stack's prediction (engine.memory.estimate.speed_predictor); None where no model covers it."""
 
 
+def margin(a: Predicted, b: Predicted) -> float:
+    """The smallest predicted difference between two stacks' steps that auto acts on: the typical
+    error of their predicted ratio where the card's table measured it, else the larger of the two
+    models' typical errors. The ratio's is the error that matters, and the smaller: a run the
+    models over-predict, they mostly over-predict on both stacks (the H100 table of 2026-12-06:
+    the ratio's median held-out error 3.4% against the models' own 5.6% and 4.0%; the models'
+    margin kept Unsloth on a 7B attention-only run that hf trained 10.6% faster)."""
+    if a.ratio_error and b.ratio_error:
+        return max(a.ratio_error, b.ratio_error)
+    return max(a.error, b.error)
+
+
 def fastest_within_error(order: list[str], predicted: dict[str, Predicted]) -> tuple[str, bool]:
     """(the stack auto takes, whether it is the one predicted fastest). A stack later in `order`
-    is taken over the first only when its step is predicted shorter by more than the larger of
-    the two models' typical errors; of several such, the fastest. Within that error the
-    prediction cannot tell them apart: on the H200 table the hf model's median held-out error was
-    7.6%, and the stacks' fully checkpointed all-linear steps differed by 4% or less on 10 of 11
-    pairs, where the cheaper prediction missed the faster stack by 3.0-3.9% on four."""
+    is taken over the first only when its step is predicted shorter by more than the `margin`;
+    of several such, the fastest. Within it the prediction cannot tell them apart: on the H200
+    table the hf model's median held-out error was 7.6%, and the stacks' fully checkpointed
+    all-linear steps differed by 4% or less on 10 of 11 pairs, where the cheaper prediction
+    missed the faster stack by 3.0-3.9% on four."""
     first = predicted[order[0]]
     fastest = min(order, key=lambda name: predicted[name].seconds)
     beats = [
         name
         for name in order[1:]
-        if predicted[name].seconds < first.seconds * (1.0 - max(predicted[name].error, first.error))
+        if predicted[name].seconds < first.seconds * (1.0 - margin(predicted[name], first))
     ]
     chosen = min(beats, key=lambda name: predicted[name].seconds) if beats else order[0]
     return chosen, chosen == fastest
@@ -187,12 +203,20 @@ def _fastest(runnable: list[Stack], predicted: dict[str, Predicted]) -> tuple[st
         )
     other = min(runnable, key=lambda s: predicted[s.name].seconds)
     theirs = predicted[other.name]
-    loose = other if theirs.error >= mine.error else chosen  # the model whose error sets the margin
+    if mine.ratio_error and theirs.ratio_error:
+        within = (
+            f"the typical error of the two speed models' ratio ({margin(mine, theirs):.1%}; {mine.basis})"
+        )
+    else:
+        loose = other if theirs.error >= mine.error else chosen  # the model whose error sets the margin
+        within = (
+            f"the typical error of the {loose.label} speed model "
+            f"({predicted[loose.name].error:.1%}; {predicted[loose.name].basis})"
+        )
     return name, (
         f"auto: {chosen.label}, the first that can run: the step predicted for {other.label} is only "
         f"{1 - theirs.seconds / mine.seconds:.1%} shorter ({theirs.seconds:.2f} against {mine.seconds:.2f} s), "
-        f"within the typical error of the {loose.label} speed model "
-        f"({predicted[loose.name].error:.1%}; {predicted[loose.name].basis})"
+        f"within {within}"
     )
 
 

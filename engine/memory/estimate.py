@@ -236,8 +236,9 @@ def speed_predictor(
             return None
         k, mb, ga, _, _ = choose_layout(cfg, arch, profile, budget, gpu)
         work = model.work(cfg, arch, k, mb, ga)
+        f = model.fit
         return stacks.Predicted(
-            model.fit.predict_s(work), model.basis, model.fit.typical_error, model.fit.covers(work)
+            f.predict_s(work), model.basis, f.typical_error, f.covers(work), ratio_error=f.typical_ratio_error
         )
 
     return predict
@@ -666,8 +667,8 @@ def fastest_layout(
 
     With train.gradient_checkpointing and train.batch_split both auto, every split of the step's
     rows is planned with the fewest checkpointed layers that fit, and the one predicted fastest
-    wins: by the stack's speed model on this card (_speed_model), among the layouts near the steps
-    it was fitted on; where there is none, or the memory rules' layout lies far from them, by the
+    wins: by the stack's speed model on this card (_speed_model) where steps it was fitted on lie
+    near every layout compared; where there is none, or a layout lies far from them, by the
     measured RecomputeRule (Unsloth on a 4-bit base; elsewhere the memory rules' layout stands).
     A smaller micro-batch may need fewer layers recomputed: at 24 GB, 1 x 4 with few layers
     checkpointed can beat 2 x 2 with many. The training is the same either way (choose_split says
@@ -677,14 +678,6 @@ def fastest_layout(
         return None
     rows = t.micro_batch * t.grad_accum
     k0, m0, _ = chosen
-    model: _SpeedModel | RecomputeRule | None = _speed_model(cfg, backend, gpu)
-    if model is not None and model.extrapolates(cfg, arch, k0, m0, rows // m0):
-        # The memory rules' layout lies where the fit has no row: its predictions there are not
-        # acted on (SpeedFit.covers); the measured rule ranks the layouts where it was measured.
-        model = None
-    model = model or RecomputeRule.where_measured(cfg, backend)
-    if model is None:
-        return None
     limit = budget_gb * (1 - C.TIGHT_FRACTION)
     # hf pads each micro-batch to its longest row: a larger one would compute more padding.
     grow = cfg.data.packing or stacks.padding_free(backend)
@@ -693,18 +686,28 @@ def fastest_layout(
         plan = plan_for(c, arch, backend, budget_gb, None, k, liger, expandable, gpu.device)
         return _estimate_plan(c, arch, plan).device_total_gb
 
+    layouts: list[tuple[int, int, str]] = []  # (checkpointed, micro-batch, why) of each split that fits
+    for m in (d for d in range(1, rows + 1) if rows % d == 0 and (grow or d <= t.micro_batch)):
+        c = with_split(cfg, m, rows // m)
+        k, why = choose_checkpointing(c, arch, backend, budget_gb, None, liger, expandable, gpu.device)
+        if total(c, k) <= limit:  # else not even every layer checkpointed fits at this micro-batch
+            layouts.append((k, m, why))
+    model: _SpeedModel | RecomputeRule | None = _speed_model(cfg, backend, gpu)
+    if model is not None and any(
+        model.extrapolates(cfg, arch, k, m, rows // m) for k, m, _ in [(k0, m0, ""), *layouts]
+    ):
+        # A layout lies where the fit has no row: its predictions are acted on only where they
+        # cover every layout compared (SpeedFit.covers); the measured rule ranks them otherwise.
+        model = None
+    model = model or RecomputeRule.where_measured(cfg, backend)
+    if model is None:
+        return None
     fits0 = total(with_split(cfg, m0, rows // m0), k0) <= limit
     t0 = model.step_s(cfg, arch, k0, m0, rows // m0) if fits0 else math.inf
     best: tuple[float, int, int, str] | None = None
-    for m in (d for d in range(1, rows + 1) if rows % d == 0 and (grow or d <= t.micro_batch)):
+    for k, m, why in layouts:
         if not model.takes(cfg, m):
             continue
-        c = with_split(cfg, m, rows // m)
-        k, why = choose_checkpointing(c, arch, backend, budget_gb, None, liger, expandable, gpu.device)
-        if total(c, k) > limit:
-            continue  # not even every layer checkpointed fits at this micro-batch
-        if model.extrapolates(cfg, arch, k, m, rows // m):
-            continue  # no measured step near this layout: its prediction is not acted on
         s = model.step_s(cfg, arch, k, m, rows // m)
         if best is None or s < best[0]:
             best = (s, k, m, why)

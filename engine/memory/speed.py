@@ -53,7 +53,15 @@ from typing import Any
 from engine.memory import flops
 from engine.memory.architectures import Architecture
 
-FEATURES: tuple[str, ...] = ("matmul", "attention", "dequant", "elementwise", "adapters", "launches")
+FEATURES: tuple[str, ...] = (
+    "matmul",
+    "attention",
+    "dequant",
+    "elementwise",
+    "adapters",
+    "frozen",
+    "launches",
+)
 HOST = "host"  # a cost key beside FEATURES: the host's seconds per thousand layer passes (a floor)
 FITS_PATH = Path(__file__).with_name("speed_fits.json")
 # Where a fit's rows lie, per step: what auto checks before it trusts a fit's prediction
@@ -61,6 +69,11 @@ FITS_PATH = Path(__file__).with_name("speed_fits.json")
 # host's and the offloaded checkpoint copies': the kinds of work scale alike in grad-accum alone.
 SHARE_SLACK = 0.25  # a step recomputing up to a quarter of the layers fewer (or more) than a row
 TOKENS_SLACK = 2.0  # micro-batches up to half (or twice) the size of that row's
+# and up to half (or twice) its micro-batches a step. A step's fixed costs (the optimizer's, the
+# host's) and a micro-batch's cannot be told apart on rows of one micro-batch a step: the H100 fit
+# of 2026-12-06 (all such rows) predicted the 8B's 2 x 2 steps within -6% to +8% and its 1 x 4
+# steps 16-66% too long (bench/results/speed-table-h100-2026-12-06.json).
+GA_SLACK = 2
 
 
 @dataclass(frozen=True)
@@ -72,16 +85,18 @@ class StepWork:
     dequant: float  # 4-bit weight elements dequantized, billions
     elementwise: float  # tokens x hidden x layer passes, billions
     adapters: float  # tokens x the adapted modules' input and output widths x layer passes, billions
+    frozen: float  # the same for the projections without adapters, billions
     launches: float  # micro-batches x layer passes, thousands
     tokens: int  # tokens per optimizer step (what tokens/s divides)
     # Not work, but where the step lies (SpeedFit.covers): what share of the layers it recomputes
     # and how many tokens each micro-batch carries.
     recomputed_share: float
     micro_batch_tokens: int
+    grad_accum: int
 
     @property
-    def point(self) -> tuple[float, int]:
-        return (round(self.recomputed_share, 4), int(self.micro_batch_tokens))
+    def point(self) -> tuple[float, int, int]:
+        return (round(self.recomputed_share, 4), int(self.micro_batch_tokens), int(self.grad_accum))
 
     def vector(self) -> tuple[float, ...]:
         return tuple(float(getattr(self, f)) for f in FEATURES)
@@ -105,6 +120,7 @@ def step_work(
     # Each micro-batch dequantizes a layer's weights in its forward, its backward and its recompute.
     dequantized = grad_accum * (2 * arch.layers + checkpointed) * sum(i * o for i, o in mods.values())
     adapted = sum(i + o for m, (i, o) in mods.items() if m in targets)
+    frozen = sum(i + o for m, (i, o) in mods.items() if m not in targets)
     layer_passes = 3 * arch.layers + checkpointed  # forward 1, backward 2, recompute 1
     # Attention's sequence-wide matmuls run in the attention kernel, at its own utilisation:
     # forward once per layer, backward twice, once more per recompute (engine.memory.flops).
@@ -116,10 +132,12 @@ def step_work(
         dequant=dequantized / 1e9,
         elementwise=tokens * arch.hidden * layer_passes / 1e9,
         adapters=tokens * adapted * layer_passes / 1e9,
+        frozen=tokens * frozen * layer_passes / 1e9,
         launches=grad_accum * layer_passes / 1e3,
         tokens=tokens,
         recomputed_share=checkpointed / max(arch.layers, 1),
         micro_batch_tokens=seq_len * micro_batch,
+        grad_accum=grad_accum,
     )
 
 
@@ -153,34 +171,49 @@ class SpeedFit:
     # The median of those errors: within it, auto does not trust a predicted difference
     # (engine.stacks.fastest_within_error). 0 for fits written before it was recorded.
     typical_error: float = 0.0
-    # Where the steps it was fitted on lie: (recomputed share, tokens a micro-batch) of each
-    # distinct row (StepWork.point). Empty: not recorded, no bounds.
-    domain: tuple[tuple[float, int], ...] = ()
+    # Where the steps it was fitted on lie: (recomputed share, tokens a micro-batch, micro-batches
+    # a step) of each distinct row (StepWork.point). Empty: not recorded, no bounds.
+    domain: tuple[tuple[float, int, int], ...] = ()
+    # The median held-out error of this stack's step relative to the other stack's, over the
+    # paired configurations of its table (stacks.margin): 0 where not recorded.
+    typical_ratio_error: float = 0.0
 
     def predict_s(self, work: StepWork) -> float:
         return predict_s(self.costs, work)
 
     def covers(self, work: StepWork) -> str:
         """'' where a row it was fitted on lies near `work` (within SHARE_SLACK of its recomputed
-        share and TOKENS_SLACK of its tokens a micro-batch, both at once), else why not, as a
-        clause. Beyond its rows a fit extrapolates what the table never checked: the H200
-        Unsloth fit (every row fully recomputed, 8,192-16,384 tokens a micro-batch) predicted
-        1.30 s for an 8B step with none recomputed and 2,048 tokens, which took 0.69 s on an H100
-        (bench/results/speed-holdout-llama-3.1-8b-h100-2026-12-06.json: another card, so a
-        direction and a size, not an error; hf's 0.84 s held there)."""
+        share, TOKENS_SLACK of its tokens a micro-batch and GA_SLACK of its micro-batches a step,
+        all at once), else why not, as a clause. Beyond its rows a fit extrapolates what the
+        table never checked: the H200 Unsloth fit (every row fully recomputed, 8,192-16,384
+        tokens a micro-batch) predicted 1.30 s for an 8B step with none recomputed and 2,048
+        tokens, which took 0.69 s on an H100 (bench/results/speed-holdout-llama-3.1-8b-h100-
+        2026-12-06.json: another card, so a direction and a size, not an error; hf's 0.84 s held
+        there)."""
         if not self.domain:
             return ""
-        share, tokens = work.recomputed_share, work.micro_batch_tokens
-        if any(
-            abs(share - s) <= SHARE_SLACK + 1e-9 and t / TOKENS_SLACK <= tokens <= t * TOKENS_SLACK
-            for s, t in self.domain
-        ):
+        share, tokens, ga = work.recomputed_share, work.micro_batch_tokens, work.grad_accum
+
+        def near_share(s: float) -> bool:
+            return abs(share - s) <= SHARE_SLACK + 1e-9
+
+        def near_tokens(t: int) -> bool:
+            return t / TOKENS_SLACK <= tokens <= t * TOKENS_SLACK
+
+        def near_ga(g: int) -> bool:
+            return g / GA_SLACK <= ga <= g * GA_SLACK
+
+        if any(near_share(s) and near_tokens(t) and near_ga(g) for s, t, g in self.domain):
             return ""
-        shares = [f"{s:.0%}" for s in sorted({s for s, _ in self.domain})]
+        shares = [f"{s:.0%}" for s in sorted({s for s, _, _ in self.domain})]
         seen = shares[0] if len(shares) == 1 else f"{', '.join(shares[:-1])} or {shares[-1]}"
-        near = [t for s, t in self.domain if abs(share - s) <= SHARE_SLACK + 1e-9]
+        near = [t for s, t, _ in self.domain if near_share(s)]
         if not near:
             return f"fitted on runs with {seen} of the layers recomputed, this run {share:.0%}"
+        if any(near_tokens(t) for t in near):
+            gas = sorted({g for s, t, g in self.domain if near_share(s) and near_tokens(t)})
+            most = f"{gas[0]}" if len(gas) == 1 else f"{gas[0]}-{gas[-1]}"
+            return f"fitted on runs of {most} micro-batches a step, this run {ga}"
         span = f"{min(near):,}" if min(near) == max(near) else f"{min(near):,}-{max(near):,}"
         return f"fitted on runs with {span} tokens a micro-batch at {share:.0%} of the layers recomputed, this run {tokens:,}"
 
@@ -196,6 +229,7 @@ class SpeedFit:
             "source": self.source,
             "date": self.date,
             **({"domain": [list(p) for p in self.domain]} if self.domain else {}),
+            **({"typical_ratio_error": self.typical_ratio_error} if self.typical_ratio_error else {}),
         }
 
     @classmethod
@@ -210,13 +244,17 @@ class SpeedFit:
             source=str(d["source"]),
             date=str(d["date"]),
             typical_error=float(d.get("typical_error", 0.0)),
-            domain=tuple((float(s), int(t)) for s, t in d.get("domain", ())),
+            # Domains written before micro-batches a step were recorded: every row had one.
+            domain=tuple(
+                (float(p[0]), int(p[1]), int(p[2]) if len(p) > 2 else 1) for p in d.get("domain", ())
+            ),
+            typical_ratio_error=float(d.get("typical_ratio_error", 0.0)),
         )
 
 
-def domain_of(works: list[StepWork]) -> tuple[tuple[float, int], ...]:
+def domain_of(works: list[StepWork]) -> tuple[tuple[float, int, int], ...]:
     """Where these steps lie (SpeedFit.domain): each distinct (recomputed share, tokens a
-    micro-batch), sorted."""
+    micro-batch, micro-batches a step), sorted."""
     return tuple(sorted({w.point for w in works}))
 
 

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from engine import stacks
 from engine.memory.speed import FEATURES, HOST, StepWork, device_s, predict_s
@@ -182,6 +183,9 @@ class Choice:
     measured_s: dict[str, float]
     predicted_s: dict[str, float]  # held out: fitted without this configuration (too few rows: absent)
     errors: dict[str, float] = field(default_factory=dict)  # each stack's typical held-out error
+    # The typical held-out error of the stacks' predicted ratio, from the other configurations
+    # (with_ratio_margins); 0: the stacks' own errors set auto's margin.
+    ratio_error: float = 0.0
 
     @property
     def chosen(self) -> str | None:
@@ -191,12 +195,27 @@ class Choice:
             return None
         order = [s for s in stacks.AUTO_ORDER if s in self.predicted_s]
         order += sorted(set(self.predicted_s) - set(order))
-        predicted = {s: stacks.Predicted(t, "", self.errors.get(s, 0.0)) for s, t in self.predicted_s.items()}
+        predicted = {
+            s: stacks.Predicted(t, "", self.errors.get(s, 0.0), ratio_error=self.ratio_error)
+            for s, t in self.predicted_s.items()
+        }
         return stacks.fastest_within_error(order, predicted)[0]
 
     @property
     def fastest(self) -> str:
         return min(self.measured_s, key=self.measured_s.__getitem__)
+
+    @property
+    def ratio_miss(self) -> float | None:
+        """How far the held-out predicted ratio of the stacks' steps missed the measured one, the
+        worst pair's (0.05 for 5%); None unless every measured stack was predicted."""
+        if set(self.predicted_s) != set(self.measured_s) or len(self.measured_s) < 2:
+            return None
+        names = sorted(self.measured_s)
+        return max(
+            abs((self.predicted_s[a] / self.predicted_s[b]) / (self.measured_s[a] / self.measured_s[b]) - 1)
+            for a, b in itertools.combinations(names, 2)
+        )
 
     @property
     def loss(self) -> float | None:
@@ -226,3 +245,21 @@ def choices(rows: Sequence[Measured], errors: dict[str, float] | None = None) ->
         if len(measured) > 1:
             out.append(Choice(k, measured, predicted, dict(errors or {})))
     return out
+
+
+def with_ratio_margins(picks: Sequence[Choice]) -> list[Choice]:
+    """Each choice replayed with the margin a fit would carry: the median of the other
+    configurations' ratio misses (its own left out, as its predictions are). Choices that
+    cannot be predicted, or a table with fewer than two that can, keep the stacks' own errors."""
+    misses = {i: c.ratio_miss for i, c in enumerate(picks)}
+    out = []
+    for i, c in enumerate(picks):
+        others = [m for j, m in misses.items() if j != i and m is not None]
+        out.append(replace(c, ratio_error=statistics.median(others)) if others else c)
+    return out
+
+
+def typical_ratio_error(picks: Sequence[Choice]) -> float:
+    """The median ratio miss over the choices that were predicted (0 for none)."""
+    misses = [m for m in (c.ratio_miss for c in picks) if m is not None]
+    return statistics.median(misses) if misses else 0.0

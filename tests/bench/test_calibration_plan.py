@@ -116,3 +116,27 @@ def test_an_unsloth_process_runs_what_is_worth_more_than_its_partial_configurati
         best_half = max((c.value for c in w.configs if c.shape.gc == "half"), default=0.0)
         assert {c.id for c in w.configs if c.value > best_half} <= {c.id for c in ran}, w.name
         assert all(c.shape.gc == "all" for c in w.configs if c not in ran), w.name
+
+
+def test_several_micro_batches_a_step_are_planned_on_request() -> None:
+    """The speed table's second axis (bench/calibration_matrix.py --grad-accum-shapes): steps of 2
+    and 4 micro-batches, on the base LoRA group only, named apart; the default plan has none."""
+    assert {c.shape.ga for w in PLAN.workers for c in w.configs} == {1}
+    plan = cp.build_plan(["llama-3.2-1b"], ("hf",), grad_accum=True)
+    several = [c for w in plan.workers for c in w.configs if c.shape.ga > 1]
+    assert {c.id for c in several} == {
+        "llama-3.2-1b/hf/r16-all/s2048x1a4-nogc",
+        "llama-3.2-1b/hf/r16-all/s4096x1a4-nogc",
+        "llama-3.2-1b/hf/r16-all/s4096x2a2-half",
+        "llama-3.2-1b/hf/r16-all/s4096x1a4",
+    }
+    spec = next(c for c in several if c.id.endswith("s2048x1a4-nogc")).spec()
+    assert (spec["seq_len"], spec["micro_batch"], spec["grad_accum"], spec["checkpointed_layers"]) == (
+        2048,
+        1,
+        4,
+        0,
+    )
+    # Memory follows the micro-batch, the step's time all four.
+    shape = cp.GA_NOGC
+    assert (shape.tokens, shape.step_tokens) == (2048, 8192)
