@@ -678,6 +678,9 @@ def fastest_layout(
         return None
     rows = t.micro_batch * t.grad_accum
     k0, m0, _ = chosen
+    fit, rule = _speed_model(cfg, backend, gpu), RecomputeRule.where_measured(cfg, backend)
+    if fit is None and rule is None:
+        return None  # nothing ranks layouts here: no need to plan them
     limit = budget_gb * (1 - C.TIGHT_FRACTION)
     # hf pads each micro-batch to its longest row: a larger one would compute more padding.
     grow = cfg.data.packing or stacks.padding_free(backend)
@@ -692,14 +695,15 @@ def fastest_layout(
         k, why = choose_checkpointing(c, arch, backend, budget_gb, None, liger, expandable, gpu.device)
         if total(c, k) <= limit:  # else not even every layer checkpointed fits at this micro-batch
             layouts.append((k, m, why))
-    model: _SpeedModel | RecomputeRule | None = _speed_model(cfg, backend, gpu)
-    if model is not None and any(
-        model.extrapolates(cfg, arch, k, m, rows // m) for k, m, _ in [(k0, m0, ""), *layouts]
+    model: _SpeedModel | RecomputeRule | None = fit
+    if fit is None or any(
+        fit.extrapolates(cfg, arch, k, m, rows // m) for k, m, _ in [(k0, m0, ""), *layouts]
     ):
-        # A layout lies where the fit has no row: its predictions are acted on only where they
-        # cover every layout compared (SpeedFit.covers); the measured rule ranks them otherwise.
-        model = None
-    model = model or RecomputeRule.where_measured(cfg, backend)
+        # No fit, or a layout lies where the fit has no row: its predictions are acted on only
+        # where they cover every layout compared (SpeedFit.covers); the measured rule ranks them
+        # otherwise. (hf always compares one micro-batch a step of all the rows: with fits of one
+        # micro-batch a step, hf's layouts of 3 or more rows stay as the memory rules chose them.)
+        model = rule
     if model is None:
         return None
     fits0 = total(with_split(cfg, m0, rows // m0), k0) <= limit

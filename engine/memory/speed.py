@@ -1,7 +1,7 @@
 """How long an optimizer step takes on each stack, predicted from the work it does: what
 `hardware.backend: auto` compares when more than one stack can train here.
 
-A step's time is modelled as a sum of six kinds of work, each with a cost per unit that a stack's
+A step's time is modelled as a sum of seven kinds of work, each with a cost per unit that a stack's
 kernels set (fitted to measured steps by engine.memory.speed_fit, never guessed):
 
 - matmul: the step's FLOPs (engine.memory.flops: forward, input-gradient backward, adapters,
@@ -17,6 +17,9 @@ kernels set (fitted to measured steps by engine.memory.speed_fit, never guessed)
   rotary, activations, residuals, the adapters' scaling), which fused kernels shrink;
 - adapters: tokens x the adapted projections' input and output widths x layer passes, the
   activations LoRA's small matmuls read and write (attention-only adapters move far fewer);
+- frozen: the same for the projections without adapters, which Unsloth runs outside its fused
+  LoRA kernels (with attention-only adapters hf was 2-11% faster on all four H100 pairs of
+  2026-12-06, where the terms above were the same for both);
 - launches: micro-batches x layer passes, the fixed cost of a layer's kernels whatever the rows.
 
 The device runs that work while the host queues it: Python, autograd and the kernel launches cost
@@ -66,13 +69,15 @@ HOST = "host"  # a cost key beside FEATURES: the host's seconds per thousand lay
 FITS_PATH = Path(__file__).with_name("speed_fits.json")
 # Where a fit's rows lie, per step: what auto checks before it trusts a fit's prediction
 # (SpeedFit.covers). Recomputation and the micro-batch's size decide how much of a step is the
-# host's and the offloaded checkpoint copies': the kinds of work scale alike in grad-accum alone.
+# host's and the offloaded checkpoint copies'; the number of micro-batches, how much is a step's
+# fixed cost.
 SHARE_SLACK = 0.25  # a step recomputing up to a quarter of the layers fewer (or more) than a row
 TOKENS_SLACK = 2.0  # micro-batches up to half (or twice) the size of that row's
 # and up to half (or twice) its micro-batches a step. A step's fixed costs (the optimizer's, the
 # host's) and a micro-batch's cannot be told apart on rows of one micro-batch a step: the H100 fit
-# of 2026-12-06 (all such rows) predicted the 8B's 2 x 2 steps within -6% to +8% and its 1 x 4
-# steps 16-66% too long (bench/results/speed-table-h100-2026-12-06.json).
+# of 2026-12-06 (all such rows) predicted the 8B's 2 x 2 steps within -3.2% to +5.8% and its 1 x 4
+# steps 12-60% too long (earlier H100 runs: bench/results/stacks-llama-3.1-8b-*, split-*, pair-*,
+# speed-holdout-*; docs/backends.md).
 GA_SLACK = 2
 
 
@@ -168,8 +173,8 @@ class SpeedFit:
     held_out_error: float  # the worst |relative error| predicting a configuration left out of the fit
     source: str  # the results file(s) it was fitted to
     date: str
-    # The median of those errors: within it, auto does not trust a predicted difference
-    # (engine.stacks.fastest_within_error). 0 for fits written before it was recorded.
+    # The median of those errors: within it, auto does not trust a predicted difference where the
+    # fit has no typical_ratio_error (engine.stacks.margin). 0 for fits written before it was recorded.
     typical_error: float = 0.0
     # Where the steps it was fitted on lie: (recomputed share, tokens a micro-batch, micro-batches
     # a step) of each distinct row (StepWork.point). Empty: not recorded, no bounds.

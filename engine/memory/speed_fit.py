@@ -249,17 +249,23 @@ def choices(rows: Sequence[Measured], errors: dict[str, float] | None = None) ->
 
 def with_ratio_margins(picks: Sequence[Choice]) -> list[Choice]:
     """Each choice replayed with the margin a fit would carry: the median of the other
-    configurations' ratio misses (its own left out, as its predictions are). Choices that
-    cannot be predicted, or a table with fewer than two that can, keep the stacks' own errors."""
+    configurations' ratio misses (its own left out, as its predictions are). With fewer than
+    MIN_RATIO_PAIRS others predicted, as a fit would then carry none, the stacks' own errors."""
     misses = {i: c.ratio_miss for i, c in enumerate(picks)}
     out = []
     for i, c in enumerate(picks):
         others = [m for j, m in misses.items() if j != i and m is not None]
-        out.append(replace(c, ratio_error=statistics.median(others)) if others else c)
+        enough = len(others) >= MIN_RATIO_PAIRS
+        out.append(replace(c, ratio_error=statistics.median(others)) if enough else c)
     return out
 
 
+# Fewer predicted pairs than this say too little of the ratio's error: auto keeps the models' own.
+MIN_RATIO_PAIRS = 5
+
+
 def typical_ratio_error(picks: Sequence[Choice]) -> float:
-    """The median ratio miss over the choices that were predicted (0 for none)."""
+    """The median ratio miss over the choices that were predicted; 0 (not measured) for fewer than
+    MIN_RATIO_PAIRS of them."""
     misses = [m for m in (c.ratio_miss for c in picks) if m is not None]
-    return statistics.median(misses) if misses else 0.0
+    return statistics.median(misses) if len(misses) >= MIN_RATIO_PAIRS else 0.0

@@ -93,3 +93,13 @@ def test_the_first_mode_is_read_per_unsloth_process_in_its_own_order() -> None:
         {"arch": "no-such-model", "backend": "unsloth", "process": "r", "checkpointed_layers": 4},
     ]
     assert speed_table._first_checkpointing_mode(records, archs) == {"p": "all", "q": "partial", "r": None}
+
+
+def test_rows_of_several_micro_batches_keep_their_count() -> None:
+    """A record's grad_accum reaches the step's work (its tokens, its domain point): counted as
+    one micro-batch, those rows would have entered a fit as steps four times too slow."""
+    path = REPO / "bench/results/memory-calibration-matrix-h100-2026-12-06d.json"
+    rows, _ = speed_table.measured_rows(path)
+    assert {r.work.grad_accum for r in rows} == {2, 4}
+    one = next(r for r in rows if r.key.startswith("llama-3.2-1b r16-all s2048x1x4 gc0") and r.stack == "hf")
+    assert one.work.tokens == 2048 * 4 and one.work.point == (0.0, 2048, 4)

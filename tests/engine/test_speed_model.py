@@ -268,27 +268,40 @@ def test_auto_acts_on_a_difference_beyond_the_typical_error_of_the_stacks_ratio(
 
 
 def test_a_table_replays_auto_with_the_ratio_error_of_the_other_configurations() -> None:
-    # Three pairs: hf predicted 4% faster on each; the measured ratios miss by about 1%, 2% and 3%.
-    picks = [
-        Choice("a", {"hf": 0.96 * 1.01, "unsloth": 1.0}, {"hf": 0.96, "unsloth": 1.0}, {"hf": 0.06}),
-        Choice("b", {"hf": 0.96 * 1.02, "unsloth": 1.0}, {"hf": 0.96, "unsloth": 1.0}, {"hf": 0.06}),
-        Choice("c", {"hf": 0.96 * 1.03, "unsloth": 1.0}, {"hf": 0.96, "unsloth": 1.0}, {"hf": 0.06}),
-        Choice("d", {"hf": 1.0, "unsloth": 1.0}, {"unsloth": 1.0}),  # hf not predicted: no miss
-    ]
+    # Six pairs: hf predicted 4% faster on each; the measured ratios miss by about 1%, 2% and 3%
+    # (twice each), and a seventh pair whose hf step could not be predicted.
+    def pair(key: str, miss: float) -> Choice:
+        return Choice(key, {"hf": 0.96 * miss, "unsloth": 1.0}, {"hf": 0.96, "unsloth": 1.0}, {"hf": 0.06})
+
+    picks = [pair(str(i), m) for i, m in enumerate((1.01, 1.02, 1.03, 1.01, 1.02, 1.03))]
+    picks.append(Choice("x", {"hf": 1.0, "unsloth": 1.0}, {"unsloth": 1.0}))  # no miss
     misses = [c.ratio_miss for c in picks]
-    assert misses[:3] == pytest.approx([1 - 1 / 1.01, 1 - 1 / 1.02, 1 - 1 / 1.03]) and misses[3] is None
+    assert misses[:3] == pytest.approx([1 - 1 / 1.01, 1 - 1 / 1.02, 1 - 1 / 1.03]) and misses[6] is None
     assert speed_fit.typical_ratio_error(picks) == pytest.approx(1 - 1 / 1.02)
     replayed = speed_fit.with_ratio_margins(picks)
     # Each pick's margin is the median of the others' misses, its own left out as its prediction is.
-    assert [round(c.ratio_error, 4) for c in replayed] == [
-        round(statistics.median([1 - 1 / 1.02, 1 - 1 / 1.03]), 4),
-        round(statistics.median([1 - 1 / 1.01, 1 - 1 / 1.03]), 4),
-        round(statistics.median([1 - 1 / 1.01, 1 - 1 / 1.02]), 4),
-        round(statistics.median([1 - 1 / 1.01, 1 - 1 / 1.02, 1 - 1 / 1.03]), 4),
-    ]
+    others = [m for m in misses[1:6]]
+    assert replayed[0].ratio_error == pytest.approx(statistics.median(others))
+    assert replayed[6].ratio_error == pytest.approx(statistics.median(misses[:6]))
     # Within the models' own 6% the 4% goes to the first stack; beyond the ratio's, to hf.
-    assert [c.chosen for c in picks[:3]] == ["unsloth"] * 3
-    assert [c.chosen for c in replayed[:3]] == ["hf", "hf", "hf"]
+    assert [c.chosen for c in picks[:6]] == ["unsloth"] * 6
+    assert [c.chosen for c in replayed[:6]] == ["hf"] * 6
+    # Fewer pairs than MIN_RATIO_PAIRS say too little: no ratio error, the models' own margins.
+    few = picks[: speed_fit.MIN_RATIO_PAIRS - 1]
+    assert speed_fit.typical_ratio_error(few) == 0.0
+    assert [c.ratio_error for c in speed_fit.with_ratio_margins(few)] == [0.0] * len(few)
+
+
+def test_a_ratio_error_on_one_stack_only_leaves_the_models_own_margin() -> None:
+    installed = dict.fromkeys(stacks.NAMES, True)
+    times = {
+        "hf": stacks.Predicted(0.96, "hf model", 0.056),
+        "unsloth": stacks.Predicted(1.0, "u model", 0.040, ratio_error=0.026),
+    }
+    name, why = stacks.choose("auto", cuda=True, is_installed=installed, speed=times.get)
+    assert name == "unsloth" and why.endswith(
+        "within the typical error of the transformers speed model (5.6%; hf model)"
+    )
 
 
 def test_auto_without_a_prediction_for_every_stack_keeps_the_order_and_says_so() -> None:
@@ -321,6 +334,10 @@ def test_a_fit_covers_the_runs_it_was_fitted_on_and_says_why_not_elsewhere() -> 
     # costs from a micro-batch's (the H100 fit missed the 8B's 1 x 4 steps by 12-60%).
     assert fit.covers(work(4096, 2, 2, 32)) == ""
     assert fit.covers(work(4096, 2, 4, 32)) == "fitted on runs of 1 micro-batches a step, this run 4"
+    # And down to half: rows of 4 a step cover 2 to 8.
+    fours = dataclasses.replace(fit, domain=((1.0, 8192, 4),))
+    assert fours.covers(work(4096, 2, 2, 32)) == "" and fours.covers(work(4096, 2, 8, 32)) == ""
+    assert fours.covers(work(4096, 2, 1, 32)) == "fitted on runs of 4 micro-batches a step, this run 1"
     # The slack, at its edges: a quarter of the layers, and half or twice a row's tokens.
     assert fit.covers(work(4096, 1, 2, 24)) == ""  # 75% recomputed, 4,096 tokens: near (1.0, 8192)
     assert fit.covers(work(4095, 1, 2, 32)) == (
