@@ -218,7 +218,8 @@ class SpeedFit:
         if any(near_tokens(t) for t in near):
             gas = sorted({g for s, t, g in self.domain if near_share(s) and near_tokens(t)})
             most = f"{gas[0]}" if len(gas) == 1 else f"{gas[0]}-{gas[-1]}"
-            return f"fitted on runs of {most} micro-batches a step, this run {ga}"
+            unit = "micro-batch" if most == "1" else "micro-batches"
+            return f"fitted on runs of {most} {unit} a step, this run {ga}"
         span = f"{min(near):,}" if min(near) == max(near) else f"{min(near):,}-{max(near):,}"
         return f"fitted on runs with {span} tokens a micro-batch at {share:.0%} of the layers recomputed, this run {tokens:,}"
 

@@ -333,7 +333,7 @@ def test_a_fit_covers_the_runs_it_was_fitted_on_and_says_why_not_elsewhere() -> 
     # Micro-batches a step: up to twice a row's. Rows of one a step could not tell a step's fixed
     # costs from a micro-batch's (the H100 fit missed the 8B's 1 x 4 steps by 12-60%).
     assert fit.covers(work(4096, 2, 2, 32)) == ""
-    assert fit.covers(work(4096, 2, 4, 32)) == "fitted on runs of 1 micro-batches a step, this run 4"
+    assert fit.covers(work(4096, 2, 4, 32)) == "fitted on runs of 1 micro-batch a step, this run 4"
     # And down to half: rows of 4 a step cover 2 to 8.
     fours = dataclasses.replace(fit, domain=((1.0, 8192, 4),))
     assert fours.covers(work(4096, 2, 2, 32)) == "" and fours.covers(work(4096, 2, 8, 32)) == ""
