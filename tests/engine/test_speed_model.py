@@ -174,8 +174,10 @@ def test_a_fit_of_fewer_steps_than_costs_keeps_its_form() -> None:
 
 
 def test_auto_replayed_on_the_table_stays_within_the_noise_of_the_faster_stack() -> None:
-    picks = choices(_table(noise=0.01, seed=2, costs_of=HOSTED, archs=ARCHS[:2]))
-    assert len(picks) == 64  # every configuration, both stacks
+    # One rank of the two: each pick refits both stacks without its configuration (10 s for both).
+    rows = [r for r in _table(noise=0.01, seed=2, costs_of=HOSTED, archs=ARCHS[:2]) if "/r16/" in r.key]
+    picks = choices(rows)
+    assert len(picks) == 32  # every configuration, both stacks
     assert {c.chosen for c in picks} == {"hf", "unsloth"}  # each wins somewhere
     assert max(c.loss for c in picks) <= 0.02
 
