@@ -308,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     fits = []
+    ratio_error = round(typical_ratio_error(picks), 4)  # the card's: the same for each stack's fit
     for s, e in errors.items():
         mine = [r for r in rows if r.stack == s]
         loo = e["leave_one_configuration_out"]
@@ -327,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                 source=", ".join(Path(m["file"]).name for m in metas),
                 date=str(metas[0]["date"] or dt.date.today()),
                 domain=domain_of([r.work for r in mine]),
-                typical_ratio_error=round(typical_ratio_error(picks), 4),
+                typical_ratio_error=ratio_error,
             )
         )
     if args.out:

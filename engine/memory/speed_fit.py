@@ -254,6 +254,10 @@ def choices(rows: Sequence[Measured], errors: dict[str, float] | None = None) ->
     return out
 
 
+# Fewer predicted pairs than this say too little of the ratio's error: auto keeps the models' own.
+MIN_RATIO_PAIRS = 5
+
+
 def with_ratio_margins(picks: Sequence[Choice]) -> list[Choice]:
     """Each choice replayed with the margin a fit would carry: the median of the other
     configurations' ratio misses (its own left out, as its predictions are). With fewer than
@@ -265,10 +269,6 @@ def with_ratio_margins(picks: Sequence[Choice]) -> list[Choice]:
         enough = len(others) >= MIN_RATIO_PAIRS
         out.append(replace(c, ratio_error=statistics.median(others)) if enough else c)
     return out
-
-
-# Fewer predicted pairs than this say too little of the ratio's error: auto keeps the models' own.
-MIN_RATIO_PAIRS = 5
 
 
 def typical_ratio_error(picks: Sequence[Choice]) -> float:
