@@ -337,6 +337,13 @@ class Worker:
         p = self.prepared
         trainer, timer = p["trainer"], p["timer"]
         torch = self.torch
+        history = os.environ.get("QLC_BENCH_MEMORY_HISTORY") if self.device == "cuda" and record else None
+        if history:
+            from bench import memory_history
+
+            before = torch.cuda.memory_allocated()
+            memory_history.start(torch)
+        calls_before = _unsloth_loss_calls(self.backend)
         t0 = time.time()
         oom, error = False, None
         try:
@@ -356,6 +363,19 @@ class Worker:
                 "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
                 "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
             }
+        if history:
+            print(
+                f"memory history: {memory_history.write(torch, Path(history), c['id'], before)}", flush=True
+            )
+        calls = _unsloth_loss_calls(self.backend)
+        loss_calls = (
+            {
+                "unsloth_loss_calls": {k: v - calls_before.get(k, 0) for k, v in calls.items()},
+                "unsloth_loss_route": _unsloth_loss_route(torch),
+            }
+            if calls
+            else {}
+        )
         paged = _paged_tensors()[p["paged_before"] :]
         paged_gib = sum(t.nbytes for t in paged) / GIB
         time.sleep(0.3)  # the driver's NVML samples see the final state before anything is freed
@@ -406,6 +426,7 @@ class Worker:
             "after_load_allocated_gib": self.load_allocated,
             "baseline_allocated_gib": baseline or 0.0,
             "order_in_process": self.count,
+            **loss_calls,
             "t_train_start": t0,
             "t_train_end": t_train_end,
             "t_end": t1,
@@ -482,6 +503,42 @@ def reused_adapters_refusal(first: Any, plan: Any) -> str | None:
     if plan.enabled != first.enabled:
         return "another checkpointing mode needs a fresh get_peft_model on this path"
     return None
+
+
+def _unsloth_loss_calls(backend: str) -> dict[str, int]:
+    """unsloth_zoo's counters of the routes its fused linear loss took in this process (CALLS): its
+    tiled "flash" pass keeps a rows x 16,384 fp32 tile, the chunked one a rows x vocab buffer, and
+    which one runs depends on the card and the labelled tokens (fused_linear._flash_min_rows)."""
+    if backend != "unsloth":
+        return {}
+    try:
+        from unsloth_zoo.fused_losses import fused_linear
+    except ImportError:
+        return {}
+    return {k: int(v) for k, v in getattr(fused_linear, "CALLS", {}).items()}
+
+
+def _unsloth_loss_route(torch: Any) -> dict[str, Any]:
+    """The switches unsloth_zoo's fused linear loss reads on this card (private names, read where
+    they exist): the fewest labelled rows for its tiled pass, Triton's use, fp32 logits, and whether
+    a Triton failure sent this card to the torch path."""
+    from unsloth_zoo.fused_losses import fused_linear as fl
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    out: dict[str, Any] = {}
+    for name, call in (
+        ("flash_min_rows", lambda: fl._flash_min_rows(device)),
+        ("use_triton", lambda: fl._use_triton(device)),
+        ("flash_ce_ok", lambda: fl._flash_ce_ok(device)),
+        ("logits_mode", lambda: list(fl._logits_mode(device, torch.bfloat16))),
+        ("budget_bytes", lambda: fl._budget_bytes(device)),
+        ("triton_broken", lambda: sorted(str(d) for d in fl._TRITON_BROKEN)),
+    ):
+        try:
+            out[name] = call()
+        except Exception as exc:  # a private name that moved: say so, never fail the record
+            out[name] = f"{exc.__class__.__name__}: {exc}"[:200]
+    return out
 
 
 def _step_timer(torch: Any, device: str) -> Any:

@@ -1270,6 +1270,12 @@ class Driver:
                 }
                 for name, w in self.workers.items()
             },
+            # Unsloth's switches set from outside (a forced loss route, say): the records depend on them.
+            "unsloth_env": {
+                k: v
+                for k, v in os.environ.items()
+                if k.startswith("UNSLOTH_") and k != "UNSLOTH_DISABLE_STATISTICS"
+            },
             "plan": planned,
             "order": [r["id"] for r in self.records],
             "timeline": self.timeline,

@@ -76,6 +76,14 @@
 #                                             recipe, 12 steps: the 0.99x / same-peaks claim, with
 #                                             the padding-free rows carrying packed_seq_lengths;
 #                                             KERNELS=1: then the kernels part on the same model
+#   bash bench/gpu_speed_session.sh peak-history  issue 15's two Unsloth misses, looked inside: the
+#                                             configurations re-measured with PyTorch's memory history
+#                                             (bench/memory_history.py: what the peak held, by the
+#                                             frames that allocated it) and the loss route unsloth_zoo
+#                                             took (llama-3.2-1b/3b at 1,024 tokens, gemma-3-1b at
+#                                             4,096 x 2), then the Gemma and Llama short steps again
+#                                             on the loss route of a card of 24 GiB or less
+#                                             (UNSLOTH_FUSED_LINEAR_FLASH_MIN_ROWS=0)
 #   bash bench/gpu_speed_session.sh split-24gb  bare Unsloth against the engine with batch_split
 #                                             auto at 24 GB (the 1.2x target), then the Unsloth step
 #                                             tax on the 1B in ROUNDS (default 6) rounds
@@ -83,7 +91,7 @@
 # Writes to $OUT (the device tool's folder): the results JSON and a log per part. Models are built
 # in child processes under /tmp and deleted at the end.
 set -uo pipefail
-PART=${1:?"which part: stacks, split, split-24gb, kernels, pair, speed-gc, speed-ga, speed-holdout, generic-attn, warm-launch, table, tax-profile, tax, tax-unsloth, tax-unsloth-2, gemma-24gb, unsloth-gaps or memory-gaps"}
+PART=${1:?"which part: stacks, split, split-24gb, kernels, pair, speed-gc, speed-ga, speed-holdout, generic-attn, warm-launch, table, tax-profile, tax, tax-unsloth, tax-unsloth-2, gemma-24gb, unsloth-gaps, peak-history or memory-gaps"}
 OUT=${OUT:-/tmp/qlc-speed-out}
 WORK=/tmp/qlc-speed
 mkdir -p "$OUT" "$WORK"
@@ -235,6 +243,26 @@ case "$PART" in
       --scenario "engine-unsloth:hardware.keep_warm=5" --scenario wait-warm --scenario "engine-unsloth#2" \
       --scenario "engine-unsloth#3" 2>&1 | tee "$OUT/warm.log" | grep -v "^ \|^O^O\|^\\\\\|==((" | tail -n 12
     rm -rf "$WORK/warm"
+    ;;
+  peak-history)
+    export PYTHONPATH=$PWD:/tmp/site2:/tmp/site
+    ONLY=()
+    for id in llama-3.2-3b/unsloth/r16-all/s1024x1 llama-3.2-1b/unsloth/r16-all/s1024x1 \
+        gemma-3-1b/unsloth/r16-all/s4096x2 gemma-3-1b/unsloth/r16-all/s1024x1 \
+        llama-3.2-3b/unsloth/r16-all/s4096x2; do ONLY+=(--only "$id"); done
+    QLC_BENCH_MEMORY_HISTORY=$OUT/history timeout -k 10 260 python3 bench/calibration_matrix.py \
+      --out "$OUT/history" --work "$WORK/history" --deadline-s 240 --backend unsloth --unsloth-path /tmp/site2 \
+      --no-e2e --unsloth-process-per-gc --concurrency 3 --arch llama-3.2-3b --arch llama-3.2-1b \
+      --arch gemma-3-1b "${ONLY[@]}" 2>&1 | tee "$OUT/history.log" | grep -v '^O^O\|^\\\|==((' | tail -n 8
+    for f in "$OUT"/history/*__*.json; do python3 bench/memory_history.py "$f" | head -n 14; done | tee "$OUT/history.txt"
+    (( ${LIMIT_S:-570} - SECONDS > 150 )) || { echo "no time left for the small-card route"; rm -rf "$WORK"; exit 0; }
+    UNSLOTH_FUSED_LINEAR_FLASH_MIN_ROWS=0 timeout -k 10 $((${LIMIT_S:-570} - SECONDS - 10)) python3 \
+      bench/calibration_matrix.py --out "$OUT/small-card-route" --work "$WORK/history" \
+      --deadline-s $((${LIMIT_S:-570} - SECONDS - 30)) --backend unsloth --unsloth-path /tmp/site2 --no-e2e \
+      --unsloth-process-per-gc --concurrency 3 --arch llama-3.2-3b --arch gemma-3-1b \
+      --only llama-3.2-3b/unsloth/r16-all/s1024x1 --only gemma-3-1b/unsloth/r16-all/s1024x1 \
+      --only gemma-3-1b/unsloth/r16-all/s4096x2 2>&1 | tee "$OUT/small-card.log" | grep -v '^O^O\|^\\\|==((' | tail -n 6
+    rm -rf "$WORK"
     ;;
   kernels)
     if [[ ${GEMMA:-1} == 1 ]] && nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
