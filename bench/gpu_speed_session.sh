@@ -245,23 +245,31 @@ case "$PART" in
     rm -rf "$WORK/warm"
     ;;
   peak-history)
+    # IDS (space-separated record ids) replaces the default list; SMALL_CARD=0 skips the second part.
     export PYTHONPATH=$PWD:/tmp/site2:/tmp/site
-    ONLY=()
-    for id in llama-3.2-3b/unsloth/r16-all/s1024x1 llama-3.2-1b/unsloth/r16-all/s1024x1 \
-        gemma-3-1b/unsloth/r16-all/s4096x2 gemma-3-1b/unsloth/r16-all/s1024x1 \
-        llama-3.2-3b/unsloth/r16-all/s4096x2; do ONLY+=(--only "$id"); done
-    QLC_BENCH_MEMORY_HISTORY=$OUT/history timeout -k 10 260 python3 bench/calibration_matrix.py \
-      --out "$OUT/history" --work "$WORK/history" --deadline-s 240 --backend unsloth --unsloth-path /tmp/site2 \
-      --no-e2e --unsloth-process-per-gc --concurrency 3 --arch llama-3.2-3b --arch llama-3.2-1b \
-      --arch gemma-3-1b "${ONLY[@]}" 2>&1 | tee "$OUT/history.log" | grep -v '^O^O\|^\\\|==((' | tail -n 8
+    read -ra IDS <<< "${IDS:-llama-3.2-3b/unsloth/r16-all/s1024x1 llama-3.2-1b/unsloth/r16-all/s1024x1 gemma-3-1b/unsloth/r16-all/s4096x2 gemma-3-1b/unsloth/r16-all/s1024x1 llama-3.2-3b/unsloth/r16-all/s4096x2}"
+    ONLY=() ARCHS=()
+    for id in "${IDS[@]}"; do
+      ONLY+=(--only "$id")
+      [[ " ${ARCHS[*]} " == *" --arch ${id%%/*} "* ]] || ARCHS+=(--arch "${id%%/*}")
+    done
+    QLC_BENCH_MEMORY_HISTORY=$OUT/history timeout -k 10 ${HISTORY_S:-260} python3 bench/calibration_matrix.py \
+      --out "$OUT/history" --work "$WORK/history" --deadline-s $((${HISTORY_S:-260} - 20)) --backend unsloth \
+      --unsloth-path /tmp/site2 --no-e2e --unsloth-process-per-gc --concurrency 3 "${ARCHS[@]}" "${ONLY[@]}" 2>&1 \
+      | tee "$OUT/history.log" | grep -v '^O^O\|^\\\|==((' | tail -n 8
+    rm -rf "$WORK/history"
     for f in "$OUT"/history/*__*.json; do python3 bench/memory_history.py "$f" | head -n 14; done | tee "$OUT/history.txt"
+    [[ ${SMALL_CARD:-1} == 1 ]] || exit 0
     (( ${LIMIT_S:-570} - SECONDS > 150 )) || { echo "no time left for the small-card route"; rm -rf "$WORK"; exit 0; }
-    UNSLOTH_FUSED_LINEAR_FLASH_MIN_ROWS=0 timeout -k 10 $((${LIMIT_S:-570} - SECONDS - 10)) python3 \
-      bench/calibration_matrix.py --out "$OUT/small-card-route" --work "$WORK/history" \
-      --deadline-s $((${LIMIT_S:-570} - SECONDS - 30)) --backend unsloth --unsloth-path /tmp/site2 --no-e2e \
-      --unsloth-process-per-gc --concurrency 3 --arch llama-3.2-3b --arch gemma-3-1b \
-      --only llama-3.2-3b/unsloth/r16-all/s1024x1 --only gemma-3-1b/unsloth/r16-all/s1024x1 \
-      --only gemma-3-1b/unsloth/r16-all/s4096x2 2>&1 | tee "$OUT/small-card.log" | grep -v '^O^O\|^\\\|==((' | tail -n 6
+    # The loss route unsloth_zoo takes on a card of 24.5 GiB or less (fused_linear._flash_min_rows),
+    # forced on this one: the short steps whose peak is the loss, with the memory history.
+    UNSLOTH_FUSED_LINEAR_FLASH_MIN_ROWS=0 QLC_BENCH_MEMORY_HISTORY=$OUT/small-card-route timeout -k 10 \
+      $((${LIMIT_S:-570} - SECONDS - 10)) python3 bench/calibration_matrix.py --out "$OUT/small-card-route" \
+      --work "$WORK/small-card" --deadline-s $((${LIMIT_S:-570} - SECONDS - 30)) --backend unsloth \
+      --unsloth-path /tmp/site2 --no-e2e --unsloth-process-per-gc --concurrency 3 --arch llama-3.2-1b --arch llama-3.2-3b \
+      --arch gemma-3-1b --only llama-3.2-1b/unsloth/r16-all/s1024x1 --only gemma-3-1b/unsloth/r16-all/s1024x1 \
+      --only llama-3.2-3b/unsloth/r16-all/s1024x1 2>&1 | tee "$OUT/small-card.log" | grep -v '^O^O\|^\\\|==((' | tail -n 6
+    for f in "$OUT"/small-card-route/*__*.json; do python3 bench/memory_history.py "$f" | head -n 8; done
     rm -rf "$WORK"
     ;;
   kernels)

@@ -554,6 +554,16 @@ def _resident_before_loss(plan: Plan) -> dict[str, float]:
     return _resident_activations(plan)
 
 
+def unsloth_kept_buffers(plan: Plan) -> dict[str, float]:
+    """Unsloth's fused LoRA kernels dequantize into one global buffer (unsloth/kernels/utils.py
+    `_scratch("weight")`), made at the first forward and never freed: alive at the loss and the
+    optimizer step too. (The backward phases count it among their dequantized weights.) Its
+    generic path has no fused kernels, and a Gemma-3-1B loss peak measures none."""
+    if plan.backend != "unsloth" or not plan.unsloth_fast or not plan.load_in_4bit:
+        return {}
+    return {"Unsloth's dequantization buffer (kept between layers)": dequantized_weight(plan)}
+
+
 def loss_phase(plan: Plan) -> Phase:
     a, T = plan.arch, plan.tokens
     h, V, c = a.hidden, a.vocab, plan.compute_bytes
@@ -576,7 +586,7 @@ def loss_phase(plan: Plan) -> Phase:
         if big:
             acts["lm_head gradient"] = big
         churn = chunk + T * h * c
-        return Phase("loss (LM head)", acts, {}, big, churn, grads)
+        return Phase("loss (LM head)", acts, unsloth_kept_buffers(plan), big, churn, grads)
     # TRL's ChunkedLogProbFunction (trl/kernels/chunked_logprob.py). N = labelled positions;
     # counted as every token (responses-only masking only lowers it).
     n = T
@@ -648,7 +658,7 @@ def optimizer_phase(plan: Plan) -> Phase | None:
     temps = optimizer_step_temporaries(plan)
     if not temps:
         return None
-    return Phase("optimizer step", {}, {"optimizer step temporaries": temps})
+    return Phase("optimizer step", {}, {**unsloth_kept_buffers(plan), "optimizer step temporaries": temps})
 
 
 def allocator_slack(plan: Plan, phase: Phase) -> float:
