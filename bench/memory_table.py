@@ -31,6 +31,11 @@ def _pct(x: float | None) -> str:
     return f"{x:+.1%}" if x is not None else "-"
 
 
+def _pct2(x: float | None) -> str:
+    """Held-out errors sit near the 5% bound: two decimals say which side of it."""
+    return f"{x:+.2%}" if x is not None else "-"
+
+
 def _gib(x: float | None) -> str:
     return f"{x:.2f}" if x is not None else "-"
 
@@ -135,13 +140,13 @@ def fit_tables(files: list[Path]) -> list[str]:
         held = fc.leave_one_architecture_out(samples, b)
         for h in held:
             out.append(
-                f"| {b} | {h.arch} | {h.records} | {_pct(h.torch_worst)} | {_pct(h.device_worst)} | {h.fitted} |"
+                f"| {b} | {h.arch} | {h.records} | {_pct2(h.torch_worst)} | {_pct2(h.device_worst)} | {h.fitted} |"
             )
         t = max((abs(h.torch_worst) for h in held if h.torch_worst is not None), default=None)
         d = max((abs(h.device_worst) for h in held if h.device_worst is not None), default=None)
         summary.append(
-            f"{b}: worst held-out error, torch peak {'-' if t is None else f'{t:.1%}'}, "
-            f"device total {'-' if d is None else f'{d:.1%}'} ({len(held)} architectures); "
+            f"{b}: worst held-out error, torch peak {'-' if t is None else f'{t:.2%}'}, "
+            f"device total {'-' if d is None else f'{d:.2%}'} ({len(held)} architectures); "
             f"90th percentile {fc.error_band(held, 'torch'):.1%} / {fc.error_band(held, 'device'):.1%}: "
             f"error band {fc.band_for(held):.1%} (constants.ERROR_BAND[{b!r}] = {C.ERROR_BAND.get(b, 0):.1%})"
         )

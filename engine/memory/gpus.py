@@ -7,6 +7,7 @@ All sizes are GiB (2**30 bytes), printed as "GB" the way nvidia-smi and the vend
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import functools
 import re
@@ -38,6 +39,8 @@ class Gpu:
     def device(self) -> DeviceProfile:
         """The device-level constants the estimate uses on this GPU (engine.memory.devices)."""
         if self.profile is not None:
+            if self.profile.card_gib is None:
+                return dataclasses.replace(self.profile, card_gib=self.total_gb)
             return self.profile
         return profile_for_name(self.label if self.source != "size" else "", self.total_gb)
 

@@ -575,13 +575,11 @@ def loss_phase(plan: Plan) -> Phase:
     grads = 1.0 if plan.grad_accum > 1 else 0.0
     if plan.backend == "unsloth":
         # unsloth_zoo's fused linear CE (constants.UNSLOTH_CE_*): the final norm's input and output,
-        # grad_hidden (taken in the forward, kept for backward), one fp32 R x vocab logits buffer
-        # reused by every chunk and the chunk's fp32 R x hidden gradient.
-        rows = unsloth_ce_rows(plan)
+        # grad_hidden (taken in the forward, kept for backward), and the route's buffers.
         acts["final hidden states (and normed)"] = 2.0 * T * h * c
         acts["fused CE: grad_hidden"] = float(T * h * c)
-        chunk = rows * (-(-V // 8) * 8) * 4.0 + rows * h * 4.0
-        acts[f"fused CE: fp32 logits of {rows} rows"] = chunk
+        name, chunk = unsloth_loss_buffers(plan)
+        acts[name] = chunk
         big = V * h * c if lm_head_trains else 0.0
         if big:
             acts["lm_head gradient"] = big
@@ -618,6 +616,51 @@ def _pow2_at_or_below(x: float) -> int:
     return 1 << math.floor(math.log2(x))
 
 
+def unsloth_loss_buffers(plan: Plan) -> tuple[str, float]:
+    """The buffers of the route unsloth_zoo's fused loss takes (constants.UNSLOTH_CE_TILE_*).
+
+    Chunked: one fp32 R x vocab logits buffer reused by every chunk, and the chunk's fp32 R x hidden
+    gradient. Tiled, for a frozen head over a large vocabulary: an fp32 tile of R rows x a multiple
+    of 16,384 columns and an fp32 R x hidden accumulator. A card of 24.5 GiB or less always tiles;
+    a larger one once a micro-batch's labelled rows reach 4,096. The estimate counts every token as
+    labelled, and responses-only masking labels fewer, so at 4,096 tokens and more a larger card
+    (or one not named) counts the larger of the two routes."""
+    a, T = plan.arch, plan.tokens
+    h, V = a.hidden, max(a.vocab, 1)
+    rows = unsloth_ce_rows(plan)
+    chunked = (f"fused CE: fp32 logits of {rows} rows", rows * (-(-V // 8) * 8) * 4.0 + rows * h * 4.0)
+    cols = C.UNSLOTH_CE_TILE_COLS
+    if LM_HEAD in plan.modules_to_save or -(-V // cols) <= 2:
+        return chunked
+    card = plan.device.card_gib
+    small = card is not None and card <= C.UNSLOTH_SMALL_CARD_GIB
+    labelled = max(T - plan.micro_batch, 1)  # each sequence's last position has no next token
+    budget = min(C.UNSLOTH_CE_TILE_BYTES, unsloth_ce_budget(plan))
+    r = max(min(C.UNSLOTH_CE_TILE_ROWS, labelled, int(budget // (cols * 4))), 1)
+    width = max(int(budget // (r * 4)), cols)
+    if small or card is None:
+        width = min(width, cols)  # the small card's 16,384-column cap (largest where none is named)
+    width = min(width - width % cols, -(-V // cols) * cols)
+    tiled = (f"fused CE: fp32 tile of {r} rows x {width} columns", r * width * 4.0 + r * h * 4.0 + r * 4.0)
+    if small:
+        return tiled
+    if card is not None and labelled < C.UNSLOTH_CE_FLASH_MIN_ROWS:
+        return chunked
+    return max(chunked, tiled, key=lambda kv: kv[1])
+
+
+def unsloth_ce_budget(plan: Plan) -> float:
+    """unsloth_zoo's loss budget: min(2 GiB, half the free memory), the free memory read once, at the
+    first loss. Counting only what is there before any activation errs toward the larger chunk, and
+    keeps more tokens from ever estimating a smaller one."""
+    budget = C.UNSLOTH_CE_CHUNK_GIB * C.GIB
+    if plan.budget_bytes is not None:
+        static = sum(weights(plan).values()) + sum(gradients(plan).values())
+        free = plan.budget_bytes - static - plan.device.context_gib * C.GIB
+        budget = max(min(budget, free / 2), 1.0)
+    return budget
+
+
 def unsloth_ce_rows(plan: Plan) -> int:
     """Rows per chunk of unsloth_zoo's fused linear CE (fused_linear.py fused_linear_rows): about
     tokens x hidden / vocab, within [max(512, _MIN_LOGITS / vocab), 4096], and at most the budget
@@ -629,15 +672,7 @@ def unsloth_ce_rows(plan: Plan) -> int:
         max(_pow2_at_or_below(C.UNSLOTH_CE_MIN_LOGITS / V), C.UNSLOTH_CE_MIN_ROWS), C.UNSLOTH_CE_MAX_ROWS
     )
     rows = min(max(rows, floor), C.UNSLOTH_CE_MAX_ROWS)
-    budget = C.UNSLOTH_CE_CHUNK_GIB * C.GIB
-    if plan.budget_bytes is not None:
-        # unsloth_zoo reads the free memory once, at the first loss. Counting only what is there
-        # before any activation errs toward the larger chunk, and keeps more tokens from ever
-        # estimating a smaller one.
-        static = sum(weights(plan).values()) + sum(gradients(plan).values())
-        free = plan.budget_bytes - static - plan.device.context_gib * C.GIB
-        budget = max(min(budget, free / 2), 1.0)
-    cap = int(budget // (V * 4))
+    cap = int(unsloth_ce_budget(plan) // (V * 4))
     return max(min(rows, max(cap, 2), T), 1)
 
 

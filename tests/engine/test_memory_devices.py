@@ -4,6 +4,7 @@ micro-batch per step, unsloth_zoo's loss chunk, and the estimate's error band.""
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import pytest
@@ -14,7 +15,7 @@ from engine.memory import devices, estimate, resolve_gpu
 from engine.memory.architectures import catalog
 from engine.memory.estimate import plan_for
 from engine.memory.gpus import Gpu
-from engine.memory.terms import layer_saved_per_token, lora_params, unsloth_ce_rows
+from engine.memory.terms import layer_saved_per_token, lora_params, unsloth_ce_rows, unsloth_loss_buffers
 
 GIB = 2**30
 MIB = 2**20
@@ -133,6 +134,38 @@ def test_unsloth_loss_chunk_rows_follow_unsloth_zoo(arch: str, rows: int) -> Non
     vocab), 4096] rounded down to a power of two (Mistral's 32k vocabulary: 2048 rows)."""
     cfg = cfg_for(arch, train__seq_len=4096, train__micro_batch=2)
     assert unsloth_ce_rows(plan_for(cfg, catalog()[arch], "unsloth", budget_gb=140.0)) == rows
+
+
+@pytest.mark.parametrize(
+    ("arch", "seq", "card", "route", "mib"),
+    [
+        # A card of 24.5 GiB or less tiles at any length, 16,384 columns at most.
+        ("gemma-3-1b", 1024, 24.0, "tile of 1023 rows x 16384 columns", 64 + 4.5),
+        ("llama-3.1-8b", 8192, 24.0, "tile of 4096 rows x 16384 columns", 256 + 64),
+        # A larger one chunks below 4,096 labelled rows (a 512 x vocab fp32 buffer)...
+        ("gemma-3-1b", 1024, 80.0, "logits of 512 rows", 512 + 2.25),
+        # ...and at 4,096 and more counts the larger route: labels may be fewer than tokens.
+        ("llama-3.1-8b", 8192, 80.0, "tile of 4096 rows x 16384 columns", 256 + 64),
+        ("gemma-3-1b", 8192, 80.0, "logits of 512 rows", 512 + 2.25),
+        # Mistral's 32,768 entries are two tiles: unsloth_zoo chunks them (_tiled_vocab).
+        ("mistral-7b", 1024, 24.0, "logits of 1024 rows", 128 + 16),
+    ],
+)
+def test_unsloth_loss_route_follows_the_card(
+    arch: str, seq: int, card: float, route: str, mib: float
+) -> None:
+    cfg = cfg_for(arch, train__seq_len=seq, train__micro_batch=1)
+    device = dataclasses.replace(devices.profile_for_name("NVIDIA H100 80GB HBM3"), card_gib=card)
+    name, size = unsloth_loss_buffers(
+        plan_for(cfg, catalog()[arch], "unsloth", budget_gb=card, device=device)
+    )
+    assert route in name
+    assert size / C.MIB == pytest.approx(mib, rel=0.01)
+
+
+def test_a_named_card_carries_its_memory() -> None:
+    assert devices.profile_for_name("NVIDIA GeForce RTX 4090", 24.0).card_gib == 24.0
+    assert devices.profile_for_name("NVIDIA GeForce RTX 4090").card_gib is None
 
 
 # ---------------------------------------------------------------------------------------------
