@@ -128,15 +128,17 @@ if [[ $PART == speed-ga ]]; then
   # single qlc train runs of the 8B ran faster than the fit; docs/backends.md keeps them out of it.
   # The likely cause, 16 processes on 16 cores slowing host-bound steps (--clean-speed holds the
   # GPU, not the CPU): one process at a time here (CONCURRENCY, default 1).
-  ONLY=()
-  for a in llama-3.2-1b llama-3.2-3b qwen2.5-7b; do
+  # ARCHS (space-separated) narrows the architectures.
+  ONLY=() ARCH_ARGS=()
+  for a in ${ARCHS:-llama-3.2-1b llama-3.2-3b qwen2.5-7b}; do
+    ARCH_ARGS+=(--arch "$a")
     for s in s2048x1a4-nogc s4096x1a4-nogc s4096x2a2-half s4096x1a4; do
       for stack in hf unsloth; do ONLY+=(--only "$a/$stack/r16-all/$s"); done
     done
   done
   LIMIT_S=$((${LIMIT_S:-570} - 20)) OUT=$OUT bash bench/gpu_campaign.sh --clean-speed --no-e2e \
-    --unsloth-process-per-gc --grad-accum-shapes --concurrency "${CONCURRENCY:-1}" --arch llama-3.2-1b \
-    --arch llama-3.2-3b --arch qwen2.5-7b "${ONLY[@]}" "${@:2}"
+    --unsloth-process-per-gc --grad-accum-shapes --concurrency "${CONCURRENCY:-1}" "${ARCH_ARGS[@]}" \
+    "${ONLY[@]}" "${@:2}"
   exit $?
 fi
 if [[ $PART == table ]]; then
