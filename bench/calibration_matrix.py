@@ -537,7 +537,12 @@ class Driver:
     def feed(self, w: WorkerRun) -> None:
         c = self.next_config(w)
         waiting = max((p.value for p in self.pending_workers), default=0.0)
-        if c is not None and not self.stopping and not self.args.only and c.value < 0.6 * waiting:
+        if (
+            c is not None
+            and not self.stopping
+            and not getattr(self.args, "only", None)
+            and c.value < 0.6 * waiting
+        ):
             # A process still waiting for a slot or memory has much more valuable work: make room.
             # (Not where --only named the configurations: each was asked for. On 2026-12-06 the
             # 3B and 7B processes of speed-ga yielded to the 1B's and measured nothing.)
