@@ -19,7 +19,8 @@ def test_clean_speed_leaves_no_record_overlapped(tmp_path: Path) -> None:
     done = bench(
         "bench/calibration_matrix.py", "--dry-run", "--out", str(out), "--work",
          str(tmp_path / "work"), "--arch", "llama-3.2-1b", "--no-e2e", "--clean-speed",
-         "--deadline-s", "240", "--max-configs", "1",
+         "--deadline-s", "240", "--only", "llama-3.2-1b/hf/r16-all/s4096x2",
+         "--only", "llama-3.2-1b/unsloth/r16-all/s4096x2",  # one pair: two worker processes
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     (results,) = out.glob("calibration-matrix-dry-run-*.json")
