@@ -840,7 +840,11 @@ class Driver:
         self.add_device_figures(rec, spec.name, t0, t1, paged_gib=rec["paged_state_gib"])
         self.records.append(rec)
         rec["speed_overlaps"] = self.speed_overlaps(spec.name, t0, t1)
-        rec["speed_valid"] = not rec["speed_overlaps"] and rec["tokens_per_second"] is not None
+        rec["speed_valid"] = (
+            not rec["speed_overlaps"]
+            and rec["tokens_per_second"] is not None
+            and not rec.get("memory_history")
+        )
         self.progress(rec)
         self.write()
 
@@ -934,7 +938,9 @@ class Driver:
         self.add_device_figures(rec, w.plan.name, t0, rec["t_end"], rec.get("paged_state_gib"))
         overlaps = self.speed_overlaps(w.plan.name, rec["t_train_start"], rec["t_train_end"])
         rec["speed_overlaps"] = overlaps
-        rec["speed_valid"] = not overlaps and rec.get("tokens_per_second") is not None
+        rec["speed_valid"] = (
+            not overlaps and rec.get("tokens_per_second") is not None and not rec.get("memory_history")
+        )
         if rec.get("error"):
             self.failures.append({"id": c.id, "error": rec["error"]})
         else:
@@ -1283,6 +1289,8 @@ class Driver:
                 for k, v in os.environ.items()
                 if k.startswith("UNSLOTH_") and k != "UNSLOTH_DISABLE_STATISTICS"
             },
+            # PyTorch's memory history recorded (bench/memory_history.py): its records' times do not count.
+            "memory_history": bool(os.environ.get("QLC_BENCH_MEMORY_HISTORY")),
             "plan": planned,
             "order": [r["id"] for r in self.records],
             "timeline": self.timeline,

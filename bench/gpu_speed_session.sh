@@ -82,7 +82,7 @@
 #                                             frames that allocated it) and the loss route unsloth_zoo
 #                                             took (llama-3.2-1b/3b at 1,024 tokens, gemma-3-1b at
 #                                             4,096 x 2), then the Gemma and Llama short steps again
-#                                             on the loss route of a card of 24 GiB or less
+#                                             on the loss route of a card of 24.5 GiB or less
 #                                             (UNSLOTH_FUSED_LINEAR_FLASH_MIN_ROWS=0)
 #   bash bench/gpu_speed_session.sh small-card-24gb  the seed recipe as auto lays it out for 24 GB,
 #                                             on the loss route of a card of 24.5 GiB or less
@@ -253,14 +253,14 @@ case "$PART" in
     # IDS (space-separated record ids) replaces the default list; SMALL_CARD=0 skips the second part.
     export PYTHONPATH=$PWD:/tmp/site2:/tmp/site
     read -ra IDS <<< "${IDS:-llama-3.2-3b/unsloth/r16-all/s1024x1 llama-3.2-1b/unsloth/r16-all/s1024x1 gemma-3-1b/unsloth/r16-all/s4096x2 gemma-3-1b/unsloth/r16-all/s1024x1 llama-3.2-3b/unsloth/r16-all/s4096x2}"
-    ONLY=() ARCHS=()
+    ONLY=() ARCH_FLAGS=()
     for id in "${IDS[@]}"; do
       ONLY+=(--only "$id")
-      [[ " ${ARCHS[*]} " == *" --arch ${id%%/*} "* ]] || ARCHS+=(--arch "${id%%/*}")
+      [[ " ${ARCH_FLAGS[*]} " == *" --arch ${id%%/*} "* ]] || ARCH_FLAGS+=(--arch "${id%%/*}")
     done
     QLC_BENCH_MEMORY_HISTORY=$OUT/history timeout -k 10 ${HISTORY_S:-260} python3 bench/calibration_matrix.py \
       --out "$OUT/history" --work "$WORK/history" --deadline-s $((${HISTORY_S:-260} - 20)) --backend unsloth \
-      --unsloth-path /tmp/site2 --no-e2e --unsloth-process-per-gc --concurrency 3 "${ARCHS[@]}" "${ONLY[@]}" 2>&1 \
+      --unsloth-path /tmp/site2 --no-e2e --unsloth-process-per-gc --concurrency 3 "${ARCH_FLAGS[@]}" "${ONLY[@]}" 2>&1 \
       | tee "$OUT/history.log" | grep -v '^O^O\|^\\\|==((' | tail -n 8
     rm -rf "$WORK/history"
     for f in "$OUT"/history/*__*.json; do python3 bench/memory_history.py "$f" | head -n 14; done | tee "$OUT/history.txt"

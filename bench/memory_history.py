@@ -25,6 +25,9 @@ MAX_ENTRIES = 1_000_000  # alloc and free events kept; a 3B step at 1,024 tokens
 FRAMES_KEPT = 6
 # Frames that say nothing about which tensor this is: the allocator's and the recorder's own.
 _NOISE = ("torch/cuda/memory.py", "torch/utils/_contextlib.py", "torch/_tensor.py", "<frozen ")
+# Where packages were installed (pip's site-packages, the GPU recipe's --target folders) and this
+# checkout: cut from a frame's path, so that it reads as the module it is.
+_PREFIXES = ("site-packages/", "/tmp/site2/", "/tmp/site/", str(Path(__file__).resolve().parent.parent) + "/")
 
 
 def start(torch: Any) -> None:
@@ -43,7 +46,9 @@ def _frames(event: Mapping[str, Any]) -> list[str]:
         name = str(f.get("filename", ""))
         if any(n in name for n in _NOISE):
             continue
-        short = name.split("site-packages/")[-1].split("/work/main/")[-1]
+        short = name
+        for prefix in _PREFIXES:
+            short = short.split(prefix)[-1]
         out.append(f"{short}:{f.get('line')} {f.get('name')}")
         if len(out) == FRAMES_KEPT:
             break
@@ -56,22 +61,18 @@ def peak_live(
     """Replay alloc and free events from `before` bytes already allocated: (peak bytes, index of the
     event that reached it, the blocks alive then, by address). Blocks allocated before the recording
     have no alloc event: they count in `before`, and leave it when freed."""
-    live: dict[int, Mapping[str, Any]] = {}
     now = peak = before
     at = -1
     for i, e in enumerate(trace):
         action = e.get("action")
         if action == "alloc":
-            live[e["addr"]] = e
             now += e["size"]
             if now > peak:
                 peak, at = now, i
         elif action == "free_completed":
-            # A block with no alloc event was allocated before the recording: it leaves `before`.
-            live.pop(e["addr"], None)
             now -= e["size"]
     # Replay again to the peak: the live set there (cheaper than copying it at every new high).
-    live = {}
+    live: dict[int, Mapping[str, Any]] = {}
     for e in trace[: at + 1]:
         if e.get("action") == "alloc":
             live[e["addr"]] = e
@@ -96,13 +97,19 @@ def groups(blocks: Iterable[Mapping[str, Any]], top: int = 40) -> list[dict[str,
     return out
 
 
-def summarize(snapshot: Mapping[str, Any], before: int, device: int = 0) -> dict[str, Any]:
+def summarize(
+    snapshot: Mapping[str, Any], before: int, device: int = 0, torch_peak: int | None = None
+) -> dict[str, Any]:
+    """`torch_peak`: torch.cuda.max_memory_allocated(), against which the replay is checked (a trace
+    of MAX_ENTRIES events has lost its first ones, and its replay is then not the run's)."""
     traces = snapshot.get("device_traces") or [[]]
     trace = traces[device] if device < len(traces) else []
     peak, at, live = peak_live(trace, before)
     return {
         "allocated_before_gib": round(before / GIB, 4),
         "peak_allocated_gib": round(peak / GIB, 4),
+        "torch_peak_allocated_gib": None if torch_peak is None else round(torch_peak / GIB, 4),
+        "trace_complete": len(trace) < MAX_ENTRIES,
         "events": len(trace),
         "peak_event": at,
         "live_at_peak_gib": round(sum(b["size"] for b in live.values()) / GIB, 4),
@@ -111,8 +118,9 @@ def summarize(snapshot: Mapping[str, Any], before: int, device: int = 0) -> dict
 
 
 def write(torch: Any, folder: Path, record_id: str, before: int) -> Path:
+    peak = torch.cuda.max_memory_allocated()
     snapshot = stop(torch)
-    summary = {"id": record_id, **summarize(snapshot, before)}
+    summary = {"id": record_id, **summarize(snapshot, before, torch.cuda.current_device(), peak)}
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / (record_id.replace("/", "__") + ".json")
     path.write_text(json.dumps(summary, indent=1))
@@ -125,6 +133,11 @@ def show(path: Path) -> str:
         f"{s['id']}: peak allocated {s['peak_allocated_gib']:.3f} GiB = {s['allocated_before_gib']:.3f} GiB "
         f"before the run + {s['live_at_peak_gib']:.3f} GiB allocated during it ({s['events']} events)"
     ]
+    if s.get("trace_complete") is False:
+        lines.append(f"  the trace kept its last {s['events']} events only: the replay is not the run's")
+    torch_peak = s.get("torch_peak_allocated_gib")
+    if torch_peak is not None and abs(torch_peak - s["peak_allocated_gib"]) > 0.001:
+        lines.append(f"  PyTorch's own peak was {torch_peak:.3f} GiB: the replay missed part of the run")
     for g in s["groups"]:
         where = " < ".join(g["frames"][:3]) or "(no Python frame: the autograd engine)"
         lines.append(f"  {g['gib']:.4f} GiB in {g['blocks']} blocks  {where}")

@@ -63,10 +63,11 @@ UNSLOTH_CE_CHUNK_GIB = 2.0  # _CHUNK_GB (UNSLOTH_LOGPROB_CHUNK_GB)
 UNSLOTH_CE_MIN_LOGITS = 512 * 151936  # _MIN_LOGITS
 UNSLOTH_CE_MIN_ROWS = 512
 UNSLOTH_CE_MAX_ROWS = 4096  # _MAX_ROWS
-# Its other route, for a frozen LM head over a vocabulary of more than two SPLIT_COLS (_tiled_vocab):
-# a tiled ("flash") pass that never holds rows x vocab, only an fp32 tile of R rows x a multiple of
-# _SPLIT_COLS columns (R = min(_BWD_ROWS, labelled rows, _BWD_TILE_BYTES / (_SPLIT_COLS x 4))) and
-# an fp32 R x hidden accumulator (_tiled_layout, _tiled_forward). It runs once the labelled rows of
+# Its other route, for a frozen LM head over a vocabulary of more than two SPLIT_COLS (_tiled_vocab),
+# 16-bit compute and sm 8.0 or newer (_flash_ce_ok, _fp32_out_ok): a tiled ("flash") pass that never
+# holds rows x vocab, only an fp32 tile of R rows x a multiple of _SPLIT_COLS columns (R =
+# min(_BWD_ROWS, labelled rows, min(_BWD_TILE_BYTES, the loss budget) / (_SPLIT_COLS x 4))) and an
+# fp32 R x hidden accumulator (_tiled_layout, _tiled_forward). It runs once the labelled rows of
 # a micro-batch reach _flash_min_rows: 4,096 on a card of more than _SMALL_CARD_BYTES (24.5 GiB),
 # every micro-batch on a smaller one, whose tile is also capped at 16,384 columns (_FWD_TILE_COLS).
 # MEASURED (H100, PyTorch's memory history, bench/results/memory-history-h100-2026-12-06.json): the

@@ -44,7 +44,8 @@ class DeviceProfile:
     cublaslt_bytes: int  # cuBLASLt workspace, inside PyTorch's pool
     source: str  # where the context figure comes from
     # The card's memory, where known: Unsloth's loss takes another route on a card of 24.5 GiB or
-    # less (constants.UNSLOTH_SMALL_CARD_GIB). Not part of the class: profile_for_name sets it.
+    # less (constants.UNSLOTH_SMALL_CARD_GIB). Not the class's own figure: profile_for_name and
+    # gpus.Gpu.device set it for the card at hand.
     card_gib: float | None = None
 
     @property

@@ -620,17 +620,21 @@ def unsloth_loss_buffers(plan: Plan) -> tuple[str, float]:
     """The buffers of the route unsloth_zoo's fused loss takes (constants.UNSLOTH_CE_TILE_*).
 
     Chunked: one fp32 R x vocab logits buffer reused by every chunk, and the chunk's fp32 R x hidden
-    gradient. Tiled, for a frozen head over a large vocabulary: an fp32 tile of R rows x a multiple
-    of 16,384 columns and an fp32 R x hidden accumulator. A card of 24.5 GiB or less always tiles;
-    a larger one once a micro-batch's labelled rows reach 4,096. The estimate counts every token as
-    labelled, and responses-only masking labels fewer, so at 4,096 tokens and more a larger card
-    (or one not named) counts the larger of the two routes."""
+    gradient. Tiled, for a frozen head over a large vocabulary on sm 8.0 or newer: an fp32 tile of R
+    rows x a multiple of 16,384 columns and an fp32 R x hidden accumulator. A card of 24.5 GiB or
+    less always tiles; a larger one once a micro-batch's labelled rows (tokens less one per
+    sequence) reach 4,096. The estimate counts every token as labelled, and responses-only masking
+    labels fewer, so from there a larger card counts the larger of the two routes; a card not named
+    counts the larger at every length."""
     a, T = plan.arch, plan.tokens
     h, V = a.hidden, max(a.vocab, 1)
     rows = unsloth_ce_rows(plan)
     chunked = (f"fused CE: fp32 logits of {rows} rows", rows * (-(-V // 8) * 8) * 4.0 + rows * h * 4.0)
     cols = C.UNSLOTH_CE_TILE_COLS
-    if LM_HEAD in plan.modules_to_save or -(-V // cols) <= 2:
+    # The tiled pass needs fp32 logits from 16-bit inputs, sm 8.0 or newer (_flash_ce_ok, and
+    # _fp32_out_ok: a T4 raises), and a frozen head over more than two tiles (_tiled_vocab).
+    pre_ampere = plan.device.name == devices.TURING.name
+    if LM_HEAD in plan.modules_to_save or -(-V // cols) <= 2 or plan.compute_bytes != 2 or pre_ampere:
         return chunked
     card = plan.device.card_gib
     small = card is not None and card <= C.UNSLOTH_SMALL_CARD_GIB
@@ -686,7 +690,8 @@ def embedding_backward_phase(plan: Plan) -> Phase | None:
         "embed_tokens dense gradient": dense,
         "gradient of the embeddings' output": plan.tokens * a.hidden * plan.residual_bytes,
     }
-    return Phase("embedding backward", acts, {}, dense, acts["gradient of the embeddings' output"])
+    kept = unsloth_kept_buffers(plan)
+    return Phase("embedding backward", acts, kept, dense, acts["gradient of the embeddings' output"])
 
 
 def optimizer_phase(plan: Plan) -> Phase | None:

@@ -219,16 +219,13 @@ def test_unsloth_loss_route_of_a_small_card() -> None:
     that route forced on an H100 (their peak allocated, from the memory history) against the
     estimate for the same card class at 24 GiB, and on the large card's route against 80 GiB."""
     small = json.loads((RESULTS / "memory-history-small-card-route-h100-2026-12-06.json").read_text())
-    records = {
-        r.id: (r, f)
-        for f in (load_calibration(p) for p in FILES if p.name.startswith("memory-calibration-"))
-        if f.gpu.startswith("NVIDIA H100")
-        for r in f.records
-    }
+    # The same configurations on the large card's route, measured in the same session's first call.
+    twins = load_calibration(RESULTS / "memory-calibration-matrix-h100-2026-12-06e.json")
+    records = {r.id: r for r in twins.records}
+    gpu = twins.resolve_gpu()
     assert len(small["summaries"]) == 3
     for s in small["summaries"]:
-        rec, f = records[s["id"]]
-        gpu = f.resolve_gpu()
+        rec = records[s["id"]]
         at_24 = dataclasses.replace(gpu, profile=dataclasses.replace(gpu.device, card_gib=24.0))
         est_small, est_large = estimate_record(rec, at_24), estimate_record(rec, gpu)
         assert est_small.torch_allocated_gb < est_large.torch_allocated_gb

@@ -163,6 +163,35 @@ def test_unsloth_loss_route_follows_the_card(
     assert size / C.MIB == pytest.approx(mib, rel=0.01)
 
 
+@pytest.mark.parametrize(
+    ("why", "card", "changes"),
+    [
+        ("a T4 (sm 7.5) has no fp32 output from 16-bit matmuls", "NVIDIA T4", {}),
+        ("fp32 compute", "NVIDIA GeForce RTX 4090", {"quant__compute_dtype": "fp32"}),
+        ("a trained lm_head", "NVIDIA GeForce RTX 4090", {"lora__modules_to_save": ["lm_head"]}),
+    ],
+)
+def test_unsloth_loss_chunks_where_unsloth_zoo_cannot_tile(why: str, card: str, changes: dict) -> None:
+    cfg = cfg_for("gemma-3-1b", train__seq_len=1024, train__micro_batch=1, **changes)
+    device = devices.profile_for_name(card, 16.0)
+    name, size = unsloth_loss_buffers(
+        plan_for(cfg, catalog()["gemma-3-1b"], "unsloth", budget_gb=16.0, device=device)
+    )
+    assert "logits of 512 rows" in name, why
+    assert size / C.MIB == pytest.approx(512 + 2.25, rel=0.01), why
+
+
+def test_a_card_not_named_counts_the_larger_loss_route() -> None:
+    """No card: the route is unknown at any length, and the estimate takes the larger."""
+    for arch, seq, route in (
+        ("gemma-3-1b", 1024, "logits of 512 rows"),
+        ("llama-3.1-8b", 8192, "tile of 4096"),
+    ):
+        cfg = cfg_for(arch, train__seq_len=seq, train__micro_batch=1)
+        name, _ = unsloth_loss_buffers(plan_for(cfg, catalog()[arch], "unsloth"))
+        assert route in name, arch
+
+
 def test_a_named_card_carries_its_memory() -> None:
     assert devices.profile_for_name("NVIDIA GeForce RTX 4090", 24.0).card_gib == 24.0
     assert devices.profile_for_name("NVIDIA GeForce RTX 4090").card_gib is None
