@@ -161,8 +161,8 @@ class QlcApp(KeyActions, RunEvents, PresetActions, RunActions, SampleActions, Ap
         """A tab clicked (keys focus their pane at once): focus into it. A stale event, for a tab
         shown before the keys that came since, must not pull the focus (and the tabs) back."""
         pane = event.pane.id if event.pane is not None else None
-        if not pane or pane != event.tabbed_content.active:
-            return
+        if not pane or pane != event.tabbed_content.active or not self.screen_stack:
+            return  # (no screen: a tab activated while the app shuts down, as _focus_pane says)
         focused = self.focused
         if focused is None or pane not in {node.id for node in focused.ancestors_with_self}:
             self._focus_pane(pane)
