@@ -27,13 +27,8 @@ from engine.memory.calibration import load_calibration, records_files, replay
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _pct(x: float | None) -> str:
-    return f"{x:+.1%}" if x is not None else "-"
-
-
-def _pct2(x: float | None) -> str:
-    """Held-out errors sit near the 5% bound: two decimals say which side of it."""
-    return f"{x:+.2%}" if x is not None else "-"
+def _pct(x: float | None, places: int = 1) -> str:
+    return f"{x:+.{places}%}" if x is not None else "-"
 
 
 def _gib(x: float | None) -> str:
@@ -140,7 +135,8 @@ def fit_tables(files: list[Path]) -> list[str]:
         held = fc.leave_one_architecture_out(samples, b)
         for h in held:
             out.append(
-                f"| {b} | {h.arch} | {h.records} | {_pct2(h.torch_worst)} | {_pct2(h.device_worst)} | {h.fitted} |"
+                # Held-out errors sit near the 5% bound: two places say which side of it.
+                f"| {b} | {h.arch} | {h.records} | {_pct(h.torch_worst, 2)} | {_pct(h.device_worst, 2)} | {h.fitted} |"
             )
         t = max((abs(h.torch_worst) for h in held if h.torch_worst is not None), default=None)
         d = max((abs(h.device_worst) for h in held if h.device_worst is not None), default=None)

@@ -14,7 +14,6 @@ it takes the largest context known (the H200's), which errs on the safe side.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -44,8 +43,8 @@ class DeviceProfile:
     cublaslt_bytes: int  # cuBLASLt workspace, inside PyTorch's pool
     source: str  # where the context figure comes from
     # The card's memory, where known: Unsloth's loss takes another route on a card of 24.5 GiB or
-    # less (constants.UNSLOTH_SMALL_CARD_GIB). Not the class's own figure: profile_for_name and
-    # gpus.Gpu.device set it for the card at hand.
+    # less (constants.UNSLOTH_SMALL_CARD_GIB). Not the class's own figure: gpus.Gpu.device sets it
+    # for the card at hand.
     card_gib: float | None = None
 
     @property
@@ -157,13 +156,12 @@ def _small_ampere() -> DeviceProfile:
 def profile_for_name(name: str, total_gib: float | None = None) -> DeviceProfile:
     """The class of a card from the name nvidia-smi shows ("NVIDIA GeForce RTX 4090")."""
     text = name.lower().replace("geforce", " ").replace("nvidia", " ")
-    found = UNKNOWN
     for pattern, profile in _NAMES:
         if re.search(pattern, text):
-            small = profile is ADA_AMPERE and total_gib is not None and total_gib < 24
-            found = _small_ampere() if small else profile
-            break
-    return dataclasses.replace(found, card_gib=total_gib) if total_gib is not None else found
+            if profile is ADA_AMPERE and total_gib is not None and total_gib < 24:
+                return _small_ampere()
+            return profile
+    return UNKNOWN
 
 
 def default_profile() -> DeviceProfile:

@@ -38,11 +38,8 @@ class Gpu:
     @property
     def device(self) -> DeviceProfile:
         """The device-level constants the estimate uses on this GPU (engine.memory.devices)."""
-        if self.profile is not None:
-            if self.profile.card_gib is None:
-                return dataclasses.replace(self.profile, card_gib=self.total_gb)
-            return self.profile
-        return profile_for_name(self.label if self.source != "size" else "", self.total_gb)
+        profile = self.profile or profile_for_name(self.label if self.source != "size" else "", self.total_gb)
+        return dataclasses.replace(profile, card_gib=self.total_gb)
 
     def __str__(self) -> str:
         if self.source == "nvml":

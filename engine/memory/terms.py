@@ -628,7 +628,8 @@ def unsloth_loss_buffers(plan: Plan) -> tuple[str, float]:
     counts the larger at every length."""
     a, T = plan.arch, plan.tokens
     h, V = a.hidden, max(a.vocab, 1)
-    rows = unsloth_ce_rows(plan)
+    loss_budget = unsloth_ce_budget(plan)  # both routes size by it: sum the weights once
+    rows = unsloth_ce_rows(plan, loss_budget)
     chunked = (f"fused CE: fp32 logits of {rows} rows", rows * (-(-V // 8) * 8) * 4.0 + rows * h * 4.0)
     cols = C.UNSLOTH_CE_TILE_COLS
     # The tiled pass needs fp32 logits from 16-bit inputs, sm 8.0 or newer (_flash_ce_ok, and
@@ -639,7 +640,7 @@ def unsloth_loss_buffers(plan: Plan) -> tuple[str, float]:
     card = plan.device.card_gib
     small = card is not None and card <= C.UNSLOTH_SMALL_CARD_GIB
     labelled = max(T - plan.micro_batch, 1)  # each sequence's last position has no next token
-    budget = min(C.UNSLOTH_CE_TILE_BYTES, unsloth_ce_budget(plan))
+    budget = min(C.UNSLOTH_CE_TILE_BYTES, loss_budget)
     r = max(min(C.UNSLOTH_CE_TILE_ROWS, labelled, int(budget // (cols * 4))), 1)
     width = max(int(budget // (r * 4)), cols)
     if small or card is None:
@@ -665,10 +666,11 @@ def unsloth_ce_budget(plan: Plan) -> float:
     return budget
 
 
-def unsloth_ce_rows(plan: Plan) -> int:
+def unsloth_ce_rows(plan: Plan, budget: float | None = None) -> int:
     """Rows per chunk of unsloth_zoo's fused linear CE (fused_linear.py fused_linear_rows): about
     tokens x hidden / vocab, within [max(512, _MIN_LOGITS / vocab), 4096], and at most the budget
-    min(2 GiB, free / 2) over vocab x 4 bytes (fp32 logits)."""
+    min(2 GiB, free / 2) over vocab x 4 bytes (fp32 logits). `budget`: unsloth_ce_budget's, where
+    the caller has it."""
     a, T = plan.arch, plan.tokens
     V = max(a.vocab, 1)
     rows = _pow2_at_or_below(T * a.hidden / V)
@@ -676,7 +678,7 @@ def unsloth_ce_rows(plan: Plan) -> int:
         max(_pow2_at_or_below(C.UNSLOTH_CE_MIN_LOGITS / V), C.UNSLOTH_CE_MIN_ROWS), C.UNSLOTH_CE_MAX_ROWS
     )
     rows = min(max(rows, floor), C.UNSLOTH_CE_MAX_ROWS)
-    cap = int(unsloth_ce_budget(plan) // (V * 4))
+    cap = int((unsloth_ce_budget(plan) if budget is None else budget) // (V * 4))
     return max(min(rows, max(cap, 2), T), 1)
 
 

@@ -226,7 +226,7 @@ def test_unsloth_loss_route_of_a_small_card() -> None:
     assert len(small["summaries"]) == 3
     for s in small["summaries"]:
         rec = records[s["id"]]
-        at_24 = dataclasses.replace(gpu, profile=dataclasses.replace(gpu.device, card_gib=24.0))
+        at_24 = dataclasses.replace(gpu, total_gb=24.0)  # the H100's class, a card of 24 GiB
         est_small, est_large = estimate_record(rec, at_24), estimate_record(rec, gpu)
         assert est_small.torch_allocated_gb < est_large.torch_allocated_gb
         assert est_small.torch_allocated_gb == pytest.approx(s["peak_allocated_gib"], rel=TOLERANCE), s["id"]

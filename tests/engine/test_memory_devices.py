@@ -173,7 +173,7 @@ def test_unsloth_loss_route_follows_the_card(
 )
 def test_unsloth_loss_chunks_where_unsloth_zoo_cannot_tile(why: str, card: str, changes: dict) -> None:
     cfg = cfg_for("gemma-3-1b", train__seq_len=1024, train__micro_batch=1, **changes)
-    device = devices.profile_for_name(card, 16.0)
+    device = Gpu(card, card, 16.0, 16.0).device
     name, size = unsloth_loss_buffers(
         plan_for(cfg, catalog()["gemma-3-1b"], "unsloth", budget_gb=16.0, device=device)
     )
@@ -193,8 +193,12 @@ def test_a_card_not_named_counts_the_larger_loss_route() -> None:
 
 
 def test_a_named_card_carries_its_memory() -> None:
-    assert devices.profile_for_name("NVIDIA GeForce RTX 4090", 24.0).card_gib == 24.0
-    assert devices.profile_for_name("NVIDIA GeForce RTX 4090").card_gib is None
+    named = Gpu("4090", "NVIDIA GeForce RTX 4090", 24.0, 24.0)
+    present = Gpu(
+        "auto", "NVIDIA GeForce RTX 4090", 24.0, 20.0, "nvml", devices.profile_for_capability(8, 9, 24.0)
+    )
+    assert named.device.card_gib == present.device.card_gib == 24.0  # the card's, not what is free
+    assert devices.profile_for_name("NVIDIA GeForce RTX 4090").card_gib is None  # a class has no size
 
 
 # ---------------------------------------------------------------------------------------------
