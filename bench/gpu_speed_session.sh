@@ -62,6 +62,13 @@
 #                                             checkpointed), then as bare Unsloth runs it (2 x 2,
 #                                             every layer checkpointed and offloaded); on an H200
 #                                             first, the one Gemma-3-1B record only an H200 disagrees on
+#                                             (GEMMA=0 skips it); ORIGINS=1: also where the copies,
+#                                             matmuls and elementwise kernels were launched from
+#   bash bench/gpu_speed_session.sh lean      the lean 8-bit optimizer step checked bit-equal on the
+#                                             GPU, then bare Unsloth beside the engine's batch_split
+#                                             auto on the whole card and at 24 GB (16 steps)
+#   bash bench/gpu_speed_session.sh attention-bucket  the 80 GB step (4 x 1) with Unsloth's cuDNN length
+#                                             padding off, then on (UNSLOTH_SDPA_CUDNN_BUCKET)
 #   bash bench/gpu_speed_session.sh speed-gc  the speed table's blind spot: every Unsloth row of the
 #                                             H200 table has every layer checkpointed (and offloaded);
 #                                             nine pairs without checkpointing or with half, both
@@ -94,7 +101,7 @@
 # Writes to $OUT (the device tool's folder): the results JSON and a log per part. Models are built
 # in child processes under /tmp and deleted at the end.
 set -uo pipefail
-PART=${1:?"which part: stacks, split, split-24gb, kernels, pair, speed-gc, speed-ga, speed-holdout, generic-attn, warm-launch, table, tax-profile, tax, tax-unsloth, tax-unsloth-2, gemma-24gb, unsloth-gaps, peak-history, small-card-24gb or memory-gaps"}
+PART=${1:?"which part: stacks, split, split-24gb, kernels, pair, speed-gc, speed-ga, speed-holdout, generic-attn, warm-launch, attention-bucket, lean, table, tax-profile, tax, tax-unsloth, tax-unsloth-2, gemma-24gb, unsloth-gaps, peak-history, small-card-24gb or memory-gaps"}
 OUT=${OUT:-/tmp/qlc-speed-out}
 WORK=/tmp/qlc-speed
 mkdir -p "$OUT" "$WORK"
@@ -287,6 +294,37 @@ case "$PART" in
       | grep -v "^ \|^O^O\|^\\\\\|==((" | tail -n 16
     rm -rf "$WORK"
     ;;
+  lean)
+    # Issue 16's 1.6x / 1.2x targets after the engine's lean 8-bit optimizer step and exact-length
+    # attention: the lean step checked bit-equal against bitsandbytes' own on this GPU, then bare
+    # Unsloth beside the engine with batch_split auto on the whole card and at 24 GB (seed
+    # recipe, Llama-3.1-8B; STEPS, default 16).
+    PYTHONPATH=$PWD:/tmp/site timeout -k 10 90 python3 bench/lean_optimizer_check.py \
+      --out "$OUT/lean-optimizer-$DAY.json" 2>&1 | tail -n 3
+    timeout -k 10 $((${LIMIT_S:-570} - SECONDS)) python3 bench/compare_stacks.py --out "$OUT" --work "$WORK/lean" \
+      --arch llama-3.1-8b --unsloth-path /tmp/site2 --steps "${STEPS:-16}" \
+      --scenario bare-unsloth --scenario engine-split@h100 --scenario engine-split@24GB 2>&1 \
+      | tee "$OUT/lean.log" | grep -v "^ \|^O^O\|^\\\\\|==((" | tail -n 30
+    rm -rf "$WORK/lean"
+    ;;
+  attention-bucket)
+    # Unsloth pads every cuDNN attention call to the next multiple of 128 rows past its length
+    # (UNSLOTH_SDPA_CUDNN_BUCKET, for fewer cuDNN plans), even a length already a multiple: the
+    # seed recipe's 4096-token rows run as 4224, with a padded copy of Q, K and V and the slices
+    # back. The 80 GB layout (4 x 1, none checkpointed) with the padding off (and where the copies
+    # then come from), then as Unsloth ships it, on one model.
+    export PYTHONPATH=$PWD:/tmp/site2:/tmp/site
+    for bucket in 0 128; do
+      (( ${LIMIT_S:-570} - SECONDS > 150 )) || { echo "no time left for bucket $bucket"; break; }
+      UNSLOTH_SDPA_CUDNN_BUCKET=$bucket timeout -k 10 $((${LIMIT_S:-570} - SECONDS)) python3 -m bench.step_tax \
+        --arch llama-3.1-8b --work "$WORK/bucket" --seq 4096 --micro-batch 4 --grad-accum 1 --steps 8 --rounds 2 \
+        --set hardware.backend=unsloth --set hardware.gpu=auto --set train.gradient_checkpointing=false \
+        --set train.batch_split=fixed --kernels $( ((bucket == 0)) && echo --kernel-origins) \
+        --out "$OUT/step-kernels-llama-3.1-8b-unsloth-4x1-bucket$bucket-$DAY.json" 2>&1 \
+        | grep -v '^O^O\|^\\\|==((\|^ *"-____-"\|^ *\\\\   /|' | tail -n ${TAIL:-60}
+    done
+    rm -rf "$WORK"
+    ;;
   kernels)
     if [[ ${GEMMA:-1} == 1 ]] && nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
       # Issue 15's one card-dependent record: 2.04 GiB reserved on an H200 (2026-12-04b, the
@@ -307,8 +345,8 @@ case "$PART" in
         --work "$WORK/kernels" --seq 4096 --micro-batch "$mb" --grad-accum "$ga" --steps 8 --rounds 1 \
         --set hardware.backend=unsloth --set hardware.gpu=auto --set train.gradient_checkpointing=$gc \
         --set train.batch_split=fixed \
-        --kernels --out "$OUT/step-kernels-llama-3.1-8b-unsloth-${mb}x${ga}-$DAY.json" 2>&1 \
-        | grep -v '^O^O\|^\\\|==((\|^ *"-____-"\|^ *\\\\   /|' | tail -n 24 | tee -a "$OUT/kernels.log"
+        --kernels ${ORIGINS:+--kernel-origins} --out "$OUT/step-kernels-llama-3.1-8b-unsloth-${mb}x${ga}-$DAY.json" 2>&1 \
+        | grep -v '^O^O\|^\\\|==((\|^ *"-____-"\|^ *\\\\   /|' | tail -n 90 | tee -a "$OUT/kernels.log"
       rc=${PIPESTATUS[0]}
       (( rc == 0 )) || status=$rc
     done

@@ -115,16 +115,70 @@ def device_kernels(events: Any, device: Any) -> list[Kernel]:
     ]
 
 
-def profile_kernels(trainer: Any, run_round: Any, cuda: bool, top: int = 25) -> dict[str, Any]:
+# The categories whose kernels `origins` traces back to the code that launched them.
+TRACED = ("copy", "matmul", "elementwise (aten)", "other")
+# Frames of these files say where in the model a kernel came from; torch's own frames do not.
+_OWN_FRAMES = ("unsloth", "transformers/", "peft/", "engine/", "trl/", "bitsandbytes/")
+
+
+def _caller(stack: list[str]) -> str:
+    for frame in stack:
+        if any(f in frame for f in _OWN_FRAMES):
+            return frame.split("site-packages/")[-1].split("site2/")[-1][-90:]
+    return ""
+
+
+def origins(events: Any, steps: int, top: int = 12) -> dict[str, list[dict[str, Any]]]:
+    """The device time of each TRACED category's kernels per step, by where they were launched:
+    the aten op and its callers (autograd nodes in the backward), its input shapes and the first
+    frame outside torch (a recorded stack). Answers "which 448 copies a step, and why"."""
+    acc: dict[tuple[str, str, str, str], list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in events:
+        kernels = getattr(e, "kernels", None)
+        if not kernels:
+            continue
+        chain, parent = [e.name], e.cpu_parent
+        while parent is not None and len(chain) < 5:
+            chain.append(parent.name)
+            parent = parent.cpu_parent
+        shapes = str(getattr(e, "input_shapes", "") or "")[:120]
+        where = _caller(list(getattr(e, "stack", None) or []))
+        for k in kernels:
+            cat = category(k.name)
+            if cat in TRACED:
+                slot = acc[(cat, " < ".join(chain), shapes, where)]
+                slot[0] += float(k.duration)
+                slot[1] += 1
+    steps = max(steps, 1)
+    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for (cat, chain, shapes, where), (us, n) in sorted(acc.items(), key=lambda kv: -kv[1][0]):
+        if len(out[cat]) < top:
+            out[cat].append(
+                {
+                    "ms_per_step": us / 1e3 / steps,
+                    "calls_per_step": n / steps,
+                    "ops": chain[:200],
+                    "shapes": shapes,
+                    "caller": where,
+                }
+            )
+    return dict(out)
+
+
+def profile_kernels(
+    trainer: Any, run_round: Any, cuda: bool, top: int = 25, trace_origins: bool = False
+) -> dict[str, Any]:
     """One round of `trainer` (run through `run_round(trainer)`) with the profiler on from the end
-    of step 2 to the end of the last step; the summary of what ran on the device meanwhile."""
+    of step 2 to the end of the last step; the summary of what ran on the device meanwhile.
+    `trace_origins` records shapes and stacks too (slower steps: the timings are then only
+    indicative) and adds where each TRACED category's kernels came from."""
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    prof = profile(activities=activities)
+    prof = profile(activities=activities, record_shapes=trace_origins, with_stack=trace_origins)
     window: dict[str, float] = {}
 
     def mark() -> float:
@@ -165,6 +219,17 @@ def profile_kernels(trainer: Any, run_round: Any, cuda: bool, top: int = 25) -> 
                 t += own
     report = summarise(kernels, int(window["steps"]), window["wall"], top)
     report["device"] = "cuda" if cuda else "cpu"
+    if cuda:
+        # The optimizer's range on the device's timeline: from its first kernel to its last, so
+        # its span against its kernels' time is the device's idle time inside the optimizer step.
+        spans = [
+            float(e.time_range.end - e.time_range.start)
+            for e in prof.events()
+            if e.device_type == DeviceType.CUDA and e.name.startswith("Optimizer.step#")
+        ]
+        report["optimizer_span_ms_per_step"] = sum(spans) / 1e3 / max(int(window["steps"]), 1)
+    if trace_origins:
+        report["origins"] = origins(prof.events(), int(window["steps"]))
     return report
 
 
@@ -177,6 +242,8 @@ def print_summary(report: dict[str, Any]) -> None:
         + f", device busy {report['busy_s_per_step'] * 1e3:.1f} ms"
         + ("" if idle is None else f" ({100 * idle:.1f}% idle)")
     )
+    if "optimizer_span_ms_per_step" in report:
+        print(f"  the optimizer step spans {report['optimizer_span_ms_per_step']:.1f} ms/step on the device")
     for cat, c in report["categories"].items():
         print(
             f"  {cat:<22} {c['s_per_step'] * 1e3:9.1f} ms/step  {100 * c['share_of_kernels']:5.1f}%"
@@ -186,3 +253,8 @@ def print_summary(report: dict[str, Any]) -> None:
         print(
             f"    {k['ms_per_step']:8.2f} ms x{k['calls_per_step']:5.0f}  [{k['category']}] {k['name'][:90]}"
         )
+    for cat, rows in report.get("origins", {}).items():
+        print(f"  where the {cat} kernels came from:")
+        for r in rows[:8]:
+            print(f"    {r['ms_per_step']:8.2f} ms x{r['calls_per_step']:5.0f}  {r['ops'][:110]}")
+            print(f"        {r['shapes'][:100]}  {r['caller']}")

@@ -215,6 +215,12 @@ def main() -> int:
         help="a round more of the engine under torch.profiler: its device time per step by kind of kernel",
     )
     ap.add_argument(
+        "--kernel-origins",
+        action="store_true",
+        help="with --kernels: record shapes and stacks too, and report where the copies, matmuls "
+        "and elementwise kernels came from (the profiled round runs slower)",
+    )
+    ap.add_argument(
         "--dry-run", action="store_true", help="with --arch: a shrunk model of its layout, on the CPU"
     )
     args = ap.parse_args()
@@ -307,7 +313,9 @@ def main() -> int:
         # After the timed rounds, so the profiler's own cost is in no step they count.
         from bench.kernel_profile import profile_kernels
 
-        kernels = profile_kernels(engine, lambda t: run_round(t, engine_timer, cuda), cuda)
+        kernels = profile_kernels(
+            engine, lambda t: run_round(t, engine_timer, cuda), cuda, trace_origins=args.kernel_origins
+        )
         # The profiler slows the host: the step as the timed rounds measured it, beside its own.
         kernels["timed_step_s"] = statistics.median(results["engine"]["step_seconds"])
     hook_seconds = sum(times.seconds.values())
@@ -321,6 +329,8 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d"),
         "bench": "bench/step_tax.py",
         "command": " ".join(["python -m bench.step_tax", *sys.argv[1:]]),
+        # Unsloth's switches change the step (UNSLOTH_SDPA_CUDNN_BUCKET, for one): what was set.
+        "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("UNSLOTH_")},
         "machine": {
             "device": recipe.device,
             "gpu": torch.cuda.get_device_name(0) if cuda else None,

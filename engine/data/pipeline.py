@@ -45,6 +45,32 @@ class PreparedData:
     seconds: float = 0.0
 
 
+def one_segment_length(*datasets: Any) -> int | None:
+    """The token length every attention segment of these prepared datasets has (each row; each
+    example of a packed row), or None when there are several (or no rows). Read from the Arrow
+    columns without materialising a row: the whole of a 200,000-example set takes milliseconds.
+    A dataset viewing a subset of its table (an indices mapping) is judged by the whole table,
+    which can only turn an answer into None."""
+    import pyarrow.compute as pc
+
+    lengths: set[int] = set()
+    for ds in datasets:
+        if ds is None:
+            continue
+        table = ds.data.table if hasattr(ds.data, "table") else ds.data
+        if "seq_lengths" in table.column_names:
+            column = pc.list_flatten(table.column("seq_lengths"))
+        else:
+            column = pc.list_value_length(table.column("input_ids"))
+        if len(column) == 0:
+            continue
+        low, high = pc.min_max(column).values()
+        lengths |= {int(low.as_py()), int(high.as_py())}
+        if len(lengths) > 1:
+            return None
+    return lengths.pop() if lengths else None
+
+
 def _template(tokenizer: Any, name: str) -> tuple[ChatTemplate | None, DataError | None]:
     """The template, or why there is none: that matters only if the data holds conversations."""
     try:

@@ -77,3 +77,40 @@ def test_device_kernels_leave_the_codes_own_ranges_out() -> None:
         ("kOptimizer8bit2StateBlockwise", 10.0, 20.0, 1),
         ("gemm", 30.0, 80.0, 1),
     ]
+
+
+def test_origins_name_the_op_chain_shapes_and_caller() -> None:
+    """Each traced kernel is filed under the op that launched it, that op's callers, its input
+    shapes and the first frame outside torch; other categories are left out."""
+    from types import SimpleNamespace as NS
+
+    from bench.kernel_profile import origins
+
+    step = NS(name="autograd::engine::evaluate_function: SliceBackward0", cpu_parent=None, kernels=[])
+    slice_bwd = NS(name="aten::slice_backward", cpu_parent=step, kernels=[])
+    copy = NS(
+        name="aten::copy_",
+        cpu_parent=slice_bwd,
+        input_shapes=[[4, 32, 4096, 128], [4, 32, 4096, 128], []],
+        stack=["torch/autograd/graph.py(1): f", "/tmp/site2/unsloth/utils/attention_dispatch.py(990): split"],
+        kernels=[NS(name="void at::native::elementwise_kernel<direct_copy_kernel>", duration=200.0)] * 2,
+    )
+    mm = NS(
+        name="aten::mm",
+        cpu_parent=None,
+        input_shapes=[],
+        stack=[],
+        kernels=[NS(name="nvjet_gemm", duration=50.0)],
+    )
+    attn = NS(name="aten::sdpa", cpu_parent=None, kernels=[NS(name="cudnn_generated_flash", duration=500.0)])
+    out = origins([step, slice_bwd, copy, mm, attn], steps=2)
+    assert set(out) == {"copy", "matmul"}
+    (row,) = out["copy"]
+    assert row["ms_per_step"] == 0.2 and row["calls_per_step"] == 1.0
+    assert (
+        row["ops"]
+        == "aten::copy_ < aten::slice_backward < autograd::engine::evaluate_function: SliceBackward0"
+    )
+    assert row["shapes"].startswith("[[4, 32, 4096, 128]")
+    assert row["caller"] == "unsloth/utils/attention_dispatch.py(990): split"
+    assert out["matmul"][0]["ms_per_step"] == 0.025

@@ -103,6 +103,11 @@ class Backend:
         """Whether the Trainer (re)enables gradient checkpointing at train time."""
         return plan.enabled
 
+    def fit_to_data(self, data: Any) -> list[str]:
+        """Settings the backend tunes to the prepared data (engine.data.pipeline.PreparedData)
+        before the trainer is built; what it changed, a line each, for the run's log."""
+        return []
+
     def build_trainer(
         self,
         model: Any,

@@ -74,6 +74,7 @@ def training_args(
 def _trainer_class() -> type:
     from trl import SFTTrainer
 
+    from engine.train.backends.lean_optimizer import lean_bnb_step
     from engine.train.backends.safe_trainer import SafeTrainerMixin
 
     class EngineTrainer(SafeTrainerMixin, SFTTrainer):
@@ -93,6 +94,13 @@ def _trainer_class() -> type:
             for name, param in target.named_parameters():
                 if name in dtypes and param.dtype != dtypes[name]:
                     param.data = param.data.to(dtypes[name])
+
+        def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
+            """The Trainer's optimizer; a bitsandbytes 8-bit one on CUDA with less host time per
+            parameter (engine.train.backends.lean_optimizer: the same updates)."""
+            optimizer = super().create_optimizer(*args, **kwargs)
+            lean_bnb_step(self.optimizer)
+            return optimizer
 
         def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
             if not parallel.load_optimizer_on_cpu_ranks(self, checkpoint):

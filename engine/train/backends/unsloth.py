@@ -167,6 +167,41 @@ def allow_padding_free(model: Any) -> bool:
     return True
 
 
+# Unsloth's cuDNN length padding as it was before a run turned it off (exact_length_attention).
+_SHIPPED_BUCKET: int | None = None
+
+
+def exact_length_attention(length: int | None) -> str | None:
+    """Unsloth pads every cuDNN attention call to the next multiple of 128 rows past its length
+    (`UNSLOTH_SDPA_CUDNN_BUCKET`): cuDNN builds a plan for each new length (about 170 ms on an
+    H100), and padded batches change length every step. It pads a length that is already a
+    multiple too, by a whole 128 rows (4,096-token rows attend as 4,224), into padded copies of Q,
+    K and V whose gradients are sliced back. Where every sequence of the run (`length`) has one
+    length there is one plan either way, and the padding only costs: it is turned off for the run.
+    On an H100, the seed recipe's 80 GB step (4 x 1 rows of 4,096, none checkpointed) took 1,177
+    ms instead of 1,217 (bench/results/step-kernels-llama-3.1-8b-unsloth-4x1-bucket*.json).
+    `length` None puts back what Unsloth shipped. A note for the run's log when it changed."""
+    global _SHIPPED_BUCKET
+    try:
+        from unsloth.utils import attention_dispatch as dispatch
+    except ImportError:
+        return None
+    bucket = getattr(dispatch, "_CUDNN_LENGTH_BUCKET", None)
+    if not isinstance(bucket, int):
+        return None  # an Unsloth without this padding
+    if length is None:
+        if _SHIPPED_BUCKET is not None:
+            dispatch._CUDNN_LENGTH_BUCKET, _SHIPPED_BUCKET = _SHIPPED_BUCKET, None
+        return None
+    if not bucket:
+        return None  # off already (the environment variable, or an earlier run of this process)
+    _SHIPPED_BUCKET, dispatch._CUDNN_LENGTH_BUCKET = bucket, 0
+    return (
+        f"attention: every sequence is {length} tokens, so cuDNN attention runs at that length "
+        f"(Unsloth's padding to a multiple of {bucket} rows is off for this run)"
+    )
+
+
 class UnslothBackend(Backend):
     name = "unsloth"
     KERNELS = "unsloth: fused RMSNorm, RoPE, SwiGLU, LoRA, cross-entropy"
@@ -189,6 +224,12 @@ class UnslothBackend(Backend):
 
     def trainer_checkpointing(self, plan: CheckpointPlan) -> bool:
         return False  # set up by Unsloth itself (offloaded), as a bare Unsloth script does
+
+    def fit_to_data(self, data: Any) -> list[str]:
+        from engine.data.pipeline import one_segment_length
+
+        note = exact_length_attention(one_segment_length(data.train, data.eval))
+        return [note] if note else []
 
 
 BACKEND = UnslothBackend()
