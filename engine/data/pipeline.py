@@ -50,14 +50,17 @@ def one_segment_length(*datasets: Any) -> int | None:
     example of a packed row), or None when there are several (or no rows). Read from the Arrow
     columns without materialising a row: the whole of a 200,000-example set takes milliseconds.
     A dataset viewing a subset of its table (an indices mapping) is judged by the whole table,
-    which can only turn an answer into None."""
+    which can only turn an answer into None; a dataset without an Arrow table gives None."""
     import pyarrow.compute as pc
 
     lengths: set[int] = set()
     for ds in datasets:
         if ds is None:
             continue
-        table = ds.data.table if hasattr(ds.data, "table") else ds.data
+        table = getattr(ds, "data", None)
+        table = getattr(table, "table", table)  # datasets' memory-mapped wrapper, or the table
+        if not hasattr(table, "column_names") or "input_ids" not in table.column_names:
+            return None  # not an Arrow-backed prepared set (a stream): nothing to say
         if "seq_lengths" in table.column_names:
             column = pc.list_flatten(table.column("seq_lengths"))
         else:

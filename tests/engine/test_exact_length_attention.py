@@ -88,3 +88,10 @@ def test_an_unsloth_without_the_setting_is_left_alone(dispatch: types.ModuleType
     del dispatch._CUDNN_LENGTH_BUCKET
     assert backend.exact_length_attention(4096) is None
     assert not hasattr(dispatch, "_CUDNN_LENGTH_BUCKET")
+
+
+def test_a_set_without_an_arrow_table_says_nothing() -> None:
+    class Stream:
+        column_names = ("input_ids",)
+
+    assert one_segment_length(Stream()) is None
