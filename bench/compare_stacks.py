@@ -195,6 +195,8 @@ def run_engine(
         "grad_accum": grad_accum,
         "split_reason": ready.split_reason,
         "kernels": ready.kernels,
+        # What the run said it tuned (the backend's notes, engine.train.recipe), for the record.
+        "notes": [e.message for e in events if isinstance(e, protocol.Log) and e.level == "info"][:20],
         "warm_engine": engine_pid != relay_pid,
         "launch_to_first_step_seconds": first_step - t_launch,
         "launch_breakdown_seconds": {
