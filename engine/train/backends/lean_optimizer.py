@@ -129,8 +129,13 @@ def lean_bnb_step(optimizer: Any) -> bool:
         return False
     if not callable(getattr(bnb_optimizer, "sync_gpu", None)):
         return False
+    import torch
+
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if not params or any(p.device.type != "cuda" for p in params):
         return False
+    if any(type(p.data) is not torch.Tensor for p in params):
+        return False  # a tensor subclass (a sharded DTensor): bitsandbytes' own path decides
+
     optimizer.__class__ = _lean(type(optimizer))
     return True
