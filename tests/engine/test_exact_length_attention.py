@@ -77,6 +77,12 @@ def test_many_lengths_keep_the_padding(dispatch: types.ModuleType) -> None:
     assert dispatch._CUDNN_LENGTH_BUCKET == 128
 
 
+def test_a_bucket_the_user_set_is_kept(dispatch: types.ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UNSLOTH_SDPA_CUDNN_BUCKET", "128")  # as bench/gpu_speed_session.sh sets it
+    assert backend.exact_length_attention(4096) is None
+    assert dispatch._CUDNN_LENGTH_BUCKET == 128
+
+
 def test_the_environment_turned_it_off(dispatch: types.ModuleType) -> None:
     dispatch._CUDNN_LENGTH_BUCKET = 0  # UNSLOTH_SDPA_CUDNN_BUCKET=0
     assert backend.exact_length_attention(2048) is None

@@ -14,6 +14,7 @@ import bitsandbytes as bnb
 import bitsandbytes.optim.optimizer as bnb_optimizer
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from engine.train.backends.lean_optimizer import _kernels, _lean, _no_sync, lean_bnb_step
 
@@ -43,7 +44,14 @@ def _train(params: list[torch.nn.Parameter], lean: bool, cls: type = bnb.optim.P
     return opt
 
 
-@pytest.mark.parametrize("cls", [bnb.optim.PagedAdamW8bit, bnb.optim.AdamW8bit, bnb.optim.Lion8bit])
+# Lion (one state) and AdEMAMix (its own update_step, which schedules alpha and beta3) keep
+# bitsandbytes' own update; the AdamWs take the lean one.
+OWN_UPDATE = (bnb.optim.Lion8bit, bnb.optim.AdEMAMix8bit)
+
+
+@pytest.mark.parametrize(
+    "cls", [bnb.optim.PagedAdamW8bit, bnb.optim.AdamW8bit, bnb.optim.Lion8bit, bnb.optim.AdEMAMix8bit]
+)
 def test_the_same_updates_without_the_waits_per_parameter(monkeypatch: pytest.MonkeyPatch, cls: type) -> None:
     waits: list[int] = []
     monkeypatch.setattr(bnb_optimizer, "sync_gpu", lambda t: waits.append(1))
@@ -64,29 +72,72 @@ def test_the_same_updates_without_the_waits_per_parameter(monkeypatch: pytest.Mo
     for a, b in zip(plain, lean, strict=True):
         assert torch.equal(a, b)
         assert opt.state[b]["step"] == 5
-    # The four 8-bit tensors went straight to the kernel (Lion, a one-state optimizer, keeps
-    # bitsandbytes' own update); the small one took bitsandbytes' 32-bit path.
-    assert len(calls) == (0 if cls is bnb.optim.Lion8bit else 5 * 4)
+    # The four 8-bit tensors went straight to the kernel; the small one took bitsandbytes' 32-bit path.
+    assert len(calls) == (0 if cls in OWN_UPDATE else 5 * 4)
     assert type(opt).__name__ == cls.__name__ and isinstance(opt, cls)
     assert bnb_optimizer.sync_gpu is not _no_sync  # bitsandbytes' own again after each step
 
 
-def test_a_state_dict_loads_across_the_two(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A checkpoint written by one resumes in the other (the state is bitsandbytes' own)."""
+@pytest.mark.parametrize("lean_first", [True, False])
+def test_a_state_dict_loads_across_the_two(monkeypatch: pytest.MonkeyPatch, lean_first: bool) -> None:
+    """A checkpoint written by either resumes in the other (the state is bitsandbytes' own)."""
     monkeypatch.setattr(bnb_optimizer, "sync_gpu", lambda t: None)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
         first = _params(3)
-        opt = _train(first, lean=True)
+        written = _train(first, lean=lean_first)
         second = [torch.nn.Parameter(p.detach().clone()) for p in first]
-        plain = bnb.optim.PagedAdamW8bit(second, lr=1e-2, weight_decay=0.01)
-        plain.load_state_dict(opt.state_dict())
+        resumed = bnb.optim.PagedAdamW8bit(second, lr=1e-2, weight_decay=0.01)
+        if not lean_first:
+            resumed.__class__ = _lean(type(resumed))
+        resumed.load_state_dict(written.state_dict())
         for a, b in zip(first, second, strict=True):
             a.grad = b.grad = torch.ones_like(a)
-        opt.step()
-        plain.step()
+        written.step()
+        resumed.step()
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
+
+
+def test_step_hooks_run_once_under_accelerate() -> None:
+    """accelerate loads the optimizer's state dict as it wraps it, and torch then patches the
+    class's step with its hooks unless the step says it has them: they would run twice a step."""
+    from accelerate import Accelerator
+
+    params = _params(4)
+    opt = bnb.optim.AdamW8bit(params)
+    opt.__class__ = _lean(type(opt))
+    wrapped = Accelerator(cpu=True).prepare(opt)
+    calls: list[int] = []
+    handle = register_optimizer_step_post_hook(lambda *a: calls.append(1))
+    try:
+        for p in params:
+            p.grad = torch.ones_like(p)
+        wrapped.step()
+    finally:
+        handle.remove()
+    assert calls == [1]
+
+
+def test_a_step_inside_a_step_restores_the_wait_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    waits: list[str] = []
+
+    def sync(t: Any) -> None:
+        waits.append("wait")
+
+    monkeypatch.setattr(bnb_optimizer, "sync_gpu", sync)
+    outer_params, inner_params = _params(5), _params(6)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+        outer = bnb.optim.PagedAdamW8bit(outer_params)
+        inner = bnb.optim.PagedAdamW8bit(inner_params)
+        for opt in (outer, inner):
+            opt.__class__ = _lean(type(opt))
+        for p in outer_params + inner_params:
+            p.grad = torch.ones_like(p)
+        outer.step(lambda: inner.step())  # the closure runs inside the outer step
+    assert bnb_optimizer.sync_gpu is sync
+    assert waits == ["wait", "wait"]  # each paged step's last one, through the real function
 
 
 def test_the_wait_is_restored_when_a_step_fails() -> None:

@@ -17,13 +17,15 @@ and changes two things, neither of which changes a result:
 - The 8-bit update of a contiguous parameter goes straight to the kernel bitsandbytes registered
   for its device (the function torch.ops would dispatch to), with the arguments
   `Optimizer2State.update_step` passes. Anything else (32-bit state for small tensors, per-parameter
-  config overrides, a non-contiguous tensor) takes bitsandbytes' own update_step.
+  config overrides, a non-contiguous tensor, an optimizer with its own update_step) takes
+  bitsandbytes' own update_step.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import threading
 from typing import Any
 
 # The registered kernel's parameters, as bitsandbytes 0.50 names them; a kernel whose signature
@@ -55,25 +57,41 @@ def _no_sync(_: Any) -> None:
     """bitsandbytes' per-parameter `sync_gpu`, skipped (the step's last one is kept)."""
 
 
+# bitsandbytes' sync_gpu is a module global: steps on several threads (or one inside another)
+# take turns, and only the outermost puts the real function back.
+_swap_lock = threading.RLock()
+_swap_depth = 0
+_swapped_out: Any = None
+
+
 @functools.cache
 def _lean(cls: type) -> type:
     """`cls` with the lean step. A subclass rather than an instance attribute: torch's LR scheduler
     wraps `optimizer.step.__func__`, and the class's own step, which super() reaches, carries
-    torch's step hooks and profiler range."""
+    torch's step hooks and profiler range (so the lean step says it is hooked: torch would wrap it
+    a second time when a state dict loads, and run every step hook twice)."""
     import bitsandbytes.optim.optimizer as bnb_optimizer
     import torch
 
     def step(self: Any, closure: Any = None) -> Any:
-        sync = bnb_optimizer.sync_gpu
-        bnb_optimizer.sync_gpu = _no_sync
-        try:
-            loss = super(lean, self).step(closure)
-        finally:
-            bnb_optimizer.sync_gpu = sync
+        global _swap_depth, _swapped_out
+        with _swap_lock:
+            if _swap_depth == 0:
+                _swapped_out, bnb_optimizer.sync_gpu = bnb_optimizer.sync_gpu, _no_sync
+            sync = _swapped_out
+            _swap_depth += 1
+            try:
+                loss = super(lean, self).step(closure)
+            finally:
+                _swap_depth -= 1
+                if _swap_depth == 0:
+                    bnb_optimizer.sync_gpu, _swapped_out = _swapped_out, None
         last = next((p for g in reversed(self.param_groups) for p in reversed(g["params"])), None)
         if self.is_paged and last is not None:
             sync(last)  # the step's own last synchronisation, for paged state (as bitsandbytes does)
         return loss
+
+    step.hooked = True  # type: ignore[attr-defined]
 
     def update_step(self: Any, group: dict[str, Any], p: Any, gindex: int, pindex: int) -> None:
         state, kernel = self.state[p], _kernels().get(p.device.type)
@@ -111,8 +129,10 @@ def _lean(cls: type) -> type:
         return None
 
     members: dict[str, Any] = {"step": step, "__module__": cls.__module__, "qlc_lean": True}
-    if issubclass(cls, bnb_optimizer.Optimizer2State):
-        members["update_step"] = update_step  # Optimizer1State (Lion, momentum) keeps its own
+    if getattr(cls, "update_step", None) is bnb_optimizer.Optimizer2State.update_step:
+        # Only where the class updates as Optimizer2State does: AdEMAMix schedules its alpha and
+        # beta3 in its own update_step, and one-state optimizers (Lion, momentum) have theirs.
+        members["update_step"] = update_step
     lean = type(cls.__name__, (cls,), members)
     return lean
 

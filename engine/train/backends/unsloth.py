@@ -32,6 +32,7 @@ use Unsloth's offloaded mode, as a bare Unsloth script does.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from engine.config import RunConfig
@@ -180,7 +181,10 @@ def exact_length_attention(length: int | None) -> str | None:
     length there is one plan either way, and the padding only costs: it is turned off for the run.
     On an H100, the seed recipe's 80 GB step (4 x 1 rows of 4,096, none checkpointed) took 1,177
     ms instead of 1,217 (bench/results/step-kernels-llama-3.1-8b-unsloth-4x1-bucket*.json).
-    `length` None puts back what Unsloth shipped. A note for the run's log when it changed."""
+    It stays off for the rest of the run, sampling included: a prompt of a new length then builds
+    its own plan (its prefill; decoding runs without cuDNN on these cards). `length` None puts back
+    what Unsloth shipped; an explicit `UNSLOTH_SDPA_CUDNN_BUCKET` is left as set. A note for the
+    run's log when it changed."""
     global _SHIPPED_BUCKET
     try:
         from unsloth.utils import attention_dispatch as dispatch
@@ -193,8 +197,8 @@ def exact_length_attention(length: int | None) -> str | None:
         if _SHIPPED_BUCKET is not None:
             dispatch._CUDNN_LENGTH_BUCKET, _SHIPPED_BUCKET = _SHIPPED_BUCKET, None
         return None
-    if not bucket:
-        return None  # off already (the environment variable, or an earlier run of this process)
+    if not bucket or "UNSLOTH_SDPA_CUDNN_BUCKET" in os.environ:
+        return None  # off already, or set by the user: theirs to choose
     _SHIPPED_BUCKET, dispatch._CUDNN_LENGTH_BUCKET = bucket, 0
     return (
         f"attention: every sequence is {length} tokens, so cuDNN attention runs at that length "
