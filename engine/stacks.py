@@ -209,11 +209,11 @@ def _fastest(runnable: list[Stack], predicted: dict[str, Predicted]) -> tuple[st
             f"the typical error of the two speed models' ratio ({margin(mine, theirs):.1%}; {loose.basis})"
         )
     else:
-        loose = other if theirs.error >= mine.error else chosen  # the model whose error sets the margin
-        within = (
-            f"the typical error of the {loose.label} speed model "
-            f"({predicted[loose.name].error:.1%}; {predicted[loose.name].basis})"
-        )
+        wider = (
+            other if theirs.error >= mine.error else chosen
+        )  # the stack whose model's error sets the margin
+        loose = predicted[wider.name]
+        within = f"the typical error of the {wider.label} speed model ({loose.error:.1%}; {loose.basis})"
     return name, (
         f"auto: {chosen.label}, the first that can run: the step predicted for {other.label} is only "
         f"{1 - theirs.seconds / mine.seconds:.1%} shorter ({theirs.seconds:.2f} against {mine.seconds:.2f} s), "
