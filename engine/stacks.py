@@ -209,9 +209,8 @@ def _fastest(runnable: list[Stack], predicted: dict[str, Predicted]) -> tuple[st
             f"the typical error of the two speed models' ratio ({margin(mine, theirs):.1%}; {loose.basis})"
         )
     else:
-        wider = (
-            other if theirs.error >= mine.error else chosen
-        )  # the stack whose model's error sets the margin
+        # The stack whose speed model's error sets the margin.
+        wider = other if theirs.error >= mine.error else chosen
         loose = predicted[wider.name]
         within = f"the typical error of the {wider.label} speed model ({loose.error:.1%}; {loose.basis})"
     return name, (
