@@ -206,8 +206,9 @@ def profile_kernels(
             prof.stop()  # the round ended early (an error): the profiler does not outlive it
     if "wall" not in window:
         raise RuntimeError("the kernel round needs at least 3 steps")
+    events = prof.events()
     if cuda:
-        kernels = device_kernels(prof.events(), DeviceType.CUDA)
+        kernels = device_kernels(events, DeviceType.CUDA)
     else:
         # The CPU has no kernels: each op's own time over its calls, laid end to end (ops run one
         # at a time).
@@ -225,12 +226,12 @@ def profile_kernels(
         # Their union: a step wrapped twice by torch's hooks shows two nested ranges.
         spans = [
             (float(e.time_range.start), float(e.time_range.end))
-            for e in prof.events()
+            for e in events
             if e.device_type == DeviceType.CUDA and e.name.startswith("Optimizer.step#")
         ]
         report["optimizer_span_ms_per_step"] = union_us(spans) / 1e3 / max(int(window["steps"]), 1)
     if trace_origins:
-        report["origins"] = origins(prof.events(), int(window["steps"]))
+        report["origins"] = origins(events, int(window["steps"]))
     return report
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -77,8 +76,9 @@ def main() -> int:
     ap.add_argument("--rank", type=int, default=32)
     args = ap.parse_args()
 
-    import bitsandbytes
     import torch
+
+    from bench.gpu_common import versions
 
     plain, plain_s = run(False, args.steps, args.layers, args.rank)
     lean, lean_s = run(True, args.steps, args.layers, args.rank)
@@ -87,11 +87,7 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d"),
         "bench": "bench/lean_optimizer_check.py",
         "gpu": torch.cuda.get_device_name(),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "bitsandbytes": bitsandbytes.__version__,
-        },
+        "versions": versions(),
         "tensors": len(plain),
         "steps": args.steps,
         "unequal_tensors": unequal,

@@ -49,8 +49,8 @@ def one_segment_length(*datasets: Any) -> int | None:
     """The token length every attention segment of these prepared datasets has (each row; each
     example of a packed row), or None when there are several (or no rows). As the one-row
     padding-free batches see them; a padded batch of packed rows also has one padding segment
-    per short row. Read from the Arrow
-    columns without materialising a row: the whole of a 200,000-example set takes milliseconds.
+    per short row. Read from the Arrow columns without materialising a row: the whole of a
+    200,000-example set takes milliseconds.
     A dataset viewing a subset of its table (an indices mapping) is judged by the whole table,
     which can only turn an answer into None; a dataset without an Arrow table gives None."""
     import pyarrow.compute as pc

@@ -86,9 +86,10 @@ def _lean(cls: type) -> type:
                 _swap_depth -= 1
                 if _swap_depth == 0:
                     bnb_optimizer.sync_gpu, _swapped_out = _swapped_out, None
-        last = next((p for g in reversed(self.param_groups) for p in reversed(g["params"])), None)
-        if self.is_paged and last is not None:
-            sync(last)  # the step's own last synchronisation, for paged state (as bitsandbytes does)
+        if self.is_paged:  # the step's own last synchronisation, for paged state (as bitsandbytes does)
+            last = next((p for g in reversed(self.param_groups) for p in reversed(g["params"])), None)
+            if last is not None:
+                sync(last)
         return loss
 
     step.hooked = True  # type: ignore[attr-defined]
