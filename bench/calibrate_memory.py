@@ -298,9 +298,11 @@ class Worker:
         else:
             self._clean_base()
             self.model = hf.apply_lora(self.base, cfg, plan)
-        padding_free = backends.get(self.backend).padding_free_rows(self.model)
+        backend = backends.get(self.backend)
+        padding_free = backend.padding_free_rows(self.model)
         prepared = data.prepare(cfg, self.tok)
         prepared.collator.padding_free = padding_free
+        notes = backend.fit_to_data(prepared, self.model)  # as a run tunes itself to its data
         timer = _step_timer(self.torch, self.device)
         scratch = Path(tempfile.mkdtemp(prefix="trainer-", dir=self.scratch))
         trainer = build_trainer(
@@ -327,6 +329,7 @@ class Worker:
             "trainer": trainer,
             "timer": timer,
             "padding_free": padding_free,
+            "data_notes": notes,
             "resident": resident,
             "paged_before": len(_paged_tensors()),
         }
@@ -412,6 +415,7 @@ class Worker:
             "error": error,
             "allocator": self.allocator,
             "padding_free": p["padding_free"],
+            "data_notes": p["data_notes"],
             "liger": any(k.startswith("liger") for k in self.kernels),
             "kernels": self.kernels,
             "steps": c["steps"],

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -1394,6 +1395,7 @@ def main(argv: list[str] | None = None) -> int:
         help="also plan steps of several micro-batches (the rank-16 all-linear group: "
         "bench/calibration_plan.GA_SHAPES)",
     )
+    ap.add_argument("--steps", type=int, help="optimizer steps of every configuration (default: the plan's)")
     ap.add_argument("--dry-run", action="store_true", help="shrunk models on the CPU: every path but CUDA")
     ap.add_argument(
         "--fake-nvml",
@@ -1430,6 +1432,16 @@ def main(argv: list[str] | None = None) -> int:
         for w in plan.workers:
             w.configs = [c for c in w.configs if c.id not in measured]
         plan.workers = [w for w in plan.workers if w.configs]
+    if args.steps:
+        # More steps than steps_for's five: a median of more timed steps, for speed rechecks (the
+        # estimate of seconds grows with them).
+        for w in plan.workers:
+            w.configs = [
+                dataclasses.replace(
+                    c, steps=args.steps, est_seconds=round(c.est_seconds * args.steps / c.steps, 1)
+                )
+                for c in w.configs
+            ]
     if args.max_configs:
         for w in plan.workers:
             # The most valuable, run in the worker's order (Unsloth's: the shortest first).

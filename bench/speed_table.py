@@ -5,6 +5,7 @@ what auto would have picked on each.
     python bench/speed_table.py FILE [FILE ...]            # matrix results of --clean-speed runs
     python bench/speed_table.py FILE --out OUT.json        # and the table as JSON
     python bench/speed_table.py FILE --write               # and the fits, engine/memory/speed_fits.json
+    python bench/speed_table.py FILE --against             # auto with the committed fits, on FILE's pairs
 
 FILE is a results file of bench/calibration_matrix.py run with --clean-speed (a record's tokens/s
 counts only when nothing else ran on the GPU during its timed steps: `speed_valid`), or of
@@ -32,10 +33,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from engine import stacks
 from engine.errors import UserError
 from engine.memory.architectures import catalog
 from engine.memory.gpus import peak_tflops, resolve_gpu
-from engine.memory.speed import FITS_PATH, SpeedFit, domain_of, step_work
+from engine.memory.speed import FITS_PATH, SpeedFit, domain_of, fit_for, load_fits, step_work
 from engine.memory.speed_fit import (
     Choice,
     Measured,
@@ -220,6 +222,44 @@ def table(rows: list[Measured]) -> tuple[list[str], list[Choice], dict[str, Any]
     return lines, picks, errors
 
 
+def against(rows: list[Measured], fits: tuple[SpeedFit, ...], gpu: str) -> list[dict[str, Any]]:
+    """auto on each configuration measured on several stacks, as a run decides it with these fits
+    (measured after them, these rows are held out): the prediction acted on only by a margin, and
+    only where every stack's fit covers the run (else the first stack that can run,
+    engine.stacks.choose). A configuration measured more than once counts its median step."""
+    out = []
+    for key in dict.fromkeys(r.key for r in rows):
+        here = {r.stack: r for r in rows if r.key == key}
+        steps = {s: statistics.median(r.step_s for r in rows if r.key == key and r.stack == s) for s in here}
+        found = {s: fit_for(s, gpu, fits) for s in here}
+        if len(here) < 2 or any(f is None for f in found.values()):
+            continue
+        predicted = {s: f.predict_s(here[s].work) for s, f in found.items() if f is not None}
+        outside = {s: f.covers(here[s].work) for s, f in found.items() if f is not None}
+        choice = Choice(
+            key,
+            steps,
+            predicted,
+            {s: f.typical_error for s, f in found.items() if f is not None},
+            ratio_error=max((f.typical_ratio_error for f in found.values() if f is not None), default=0.0),
+        )
+        order = [s for s in stacks.AUTO_ORDER if s in here]
+        chosen = order[0] if any(outside.values()) else choice.chosen
+        assert chosen is not None
+        out.append(
+            {
+                "key": key,
+                "measured_s": choice.measured_s,
+                "predicted_s": predicted,
+                "outside": {s: why for s, why in outside.items() if why},
+                "auto": chosen,
+                "faster": choice.fastest,
+                "loss": choice.measured_s[chosen] / choice.measured_s[choice.fastest] - 1,
+            }
+        )
+    return out
+
+
 def _stacks(rows: list[Measured]) -> list[str]:
     return sorted({r.stack for r in rows})
 
@@ -241,6 +281,13 @@ def main(argv: list[str] | None = None) -> int:
         "--min-configurations", type=int, default=MIN_CONFIGURATIONS, help="per stack, to write its fit"
     )
     ap.add_argument("--force", action="store_true", help="write the fits even where auto's target is not met")
+    ap.add_argument(
+        "--against",
+        nargs="?",
+        const=FITS_PATH,
+        type=Path,
+        help=f"no fit: replay auto with these fits (default {FITS_PATH}) on the files' pairs",
+    )
     args = ap.parse_args(argv)
     try:
         rows: list[Measured] = []
@@ -263,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print("error: no clean, completed record in these files", file=sys.stderr)
         return 2
+    if args.against:
+        return _replay(rows, metas, args.against, args.out)
     lines, picks, errors = table(rows)
     print("\n".join(lines))
     print()
@@ -360,6 +409,40 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _write_fits(args.write, fits)
             print(f"wrote {len(fits)} fits to {args.write}")
+    return 0
+
+
+def _replay(rows: list[Measured], metas: list[dict[str, Any]], path: Path, out: Path | None) -> int:
+    gpu = metas[0]["gpu"]
+    replayed = against(rows, load_fits(path), gpu)
+    if not replayed:
+        print(f"error: {path} has no fit of every stack measured here for {gpu}", file=sys.stderr)
+        return 2
+    print("| configuration | measured s/step | predicted | auto | faster | vs faster |")
+    print("|---|---|---|---|---|---|")
+    for r in replayed:
+        measured = ", ".join(f"{s} {t:.3f}" for s, t in sorted(r["measured_s"].items()))
+        predicted = ", ".join(f"{s} {t:.3f}" for s, t in sorted(r["predicted_s"].items()))
+        if r["outside"]:
+            predicted += " (outside a fit: the first that can run)"
+        print(f"| {r['key']} | {measured} | {predicted} | {r['auto']} | {r['faster']} | {r['loss']:+.1%} |")
+    worst = max(r["loss"] for r in replayed)
+    ok = worst <= TARGET_LOSS
+    print(
+        f"auto with {path.name}: at worst {worst:.1%} slower than the faster stack over {len(replayed)} "
+        f"pairs (within {TARGET_LOSS:.0%}: {'met' if ok else 'not met'})"
+    )
+    if out:
+        report = {
+            "date": str(dt.date.today()),
+            "bench": "bench/speed_table.py --against",
+            "fits": str(path),
+            "sources": metas,
+            "replayed": replayed,
+            "worst_loss": worst,
+            "target_met": ok,
+        }
+        out.write_text(json.dumps(report, indent=1) + "\n")
     return 0
 
 

@@ -47,17 +47,26 @@ class PadCollator:
 
     Wherever a row holds several examples, the first token of each is no target: the shifted
     loss would otherwise train the last token of one example to predict the next example.
+
+    `even_rows` (with `padding_free`) sends a micro-batch whose examples all have one length, none
+    packed, as an ordinary n x length batch instead: the same tokens, targets and positions, and
+    no padding either. Unsloth's fast attention then makes one batched call, where a one-row
+    micro-batch is sliced into per-example views whose backward copies every Q, K and V gradient
+    (`_sdpa_packed_segments`; the backend sets it, engine.train.backends.unsloth.even_rows).
     """
 
     pad_token_id: int
     packed: bool = False
     pad_to_multiple_of: int | None = None
     padding_free: bool = False
+    even_rows: bool = False
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
         if self.padding_free:
+            if self.even_rows and not self.packed and len({len(row["input_ids"]) for row in rows}) == 1:
+                return self._even_rows(rows)
             return self._one_row(rows)
         width = max(len(row["input_ids"]) for row in rows)
         if self.pad_to_multiple_of:
@@ -93,6 +102,19 @@ class PadCollator:
             position_ids[:] = torch.arange(width)
             return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+    def _even_rows(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Rows of one length as they are: no packed_seq_lengths, so Unsloth reads no boundaries
+        (each row is one example; a single row's positions hold one start, which its inference of
+        boundaries from position_ids leaves alone). The first token of each row is no target, as
+        in the one-row form, so the loss counts the same targets."""
+        import torch
+
+        input_ids = torch.as_tensor([row["input_ids"] for row in rows], dtype=torch.long)
+        labels = torch.as_tensor([row["labels"] for row in rows], dtype=torch.long)
+        labels[:, 0] = IGNORE
+        position_ids = torch.arange(input_ids.shape[1]).expand_as(input_ids).contiguous()
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
     def _one_row(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         import torch

@@ -184,7 +184,7 @@ class Recipe:
         self._emit_model_ready(model, path, time.perf_counter() - t0)
         self._emit_estimate()
         prepared, template = self._prepare_data(self.backend.padding_free_rows(model))
-        for note in self.backend.fit_to_data(prepared):
+        for note in self.backend.fit_to_data(prepared, model):
             self.emitter.emit(protocol.Log(message=note))
         self.trainer = self._build_trainer(model, prepared, template)
 

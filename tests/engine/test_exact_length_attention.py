@@ -101,3 +101,86 @@ def test_a_set_without_an_arrow_table_says_nothing() -> None:
         column_names = ("input_ids",)
 
     assert one_segment_length(Stream()) is None
+
+
+def _even_prepared(tok, tmp_path: Path):
+    """Pre-tokenized rows of one length (64), each its own example, as a speed run feeds them."""
+    rows = tmp_path / "tokens.jsonl"
+    rows.write_text(
+        "".join(
+            json.dumps({"input_ids": [(7 * i + j) % 200 + 10 for j in range(64)]}) + "\n" for i in range(12)
+        )
+    )
+    p = prepare(_cfg(rows, format="tokens", val_fraction=0), tok)
+    p.collator.padding_free = True
+    return p
+
+
+def test_rows_of_one_length_go_as_rows_with_the_one_row_loss(tok, tmp_path: Path) -> None:
+    """The same tokens, targets and positions as the one padding-free row, shaped n x length, and
+    the same summed loss and number of targets: attention never crossed an example either way."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from engine.data.encoded import IGNORE
+
+    p = _even_prepared(tok, tmp_path)
+    rows = [p.train[i] for i in range(3)]
+    one = p.collator(rows)
+    p.collator.even_rows = True
+    even = p.collator(rows)
+    assert set(even) == {"input_ids", "labels", "position_ids"}  # no lengths: nothing to slice
+    assert even["input_ids"].shape == (3, 64)
+    for key in ("input_ids", "labels", "position_ids"):
+        assert even[key].flatten().tolist() == one[key].flatten().tolist()
+    assert (even["labels"][:, 0] == IGNORE).all()
+
+    model = AutoModelForCausalLM.from_pretrained(ensure_builtin("builtin:tiny-llama"), dtype=torch.float32)
+    model.eval()
+
+    def summed(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            # transformers reads the one row's examples apart from its positions (use_cache off).
+            inputs = {k: v for k, v in batch.items() if k != "packed_seq_lengths"}
+            logits = model(**inputs, use_cache=False).logits
+        labels = batch["labels"]
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
+        )
+        return loss, (labels[:, 1:] != IGNORE).sum()
+
+    (loss_one, count_one), (loss_even, count_even) = summed(one), summed(even)
+    assert count_even == count_one == 3 * 63
+    torch.testing.assert_close(loss_even, loss_one, atol=1e-3, rtol=1e-4)
+
+    # A micro-batch of two lengths (a short last row, say) stays one row.
+    mixed = p.collator(
+        [rows[0], {**rows[1], "input_ids": rows[1]["input_ids"][:40], "labels": rows[1]["labels"][:40]}]
+    )
+    assert mixed["input_ids"].shape == (1, 104) and "packed_seq_lengths" in mixed
+
+
+class _Config:
+    def __init__(self, model_type: str, vision: bool = False) -> None:
+        self.model_type = model_type
+        self.vision_config = {} if vision else None
+
+
+class _Model:
+    def __init__(self, model_type: str, vision: bool = False) -> None:
+        self.config = _Config(model_type, vision)
+
+
+def test_even_rows_only_on_unsloths_fast_path_with_one_length(tok, tmp_path: Path) -> None:
+    p = _even_prepared(tok, tmp_path)
+    note = backend.even_rows(p.collator, _Model("llama"), 64)
+    assert note is not None and "64 tokens" in note and p.collator.even_rows
+    for model, length in (
+        (_Model("gemma3_text"), 64),
+        (_Model("gemma3", vision=True), 64),
+        (_Model("llama"), None),
+    ):
+        p.collator.even_rows = False
+        assert backend.even_rows(p.collator, model, length) is None and not p.collator.even_rows
+    p.collator.padding_free = False  # an Unsloth without packing support: padded rows already
+    assert backend.even_rows(p.collator, _Model("qwen2"), 64) is None and not p.collator.even_rows

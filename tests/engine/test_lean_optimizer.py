@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from engine.train.backends import lean_optimizer
 from engine.train.backends.lean_optimizer import _kernels, _lean, _no_sync, lean_bnb_step
 
 
@@ -72,8 +73,9 @@ def test_the_same_updates_without_the_waits_per_parameter(monkeypatch: pytest.Mo
     for a, b in zip(plain, lean, strict=True):
         assert torch.equal(a, b)
         assert opt.state[b]["step"] == 5
-    # The four 8-bit tensors went straight to the kernel; the small one took bitsandbytes' 32-bit path.
-    assert len(calls) == (0 if cls in OWN_UPDATE else 5 * 4)
+    # The four 8-bit tensors (8,192 elements each) went to the kernel in one launch a step, as one
+    # slab; the small one took bitsandbytes' 32-bit path.
+    assert len(calls) == (0 if cls in OWN_UPDATE else 5)
     assert type(opt).__name__ == cls.__name__ and isinstance(opt, cls)
     assert bnb_optimizer.sync_gpu is not _no_sync  # bitsandbytes' own again after each step
 
@@ -159,3 +161,89 @@ def test_only_8bit_optimizers_on_cuda_change() -> None:
     cpu = bnb.optim.AdamW8bit(params)
     assert not lean_bnb_step(cpu)  # no device to wait for on the CPU
     assert type(cpu) is bnb.optim.AdamW8bit
+
+
+def _mixed(seed: int, dtype: torch.dtype) -> list[torch.nn.Parameter]:
+    """Adapter-like tensors (whole blocks of 256), one 8-bit tensor that is not (6,500 elements:
+    bitsandbytes' own per-tensor update), and one small enough for 32-bit state."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(16, 512), (512, 16), (65, 100), (16, 1024), (1024, 16), (8, 8), (32, 256)]
+    return [torch.nn.Parameter(torch.randn(*s, generator=g).to(dtype)) for s in shapes]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slabs_give_the_updates_of_one_tensor_at_a_time(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    """Several slabs (a small SLAB_ELEMENTS), tensors outside them, a step where one tensor has no
+    gradient (its slab falls back to one tensor at a time from then on): every parameter and state
+    as bitsandbytes' own step leaves them."""
+    monkeypatch.setattr(bnb_optimizer, "sync_gpu", lambda t: None)
+    monkeypatch.setattr(lean_optimizer, "SLAB_ELEMENTS", 16_384)
+    kernel = _kernels()["cpu"]
+    calls: list[int] = []
+    monkeypatch.setitem(_kernels(), "cpu", lambda *a: (calls.append(a[1].numel()), kernel(*a))[1])
+
+    def train(params: list[torch.nn.Parameter], lean: bool) -> Any:
+        opt = bnb.optim.AdamW8bit(params, lr=1e-2, weight_decay=0.01)
+        if lean:
+            opt.__class__ = _lean(type(opt))
+        g = torch.Generator().manual_seed(11)
+        for step in range(6):
+            for i, p in enumerate(params):
+                grad = torch.randn(p.shape, generator=g).to(dtype)
+                p.grad = None if (step == 3 and i == 1) else grad
+            opt.step()
+            opt.zero_grad()
+        return opt
+
+    plain, lean = _mixed(0, dtype), _mixed(0, dtype)
+    a_opt, b_opt = train(plain, lean=False), train(lean, lean=True)
+    for a, b in zip(plain, lean, strict=True):
+        assert torch.equal(a, b)
+        for key, value in a_opt.state[a].items():
+            other = b_opt.state[b][key]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+    slabs = b_opt._qlc_slabs
+    # (16, 512) + (512, 16) fill one slab; (65, 100) breaks the run; then (16, 1024) and (1024, 16),
+    # one each (16,384 elements), and (32, 256) after the 32-bit (8, 8).
+    assert [[tuple(p.shape) for p in slab.params] for slab in slabs] == [
+        [(16, 512), (512, 16)], [(16, 1024)], [(1024, 16)], [(32, 256)],
+    ]  # fmt: skip
+    state1 = b_opt.state[lean[1]]["state1"]
+    assert state1.untyped_storage().data_ptr() == slabs[0].buffers["state1"].untyped_storage().data_ptr()
+    # In bitsandbytes' order, a launch each: the first slab, (65, 100) alone, the next two slabs,
+    # the last one. (512, 16) had no gradient in step 4: its slab's other tensor went alone, and as
+    # their step counts differ from then on, both go one at a time.
+    per_step = [16_384, 6_500, 16_384, 16_384, 8_192]
+    apart = [8_192, 8_192, 6_500, 16_384, 16_384, 8_192]
+    assert calls == per_step * 3 + [8_192, *per_step[1:]] + apart * 2
+
+
+def test_a_state_dict_from_slabs_resumes_into_a_laid_out_optimizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A state dict loaded into an optimizer that has already stepped in slabs replaces their
+    state: the next step lays them out again (in the same buffers) and matches bitsandbytes."""
+    monkeypatch.setattr(bnb_optimizer, "sync_gpu", lambda t: None)
+    first, second, third = _mixed(5, torch.float32), _mixed(6, torch.float32), _mixed(5, torch.float32)
+    written = bnb.optim.AdamW8bit(first, lr=1e-2)
+    written.__class__ = _lean(type(written))
+    busy = bnb.optim.AdamW8bit(second, lr=1e-2)
+    busy.__class__ = _lean(type(busy))
+    plain = bnb.optim.AdamW8bit(third, lr=1e-2)
+    for opt, params in ((written, first), (busy, second), (plain, third)):
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.full_like(p, 0.5) if opt is not busy else torch.ones_like(p)
+            opt.step()
+    buffers = busy._qlc_slabs[0].buffers["state1"]
+    with torch.no_grad():
+        for dst, src in zip(second, first, strict=True):
+            dst.copy_(src)
+    busy.load_state_dict(written.state_dict())
+    for opt, params in ((busy, second), (plain, third)):
+        for p in params:
+            p.grad = torch.full_like(p, -0.25)
+        opt.step()
+    for a, b in zip(third, second, strict=True):
+        assert torch.equal(a, b)
+    assert busy._qlc_slabs[0].buffers["state1"] is buffers

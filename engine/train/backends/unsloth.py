@@ -206,6 +206,30 @@ def exact_length_attention(length: int | None) -> str | None:
     )
 
 
+def even_rows(collator: Any, model: Any, length: int | None) -> str | None:
+    """Where every example of the run has one `length` and the model runs Unsloth's own attention
+    (its fast Llama-family path), micro-batches go as rows of that length instead of one
+    padding-free row (engine.data.collate.PadCollator.even_rows): no padding either way, and the
+    attention makes one batched call. In the one row, Unsloth slices each example out as a view
+    (`_sdpa_packed_segments`) and concatenates the outputs; the views' backward copies every Q, K
+    and V gradient into a zeroed full-size tensor. On the seed recipe's 80 GB step (H100) those
+    copies, fills and the concatenation took 14.5 ms of a 1,177 ms step
+    (bench/results/step-kernels-llama-3.1-8b-unsloth-4x1-bucket0-h100-2026-12-06.json).
+    The generic path (FastModel: Gemma 3, ...) keeps the row its memory estimate describes. A
+    note for the run's log when it changed."""
+    from engine.memory.constants import UNSLOTH_FAST_FAMILIES
+
+    config = getattr(model, "config", None)
+    fast = getattr(config, "model_type", None) in UNSLOTH_FAST_FAMILIES and not has_vision_tower(model)
+    if length is None or not fast or not collator.padding_free or collator.packed:
+        return None
+    collator.even_rows = True
+    return (
+        f"rows: every example is {length} tokens, so a micro-batch goes as rows of {length} "
+        "(one batched attention call, not one view per example)"
+    )
+
+
 class UnslothBackend(Backend):
     name = "unsloth"
     KERNELS = "unsloth: fused RMSNorm, RoPE, SwiGLU, LoRA, cross-entropy"
@@ -229,11 +253,12 @@ class UnslothBackend(Backend):
     def trainer_checkpointing(self, plan: CheckpointPlan) -> bool:
         return False  # set up by Unsloth itself (offloaded), as a bare Unsloth script does
 
-    def fit_to_data(self, data: Any) -> list[str]:
+    def fit_to_data(self, data: Any, model: Any) -> list[str]:
         from engine.data.pipeline import one_segment_length
 
-        note = exact_length_attention(one_segment_length(data.train, data.eval))
-        return [note] if note else []
+        length = one_segment_length(data.train, data.eval)
+        notes = [exact_length_attention(length), even_rows(data.collator, model, length)]
+        return [note for note in notes if note]
 
 
 BACKEND = UnslothBackend()
