@@ -330,6 +330,7 @@ class Worker:
             "timer": timer,
             "padding_free": padding_free,
             "data_notes": notes,
+            "even_rows": prepared.collator.even_rows,
             "resident": resident,
             "paged_before": len(_paged_tensors()),
         }
@@ -416,6 +417,7 @@ class Worker:
             "allocator": self.allocator,
             "padding_free": p["padding_free"],
             "data_notes": p["data_notes"],
+            "even_rows": p["even_rows"],
             "liger": any(k.startswith("liger") for k in self.kernels),
             "kernels": self.kernels,
             "steps": c["steps"],

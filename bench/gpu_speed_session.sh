@@ -67,6 +67,9 @@
 #   bash bench/gpu_speed_session.sh lean      the lean 8-bit optimizer step checked bit-equal on the
 #                                             GPU, then bare Unsloth beside the engine's batch_split
 #                                             auto on the whole card and at 24 GB (16 steps)
+#   bash bench/gpu_speed_session.sh even-rows  the lean optimizer's slabs checked bit-equal on the GPU,
+#                                             then the 80 GB step (4 x 1) with even rows and as one
+#                                             padding-free row (--one-row), on one model
 #   bash bench/gpu_speed_session.sh attention-bucket  the 80 GB step (4 x 1) with Unsloth's cuDNN length
 #                                             padding off, then on (UNSLOTH_SDPA_CUDNN_BUCKET)
 #   bash bench/gpu_speed_session.sh speed-gc  the speed table's blind spot: every Unsloth row of the
@@ -105,7 +108,7 @@
 # Writes to $OUT (the device tool's folder): the results JSON and a log per part. Models are built
 # in child processes under /tmp and deleted at the end.
 set -uo pipefail
-PART=${1:?"which part: stacks, split, split-24gb, kernels, pair, speed-gc, speed-ga, speed-recheck, speed-holdout, generic-attn, warm-launch, attention-bucket, lean, table, tax-profile, tax, tax-unsloth, tax-unsloth-2, gemma-24gb, unsloth-gaps, peak-history, small-card-24gb or memory-gaps"}
+PART=${1:?"which part: stacks, split, split-24gb, kernels, pair, speed-gc, speed-ga, speed-recheck, speed-holdout, generic-attn, warm-launch, attention-bucket, even-rows, lean, table, tax-profile, tax, tax-unsloth, tax-unsloth-2, gemma-24gb, unsloth-gaps, peak-history, small-card-24gb or memory-gaps"}
 OUT=${OUT:-/tmp/qlc-speed-out}
 WORK=/tmp/qlc-speed
 mkdir -p "$OUT" "$WORK"
@@ -334,6 +337,24 @@ case "$PART" in
       $(printf -- '--scenario %s ' "${SCEN[@]}") 2>&1 \
       | tee "$OUT/lean.log" | grep -v "^ \|^O^O\|^\\\\\|==((" | tail -n 30
     rm -rf "$WORK/lean"
+    ;;
+  even-rows)
+    # The lean optimizer (its slabs) checked bit-equal on this GPU, then the 80 GB step (4 x 1, none
+    # checkpointed) with rows of one length sent as they are (the engine's even rows), then as one
+    # padding-free row (--one-row, the form before), on one model: ms a step and kernels by kind.
+    PYTHONPATH=$PWD:/tmp/site timeout -k 10 120 python3 bench/lean_optimizer_check.py \
+      --out "$OUT/lean-optimizer-slabs-$DAY.json" 2>&1 | tail -n 4
+    export PYTHONPATH=$PWD:/tmp/site2:/tmp/site
+    for form in even one-row; do
+      (( ${LIMIT_S:-570} - SECONDS > 150 )) || { echo "no time left for $form"; break; }
+      timeout -k 10 $((${LIMIT_S:-570} - SECONDS)) python3 -m bench.step_tax \
+        --arch llama-3.1-8b --work "$WORK/rows" --seq 4096 --micro-batch 4 --grad-accum 1 --steps 8 --rounds 2 \
+        --set hardware.backend=unsloth --set hardware.gpu=auto --set train.gradient_checkpointing=false \
+        --set train.batch_split=fixed --kernels $( [[ $form == one-row ]] && echo --one-row) \
+        --out "$OUT/step-kernels-llama-3.1-8b-unsloth-4x1-$form-$DAY.json" 2>&1 \
+        | grep -v '^O^O\|^\\\|==((\|^ *"-____-"\|^ *\\\\   /|' | tail -n ${TAIL:-30}
+    done
+    rm -rf "$WORK"
     ;;
   attention-bucket)
     # Unsloth pads every cuDNN attention call to the next multiple of 128 rows past its length

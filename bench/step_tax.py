@@ -221,6 +221,12 @@ def main() -> int:
         "and elementwise kernels came from (the profiled round runs slower)",
     )
     ap.add_argument(
+        "--one-row",
+        action="store_true",
+        help="micro-batches as one padding-free row even where the engine sends rows of one length as "
+        "they are (its even rows, engine.train.backends.unsloth.even_rows): the form before them",
+    )
+    ap.add_argument(
         "--dry-run", action="store_true", help="with --arch: a shrunk model of its layout, on the CPU"
     )
     args = ap.parse_args()
@@ -270,6 +276,9 @@ def main() -> int:
     recipe.hello()
     recipe.setup()
     engine = recipe.trainer
+    if args.one_row:
+        engine.data_collator.even_rows = False  # bare trains with the same collator
+    rows = "even" if getattr(engine.data_collator, "even_rows", False) else "one row"
     cuda = recipe.device == "cuda"
 
     times = HookTimes()
@@ -331,6 +340,7 @@ def main() -> int:
         "command": " ".join(["python -m bench.step_tax", *sys.argv[1:]]),
         # Unsloth's switches change the step (UNSLOTH_SDPA_CUDNN_BUCKET, for one): what was set.
         "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("UNSLOTH_")},
+        "rows": rows,  # how a micro-batch reached the model: one padding-free row, or even rows
         "machine": {
             "device": recipe.device,
             "gpu": torch.cuda.get_device_name(0) if cuda else None,

@@ -94,6 +94,7 @@ class CalibrationRecord:
     liger: bool = False
     allocator: str = "default"  # "expandable" when the run had expandable segments
     padding_free: bool = False  # Unsloth rows as one padding-free row (the engine's since 2026-11-23)
+    even_rows: bool = False  # ... or, rows of one length, as n x seq_len (the engine's since 2026-12-06)
     baseline_allocated_gib: float = 0.0
     vision_tower: bool = False  # the multimodal checkpoint's vision tower was loaded too
     note: str = ""
@@ -229,6 +230,7 @@ def _record(
             liger=bool(data.get("liger", False)),
             allocator=str(data.get("allocator", "default")),
             padding_free=bool(data.get("padding_free", False)),
+            even_rows=bool(data.get("even_rows", False)),
             id=str(data.get("id", "") or ""),
             source=str(data.get("source", "") or ""),
             device_method=str(data.get("device_method", "") or ""),
@@ -324,6 +326,7 @@ def estimate_record(rec: CalibrationRecord, gpu: Gpu) -> Estimate:
         padded=False,
         liger=rec.liger,
         expandable=rec.allocator == "expandable",
+        even_rows=rec.even_rows,
     )
 
 

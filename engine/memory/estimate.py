@@ -323,6 +323,7 @@ def plan_for(
     liger: bool | None = None,
     expandable: bool | None = None,
     device: devices.DeviceProfile | None = None,
+    even_rows: bool = False,
 ) -> terms.Plan:
     """`checkpointed` overrides train.gradient_checkpointing (the auto search sets it);
     `expandable` the allocator (None: what an engine started from this environment uses);
@@ -361,6 +362,7 @@ def plan_for(
         budget_bytes=budget_gb * C.GIB if budget_gb is not None else None,
         packing=cfg.data.packing,
         padding_free=stacks.padding_free(backend),
+        even_rows=even_rows and stacks.padding_free(backend),
         # Rows of different lengths padded to the longest: a mask on every layer. One row, packed
         # rows, or the padding-free row the Unsloth backend builds, need no padding mask.
         padded=(t.micro_batch > 1 and not cfg.data.packing and not stacks.padding_free(backend))
@@ -780,6 +782,7 @@ def estimate(
     gpu: Gpu | None = None,
     processes: int = 1,
     share: Share | None = None,
+    even_rows: bool = False,
 ) -> Estimate:
     """The memory a training step of `cfg` needs at its peak.
 
@@ -796,6 +799,9 @@ def estimate(
     `processes` the ranks of the run (per_gpu's base estimate: train.batch_split stays as written);
     `share` what one of them holds, so that auto checkpointing spends each GPU's budget on the
     per-GPU figure its verdict compares (engine.memory.distributed.per_gpu passes it).
+    `even_rows` says that the Unsloth backend sends the micro-batches as rows of one length
+    (a running engine knows it from its data; the layout search and `qlc estimate`, which have not
+    read the data, count the one padding-free row, which needs a little more).
     """
     arch = arch or resolve_architecture(cfg)
     name, reason = resolve_backend(cfg, backend, arch, gpu)
@@ -813,7 +819,7 @@ def estimate(
             max(0, min(checkpointed, arch.layers)),
             f"{checkpointed} of {arch.layers} layers, as the run chose",
         )
-    plan = plan_for(cfg, arch, name, budget_gb, padded, k, liger, expandable, device)
+    plan = plan_for(cfg, arch, name, budget_gb, padded, k, liger, expandable, device, even_rows)
     est = _estimate_plan(cfg, arch, plan)
     return dataclasses.replace(est, backend_reason=reason, checkpoint_reason=why, split_reason=split)
 

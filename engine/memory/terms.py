@@ -54,6 +54,10 @@ class Plan:
     # The micro-batch sent as one row of micro_batch x seq_len tokens, its examples kept apart by
     # position_ids (the Unsloth backend's padding-free rows): attention sees one long sequence.
     padding_free: bool = False
+    # Rows of one length that the Unsloth backend sends as an n x seq_len batch instead of the one
+    # row (engine.train.backends.unsloth.even_rows): its kept layers then save one hidden-wide
+    # tensor less (UNSLOTH_KEPT_LAYER_HIDDEN_TENSORS was measured on one-row micro-batches).
+    even_rows: bool = False
     expandable: bool = False  # the CUDA allocator's expandable segments (engine.allocator)
     # A multimodal checkpoint's vision tower quantized with the rest (the engine's own loads do;
     # a pre-quantized checkpoint whose skip list names it stores it in 16-bit).
@@ -455,7 +459,11 @@ def _saved_layers(plan: Plan, n: int) -> float:
     if plan.backend != "hf" and not plan.generic_stock_layer:
         # hf's first RMSNorm (and the stock layer's on Unsloth's generic path) saves the input itself.
         per_layer += T * a.hidden * plan.residual_bytes
-    if plan.backend == "unsloth" and not plan.generic_stock_layer:
+    if plan.backend == "unsloth" and not plan.generic_stock_layer and not plan.even_rows:
+        # MEASURED (H200, 2026-12-06, the 8B seed recipe, no layer checkpointed): with even rows
+        # the peaks fell by 1.0 GiB at 1 x 4096 tokens a micro-batch (one such tensor a layer, to
+        # the MiB) and 2.9 at 4 x 4096; without this tensor the estimates come within 0.6% and
+        # 0.8% of both (bench/results/stacks-llama-3.1-8b-even-rows-h200-2026-12-06.json).
         per_layer += C.UNSLOTH_KEPT_LAYER_HIDDEN_TENSORS * T * a.hidden * plan.compute_bytes
     # Unsloth's generic path keeps no bias per layer it does not checkpoint: its Gemma-3-1B records
     # without checkpointing measure under the estimate even without one (+5.5%).

@@ -182,10 +182,11 @@ class Recipe:
             self.cfg = cfg = self.split.apply(cfg)
         model = self._load_model(path)
         self._emit_model_ready(model, path, time.perf_counter() - t0)
-        self._emit_estimate()
         prepared, template = self._prepare_data(self.backend.padding_free_rows(model))
         for note in self.backend.fit_to_data(prepared, model):
             self.emitter.emit(protocol.Log(message=note))
+        # After the data: how the rows are batched (even rows) changes the peak a little.
+        self._emit_estimate(even_rows=prepared.collator.even_rows)
         self.trainer = self._build_trainer(model, prepared, template)
 
     def _plan_step(self, path: str) -> tuple[CheckpointPlan, BatchSplit]:
@@ -343,7 +344,7 @@ class Recipe:
             self.ranks,
         )
 
-    def _emit_estimate(self) -> None:
+    def _emit_estimate(self, even_rows: bool = False) -> None:
         """The memory model's estimate, for the dashboard's estimate-versus-actual. Never fatal."""
         try:
             est, gpu = estimate_for_run(
@@ -353,6 +354,7 @@ class Recipe:
                 self.checkpointing.checkpointed,
                 self.ranks.world_size,
                 liger=any(k.startswith("liger") for k in self.kernels),
+                even_rows=even_rows,
             )
             self.emitter.emit(est.to_event(gpu))
         except Exception as exc:  # an estimate must never stop a run
@@ -420,7 +422,13 @@ def data_changed(run_dir: Path, now: protocol.DataReady) -> str:
 
 
 def estimate_for_run(
-    cfg: RunConfig, device: str, backend: str | None, checkpointed: int, world_size: int, liger: bool = False
+    cfg: RunConfig,
+    device: str,
+    backend: str | None,
+    checkpointed: int,
+    world_size: int,
+    liger: bool = False,
+    even_rows: bool = False,
 ) -> tuple[Any, Any]:
     """(the estimate a run reports, the GPU it is checked against).
 
@@ -439,7 +447,9 @@ def estimate_for_run(
     # gpu= also picks the card's class (its CUDA context and workspaces, engine/memory/devices.py).
     if device != "cuda":
         return memory.estimate(cfg, gpu=gpu), gpu
-    est = memory.estimate(cfg, backend=backend, gpu=gpu, checkpointed=checkpointed, liger=liger)
+    est = memory.estimate(
+        cfg, backend=backend, gpu=gpu, checkpointed=checkpointed, liger=liger, even_rows=even_rows
+    )
     return est, gpu
 
 

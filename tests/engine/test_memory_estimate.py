@@ -168,6 +168,23 @@ def test_unsloth_rows_are_padding_free() -> None:
     assert any("padded" in n for n in estimate(cfg, backend="hf").notes)
 
 
+def test_even_rows_keep_one_hidden_tensor_less_in_each_kept_layer() -> None:
+    """Rows of one length sent as n x seq_len (the Unsloth backend's even rows): each layer kept
+    for backward saves one bf16 hidden-wide tensor less than in the one padding-free row
+    (measured on the 8B seed recipe, terms._saved_layers); checkpointed layers keep nothing
+    either way, and the hf backend never builds the one row."""
+    cfg = cfg_for(train__micro_batch=2, train__seq_len=4096, train__gradient_checkpointing=False)
+    arch = catalog()["llama-3.1-8b"]
+    one, even = (estimate(cfg, backend="unsloth", checkpointed=0, even_rows=e) for e in (False, True))
+    tensor = arch.layers * 2 * 4096 * arch.hidden * 2 / C.GIB  # every layer, 8192 tokens, bf16
+    assert one.torch_peak_gb - even.torch_peak_gb == pytest.approx(tensor, rel=1e-3)
+    every = [estimate(cfg, backend="unsloth", checkpointed=arch.layers, even_rows=e) for e in (False, True)]
+    assert every[0].torch_peak_gb == pytest.approx(every[1].torch_peak_gb)
+    assert estimate(cfg, backend="hf", checkpointed=0, even_rows=True).torch_peak_gb == pytest.approx(
+        estimate(cfg, backend="hf", checkpointed=0).torch_peak_gb
+    )
+
+
 def test_a_padding_free_row_is_one_sequence_of_the_whole_micro_batch() -> None:
     """Unsloth's generic path (Gemma 3) runs transformers' attention on the padding-free row: its
     masks are as wide as the whole micro-batch, so 8 x 2048 tokens cost what one row of 16384 does
