@@ -302,7 +302,7 @@ class Worker:
         padding_free = backend.padding_free_rows(self.model)
         prepared = data.prepare(cfg, self.tok)
         prepared.collator.padding_free = padding_free
-        notes = backend.fit_to_data(prepared, self.model)  # as a run tunes itself to its data
+        notes = backend.fit_to_data(prepared, self.model, plan)  # as a run tunes itself to its data
         timer = _step_timer(self.torch, self.device)
         scratch = Path(tempfile.mkdtemp(prefix="trainer-", dir=self.scratch))
         trainer = build_trainer(

@@ -183,7 +183,7 @@ class Recipe:
         model = self._load_model(path)
         self._emit_model_ready(model, path, time.perf_counter() - t0)
         prepared, template = self._prepare_data(self.backend.padding_free_rows(model))
-        for note in self.backend.fit_to_data(prepared, model):
+        for note in self.backend.fit_to_data(prepared, model, self.checkpointing):
             self.emitter.emit(protocol.Log(message=note))
         # After the data: how the rows are batched (even rows) changes the peak a little.
         self._emit_estimate(even_rows=prepared.collator.even_rows)

@@ -184,3 +184,18 @@ def test_even_rows_only_on_unsloths_fast_path_with_one_length(tok, tmp_path: Pat
         assert backend.even_rows(p.collator, model, length) is None and not p.collator.even_rows
     p.collator.padding_free = False  # an Unsloth without packing support: padded rows already
     assert backend.even_rows(p.collator, _Model("qwen2"), 64) is None and not p.collator.even_rows
+
+
+def test_a_run_that_checkpoints_keeps_the_one_row(tok, tmp_path: Path, dispatch: types.ModuleType) -> None:
+    """Even rows only where no layer is checkpointed: with checkpointing they raised the measured
+    peaks (UnslothBackend.fit_to_data); the attention padding goes off either way."""
+    from engine.memory.checkpointing import CheckpointPlan
+
+    for checkpointed, expected in ((0, True), (4, False)):
+        p = _even_prepared(tok, tmp_path)
+        dispatch._CUDNN_LENGTH_BUCKET = 128
+        backend._SHIPPED_BUCKET = None
+        notes = backend.BACKEND.fit_to_data(p, _Model("llama"), CheckpointPlan(8, checkpointed, "test"))
+        assert p.collator.even_rows is expected
+        assert dispatch._CUDNN_LENGTH_BUCKET == 0
+        assert any(n.startswith("rows:") for n in notes) is expected

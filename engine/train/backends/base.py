@@ -103,10 +103,10 @@ class Backend:
         """Whether the Trainer (re)enables gradient checkpointing at train time."""
         return plan.enabled
 
-    def fit_to_data(self, data: Any, model: Any) -> list[str]:
+    def fit_to_data(self, data: Any, model: Any, plan: CheckpointPlan) -> list[str]:
         """Settings the backend tunes to the prepared data (engine.data.pipeline.PreparedData,
-        its collator included) and the loaded model before the trainer is built; what it changed,
-        a line each, for the run's log."""
+        its collator included), the loaded model and its checkpointing before the trainer is
+        built; what it changed, a line each, for the run's log."""
         return []
 
     def build_trainer(

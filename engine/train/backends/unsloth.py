@@ -215,8 +215,13 @@ def even_rows(collator: Any, model: Any, length: int | None) -> str | None:
     and V gradient into a zeroed full-size tensor. On the seed recipe's 80 GB step (H100) those
     copies, fills and the concatenation took 14.5 ms of a 1,177 ms step
     (bench/results/step-kernels-llama-3.1-8b-unsloth-4x1-bucket0-h100-2026-12-06.json).
-    The generic path (FastModel: Gemma 3, ...) keeps the row its memory estimate describes. A
-    note for the run's log when it changed."""
+    The generic path (FastModel: Gemma 3, ...) keeps the row its memory estimate describes, and so
+    does a run that checkpoints any layer (the backend's fit_to_data): with every layer
+    checkpointed, even rows raised the peak of Llama-3.2-3B and Qwen2.5-7B at 8,192-16,384 tokens a
+    micro-batch by 0.2-1.3 GiB (4-15%, bench/results/memory-calibration-matrix-h100-2026-12-06-
+    recheck.json; not traced further: in that form Inductor compiles more of each block, 1,730
+    Triton kernels a step against 258 on the 8B), where without checkpointing it lowered every
+    peak measured. A note for the run's log when it changed."""
     from engine.memory.constants import UNSLOTH_FAST_FAMILIES
 
     config = getattr(model, "config", None)
@@ -253,11 +258,12 @@ class UnslothBackend(Backend):
     def trainer_checkpointing(self, plan: CheckpointPlan) -> bool:
         return False  # set up by Unsloth itself (offloaded), as a bare Unsloth script does
 
-    def fit_to_data(self, data: Any, model: Any) -> list[str]:
+    def fit_to_data(self, data: Any, model: Any, plan: CheckpointPlan) -> list[str]:
         from engine.data.pipeline import one_segment_length
 
         length = one_segment_length(data.train, data.eval)
-        notes = [exact_length_attention(length), even_rows(data.collator, model, length)]
+        rows = even_rows(data.collator, model, length) if not plan.enabled else None
+        notes = [exact_length_attention(length), rows]
         return [note for note in notes if note]
 
 
