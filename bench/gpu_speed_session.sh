@@ -143,14 +143,17 @@ if [[ $PART == speed-recheck ]]; then
   # hf was 2-10% faster; the longest all-linear steps, Unsloth 7-8% faster) measured again, both
   # stacks, and auto replayed on them with the committed fits (bench/speed_table.py --against:
   # no refit, these rows held out).
-  ONLY=()
-  for id in llama-3.2-3b/%s/r8-attn/s2048x4 llama-3.2-3b/%s/r8-attn/s8192x1 qwen2.5-7b/%s/r16-attn/s2048x4 \
-      qwen2.5-7b/%s/r16-attn/s2048x4-nogc llama-3.2-3b/%s/r128-all/s8192x1 llama-3.2-3b/%s/r16-all/s16384x1 \
-      qwen2.5-7b/%s/r128-all/s8192x1 qwen2.5-7b/%s/r16-all/s16384x1; do
+  # RECHECK_IDS (space-separated, %s for the stack) narrows the pairs.
+  ONLY=() ARCH_ARGS=()
+  IDS=${RECHECK_IDS:-"llama-3.2-3b/%s/r8-attn/s2048x4 llama-3.2-3b/%s/r8-attn/s8192x1 qwen2.5-7b/%s/r16-attn/s2048x4
+    qwen2.5-7b/%s/r16-attn/s2048x4-nogc llama-3.2-3b/%s/r128-all/s8192x1 llama-3.2-3b/%s/r16-all/s16384x1
+    qwen2.5-7b/%s/r128-all/s8192x1 qwen2.5-7b/%s/r16-all/s16384x1"}
+  for a in $(for id in $IDS; do echo "${id%%/*}"; done | sort -u); do ARCH_ARGS+=(--arch "$a"); done
+  for id in $IDS; do
     for stack in hf unsloth; do ONLY+=(--only "${id/\%s/$stack}"); done
   done
   LIMIT_S=$((${LIMIT_S:-570} - 20)) OUT=$OUT bash bench/gpu_campaign.sh --clean-speed --no-e2e \
-    --unsloth-process-per-gc --steps "${STEPS:-10}" --arch llama-3.2-3b --arch qwen2.5-7b "${ONLY[@]}" "${@:2}"
+    --unsloth-process-per-gc --steps "${STEPS:-10}" "${ARCH_ARGS[@]}" "${ONLY[@]}" "${@:2}"
   RESULTS=$(newest_matrix)
   [[ -n $RESULTS ]] || { echo "the matrix wrote no results"; exit 1; }
   PYTHONPATH=$PWD:/tmp/site ${PYTHON:-python3} bench/speed_table.py "$RESULTS" --against \

@@ -166,19 +166,29 @@ class _Config:
         self.vision_config = {} if vision else None
 
 
+class _Peft:
+    def __init__(self, targets: set[str]) -> None:
+        self.target_modules = targets
+
+
 class _Model:
-    def __init__(self, model_type: str, vision: bool = False) -> None:
+    """What even_rows reads of a peft-wrapped model: its config and its adapters' targets."""
+
+    def __init__(self, model_type: str, vision: bool = False, targets: set[str] | None = None) -> None:
         self.config = _Config(model_type, vision)
+        self.peft_config = {"default": _Peft(targets or {"q_proj", "v_proj", "gate_proj", "down_proj"})}
 
 
 def test_even_rows_only_on_unsloths_fast_path_with_one_length(tok, tmp_path: Path) -> None:
     p = _even_prepared(tok, tmp_path)
     note = backend.even_rows(p.collator, _Model("llama"), 64)
     assert note is not None and "64 tokens" in note and p.collator.even_rows
+    attention_only = _Model("llama", targets={"q_proj", "k_proj", "v_proj", "o_proj"})
     for model, length in (
         (_Model("gemma3_text"), 64),
         (_Model("gemma3", vision=True), 64),
         (_Model("llama"), None),
+        (attention_only, 64),  # the MLP's plain 4-bit layers: the one row, as the memory model knows it
     ):
         p.collator.even_rows = False
         assert backend.even_rows(p.collator, model, length) is None and not p.collator.even_rows
