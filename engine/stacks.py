@@ -110,7 +110,7 @@ def margin(a: Predicted, b: Predicted) -> float:
     error of their predicted ratio where the card's table measured it, else the larger of the two
     models' typical errors. The ratio's is the error that matters, and the smaller: a run the
     models over-predict, they mostly over-predict on both stacks (the H100 table of 2026-12-06:
-    the ratio's median held-out error 2.6% against the models' own 5.6% and 4.0%; the models'
+    the ratio's median held-out error 3.0% against the models' own 5.6% and 4.0%; the models'
     margin kept Unsloth on a 7B attention-only run that hf trained 10.6% faster)."""
     if a.ratio_error and b.ratio_error:
         return max(a.ratio_error, b.ratio_error)

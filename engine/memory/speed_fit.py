@@ -245,7 +245,7 @@ def choices(rows: Sequence[Measured], errors: dict[str, float] | None = None) ->
             here = [r for r in mine if r.key == k]
             if not here:
                 continue
-            measured[s] = here[0].step_s
+            measured[s] = statistics.median(r.step_s for r in here)  # a configuration measured again
             train = [r for r in mine if r.key != k]
             if len(train) >= len(FEATURES):
                 predicted[s] = predict_s(fit_step(train), here[0].work)

@@ -62,18 +62,42 @@ def _committed_as_fitted(table: dict, gpu: str) -> None:
 
 
 def test_the_h100_table_and_its_attention_only_pairs(tmp_path: Path) -> None:
-    """The H100 table (2026-12-06): 27 pairs, auto within 2.5% of the faster stack on every one,
-    held out, under the ratio's margin. The issue's case, a 7B with attention-only adapters at
-    4 x 2048 recomputed, where hf ran 10.6% faster, goes to hf: the models' own errors (5.6%, 4.0%)
-    kept Unsloth there; the frozen projections' term and the ratio's error (2.6%) do not."""
+    """The H100 table (2026-12-06, measured before the lean optimizer's slabs, exact-length
+    attention and even rows): 27 pairs, each configuration's median step (repeats included). The
+    issue's case, a 7B with attention-only adapters at 4 x 2048 recomputed, where hf ran 10.6%
+    faster, goes to hf. Two 3B attention-only pairs, 3-6% apart, stay with Unsloth inside the
+    ratio's margin (3.0%) while hf was faster: 5.7% and 3.1% slower, so the table does not meet
+    the target; measured again on the engine since (test below), Unsloth is the faster there."""
     out = tmp_path / "t.json"
     assert speed_table.main([*map(str, H100_TABLE), "--out", str(out)]) == 0
     table = json.loads(out.read_text())
-    assert len(table["paired"]) == 27 and table["target_met"]
-    assert max(p["loss"] for p in table["paired"]) < 0.026
+    assert len(table["paired"]) == 27 and not table["target_met"]
+    missed = {p["key"]: round(p["loss"], 3) for p in table["paired"] if p["loss"] > 0.026}
+    assert missed == {
+        "llama-3.2-3b r8-q+k+v+o s2048x4x1 gc28": 0.057,
+        "llama-3.2-3b r8-q+k+v+o s8192x1x1 gc28": 0.031,
+    }
     attn = next(p for p in table["paired"] if p["key"] == "qwen2.5-7b r16-q+k+v+o s2048x4x1 gc28")
     assert attn["auto"] == attn["faster"] == "hf"
     _committed_as_fitted(table, "NVIDIA H100 80GB HBM3")
+
+
+def test_auto_on_the_pairs_measured_again_on_todays_engine(tmp_path: Path) -> None:
+    """The table's nearest ties measured again after the lean slabs, exact-length attention and
+    even rows (bash bench/gpu_speed_session.sh speed-recheck): the seven recomputed pairs of the
+    second recheck (what the final engine runs there) and the final engine's attention-only pair
+    without recomputation. auto with the committed fits, which never saw these rows, is within
+    1.0% of the faster stack on all eight, the two 3B attention-only pairs now Unsloth's."""
+    replayed = []
+    for name, keep in (("recheck2", lambda key: key.endswith("gc28")), ("recheck3", lambda key: True)):
+        path = REPO / f"bench/results/memory-calibration-matrix-h100-2026-12-06-{name}.json"
+        out = tmp_path / f"{name}.json"
+        assert speed_table.main([str(path), "--against", "--out", str(out)]) == 0
+        replayed += [r for r in json.loads(out.read_text())["replayed"] if keep(r["key"])]
+    assert len(replayed) == 8
+    assert max(r["loss"] for r in replayed) < 0.011
+    three_b = [r for r in replayed if r["key"].startswith("llama-3.2-3b r8-q+k+v+o")]
+    assert len(three_b) == 2 and {r["auto"] for r in three_b} == {r["faster"] for r in three_b} == {"unsloth"}
 
 
 def test_the_first_mode_is_read_per_unsloth_process_in_its_own_order() -> None:
