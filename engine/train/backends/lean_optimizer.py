@@ -199,6 +199,35 @@ def _lay_out(opt: Any) -> list[_Slab]:
     return slabs
 
 
+def _update(
+    opt: Any, group: dict[str, Any], kernel: Any, g: Any, p: Any, state: dict[str, Any], step: int
+) -> None:
+    """One call of bitsandbytes' 8-bit blockwise update kernel, with the arguments
+    `Optimizer2State.update_step` passes it (`state`: the 8-bit states, absmaxes and qmaps)."""
+    betas = group["betas"]
+    kernel(
+        opt.optimizer_name,
+        g,
+        p,
+        state["state1"],
+        state["state2"],
+        betas[0],
+        betas[1],
+        betas[2] if len(betas) >= 3 else 0.0,
+        group.get("alpha", 0.0),
+        group["eps"],
+        step,
+        group["lr"],
+        state["qmap1"],
+        state["qmap2"],
+        state["absmax1"],
+        state["absmax2"],
+        group["weight_decay"],
+        1.0,
+        opt.args.skip_zeros,
+    )
+
+
 def _launch(opt: Any, slab: _Slab) -> bool:
     """One kernel call for the whole slab, with the arguments update_step passes each tensor; False
     (nothing done) where a tensor has no gradient or the tensors' step counts differ."""
@@ -216,32 +245,12 @@ def _launch(opt: Any, slab: _Slab) -> bool:
             import bitsandbytes.functional as F
 
             F.prefetch_tensor(buffers[key])
-    group = opt.param_groups[slab.group]
-    betas = group["betas"]
     grads = torch.cat([p.grad.reshape(-1) for p in params])
     weights = torch.cat([p.detach().reshape(-1) for p in params])
     step += 1
-    _kernels()[params[0].device.type](
-        opt.optimizer_name,
-        grads,
-        weights,
-        buffers["state1"],
-        buffers["state2"],
-        betas[0],
-        betas[1],
-        betas[2] if len(betas) >= 3 else 0.0,
-        group.get("alpha", 0.0),
-        group["eps"],
-        step,
-        group["lr"],
-        state[params[0]]["qmap1"],
-        state[params[0]]["qmap2"],
-        buffers["absmax1"],
-        buffers["absmax2"],
-        group["weight_decay"],
-        1.0,
-        opt.args.skip_zeros,
-    )
+    first = state[params[0]]
+    flat = {**buffers, "qmap1": first["qmap1"], "qmap2": first["qmap2"]}
+    _update(opt, opt.param_groups[slab.group], _kernels()[params[0].device.type], grads, weights, flat, step)
     torch._foreach_copy_(
         [p.detach() for p in params],
         [
@@ -333,29 +342,8 @@ def _lean(cls: type) -> type:
             or self.mng.pid2config
         ):
             return super(lean, self).update_step(group, p, gindex, pindex)
-        betas = group["betas"]
         state["step"] += 1
-        kernel(
-            self.optimizer_name,
-            p.grad,
-            p,
-            state["state1"],
-            state["state2"],
-            betas[0],
-            betas[1],
-            betas[2] if len(betas) >= 3 else 0.0,
-            group.get("alpha", 0.0),
-            group["eps"],
-            state["step"],
-            group["lr"],
-            state["qmap1"],
-            state["qmap2"],
-            state["absmax1"],
-            state["absmax2"],
-            group["weight_decay"],
-            1.0,
-            self.args.skip_zeros,
-        )
+        _update(self, group, kernel, p.grad, p, state, state["step"])
         return None
 
     members: dict[str, Any] = {"step": step, "__module__": cls.__module__, "qlc_lean": True}
