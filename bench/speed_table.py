@@ -236,12 +236,14 @@ def against(rows: list[Measured], fits: tuple[SpeedFit, ...], gpu: str) -> list[
             continue
         predicted = {s: f.predict_s(here[s].work) for s, f in found.items() if f is not None}
         outside = {s: f.covers(here[s].work) for s, f in found.items() if f is not None}
+        ratios = [f.typical_ratio_error for f in found.values() if f is not None]
         choice = Choice(
             key,
             steps,
             predicted,
             {s: f.typical_error for s, f in found.items() if f is not None},
-            ratio_error=max((f.typical_ratio_error for f in found.values() if f is not None), default=0.0),
+            # As engine.stacks.margin: the ratio's error only where every fit carries one.
+            ratio_error=max(ratios) if all(ratios) else 0.0,
         )
         order = [s for s in stacks.AUTO_ORDER if s in here]
         chosen = order[0] if any(outside.values()) else choice.chosen

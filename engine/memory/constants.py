@@ -43,6 +43,10 @@ BNB_PAGED_MIN_NUMEL = 100_000
 # - 8-bit states are blockwise: one fp32 absmax per 256 values for each of the two states,
 #   allocated with torch.zeros on the device (never paged).
 BNB_8BIT_BLOCK = 256
+# The engine's lean 8-bit step (engine/train/backends/lean_optimizer.py) updates whole-block
+# tensors in slabs of at most this many elements, one kernel call each, gathering a slab's
+# gradients and parameters into two transient tensors.
+BNB_SLAB_ELEMENTS = 1 << 24
 
 # TRL 1.16 SFTTrainer always patches the model with a fused LM head (trl/trainer/utils.py
 # add_fused_lm_head, _CHUNKED_LOGPROB_CHUNK_SIZE) computed by trl/kernels/chunked_logprob.py

@@ -283,10 +283,25 @@ def optimizer_states(plan: Plan) -> tuple[dict[str, float], float]:
 
 
 def optimizer_step_temporaries(plan: Plan) -> float:
-    """torch's foreach AdamW builds sqrt(v) for every parameter at once; bitsandbytes updates in place."""
+    """torch's foreach AdamW builds sqrt(v) for every parameter at once. bitsandbytes updates in
+    place, but the engine's lean 8-bit step gathers one slab's gradients and parameters at a time:
+    two copies of the largest slab."""
     if plan.optimizer == "adamw_torch":
         return sum(n * k for n, k in trainable_tensors(plan)) * float(plan.lora_bytes)
+    if plan.optimizer in BNB_8BIT:
+        return 2.0 * largest_slab(plan) * plan.lora_bytes
     return 0.0
+
+
+def largest_slab(plan: Plan) -> int:
+    """Elements in the lean step's largest slab: whole-block 8-bit tensors, paged ones apart from
+    the others (bitsandbytes' placement), at most BNB_SLAB_ELEMENTS."""
+    paged_optimizer = plan.optimizer in PAGED_OPTIMIZERS
+    kinds = {True: 0, False: 0}
+    for numel, count in trainable_tensors(plan):
+        if numel >= C.BNB_MIN_8BIT_SIZE and numel % C.BNB_8BIT_BLOCK == 0:
+            kinds[paged_optimizer and numel >= C.BNB_PAGED_MIN_NUMEL] += numel * count
+    return min(C.BNB_SLAB_ELEMENTS, max(kinds.values()))
 
 
 def _dtype(nbytes: int) -> str:

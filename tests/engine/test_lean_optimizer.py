@@ -252,3 +252,51 @@ def test_a_state_dict_from_slabs_resumes_into_a_laid_out_optimizer(monkeypatch: 
     for a, b in zip(third, second, strict=True):
         assert torch.equal(a, b)
     assert busy._qlc_slabs[0].buffers["state1"] is buffers
+
+
+def test_a_state_dict_from_before_any_step_starts_the_slabs_from_zero(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Loaded into an optimizer that has stepped, a state dict without states (saved before any
+    step: a reset) lays the slabs out again in their buffers, zeroed, as bitsandbytes starts."""
+    monkeypatch.setattr(bnb_optimizer, "sync_gpu", lambda t: None)
+
+    def run(lean: bool) -> list[torch.nn.Parameter]:
+        params = [torch.nn.Parameter(torch.full((16, 512), float(i + 1))) for i in range(3)]
+        opt = bnb.optim.AdamW8bit(params, lr=1e-2)
+        if lean:
+            opt.__class__ = _lean(type(opt))
+        empty = opt.state_dict()
+        for step in range(4):
+            if step == 3:
+                opt.load_state_dict(empty)
+            for p in params:
+                p.grad = torch.full_like(p, 0.1 * (step + 1))
+            opt.step()
+        return params
+
+    for a, b in zip(run(False), run(True), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_group_added_after_the_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A parameter group added after the first step (add_param_group) lays the slabs out again:
+    every tensor updated once a step, as bitsandbytes updates it."""
+    monkeypatch.setattr(bnb_optimizer, "sync_gpu", lambda t: None)
+
+    def run(lean: bool) -> list[torch.nn.Parameter]:
+        first, later = _mixed(7, torch.float32), _mixed(8, torch.float32)
+        opt = bnb.optim.AdamW8bit(first, lr=1e-2, weight_decay=0.01)
+        if lean:
+            opt.__class__ = _lean(type(opt))
+        g = torch.Generator().manual_seed(3)
+        for step in range(4):
+            if step == 2:
+                opt.add_param_group({"params": later, "lr": 5e-3})
+            for p in first + (later if step >= 2 else []):
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        return first + later
+
+    for a, b in zip(run(False), run(True), strict=True):
+        assert torch.equal(a, b)

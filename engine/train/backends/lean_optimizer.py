@@ -38,6 +38,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.memory import constants as C
+
 # The registered kernel's parameters, as bitsandbytes 0.50 names them; a kernel whose signature
 # differs is not called directly.
 _KERNEL_PARAMETERS = (
@@ -64,15 +66,20 @@ def _kernels() -> dict[str, Any]:
 
 
 BLOCK = 256  # bitsandbytes' 8-bit blockwise optimizer state: one absmax per 256 elements
-SLAB_ELEMENTS = 1 << 24  # elements a slab holds at most: its gathered gradients and parameters
+# Elements a slab holds at most: its gathered gradients and parameters are transient copies of
+# this size (the memory model counts them: engine.memory.terms.optimizer_step_temporaries).
+SLAB_ELEMENTS = C.BNB_SLAB_ELEMENTS
 _STATE_KEYS = ("state1", "state2", "absmax1", "absmax2")
 
 
 @dataclass
 class _Slab:
-    """Parameters of one group, of one dtype and device, whose 8-bit states lie end to end."""
+    """Parameters of one group, of one dtype and device, whose 8-bit states lie end to end: all of
+    them in paged memory, or all in PyTorch's, as bitsandbytes would place each one's."""
 
     group: int
+    group_params: list[Any]  # the group's list of parameters when laid out (a change lays out again)
+    paged: bool
     params: list[Any]
     offsets: list[int]  # each parameter's first element in the slab
     buffers: dict[str, Any] = field(default_factory=dict)  # _STATE_KEYS -> the slab's flat state
@@ -83,8 +90,22 @@ class _Slab:
     def elements(self) -> int:
         return self.offsets[-1] + self.params[-1].numel()
 
+    def current(self, opt: Any) -> bool:
+        """Whether the layout still holds: the same group, each parameter of the dtype, device and
+        layout it was laid out with, and its state still this slab's (a loaded state dict replaces
+        it)."""
+        groups = opt.param_groups
+        if self.group >= len(groups) or groups[self.group]["params"] is not self.group_params:
+            return False
+        dtype, device = self.params[0].dtype, self.params[0].device
+        if any(p.dtype != dtype or p.device != device or not p.is_contiguous() for p in self.params):
+            return False
+        if any(all(q is not p for q in self.group_params) for p in self.params):
+            return False  # taken out of its group
+        return self.installed(opt.state)
+
     def installed(self, state: Any) -> bool:
-        """Whether each parameter's state is still this slab's (a loaded state dict replaces it)."""
+        """Whether each parameter's state is still this slab's."""
         for p, views in zip(self.params, self.views, strict=True):
             own = state[p]
             if not all(own.get(key) is view for key, view in zip(_STATE_KEYS, views, strict=True)):
@@ -124,12 +145,17 @@ def _slab_ready(opt: Any, p: Any) -> bool:
     )  # fmt: skip
 
 
-def _state_buffer(opt: Any, n: int, device: Any) -> Any:
-    """A slab's 8-bit state, allocated as bitsandbytes allocates a tensor's (paged past 1e5
-    elements for a paged optimizer on CUDA)."""
+def _paged(opt: Any, p: Any) -> bool:
+    """Where bitsandbytes puts `p`'s state: paged (managed) memory for a paged optimizer's tensors
+    of 1e5 elements or more on CUDA (`get_state_buffer`), else PyTorch's allocator."""
+    return bool(opt.is_paged) and p.device.type == "cuda" and p.numel() >= 1e5
+
+
+def _state_buffer(opt: Any, n: int, device: Any, paged: bool) -> Any:
+    """A slab's 8-bit state, zeroed, in paged memory or in PyTorch's."""
     import torch
 
-    if opt.is_paged and device.type == "cuda" and n >= 1e5:
+    if paged:
         import bitsandbytes.functional as F
 
         buffer = F.get_paged(n, dtype=torch.uint8, device=device)
@@ -141,7 +167,8 @@ def _state_buffer(opt: Any, n: int, device: Any) -> Any:
 
 def _lay_out(opt: Any) -> list[_Slab]:
     """Put every slab-ready parameter's state into slabs, carrying over a state it already has
-    (bitsandbytes' or a loaded state dict's). Kept on the optimizer (`_qlc_slabs`)."""
+    (bitsandbytes' or a loaded state dict's) and zeroing the others. Kept on the optimizer
+    (`_qlc_slabs`)."""
     import torch
 
     # A second layout (a state dict loaded after the first step) has the same slabs: it keeps their
@@ -149,18 +176,16 @@ def _lay_out(opt: Any) -> list[_Slab]:
     kept = {tuple(map(id, slab.params)): slab.buffers for slab in getattr(opt, "_qlc_slabs", None) or []}
     slabs: list[_Slab] = []
     for gindex, group in enumerate(opt.param_groups):
-        slab: _Slab | None = None
+        # One slab filling per kind (dtype, device, paged or not), in the group's order: a tensor
+        # of another kind, or one left out, does not close it.
+        filling: dict[tuple[Any, ...], _Slab] = {}
         for p in group["params"]:
             if not _slab_ready(opt, p):
-                slab = None
                 continue
-            first = slab.params[0] if slab else None
-            if (
-                slab is None or first is None
-                or (p.dtype, p.device) != (first.dtype, first.device)
-                or slab.elements + p.numel() > SLAB_ELEMENTS
-            ):  # fmt: skip
-                slab = _Slab(gindex, [], [])
+            kind = (p.dtype, p.device, _paged(opt, p))
+            slab = filling.get(kind)
+            if slab is None or slab.elements + p.numel() > SLAB_ELEMENTS:
+                slab = filling[kind] = _Slab(gindex, group["params"], kind[2], [], [])
                 slabs.append(slab)
             slab.offsets.append(slab.elements if slab.params else 0)
             slab.params.append(p)
@@ -171,8 +196,8 @@ def _lay_out(opt: Any) -> list[_Slab]:
         qmap1 = opt.name2qmap["dynamic"] = opt.name2qmap["dynamic"].to(device)
         qmap2 = opt.name2qmap["udynamic"] = opt.name2qmap["udynamic"].to(device)
         buffers = kept.get(tuple(map(id, slab.params))) or {
-            "state1": _state_buffer(opt, n, device),
-            "state2": _state_buffer(opt, n, device),
+            "state1": _state_buffer(opt, n, device, slab.paged),
+            "state2": _state_buffer(opt, n, device, slab.paged),
             "absmax1": torch.zeros(n // BLOCK, dtype=torch.float32, device=device),
             "absmax2": torch.zeros(n // BLOCK, dtype=torch.float32, device=device),
         }
@@ -184,11 +209,18 @@ def _lay_out(opt: Any) -> list[_Slab]:
                 buffers["absmax1"][start // BLOCK : end // BLOCK],
                 buffers["absmax2"][start // BLOCK : end // BLOCK],
             )
+            if slab.paged:
+                # bitsandbytes' own update (a tensor that leaves the slab for a step) accepts a
+                # CPU-side tensor on a CUDA step only when it says it is paged.
+                for view in views[:2]:
+                    view.is_paged, view.page_deviceid = True, device.index
             state = opt.state[p]
             if state:  # carried over: the same bytes, now in the slab
                 for key, view in zip(_STATE_KEYS, views, strict=True):
                     view.copy_(state[key].reshape(view.shape))
-            else:
+            else:  # a fresh state, as bitsandbytes starts one: zeros (kept buffers held others)
+                for view in views:
+                    view.zero_()
                 state["step"] = 0
             state.update(zip(_STATE_KEYS, views, strict=True))
             state["qmap1"], state["qmap2"] = qmap1, qmap2
@@ -324,9 +356,13 @@ def _lean(cls: type) -> type:
         if slab is None:
             return False
         if p is slab.params[0]:
-            if not slab.installed(self.state):  # a state dict was loaded since: lay out again
+            if not slab.current(self):  # a state dict loaded, a group changed...: lay out again
                 _lay_out(self)
-                slab = self._qlc_slab_of[id(p)]
+                # In the new layout `p` may lie elsewhere, or nowhere; a slab whose tensors were
+                # updated apart in this step does not launch (their step counts differ).
+                slab = self._qlc_slab_of.get(id(p))
+                if slab is None or p is not slab.params[0]:
+                    return False
             slab.launched = getattr(self, "_qlc_calls", 0) if _launch(self, slab) else -1
         return slab.launched == getattr(self, "_qlc_calls", 0)
 
