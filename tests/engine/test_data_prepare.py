@@ -22,6 +22,7 @@ from engine.data.packing import pack
 from engine.data.report import histogram, percentile, steps
 from engine.models.tiny import DATASET
 from engine.models.tiny_build import ensure_builtin
+from tests.engine.shifted_loss import summed_shifted_loss
 
 REPO = Path(__file__).resolve().parent.parent.parent
 FORMATS = REPO / "tests" / "data" / "formats"
@@ -184,16 +185,9 @@ def test_padding_free_batch_is_one_row_with_the_padded_batch_loss(tok, packing: 
     model = AutoModelForCausalLM.from_pretrained(ensure_builtin("builtin:tiny-llama"), dtype=torch.float32)
     model.eval()
 
-    def summed_loss(batch: dict) -> torch.Tensor:
-        with torch.no_grad():
-            logits = model(**batch, use_cache=False).logits
-        labels = batch["labels"]
-        shift = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
-        )
-        return shift, (labels[:, 1:] != IGNORE).sum()
-
-    (loss_padded, count_padded), (loss_one, count_one) = summed_loss(padded), summed_loss(one)
+    (loss_padded, count_padded), (loss_one, count_one) = (
+        summed_shifted_loss(model, b) for b in (padded, one)
+    )
     assert count_one == count_padded > 0
     torch.testing.assert_close(loss_one, loss_padded, atol=1e-3, rtol=1e-4)
 

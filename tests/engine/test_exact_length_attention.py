@@ -21,6 +21,7 @@ from engine.data.pipeline import one_segment_length
 from engine.models.tiny import DATASET
 from engine.models.tiny_build import ensure_builtin
 from engine.train.backends import unsloth as backend
+from tests.engine.shifted_loss import summed_shifted_loss
 
 
 @pytest.fixture(scope="module")
@@ -138,18 +139,7 @@ def test_rows_of_one_length_go_as_rows_with_the_one_row_loss(tok, tmp_path: Path
     model = AutoModelForCausalLM.from_pretrained(ensure_builtin("builtin:tiny-llama"), dtype=torch.float32)
     model.eval()
 
-    def summed(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            # transformers reads the one row's examples apart from its positions (use_cache off).
-            inputs = {k: v for k, v in batch.items() if k != "packed_seq_lengths"}
-            logits = model(**inputs, use_cache=False).logits
-        labels = batch["labels"]
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
-        )
-        return loss, (labels[:, 1:] != IGNORE).sum()
-
-    (loss_one, count_one), (loss_even, count_even) = summed(one), summed(even)
+    (loss_one, count_one), (loss_even, count_even) = (summed_shifted_loss(model, b) for b in (one, even))
     assert count_even == count_one == 3 * 63
     torch.testing.assert_close(loss_even, loss_one, atol=1e-3, rtol=1e-4)
 

@@ -65,7 +65,7 @@ def _kernels() -> dict[str, Any]:
     return found
 
 
-BLOCK = 256  # bitsandbytes' 8-bit blockwise optimizer state: one absmax per 256 elements
+BLOCK = C.BNB_8BIT_BLOCK  # bitsandbytes' 8-bit blockwise optimizer state: one absmax per block
 # Elements a slab holds at most: its gathered gradients and parameters are transient copies of
 # this size (the memory model counts them: engine.memory.terms.optimizer_step_temporaries).
 SLAB_ELEMENTS = C.BNB_SLAB_ELEMENTS
@@ -78,7 +78,7 @@ class _Slab:
     them in paged memory, or all in PyTorch's, as bitsandbytes would place each one's."""
 
     group: int
-    group_params: list[Any]  # the group's list of parameters when laid out (a change lays out again)
+    group_ids: tuple[int, ...]  # the group's parameters when laid out (any change lays out again)
     paged: bool
     params: list[Any]
     offsets: list[int]  # each parameter's first element in the slab
@@ -95,13 +95,11 @@ class _Slab:
         layout it was laid out with, and its state still this slab's (a loaded state dict replaces
         it)."""
         groups = opt.param_groups
-        if self.group >= len(groups) or groups[self.group]["params"] is not self.group_params:
-            return False
+        if self.group >= len(groups) or tuple(map(id, groups[self.group]["params"])) != self.group_ids:
+            return False  # a parameter taken out, added or moved
         dtype, device = self.params[0].dtype, self.params[0].device
         if any(p.dtype != dtype or p.device != device or not p.is_contiguous() for p in self.params):
             return False
-        if any(all(q is not p for q in self.group_params) for p in self.params):
-            return False  # taken out of its group
         return self.installed(opt.state)
 
     def installed(self, state: Any) -> bool:
@@ -148,7 +146,7 @@ def _slab_ready(opt: Any, p: Any) -> bool:
 def _paged(opt: Any, p: Any) -> bool:
     """Where bitsandbytes puts `p`'s state: paged (managed) memory for a paged optimizer's tensors
     of 1e5 elements or more on CUDA (`get_state_buffer`), else PyTorch's allocator."""
-    return bool(opt.is_paged) and p.device.type == "cuda" and p.numel() >= 1e5
+    return bool(opt.is_paged) and p.device.type == "cuda" and p.numel() >= C.BNB_PAGED_MIN_NUMEL
 
 
 def _state_buffer(opt: Any, n: int, device: Any, paged: bool) -> Any:
@@ -179,13 +177,14 @@ def _lay_out(opt: Any) -> list[_Slab]:
         # One slab filling per kind (dtype, device, paged or not), in the group's order: a tensor
         # of another kind, or one left out, does not close it.
         filling: dict[tuple[Any, ...], _Slab] = {}
+        group_ids = tuple(map(id, group["params"]))
         for p in group["params"]:
             if not _slab_ready(opt, p):
                 continue
             kind = (p.dtype, p.device, _paged(opt, p))
             slab = filling.get(kind)
             if slab is None or slab.elements + p.numel() > SLAB_ELEMENTS:
-                slab = filling[kind] = _Slab(gindex, group["params"], kind[2], [], [])
+                slab = filling[kind] = _Slab(gindex, group_ids, kind[2], [], [])
                 slabs.append(slab)
             slab.offsets.append(slab.elements if slab.params else 0)
             slab.params.append(p)
