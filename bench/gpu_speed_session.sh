@@ -56,6 +56,8 @@
 #                                             Gemma-3-4B held out), the configurations not yet measured
 #   bash bench/gpu_speed_session.sh warm-launch  the Unsloth backend's launch to first step: first,
 #                                             handed to the warm engine the first left, and cold
+#   bash bench/gpu_speed_session.sh lean-lora  the lean LoRA Functions against Unsloth's own (8B shapes),
+#                                             then the 80 GB step with each (bench/step_tax.py)
 #   bash bench/gpu_speed_session.sh kernels   issue 16's 80 GB step by kind of kernel (bench/step_tax.py
 #                                             --kernels): the seed recipe on the Unsloth backend as
 #                                             auto runs it on the whole card (4 x 1, none
@@ -340,6 +342,27 @@ case "$PART" in
       $(printf -- '--scenario %s ' "${SCEN[@]}") 2>&1 \
       | tee "$OUT/lean.log" | grep -v "^ \|^O^O\|^\\\\\|==((" | tail -n 30
     rm -rf "$WORK/lean"
+    ;;
+  lean-lora)
+    # The lean LoRA Functions (engine.train.backends.lean_lora) checked against Unsloth's own at
+    # the 8B's shapes (errors against fp32, eager times), then the seed recipe's 80 GB step (4 x 1,
+    # even rows, none checkpointed) with them and with Unsloth's (QLC_LEAN_LORA=0), one model: ms a
+    # step, and kernels by kind for the lean one. step_tax's bare variant trains the same model, so
+    # it runs whichever Functions the engine installed: the A/B is between the two runs.
+    export PYTHONPATH=$PWD:/tmp/site2:/tmp/site
+    timeout -k 10 180 python3 bench/lean_lora_check.py --out "$OUT/lean-lora-check-$DAY.json" 2>&1 \
+      | grep -v '^O^O\|^\\\|==((\|^ *"-____-"\|^ *\\\\   /|' | tail -n 8
+    for form in lean unsloth; do
+      (( ${LIMIT_S:-570} - SECONDS > 120 )) || { echo "no time left for $form"; break; }
+      QLC_LEAN_LORA=$([[ $form == lean ]] && echo 1 || echo 0) timeout -k 10 $((${LIMIT_S:-570} - SECONDS)) \
+        python3 -m bench.step_tax --arch llama-3.1-8b --work "$WORK/rows" --seq 4096 --micro-batch 4 \
+        --grad-accum 1 --steps "${STEPS:-8}" --rounds 1 --set hardware.backend=unsloth --set hardware.gpu=auto \
+        --set train.gradient_checkpointing=false --set train.batch_split=fixed \
+        $( [[ $form == lean ]] && echo --kernels) \
+        --out "$OUT/step-kernels-llama-3.1-8b-unsloth-4x1-$form-lora-$DAY.json" 2>&1 \
+        | grep -v '^O^O\|^\\\|==((\|^ *"-____-"\|^ *\\\\   /|' | tail -n ${TAIL:-14}
+    done
+    rm -rf "$WORK"
     ;;
   even-rows)
     # The lean optimizer (its slabs) checked bit-equal on this GPU, then the 80 GB step (4 x 1, none

@@ -359,6 +359,7 @@ def main() -> int:
         "overrides": overrides,
         "compute_dtype": recipe.cfg.quant.compute_dtype,
         "backend": recipe.backend_name,
+        "patched": recipe.kernels,  # what the backend patched in, the lean LoRA Functions among them
         # As the run laid the step out (batch_split and checkpointing auto may change what the
         # overrides wrote): steps of two stacks compare per token only at the same layout.
         "layout": {

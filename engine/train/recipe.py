@@ -213,7 +213,9 @@ class Recipe:
         model = backend.load_model(cfg, path, self.device, plan, self.ranks)
         self.kernels = backend.apply_kernels(model, cfg, self.device)
         set_seed(cfg.train.seed)
-        return backend.apply_lora(model, cfg, plan, self.ranks)
+        model = backend.apply_lora(model, cfg, plan, self.ranks)
+        self.kernels += backend.fuse_lora(model)
+        return model
 
     def _layout(self, path: str) -> str:
         """The weights' layout as they load: the checkpoint's own quantization, or quant.*'s."""

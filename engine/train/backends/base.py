@@ -94,6 +94,11 @@ class Backend:
         """The model wrapped with the adapters of `lora_settings(cfg)`, checkpointed as `plan` says."""
         raise NotImplementedError
 
+    def fuse_lora(self, model: Any) -> list[str]:
+        """After the adapters are in place and before the first forward: swap in faster Functions
+        for the LoRA products where the stack has them; returns what was applied (for the events)."""
+        return []
+
     def padding_free_rows(self, model: Any) -> bool:
         """Whether `model` trains on one padding-free row per micro-batch (engine.data.collate):
         where the stack does (engine.stacks) and the installed version can."""

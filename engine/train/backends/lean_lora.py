@@ -1,0 +1,333 @@
+"""Leaner LoRA projections for Unsloth's fused path: the same arithmetic as its LoRA_MLP and
+LoRA_QKV (unsloth/kernels/fast_lora.py, 2026.10.9), with fewer passes over the big activations.
+
+On the seed recipe's 80 GB step (8B, r=32 on all seven projections, 4 x 4,096 tokens, nothing
+checkpointed) the rank-32 products take about 158 ms of a 1,121 ms step on an H100, and they are
+memory-bound: each reads or writes a (tokens x 4,096) or (tokens x 14,336) activation to move a
+(tokens x 32) one. Unsloth's Functions, per layer, read X six times to form X @ A (three in the
+backward, to rebuild what the forward had), read the (tokens x 14,336) hidden `h` twice in the
+backward, and add each LoRA term into its output with a separate K=32 GEMM that reads and writes
+that whole output. Here:
+
+- X @ A of the projections that share an input (gate/up, q/k/v) is one GEMM over a stacked A,
+  kept for the backward (tokens x 2r and 3r; 1 MB a projection at 16k tokens), and so is h @ A_down.
+- The gate and up products carry their LoRA term inside the base GEMM: X is laid out once as
+  [X A_gate | X | X A_up], and each weight as [s B | W] or [W | s B], so the GEMM's K grows by r
+  (0.8% more FLOPs) and the K=32 read-modify-write of e and g (940 MB each) goes.
+- The backward's DW (tokens x 14,336) likewise: [dY | dY B_down] against [W_down; s A_down],
+  whose dequantized rows lie contiguous, so no weight copy.
+- The input gradients of q/k/v are one GEMM: [dQ | dK | dV | dQ B_q | dK B_k | dV B_v] against
+  the stacked dequantized weights and the scaled A matrices, in place of three base GEMMs and
+  three K=r read-modify-writes of dX.
+- The A gradients of projections sharing an input are one GEMM over X.
+
+Rounding: the LoRA scale multiplies B (or A) in bf16 before the GEMM instead of scaling in the
+GEMM's epilogue, and the base and LoRA terms of e, g, DW and dX are summed in one fp32
+accumulator instead of rounding the base product first. Both are bf16-ulp differences; with the
+usual power-of-two scale (alpha / r) the first is exact.
+
+Only plain LoRA takes these Functions (one adapter, no dropout, no lora_B bias, no QAT, no DoRA;
+Unsloth's own checks, `fast_lora._is_plain_lora`): anything else calls Unsloth's original, which
+handles it. `install` swaps them in per layer after Unsloth patched the model, before the first
+forward, so Unsloth's per-block compile traces these.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+Dequant = Callable[..., torch.Tensor]
+# As Unsloth's Functions: the backward runs under the autocast state the forward saw.
+_custom_fwd = torch.amp.custom_fwd(device_type="cuda")
+_custom_bwd = torch.amp.custom_bwd(device_type="cuda")
+
+
+def _write_input(ctx: Any) -> bool:
+    """Whether the backward writes dX into X's storage: eager only, as in Unsloth's Functions
+    (AOT autograd refuses a backward that mutates a forward input that requires grad)."""
+    return ctx.inplace and not torch.compiler.is_compiling()
+
+
+def _mm_scaled(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+    """s * (a @ b), the scale applied in the GEMM's epilogue as Unsloth's `addmm_(beta=0)` does."""
+    out = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
+    return out.addmm_(a, b, alpha=s, beta=0)
+
+
+def _scaled_rows(dA: torch.Tensor, ranks: tuple[int, ...], scales: tuple[float, ...]) -> list[torch.Tensor]:
+    """Split the stacked (sum(ranks) x in) product into each projection's A gradient, scaled."""
+    return [part.mul(s) if s != 1 else part for part, s in zip(dA.split(ranks), scales, strict=True)]
+
+
+class LeanLoRAMLP(torch.autograd.Function):
+    """down(silu(gate(X)) * up(X)) with LoRA on all three: gate = X @ (Wg + s Bg Ag)^T, and so on.
+    `fg(e, g) -> h` and `dfg(DW, e, g) -> (h, df, de)` (in place) are the SwiGLU kernels; `dequant`
+    turns a weight and its quant state into the (out x in) matrix, into `out=` when given."""
+
+    @staticmethod
+    @_custom_fwd
+    def forward(
+        ctx: Any,
+        X: torch.Tensor,
+        gateW: torch.Tensor,
+        gateQ: Any,
+        gateA: torch.Tensor,
+        gateB: torch.Tensor,
+        gateS: float,
+        upW: torch.Tensor,
+        upQ: Any,
+        upA: torch.Tensor,
+        upB: torch.Tensor,
+        upS: float,
+        downW: torch.Tensor,
+        downQ: Any,
+        downA: torch.Tensor,
+        downB: torch.Tensor,
+        downS: float,
+        fg: Callable[..., torch.Tensor],
+        dfg: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        dequant: Dequant,
+        inplace: bool,
+    ) -> torch.Tensor:
+        dtype = X.dtype
+        shape = X.shape
+        X2 = X.reshape(-1, shape[-1])
+        rg = gateA.shape[0]
+        Ag, Bg, Au, Bu = (t.to(dtype) for t in (gateA, gateB, upA, upB))
+        XA = X2 @ torch.cat((Ag, Au)).t()  # (T, r_gate + r_up): one read of X for both
+        Xc = torch.cat((XA[:, :rg], X2, XA[:, rg:]), dim=1)  # [X Ag | X | X Au]
+        e = Xc[:, : rg + shape[-1]] @ torch.cat((Bg * gateS, dequant(gateW, gateQ)), dim=1).t()
+        g = Xc[:, rg:] @ torch.cat((dequant(upW, upQ), Bu * upS), dim=1).t()
+        del Xc
+        h = fg(e.view(*shape[:-1], -1), g.view(*shape[:-1], -1)).view(e.shape)
+        hA = h @ downA.to(dtype).t()  # (T, rd), kept: the backward's d_downB needs it
+        out = h @ dequant(downW, downQ).t()
+        out.addmm_(hA, downB.to(dtype).t(), alpha=downS)
+        ctx.custom = (gateW, gateQ, gateS, upW, upQ, upS, downW, downQ, downS, dfg, dequant, shape)
+        ctx.save_for_backward(X, e, g, XA, hA, gateA, gateB, upA, upB, downA, downB)
+        ctx.inplace = inplace
+        return out.view(*shape[:-1], -1)
+
+    @staticmethod
+    @_custom_bwd
+    def backward(ctx: Any, dY: torch.Tensor) -> tuple[Any, ...]:
+        gateW, gateQ, gateS, upW, upQ, upS, downW, downQ, downS, dfg, dequant, shape = ctx.custom
+        X, e, g, XA, hA, gateA, gateB, upA, upB, downA, downB = ctx.saved_tensors
+        dtype = X.dtype
+        X2 = X.view(-1, shape[-1])
+        dY = dY.reshape(-1, dY.shape[-1])
+        Ag, Bg, Au, Bu, Ad, Bd = (t.to(dtype) for t in (gateA, gateB, upA, upB, downA, downB))
+        rg, rd = Ag.shape[0], Ad.shape[0]
+
+        # DW = dY @ Wd + s dY Bd @ Ad as one GEMM: Wd dequantized straight into the top rows.
+        dYB = dY @ Bd  # (T, rd)
+        hidden = Bd.shape[0]
+        Wd = torch.empty(hidden + rd, Ad.shape[1], dtype=dtype, device=X.device)
+        dequant(downW, downQ, out=Wd[:hidden])
+        Wd[hidden:] = Ad * downS
+        DW = torch.cat((dY, dYB), dim=1) @ Wd
+        del Wd
+        h, df, de = dfg(DW, e.view(DW.shape), g.view(DW.shape))
+
+        d_downA = _mm_scaled(dYB.t(), h, downS)  # (rd, I)
+        d_downB = _mm_scaled(dY.t(), hA, downS)  # (H, rd)
+        del h
+        gate_dB = de @ Bg  # (T, rg)
+        up_dB = df @ Bu
+        d_gateB = _mm_scaled(de.t(), XA[:, :rg], gateS)  # (I, rg)
+        d_upB = _mm_scaled(df.t(), XA[:, rg:], upS)
+        dB = torch.cat((gate_dB, up_dB), dim=1)  # (T, rg + ru)
+        if gateS == upS:
+            d_gateA, d_upA = _mm_scaled(dB.t(), X2, gateS).split((rg, Au.shape[0]))
+        else:
+            d_gateA, d_upA = _scaled_rows(dB.t() @ X2, (rg, Au.shape[0]), (gateS, upS))
+
+        # dX = df @ Wu + de @ Wg + the LoRA terms of both in one K = rg + ru GEMM. X's storage
+        # takes dX where nothing else still reads X (Unsloth's `inplace`), as in its Function.
+        dX = torch.matmul(df, dequant(upW, upQ), out=X2 if _write_input(ctx) else None)
+        dX.addmm_(de, dequant(gateW, gateQ))
+        dX.addmm_(dB, torch.cat((Ag * gateS, Au * upS)))
+        return (
+            dX.view(shape),
+            *(None, None, d_gateA, d_gateB, None),
+            *(None, None, d_upA, d_upB, None),
+            *(None, None, d_downA, d_downB, None),
+            *(None, None, None, None),
+        )
+
+
+class LeanLoRAQKV(torch.autograd.Function):
+    """Q, K, V = X @ (W + s B A)^T for the three attention inputs."""
+
+    @staticmethod
+    @_custom_fwd
+    def forward(
+        ctx: Any,
+        X: torch.Tensor,
+        QW: torch.Tensor,
+        QQ: Any,
+        QA: torch.Tensor,
+        QB: torch.Tensor,
+        QS: float,
+        KW: torch.Tensor,
+        KQ: Any,
+        KA: torch.Tensor,
+        KB: torch.Tensor,
+        KS: float,
+        VW: torch.Tensor,
+        VQ: Any,
+        VA: torch.Tensor,
+        VB: torch.Tensor,
+        VS: float,
+        dequant: Dequant,
+        inplace: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dtype = X.dtype
+        shape = X.shape
+        X2 = X.reshape(-1, shape[-1])
+        As = [t.to(dtype) for t in (QA, KA, VA)]
+        ranks = tuple(a.shape[0] for a in As)
+        XA = X2 @ torch.cat(As).t()  # (T, rq + rk + rv): one read of X for the three
+        outs = []
+        for W, Q, B, S, XAp in zip(
+            (QW, KW, VW), (QQ, KQ, VQ), (QB, KB, VB), (QS, KS, VS), XA.split(ranks, dim=1), strict=True
+        ):
+            out = X2 @ dequant(W, Q).t()
+            out.addmm_(XAp, B.to(dtype).t(), alpha=S)
+            outs.append(out.view(*shape[:-1], -1))
+        ctx.custom = (QW, QQ, QS, KW, KQ, KS, VW, VQ, VS, dequant, shape, ranks)
+        ctx.save_for_backward(X, XA, QA, QB, KA, KB, VA, VB)
+        ctx.inplace = inplace
+        return outs[0], outs[1], outs[2]
+
+    @staticmethod
+    @_custom_bwd
+    def backward(ctx: Any, dQ: torch.Tensor, dK: torch.Tensor, dV: torch.Tensor) -> tuple[Any, ...]:
+        QW, QQ, QS, KW, KQ, KS, VW, VQ, VS, dequant, shape, ranks = ctx.custom
+        X, XA, QA, QB, KA, KB, VA, VB = ctx.saved_tensors
+        dtype = X.dtype
+        X2 = X.view(-1, shape[-1])
+        grads = [d.reshape(-1, d.shape[-1]) for d in (dQ, dK, dV)]
+        As = [t.to(dtype) for t in (QA, KA, VA)]
+        Bs = [t.to(dtype) for t in (QB, KB, VB)]
+        scales = (QS, KS, VS)
+
+        dBs = [d @ B for d, B in zip(grads, Bs, strict=True)]  # (T, r) each
+        d_B = [
+            _mm_scaled(d.t(), XAp, s) for d, XAp, s in zip(grads, XA.split(ranks, dim=1), scales, strict=True)
+        ]
+        dB = torch.cat(dBs, dim=1)
+        if QS == KS == VS:
+            d_A = list(_mm_scaled(dB.t(), X2, QS).split(ranks))
+        else:
+            d_A = _scaled_rows(dB.t() @ X2, ranks, scales)
+
+        # dX in one GEMM: [dQ | dK | dV | dQ Bq | dK Bk | dV Bv] against the three weights
+        # dequantized into consecutive rows and the scaled A matrices below them.
+        rows = [B.shape[0] for B in Bs]
+        W = torch.empty(sum(rows) + sum(ranks), shape[-1], dtype=dtype, device=X.device)
+        at = 0
+        for Wp, Qp, n in zip((QW, KW, VW), (QQ, KQ, VQ), rows, strict=True):
+            dequant(Wp, Qp, out=W[at : at + n])
+            at += n
+        W[at:] = torch.cat([a * s for a, s in zip(As, scales, strict=True)])
+        dX = torch.matmul(torch.cat((*grads, dB), dim=1), W, out=X2 if _write_input(ctx) else None)
+        return (
+            dX.view(shape),
+            *(None, None, d_A[0], d_B[0], None),
+            *(None, None, d_A[1], d_B[1], None),
+            *(None, None, d_A[2], d_B[2], None),
+            *(None, None),
+        )
+
+
+# ---- installing them in place of Unsloth's ------------------------------------------------------
+
+
+def _unsloth_dequant(W: torch.Tensor, quant_state: Any, out: torch.Tensor | None = None) -> torch.Tensor:
+    from unsloth.kernels.utils import fast_dequantize
+
+    return fast_dequantize(W, quant_state, out=out)
+
+
+def _may_write_input(X: torch.Tensor) -> bool:
+    """Unsloth's rule for writing dX into X's storage: not where an RMSNorm kept X (its output)."""
+    from unsloth.kernels import fast_lora, rms_layernorm
+
+    return not rms_layernorm._SAVE_OUTPUT or fast_lora._may_overwrite_input(X)
+
+
+def _plain(projs: tuple[Any, ...], X: torch.Tensor) -> bool:
+    from unsloth.kernels import fast_lora
+
+    return not fast_lora._autocast_dtype_mismatch(X) and all(
+        fast_lora._is_plain_lora(p) and not fast_lora._has_activation_fake_quantizer(p) for p in projs
+    )
+
+
+def lean_mlp_swiglu(original: Callable[..., Any], self: Any, X: torch.Tensor, inplace: bool = True) -> Any:
+    from unsloth.kernels.fast_lora import get_lora_parameters
+    from unsloth.kernels.swiglu import swiglu_DWf_DW_dfg_kernel, swiglu_fg_kernel
+
+    projs = (self.gate_proj, self.up_proj, self.down_proj)
+    if not _plain(projs, X):
+        return original(self, X, inplace)
+    parts = [part for proj in projs for part in get_lora_parameters(proj)]
+    inplace = inplace and _may_write_input(X)
+    return LeanLoRAMLP.apply(X, *parts, swiglu_fg_kernel, swiglu_DWf_DW_dfg_kernel, _unsloth_dequant, inplace)
+
+
+def lean_qkv(original: Callable[..., Any], self: Any, X: torch.Tensor, inplace: bool = True) -> Any:
+    from unsloth.kernels.fast_lora import get_lora_parameters
+
+    projs = (self.q_proj, self.k_proj, self.v_proj)
+    if not _plain(projs, X):
+        return original(self, X, inplace)
+    parts = [part for proj in projs for part in get_lora_parameters(proj)]
+    inplace = inplace and _may_write_input(X)
+    return LeanLoRAQKV.apply(X, *parts, _unsloth_dequant, inplace)
+
+
+def install(model: Any) -> str | None:
+    """Put the lean Functions where Unsloth installed its fused SwiGLU MLP and QKV ones, layer by
+    layer. A note for the run's log, or None where Unsloth fused nothing this module replaces (or
+    lacks the helpers it relies on: another Unsloth version keeps its own)."""
+    try:
+        from unsloth.kernels import fast_lora
+    except ImportError:
+        return None
+    needed = (
+        "_is_plain_lora",
+        "_has_activation_fake_quantizer",
+        "_autocast_dtype_mismatch",
+        "_may_overwrite_input",
+    )
+    if not all(hasattr(fast_lora, name) for name in needed):
+        return None
+    mlp_original, qkv_original = fast_lora.apply_lora_mlp_swiglu, fast_lora.apply_lora_qkv
+    layers = _decoder_layers(model)
+    n_mlp = n_qkv = 0
+    for layer in layers:
+        mlp = getattr(layer, "mlp", None)
+        if getattr(getattr(mlp, "forward", None), "__func__", None) is mlp_original:
+            mlp.forward = types.MethodType(functools.partial(lean_mlp_swiglu, mlp_original), mlp)
+            n_mlp += 1
+        attn = getattr(layer, "self_attn", None)
+        if getattr(attn, "apply_qkv", None) is qkv_original:
+            attn.apply_qkv = functools.partial(lean_qkv, qkv_original)
+            n_qkv += 1
+    if not n_mlp and not n_qkv:
+        return None
+    return f"kernels: lean LoRA products on {n_mlp} MLP and {n_qkv} QKV of {len(layers)} layers (engine.train.backends.lean_lora)"
+
+
+def _decoder_layers(model: Any) -> list[Any]:
+    inner = model
+    while hasattr(inner, "model") and not hasattr(inner, "layers"):
+        inner = inner.model
+    return list(getattr(inner, "layers", []))

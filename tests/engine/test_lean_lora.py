@@ -1,0 +1,140 @@
+"""The lean LoRA Functions against plain autograd on the same formula: outputs and every gradient
+(X, each A and B), on the CPU, with torch stand-ins for Unsloth's SwiGLU kernels and dequantizer
+(bench/lean_lora_check.py compares them with Unsloth's own Functions on NF4 weights on a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.train.backends.lean_lora import LeanLoRAMLP, LeanLoRAQKV
+
+H, M, R = 16, 40, 4  # hidden, intermediate (MLP), rank
+
+
+def dequant(W: torch.Tensor, quant_state: object, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Unsloth's fast_dequantize for an unquantized weight: the (out x in) matrix, or into `out`."""
+    assert quant_state is None
+    return W if out is None else out.copy_(W)
+
+
+def swiglu(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(e) * g
+
+
+def swiglu_backward(DW: torch.Tensor, e: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(h, df, de) written over (DW, e, g), as Unsloth's in-place kernel does."""
+    se = torch.sigmoid(e)
+    f = se * e
+    h, df, de = f * g, DW * f, DW * g * se * (1 + e * (1 - se))
+    DW.copy_(h), e.copy_(df), g.copy_(de)
+    return DW, e, g
+
+
+def lora(X: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    return X @ W.t() + s * (X @ A.t()) @ B.t()
+
+
+def projection(out: int, inp: int, rank: int = R) -> list[torch.Tensor]:
+    """Weight, A, B: B nonzero, as after some training, so every LoRA gradient is exercised."""
+    return [
+        torch.randn(out, inp) / inp**0.5,
+        torch.randn(rank, inp) / inp**0.5,
+        torch.randn(out, rank) / rank,
+    ]
+
+
+def leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.clone().requires_grad_(t.dim() > 0) for t in tensors]
+
+
+@pytest.mark.parametrize(
+    ("scales", "inplace", "shape"),
+    [((2.0, 2.0, 2.0), True, (2, 6)), ((0.5, 1.5, 3.0), False, (1, 12))],
+    ids=["shared-scale-inplace", "own-scales"],
+)
+def test_mlp_matches_autograd(
+    scales: tuple[float, float, float], inplace: bool, shape: tuple[int, int]
+) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(*shape, H)
+    gate, up, down = projection(M, H), projection(M, H), projection(H, M, rank=R + 2)
+    weight = torch.randn(*shape, H)
+
+    X, *params = leaves(x, *gate[1:], *up[1:], *down[1:])
+    gA, gB, uA, uB, dA, dB = params
+    sg, su, sd = scales
+    reference = lora(swiglu(lora(X, gate[0], gA, gB, sg), lora(X, up[0], uA, uB, su)), down[0], dA, dB, sd)
+    (reference * weight).sum().backward()
+    expected = [X.grad, *(p.grad for p in params)]
+
+    X, *params = leaves(x, *gate[1:], *up[1:], *down[1:])
+    gA, gB, uA, uB, dA, dB = params
+    out = LeanLoRAMLP.apply(
+        X,
+        *(gate[0], None, gA, gB, sg),
+        *(up[0], None, uA, uB, su),
+        *(down[0], None, dA, dB, sd),
+        swiglu,
+        swiglu_backward,
+        dequant,
+        inplace,
+    )
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    (out * weight).sum().backward()
+    for got, want in zip([X.grad, *(p.grad for p in params)], expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("scales", "inplace"), [((2.0, 2.0, 2.0), True), ((1.0, 0.25, 2.0), False)])
+def test_qkv_matches_autograd(scales: tuple[float, float, float], inplace: bool) -> None:
+    torch.manual_seed(1)
+    x = torch.randn(2, 5, H)
+    q, k, v = projection(H, H), projection(H // 2, H), projection(H // 2, H, rank=R + 1)
+    weights = [torch.randn(2, 5, H), torch.randn(2, 5, H // 2), torch.randn(2, 5, H // 2)]
+
+    def loss(outs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return sum((o * w).sum() for o, w in zip(outs, weights, strict=True))
+
+    X, *params = leaves(x, *q[1:], *k[1:], *v[1:])
+    references = [
+        lora(X, p[0], a, b, s)
+        for p, a, b, s in zip((q, k, v), params[::2], params[1::2], scales, strict=True)
+    ]
+    loss(references).backward()
+    expected = [X.grad, *(p.grad for p in params)]
+
+    X, *params = leaves(x, *q[1:], *k[1:], *v[1:])
+    parts = [
+        part
+        for p, a, b, s in zip((q, k, v), params[::2], params[1::2], scales, strict=True)
+        for part in (p[0], None, a, b, s)
+    ]
+    outs = LeanLoRAQKV.apply(X, *parts, dequant, inplace)
+    for got, want in zip(outs, references, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    loss(outs).backward()
+    for got, want in zip([X.grad, *(p.grad for p in params)], expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_mlp_in_bf16_stays_within_rounding() -> None:
+    """The model's dtype: the LoRA term summed inside the base GEMM (and s folded into B) changes
+    rounding only, so bf16 results stay within bf16 error of the fp32 formula."""
+    torch.manual_seed(2)
+    x = torch.randn(3, 8, H)
+    gate, up, down = projection(M, H), projection(M, H), projection(H, M)
+    exact = lora(swiglu(lora(x, *gate, 2.0), lora(x, *up, 2.0)), *down, 2.0)
+    bf = [t.bfloat16() for t in (*gate, *up, *down)]
+    out = LeanLoRAMLP.apply(
+        x.bfloat16(),
+        *(bf[0], None, bf[1], bf[2], 2.0),
+        *(bf[3], None, bf[4], bf[5], 2.0),
+        *(bf[6], None, bf[7], bf[8], 2.0),
+        swiglu,
+        swiglu_backward,
+        dequant,
+        False,
+    )
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), exact, rtol=0.05, atol=0.05)
