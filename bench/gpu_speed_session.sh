@@ -350,7 +350,7 @@ case "$PART" in
     # step, and kernels by kind for the lean one. step_tax's bare variant trains the same model, so
     # it runs whichever Functions the engine installed: the A/B is between the two runs.
     export PYTHONPATH=$PWD:/tmp/site2:/tmp/site
-    timeout -k 10 180 python3 bench/lean_lora_check.py --out "$OUT/lean-lora-check-$DAY.json" 2>&1 \
+    timeout -k 10 240 python3 bench/lean_lora_check.py --out "$OUT/lean-lora-check-$DAY.json" 2>&1 \
       | grep -v '^O^O\|^\\\|==((\|^ *"-____-"\|^ *\\\\   /|' | tail -n 8
     for form in lean unsloth; do
       (( ${LIMIT_S:-570} - SECONDS > 120 )) || { echo "no time left for $form"; break; }

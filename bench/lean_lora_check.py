@@ -5,15 +5,17 @@
 For the MLP (4,096 -> 14,336 -> 4,096) and q/k/v (4,096 -> 4,096 / 1,024 / 1,024), r=32, alpha 64,
 4 x 4,096 tokens (the seed recipe's 80 GB micro-batch): Unsloth's LoRA_MLP / LoRA_QKV and
 engine.train.backends.lean_lora's on the same quantized weights, inputs and output gradients.
-Both are compared with an fp32 autograd reference on the dequantized weights (relative Frobenius
-error of the output and of every gradient: the lean Functions must be no less exact), and timed
-eagerly, forward and backward (median of --reps, CUDA events). The training step compiles each
-decoder layer (Unsloth's per-block compile), so the step itself is measured by bench/step_tax.py.
+Each runs eagerly and under torch.compile (the training step compiles each decoder layer, Unsloth's
+per-block compile, and traces the Functions). All are compared with an fp32 autograd reference on
+the dequantized weights (relative Frobenius error of the output and of every gradient: the lean
+Functions must be no less exact) and timed forward and backward (median of --reps, CUDA events).
+The training step itself is measured by bench/step_tax.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -111,8 +113,7 @@ def check(kind: str, rank: int, scale: float, tokens: tuple[int, int], reps: int
         ab = [t.clone().requires_grad_() for p in projs for t in p[3:]]
         return X, ab
 
-    def run(impl: str) -> tuple[list[Any], Any]:
-        X, ab = leaves()
+    def apply(impl: str, X: Any, *ab: Any) -> tuple[Any, ...]:
         parts = [
             part
             for p, (a, b) in zip(projs, zip(ab[::2], ab[1::2], strict=True), strict=True)
@@ -120,16 +121,27 @@ def check(kind: str, rank: int, scale: float, tokens: tuple[int, int], reps: int
         ]
         if kind == "mlp":
             if impl == "unsloth":
-                outs = fast_lora.LoRA_MLP.apply(X, *parts, swiglu_fg_kernel, swiglu_DWf_DW_dfg_kernel, False)
-            else:
-                outs = lean_lora.LeanLoRAMLP.apply(
-                    X, *parts, swiglu_fg_kernel, swiglu_DWf_DW_dfg_kernel, lean_lora._unsloth_dequant, False
+                return (
+                    fast_lora.LoRA_MLP.apply(X, *parts, swiglu_fg_kernel, swiglu_DWf_DW_dfg_kernel, False),
                 )
-            outs = (outs,)
-        elif impl == "unsloth":
-            outs = fast_lora.LoRA_QKV.apply(X, *parts, False)
-        else:
-            outs = lean_lora.LeanLoRAQKV.apply(X, *parts, lean_lora._unsloth_dequant, False)
+            return (
+                lean_lora.LeanLoRAMLP.apply(
+                    X, *parts, swiglu_fg_kernel, swiglu_DWf_DW_dfg_kernel, lean_lora._unsloth_dequant, False
+                ),
+            )
+        if impl == "unsloth":
+            return fast_lora.LoRA_QKV.apply(X, *parts, False)
+        return lean_lora.LeanLoRAQKV.apply(X, *parts, lean_lora._unsloth_dequant, False)
+
+    # Each decoder layer trains compiled (Unsloth's per-block compile), which traces the Functions.
+    compiled = {
+        impl: torch.compile(functools.partial(apply, impl), dynamic=True) for impl in ("unsloth", "lean")
+    }
+
+    def run(impl: str) -> tuple[list[Any], Any]:
+        X, ab = leaves()
+        base, _, how = impl.partition("-")
+        outs = (compiled[base] if how == "compiled" else functools.partial(apply, base))(X, *ab)
         torch.autograd.backward(outs, grads_out)
         return [o.detach() for o in outs], [X.grad, *(t.grad for t in ab)]
 
@@ -144,7 +156,8 @@ def check(kind: str, rank: int, scale: float, tokens: tuple[int, int], reps: int
     ]
 
     row: dict[str, Any] = {"kind": kind, "rank": rank, "scale": scale, "tokens": list(tokens)}
-    for impl in ("unsloth", "lean"):
+    impls = ("unsloth", "lean", "unsloth-compiled", "lean-compiled")
+    for impl in impls:
         outs, grads = run(impl)
         row[impl] = {
             "rel_error_vs_fp32": {
@@ -155,21 +168,24 @@ def check(kind: str, rank: int, scale: float, tokens: tuple[int, int], reps: int
         del outs, grads
     del ref_outs, ref_grads
     torch.cuda.empty_cache()
-    for impl in ("unsloth", "lean"):
+    for impl in impls:
         row[impl]["fwd_bwd_ms"] = timed(lambda impl=impl: run(impl), reps)
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         run(impl)
         row[impl]["peak_above_inputs_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    errors = {impl: row[impl]["rel_error_vs_fp32"] for impl in impls}
     worst = max(
-        row["lean"]["rel_error_vs_fp32"][k] / max(row["unsloth"]["rel_error_vs_fp32"][k], 1e-12)
-        for k in row["lean"]["rel_error_vs_fp32"]
+        errors[f"lean{how}"][k] / max(errors[f"unsloth{how}"][k], 1e-12)
+        for how in ("", "-compiled")
+        for k in errors["lean"]
     )
     row["lean_error_over_unsloth_worst"] = worst
     print(
-        f"{kind}: unsloth {row['unsloth']['fwd_bwd_ms']:.2f} ms, lean {row['lean']['fwd_bwd_ms']:.2f} ms "
-        f"forward+backward; worst error ratio lean/unsloth {worst:.2f}; errors lean "
-        + ", ".join(f"{k} {v:.1e}" for k, v in row["lean"]["rel_error_vs_fp32"].items())
+        f"{kind} forward+backward: "
+        + ", ".join(f"{impl} {row[impl]['fwd_bwd_ms']:.2f} ms" for impl in impls)
+        + f"; worst error ratio lean/unsloth {worst:.2f}; errors lean-compiled "
+        + ", ".join(f"{k} {v:.1e}" for k, v in errors["lean-compiled"].items())
     )
     return row
 

@@ -12,10 +12,10 @@ from engine.train.backends.lean_lora import LeanLoRAMLP, LeanLoRAQKV
 H, M, R = 16, 40, 4  # hidden, intermediate (MLP), rank
 
 
-def dequant(W: torch.Tensor, quant_state: object, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Unsloth's fast_dequantize for an unquantized weight: the (out x in) matrix, or into `out`."""
+def dequant(W: torch.Tensor, quant_state: object) -> torch.Tensor:
+    """Unsloth's fast_dequantize for an unquantized weight: the (out x in) matrix."""
     assert quant_state is None
-    return W if out is None else out.copy_(W)
+    return W
 
 
 def swiglu(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

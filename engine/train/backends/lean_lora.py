@@ -14,8 +14,7 @@ that whole output. Here:
 - The gate and up products carry their LoRA term inside the base GEMM: X is laid out once as
   [X A_gate | X | X A_up], and each weight as [s B | W] or [W | s B], so the GEMM's K grows by r
   (0.8% more FLOPs) and the K=32 read-modify-write of e and g (940 MB each) goes.
-- The backward's DW (tokens x 14,336) likewise: [dY | dY B_down] against [W_down; s A_down],
-  whose dequantized rows lie contiguous, so no weight copy.
+- The backward's DW (tokens x 14,336) likewise: [dY | dY B_down] against [W_down; s A_down].
 - The input gradients of q/k/v are one GEMM: [dQ | dK | dV | dQ B_q | dK B_k | dV B_v] against
   the stacked dequantized weights and the scaled A matrices, in place of three base GEMMs and
   three K=r read-modify-writes of dX.
@@ -67,7 +66,7 @@ def _scaled_rows(dA: torch.Tensor, ranks: tuple[int, ...], scales: tuple[float, 
 class LeanLoRAMLP(torch.autograd.Function):
     """down(silu(gate(X)) * up(X)) with LoRA on all three: gate = X @ (Wg + s Bg Ag)^T, and so on.
     `fg(e, g) -> h` and `dfg(DW, e, g) -> (h, df, de)` (in place) are the SwiGLU kernels; `dequant`
-    turns a weight and its quant state into the (out x in) matrix, into `out=` when given."""
+    turns a weight and its quant state into the (out x in) matrix."""
 
     @staticmethod
     @_custom_fwd
@@ -122,16 +121,13 @@ class LeanLoRAMLP(torch.autograd.Function):
         X2 = X.view(-1, shape[-1])
         dY = dY.reshape(-1, dY.shape[-1])
         Ag, Bg, Au, Bu, Ad, Bd = (t.to(dtype) for t in (gateA, gateB, upA, upB, downA, downB))
-        rg, rd = Ag.shape[0], Ad.shape[0]
+        rg = Ag.shape[0]
 
-        # DW = dY @ Wd + s dY Bd @ Ad as one GEMM: Wd dequantized straight into the top rows.
+        # DW = dY @ Wd + s dY Bd @ Ad as one GEMM over [Wd; s Ad]. (Dequantizing into the top
+        # rows of that buffer would save the copy, but Unsloth's dequantize op writing into a view
+        # crashed the compiled block with an illegal address on an H100.)
         dYB = dY @ Bd  # (T, rd)
-        hidden = Bd.shape[0]
-        Wd = torch.empty(hidden + rd, Ad.shape[1], dtype=dtype, device=X.device)
-        dequant(downW, downQ, out=Wd[:hidden])
-        Wd[hidden:] = Ad * downS
-        DW = torch.cat((dY, dYB), dim=1) @ Wd
-        del Wd
+        DW = torch.cat((dY, dYB), dim=1) @ torch.cat((dequant(downW, downQ), Ad * downS))
         h, df, de = dfg(DW, e.view(DW.shape), g.view(DW.shape))
 
         d_downA = _mm_scaled(dYB.t(), h, downS)  # (rd, I)
@@ -228,14 +224,11 @@ class LeanLoRAQKV(torch.autograd.Function):
             d_A = _scaled_rows(dB.t() @ X2, ranks, scales)
 
         # dX in one GEMM: [dQ | dK | dV | dQ Bq | dK Bk | dV Bv] against the three weights
-        # dequantized into consecutive rows and the scaled A matrices below them.
-        rows = [B.shape[0] for B in Bs]
-        W = torch.empty(sum(rows) + sum(ranks), shape[-1], dtype=dtype, device=X.device)
-        at = 0
-        for Wp, Qp, n in zip((QW, KW, VW), (QQ, KQ, VQ), rows, strict=True):
-            dequant(Wp, Qp, out=W[at : at + n])
-            at += n
-        W[at:] = torch.cat([a * s for a, s in zip(As, scales, strict=True)])
+        # stacked and the scaled A matrices below them.
+        W = torch.cat(
+            [dequant(Wp, Qp) for Wp, Qp in ((QW, QQ), (KW, KQ), (VW, VQ))]
+            + [a * s for a, s in zip(As, scales, strict=True)]
+        )
         dX = torch.matmul(torch.cat((*grads, dB), dim=1), W, out=X2 if _write_input(ctx) else None)
         return (
             dX.view(shape),
@@ -249,10 +242,10 @@ class LeanLoRAQKV(torch.autograd.Function):
 # ---- installing them in place of Unsloth's ------------------------------------------------------
 
 
-def _unsloth_dequant(W: torch.Tensor, quant_state: Any, out: torch.Tensor | None = None) -> torch.Tensor:
+def _unsloth_dequant(W: torch.Tensor, quant_state: Any) -> torch.Tensor:
     from unsloth.kernels.utils import fast_dequantize
 
-    return fast_dequantize(W, quant_state, out=out)
+    return fast_dequantize(W, quant_state)
 
 
 def _may_write_input(X: torch.Tensor) -> bool:
