@@ -343,6 +343,21 @@ case "$PART" in
       | tee "$OUT/lean.log" | grep -v "^ \|^O^O\|^\\\\\|==((" | tail -n 30
     rm -rf "$WORK/lean"
     ;;
+  lean-lora-stacks)
+    # The lean LoRA Functions checked against Unsloth's own (eager and compiled, 8B shapes), then,
+    # if they hold, issue 16's side-by-side call: bare Unsloth, the engine with batch_split auto on
+    # the whole card and at 24 GB (seed recipe, Llama-3.1-8B; STEPS, default 12).
+    export PYTHONPATH=$PWD:/tmp/site2:/tmp/site
+    timeout -k 10 240 python3 bench/lean_lora_check.py --out "$OUT/lean-lora-check-$DAY.json" 2>&1 \
+      | grep -v '^O^O\|^\\\|==((\|^ *"-____-"\|^ *\\\\   /|' | tail -n 8
+    (( PIPESTATUS[0] == 0 )) || { echo "the lean LoRA check failed: no stacks"; exit 1; }
+    export PYTHONPATH=$PWD:/tmp/site
+    timeout -k 10 $((${LIMIT_S:-570} - SECONDS)) python3 bench/compare_stacks.py --out "$OUT" --work "$WORK/lean" \
+      --arch llama-3.1-8b --unsloth-path /tmp/site2 --steps "${STEPS:-12}" \
+      --scenario bare-unsloth --scenario engine-split@h100 --scenario engine-split@24GB 2>&1 \
+      | tee "$OUT/lean.log" | grep -v "^ \|^O^O\|^\\\\\|==((" | tail -n 30
+    rm -rf "$WORK/lean"
+    ;;
   lean-lora)
     # The lean LoRA Functions (engine.train.backends.lean_lora) checked against Unsloth's own at
     # the 8B's shapes (errors against fp32, eager times), then the seed recipe's 80 GB step (4 x 1,
