@@ -22,7 +22,8 @@ CUDA):
                    (`engine-unsloth:hardware.keep_warm=5`) has imported its backend, as a
                    user's next launch would find it; the next engine scenario is handed to it
 A scenario may end in #N to run it again (engine-unsloth#2: a second launch, which finds the
-compiled kernels the first one left in the user cache folder). An engine scenario may carry
+compiled kernels the first one left in the user cache folder), or in #lean-lora=MODE to run with
+QLC_LEAN_LORA=MODE (engine.train.backends.unsloth.fuse_lora: 0, or eager). An engine scenario may carry
 `--set` overrides after a colon: engine-auto@24GB:train.micro_batch=1,train.grad_accum=4 (the same
 rows per step as fewer layers checkpointed, at 24 GB).
 
@@ -296,6 +297,9 @@ def main() -> int:
         kind, _, extra = kind.partition(":")  # "engine-auto@24GB:train.micro_batch=1,...": overrides
         extra_sets = [x for x in extra.split(",") if x]
         env = env_for(kind, args.unsloth_path)
+        label = scenario.partition("#")[2]  # "engine-split@h100#lean-lora=eager": QLC_LEAN_LORA for it
+        if label.startswith("lean-lora="):
+            env["QLC_LEAN_LORA"] = label.removeprefix("lean-lora=")
         if args.unsloth_path and kind.startswith(UNSLOTH_SCENARIOS):
             unsloth_versions = subprocess.run(
                 [sys.executable, "-c", "import json,bench.gpu_common as g; print(json.dumps(g.versions()))"],

@@ -343,6 +343,17 @@ case "$PART" in
       | tee "$OUT/lean.log" | grep -v "^ \|^O^O\|^\\\\\|==((" | tail -n 30
     rm -rf "$WORK/lean"
     ;;
+  lean-lora-eager)
+    # The lean LoRA Functions run eagerly outside the compiled blocks (QLC_LEAN_LORA=eager, where
+    # the backward dequantizes straight into its stacked buffers) against traced in them (the
+    # default), beside bare Unsloth: the seed recipe at 80 GB, and at 24 GB eagerly (STEPS, default 12).
+    timeout -k 10 $((${LIMIT_S:-570} - SECONDS)) python3 bench/compare_stacks.py --out "$OUT" --work "$WORK/lean" \
+      --arch llama-3.1-8b --unsloth-path /tmp/site2 --steps "${STEPS:-12}" --scenario bare-unsloth \
+      --scenario engine-split@h100#lean-lora=eager --scenario engine-split@h100 \
+      --scenario engine-split@24GB#lean-lora=eager 2>&1 \
+      | tee "$OUT/lean.log" | grep -v "^ \|^O^O\|^\\\\\|==((" | tail -n 30
+    rm -rf "$WORK/lean"
+    ;;
   lean-lora-stacks)
     # The lean LoRA Functions checked against Unsloth's own (eager and compiled, 8B shapes), then,
     # if they hold, issue 16's side-by-side call: bare Unsloth, the engine with batch_split auto on

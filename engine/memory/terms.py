@@ -372,7 +372,10 @@ def layer_saved_per_token(plan: Plan) -> float:
         # gate, act(gate) and up (Liger's fused SwiGLU keeps only gate and up), and the product
         # the down_proj adapter keeps.
         total += (2 if plan.liger else 3) * c * ffn + (c * ffn if "down_proj" in t else 0)
-    total += len(t) * c * r  # each adapter's lora_A output, saved by lora_B
+    # Each adapter's lora_A output: saved by peft's lora_B, and on Unsloth's path by the engine's
+    # lean LoRA Functions (X @ A of gate/up/down and q/k/v, engine.train.backends.lean_lora; o_proj's
+    # is recomputed, a slight over-count there).
+    total += len(t) * c * r
     if plan.dropout:  # nn.Dropout on each adapter's input: its output and a bool mask
         total += sum((c + 1) * mods[m][0] for m in t)
     return total

@@ -12,10 +12,18 @@ from engine.train.backends.lean_lora import LeanLoRAMLP, LeanLoRAQKV
 H, M, R = 16, 40, 4  # hidden, intermediate (MLP), rank
 
 
-def dequant(W: torch.Tensor, quant_state: object) -> torch.Tensor:
-    """Unsloth's fast_dequantize for an unquantized weight: the (out x in) matrix."""
-    assert quant_state is None
-    return W
+class State:
+    """A quant state's one field the stacked backward reads: the weight's (out, in)."""
+
+    def __init__(self, W: torch.Tensor) -> None:
+        self.shape = W.shape
+
+
+def dequant(W: torch.Tensor, quant_state: State | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Unsloth's fast_dequantize, for a weight kept as it is: the (out x in) matrix, or into `out`
+    (the backward's stacked buffers, where the weights come with a state)."""
+    assert quant_state is None or quant_state.shape == W.shape
+    return W if out is None else out.copy_(W)
 
 
 def swiglu(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -49,13 +57,15 @@ def leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    ("scales", "inplace", "shape"),
-    [((2.0, 2.0, 2.0), True, (2, 6)), ((0.5, 1.5, 3.0), False, (1, 12))],
-    ids=["shared-scale-inplace", "own-scales"],
+    ("scales", "inplace", "shape", "states"),
+    [((2.0, 2.0, 2.0), True, (2, 6), False), ((0.5, 1.5, 3.0), False, (1, 12), True)],
+    ids=["shared-scale-inplace", "own-scales-stacked-in-place"],
 )
 def test_mlp_matches_autograd(
-    scales: tuple[float, float, float], inplace: bool, shape: tuple[int, int]
+    scales: tuple[float, float, float], inplace: bool, shape: tuple[int, int], states: bool
 ) -> None:
+    """`states`: weights that come with a quant state are dequantized straight into the backward's
+    stacked buffer; without one they are concatenated (as in a compiled block)."""
     torch.manual_seed(0)
     x = torch.randn(*shape, H)
     gate, up, down = projection(M, H), projection(M, H), projection(H, M, rank=R + 2)
@@ -70,11 +80,12 @@ def test_mlp_matches_autograd(
 
     X, *params = leaves(x, *gate[1:], *up[1:], *down[1:])
     gA, gB, uA, uB, dA, dB = params
+    qs = [State(w[0]) if states else None for w in (gate, up, down)]
     out = LeanLoRAMLP.apply(
         X,
-        *(gate[0], None, gA, gB, sg),
-        *(up[0], None, uA, uB, su),
-        *(down[0], None, dA, dB, sd),
+        *(gate[0], qs[0], gA, gB, sg),
+        *(up[0], qs[1], uA, uB, su),
+        *(down[0], qs[2], dA, dB, sd),
         swiglu,
         swiglu_backward,
         dequant,
@@ -86,8 +97,10 @@ def test_mlp_matches_autograd(
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize(("scales", "inplace"), [((2.0, 2.0, 2.0), True), ((1.0, 0.25, 2.0), False)])
-def test_qkv_matches_autograd(scales: tuple[float, float, float], inplace: bool) -> None:
+@pytest.mark.parametrize(
+    ("scales", "inplace", "states"), [((2.0, 2.0, 2.0), True, True), ((1.0, 0.25, 2.0), False, False)]
+)
+def test_qkv_matches_autograd(scales: tuple[float, float, float], inplace: bool, states: bool) -> None:
     torch.manual_seed(1)
     x = torch.randn(2, 5, H)
     q, k, v = projection(H, H), projection(H // 2, H), projection(H // 2, H, rank=R + 1)
@@ -108,7 +121,7 @@ def test_qkv_matches_autograd(scales: tuple[float, float, float], inplace: bool)
     parts = [
         part
         for p, a, b, s in zip((q, k, v), params[::2], params[1::2], scales, strict=True)
-        for part in (p[0], None, a, b, s)
+        for part in (p[0], State(p[0]) if states else None, a, b, s)
     ]
     outs = LeanLoRAQKV.apply(X, *parts, dequant, inplace)
     for got, want in zip(outs, references, strict=True):

@@ -52,6 +52,27 @@ def _write_input(ctx: Any) -> bool:
     return ctx.inplace and not torch.compiler.is_compiling()
 
 
+def _stacked(weights: tuple, states: tuple, below: Any, dequant: Dequant) -> torch.Tensor:
+    """The dequantized weights stacked by rows, with `below` (the scaled A matrices) under them.
+    Eagerly, each weight is dequantized straight into its rows of the stacked buffer. Traced (in
+    a compiled block) they are dequantized apart and concatenated, a copy: Unsloth's dequantize
+    op writing into a view of a larger buffer crashed the compiled block with an illegal address
+    (H100, 2026-12-06)."""
+    if torch.compiler.is_compiling() or not all(hasattr(Q, "shape") for Q in states):
+        return torch.cat([*(dequant(W, Q) for W, Q in zip(weights, states, strict=True)), *below])
+    rows = [Q.shape[0] for Q in states]  # the quant state's (out, in)
+    first = below[0]
+    out = torch.empty(
+        sum(rows) + sum(b.shape[0] for b in below), first.shape[1], dtype=first.dtype, device=first.device
+    )
+    at = 0
+    for W, Q, n in zip(weights, states, rows, strict=True):
+        dequant(W, Q, out=out[at : at + n])
+        at += n
+    torch.cat(below, out=out[at:])
+    return out
+
+
 def _mm_scaled(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
     """s * (a @ b), the scale applied in the GEMM's epilogue as Unsloth's `addmm_(beta=0)` does."""
     out = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
@@ -66,7 +87,7 @@ def _scaled_rows(dA: torch.Tensor, ranks: tuple[int, ...], scales: tuple[float, 
 class LeanLoRAMLP(torch.autograd.Function):
     """down(silu(gate(X)) * up(X)) with LoRA on all three: gate = X @ (Wg + s Bg Ag)^T, and so on.
     `fg(e, g) -> h` and `dfg(DW, e, g) -> (h, df, de)` (in place) are the SwiGLU kernels; `dequant`
-    turns a weight and its quant state into the (out x in) matrix."""
+    turns a weight and its quant state into the (out x in) matrix (into `out=` when given)."""
 
     @staticmethod
     @_custom_fwd
@@ -127,7 +148,7 @@ class LeanLoRAMLP(torch.autograd.Function):
         # rows of that buffer would save the copy, but Unsloth's dequantize op writing into a view
         # crashed the compiled block with an illegal address on an H100.)
         dYB = dY @ Bd  # (T, rd)
-        DW = torch.cat((dY, dYB), dim=1) @ torch.cat((dequant(downW, downQ), Ad * downS))
+        DW = torch.cat((dY, dYB), dim=1) @ _stacked((downW,), (downQ,), (Ad * downS,), dequant)
         h, df, de = dfg(DW, e.view(DW.shape), g.view(DW.shape))
 
         d_downA = _mm_scaled(dYB.t(), h, downS)  # (rd, I)
@@ -225,10 +246,7 @@ class LeanLoRAQKV(torch.autograd.Function):
 
         # dX in one GEMM: [dQ | dK | dV | dQ Bq | dK Bk | dV Bv] against the three weights
         # stacked and the scaled A matrices below them.
-        W = torch.cat(
-            [dequant(Wp, Qp) for Wp, Qp in ((QW, QQ), (KW, KQ), (VW, VQ))]
-            + [a * s for a, s in zip(As, scales, strict=True)]
-        )
+        W = _stacked((QW, KW, VW), (QQ, KQ, VQ), [a * s for a, s in zip(As, scales, strict=True)], dequant)
         dX = torch.matmul(torch.cat((*grads, dB), dim=1), W, out=X2 if _write_input(ctx) else None)
         return (
             dX.view(shape),
@@ -242,10 +260,10 @@ class LeanLoRAQKV(torch.autograd.Function):
 # ---- installing them in place of Unsloth's ------------------------------------------------------
 
 
-def _unsloth_dequant(W: torch.Tensor, quant_state: Any) -> torch.Tensor:
+def _unsloth_dequant(W: torch.Tensor, quant_state: Any, out: torch.Tensor | None = None) -> torch.Tensor:
     from unsloth.kernels.utils import fast_dequantize
 
-    return fast_dequantize(W, quant_state)
+    return fast_dequantize(W, quant_state, out=out)
 
 
 def _may_write_input(X: torch.Tensor) -> bool:
@@ -263,7 +281,18 @@ def _plain(projs: tuple[Any, ...], X: torch.Tensor) -> bool:
     )
 
 
-def lean_mlp_swiglu(original: Callable[..., Any], self: Any, X: torch.Tensor, inplace: bool = True) -> Any:
+def _apply(function: type[torch.autograd.Function], *args: Any) -> Any:
+    return function.apply(*args)
+
+
+# QLC_LEAN_LORA=eager: the Functions run outside the compiled block (a graph break on each side),
+# eagerly, where the backward dequantizes straight into its stacked buffers.
+_apply_eager = torch.compiler.disable(_apply)
+
+
+def lean_mlp_swiglu(
+    original: Callable[..., Any], apply: Callable[..., Any], self: Any, X: torch.Tensor, inplace: bool = True
+) -> Any:
     from unsloth.kernels.fast_lora import get_lora_parameters
     from unsloth.kernels.swiglu import swiglu_DWf_DW_dfg_kernel, swiglu_fg_kernel
 
@@ -272,10 +301,14 @@ def lean_mlp_swiglu(original: Callable[..., Any], self: Any, X: torch.Tensor, in
         return original(self, X, inplace)
     parts = [part for proj in projs for part in get_lora_parameters(proj)]
     inplace = inplace and _may_write_input(X)
-    return LeanLoRAMLP.apply(X, *parts, swiglu_fg_kernel, swiglu_DWf_DW_dfg_kernel, _unsloth_dequant, inplace)
+    return apply(
+        LeanLoRAMLP, X, *parts, swiglu_fg_kernel, swiglu_DWf_DW_dfg_kernel, _unsloth_dequant, inplace
+    )
 
 
-def lean_qkv(original: Callable[..., Any], self: Any, X: torch.Tensor, inplace: bool = True) -> Any:
+def lean_qkv(
+    original: Callable[..., Any], apply: Callable[..., Any], self: Any, X: torch.Tensor, inplace: bool = True
+) -> Any:
     from unsloth.kernels.fast_lora import get_lora_parameters
 
     projs = (self.q_proj, self.k_proj, self.v_proj)
@@ -283,13 +316,14 @@ def lean_qkv(original: Callable[..., Any], self: Any, X: torch.Tensor, inplace: 
         return original(self, X, inplace)
     parts = [part for proj in projs for part in get_lora_parameters(proj)]
     inplace = inplace and _may_write_input(X)
-    return LeanLoRAQKV.apply(X, *parts, _unsloth_dequant, inplace)
+    return apply(LeanLoRAQKV, X, *parts, _unsloth_dequant, inplace)
 
 
-def install(model: Any) -> str | None:
+def install(model: Any, eager: bool = False) -> str | None:
     """Put the lean Functions where Unsloth installed its fused SwiGLU MLP and QKV ones, layer by
-    layer. A note for the run's log, or None where Unsloth fused nothing this module replaces (or
-    lacks the helpers it relies on: another Unsloth version keeps its own)."""
+    layer; `eager` runs them outside the compiled blocks. A note for the run's log, or None where
+    Unsloth fused nothing this module replaces (or lacks the helpers it relies on: another Unsloth
+    version keeps its own)."""
     try:
         from unsloth.kernels import fast_lora
     except ImportError:
@@ -303,20 +337,25 @@ def install(model: Any) -> str | None:
     if not all(hasattr(fast_lora, name) for name in needed):
         return None
     mlp_original, qkv_original = fast_lora.apply_lora_mlp_swiglu, fast_lora.apply_lora_qkv
+    apply = _apply_eager if eager else _apply
     layers = _decoder_layers(model)
     n_mlp = n_qkv = 0
     for layer in layers:
         mlp = getattr(layer, "mlp", None)
         if getattr(getattr(mlp, "forward", None), "__func__", None) is mlp_original:
-            mlp.forward = types.MethodType(functools.partial(lean_mlp_swiglu, mlp_original), mlp)
+            mlp.forward = types.MethodType(functools.partial(lean_mlp_swiglu, mlp_original, apply), mlp)
             n_mlp += 1
         attn = getattr(layer, "self_attn", None)
         if getattr(attn, "apply_qkv", None) is qkv_original:
-            attn.apply_qkv = functools.partial(lean_qkv, qkv_original)
+            attn.apply_qkv = functools.partial(lean_qkv, qkv_original, apply)
             n_qkv += 1
     if not n_mlp and not n_qkv:
         return None
-    return f"kernels: lean LoRA products on {n_mlp} MLP and {n_qkv} QKV of {len(layers)} layers (engine.train.backends.lean_lora)"
+    how = ", run eagerly" if eager else ""
+    return (
+        f"kernels: lean LoRA products on {n_mlp} MLP and {n_qkv} QKV of {len(layers)} layers{how} "
+        "(engine.train.backends.lean_lora)"
+    )
 
 
 def _decoder_layers(model: Any) -> list[Any]:

@@ -268,13 +268,15 @@ class UnslothBackend(Backend):
         return apply_lora(model, cfg, plan)
 
     def fuse_lora(self, model: Any) -> list[str]:
-        # QLC_LEAN_LORA=0 keeps Unsloth's own Functions: for side-by-side timings (bench/) and as
-        # a way out should a new Unsloth change what lean_lora relies on.
-        if os.environ.get("QLC_LEAN_LORA", "1") == "0":
+        # QLC_LEAN_LORA=0 keeps Unsloth's own Functions, =eager runs the lean ones outside the
+        # compiled blocks: for side-by-side timings (bench/) and as a way out should a new Unsloth
+        # change what lean_lora relies on.
+        mode = os.environ.get("QLC_LEAN_LORA", "1")
+        if mode == "0":
             return ["kernels: Unsloth's own LoRA products (QLC_LEAN_LORA=0)"]
         from engine.train.backends import lean_lora
 
-        note = lean_lora.install(model)
+        note = lean_lora.install(model, eager=mode == "eager")
         return [note] if note else []
 
     def padding_free_rows(self, model: Any) -> bool:
