@@ -146,7 +146,8 @@ def test_start_watch_sample_stop_quit(env: dict[str, str]) -> None:
         )
         assert "› Say hello" in screen and "[live @ step" in screen
         # Stop: a question first, then the save happening.
-        tmux.keys("Escape", "3", "x")
+        tmux.keys("Escape", pause=0.6)  # alone: ESC with a key close behind reads as Alt+key
+        tmux.keys("3", "x")
         tmux.wait("Stop and save")
         tmux.keys("y")
         screen = tmux.wait("stopped at step", timeout=120)
@@ -170,7 +171,9 @@ def test_start_watch_sample_stop_quit(env: dict[str, str]) -> None:
         screen = tmux.wait("without finishing", timeout=60)
         assert "engine.log" in screen and "resumes" in screen and "checkpoint-" in screen
         tmux.keys("Escape")  # the error dialog
-        tmux.wait("crashed")
+        # Gone before the next key: an ESC with a key close behind it reads as Alt+key (the
+        # terminal's escape sequences), so `q` sent while ESC is still pending would quit nothing.
+        tmux.wait(lambda s: "crashed" in s and "Close (Enter)" not in s)
         tmux.keys("q")
         tmux.wait(lambda _: tmux.pane_dead(), timeout=15)
     finally:
@@ -263,7 +266,8 @@ def test_quick_keys_across_every_pane_never_stick(env: dict[str, str], size: tup
         assert not [v for v in views if "…" in v]  # wrapped, never cut
         missing = [p for p in parts if not any(p in v for v in views)]
         assert not missing, f"not shown: {missing}\n{tmux.screen()}"
-        tmux.keys("Escape", "q")
+        tmux.keys("Escape", pause=0.6)  # alone: ESC with a key close behind reads as Alt+key
+        tmux.keys("q")
         tmux.wait(lambda _: tmux.pane_dead(), timeout=15)
     finally:
         tmux.kill()
