@@ -168,7 +168,8 @@ def test_start_watch_sample_stop_quit(env: dict[str, str]) -> None:
         tmux.wait(lambda s: _step(s) > stopped_at and "training" in s, timeout=240)
         # The engine dies (a kill, an OOM killer): the console says so, and how to go on.
         os.kill(_engine_pid(run_dir), signal.SIGKILL)
-        screen = tmux.wait("without finishing", timeout=60)
+        # The run's header says it first; then the dialog, with the log and how to go on.
+        screen = tmux.wait(lambda s: "without finishing" in s and "Close (Enter)" in s, timeout=60)
         assert "engine.log" in screen and "resumes" in screen and "checkpoint-" in screen
         tmux.keys("Escape")  # the error dialog
         # Gone before the next key: an ESC with a key close behind it reads as Alt+key (the
