@@ -151,3 +151,26 @@ def test_mlp_in_bf16_stays_within_rounding() -> None:
     )
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), exact, rtol=0.05, atol=0.05)
+
+
+def test_a_dequantizer_that_ignores_out_still_fills_the_stacked_rows() -> None:
+    """Some of Unsloth's formats (fp8, int4) return a fresh tensor whatever `out=` says: the
+    backward's stacked buffer must hold the weights all the same."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 5, H)
+    q, k, v = projection(H, H), projection(H // 2, H), projection(H // 2, H)
+
+    def fresh(W: torch.Tensor, quant_state: State | None, out: torch.Tensor | None = None) -> torch.Tensor:
+        return W.clone()
+
+    grads = []
+    for how in (dequant, fresh):
+        X, *params = leaves(x, *q[1:], *k[1:], *v[1:])
+        parts = [
+            part
+            for p, a, b in zip((q, k, v), params[::2], params[1::2], strict=True)
+            for part in (p[0], State(p[0]), a, b, 2.0)
+        ]
+        sum(o.square().sum() for o in LeanLoRAQKV.apply(X, *parts, how, False)).backward()
+        grads.append(X.grad)
+    torch.testing.assert_close(grads[1], grads[0])

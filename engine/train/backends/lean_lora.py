@@ -67,7 +67,10 @@ def _stacked(weights: tuple, states: tuple, below: Any, dequant: Dequant) -> tor
     )
     at = 0
     for W, Q, n in zip(weights, states, rows, strict=True):
-        dequant(W, Q, out=out[at : at + n])
+        rows_of = out[at : at + n]
+        got = dequant(W, Q, out=rows_of)
+        if got.data_ptr() != rows_of.data_ptr():  # a format whose dequantizer ignores out=
+            rows_of.copy_(got)
         at += n
     torch.cat(below, out=out[at:])
     return out
@@ -281,8 +284,11 @@ def _plain(projs: tuple[Any, ...], X: torch.Tensor) -> bool:
     )
 
 
-def _apply(function: type[torch.autograd.Function], *args: Any) -> Any:
-    return function.apply(*args)
+def _apply(function: type[torch.autograd.Function], X: torch.Tensor, *args: Any) -> Any:
+    """`args` end with `inplace`, which is decided here, where the Function runs: under a trace
+    Unsloth's rule answers as for a traced backward (which never writes), eagerly it looks at X."""
+    *parts, inplace = args
+    return function.apply(X, *parts, inplace and _may_write_input(X))
 
 
 # QLC_LEAN_LORA=eager: the Functions run outside the compiled block (a graph break on each side),
@@ -300,7 +306,6 @@ def lean_mlp_swiglu(
     if not _plain(projs, X):
         return original(self, X, inplace)
     parts = [part for proj in projs for part in get_lora_parameters(proj)]
-    inplace = inplace and _may_write_input(X)
     return apply(
         LeanLoRAMLP, X, *parts, swiglu_fg_kernel, swiglu_DWf_DW_dfg_kernel, _unsloth_dequant, inplace
     )
@@ -315,7 +320,6 @@ def lean_qkv(
     if not _plain(projs, X):
         return original(self, X, inplace)
     parts = [part for proj in projs for part in get_lora_parameters(proj)]
-    inplace = inplace and _may_write_input(X)
     return apply(LeanLoRAQKV, X, *parts, _unsloth_dequant, inplace)
 
 
@@ -337,7 +341,9 @@ def install(model: Any, eager: bool = False) -> str | None:
     if not all(hasattr(fast_lora, name) for name in needed):
         return None
     mlp_original, qkv_original = fast_lora.apply_lora_mlp_swiglu, fast_lora.apply_lora_qkv
-    apply = _apply_eager if eager else _apply
+    # Before torch 2.11 Unsloth keeps its own Functions out of compiled code (Inductor got LoRA
+    # gradients wrong: fast_lora.TRACE_LORA_FUNCTIONS); these stay out of it there too.
+    apply = _apply_eager if eager or not getattr(fast_lora, "TRACE_LORA_FUNCTIONS", True) else _apply
     layers = _decoder_layers(model)
     n_mlp = n_qkv = 0
     for layer in layers:
