@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from engine.train.backends.checkpointing import decoder_layers
+
 Dequant = Callable[..., torch.Tensor]
 # As Unsloth's Functions: the backward runs under the autocast state the forward saw.
 _custom_fwd = torch.amp.custom_fwd(device_type="cuda")
@@ -82,9 +84,17 @@ def _mm_scaled(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
     return out.addmm_(a, b, alpha=s, beta=0)
 
 
-def _scaled_rows(dA: torch.Tensor, ranks: tuple[int, ...], scales: tuple[float, ...]) -> list[torch.Tensor]:
-    """Split the stacked (sum(ranks) x in) product into each projection's A gradient, scaled."""
-    return [part.mul(s) if s != 1 else part for part, s in zip(dA.split(ranks), scales, strict=True)]
+def _a_grads(
+    dB: torch.Tensor, X: torch.Tensor, ranks: tuple[int, ...], scales: tuple[float, ...]
+) -> list[torch.Tensor]:
+    """Each projection's A gradient, s * (dY B)^T X, from one GEMM over the stacked (T x sum(ranks))
+    dB of projections that share the input X: one shared scale goes into the GEMM's epilogue,
+    as Unsloth scales; different ones scale each projection's rows after it."""
+    if len(set(scales)) == 1:
+        return list(_mm_scaled(dB.t(), X, scales[0]).split(ranks))
+    return [
+        part.mul(s) if s != 1 else part for part, s in zip((dB.t() @ X).split(ranks), scales, strict=True)
+    ]
 
 
 class LeanLoRAMLP(torch.autograd.Function):
@@ -147,9 +157,7 @@ class LeanLoRAMLP(torch.autograd.Function):
         Ag, Bg, Au, Bu, Ad, Bd = (t.to(dtype) for t in (gateA, gateB, upA, upB, downA, downB))
         rg = Ag.shape[0]
 
-        # DW = dY @ Wd + s dY Bd @ Ad as one GEMM over [Wd; s Ad]. (Dequantizing into the top
-        # rows of that buffer would save the copy, but Unsloth's dequantize op writing into a view
-        # crashed the compiled block with an illegal address on an H100.)
+        # DW = dY @ Wd + s dY Bd @ Ad as one GEMM over [Wd; s Ad] (_stacked says when that is a copy).
         dYB = dY @ Bd  # (T, rd)
         DW = torch.cat((dY, dYB), dim=1) @ _stacked((downW,), (downQ,), (Ad * downS,), dequant)
         h, df, de = dfg(DW, e.view(DW.shape), g.view(DW.shape))
@@ -162,10 +170,7 @@ class LeanLoRAMLP(torch.autograd.Function):
         d_gateB = _mm_scaled(de.t(), XA[:, :rg], gateS)  # (I, rg)
         d_upB = _mm_scaled(df.t(), XA[:, rg:], upS)
         dB = torch.cat((gate_dB, up_dB), dim=1)  # (T, rg + ru)
-        if gateS == upS:
-            d_gateA, d_upA = _mm_scaled(dB.t(), X2, gateS).split((rg, Au.shape[0]))
-        else:
-            d_gateA, d_upA = _scaled_rows(dB.t() @ X2, (rg, Au.shape[0]), (gateS, upS))
+        d_gateA, d_upA = _a_grads(dB, X2, (rg, Au.shape[0]), (gateS, upS))
 
         # dX = df @ Wu + de @ Wg + the LoRA terms of both in one K = rg + ru GEMM. X's storage
         # takes dX where nothing else still reads X (Unsloth's `inplace`), as in its Function.
@@ -242,10 +247,7 @@ class LeanLoRAQKV(torch.autograd.Function):
             _mm_scaled(d.t(), XAp, s) for d, XAp, s in zip(grads, XA.split(ranks, dim=1), scales, strict=True)
         ]
         dB = torch.cat(dBs, dim=1)
-        if QS == KS == VS:
-            d_A = list(_mm_scaled(dB.t(), X2, QS).split(ranks))
-        else:
-            d_A = _scaled_rows(dB.t() @ X2, ranks, scales)
+        d_A = _a_grads(dB, X2, ranks, scales)
 
         # dX in one GEMM: [dQ | dK | dV | dQ Bq | dK Bk | dV Bv] against the three weights
         # stacked and the scaled A matrices below them.
@@ -344,7 +346,10 @@ def install(model: Any, eager: bool = False) -> str | None:
     # Before torch 2.11 Unsloth keeps its own Functions out of compiled code (Inductor got LoRA
     # gradients wrong: fast_lora.TRACE_LORA_FUNCTIONS); these stay out of it there too.
     apply = _apply_eager if eager or not getattr(fast_lora, "TRACE_LORA_FUNCTIONS", True) else _apply
-    layers = _decoder_layers(model)
+    try:
+        _owner, layers = decoder_layers(model)
+    except RuntimeError:  # no layer stack found: nothing of Unsloth's to replace
+        return None
     n_mlp = n_qkv = 0
     for layer in layers:
         mlp = getattr(layer, "mlp", None)
@@ -357,15 +362,8 @@ def install(model: Any, eager: bool = False) -> str | None:
             n_qkv += 1
     if not n_mlp and not n_qkv:
         return None
-    how = ", run eagerly" if eager else ""
+    how = ", run eagerly" if apply is _apply_eager else ""
     return (
         f"kernels: lean LoRA products on {n_mlp} MLP and {n_qkv} QKV of {len(layers)} layers{how} "
         "(engine.train.backends.lean_lora)"
     )
-
-
-def _decoder_layers(model: Any) -> list[Any]:
-    inner = model
-    while hasattr(inner, "model") and not hasattr(inner, "layers"):
-        inner = inner.model
-    return list(getattr(inner, "layers", []))
