@@ -57,7 +57,8 @@
 #   bash bench/gpu_speed_session.sh warm-launch  the Unsloth backend's launch to first step: first,
 #                                             handed to the warm engine the first left, and cold
 #   bash bench/gpu_speed_session.sh lean-lora  the lean LoRA Functions against Unsloth's own (8B shapes),
-#                                             then the 80 GB step with each (bench/step_tax.py)
+#                                             then the 80 GB step with each (bench/step_tax.py);
+#                                             `lean` with LORA_CHECK=1 puts the check before the stacks
 #   bash bench/gpu_speed_session.sh kernels   issue 16's 80 GB step by kind of kernel (bench/step_tax.py
 #                                             --kernels): the seed recipe on the Unsloth backend as
 #                                             auto runs it on the whole card (4 x 1, none
@@ -331,41 +332,24 @@ case "$PART" in
     # attention: the lean step checked bit-equal against bitsandbytes' own on this GPU, then bare
     # Unsloth beside the engine with batch_split auto on the whole card and at 24 GB (seed
     # recipe, Llama-3.1-8B; STEPS, default 16; LEAN_CHECK=0 skips the check; SCENARIOS, default
-    # the three).
+    # the three). LORA_CHECK=1 first checks the lean LoRA Functions against Unsloth's own (eager
+    # and compiled, the 8B's shapes) and runs no stacks if they fail; as measured on 2026-12-06:
+    #   LORA_CHECK=1 LEAN_CHECK=0 STEPS=12 bash bench/gpu_speed_session.sh lean
+    # The eager form beside the default: LEAN_CHECK=0 STEPS=12 SCENARIOS="bare-unsloth
+    #   engine-split@h100#lean-lora=eager engine-split@h100 engine-split@24GB#lean-lora=eager" ... lean
     if [[ ${LEAN_CHECK:-1} == 1 ]]; then
       PYTHONPATH=$PWD:/tmp/site timeout -k 10 90 python3 bench/lean_optimizer_check.py \
         --out "$OUT/lean-optimizer-$DAY.json" 2>&1 | tail -n 3
+    fi
+    if [[ ${LORA_CHECK:-0} == 1 ]]; then
+      PYTHONPATH=$PWD:/tmp/site2:/tmp/site timeout -k 10 240 python3 bench/lean_lora_check.py \
+        --out "$OUT/lean-lora-check-$DAY.json" 2>&1 | grep -v '^O^O\|^\\\|==((\|^ *"-____-"\|^ *\\\\   /|' | tail -n 8
+      (( PIPESTATUS[0] == 0 )) || { echo "the lean LoRA check failed: no stacks"; exit 1; }
     fi
     read -ra SCEN <<< "${SCENARIOS:-bare-unsloth engine-split@h100 engine-split@24GB}"
     timeout -k 10 $((${LIMIT_S:-570} - SECONDS)) python3 bench/compare_stacks.py --out "$OUT" --work "$WORK/lean" \
       --arch llama-3.1-8b --unsloth-path /tmp/site2 --steps "${STEPS:-16}" \
       $(printf -- '--scenario %s ' "${SCEN[@]}") 2>&1 \
-      | tee "$OUT/lean.log" | grep -v "^ \|^O^O\|^\\\\\|==((" | tail -n 30
-    rm -rf "$WORK/lean"
-    ;;
-  lean-lora-eager)
-    # The lean LoRA Functions run eagerly outside the compiled blocks (QLC_LEAN_LORA=eager, where
-    # the backward dequantizes straight into its stacked buffers) against traced in them (the
-    # default), beside bare Unsloth: the seed recipe at 80 GB, and at 24 GB eagerly (STEPS, default 12).
-    timeout -k 10 $((${LIMIT_S:-570} - SECONDS)) python3 bench/compare_stacks.py --out "$OUT" --work "$WORK/lean" \
-      --arch llama-3.1-8b --unsloth-path /tmp/site2 --steps "${STEPS:-12}" --scenario bare-unsloth \
-      --scenario engine-split@h100#lean-lora=eager --scenario engine-split@h100 \
-      --scenario engine-split@24GB#lean-lora=eager 2>&1 \
-      | tee "$OUT/lean.log" | grep -v "^ \|^O^O\|^\\\\\|==((" | tail -n 30
-    rm -rf "$WORK/lean"
-    ;;
-  lean-lora-stacks)
-    # The lean LoRA Functions checked against Unsloth's own (eager and compiled, 8B shapes), then,
-    # if they hold, issue 16's side-by-side call: bare Unsloth, the engine with batch_split auto on
-    # the whole card and at 24 GB (seed recipe, Llama-3.1-8B; STEPS, default 12).
-    export PYTHONPATH=$PWD:/tmp/site2:/tmp/site
-    timeout -k 10 240 python3 bench/lean_lora_check.py --out "$OUT/lean-lora-check-$DAY.json" 2>&1 \
-      | grep -v '^O^O\|^\\\|==((\|^ *"-____-"\|^ *\\\\   /|' | tail -n 8
-    (( PIPESTATUS[0] == 0 )) || { echo "the lean LoRA check failed: no stacks"; exit 1; }
-    export PYTHONPATH=$PWD:/tmp/site
-    timeout -k 10 $((${LIMIT_S:-570} - SECONDS)) python3 bench/compare_stacks.py --out "$OUT" --work "$WORK/lean" \
-      --arch llama-3.1-8b --unsloth-path /tmp/site2 --steps "${STEPS:-12}" \
-      --scenario bare-unsloth --scenario engine-split@h100 --scenario engine-split@24GB 2>&1 \
       | tee "$OUT/lean.log" | grep -v "^ \|^O^O\|^\\\\\|==((" | tail -n 30
     rm -rf "$WORK/lean"
     ;;
