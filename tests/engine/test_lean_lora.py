@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.train.backends import lean_lora
 from engine.train.backends.lean_lora import LeanLoRAMLP, LeanLoRAQKV
 
 H, M, R = 16, 40, 4  # hidden, intermediate (MLP), rank
@@ -174,3 +175,83 @@ def test_a_dequantizer_that_ignores_out_still_fills_the_stacked_rows() -> None:
         sum(o.square().sum() for o in LeanLoRAQKV.apply(X, *parts, how, False)).backward()
         grads.append(X.grad)
     torch.testing.assert_close(grads[1], grads[0])
+
+
+def nf4(out: int, inp: int) -> tuple[torch.Tensor, object, torch.Tensor]:
+    """A bf16 weight quantized as the engine loads it (double-quantized NF4, bitsandbytes on the
+    CPU): the packed weight, its quant state, and the matrix it dequantizes to."""
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    W = (torch.randn(out, inp) / inp**0.5).bfloat16()
+    packed, state = quantize_4bit(W, quant_type="nf4", compress_statistics=True)
+    return packed, state, dequantize_4bit(packed, state)
+
+
+def bnb_dequant(W: torch.Tensor, quant_state: object, out: torch.Tensor | None = None) -> torch.Tensor:
+    from bitsandbytes.functional import dequantize_4bit
+
+    got = dequantize_4bit(W, quant_state)
+    return got if out is None else out.copy_(got)
+
+
+bnb_dequant.traced_stack = lean_lora._nf4_traced_stack  # as on Unsloth's dequantizer
+
+
+def test_the_stacked_nf4_op_matches_dequantize_then_concatenate() -> None:
+    """`nf4_stack` (the compiled backward's stacked weights) holds each weight's rows as
+    bitsandbytes dequantizes them, with the scaled A matrices under them; opcheck runs the op
+    through its fake, schema and autograd checks."""
+    torch.manual_seed(4)
+    weights = [nf4(128, 64), nf4(64, 64), nf4(64, 64)]
+    below = [torch.randn(4, 64).bfloat16() for _ in range(3)]
+    states = [s for _, s, _ in weights]
+    args = (
+        [p for p, _, _ in weights],
+        [s.absmax for s in states],
+        [s.state2.absmax for s in states],
+        [s.code for s in states],
+        [s.state2.code for s in states],
+        [s.offset for s in states],
+        [s.shape[0] for s in states],
+        64,
+        256,
+        below,
+    )
+    stacked = torch.ops.qlc.nf4_stack(*args)
+    assert torch.equal(stacked, torch.cat([*(d for _, _, d in weights), *below]))
+    torch.library.opcheck(torch.ops.qlc.nf4_stack, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_qkv_traced_with_nf4_weights_matches_eager() -> None:
+    """The compiled form's path: traced through AOT autograd (the graph Inductor would get), the
+    backward stacks the NF4 weights through the opaque op and gives eager's gradients exactly."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 6, 64).bfloat16()
+    q, k, v = nf4(64, 64), nf4(32, 64), nf4(32, 64)
+    adapters = [(torch.randn(R, 64) / 8, torch.randn(out, R) / R) for out in (64, 32, 32)]
+
+    def run(X: torch.Tensor, params: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        parts = [
+            part
+            for (W, state, _), a, b in zip((q, k, v), params[::2], params[1::2], strict=True)
+            for part in (W, state, a, b, 2.0)
+        ]
+        return LeanLoRAQKV.apply(X, *parts, bnb_dequant, False)
+
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs: list[str] = []
+
+    def keep(gm: torch.fx.GraphModule, _inputs: object) -> torch.fx.GraphModule:
+        graphs.append(gm.code)
+        return gm
+
+    traced = torch.compile(run, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)
+    results = []
+    for how in (run, traced):
+        X, *params = leaves(x, *(t.bfloat16() for pair in adapters for t in pair))
+        sum(o.float().square().sum() for o in how(X, params)).backward()
+        results.append([X.grad, *(p.grad for p in params)])
+    assert sum("qlc.nf4_stack" in code for code in graphs) == 1, graphs  # the backward's, once
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

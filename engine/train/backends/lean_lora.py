@@ -55,14 +55,22 @@ def _write_input(ctx: Any) -> bool:
 
 
 def _stacked(weights: tuple, states: tuple, below: Any, dequant: Dequant) -> torch.Tensor:
-    """The dequantized weights stacked by rows, with `below` (the scaled A matrices) under them.
-    Eagerly, each weight is dequantized straight into its rows of the stacked buffer. Traced (in
-    a compiled block) they are dequantized apart and concatenated, a copy: Unsloth's dequantize
-    op writing into a view of a larger buffer crashed the compiled block with an illegal address
-    (H100, 2026-12-06)."""
+    """The dequantized weights stacked by rows, with `below` (the scaled A matrices) under them,
+    each weight dequantized straight into its rows of the stacked buffer. Traced (in a compiled
+    block) that goes through `dequant.traced_stack` (an opaque op, `nf4_stack`): Unsloth's own
+    dequantize op writing into a view of a larger buffer crashed the compiled block with an
+    illegal address (H100, 2026-12-06). A format it does not take is dequantized apart and
+    concatenated, a copy."""
     if torch.compiler.is_compiling() or not all(hasattr(Q, "shape") for Q in states):
+        traced = getattr(dequant, "traced_stack", None)
+        stacked = traced(weights, states, below) if traced is not None else None
+        if stacked is not None:
+            return stacked
         return torch.cat([*(dequant(W, Q) for W, Q in zip(weights, states, strict=True)), *below])
-    rows = [Q.shape[0] for Q in states]  # the quant state's (out, in)
+    return _stack_into(weights, states, [Q.shape[0] for Q in states], below, dequant)
+
+
+def _stack_into(weights: Any, states: Any, rows: list[int], below: Any, dequant: Dequant) -> torch.Tensor:
     first = below[0]
     out = torch.empty(
         sum(rows) + sum(b.shape[0] for b in below), first.shape[1], dtype=first.dtype, device=first.device
@@ -76,6 +84,104 @@ def _stacked(weights: tuple, states: tuple, below: Any, dequant: Dequant) -> tor
         at += n
     torch.cat(below, out=out[at:])
     return out
+
+
+# ---- the stacked dequantize as one opaque op, for compiled blocks --------------------------------
+# Inductor sees only its output, a fresh tensor: no view of a buffer is mutated in the graph.
+
+
+@torch.library.custom_op(
+    "qlc::nf4_stack",
+    mutates_args=(),
+    schema="(Tensor[] weights, Tensor[] absmax, Tensor[] absmax2, Tensor[] code, Tensor[] code2, "
+    "Tensor[] offset, int[] rows, int blocksize, int blocksize2, Tensor[] below) -> Tensor",
+)
+def nf4_stack(
+    weights: list[torch.Tensor],
+    absmax: list[torch.Tensor],
+    absmax2: list[torch.Tensor],
+    code: list[torch.Tensor],
+    code2: list[torch.Tensor],
+    offset: list[torch.Tensor],
+    rows: list[int],
+    blocksize: int,
+    blocksize2: int,
+    below: list[torch.Tensor],
+) -> torch.Tensor:
+    """Double-quantized NF4 weights (bitsandbytes' layout, unpacked into tensors: an op takes no
+    quant state objects) dequantized into the rows of one buffer, `below` under them."""
+    from bitsandbytes.functional import QuantState
+
+    cols, dtype = below[0].shape[1], below[0].dtype
+    states = [
+        QuantState(
+            absmax=a,
+            shape=torch.Size((n, cols)),
+            code=c,
+            blocksize=blocksize,
+            quant_type="nf4",
+            dtype=dtype,
+            offset=o,
+            state2=QuantState(absmax=a2, code=c2, blocksize=blocksize2, dtype=torch.float32),
+        )
+        for a, a2, c, c2, o, n in zip(absmax, absmax2, code, code2, offset, rows, strict=True)
+    ]
+    return _stack_into(weights, states, rows, below, _nf4_into)
+
+
+@nf4_stack.register_fake
+def _nf4_stack_fake(
+    weights: list[torch.Tensor],
+    absmax: list[torch.Tensor],
+    absmax2: list[torch.Tensor],
+    code: list[torch.Tensor],
+    code2: list[torch.Tensor],
+    offset: list[torch.Tensor],
+    rows: list[int],
+    blocksize: int,
+    blocksize2: int,
+    below: list[torch.Tensor],
+) -> torch.Tensor:
+    return below[0].new_empty((sum(rows) + sum(b.shape[0] for b in below), below[0].shape[1]))
+
+
+def _nf4_into(W: torch.Tensor, quant_state: Any, out: torch.Tensor) -> torch.Tensor:
+    """Unsloth's NF4 dequantize into `out` on a GPU; bitsandbytes' on the CPU (tests), which has
+    no `out=` there."""
+    if out.is_cuda:
+        return _unsloth_dequant(W, quant_state, out=out)
+    from bitsandbytes.functional import dequantize_4bit
+
+    return out.copy_(dequantize_4bit(W, quant_state))
+
+
+def _nf4_traced_stack(weights: tuple, states: tuple, below: Any) -> torch.Tensor | None:
+    """`nf4_stack` on bitsandbytes quant states it takes (double-quantized NF4 of the adapters'
+    dtype, one block size), else None."""
+    dtype = below[0].dtype
+    if not all(
+        type(Q).__name__ == "QuantState"
+        and getattr(Q, "quant_type", None) == "nf4"
+        and Q.state2 is not None
+        and Q.dtype == dtype
+        and isinstance(Q.offset, torch.Tensor)
+        for Q in states
+    ):
+        return None
+    if len({(Q.blocksize, Q.state2.blocksize) for Q in states}) != 1:
+        return None
+    return torch.ops.qlc.nf4_stack(
+        list(weights),
+        [Q.absmax for Q in states],
+        [Q.state2.absmax for Q in states],
+        [Q.code for Q in states],
+        [Q.state2.code for Q in states],
+        [Q.offset for Q in states],
+        [int(Q.shape[0]) for Q in states],
+        int(states[0].blocksize),
+        int(states[0].state2.blocksize),
+        list(below),
+    )
 
 
 def _mm_scaled(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
@@ -269,6 +375,9 @@ def _unsloth_dequant(W: torch.Tensor, quant_state: Any, out: torch.Tensor | None
     from unsloth.kernels.utils import fast_dequantize
 
     return fast_dequantize(W, quant_state, out=out)
+
+
+_unsloth_dequant.traced_stack = _nf4_traced_stack  # type: ignore[attr-defined]
 
 
 def _may_write_input(X: torch.Tensor) -> bool:
