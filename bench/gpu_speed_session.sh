@@ -359,16 +359,21 @@ case "$PART" in
     # even rows, none checkpointed) with them and with Unsloth's (QLC_LEAN_LORA=0), one model: ms a
     # step, and kernels by kind for the lean one. step_tax's bare variant trains the same model, so
     # it runs whichever Functions the engine installed: the A/B is between the two runs.
+    # FORMS (default "lean unsloth"; eager: the lean Functions outside the compiled blocks) and
+    # LORA_CHECK=0 (skips the check) narrow it; every form but unsloth is profiled by kind of kernel.
     export PYTHONPATH=$PWD:/tmp/site2:/tmp/site
-    timeout -k 10 240 python3 bench/lean_lora_check.py --out "$OUT/lean-lora-check-$DAY.json" 2>&1 \
-      | grep -v '^O^O\|^\\\|==((\|^ *"-____-"\|^ *\\\\   /|' | tail -n 8
-    for form in lean unsloth; do
+    if [[ ${LORA_CHECK:-1} == 1 ]]; then
+      timeout -k 10 240 python3 bench/lean_lora_check.py --out "$OUT/lean-lora-check-$DAY.json" 2>&1 \
+        | grep -v '^O^O\|^\\\|==((\|^ *"-____-"\|^ *\\\\   /|' | tail -n 8
+    fi
+    for form in ${FORMS:-lean unsloth}; do
       (( ${LIMIT_S:-570} - SECONDS > 120 )) || { echo "no time left for $form"; break; }
-      QLC_LEAN_LORA=$([[ $form == lean ]] && echo 1 || echo 0) timeout -k 10 $((${LIMIT_S:-570} - SECONDS)) \
+      case $form in lean) mode=1 ;; unsloth) mode=0 ;; *) mode=$form ;; esac
+      QLC_LEAN_LORA=$mode timeout -k 10 $((${LIMIT_S:-570} - SECONDS)) \
         python3 -m bench.step_tax --arch llama-3.1-8b --work "$WORK/rows" --seq 4096 --micro-batch 4 \
         --grad-accum 1 --steps "${STEPS:-8}" --rounds 1 --set hardware.backend=unsloth --set hardware.gpu=auto \
         --set train.gradient_checkpointing=false --set train.batch_split=fixed \
-        $( [[ $form == lean ]] && echo --kernels) \
+        $( [[ $form != unsloth ]] && echo --kernels) \
         --out "$OUT/step-kernels-llama-3.1-8b-unsloth-4x1-$form-lora-$DAY.json" 2>&1 \
         | grep -v '^O^O\|^\\\|==((\|^ *"-____-"\|^ *\\\\   /|' | tail -n ${TAIL:-14}
     done

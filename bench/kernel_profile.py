@@ -90,6 +90,7 @@ def summarise(kernels: list[Kernel], steps: int, wall_s: float, top: int = 25) -
             }
             for cat, s in sorted(per_cat.items(), key=lambda kv: -kv[1])
         },
+        "idle_gaps": idle_gaps(kernels, steps),
         "top": [
             {
                 "name": name[:160],
@@ -100,6 +101,25 @@ def summarise(kernels: list[Kernel], steps: int, wall_s: float, top: int = 25) -
             for name, s in sorted(per_name.items(), key=lambda kv: -kv[1])[:top]
         ],
     }
+
+
+def idle_gaps(kernels: list[Kernel], steps: int, top: int = 12) -> list[dict[str, Any]]:
+    """Where the device waits inside the window: each gap between the end of the work so far and
+    the next kernel's start, summed by the pair of kernels around it (the host launching too
+    slowly there: a sync, Python between kernels, a graph break)."""
+    by_pair: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    end, last = float("-inf"), ""
+    for name, a, b, _ in sorted(kernels, key=lambda k: k[1]):
+        if last and a > end:
+            pair = by_pair[f"{last[:70]} -> {name[:70]}"]
+            pair[0] += a - end
+            pair[1] += 1
+        if b > end:
+            end, last = b, name
+    return [
+        {"between": pair, "ms_per_step": us / 1e3 / steps, "gaps_per_step": n / steps}
+        for pair, (us, n) in sorted(by_pair.items(), key=lambda kv: -kv[1][0])[:top]
+    ]
 
 
 def device_kernels(events: Any, device: Any) -> list[Kernel]:
@@ -255,6 +275,8 @@ def print_summary(report: dict[str, Any]) -> None:
         print(
             f"    {k['ms_per_step']:8.2f} ms x{k['calls_per_step']:5.0f}  [{k['category']}] {k['name'][:90]}"
         )
+    for gap in report.get("idle_gaps", [])[:6]:
+        print(f"    idle {gap['ms_per_step']:6.2f} ms x{gap['gaps_per_step']:5.0f}  {gap['between'][:120]}")
     for cat, rows in report.get("origins", {}).items():
         print(f"  where the {cat} kernels came from:")
         for r in rows[:8]:

@@ -57,6 +57,8 @@ def test_summary_per_step() -> None:
     assert r["categories"]["matmul"]["s_per_step"] == pytest.approx(0.0006)
     assert r["categories"]["matmul"]["kernels_per_step"] == 1
     assert r["top"][0] == {"name": "gemm_a", "category": "matmul", "ms_per_step": 0.6, "calls_per_step": 1.0}
+    # the one gap inside the window: 200 us between flash_fwd's end and the second gemm_a
+    assert r["idle_gaps"] == [{"between": "flash_fwd -> gemm_a", "ms_per_step": 0.1, "gaps_per_step": 0.5}]
 
 
 def test_device_kernels_leave_the_codes_own_ranges_out() -> None:
