@@ -130,18 +130,9 @@ def nf4_stack(
 
 
 @nf4_stack.register_fake
-def _nf4_stack_fake(
-    weights: list[torch.Tensor],
-    absmax: list[torch.Tensor],
-    absmax2: list[torch.Tensor],
-    code: list[torch.Tensor],
-    code2: list[torch.Tensor],
-    offset: list[torch.Tensor],
-    rows: list[int],
-    blocksize: int,
-    blocksize2: int,
-    below: list[torch.Tensor],
-) -> torch.Tensor:
+def _nf4_stack_fake(*args: Any) -> torch.Tensor:
+    """The stacked buffer's shape, from `rows` and `below` (nf4_stack's 7th and 10th arguments)."""
+    rows, below = args[6], args[9]
     return below[0].new_empty((sum(rows) + sum(b.shape[0] for b in below), below[0].shape[1]))
 
 
