@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -131,9 +131,10 @@ def instrument(trainer: Any, times: HookTimes) -> None:
                     times.wrap(cb, hook, f"{kind}.{hook}")
 
 
-def run_round(trainer: Any, timer: Any, cuda: bool) -> tuple[list[float], int]:
-    """Train; (step seconds, device syncs counted)."""
-    syncs = 0
+def run_round(trainer: Any, timer: Any, cuda: bool) -> tuple[list[float], int, Counter[str]]:
+    """Train; (step seconds, device syncs counted, and where they were made: the innermost Python
+    line of each, which for a call into torch's C++ such as `.item()` is its caller)."""
+    syncs: Counter[str] = Counter()
     if cuda:
         import torch
 
@@ -149,8 +150,20 @@ def run_round(trainer: Any, timer: Any, cuda: bool) -> tuple[list[float], int]:
         import torch
 
         torch.cuda.set_sync_debug_mode("default")
-        syncs = sum("synchroniz" in str(w.message) for w in caught)
-    return timer.step_seconds(), syncs
+        syncs.update(sync_origin(w.filename, w.lineno) for w in caught if "synchroniz" in str(w.message))
+    return timer.step_seconds(), sum(syncs.values()), syncs
+
+
+def sync_origin(filename: str, lineno: int) -> str:
+    """`package/module.py:LINE  source`, the path cut below site-packages (or the repository)."""
+    import linecache
+
+    short = filename.split("site-packages/")[-1].split("site2/")[-1].removeprefix(str(ROOT) + "/")
+    return f"{short}:{lineno}  {linecache.getline(filename, lineno).strip()[:90]}"
+
+
+def top_origins(counts: Counter[str], steps: int, top: int = 15) -> list[dict[str, Any]]:
+    return [{"where": where, "per_step": n / max(steps, 1)} for where, n in counts.most_common(top)]
 
 
 def profile_round(trainer: Any, timer: Any, cuda: bool, top: int) -> dict[str, Any]:
@@ -174,7 +187,7 @@ def profile_round(trainer: Any, timer: Any, cuda: bool, top: int) -> dict[str, A
     window = Window()
     trainer.add_callback(window)
     try:
-        seconds, _ = run_round(trainer, timer, cuda)
+        seconds, _, _ = run_round(trainer, timer, cuda)
     finally:
         prof.disable()
         trainer.remove_callback(window)
@@ -292,6 +305,8 @@ def main() -> int:
         "bare": {"step_seconds": [], "syncs": []},
         "engine": {"step_seconds": [], "syncs": []},
     }
+    sync_counts: dict[str, Counter[str]] = {"bare": Counter(), "engine": Counter()}
+    steps_run = {"bare": 0, "engine": 0}
     engine_steps = 0
     variants = [("bare", bare, bare_timer), ("engine", engine, engine_timer)]
     for n in range(args.rounds):
@@ -299,7 +314,9 @@ def main() -> int:
         # other left (the allocator's cache, the optimizer state it freed, the clocks).
         for name, trainer, timer in variants if n % 2 == 0 else variants[::-1]:
             times.active = name == "engine"
-            seconds, syncs = run_round(trainer, timer, cuda)
+            seconds, syncs, origins = run_round(trainer, timer, cuda)
+            sync_counts[name] += origins
+            steps_run[name] += len(seconds)
             times.active = False
             kept = seconds[2:]  # the first steps warm up (allocator, kernels)
             results[name]["step_seconds"] += kept
@@ -323,7 +340,7 @@ def main() -> int:
         from bench.kernel_profile import profile_kernels
 
         kernels = profile_kernels(
-            engine, lambda t: run_round(t, engine_timer, cuda), cuda, trace_origins=args.kernel_origins
+            engine, lambda t: run_round(t, engine_timer, cuda)[:2], cuda, trace_origins=args.kernel_origins
         )
         # The profiler slows the host: the step as the timed rounds measured it, beside its own.
         kernels["timed_step_s"] = statistics.median(results["engine"]["step_seconds"])
@@ -376,6 +393,8 @@ def main() -> int:
         "engine_hooks_share_of_step": hook_seconds / max(engine_steps, 1) / engine_median,
         "hooks": per_hook,
         "syncs_per_step": {k: v["syncs"] for k, v in results.items()} if cuda else None,
+        # Each sync drains the device's queue, which then idles until the host launches again.
+        "sync_origins": {k: top_origins(c, steps_run[k]) for k, c in sync_counts.items()} if cuda else None,
         "order": "bare first in odd rounds, engine first in even ones",
         **({"profiles": profiles} if profiles else {}),
         **({"kernels": kernels} if kernels else {}),
@@ -388,6 +407,8 @@ def main() -> int:
         f"({bare_median / engine_median:.3f}x bare); engine hooks {report['engine_hooks_us_per_step']:.0f} us/step "
         f"({100 * report['engine_hooks_share_of_step']:.2f}% of a step) -> {args.out}"
     )
+    for where in (report["sync_origins"] or {}).get("engine", [])[:10]:
+        print(f"  engine sync {where['per_step']:5.1f}/step  {where['where']}")
     if profiles:
         print_profile_difference(profiles)
     if kernels:

@@ -11,9 +11,8 @@ import pytest
 
 from tests.conftest import bench
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_step_tax_builds_an_architecture_as_on_the_gpu(tmp_path: Path) -> None:
     """The GPU path (--arch: a model built in a child process, rows of random tokens), shrunk."""
     out = tmp_path / "tax.json"
@@ -48,3 +47,22 @@ def test_step_tax_builds_an_architecture_as_on_the_gpu(tmp_path: Path) -> None:
     assert 0 < kernels["busy_s_per_step"] <= kernels["wall_s_per_step"]
     assert kernels["categories"]["matmul"]["s_per_step"] > 0
     assert abs(sum(c["share_of_kernels"] for c in kernels["categories"].values()) - 1) < 1e-6
+
+
+def test_sync_origins_name_the_line_that_synchronised() -> None:
+    """On CUDA each sync is a warning (torch.cuda.set_sync_debug_mode): grouped by the line that
+    made it, with its source, per step."""
+    import warnings
+    from collections import Counter
+
+    from bench.step_tax import sync_origin, top_origins
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+    counts = Counter(sync_origin(w.filename, w.lineno) for w in caught)
+    ((where, n),) = counts.items()
+    assert n == 3 and where.startswith("tests/bench/test_step_tax.py:")
+    assert where.endswith('warnings.warn("called a synchronizing CUDA operation", stacklevel=1)')
+    assert top_origins(counts, steps=3) == [{"where": where, "per_step": 1.0}]
