@@ -255,3 +255,75 @@ def test_qkv_traced_with_nf4_weights_matches_eager() -> None:
     assert sum("qlc.nf4_stack" in code for code in graphs) == 1, graphs  # the backward's, once
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_install_gives_every_layer_the_same_objects_so_one_graph_serves_them_all(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Unsloth compiles each decoder layer's forward (one code object for the class). Dynamo
+    guards on the identity of what a traced layer calls: with an object of its own in every layer,
+    each layer compiled a graph of its own (and past torch's recompile limit, none at all).
+    Installed on a stand-in for Unsloth's patched model (its fast_lora module faked: no Unsloth
+    on the CPU), 12 layers share the first one's graphs."""
+    import sys
+    import types
+
+    from torch._dynamo.utils import counters
+
+    def unsloth_mlp(self: torch.nn.Module, X: torch.Tensor, inplace: bool = True) -> torch.Tensor:
+        return torch.relu(X @ self.weight.t())
+
+    def unsloth_qkv(self: torch.nn.Module, X: torch.Tensor, inplace: bool = True) -> torch.Tensor:
+        return X @ self.weight.t()
+
+    def module(name: str, **attributes: object) -> types.ModuleType:
+        made = types.ModuleType(name)  # a module, not a namespace: Dynamo traces imports of one
+        made.__dict__.update(attributes)
+        monkeypatch.setitem(sys.modules, name, made)
+        return made
+
+    fast_lora = module(
+        "unsloth.kernels.fast_lora",
+        apply_lora_mlp_swiglu=unsloth_mlp,
+        apply_lora_qkv=unsloth_qkv,
+        TRACE_LORA_FUNCTIONS=True,
+        _is_plain_lora=lambda proj: False,  # route to Unsloth's own: the wiring is what is tested
+        _has_activation_fake_quantizer=lambda proj: False,
+        _autocast_dtype_mismatch=lambda X: False,
+        _may_overwrite_input=lambda X: False,
+        get_lora_parameters=None,
+    )
+    glu = module("unsloth.kernels.swiglu", swiglu_fg_kernel=swiglu, swiglu_DWf_DW_dfg_kernel=swiglu_backward)
+    module("unsloth", kernels=module("unsloth.kernels", fast_lora=fast_lora, swiglu=glu))
+
+    class Layer(torch.nn.Module):
+        gradient_checkpointing = False
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.self_attn, self.mlp = torch.nn.Linear(H, H), torch.nn.Linear(H, H)
+            self.self_attn.gate_proj = self.self_attn.up_proj = self.self_attn.down_proj = self.self_attn
+            self.mlp.gate_proj = self.mlp.up_proj = self.mlp.down_proj = self.mlp
+            self.self_attn.q_proj = self.self_attn.k_proj = self.self_attn.v_proj = self.self_attn
+            self.mlp.forward = types.MethodType(unsloth_mlp, self.mlp)  # as Unsloth patches them
+            self.self_attn.apply_qkv = unsloth_qkv
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.mlp(self.self_attn.apply_qkv(self.self_attn, x))
+
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList(Layer() for _ in range(12))
+    note = lean_lora.install(model)
+    assert note is not None and "12 MLP and 12 QKV of 12 layers" in note
+    assert len({id(layer.mlp.forward.__func__) for layer in model.layers}) == 1
+    assert len({id(layer.self_attn.apply_qkv) for layer in model.layers}) == 1
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(Layer.forward, backend="eager")
+    x = torch.randn(2, H)
+    graphs = []
+    for layer in model.layers:
+        torch.testing.assert_close(compiled(layer, x), layer(x))
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == graphs[:1] * 12, graphs  # the first layer's graphs serve all twelve

@@ -450,15 +450,22 @@ def install(model: Any, eager: bool = False) -> str | None:
         _owner, layers = decoder_layers(model)
     except RuntimeError:  # no layer stack found: nothing of Unsloth's to replace
         return None
+    # One object of each for every layer, as Unsloth installs its own: Dynamo guards on the
+    # identity of a partial a traced layer calls, so a partial per layer made each layer's block a
+    # graph of its own (32 compiled for the 8B, under Unsloth's recompile limit of 256; past
+    # torch's default of 8 the rest would run uncompiled), and each call of a layer checked the
+    # guards of the layers before it.
+    mlp_forward = functools.partial(lean_mlp_swiglu, mlp_original, apply)
+    qkv = functools.partial(lean_qkv, qkv_original, apply)
     n_mlp = n_qkv = 0
     for layer in layers:
         mlp = getattr(layer, "mlp", None)
         if getattr(getattr(mlp, "forward", None), "__func__", None) is mlp_original:
-            mlp.forward = types.MethodType(functools.partial(lean_mlp_swiglu, mlp_original, apply), mlp)
+            mlp.forward = types.MethodType(mlp_forward, mlp)
             n_mlp += 1
         attn = getattr(layer, "self_attn", None)
         if getattr(attn, "apply_qkv", None) is qkv_original:
-            attn.apply_qkv = functools.partial(lean_qkv, qkv_original, apply)
+            attn.apply_qkv = qkv
             n_qkv += 1
     if not n_mlp and not n_qkv:
         return None
