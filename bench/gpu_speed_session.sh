@@ -57,8 +57,11 @@
 #   bash bench/gpu_speed_session.sh warm-launch  the Unsloth backend's launch to first step: first,
 #                                             handed to the warm engine the first left, and cold
 #   bash bench/gpu_speed_session.sh lean-lora  the lean LoRA Functions against Unsloth's own (8B shapes),
-#                                             then the 80 GB step with each (bench/step_tax.py);
-#                                             `lean` with LORA_CHECK=1 puts the check before the stacks
+#                                             then the 80 GB step with each (bench/step_tax.py: the
+#                                             device syncs by line, kernels and idle gaps by kind);
+#                                             FORMS="eager lean" LORA_CHECK=0 profiles both forms
+#                                             only; `lean` with LORA_CHECK=1 puts the check before
+#                                             the stacks
 #   bash bench/gpu_speed_session.sh kernels   issue 16's 80 GB step by kind of kernel (bench/step_tax.py
 #                                             --kernels): the seed recipe on the Unsloth backend as
 #                                             auto runs it on the whole card (4 x 1, none
