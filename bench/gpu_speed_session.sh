@@ -203,6 +203,11 @@ export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 UNSLOTH_DIS
 # The compiled-kernel caches the engine keeps between runs, in a folder this call starts empty.
 export QLC_CACHE_DIR=$WORK/cache
 DAY=$(date -u +%F)
+lean_lora_check() {  # the lean LoRA Functions against Unsloth's own, eager and compiled (8B shapes)
+  PYTHONPATH=$PWD:/tmp/site2:/tmp/site timeout -k 10 240 python3 bench/lean_lora_check.py \
+    --out "$OUT/lean-lora-check-$DAY.json" 2>&1 | grep -v '^O^O\|^\\\|==((\|^ *"-____-"\|^ *\\\\   /|' | tail -n 8
+  return "${PIPESTATUS[0]}"
+}
 case "$PART" in
   stacks)
     timeout -k 10 570 python3 bench/compare_stacks.py --out "$OUT" --work "$WORK/stacks" \
@@ -345,9 +350,7 @@ case "$PART" in
         --out "$OUT/lean-optimizer-$DAY.json" 2>&1 | tail -n 3
     fi
     if [[ ${LORA_CHECK:-0} == 1 ]]; then
-      PYTHONPATH=$PWD:/tmp/site2:/tmp/site timeout -k 10 240 python3 bench/lean_lora_check.py \
-        --out "$OUT/lean-lora-check-$DAY.json" 2>&1 | grep -v '^O^O\|^\\\|==((\|^ *"-____-"\|^ *\\\\   /|' | tail -n 8
-      (( PIPESTATUS[0] == 0 )) || { echo "the lean LoRA check failed: no stacks"; exit 1; }
+      lean_lora_check || { echo "the lean LoRA check failed: no stacks"; exit 1; }
     fi
     read -ra SCEN <<< "${SCENARIOS:-bare-unsloth engine-split@h100 engine-split@24GB}"
     timeout -k 10 $((${LIMIT_S:-570} - SECONDS)) python3 bench/compare_stacks.py --out "$OUT" --work "$WORK/lean" \
@@ -365,10 +368,7 @@ case "$PART" in
     # FORMS (default "lean unsloth"; eager: the lean Functions outside the compiled blocks) and
     # LORA_CHECK=0 (skips the check) narrow it; every form but unsloth is profiled by kind of kernel.
     export PYTHONPATH=$PWD:/tmp/site2:/tmp/site
-    if [[ ${LORA_CHECK:-1} == 1 ]]; then
-      timeout -k 10 240 python3 bench/lean_lora_check.py --out "$OUT/lean-lora-check-$DAY.json" 2>&1 \
-        | grep -v '^O^O\|^\\\|==((\|^ *"-____-"\|^ *\\\\   /|' | tail -n 8
-    fi
+    [[ ${LORA_CHECK:-1} == 1 ]] && lean_lora_check
     for form in ${FORMS:-lean unsloth}; do
       (( ${LIMIT_S:-570} - SECONDS > 120 )) || { echo "no time left for $form"; break; }
       case $form in lean) mode=1 ;; unsloth) mode=0 ;; *) mode=$form ;; esac

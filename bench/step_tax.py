@@ -131,9 +131,9 @@ def instrument(trainer: Any, times: HookTimes) -> None:
                     times.wrap(cb, hook, f"{kind}.{hook}")
 
 
-def run_round(trainer: Any, timer: Any, cuda: bool) -> tuple[list[float], int, Counter[str]]:
-    """Train; (step seconds, device syncs counted, and where they were made: the innermost Python
-    line of each, which for a call into torch's C++ such as `.item()` is its caller)."""
+def run_round(trainer: Any, timer: Any, cuda: bool) -> tuple[list[float], Counter[str]]:
+    """Train; (step seconds, the device syncs counted by where they were made: the innermost
+    Python line of each, which for a call into torch's C++ such as `.item()` is its caller)."""
     syncs: Counter[str] = Counter()
     if cuda:
         import torch
@@ -151,7 +151,7 @@ def run_round(trainer: Any, timer: Any, cuda: bool) -> tuple[list[float], int, C
 
         torch.cuda.set_sync_debug_mode("default")
         syncs.update(sync_origin(w.filename, w.lineno) for w in caught if "synchroniz" in str(w.message))
-    return timer.step_seconds(), sum(syncs.values()), syncs
+    return timer.step_seconds(), syncs
 
 
 def sync_origin(filename: str, lineno: int) -> str:
@@ -187,7 +187,7 @@ def profile_round(trainer: Any, timer: Any, cuda: bool, top: int) -> dict[str, A
     window = Window()
     trainer.add_callback(window)
     try:
-        seconds, _, _ = run_round(trainer, timer, cuda)
+        seconds, _ = run_round(trainer, timer, cuda)
     finally:
         prof.disable()
         trainer.remove_callback(window)
@@ -307,22 +307,20 @@ def main() -> int:
     }
     sync_counts: dict[str, Counter[str]] = {"bare": Counter(), "engine": Counter()}
     steps_run = {"bare": 0, "engine": 0}
-    engine_steps = 0
     variants = [("bare", bare, bare_timer), ("engine", engine, engine_timer)]
     for n in range(args.rounds):
         # Each round alternates which variant goes first, so neither always trains on what the
         # other left (the allocator's cache, the optimizer state it freed, the clocks).
         for name, trainer, timer in variants if n % 2 == 0 else variants[::-1]:
             times.active = name == "engine"
-            seconds, syncs, origins = run_round(trainer, timer, cuda)
+            seconds, origins = run_round(trainer, timer, cuda)
             sync_counts[name] += origins
+            syncs = sum(origins.values())
             steps_run[name] += len(seconds)
             times.active = False
             kept = seconds[2:]  # the first steps warm up (allocator, kernels)
             results[name]["step_seconds"] += kept
             results[name]["syncs"].append(syncs / max(len(seconds), 1))
-            if name == "engine":
-                engine_steps += len(seconds)
             print(
                 f"round {n + 1} {name}: median {statistics.median(kept) * 1e3:.1f} ms/step over {len(kept)} steps"
                 + (f", {syncs / max(len(seconds), 1):.1f} device syncs/step" if cuda else ""),
@@ -340,7 +338,7 @@ def main() -> int:
         from bench.kernel_profile import profile_kernels
 
         kernels = profile_kernels(
-            engine, lambda t: run_round(t, engine_timer, cuda)[:2], cuda, trace_origins=args.kernel_origins
+            engine, lambda t: run_round(t, engine_timer, cuda), cuda, trace_origins=args.kernel_origins
         )
         # The profiler slows the host: the step as the timed rounds measured it, beside its own.
         kernels["timed_step_s"] = statistics.median(results["engine"]["step_seconds"])
@@ -348,7 +346,7 @@ def main() -> int:
     bare_median = statistics.median(results["bare"]["step_seconds"])
     engine_median = statistics.median(results["engine"]["step_seconds"])
     per_hook = {
-        k: {"us_per_step": 1e6 * v / max(engine_steps, 1), "calls": times.calls[k]}
+        k: {"us_per_step": 1e6 * v / max(steps_run["engine"], 1), "calls": times.calls[k]}
         for k, v in sorted(times.seconds.items(), key=lambda kv: -kv[1])
     }
     report = {
@@ -389,8 +387,8 @@ def main() -> int:
         "bare_median_step_s": bare_median,
         "engine_median_step_s": engine_median,
         "engine_speed_vs_bare": bare_median / engine_median,
-        "engine_hooks_us_per_step": 1e6 * hook_seconds / max(engine_steps, 1),
-        "engine_hooks_share_of_step": hook_seconds / max(engine_steps, 1) / engine_median,
+        "engine_hooks_us_per_step": 1e6 * hook_seconds / max(steps_run["engine"], 1),
+        "engine_hooks_share_of_step": hook_seconds / max(steps_run["engine"], 1) / engine_median,
         "hooks": per_hook,
         "syncs_per_step": {k: v["syncs"] for k, v in results.items()} if cuda else None,
         # Each sync drains the device's queue, which then idles until the host launches again.

@@ -61,13 +61,13 @@ def _stacked(weights: tuple, states: tuple, below: Any, dequant: Dequant) -> tor
     dequantize op writing into a view of a larger buffer crashed the compiled block with an
     illegal address (H100, 2026-12-06). A format it does not take is dequantized apart and
     concatenated, a copy."""
-    if torch.compiler.is_compiling() or not all(hasattr(Q, "shape") for Q in states):
-        traced = getattr(dequant, "traced_stack", None)
-        stacked = traced(weights, states, below) if traced is not None else None
-        if stacked is not None:
-            return stacked
-        return torch.cat([*(dequant(W, Q) for W, Q in zip(weights, states, strict=True)), *below])
-    return _stack_into(weights, states, [Q.shape[0] for Q in states], below, dequant)
+    if not torch.compiler.is_compiling() and all(hasattr(Q, "shape") for Q in states):
+        return _stack_into(weights, states, [Q.shape[0] for Q in states], below, dequant)
+    traced = getattr(dequant, "traced_stack", None)
+    stacked = traced(weights, states, below) if traced is not None else None
+    if stacked is not None:
+        return stacked
+    return torch.cat([*(dequant(W, Q) for W, Q in zip(weights, states, strict=True)), *below])
 
 
 def _stack_into(weights: Any, states: Any, rows: list[int], below: Any, dequant: Dequant) -> torch.Tensor:
