@@ -18,7 +18,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from engine.train.backends import lean_optimizer
-from engine.train.backends.lean_optimizer import _kernels, _lean, _no_sync, lean_bnb_step
+from engine.train.backends.lean_optimizer import _kernels, _lean, _no_sync, lean_bnb_step, lean_zero_grad
 
 
 def _params(seed: int) -> list[torch.nn.Parameter]:
@@ -184,6 +184,13 @@ def test_slabs_give_the_updates_of_one_tensor_at_a_time(
     kernel = _kernels()["cpu"]
     calls: list[int] = []
     monkeypatch.setitem(_kernels(), "cpu", lambda *a: (calls.append(a[1].numel()), kernel(*a))[1])
+    prefetched: list[int] = []
+    prefetch = bnb_optimizer.Optimizer8bit.prefetch_state
+    monkeypatch.setattr(
+        bnb_optimizer.Optimizer8bit,
+        "prefetch_state",
+        lambda opt, p: (prefetched.append(id(p)), prefetch(opt, p))[1],
+    )
 
     def train(params: list[torch.nn.Parameter], lean: bool) -> Any:
         opt = bnb.optim.AdamW8bit(params, lr=1e-2, weight_decay=0.01)
@@ -194,10 +201,13 @@ def test_slabs_give_the_updates_of_one_tensor_at_a_time(
             for i, p in enumerate(params):
                 grad = torch.randn(p.shape, generator=g).to(dtype)
                 p.grad = None if (step == 3 and i == 1) else grad
+            prefetched.clear()
             opt.step()
+            prefetches.append(list(prefetched))
             opt.zero_grad()
         return opt
 
+    prefetches: list[list[int]] = []
     plain, lean = _mixed(0, dtype), _mixed(0, dtype)
     a_opt, b_opt = train(plain, lean=False), train(lean, lean=True)
     for a, b in zip(plain, lean, strict=True):
@@ -213,12 +223,20 @@ def test_slabs_give_the_updates_of_one_tensor_at_a_time(
     ]  # fmt: skip
     state1 = b_opt.state[lean[1]]["state1"]
     assert state1.untyped_storage().data_ptr() == slabs[0].buffers["state1"].untyped_storage().data_ptr()
-    # In bitsandbytes' order, a launch each: the first slab, (65, 100) alone, the next two slabs,
-    # the last one. (512, 16) had no gradient in step 4: its slab's other tensor went alone, and as
-    # their step counts differ from then on, both go one at a time.
-    per_step = [16_384, 6_500, 16_384, 16_384, 8_192]
-    apart = [8_192, 8_192, 6_500, 16_384, 16_384, 8_192]
-    assert calls == per_step * 3 + [8_192, *per_step[1:]] + apart * 2
+    # The first step lays the slabs out as bitsandbytes' loop reaches them, so it launches in the
+    # loop's order: the first slab, (65, 100) alone, the next two slabs, the last one. From then on
+    # the slabs launch before the loop, and the loop updates what is left. (512, 16) had no
+    # gradient in step 4: its slab's other tensor went alone, and as their step counts differ from
+    # then on, both go one at a time.
+    slabbed = [16_384, 16_384, 16_384, 8_192, 6_500]
+    step4 = [16_384, 16_384, 8_192, 8_192, 6_500]
+    apart = [16_384, 16_384, 8_192, 8_192, 8_192, 6_500]
+    assert calls == [16_384, 6_500, 16_384, 16_384, 8_192] + slabbed * 2 + step4 + apart * 2
+    # bitsandbytes' prefetch of a tensor's paged state, in the lean run's last four steps: only for
+    # the tensors no slab updated (a slab's launch prefetches its whole buffers).
+    alone = [id(lean[2]), id(lean[5])]  # (65, 100) and the 32-bit (8, 8)
+    first_slab = [id(lean[0]), id(lean[1]), *alone]
+    assert prefetches[-4:] == [alone, [id(lean[0]), *alone], first_slab, first_slab]
 
 
 def test_a_state_dict_from_slabs_resumes_into_a_laid_out_optimizer(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -300,3 +318,23 @@ def test_a_group_added_after_the_layout(monkeypatch: pytest.MonkeyPatch) -> None
 
     for a, b in zip(run(False), run(True), strict=True):
         assert torch.equal(a, b)
+
+
+def test_zero_grad_over_the_optimizers_parameters() -> None:
+    """The model's zero_grad clears what the module's own walk clears, over the optimizer's
+    parameters alone; installed only where those are all the trainable ones."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    model[0].requires_grad_(False)
+    assert not lean_zero_grad(model, torch.optim.AdamW([model[1].weight]))  # the bias left out
+    assert "zero_grad" not in vars(model)
+    opt = torch.optim.AdamW(model[1].parameters())
+    assert lean_zero_grad(model, opt)
+    model(torch.randn(2, 8)).sum().backward()
+    assert model[0].weight.grad is None and model[1].weight.grad is not None
+    model.zero_grad(set_to_none=False)
+    assert torch.equal(model[1].weight.grad, torch.zeros(8, 8))
+    later = torch.nn.Parameter(torch.ones(3))
+    opt.add_param_group({"params": [later]})
+    later.grad = torch.ones(3)
+    model.zero_grad()
+    assert all(p.grad is None for p in [*model.parameters(), later])

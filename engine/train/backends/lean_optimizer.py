@@ -28,6 +28,11 @@ and changes two things, neither of which changes a result:
   slab's gradients and parameters into one tensor each, runs the kernel once, and copies the
   parameters back: a few launches for the 8B's 448 tensors, and no Python per tensor between
   kernels. The gathered copies are transient, at most `SLAB_ELEMENTS` elements each.
+- The slabs launch first, before bitsandbytes' loop, and the loop skips their tensors' paged
+  prefetches. bitsandbytes prefetches each parameter's two paged states before its update
+  (`prefetch_state`, one cudaMemPrefetchAsync each); a slab's launch prefetches its whole buffers
+  instead, so per tensor that was 896 driver calls a step on the 8B for nothing, run between the
+  slabs' launches while the device waited (about 2 ms before each of 6 slabs on an H100).
 """
 
 from __future__ import annotations
@@ -85,6 +90,7 @@ class _Slab:
     buffers: dict[str, Any] = field(default_factory=dict)  # _STATE_KEYS -> the slab's flat state
     views: list[tuple[Any, ...]] = field(default_factory=list)  # each parameter's state entries
     launched: int = -1  # the optimizer's step call that updated the slab in one launch
+    tried: int = -1  # the step call that last tried to (a failed try falls back to one at a time)
 
     @property
     def elements(self) -> int:
@@ -294,6 +300,29 @@ def _launch(opt: Any, slab: _Slab) -> bool:
     return True
 
 
+def _try(opt: Any, slab: _Slab) -> None:
+    """Launch `slab` in this step call, once: a failed try (a tensor without a gradient, step
+    counts that differ) leaves its tensors to bitsandbytes' loop, one at a time."""
+    calls = getattr(opt, "_qlc_calls", 0)
+    slab.tried = calls
+    slab.launched = calls if _launch(opt, slab) else -1
+
+
+def _launch_slabs(opt: Any) -> None:
+    """Every slab launched before bitsandbytes' loop starts, so that the loop's Python for their
+    tensors runs while the device updates them. All or none: where any layout no longer holds (a
+    state dict loaded, a group changed), the loop lays out again at the first tensor and launches
+    from there, as it would without this."""
+    import torch
+
+    slabs = getattr(opt, "_qlc_slabs", None)
+    if slabs and _flat_ok(opt) and all(slab.current(opt) for slab in slabs):
+        # Named as torch names an optimizer's step, so a profile counts the launches in it.
+        with torch.no_grad(), torch.profiler.record_function(f"Optimizer.step#{type(opt).__name__}.slabs"):
+            for slab in slabs:
+                _try(opt, slab)
+
+
 def _no_sync(_: Any) -> None:
     """bitsandbytes' per-parameter `sync_gpu`, skipped (the step's last one is kept)."""
 
@@ -323,6 +352,8 @@ def _lean(cls: type) -> type:
             _swap_depth += 1
             self._qlc_calls = getattr(self, "_qlc_calls", 0) + 1  # which step a slab launched in
             try:
+                if closure is None:  # a closure computes the gradients inside bitsandbytes' step
+                    _launch_slabs(self)
                 loss = super(lean, self).step(closure)
             finally:
                 _swap_depth -= 1
@@ -354,7 +385,8 @@ def _lean(cls: type) -> type:
         slab = self._qlc_slab_of.get(id(p))
         if slab is None:
             return False
-        if p is slab.params[0]:
+        calls = getattr(self, "_qlc_calls", 0)
+        if p is slab.params[0] and slab.tried != calls:  # not launched before the loop
             if not slab.current(self):  # a state dict loaded, a group changed...: lay out again
                 _lay_out(self)
                 # In the new layout `p` may lie elsewhere, or nowhere; a slab whose tensors were
@@ -362,8 +394,14 @@ def _lean(cls: type) -> type:
                 slab = self._qlc_slab_of.get(id(p))
                 if slab is None or p is not slab.params[0]:
                     return False
-            slab.launched = getattr(self, "_qlc_calls", 0) if _launch(self, slab) else -1
-        return slab.launched == getattr(self, "_qlc_calls", 0)
+            _try(self, slab)
+        return slab.launched == calls
+
+    def prefetch_state(self: Any, p: Any) -> None:
+        # A tensor its slab updated: the launch prefetched the slab's whole buffers first.
+        slab = getattr(self, "_qlc_slab_of", {}).get(id(p))
+        if slab is None or slab.launched != getattr(self, "_qlc_calls", 0):
+            super(lean, self).prefetch_state(p)
 
     def update_step(self: Any, group: dict[str, Any], p: Any, gindex: int, pindex: int) -> None:
         if slab_updated(self, p):
@@ -387,6 +425,7 @@ def _lean(cls: type) -> type:
         # beta3 in its own update_step, and one-state optimizers (Lion, momentum) have theirs.
         members["update_step"] = update_step
         members["init_state"] = init_state
+        members["prefetch_state"] = prefetch_state
     lean = type(cls.__name__, (cls,), members)
     return lean
 
@@ -412,4 +451,32 @@ def lean_bnb_step(optimizer: Any) -> bool:
         return False  # a tensor subclass (a sharded DTensor): bitsandbytes' own path decides
 
     optimizer.__class__ = _lean(type(optimizer))
+    return True
+
+
+def lean_zero_grad(model: Any, optimizer: Any) -> bool:
+    """`model.zero_grad()` over the optimizer's parameters instead of every parameter of the model.
+
+    The Trainer clears the gradients after each optimizer step with `model.zero_grad()`, which walks
+    every module: about 2,700 on Llama-3.1-8B with LoRA on all seven projections, 2-3 ms of host
+    time a step after the optimizer's last synchronisation, with nothing queued on the device. Only
+    the trainable parameters ever get a gradient, and the optimizer holds all of them, so clearing
+    its parameters' gradients does the same. Installed on this model object only, and only where
+    the two sets are equal (False, nothing changed, otherwise); `set_to_none=False` keeps the
+    module's own walk."""
+    own = [p for group in optimizer.param_groups for p in group["params"]]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not own or {id(p) for p in own} != {id(p) for p in trainable}:
+        return False
+    walk = model.zero_grad
+
+    def zero_grad(set_to_none: bool = True) -> None:
+        if not set_to_none:
+            return walk(set_to_none)
+        for group in optimizer.param_groups:  # read each call: a group added later is cleared too
+            for p in group["params"]:
+                p.grad = None
+        return None
+
+    model.zero_grad = zero_grad
     return True

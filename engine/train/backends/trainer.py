@@ -74,7 +74,7 @@ def training_args(
 def _trainer_class() -> type:
     from trl import SFTTrainer
 
-    from engine.train.backends.lean_optimizer import lean_bnb_step
+    from engine.train.backends.lean_optimizer import lean_bnb_step, lean_zero_grad
     from engine.train.backends.safe_trainer import SafeTrainerMixin
 
     class EngineTrainer(SafeTrainerMixin, SFTTrainer):
@@ -97,9 +97,11 @@ def _trainer_class() -> type:
 
         def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
             """The Trainer's optimizer; a bitsandbytes 8-bit one on CUDA with less host time per
-            parameter (engine.train.backends.lean_optimizer: the same updates)."""
+            parameter (engine.train.backends.lean_optimizer: the same updates), and the model's
+            zero_grad over the optimizer's parameters alone (lean_zero_grad)."""
             optimizer = super().create_optimizer(*args, **kwargs)
             lean_bnb_step(self.optimizer)
+            lean_zero_grad(self.model, self.optimizer)
             return optimizer
 
         def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
