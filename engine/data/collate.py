@@ -21,6 +21,25 @@ def positions(lengths: list[int]) -> list[int]:
     return [p for n in lengths for p in range(n)]
 
 
+def _long(values: Any) -> Any:
+    """A (nested) list of ints as an int64 tensor. Through numpy: on a micro-batch of 4 x 4,096
+    tokens it reads the lists about 3x faster than torch.as_tensor, and the batch is built on the
+    host while the device waits (between one step's optimizer and the next step's forward)."""
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.asarray(values, dtype=np.int64))
+
+
+def _positions(lengths: list[int]) -> Any:
+    """`positions(lengths)` as an int64 tensor of one row."""
+    import numpy as np
+    import torch
+
+    ranges = [np.arange(n, dtype=np.int64) for n in lengths]
+    return torch.from_numpy(np.concatenate(ranges) if ranges else np.zeros(0, dtype=np.int64))[None]
+
+
 @dataclass
 class PadCollator:
     """Right-pads a list of rows (input_ids, labels[, seq_lengths]) to the longest one.
@@ -79,8 +98,8 @@ class PadCollator:
         segments: list[int] = []
         for i, row in enumerate(rows):
             length = len(row["input_ids"])
-            input_ids[i, :length] = torch.as_tensor(row["input_ids"], dtype=torch.long)
-            labels[i, :length] = torch.as_tensor(row["labels"], dtype=torch.long)
+            input_ids[i, :length] = _long(row["input_ids"])
+            labels[i, :length] = _long(row["labels"])
             attention_mask[i, :length] = 1
             if self.packed:
                 lengths = row_lengths(row)
@@ -110,8 +129,8 @@ class PadCollator:
         in the one-row form, so the loss counts the same targets."""
         import torch
 
-        input_ids = torch.as_tensor([row["input_ids"] for row in rows], dtype=torch.long)
-        labels = torch.as_tensor([row["labels"] for row in rows], dtype=torch.long)
+        input_ids = _long([row["input_ids"] for row in rows])
+        labels = _long([row["labels"] for row in rows])
         labels[:, 0] = IGNORE
         position_ids = torch.arange(input_ids.shape[1]).expand_as(input_ids).contiguous()
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
@@ -126,11 +145,11 @@ class PadCollator:
             ids += row["input_ids"]
             labels += row["labels"]
             lengths += row_lengths(row) if self.packed else [len(row["input_ids"])]
-        position_ids = torch.as_tensor([positions(lengths)], dtype=torch.long)
-        label_ids = torch.as_tensor([labels], dtype=torch.long)
+        position_ids = _positions(lengths)
+        label_ids = _long([labels])
         label_ids[position_ids == 0] = IGNORE
         return {
-            "input_ids": torch.as_tensor([ids], dtype=torch.long),
+            "input_ids": _long([ids]),
             "labels": label_ids,
             "position_ids": position_ids,
             "packed_seq_lengths": torch.as_tensor(lengths, dtype=torch.int32),
