@@ -253,8 +253,70 @@ def test_qkv_traced_with_nf4_weights_matches_eager() -> None:
         sum(o.float().square().sum() for o in how(X, params)).backward()
         results.append([X.grad, *(p.grad for p in params)])
     assert sum("qlc.nf4_stack" in code for code in graphs) == 1, graphs  # the backward's, once
+    # Each projection's LoRA term accumulated into its output in place (mm_sum), not through an
+    # out-of-place addmm, which Inductor runs as a copy of the whole output and then the GEMM.
+    assert graphs[0].count("qlc.mm_sum") == 3, graphs[0]
+    assert not [
+        line for line in "".join(graphs).splitlines() if "aten.addmm" in line and "beta = 0" not in line
+    ]
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_mlp_traced_with_nf4_weights_matches_eager() -> None:
+    """The MLP Function traced as in a compiled block: no out-of-place accumulation (the down
+    projection's LoRA term in the forward, dX's three products in the backward go through
+    mm_sum), and eager's output and gradients exactly."""
+    torch.manual_seed(6)
+    x = torch.randn(2, 6, 64).bfloat16()
+    gate, up, down = nf4(96, 64), nf4(96, 64), nf4(64, 96)
+    adapters = [
+        (torch.randn(R, inp) / 8, torch.randn(out, R) / R) for out, inp in ((96, 64), (96, 64), (64, 96))
+    ]
+
+    def run(X: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+        parts = [
+            part
+            for (W, state, _), a, b in zip((gate, up, down), params[::2], params[1::2], strict=True)
+            for part in (W, state, a, b, 2.0)
+        ]
+        return LeanLoRAMLP.apply(X, *parts, swiglu, swiglu_backward, bnb_dequant, False)
+
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs: list[str] = []
+
+    def keep(gm: torch.fx.GraphModule, _inputs: object) -> torch.fx.GraphModule:
+        graphs.append(gm.code)
+        return gm
+
+    traced = torch.compile(run, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)
+    results = []
+    for how in (run, traced):
+        X, *params = leaves(x, *(t.bfloat16() for pair in adapters for t in pair))
+        out = how(X, params)
+        out.float().square().sum().backward()
+        results.append([out, X.grad, *(p.grad for p in params)])
+    forward, backward = graphs
+    assert forward.count("qlc.mm_sum") == 1 and backward.count("qlc.mm_sum") == 1, graphs
+    assert not [
+        line for line in "".join(graphs).splitlines() if "aten.addmm" in line and "beta = 0" not in line
+    ]
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_the_sum_of_products_op() -> None:
+    """`mm_sum` against the products summed in fp32, and through opcheck's schema and fake checks."""
+    torch.manual_seed(7)
+    lhs = [torch.randn(8, 16), torch.randn(8, 4), torch.randn(8, 3)]
+    rhs = [torch.randn(16, 5), torch.randn(4, 5), torch.randn(3, 5)]
+    for alphas in ([1.0, 2.0, 0.5], [0.25, 1.0, 1.0]):
+        want = sum(a * (x @ y) for x, y, a in zip(lhs, rhs, alphas, strict=True))
+        torch.testing.assert_close(torch.ops.qlc.mm_sum(lhs, rhs, alphas), want)
+        torch.library.opcheck(
+            torch.ops.qlc.mm_sum, (lhs, rhs, alphas), test_utils=("test_schema", "test_faketensor")
+        )
 
 
 def test_install_gives_every_layer_the_same_objects_so_one_graph_serves_them_all(

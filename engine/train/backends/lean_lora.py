@@ -175,6 +175,47 @@ def _nf4_traced_stack(weights: tuple, states: tuple, below: Any) -> torch.Tensor
     )
 
 
+# ---- sums of products, accumulated in place, for compiled blocks -------------------------------
+# Eagerly `out.addmm_(a, b)` accumulates a product into `out` inside the GEMM (beta = 1). Traced,
+# the in-place addmm_ becomes an out-of-place addmm, which Inductor runs as an extern kernel with
+# a new output buffer: the whole of `out` is copied into it first. On the 8B's 80 GB step those
+# copies were 12.6 ms a step (H100, 2026-12-06, the kernel profile's origins: the q/k/v and down
+# projections' LoRA terms in the forward, dX's two accumulations in the MLP's backward). As one
+# opaque op the accumulation stays in place.
+
+
+@torch.library.custom_op(
+    "qlc::mm_sum", mutates_args=(), schema="(Tensor[] lhs, Tensor[] rhs, float[] alphas) -> Tensor"
+)
+def mm_sum(lhs: list[torch.Tensor], rhs: list[torch.Tensor], alphas: list[float]) -> torch.Tensor:
+    """The sum of alphas[i] * lhs[i] @ rhs[i]: the first product into a fresh output, each other
+    one accumulated into it by its GEMM."""
+    out = _mm_scaled(lhs[0], rhs[0], alphas[0]) if alphas[0] != 1.0 else torch.mm(lhs[0], rhs[0])
+    for a, b, alpha in zip(lhs[1:], rhs[1:], alphas[1:], strict=True):
+        out.addmm_(a, b, alpha=alpha)
+    return out
+
+
+@mm_sum.register_fake
+def _mm_sum_fake(lhs: list[torch.Tensor], rhs: list[torch.Tensor], alphas: list[float]) -> torch.Tensor:
+    return lhs[0].new_empty((lhs[0].shape[0], rhs[0].shape[1]))
+
+
+def _mm_sum(
+    products: list[tuple[torch.Tensor, torch.Tensor, float]], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """sum(alpha * a @ b for a, b, alpha in products), into `out` when given (eagerly: a traced
+    backward never writes its input, `_write_input`); traced, through `mm_sum`."""
+    if torch.compiler.is_compiling():
+        lhs, rhs, alphas = zip(*products, strict=True)
+        return torch.ops.qlc.mm_sum(list(lhs), list(rhs), [float(a) for a in alphas])
+    (a, b, alpha), *rest = products
+    total = torch.matmul(a, b, out=out) if alpha == 1.0 else _mm_scaled(a, b, alpha)
+    for a, b, alpha in rest:
+        total.addmm_(a, b, alpha=alpha)
+    return total
+
+
 def _mm_scaled(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
     """s * (a @ b), the scale applied in the GEMM's epilogue as Unsloth's `addmm_(beta=0)` does."""
     out = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
@@ -236,8 +277,7 @@ class LeanLoRAMLP(torch.autograd.Function):
         del Xc
         h = fg(e.view(*shape[:-1], -1), g.view(*shape[:-1], -1)).view(e.shape)
         hA = h @ downA.to(dtype).t()  # (T, rd), kept: the backward's d_downB needs it
-        out = h @ dequant(downW, downQ).t()
-        out.addmm_(hA, downB.to(dtype).t(), alpha=downS)
+        out = _mm_sum([(h, dequant(downW, downQ).t(), 1.0), (hA, downB.to(dtype).t(), downS)])
         ctx.custom = (gateW, gateQ, gateS, upW, upQ, upS, downW, downQ, downS, dfg, dequant, shape)
         ctx.save_for_backward(X, e, g, XA, hA, gateA, gateB, upA, upB, downA, downB)
         ctx.inplace = inplace
@@ -271,9 +311,14 @@ class LeanLoRAMLP(torch.autograd.Function):
 
         # dX = df @ Wu + de @ Wg + the LoRA terms of both in one K = rg + ru GEMM. X's storage
         # takes dX where nothing else still reads X (Unsloth's `inplace`), as in its Function.
-        dX = torch.matmul(df, dequant(upW, upQ), out=X2 if _write_input(ctx) else None)
-        dX.addmm_(de, dequant(gateW, gateQ))
-        dX.addmm_(dB, torch.cat((Ag * gateS, Au * upS)))
+        dX = _mm_sum(
+            [
+                (df, dequant(upW, upQ), 1.0),
+                (de, dequant(gateW, gateQ), 1.0),
+                (dB, torch.cat((Ag * gateS, Au * upS)), 1.0),
+            ],
+            out=X2 if _write_input(ctx) else None,
+        )
         return (
             dX.view(shape),
             *(None, None, d_gateA, d_gateB, None),
@@ -319,8 +364,7 @@ class LeanLoRAQKV(torch.autograd.Function):
         for W, Q, B, S, XAp in zip(
             (QW, KW, VW), (QQ, KQ, VQ), (QB, KB, VB), (QS, KS, VS), XA.split(ranks, dim=1), strict=True
         ):
-            out = X2 @ dequant(W, Q).t()
-            out.addmm_(XAp, B.to(dtype).t(), alpha=S)
+            out = _mm_sum([(X2, dequant(W, Q).t(), 1.0), (XAp, B.to(dtype).t(), S)])
             outs.append(out.view(*shape[:-1], -1))
         ctx.custom = (QW, QQ, QS, KW, KQ, KS, VW, VQ, VS, dequant, shape, ranks)
         ctx.save_for_backward(X, XA, QA, QB, KA, KB, VA, VB)
