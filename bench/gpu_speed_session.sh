@@ -345,6 +345,10 @@ case "$PART" in
     #   LORA_CHECK=1 LEAN_CHECK=0 STEPS=12 bash bench/gpu_speed_session.sh lean
     # The eager form beside the default: LEAN_CHECK=0 STEPS=12 SCENARIOS="bare-unsloth
     #   engine-split@h100#lean-lora=eager engine-split@h100 engine-split@24GB#lean-lora=eager" ... lean
+    # Both forms, then where the compiled step's copies come from, in one call (2026-12-06 evening):
+    #   STEPS=12 LEAN_CHECK=0 LIMIT_S=250 SCENARIOS="bare-unsloth engine-split@h100
+    #   engine-split@h100#lean-lora=eager" bash bench/gpu_speed_session.sh lean; ORIGINS=1 GEMMA=0
+    #   LAYOUTS="4 1 false" LIMIT_S=$((450 - SECONDS)) bash bench/gpu_speed_session.sh kernels
     if [[ ${LEAN_CHECK:-1} == 1 ]]; then
       PYTHONPATH=$PWD:/tmp/site timeout -k 10 90 python3 bench/lean_optimizer_check.py \
         --out "$OUT/lean-optimizer-$DAY.json" 2>&1 | tail -n 3

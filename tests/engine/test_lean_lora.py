@@ -222,23 +222,23 @@ def test_the_stacked_nf4_op_matches_dequantize_then_concatenate() -> None:
     torch.library.opcheck(torch.ops.qlc.nf4_stack, args, test_utils=("test_schema", "test_faketensor"))
 
 
-def test_qkv_traced_with_nf4_weights_matches_eager() -> None:
-    """The compiled form's path: traced through AOT autograd (the graph Inductor would get), the
-    backward stacks the NF4 weights through the opaque op and gives eager's gradients exactly."""
-    torch.manual_seed(5)
-    x = torch.randn(2, 6, 64).bfloat16()
-    q, k, v = nf4(64, 64), nf4(32, 64), nf4(32, 64)
-    adapters = [(torch.randn(R, 64) / 8, torch.randn(out, R) / R) for out in (64, 32, 32)]
+def _eager_and_traced(
+    function: type[torch.autograd.Function], weights: list[tuple], x: torch.Tensor, *tail: object
+) -> tuple[list[list[torch.Tensor]], list[str]]:
+    """`function` on NF4 `weights` (each with an adapter of rank R, scale 2) run eagerly and traced
+    through AOT autograd (the graphs Inductor would get): each run's outputs and gradients, and
+    the traced forward's and backward's code."""
+    from torch._dynamo.backends.common import aot_autograd
 
-    def run(X: torch.Tensor, params: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    adapters = [(torch.randn(R, d.shape[1]) / 8, torch.randn(d.shape[0], R) / R) for _, _, d in weights]
+
+    def run(X: torch.Tensor, params: list[torch.Tensor]) -> object:
         parts = [
             part
-            for (W, state, _), a, b in zip((q, k, v), params[::2], params[1::2], strict=True)
+            for (W, state, _), a, b in zip(weights, params[::2], params[1::2], strict=True)
             for part in (W, state, a, b, 2.0)
         ]
-        return LeanLoRAQKV.apply(X, *parts, bnb_dequant, False)
-
-    from torch._dynamo.backends.common import aot_autograd
+        return function.apply(X, *parts, *tail)
 
     graphs: list[str] = []
 
@@ -250,58 +250,46 @@ def test_qkv_traced_with_nf4_weights_matches_eager() -> None:
     results = []
     for how in (run, traced):
         X, *params = leaves(x, *(t.bfloat16() for pair in adapters for t in pair))
-        sum(o.float().square().sum() for o in how(X, params)).backward()
-        results.append([X.grad, *(p.grad for p in params)])
+        got = how(X, params)
+        outs = list(got) if isinstance(got, tuple) else [got]
+        sum(o.float().square().sum() for o in outs).backward()
+        results.append([*outs, X.grad, *(p.grad for p in params)])
+    return results, graphs
+
+
+def _accumulates_out_of_place(graphs: list[str]) -> list[str]:
+    """The traced lines that add a product into an existing output out of place: Inductor runs
+    such an addmm as a copy of the whole output, then the GEMM (beta = 0 reads no output)."""
+    return [line for line in "".join(graphs).splitlines() if "aten.addmm" in line and "beta = 0" not in line]
+
+
+def test_qkv_traced_with_nf4_weights_matches_eager() -> None:
+    """The compiled form's path: traced through AOT autograd, the backward stacks the NF4 weights
+    through the opaque op, each projection's LoRA term is accumulated into its output in place
+    (mm_sum), and the outputs and gradients are eager's exactly."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 6, 64).bfloat16()
+    results, graphs = _eager_and_traced(
+        LeanLoRAQKV, [nf4(64, 64), nf4(32, 64), nf4(32, 64)], x, bnb_dequant, False
+    )
     assert sum("qlc.nf4_stack" in code for code in graphs) == 1, graphs  # the backward's, once
-    # Each projection's LoRA term accumulated into its output in place (mm_sum), not through an
-    # out-of-place addmm, which Inductor runs as a copy of the whole output and then the GEMM.
     assert graphs[0].count("qlc.mm_sum") == 3, graphs[0]
-    assert not [
-        line for line in "".join(graphs).splitlines() if "aten.addmm" in line and "beta = 0" not in line
-    ]
+    assert not _accumulates_out_of_place(graphs)
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_mlp_traced_with_nf4_weights_matches_eager() -> None:
-    """The MLP Function traced as in a compiled block: no out-of-place accumulation (the down
-    projection's LoRA term in the forward, dX's three products in the backward go through
-    mm_sum), and eager's output and gradients exactly."""
+    """The MLP Function traced as in a compiled block: the down projection's LoRA term in the
+    forward and dX's three products in the backward go through mm_sum, and the output and
+    gradients are eager's exactly."""
     torch.manual_seed(6)
     x = torch.randn(2, 6, 64).bfloat16()
-    gate, up, down = nf4(96, 64), nf4(96, 64), nf4(64, 96)
-    adapters = [
-        (torch.randn(R, inp) / 8, torch.randn(out, R) / R) for out, inp in ((96, 64), (96, 64), (64, 96))
-    ]
-
-    def run(X: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
-        parts = [
-            part
-            for (W, state, _), a, b in zip((gate, up, down), params[::2], params[1::2], strict=True)
-            for part in (W, state, a, b, 2.0)
-        ]
-        return LeanLoRAMLP.apply(X, *parts, swiglu, swiglu_backward, bnb_dequant, False)
-
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs: list[str] = []
-
-    def keep(gm: torch.fx.GraphModule, _inputs: object) -> torch.fx.GraphModule:
-        graphs.append(gm.code)
-        return gm
-
-    traced = torch.compile(run, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)
-    results = []
-    for how in (run, traced):
-        X, *params = leaves(x, *(t.bfloat16() for pair in adapters for t in pair))
-        out = how(X, params)
-        out.float().square().sum().backward()
-        results.append([out, X.grad, *(p.grad for p in params)])
+    weights = [nf4(96, 64), nf4(96, 64), nf4(64, 96)]
+    results, graphs = _eager_and_traced(LeanLoRAMLP, weights, x, swiglu, swiglu_backward, bnb_dequant, False)
     forward, backward = graphs
     assert forward.count("qlc.mm_sum") == 1 and backward.count("qlc.mm_sum") == 1, graphs
-    assert not [
-        line for line in "".join(graphs).splitlines() if "aten.addmm" in line and "beta = 0" not in line
-    ]
+    assert not _accumulates_out_of_place(graphs)
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
