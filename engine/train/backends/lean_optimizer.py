@@ -28,8 +28,8 @@ and changes two things, neither of which changes a result:
   slab's gradients and parameters into one tensor each, runs the kernel once, and copies the
   parameters back: a few launches for the 8B's 448 tensors, and no Python per tensor between
   kernels. The gathered copies are transient, at most `SLAB_ELEMENTS` elements each.
-- The slabs launch first, before bitsandbytes' loop, and the loop skips their tensors' paged
-  prefetches. bitsandbytes prefetches each parameter's two paged states before its update
+- The slabs launch together, when bitsandbytes' loop reaches its first tensor, and the loop skips
+  their tensors' paged prefetches. bitsandbytes prefetches each parameter's two paged states before its update
   (`prefetch_state`, one cudaMemPrefetchAsync each); a slab's launch prefetches its whole buffers
   instead, so per tensor that was 896 driver calls a step on the 8B for nothing, run between the
   slabs' launches while the device waited (about 2 ms before each of 6 slabs on an H100).
@@ -309,18 +309,18 @@ def _try(opt: Any, slab: _Slab) -> None:
 
 
 def _launch_slabs(opt: Any) -> None:
-    """Every slab launched before bitsandbytes' loop starts, so that the loop's Python for their
-    tensors runs while the device updates them. All or none: where any layout no longer holds (a
-    state dict loaded, a group changed), the loop lays out again at the first tensor and launches
-    from there, as it would without this."""
-    import torch
-
+    """Every slab launched at once, when bitsandbytes' loop reaches its first tensor, so that the
+    loop's Python for the slabs' tensors runs while the device updates them. All or none: where
+    any layout no longer holds (a state dict loaded, a group changed), the loop lays out again at
+    a slab's first tensor and launches from there, as it would without this."""
+    calls = getattr(opt, "_qlc_calls", 0)
+    if getattr(opt, "_qlc_all_tried", -1) == calls:
+        return
+    opt._qlc_all_tried = calls
     slabs = getattr(opt, "_qlc_slabs", None)
     if slabs and _flat_ok(opt) and all(slab.current(opt) for slab in slabs):
-        # Named as torch names an optimizer's step, so a profile counts the launches in it.
-        with torch.no_grad(), torch.profiler.record_function(f"Optimizer.step#{type(opt).__name__}.slabs"):
-            for slab in slabs:
-                _try(opt, slab)
+        for slab in slabs:
+            _try(opt, slab)
 
 
 def _no_sync(_: Any) -> None:
@@ -352,8 +352,6 @@ def _lean(cls: type) -> type:
             _swap_depth += 1
             self._qlc_calls = getattr(self, "_qlc_calls", 0) + 1  # which step a slab launched in
             try:
-                if closure is None:  # a closure computes the gradients inside bitsandbytes' step
-                    _launch_slabs(self)
                 loss = super(lean, self).step(closure)
             finally:
                 _swap_depth -= 1
@@ -398,6 +396,9 @@ def _lean(cls: type) -> type:
         return slab.launched == calls
 
     def prefetch_state(self: Any, p: Any) -> None:
+        # bitsandbytes' loop calls this first for each tensor it updates: at the first one, inside
+        # its step (after torch's step hooks, under no_grad), every slab launches.
+        _launch_slabs(self)
         # A tensor its slab updated: the launch prefetched the slab's whole buffers first.
         slab = getattr(self, "_qlc_slab_of", {}).get(id(p))
         if slab is None or slab.launched != getattr(self, "_qlc_calls", 0):
