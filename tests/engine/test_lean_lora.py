@@ -294,6 +294,34 @@ def test_mlp_traced_with_nf4_weights_matches_eager() -> None:
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_qkv_compiled_with_dynamic_shapes_matches_eager() -> None:
+    """As Unsloth compiles its blocks (dynamic=True): two token counts through one graph, mm_sum's
+    fake shaped symbolically, eager's outputs and gradients exactly."""
+    torch.manual_seed(8)
+    q, k, v = nf4(64, 64), nf4(32, 64), nf4(32, 64)
+    adapters = [(torch.randn(R, 64) / 8, torch.randn(out, R) / R) for out in (64, 32, 32)]
+
+    def run(X: torch.Tensor, params: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        parts = [
+            part
+            for (W, state, _), a, b in zip((q, k, v), params[::2], params[1::2], strict=True)
+            for part in (W, state, a, b, 2.0)
+        ]
+        return LeanLoRAQKV.apply(X, *parts, bnb_dequant, False)
+
+    compiled = torch.compile(run, backend="aot_eager", dynamic=True, fullgraph=True)
+    for tokens in (6, 11):
+        x = torch.randn(2, tokens, 64).bfloat16()
+        results = []
+        for how in (run, compiled):
+            X, *params = leaves(x, *(t.bfloat16() for pair in adapters for t in pair))
+            outs = how(X, params)
+            sum(o.float().square().sum() for o in outs).backward()
+            results.append([*outs, X.grad, *(p.grad for p in params)])
+        for got, want in zip(*results, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_the_sum_of_products_op() -> None:
     """`mm_sum` against the products summed in fp32, and through opcheck's schema and fake checks."""
     torch.manual_seed(7)

@@ -143,6 +143,29 @@ def test_a_step_inside_a_step_restores_the_wait_once(monkeypatch: pytest.MonkeyP
     assert waits == ["wait", "wait"]  # each paged step's last one, through the real function
 
 
+def test_a_step_of_the_same_optimizer_inside_its_own_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A closure that steps the optimizer it was given to: the inner step updates every tensor,
+    then the outer one updates every tensor again, slabs included, as bitsandbytes does."""
+    monkeypatch.setattr(bnb_optimizer, "sync_gpu", lambda t: None)
+    monkeypatch.setattr(lean_optimizer, "SLAB_ELEMENTS", 16_384)
+
+    def run(lean: bool) -> tuple[list[torch.nn.Parameter], Any]:
+        params = _mixed(9, torch.float32)
+        opt = bnb.optim.AdamW8bit(params, lr=1e-2)
+        if lean:
+            opt.__class__ = _lean(type(opt))
+        for step in range(3):
+            for p in params:
+                p.grad = torch.full_like(p, 0.1 * (step + 1))
+            opt.step(lambda: opt.step()) if step else opt.step()
+        return params, opt
+
+    (plain, a_opt), (lean, b_opt) = run(False), run(True)
+    for a, b in zip(plain, lean, strict=True):
+        assert torch.equal(a, b)
+        assert a_opt.state[a]["step"] == b_opt.state[b]["step"] == 5
+
+
 def test_the_wait_is_restored_when_a_step_fails() -> None:
     sync = bnb_optimizer.sync_gpu
     opt = bnb.optim.AdamW8bit(_params(1))
@@ -337,3 +360,24 @@ def test_zero_grad_over_the_optimizers_parameters() -> None:
     later.grad = torch.ones(3)
     model.zero_grad()
     assert all(p.grad is None for p in [*model.parameters(), later])
+
+
+def test_zero_grad_comes_off_and_a_copy_walks_its_own_modules() -> None:
+    """A deep copy of the model clears its own gradients (the module's walk), and
+    drop_lean_zero_grad gives the model back its own zero_grad, which pickles again."""
+    import copy
+    import pickle
+
+    from engine.train.backends.lean_optimizer import drop_lean_zero_grad
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    assert lean_zero_grad(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    twin = copy.deepcopy(model)
+    model(torch.randn(2, 4)).sum().backward()
+    twin(torch.randn(2, 4)).sum().backward()
+    twin.zero_grad()
+    assert all(p.grad is None for p in twin.parameters())
+    assert all(p.grad is not None for p in model.parameters())
+    drop_lean_zero_grad(model)
+    assert "zero_grad" not in vars(model)
+    pickle.dumps(model)

@@ -204,12 +204,15 @@ def _mm_sum_fake(lhs: list[torch.Tensor], rhs: list[torch.Tensor], alphas: list[
 def _mm_sum(
     products: list[tuple[torch.Tensor, torch.Tensor, float]], out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """sum(alpha * a @ b for a, b, alpha in products), into `out` when given (eagerly: a traced
-    backward never writes its input, `_write_input`); traced, through `mm_sum`."""
+    """sum(alpha * a @ b for a, b, alpha in products); traced, through `mm_sum`. `out` (eager
+    only: a traced backward never writes its input, `_write_input`) takes the sum where the first
+    product is unscaled, as every caller's is."""
     if torch.compiler.is_compiling():
+        assert out is None, "a traced Function writes no buffer it was given"
         lhs, rhs, alphas = zip(*products, strict=True)
         return torch.ops.qlc.mm_sum(list(lhs), list(rhs), [float(a) for a in alphas])
     (a, b, alpha), *rest = products
+    assert out is None or alpha == 1.0, "out= takes an unscaled first product"
     total = torch.matmul(a, b, out=out) if alpha == 1.0 else _mm_scaled(a, b, alpha)
     for a, b, alpha in rest:
         total.addmm_(a, b, alpha=alpha)

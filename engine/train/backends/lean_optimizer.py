@@ -9,8 +9,8 @@ the torch.ops dispatcher to reach the kernel, and then calls `torch.cuda.synchro
 parameter's Python, so the device idles in between: on an H100 the 8B's optimizer step spanned
 42 ms for 3.7 ms of kernels (docs/backends.md, "Where that step's time goes").
 
-The lean step keeps bitsandbytes' loop (state initialisation, paged prefetches, its bookkeeping)
-and changes two things, neither of which changes a result:
+The lean step keeps bitsandbytes' loop (state initialisation, paged prefetches for the tensors
+it updates itself, its bookkeeping) and changes what follows, none of which changes a result:
 - No wait per parameter. Every update kernel runs on the same stream, in launch order, and nothing
   on the host reads a parameter or a state between them. A paged optimizer's step keeps its last
   synchronisation, the one paged state needs before the host may touch it.
@@ -177,7 +177,8 @@ def _lay_out(opt: Any) -> list[_Slab]:
 
     # A second layout (a state dict loaded after the first step) has the same slabs: it keeps their
     # buffers, as paged memory is never given back.
-    kept = {tuple(map(id, slab.params)): slab.buffers for slab in getattr(opt, "_qlc_slabs", None) or []}
+    # Its launch markers too: a slab of the same tensors that launched in this step stays launched.
+    kept = {tuple(map(id, slab.params)): slab for slab in getattr(opt, "_qlc_slabs", None) or []}
     slabs: list[_Slab] = []
     for gindex, group in enumerate(opt.param_groups):
         # One slab filling per kind (dtype, device, paged or not), in the group's order: a tensor
@@ -200,7 +201,10 @@ def _lay_out(opt: Any) -> list[_Slab]:
         n, device = slab.elements, slab.params[0].device
         qmap1 = opt.name2qmap["dynamic"] = opt.name2qmap["dynamic"].to(device)
         qmap2 = opt.name2qmap["udynamic"] = opt.name2qmap["udynamic"].to(device)
-        buffers = kept.get(tuple(map(id, slab.params))) or {
+        before = kept.get(tuple(map(id, slab.params)))
+        if before is not None:
+            slab.tried, slab.launched = before.tried, before.launched
+        buffers = (before.buffers if before is not None else None) or {
             "state1": _state_buffer(opt, n, device, slab.paged),
             "state2": _state_buffer(opt, n, device, slab.paged),
             "absmax1": torch.zeros(n // BLOCK, dtype=torch.float32, device=device),
@@ -350,10 +354,14 @@ def _lean(cls: type) -> type:
                 _swapped_out, bnb_optimizer.sync_gpu = bnb_optimizer.sync_gpu, _no_sync
             sync = _swapped_out
             _swap_depth += 1
-            self._qlc_calls = getattr(self, "_qlc_calls", 0) + 1  # which step a slab launched in
+            # Which step call a slab launched in: a number of its own for each call, never reused,
+            # so that a step inside another's closure leaves the outer one's markers apart.
+            self._qlc_seq = getattr(self, "_qlc_seq", 0) + 1
+            outer, self._qlc_calls = getattr(self, "_qlc_calls", 0), self._qlc_seq
             try:
                 loss = super(lean, self).step(closure)
             finally:
+                self._qlc_calls = outer
                 _swap_depth -= 1
                 if _swap_depth == 0:
                     bnb_optimizer.sync_gpu, _swapped_out = _swapped_out, None
@@ -384,15 +392,17 @@ def _lean(cls: type) -> type:
         if slab is None:
             return False
         calls = getattr(self, "_qlc_calls", 0)
-        if p is slab.params[0] and slab.tried != calls:  # not launched before the loop
+        if p is slab.params[0] and slab.tried != calls:  # not launched with the others
             if not slab.current(self):  # a state dict loaded, a group changed...: lay out again
                 _lay_out(self)
                 # In the new layout `p` may lie elsewhere, or nowhere; a slab whose tensors were
-                # updated apart in this step does not launch (their step counts differ).
+                # updated apart in this step does not launch (their step counts differ), nor does
+                # one a launch of this step already updated (its markers carry over).
                 slab = self._qlc_slab_of.get(id(p))
                 if slab is None or p is not slab.params[0]:
                     return False
-            _try(self, slab)
+            if slab.tried != calls:
+                _try(self, slab)
         return slab.launched == calls
 
     def prefetch_state(self: Any, p: Any) -> None:
@@ -462,22 +472,33 @@ def lean_zero_grad(model: Any, optimizer: Any) -> bool:
     every module: about 2,700 on Llama-3.1-8B with LoRA on all seven projections, 2-3 ms of host
     time a step after the optimizer's last synchronisation, with nothing queued on the device. Only
     the trainable parameters ever get a gradient, and the optimizer holds all of them, so clearing
-    its parameters' gradients does the same. Installed on this model object only, and only where
-    the two sets are equal (False, nothing changed, otherwise); `set_to_none=False` keeps the
-    module's own walk."""
+    its parameters' gradients does the same. Installed on this model object only (a method bound to
+    it: a deep copy gets the module's own walk), and only where the two sets are equal (False,
+    nothing changed, otherwise); `set_to_none=False` keeps the walk. `drop_lean_zero_grad` takes
+    it off again."""
+    import types
+    import weakref
+
     own = [p for group in optimizer.param_groups for p in group["params"]]
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not own or {id(p) for p in own} != {id(p) for p in trainable}:
         return False
-    walk = model.zero_grad
+    installed_on, of = weakref.ref(model), weakref.ref(optimizer)
 
-    def zero_grad(set_to_none: bool = True) -> None:
-        if not set_to_none:
-            return walk(set_to_none)
-        for group in optimizer.param_groups:  # read each call: a group added later is cleared too
+    def zero_grad(self: Any, set_to_none: bool = True) -> None:
+        opt = of()
+        if not set_to_none or self is not installed_on() or opt is None:
+            return type(self).zero_grad(self, set_to_none)
+        for group in opt.param_groups:  # read each call: a group added later is cleared too
             for p in group["params"]:
                 p.grad = None
         return None
 
-    model.zero_grad = zero_grad
+    model.zero_grad = types.MethodType(zero_grad, model)
     return True
+
+
+def drop_lean_zero_grad(model: Any) -> None:
+    """The module's own zero_grad back (the lean one is a local function, which no pickle takes)."""
+    if "zero_grad" in vars(model):
+        del model.zero_grad

@@ -74,7 +74,7 @@ def training_args(
 def _trainer_class() -> type:
     from trl import SFTTrainer
 
-    from engine.train.backends.lean_optimizer import lean_bnb_step, lean_zero_grad
+    from engine.train.backends.lean_optimizer import drop_lean_zero_grad, lean_bnb_step, lean_zero_grad
     from engine.train.backends.safe_trainer import SafeTrainerMixin
 
     class EngineTrainer(SafeTrainerMixin, SFTTrainer):
@@ -101,8 +101,18 @@ def _trainer_class() -> type:
             zero_grad over the optimizer's parameters alone (lean_zero_grad)."""
             optimizer = super().create_optimizer(*args, **kwargs)
             lean_bnb_step(self.optimizer)
-            lean_zero_grad(self.model, self.optimizer)
+            # The model the optimizer was built for: the one passed (a delayed FSDP wrap), else ours.
+            model = args[0] if args else kwargs.get("model")
+            lean_zero_grad(model if model is not None else self.model, self.optimizer)
             return optimizer
+
+        def train(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return super().train(*args, **kwargs)
+            finally:
+                drop_lean_zero_grad(self.model)
+                if self.model_wrapped is not None and self.model_wrapped is not self.model:
+                    drop_lean_zero_grad(self.model_wrapped)
 
         def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
             if not parallel.load_optimizer_on_cpu_ranks(self, checkpoint):
