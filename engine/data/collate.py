@@ -18,7 +18,7 @@ def row_lengths(row: dict[str, Any]) -> list[int]:
 
 def positions(lengths: list[int]) -> list[int]:
     """Position ids restarting at 0 for each example."""
-    return [p for n in lengths for p in range(n)]
+    return _positions(lengths)[0].tolist()
 
 
 def _long(values: Any) -> Any:
@@ -32,7 +32,7 @@ def _long(values: Any) -> Any:
 
 
 def _positions(lengths: list[int]) -> Any:
-    """`positions(lengths)` as an int64 tensor of one row."""
+    """Position ids restarting at 0 for each example, as an int64 tensor of one row."""
     import numpy as np
     import torch
 
@@ -103,7 +103,7 @@ class PadCollator:
             attention_mask[i, :length] = 1
             if self.packed:
                 lengths = row_lengths(row)
-                position_ids[i, :length] = torch.as_tensor(positions(lengths), dtype=torch.long)
+                position_ids[i, :length] = _positions(lengths)[0]
                 position_ids[i, length:] = torch.arange(width - length)
                 segments += lengths + ([width - length] if width > length else [])
         if self.packed:

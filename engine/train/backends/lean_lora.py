@@ -188,12 +188,8 @@ def _nf4_traced_stack(weights: tuple, states: tuple, below: Any) -> torch.Tensor
     "qlc::mm_sum", mutates_args=(), schema="(Tensor[] lhs, Tensor[] rhs, float[] alphas) -> Tensor"
 )
 def mm_sum(lhs: list[torch.Tensor], rhs: list[torch.Tensor], alphas: list[float]) -> torch.Tensor:
-    """The sum of alphas[i] * lhs[i] @ rhs[i]: the first product into a fresh output, each other
-    one accumulated into it by its GEMM."""
-    out = _mm_scaled(lhs[0], rhs[0], alphas[0]) if alphas[0] != 1.0 else torch.mm(lhs[0], rhs[0])
-    for a, b, alpha in zip(lhs[1:], rhs[1:], alphas[1:], strict=True):
-        out.addmm_(a, b, alpha=alpha)
-    return out
+    """The sum of alphas[i] * lhs[i] @ rhs[i], as `_sum_of_products` computes it."""
+    return _sum_of_products(list(zip(lhs, rhs, alphas, strict=True)))
 
 
 @mm_sum.register_fake
@@ -211,6 +207,14 @@ def _mm_sum(
         assert out is None, "a traced Function writes no buffer it was given"
         lhs, rhs, alphas = zip(*products, strict=True)
         return torch.ops.qlc.mm_sum(list(lhs), list(rhs), [float(a) for a in alphas])
+    return _sum_of_products(products, out)
+
+
+def _sum_of_products(
+    products: list[tuple[torch.Tensor, torch.Tensor, float]], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The first product into a fresh output (or `out`), each other one accumulated into it by its
+    GEMM (beta = 1)."""
     (a, b, alpha), *rest = products
     assert out is None or alpha == 1.0, "out= takes an unscaled first product"
     total = torch.matmul(a, b, out=out) if alpha == 1.0 else _mm_scaled(a, b, alpha)
