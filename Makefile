@@ -13,9 +13,11 @@ QLC    := $(VENV)/bin/qlc
 # download.pytorch.org). A GPU box should install its own torch first.
 TORCH_SPEC ?= torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
-# Two test workers: half the suite waits on engine processes and timeouts, so two workers fill two
-# cores. Test files stay whole on one worker (--dist loadfile): their module fixtures train once.
-TEST_WORKERS ?= 2
+# Three test workers on two cores: much of the suite waits on engine processes and timeouts (two
+# workers kept the cores about 63% busy; on this project's 2-core machine the suite took 608 s with
+# two and 534-560 s with three). Test files stay whole on one worker (--dist loadfile): their
+# module fixtures train once.
+TEST_WORKERS ?= 3
 
 .PHONY: install demo test lint format bench-console faults clean
 

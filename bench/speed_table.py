@@ -45,7 +45,6 @@ from engine.memory.speed_fit import (
     fit_step,
     leave_one_out,
     typical_ratio_error,
-    with_ratio_margins,
 )
 
 MIN_CONFIGURATIONS = 8
@@ -200,12 +199,7 @@ def table(rows: list[Measured]) -> tuple[list[str], list[Choice], dict[str, Any]
             "leave_one_configuration_out": _summary([h.error for h in leave_one_out(mine)]),
             "leave_one_architecture_out": _summary([h.error for h in leave_one_out(mine, "arch")]),
         }
-    # auto's own rule: a predicted difference within the models' typical (median held-out)
-    # error keeps the first stack that can run.
-    typical = {s: e["leave_one_configuration_out"].get("median", 0.0) for s, e in errors.items()}
-    # ... or, where the table pairs configurations, within the typical error of the stacks'
-    # predicted ratio (engine.stacks.margin), each pick's from the other configurations.
-    picks = with_ratio_margins(choices(rows, typical))
+    picks = choices(rows)  # auto's own rule, on held-out predictions
     lines = [
         "| configuration | "
         + " | ".join(f"{s} s/step (held-out)" for s in _stacks(rows))
@@ -224,8 +218,8 @@ def table(rows: list[Measured]) -> tuple[list[str], list[Choice], dict[str, Any]
 
 def against(rows: list[Measured], fits: tuple[SpeedFit, ...], gpu: str) -> list[dict[str, Any]]:
     """auto on each configuration measured on several stacks, as a run decides it with these fits
-    (measured after them, these rows are held out): the prediction acted on only by a margin, and
-    only where every stack's fit covers the run (else the first stack that can run,
+    (measured after them, these rows are held out): the faster prediction, acted on only where
+    every stack's fit covers the run (else the first stack that can run,
     engine.stacks.choose). A configuration measured more than once counts its median step."""
     out = []
     for key in dict.fromkeys(r.key for r in rows):
@@ -236,15 +230,7 @@ def against(rows: list[Measured], fits: tuple[SpeedFit, ...], gpu: str) -> list[
             continue
         predicted = {s: f.predict_s(here[s].work) for s, f in found.items() if f is not None}
         outside = {s: f.covers(here[s].work) for s, f in found.items() if f is not None}
-        ratios = [f.typical_ratio_error for f in found.values() if f is not None]
-        choice = Choice(
-            key,
-            steps,
-            predicted,
-            {s: f.typical_error for s, f in found.items() if f is not None},
-            # As engine.stacks.margin: the ratio's error only where every fit carries one.
-            ratio_error=max(ratios) if all(ratios) else 0.0,
-        )
+        choice = Choice(key, steps, predicted)
         order = [s for s in stacks.AUTO_ORDER if s in here]
         chosen = order[0] if any(outside.values()) else choice.chosen
         assert chosen is not None
@@ -332,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     if ratio:
         print(
             f"the stacks' predicted ratio, held out by configuration: worst {ratio['worst']:.1%}, "
-            f"median {ratio['median']:.1%} (auto's margin: engine.stacks.margin)"
+            f"median {ratio['median']:.1%} (within it, auto's reason calls a pick a near tie: engine.stacks.margin)"
         )
     losses = [c.loss for c in picks if c.loss is not None]
     worst = max(losses, default=None)

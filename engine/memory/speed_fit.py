@@ -17,7 +17,7 @@ waited on.
 
 `leave_one_out` fits without each configuration in turn and predicts it: the error a run the
 table never saw should expect. `choices` replays hardware.backend auto on paired configurations
-with held-out predictions and auto's own rule (engine.stacks.fastest_within_error), and says how
+with held-out predictions and auto's own rule (engine.stacks.fastest), and says how
 much slower its pick was than the faster stack.
 """
 
@@ -28,7 +28,7 @@ import itertools
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 from engine import stacks
 from engine.memory.speed import FEATURES, HOST, StepWork, device_s, predict_s
@@ -189,24 +189,16 @@ class Choice:
     key: str
     measured_s: dict[str, float]
     predicted_s: dict[str, float]  # held out: fitted without this configuration (too few rows: absent)
-    errors: dict[str, float] = field(default_factory=dict)  # each stack's typical held-out error
-    # The typical held-out error of the stacks' predicted ratio, from the other configurations
-    # (with_ratio_margins); 0: the stacks' own errors set auto's margin.
-    ratio_error: float = 0.0
 
     @property
     def chosen(self) -> str | None:
-        """The stack auto takes (engine.stacks.fastest_within_error); None unless every measured
-        stack could be predicted."""
+        """The stack auto takes (engine.stacks.fastest); None unless every measured stack could be
+        predicted."""
         if set(self.predicted_s) != set(self.measured_s):
             return None
         order = [s for s in stacks.AUTO_ORDER if s in self.predicted_s]
         order += sorted(set(self.predicted_s) - set(order))
-        predicted = {
-            s: stacks.Predicted(t, "", self.errors.get(s, 0.0), ratio_error=self.ratio_error)
-            for s, t in self.predicted_s.items()
-        }
-        return stacks.fastest_within_error(order, predicted)[0]
+        return stacks.fastest(order, {s: stacks.Predicted(t, "") for s, t in self.predicted_s.items()})[0]
 
     @property
     def fastest(self) -> str:
@@ -231,10 +223,9 @@ class Choice:
         return None if chosen is None else self.measured_s[chosen] / self.measured_s[self.fastest] - 1
 
 
-def choices(rows: Sequence[Measured], errors: dict[str, float] | None = None) -> list[Choice]:
+def choices(rows: Sequence[Measured]) -> list[Choice]:
     """auto's pick on every configuration measured on more than one stack, each stack's costs
-    fitted without that configuration (a stack with too few other rows to fit is not predicted),
-    `errors` the stacks' typical held-out errors (none: the pick is the faster prediction)."""
+    fitted without that configuration (a stack with too few other rows to fit is not predicted)."""
     names = sorted({r.stack for r in rows})
     out = []
     for k in dict.fromkeys(r.key for r in rows):
@@ -250,25 +241,13 @@ def choices(rows: Sequence[Measured], errors: dict[str, float] | None = None) ->
             if len(train) >= len(FEATURES):
                 predicted[s] = predict_s(fit_step(train), here[0].work)
         if len(measured) > 1:
-            out.append(Choice(k, measured, predicted, dict(errors or {})))
+            out.append(Choice(k, measured, predicted))
     return out
 
 
-# Fewer predicted pairs than this say too little of the ratio's error: auto keeps the models' own.
+# Fewer predicted pairs than this say too little of the ratio's error: auto's reasons quote the
+# models' own.
 MIN_RATIO_PAIRS = 5
-
-
-def with_ratio_margins(picks: Sequence[Choice]) -> list[Choice]:
-    """Each choice replayed with the margin a fit would carry: the median of the other
-    configurations' ratio misses (its own left out, as its predictions are). With fewer than
-    MIN_RATIO_PAIRS others predicted, as a fit would then carry none, the stacks' own errors."""
-    misses = {i: c.ratio_miss for i, c in enumerate(picks)}
-    out = []
-    for i, c in enumerate(picks):
-        others = [m for j, m in misses.items() if j != i and m is not None]
-        enough = len(others) >= MIN_RATIO_PAIRS
-        out.append(replace(c, ratio_error=statistics.median(others)) if enough else c)
-    return out
 
 
 def typical_ratio_error(picks: Sequence[Choice]) -> float:

@@ -1,5 +1,5 @@
-"""bench/speed_table.py on the committed H200 table: which Unsloth rows it trusts, and auto's
-replayed pick under its own rule."""
+"""bench/speed_table.py on the committed tables: which Unsloth rows it trusts, and auto's replayed
+pick under its own rule."""
 
 from __future__ import annotations
 
@@ -20,6 +20,11 @@ H100_TABLE = [
 ]
 
 
+H100_RETABLE = [
+    REPO / f"bench/results/memory-calibration-matrix-h100-2026-12-06-retable{n}.json" for n in (1, 2)
+]
+
+
 def test_unsloth_rows_measured_after_a_reconfiguration_are_left_out() -> None:
     """Each matrix process asked Unsloth's get_peft_model again for every checkpointing mode; the
     rows after the first mode ran the 1B without checkpointing at 47 us a token, where fresh engine
@@ -33,19 +38,25 @@ def test_unsloth_rows_measured_after_a_reconfiguration_are_left_out() -> None:
 
 
 def test_the_replayed_pick_on_the_clean_pairs(tmp_path: Path) -> None:
-    """Held out, under auto's rule (a difference within the models' typical error keeps Unsloth),
-    with the host floor (engine.memory.speed.HOST): all 14 pairs within 0.6% of the faster stack.
-    The 1B at 4096 x 2, where the sum of costs had picked Unsloth 10.8% slower, is hf's: its step
-    is short enough that Unsloth's host (3.4 ms a layer pass) sets it."""
+    """Held out, under auto's rule (the faster prediction), with the host floor
+    (engine.memory.speed.HOST): 12 of the 14 pairs within 0.7% of the faster stack, and two
+    all-linear pairs that hf was predicted faster on, within the ratio's 2.7% (near ties), and
+    Unsloth trained 2.5% and 3.2% faster. The 1B at 4096 x 2, where the sum of costs had
+    picked Unsloth 10.8% slower, is hf's: its step is short enough that Unsloth's host (3.4 ms a
+    layer pass) sets it."""
     out = tmp_path / "t.json"
     assert speed_table.main([*map(str, H200_TABLE), "--out", str(out)]) == 0
     table = json.loads(out.read_text())
-    losses = sorted(p["loss"] for p in table["paired"])
-    assert len(losses) == 14 and losses[-2] < 0.001 and round(losses[-1], 3) == 0.006
+    missed = {p["key"]: round(p["loss"], 3) for p in table["paired"] if p["loss"] > 0.007}
+    assert len(table["paired"]) == 14
+    assert missed == {
+        "llama-3.2-3b r16-all s4096x2x1 gc28": 0.032,
+        "llama-3.2-1b r128-all s8192x1x1 gc16": 0.025,
+    }
     short = next(p for p in table["paired"] if p["key"] == "llama-3.2-1b r16-all s4096x2x1 gc16")
     assert short["auto"] == short["faster"] == "hf"
     assert {p["auto"] for p in table["paired"] if "q+k+v+o" in p["key"]} == {"hf"}
-    assert table["target_met"]
+    assert not table["target_met"]
     _committed_as_fitted(table, "NVIDIA H200")
 
 
@@ -61,43 +72,43 @@ def _committed_as_fitted(table: dict, gpu: str) -> None:
     assert {f["typical_ratio_error"] for f in committed} == {round(table["ratio_held_out"]["median"], 4)}
 
 
-def test_the_h100_table_and_its_attention_only_pairs(tmp_path: Path) -> None:
-    """The H100 table (2026-12-06, measured before the lean optimizer's slabs, exact-length
-    attention and even rows): 27 pairs, each configuration's median step (repeats included). The
-    issue's case, a 7B with attention-only adapters at 4 x 2048 recomputed, where hf ran 10.6%
-    faster, goes to hf. Two 3B attention-only pairs, 3-6% apart, stay with Unsloth inside the
-    ratio's margin (3.0%) while hf was faster: 5.7% and 3.1% slower, so the table does not meet
-    the target; measured again on the engine since (test below), Unsloth is the faster there."""
+def test_the_h100_table_measured_again_on_todays_engine(tmp_path: Path) -> None:
+    """The H100 table's pairs measured again on the engine with the lean LoRA Functions, the
+    optimizer's slabs launched in its step and qlc::mm_sum (bash bench/gpu_speed_session.sh
+    retable, two calls): 20 pairs on both stacks. Held out, auto is at worst 0.5% slower than the
+    faster stack; the four attention-only pairs, which the two models predict within 4.5% of a
+    tie, go to hf, the faster or within 0.5% of it (Qwen2.5-7B recomputed: Unsloth 7.8% slower).
+    The committed H100 fits are this table's."""
     out = tmp_path / "t.json"
-    assert speed_table.main([*map(str, H100_TABLE), "--out", str(out)]) == 0
+    assert speed_table.main([*map(str, H100_RETABLE), "--out", str(out)]) == 0
     table = json.loads(out.read_text())
-    assert len(table["paired"]) == 27 and not table["target_met"]
-    missed = {p["key"]: round(p["loss"], 3) for p in table["paired"] if p["loss"] > 0.026}
-    assert missed == {
-        "llama-3.2-3b r8-q+k+v+o s2048x4x1 gc28": 0.057,
-        "llama-3.2-3b r8-q+k+v+o s8192x1x1 gc28": 0.031,
-    }
-    attn = next(p for p in table["paired"] if p["key"] == "qwen2.5-7b r16-q+k+v+o s2048x4x1 gc28")
-    assert attn["auto"] == attn["faster"] == "hf"
+    assert len(table["paired"]) == 20 and table["target_met"]
+    assert max(p["loss"] for p in table["paired"]) < 0.006
+    attn = [p for p in table["paired"] if "q+k+v+o" in p["key"]]
+    assert len(attn) == 4 and {p["auto"] for p in attn} == {"hf"}
     _committed_as_fitted(table, "NVIDIA H100 80GB HBM3")
 
 
-def test_auto_on_the_pairs_measured_again_on_todays_engine(tmp_path: Path) -> None:
-    """The table's nearest ties measured again after the lean slabs, exact-length attention and
-    even rows (bash bench/gpu_speed_session.sh speed-recheck): the seven recomputed pairs of the
-    second recheck (what the final engine runs there) and the final engine's attention-only pair
-    without recomputation. auto with the committed fits, which never saw these rows, is within
-    1.0% of the faster stack on all eight, the two 3B attention-only pairs now Unsloth's."""
-    replayed = []
-    for name, keep in (("recheck2", lambda key: key.endswith("gc28")), ("recheck3", lambda key: True)):
-        path = REPO / f"bench/results/memory-calibration-matrix-h100-2026-12-06-{name}.json"
-        out = tmp_path / f"{name}.json"
-        assert speed_table.main([str(path), "--against", "--out", str(out)]) == 0
-        replayed += [r for r in json.loads(out.read_text())["replayed"] if keep(r["key"])]
-    assert len(replayed) == 8
-    assert max(r["loss"] for r in replayed) < 0.011
-    three_b = [r for r in replayed if r["key"].startswith("llama-3.2-3b r8-q+k+v+o")]
-    assert len(three_b) == 2 and {r["auto"] for r in three_b} == {r["faster"] for r in three_b} == {"unsloth"}
+def test_the_h100_table_of_the_older_engine_under_the_same_rule(tmp_path: Path) -> None:
+    """The table as measured before the lean optimizer's slabs (27 pairs): the faster prediction,
+    held out, is the faster stack on every pair; keeping Unsloth within the ratio's margin had
+    cost 5.7% and 3.1% on two 3B attention-only pairs."""
+    out = tmp_path / "t.json"
+    assert speed_table.main([*map(str, H100_TABLE), "--out", str(out)]) == 0
+    table = json.loads(out.read_text())
+    assert len(table["paired"]) == 27 and table["target_met"]
+    assert max(p["loss"] for p in table["paired"]) == 0.0
+
+
+def test_the_committed_fits_on_pairs_they_never_saw(tmp_path: Path) -> None:
+    """The eight nearest ties, measured that afternoon on the engine with the lean LoRA Functions
+    (bash bench/gpu_speed_session.sh speed-recheck; not in the fit): auto with the committed H100
+    fits is within 0.3% of the faster stack on all eight."""
+    path = REPO / "bench/results/memory-calibration-matrix-h100-2026-12-06-recheck4.json"
+    out = tmp_path / "recheck4.json"
+    assert speed_table.main([str(path), "--against", "--out", str(out)]) == 0
+    replayed = json.loads(out.read_text())["replayed"]
+    assert len(replayed) == 8 and max(r["loss"] for r in replayed) < 0.004
 
 
 def test_the_first_mode_is_read_per_unsloth_process_in_its_own_order() -> None:

@@ -45,7 +45,16 @@ CONTAMINATED: dict[str, str] = {}
 # Records the model may miss by more than TOLERANCE, each (file, record id) with the bound it is
 # held to and why; each one a known gap of the model, named in docs/memory-model.md. Keyed by file:
 # the same configuration measured in another file is held to the usual tolerance.
-KNOWN_MISSES: dict[tuple[str, str], tuple[float, str]] = {}
+KNOWN_MISSES: dict[tuple[str, str], tuple[float, str]] = {
+    (
+        "memory-calibration-matrix-h100-2026-12-06-retable1.json",
+        "llama-3.2-1b/unsloth/r128-all/s2048x4-half",
+    ): (
+        0.06,
+        "over, +5.3%: the lean LoRA Functions keep less in the layers not recomputed than Unsloth's "
+        "own, which most Unsloth records measured (docs/memory-model.md, Leave one architecture out)",
+    ),
+}
 
 
 def _known(path: Path, rid: str) -> tuple[float, str] | None:

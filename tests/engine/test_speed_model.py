@@ -9,7 +9,6 @@ import importlib
 import itertools
 import json
 import random
-import statistics
 
 import pytest
 
@@ -204,106 +203,76 @@ def test_auto_takes_the_stack_predicted_faster_and_says_by_how_much() -> None:
     )
 
 
-def test_auto_keeps_the_first_stack_where_the_other_is_faster_only_within_the_models_error() -> None:
-    """A predicted difference smaller than the larger of the two models' typical held-out errors
-    is not acted on: on the H200 table the hf model's median error (7.6%) exceeded most of the
-    stacks' differences, and the pick went to the slower stack by up to 3.9% on such calls."""
-
-    def speed_of(hf_s: float) -> stacks.SpeedOf:
-        times = {
-            "hf": stacks.Predicted(hf_s, "hf model", 0.076),
-            "unsloth": stacks.Predicted(1.0, "u model", 0.029),
-        }
-        return times.get
-
-    installed = dict.fromkeys(stacks.NAMES, True)
-    name, why = stacks.choose("auto", cuda=True, is_installed=installed, speed=speed_of(0.95))
-    assert name == "unsloth"
-    assert why == (
-        "auto: Unsloth, the first that can run: the step predicted for transformers is only 5.0% "
-        "shorter (0.95 against 1.00 s), within the typical error of the transformers speed model "
-        "(7.6%; hf model)"
-    )
-    assert stacks.choose("auto", cuda=True, is_installed=installed, speed=speed_of(0.9))[0] == "hf"
-    # Of several stacks beyond the margin, the fastest; within it, none displaces the first.
-    three = {
-        "a": stacks.Predicted(1.0, "", 0.05),
-        "b": stacks.Predicted(0.9, "", 0.05),
-        "c": stacks.Predicted(0.8, "", 0.3),
-    }
-    assert stacks.fastest_within_error(["a", "b", "c"], three) == ("b", False)
-    assert stacks.fastest_within_error(["a", "c"], three) == ("a", False)
-    assert stacks.fastest_within_error(["b", "a"], three) == ("b", True)
-    # Replayed on a table, the same rule: a pair within the error goes to the first stack.
-    c = Choice("k", {"hf": 0.95, "unsloth": 1.0}, {"hf": 0.95, "unsloth": 1.0}, {"hf": 0.076})
-    assert c.chosen == "unsloth" and c.loss == pytest.approx(1 / 0.95 - 1)
-    assert Choice("k", {"hf": 0.95, "unsloth": 1.0}, {"hf": 0.95, "unsloth": 1.0}).chosen == "hf"
-
-
-def test_auto_acts_on_a_difference_beyond_the_typical_error_of_the_stacks_ratio() -> None:
-    """Where the card's table paired the stacks, the margin is the held-out error of their
-    predicted ratio: a run both models over-predict moves both predictions alike. On the H100
-    table (2026-12-06) the models' own errors (5.6%, 4.0%) kept Unsloth on a 7B attention-only run
-    hf trained 10.6% faster; the ratio's error (2.6%) lets the predicted 4% difference count."""
+def test_auto_takes_the_faster_prediction_and_calls_a_difference_within_the_error_a_near_tie() -> None:
+    """No margin keeps the first stack over a faster prediction: held out on the three measured
+    tables (61 pairs), keeping Unsloth within the ratio's margin was 5.7% and 7.8% slower on the
+    H100 tables' attention-only pairs, where the faster prediction was at worst 3.2% slower (one
+    H200 pair). A difference within the error is still said to be a near tie."""
     installed = dict.fromkeys(stacks.NAMES, True)
 
-    def speed_of(hf_s: float, ratio_error: float) -> stacks.SpeedOf:
+    def speed_of(hf_s: float, ratio_error: float = 0.026) -> stacks.SpeedOf:
         return {
             "hf": stacks.Predicted(hf_s, "hf model", 0.056, ratio_error=ratio_error),
             "unsloth": stacks.Predicted(1.0, "u model", 0.040, ratio_error=ratio_error),
         }.get
 
-    name, why = stacks.choose("auto", cuda=True, is_installed=installed, speed=speed_of(0.96, 0.026))
-    assert name == "hf" and why.startswith("auto: transformers predicted 1.04x the speed of Unsloth")
-    name, why = stacks.choose("auto", cuda=True, is_installed=installed, speed=speed_of(0.98, 0.026))
-    assert name == "unsloth"
+    name, why = stacks.choose("auto", cuda=True, is_installed=installed, speed=speed_of(0.96))
+    assert name == "hf"
     assert why == (
-        "auto: Unsloth, the first that can run: the step predicted for transformers is only 2.0% "
-        "shorter (0.98 against 1.00 s), within the typical error of the two speed models' ratio "
-        "(2.6%; u model)"
+        "auto: transformers predicted 1.04x the speed of Unsloth on this run (0.96 against 1.00 s a step; "
+        "hf model)"
     )
-    # Without the ratio's error (fits written before it), the models' own errors set the margin.
-    assert stacks.choose("auto", cuda=True, is_installed=installed, speed=speed_of(0.96, 0.0))[0] == "unsloth"
+    name, why = stacks.choose("auto", cuda=True, is_installed=installed, speed=speed_of(0.98))
+    assert name == "hf"
+    assert why == (
+        "auto: transformers predicted 1.02x the speed of Unsloth on this run (0.98 against 1.00 s a step; "
+        "hf model): a near tie, within the typical error of the two speed models' ratio (2.6%; hf model)"
+    )
+    name, why = stacks.choose("auto", cuda=True, is_installed=installed, speed=speed_of(1.02))
+    assert name == "unsloth" and why.endswith(
+        "a near tie, within the typical error of the two speed models' ratio (2.6%; u model)"
+    )
+    # Without the ratio's error on both (fits written before it), the models' own errors say it.
+    name, why = stacks.choose("auto", cuda=True, is_installed=installed, speed=speed_of(0.96, 0.0))
+    assert name == "hf" and why.endswith(
+        "within the typical error of the transformers speed model (5.6%; hf model)"
+    )
     assert (
         stacks.margin(stacks.Predicted(1, "", 0.05, ratio_error=0.02), stacks.Predicted(1, "", 0.03)) == 0.05
     )
+    # Of three, the fastest; an exact tie goes to the earlier in the order.
+    three = {
+        "a": stacks.Predicted(1.0, "", 0.05),
+        "b": stacks.Predicted(0.9, "", 0.05),
+        "c": stacks.Predicted(0.8, "", 0.3),
+        "d": stacks.Predicted(1.0, "", 0.0),
+    }
+    assert stacks.fastest(["a", "b", "c"], three) == ("c", False)
+    assert stacks.fastest(["a", "b"], three) == ("b", True)
+    assert stacks.fastest(["d", "a"], three)[0] == "d" and stacks.fastest(["a", "d"], three)[0] == "a"
+    assert stacks.fastest(["a"], three) == ("a", True)
+    # Replayed on a table, the same rule.
+    c = Choice("k", {"hf": 0.95, "unsloth": 1.0}, {"hf": 0.97, "unsloth": 1.0})
+    assert c.chosen == "hf" and c.loss == 0.0
+    c = Choice("k", {"hf": 1.05, "unsloth": 1.0}, {"hf": 0.99, "unsloth": 1.0})
+    assert c.chosen == "hf" and c.loss == pytest.approx(0.05)
+    assert c.ratio_miss == pytest.approx(abs(0.99 / 1.05 - 1))
 
 
-def test_a_table_replays_auto_with_the_ratio_error_of_the_other_configurations() -> None:
-    # Six pairs: hf predicted 4% faster on each; the measured ratios miss by about 1%, 2% and 3%
-    # (twice each), and a seventh pair whose hf step could not be predicted.
+def test_the_ratio_error_of_a_table_is_the_median_miss_of_its_predicted_pairs() -> None:
+    # Six pairs whose measured ratios miss the predicted one by about 1%, 2% and 3% (twice each),
+    # and a seventh pair whose hf step could not be predicted.
     def pair(key: str, miss: float) -> Choice:
-        return Choice(key, {"hf": 0.96 * miss, "unsloth": 1.0}, {"hf": 0.96, "unsloth": 1.0}, {"hf": 0.06})
+        return Choice(key, {"hf": 0.96 * miss, "unsloth": 1.0}, {"hf": 0.96, "unsloth": 1.0})
 
     picks = [pair(str(i), m) for i, m in enumerate((1.01, 1.02, 1.03, 1.01, 1.02, 1.03))]
     picks.append(Choice("x", {"hf": 1.0, "unsloth": 1.0}, {"unsloth": 1.0}))  # no miss
     misses = [c.ratio_miss for c in picks]
     assert misses[:3] == pytest.approx([1 - 1 / 1.01, 1 - 1 / 1.02, 1 - 1 / 1.03]) and misses[6] is None
     assert speed_fit.typical_ratio_error(picks) == pytest.approx(1 - 1 / 1.02)
-    replayed = speed_fit.with_ratio_margins(picks)
-    # Each pick's margin is the median of the others' misses, its own left out as its prediction is.
-    others = [m for m in misses[1:6]]
-    assert replayed[0].ratio_error == pytest.approx(statistics.median(others))
-    assert replayed[6].ratio_error == pytest.approx(statistics.median(misses[:6]))
-    # Within the models' own 6% the 4% goes to the first stack; beyond the ratio's, to hf.
-    assert [c.chosen for c in picks[:6]] == ["unsloth"] * 6
-    assert [c.chosen for c in replayed[:6]] == ["hf"] * 6
-    # Fewer pairs than MIN_RATIO_PAIRS say too little: no ratio error, the models' own margins.
-    few = picks[: speed_fit.MIN_RATIO_PAIRS - 1]
-    assert speed_fit.typical_ratio_error(few) == 0.0
-    assert [c.ratio_error for c in speed_fit.with_ratio_margins(few)] == [0.0] * len(few)
-
-
-def test_a_ratio_error_on_one_stack_only_leaves_the_models_own_margin() -> None:
-    installed = dict.fromkeys(stacks.NAMES, True)
-    times = {
-        "hf": stacks.Predicted(0.96, "hf model", 0.056),
-        "unsloth": stacks.Predicted(1.0, "u model", 0.040, ratio_error=0.026),
-    }
-    name, why = stacks.choose("auto", cuda=True, is_installed=installed, speed=times.get)
-    assert name == "unsloth" and why.endswith(
-        "within the typical error of the transformers speed model (5.6%; hf model)"
-    )
+    assert picks[6].chosen is None and picks[6].loss is None
+    # Fewer pairs than MIN_RATIO_PAIRS say too little: no ratio error, the models' own are quoted.
+    assert speed_fit.typical_ratio_error(picks[: speed_fit.MIN_RATIO_PAIRS - 1]) == 0.0
 
 
 def test_auto_without_a_prediction_for_every_stack_keeps_the_order_and_says_so() -> None:
