@@ -173,7 +173,7 @@ class SpeedFit:
     held_out_error: float  # the worst |relative error| predicting a configuration left out of the fit
     source: str  # the results file(s) it was fitted to
     date: str
-    # The median of those errors: within it, auto does not trust a predicted difference where the
+    # The median of those errors: within it, auto calls a predicted difference a near tie where the
     # fit has no typical_ratio_error (engine.stacks.margin). 0 for fits written before it was recorded.
     typical_error: float = 0.0
     # Where the steps it was fitted on lie: (recomputed share, tokens a micro-batch, micro-batches
