@@ -58,6 +58,11 @@ def test_the_replayed_pick_on_the_clean_pairs(tmp_path: Path) -> None:
     assert {p["auto"] for p in table["paired"] if "q+k+v+o" in p["key"]} == {"hf"}
     assert not table["target_met"]
     _committed_as_fitted(table, "NVIDIA H200")
+    # The committed fits themselves, as a run on these configurations chooses: within 2.5%.
+    replayed = tmp_path / "replayed.json"
+    assert speed_table.main([*map(str, H200_TABLE), "--against", "--out", str(replayed)]) == 0
+    losses = [r["loss"] for r in json.loads(replayed.read_text())["replayed"]]
+    assert len(losses) == 14 and round(max(losses), 3) == 0.025
 
 
 def _committed_as_fitted(table: dict, gpu: str) -> None:
