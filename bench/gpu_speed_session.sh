@@ -87,7 +87,8 @@
 #   bash bench/gpu_speed_session.sh retable   the H100 speed table's 27 pairs (speed-table-h100-2026-12-06.json)
 #                                             measured again on today's engine, both stacks: HALF=1
 #                                             (the first 14 pairs), HALF=2 (the rest), all (default),
-#                                             or RETABLE_IDS (pairs a call left, %s for the stack);
+#                                             or RETABLE_IDS (pairs a call left, whitespace-
+#                                             separated, %s for the stack);
 #                                             fit the files here with bench/speed_table.py --write
 #   bash bench/gpu_speed_session.sh speed-recheck  the speed table's nearest ties (3B and Qwen2.5-7B,
 #                                             8 pairs) measured again after the lean step, exact-length
@@ -169,7 +170,14 @@ if [[ $PART == retable ]]; then
     all) ;;
     *) echo "HALF=1, HALF=2 or HALF=all"; exit 2 ;;
   esac
-  [[ -n ${RETABLE_IDS:-} ]] && read -r -a PAIRS <<< "$RETABLE_IDS"  # the pairs a call left unmeasured
+  if [[ -n ${RETABLE_IDS:-} ]]; then  # the pairs a call left unmeasured, whitespace-separated
+    [[ ${HALF:-all} == all ]] || { echo "RETABLE_IDS names the pairs itself: leave HALF out"; exit 2; }
+    PAIRS=()
+    for id in $RETABLE_IDS; do
+      [[ $id == */%s/* ]] || { echo "RETABLE_IDS: $id has no %s where the stack goes (arch/%s/group/shape)"; exit 2; }
+      PAIRS+=("$id")
+    done
+  fi
   ONLY=() ARCH_ARGS=()
   for a in $(for id in "${PAIRS[@]}"; do echo "${id%%/*}"; done | sort -u); do ARCH_ARGS+=(--arch "$a"); done
   for id in "${PAIRS[@]}"; do

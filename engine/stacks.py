@@ -191,7 +191,8 @@ def choose(
 
 
 def _fastest(runnable: list[Stack], predicted: dict[str, Predicted]) -> tuple[str, str]:
-    """(stack, why) by predicted step time (every runnable stack predicted)."""
+    """(stack, why) by predicted step time (every runnable stack predicted; `choose` calls it with
+    two or more)."""
     name, clear = fastest([s.name for s in runnable], predicted)
     chosen, mine = STACKS[name], predicted[name]
     other = min((s for s in runnable if s is not chosen), key=lambda s: predicted[s.name].seconds)
@@ -202,6 +203,8 @@ def _fastest(runnable: list[Stack], predicted: dict[str, Predicted]) -> tuple[st
     )
     if clear:
         return name, why
+    if not margin(mine, theirs):  # fits that carry no error: only an exact tie gets here
+        return name, f"{why}: a tie, so the first that can run"
     if mine.ratio_error and theirs.ratio_error:
         loose = mine if mine.ratio_error >= theirs.ratio_error else theirs  # whose error sets the margin
         error = (

@@ -251,6 +251,21 @@ def test_auto_takes_the_faster_prediction_and_calls_a_difference_within_the_erro
     assert stacks.fastest(["a", "b"], three) == ("b", True)
     assert stacks.fastest(["d", "a"], three)[0] == "d" and stacks.fastest(["a", "d"], three)[0] == "a"
     assert stacks.fastest(["a"], three) == ("a", True)
+    # The runner-up's model error can set the margin; fits without errors tie only exactly.
+    name, why = stacks.choose(
+        "auto", cuda=True, is_installed=installed,
+        speed={"hf": stacks.Predicted(1.02, "h", 0.05), "unsloth": stacks.Predicted(1.0, "u", 0.01)}.get,
+    )  # fmt: skip
+    assert name == "unsloth" and why.endswith(
+        "within the typical error of the transformers speed model (5.0%; h)"
+    )
+    name, why = stacks.choose(
+        "auto", cuda=True, is_installed=installed,
+        speed={"hf": stacks.Predicted(1.0, "h"), "unsloth": stacks.Predicted(1.0, "u")}.get,
+    )  # fmt: skip
+    assert name == "unsloth" and why.endswith(
+        "1.00x the speed of transformers on this run (1.00 against 1.00 s a step; u): a tie, so the first that can run"
+    )
     # Replayed on a table, the same rule.
     c = Choice("k", {"hf": 0.95, "unsloth": 1.0}, {"hf": 0.97, "unsloth": 1.0})
     assert c.chosen == "hf" and c.loss == 0.0
