@@ -126,7 +126,7 @@ def fastest(order: list[str], predicted: dict[str, Predicted]) -> tuple[str, boo
     is at worst 3.2% slower than the faster stack (one H200 pair), where keeping Unsloth within
     the ratio's margin was 5.7% and 7.8% slower on the H100 tables' attention-only pairs: hf was
     predicted faster there, by less than the margin, and trained faster."""
-    name = min(order, key=lambda n: (predicted[n].seconds, order.index(n)))
+    name = min(order, key=lambda n: predicted[n].seconds)  # min keeps the first of equals
     others = [predicted[n] for n in order if n != name]
     if not others:
         return name, True

@@ -304,10 +304,15 @@ def _launch(opt: Any, slab: _Slab) -> bool:
     return True
 
 
+def _call(opt: Any) -> int:
+    """The marker number of the step call under way (0 outside a step)."""
+    return getattr(opt, "_qlc_calls", 0)
+
+
 def _try(opt: Any, slab: _Slab) -> None:
     """Launch `slab` in this step call, once: a failed try (a tensor without a gradient, step
     counts that differ) leaves its tensors to bitsandbytes' loop, one at a time."""
-    calls = getattr(opt, "_qlc_calls", 0)
+    calls = _call(opt)
     slab.tried = calls
     slab.launched = calls if _launch(opt, slab) else -1
 
@@ -317,7 +322,7 @@ def _launch_slabs(opt: Any) -> None:
     loop's Python for the slabs' tensors runs while the device updates them. All or none: where
     any layout no longer holds (a state dict loaded, a group changed), the loop lays out again at
     a slab's first tensor and launches from there, as it would without this."""
-    calls = getattr(opt, "_qlc_calls", 0)
+    calls = _call(opt)
     if getattr(opt, "_qlc_all_tried", -1) == calls:
         return
     opt._qlc_all_tried = calls
@@ -357,7 +362,7 @@ def _lean(cls: type) -> type:
             # Which step call a slab launched in: a number of its own for each call, never reused,
             # so that a step inside another's closure leaves the outer one's markers apart.
             self._qlc_seq = getattr(self, "_qlc_seq", 0) + 1
-            outer, self._qlc_calls = getattr(self, "_qlc_calls", 0), self._qlc_seq
+            outer, self._qlc_calls = _call(self), self._qlc_seq
             try:
                 loss = super(lean, self).step(closure)
             finally:
@@ -391,7 +396,7 @@ def _lean(cls: type) -> type:
         slab = self._qlc_slab_of.get(id(p))
         if slab is None:
             return False
-        calls = getattr(self, "_qlc_calls", 0)
+        calls = _call(self)
         if p is slab.params[0] and slab.tried != calls:  # not launched with the others
             if not slab.current(self):  # a state dict loaded, a group changed...: lay out again
                 _lay_out(self)
@@ -411,7 +416,7 @@ def _lean(cls: type) -> type:
         _launch_slabs(self)
         # A tensor its slab updated: the launch prefetched the slab's whole buffers first.
         slab = getattr(self, "_qlc_slab_of", {}).get(id(p))
-        if slab is None or slab.launched != getattr(self, "_qlc_calls", 0):
+        if slab is None or slab.launched != _call(self):
             super(lean, self).prefetch_state(p)
 
     def update_step(self: Any, group: dict[str, Any], p: Any, gindex: int, pindex: int) -> None:
