@@ -304,10 +304,13 @@ async def test_a_run_resumed_from_another_console_is_followed_again(app_factory,
     async with app.run_test(size=(100, 30)) as pilot:
         await wait_for(pilot, lambda: app.client is not None and app.client.ended, what="the file read")
         assert app.run_status() == "crashed" and not app.live()
-        elsewhere = fake_engine.launcher(steps=120, rate=20.0)(crashed_run, resume=True, pipe=False)
+        # Long enough to be seen training: resumed at step 80, a run of 120 steps at 20 a second
+        # finished in 2 s, and on a loaded machine it had ended before this console looked (twice
+        # in full runs on 2 cores). It is killed below.
+        elsewhere = fake_engine.launcher(steps=2000, rate=20.0)(crashed_run, resume=True, pipe=False)
         try:
             await wait_for(
-                pilot, lambda: app.run_status() == "training", timeout=10, what="the resumed run followed"
+                pilot, lambda: app.run_status() == "training", timeout=30, what="the resumed run followed"
             )
             assert app.history is not None and app.history.hello is not None
             said = notes(app)
@@ -338,10 +341,10 @@ async def test_a_run_this_console_ran_is_followed_when_resumed_elsewhere(
         # (The client knows its process ended a message before its last events are applied:
         # under load the status read "training" in between.)
         await wait_for(pilot, lambda: app.run_status() == "completed", what="the run completed")
-        elsewhere = fake_engine.launcher(steps=400, rate=20.0)(crashed_run, resume=True, pipe=False)
+        elsewhere = fake_engine.launcher(steps=2000, rate=20.0)(crashed_run, resume=True, pipe=False)
         try:
             await wait_for(
-                pilot, lambda: app.run_status() == "training", timeout=10, what="the resume followed"
+                pilot, lambda: app.run_status() == "training", timeout=30, what="the resume followed"
             )
             assert app.live()
         finally:
