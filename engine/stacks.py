@@ -203,13 +203,12 @@ def _fastest(runnable: list[Stack], predicted: dict[str, Predicted]) -> tuple[st
     )
     if clear:
         return name, why
-    if not margin(mine, theirs):  # fits that carry no error: only an exact tie gets here
+    apart = margin(mine, theirs)
+    if not apart:  # fits that carry no error: only an exact tie gets here
         return name, f"{why}: a tie, so the first that can run"
     if mine.ratio_error and theirs.ratio_error:
         loose = mine if mine.ratio_error >= theirs.ratio_error else theirs  # whose error sets the margin
-        error = (
-            f"the typical error of the two speed models' ratio ({margin(mine, theirs):.1%}; {loose.basis})"
-        )
+        error = f"the typical error of the two speed models' ratio ({apart:.1%}; {loose.basis})"
     else:
         wider = other if theirs.error >= mine.error else chosen  # whose model's error sets it
         loose = predicted[wider.name]
