@@ -363,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
                 held_out_error=round(loo["worst"], 4),
                 typical_error=round(loo["median"], 4),
                 source=", ".join(Path(m["file"]).name for m in metas),
-                date=str(metas[0]["date"] or dt.date.today()),
+                # The newest measurement's day: the fit is as fresh as its latest rows.
+                date=max((str(m["date"]) for m in metas if m["date"]), default=str(dt.date.today())),
                 domain=domain_of([r.work for r in mine]),
                 typical_ratio_error=ratio_error,
             )
