@@ -140,15 +140,14 @@ class E2ERun:
 
 
 def estimate_of(rec: dict[str, Any], gpu_label: str, total_gib: float) -> Any:
-    """(record, estimate) of one of this matrix's records, as the replay test reads its file: the
+    """The estimate of one of this matrix's records, as the replay test reads its file: the
     warm-up's leftover baseline is not added (engine.memory.calibration.load_calibration), so the
     progress line's error is the one the committed file will show."""
     from engine.memory.calibration import estimate_record, parse_record
     from engine.memory.gpus import Gpu
 
     gpu = Gpu(gpu_label, gpu_label, total_gib, total_gib, "size")
-    r = parse_record(rec, rec["id"], additive=False)
-    return r, estimate_record(r, gpu)
+    return estimate_record(parse_record(rec, rec["id"], additive=False), gpu)
 
 
 class Driver:
@@ -983,13 +982,9 @@ class Driver:
             parts.append(f"{tps:,.0f} tok/s" + ("" if rec.get("speed_valid", True) else " (overlapped)"))
         say(self.t0, " ".join(parts))
 
-    def _estimate(self, rec: dict[str, Any]) -> Any:
-        """The replay's own estimate of a record (engine.memory.calibration.estimate_record)."""
-        return estimate_of(rec, self.gpu, self.total_gib)
-
     def paged_from_model(self, rec: dict[str, Any]) -> float | None:
         try:
-            _, est = self._estimate(rec)
+            est = estimate_of(rec, self.gpu, self.total_gib)
             return sum(v for k, v in est.term("optimizer").parts.items() if k.startswith("paged"))
         except Exception:
             return None
@@ -998,11 +993,8 @@ class Driver:
         if self.dry:
             return {}
         try:
-            r, est = self._estimate(rec)
-            return {
-                "torch_peak_gb": est.torch_peak_gb + r.baseline,
-                "device_total_gb": est.device_total_gb + r.baseline,
-            }
+            est = estimate_of(rec, self.gpu, self.total_gib)
+            return {"torch_peak_gb": est.torch_peak_gb, "device_total_gb": est.device_total_gb}
         except Exception:
             return {}
 

@@ -11,11 +11,13 @@ from pathlib import Path
 
 from bench import calibration_plan as cp
 from bench import memory_table
+from bench.calibration_matrix import estimate_of
 from bench.calibration_summary import summary
 from engine.memory import constants as C
 from engine.memory import fit_constants as fc
 from engine.memory.calibration import estimate_record, load_calibration, parse_record, replay
 from engine.memory.gpus import Gpu
+from tests.conftest import REPO
 
 GPU = Gpu("NVIDIA H200", "NVIDIA H200", 140.4, 140.4, "size")
 
@@ -102,14 +104,11 @@ def test_the_matrix_progress_line_estimates_as_the_replay_does() -> None:
     """The line the matrix prints per record quotes the committed file's replay error: it had added
     the warm-up's leftover baseline that the replay leaves out, and read Unsloth records 2-4% high
     (qwen2.5-7b/unsloth/r16-all/s1024x1 on 2026-12-07: +3.6% printed, +0.5% replayed)."""
-    from bench.calibration_matrix import estimate_of
-    from tests.conftest import REPO
-
     path = REPO / "bench/results/memory-calibration-matrix-h100-2026-12-07-retable4.json"
     data = json.loads(path.read_text())
     raw = next(r for r in data["records"] if r["id"] == "qwen2.5-7b/unsloth/r16-all/s1024x1")
     assert raw["baseline_allocated_gib"] > 0.1  # Unsloth's warm-up leaves its buffers
     replayed = next(r for r in replay(load_calibration(path)) if r.record.id == raw["id"])
-    _, est = estimate_of(raw, data["gpu"], data["gpu_total_gib"])
+    est = estimate_of(raw, data["gpu"], data["gpu_total_gib"])
     assert est.torch_peak_gb == replayed.estimated_gib
     assert round(est.torch_peak_gb / raw["peak_reserved_gib"] - 1, 3) == 0.005
